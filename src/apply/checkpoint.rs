@@ -1,0 +1,77 @@
+//! The per-direction checkpoint: the last source commit applied to a target, stored in the
+//! target's `tandem.checkpoints` and written in the same transaction as the rows it covers.
+
+use anyhow::{Context, Result};
+use tokio_postgres::GenericClient;
+
+use crate::lsn::Lsn;
+use crate::side::Side;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Checkpoint {
+    pub source_system_id: String,
+    pub source_timeline: i32,
+    pub slot_name: String,
+    /// End LSN of the last applied (or knowingly skipped) source commit.
+    pub lsn: Lsn,
+}
+
+/// The checkpoint of the direction that reads `source`, from its target's database.
+pub async fn load(c: &impl GenericClient, source: Side) -> Result<Option<Checkpoint>> {
+    let row = c
+        .query_opt(
+            "SELECT source_system_id, source_timeline, slot_name, lsn::text FROM tandem.checkpoints \
+             WHERE direction = $1",
+            &[&source.direction_from()],
+        )
+        .await
+        .context("reading tandem.checkpoints")?;
+    Ok(match row {
+        None => None,
+        Some(r) => Some(Checkpoint {
+            source_system_id: r.get(0),
+            source_timeline: r.get(1),
+            slot_name: r.get(2),
+            lsn: r.get::<_, String>(3).parse()?,
+        }),
+    })
+}
+
+/// Create the row if it is missing (setup); an existing checkpoint is left alone.
+pub async fn init(c: &impl GenericClient, source: Side, cp: &Checkpoint) -> Result<bool> {
+    let n = c
+        .execute(
+            "INSERT INTO tandem.checkpoints (direction, source_system_id, source_timeline, slot_name, lsn) \
+             VALUES ($1, $2, $3, $4, $5::text::pg_lsn) ON CONFLICT (direction) DO NOTHING",
+            &[
+                &source.direction_from(),
+                &cp.source_system_id,
+                &cp.source_timeline,
+                &cp.slot_name,
+                &cp.lsn.to_string(),
+            ],
+        )
+        .await?;
+    Ok(n == 1)
+}
+
+/// Advance the checkpoint; call inside the transaction that applied the rows up to `lsn`.
+pub async fn advance(c: &impl GenericClient, source: Side, lsn: Lsn) -> Result<()> {
+    let n = c
+        .execute(
+            "UPDATE tandem.checkpoints SET lsn = $2::text::pg_lsn, updated_at = now() \
+             WHERE direction = $1 AND lsn < $2::text::pg_lsn",
+            &[&source.direction_from(), &lsn.to_string()],
+        )
+        .await?;
+    if n == 0 {
+        tracing::debug!(%source, %lsn, "checkpoint already at or past this LSN");
+    }
+    Ok(())
+}
+
+pub async fn delete(c: &impl GenericClient, source: Side) -> Result<()> {
+    c.execute("DELETE FROM tandem.checkpoints WHERE direction = $1", &[&source.direction_from()])
+        .await?;
+    Ok(())
+}

@@ -1,0 +1,376 @@
+//! The apply planner: turns a source's ordered changes into multi-row statements for the target.
+//!
+//! Pure. Consecutive changes of the same table and the same shape (operation and column set) are
+//! merged into one batch, in order. A batch never holds the same key twice, because one
+//! `INSERT … ON CONFLICT DO UPDATE` may not touch a row twice and because the later change must
+//! win: a repeated key closes the batch and starts the next. So executing the batches in order
+//! gives the same result as applying the changes one by one.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+use crate::config::TableName;
+use crate::event::SourceTable;
+use crate::source::pgoutput::{OldTuple, Tuple, Value};
+
+/// A target table as the target's catalog describes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TargetTable {
+    pub name: TableName,
+    pub columns: Vec<TargetColumn>,
+    /// Indexes into `columns` of the primary key (or replica identity index) columns.
+    pub key: Vec<usize>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TargetColumn {
+    pub name: String,
+    /// `format_type()` of the column: what a text value is cast to.
+    pub type_sql: String,
+    /// `GENERATED ALWAYS AS (…) STORED`: computed by the target, never written.
+    pub generated: bool,
+    /// `GENERATED ALWAYS AS IDENTITY`: written with `OVERRIDING SYSTEM VALUE`, never updated.
+    pub identity_always: bool,
+}
+
+/// How a source relation's columns land in a target table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Binding {
+    pub target: Arc<TargetTable>,
+    /// For each source column, the target column it is written to (`None`: generated there).
+    pub to_target: Vec<Option<usize>>,
+    /// For each target key column (in `target.key` order), its source column.
+    pub key_source: Vec<usize>,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum BindError {
+    #[error(
+        "column `{column}` of {table} exists on the source side but not on the target; \
+         add it to the target (same type) or drop it from the source"
+    )]
+    MissingColumn { table: TableName, column: String },
+    #[error(
+        "key column `{column}` of {table} on the target is not sent by the source; \
+         both sides need the same primary key"
+    )]
+    MissingKey { table: TableName, column: String },
+}
+
+impl Binding {
+    pub fn new(source: &SourceTable, target: Arc<TargetTable>) -> Result<Binding, BindError> {
+        let mut to_target = Vec::with_capacity(source.columns.len());
+        for c in &source.columns {
+            match target.columns.iter().position(|t| t.name == c.name) {
+                Some(i) if target.columns[i].generated => to_target.push(None),
+                Some(i) => to_target.push(Some(i)),
+                None => {
+                    return Err(BindError::MissingColumn {
+                        table: target.name.clone(),
+                        column: c.name.clone(),
+                    })
+                }
+            }
+        }
+        let key_source = target
+            .key
+            .iter()
+            .map(|&k| {
+                to_target.iter().position(|t| *t == Some(k)).ok_or_else(|| BindError::MissingKey {
+                    table: target.name.clone(),
+                    column: target.columns[k].name.clone(),
+                })
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(Binding {
+            target,
+            to_target,
+            key_source,
+        })
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Op {
+    /// Insert, or update every column of an existing row (an insert, or an update that sent
+    /// every value).
+    Upsert,
+    /// Update the given columns of an existing row (an update with unchanged-TOAST columns).
+    Update,
+    /// Delete by key.
+    Delete,
+}
+
+/// One multi-row statement's worth of rows: `cols` are target column indexes, and each row holds
+/// one text value (or NULL) per column.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Batch {
+    pub binding: Arc<Binding>,
+    pub op: Op,
+    pub cols: Vec<usize>,
+    pub rows: Vec<Vec<Option<Bytes>>>,
+}
+
+impl Batch {
+    pub fn table(&self) -> &TableName {
+        &self.binding.target.name
+    }
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum PlanError {
+    #[error("{table}: key column `{column}` is NULL or missing in a {op} from the source")]
+    NullKey {
+        table: TableName,
+        column: String,
+        op: &'static str,
+    },
+    #[error("{table}: column `{column}` arrived in binary format, which tandem does not request")]
+    Binary { table: TableName, column: String },
+}
+
+/// Accumulates changes into [`Batch`]es; the caller takes finished ones with [`Planner::take_ready`].
+pub struct Planner {
+    max_rows: usize,
+    max_bytes: usize,
+    current: Option<Batch>,
+    bytes: usize,
+    keys: HashSet<Vec<Option<Bytes>>>,
+    ready: Vec<Batch>,
+}
+
+type Key = Vec<Option<Bytes>>;
+
+impl Planner {
+    pub fn new(max_rows: usize, max_bytes: usize) -> Planner {
+        Planner {
+            max_rows: max_rows.max(1),
+            max_bytes,
+            current: None,
+            bytes: 0,
+            keys: HashSet::new(),
+            ready: Vec::new(),
+        }
+    }
+
+    /// Close the open batch, if any.
+    pub fn flush(&mut self) {
+        if let Some(b) = self.current.take() {
+            self.ready.push(b);
+        }
+        self.keys.clear();
+        self.bytes = 0;
+    }
+
+    /// Batches that are complete, in the order they must run.
+    pub fn take_ready(&mut self) -> Vec<Batch> {
+        std::mem::take(&mut self.ready)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.current.is_none() && self.ready.is_empty()
+    }
+
+    pub fn insert(&mut self, b: &Arc<Binding>, new: &Tuple) -> Result<(), PlanError> {
+        self.row(b, Op::Upsert, new, "insert")
+    }
+
+    pub fn update(&mut self, b: &Arc<Binding>, old: Option<&OldTuple>, new: &Tuple) -> Result<(), PlanError> {
+        if let Some(old) = old {
+            let old_key = key_of(b, &old.tuple, "update")?;
+            let new_key = key_of(b, new, "update")?;
+            if old_key != new_key {
+                // Key change: the old row goes first, so the new key lands as a fresh row.
+                self.push(b, Op::Delete, b.target.key.clone(), old_key.clone(), old_key)?;
+            }
+        }
+        let partial = new.iter().any(|v| *v == Value::UnchangedToast);
+        self.row(b, if partial { Op::Update } else { Op::Upsert }, new, "update")
+    }
+
+    pub fn delete(&mut self, b: &Arc<Binding>, old: &OldTuple) -> Result<(), PlanError> {
+        let key = key_of(b, &old.tuple, "delete")?;
+        self.push(b, Op::Delete, b.target.key.clone(), key.clone(), key)
+    }
+
+    fn row(&mut self, b: &Arc<Binding>, op: Op, tuple: &Tuple, what: &'static str) -> Result<(), PlanError> {
+        let key = key_of(b, tuple, what)?;
+        let mut cols = Vec::with_capacity(tuple.len());
+        let mut vals = Vec::with_capacity(tuple.len());
+        for (i, v) in tuple.iter().enumerate() {
+            let Some(t) = b.to_target[i] else { continue };
+            match v {
+                // Never written: the target keeps the value it has.
+                Value::UnchangedToast => continue,
+                Value::Null => vals.push(None),
+                Value::Text(x) => vals.push(Some(x.clone())),
+                Value::Binary(_) => {
+                    return Err(PlanError::Binary {
+                        table: b.target.name.clone(),
+                        column: b.target.columns[t].name.clone(),
+                    })
+                }
+            }
+            cols.push(t);
+        }
+        self.push(b, op, cols, vals, key)
+    }
+
+    fn push(&mut self, b: &Arc<Binding>, op: Op, cols: Vec<usize>, vals: Key, key: Key) -> Result<(), PlanError> {
+        let same_shape = self
+            .current
+            .as_ref()
+            .is_some_and(|c| Arc::ptr_eq(&c.binding, b) && c.op == op && c.cols == cols);
+        if !same_shape || self.keys.contains(&key) {
+            self.flush();
+        }
+        let size: usize = vals.iter().map(|v| v.as_ref().map_or(1, |x| x.len() + 1)).sum();
+        let batch = self.current.get_or_insert_with(|| Batch {
+            binding: b.clone(),
+            op,
+            cols,
+            rows: Vec::new(),
+        });
+        batch.rows.push(vals);
+        self.bytes += size;
+        self.keys.insert(key);
+        if batch.rows.len() >= self.max_rows || self.bytes >= self.max_bytes {
+            self.flush();
+        }
+        Ok(())
+    }
+}
+
+fn key_of(b: &Binding, tuple: &Tuple, op: &'static str) -> Result<Key, PlanError> {
+    b.key_source
+        .iter()
+        .zip(&b.target.key)
+        .map(|(&s, &t)| match tuple.get(s) {
+            Some(Value::Text(x)) => Ok(Some(x.clone())),
+            _ => Err(PlanError::NullKey {
+                table: b.target.name.clone(),
+                column: b.target.columns[t].name.clone(),
+                op,
+            }),
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::source::pgoutput::RelColumn;
+
+    pub fn binding() -> Arc<Binding> {
+        let src = SourceTable {
+            oid: 1,
+            name: TableName::new("public", "t"),
+            columns: ["id", "a", "g"]
+                .iter()
+                .map(|n| RelColumn { key: *n == "id", name: n.to_string(), type_oid: 25, type_modifier: -1 })
+                .collect(),
+        };
+        let col = |n: &str, generated| TargetColumn {
+            name: n.into(),
+            type_sql: "text".into(),
+            generated,
+            identity_always: false,
+        };
+        let target = TargetTable {
+            name: TableName::new("public", "t"),
+            columns: vec![col("g", true), col("a", false), col("id", false)],
+            key: vec![2],
+        };
+        Arc::new(Binding::new(&src, Arc::new(target)).unwrap())
+    }
+
+    fn t(s: &str) -> Value {
+        Value::Text(Bytes::copy_from_slice(s.as_bytes()))
+    }
+    fn row(id: &str, a: Value) -> Tuple {
+        vec![t(id), a, t("ignored")]
+    }
+    fn b(s: &str) -> Option<Bytes> {
+        Some(Bytes::copy_from_slice(s.as_bytes()))
+    }
+
+    #[test]
+    fn binding_maps_by_name_and_skips_generated_columns() {
+        let b = binding();
+        assert_eq!(b.to_target, vec![Some(2), Some(1), None]);
+        assert_eq!(b.key_source, vec![0]);
+    }
+
+    #[test]
+    fn binding_names_a_missing_column() {
+        let mut src = SourceTable { oid: 1, name: TableName::new("public", "t"), columns: vec![] };
+        src.columns.push(RelColumn { key: true, name: "zz".into(), type_oid: 25, type_modifier: -1 });
+        let e = Binding::new(&src, binding().target.clone()).unwrap_err();
+        assert!(e.to_string().starts_with("column `zz` of public.t exists on the source side"), "{e}");
+    }
+
+    #[test]
+    fn consecutive_same_shape_rows_merge_and_repeated_keys_split() {
+        let bd = binding();
+        let mut p = Planner::new(100, 1 << 20);
+        p.insert(&bd, &row("1", t("x"))).unwrap();
+        p.insert(&bd, &row("2", t("y"))).unwrap();
+        p.update(&bd, None, &row("1", t("z"))).unwrap(); // same key again: new batch
+        p.flush();
+        let r = p.take_ready();
+        assert_eq!(r.len(), 2);
+        assert_eq!(r[0].op, Op::Upsert);
+        assert_eq!(r[0].cols, vec![2, 1]);
+        assert_eq!(r[0].rows, vec![vec![b("1"), b("x")], vec![b("2"), b("y")]]);
+        assert_eq!(r[1].rows, vec![vec![b("1"), b("z")]]);
+    }
+
+    #[test]
+    fn unchanged_toast_is_never_written() {
+        let bd = binding();
+        let mut p = Planner::new(100, 1 << 20);
+        p.update(&bd, None, &row("1", Value::UnchangedToast)).unwrap();
+        p.flush();
+        let r = p.take_ready();
+        assert_eq!((r[0].op, r[0].cols.clone(), r[0].rows.clone()), (Op::Update, vec![2], vec![vec![b("1")]]));
+    }
+
+    #[test]
+    fn key_change_deletes_the_old_key_first() {
+        let bd = binding();
+        let mut p = Planner::new(100, 1 << 20);
+        let old = OldTuple { full: false, tuple: vec![t("1"), Value::Null, Value::Null] };
+        p.update(&bd, Some(&old), &row("2", t("x"))).unwrap();
+        p.flush();
+        let r = p.take_ready();
+        assert_eq!(r.len(), 2);
+        assert_eq!((r[0].op, r[0].rows.clone()), (Op::Delete, vec![vec![b("1")]]));
+        assert_eq!((r[1].op, r[1].rows.clone()), (Op::Upsert, vec![vec![b("2"), b("x")]]));
+    }
+
+    #[test]
+    fn null_key_is_an_error_naming_the_column() {
+        let bd = binding();
+        let mut p = Planner::new(100, 1 << 20);
+        let e = p.insert(&bd, &vec![Value::Null, t("x"), t("g")]).unwrap_err();
+        assert_eq!(e.to_string(), "public.t: key column `id` is NULL or missing in a insert from the source");
+    }
+
+    #[test]
+    fn batches_are_bounded_by_rows_and_bytes() {
+        let bd = binding();
+        let mut p = Planner::new(3, 1 << 20);
+        for i in 0..7 {
+            p.insert(&bd, &row(&i.to_string(), t("x"))).unwrap();
+        }
+        assert_eq!(p.take_ready().iter().map(|b| b.rows.len()).collect::<Vec<_>>(), vec![3, 3]);
+        let mut p = Planner::new(1000, 100);
+        let big = "y".repeat(60);
+        for i in 0..4 {
+            p.insert(&bd, &row(&i.to_string(), t(&big))).unwrap();
+        }
+        assert_eq!(p.take_ready().iter().map(|b| b.rows.len()).collect::<Vec<_>>(), vec![2, 2]);
+    }
+}

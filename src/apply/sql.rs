@@ -1,0 +1,118 @@
+//! SQL text for a batch shape. Values travel as one `text[]` parameter per column, unnested and
+//! cast to the target column's type, so one prepared statement serves any number of rows and every
+//! type round-trips through its exact text form.
+
+use crate::apply::plan::{Op, TargetTable};
+use crate::config::quote_ident;
+
+/// The statement for `op` over target columns `cols` (see [`crate::apply::plan::Batch`]).
+/// `None` when there is nothing to write (an update whose only sent columns are the key).
+pub fn statement(t: &TargetTable, op: Op, cols: &[usize]) -> Option<String> {
+    let params: Vec<String> = (1..=cols.len()).map(|i| format!("${i}::text[]")).collect();
+    let aliases: Vec<String> = (1..=cols.len()).map(|i| format!("v{i}")).collect();
+    let from = format!("unnest({}) AS u({})", params.join(", "), aliases.join(", "));
+    let cast = |pos: usize| format!("u.v{}::{}", pos + 1, t.columns[cols[pos]].type_sql);
+    let col = |c: usize| quote_ident(&t.columns[c].name);
+    let is_key = |c: usize| t.key.contains(&c);
+    let key_match = || {
+        t.key
+            .iter()
+            .map(|k| {
+                let pos = cols.iter().position(|c| c == k).expect("key columns are always in the batch");
+                format!("t.{} = {}", col(*k), cast(pos))
+            })
+            .collect::<Vec<_>>()
+            .join(" AND ")
+    };
+    let table = t.name.quoted();
+    Some(match op {
+        Op::Upsert => {
+            let names: Vec<String> = cols.iter().map(|&c| col(c)).collect();
+            let values: Vec<String> = (0..cols.len()).map(cast).collect();
+            let overriding = if cols.iter().any(|&c| t.columns[c].identity_always) {
+                " OVERRIDING SYSTEM VALUE"
+            } else {
+                ""
+            };
+            let sets: Vec<String> = cols
+                .iter()
+                .filter(|&&c| !is_key(c) && !t.columns[c].identity_always)
+                .map(|&c| format!("{0} = EXCLUDED.{0}", col(c)))
+                .collect();
+            let conflict = if sets.is_empty() {
+                "DO NOTHING".to_string()
+            } else {
+                format!("DO UPDATE SET {}", sets.join(", "))
+            };
+            let keys: Vec<String> = t.key.iter().map(|&k| col(k)).collect();
+            format!(
+                "INSERT INTO {table} AS t ({}){overriding} SELECT {} FROM {from} ON CONFLICT ({}) {conflict}",
+                names.join(", "),
+                values.join(", "),
+                keys.join(", ")
+            )
+        }
+        Op::Update => {
+            let sets: Vec<String> = cols
+                .iter()
+                .enumerate()
+                .filter(|(_, &c)| !is_key(c) && !t.columns[c].identity_always)
+                .map(|(pos, &c)| format!("{} = {}", col(c), cast(pos)))
+                .collect();
+            if sets.is_empty() {
+                return None;
+            }
+            format!("UPDATE {table} AS t SET {} FROM {from} WHERE {}", sets.join(", "), key_match())
+        }
+        Op::Delete => format!("DELETE FROM {table} AS t USING {from} WHERE {}", key_match()),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::apply::plan::TargetColumn;
+    use crate::config::TableName;
+
+    fn table() -> TargetTable {
+        let c = |n: &str, ty: &str, ia| TargetColumn {
+            name: n.into(),
+            type_sql: ty.into(),
+            generated: false,
+            identity_always: ia,
+        };
+        TargetTable {
+            name: TableName::new("public", "Jobs"),
+            columns: vec![c("id", "bigint", true), c("note", "text", false), c("n", "numeric(10,2)", false)],
+            key: vec![0],
+        }
+    }
+
+    #[test]
+    fn upsert_casts_each_column_and_overrides_identity() {
+        assert_eq!(
+            statement(&table(), Op::Upsert, &[0, 1, 2]).unwrap(),
+            "INSERT INTO \"public\".\"Jobs\" AS t (\"id\", \"note\", \"n\") OVERRIDING SYSTEM VALUE \
+             SELECT u.v1::bigint, u.v2::text, u.v3::numeric(10,2) FROM unnest($1::text[], $2::text[], $3::text[]) \
+             AS u(v1, v2, v3) ON CONFLICT (\"id\") DO UPDATE SET \"note\" = EXCLUDED.\"note\", \"n\" = EXCLUDED.\"n\""
+        );
+    }
+
+    #[test]
+    fn partial_update_sets_only_sent_columns() {
+        assert_eq!(
+            statement(&table(), Op::Update, &[0, 2]).unwrap(),
+            "UPDATE \"public\".\"Jobs\" AS t SET \"n\" = u.v2::numeric(10,2) FROM unnest($1::text[], $2::text[]) \
+             AS u(v1, v2) WHERE t.\"id\" = u.v1::bigint"
+        );
+        assert_eq!(statement(&table(), Op::Update, &[0]), None);
+    }
+
+    #[test]
+    fn delete_matches_on_the_key() {
+        assert_eq!(
+            statement(&table(), Op::Delete, &[0]).unwrap(),
+            "DELETE FROM \"public\".\"Jobs\" AS t USING unnest($1::text[]) AS u(v1) WHERE t.\"id\" = u.v1::bigint"
+        );
+    }
+}

@@ -1,0 +1,443 @@
+//! `tandem.toml`: parsed and validated once, then typed.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::Path;
+use std::str::FromStr;
+
+use serde::Deserialize;
+
+use crate::side::Side;
+
+/// A schema-qualified table name. `name` may be `*` in a config pattern.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct TableName {
+    pub schema: String,
+    pub name: String,
+}
+
+impl TableName {
+    pub fn new(schema: impl Into<String>, name: impl Into<String>) -> Self {
+        TableName {
+            schema: schema.into(),
+            name: name.into(),
+        }
+    }
+
+    /// The name quoted for SQL: `"public"."jobs"`.
+    pub fn quoted(&self) -> String {
+        format!("{}.{}", quote_ident(&self.schema), quote_ident(&self.name))
+    }
+
+    pub fn is_wildcard(&self) -> bool {
+        self.name == "*"
+    }
+}
+
+impl fmt::Display for TableName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}.{}", self.schema, self.name)
+    }
+}
+
+impl FromStr for TableName {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.split_once('.') {
+            Some((schema, name)) if !schema.is_empty() && !name.is_empty() && !name.contains('.') => {
+                Ok(TableName::new(schema, name))
+            }
+            _ => Err(format!(
+                "table `{s}` must be schema-qualified, like \"public.{s}\" (or \"public.*\")"
+            )),
+        }
+    }
+}
+
+/// Quote an SQL identifier the way `quote_ident` does.
+pub fn quote_ident(s: &str) -> String {
+    format!("\"{}\"", s.replace('"', "\"\""))
+}
+
+/// Quote an SQL string literal.
+pub fn quote_literal(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "''"))
+}
+
+/// Which way a table's changes flow.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Direction {
+    #[default]
+    Both,
+    DesktopToMobile,
+    MobileToDesktop,
+}
+
+impl Direction {
+    /// Do changes made on `side` flow to the other side?
+    pub fn flows_from(self, side: Side) -> bool {
+        matches!(
+            (self, side),
+            (Direction::Both, _)
+                | (Direction::DesktopToMobile, Side::Desktop)
+                | (Direction::MobileToDesktop, Side::Mobile)
+        )
+    }
+}
+
+/// How to reach one side. `Debug` never prints the URL: it may hold a password.
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SideConfig {
+    #[serde(default)]
+    pub url: String,
+    pub slot: Option<String>,
+    pub publication: Option<String>,
+}
+
+impl fmt::Debug for SideConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SideConfig")
+            .field("url", &redact_url(&self.url))
+            .field("slot", &self.slot)
+            .field("publication", &self.publication)
+            .finish()
+    }
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawReplication {
+    #[serde(default)]
+    tables: Vec<String>,
+    #[serde(default)]
+    direction: BTreeMap<String, Direction>,
+    #[serde(default = "yes")]
+    apply_truncate: bool,
+    #[serde(default = "default_batch_rows")]
+    batch_rows: usize,
+}
+
+fn yes() -> bool {
+    true
+}
+fn default_batch_rows() -> usize {
+    2000
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    desktop: Option<SideConfig>,
+    mobile: Option<SideConfig>,
+    replication: Option<RawReplication>,
+}
+
+/// The whole, validated configuration.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub desktop: Site,
+    pub mobile: Site,
+    pub tables: Vec<TableName>,
+    pub directions: BTreeMap<TableName, Direction>,
+    /// Replicate `TRUNCATE` (on by default).
+    pub apply_truncate: bool,
+    /// Most rows in one multi-row apply statement.
+    pub batch_rows: usize,
+}
+
+/// One side, resolved: URL (possibly from the environment), slot and publication names.
+#[derive(Clone)]
+pub struct Site {
+    pub side: Side,
+    pub url: String,
+    pub slot: String,
+    pub publication: String,
+}
+
+impl fmt::Debug for Site {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Site")
+            .field("side", &self.side)
+            .field("url", &redact_url(&self.url))
+            .field("slot", &self.slot)
+            .field("publication", &self.publication)
+            .finish()
+    }
+}
+
+impl Config {
+    pub fn site(&self, side: Side) -> &Site {
+        match side {
+            Side::Desktop => &self.desktop,
+            Side::Mobile => &self.mobile,
+        }
+    }
+
+    pub fn direction(&self, table: &TableName) -> Direction {
+        self.directions
+            .get(table)
+            .or_else(|| self.directions.get(&TableName::new(&table.schema, "*")))
+            .copied()
+            .unwrap_or_default()
+    }
+
+    /// Load from a file, then let `TANDEM_DESKTOP_URL` / `TANDEM_MOBILE_URL` override the URLs.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError(format!(
+            "cannot read config file {}: {e}; pass --config PATH or create tandem.toml (see README)",
+            path.display()
+        )))?;
+        Self::parse(&text, |k| std::env::var(k).ok())
+            .map_err(|e| ConfigError(format!("{}: {}", path.display(), e.0)))
+    }
+
+    pub fn parse(text: &str, env: impl Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
+        let value: toml::Table = text
+            .parse()
+            .map_err(|e: toml::de::Error| ConfigError(format!("invalid TOML: {}", e.message())))?;
+        check_keys(&value)?;
+        let raw: RawConfig = toml::Value::Table(value)
+            .try_into()
+            .map_err(|e: toml::de::Error| ConfigError(e.message().to_string()))?;
+
+        let mut problems = Vec::new();
+        let mut site = |side: Side, cfg: Option<SideConfig>, var: &str| {
+            let cfg = cfg.unwrap_or(SideConfig { url: String::new(), slot: None, publication: None });
+            let url = env(var).filter(|u| !u.is_empty()).unwrap_or(cfg.url);
+            if url.is_empty() {
+                problems.push(format!("[{side}] url is missing; set it in the file or in {var}"));
+            } else if let Err(e) = tokio_postgres::Config::from_str(&url) {
+                problems.push(format!("[{side}] url is not a PostgreSQL connection string: {e}"));
+            }
+            let default = format!("tandem_{side}");
+            Site {
+                side,
+                url,
+                slot: cfg.slot.unwrap_or_else(|| default.clone()),
+                publication: cfg.publication.unwrap_or(default),
+            }
+        };
+        let desktop = site(Side::Desktop, raw.desktop, "TANDEM_DESKTOP_URL");
+        let mobile = site(Side::Mobile, raw.mobile, "TANDEM_MOBILE_URL");
+        for s in [&desktop, &mobile] {
+            for (what, name) in [("slot", &s.slot), ("publication", &s.publication)] {
+                if !valid_object_name(name) {
+                    problems.push(format!(
+                        "[{}] {what} `{name}` must be lowercase letters, digits and underscores",
+                        s.side
+                    ));
+                }
+            }
+        }
+        if desktop.slot == mobile.slot && desktop.url == mobile.url {
+            problems.push("[desktop] and [mobile] point at the same database with the same slot".into());
+        }
+
+        let repl = raw.replication.unwrap_or(RawReplication {
+            tables: vec![],
+            direction: BTreeMap::new(),
+            apply_truncate: true,
+            batch_rows: default_batch_rows(),
+        });
+        let mut tables = Vec::new();
+        for t in &repl.tables {
+            match t.parse::<TableName>() {
+                Ok(t) if !tables.contains(&t) => tables.push(t),
+                Ok(_) => {}
+                Err(e) => problems.push(format!("[replication] tables: {e}")),
+            }
+        }
+        if tables.is_empty() {
+            problems.push(
+                "[replication] tables is empty; list the tables to sync, e.g. tables = [\"public.jobs\"]".into(),
+            );
+        }
+        let mut directions = BTreeMap::new();
+        for (t, d) in repl.direction {
+            match t.parse::<TableName>() {
+                Ok(name) => {
+                    let covered = tables.iter().any(|c| {
+                        c == &name || (c.is_wildcard() && c.schema == name.schema)
+                    });
+                    if !covered {
+                        problems.push(format!(
+                            "[replication.direction] names {name}, which is not in [replication] tables"
+                        ));
+                    }
+                    directions.insert(name, d);
+                }
+                Err(e) => problems.push(format!("[replication.direction] {e}")),
+            }
+        }
+        if repl.batch_rows == 0 {
+            problems.push("[replication] batch_rows must be at least 1".into());
+        }
+        if !problems.is_empty() {
+            return Err(ConfigError(problems.join("\n")));
+        }
+        Ok(Config {
+            desktop,
+            mobile,
+            tables,
+            directions,
+            apply_truncate: repl.apply_truncate,
+            batch_rows: repl.batch_rows,
+        })
+    }
+}
+
+fn valid_object_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ConfigError(pub String);
+
+/// Refuse unknown keys, naming the key and the nearest valid one.
+fn check_keys(t: &toml::Table) -> Result<(), ConfigError> {
+    const TOP: &[&str] = &["desktop", "mobile", "replication"];
+    const SIDE: &[&str] = &["url", "slot", "publication"];
+    const REPL: &[&str] = &["tables", "direction", "apply_truncate", "batch_rows"];
+    let mut problems = Vec::new();
+    let mut check = |path: &str, table: &toml::Table, known: &[&str]| {
+        for key in table.keys() {
+            if !known.contains(&key.as_str()) {
+                let full = if path.is_empty() { key.clone() } else { format!("{path}.{key}") };
+                let hint = nearest(key, known)
+                    .map(|n| format!("; did you mean `{n}`?"))
+                    .unwrap_or_else(|| format!("; valid keys here: {}", known.join(", ")));
+                problems.push(format!("unknown key `{full}`{hint}"));
+            }
+        }
+    };
+    check("", t, TOP);
+    for side in ["desktop", "mobile"] {
+        if let Some(toml::Value::Table(s)) = t.get(side) {
+            check(side, s, SIDE);
+        }
+    }
+    if let Some(toml::Value::Table(r)) = t.get("replication") {
+        check("replication", r, REPL);
+    }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(ConfigError(problems.join("\n")))
+    }
+}
+
+/// The known key closest to `key` by edit distance, when it is close enough to be a typo.
+fn nearest<'a>(key: &str, known: &[&'a str]) -> Option<&'a str> {
+    known
+        .iter()
+        .map(|k| (levenshtein(key, k), *k))
+        .filter(|(d, k)| *d <= 2.max(k.len() / 3))
+        .min()
+        .map(|(_, k)| k)
+}
+
+fn levenshtein(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut prev: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut cur = vec![i + 1];
+        for (j, cb) in b.iter().enumerate() {
+            let sub = prev[j] + usize::from(ca != *cb);
+            cur.push(sub.min(prev[j + 1] + 1).min(cur[j] + 1));
+        }
+        prev = cur;
+    }
+    prev[b.len()]
+}
+
+/// `user@host:port/db`, never the password.
+pub fn redact_url(url: &str) -> String {
+    match tokio_postgres::Config::from_str(url) {
+        Ok(c) => {
+            let host = c
+                .get_hosts()
+                .first()
+                .map(|h| match h {
+                    tokio_postgres::config::Host::Tcp(h) => h.clone(),
+                    tokio_postgres::config::Host::Unix(p) => p.display().to_string(),
+                })
+                .unwrap_or_else(|| "localhost".into());
+            let port = c.get_ports().first().copied().unwrap_or(5432);
+            format!(
+                "{}@{}:{}/{}",
+                c.get_user().unwrap_or("?"),
+                host,
+                port,
+                c.get_dbname().unwrap_or("?")
+            )
+        }
+        Err(_) => "<unparsable url>".into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+        [desktop]
+        url = "postgresql://tandem:s3cret@127.0.0.1:5433/enterprise_db"
+        [mobile]
+        url = "postgresql://tandem@db.example.com:5432/postgres?sslmode=require"
+        [replication]
+        tables = ["public.jobshead", "public.jobtasks", "public.climaster"]
+        [replication.direction]
+        "public.climaster" = "desktop_to_mobile"
+    "#;
+
+    fn no_env(_: &str) -> Option<String> {
+        None
+    }
+
+    #[test]
+    fn parses_the_documented_example() {
+        let c = Config::parse(GOOD, no_env).unwrap();
+        assert_eq!(c.desktop.slot, "tandem_desktop");
+        assert_eq!(c.mobile.publication, "tandem_mobile");
+        assert_eq!(c.tables.len(), 3);
+        let cm = TableName::new("public", "climaster");
+        assert_eq!(c.direction(&cm), Direction::DesktopToMobile);
+        assert!(!c.direction(&cm).flows_from(Side::Mobile));
+        assert!(c.direction(&TableName::new("public", "jobshead")).flows_from(Side::Mobile));
+        assert!(c.apply_truncate);
+    }
+
+    #[test]
+    fn unknown_keys_name_the_key_and_the_nearest_valid_one() {
+        let bad = GOOD.replace("tables =", "tabels =");
+        let e = Config::parse(&bad, no_env).unwrap_err().0;
+        assert!(e.contains("unknown key `replication.tabels`; did you mean `tables`?"), "{e}");
+        let e = Config::parse("[desktop]\nurl='x'\nzzz=1", no_env).unwrap_err().0;
+        assert!(e.contains("unknown key `desktop.zzz`; valid keys here: url, slot, publication"), "{e}");
+    }
+
+    #[test]
+    fn env_overrides_urls_and_debug_never_shows_passwords() {
+        let c = Config::parse(GOOD, |k| {
+            (k == "TANDEM_DESKTOP_URL").then(|| "postgresql://u:hunter2@h:1/d".to_string())
+        })
+        .unwrap();
+        assert_eq!(c.desktop.url, "postgresql://u:hunter2@h:1/d");
+        let dbg = format!("{c:?}");
+        assert!(!dbg.contains("hunter2") && !dbg.contains("s3cret"), "{dbg}");
+        assert!(dbg.contains("u@h:1/d"), "{dbg}");
+    }
+
+    #[test]
+    fn all_problems_are_reported_at_once() {
+        let e = Config::parse("[replication]\ntables=[\"jobs\"]", no_env).unwrap_err().0;
+        assert!(e.contains("[desktop] url is missing"), "{e}");
+        assert!(e.contains("[mobile] url is missing"), "{e}");
+        assert!(e.contains("must be schema-qualified, like \"public.jobs\""), "{e}");
+    }
+}

@@ -1,0 +1,63 @@
+//! The `Event` every stage speaks: one row change from one source transaction.
+
+use std::sync::Arc;
+
+use crate::config::TableName;
+use crate::lsn::Lsn;
+use crate::side::Side;
+use crate::source::pgoutput::{OldTuple, RelColumn, Tuple};
+
+/// A source relation as the source described it (pgoutput `Relation`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SourceTable {
+    pub oid: u32,
+    pub name: TableName,
+    pub columns: Vec<RelColumn>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Change {
+    Insert {
+        table: Arc<SourceTable>,
+        new: Tuple,
+    },
+    Update {
+        table: Arc<SourceTable>,
+        old: Option<OldTuple>,
+        new: Tuple,
+    },
+    Delete {
+        table: Arc<SourceTable>,
+        old: OldTuple,
+    },
+    Truncate {
+        tables: Vec<Arc<SourceTable>>,
+        cascade: bool,
+        restart_identity: bool,
+    },
+}
+
+impl Change {
+    pub fn op(&self) -> &'static str {
+        match self {
+            Change::Insert { .. } => "insert",
+            Change::Update { .. } => "update",
+            Change::Delete { .. } => "delete",
+            Change::Truncate { .. } => "truncate",
+        }
+    }
+}
+
+/// One change, tagged with where and when it happened.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Event {
+    pub source: Side,
+    /// LSN of the source transaction's commit record.
+    pub commit_lsn: Lsn,
+    /// Commit time, microseconds since 2000-01-01 UTC (PostgreSQL's epoch).
+    pub commit_ts: i64,
+    pub xid: u32,
+    /// Position of the change within its transaction, from 0.
+    pub ordinal: u32,
+    pub change: Change,
+}

@@ -1,0 +1,18 @@
+//! tandem keeps two PostgreSQL databases in sync, both ways, through logical replication.
+//!
+//! The data flow, in module order: [`source`] (slot → pgoutput stream → decoded messages) →
+//! [`event`] (tagged changes) → [`apply`] (planned statements on the other side, with the
+//! [`apply::checkpoint`] in the same transaction) → the source slot is confirmed. [`sync`] runs
+//! that loop for both directions; [`ops`] holds the operator commands around it.
+
+pub mod apply;
+pub mod catalog;
+pub mod config;
+pub mod db;
+pub mod event;
+pub mod localpg;
+pub mod lsn;
+pub mod ops;
+pub mod side;
+pub mod source;
+pub mod sync;

@@ -1,0 +1,219 @@
+//! Throwaway PostgreSQL clusters from the machine's own server binaries, for tests, `demo` and
+//! `bench`. `initdb` and `postgres` refuse to run as root, so as root they run as the `postgres`
+//! user, in a data directory under the system temp dir that is chowned to it.
+
+use std::net::TcpListener;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+
+/// A running throwaway cluster with `wal_level = logical`. Stopped and deleted on drop; a
+/// watchdog process also removes it if this process dies without dropping it.
+pub struct LocalCluster {
+    pub port: u16,
+    pub dir: PathBuf,
+    child: Option<Child>,
+}
+
+/// Where the PostgreSQL server binaries are: `$TANDEM_PG_BINDIR`, `pg_config --bindir`, the newest
+/// `/usr/lib/postgresql/*/bin`, or `initdb` on the PATH.
+pub fn bindir() -> Result<PathBuf> {
+    if let Ok(d) = std::env::var("TANDEM_PG_BINDIR") {
+        return Ok(PathBuf::from(d));
+    }
+    let mut candidates: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+        .map(|rd| rd.flatten().map(|e| e.path().join("bin")).collect())
+        .unwrap_or_default();
+    candidates.sort_by_key(|p| {
+        p.parent()
+            .and_then(|v| v.file_name())
+            .and_then(|v| v.to_str())
+            .and_then(|v| v.parse::<u32>().ok())
+            .unwrap_or(0)
+    });
+    if let Some(d) = candidates.into_iter().rev().find(|d| d.join("initdb").exists()) {
+        return Ok(d);
+    }
+    if let Ok(out) = Command::new("pg_config").arg("--bindir").output() {
+        let d = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+        if d.join("initdb").exists() {
+            return Ok(d);
+        }
+    }
+    for dir in std::env::var("PATH").unwrap_or_default().split(':') {
+        if Path::new(dir).join("initdb").exists() {
+            return Ok(PathBuf::from(dir));
+        }
+    }
+    bail!(
+        "no PostgreSQL server binaries found (initdb, postgres); install them, e.g. \
+         `apt-get install -y postgresql-15`, or set TANDEM_PG_BINDIR"
+    )
+}
+
+/// The uid/gid to run the server as: `postgres` when we are root, ourselves otherwise.
+fn server_user() -> Result<Option<(u32, u32)>> {
+    // SAFETY: getuid has no preconditions; getpwnam returns a pointer into static storage that
+    // we read immediately, before any other call could overwrite it.
+    unsafe {
+        if libc::getuid() != 0 {
+            return Ok(None);
+        }
+        let pw = libc::getpwnam(c"postgres".as_ptr());
+        if pw.is_null() {
+            bail!(
+                "running as root, and initdb/postgres refuse root, but there is no `postgres` user \
+                 to run them as; create one (`useradd -r postgres`) or run as another user"
+            );
+        }
+        Ok(Some(((*pw).pw_uid, (*pw).pw_gid)))
+    }
+}
+
+fn as_server_user(cmd: &mut Command, user: Option<(u32, u32)>) -> &mut Command {
+    if let Some((uid, gid)) = user {
+        cmd.uid(uid).gid(gid);
+    }
+    cmd
+}
+
+fn free_port() -> Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+static COUNTER: AtomicUsize = AtomicUsize::new(0);
+
+impl LocalCluster {
+    /// initdb and start a cluster named `label` (for the directory name and logs).
+    pub fn start(label: &str) -> Result<LocalCluster> {
+        let bin = bindir()?;
+        let user = server_user()?;
+        let n = COUNTER.fetch_add(1, Ordering::SeqCst);
+        let dir = std::env::temp_dir().join(format!("tandem-{label}-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir)?;
+        let data = dir.join("data");
+        if let Some((uid, gid)) = user {
+            std::os::unix::fs::chown(&dir, Some(uid), Some(gid))?;
+        }
+        let out = as_server_user(&mut Command::new(bin.join("initdb")), user)
+            .current_dir(&dir)
+            .args(["-D"])
+            .arg(&data)
+            .args(["-U", "postgres", "--auth=trust", "-E", "UTF8", "--locale=C", "--no-sync"])
+            .output()
+            .with_context(|| format!("running {}", bin.join("initdb").display()))?;
+        if !out.status.success() {
+            bail!(
+                "initdb failed for {label}: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        let port = free_port()?;
+        let conf = format!(
+            "\n# tandem throwaway cluster\nport = {port}\nlisten_addresses = '127.0.0.1'\n\
+             unix_socket_directories = '{dir}'\nwal_level = logical\nmax_replication_slots = 64\n\
+             max_wal_senders = 64\nmax_connections = 200\nfsync = off\nfull_page_writes = off\n\
+             logging_collector = off\nlog_min_messages = warning\n",
+            dir = dir.display()
+        );
+        let conf_path = data.join("postgresql.conf");
+        let mut text = std::fs::read_to_string(&conf_path)?;
+        text.push_str(&conf);
+        std::fs::write(&conf_path, text)?;
+
+        let log = std::fs::File::create(dir.join("server.log"))?;
+        if let Some((uid, gid)) = user {
+            std::os::unix::fs::chown(dir.join("server.log"), Some(uid), Some(gid))?;
+        }
+        let child = as_server_user(&mut Command::new(bin.join("postgres")), user)
+            .current_dir(&dir)
+            .arg("-D")
+            .arg(&data)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .process_group(0)
+            .spawn()
+            .context("starting postgres")?;
+        let pg_pid = child.id();
+        // Watchdog: when this process goes away without dropping us (test binary exit, kill -9),
+        // stop the server immediately and remove its files.
+        let _ = Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "while kill -0 {me} 2>/dev/null; do sleep 1; done; kill -QUIT {pg_pid} 2>/dev/null; \
+                 sleep 3; rm -rf '{dir}'",
+                me = std::process::id(),
+                dir = dir.display()
+            ))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .process_group(0)
+            .spawn();
+        let mut cluster = LocalCluster {
+            port,
+            dir,
+            child: Some(child),
+        };
+        cluster.wait_ready(Duration::from_secs(60))?;
+        Ok(cluster)
+    }
+
+    fn wait_ready(&mut self, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(child) = self.child.as_mut() {
+                if let Some(status) = child.try_wait()? {
+                    let log = std::fs::read_to_string(self.dir.join("server.log")).unwrap_or_default();
+                    bail!("postgres exited with {status} while starting:\n{log}");
+                }
+            }
+            // Ready when a query succeeds, not merely when the port accepts (it does during recovery).
+            let ok = Command::new(bindir()?.join("psql"))
+                .args(["-h", "127.0.0.1", "-U", "postgres", "-d", "postgres", "-p"])
+                .arg(self.port.to_string())
+                .args(["-Atqc", "select 1"])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .map(|s| s.success())
+                .unwrap_or(false);
+            if ok {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                return Err(anyhow!("postgres on port {} not ready after {timeout:?}", self.port));
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Connection URL for database `db` as the superuser `postgres` (trust auth, loopback only).
+    pub fn url(&self, db: &str) -> String {
+        format!("postgresql://postgres@127.0.0.1:{}/{db}", self.port)
+    }
+
+    /// Stop immediately (SIGQUIT) and remove the files.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            // SAFETY: kill with a pid we spawned and have not reaped.
+            unsafe {
+                libc::kill(child.id() as i32, libc::SIGQUIT);
+            }
+            let _ = child.wait();
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+impl Drop for LocalCluster {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}

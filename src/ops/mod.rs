@@ -1,0 +1,5 @@
+//! Operator commands around the replication core.
+
+pub mod demo;
+pub mod setup;
+pub mod teardown;

@@ -1,0 +1,384 @@
+//! `tandem setup`: check both sides completely, report every problem at once, and only then
+//! create the control schema, the publications, the slots and the checkpoints.
+
+use std::collections::BTreeSet;
+use std::fmt;
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use pgwire_replication::ReplicationClient;
+use tokio_postgres::Client;
+
+use crate::apply::checkpoint::{self, Checkpoint};
+use crate::apply::plan::TargetTable;
+use crate::catalog;
+use crate::config::{quote_ident, Config, Site, TableName};
+use crate::db;
+use crate::lsn::Lsn;
+use crate::side::Side;
+
+/// Everything wrong with the two sides, each with its side, object and fix.
+#[derive(Debug)]
+pub struct Problems(pub Vec<String>);
+
+impl fmt::Display for Problems {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "setup found {} problem(s); nothing was created:", self.0.len())?;
+        for p in &self.0 {
+            writeln!(f, "  - {p}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for Problems {}
+
+/// The migrations of the `tandem` schema, in order.
+pub const MIGRATIONS: &[(i32, &str)] = &[(1, include_str!("../../migrations/0001_control_schema.sql"))];
+
+/// Tables as both sides have them, after validation.
+pub struct Plan {
+    pub tables: Vec<TableName>,
+}
+
+async fn connect_checked(site: &Site, problems: &mut Vec<String>) -> Option<Client> {
+    match db::connect(site, "tandem setup").await {
+        Ok(c) => Some(c),
+        Err(e) => {
+            problems.push(format!("{e:#}"));
+            None
+        }
+    }
+}
+
+async fn check_server(c: &Client, site: &Site, problems: &mut Vec<String>) -> Result<()> {
+    let side = site.side;
+    let r = c
+        .query_one(
+            "SELECT current_setting('wal_level'), current_setting('max_replication_slots')::int, \
+                    (SELECT count(*)::int FROM pg_replication_slots), \
+                    EXISTS (SELECT 1 FROM pg_replication_slots WHERE slot_name = $1), \
+                    current_setting('max_wal_senders')::int, \
+                    (SELECT count(*)::int FROM pg_stat_replication), \
+                    r.rolname::text, r.rolsuper, r.rolreplication, \
+                    pg_encoding_to_char(d.encoding)::text \
+             FROM pg_roles r, pg_database d \
+             WHERE r.rolname = current_user AND d.datname = current_database()",
+            &[&site.slot],
+        )
+        .await?;
+    let wal_level: String = r.get(0);
+    if wal_level != "logical" {
+        problems.push(format!(
+            "{side}: wal_level is `{wal_level}`; run `ALTER SYSTEM SET wal_level = logical` (or set it in \
+             postgresql.conf) and restart the server"
+        ));
+    }
+    let (max_slots, used_slots, ours): (i32, i32, bool) = (r.get(1), r.get(2), r.get(3));
+    if !ours && used_slots >= max_slots {
+        problems.push(format!(
+            "{side}: max_replication_slots is {max_slots} and all {used_slots} are in use; raise it \
+             (`ALTER SYSTEM SET max_replication_slots = {}`) and restart",
+            max_slots + 2
+        ));
+    }
+    let (max_senders, used_senders): (i32, i32) = (r.get(4), r.get(5));
+    if used_senders >= max_senders {
+        problems.push(format!(
+            "{side}: max_wal_senders is {max_senders} and {used_senders} are in use; raise it \
+             (`ALTER SYSTEM SET max_wal_senders = {}`) and restart",
+            max_senders + 2
+        ));
+    }
+    let (role, superuser, replication): (String, bool, bool) = (r.get(6), r.get(7), r.get(8));
+    if !superuser && !replication {
+        problems.push(format!(
+            "{side}: role {role} lacks the REPLICATION attribute; run `ALTER ROLE {} REPLICATION` as an admin",
+            quote_ident(&role)
+        ));
+    }
+    let encoding: String = r.get(9);
+    if encoding != "UTF8" {
+        problems.push(format!("{side}: database encoding is {encoding}; tandem needs UTF8 databases"));
+    }
+    Ok(())
+}
+
+fn describe_columns(t: &TargetTable) -> String {
+    t.key.iter().map(|&k| t.columns[k].name.as_str()).collect::<Vec<_>>().join(", ")
+}
+
+async fn replica_identity(c: &Client, t: &TableName) -> Result<Option<String>> {
+    let row = c
+        .query_opt(
+            "SELECT c.relreplident::text FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+             WHERE n.nspname = $1 AND c.relname = $2",
+            &[&t.schema, &t.name],
+        )
+        .await?;
+    Ok(row.map(|r| r.get(0)))
+}
+
+/// Compare the configured tables on both sides.
+async fn check_tables(cfg: &Config, d: &Client, m: &Client, problems: &mut Vec<String>) -> Result<Vec<TableName>> {
+    let mut tables = catalog::expand(d, &cfg.tables).await?;
+    for t in catalog::expand(m, &cfg.tables).await? {
+        if !tables.contains(&t) {
+            tables.push(t);
+        }
+    }
+    if tables.is_empty() {
+        problems.push("the table patterns in [replication] tables match no table on either side".into());
+    }
+    for t in &tables {
+        let dt = catalog::table(d, t).await?;
+        let mt = catalog::table(m, t).await?;
+        for (side, this, other) in [(Side::Desktop, &dt, &mt), (Side::Mobile, &mt, &dt)] {
+            if this.is_none() {
+                let hint = if other.is_some() {
+                    format!("create it with the same columns as on {}", side.other())
+                } else {
+                    "create it on both sides, or remove it from [replication] tables".into()
+                };
+                problems.push(format!("{side}: table {t} does not exist; {hint}"));
+            }
+        }
+        let (Some(dt), Some(mt)) = (dt, mt) else { continue };
+        for (side, tt, c) in [(Side::Desktop, &dt, d), (Side::Mobile, &mt, m)] {
+            if tt.key.is_empty() {
+                problems.push(format!(
+                    "{side}: table {t} has no primary key (or replica identity index); add one, \
+                     e.g. `ALTER TABLE {} ADD PRIMARY KEY (id)`",
+                    t.quoted()
+                ));
+            } else if replica_identity(c, t).await?.as_deref() == Some("n") {
+                problems.push(format!(
+                    "{side}: table {t} has REPLICA IDENTITY NOTHING, so its updates and deletes cannot be \
+                     replicated; run `ALTER TABLE {} REPLICA IDENTITY DEFAULT`",
+                    t.quoted()
+                ));
+            }
+        }
+        if !dt.key.is_empty() && !mt.key.is_empty() && describe_columns(&dt) != describe_columns(&mt) {
+            problems.push(format!(
+                "table {t}: primary key differs: desktop ({}) vs mobile ({}); make them the same",
+                describe_columns(&dt),
+                describe_columns(&mt)
+            ));
+        }
+        let names: BTreeSet<&str> = dt.columns.iter().chain(&mt.columns).map(|c| c.name.as_str()).collect();
+        for n in names {
+            let a = dt.columns.iter().find(|c| c.name == n);
+            let b = mt.columns.iter().find(|c| c.name == n);
+            match (a, b) {
+                (Some(a), Some(b)) if a.type_sql != b.type_sql => problems.push(format!(
+                    "table {t}: column `{n}` is {} on desktop but {} on mobile; make the types the same",
+                    a.type_sql, b.type_sql
+                )),
+                (Some(_), None) | (None, Some(_)) => {
+                    let (has, lacks) = if a.is_some() { (Side::Desktop, Side::Mobile) } else { (Side::Mobile, Side::Desktop) };
+                    problems.push(format!(
+                        "table {t}: column `{n}` exists on {has} but not on {lacks}; add it to {lacks} \
+                         (or drop it from {has})"
+                    ));
+                }
+                _ => {}
+            }
+        }
+    }
+    Ok(tables)
+}
+
+/// Validate both sides; `Err(Problems)` lists everything wrong.
+pub async fn validate(cfg: &Config) -> Result<(Client, Client, Plan)> {
+    let mut problems = Vec::new();
+    let d = connect_checked(&cfg.desktop, &mut problems).await;
+    let m = connect_checked(&cfg.mobile, &mut problems).await;
+    for (c, site) in [(&d, &cfg.desktop), (&m, &cfg.mobile)] {
+        if let Some(c) = c {
+            check_server(c, site, &mut problems).await?;
+        }
+    }
+    let tables = match (&d, &m) {
+        (Some(d), Some(m)) => check_tables(cfg, d, m, &mut problems).await?,
+        _ => Vec::new(),
+    };
+    match (d, m) {
+        (Some(d), Some(m)) if problems.is_empty() => Ok((d, m, Plan { tables })),
+        _ => Err(Problems(problems).into()),
+    }
+}
+
+/// Apply the control-schema migrations not yet applied.
+pub async fn migrate(c: &mut Client) -> Result<Vec<i32>> {
+    let tx = c.transaction().await?;
+    tx.batch_execute(
+        "SELECT pg_advisory_xact_lock(7262373); \
+         CREATE SCHEMA IF NOT EXISTS tandem; \
+         CREATE TABLE IF NOT EXISTS tandem.schema_migrations \
+            (version int PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())",
+    )
+    .await?;
+    let mut applied = Vec::new();
+    for (v, sql) in MIGRATIONS {
+        let done = tx
+            .query_opt("SELECT 1 FROM tandem.schema_migrations WHERE version = $1", &[v])
+            .await?
+            .is_some();
+        if !done {
+            tx.batch_execute(sql).await.with_context(|| format!("migration {v}"))?;
+            tx.execute("INSERT INTO tandem.schema_migrations (version) VALUES ($1)", &[v]).await?;
+            applied.push(*v);
+        }
+    }
+    tx.commit().await?;
+    Ok(applied)
+}
+
+async fn sync_publication(c: &Client, site: &Site, tables: &[TableName]) -> Result<bool> {
+    let exists = c
+        .query_opt("SELECT 1 FROM pg_publication WHERE pubname = $1", &[&site.publication])
+        .await?
+        .is_some();
+    let list = tables.iter().map(|t| t.quoted()).collect::<Vec<_>>().join(", ");
+    let name = quote_ident(&site.publication);
+    if !exists {
+        let sql = if tables.is_empty() {
+            format!("CREATE PUBLICATION {name}")
+        } else {
+            format!("CREATE PUBLICATION {name} FOR TABLE {list}")
+        };
+        c.batch_execute(&sql).await.with_context(|| format!("{}: {sql}", site.side))?;
+        return Ok(true);
+    }
+    if tables.is_empty() {
+        let current = c
+            .query("SELECT format('%I.%I', schemaname, tablename) FROM pg_publication_tables WHERE pubname = $1", &[&site.publication])
+            .await?;
+        if !current.is_empty() {
+            let names: Vec<String> = current.iter().map(|r| r.get(0)).collect();
+            c.batch_execute(&format!("ALTER PUBLICATION {name} DROP TABLE {}", names.join(", "))).await?;
+        }
+    } else {
+        c.batch_execute(&format!("ALTER PUBLICATION {name} SET TABLE {list}"))
+            .await
+            .with_context(|| format!("{}: updating publication {}", site.side, site.publication))?;
+    }
+    Ok(false)
+}
+
+/// The slot's position, creating the slot when missing. `(lsn, created)`.
+async fn ensure_slot(c: &Client, site: &Site) -> Result<(Lsn, bool)> {
+    let row = c
+        .query_opt(
+            "SELECT plugin::text, database::text, confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1",
+            &[&site.slot],
+        )
+        .await?;
+    if let Some(r) = row {
+        let (plugin, db, lsn): (Option<String>, Option<String>, Option<String>) = (r.get(0), r.get(1), r.get(2));
+        let here: String = c.query_one("SELECT current_database()::text", &[]).await?.get(0);
+        if plugin.as_deref() != Some("pgoutput") || db.as_deref() != Some(here.as_str()) {
+            anyhow::bail!(
+                "{}: a replication slot named {} already exists for {} (plugin {}); choose another `slot` in [{}]",
+                site.side,
+                site.slot,
+                db.unwrap_or_else(|| "a physical standby".into()),
+                plugin.unwrap_or_else(|| "none".into()),
+                site.side
+            );
+        }
+        return Ok((lsn.unwrap_or_else(|| "0/0".into()).parse()?, false));
+    }
+    // Its own autocommit statement: a slot cannot be created in a transaction that has written.
+    let r = c
+        .query_one("SELECT lsn::text FROM pg_create_logical_replication_slot($1, 'pgoutput')", &[&site.slot])
+        .await
+        .with_context(|| format!("{}: creating replication slot {}", site.side, site.slot))?;
+    Ok((r.get::<_, String>(0).parse()?, true))
+}
+
+async fn identify(site: &Site) -> Result<(String, u32)> {
+    let cfg = crate::source::stream::replication_config(site, Lsn::ZERO)?;
+    let mut client = ReplicationClient::connect_gated(cfg)
+        .await
+        .with_context(|| format!("{}: opening a replication connection", site.side))?;
+    let sys = client
+        .identify_system()
+        .await
+        .with_context(|| format!("{}: IDENTIFY_SYSTEM (does the role have REPLICATION?)", site.side))?;
+    Ok((sys.system_id, sys.timeline))
+}
+
+/// Validate, then create everything. Returns what it did, a line each.
+pub async fn setup(cfg: Arc<Config>) -> Result<Vec<String>> {
+    let (mut d, mut m, plan) = validate(&cfg).await?;
+    let mut report = Vec::new();
+    for (c, side) in [(&mut d, Side::Desktop), (&mut m, Side::Mobile)] {
+        let applied = migrate(c).await?;
+        if !applied.is_empty() {
+            report.push(format!("{side}: created the tandem control schema (migrations {applied:?})"));
+        }
+    }
+    let mut created: Vec<(Side, &'static str, String)> = Vec::new();
+    let result = create_replication(&cfg, &plan, &d, &m, &mut created, &mut report).await;
+    if let Err(e) = result {
+        // Leave nothing behind that keeps WAL or names tables.
+        for (side, kind, name) in created.iter().rev() {
+            let c = if *side == Side::Desktop { &d } else { &m };
+            let sql = if *kind == "slot" {
+                format!("SELECT pg_drop_replication_slot('{name}')")
+            } else {
+                format!("DROP PUBLICATION IF EXISTS {}", quote_ident(name))
+            };
+            if let Err(err) = c.batch_execute(&sql).await {
+                tracing::warn!(%side, "could not remove {kind} {name} after the failed setup: {err}");
+            }
+        }
+        return Err(e);
+    }
+    Ok(report)
+}
+
+async fn create_replication(
+    cfg: &Config,
+    plan: &Plan,
+    d: &Client,
+    m: &Client,
+    created: &mut Vec<(Side, &'static str, String)>,
+    report: &mut Vec<String>,
+) -> Result<()> {
+    for side in Side::BOTH {
+        let site = cfg.site(side);
+        let c = if side == Side::Desktop { d } else { m };
+        let target = if side == Side::Desktop { m } else { d };
+        let from_here: Vec<TableName> =
+            plan.tables.iter().filter(|t| cfg.direction(t).flows_from(side)).cloned().collect();
+        if sync_publication(c, site, &from_here).await? {
+            created.push((side, "publication", site.publication.clone()));
+            report.push(format!("{side}: created publication {} ({} tables)", site.publication, from_here.len()));
+        } else {
+            report.push(format!("{side}: publication {} lists {} tables", site.publication, from_here.len()));
+        }
+        let (lsn, new_slot) = ensure_slot(c, site).await?;
+        if new_slot {
+            created.push((side, "slot", site.slot.clone()));
+            report.push(format!("{side}: created replication slot {} at {lsn}", site.slot));
+        }
+        let (system_id, timeline) = identify(site).await?;
+        let cp = Checkpoint {
+            source_system_id: system_id,
+            source_timeline: timeline as i32,
+            slot_name: site.slot.clone(),
+            lsn,
+        };
+        if new_slot {
+            // A new slot starts a new history: any older checkpoint belonged to another slot.
+            checkpoint::delete(target, side).await?;
+        }
+        if checkpoint::init(target, side, &cp).await? {
+            report.push(format!("{}: checkpoint for {} starts at {lsn}", side.other(), side.direction_from()));
+        }
+    }
+    Ok(())
+}

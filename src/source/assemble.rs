@@ -1,0 +1,290 @@
+//! Turns decoded pgoutput messages into transaction boundaries and tagged [`Event`]s.
+//!
+//! Pure and streaming: it holds the relation map and the current transaction header, never the
+//! transaction's changes, so memory does not grow with transaction size.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use crate::config::TableName;
+use crate::event::{Change, Event, SourceTable};
+use crate::lsn::Lsn;
+use crate::side::Side;
+use crate::source::pgoutput::{Begin, Message};
+
+/// Prefix of the transactional logical message tandem writes first in every transaction it
+/// applies; a transaction that carries it came from tandem and must not travel back.
+pub const MARKER_PREFIX: &str = "tandem";
+/// Replication origins tandem applies under are named `tandem_from_D` / `tandem_from_M`.
+pub const ORIGIN_PREFIX: &str = "tandem_";
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Item {
+    Begin {
+        commit_lsn: Lsn,
+        xid: u32,
+    },
+    Change(Event),
+    /// End of a transaction. `echo` when tandem itself wrote it (its changes were withheld).
+    Commit {
+        commit_lsn: Lsn,
+        end_lsn: Lsn,
+        echo: bool,
+        changes: u32,
+    },
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum AssembleError {
+    #[error("{side}: pgoutput sent {what} outside a transaction")]
+    OutsideTransaction { side: Side, what: &'static str },
+    #[error("{side}: pgoutput sent Begin while transaction {xid} was still open")]
+    NestedBegin { side: Side, xid: u32 },
+    #[error("{side}: change for relation {rel} before its Relation message")]
+    UnknownRelation { side: Side, rel: u32 },
+    #[error("{side}: row for {table} has {got} columns, its Relation message said {want}")]
+    ColumnCount {
+        side: Side,
+        table: TableName,
+        got: usize,
+        want: usize,
+    },
+}
+
+pub struct Assembler {
+    side: Side,
+    relations: HashMap<u32, Arc<SourceTable>>,
+    txn: Option<Txn>,
+}
+
+struct Txn {
+    begin: Begin,
+    echo: bool,
+    ordinal: u32,
+}
+
+impl Assembler {
+    pub fn new(side: Side) -> Self {
+        Assembler {
+            side,
+            relations: HashMap::new(),
+            txn: None,
+        }
+    }
+
+    pub fn in_transaction(&self) -> bool {
+        self.txn.is_some()
+    }
+
+    fn table(&self, rel: u32) -> Result<Arc<SourceTable>, AssembleError> {
+        self.relations
+            .get(&rel)
+            .cloned()
+            .ok_or(AssembleError::UnknownRelation { side: self.side, rel })
+    }
+
+    fn check_width(&self, t: &SourceTable, n: usize) -> Result<(), AssembleError> {
+        if n != t.columns.len() {
+            return Err(AssembleError::ColumnCount {
+                side: self.side,
+                table: t.name.clone(),
+                got: n,
+                want: t.columns.len(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Feed one message; returns what it means for the apply side, if anything.
+    pub fn push(&mut self, msg: Message) -> Result<Option<Item>, AssembleError> {
+        let side = self.side;
+        let change = match msg {
+            Message::Begin(b) => {
+                if let Some(t) = &self.txn {
+                    return Err(AssembleError::NestedBegin { side, xid: t.begin.xid });
+                }
+                self.txn = Some(Txn { begin: b, echo: false, ordinal: 0 });
+                return Ok(Some(Item::Begin { commit_lsn: b.final_lsn, xid: b.xid }));
+            }
+            Message::Commit(c) => {
+                let t = self
+                    .txn
+                    .take()
+                    .ok_or(AssembleError::OutsideTransaction { side, what: "Commit" })?;
+                return Ok(Some(Item::Commit {
+                    commit_lsn: c.commit_lsn,
+                    end_lsn: c.end_lsn,
+                    echo: t.echo,
+                    changes: t.ordinal,
+                }));
+            }
+            Message::Origin { name, .. } => {
+                if name.starts_with(ORIGIN_PREFIX) {
+                    if let Some(t) = self.txn.as_mut() {
+                        t.echo = true;
+                    }
+                }
+                return Ok(None);
+            }
+            Message::Message(m) => {
+                if m.transactional && m.prefix == MARKER_PREFIX {
+                    if let Some(t) = self.txn.as_mut() {
+                        t.echo = true;
+                    }
+                }
+                return Ok(None);
+            }
+            Message::Relation(r) => {
+                let t = SourceTable {
+                    oid: r.id,
+                    name: TableName::new(r.namespace, r.name),
+                    columns: r.columns,
+                };
+                self.relations.insert(r.id, Arc::new(t));
+                return Ok(None);
+            }
+            Message::Type { .. } => return Ok(None),
+            Message::Insert { rel, new } => {
+                let table = self.table(rel)?;
+                self.check_width(&table, new.len())?;
+                Change::Insert { table, new }
+            }
+            Message::Update { rel, old, new } => {
+                let table = self.table(rel)?;
+                self.check_width(&table, new.len())?;
+                if let Some(o) = &old {
+                    self.check_width(&table, o.tuple.len())?;
+                }
+                Change::Update { table, old, new }
+            }
+            Message::Delete { rel, old } => {
+                let table = self.table(rel)?;
+                self.check_width(&table, old.tuple.len())?;
+                Change::Delete { table, old }
+            }
+            Message::Truncate(t) => Change::Truncate {
+                tables: t.rels.iter().map(|r| self.table(*r)).collect::<Result<_, _>>()?,
+                cascade: t.cascade,
+                restart_identity: t.restart_identity,
+            },
+        };
+        let txn = self.txn.as_mut().ok_or(AssembleError::OutsideTransaction {
+            side,
+            what: "a row change",
+        })?;
+        if txn.echo {
+            return Ok(None);
+        }
+        let ev = Event {
+            source: side,
+            commit_lsn: txn.begin.final_lsn,
+            commit_ts: txn.begin.commit_ts,
+            xid: txn.begin.xid,
+            ordinal: txn.ordinal,
+            change,
+        };
+        txn.ordinal += 1;
+        Ok(Some(Item::Change(ev)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::source::pgoutput::{Commit, LogicalMessage, RelColumn, Relation, Value};
+    use bytes::Bytes;
+
+    fn rel() -> Message {
+        Message::Relation(Relation {
+            id: 7,
+            namespace: "public".into(),
+            name: "jobs".into(),
+            replica_identity: b'd',
+            columns: vec![RelColumn { key: true, name: "id".into(), type_oid: 20, type_modifier: -1 }],
+        })
+    }
+    fn begin(lsn: u64) -> Message {
+        Message::Begin(Begin { final_lsn: Lsn(lsn), commit_ts: 1, xid: 9 })
+    }
+    fn commit(lsn: u64) -> Message {
+        Message::Commit(Commit { flags: 0, commit_lsn: Lsn(lsn), end_lsn: Lsn(lsn + 8), commit_ts: 1 })
+    }
+    fn insert(v: &'static str) -> Message {
+        Message::Insert { rel: 7, new: vec![Value::Text(Bytes::from_static(v.as_bytes()))] }
+    }
+
+    #[test]
+    fn changes_are_tagged_with_side_lsn_xid_and_ordinal() {
+        let mut a = Assembler::new(Side::Mobile);
+        assert_eq!(a.push(rel()).unwrap(), None);
+        assert!(matches!(a.push(begin(100)).unwrap(), Some(Item::Begin { .. })));
+        for i in 0..3 {
+            match a.push(insert("1")).unwrap() {
+                Some(Item::Change(e)) => {
+                    assert_eq!((e.source, e.commit_lsn, e.xid, e.ordinal), (Side::Mobile, Lsn(100), 9, i));
+                    assert_eq!(e.change.op(), "insert");
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        assert_eq!(
+            a.push(commit(100)).unwrap(),
+            Some(Item::Commit { commit_lsn: Lsn(100), end_lsn: Lsn(108), echo: false, changes: 3 })
+        );
+        assert!(!a.in_transaction());
+    }
+
+    #[test]
+    fn a_marked_transaction_is_withheld_and_flagged_echo() {
+        for marker in [
+            Message::Message(LogicalMessage {
+                transactional: true,
+                lsn: Lsn(1),
+                prefix: MARKER_PREFIX.into(),
+                content: Bytes::from_static(b"D 0/1"),
+            }),
+            Message::Origin { commit_lsn: Lsn(1), name: "tandem_from_D".into() },
+        ] {
+            let mut a = Assembler::new(Side::Mobile);
+            a.push(rel()).unwrap();
+            a.push(begin(100)).unwrap();
+            a.push(marker).unwrap();
+            assert_eq!(a.push(insert("1")).unwrap(), None);
+            assert!(matches!(a.push(commit(100)).unwrap(), Some(Item::Commit { echo: true, changes: 0, .. })));
+            // The next transaction is not echo.
+            a.push(begin(200)).unwrap();
+            assert!(matches!(a.push(insert("2")).unwrap(), Some(Item::Change(_))));
+        }
+    }
+
+    #[test]
+    fn other_messages_and_origins_do_not_mark_echo() {
+        let mut a = Assembler::new(Side::Desktop);
+        a.push(rel()).unwrap();
+        a.push(begin(1)).unwrap();
+        a.push(Message::Origin { commit_lsn: Lsn(1), name: "pg_16400".into() }).unwrap();
+        a.push(Message::Message(LogicalMessage {
+            transactional: true,
+            lsn: Lsn(1),
+            prefix: "app".into(),
+            content: Bytes::new(),
+        }))
+        .unwrap();
+        assert!(matches!(a.push(insert("1")).unwrap(), Some(Item::Change(_))));
+    }
+
+    #[test]
+    fn protocol_violations_are_errors() {
+        let mut a = Assembler::new(Side::Desktop);
+        assert_eq!(
+            a.push(insert("1")).unwrap_err(),
+            AssembleError::UnknownRelation { side: Side::Desktop, rel: 7 }
+        );
+        a.push(rel()).unwrap();
+        assert!(matches!(a.push(insert("1")), Err(AssembleError::OutsideTransaction { .. })));
+        a.push(begin(1)).unwrap();
+        assert!(matches!(a.push(begin(2)), Err(AssembleError::NestedBegin { .. })));
+        let wide = Message::Insert { rel: 7, new: vec![Value::Null, Value::Null] };
+        assert!(matches!(a.push(wide), Err(AssembleError::ColumnCount { got: 2, want: 1, .. })));
+    }
+}

@@ -1,0 +1,277 @@
+//! `tandem run`: one loop per direction — stream the source's slot, assemble events, apply them
+//! to the other side, commit the checkpoint with them, then confirm the source slot.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Result};
+use tokio::sync::watch;
+
+use crate::apply::{checkpoint, Applier};
+use crate::config::Config;
+use crate::db;
+use crate::lsn::Lsn;
+use crate::side::Side;
+use crate::source::assemble::{Assembler, Item};
+use crate::source::stream::{check_no_gap, SourceStream, StreamEvent};
+
+/// A group of source transactions shares one target commit for at most this long…
+const GROUP_MAX_AGE: Duration = Duration::from_millis(100);
+/// …or this many changes.
+const GROUP_MAX_CHANGES: u64 = 20_000;
+/// Progress through transactions that needed nothing applied (tandem's own echoes, empty or
+/// filtered transactions, idle keepalives) is written to the checkpoint only once it is this far
+/// ahead. Writing it costs the target a little WAL of its own, which the other direction then
+/// sees as progress: a threshold larger than one such write keeps the two directions from
+/// bouncing checkpoint writes at each other forever on idle databases.
+pub const IDLE_RECORD_BYTES: u64 = 64 * 1024;
+
+/// Live counters of one direction, for status displays and tests.
+#[derive(Debug, Default)]
+pub struct Progress {
+    pub changes: AtomicU64,
+    pub transactions: AtomicU64,
+    pub checkpoint: AtomicU64,
+}
+
+impl Progress {
+    pub fn checkpoint(&self) -> Lsn {
+        Lsn(self.checkpoint.load(Ordering::Relaxed))
+    }
+}
+
+/// Progress of both directions, indexed by source side.
+#[derive(Debug, Default)]
+pub struct Status {
+    pub from_desktop: Progress,
+    pub from_mobile: Progress,
+}
+
+impl Status {
+    pub fn from(&self, side: Side) -> &Progress {
+        match side {
+            Side::Desktop => &self.from_desktop,
+            Side::Mobile => &self.from_mobile,
+        }
+    }
+}
+
+/// Replicate both directions until `shutdown` turns true (or a direction fails for good).
+pub async fn run(cfg: Arc<Config>, shutdown: watch::Receiver<bool>, status: Arc<Status>) -> Result<()> {
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut ext = shutdown.clone();
+    let forward = {
+        let stop_tx = stop_tx.clone();
+        tokio::spawn(async move {
+            while ext.changed().await.is_ok() {
+                if *ext.borrow() {
+                    let _ = stop_tx.send(true);
+                    return;
+                }
+            }
+        })
+    };
+    let mut tasks = Vec::new();
+    for side in Side::BOTH {
+        let (cfg, rx, st, stop_tx) = (cfg.clone(), stop_rx.clone(), status.clone(), stop_tx.clone());
+        tasks.push(tokio::spawn(async move {
+            let r = direction(cfg, side, rx, st).await;
+            if r.is_err() {
+                // One direction failing stops the other cleanly: better both stopped and
+                // checkpointed than one side silently drifting.
+                let _ = stop_tx.send(true);
+            }
+            r
+        }));
+    }
+    let mut first_err = None;
+    for t in tasks {
+        let r = t.await.map_err(|e| anyhow!("replication task panicked: {e}")).and_then(|r| r);
+        if let Err(e) = r {
+            first_err.get_or_insert(e);
+        }
+    }
+    forward.abort();
+    match first_err {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
+
+/// Is this error worth reconnecting for (a dropped connection) rather than stopping?
+fn transient(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        if let Some(pg) = c.downcast_ref::<tokio_postgres::Error>() {
+            return db::is_transient(pg);
+        }
+        if let Some(w) = c.downcast_ref::<pgwire_replication::PgWireError>() {
+            return matches!(w, pgwire_replication::PgWireError::Io(_));
+        }
+        c.to_string().contains("the replication stream ended")
+    })
+}
+
+async fn direction(cfg: Arc<Config>, source: Side, mut stop: watch::Receiver<bool>, status: Arc<Status>) -> Result<()> {
+    let mut backoff = Duration::from_millis(500);
+    loop {
+        let started = Instant::now();
+        match direction_once(&cfg, source, &mut stop, &status).await {
+            Ok(()) => return Ok(()),
+            Err(e) if transient(&e) && !*stop.borrow() => {
+                if started.elapsed() > Duration::from_secs(60) {
+                    backoff = Duration::from_millis(500);
+                }
+                tracing::warn!(%source, "connection lost ({e:#}); reconnecting in {backoff:?}");
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = stop.changed() => return Ok(()),
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(30));
+            }
+            Err(e) => return Err(e.context(format!("{} → {}", source, source.other()))),
+        }
+    }
+}
+
+async fn direction_once(
+    cfg: &Arc<Config>,
+    source: Side,
+    stop: &mut watch::Receiver<bool>,
+    status: &Status,
+) -> Result<()> {
+    let site = cfg.site(source);
+    let progress = status.from(source);
+    let mut applier = Applier::connect(cfg.clone(), source).await?;
+    let cp = checkpoint::load(applier.client(), source).await?.ok_or_else(|| {
+        anyhow!("{}: no checkpoint for {} in tandem.checkpoints; run `tandem setup` first", source.other(), source.direction_from())
+    })?;
+    if cp.slot_name != site.slot {
+        bail!(
+            "{}: the checkpoint belongs to slot {}, but the config names slot {}; run `tandem setup` again",
+            source.other(),
+            cp.slot_name,
+            site.slot
+        );
+    }
+    let source_sql = db::connect(site, "tandem check").await?;
+    let mut stream = SourceStream::open(site, cp.lsn).await?;
+    if !cp.source_system_id.is_empty() && cp.source_system_id != stream.system_id {
+        bail!(
+            "{source}: this is database system {}, but the checkpoint was taken against system {}: \
+             the {source} database was replaced. Run `tandem teardown` and `tandem setup` to start over",
+            stream.system_id,
+            cp.source_system_id
+        );
+    }
+    check_no_gap(&source_sql, site, cp.lsn).await?;
+    drop(source_sql);
+    tracing::info!(%source, checkpoint = %cp.lsn, origin = applier.origin, "streaming {} → {}", source, source.other());
+
+    let mut asm = Assembler::new(source);
+    // Durable on the target: the slot may be confirmed up to here.
+    let mut checkpoint = cp.lsn;
+    progress.checkpoint.store(checkpoint.0, Ordering::Relaxed);
+    // Everything before this needs nothing more applied, but is not yet recorded.
+    let mut safe = cp.lsn;
+    let mut skipping = false;
+    let mut group_end: Option<Lsn> = None;
+    let mut group_opened: Option<Instant> = None;
+    let mut group_changes = 0u64;
+
+    macro_rules! commit_group {
+        () => {{
+            let end = group_end.take().expect("a group commits at a transaction boundary");
+            applier.commit(end).await?;
+            checkpoint = end;
+            safe = safe.max(end);
+            stream.confirm(checkpoint);
+            progress.checkpoint.store(checkpoint.0, Ordering::Relaxed);
+            progress.changes.store(applier.stats.changes, Ordering::Relaxed);
+            progress.transactions.store(applier.stats.transactions, Ordering::Relaxed);
+            group_opened = None;
+            group_changes = 0;
+        }};
+    }
+
+    loop {
+        let deadline = group_opened.map(|t| tokio::time::Instant::from_std(t + GROUP_MAX_AGE));
+        let ev = tokio::select! {
+            biased;
+            _ = stop.changed() => break,
+            _ = tokio::time::sleep_until(deadline.unwrap_or_else(tokio::time::Instant::now)),
+                if deadline.is_some() && !asm.in_transaction() && group_end.is_some() => {
+                commit_group!();
+                continue;
+            }
+            ev = stream.next() => ev?,
+        };
+        match ev {
+            StreamEvent::Keepalive(lsn) => {
+                if !asm.in_transaction() {
+                    if group_end.is_some() {
+                        commit_group!();
+                    }
+                    safe = safe.max(lsn);
+                }
+            }
+            StreamEvent::Message(msg) => match asm.push(msg)? {
+                None => {}
+                Some(Item::Begin { commit_lsn, .. }) => {
+                    // Already applied before a restart: the checkpoint is the end of a commit
+                    // record, so any commit that starts before it is at or below it.
+                    skipping = commit_lsn < checkpoint;
+                }
+                Some(Item::Change(ev)) => {
+                    if !skipping {
+                        applier.apply(&ev).await?;
+                        if applier.in_txn() && group_opened.is_none() {
+                            group_opened = Some(Instant::now());
+                        }
+                        group_changes += 1;
+                    }
+                }
+                Some(Item::Commit { end_lsn, .. }) => {
+                    if skipping {
+                        skipping = false;
+                    } else if applier.in_txn() {
+                        group_end = Some(end_lsn);
+                        applier.count_transaction();
+                        if group_changes >= GROUP_MAX_CHANGES {
+                            commit_group!();
+                        }
+                    } else {
+                        safe = safe.max(end_lsn);
+                    }
+                }
+            },
+        }
+        if !applier.in_txn() && safe.0 >= checkpoint.0 + IDLE_RECORD_BYTES {
+            applier.record(safe).await?;
+            checkpoint = safe;
+            stream.confirm(checkpoint);
+            progress.checkpoint.store(checkpoint.0, Ordering::Relaxed);
+        }
+    }
+
+    // Graceful stop: keep whole groups, drop a half-received transaction (it comes again).
+    if applier.in_txn() {
+        if let (Some(end), false) = (group_end, asm.in_transaction()) {
+            applier.commit(end).await?;
+            checkpoint = end;
+            safe = safe.max(end);
+            stream.confirm(checkpoint);
+        } else {
+            applier.rollback().await?;
+        }
+    }
+    if safe > checkpoint {
+        applier.record(safe).await?;
+        checkpoint = safe;
+        stream.confirm(checkpoint);
+    }
+    progress.checkpoint.store(checkpoint.0, Ordering::Relaxed);
+    stream.close().await;
+    tracing::info!(%source, %checkpoint, "stopped");
+    Ok(())
+}
