@@ -90,6 +90,11 @@ static COUNTER: AtomicUsize = AtomicUsize::new(0);
 impl LocalCluster {
     /// initdb and start a cluster named `label` (for the directory name and logs).
     pub fn start(label: &str) -> Result<LocalCluster> {
+        Self::start_with(label, "")
+    }
+
+    /// Like [`LocalCluster::start`], with extra `postgresql.conf` lines (they win over the defaults).
+    pub fn start_with(label: &str, extra_conf: &str) -> Result<LocalCluster> {
         let bin = bindir()?;
         let user = server_user()?;
         let n = COUNTER.fetch_add(1, Ordering::SeqCst);
@@ -121,9 +126,18 @@ impl LocalCluster {
              logging_collector = off\nlog_min_messages = warning\n",
             dir = dir.display()
         );
+        // The superuser `postgres` connects without a password on loopback; every other role
+        // needs one, as on a real server (tests use such roles for auth and privilege cases).
+        std::fs::write(
+            data.join("pg_hba.conf"),
+            "local all all trust\nhost all postgres 127.0.0.1/32 trust\n\
+             host replication postgres 127.0.0.1/32 trust\nhost all all 127.0.0.1/32 scram-sha-256\n\
+             host replication all 127.0.0.1/32 scram-sha-256\n",
+        )?;
         let conf_path = data.join("postgresql.conf");
         let mut text = std::fs::read_to_string(&conf_path)?;
         text.push_str(&conf);
+        text.push_str(extra_conf);
         std::fs::write(&conf_path, text)?;
 
         let log = std::fs::File::create(dir.join("server.log"))?;

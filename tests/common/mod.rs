@@ -1,0 +1,187 @@
+//! Shared test harness: one pair of real PostgreSQL clusters per test binary, one database pair
+//! per test, and helpers that make a scenario's setup one line.
+#![allow(dead_code)]
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use tandem::config::Config;
+use tandem::localpg::LocalCluster;
+use tandem::ops::setup;
+use tandem::sync::{self, Status};
+use tokio::sync::watch;
+use tokio_postgres::{Client, NoTls};
+
+pub struct Pair {
+    pub desktop: LocalCluster,
+    pub mobile: LocalCluster,
+}
+
+/// The binary's shared clusters, started on first use.
+pub fn clusters() -> &'static Pair {
+    static PAIR: OnceLock<Pair> = OnceLock::new();
+    PAIR.get_or_init(|| {
+        let (d, m) = std::thread::scope(|s| {
+            let d = s.spawn(|| LocalCluster::start("test-desktop").expect("start desktop cluster"));
+            let m = s.spawn(|| LocalCluster::start("test-mobile").expect("start mobile cluster"));
+            (d.join().unwrap(), m.join().unwrap())
+        });
+        Pair { desktop: d, mobile: m }
+    })
+}
+
+pub async fn connect(url: &str) -> Client {
+    let (c, conn) = tokio_postgres::connect(url, NoTls).await.unwrap_or_else(|e| panic!("connect {url}: {e}"));
+    tokio::spawn(conn);
+    c.batch_execute("SET extra_float_digits = 3").await.unwrap();
+    c
+}
+
+/// Poll `cond` until it holds; panic with `what` after `secs` seconds.
+pub async fn wait_for<F, Fut>(secs: u64, what: &str, mut cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while !cond().await {
+        if Instant::now() > deadline {
+            panic!("timed out after {secs} s waiting for: {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// One test's pair of databases (same name on both clusters), its config and connections.
+pub struct Fixture {
+    pub name: String,
+    pub cfg: Arc<Config>,
+    pub d: Client,
+    pub m: Client,
+    pub config_path: PathBuf,
+}
+
+impl Fixture {
+    /// Fresh databases named `name` on both clusters with `schema` applied to both.
+    pub async fn databases(name: &str, schema: &str) -> (Client, Client) {
+        let p = clusters();
+        let mut out = Vec::new();
+        for c in [&p.desktop, &p.mobile] {
+            let admin = connect(&c.url("postgres")).await;
+            admin.batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).await.unwrap();
+            admin.batch_execute(&format!("CREATE DATABASE {name}")).await.unwrap();
+            let db = connect(&c.url(name)).await;
+            db.batch_execute(schema).await.unwrap();
+            out.push(db);
+        }
+        let m = out.pop().unwrap();
+        let d = out.pop().unwrap();
+        (d, m)
+    }
+
+    /// Config text for this test: its own databases, its own slot names (slots are cluster-wide).
+    pub fn config_text(name: &str, replication: &str) -> String {
+        let p = clusters();
+        format!(
+            "[desktop]\nurl = \"{}\"\nslot = \"{name}_d\"\npublication = \"{name}_d\"\n\
+             [mobile]\nurl = \"{}\"\nslot = \"{name}_m\"\npublication = \"{name}_m\"\n\
+             [replication]\n{replication}\n",
+            p.desktop.url(name),
+            p.mobile.url(name)
+        )
+    }
+
+    /// Databases, schema, config and a completed `setup`.
+    pub async fn new(name: &str, schema: &str, replication: &str) -> Fixture {
+        let (d, m) = Self::databases(name, schema).await;
+        let text = Self::config_text(name, replication);
+        let config_path = std::env::temp_dir().join(format!("tandem-test-{name}-{}.toml", std::process::id()));
+        std::fs::write(&config_path, &text).unwrap();
+        let cfg = Arc::new(Config::parse(&text, |_| None).unwrap());
+        setup::setup(cfg.clone()).await.unwrap_or_else(|e| panic!("setup: {e:#}"));
+        Fixture { name: name.to_string(), cfg, d, m, config_path }
+    }
+
+    /// Run `tandem run` in this process until the returned handle is stopped.
+    pub fn start(&self) -> Running {
+        let (tx, rx) = watch::channel(false);
+        let status = Arc::new(Status::default());
+        let task = tokio::spawn(sync::run(self.cfg.clone(), rx, status.clone()));
+        Running { tx, task, status }
+    }
+
+    /// Rows of `table` on `c` as text, ordered, for exact comparison across sides.
+    pub async fn rows(c: &Client, table: &str) -> Vec<String> {
+        c.query(&format!("SELECT tandem_row_::text FROM {table} tandem_row_ ORDER BY 1"), &[])
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect()
+    }
+
+    pub async fn count(c: &Client, sql: &str) -> i64 {
+        c.query_one(sql, &[]).await.unwrap().get(0)
+    }
+
+    /// Wait until `table` holds the same rows on both sides.
+    pub async fn wait_equal(&self, table: &str, secs: u64) {
+        wait_for(secs, &format!("{table} equal on both sides"), || async {
+            Self::rows(&self.d, table).await == Self::rows(&self.m, table).await
+        })
+        .await;
+    }
+
+    /// `(confirmed_flush_lsn of the slot on side c, checkpoint stored on the other side)`.
+    pub async fn slot_and_checkpoint(source: &Client, slot: &str, target: &Client, dir: &str) -> (u64, u64) {
+        let s: String = source
+            .query_one("SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1", &[&slot])
+            .await
+            .unwrap()
+            .get(0);
+        let c: String = target
+            .query_one("SELECT lsn::text FROM tandem.checkpoints WHERE direction = $1", &[&dir])
+            .await
+            .unwrap()
+            .get(0);
+        (s.parse::<tandem::lsn::Lsn>().unwrap().0, c.parse::<tandem::lsn::Lsn>().unwrap().0)
+    }
+}
+
+pub struct Running {
+    tx: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+    pub status: Arc<Status>,
+}
+
+impl Running {
+    /// Graceful stop; panics if replication had failed.
+    pub async fn stop(self) {
+        let _ = self.tx.send(true);
+        self.task.await.unwrap().unwrap_or_else(|e| panic!("sync failed: {e:#}"));
+    }
+
+    pub fn is_finished(&self) -> bool {
+        self.task.is_finished()
+    }
+}
+
+/// A trigger that counts every row change applied to `table`, firing even for replicated rows
+/// (`ENABLE ALWAYS`), into `audit` — which no publication includes. Shows each change landed once.
+pub fn audit_sql(table: &str) -> String {
+    format!(
+        "CREATE TABLE IF NOT EXISTS audit (tbl text, op text, at timestamptz DEFAULT clock_timestamp());
+         CREATE OR REPLACE FUNCTION audit_row() RETURNS trigger LANGUAGE plpgsql AS $$
+           BEGIN INSERT INTO audit (tbl, op) VALUES (TG_TABLE_NAME, TG_OP); RETURN NULL; END $$;
+         CREATE TRIGGER audit_{table} AFTER INSERT OR UPDATE OR DELETE ON {table}
+           FOR EACH ROW EXECUTE FUNCTION audit_row();
+         ALTER TABLE {table} ENABLE ALWAYS TRIGGER audit_{table};"
+    )
+}
+
+/// The `tandem` binary under test.
+pub fn tandem_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_tandem")
+}

@@ -1,0 +1,314 @@
+//! Replication scenarios against real PostgreSQL: both directions at once, order, keys, TOAST,
+//! truncate, per-table direction, no echo, and restart from the checkpoint.
+
+mod common;
+
+use common::{audit_sql, wait_for, Fixture};
+use tokio_postgres::Client;
+
+const JOBS: &str = "
+CREATE TABLE jobs (id bigint PRIMARY KEY, title text NOT NULL, status text, n int);
+CREATE TABLE tasks (id bigint PRIMARY KEY, job_id bigint NOT NULL REFERENCES jobs (id), note text);
+CREATE TABLE scratch (id int PRIMARY KEY, v text);";
+
+/// 300 inserts from `base + 1`, with updates and deletes mixed in, one transaction each.
+async fn writer(c: &Client, base: i64) {
+    for i in 1..=300i64 {
+        let id = base + i;
+        c.execute("INSERT INTO jobs (id, title, n) VALUES ($1, 'job', 0)", &[&id]).await.unwrap();
+        if i % 3 == 0 {
+            c.execute("UPDATE jobs SET status = 'done', n = n + 1 WHERE id = $1", &[&id]).await.unwrap();
+        }
+        if i % 5 == 0 {
+            c.execute("DELETE FROM jobs WHERE id = $1", &[&(id - 1)]).await.unwrap();
+        }
+    }
+}
+
+/// 1000 insert transactions and 500 update transactions.
+async fn burst(c: &Client, base: i64) {
+    for i in 1..=1000i64 {
+        c.execute("INSERT INTO jobs (id, title) VALUES ($1, 'burst')", &[&(base + i)]).await.unwrap();
+        if i % 2 == 0 {
+            c.execute("UPDATE jobs SET n = 1 WHERE id = $1", &[&(base + i)]).await.unwrap();
+        }
+    }
+}
+
+async fn wal(c: &Client) -> i64 {
+    Fixture::count(c, "SELECT (pg_current_wal_lsn() - '0/0'::pg_lsn)::bigint").await
+}
+
+const JOBS_TABLES: &str = r#"tables = ["public.jobs", "public.tasks", "public.scratch"]"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn inserts_updates_deletes_and_truncate_flow_both_ways_at_once() {
+    let fx = Fixture::new("flow_both", JOBS, JOBS_TABLES).await;
+    let run = fx.start();
+    // Disjoint keys: desktop writes 1..=300, mobile 10001..=10300, concurrently.
+    let (d, m) = (&fx.d, &fx.m);
+    tokio::join!(writer(d, 0), writer(m, 10_000));
+    fx.wait_equal("jobs", 60).await;
+    let rows = Fixture::count(d, "SELECT count(*) FROM jobs").await;
+    assert_eq!(rows, 2 * (300 - 60), "each side's inserts minus its deletes, on both sides");
+    assert_eq!(Fixture::count(m, "SELECT count(*) FROM jobs WHERE status = 'done' AND n = 1").await, 2 * 80);
+
+    // Truncate on one side empties the other; then writes after it still flow.
+    d.batch_execute("INSERT INTO scratch SELECT g, 'x' FROM generate_series(1, 50) g").await.unwrap();
+    fx.wait_equal("scratch", 30).await;
+    assert_eq!(Fixture::count(m, "SELECT count(*) FROM scratch").await, 50);
+    m.batch_execute("TRUNCATE scratch; INSERT INTO scratch VALUES (7, 'after truncate')").await.unwrap();
+    wait_for(30, "truncate reaches desktop", || async {
+        Fixture::rows(d, "scratch").await == vec!["(7,\"after truncate\")".to_string()]
+    })
+    .await;
+    run.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn multi_table_transaction_with_foreign_key_and_primary_key_change() {
+    let fx = Fixture::new("fk_and_pk", JOBS, JOBS_TABLES).await;
+    let run = fx.start();
+    fx.d.batch_execute(
+        "BEGIN;
+         INSERT INTO jobs VALUES (1, 'parent', 'open', 0);
+         INSERT INTO tasks VALUES (1, 1, 'child a'), (2, 1, 'child b');
+         UPDATE jobs SET title = 'parent v2' WHERE id = 1;
+         COMMIT;",
+    )
+    .await
+    .unwrap();
+    fx.wait_equal("tasks", 30).await;
+    fx.wait_equal("jobs", 30).await;
+    assert_eq!(Fixture::rows(&fx.m, "jobs").await, vec!["(1,\"parent v2\",open,0)"]);
+
+    // Primary-key change on mobile: the old key disappears on desktop, the new one appears.
+    fx.m.batch_execute("INSERT INTO jobs VALUES (5, 'renumber me', null, 1); UPDATE jobs SET id = 6 WHERE id = 5;")
+        .await
+        .unwrap();
+    wait_for(30, "key change reaches desktop", || async {
+        Fixture::count(&fx.d, "SELECT count(*) FROM jobs WHERE id = 6 AND title = 'renumber me'").await == 1
+            && Fixture::count(&fx.d, "SELECT count(*) FROM jobs WHERE id = 5").await == 0
+    })
+    .await;
+    // A key swap through a temporary key inside one transaction.
+    fx.d.batch_execute(
+        "INSERT INTO jobs VALUES (20, 'a', null, 0), (21, 'b', null, 0);
+         BEGIN; UPDATE jobs SET id = -1 WHERE id = 20; UPDATE jobs SET id = 20 WHERE id = 21;
+                UPDATE jobs SET id = 21 WHERE id = -1; COMMIT;",
+    )
+    .await
+    .unwrap();
+    fx.wait_equal("jobs", 30).await;
+    assert_eq!(
+        Fixture::rows(&fx.m, "jobs").await.into_iter().filter(|r| r.starts_with("(2")).collect::<Vec<_>>(),
+        vec!["(20,b,,0)", "(21,a,,0)"]
+    );
+    run.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_megabyte_toasted_value_survives_an_update_of_another_column() {
+    let fx = Fixture::new(
+        "toast",
+        "CREATE TABLE docs (id int PRIMARY KEY, body text, rev int);",
+        r#"tables = ["public.docs"]"#,
+    )
+    .await;
+    let run = fx.start();
+    // 1 MiB of hex that does not compress, so it is stored out of line.
+    fx.d.batch_execute(
+        "INSERT INTO docs SELECT 1, string_agg(md5(g::text), ''), 1 FROM generate_series(1, 32768) g",
+    )
+    .await
+    .unwrap();
+    let digest = "SELECT md5(body) || ':' || length(body) || ':' || rev FROM docs WHERE id = 1";
+    let want_d: String = fx.d.query_one(digest, &[]).await.unwrap().get(0);
+    wait_for(30, "document on mobile", || async {
+        fx.m.query_opt(digest, &[]).await.unwrap().map(|r| r.get::<_, String>(0)) == Some(want_d.clone())
+    })
+    .await;
+    // Only `rev` changes: pgoutput sends `body` as unchanged-TOAST, and mobile must keep its copy.
+    fx.d.batch_execute("UPDATE docs SET rev = 2 WHERE id = 1").await.unwrap();
+    let want: String = fx.d.query_one(digest, &[]).await.unwrap().get(0);
+    assert!(want.ends_with(":1048576:2"), "{want}");
+    wait_for(30, "rev 2 on mobile with the body intact", || async {
+        fx.m.query_one(digest, &[]).await.unwrap().get::<_, String>(0) == want
+    })
+    .await;
+    // And back the other way.
+    fx.m.batch_execute("UPDATE docs SET rev = 3 WHERE id = 1").await.unwrap();
+    let want: String = fx.m.query_one(digest, &[]).await.unwrap().get(0);
+    wait_for(30, "rev 3 on desktop with the body intact", || async {
+        fx.d.query_one(digest, &[]).await.unwrap().get::<_, String>(0) == want
+    })
+    .await;
+    run.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn every_type_round_trips_exactly_both_ways() {
+    let schema = "
+        CREATE TYPE mood AS ENUM ('sad', 'ok', 'happy');
+        CREATE TABLE every_type (
+            id int PRIMARY KEY,
+            i2 smallint, i4 int, i8 bigint,
+            num numeric, num_s numeric(40, 20),
+            f4 real, f8 double precision,
+            t text, vc varchar(10), ch char(5),
+            bin bytea, b bool, u uuid, j json, jb jsonb,
+            d date, tm time, ts timestamp, tstz timestamptz, iv interval,
+            ai int[], at text[], m mood, am mood[],
+            g bigint GENERATED ALWAYS AS (i4::bigint * 2) STORED,
+            ident bigint GENERATED ALWAYS AS IDENTITY
+        );";
+    let fx = Fixture::new("types", schema, r#"tables = ["public.every_type"]"#).await;
+    let run = fx.start();
+    let values = |id: i32| {
+        format!(
+            "INSERT INTO every_type (id, i2, i4, i8, num, num_s, f4, f8, t, vc, ch, bin, b, u, j, jb, d, tm, ts, tstz, iv, ai, at, m, am) VALUES
+            ({id}, -32768, 2147483647, -9223372036854775808, 'NaN', 12345678901234567890.12345678901234567890,
+             'NaN', 'Infinity', E'multi\\nline \"quoted\" \\\\ back', 'ten chars!', 'ab',
+             '\\x00ff10', true, 'a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11', '{{\"a\": 1,  \"a\": [1, 2.50]}}', '{{\"z\": null, \"b\": [true]}}',
+             '0044-03-15 BC', '23:59:59.999999', '2024-02-29 12:34:56.789012', '2024-06-01 01:02:03.456+05:30', '1 year 2 mons -3 days 04:05:06.7',
+             '{{1,NULL,-3}}', '{{\"a,b\",NULL,\"\",\"q\\\"uote\"}}', 'happy', '{{sad,happy}}'),
+            ({id1}, 0, 0, 0, 0.000000000000000000000000000001, -0.00000000000000000001, '-Infinity', '-0', '', '', '',
+             '\\x', false, '00000000-0000-0000-0000-000000000000', '[]', '{{}}', 'infinity', '00:00', '-infinity', 'infinity', '0',
+             '{{}}', '{{}}', 'sad', '{{}}'),
+            ({id2}, 1, 1, 1, 3.14159, 1.5, 1.17549435e-38, 2.2250738585072014e-308, 'ünïcødé ✓', 'x', 'x',
+             NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL)",
+            id1 = id + 1,
+            id2 = id + 2
+        )
+    };
+    fx.d.batch_execute(&values(1)).await.unwrap();
+    fx.m.batch_execute(&values(101)).await.unwrap();
+    // A row of NULLs except the key, and an update of every column.
+    fx.d.batch_execute("INSERT INTO every_type (id) VALUES (50)").await.unwrap();
+    fx.m.batch_execute("UPDATE every_type SET f8 = 0.1::float8 + 0.2::float8, f4 = 1.1, num = -1e-10, iv = '-1 day' WHERE id = 101")
+        .await
+        .unwrap();
+    wait_for(60, "all 8 rows on both sides", || async {
+        Fixture::count(&fx.d, "SELECT count(*) FROM every_type").await == 7
+            && Fixture::count(&fx.m, "SELECT count(*) FROM every_type").await == 7
+    })
+    .await;
+    fx.wait_equal("every_type", 30).await;
+    // The text form is exact for every type here (floats print shortest-exact), and the
+    // generated column is recomputed on each side, the identity value carried over as given.
+    let rows = Fixture::rows(&fx.d, "every_type").await;
+    assert!(rows.iter().any(|r| r.contains("NaN,NaN,Infinity")), "{rows:?}");
+    assert!(rows.iter().any(|r| r.contains("0.30000000000000004")), "{rows:?}");
+    run.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn no_echo_each_change_lands_once_and_wal_stops_growing() {
+    let schema = format!("{JOBS}\n{}", audit_sql("jobs"));
+    let fx = Fixture::new("no_echo", &schema, JOBS_TABLES).await;
+    let run = fx.start();
+    // A burst on both sides: 1000 transactions each (insert, and an update every other one).
+    let before: String = fx.d.query_one("SELECT pg_current_wal_lsn()::text", &[]).await.unwrap().get(0);
+    tokio::join!(burst(&fx.d, 0), burst(&fx.m, 100_000));
+    fx.wait_equal("jobs", 60).await;
+    // Each side saw its own 1500 changes and exactly the other side's 1500: nothing bounced back.
+    for c in [&fx.d, &fx.m] {
+        wait_for(30, "audit settles", || async {
+            Fixture::count(c, "SELECT count(*) FROM audit").await == 3000
+        })
+        .await;
+    }
+    // Quiet now. The slots catch up to (nearly) the end of WAL…
+    let burst_wal = Fixture::count(
+        &fx.d,
+        &format!("SELECT (pg_current_wal_lsn() - '{before}'::pg_lsn)::bigint"),
+    )
+    .await;
+    assert!(burst_wal > 2 * tandem::sync::IDLE_RECORD_BYTES as i64, "burst wrote only {burst_wal} bytes of WAL");
+    for (c, slot) in [(&fx.d, "no_echo_d"), (&fx.m, "no_echo_m")] {
+        let lag_sql = format!(
+            "SELECT (pg_current_wal_lsn() - confirmed_flush_lsn)::bigint FROM pg_replication_slots WHERE slot_name = '{slot}'"
+        );
+        wait_for(30, &format!("slot {slot} confirmed close to the WAL end"), || async {
+            Fixture::count(c, &lag_sql).await < tandem::sync::IDLE_RECORD_BYTES as i64 + 16 * 1024
+        })
+        .await;
+    }
+    // …and WAL stays put: no change or checkpoint write keeps bouncing between the sides.
+    let (d0, m0) = (wal(&fx.d).await, wal(&fx.m).await);
+    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+    let (d1, m1) = (wal(&fx.d).await, wal(&fx.m).await);
+    // Allow the server's own background records (a standby snapshot is ~100 bytes).
+    assert!(d1 - d0 < 1024 && m1 - m0 < 1024, "WAL still growing: desktop +{} mobile +{}", d1 - d0, m1 - m0);
+    assert_eq!(Fixture::count(&fx.d, "SELECT count(*) FROM audit").await, 3000);
+    run.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn per_table_direction_is_honoured() {
+    let schema = "CREATE TABLE climaster (id int PRIMARY KEY, name text);
+                  CREATE TABLE notes (id int PRIMARY KEY, body text);";
+    let fx = Fixture::new(
+        "direction",
+        schema,
+        "tables = [\"public.climaster\", \"public.notes\"]\n[replication.direction]\n\"public.climaster\" = \"desktop_to_mobile\"",
+    )
+    .await;
+    let run = fx.start();
+    fx.d.batch_execute("INSERT INTO climaster VALUES (1, 'from desktop')").await.unwrap();
+    fx.m.batch_execute("INSERT INTO climaster VALUES (2, 'mobile only'); INSERT INTO notes VALUES (1, 'sentinel')")
+        .await
+        .unwrap();
+    // The sentinel was committed after the mobile climaster row: once it is on desktop, the
+    // climaster row would be there too if it flowed.
+    wait_for(30, "sentinel on desktop", || async {
+        Fixture::count(&fx.d, "SELECT count(*) FROM notes").await == 1
+    })
+    .await;
+    wait_for(30, "desktop climaster row on mobile", || async {
+        Fixture::count(&fx.m, "SELECT count(*) FROM climaster WHERE id = 1").await == 1
+    })
+    .await;
+    assert_eq!(Fixture::rows(&fx.d, "climaster").await, vec!["(1,\"from desktop\")"]);
+    assert_eq!(Fixture::rows(&fx.m, "climaster").await, vec!["(1,\"from desktop\")", "(2,\"mobile only\")"]);
+    run.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn restart_resumes_from_the_checkpoint_with_nothing_lost_or_doubled() {
+    let schema = format!("{JOBS}\n{}", audit_sql("jobs"));
+    let fx = Fixture::new("restart", &schema, JOBS_TABLES).await;
+    let run = fx.start();
+    fx.d.batch_execute("INSERT INTO jobs SELECT g, 'first' FROM generate_series(1, 100) g").await.unwrap();
+    fx.wait_equal("jobs", 30).await;
+    run.stop().await;
+
+    // The slot is never confirmed past what the target holds.
+    for (src, slot, tgt, dir) in [(&fx.d, "restart_d", &fx.m, "D>M"), (&fx.m, "restart_m", &fx.d, "M>D")] {
+        let (confirmed, checkpoint) = Fixture::slot_and_checkpoint(src, slot, tgt, dir).await;
+        assert!(confirmed <= checkpoint, "{slot}: confirmed {confirmed:X} > checkpoint {checkpoint:X}");
+    }
+    // Written while tandem is down, on both sides.
+    fx.d.batch_execute("INSERT INTO jobs SELECT g, 'while down' FROM generate_series(101, 200) g; UPDATE jobs SET n = 7 WHERE id <= 10")
+        .await
+        .unwrap();
+    fx.m.batch_execute("INSERT INTO jobs SELECT g, 'mobile while down' FROM generate_series(1001, 1050) g")
+        .await
+        .unwrap();
+    let run = fx.start();
+    fx.wait_equal("jobs", 30).await;
+    assert_eq!(Fixture::count(&fx.m, "SELECT count(*) FROM jobs").await, 250);
+    // Desktop: its own 100 + 100 + 10 changes plus mobile's 50. Mobile: its own 50 plus desktop's 210.
+    wait_for(30, "audit counts", || async {
+        Fixture::count(&fx.d, "SELECT count(*) FROM audit").await == 260
+            && Fixture::count(&fx.m, "SELECT count(*) FROM audit").await == 260
+    })
+    .await;
+    run.stop().await;
+    // A third start with nothing new applies nothing again.
+    let run = fx.start();
+    fx.d.batch_execute("INSERT INTO jobs VALUES (999, 'marker')").await.unwrap();
+    fx.wait_equal("jobs", 30).await;
+    run.stop().await;
+    assert_eq!(Fixture::count(&fx.m, "SELECT count(*) FROM audit").await, 261);
+}
