@@ -185,3 +185,31 @@ pub fn audit_sql(table: &str) -> String {
 pub fn tandem_bin() -> &'static str {
     env!("CARGO_BIN_EXE_tandem")
 }
+
+/// Run the `tandem` binary to completion: `(exit code, stdout, stderr)`.
+pub fn run_tandem(args: &[&str], envs: &[(&str, &str)]) -> (i32, String, String) {
+    let out = std::process::Command::new(tandem_bin())
+        .args(args)
+        .envs(envs.iter().copied())
+        .output()
+        .expect("run tandem");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Names of tandem-looking slots and publications on `c` whose name starts with `prefix`.
+pub async fn leftovers(c: &Client, prefix: &str) -> Vec<String> {
+    c.query(
+        "SELECT 'slot ' || slot_name FROM pg_replication_slots WHERE slot_name LIKE $1 || '%' \
+         UNION ALL SELECT 'publication ' || pubname FROM pg_publication WHERE pubname LIKE $1 || '%'",
+        &[&prefix],
+    )
+    .await
+    .unwrap()
+    .iter()
+    .map(|r| r.get(0))
+    .collect()
+}

@@ -1,0 +1,100 @@
+//! kill -9 of the tandem process in the middle of applying a 200,000-row transaction, then
+//! restart: both sides end equal and every change landed exactly once.
+
+mod common;
+
+use std::process::{Command, Stdio};
+
+use common::{audit_sql, tandem_bin, wait_for, Fixture};
+
+async fn apply_session_in_transaction(c: &tokio_postgres::Client, app: &str) -> bool {
+    Fixture::count(
+        c,
+        &format!(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = '{app}' \
+             AND xact_start IS NOT NULL AND state <> 'idle'"
+        ),
+    )
+    .await
+        > 0
+}
+
+async fn streaming(c: &tokio_postgres::Client, app: &str) -> bool {
+    Fixture::count(c, &format!("SELECT count(*) FROM pg_stat_replication WHERE application_name = '{app}'")).await > 0
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn kill_9_during_a_200k_row_transaction_then_restart_loses_and_doubles_nothing() {
+    let schema = format!(
+        "CREATE TABLE items (id bigint PRIMARY KEY, payload text, qty int);\n{}",
+        audit_sql("items")
+    );
+    let fx = Fixture::new("kill9", &schema, r#"tables = ["public.items"]"#).await;
+    let log = std::fs::File::create(std::env::temp_dir().join("tandem-kill9.log")).unwrap();
+    let config = fx.config_path.to_str().unwrap().to_string();
+    let spawn = || {
+        Command::new(tandem_bin())
+            .args(["--config", &config, "run"])
+            .stdout(Stdio::null())
+            .stderr(log.try_clone().unwrap())
+            .spawn()
+            .unwrap()
+    };
+    let mut child = spawn();
+    wait_for(30, "both streams up", || async {
+        streaming(&fx.d, "tandem stream D>M").await && streaming(&fx.m, "tandem stream M>D").await
+    })
+    .await;
+
+    // One 200k-row transaction on desktop, small ones on mobile meanwhile.
+    fx.d.batch_execute(
+        "INSERT INTO items SELECT g, md5(g::text), 0 FROM generate_series(1, 200000) g",
+    )
+    .await
+    .unwrap();
+    for i in 0..20i64 {
+        fx.m.execute("INSERT INTO items VALUES ($1, 'mobile', 1)", &[&(1_000_000 + i)]).await.unwrap();
+    }
+    wait_for(60, "desktop's big transaction being applied on mobile", || async {
+        apply_session_in_transaction(&fx.m, "tandem apply D>M").await
+    })
+    .await;
+    child.kill().unwrap(); // SIGKILL
+    let status = child.wait().unwrap();
+    assert!(!status.success());
+
+    // The half-applied target transaction died with the process: mobile has all or none of it.
+    wait_for(30, "the killed apply session is gone", || async {
+        !apply_session_in_transaction(&fx.m, "tandem apply D>M").await
+    })
+    .await;
+    let partial = Fixture::count(&fx.m, "SELECT count(*) FROM items WHERE id <= 200000").await;
+    assert!(partial == 0 || partial == 200_000, "mobile holds {partial} of 200000 rows");
+
+    // Restart: it resumes from the checkpoint.
+    let mut child = spawn();
+    wait_for(180, "all 200000 rows on mobile", || async {
+        Fixture::count(&fx.m, "SELECT count(*) FROM items WHERE id <= 200000").await == 200_000
+    })
+    .await;
+    fx.wait_equal("items", 60).await;
+    // Exactly once: mobile's trigger saw 200000 applied inserts plus its own 20; desktop saw its
+    // own 200000 plus mobile's 20.
+    wait_for(30, "audit counts", || async {
+        Fixture::count(&fx.m, "SELECT count(*) FROM audit").await == 200_020
+            && Fixture::count(&fx.d, "SELECT count(*) FROM audit").await == 200_020
+    })
+    .await;
+
+    // SIGTERM stops it cleanly.
+    // SAFETY: signalling a child we spawned and have not reaped.
+    unsafe {
+        libc::kill(child.id() as i32, libc::SIGTERM);
+    }
+    let status = child.wait().unwrap();
+    assert!(status.success(), "tandem run exited with {status} after SIGTERM");
+    for (src, slot, tgt, dir) in [(&fx.d, "kill9_d", &fx.m, "D>M"), (&fx.m, "kill9_m", &fx.d, "M>D")] {
+        let (confirmed, checkpoint) = Fixture::slot_and_checkpoint(src, slot, tgt, dir).await;
+        assert!(confirmed <= checkpoint, "{slot}: confirmed {confirmed:X} > checkpoint {checkpoint:X}");
+    }
+}
