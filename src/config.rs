@@ -44,7 +44,9 @@ impl FromStr for TableName {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         match s.split_once('.') {
-            Some((schema, name)) if !schema.is_empty() && !name.is_empty() && !name.contains('.') => {
+            Some((schema, name))
+                if !schema.is_empty() && !name.is_empty() && !name.contains('.') =>
+            {
                 Ok(TableName::new(schema, name))
             }
             _ => Err(format!(
@@ -204,12 +206,20 @@ impl Config {
 
         let mut problems = Vec::new();
         let mut site = |side: Side, cfg: Option<SideConfig>, var: &str| {
-            let cfg = cfg.unwrap_or(SideConfig { url: String::new(), slot: None, publication: None });
+            let cfg = cfg.unwrap_or(SideConfig {
+                url: String::new(),
+                slot: None,
+                publication: None,
+            });
             let url = env(var).filter(|u| !u.is_empty()).unwrap_or(cfg.url);
             if url.is_empty() {
-                problems.push(format!("[{side}] url is missing; set it in the file or in {var}"));
+                problems.push(format!(
+                    "[{side}] url is missing; set it in the file or in {var}"
+                ));
             } else if let Err(e) = tokio_postgres::Config::from_str(&url) {
-                problems.push(format!("[{side}] url is not a PostgreSQL connection string: {e}"));
+                problems.push(format!(
+                    "[{side}] url is not a PostgreSQL connection string: {e}"
+                ));
             }
             let default = format!("tandem_{side}");
             Site {
@@ -232,7 +242,9 @@ impl Config {
             }
         }
         if desktop.slot == mobile.slot && desktop.url == mobile.url {
-            problems.push("[desktop] and [mobile] point at the same database with the same slot".into());
+            problems.push(
+                "[desktop] and [mobile] point at the same database with the same slot".into(),
+            );
         }
 
         let repl = raw.replication.unwrap_or(RawReplication {
@@ -258,9 +270,9 @@ impl Config {
         for (t, d) in repl.direction {
             match t.parse::<TableName>() {
                 Ok(name) => {
-                    let covered = tables.iter().any(|c| {
-                        c == &name || (c.is_wildcard() && c.schema == name.schema)
-                    });
+                    let covered = tables
+                        .iter()
+                        .any(|c| c == &name || (c.is_wildcard() && c.schema == name.schema));
                     if !covered {
                         problems.push(format!(
                             "[replication.direction] names {name}, which is not in [replication] tables"
@@ -291,7 +303,8 @@ impl Config {
 fn valid_object_name(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 63
-        && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -307,7 +320,11 @@ fn check_keys(t: &toml::Table) -> Result<(), ConfigError> {
     let mut check = |path: &str, table: &toml::Table, known: &[&str]| {
         for key in table.keys() {
             if !known.contains(&key.as_str()) {
-                let full = if path.is_empty() { key.clone() } else { format!("{path}.{key}") };
+                let full = if path.is_empty() {
+                    key.clone()
+                } else {
+                    format!("{path}.{key}")
+                };
                 let hint = nearest(key, known)
                     .map(|n| format!("; did you mean `{n}`?"))
                     .unwrap_or_else(|| format!("; valid keys here: {}", known.join(", ")));
@@ -408,7 +425,9 @@ mod tests {
         let cm = TableName::new("public", "climaster");
         assert_eq!(c.direction(&cm), Direction::DesktopToMobile);
         assert!(!c.direction(&cm).flows_from(Side::Mobile));
-        assert!(c.direction(&TableName::new("public", "jobshead")).flows_from(Side::Mobile));
+        assert!(c
+            .direction(&TableName::new("public", "jobshead"))
+            .flows_from(Side::Mobile));
         assert!(c.apply_truncate);
     }
 
@@ -416,9 +435,17 @@ mod tests {
     fn unknown_keys_name_the_key_and_the_nearest_valid_one() {
         let bad = GOOD.replace("tables =", "tabels =");
         let e = Config::parse(&bad, no_env).unwrap_err().0;
-        assert!(e.contains("unknown key `replication.tabels`; did you mean `tables`?"), "{e}");
-        let e = Config::parse("[desktop]\nurl='x'\nzzz=1", no_env).unwrap_err().0;
-        assert!(e.contains("unknown key `desktop.zzz`; valid keys here: url, slot, publication"), "{e}");
+        assert!(
+            e.contains("unknown key `replication.tabels`; did you mean `tables`?"),
+            "{e}"
+        );
+        let e = Config::parse("[desktop]\nurl='x'\nzzz=1", no_env)
+            .unwrap_err()
+            .0;
+        assert!(
+            e.contains("unknown key `desktop.zzz`; valid keys here: url, slot, publication"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -435,9 +462,14 @@ mod tests {
 
     #[test]
     fn all_problems_are_reported_at_once() {
-        let e = Config::parse("[replication]\ntables=[\"jobs\"]", no_env).unwrap_err().0;
+        let e = Config::parse("[replication]\ntables=[\"jobs\"]", no_env)
+            .unwrap_err()
+            .0;
         assert!(e.contains("[desktop] url is missing"), "{e}");
         assert!(e.contains("[mobile] url is missing"), "{e}");
-        assert!(e.contains("must be schema-qualified, like \"public.jobs\""), "{e}");
+        assert!(
+            e.contains("must be schema-qualified, like \"public.jobs\""),
+            "{e}"
+        );
     }
 }

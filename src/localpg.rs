@@ -35,7 +35,11 @@ pub fn bindir() -> Result<PathBuf> {
             .and_then(|v| v.parse::<u32>().ok())
             .unwrap_or(0)
     });
-    if let Some(d) = candidates.into_iter().rev().find(|d| d.join("initdb").exists()) {
+    if let Some(d) = candidates
+        .into_iter()
+        .rev()
+        .find(|d| d.join("initdb").exists())
+    {
         return Ok(d);
     }
     if let Ok(out) = Command::new("pg_config").arg("--bindir").output() {
@@ -109,7 +113,15 @@ impl LocalCluster {
             .current_dir(&dir)
             .args(["-D"])
             .arg(&data)
-            .args(["-U", "postgres", "--auth=trust", "-E", "UTF8", "--locale=C", "--no-sync"])
+            .args([
+                "-U",
+                "postgres",
+                "--auth=trust",
+                "-E",
+                "UTF8",
+                "--locale=C",
+                "--no-sync",
+            ])
             .output()
             .with_context(|| format!("running {}", bin.join("initdb").display()))?;
         if !out.status.success() {
@@ -184,7 +196,8 @@ impl LocalCluster {
         loop {
             if let Some(child) = self.child.as_mut() {
                 if let Some(status) = child.try_wait()? {
-                    let log = std::fs::read_to_string(self.dir.join("server.log")).unwrap_or_default();
+                    let log =
+                        std::fs::read_to_string(self.dir.join("server.log")).unwrap_or_default();
                     bail!("postgres exited with {status} while starting:\n{log}");
                 }
             }
@@ -202,7 +215,10 @@ impl LocalCluster {
                 return Ok(());
             }
             if Instant::now() > deadline {
-                return Err(anyhow!("postgres on port {} not ready after {timeout:?}", self.port));
+                return Err(anyhow!(
+                    "postgres on port {} not ready after {timeout:?}",
+                    self.port
+                ));
             }
             std::thread::sleep(Duration::from_millis(100));
         }

@@ -12,7 +12,11 @@ use tandem::ops::{demo, setup, teardown};
 use tandem::sync;
 
 #[derive(Parser)]
-#[command(name = "tandem", version, about = "Two-way PostgreSQL sync over logical replication")]
+#[command(
+    name = "tandem",
+    version,
+    about = "Two-way PostgreSQL sync over logical replication"
+)]
 struct Cli {
     /// Config file (TOML). TANDEM_DESKTOP_URL / TANDEM_MOBILE_URL override its URLs.
     #[arg(long, global = true, default_value = "tandem.toml")]
@@ -50,7 +54,10 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
     match rt.block_on(run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -82,7 +89,13 @@ fn shutdown_signal() -> watch::Receiver<bool> {
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Demo { duration } => demo::run(duration.map(std::time::Duration::from_secs), shutdown_signal()).await,
+        Command::Demo { duration } => {
+            demo::run(
+                duration.map(std::time::Duration::from_secs),
+                shutdown_signal(),
+            )
+            .await
+        }
         Command::Setup => {
             let cfg = Arc::new(Config::load(&cli.config)?);
             for line in setup::setup(cfg).await? {

@@ -58,7 +58,11 @@ impl Status {
 }
 
 /// Replicate both directions until `shutdown` turns true (or a direction fails for good).
-pub async fn run(cfg: Arc<Config>, shutdown: watch::Receiver<bool>, status: Arc<Status>) -> Result<()> {
+pub async fn run(
+    cfg: Arc<Config>,
+    shutdown: watch::Receiver<bool>,
+    status: Arc<Status>,
+) -> Result<()> {
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut ext = shutdown.clone();
     let forward = {
@@ -74,7 +78,12 @@ pub async fn run(cfg: Arc<Config>, shutdown: watch::Receiver<bool>, status: Arc<
     };
     let mut tasks = Vec::new();
     for side in Side::BOTH {
-        let (cfg, rx, st, stop_tx) = (cfg.clone(), stop_rx.clone(), status.clone(), stop_tx.clone());
+        let (cfg, rx, st, stop_tx) = (
+            cfg.clone(),
+            stop_rx.clone(),
+            status.clone(),
+            stop_tx.clone(),
+        );
         tasks.push(tokio::spawn(async move {
             let r = direction(cfg, side, rx, st).await;
             if r.is_err() {
@@ -87,7 +96,10 @@ pub async fn run(cfg: Arc<Config>, shutdown: watch::Receiver<bool>, status: Arc<
     }
     let mut first_err = None;
     for t in tasks {
-        let r = t.await.map_err(|e| anyhow!("replication task panicked: {e}")).and_then(|r| r);
+        let r = t
+            .await
+            .map_err(|e| anyhow!("replication task panicked: {e}"))
+            .and_then(|r| r);
         if let Err(e) = r {
             first_err.get_or_insert(e);
         }
@@ -112,7 +124,12 @@ fn transient(e: &anyhow::Error) -> bool {
     })
 }
 
-async fn direction(cfg: Arc<Config>, source: Side, mut stop: watch::Receiver<bool>, status: Arc<Status>) -> Result<()> {
+async fn direction(
+    cfg: Arc<Config>,
+    source: Side,
+    mut stop: watch::Receiver<bool>,
+    status: Arc<Status>,
+) -> Result<()> {
     let mut backoff = Duration::from_millis(500);
     loop {
         let started = Instant::now();
@@ -143,9 +160,15 @@ async fn direction_once(
     let site = cfg.site(source);
     let progress = status.from(source);
     let mut applier = Applier::connect(cfg.clone(), source).await?;
-    let cp = checkpoint::load(applier.client(), source).await?.ok_or_else(|| {
-        anyhow!("{}: no checkpoint for {} in tandem.checkpoints; run `tandem setup` first", source.other(), source.direction_from())
-    })?;
+    let cp = checkpoint::load(applier.client(), source)
+        .await?
+        .ok_or_else(|| {
+            anyhow!(
+                "{}: no checkpoint for {} in tandem.checkpoints; run `tandem setup` first",
+                source.other(),
+                source.direction_from()
+            )
+        })?;
     if cp.slot_name != site.slot {
         bail!(
             "{}: the checkpoint belongs to slot {}, but the config names slot {}; run `tandem setup` again",
@@ -181,14 +204,20 @@ async fn direction_once(
 
     macro_rules! commit_group {
         () => {{
-            let end = group_end.take().expect("a group commits at a transaction boundary");
+            let end = group_end
+                .take()
+                .expect("a group commits at a transaction boundary");
             applier.commit(end).await?;
             checkpoint = end;
             safe = safe.max(end);
             stream.confirm(checkpoint);
             progress.checkpoint.store(checkpoint.0, Ordering::Relaxed);
-            progress.changes.store(applier.stats.changes, Ordering::Relaxed);
-            progress.transactions.store(applier.stats.transactions, Ordering::Relaxed);
+            progress
+                .changes
+                .store(applier.stats.changes, Ordering::Relaxed);
+            progress
+                .transactions
+                .store(applier.stats.transactions, Ordering::Relaxed);
             group_opened = None;
             group_changes = 0;
         }};
@@ -222,14 +251,13 @@ async fn direction_once(
                     // record, so any commit that starts before it is at or below it.
                     skipping = commit_lsn < checkpoint;
                 }
+                Some(Item::Change(_)) if skipping => {}
                 Some(Item::Change(ev)) => {
-                    if !skipping {
-                        applier.apply(&ev).await?;
-                        if applier.in_txn() && group_opened.is_none() {
-                            group_opened = Some(Instant::now());
-                        }
-                        group_changes += 1;
+                    applier.apply(&ev).await?;
+                    if applier.in_txn() && group_opened.is_none() {
+                        group_opened = Some(Instant::now());
                     }
+                    group_changes += 1;
                 }
                 Some(Item::Commit { end_lsn, .. }) => {
                     if skipping {

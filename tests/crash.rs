@@ -20,7 +20,12 @@ async fn apply_session_in_transaction(c: &tokio_postgres::Client, app: &str) -> 
 }
 
 async fn streaming(c: &tokio_postgres::Client, app: &str) -> bool {
-    Fixture::count(c, &format!("SELECT count(*) FROM pg_stat_replication WHERE application_name = '{app}'")).await > 0
+    Fixture::count(
+        c,
+        &format!("SELECT count(*) FROM pg_stat_replication WHERE application_name = '{app}'"),
+    )
+    .await
+        > 0
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -53,11 +58,18 @@ async fn kill_9_during_a_200k_row_transaction_then_restart_loses_and_doubles_not
     .await
     .unwrap();
     for i in 0..20i64 {
-        fx.m.execute("INSERT INTO items VALUES ($1, 'mobile', 1)", &[&(1_000_000 + i)]).await.unwrap();
+        fx.m.execute(
+            "INSERT INTO items VALUES ($1, 'mobile', 1)",
+            &[&(1_000_000 + i)],
+        )
+        .await
+        .unwrap();
     }
-    wait_for(60, "desktop's big transaction being applied on mobile", || async {
-        apply_session_in_transaction(&fx.m, "tandem apply D>M").await
-    })
+    wait_for(
+        60,
+        "desktop's big transaction being applied on mobile",
+        || async { apply_session_in_transaction(&fx.m, "tandem apply D>M").await },
+    )
     .await;
     child.kill().unwrap(); // SIGKILL
     let status = child.wait().unwrap();
@@ -69,7 +81,10 @@ async fn kill_9_during_a_200k_row_transaction_then_restart_loses_and_doubles_not
     })
     .await;
     let partial = Fixture::count(&fx.m, "SELECT count(*) FROM items WHERE id <= 200000").await;
-    assert!(partial == 0 || partial == 200_000, "mobile holds {partial} of 200000 rows");
+    assert!(
+        partial == 0 || partial == 200_000,
+        "mobile holds {partial} of 200000 rows"
+    );
 
     // Restart: it resumes from the checkpoint.
     let mut child = spawn();
@@ -92,9 +107,18 @@ async fn kill_9_during_a_200k_row_transaction_then_restart_loses_and_doubles_not
         libc::kill(child.id() as i32, libc::SIGTERM);
     }
     let status = child.wait().unwrap();
-    assert!(status.success(), "tandem run exited with {status} after SIGTERM");
-    for (src, slot, tgt, dir) in [(&fx.d, "kill9_d", &fx.m, "D>M"), (&fx.m, "kill9_m", &fx.d, "M>D")] {
+    assert!(
+        status.success(),
+        "tandem run exited with {status} after SIGTERM"
+    );
+    for (src, slot, tgt, dir) in [
+        (&fx.d, "kill9_d", &fx.m, "D>M"),
+        (&fx.m, "kill9_m", &fx.d, "M>D"),
+    ] {
         let (confirmed, checkpoint) = Fixture::slot_and_checkpoint(src, slot, tgt, dir).await;
-        assert!(confirmed <= checkpoint, "{slot}: confirmed {confirmed:X} > checkpoint {checkpoint:X}");
+        assert!(
+            confirmed <= checkpoint,
+            "{slot}: confirmed {confirmed:X} > checkpoint {checkpoint:X}"
+        );
     }
 }

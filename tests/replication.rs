@@ -15,12 +15,24 @@ CREATE TABLE scratch (id int PRIMARY KEY, v text);";
 async fn writer(c: &Client, base: i64) {
     for i in 1..=300i64 {
         let id = base + i;
-        c.execute("INSERT INTO jobs (id, title, n) VALUES ($1, 'job', 0)", &[&id]).await.unwrap();
+        c.execute(
+            "INSERT INTO jobs (id, title, n) VALUES ($1, 'job', 0)",
+            &[&id],
+        )
+        .await
+        .unwrap();
         if i % 3 == 0 {
-            c.execute("UPDATE jobs SET status = 'done', n = n + 1 WHERE id = $1", &[&id]).await.unwrap();
+            c.execute(
+                "UPDATE jobs SET status = 'done', n = n + 1 WHERE id = $1",
+                &[&id],
+            )
+            .await
+            .unwrap();
         }
         if i % 5 == 0 {
-            c.execute("DELETE FROM jobs WHERE id = $1", &[&(id - 1)]).await.unwrap();
+            c.execute("DELETE FROM jobs WHERE id = $1", &[&(id - 1)])
+                .await
+                .unwrap();
         }
     }
 }
@@ -28,9 +40,16 @@ async fn writer(c: &Client, base: i64) {
 /// 1000 insert transactions and 500 update transactions.
 async fn burst(c: &Client, base: i64) {
     for i in 1..=1000i64 {
-        c.execute("INSERT INTO jobs (id, title) VALUES ($1, 'burst')", &[&(base + i)]).await.unwrap();
+        c.execute(
+            "INSERT INTO jobs (id, title) VALUES ($1, 'burst')",
+            &[&(base + i)],
+        )
+        .await
+        .unwrap();
         if i % 2 == 0 {
-            c.execute("UPDATE jobs SET n = 1 WHERE id = $1", &[&(base + i)]).await.unwrap();
+            c.execute("UPDATE jobs SET n = 1 WHERE id = $1", &[&(base + i)])
+                .await
+                .unwrap();
         }
     }
 }
@@ -50,14 +69,29 @@ async fn inserts_updates_deletes_and_truncate_flow_both_ways_at_once() {
     tokio::join!(writer(d, 0), writer(m, 10_000));
     fx.wait_equal("jobs", 60).await;
     let rows = Fixture::count(d, "SELECT count(*) FROM jobs").await;
-    assert_eq!(rows, 2 * (300 - 60), "each side's inserts minus its deletes, on both sides");
-    assert_eq!(Fixture::count(m, "SELECT count(*) FROM jobs WHERE status = 'done' AND n = 1").await, 2 * 80);
+    assert_eq!(
+        rows,
+        2 * (300 - 60),
+        "each side's inserts minus its deletes, on both sides"
+    );
+    assert_eq!(
+        Fixture::count(
+            m,
+            "SELECT count(*) FROM jobs WHERE status = 'done' AND n = 1"
+        )
+        .await,
+        2 * 80
+    );
 
     // Truncate on one side empties the other; then writes after it still flow.
-    d.batch_execute("INSERT INTO scratch SELECT g, 'x' FROM generate_series(1, 50) g").await.unwrap();
+    d.batch_execute("INSERT INTO scratch SELECT g, 'x' FROM generate_series(1, 50) g")
+        .await
+        .unwrap();
     fx.wait_equal("scratch", 30).await;
     assert_eq!(Fixture::count(m, "SELECT count(*) FROM scratch").await, 50);
-    m.batch_execute("TRUNCATE scratch; INSERT INTO scratch VALUES (7, 'after truncate')").await.unwrap();
+    m.batch_execute("TRUNCATE scratch; INSERT INTO scratch VALUES (7, 'after truncate')")
+        .await
+        .unwrap();
     wait_for(30, "truncate reaches desktop", || async {
         Fixture::rows(d, "scratch").await == vec!["(7,\"after truncate\")".to_string()]
     })
@@ -80,14 +114,24 @@ async fn multi_table_transaction_with_foreign_key_and_primary_key_change() {
     .unwrap();
     fx.wait_equal("tasks", 30).await;
     fx.wait_equal("jobs", 30).await;
-    assert_eq!(Fixture::rows(&fx.m, "jobs").await, vec!["(1,\"parent v2\",open,0)"]);
+    assert_eq!(
+        Fixture::rows(&fx.m, "jobs").await,
+        vec!["(1,\"parent v2\",open,0)"]
+    );
 
     // Primary-key change on mobile: the old key disappears on desktop, the new one appears.
-    fx.m.batch_execute("INSERT INTO jobs VALUES (5, 'renumber me', null, 1); UPDATE jobs SET id = 6 WHERE id = 5;")
-        .await
-        .unwrap();
+    fx.m.batch_execute(
+        "INSERT INTO jobs VALUES (5, 'renumber me', null, 1); UPDATE jobs SET id = 6 WHERE id = 5;",
+    )
+    .await
+    .unwrap();
     wait_for(30, "key change reaches desktop", || async {
-        Fixture::count(&fx.d, "SELECT count(*) FROM jobs WHERE id = 6 AND title = 'renumber me'").await == 1
+        Fixture::count(
+            &fx.d,
+            "SELECT count(*) FROM jobs WHERE id = 6 AND title = 'renumber me'",
+        )
+        .await
+            == 1
             && Fixture::count(&fx.d, "SELECT count(*) FROM jobs WHERE id = 5").await == 0
     })
     .await;
@@ -101,7 +145,11 @@ async fn multi_table_transaction_with_foreign_key_and_primary_key_change() {
     .unwrap();
     fx.wait_equal("jobs", 30).await;
     assert_eq!(
-        Fixture::rows(&fx.m, "jobs").await.into_iter().filter(|r| r.starts_with("(2")).collect::<Vec<_>>(),
+        Fixture::rows(&fx.m, "jobs")
+            .await
+            .into_iter()
+            .filter(|r| r.starts_with("(2"))
+            .collect::<Vec<_>>(),
         vec!["(20,b,,0)", "(21,a,,0)"]
     );
     run.stop().await;
@@ -125,22 +173,38 @@ async fn a_megabyte_toasted_value_survives_an_update_of_another_column() {
     let digest = "SELECT md5(body) || ':' || length(body) || ':' || rev FROM docs WHERE id = 1";
     let want_d: String = fx.d.query_one(digest, &[]).await.unwrap().get(0);
     wait_for(30, "document on mobile", || async {
-        fx.m.query_opt(digest, &[]).await.unwrap().map(|r| r.get::<_, String>(0)) == Some(want_d.clone())
+        fx.m.query_opt(digest, &[])
+            .await
+            .unwrap()
+            .map(|r| r.get::<_, String>(0))
+            == Some(want_d.clone())
     })
     .await;
     // Only `rev` changes: pgoutput sends `body` as unchanged-TOAST, and mobile must keep its copy.
-    fx.d.batch_execute("UPDATE docs SET rev = 2 WHERE id = 1").await.unwrap();
+    fx.d.batch_execute("UPDATE docs SET rev = 2 WHERE id = 1")
+        .await
+        .unwrap();
     let want: String = fx.d.query_one(digest, &[]).await.unwrap().get(0);
     assert!(want.ends_with(":1048576:2"), "{want}");
     wait_for(30, "rev 2 on mobile with the body intact", || async {
-        fx.m.query_one(digest, &[]).await.unwrap().get::<_, String>(0) == want
+        fx.m.query_one(digest, &[])
+            .await
+            .unwrap()
+            .get::<_, String>(0)
+            == want
     })
     .await;
     // And back the other way.
-    fx.m.batch_execute("UPDATE docs SET rev = 3 WHERE id = 1").await.unwrap();
+    fx.m.batch_execute("UPDATE docs SET rev = 3 WHERE id = 1")
+        .await
+        .unwrap();
     let want: String = fx.m.query_one(digest, &[]).await.unwrap().get(0);
     wait_for(30, "rev 3 on desktop with the body intact", || async {
-        fx.d.query_one(digest, &[]).await.unwrap().get::<_, String>(0) == want
+        fx.d.query_one(digest, &[])
+            .await
+            .unwrap()
+            .get::<_, String>(0)
+            == want
     })
     .await;
     run.stop().await;
@@ -184,7 +248,9 @@ async fn every_type_round_trips_exactly_both_ways() {
     fx.d.batch_execute(&values(1)).await.unwrap();
     fx.m.batch_execute(&values(101)).await.unwrap();
     // A row of NULLs except the key, and an update of every column.
-    fx.d.batch_execute("INSERT INTO every_type (id) VALUES (50)").await.unwrap();
+    fx.d.batch_execute("INSERT INTO every_type (id) VALUES (50)")
+        .await
+        .unwrap();
     fx.m.batch_execute("UPDATE every_type SET f8 = 0.1::float8 + 0.2::float8, f4 = 1.1, num = -1e-10, iv = '-1 day' WHERE id = 101")
         .await
         .unwrap();
@@ -197,8 +263,15 @@ async fn every_type_round_trips_exactly_both_ways() {
     // The text form is exact for every type here (floats print shortest-exact), and the
     // generated column is recomputed on each side, the identity value carried over as given.
     let rows = Fixture::rows(&fx.d, "every_type").await;
-    assert!(rows.iter().any(|r| r.contains(",NaN,Infinity,") && r.contains("12345678901234567890.12345678901234567890")), "{rows:?}");
-    assert!(rows.iter().any(|r| r.contains("0.30000000000000004")), "{rows:?}");
+    assert!(
+        rows.iter().any(|r| r.contains(",NaN,Infinity,")
+            && r.contains("12345678901234567890.12345678901234567890")),
+        "{rows:?}"
+    );
+    assert!(
+        rows.iter().any(|r| r.contains("0.30000000000000004")),
+        "{rows:?}"
+    );
     run.stop().await;
 }
 
@@ -208,7 +281,11 @@ async fn no_echo_each_change_lands_once_and_wal_stops_growing() {
     let fx = Fixture::new("no_echo", &schema, JOBS_TABLES).await;
     let run = fx.start();
     // A burst on both sides: 1000 transactions each (insert, and an update every other one).
-    let before: String = fx.d.query_one("SELECT pg_current_wal_lsn()::text", &[]).await.unwrap().get(0);
+    let before: String =
+        fx.d.query_one("SELECT pg_current_wal_lsn()::text", &[])
+            .await
+            .unwrap()
+            .get(0);
     tokio::join!(burst(&fx.d, 0), burst(&fx.m, 100_000));
     fx.wait_equal("jobs", 60).await;
     // Each side saw its own 1500 changes and exactly the other side's 1500: nothing bounced back.
@@ -224,14 +301,22 @@ async fn no_echo_each_change_lands_once_and_wal_stops_growing() {
         &format!("SELECT (pg_current_wal_lsn() - '{before}'::pg_lsn)::bigint"),
     )
     .await;
-    assert!(burst_wal > 2 * tandem::sync::IDLE_RECORD_BYTES as i64, "burst wrote only {burst_wal} bytes of WAL");
+    assert!(
+        burst_wal > 2 * tandem::sync::IDLE_RECORD_BYTES as i64,
+        "burst wrote only {burst_wal} bytes of WAL"
+    );
     for (c, slot) in [(&fx.d, "no_echo_d"), (&fx.m, "no_echo_m")] {
         let lag_sql = format!(
             "SELECT (pg_current_wal_lsn() - confirmed_flush_lsn)::bigint FROM pg_replication_slots WHERE slot_name = '{slot}'"
         );
-        wait_for(30, &format!("slot {slot} confirmed close to the WAL end"), || async {
-            Fixture::count(c, &lag_sql).await < tandem::sync::IDLE_RECORD_BYTES as i64 + 16 * 1024
-        })
+        wait_for(
+            30,
+            &format!("slot {slot} confirmed close to the WAL end"),
+            || async {
+                Fixture::count(c, &lag_sql).await
+                    < tandem::sync::IDLE_RECORD_BYTES as i64 + 16 * 1024
+            },
+        )
         .await;
     }
     // …and WAL stays put: no change or checkpoint write keeps bouncing between the sides.
@@ -239,8 +324,16 @@ async fn no_echo_each_change_lands_once_and_wal_stops_growing() {
     tokio::time::sleep(std::time::Duration::from_secs(3)).await;
     let (d1, m1) = (wal(&fx.d).await, wal(&fx.m).await);
     // Allow the server's own background records (a standby snapshot is ~100 bytes).
-    assert!(d1 - d0 < 1024 && m1 - m0 < 1024, "WAL still growing: desktop +{} mobile +{}", d1 - d0, m1 - m0);
-    assert_eq!(Fixture::count(&fx.d, "SELECT count(*) FROM audit").await, 3000);
+    assert!(
+        d1 - d0 < 1024 && m1 - m0 < 1024,
+        "WAL still growing: desktop +{} mobile +{}",
+        d1 - d0,
+        m1 - m0
+    );
+    assert_eq!(
+        Fixture::count(&fx.d, "SELECT count(*) FROM audit").await,
+        3000
+    );
     run.stop().await;
 }
 
@@ -255,10 +348,14 @@ async fn per_table_direction_is_honoured() {
     )
     .await;
     let run = fx.start();
-    fx.d.batch_execute("INSERT INTO climaster VALUES (1, 'from desktop')").await.unwrap();
-    fx.m.batch_execute("INSERT INTO climaster VALUES (2, 'mobile only'); INSERT INTO notes VALUES (1, 'sentinel')")
+    fx.d.batch_execute("INSERT INTO climaster VALUES (1, 'from desktop')")
         .await
         .unwrap();
+    fx.m.batch_execute(
+        "INSERT INTO climaster VALUES (2, 'mobile only'); INSERT INTO notes VALUES (1, 'sentinel')",
+    )
+    .await
+    .unwrap();
     // The sentinel was committed after the mobile climaster row: once it is on desktop, the
     // climaster row would be there too if it flowed.
     wait_for(30, "sentinel on desktop", || async {
@@ -269,8 +366,14 @@ async fn per_table_direction_is_honoured() {
         Fixture::count(&fx.m, "SELECT count(*) FROM climaster WHERE id = 1").await == 1
     })
     .await;
-    assert_eq!(Fixture::rows(&fx.d, "climaster").await, vec!["(1,\"from desktop\")"]);
-    assert_eq!(Fixture::rows(&fx.m, "climaster").await, vec!["(1,\"from desktop\")", "(2,\"mobile only\")"]);
+    assert_eq!(
+        Fixture::rows(&fx.d, "climaster").await,
+        vec!["(1,\"from desktop\")"]
+    );
+    assert_eq!(
+        Fixture::rows(&fx.m, "climaster").await,
+        vec!["(1,\"from desktop\")", "(2,\"mobile only\")"]
+    );
     run.stop().await;
 }
 
@@ -279,25 +382,38 @@ async fn restart_resumes_from_the_checkpoint_with_nothing_lost_or_doubled() {
     let schema = format!("{JOBS}\n{}", audit_sql("jobs"));
     let fx = Fixture::new("restart", &schema, JOBS_TABLES).await;
     let run = fx.start();
-    fx.d.batch_execute("INSERT INTO jobs SELECT g, 'first' FROM generate_series(1, 100) g").await.unwrap();
+    fx.d.batch_execute("INSERT INTO jobs SELECT g, 'first' FROM generate_series(1, 100) g")
+        .await
+        .unwrap();
     fx.wait_equal("jobs", 30).await;
     run.stop().await;
 
     // The slot is never confirmed past what the target holds.
-    for (src, slot, tgt, dir) in [(&fx.d, "restart_d", &fx.m, "D>M"), (&fx.m, "restart_m", &fx.d, "M>D")] {
+    for (src, slot, tgt, dir) in [
+        (&fx.d, "restart_d", &fx.m, "D>M"),
+        (&fx.m, "restart_m", &fx.d, "M>D"),
+    ] {
         let (confirmed, checkpoint) = Fixture::slot_and_checkpoint(src, slot, tgt, dir).await;
-        assert!(confirmed <= checkpoint, "{slot}: confirmed {confirmed:X} > checkpoint {checkpoint:X}");
+        assert!(
+            confirmed <= checkpoint,
+            "{slot}: confirmed {confirmed:X} > checkpoint {checkpoint:X}"
+        );
     }
     // Written while tandem is down, on both sides.
     fx.d.batch_execute("INSERT INTO jobs SELECT g, 'while down' FROM generate_series(101, 200) g; UPDATE jobs SET n = 7 WHERE id <= 10")
         .await
         .unwrap();
-    fx.m.batch_execute("INSERT INTO jobs SELECT g, 'mobile while down' FROM generate_series(1001, 1050) g")
-        .await
-        .unwrap();
+    fx.m.batch_execute(
+        "INSERT INTO jobs SELECT g, 'mobile while down' FROM generate_series(1001, 1050) g",
+    )
+    .await
+    .unwrap();
     let run = fx.start();
     fx.wait_equal("jobs", 30).await;
-    assert_eq!(Fixture::count(&fx.m, "SELECT count(*) FROM jobs").await, 250);
+    assert_eq!(
+        Fixture::count(&fx.m, "SELECT count(*) FROM jobs").await,
+        250
+    );
     // Desktop: its own 100 + 100 + 10 changes plus mobile's 50. Mobile: its own 50 plus desktop's 210.
     wait_for(30, "audit counts", || async {
         Fixture::count(&fx.d, "SELECT count(*) FROM audit").await == 260
@@ -307,8 +423,13 @@ async fn restart_resumes_from_the_checkpoint_with_nothing_lost_or_doubled() {
     run.stop().await;
     // A third start with nothing new applies nothing again.
     let run = fx.start();
-    fx.d.batch_execute("INSERT INTO jobs VALUES (999, 'marker')").await.unwrap();
+    fx.d.batch_execute("INSERT INTO jobs VALUES (999, 'marker')")
+        .await
+        .unwrap();
     fx.wait_equal("jobs", 30).await;
     run.stop().await;
-    assert_eq!(Fixture::count(&fx.m, "SELECT count(*) FROM audit").await, 261);
+    assert_eq!(
+        Fixture::count(&fx.m, "SELECT count(*) FROM audit").await,
+        261
+    );
 }

@@ -9,7 +9,8 @@ use common::{clusters, connect, leftovers, run_tandem, Fixture};
 use tandem::localpg::LocalCluster;
 
 fn write_config(name: &str, text: &str) -> String {
-    let path = std::env::temp_dir().join(format!("tandem-setup-{name}-{}.toml", std::process::id()));
+    let path =
+        std::env::temp_dir().join(format!("tandem-setup-{name}-{}.toml", std::process::id()));
     std::fs::write(&path, text).unwrap();
     path.to_str().unwrap().to_string()
 }
@@ -31,12 +32,24 @@ async fn assert_nothing_left(name: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unreachable_host_is_one_clear_error_and_nothing_is_created() {
     let (_d, _m) = Fixture::databases("unreach", T).await;
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let text = Fixture::config_text("unreach", r#"tables = ["public.jobs"]"#)
-        .replacen(&format!(":{}/", clusters().desktop.port), &format!(":{port}/"), 1);
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let text = Fixture::config_text("unreach", r#"tables = ["public.jobs"]"#).replacen(
+        &format!(":{}/", clusters().desktop.port),
+        &format!(":{port}/"),
+        1,
+    );
     let (code, _, err) = run_tandem(&["--config", &write_config("unreach", &text), "setup"], &[]);
     assert_eq!(code, 1, "{err}");
-    assert!(err.contains(&format!("desktop: cannot reach postgres@127.0.0.1:{port}/unreach")), "{err}");
+    assert!(
+        err.contains(&format!(
+            "desktop: cannot reach postgres@127.0.0.1:{port}/unreach"
+        )),
+        "{err}"
+    );
     assert!(err.contains("check the host and port"), "{err}");
     assert_nothing_left("unreach").await;
 }
@@ -52,14 +65,23 @@ async fn wrong_password_is_reported_without_the_password() {
     .unwrap();
     let secret = "wr0ng-s3cret-value";
     let text = Fixture::config_text("authfail", r#"tables = ["public.jobs"]"#);
-    let url = format!("postgresql://tandem_pw:{secret}@127.0.0.1:{}/authfail", clusters().mobile.port);
+    let url = format!(
+        "postgresql://tandem_pw:{secret}@127.0.0.1:{}/authfail",
+        clusters().mobile.port
+    );
     let (code, out, err) = run_tandem(
         &["--config", &write_config("authfail", &text), "setup"],
         &[("TANDEM_MOBILE_URL", &url), ("RUST_LOG", "debug")],
     );
     assert_eq!(code, 1, "{err}");
-    assert!(err.contains("mobile: authentication failed for tandem_pw@127.0.0.1"), "{err}");
-    assert!(!err.contains(secret) && !out.contains(secret), "password leaked:\n{err}");
+    assert!(
+        err.contains("mobile: authentication failed for tandem_pw@127.0.0.1"),
+        "{err}"
+    );
+    assert!(
+        !err.contains(secret) && !out.contains(secret),
+        "password leaked:\n{err}"
+    );
     assert_nothing_left("authfail").await;
 }
 
@@ -79,9 +101,19 @@ async fn server_settings_and_role_problems_are_all_reported_at_once() {
     let (_d, m) = Fixture::databases("settings", T).await;
     let rc = replica_cluster();
     let admin = connect(&rc.url("postgres")).await;
-    admin.batch_execute("DROP DATABASE IF EXISTS settings").await.unwrap();
-    admin.batch_execute("CREATE DATABASE settings").await.unwrap();
-    connect(&rc.url("settings")).await.batch_execute(T).await.unwrap();
+    admin
+        .batch_execute("DROP DATABASE IF EXISTS settings")
+        .await
+        .unwrap();
+    admin
+        .batch_execute("CREATE DATABASE settings")
+        .await
+        .unwrap();
+    connect(&rc.url("settings"))
+        .await
+        .batch_execute(T)
+        .await
+        .unwrap();
     m.batch_execute(
         "DO $$ BEGIN CREATE ROLE tandem_norepl LOGIN PASSWORD 'pw'; \
          EXCEPTION WHEN duplicate_object THEN NULL; END $$; GRANT SELECT ON jobs TO tandem_norepl",
@@ -93,7 +125,13 @@ async fn server_settings_and_role_problems_are_all_reported_at_once() {
         &["--config", &write_config("settings", &text), "setup"],
         &[
             ("TANDEM_DESKTOP_URL", &rc.url("settings")),
-            ("TANDEM_MOBILE_URL", &format!("postgresql://tandem_norepl:pw@127.0.0.1:{}/settings", clusters().mobile.port)),
+            (
+                "TANDEM_MOBILE_URL",
+                &format!(
+                    "postgresql://tandem_norepl:pw@127.0.0.1:{}/settings",
+                    clusters().mobile.port
+                ),
+            ),
         ],
     );
     assert_eq!(code, 1, "{err}");
@@ -151,7 +189,10 @@ async fn unknown_config_key_names_the_nearest_valid_one() {
     let text = Fixture::config_text("cfgkey", r#"tabels = ["public.jobs"]"#);
     let (code, _, err) = run_tandem(&["--config", &write_config("cfgkey", &text), "setup"], &[]);
     assert_eq!(code, 1);
-    assert!(err.contains("unknown key `replication.tabels`; did you mean `tables`?"), "{err}");
+    assert!(
+        err.contains("unknown key `replication.tabels`; did you mean `tables`?"),
+        "{err}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -168,10 +209,19 @@ async fn a_failure_while_creating_rolls_back_what_this_setup_created() {
         .await
         .unwrap();
     let text = Fixture::config_text("rollback", r#"tables = ["public.jobs"]"#);
-    let (code, _, err) = run_tandem(&["--config", &write_config("rollback", &text), "setup"], &[]);
+    let (code, _, err) = run_tandem(
+        &["--config", &write_config("rollback", &text), "setup"],
+        &[],
+    );
     assert_eq!(code, 1, "{err}");
-    assert!(err.contains("mobile: a replication slot named rollback_m already exists for postgres"), "{err}");
-    admin.batch_execute("SELECT pg_drop_replication_slot('rollback_m')").await.unwrap();
+    assert!(
+        err.contains("mobile: a replication slot named rollback_m already exists for postgres"),
+        "{err}"
+    );
+    admin
+        .batch_execute("SELECT pg_drop_replication_slot('rollback_m')")
+        .await
+        .unwrap();
     assert_nothing_left("rollback").await;
     drop(m);
 }
@@ -179,34 +229,83 @@ async fn a_failure_while_creating_rolls_back_what_this_setup_created() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn setup_twice_is_harmless_and_teardown_leaves_nothing_keeping_wal() {
     let fx = Fixture::new("twice", T, r#"tables = ["public.jobs"]"#).await;
-    let cp = "SELECT string_agg(direction || lsn::text, ',' ORDER BY direction) FROM tandem.checkpoints";
+    let cp =
+        "SELECT string_agg(direction || lsn::text, ',' ORDER BY direction) FROM tandem.checkpoints";
     let before: String = fx.d.query_one(cp, &[]).await.unwrap().get(0);
-    let (code, out, err) = run_tandem(&["--config", fx.config_path.to_str().unwrap(), "setup"], &[]);
+    let (code, out, err) = run_tandem(
+        &["--config", fx.config_path.to_str().unwrap(), "setup"],
+        &[],
+    );
     assert_eq!(code, 0, "{err}");
-    assert!(out.contains("setup complete") && !out.contains("created replication slot"), "{out}");
+    assert!(
+        out.contains("setup complete") && !out.contains("created replication slot"),
+        "{out}"
+    );
     let after: String = fx.d.query_one(cp, &[]).await.unwrap().get(0);
     assert_eq!(before, after, "a second setup must not move the checkpoint");
-    assert_eq!(leftovers(&fx.d, "twice").await, vec!["slot twice_d", "publication twice_d"]);
+    assert_eq!(
+        leftovers(&fx.d, "twice").await,
+        vec!["slot twice_d", "publication twice_d"]
+    );
 
-    let (code, out, err) = run_tandem(&["--config", fx.config_path.to_str().unwrap(), "teardown"], &[]);
+    let (code, out, err) = run_tandem(
+        &["--config", fx.config_path.to_str().unwrap(), "teardown"],
+        &[],
+    );
     assert_eq!(code, 0, "{err}");
-    assert!(out.contains("desktop: dropped replication slot twice_d"), "{out}");
+    assert!(
+        out.contains("desktop: dropped replication slot twice_d"),
+        "{out}"
+    );
     assert_nothing_left("twice").await;
-    assert_eq!(Fixture::count(&fx.m, "SELECT count(*) FROM pg_namespace WHERE nspname = 'tandem'").await, 1);
-    let (code, _, err) = run_tandem(&["--config", fx.config_path.to_str().unwrap(), "teardown", "--purge"], &[]);
+    assert_eq!(
+        Fixture::count(
+            &fx.m,
+            "SELECT count(*) FROM pg_namespace WHERE nspname = 'tandem'"
+        )
+        .await,
+        1
+    );
+    let (code, _, err) = run_tandem(
+        &[
+            "--config",
+            fx.config_path.to_str().unwrap(),
+            "teardown",
+            "--purge",
+        ],
+        &[],
+    );
     assert_eq!(code, 0, "{err}");
-    assert_eq!(Fixture::count(&fx.m, "SELECT count(*) FROM pg_namespace WHERE nspname = 'tandem'").await, 0);
+    assert_eq!(
+        Fixture::count(
+            &fx.m,
+            "SELECT count(*) FROM pg_namespace WHERE nspname = 'tandem'"
+        )
+        .await,
+        0
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn run_refuses_to_start_when_the_slot_was_advanced_past_the_checkpoint() {
     let fx = Fixture::new("gap", T, r#"tables = ["public.jobs"]"#).await;
     // Someone else consumes desktop's slot: changes tandem never saw are confirmed away.
-    fx.d.batch_execute("INSERT INTO jobs VALUES (1, 'lost')").await.unwrap();
-    fx.d.batch_execute("SELECT pg_replication_slot_advance('gap_d', pg_current_wal_lsn())").await.unwrap();
+    fx.d.batch_execute("INSERT INTO jobs VALUES (1, 'lost')")
+        .await
+        .unwrap();
+    fx.d.batch_execute("SELECT pg_replication_slot_advance('gap_d', pg_current_wal_lsn())")
+        .await
+        .unwrap();
     let (code, _, err) = run_tandem(&["--config", fx.config_path.to_str().unwrap(), "run"], &[]);
     assert_eq!(code, 1, "{err}");
-    assert!(err.contains("desktop: slot gap_d has confirmed up to"), "{err}");
+    assert!(
+        err.contains("desktop: slot gap_d has confirmed up to"),
+        "{err}"
+    );
     assert!(err.contains("past tandem's checkpoint"), "{err}");
-    assert_eq!(Fixture::count(&fx.m, "SELECT count(*) FROM jobs").await, 0, "nothing applied");
+    assert_eq!(
+        Fixture::count(&fx.m, "SELECT count(*) FROM jobs").await,
+        0,
+        "nothing applied"
+    );
 }

@@ -71,7 +71,10 @@ pub async fn advance(c: &impl GenericClient, source: Side, lsn: Lsn) -> Result<(
 }
 
 pub async fn delete(c: &impl GenericClient, source: Side) -> Result<()> {
-    c.execute("DELETE FROM tandem.checkpoints WHERE direction = $1", &[&source.direction_from()])
-        .await?;
+    c.execute(
+        "DELETE FROM tandem.checkpoints WHERE direction = $1",
+        &[&source.direction_from()],
+    )
+    .await?;
     Ok(())
 }

@@ -52,12 +52,19 @@ impl Applier {
     /// Connect to the side opposite `source`, as an apply session.
     pub async fn connect(cfg: Arc<Config>, source: Side) -> Result<Applier> {
         let target = source.other();
-        let client = db::connect(cfg.site(target), &format!("tandem apply {}", source.direction_from()))
-            .await?;
+        let client = db::connect(
+            cfg.site(target),
+            &format!("tandem apply {}", source.direction_from()),
+        )
+        .await?;
         // As PostgreSQL's own apply worker does: user triggers (and FK triggers) do not fire for
         // replicated rows, so a trigger that stamps or rewrites rows cannot make the sides diverge.
         // Needs superuser; without it the target's triggers fire as for any client.
-        if client.batch_execute("SET session_replication_role = replica").await.is_err() {
+        if client
+            .batch_execute("SET session_replication_role = replica")
+            .await
+            .is_err()
+        {
             tracing::info!(%target, "apply role may not set session_replication_role; target triggers will fire");
         }
         let origin = format!("{ORIGIN_PREFIX}from_{}", source.tag());
@@ -189,7 +196,11 @@ impl Applier {
                 self.ensure_txn(ev.commit_lsn).await?;
                 self.planner.delete(&b, old)?;
             }
-            Change::Truncate { tables, cascade, restart_identity } => {
+            Change::Truncate {
+                tables,
+                cascade,
+                restart_identity,
+            } => {
                 let names: Vec<String> = tables
                     .iter()
                     .filter(|t| self.flows(&t.name))
@@ -203,10 +214,17 @@ impl Applier {
                 let sql = format!(
                     "TRUNCATE {}{}{}",
                     names.join(", "),
-                    if *restart_identity { " RESTART IDENTITY" } else { "" },
+                    if *restart_identity {
+                        " RESTART IDENTITY"
+                    } else {
+                        ""
+                    },
                     if *cascade { " CASCADE" } else { "" }
                 );
-                self.client.batch_execute(&sql).await.with_context(|| format!("{sql} on {}", self.source.other()))?;
+                self.client
+                    .batch_execute(&sql)
+                    .await
+                    .with_context(|| format!("{sql} on {}", self.source.other()))?;
             }
         }
         self.stats.changes += 1;
@@ -241,7 +259,8 @@ impl Applier {
             }
         };
         let Some(stmt) = stmt else { return Ok(()) };
-        let mut columns: Vec<Vec<Option<&str>>> = vec![Vec::with_capacity(batch.rows.len()); batch.cols.len()];
+        let mut columns: Vec<Vec<Option<&str>>> =
+            vec![Vec::with_capacity(batch.rows.len()); batch.cols.len()];
         for row in &batch.rows {
             for (i, v) in row.iter().enumerate() {
                 columns[i].push(match v {
@@ -256,12 +275,17 @@ impl Applier {
                 });
             }
         }
-        let params: Vec<&(dyn ToSql + Sync)> = columns.iter().map(|c| c as &(dyn ToSql + Sync)).collect();
-        let n = self
-            .client
-            .execute(&stmt, &params)
-            .await
-            .with_context(|| format!("applying {} {:?} rows to {}.{}", batch.rows.len(), batch.op, self.source.other(), target.name))?;
+        let params: Vec<&(dyn ToSql + Sync)> =
+            columns.iter().map(|c| c as &(dyn ToSql + Sync)).collect();
+        let n = self.client.execute(&stmt, &params).await.with_context(|| {
+            format!(
+                "applying {} {:?} rows to {}.{}",
+                batch.rows.len(),
+                batch.op,
+                self.source.other(),
+                target.name
+            )
+        })?;
         if batch.op == Op::Update && (n as usize) < batch.rows.len() {
             let missing = batch.rows.len() as u64 - n;
             self.stats.missing_rows += missing;
@@ -278,7 +302,10 @@ impl Applier {
         }
         self.run_ready(true).await?;
         checkpoint::advance(&self.client, self.source, lsn).await?;
-        self.client.batch_execute("COMMIT").await.context("committing the apply transaction")?;
+        self.client
+            .batch_execute("COMMIT")
+            .await
+            .context("committing the apply transaction")?;
         self.in_txn = false;
         self.stats.commits += 1;
         Ok(())

@@ -78,10 +78,13 @@ impl Binding {
             .key
             .iter()
             .map(|&k| {
-                to_target.iter().position(|t| *t == Some(k)).ok_or_else(|| BindError::MissingKey {
-                    table: target.name.clone(),
-                    column: target.columns[k].name.clone(),
-                })
+                to_target
+                    .iter()
+                    .position(|t| *t == Some(k))
+                    .ok_or_else(|| BindError::MissingKey {
+                        table: target.name.clone(),
+                        column: target.columns[k].name.clone(),
+                    })
             })
             .collect::<Result<_, _>>()?;
         Ok(Binding {
@@ -177,17 +180,33 @@ impl Planner {
         self.row(b, Op::Upsert, new, "insert")
     }
 
-    pub fn update(&mut self, b: &Arc<Binding>, old: Option<&OldTuple>, new: &Tuple) -> Result<(), PlanError> {
+    pub fn update(
+        &mut self,
+        b: &Arc<Binding>,
+        old: Option<&OldTuple>,
+        new: &Tuple,
+    ) -> Result<(), PlanError> {
         if let Some(old) = old {
             let old_key = key_of(b, &old.tuple, "update")?;
             let new_key = key_of(b, new, "update")?;
             if old_key != new_key {
                 // Key change: the old row goes first, so the new key lands as a fresh row.
-                self.push(b, Op::Delete, b.target.key.clone(), old_key.clone(), old_key)?;
+                self.push(
+                    b,
+                    Op::Delete,
+                    b.target.key.clone(),
+                    old_key.clone(),
+                    old_key,
+                )?;
             }
         }
-        let partial = new.iter().any(|v| *v == Value::UnchangedToast);
-        self.row(b, if partial { Op::Update } else { Op::Upsert }, new, "update")
+        let partial = new.contains(&Value::UnchangedToast);
+        self.row(
+            b,
+            if partial { Op::Update } else { Op::Upsert },
+            new,
+            "update",
+        )
     }
 
     pub fn delete(&mut self, b: &Arc<Binding>, old: &OldTuple) -> Result<(), PlanError> {
@@ -195,7 +214,13 @@ impl Planner {
         self.push(b, Op::Delete, b.target.key.clone(), key.clone(), key)
     }
 
-    fn row(&mut self, b: &Arc<Binding>, op: Op, tuple: &Tuple, what: &'static str) -> Result<(), PlanError> {
+    fn row(
+        &mut self,
+        b: &Arc<Binding>,
+        op: Op,
+        tuple: &Tuple,
+        what: &'static str,
+    ) -> Result<(), PlanError> {
         let key = key_of(b, tuple, what)?;
         let mut cols = Vec::with_capacity(tuple.len());
         let mut vals = Vec::with_capacity(tuple.len());
@@ -218,7 +243,14 @@ impl Planner {
         self.push(b, op, cols, vals, key)
     }
 
-    fn push(&mut self, b: &Arc<Binding>, op: Op, cols: Vec<usize>, vals: Key, key: Key) -> Result<(), PlanError> {
+    fn push(
+        &mut self,
+        b: &Arc<Binding>,
+        op: Op,
+        cols: Vec<usize>,
+        vals: Key,
+        key: Key,
+    ) -> Result<(), PlanError> {
         let same_shape = self
             .current
             .as_ref()
@@ -226,7 +258,10 @@ impl Planner {
         if !same_shape || self.keys.contains(&key) {
             self.flush();
         }
-        let size: usize = vals.iter().map(|v| v.as_ref().map_or(1, |x| x.len() + 1)).sum();
+        let size: usize = vals
+            .iter()
+            .map(|v| v.as_ref().map_or(1, |x| x.len() + 1))
+            .sum();
         let batch = self.current.get_or_insert_with(|| Batch {
             binding: b.clone(),
             op,
@@ -269,7 +304,12 @@ mod tests {
             name: TableName::new("public", "t"),
             columns: ["id", "a", "g"]
                 .iter()
-                .map(|n| RelColumn { key: *n == "id", name: n.to_string(), type_oid: 25, type_modifier: -1 })
+                .map(|n| RelColumn {
+                    key: *n == "id",
+                    name: n.to_string(),
+                    type_oid: 25,
+                    type_modifier: -1,
+                })
                 .collect(),
         };
         let col = |n: &str, generated| TargetColumn {
@@ -305,10 +345,23 @@ mod tests {
 
     #[test]
     fn binding_names_a_missing_column() {
-        let mut src = SourceTable { oid: 1, name: TableName::new("public", "t"), columns: vec![] };
-        src.columns.push(RelColumn { key: true, name: "zz".into(), type_oid: 25, type_modifier: -1 });
+        let mut src = SourceTable {
+            oid: 1,
+            name: TableName::new("public", "t"),
+            columns: vec![],
+        };
+        src.columns.push(RelColumn {
+            key: true,
+            name: "zz".into(),
+            type_oid: 25,
+            type_modifier: -1,
+        });
         let e = Binding::new(&src, binding().target.clone()).unwrap_err();
-        assert!(e.to_string().starts_with("column `zz` of public.t exists on the source side"), "{e}");
+        assert!(
+            e.to_string()
+                .starts_with("column `zz` of public.t exists on the source side"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -331,31 +384,49 @@ mod tests {
     fn unchanged_toast_is_never_written() {
         let bd = binding();
         let mut p = Planner::new(100, 1 << 20);
-        p.update(&bd, None, &row("1", Value::UnchangedToast)).unwrap();
+        p.update(&bd, None, &row("1", Value::UnchangedToast))
+            .unwrap();
         p.flush();
         let r = p.take_ready();
-        assert_eq!((r[0].op, r[0].cols.clone(), r[0].rows.clone()), (Op::Update, vec![2], vec![vec![b("1")]]));
+        assert_eq!(
+            (r[0].op, r[0].cols.clone(), r[0].rows.clone()),
+            (Op::Update, vec![2], vec![vec![b("1")]])
+        );
     }
 
     #[test]
     fn key_change_deletes_the_old_key_first() {
         let bd = binding();
         let mut p = Planner::new(100, 1 << 20);
-        let old = OldTuple { full: false, tuple: vec![t("1"), Value::Null, Value::Null] };
+        let old = OldTuple {
+            full: false,
+            tuple: vec![t("1"), Value::Null, Value::Null],
+        };
         p.update(&bd, Some(&old), &row("2", t("x"))).unwrap();
         p.flush();
         let r = p.take_ready();
         assert_eq!(r.len(), 2);
-        assert_eq!((r[0].op, r[0].rows.clone()), (Op::Delete, vec![vec![b("1")]]));
-        assert_eq!((r[1].op, r[1].rows.clone()), (Op::Upsert, vec![vec![b("2"), b("x")]]));
+        assert_eq!(
+            (r[0].op, r[0].rows.clone()),
+            (Op::Delete, vec![vec![b("1")]])
+        );
+        assert_eq!(
+            (r[1].op, r[1].rows.clone()),
+            (Op::Upsert, vec![vec![b("2"), b("x")]])
+        );
     }
 
     #[test]
     fn null_key_is_an_error_naming_the_column() {
         let bd = binding();
         let mut p = Planner::new(100, 1 << 20);
-        let e = p.insert(&bd, &vec![Value::Null, t("x"), t("g")]).unwrap_err();
-        assert_eq!(e.to_string(), "public.t: key column `id` is NULL or missing in a insert from the source");
+        let e = p
+            .insert(&bd, &vec![Value::Null, t("x"), t("g")])
+            .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "public.t: key column `id` is NULL or missing in a insert from the source"
+        );
     }
 
     #[test]
@@ -365,12 +436,24 @@ mod tests {
         for i in 0..7 {
             p.insert(&bd, &row(&i.to_string(), t("x"))).unwrap();
         }
-        assert_eq!(p.take_ready().iter().map(|b| b.rows.len()).collect::<Vec<_>>(), vec![3, 3]);
+        assert_eq!(
+            p.take_ready()
+                .iter()
+                .map(|b| b.rows.len())
+                .collect::<Vec<_>>(),
+            vec![3, 3]
+        );
         let mut p = Planner::new(1000, 100);
         let big = "y".repeat(60);
         for i in 0..4 {
             p.insert(&bd, &row(&i.to_string(), t(&big))).unwrap();
         }
-        assert_eq!(p.take_ready().iter().map(|b| b.rows.len()).collect::<Vec<_>>(), vec![2, 2]);
+        assert_eq!(
+            p.take_ready()
+                .iter()
+                .map(|b| b.rows.len())
+                .collect::<Vec<_>>(),
+            vec![2, 2]
+        );
     }
 }

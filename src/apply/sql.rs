@@ -18,7 +18,10 @@ pub fn statement(t: &TargetTable, op: Op, cols: &[usize]) -> Option<String> {
         t.key
             .iter()
             .map(|k| {
-                let pos = cols.iter().position(|c| c == k).expect("key columns are always in the batch");
+                let pos = cols
+                    .iter()
+                    .position(|c| c == k)
+                    .expect("key columns are always in the batch");
                 format!("t.{} = {}", col(*k), cast(pos))
             })
             .collect::<Vec<_>>()
@@ -62,9 +65,16 @@ pub fn statement(t: &TargetTable, op: Op, cols: &[usize]) -> Option<String> {
             if sets.is_empty() {
                 return None;
             }
-            format!("UPDATE {table} AS t SET {} FROM {from} WHERE {}", sets.join(", "), key_match())
+            format!(
+                "UPDATE {table} AS t SET {} FROM {from} WHERE {}",
+                sets.join(", "),
+                key_match()
+            )
         }
-        Op::Delete => format!("DELETE FROM {table} AS t USING {from} WHERE {}", key_match()),
+        Op::Delete => format!(
+            "DELETE FROM {table} AS t USING {from} WHERE {}",
+            key_match()
+        ),
     })
 }
 
@@ -83,7 +93,11 @@ mod tests {
         };
         TargetTable {
             name: TableName::new("public", "Jobs"),
-            columns: vec![c("id", "bigint", true), c("note", "text", false), c("n", "numeric(10,2)", false)],
+            columns: vec![
+                c("id", "bigint", true),
+                c("note", "text", false),
+                c("n", "numeric(10,2)", false),
+            ],
             key: vec![0],
         }
     }

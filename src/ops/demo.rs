@@ -59,7 +59,10 @@ async fn summary(c: &Client, table: &str) -> Result<String> {
 pub async fn run(duration: Option<Duration>, mut stop: watch::Receiver<bool>) -> Result<()> {
     println!("tandem demo: starting two throwaway PostgreSQL clusters (desktop and mobile)…");
     let (dc, mc) = tokio::task::spawn_blocking(|| -> Result<_> {
-        Ok((LocalCluster::start("demo-desktop")?, LocalCluster::start("demo-mobile")?))
+        Ok((
+            LocalCluster::start("demo-desktop")?,
+            LocalCluster::start("demo-mobile")?,
+        ))
     })
     .await??;
     println!("  desktop  {}", dc.url("postgres"));
@@ -89,7 +92,13 @@ pub async fn run(duration: Option<Duration>, mut stop: watch::Receiver<bool>) ->
 
     let until = duration.map(|d| Instant::now() + d);
     let mut n: i64 = 0;
-    let titles = ["Replace boiler", "Inspect roof", "Fix gate", "Service HVAC", "Paint hallway"];
+    let titles = [
+        "Replace boiler",
+        "Inspect roof",
+        "Fix gate",
+        "Service HVAC",
+        "Paint hallway",
+    ];
     loop {
         if until.is_some_and(|u| Instant::now() >= u) || *stop.borrow() {
             break;
@@ -99,30 +108,90 @@ pub async fn run(duration: Option<Duration>, mut stop: watch::Receiver<bool>) ->
         let title = titles[(n as usize) % titles.len()];
         // Office creates a job…
         let t = Instant::now();
-        d.execute("INSERT INTO jobs (id, title) VALUES ($1, $2)", &[&job, &title]).await?;
-        let took = arrival(&m, &format!("SELECT title FROM jobs WHERE id = {job}"), title, t).await?;
-        println!("D → M  insert jobs    #{job} {title:?}  arrived in {} ms", took.as_millis());
+        d.execute(
+            "INSERT INTO jobs (id, title) VALUES ($1, $2)",
+            &[&job, &title],
+        )
+        .await?;
+        let took = arrival(
+            &m,
+            &format!("SELECT title FROM jobs WHERE id = {job}"),
+            title,
+            t,
+        )
+        .await?;
+        println!(
+            "D → M  insert jobs    #{job} {title:?}  arrived in {} ms",
+            took.as_millis()
+        );
         // …the field adds a task to it…
         let task = 2000 + n;
         let note = format!("on site for job {job}");
         let t = Instant::now();
-        m.execute("INSERT INTO tasks (id, job_id, note) VALUES ($1, $2, $3)", &[&task, &job, &note]).await?;
-        let took = arrival(&d, &format!("SELECT note FROM tasks WHERE id = {task}"), &note, t).await?;
-        println!("M → D  insert tasks   #{task} for job #{job}  arrived in {} ms", took.as_millis());
+        m.execute(
+            "INSERT INTO tasks (id, job_id, note) VALUES ($1, $2, $3)",
+            &[&task, &job, &note],
+        )
+        .await?;
+        let took = arrival(
+            &d,
+            &format!("SELECT note FROM tasks WHERE id = {task}"),
+            &note,
+            t,
+        )
+        .await?;
+        println!(
+            "M → D  insert tasks   #{task} for job #{job}  arrived in {} ms",
+            took.as_millis()
+        );
         // …completes it, and the office closes the job.
         let t = Instant::now();
-        m.execute("UPDATE tasks SET done = true WHERE id = $1", &[&task]).await?;
-        let took = arrival(&d, &format!("SELECT done::text FROM tasks WHERE id = {task}"), "true", t).await?;
-        println!("M → D  update tasks   #{task} done=true  arrived in {} ms", took.as_millis());
+        m.execute("UPDATE tasks SET done = true WHERE id = $1", &[&task])
+            .await?;
+        let took = arrival(
+            &d,
+            &format!("SELECT done::text FROM tasks WHERE id = {task}"),
+            "true",
+            t,
+        )
+        .await?;
+        println!(
+            "M → D  update tasks   #{task} done=true  arrived in {} ms",
+            took.as_millis()
+        );
         let t = Instant::now();
-        d.execute("UPDATE jobs SET status = 'closed', updated_at = now() WHERE id = $1", &[&job]).await?;
-        let took = arrival(&m, &format!("SELECT status FROM jobs WHERE id = {job}"), "closed", t).await?;
-        println!("D → M  update jobs    #{job} status=closed  arrived in {} ms", took.as_millis());
+        d.execute(
+            "UPDATE jobs SET status = 'closed', updated_at = now() WHERE id = $1",
+            &[&job],
+        )
+        .await?;
+        let took = arrival(
+            &m,
+            &format!("SELECT status FROM jobs WHERE id = {job}"),
+            "closed",
+            t,
+        )
+        .await?;
+        println!(
+            "D → M  update jobs    #{job} status=closed  arrived in {} ms",
+            took.as_millis()
+        );
         if n % 3 == 0 {
             let t = Instant::now();
-            m.execute("DELETE FROM jobs WHERE id = $1", &[&(job - 2)]).await?;
-            let took = arrival(&d, &format!("SELECT count(*)::text FROM jobs WHERE id = {}", job - 2), "0", t).await?;
-            println!("M → D  delete jobs    #{} (and its tasks)  arrived in {} ms", job - 2, took.as_millis());
+            m.execute("DELETE FROM jobs WHERE id = $1", &[&(job - 2)])
+                .await?;
+            let took = arrival(
+                &d,
+                &format!("SELECT count(*)::text FROM jobs WHERE id = {}", job - 2),
+                "0",
+                t,
+            )
+            .await?;
+            println!(
+                "M → D  delete jobs    #{} (and its tasks)  arrived in {} ms",
+                job - 2,
+                took.as_millis()
+            );
         }
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_millis(700)) => {}
@@ -135,12 +204,21 @@ pub async fn run(duration: Option<Duration>, mut stop: watch::Receiver<bool>) ->
     println!("\nstopped. Final state:");
     for t in ["jobs", "tasks"] {
         let (a, b) = (summary(&d, t).await?, summary(&m, t).await?);
-        println!("  {t:6} desktop: {a}   mobile: {b}   {}", if a == b { "equal" } else { "DIFFERENT" });
+        println!(
+            "  {t:6} desktop: {a}   mobile: {b}   {}",
+            if a == b { "equal" } else { "DIFFERENT" }
+        );
     }
     println!(
         "  changes applied: D → M {}, M → D {}",
-        status.from_desktop.changes.load(std::sync::atomic::Ordering::Relaxed),
-        status.from_mobile.changes.load(std::sync::atomic::Ordering::Relaxed)
+        status
+            .from_desktop
+            .changes
+            .load(std::sync::atomic::Ordering::Relaxed),
+        status
+            .from_mobile
+            .changes
+            .load(std::sync::atomic::Ordering::Relaxed)
     );
     drop((d, m));
     drop((dc, mc));

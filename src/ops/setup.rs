@@ -23,7 +23,11 @@ pub struct Problems(pub Vec<String>);
 
 impl fmt::Display for Problems {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        writeln!(f, "setup found {} problem(s); nothing was created:", self.0.len())?;
+        writeln!(
+            f,
+            "setup found {} problem(s); nothing was created:",
+            self.0.len()
+        )?;
         for p in &self.0 {
             writeln!(f, "  - {p}")?;
         }
@@ -34,7 +38,8 @@ impl fmt::Display for Problems {
 impl std::error::Error for Problems {}
 
 /// The migrations of the `tandem` schema, in order.
-pub const MIGRATIONS: &[(i32, &str)] = &[(1, include_str!("../../migrations/0001_control_schema.sql"))];
+pub const MIGRATIONS: &[(i32, &str)] =
+    &[(1, include_str!("../../migrations/0001_control_schema.sql"))];
 
 /// Tables as both sides have them, after validation.
 pub struct Plan {
@@ -99,13 +104,19 @@ async fn check_server(c: &Client, site: &Site, problems: &mut Vec<String>) -> Re
     }
     let encoding: String = r.get(9);
     if encoding != "UTF8" {
-        problems.push(format!("{side}: database encoding is {encoding}; tandem needs UTF8 databases"));
+        problems.push(format!(
+            "{side}: database encoding is {encoding}; tandem needs UTF8 databases"
+        ));
     }
     Ok(())
 }
 
 fn describe_columns(t: &TargetTable) -> String {
-    t.key.iter().map(|&k| t.columns[k].name.as_str()).collect::<Vec<_>>().join(", ")
+    t.key
+        .iter()
+        .map(|&k| t.columns[k].name.as_str())
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 async fn replica_identity(c: &Client, t: &TableName) -> Result<Option<String>> {
@@ -120,7 +131,12 @@ async fn replica_identity(c: &Client, t: &TableName) -> Result<Option<String>> {
 }
 
 /// Compare the configured tables on both sides.
-async fn check_tables(cfg: &Config, d: &Client, m: &Client, problems: &mut Vec<String>) -> Result<Vec<TableName>> {
+async fn check_tables(
+    cfg: &Config,
+    d: &Client,
+    m: &Client,
+    problems: &mut Vec<String>,
+) -> Result<Vec<TableName>> {
     let mut tables = catalog::expand(d, &cfg.tables).await?;
     for t in catalog::expand(m, &cfg.tables).await? {
         if !tables.contains(&t) {
@@ -128,7 +144,9 @@ async fn check_tables(cfg: &Config, d: &Client, m: &Client, problems: &mut Vec<S
         }
     }
     if tables.is_empty() {
-        problems.push("the table patterns in [replication] tables match no table on either side".into());
+        problems.push(
+            "the table patterns in [replication] tables match no table on either side".into(),
+        );
     }
     for t in &tables {
         let dt = catalog::table(d, t).await?;
@@ -143,7 +161,9 @@ async fn check_tables(cfg: &Config, d: &Client, m: &Client, problems: &mut Vec<S
                 problems.push(format!("{side}: table {t} does not exist; {hint}"));
             }
         }
-        let (Some(dt), Some(mt)) = (dt, mt) else { continue };
+        let (Some(dt), Some(mt)) = (dt, mt) else {
+            continue;
+        };
         for (side, tt, c) in [(Side::Desktop, &dt, d), (Side::Mobile, &mt, m)] {
             if tt.key.is_empty() {
                 problems.push(format!(
@@ -159,14 +179,22 @@ async fn check_tables(cfg: &Config, d: &Client, m: &Client, problems: &mut Vec<S
                 ));
             }
         }
-        if !dt.key.is_empty() && !mt.key.is_empty() && describe_columns(&dt) != describe_columns(&mt) {
+        if !dt.key.is_empty()
+            && !mt.key.is_empty()
+            && describe_columns(&dt) != describe_columns(&mt)
+        {
             problems.push(format!(
                 "table {t}: primary key differs: desktop ({}) vs mobile ({}); make them the same",
                 describe_columns(&dt),
                 describe_columns(&mt)
             ));
         }
-        let names: BTreeSet<&str> = dt.columns.iter().chain(&mt.columns).map(|c| c.name.as_str()).collect();
+        let names: BTreeSet<&str> = dt
+            .columns
+            .iter()
+            .chain(&mt.columns)
+            .map(|c| c.name.as_str())
+            .collect();
         for n in names {
             let a = dt.columns.iter().find(|c| c.name == n);
             let b = mt.columns.iter().find(|c| c.name == n);
@@ -222,12 +250,21 @@ pub async fn migrate(c: &mut Client) -> Result<Vec<i32>> {
     let mut applied = Vec::new();
     for (v, sql) in MIGRATIONS {
         let done = tx
-            .query_opt("SELECT 1 FROM tandem.schema_migrations WHERE version = $1", &[v])
+            .query_opt(
+                "SELECT 1 FROM tandem.schema_migrations WHERE version = $1",
+                &[v],
+            )
             .await?
             .is_some();
         if !done {
-            tx.batch_execute(sql).await.with_context(|| format!("migration {v}"))?;
-            tx.execute("INSERT INTO tandem.schema_migrations (version) VALUES ($1)", &[v]).await?;
+            tx.batch_execute(sql)
+                .await
+                .with_context(|| format!("migration {v}"))?;
+            tx.execute(
+                "INSERT INTO tandem.schema_migrations (version) VALUES ($1)",
+                &[v],
+            )
+            .await?;
             applied.push(*v);
         }
     }
@@ -237,10 +274,17 @@ pub async fn migrate(c: &mut Client) -> Result<Vec<i32>> {
 
 async fn sync_publication(c: &Client, site: &Site, tables: &[TableName]) -> Result<bool> {
     let exists = c
-        .query_opt("SELECT 1 FROM pg_publication WHERE pubname = $1", &[&site.publication])
+        .query_opt(
+            "SELECT 1 FROM pg_publication WHERE pubname = $1",
+            &[&site.publication],
+        )
         .await?
         .is_some();
-    let list = tables.iter().map(|t| t.quoted()).collect::<Vec<_>>().join(", ");
+    let list = tables
+        .iter()
+        .map(|t| t.quoted())
+        .collect::<Vec<_>>()
+        .join(", ");
     let name = quote_ident(&site.publication);
     if !exists {
         let sql = if tables.is_empty() {
@@ -248,7 +292,9 @@ async fn sync_publication(c: &Client, site: &Site, tables: &[TableName]) -> Resu
         } else {
             format!("CREATE PUBLICATION {name} FOR TABLE {list}")
         };
-        c.batch_execute(&sql).await.with_context(|| format!("{}: {sql}", site.side))?;
+        c.batch_execute(&sql)
+            .await
+            .with_context(|| format!("{}: {sql}", site.side))?;
         return Ok(true);
     }
     if tables.is_empty() {
@@ -257,7 +303,11 @@ async fn sync_publication(c: &Client, site: &Site, tables: &[TableName]) -> Resu
             .await?;
         if !current.is_empty() {
             let names: Vec<String> = current.iter().map(|r| r.get(0)).collect();
-            c.batch_execute(&format!("ALTER PUBLICATION {name} DROP TABLE {}", names.join(", "))).await?;
+            c.batch_execute(&format!(
+                "ALTER PUBLICATION {name} DROP TABLE {}",
+                names.join(", ")
+            ))
+            .await?;
         }
     } else {
         c.batch_execute(&format!("ALTER PUBLICATION {name} SET TABLE {list}"))
@@ -276,8 +326,12 @@ async fn ensure_slot(c: &Client, site: &Site) -> Result<(Lsn, bool)> {
         )
         .await?;
     if let Some(r) = row {
-        let (plugin, db, lsn): (Option<String>, Option<String>, Option<String>) = (r.get(0), r.get(1), r.get(2));
-        let here: String = c.query_one("SELECT current_database()::text", &[]).await?.get(0);
+        let (plugin, db, lsn): (Option<String>, Option<String>, Option<String>) =
+            (r.get(0), r.get(1), r.get(2));
+        let here: String = c
+            .query_one("SELECT current_database()::text", &[])
+            .await?
+            .get(0);
         if plugin.as_deref() != Some("pgoutput") || db.as_deref() != Some(here.as_str()) {
             anyhow::bail!(
                 "{}: a replication slot named {} already exists for {} (plugin {}); choose another `slot` in [{}]",
@@ -292,7 +346,10 @@ async fn ensure_slot(c: &Client, site: &Site) -> Result<(Lsn, bool)> {
     }
     // Its own autocommit statement: a slot cannot be created in a transaction that has written.
     let r = c
-        .query_one("SELECT lsn::text FROM pg_create_logical_replication_slot($1, 'pgoutput')", &[&site.slot])
+        .query_one(
+            "SELECT lsn::text FROM pg_create_logical_replication_slot($1, 'pgoutput')",
+            &[&site.slot],
+        )
         .await
         .with_context(|| format!("{}: creating replication slot {}", site.side, site.slot))?;
     Ok((r.get::<_, String>(0).parse()?, true))
@@ -303,10 +360,12 @@ async fn identify(site: &Site) -> Result<(String, u32)> {
     let mut client = ReplicationClient::connect_gated(cfg)
         .await
         .with_context(|| format!("{}: opening a replication connection", site.side))?;
-    let sys = client
-        .identify_system()
-        .await
-        .with_context(|| format!("{}: IDENTIFY_SYSTEM (does the role have REPLICATION?)", site.side))?;
+    let sys = client.identify_system().await.with_context(|| {
+        format!(
+            "{}: IDENTIFY_SYSTEM (does the role have REPLICATION?)",
+            site.side
+        )
+    })?;
     Ok((sys.system_id, sys.timeline))
 }
 
@@ -317,7 +376,9 @@ pub async fn setup(cfg: Arc<Config>) -> Result<Vec<String>> {
     for (c, side) in [(&mut d, Side::Desktop), (&mut m, Side::Mobile)] {
         let applied = migrate(c).await?;
         if !applied.is_empty() {
-            report.push(format!("{side}: created the tandem control schema (migrations {applied:?})"));
+            report.push(format!(
+                "{side}: created the tandem control schema (migrations {applied:?})"
+            ));
         }
     }
     let mut created: Vec<(Side, &'static str, String)> = Vec::new();
@@ -352,18 +413,33 @@ async fn create_replication(
         let site = cfg.site(side);
         let c = if side == Side::Desktop { d } else { m };
         let target = if side == Side::Desktop { m } else { d };
-        let from_here: Vec<TableName> =
-            plan.tables.iter().filter(|t| cfg.direction(t).flows_from(side)).cloned().collect();
+        let from_here: Vec<TableName> = plan
+            .tables
+            .iter()
+            .filter(|t| cfg.direction(t).flows_from(side))
+            .cloned()
+            .collect();
         if sync_publication(c, site, &from_here).await? {
             created.push((side, "publication", site.publication.clone()));
-            report.push(format!("{side}: created publication {} ({} tables)", site.publication, from_here.len()));
+            report.push(format!(
+                "{side}: created publication {} ({} tables)",
+                site.publication,
+                from_here.len()
+            ));
         } else {
-            report.push(format!("{side}: publication {} lists {} tables", site.publication, from_here.len()));
+            report.push(format!(
+                "{side}: publication {} lists {} tables",
+                site.publication,
+                from_here.len()
+            ));
         }
         let (lsn, new_slot) = ensure_slot(c, site).await?;
         if new_slot {
             created.push((side, "slot", site.slot.clone()));
-            report.push(format!("{side}: created replication slot {} at {lsn}", site.slot));
+            report.push(format!(
+                "{side}: created replication slot {} at {lsn}",
+                site.slot
+            ));
         }
         let (system_id, timeline) = identify(site).await?;
         let cp = Checkpoint {
@@ -377,7 +453,11 @@ async fn create_replication(
             checkpoint::delete(target, side).await?;
         }
         if checkpoint::init(target, side, &cp).await? {
-            report.push(format!("{}: checkpoint for {} starts at {lsn}", side.other(), side.direction_from()));
+            report.push(format!(
+                "{}: checkpoint for {} starts at {lsn}",
+                side.other(),
+                side.direction_from()
+            ));
         }
     }
     Ok(())

@@ -20,7 +20,10 @@ pub async fn teardown(cfg: &Config, purge: bool) -> Result<Vec<String>> {
             }
         };
         let slot = c
-            .query_opt("SELECT active_pid FROM pg_replication_slots WHERE slot_name = $1", &[&site.slot])
+            .query_opt(
+                "SELECT active_pid FROM pg_replication_slots WHERE slot_name = $1",
+                &[&site.slot],
+            )
             .await?;
         match slot {
             Some(r) if r.get::<_, Option<i32>>(0).is_some() => problems.push(format!(
@@ -29,17 +32,25 @@ pub async fn teardown(cfg: &Config, purge: bool) -> Result<Vec<String>> {
                 r.get::<_, i32>(0)
             )),
             Some(_) => {
-                c.execute("SELECT pg_drop_replication_slot($1)", &[&site.slot]).await?;
+                c.execute("SELECT pg_drop_replication_slot($1)", &[&site.slot])
+                    .await?;
                 report.push(format!("{side}: dropped replication slot {}", site.slot));
             }
             None => {}
         }
         let dropped = c
-            .query_opt("SELECT 1 FROM pg_publication WHERE pubname = $1", &[&site.publication])
+            .query_opt(
+                "SELECT 1 FROM pg_publication WHERE pubname = $1",
+                &[&site.publication],
+            )
             .await?
             .is_some();
         if dropped {
-            c.batch_execute(&format!("DROP PUBLICATION {}", quote_ident(&site.publication))).await?;
+            c.batch_execute(&format!(
+                "DROP PUBLICATION {}",
+                quote_ident(&site.publication)
+            ))
+            .await?;
             report.push(format!("{side}: dropped publication {}", site.publication));
         }
         // Origins need superuser to drop; without it there is nothing to drop either.
@@ -51,7 +62,8 @@ pub async fn teardown(cfg: &Config, purge: bool) -> Result<Vec<String>> {
             ))
             .await;
         if purge {
-            c.batch_execute("DROP SCHEMA IF EXISTS tandem CASCADE").await?;
+            c.batch_execute("DROP SCHEMA IF EXISTS tandem CASCADE")
+                .await?;
             report.push(format!("{side}: dropped schema tandem"));
         }
     }

@@ -80,7 +80,10 @@ impl Assembler {
         self.relations
             .get(&rel)
             .cloned()
-            .ok_or(AssembleError::UnknownRelation { side: self.side, rel })
+            .ok_or(AssembleError::UnknownRelation {
+                side: self.side,
+                rel,
+            })
     }
 
     fn check_width(&self, t: &SourceTable, n: usize) -> Result<(), AssembleError> {
@@ -101,16 +104,26 @@ impl Assembler {
         let change = match msg {
             Message::Begin(b) => {
                 if let Some(t) = &self.txn {
-                    return Err(AssembleError::NestedBegin { side, xid: t.begin.xid });
+                    return Err(AssembleError::NestedBegin {
+                        side,
+                        xid: t.begin.xid,
+                    });
                 }
-                self.txn = Some(Txn { begin: b, echo: false, ordinal: 0 });
-                return Ok(Some(Item::Begin { commit_lsn: b.final_lsn, xid: b.xid }));
+                self.txn = Some(Txn {
+                    begin: b,
+                    echo: false,
+                    ordinal: 0,
+                });
+                return Ok(Some(Item::Begin {
+                    commit_lsn: b.final_lsn,
+                    xid: b.xid,
+                }));
             }
             Message::Commit(c) => {
-                let t = self
-                    .txn
-                    .take()
-                    .ok_or(AssembleError::OutsideTransaction { side, what: "Commit" })?;
+                let t = self.txn.take().ok_or(AssembleError::OutsideTransaction {
+                    side,
+                    what: "Commit",
+                })?;
                 return Ok(Some(Item::Commit {
                     commit_lsn: c.commit_lsn,
                     end_lsn: c.end_lsn,
@@ -163,7 +176,11 @@ impl Assembler {
                 Change::Delete { table, old }
             }
             Message::Truncate(t) => Change::Truncate {
-                tables: t.rels.iter().map(|r| self.table(*r)).collect::<Result<_, _>>()?,
+                tables: t
+                    .rels
+                    .iter()
+                    .map(|r| self.table(*r))
+                    .collect::<Result<_, _>>()?,
                 cascade: t.cascade,
                 restart_identity: t.restart_identity,
             },
@@ -200,28 +217,51 @@ mod tests {
             namespace: "public".into(),
             name: "jobs".into(),
             replica_identity: b'd',
-            columns: vec![RelColumn { key: true, name: "id".into(), type_oid: 20, type_modifier: -1 }],
+            columns: vec![RelColumn {
+                key: true,
+                name: "id".into(),
+                type_oid: 20,
+                type_modifier: -1,
+            }],
         })
     }
     fn begin(lsn: u64) -> Message {
-        Message::Begin(Begin { final_lsn: Lsn(lsn), commit_ts: 1, xid: 9 })
+        Message::Begin(Begin {
+            final_lsn: Lsn(lsn),
+            commit_ts: 1,
+            xid: 9,
+        })
     }
     fn commit(lsn: u64) -> Message {
-        Message::Commit(Commit { flags: 0, commit_lsn: Lsn(lsn), end_lsn: Lsn(lsn + 8), commit_ts: 1 })
+        Message::Commit(Commit {
+            flags: 0,
+            commit_lsn: Lsn(lsn),
+            end_lsn: Lsn(lsn + 8),
+            commit_ts: 1,
+        })
     }
     fn insert(v: &'static str) -> Message {
-        Message::Insert { rel: 7, new: vec![Value::Text(Bytes::from_static(v.as_bytes()))] }
+        Message::Insert {
+            rel: 7,
+            new: vec![Value::Text(Bytes::from_static(v.as_bytes()))],
+        }
     }
 
     #[test]
     fn changes_are_tagged_with_side_lsn_xid_and_ordinal() {
         let mut a = Assembler::new(Side::Mobile);
         assert_eq!(a.push(rel()).unwrap(), None);
-        assert!(matches!(a.push(begin(100)).unwrap(), Some(Item::Begin { .. })));
+        assert!(matches!(
+            a.push(begin(100)).unwrap(),
+            Some(Item::Begin { .. })
+        ));
         for i in 0..3 {
             match a.push(insert("1")).unwrap() {
                 Some(Item::Change(e)) => {
-                    assert_eq!((e.source, e.commit_lsn, e.xid, e.ordinal), (Side::Mobile, Lsn(100), 9, i));
+                    assert_eq!(
+                        (e.source, e.commit_lsn, e.xid, e.ordinal),
+                        (Side::Mobile, Lsn(100), 9, i)
+                    );
                     assert_eq!(e.change.op(), "insert");
                 }
                 other => panic!("{other:?}"),
@@ -229,7 +269,12 @@ mod tests {
         }
         assert_eq!(
             a.push(commit(100)).unwrap(),
-            Some(Item::Commit { commit_lsn: Lsn(100), end_lsn: Lsn(108), echo: false, changes: 3 })
+            Some(Item::Commit {
+                commit_lsn: Lsn(100),
+                end_lsn: Lsn(108),
+                echo: false,
+                changes: 3
+            })
         );
         assert!(!a.in_transaction());
     }
@@ -243,17 +288,30 @@ mod tests {
                 prefix: MARKER_PREFIX.into(),
                 content: Bytes::from_static(b"D 0/1"),
             }),
-            Message::Origin { commit_lsn: Lsn(1), name: "tandem_from_D".into() },
+            Message::Origin {
+                commit_lsn: Lsn(1),
+                name: "tandem_from_D".into(),
+            },
         ] {
             let mut a = Assembler::new(Side::Mobile);
             a.push(rel()).unwrap();
             a.push(begin(100)).unwrap();
             a.push(marker).unwrap();
             assert_eq!(a.push(insert("1")).unwrap(), None);
-            assert!(matches!(a.push(commit(100)).unwrap(), Some(Item::Commit { echo: true, changes: 0, .. })));
+            assert!(matches!(
+                a.push(commit(100)).unwrap(),
+                Some(Item::Commit {
+                    echo: true,
+                    changes: 0,
+                    ..
+                })
+            ));
             // The next transaction is not echo.
             a.push(begin(200)).unwrap();
-            assert!(matches!(a.push(insert("2")).unwrap(), Some(Item::Change(_))));
+            assert!(matches!(
+                a.push(insert("2")).unwrap(),
+                Some(Item::Change(_))
+            ));
         }
     }
 
@@ -262,7 +320,11 @@ mod tests {
         let mut a = Assembler::new(Side::Desktop);
         a.push(rel()).unwrap();
         a.push(begin(1)).unwrap();
-        a.push(Message::Origin { commit_lsn: Lsn(1), name: "pg_16400".into() }).unwrap();
+        a.push(Message::Origin {
+            commit_lsn: Lsn(1),
+            name: "pg_16400".into(),
+        })
+        .unwrap();
         a.push(Message::Message(LogicalMessage {
             transactional: true,
             lsn: Lsn(1),
@@ -270,7 +332,10 @@ mod tests {
             content: Bytes::new(),
         }))
         .unwrap();
-        assert!(matches!(a.push(insert("1")).unwrap(), Some(Item::Change(_))));
+        assert!(matches!(
+            a.push(insert("1")).unwrap(),
+            Some(Item::Change(_))
+        ));
     }
 
     #[test]
@@ -278,13 +343,32 @@ mod tests {
         let mut a = Assembler::new(Side::Desktop);
         assert_eq!(
             a.push(insert("1")).unwrap_err(),
-            AssembleError::UnknownRelation { side: Side::Desktop, rel: 7 }
+            AssembleError::UnknownRelation {
+                side: Side::Desktop,
+                rel: 7
+            }
         );
         a.push(rel()).unwrap();
-        assert!(matches!(a.push(insert("1")), Err(AssembleError::OutsideTransaction { .. })));
+        assert!(matches!(
+            a.push(insert("1")),
+            Err(AssembleError::OutsideTransaction { .. })
+        ));
         a.push(begin(1)).unwrap();
-        assert!(matches!(a.push(begin(2)), Err(AssembleError::NestedBegin { .. })));
-        let wide = Message::Insert { rel: 7, new: vec![Value::Null, Value::Null] };
-        assert!(matches!(a.push(wide), Err(AssembleError::ColumnCount { got: 2, want: 1, .. })));
+        assert!(matches!(
+            a.push(begin(2)),
+            Err(AssembleError::NestedBegin { .. })
+        ));
+        let wide = Message::Insert {
+            rel: 7,
+            new: vec![Value::Null, Value::Null],
+        };
+        assert!(matches!(
+            a.push(wide),
+            Err(AssembleError::ColumnCount {
+                got: 2,
+                want: 1,
+                ..
+            })
+        ));
     }
 }

@@ -13,12 +13,29 @@ use crate::lsn::Lsn;
 pub enum Message {
     Begin(Begin),
     Commit(Commit),
-    Origin { commit_lsn: Lsn, name: String },
+    Origin {
+        commit_lsn: Lsn,
+        name: String,
+    },
     Relation(Relation),
-    Type { oid: u32, namespace: String, name: String },
-    Insert { rel: u32, new: Tuple },
-    Update { rel: u32, old: Option<OldTuple>, new: Tuple },
-    Delete { rel: u32, old: OldTuple },
+    Type {
+        oid: u32,
+        namespace: String,
+        name: String,
+    },
+    Insert {
+        rel: u32,
+        new: Tuple,
+    },
+    Update {
+        rel: u32,
+        old: Option<OldTuple>,
+        new: Tuple,
+    },
+    Delete {
+        rel: u32,
+        old: OldTuple,
+    },
     Truncate(Truncate),
     /// A logical decoding message from `pg_logical_emit_message`.
     Message(LogicalMessage),
@@ -309,7 +326,9 @@ pub fn decode(buf: &Bytes) -> Result<Message, DecodeError> {
                     rel,
                     new: r.tuple()?,
                 },
-                k => return Err(r.invalid(format!("expected `N` before the new row, got 0x{k:02x}"))),
+                k => {
+                    return Err(r.invalid(format!("expected `N` before the new row, got 0x{k:02x}")))
+                }
             }
         }
         b'U' => {
@@ -338,7 +357,9 @@ pub fn decode(buf: &Bytes) -> Result<Message, DecodeError> {
                     old: r.old_tuple(k)?,
                 },
                 k => {
-                    return Err(r.invalid(format!("expected `K` or `O` before the old row, got 0x{k:02x}")))
+                    return Err(r.invalid(format!(
+                        "expected `K` or `O` before the old row, got 0x{k:02x}"
+                    )))
                 }
             }
         }
@@ -391,7 +412,11 @@ pub mod encode {
                 Value::Null => out.push(b'n'),
                 Value::UnchangedToast => out.push(b'u'),
                 Value::Text(b) | Value::Binary(b) => {
-                    out.push(if matches!(v, Value::Text(_)) { b't' } else { b'b' });
+                    out.push(if matches!(v, Value::Text(_)) {
+                        b't'
+                    } else {
+                        b'b'
+                    });
                     out.extend_from_slice(&(b.len() as i32).to_be_bytes());
                     out.extend_from_slice(b);
                 }
@@ -439,7 +464,11 @@ pub mod encode {
                     o.extend_from_slice(&c.type_modifier.to_be_bytes());
                 }
             }
-            Message::Type { oid, namespace, name } => {
+            Message::Type {
+                oid,
+                namespace,
+                name,
+            } => {
                 o.push(b'Y');
                 o.extend_from_slice(&oid.to_be_bytes());
                 cstr(&mut o, namespace);
@@ -519,23 +548,54 @@ mod tests {
                 name: "jobs".into(),
                 replica_identity: b'd',
                 columns: vec![
-                    RelColumn { key: true, name: "id".into(), type_oid: 20, type_modifier: -1 },
-                    RelColumn { key: false, name: "note".into(), type_oid: 25, type_modifier: -1 },
+                    RelColumn {
+                        key: true,
+                        name: "id".into(),
+                        type_oid: 20,
+                        type_modifier: -1,
+                    },
+                    RelColumn {
+                        key: false,
+                        name: "note".into(),
+                        type_oid: 25,
+                        type_modifier: -1,
+                    },
                 ],
             }),
-            Message::Type { oid: 90000, namespace: "public".into(), name: "mood".into() },
-            Message::Insert { rel: 16384, new: vec![text("1"), Value::Null] },
+            Message::Type {
+                oid: 90000,
+                namespace: "public".into(),
+                name: "mood".into(),
+            },
+            Message::Insert {
+                rel: 16384,
+                new: vec![text("1"), Value::Null],
+            },
             Message::Update {
                 rel: 16384,
-                old: Some(OldTuple { full: false, tuple: vec![text("1"), Value::Null] }),
+                old: Some(OldTuple {
+                    full: false,
+                    tuple: vec![text("1"), Value::Null],
+                }),
                 new: vec![text("2"), Value::UnchangedToast],
             },
-            Message::Update { rel: 16384, old: None, new: vec![text("2"), text("x")] },
+            Message::Update {
+                rel: 16384,
+                old: None,
+                new: vec![text("2"), text("x")],
+            },
             Message::Delete {
                 rel: 16384,
-                old: OldTuple { full: true, tuple: vec![text("2"), Value::Binary(Bytes::from_static(b"\0\x01"))] },
+                old: OldTuple {
+                    full: true,
+                    tuple: vec![text("2"), Value::Binary(Bytes::from_static(b"\0\x01"))],
+                },
             },
-            Message::Truncate(Truncate { cascade: true, restart_identity: false, rels: vec![1, 2, 3] }),
+            Message::Truncate(Truncate {
+                cascade: true,
+                restart_identity: false,
+                rels: vec![1, 2, 3],
+            }),
             Message::Message(LogicalMessage {
                 transactional: true,
                 lsn: Lsn(5),
@@ -566,18 +626,28 @@ mod tests {
 
     #[test]
     fn errors_say_what_and_where() {
-        let mut b = encode::message(&Message::Insert { rel: 1, new: vec![text("abc")] }).to_vec();
+        let mut b = encode::message(&Message::Insert {
+            rel: 1,
+            new: vec![text("abc")],
+        })
+        .to_vec();
         b[8] = b'x'; // column kind
         let e = decode(&Bytes::from(b)).unwrap_err();
         assert_eq!(
             e.to_string(),
             "pgoutput `I` message: unknown column kind 0x78 (expected n, u, t or b) at byte 9"
         );
-        assert!(matches!(decode(&Bytes::from_static(b"S\0\0\0\x01")), Err(DecodeError::Unsupported('S'))));
+        assert!(matches!(
+            decode(&Bytes::from_static(b"S\0\0\0\x01")),
+            Err(DecodeError::Unsupported('S'))
+        ));
         assert_eq!(decode(&Bytes::new()), Err(DecodeError::Empty));
         let mut ok = encode::message(&samples()[0]).to_vec();
         ok.push(0);
-        assert_eq!(decode(&Bytes::from(ok)), Err(DecodeError::Trailing { tag: 'B', extra: 1 }));
+        assert_eq!(
+            decode(&Bytes::from(ok)),
+            Err(DecodeError::Trailing { tag: 'B', extra: 1 })
+        );
     }
 
     #[test]

@@ -56,17 +56,24 @@ pub fn replication_config(site: &Site, start: Lsn) -> Result<ReplicationConfig> 
         SslMode::Require => TlsConfig::require(),
         _ => TlsConfig::disabled(),
     };
-    Ok(ReplicationConfig::new(host, user, password, db, &site.slot, site.publication.as_str())
-        .with_port(port)
-        .with_tls(tls)
-        .with_start_lsn(start.into())
-        // Confirm nothing beyond the checkpoint until the applier says so.
-        .with_ack_lsn(start.into())
-        .with_status_interval(Duration::from_millis(500))
-        .with_wakeup_interval(Duration::from_secs(5))
-        .with_buffer_size(BUFFER_EVENTS)
-        .with_options(STREAM_OPTIONS)
-        .with_application_name(format!("tandem stream {}", site.side.direction_from())))
+    Ok(ReplicationConfig::new(
+        host,
+        user,
+        password,
+        db,
+        &site.slot,
+        site.publication.as_str(),
+    )
+    .with_port(port)
+    .with_tls(tls)
+    .with_start_lsn(start.into())
+    // Confirm nothing beyond the checkpoint until the applier says so.
+    .with_ack_lsn(start.into())
+    .with_status_interval(Duration::from_millis(500))
+    .with_wakeup_interval(Duration::from_secs(5))
+    .with_buffer_size(BUFFER_EVENTS)
+    .with_options(STREAM_OPTIONS)
+    .with_application_name(format!("tandem stream {}", site.side.direction_from())))
 }
 
 impl SourceStream {
@@ -76,7 +83,9 @@ impl SourceStream {
         let deadline = Instant::now() + Duration::from_secs(90);
         loop {
             match Self::try_open(site, start).await {
-                Err(e) if e.to_string().contains("is active for PID") && Instant::now() < deadline => {
+                Err(e)
+                    if e.to_string().contains("is active for PID") && Instant::now() < deadline =>
+                {
                     tracing::info!(side = %site.side, "slot {} still held by an old session; waiting", site.slot);
                     tokio::time::sleep(Duration::from_millis(500)).await;
                 }
@@ -96,10 +105,13 @@ impl SourceStream {
             .await
             .with_context(|| format!("{}: IDENTIFY_SYSTEM on {at}", site.side))?;
         client.start().await?;
-        client
-            .wait_started()
-            .await
-            .map_err(|e| anyhow!("{}: START_REPLICATION on slot {}: {e}", site.side, site.slot))?;
+        client.wait_started().await.map_err(|e| {
+            anyhow!(
+                "{}: START_REPLICATION on slot {}: {e}",
+                site.side,
+                site.slot
+            )
+        })?;
         Ok(SourceStream {
             client,
             system_id: system.system_id,
@@ -115,32 +127,53 @@ impl SourceStream {
     /// The next decoded message or keepalive. Cancel-safe (the receive is a channel read).
     pub async fn next(&mut self) -> Result<StreamEvent> {
         loop {
-            let ev = self.client.recv().await?.ok_or_else(|| anyhow!("the replication stream ended"))?;
+            let ev = self
+                .client
+                .recv()
+                .await?
+                .ok_or_else(|| anyhow!("the replication stream ended"))?;
             return Ok(match ev {
-                ReplicationEvent::KeepAlive { wal_end, .. } => StreamEvent::Keepalive(wal_end.into()),
+                ReplicationEvent::KeepAlive { wal_end, .. } => {
+                    StreamEvent::Keepalive(wal_end.into())
+                }
                 // pgwire-replication parses these three itself; map them to our types.
-                ReplicationEvent::Begin { final_lsn, xid, commit_time_micros } => StreamEvent::Message(
-                    Message::Begin(Begin { final_lsn: final_lsn.into(), commit_ts: commit_time_micros, xid }),
-                ),
-                ReplicationEvent::Commit { lsn, end_lsn, commit_time_micros } => {
-                    StreamEvent::Message(Message::Commit(Commit {
-                        flags: 0,
-                        commit_lsn: lsn.into(),
-                        end_lsn: end_lsn.into(),
-                        commit_ts: commit_time_micros,
-                    }))
+                ReplicationEvent::Begin {
+                    final_lsn,
+                    xid,
+                    commit_time_micros,
+                } => StreamEvent::Message(Message::Begin(Begin {
+                    final_lsn: final_lsn.into(),
+                    commit_ts: commit_time_micros,
+                    xid,
+                })),
+                ReplicationEvent::Commit {
+                    lsn,
+                    end_lsn,
+                    commit_time_micros,
+                } => StreamEvent::Message(Message::Commit(Commit {
+                    flags: 0,
+                    commit_lsn: lsn.into(),
+                    end_lsn: end_lsn.into(),
+                    commit_ts: commit_time_micros,
+                })),
+                ReplicationEvent::Message {
+                    transactional,
+                    lsn,
+                    prefix,
+                    content,
+                } => StreamEvent::Message(Message::Message(LogicalMessage {
+                    transactional,
+                    lsn: lsn.into(),
+                    prefix,
+                    content,
+                })),
+                ReplicationEvent::XLogData {
+                    data, wal_start, ..
+                } => {
+                    StreamEvent::Message(pgoutput::decode(&data).with_context(|| {
+                        format!("decoding the change at {}", Lsn::from(wal_start))
+                    })?)
                 }
-                ReplicationEvent::Message { transactional, lsn, prefix, content } => {
-                    StreamEvent::Message(Message::Message(LogicalMessage {
-                        transactional,
-                        lsn: lsn.into(),
-                        prefix,
-                        content,
-                    }))
-                }
-                ReplicationEvent::XLogData { data, wal_start, .. } => StreamEvent::Message(
-                    pgoutput::decode(&data).with_context(|| format!("decoding the change at {}", Lsn::from(wal_start)))?,
-                ),
                 ReplicationEvent::StoppedAt { .. } => continue,
             });
         }
@@ -155,7 +188,11 @@ impl SourceStream {
 /// After `START_REPLICATION`, the server may have started later than asked (at the slot's
 /// `confirmed_flush_lsn`) without saying so. If that is past our checkpoint, transactions in
 /// between were confirmed by someone else and are gone: refuse to run rather than lose them.
-pub async fn check_no_gap(source: &tokio_postgres::Client, site: &Site, checkpoint: Lsn) -> Result<()> {
+pub async fn check_no_gap(
+    source: &tokio_postgres::Client,
+    site: &Site,
+    checkpoint: Lsn,
+) -> Result<()> {
     let row = source
         .query_opt(
             "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1",
@@ -163,7 +200,11 @@ pub async fn check_no_gap(source: &tokio_postgres::Client, site: &Site, checkpoi
         )
         .await?;
     let Some(row) = row else {
-        bail!("{}: replication slot {} does not exist; run `tandem setup`", site.side, site.slot);
+        bail!(
+            "{}: replication slot {} does not exist; run `tandem setup`",
+            site.side,
+            site.slot
+        );
     };
     let confirmed: Option<String> = row.get(0);
     if let Some(c) = confirmed {

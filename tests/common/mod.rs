@@ -28,12 +28,17 @@ pub fn clusters() -> &'static Pair {
             let m = s.spawn(|| LocalCluster::start("test-mobile").expect("start mobile cluster"));
             (d.join().unwrap(), m.join().unwrap())
         });
-        Pair { desktop: d, mobile: m }
+        Pair {
+            desktop: d,
+            mobile: m,
+        }
     })
 }
 
 pub async fn connect(url: &str) -> Client {
-    let (c, conn) = tokio_postgres::connect(url, NoTls).await.unwrap_or_else(|e| panic!("connect {url}: {e}"));
+    let (c, conn) = tokio_postgres::connect(url, NoTls)
+        .await
+        .unwrap_or_else(|e| panic!("connect {url}: {e}"));
     tokio::spawn(conn);
     c.batch_execute("SET extra_float_digits = 3").await.unwrap();
     c
@@ -70,8 +75,14 @@ impl Fixture {
         let mut out = Vec::new();
         for c in [&p.desktop, &p.mobile] {
             let admin = connect(&c.url("postgres")).await;
-            admin.batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).await.unwrap();
-            admin.batch_execute(&format!("CREATE DATABASE {name}")).await.unwrap();
+            admin
+                .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                .await
+                .unwrap();
+            admin
+                .batch_execute(&format!("CREATE DATABASE {name}"))
+                .await
+                .unwrap();
             let db = connect(&c.url(name)).await;
             db.batch_execute(schema).await.unwrap();
             out.push(db);
@@ -97,11 +108,20 @@ impl Fixture {
     pub async fn new(name: &str, schema: &str, replication: &str) -> Fixture {
         let (d, m) = Self::databases(name, schema).await;
         let text = Self::config_text(name, replication);
-        let config_path = std::env::temp_dir().join(format!("tandem-test-{name}-{}.toml", std::process::id()));
+        let config_path =
+            std::env::temp_dir().join(format!("tandem-test-{name}-{}.toml", std::process::id()));
         std::fs::write(&config_path, &text).unwrap();
         let cfg = Arc::new(Config::parse(&text, |_| None).unwrap());
-        setup::setup(cfg.clone()).await.unwrap_or_else(|e| panic!("setup: {e:#}"));
-        Fixture { name: name.to_string(), cfg, d, m, config_path }
+        setup::setup(cfg.clone())
+            .await
+            .unwrap_or_else(|e| panic!("setup: {e:#}"));
+        Fixture {
+            name: name.to_string(),
+            cfg,
+            d,
+            m,
+            config_path,
+        }
     }
 
     /// Run `tandem run` in this process until the returned handle is stopped.
@@ -114,12 +134,15 @@ impl Fixture {
 
     /// Rows of `table` on `c` as text, ordered, for exact comparison across sides.
     pub async fn rows(c: &Client, table: &str) -> Vec<String> {
-        c.query(&format!("SELECT tandem_row_::text FROM {table} tandem_row_ ORDER BY 1"), &[])
-            .await
-            .unwrap()
-            .iter()
-            .map(|r| r.get(0))
-            .collect()
+        c.query(
+            &format!("SELECT tandem_row_::text FROM {table} tandem_row_ ORDER BY 1"),
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
     }
 
     pub async fn count(c: &Client, sql: &str) -> i64 {
@@ -135,18 +158,32 @@ impl Fixture {
     }
 
     /// `(confirmed_flush_lsn of the slot on side c, checkpoint stored on the other side)`.
-    pub async fn slot_and_checkpoint(source: &Client, slot: &str, target: &Client, dir: &str) -> (u64, u64) {
+    pub async fn slot_and_checkpoint(
+        source: &Client,
+        slot: &str,
+        target: &Client,
+        dir: &str,
+    ) -> (u64, u64) {
         let s: String = source
-            .query_one("SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1", &[&slot])
+            .query_one(
+                "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1",
+                &[&slot],
+            )
             .await
             .unwrap()
             .get(0);
         let c: String = target
-            .query_one("SELECT lsn::text FROM tandem.checkpoints WHERE direction = $1", &[&dir])
+            .query_one(
+                "SELECT lsn::text FROM tandem.checkpoints WHERE direction = $1",
+                &[&dir],
+            )
             .await
             .unwrap()
             .get(0);
-        (s.parse::<tandem::lsn::Lsn>().unwrap().0, c.parse::<tandem::lsn::Lsn>().unwrap().0)
+        (
+            s.parse::<tandem::lsn::Lsn>().unwrap().0,
+            c.parse::<tandem::lsn::Lsn>().unwrap().0,
+        )
     }
 }
 
@@ -160,7 +197,10 @@ impl Running {
     /// Graceful stop; panics if replication had failed.
     pub async fn stop(self) {
         let _ = self.tx.send(true);
-        self.task.await.unwrap().unwrap_or_else(|e| panic!("sync failed: {e:#}"));
+        self.task
+            .await
+            .unwrap()
+            .unwrap_or_else(|e| panic!("sync failed: {e:#}"));
     }
 
     pub fn is_finished(&self) -> bool {
