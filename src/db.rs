@@ -2,8 +2,15 @@
 
 use std::str::FromStr;
 
+use std::sync::Arc;
+
 use anyhow::{anyhow, Result};
-use tokio_postgres::{Client, NoTls};
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::{DigitallySignedStruct, SignatureScheme};
+use tokio_postgres::config::SslMode;
+use tokio_postgres::Client;
+use tokio_postgres_rustls::MakeRustlsConnect;
 
 use crate::config::{redact_url, Site};
 
@@ -21,23 +28,28 @@ pub async fn connect(site: &Site, app: &str) -> Result<Client> {
     if cfg.get_connect_timeout().is_none() {
         cfg.connect_timeout(std::time::Duration::from_secs(10));
     }
-    if cfg.get_ssl_mode() == tokio_postgres::config::SslMode::Require {
-        return Err(anyhow!(
-            "{}: sslmode=require is not supported yet by tandem's SQL connections; \
-             use sslmode=prefer or disable, or a TLS-terminating proxy",
-            site.side
-        ));
-    }
-    let (client, conn) = cfg
-        .connect(NoTls)
-        .await
-        .map_err(|e| anyhow!("{}: {}", site.side, describe_connect_error(&e, &site.url)))?;
     let side = site.side;
-    tokio::spawn(async move {
-        if let Err(e) = conn.await {
-            tracing::debug!(%side, "connection closed: {e}");
-        }
-    });
+    let connected = if cfg.get_ssl_mode() == SslMode::Disable {
+        cfg.connect(tokio_postgres::NoTls).await.map(|(c, conn)| {
+            tokio::spawn(async move {
+                if let Err(e) = conn.await {
+                    tracing::debug!(%side, "connection closed: {e}");
+                }
+            });
+            c
+        })
+    } else {
+        cfg.connect(tls()).await.map(|(c, conn)| {
+            tokio::spawn(async move {
+                if let Err(e) = conn.await {
+                    tracing::debug!(%side, "connection closed: {e}");
+                }
+            });
+            c
+        })
+    };
+    let client = connected
+        .map_err(|e| anyhow!("{}: {}", site.side, describe_connect_error(&e, &site.url)))?;
     client.batch_execute(SESSION_SETTINGS).await?;
     Ok(client)
 }
@@ -67,4 +79,66 @@ pub fn describe_connect_error(e: &tokio_postgres::Error, url: &str) -> String {
 /// Is this a lost connection (worth reconnecting) rather than a refusal?
 pub fn is_transient(e: &tokio_postgres::Error) -> bool {
     e.is_closed() || (e.as_db_error().is_none() && std::error::Error::source(e).is_some())
+}
+
+/// TLS as libpq does it for `sslmode=prefer` and `require`: encrypted, server certificate not
+/// verified (the signature of the handshake still is). Matches the replication connection, which
+/// pgwire-replication opens with the same semantics.
+fn tls() -> MakeRustlsConnect {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .expect("ring supports the default TLS versions")
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(EncryptOnly(provider)))
+        .with_no_client_auth();
+    MakeRustlsConnect::new(config)
+}
+
+#[derive(Debug)]
+struct EncryptOnly(Arc<rustls::crypto::CryptoProvider>);
+
+impl ServerCertVerifier for EncryptOnly {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
 }

@@ -146,9 +146,50 @@ impl LocalCluster {
              host replication postgres 127.0.0.1/32 trust\nhost all all 127.0.0.1/32 scram-sha-256\n\
              host replication all 127.0.0.1/32 scram-sha-256\n",
         )?;
+        // A self-signed certificate, so TLS (sslmode=require) can be exercised locally.
+        let ssl = Command::new("openssl")
+            .current_dir(&data)
+            .args([
+                "req",
+                "-x509",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:prime256v1",
+                "-nodes",
+            ])
+            .args([
+                "-subj",
+                "/CN=localhost",
+                "-days",
+                "30",
+                "-keyout",
+                "server.key",
+                "-out",
+                "server.crt",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
+        if ssl {
+            std::fs::set_permissions(
+                data.join("server.key"),
+                std::os::unix::fs::PermissionsExt::from_mode(0o600),
+            )?;
+            if let Some((uid, gid)) = user {
+                for f in ["server.key", "server.crt"] {
+                    std::os::unix::fs::chown(data.join(f), Some(uid), Some(gid))?;
+                }
+            }
+        }
         let conf_path = data.join("postgresql.conf");
         let mut text = std::fs::read_to_string(&conf_path)?;
         text.push_str(&conf);
+        if ssl {
+            text.push_str("ssl = on\n");
+        }
         text.push_str(extra_conf);
         std::fs::write(&conf_path, text)?;
 

@@ -433,3 +433,71 @@ async fn restart_resumes_from_the_checkpoint_with_nothing_lost_or_doubled() {
         261
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sslmode_require_encrypts_sql_and_replication_connections() {
+    let (d, m) =
+        Fixture::databases("tls", "CREATE TABLE jobs (id int PRIMARY KEY, title text);").await;
+    let text = Fixture::config_text("tls", r#"tables = ["public.jobs"]"#)
+        .replace("/tls\"", "/tls?sslmode=require\"");
+    assert_eq!(text.matches("sslmode=require").count(), 2, "{text}");
+    let fx = Fixture::with_config("tls", d, m, text).await;
+    let run = fx.start();
+    fx.d.batch_execute("INSERT INTO jobs VALUES (1, 'over tls')")
+        .await
+        .unwrap();
+    fx.wait_equal("jobs", 30).await;
+    assert_eq!(Fixture::count(&fx.m, "SELECT count(*) FROM jobs").await, 1);
+    let ssl = |app: &str| {
+        format!(
+            "SELECT count(*) FILTER (WHERE s.ssl) - count(*) FILTER (WHERE NOT s.ssl) FROM pg_stat_ssl s \
+             JOIN pg_stat_activity a USING (pid) WHERE a.application_name = '{app}'"
+        )
+    };
+    // Encrypted: the walsender on desktop and the apply session on mobile.
+    assert_eq!(Fixture::count(&fx.d, &ssl("tandem stream D>M")).await, 1);
+    assert_eq!(Fixture::count(&fx.m, &ssl("tandem apply D>M")).await, 1);
+    run.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_role_without_superuser_replicates_both_ways_without_echo() {
+    // As on managed cloud PostgreSQL: LOGIN and REPLICATION, owner of its tables, no superuser.
+    // No replication origin then, and no session_replication_role: the marker alone stops echo,
+    // and the target's triggers fire for replicated rows (the audit trigger counts them).
+    let schema = format!(
+        "DO $$ BEGIN CREATE ROLE tandem_app LOGIN REPLICATION PASSWORD 'app-pw'; \
+         EXCEPTION WHEN duplicate_object THEN NULL; END $$;
+         GRANT CREATE ON DATABASE nonsuper TO tandem_app;
+         {JOBS}
+         {}
+         ALTER TABLE jobs OWNER TO tandem_app; ALTER TABLE tasks OWNER TO tandem_app;
+         ALTER TABLE scratch OWNER TO tandem_app; GRANT INSERT ON audit TO tandem_app;",
+        audit_sql("jobs")
+    );
+    let (d, m) = Fixture::databases("nonsuper", &schema).await;
+    let text = Fixture::config_text("nonsuper", JOBS_TABLES)
+        .replace("postgresql://postgres@", "postgresql://tandem_app:app-pw@");
+    assert_eq!(text.matches("tandem_app:app-pw@").count(), 2);
+    let fx = Fixture::with_config("nonsuper", d, m, text).await;
+    let run = fx.start();
+    tokio::join!(writer(&fx.d, 0), writer(&fx.m, 10_000));
+    fx.wait_equal("jobs", 60).await;
+    // 300 inserts + 100 updates + 60 deletes per side, each landing once on the other side.
+    for c in [&fx.d, &fx.m] {
+        wait_for(30, "audit settles at 2 × 460", || async {
+            Fixture::count(c, "SELECT count(*) FROM audit").await == 920
+        })
+        .await;
+    }
+    let origins = Fixture::count(
+        &fx.m,
+        "SELECT count(*) FROM pg_replication_origin WHERE roname LIKE 'tandem_%'",
+    )
+    .await;
+    assert_eq!(
+        origins, 0,
+        "a non-superuser cannot create origins; the marker did the work"
+    );
+    run.stop().await;
+}

@@ -53,6 +53,9 @@ pub fn replication_config(site: &Site, start: Lsn) -> Result<ReplicationConfig> 
     let user = pg.get_user().unwrap_or("postgres").to_string();
     let db = pg.get_dbname().unwrap_or(&user).to_string();
     let tls = match pg.get_ssl_mode() {
+        SslMode::Disable => TlsConfig::disabled(),
+        // pgwire-replication has no "prefer": with TLS configured the SQL side negotiates it,
+        // so ask for it here too only when the URL insists.
         SslMode::Require => TlsConfig::require(),
         _ => TlsConfig::disabled(),
     };

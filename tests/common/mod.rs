@@ -107,7 +107,11 @@ impl Fixture {
     /// Databases, schema, config and a completed `setup`.
     pub async fn new(name: &str, schema: &str, replication: &str) -> Fixture {
         let (d, m) = Self::databases(name, schema).await;
-        let text = Self::config_text(name, replication);
+        Self::with_config(name, d, m, Self::config_text(name, replication)).await
+    }
+
+    /// A fixture over existing databases with a given config text; runs `setup`.
+    pub async fn with_config(name: &str, d: Client, m: Client, text: String) -> Fixture {
         let config_path =
             std::env::temp_dir().join(format!("tandem-test-{name}-{}.toml", std::process::id()));
         std::fs::write(&config_path, &text).unwrap();
