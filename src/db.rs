@@ -76,9 +76,14 @@ pub fn describe_connect_error(e: &tokio_postgres::Error, url: &str) -> String {
     format!("cannot reach {at} ({msg}); check the host and port, and that the server is running")
 }
 
-/// Is this a lost connection (worth reconnecting) rather than a refusal?
+/// Is this a lost connection or a passing condition (worth reconnecting) rather than a refusal?
 pub fn is_transient(e: &tokio_postgres::Error) -> bool {
-    e.is_closed() || (e.as_db_error().is_none() && std::error::Error::source(e).is_some())
+    match e.as_db_error() {
+        // 08: connection exception; 57: operator intervention (terminated backend, shutdown,
+        // crash recovery); 53: insufficient resources; 40: serialization failure or deadlock.
+        Some(db) => matches!(&db.code().code()[..2], "08" | "57" | "53" | "40"),
+        None => e.is_closed() || std::error::Error::source(e).is_some(),
+    }
 }
 
 /// TLS as libpq does it for `sslmode=prefer` and `require`: encrypted, server certificate not

@@ -118,7 +118,14 @@ fn transient(e: &anyhow::Error) -> bool {
             return db::is_transient(pg);
         }
         if let Some(w) = c.downcast_ref::<pgwire_replication::PgWireError>() {
-            return matches!(w, pgwire_replication::PgWireError::Io(_));
+            return match w {
+                pgwire_replication::PgWireError::Io(_) => true,
+                // A walsender terminated by an admin or a server restart.
+                pgwire_replication::PgWireError::Server(m) => {
+                    m.contains("terminating connection") || m.contains("shutting down")
+                }
+                _ => false,
+            };
         }
         c.to_string().contains("the replication stream ended")
     })

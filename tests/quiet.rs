@@ -1,0 +1,93 @@
+//! No echo, measured on clusters this test has to itself (WAL position is cluster-wide): after a
+//! burst on both sides, each change landed once, the slots caught up, and WAL stops growing.
+
+mod common;
+
+use common::{audit_sql, wait_for, Fixture};
+use tokio_postgres::Client;
+
+const JOBS: &str =
+    "CREATE TABLE jobs (id bigint PRIMARY KEY, title text NOT NULL, status text, n int);";
+
+/// 1000 insert transactions and 500 update transactions.
+async fn burst(c: &Client, base: i64) {
+    for i in 1..=1000i64 {
+        c.execute(
+            "INSERT INTO jobs (id, title) VALUES ($1, 'burst')",
+            &[&(base + i)],
+        )
+        .await
+        .unwrap();
+        if i % 2 == 0 {
+            c.execute("UPDATE jobs SET n = 1 WHERE id = $1", &[&(base + i)])
+                .await
+                .unwrap();
+        }
+    }
+}
+
+async fn wal(c: &Client) -> i64 {
+    Fixture::count(c, "SELECT (pg_current_wal_lsn() - '0/0'::pg_lsn)::bigint").await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn no_echo_each_change_lands_once_and_wal_stops_growing() {
+    let schema = format!("{JOBS}\n{}", audit_sql("jobs"));
+    let fx = Fixture::new("no_echo", &schema, r#"tables = ["public.jobs"]"#).await;
+    let run = fx.start();
+    // A burst on both sides: 1000 transactions each (insert, and an update every other one).
+    let before: String =
+        fx.d.query_one("SELECT pg_current_wal_lsn()::text", &[])
+            .await
+            .unwrap()
+            .get(0);
+    tokio::join!(burst(&fx.d, 0), burst(&fx.m, 100_000));
+    fx.wait_equal("jobs", 60).await;
+    // Each side saw its own 1500 changes and exactly the other side's 1500: nothing bounced back.
+    for c in [&fx.d, &fx.m] {
+        wait_for(30, "audit settles", || async {
+            Fixture::count(c, "SELECT count(*) FROM audit").await == 3000
+        })
+        .await;
+    }
+    // Quiet now. The slots catch up to (nearly) the end of WAL…
+    let burst_wal = Fixture::count(
+        &fx.d,
+        &format!("SELECT (pg_current_wal_lsn() - '{before}'::pg_lsn)::bigint"),
+    )
+    .await;
+    assert!(
+        burst_wal > 2 * tandem::sync::IDLE_RECORD_BYTES as i64,
+        "burst wrote only {burst_wal} bytes of WAL"
+    );
+    for (c, slot) in [(&fx.d, "no_echo_d"), (&fx.m, "no_echo_m")] {
+        let lag_sql = format!(
+            "SELECT (pg_current_wal_lsn() - confirmed_flush_lsn)::bigint FROM pg_replication_slots WHERE slot_name = '{slot}'"
+        );
+        wait_for(
+            30,
+            &format!("slot {slot} confirmed close to the WAL end"),
+            || async {
+                Fixture::count(c, &lag_sql).await
+                    < tandem::sync::IDLE_RECORD_BYTES as i64 + 16 * 1024
+            },
+        )
+        .await;
+    }
+    // …and WAL stays put: no change or checkpoint write keeps bouncing between the sides.
+    let (d0, m0) = (wal(&fx.d).await, wal(&fx.m).await);
+    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+    let (d1, m1) = (wal(&fx.d).await, wal(&fx.m).await);
+    // Allow the server's own background records (a standby snapshot is ~100 bytes).
+    assert!(
+        d1 - d0 < 1024 && m1 - m0 < 1024,
+        "WAL still growing: desktop +{} mobile +{}",
+        d1 - d0,
+        m1 - m0
+    );
+    assert_eq!(
+        Fixture::count(&fx.d, "SELECT count(*) FROM audit").await,
+        3000
+    );
+    run.stop().await;
+}
