@@ -30,28 +30,31 @@ pub async fn connect(site: &Site, app: &str) -> Result<Client> {
     }
     let side = site.side;
     let connected = if cfg.get_ssl_mode() == SslMode::Disable {
-        cfg.connect(tokio_postgres::NoTls).await.map(|(c, conn)| {
-            tokio::spawn(async move {
-                if let Err(e) = conn.await {
-                    tracing::debug!(%side, "connection closed: {e}");
-                }
-            });
-            c
-        })
+        cfg.connect(tokio_postgres::NoTls)
+            .await
+            .map(|(c, conn)| drive(side, c, conn))
     } else {
-        cfg.connect(tls()).await.map(|(c, conn)| {
-            tokio::spawn(async move {
-                if let Err(e) = conn.await {
-                    tracing::debug!(%side, "connection closed: {e}");
-                }
-            });
-            c
-        })
+        cfg.connect(tls())
+            .await
+            .map(|(c, conn)| drive(side, c, conn))
     };
     let client = connected
         .map_err(|e| anyhow!("{}: {}", site.side, describe_connect_error(&e, &site.url)))?;
     client.batch_execute(SESSION_SETTINGS).await?;
     Ok(client)
+}
+
+/// Run a connection's I/O in the background for as long as the client lives.
+fn drive<F>(side: crate::side::Side, client: Client, conn: F) -> Client
+where
+    F: std::future::Future<Output = Result<(), tokio_postgres::Error>> + Send + 'static,
+{
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            tracing::debug!(%side, "connection closed: {e}");
+        }
+    });
+    client
 }
 
 /// One line saying what failed and what to do, without the password.

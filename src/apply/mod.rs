@@ -169,31 +169,40 @@ impl Applier {
         Ok(b)
     }
 
+    /// Where a row change of `table` goes, with the target transaction open; `None` when the
+    /// table does not flow in this direction.
+    async fn row_target(
+        &mut self,
+        table: &Arc<SourceTable>,
+        commit_lsn: Lsn,
+    ) -> Result<Option<Arc<Binding>>> {
+        if !self.flows(&table.name) {
+            return Ok(None);
+        }
+        let b = self.binding(table).await?;
+        self.ensure_txn(commit_lsn).await?;
+        Ok(Some(b))
+    }
+
     /// Apply one change inside the open group (opening it if needed).
     pub async fn apply(&mut self, ev: &Event) -> Result<()> {
         match &ev.change {
             Change::Insert { table, new } => {
-                if !self.flows(&table.name) {
+                let Some(b) = self.row_target(table, ev.commit_lsn).await? else {
                     return Ok(());
-                }
-                let b = self.binding(table).await?;
-                self.ensure_txn(ev.commit_lsn).await?;
+                };
                 self.planner.insert(&b, new)?;
             }
             Change::Update { table, old, new } => {
-                if !self.flows(&table.name) {
+                let Some(b) = self.row_target(table, ev.commit_lsn).await? else {
                     return Ok(());
-                }
-                let b = self.binding(table).await?;
-                self.ensure_txn(ev.commit_lsn).await?;
+                };
                 self.planner.update(&b, old.as_ref(), new)?;
             }
             Change::Delete { table, old } => {
-                if !self.flows(&table.name) {
+                let Some(b) = self.row_target(table, ev.commit_lsn).await? else {
                     return Ok(());
-                }
-                let b = self.binding(table).await?;
-                self.ensure_txn(ev.commit_lsn).await?;
+                };
                 self.planner.delete(&b, old)?;
             }
             Change::Truncate {

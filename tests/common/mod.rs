@@ -161,6 +161,22 @@ impl Fixture {
         .await;
     }
 
+    /// The invariant behind "nothing lost": neither slot is confirmed past the checkpoint that
+    /// the other side holds for it.
+    pub async fn assert_slots_within_checkpoints(&self) {
+        for (src, slot, tgt, dir) in [
+            (&self.d, "d", &self.m, "D>M"),
+            (&self.m, "m", &self.d, "M>D"),
+        ] {
+            let slot = format!("{}_{slot}", self.name);
+            let (confirmed, checkpoint) = Self::slot_and_checkpoint(src, &slot, tgt, dir).await;
+            assert!(
+                confirmed <= checkpoint,
+                "{slot}: confirmed {confirmed:X} > checkpoint {checkpoint:X}"
+            );
+        }
+    }
+
     /// `(confirmed_flush_lsn of the slot on side c, checkpoint stored on the other side)`.
     pub async fn slot_and_checkpoint(
         source: &Client,
