@@ -8,7 +8,8 @@ use clap::{Parser, Subcommand};
 use tokio::sync::watch;
 
 use tandem::config::Config;
-use tandem::ops::{demo, setup, teardown};
+use tandem::config::TableName;
+use tandem::ops::{demo, repair, setup, teardown, verify};
 use tandem::sync;
 
 #[derive(Parser)]
@@ -37,6 +38,27 @@ enum Command {
         #[arg(long)]
         purge: bool,
     },
+    /// Compare both sides by primary key. Exit 0: in sync; 1: differences; 2: error.
+    Verify {
+        /// Only this table (schema-qualified).
+        #[arg(long)]
+        table: Option<TableName>,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Make the other side equal to SOURCE for every difference verify finds.
+    Repair {
+        /// The side whose rows are right: desktop or mobile.
+        #[arg(long, value_parser = verify::parse_side)]
+        source: tandem::side::Side,
+        /// Only this table (schema-qualified).
+        #[arg(long)]
+        table: Option<TableName>,
+        /// Print what would change, change nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
     /// Two throwaway local clusters, a sample schema, and live sync on screen.
     Demo {
         /// Stop after this many seconds (default: run until Ctrl-C).
@@ -58,15 +80,21 @@ fn main() -> ExitCode {
         .enable_all()
         .build()
         .expect("tokio runtime");
+    // verify reserves 1 for "differences found"; its errors exit 2.
+    let error_code = if matches!(cli.command, Command::Verify { .. }) {
+        2
+    } else {
+        1
+    };
     match rt.block_on(run(cli)) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(e) => {
             if let Some(p) = e.downcast_ref::<setup::Problems>() {
                 eprint!("error: {p}");
             } else {
                 eprintln!("error: {e:#}");
             }
-            ExitCode::FAILURE
+            ExitCode::from(error_code)
         }
     }
 }
@@ -87,14 +115,52 @@ fn shutdown_signal() -> watch::Receiver<bool> {
     rx
 }
 
-async fn run(cli: Cli) -> anyhow::Result<()> {
+async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
+        Command::Verify { table, json } => {
+            let cfg = Config::load(&cli.config)?;
+            let report = verify::verify(&cfg, table.as_ref()).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", verify::render(&report));
+            }
+            let in_sync = report.tables.iter().all(|t| t.is_in_sync());
+            Ok(if in_sync {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            })
+        }
+        Command::Repair {
+            source,
+            table,
+            dry_run,
+        } => {
+            let cfg = Arc::new(Config::load(&cli.config)?);
+            let (up, del) = if dry_run {
+                ("would upsert", "would delete")
+            } else {
+                ("upserted", "deleted")
+            };
+            for r in repair::repair(cfg, source, table.as_ref(), dry_run).await? {
+                println!(
+                    "{}: {up} {} rows, {del} {} rows on {}",
+                    r.table,
+                    r.upserted,
+                    r.deleted,
+                    source.other()
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Demo { duration } => {
             demo::run(
                 duration.map(std::time::Duration::from_secs),
                 shutdown_signal(),
             )
-            .await
+            .await?;
+            Ok(ExitCode::SUCCESS)
         }
         Command::Setup => {
             let cfg = Arc::new(Config::load(&cli.config)?);
@@ -102,11 +168,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 println!("{line}");
             }
             println!("setup complete");
-            Ok(())
+            Ok(ExitCode::SUCCESS)
         }
         Command::Run => {
             let cfg = Arc::new(Config::load(&cli.config)?);
-            sync::run(cfg, shutdown_signal(), Arc::default()).await
+            sync::run(cfg, shutdown_signal(), Arc::default()).await?;
+            Ok(ExitCode::SUCCESS)
         }
         Command::Teardown { purge } => {
             let cfg = Config::load(&cli.config)?;
@@ -114,7 +181,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 println!("{line}");
             }
             println!("teardown complete");
-            Ok(())
+            Ok(ExitCode::SUCCESS)
         }
     }
 }

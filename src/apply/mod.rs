@@ -45,6 +45,8 @@ pub struct Applier {
     in_txn: bool,
     /// Whether the session runs under a replication origin (echo filtering by origin as well).
     pub origin: bool,
+    /// Apply every configured table whatever its direction (repair writes where it is told to).
+    pub ignore_direction: bool,
     pub stats: ApplyStats,
 }
 
@@ -90,6 +92,7 @@ impl Applier {
             statements: HashMap::new(),
             in_txn: false,
             origin: origin_ok.is_ok(),
+            ignore_direction: false,
             stats: ApplyStats::default(),
         })
     }
@@ -128,7 +131,7 @@ impl Applier {
             .tables
             .iter()
             .any(|c| c == t || (c.is_wildcard() && c.schema == t.schema));
-        listed && self.cfg.direction(t).flows_from(self.source)
+        listed && (self.ignore_direction || self.cfg.direction(t).flows_from(self.source))
     }
 
     async fn target_table(&mut self, name: &TableName) -> Result<Arc<TargetTable>> {
@@ -315,6 +318,22 @@ impl Applier {
             .batch_execute("COMMIT")
             .await
             .context("committing the apply transaction")?;
+        self.in_txn = false;
+        self.stats.commits += 1;
+        Ok(())
+    }
+
+    /// Commit what was applied without moving the checkpoint: for changes that do not come from
+    /// the stream (repair), which still carry the marker and so never travel back.
+    pub async fn commit_outside_stream(&mut self) -> Result<()> {
+        if !self.in_txn {
+            return Ok(());
+        }
+        self.run_ready(true).await?;
+        self.client
+            .batch_execute("COMMIT")
+            .await
+            .context("committing the repair transaction")?;
         self.in_txn = false;
         self.stats.commits += 1;
         Ok(())

@@ -1,0 +1,201 @@
+//! `tandem repair`: make the other side equal to a source side for every difference `verify`
+//! finds, through the normal apply path (marked, so the change never travels back).
+
+use std::sync::Arc;
+
+use anyhow::Result;
+use tokio_postgres::types::ToSql;
+use tokio_postgres::Client;
+
+use crate::apply::Applier;
+use crate::config::{quote_ident, Config, TableName};
+use crate::event::{Change, Event, SourceTable};
+use crate::lsn::Lsn;
+use crate::ops::verify::{self, Key, Shape};
+use crate::side::Side;
+use crate::source::pgoutput::{OldTuple, RelColumn, Value};
+
+/// What repair did (or, with `dry_run`, would do) to one table.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Repaired {
+    pub table: String,
+    pub upserted: u64,
+    pub deleted: u64,
+}
+
+fn source_table(s: &Shape, oid: u32) -> Arc<SourceTable> {
+    let columns = s
+        .meta
+        .columns
+        .iter()
+        .enumerate()
+        .filter(|(_, c)| !c.generated)
+        .map(|(i, c)| RelColumn {
+            key: s.meta.key.contains(&i),
+            name: c.name.clone(),
+            type_oid: 0,
+            type_modifier: -1,
+        })
+        .collect();
+    Arc::new(SourceTable {
+        oid,
+        name: s.name.clone(),
+        columns,
+    })
+}
+
+/// The source's current rows for `keys`, as tuples in `table`'s column order.
+async fn fetch(
+    c: &Client,
+    s: &Shape,
+    table: &SourceTable,
+    keys: &[Key],
+) -> Result<Vec<Vec<Value>>> {
+    let cols: Vec<String> = table
+        .columns
+        .iter()
+        .map(|c| format!("t.{}::text", quote_ident(&c.name)))
+        .collect();
+    let n = s.meta.key.len();
+    let params: Vec<String> = (1..=n).map(|i| format!("${i}::text[]")).collect();
+    let on: Vec<String> = s
+        .meta
+        .key
+        .iter()
+        .enumerate()
+        .map(|(i, &k)| {
+            format!(
+                "t.{} = u.v{}::{}",
+                quote_ident(&s.meta.columns[k].name),
+                i + 1,
+                s.meta.columns[k].type_sql
+            )
+        })
+        .collect();
+    let aliases: Vec<String> = (1..=n).map(|i| format!("v{i}")).collect();
+    let sql = format!(
+        "SELECT {} FROM {} t JOIN unnest({}) AS u({}) ON {}",
+        cols.join(", "),
+        s.name.quoted(),
+        params.join(", "),
+        aliases.join(", "),
+        on.join(" AND ")
+    );
+    let key_cols: Vec<Vec<&str>> = (0..n)
+        .map(|i| keys.iter().map(|k| k.values[i].as_str()).collect())
+        .collect();
+    let p: Vec<&(dyn ToSql + Sync)> = key_cols.iter().map(|c| c as &(dyn ToSql + Sync)).collect();
+    Ok(c.query(&sql, &p)
+        .await?
+        .iter()
+        .map(|r| {
+            (0..table.columns.len())
+                .map(|i| match r.get::<_, Option<String>>(i) {
+                    Some(v) => Value::Text(v.into()),
+                    None => Value::Null,
+                })
+                .collect()
+        })
+        .collect())
+}
+
+fn key_tuple(s: &Shape, table: &SourceTable, key: &Key) -> Vec<Value> {
+    let mut t = vec![Value::Null; table.columns.len()];
+    for (i, &k) in s.meta.key.iter().enumerate() {
+        let name = &s.meta.columns[k].name;
+        if let Some(pos) = table.columns.iter().position(|c| &c.name == name) {
+            t[pos] = Value::Text(key.values[i].clone().into());
+        }
+    }
+    t
+}
+
+pub async fn repair(
+    cfg: Arc<Config>,
+    source: Side,
+    only: Option<&TableName>,
+    dry_run: bool,
+) -> Result<Vec<Repaired>> {
+    let (d, m) = verify::connect_pair(&cfg).await?;
+    let src = if source == Side::Desktop { &d } else { &m };
+    let mut applier = if dry_run {
+        None
+    } else {
+        let mut a = Applier::connect(cfg.clone(), source).await?;
+        a.ignore_direction = true;
+        Some(a)
+    };
+    let mut out = Vec::new();
+    for (i, s) in verify::shapes(&cfg, &d, &m, only)
+        .await?
+        .into_iter()
+        .enumerate()
+    {
+        let table = source_table(&s, i as u32 + 1);
+        let mut done = Repaired {
+            table: s.name.to_string(),
+            ..Default::default()
+        };
+        verify::compare(&cfg, &d, &m, &s, async |diff| {
+            let (only_src, only_target) = match source {
+                Side::Desktop => (&diff.only_desktop, &diff.only_mobile),
+                Side::Mobile => (&diff.only_mobile, &diff.only_desktop),
+            };
+            let upserts: Vec<Key> = only_src.iter().chain(&diff.differs).cloned().collect();
+            if dry_run {
+                for k in &upserts {
+                    println!("would upsert {} {} on {}", s.name, k.json, source.other());
+                }
+                for k in only_target {
+                    println!("would delete {} {} on {}", s.name, k.json, source.other());
+                }
+                done.upserted += upserts.len() as u64;
+                done.deleted += only_target.len() as u64;
+                return Ok(());
+            }
+            let Some(a) = applier.as_mut() else {
+                return Ok(());
+            };
+            let rows = fetch(src, &s, &table, &upserts).await?;
+            let event = |ordinal: usize, change: Change| Event {
+                source,
+                commit_lsn: Lsn::ZERO,
+                commit_ts: 0,
+                xid: 0,
+                ordinal: ordinal as u32,
+                change,
+            };
+            for (n, new) in rows.into_iter().enumerate() {
+                a.apply(&event(
+                    n,
+                    Change::Insert {
+                        table: table.clone(),
+                        new,
+                    },
+                ))
+                .await?;
+                done.upserted += 1;
+            }
+            for (n, k) in only_target.iter().enumerate() {
+                let old = OldTuple {
+                    full: false,
+                    tuple: key_tuple(&s, &table, k),
+                };
+                a.apply(&event(
+                    n,
+                    Change::Delete {
+                        table: table.clone(),
+                        old,
+                    },
+                ))
+                .await?;
+                done.deleted += 1;
+            }
+            a.commit_outside_stream().await
+        })
+        .await?;
+        tracing::info!(table = %done.table, upserted = done.upserted, deleted = done.deleted, target = %source.other(), dry_run, "repair");
+        out.push(done);
+    }
+    Ok(out)
+}

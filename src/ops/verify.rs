@@ -1,0 +1,453 @@
+//! `tandem verify`: compare both sides by primary key without pulling every row to the client.
+//!
+//! Each server hashes its rows into buckets (by a hash of the key) and returns, per bucket, the
+//! row count and an order-independent sum of row hashes. Only buckets whose count or sum differ
+//! are drilled into: their `(key, row hash)` pairs are fetched, a bounded set of buckets at a time,
+//! and compared. When tandem is replicating, keys that differ are re-checked once the stream has
+//! passed the moment of the check, so changes in flight are not reported as differences.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, Result};
+use serde::Serialize;
+use tokio_postgres::types::ToSql;
+use tokio_postgres::Client;
+
+use crate::apply::plan::TargetTable;
+use crate::catalog;
+use crate::config::{quote_ident, Config, TableName};
+use crate::db;
+use crate::side::Side;
+
+/// Rows per bucket the bucket count aims for.
+const ROWS_PER_BUCKET: i64 = 1000;
+/// Buckets fetched in one drill-down round: bounds client memory to about this many × 1000 keys.
+const BUCKETS_PER_FETCH: usize = 64;
+const SAMPLES: usize = 5;
+
+#[derive(Debug, Default, Clone, Serialize)]
+pub struct Samples {
+    pub only_desktop: Vec<serde_json::Value>,
+    pub only_mobile: Vec<serde_json::Value>,
+    pub differs: Vec<serde_json::Value>,
+}
+
+#[derive(Debug, Default, Clone, Serialize)]
+pub struct TableReport {
+    pub table: String,
+    pub in_sync: u64,
+    pub only_desktop: u64,
+    pub only_mobile: u64,
+    pub differs: u64,
+    /// Keys that differed at first look and were compared again after the replication lag.
+    pub rechecked: u64,
+    pub samples: Samples,
+}
+
+impl TableReport {
+    pub fn is_in_sync(&self) -> bool {
+        self.only_desktop == 0 && self.only_mobile == 0 && self.differs == 0
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct Report {
+    pub tables: Vec<TableReport>,
+}
+
+/// One differing key: its values as text (in key-column order) and its JSON form.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Key {
+    pub values: Vec<String>,
+    pub json: String,
+}
+
+/// The differences found in one drill-down round.
+#[derive(Debug, Default)]
+pub struct Diff {
+    pub only_desktop: Vec<Key>,
+    pub only_mobile: Vec<Key>,
+    pub differs: Vec<Key>,
+}
+
+/// How to read one table identically on both sides.
+pub struct Shape {
+    pub name: TableName,
+    pub meta: TargetTable,
+    /// `ROW(k1, k2)::text`
+    key_text: String,
+    /// `ARRAY[k1::text, k2::text]`
+    key_values: String,
+    /// `json_build_object('k1', k1, …)::text`
+    key_json: String,
+    /// `md5(ROW(c1, …, cn)::text)` over the columns both sides have.
+    row_hash: String,
+}
+
+impl Shape {
+    fn new(name: TableName, d: TargetTable, m: &TargetTable) -> Result<Shape> {
+        if d.key.is_empty() {
+            return Err(anyhow!("{name} has no primary key; verify compares by key"));
+        }
+        let col = |c: &str| format!("t.{}", quote_ident(c));
+        let keys: Vec<&str> = d.key.iter().map(|&k| d.columns[k].name.as_str()).collect();
+        let cols: Vec<String> = d
+            .columns
+            .iter()
+            .filter(|c| m.columns.iter().any(|x| x.name == c.name))
+            .map(|c| col(&c.name))
+            .collect();
+        Ok(Shape {
+            key_text: format!(
+                "ROW({})::text",
+                keys.iter().map(|k| col(k)).collect::<Vec<_>>().join(", ")
+            ),
+            key_values: format!(
+                "ARRAY[{}]",
+                keys.iter()
+                    .map(|k| format!("{}::text", col(k)))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+            key_json: format!(
+                "json_build_object({})::text",
+                keys.iter()
+                    .map(|k| format!("{}, {}", crate::config::quote_literal(k), col(k)))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+            row_hash: format!("md5(ROW({})::text)", cols.join(", ")),
+            name,
+            meta: d,
+        })
+    }
+
+    fn bucket(&self, n: i64) -> String {
+        format!("((hashtext({}) & 2147483647) % {n})", self.key_text)
+    }
+
+    /// `JOIN unnest($1::text[], …) u ON t.k1 = u.v1::type …`: rows with the given keys.
+    fn key_join(&self) -> String {
+        let keys = &self.meta.key;
+        let params: Vec<String> = (1..=keys.len()).map(|i| format!("${i}::text[]")).collect();
+        let aliases: Vec<String> = (1..=keys.len()).map(|i| format!("v{i}")).collect();
+        let on: Vec<String> = keys
+            .iter()
+            .enumerate()
+            .map(|(i, &k)| {
+                format!(
+                    "t.{} = u.v{}::{}",
+                    quote_ident(&self.meta.columns[k].name),
+                    i + 1,
+                    self.meta.columns[k].type_sql
+                )
+            })
+            .collect();
+        format!(
+            "JOIN unnest({}) AS u({}) ON {}",
+            params.join(", "),
+            aliases.join(", "),
+            on.join(" AND ")
+        )
+    }
+}
+
+/// Connect for comparison: the same text rendering on both sides, whatever the servers' defaults.
+pub async fn connect_pair(cfg: &Config) -> Result<(Client, Client)> {
+    let d = db::connect(&cfg.desktop, "tandem verify").await?;
+    let m = db::connect(&cfg.mobile, "tandem verify").await?;
+    for c in [&d, &m] {
+        c.batch_execute("SET TimeZone = 'UTC'").await?;
+    }
+    Ok((d, m))
+}
+
+/// The configured tables (optionally just `only`), as both sides have them.
+pub async fn shapes(
+    cfg: &Config,
+    d: &Client,
+    m: &Client,
+    only: Option<&TableName>,
+) -> Result<Vec<Shape>> {
+    let mut names = catalog::expand(d, &cfg.tables).await?;
+    if let Some(t) = only {
+        if !names.contains(t) {
+            return Err(anyhow!(
+                "table {t} is not among the configured tables ({})",
+                names
+                    .iter()
+                    .map(|n| n.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ));
+        }
+        names = vec![t.clone()];
+    }
+    let mut out = Vec::new();
+    for n in names {
+        let dt = catalog::table(d, &n)
+            .await?
+            .ok_or_else(|| anyhow!("desktop: table {n} does not exist"))?;
+        let mt = catalog::table(m, &n)
+            .await?
+            .ok_or_else(|| anyhow!("mobile: table {n} does not exist"))?;
+        out.push(Shape::new(n, dt, &mt)?);
+    }
+    Ok(out)
+}
+
+type Buckets = BTreeMap<i32, (i64, String)>;
+
+async fn bucket_sums(c: &Client, s: &Shape, n: i64) -> Result<Buckets> {
+    let sql = format!(
+        "SELECT {b}::int4, count(*), sum(('x' || left({h}, 16))::bit(64)::bigint::numeric)::text \
+         FROM {t} t GROUP BY 1",
+        b = s.bucket(n),
+        h = s.row_hash,
+        t = s.name.quoted()
+    );
+    Ok(c.query(&sql, &[])
+        .await?
+        .iter()
+        .map(|r| (r.get(0), (r.get(1), r.get(2))))
+        .collect())
+}
+
+/// `(key → (key, row hash))` for the rows of `c` in the given buckets.
+async fn rows_in(
+    c: &Client,
+    s: &Shape,
+    n: i64,
+    buckets: &[i32],
+) -> Result<HashMap<String, (Key, String)>> {
+    let sql = format!(
+        "SELECT {k}, {kv}, {kj}, {h} FROM {t} t WHERE {b} = ANY($1)",
+        k = s.key_text,
+        kv = s.key_values,
+        kj = s.key_json,
+        h = s.row_hash,
+        t = s.name.quoted(),
+        b = s.bucket(n)
+    );
+    Ok(collect_rows(c.query(&sql, &[&buckets]).await?))
+}
+
+fn collect_rows(rows: Vec<tokio_postgres::Row>) -> HashMap<String, (Key, String)> {
+    rows.into_iter()
+        .map(|r| {
+            (
+                r.get::<_, String>(0),
+                (
+                    Key {
+                        values: r.get(1),
+                        json: r.get(2),
+                    },
+                    r.get(3),
+                ),
+            )
+        })
+        .collect()
+}
+
+/// Rows of `c` with the given keys.
+async fn rows_with_keys(
+    c: &Client,
+    s: &Shape,
+    keys: &[Key],
+) -> Result<HashMap<String, (Key, String)>> {
+    let sql = format!(
+        "SELECT {k}, {kv}, {kj}, {h} FROM {t} t {join}",
+        k = s.key_text,
+        kv = s.key_values,
+        kj = s.key_json,
+        h = s.row_hash,
+        t = s.name.quoted(),
+        join = s.key_join()
+    );
+    let cols: Vec<Vec<&str>> = (0..s.meta.key.len())
+        .map(|i| keys.iter().map(|k| k.values[i].as_str()).collect())
+        .collect();
+    let params: Vec<&(dyn ToSql + Sync)> = cols.iter().map(|c| c as &(dyn ToSql + Sync)).collect();
+    Ok(collect_rows(c.query(&sql, &params).await?))
+}
+
+fn diff(d: HashMap<String, (Key, String)>, mut m: HashMap<String, (Key, String)>) -> Diff {
+    let mut out = Diff::default();
+    for (k, (key, hash)) in d {
+        match m.remove(&k) {
+            None => out.only_desktop.push(key),
+            Some((_, h)) if h != hash => out.differs.push(key),
+            Some(_) => {}
+        }
+    }
+    out.only_mobile = m.into_values().map(|(k, _)| k).collect();
+    out
+}
+
+/// Is tandem streaming either side of this pair right now?
+async fn replicating(cfg: &Config, d: &Client, m: &Client) -> Result<bool> {
+    for (c, site) in [(d, &cfg.desktop), (m, &cfg.mobile)] {
+        let active = c
+            .query_opt(
+                "SELECT active FROM pg_replication_slots WHERE slot_name = $1",
+                &[&site.slot],
+            )
+            .await?
+            .is_some_and(|r| r.get::<_, bool>(0));
+        if active {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
+/// Wait until each side's walsender has sent everything written before now, then a moment for
+/// the apply to commit.
+async fn wait_for_lag(cfg: &Config, d: &Client, m: &Client) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    for (c, site) in [(d, &cfg.desktop), (m, &cfg.mobile)] {
+        let now: String = c
+            .query_one("SELECT pg_current_wal_lsn()::text", &[])
+            .await?
+            .get(0);
+        loop {
+            let passed = c
+                .query_opt(
+                    "SELECT r.sent_lsn >= $2::text::pg_lsn FROM pg_stat_replication r \
+                     JOIN pg_replication_slots s ON s.active_pid = r.pid WHERE s.slot_name = $1",
+                    &[&site.slot, &now],
+                )
+                .await?
+                .is_none_or(|r| r.get::<_, Option<bool>>(0).unwrap_or(true));
+            if passed || Instant::now() > deadline {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    Ok(())
+}
+
+/// Compare one table; `each` sees every round's differences (after re-checks), for repair.
+pub async fn compare<F>(
+    cfg: &Config,
+    d: &Client,
+    m: &Client,
+    s: &Shape,
+    mut each: F,
+) -> Result<TableReport>
+where
+    F: AsyncFnMut(&Diff) -> Result<()>,
+{
+    let rows: i64 = d
+        .query_one(&format!("SELECT count(*) FROM {}", s.name.quoted()), &[])
+        .await?
+        .get(0);
+    let n = ((rows / ROWS_PER_BUCKET).clamp(1, 65_536) as u64).next_power_of_two() as i64;
+    let (bd, bm) = tokio::try_join!(bucket_sums(d, s, n), bucket_sums(m, s, n))?;
+    let mut differing: Vec<i32> = bd
+        .keys()
+        .chain(bm.keys())
+        .copied()
+        .filter(|b| bd.get(b) != bm.get(b))
+        .collect();
+    differing.sort_unstable();
+    differing.dedup();
+    let live = replicating(cfg, d, m).await?;
+    let mut report = TableReport {
+        table: s.name.to_string(),
+        ..Default::default()
+    };
+    for chunk in differing.chunks(BUCKETS_PER_FETCH) {
+        let (rd, rm) = tokio::try_join!(rows_in(d, s, n, chunk), rows_in(m, s, n, chunk))?;
+        let mut found = diff(rd, rm);
+        // In flight while replicating: look again once the streams have passed this moment.
+        let mut rounds = 0;
+        while live
+            && rounds < 5
+            && !(found.only_desktop.is_empty()
+                && found.only_mobile.is_empty()
+                && found.differs.is_empty())
+        {
+            wait_for_lag(cfg, d, m).await?;
+            let keys: Vec<Key> = found
+                .only_desktop
+                .iter()
+                .chain(&found.only_mobile)
+                .chain(&found.differs)
+                .cloned()
+                .collect();
+            report.rechecked += keys.len() as u64;
+            let (rd, rm) =
+                tokio::try_join!(rows_with_keys(d, s, &keys), rows_with_keys(m, s, &keys))?;
+            found = diff(rd, rm);
+            rounds += 1;
+        }
+        report.only_desktop += found.only_desktop.len() as u64;
+        report.only_mobile += found.only_mobile.len() as u64;
+        report.differs += found.differs.len() as u64;
+        for (dst, src) in [
+            (&mut report.samples.only_desktop, &found.only_desktop),
+            (&mut report.samples.only_mobile, &found.only_mobile),
+            (&mut report.samples.differs, &found.differs),
+        ] {
+            for k in src.iter().take(SAMPLES.saturating_sub(dst.len())) {
+                dst.push(
+                    serde_json::from_str(&k.json)
+                        .unwrap_or(serde_json::Value::String(k.json.clone())),
+                );
+            }
+        }
+        each(&found).await?;
+    }
+    report.in_sync = (rows as u64).saturating_sub(report.only_desktop + report.differs);
+    Ok(report)
+}
+
+/// `tandem verify`.
+pub async fn verify(cfg: &Config, only: Option<&TableName>) -> Result<Report> {
+    let (d, m) = connect_pair(cfg).await?;
+    let mut tables = Vec::new();
+    for s in shapes(cfg, &d, &m, only).await? {
+        tables.push(compare(cfg, &d, &m, &s, async |_| Ok(())).await?);
+    }
+    Ok(Report { tables })
+}
+
+/// Human-readable lines of a report.
+pub fn render(r: &Report) -> String {
+    let mut out = String::new();
+    for t in &r.tables {
+        out.push_str(&format!(
+            "{:<32} {:>10} in sync  {:>8} only desktop  {:>8} only mobile  {:>8} differ  {}\n",
+            t.table,
+            t.in_sync,
+            t.only_desktop,
+            t.only_mobile,
+            t.differs,
+            if t.is_in_sync() { "OK" } else { "DIFFERENT" }
+        ));
+        for (what, keys) in [
+            ("only desktop", &t.samples.only_desktop),
+            ("only mobile", &t.samples.only_mobile),
+            ("differ", &t.samples.differs),
+        ] {
+            if !keys.is_empty() {
+                let keys: Vec<String> = keys.iter().map(|k| k.to_string()).collect();
+                out.push_str(&format!("    {what}: {}\n", keys.join(" ")));
+            }
+        }
+    }
+    out
+}
+
+/// The side named on the command line.
+pub fn parse_side(s: &str) -> Result<Side> {
+    match s {
+        "desktop" | "D" => Ok(Side::Desktop),
+        "mobile" | "M" => Ok(Side::Mobile),
+        _ => Err(anyhow!("`{s}` is not a side; use desktop or mobile")),
+    }
+}
