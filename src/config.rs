@@ -119,6 +119,12 @@ struct RawReplication {
     apply_truncate: bool,
     #[serde(default = "default_batch_rows")]
     batch_rows: usize,
+    #[serde(default = "yes")]
+    initial_snapshot: bool,
+    #[serde(default)]
+    seed: Option<String>,
+    #[serde(default)]
+    snapshot_seed: BTreeMap<String, String>,
 }
 
 fn yes() -> bool {
@@ -147,6 +153,12 @@ pub struct Config {
     pub apply_truncate: bool,
     /// Most rows in one multi-row apply statement.
     pub batch_rows: usize,
+    /// `run` snapshots tables that were never synchronised before streaming them.
+    pub initial_snapshot: bool,
+    /// Whose rows win in an initial snapshot, unless a table says otherwise.
+    pub seed: Side,
+    /// Per-table seed; `None` means the table gets no initial snapshot.
+    pub snapshot_seed: BTreeMap<TableName, Option<Side>>,
 }
 
 /// One side, resolved: URL (possibly from the environment), slot and publication names.
@@ -174,6 +186,19 @@ impl Config {
         match side {
             Side::Desktop => &self.desktop,
             Side::Mobile => &self.mobile,
+        }
+    }
+
+    /// The seed of `table`'s initial snapshot (`None`: no snapshot). A one-way table's seed is the
+    /// side it flows from: its other side is never written by tandem's stream.
+    pub fn seed_for(&self, table: &TableName) -> Option<Side> {
+        if let Some(s) = self.snapshot_seed.get(table) {
+            return *s;
+        }
+        match self.direction(table) {
+            Direction::DesktopToMobile => Some(Side::Desktop),
+            Direction::MobileToDesktop => Some(Side::Mobile),
+            Direction::Both => Some(self.seed),
         }
     }
 
@@ -252,6 +277,9 @@ impl Config {
             direction: BTreeMap::new(),
             apply_truncate: true,
             batch_rows: default_batch_rows(),
+            initial_snapshot: true,
+            seed: None,
+            snapshot_seed: BTreeMap::new(),
         });
         let mut tables = Vec::new();
         for t in &repl.tables {
@@ -283,6 +311,38 @@ impl Config {
                 Err(e) => problems.push(format!("[replication.direction] {e}")),
             }
         }
+        let side = |v: &str| match v {
+            "desktop" => Ok(Side::Desktop),
+            "mobile" => Ok(Side::Mobile),
+            other => Err(other.to_string()),
+        };
+        let seed = match repl.seed.as_deref().map(side) {
+            None => Side::Desktop,
+            Some(Ok(s)) => s,
+            Some(Err(v)) => {
+                problems.push(format!(
+                    "[replication] seed = \"{v}\": use \"desktop\" or \"mobile\""
+                ));
+                Side::Desktop
+            }
+        };
+        let mut snapshot_seed = BTreeMap::new();
+        for (t, v) in &repl.snapshot_seed {
+            let value = if v == "none" {
+                Ok(None)
+            } else {
+                side(v).map(Some)
+            };
+            match (t.parse::<TableName>(), value) {
+                (Ok(t), Ok(v)) => {
+                    snapshot_seed.insert(t, v);
+                }
+                (Err(e), _) => problems.push(format!("[replication.snapshot_seed] {e}")),
+                (_, Err(v)) => problems.push(format!(
+                    "[replication.snapshot_seed] \"{t}\" = \"{v}\": use \"desktop\", \"mobile\" or \"none\""
+                )),
+            }
+        }
         if repl.batch_rows == 0 {
             problems.push("[replication] batch_rows must be at least 1".into());
         }
@@ -296,6 +356,9 @@ impl Config {
             directions,
             apply_truncate: repl.apply_truncate,
             batch_rows: repl.batch_rows,
+            initial_snapshot: repl.initial_snapshot,
+            seed,
+            snapshot_seed,
         })
     }
 }
@@ -315,7 +378,15 @@ pub struct ConfigError(pub String);
 fn check_keys(t: &toml::Table) -> Result<(), ConfigError> {
     const TOP: &[&str] = &["desktop", "mobile", "replication"];
     const SIDE: &[&str] = &["url", "slot", "publication"];
-    const REPL: &[&str] = &["tables", "direction", "apply_truncate", "batch_rows"];
+    const REPL: &[&str] = &[
+        "tables",
+        "direction",
+        "apply_truncate",
+        "batch_rows",
+        "initial_snapshot",
+        "seed",
+        "snapshot_seed",
+    ];
     let mut problems = Vec::new();
     let mut check = |path: &str, table: &toml::Table, known: &[&str]| {
         for key in table.keys() {

@@ -9,7 +9,7 @@ use tokio::sync::watch;
 
 use tandem::config::Config;
 use tandem::config::TableName;
-use tandem::ops::{demo, repair, setup, teardown, verify};
+use tandem::ops::{demo, repair, setup, snapshot, teardown, verify};
 use tandem::sync;
 
 #[derive(Parser)]
@@ -37,6 +37,18 @@ enum Command {
         /// Also drop the `tandem` control schema (checkpoints included).
         #[arg(long)]
         purge: bool,
+    },
+    /// Bring the other side in line with SEED for existing rows (merge; --mirror for an exact copy).
+    Snapshot {
+        /// Only this table (schema-qualified).
+        #[arg(long)]
+        table: Option<TableName>,
+        /// The side whose rows win: desktop or mobile.
+        #[arg(long, value_parser = verify::parse_side)]
+        seed: tandem::side::Side,
+        /// Make the target an exact copy (delete rows only the target has).
+        #[arg(long)]
+        mirror: bool,
     },
     /// Compare both sides by primary key. Exit 0: in sync; 1: differences; 2: error.
     Verify {
@@ -117,6 +129,29 @@ fn shutdown_signal() -> watch::Receiver<bool> {
 
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
+        Command::Snapshot {
+            table,
+            seed,
+            mirror,
+        } => {
+            let cfg = Arc::new(Config::load(&cli.config)?);
+            let mode = if mirror {
+                snapshot::Mode::Mirror
+            } else {
+                snapshot::Mode::Merge
+            };
+            for o in snapshot::snapshot(cfg, table.as_ref(), seed, mode).await? {
+                if o.skipped {
+                    println!("{}: already done by the interrupted run, skipped", o.table);
+                } else {
+                    println!(
+                        "{}: copied {} rows from {seed}: {} inserted, {} updated, {} deleted on {}; {} copied back to {seed}",
+                        o.table, o.copied, o.inserted, o.updated, o.deleted, seed.other(), o.copied_back
+                    );
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Verify { table, json } => {
             let cfg = Config::load(&cli.config)?;
             let report = verify::verify(&cfg, table.as_ref()).await?;

@@ -1,7 +1,7 @@
 //! `tandem run`: one loop per direction — stream the source's slot, assemble events, apply them
 //! to the other side, commit the checkpoint with them, then confirm the source slot.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -33,6 +33,8 @@ pub struct Progress {
     pub changes: AtomicU64,
     pub transactions: AtomicU64,
     pub checkpoint: AtomicU64,
+    /// Streaming (started, checked for gaps) right now.
+    pub streaming: AtomicBool,
 }
 
 impl Progress {
@@ -63,6 +65,11 @@ pub async fn run(
     shutdown: watch::Receiver<bool>,
     status: Arc<Status>,
 ) -> Result<()> {
+    preflight(&cfg).await?;
+    if cfg.initial_snapshot {
+        // Before any stream starts, so each direction's checkpoint stays put during the copy.
+        crate::ops::snapshot::initial(&cfg).await?;
+    }
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut ext = shutdown.clone();
     let forward = {
@@ -109,6 +116,25 @@ pub async fn run(
         Some(e) => Err(e),
         None => Ok(()),
     }
+}
+
+/// Refuse to touch anything when a direction cannot resume: no checkpoint, or a slot already
+/// confirmed past it. (Checked again after START_REPLICATION, which is the authoritative moment.)
+async fn preflight(cfg: &Config) -> Result<()> {
+    for source in Side::BOTH {
+        let site = cfg.site(source);
+        let target = db::connect(cfg.site(source.other()), "tandem check").await?;
+        let cp = checkpoint::load(&target, source).await?.ok_or_else(|| {
+            anyhow!(
+                "{}: no checkpoint for {} in tandem.checkpoints; run `tandem setup` first",
+                source.other(),
+                source.direction_from()
+            )
+        })?;
+        let src = db::connect(site, "tandem check").await?;
+        check_no_gap(&src, site, cp.lsn).await?;
+    }
+    Ok(())
 }
 
 /// Is this error worth reconnecting for (a dropped connection) rather than stopping?
@@ -198,12 +224,28 @@ async fn direction_once(
     drop(source_sql);
     tracing::info!(%source, checkpoint = %cp.lsn, origin = applier.origin, "streaming {} → {}", source, source.other());
 
+    progress.streaming.store(true, Ordering::Relaxed);
+    let result = stream_loop(&mut applier, &mut stream, source, cp.lsn, stop, progress).await;
+    progress.streaming.store(false, Ordering::Relaxed);
+    stream.close().await;
+    result
+}
+
+/// Apply the stream until `stop`; then finish cleanly at a transaction boundary.
+async fn stream_loop(
+    applier: &mut Applier,
+    stream: &mut SourceStream,
+    source: Side,
+    start: Lsn,
+    stop: &mut watch::Receiver<bool>,
+    progress: &Progress,
+) -> Result<()> {
     let mut asm = Assembler::new(source);
     // Durable on the target: the slot may be confirmed up to here.
-    let mut checkpoint = cp.lsn;
+    let mut checkpoint = start;
     progress.checkpoint.store(checkpoint.0, Ordering::Relaxed);
     // Everything before this needs nothing more applied, but is not yet recorded.
-    let mut safe = cp.lsn;
+    let mut safe = start;
     let mut skipping = false;
     let mut group_end: Option<Lsn> = None;
     let mut group_opened: Option<Instant> = None;
@@ -306,7 +348,6 @@ async fn direction_once(
         stream.confirm(checkpoint);
     }
     progress.checkpoint.store(checkpoint.0, Ordering::Relaxed);
-    stream.close().await;
     tracing::info!(%source, %checkpoint, "stopped");
     Ok(())
 }

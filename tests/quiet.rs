@@ -34,7 +34,7 @@ async fn wal(c: &Client) -> i64 {
 async fn no_echo_each_change_lands_once_and_wal_stops_growing() {
     let schema = format!("{JOBS}\n{}", audit_sql("jobs"));
     let fx = Fixture::new("no_echo", &schema, r#"tables = ["public.jobs"]"#).await;
-    let run = fx.start();
+    let run = fx.start().await;
     // A burst on both sides: 1000 transactions each (insert, and an update every other one).
     let before: String =
         fx.d.query_one("SELECT pg_current_wal_lsn()::text", &[])

@@ -42,7 +42,7 @@ const JOBS_TABLES: &str = r#"tables = ["public.jobs", "public.tasks", "public.sc
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn inserts_updates_deletes_and_truncate_flow_both_ways_at_once() {
     let fx = Fixture::new("flow_both", JOBS, JOBS_TABLES).await;
-    let run = fx.start();
+    let run = fx.start().await;
     // Disjoint keys: desktop writes 1..=300, mobile 10001..=10300, concurrently.
     let (d, m) = (&fx.d, &fx.m);
     tokio::join!(writer(d, 0), writer(m, 10_000));
@@ -81,7 +81,7 @@ async fn inserts_updates_deletes_and_truncate_flow_both_ways_at_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn multi_table_transaction_with_foreign_key_and_primary_key_change() {
     let fx = Fixture::new("fk_and_pk", JOBS, JOBS_TABLES).await;
-    let run = fx.start();
+    let run = fx.start().await;
     fx.d.batch_execute(
         "BEGIN;
          INSERT INTO jobs VALUES (1, 'parent', 'open', 0);
@@ -142,7 +142,7 @@ async fn a_megabyte_toasted_value_survives_an_update_of_another_column() {
         r#"tables = ["public.docs"]"#,
     )
     .await;
-    let run = fx.start();
+    let run = fx.start().await;
     // 1 MiB of hex that does not compress, so it is stored out of line.
     fx.d.batch_execute(
         "INSERT INTO docs SELECT 1, string_agg(md5(g::text), ''), 1 FROM generate_series(1, 32768) g",
@@ -206,7 +206,7 @@ async fn every_type_round_trips_exactly_both_ways() {
             ident bigint GENERATED ALWAYS AS IDENTITY
         );";
     let fx = Fixture::new("types", schema, r#"tables = ["public.every_type"]"#).await;
-    let run = fx.start();
+    let run = fx.start().await;
     let values = |id: i32| {
         format!(
             "INSERT INTO every_type (id, i2, i4, i8, num, num_s, f4, f8, t, vc, ch, bin, b, u, j, jb, d, tm, ts, tstz, iv, ai, at, m, am) VALUES
@@ -264,7 +264,7 @@ async fn per_table_direction_is_honoured() {
         "tables = [\"public.climaster\", \"public.notes\"]\n[replication.direction]\n\"public.climaster\" = \"desktop_to_mobile\"",
     )
     .await;
-    let run = fx.start();
+    let run = fx.start().await;
     fx.d.batch_execute("INSERT INTO climaster VALUES (1, 'from desktop')")
         .await
         .unwrap();
@@ -298,7 +298,7 @@ async fn per_table_direction_is_honoured() {
 async fn restart_resumes_from_the_checkpoint_with_nothing_lost_or_doubled() {
     let schema = format!("{JOBS}\n{}", audit_sql("jobs"));
     let fx = Fixture::new("restart", &schema, JOBS_TABLES).await;
-    let run = fx.start();
+    let run = fx.start().await;
     fx.d.batch_execute("INSERT INTO jobs SELECT g, 'first' FROM generate_series(1, 100) g")
         .await
         .unwrap();
@@ -316,7 +316,7 @@ async fn restart_resumes_from_the_checkpoint_with_nothing_lost_or_doubled() {
     )
     .await
     .unwrap();
-    let run = fx.start();
+    let run = fx.start().await;
     fx.wait_equal("jobs", 30).await;
     assert_eq!(
         Fixture::count(&fx.m, "SELECT count(*) FROM jobs").await,
@@ -330,7 +330,7 @@ async fn restart_resumes_from_the_checkpoint_with_nothing_lost_or_doubled() {
     .await;
     run.stop().await;
     // A third start with nothing new applies nothing again.
-    let run = fx.start();
+    let run = fx.start().await;
     fx.d.batch_execute("INSERT INTO jobs VALUES (999, 'marker')")
         .await
         .unwrap();
@@ -350,7 +350,7 @@ async fn sslmode_require_encrypts_sql_and_replication_connections() {
         .replace("/tls\"", "/tls?sslmode=require\"");
     assert_eq!(text.matches("sslmode=require").count(), 2, "{text}");
     let fx = Fixture::with_config("tls", d, m, text).await;
-    let run = fx.start();
+    let run = fx.start().await;
     fx.d.batch_execute("INSERT INTO jobs VALUES (1, 'over tls')")
         .await
         .unwrap();
@@ -389,7 +389,7 @@ async fn a_role_without_superuser_replicates_both_ways_without_echo() {
         .replace("postgresql://postgres@", "postgresql://tandem_app:app-pw@");
     assert_eq!(text.matches("tandem_app:app-pw@").count(), 2);
     let fx = Fixture::with_config("nonsuper", d, m, text).await;
-    let run = fx.start();
+    let run = fx.start().await;
     tokio::join!(writer(&fx.d, 0), writer(&fx.m, 10_000));
     fx.wait_equal("jobs", 60).await;
     // 300 inserts + 100 updates + 60 deletes per side, each landing once on the other side.
@@ -415,7 +415,7 @@ async fn a_role_without_superuser_replicates_both_ways_without_echo() {
 async fn terminated_connections_reconnect_and_lose_nothing() {
     let schema = format!("{JOBS}\n{}", audit_sql("jobs"));
     let fx = Fixture::new("reconnect", &schema, JOBS_TABLES).await;
-    let run = fx.start();
+    let run = fx.start().await;
     fx.d.batch_execute("INSERT INTO jobs SELECT g, 'before' FROM generate_series(1, 100) g")
         .await
         .unwrap();
@@ -452,7 +452,7 @@ async fn terminated_connections_reconnect_and_lose_nothing() {
 async fn an_idle_slot_keeps_up_with_writes_to_unpublished_tables() {
     let schema = format!("{JOBS}\nCREATE TABLE local_only (id int PRIMARY KEY, v text);");
     let fx = Fixture::new("idle_slot", &schema, JOBS_TABLES).await;
-    let run = fx.start();
+    let run = fx.start().await;
     // 4 MB of WAL that no publication covers: PostgreSQL 15 sends no transaction for it, only
     // keepalives, and the slot must still move or the WAL would pile up on desktop.
     fx.d.batch_execute(

@@ -126,7 +126,7 @@ async fn verify_counts_exactly_and_repair_makes_the_target_equal_without_echo() 
     );
 
     // The repair carried tandem's marker: starting replication now sends none of it back.
-    let run = fx.start();
+    let run = fx.start().await;
     fx.m.batch_execute("INSERT INTO jobs VALUES (77777, 'sentinel', 0)")
         .await
         .unwrap();
@@ -144,7 +144,7 @@ async fn verify_counts_exactly_and_repair_makes_the_target_equal_without_echo() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn divergence_behind_tandems_back_is_found_and_repaired_while_running() {
     let fx = Fixture::new("behind_back", SCHEMA, TABLES).await;
-    let run = fx.start();
+    let run = fx.start().await;
     fx.d.batch_execute("INSERT INTO jobs SELECT g, 'job', 0 FROM generate_series(1, 500) g")
         .await
         .unwrap();
@@ -187,7 +187,7 @@ async fn rows_changed_in_flight_are_rechecked_not_reported() {
     fx.d.batch_execute("INSERT INTO jobs SELECT g, 'job', 0 FROM generate_series(1, 50000) g")
         .await
         .unwrap();
-    let run = fx.start();
+    let run = fx.start().await;
     fx.wait_equal("jobs", 60).await;
     // A large change commits on desktop just before verify reads: mobile is still applying it.
     fx.d.batch_execute("UPDATE jobs SET n = n + 1")

@@ -3,5 +3,6 @@
 pub mod demo;
 pub mod repair;
 pub mod setup;
+pub mod snapshot;
 pub mod teardown;
 pub mod verify;

@@ -38,8 +38,10 @@ impl fmt::Display for Problems {
 impl std::error::Error for Problems {}
 
 /// The migrations of the `tandem` schema, in order.
-pub const MIGRATIONS: &[(i32, &str)] =
-    &[(1, include_str!("../../migrations/0001_control_schema.sql"))];
+pub const MIGRATIONS: &[(i32, &str)] = &[
+    (1, include_str!("../../migrations/0001_control_schema.sql")),
+    (2, include_str!("../../migrations/0002_snapshots.sql")),
+];
 
 /// Tables as both sides have them, after validation.
 pub struct Plan {

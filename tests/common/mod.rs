@@ -128,12 +128,28 @@ impl Fixture {
         }
     }
 
-    /// Run `tandem run` in this process until the returned handle is stopped.
-    pub fn start(&self) -> Running {
+    /// Run `tandem run` in this process until the returned handle is stopped. Returns once both
+    /// directions stream (after the initial snapshot), so a test's writes go through the streams.
+    pub async fn start(&self) -> Running {
         let (tx, rx) = watch::channel(false);
         let status = Arc::new(Status::default());
         let task = tokio::spawn(sync::run(self.cfg.clone(), rx, status.clone()));
-        Running { tx, task, status }
+        let running = Running { tx, task, status };
+        let streaming =
+            |s: &tandem::sync::Progress| s.streaming.load(std::sync::atomic::Ordering::Relaxed);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !(streaming(&running.status.from_desktop) && streaming(&running.status.from_mobile)) {
+            assert!(
+                !running.task.is_finished(),
+                "tandem run ended before streaming"
+            );
+            assert!(
+                Instant::now() < deadline,
+                "tandem run not streaming after 60 s"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        running
     }
 
     /// Rows of `table` on `c` as text, ordered, for exact comparison across sides.

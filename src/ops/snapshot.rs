@@ -1,0 +1,447 @@
+//! Initial snapshot: bring a table's existing rows on the target in line with the seed side.
+//!
+//! Per table, in one target transaction: tandem's marker (so the target's stream never sends the
+//! rows back), a temporary staging table filled by `COPY` straight from a REPEATABLE READ read on
+//! the seed, then a merge into the real table and the table's `done` row in `tandem.snapshots`.
+//! A failure or a kill anywhere before that commit leaves the target table untouched.
+//!
+//! Why this is consistent with streaming without an exported snapshot: the seed→target direction
+//! is not running during the copy, so its checkpoint C stays where it is, and the copy reads some
+//! state P after C. Streaming later resumes at C and replays (C, P] over the merged rows; applying
+//! a suffix of the history again in order leaves every row as it was at P (inserts, updates and
+//! deletes are idempotent upserts and deletes by key), and then continues past P. Nothing written
+//! during the copy is lost (it is after C) or doubled (re-application is idempotent).
+
+use std::io::IsTerminal;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use futures_util::{pin_mut, SinkExt, StreamExt};
+use indicatif::{ProgressBar, ProgressStyle};
+use tokio_postgres::Client;
+
+use crate::apply::plan::TargetTable;
+use crate::catalog;
+use crate::config::{quote_ident, Config, Direction, TableName};
+use crate::db;
+use crate::side::Side;
+use crate::source::assemble::MARKER_PREFIX;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Missing rows inserted, differing rows take the seed's version, target-only rows stay (and
+    /// are copied to the seed for two-way tables, so both end with the union).
+    Merge,
+    /// The target becomes an exact copy: target-only rows are deleted.
+    Mirror,
+}
+
+impl Mode {
+    fn name(self) -> &'static str {
+        match self {
+            Mode::Merge => "merge",
+            Mode::Mirror => "mirror",
+        }
+    }
+}
+
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Outcome {
+    pub table: String,
+    pub copied: u64,
+    pub inserted: u64,
+    pub updated: u64,
+    pub deleted: u64,
+    /// Target-only rows copied to the seed side (merge of a two-way table).
+    pub copied_back: u64,
+    /// Already done by an earlier, interrupted run.
+    pub skipped: bool,
+}
+
+struct Sides {
+    d: Client,
+    m: Client,
+}
+
+impl Sides {
+    fn get(&self, s: Side) -> &Client {
+        match s {
+            Side::Desktop => &self.d,
+            Side::Mobile => &self.m,
+        }
+    }
+}
+
+async fn connect(cfg: &Config) -> Result<Sides> {
+    Ok(Sides {
+        d: db::connect(&cfg.desktop, "tandem snapshot").await?,
+        m: db::connect(&cfg.mobile, "tandem snapshot").await?,
+    })
+}
+
+async fn state(c: &Client, t: &TableName) -> Result<Option<String>> {
+    Ok(c.query_opt(
+        "SELECT state FROM tandem.snapshots WHERE table_name = $1",
+        &[&t.to_string()],
+    )
+    .await
+    .context("reading tandem.snapshots (run `tandem setup` to create it)")?
+    .map(|r| r.get(0)))
+}
+
+async fn mark(
+    c: &Client,
+    t: &TableName,
+    seed: Side,
+    mode: Mode,
+    state: &str,
+    rows: Option<i64>,
+) -> Result<()> {
+    c.execute(
+        "INSERT INTO tandem.snapshots (table_name, seed, mode, state, rows) VALUES ($1, $2, $3, $4, $5) \
+         ON CONFLICT (table_name) DO UPDATE SET seed = EXCLUDED.seed, mode = EXCLUDED.mode, \
+         state = EXCLUDED.state, rows = EXCLUDED.rows, updated_at = now()",
+        &[&t.to_string(), &seed.tag().to_string(), &mode.name(), &state, &rows],
+    )
+    .await?;
+    Ok(())
+}
+
+/// Refuse while `tandem run` streams either side: the copy must not race the stream.
+async fn require_stopped(cfg: &Config, sides: &Sides) -> Result<()> {
+    for side in Side::BOTH {
+        let slot = &cfg.site(side).slot;
+        let active = sides
+            .get(side)
+            .query_opt(
+                "SELECT active FROM pg_replication_slots WHERE slot_name = $1",
+                &[slot],
+            )
+            .await?
+            .is_some_and(|r| r.get::<_, bool>(0));
+        if active {
+            bail!(
+                "{side}: slot {slot} is in use: stop `tandem run` first (run itself snapshots \
+                 never-synchronised tables when it starts)"
+            );
+        }
+    }
+    Ok(())
+}
+
+/// `tandem snapshot`: every configured table (or `only`), seeded from `seed`. Resumes an
+/// interrupted run: tables it finished are not redone.
+pub async fn snapshot(
+    cfg: Arc<Config>,
+    only: Option<&TableName>,
+    seed: Side,
+    mode: Mode,
+) -> Result<Vec<Outcome>> {
+    let sides = connect(&cfg).await?;
+    require_stopped(&cfg, &sides).await?;
+    let target = sides.get(seed.other());
+    let mut tables = catalog::expand(sides.get(seed), &cfg.tables).await?;
+    if let Some(t) = only {
+        if !tables.contains(t) {
+            bail!("table {t} is not among the configured tables");
+        }
+        tables = vec![t.clone()];
+    }
+    let pending: Vec<String> = target
+        .query(
+            "SELECT table_name FROM tandem.snapshots WHERE state = 'pending' ORDER BY 1",
+            &[],
+        )
+        .await
+        .context("reading tandem.snapshots (run `tandem setup` to create it)")?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let resuming = !pending.is_empty() && tables.iter().any(|t| pending.contains(&t.to_string()));
+    if resuming {
+        tracing::info!(
+            "resuming an unfinished snapshot: {} table(s) left",
+            pending.len()
+        );
+    } else {
+        for t in &tables {
+            mark(target, t, seed, mode, "pending", None).await?;
+        }
+    }
+    let mut out = Vec::new();
+    for t in &tables {
+        if resuming && state(target, t).await?.as_deref() == Some("done") {
+            out.push(Outcome {
+                table: t.to_string(),
+                skipped: true,
+                ..Default::default()
+            });
+            continue;
+        }
+        out.push(copy_table(&cfg, &sides, t, seed, mode).await?);
+    }
+    Ok(out)
+}
+
+/// `run`'s start: snapshot (merge) every table that was never synchronised, from its seed.
+pub async fn initial(cfg: &Config) -> Result<Vec<Outcome>> {
+    let sides = connect(cfg).await?;
+    let mut out = Vec::new();
+    for t in catalog::expand(&sides.d, &cfg.tables).await? {
+        let Some(seed) = cfg.seed_for(&t) else {
+            continue;
+        };
+        if state(sides.get(seed.other()), &t).await?.as_deref() == Some("done") {
+            continue;
+        }
+        out.push(copy_table(cfg, &sides, &t, seed, Mode::Merge).await?);
+    }
+    Ok(out)
+}
+
+fn progress(t: &TableName, estimate: u64) -> Option<ProgressBar> {
+    if !std::io::stderr().is_terminal() {
+        return None;
+    }
+    let bar = if estimate > 0 {
+        ProgressBar::new(estimate)
+    } else {
+        ProgressBar::new_spinner()
+    };
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{prefix} [{bar:30}] {human_pos}/{human_len} rows  {per_sec}  ETA {eta}",
+        )
+        .expect("valid template")
+        .progress_chars("=> "),
+    );
+    bar.set_prefix(t.to_string());
+    Some(bar)
+}
+
+/// Stream `COPY … TO STDOUT` on `from` into `COPY … FROM STDIN` on `to`, counting rows.
+async fn pipe(
+    from: &Client,
+    out_sql: &str,
+    to: &Client,
+    in_sql: &str,
+    t: &TableName,
+    estimate: u64,
+) -> Result<u64> {
+    let bar = progress(t, estimate);
+    let started = Instant::now();
+    let mut last_log = Instant::now();
+    let out = from
+        .copy_out(out_sql)
+        .await
+        .with_context(|| format!("{out_sql}"))?;
+    let sink = to
+        .copy_in(in_sql)
+        .await
+        .with_context(|| format!("{in_sql}"))?;
+    pin_mut!(out);
+    pin_mut!(sink);
+    let mut rows = 0u64;
+    while let Some(chunk) = out.next().await {
+        let chunk = chunk?;
+        // Text COPY ends every row with a newline and escapes newlines inside values.
+        rows += chunk.iter().filter(|&&b| b == b'\n').count() as u64;
+        sink.send(chunk).await?;
+        match &bar {
+            Some(b) => b.set_position(rows),
+            None if last_log.elapsed() >= Duration::from_secs(2) => {
+                let rate = rows as f64 / started.elapsed().as_secs_f64();
+                tracing::info!(table = %t, rows, estimate, rows_per_s = rate as u64, "snapshot copying");
+                last_log = Instant::now();
+            }
+            None => {}
+        }
+    }
+    sink.finish().await?;
+    if let Some(b) = bar {
+        b.finish_and_clear();
+    }
+    Ok(rows)
+}
+
+fn key_match(meta: &TargetTable, a: &str, b: &str) -> String {
+    meta.key
+        .iter()
+        .map(|&k| {
+            let c = quote_ident(&meta.columns[k].name);
+            format!("{a}.{c} = {b}.{c}")
+        })
+        .collect::<Vec<_>>()
+        .join(" AND ")
+}
+
+/// Snapshot one table from `seed` into the other side.
+async fn copy_table(
+    cfg: &Config,
+    sides: &Sides,
+    t: &TableName,
+    seed: Side,
+    mode: Mode,
+) -> Result<Outcome> {
+    let (s, x) = (sides.get(seed), sides.get(seed.other()));
+    let meta = catalog::table(x, t)
+        .await?
+        .ok_or_else(|| anyhow!("{}: table {t} does not exist", seed.other()))?;
+    if meta.key.is_empty() {
+        bail!("{}: table {t} has no primary key", seed.other());
+    }
+    let cols: Vec<String> = meta
+        .columns
+        .iter()
+        .filter(|c| !c.generated)
+        .map(|c| quote_ident(&c.name))
+        .collect();
+    let list = cols.join(", ");
+    let keys: Vec<String> = meta
+        .key
+        .iter()
+        .map(|&k| quote_ident(&meta.columns[k].name))
+        .collect();
+    let overriding = if meta.columns.iter().any(|c| c.identity_always) {
+        " OVERRIDING SYSTEM VALUE"
+    } else {
+        ""
+    };
+    let table = t.quoted();
+    let estimate: i64 = s
+        .query_one(
+            "SELECT greatest(reltuples, 0)::int8 FROM pg_class WHERE oid = $1::text::regclass",
+            &[&table],
+        )
+        .await?
+        .get(0);
+    let started = Instant::now();
+    let mut outcome = Outcome {
+        table: t.to_string(),
+        ..Default::default()
+    };
+
+    x.batch_execute("BEGIN").await?;
+    let result = async {
+        x.execute(
+            "SELECT pg_logical_emit_message(true, $1, $2)",
+            &[&MARKER_PREFIX, &format!("snapshot {} {t}", seed.tag())],
+        )
+        .await?;
+        x.batch_execute(&format!(
+            "CREATE TEMP TABLE tandem_stage ON COMMIT DROP AS SELECT {list} FROM {table} WITH NO DATA"
+        ))
+        .await?;
+        s.batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY").await?;
+        outcome.copied = pipe(
+            s,
+            &format!("COPY (SELECT {list} FROM {table}) TO STDOUT"),
+            x,
+            &format!("COPY pg_temp.tandem_stage ({list}) FROM STDIN"),
+            t,
+            estimate as u64,
+        )
+        .await?;
+        s.batch_execute("COMMIT").await?;
+        x.batch_execute(&format!(
+            "CREATE INDEX ON pg_temp.tandem_stage ({}); ANALYZE pg_temp.tandem_stage",
+            keys.join(", ")
+        ))
+        .await?;
+        let target_only = format!(
+            "SELECT {list} FROM {table} t WHERE NOT EXISTS (SELECT 1 FROM pg_temp.tandem_stage s WHERE {})",
+            key_match(&meta, "s", "t")
+        );
+        // Merge of a two-way table: the target's own rows go to the seed as well (marked, so the
+        // seed's stream does not send them back), before the target commits; a rerun after a
+        // failure repeats this harmlessly (DO NOTHING).
+        if mode == Mode::Merge && cfg.direction(t) == Direction::Both {
+            s.batch_execute("BEGIN").await?;
+            s.execute(
+                "SELECT pg_logical_emit_message(true, $1, $2)",
+                &[&MARKER_PREFIX, &format!("snapshot back {} {t}", seed.other().tag())],
+            )
+            .await?;
+            s.batch_execute(&format!(
+                "CREATE TEMP TABLE tandem_back ON COMMIT DROP AS SELECT {list} FROM {table} WITH NO DATA"
+            ))
+            .await?;
+            pipe(x, &format!("COPY ({target_only}) TO STDOUT"), s, &format!("COPY pg_temp.tandem_back ({list}) FROM STDIN"), t, 0)
+                .await?;
+            outcome.copied_back = s
+                .execute(
+                    &format!(
+                        "INSERT INTO {table} ({list}){overriding} SELECT {list} FROM pg_temp.tandem_back \
+                         ON CONFLICT ({}) DO NOTHING",
+                        keys.join(", ")
+                    ),
+                    &[],
+                )
+                .await?;
+            s.batch_execute("COMMIT").await?;
+        }
+        let sets: Vec<String> = meta
+            .columns
+            .iter()
+            .enumerate()
+            .filter(|(i, c)| !c.generated && !c.identity_always && !meta.key.contains(i))
+            .map(|(_, c)| format!("{0} = EXCLUDED.{0}", quote_ident(&c.name)))
+            .collect();
+        let conflict = if sets.is_empty() {
+            "DO NOTHING".to_string()
+        } else {
+            // Rows already equal are left alone: no rewrite, no trigger, no WAL.
+            let qualify = |p: &str| cols.iter().map(|c| format!("{p}.{c}")).collect::<Vec<_>>().join(", ");
+            format!(
+                "DO UPDATE SET {} WHERE ROW({})::text IS DISTINCT FROM ROW({})::text",
+                sets.join(", "),
+                qualify("t"),
+                qualify("EXCLUDED")
+            )
+        };
+        let r = x
+            .query_one(
+                &format!(
+                    "WITH m AS (INSERT INTO {table} AS t ({list}){overriding} SELECT {list} FROM pg_temp.tandem_stage \
+                     ON CONFLICT ({}) {conflict} RETURNING (xmax = 0) AS inserted) \
+                     SELECT count(*) FILTER (WHERE inserted), count(*) FILTER (WHERE NOT inserted) FROM m",
+                    keys.join(", ")
+                ),
+                &[],
+            )
+            .await?;
+        outcome.inserted = r.get::<_, i64>(0) as u64;
+        outcome.updated = r.get::<_, i64>(1) as u64;
+        if mode == Mode::Mirror {
+            outcome.deleted = x
+                .execute(
+                    &format!(
+                        "DELETE FROM {table} t WHERE NOT EXISTS (SELECT 1 FROM pg_temp.tandem_stage s WHERE {})",
+                        key_match(&meta, "s", "t")
+                    ),
+                    &[],
+                )
+                .await?;
+        }
+        mark(x, t, seed, mode, "done", Some(outcome.copied as i64)).await?;
+        x.batch_execute("COMMIT").await?;
+        anyhow::Ok(())
+    }
+    .await;
+    if let Err(e) = result {
+        let _ = x.batch_execute("ROLLBACK").await;
+        let _ = s.batch_execute("ROLLBACK").await;
+        return Err(e.context(format!(
+            "snapshot of {t} from {seed}; {} is unchanged",
+            seed.other()
+        )));
+    }
+    let secs = started.elapsed().as_secs_f64();
+    tracing::info!(
+        table = %t, %seed, mode = mode.name(), copied = outcome.copied, inserted = outcome.inserted,
+        updated = outcome.updated, deleted = outcome.deleted, copied_back = outcome.copied_back,
+        rows_per_s = (outcome.copied as f64 / secs.max(1e-3)) as u64, "snapshot done"
+    );
+    Ok(outcome)
+}
