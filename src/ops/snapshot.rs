@@ -235,11 +235,11 @@ async fn pipe(
     let out = from
         .copy_out(out_sql)
         .await
-        .with_context(|| format!("{out_sql}"))?;
+        .with_context(|| out_sql.to_string())?;
     let sink = to
         .copy_in(in_sql)
         .await
-        .with_context(|| format!("{in_sql}"))?;
+        .with_context(|| in_sql.to_string())?;
     pin_mut!(out);
     pin_mut!(sink);
     let mut rows = 0u64;
