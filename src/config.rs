@@ -532,6 +532,33 @@ mod tests {
     }
 
     #[test]
+    fn snapshot_seed_per_table_overrides_then_direction_then_global() {
+        let text = format!("{GOOD}\n[replication.snapshot_seed]\n\"public.jobtasks\" = \"none\"\n")
+            .replace(
+                "[replication]\n",
+                "[replication]\nseed = \"mobile\"\ninitial_snapshot = true\n",
+            );
+        let c = Config::parse(&text, no_env).unwrap();
+        assert_eq!(c.seed, Side::Mobile);
+        assert_eq!(
+            c.seed_for(&TableName::new("public", "jobshead")),
+            Some(Side::Mobile)
+        );
+        assert_eq!(c.seed_for(&TableName::new("public", "jobtasks")), None);
+        // One-way table: seeded from where it flows from, whatever the global seed.
+        assert_eq!(
+            c.seed_for(&TableName::new("public", "climaster")),
+            Some(Side::Desktop)
+        );
+        let bad = text.replace("= \"none\"", "= \"nobody\"");
+        let e = Config::parse(&bad, no_env).unwrap_err().0;
+        assert!(
+            e.contains("\"public.jobtasks\" = \"nobody\": use \"desktop\", \"mobile\" or \"none\""),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn all_problems_are_reported_at_once() {
         let e = Config::parse("[replication]\ntables=[\"jobs\"]", no_env)
             .unwrap_err()

@@ -142,6 +142,25 @@ async fn verify_counts_exactly_and_repair_makes_the_target_equal_without_echo() 
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn verify_exits_2_on_error() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let text = Fixture::config_text("verify_err", TABLES).replacen(
+        &format!(":{}/", common::clusters().desktop.port),
+        &format!(":{port}/"),
+        1,
+    );
+    let path = std::env::temp_dir().join(format!("tandem-verify-err-{}.toml", std::process::id()));
+    std::fs::write(&path, text).unwrap();
+    let (code, _, err) = run_tandem(&["--config", path.to_str().unwrap(), "verify"], &[]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("desktop: cannot reach"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn divergence_behind_tandems_back_is_found_and_repaired_while_running() {
     let fx = Fixture::new("behind_back", SCHEMA, TABLES).await;
     let run = fx.start().await;

@@ -128,6 +128,14 @@ impl Fixture {
         }
     }
 
+    /// Start `tandem run` in this process and return at once (before its initial snapshot ends).
+    pub fn start_nowait(&self) -> Running {
+        let (tx, rx) = watch::channel(false);
+        let status = Arc::new(Status::default());
+        let task = tokio::spawn(sync::run(self.cfg.clone(), rx, status.clone()));
+        Running { tx, task, status }
+    }
+
     /// Run `tandem run` in this process until the returned handle is stopped. Returns once both
     /// directions stream (after the initial snapshot), so a test's writes go through the streams.
     pub async fn start(&self) -> Running {
