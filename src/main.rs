@@ -9,7 +9,7 @@ use tokio::sync::watch;
 
 use tandem::config::Config;
 use tandem::config::TableName;
-use tandem::ops::{demo, repair, setup, snapshot, teardown, verify};
+use tandem::ops::{bench, demo, repair, setup, snapshot, teardown, verify};
 use tandem::sync;
 
 #[derive(Parser)]
@@ -70,6 +70,21 @@ enum Command {
         /// Print what would change, change nothing.
         #[arg(long)]
         dry_run: bool,
+    },
+    /// Drain the same backlogs with native logical replication and with tandem; report rows/s.
+    Bench {
+        /// Workloads to run, comma-separated: w1, w2, w4.
+        #[arg(long, value_delimiter = ',', default_value = "w1,w2,w4")]
+        workload: Vec<bench::Workload>,
+        /// Runs of each contender per workload (their order rotates).
+        #[arg(long, default_value_t = 1)]
+        repeat: u32,
+        /// Multiply backlog sizes (1.0 = 100k transactions for W1, 1M rows for W2, 1000 × 100 KB for W4).
+        #[arg(long, default_value_t = 1.0)]
+        scale: f64,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
     },
     /// Two throwaway local clusters, a sample schema, and live sync on screen.
     Demo {
@@ -149,6 +164,28 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                         o.table, o.copied, o.inserted, o.updated, o.deleted, seed.other(), o.copied_back
                     );
                 }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Bench {
+            workload,
+            repeat,
+            scale,
+            json,
+        } => {
+            let report = bench::run(&workload, repeat.max(1), scale, |m| {
+                if !json {
+                    eprintln!(
+                        "{:?} {:?}: {} changes in {:.2} s",
+                        m.workload, m.contender, m.changes, m.seconds
+                    );
+                }
+            })
+            .await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", bench::render(&report));
             }
             Ok(ExitCode::SUCCESS)
         }

@@ -2,11 +2,12 @@
 //!
 //! Pure. Consecutive changes of the same table and the same shape (operation and column set) are
 //! merged into one batch, in order. A batch never holds the same key twice, because one
-//! `INSERT … ON CONFLICT DO UPDATE` may not touch a row twice and because the later change must
-//! win: a repeated key closes the batch and starts the next. So executing the batches in order
-//! gives the same result as applying the changes one by one.
+//! `INSERT … ON CONFLICT DO UPDATE` may not touch a row twice: a repeated key of the same shape
+//! replaces its earlier row (the later full image wins), and any other operation on it has another
+//! shape and so starts a new batch. Executing the batches in order therefore gives the same result
+//! as applying the changes one by one.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -140,7 +141,8 @@ pub struct Planner {
     max_bytes: usize,
     current: Option<Batch>,
     bytes: usize,
-    keys: HashSet<Vec<Option<Bytes>>>,
+    /// Keys in the open batch, with their row's index.
+    keys: HashMap<Vec<Option<Bytes>>, usize>,
     ready: Vec<Batch>,
 }
 
@@ -153,7 +155,7 @@ impl Planner {
             max_bytes,
             current: None,
             bytes: 0,
-            keys: HashSet::new(),
+            keys: HashMap::new(),
             ready: Vec::new(),
         }
     }
@@ -255,8 +257,21 @@ impl Planner {
             .current
             .as_ref()
             .is_some_and(|c| Arc::ptr_eq(&c.binding, b) && c.op == op && c.cols == cols);
-        if !same_shape || self.keys.contains(&key) {
+        if !same_shape {
             self.flush();
+        } else if let Some(&i) = self.keys.get(&key) {
+            // Same shape, same key: nothing else touched this key since (another shape would
+            // have closed the batch), so the later image supersedes the earlier one.
+            let batch = self
+                .current
+                .as_mut()
+                .expect("same shape implies an open batch");
+            self.bytes += vals
+                .iter()
+                .map(|v| v.as_ref().map_or(1, |x| x.len() + 1))
+                .sum::<usize>();
+            batch.rows[i] = vals;
+            return Ok(());
         }
         let size: usize = vals
             .iter()
@@ -270,7 +285,7 @@ impl Planner {
         });
         batch.rows.push(vals);
         self.bytes += size;
-        self.keys.insert(key);
+        self.keys.insert(key, batch.rows.len() - 1);
         if batch.rows.len() >= self.max_rows || self.bytes >= self.max_bytes {
             self.flush();
         }
@@ -365,19 +380,29 @@ mod tests {
     }
 
     #[test]
-    fn consecutive_same_shape_rows_merge_and_repeated_keys_split() {
+    fn consecutive_same_shape_rows_merge_and_a_repeated_key_keeps_its_latest_image() {
         let bd = binding();
         let mut p = Planner::new(100, 1 << 20);
         p.insert(&bd, &row("1", t("x"))).unwrap();
         p.insert(&bd, &row("2", t("y"))).unwrap();
-        p.update(&bd, None, &row("1", t("z"))).unwrap(); // same key again: new batch
+        p.update(&bd, None, &row("1", t("z"))).unwrap(); // same key, same shape: replaces
+        let old = OldTuple {
+            full: false,
+            tuple: vec![t("2"), Value::Null, Value::Null],
+        };
+        p.delete(&bd, &old).unwrap(); // another shape: new batch
+        p.insert(&bd, &row("2", t("w"))).unwrap(); // and again
         p.flush();
         let r = p.take_ready();
-        assert_eq!(r.len(), 2);
+        assert_eq!(r.len(), 3);
         assert_eq!(r[0].op, Op::Upsert);
         assert_eq!(r[0].cols, vec![2, 1]);
-        assert_eq!(r[0].rows, vec![vec![b("1"), b("x")], vec![b("2"), b("y")]]);
-        assert_eq!(r[1].rows, vec![vec![b("1"), b("z")]]);
+        assert_eq!(r[0].rows, vec![vec![b("1"), b("z")], vec![b("2"), b("y")]]);
+        assert_eq!(
+            (r[1].op, r[1].rows.clone()),
+            (Op::Delete, vec![vec![b("2")]])
+        );
+        assert_eq!(r[2].rows, vec![vec![b("2"), b("w")]]);
     }
 
     #[test]
@@ -499,7 +524,7 @@ mod tests {
             batches.extend(p.take_ready());
             let mut got: Table = BTreeMap::new();
             for b in &batches {
-                let mut keys = HashSet::new();
+                let mut keys = std::collections::HashSet::new();
                 for row in b.rows.iter().rev() {
                     let key = row[0].clone().unwrap();
                     assert!(keys.insert(key.clone()), "a batch holds a key twice: {b:?}");

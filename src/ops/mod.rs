@@ -1,5 +1,6 @@
 //! Operator commands around the replication core.
 
+pub mod bench;
 pub mod demo;
 pub mod repair;
 pub mod setup;
