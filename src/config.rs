@@ -7,6 +7,7 @@ use std::str::FromStr;
 
 use serde::Deserialize;
 
+use crate::apply::conflict::Policy;
 use crate::side::Side;
 
 /// A schema-qualified table name. `name` may be `*` in a config pattern.
@@ -140,6 +141,41 @@ struct RawConfig {
     desktop: Option<SideConfig>,
     mobile: Option<SideConfig>,
     replication: Option<RawReplication>,
+    conflicts: Option<RawConflicts>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConflicts {
+    policy: Option<Policy>,
+    version_column: Option<String>,
+    priority: Option<String>,
+    #[serde(default)]
+    tables: BTreeMap<String, RawTableConflicts>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTableConflicts {
+    policy: Option<Policy>,
+    version_column: Option<String>,
+}
+
+/// How one table's conflicts are resolved.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TableConflicts {
+    pub policy: Policy,
+    /// The column last_write_wins compares (a timestamp or an increasing number).
+    pub version_column: Option<String>,
+}
+
+/// `[conflicts]`: without it, changes are applied as they come and nothing is detected.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConflictConfig {
+    pub default: TableConflicts,
+    pub tables: BTreeMap<TableName, TableConflicts>,
+    /// Who wins a last_write_wins tie.
+    pub priority: Side,
 }
 
 /// The whole, validated configuration.
@@ -159,6 +195,7 @@ pub struct Config {
     pub seed: Side,
     /// Per-table seed; `None` means the table gets no initial snapshot.
     pub snapshot_seed: BTreeMap<TableName, Option<Side>>,
+    pub conflicts: Option<ConflictConfig>,
 }
 
 /// One side, resolved: URL (possibly from the environment), slot and publication names.
@@ -200,6 +237,17 @@ impl Config {
             Direction::MobileToDesktop => Some(Side::Mobile),
             Direction::Both => Some(self.seed),
         }
+    }
+
+    /// The conflict rule of `table`; `None` when `[conflicts]` is not configured.
+    pub fn conflicts_for(&self, table: &TableName) -> Option<&TableConflicts> {
+        let c = self.conflicts.as_ref()?;
+        Some(
+            c.tables
+                .get(table)
+                .or_else(|| c.tables.get(&TableName::new(&table.schema, "*")))
+                .unwrap_or(&c.default),
+        )
     }
 
     pub fn direction(&self, table: &TableName) -> Direction {
@@ -343,6 +391,48 @@ impl Config {
                 )),
             }
         }
+        let conflicts = raw.conflicts.map(|c| {
+            let version = |v: Option<String>, p: Policy| {
+                v.or_else(|| (p == Policy::LastWriteWins).then(|| "updated_at".to_string()))
+            };
+            let policy = c.policy.unwrap_or(Policy::LastWriteWins);
+            let default = TableConflicts {
+                policy,
+                version_column: version(c.version_column.clone(), policy),
+            };
+            let mut per_table = BTreeMap::new();
+            for (t, tc) in c.tables {
+                match t.parse::<TableName>() {
+                    Ok(name) => {
+                        let policy = tc.policy.unwrap_or(default.policy);
+                        let v = tc.version_column.or_else(|| c.version_column.clone());
+                        per_table.insert(
+                            name,
+                            TableConflicts {
+                                policy,
+                                version_column: version(v, policy),
+                            },
+                        );
+                    }
+                    Err(e) => problems.push(format!("[conflicts.tables] {e}")),
+                }
+            }
+            let priority = match c.priority.as_deref().map(side) {
+                None => Side::Desktop,
+                Some(Ok(s)) => s,
+                Some(Err(v)) => {
+                    problems.push(format!(
+                        "[conflicts] priority = \"{v}\": use \"desktop\" or \"mobile\""
+                    ));
+                    Side::Desktop
+                }
+            };
+            ConflictConfig {
+                default,
+                tables: per_table,
+                priority,
+            }
+        });
         if repl.batch_rows == 0 {
             problems.push("[replication] batch_rows must be at least 1".into());
         }
@@ -359,6 +449,7 @@ impl Config {
             initial_snapshot: repl.initial_snapshot,
             seed,
             snapshot_seed,
+            conflicts,
         })
     }
 }
@@ -376,7 +467,9 @@ pub struct ConfigError(pub String);
 
 /// Refuse unknown keys, naming the key and the nearest valid one.
 fn check_keys(t: &toml::Table) -> Result<(), ConfigError> {
-    const TOP: &[&str] = &["desktop", "mobile", "replication"];
+    const TOP: &[&str] = &["desktop", "mobile", "replication", "conflicts"];
+    const CONFLICTS: &[&str] = &["policy", "version_column", "priority", "tables"];
+    const TABLE_CONFLICTS: &[&str] = &["policy", "version_column"];
     const SIDE: &[&str] = &["url", "slot", "publication"];
     const REPL: &[&str] = &[
         "tables",
@@ -411,6 +504,16 @@ fn check_keys(t: &toml::Table) -> Result<(), ConfigError> {
     }
     if let Some(toml::Value::Table(r)) = t.get("replication") {
         check("replication", r, REPL);
+    }
+    if let Some(toml::Value::Table(c)) = t.get("conflicts") {
+        check("conflicts", c, CONFLICTS);
+        if let Some(toml::Value::Table(ts)) = c.get("tables") {
+            for (name, v) in ts {
+                if let toml::Value::Table(tc) = v {
+                    check(&format!("conflicts.tables.\"{name}\""), tc, TABLE_CONFLICTS);
+                }
+            }
+        }
     }
     if problems.is_empty() {
         Ok(())
@@ -500,6 +603,47 @@ mod tests {
             .direction(&TableName::new("public", "jobshead"))
             .flows_from(Side::Mobile));
         assert!(c.apply_truncate);
+    }
+
+    #[test]
+    fn conflicts_default_per_table_and_unknown_keys() {
+        let text = format!(
+            "{GOOD}\n[conflicts]\npolicy = \"last_write_wins\"\nversion_column = \"changed\"\n\
+             priority = \"mobile\"\n[conflicts.tables.\"public.climaster\"]\npolicy = \"desktop_wins\"\n\
+             [conflicts.tables.\"public.jobtasks\"]\npolicy = \"fill_missing\"\n"
+        );
+        let c = Config::parse(&text, no_env).unwrap();
+        let rule = |t: &str| c.conflicts_for(&t.parse().unwrap()).cloned().unwrap();
+        assert_eq!(rule("public.jobshead").policy, Policy::LastWriteWins);
+        assert_eq!(
+            rule("public.jobshead").version_column.as_deref(),
+            Some("changed")
+        );
+        assert_eq!(rule("public.climaster").policy, Policy::DesktopWins);
+        assert_eq!(rule("public.jobtasks").policy, Policy::FillMissing);
+        assert_eq!(c.conflicts.as_ref().unwrap().priority, Side::Mobile);
+        // Without [conflicts], nothing is detected.
+        assert!(Config::parse(GOOD, no_env)
+            .unwrap()
+            .conflicts_for(&"public.jobshead".parse().unwrap())
+            .is_none());
+        let e = Config::parse(
+            &format!("{GOOD}\n[conflicts]\npolicy = \"newest\"\npolcy = 1\n"),
+            no_env,
+        )
+        .unwrap_err()
+        .0;
+        assert!(
+            e.contains("unknown key `conflicts.polcy`; did you mean `policy`?"),
+            "{e}"
+        );
+        let e = Config::parse(
+            &format!("{GOOD}\n[conflicts]\npolicy = \"newest\"\n"),
+            no_env,
+        )
+        .unwrap_err()
+        .0;
+        assert!(e.contains("unknown variant `newest`"), "{e}");
     }
 
     #[test]

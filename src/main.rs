@@ -29,7 +29,14 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Validate both sides, then create the control schema, publications, slots and checkpoints.
-    Setup,
+    Setup {
+        /// Set REPLICA IDENTITY FULL on tables whose conflict policy needs old rows.
+        #[arg(long)]
+        replica_identity_full: bool,
+        /// Make key sequences of two-way tables disjoint: `odd-even` (desktop odd, mobile even).
+        #[arg(long, value_parser = ["odd-even"])]
+        sequences: Option<String>,
+    },
     /// Replicate both directions until SIGINT or SIGTERM.
     Run,
     /// Drop tandem's slots and publications (nothing keeps WAL afterwards).
@@ -234,9 +241,16 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             .await?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Setup => {
+        Command::Setup {
+            replica_identity_full,
+            sequences,
+        } => {
             let cfg = Arc::new(Config::load(&cli.config)?);
-            for line in setup::setup(cfg).await? {
+            let opts = setup::Options {
+                replica_identity_full,
+                sequences_odd_even: sequences.is_some(),
+            };
+            for line in setup::setup_with(cfg, opts).await? {
                 println!("{line}");
             }
             println!("setup complete");

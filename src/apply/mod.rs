@@ -2,6 +2,7 @@
 //! one transaction per group of source transactions, and commit the checkpoint with them.
 
 pub mod checkpoint;
+pub mod conflict;
 pub mod plan;
 pub mod sql;
 
@@ -19,6 +20,7 @@ use crate::event::{Change, Event, SourceTable};
 use crate::lsn::Lsn;
 use crate::side::Side;
 use crate::source::assemble::{MARKER_PREFIX, ORIGIN_PREFIX};
+use conflict::{Action, Observed, Rule};
 use plan::{Batch, Binding, Op, Planner, TargetTable};
 
 /// Most bytes of values in one statement.
@@ -32,6 +34,8 @@ pub struct ApplyStats {
     pub commits: u64,
     /// Updates whose row was not on the target (an unchanged-TOAST update cannot recreate it).
     pub missing_rows: u64,
+    /// Conflicts detected (each one is a row in `tandem.conflicts`).
+    pub conflicts: u64,
 }
 
 pub struct Applier {
@@ -41,12 +45,17 @@ pub struct Applier {
     tables: HashMap<TableName, Arc<TargetTable>>,
     bindings: HashMap<u32, (Arc<SourceTable>, Arc<Binding>)>,
     statements: HashMap<(TableName, Op, Vec<usize>), Option<Statement>>,
+    lookups: HashMap<(TableName, Op, Vec<usize>), Statement>,
     planner: Planner,
     in_txn: bool,
     /// Whether the session runs under a replication origin (echo filtering by origin as well).
     pub origin: bool,
+    /// Whether the session runs with `session_replication_role = replica`.
+    replica_role: bool,
     /// Apply every configured table whatever its direction (repair writes where it is told to).
     pub ignore_direction: bool,
+    /// Run the `[conflicts]` rules (off for repair: the operator chose whose rows win).
+    pub detect_conflicts: bool,
     pub stats: ApplyStats,
 }
 
@@ -62,11 +71,11 @@ impl Applier {
         // As PostgreSQL's own apply worker does: user triggers (and FK triggers) do not fire for
         // replicated rows, so a trigger that stamps or rewrites rows cannot make the sides diverge.
         // Needs superuser; without it the target's triggers fire as for any client.
-        if client
+        let replica_role = client
             .batch_execute("SET session_replication_role = replica")
             .await
-            .is_err()
-        {
+            .is_ok();
+        if !replica_role {
             tracing::info!(%target, "apply role may not set session_replication_role; target triggers will fire");
         }
         let origin = format!("{ORIGIN_PREFIX}from_{}", source.tag());
@@ -90,9 +99,12 @@ impl Applier {
             tables: HashMap::new(),
             bindings: HashMap::new(),
             statements: HashMap::new(),
+            lookups: HashMap::new(),
             in_txn: false,
             origin: origin_ok.is_ok(),
+            replica_role,
             ignore_direction: false,
+            detect_conflicts: true,
             stats: ApplyStats::default(),
         })
     }
@@ -164,10 +176,28 @@ impl Applier {
             self.tables.remove(&src.name);
         }
         let target = self.target_table(&src.name).await?;
-        let b = Arc::new(
-            Binding::new(src, target)
-                .map_err(|e| anyhow!("{} → {}: {e}", self.source, self.source.other()))?,
-        );
+        let mut b = Binding::new(src, target)
+            .map_err(|e| anyhow!("{} → {}: {e}", self.source, self.source.other()))?;
+        b.detect = self.detect_conflicts && self.cfg.conflicts_for(&src.name).is_some();
+        // A trigger that fires in this session sees each row change: then every change is
+        // applied as such, not collapsed into the key's latest image.
+        let modes: &[&str] = if self.replica_role {
+            &["A", "R"]
+        } else {
+            &["O", "A"]
+        };
+        let fires: bool = self
+            .client
+            .query_one(
+                "SELECT EXISTS (SELECT 1 FROM pg_trigger WHERE tgrelid = $1::text::regclass \
+                 AND NOT tgisinternal AND tgenabled::text = ANY($2))",
+                &[&src.name.quoted(), &modes],
+            )
+            .await
+            .with_context(|| format!("reading the triggers of {}", src.name))?
+            .get(0);
+        b.collapse = !fires;
+        let b = Arc::new(b);
         self.bindings.insert(src.oid, (src.clone(), b.clone()));
         Ok(b)
     }
@@ -189,6 +219,7 @@ impl Applier {
 
     /// Apply one change inside the open group (opening it if needed).
     pub async fn apply(&mut self, ev: &Event) -> Result<()> {
+        self.planner.set_position(ev.commit_lsn, ev.commit_ts);
         match &ev.change {
             Change::Insert { table, new } => {
                 let Some(b) = self.row_target(table, ev.commit_lsn).await? else {
@@ -249,7 +280,11 @@ impl Applier {
             self.planner.flush();
         }
         for batch in self.planner.take_ready() {
-            self.execute(&batch).await?;
+            if batch.meta.is_empty() {
+                self.execute(&batch).await?;
+            } else if let Some(batch) = self.resolve(&batch).await? {
+                self.execute(&batch).await?;
+            }
         }
         Ok(())
     }
@@ -271,22 +306,7 @@ impl Applier {
             }
         };
         let Some(stmt) = stmt else { return Ok(()) };
-        let mut columns: Vec<Vec<Option<&str>>> =
-            vec![Vec::with_capacity(batch.rows.len()); batch.cols.len()];
-        for row in &batch.rows {
-            for (i, v) in row.iter().enumerate() {
-                columns[i].push(match v {
-                    None => None,
-                    Some(b) => Some(std::str::from_utf8(b).map_err(|_| {
-                        anyhow!(
-                            "{}: a value of column `{}` is not valid UTF-8; tandem needs UTF8 databases",
-                            target.name,
-                            target.columns[batch.cols[i]].name
-                        )
-                    })?),
-                });
-            }
-        }
+        let columns = text_columns(target, &batch.cols, batch.rows.iter().map(Some))?;
         let params: Vec<&(dyn ToSql + Sync)> =
             columns.iter().map(|c| c as &(dyn ToSql + Sync)).collect();
         let n = self.client.execute(&stmt, &params).await.with_context(|| {
@@ -304,6 +324,132 @@ impl Applier {
             tracing::warn!(table = %target.name, missing, "update for rows missing on {}; skipped", self.source.other());
         }
         Ok(())
+    }
+
+    /// Detect and resolve conflicts for a batch: lock and compare the target's rows, decide each
+    /// row by the table's rule, log the conflicts, and return what is left to write.
+    async fn resolve(&mut self, batch: &Batch) -> Result<Option<Batch>> {
+        let target = batch.binding.target.clone();
+        let tc = self
+            .cfg
+            .conflicts_for(&target.name)
+            .cloned()
+            .ok_or_else(|| anyhow!("{}: no conflict rule", target.name))?;
+        let rule = Rule {
+            policy: tc.policy,
+            priority: self
+                .cfg
+                .conflicts
+                .as_ref()
+                .map_or(Side::Desktop, |c| c.priority),
+        };
+        let version = tc
+            .version_column
+            .as_ref()
+            .filter(|_| tc.policy == conflict::Policy::LastWriteWins)
+            .and_then(|v| target.columns.iter().position(|c| &c.name == v));
+        let old_cols = &batch.binding.bound;
+        let key = (target.name.clone(), batch.op, batch.cols.clone());
+        let stmt = match self.lookups.get(&key) {
+            Some(s) => s.clone(),
+            None => {
+                let text = sql::lookup(&target, batch.op, &batch.cols, old_cols, version);
+                let s = self.client.prepare(&text).await.with_context(|| {
+                    format!("preparing the conflict lookup for {}", target.name)
+                })?;
+                self.lookups.insert(key, s.clone());
+                s
+            }
+        };
+        let incoming = text_columns(&target, &batch.cols, batch.rows.iter().map(Some))?;
+        let olds = text_columns(&target, old_cols, batch.meta.iter().map(|m| m.old.as_ref()))?;
+        let has_old: Vec<bool> = batch.meta.iter().map(|m| m.old.is_some()).collect();
+        let mut params: Vec<&(dyn ToSql + Sync)> = incoming
+            .iter()
+            .chain(&olds)
+            .map(|c| c as &(dyn ToSql + Sync))
+            .collect();
+        params.push(&has_old);
+        let found =
+            self.client.query(&stmt, &params).await.with_context(|| {
+                format!("looking up {} rows of {}", batch.rows.len(), target.name)
+            })?;
+        let mut kept = Vec::with_capacity(batch.rows.len());
+        let mut log = ConflictLog::default();
+        for ((row, meta), r) in batch.rows.iter().zip(&batch.meta).zip(&found) {
+            let seen = Observed {
+                found: r.get(0),
+                same_as_incoming: r.get(1),
+                same_as_old: r.get(2),
+                version: r.get::<_, Option<i32>>(3).map(|v| v.cmp(&0)),
+            };
+            let (action, conflict) = conflict::decide(rule, self.source, meta.op, seen);
+            match action {
+                Action::Apply => kept.push(row.clone()),
+                Action::Skip => {}
+                Action::Merge => {
+                    let local: Option<Vec<Option<String>>> = r.get(5);
+                    let local = local.unwrap_or_default();
+                    kept.push(
+                        row.iter()
+                            .enumerate()
+                            .map(|(i, v)| match local.get(i) {
+                                Some(Some(l)) => Some(bytes::Bytes::from(l.clone())),
+                                _ => v.clone(),
+                            })
+                            .collect(),
+                    );
+                }
+            }
+            if let Some((kind, resolution)) = conflict {
+                let key_json: String = r.get(6);
+                tracing::info!(table = %target.name, kind = kind.as_str(), resolution = resolution.as_str(),
+                    key = %key_json, source = %self.source, "conflict");
+                log.kind.push(kind.as_str());
+                log.key.push(key_json);
+                log.local.push(r.get(4));
+                log.remote.push(r.get(7));
+                log.lsn.push(meta.commit_lsn.to_string());
+                log.ts.push(meta.commit_ts);
+                log.resolution.push(resolution.as_str());
+            }
+        }
+        if !log.kind.is_empty() {
+            self.stats.conflicts += log.kind.len() as u64;
+            self.client
+                .execute(
+                    "INSERT INTO tandem.conflicts (kind, table_name, key, local_row, remote_row, source_side, \
+                     source_commit_lsn, source_commit_ts, policy, resolution) \
+                     SELECT k, $2, key::jsonb, l::jsonb, r::jsonb, $3, lsn::pg_lsn, \
+                     timestamptz '2000-01-01 00:00:00+00' + ts * interval '1 microsecond', $4, res \
+                     FROM unnest($1::text[], $5::text[], $6::text[], $7::text[], $8::text[], $9::int8[], $10::text[]) \
+                     AS u(k, key, l, r, lsn, ts, res)",
+                    &[
+                        &log.kind,
+                        &target.name.to_string(),
+                        &self.source.tag().to_string(),
+                        &rule.policy.as_str(),
+                        &log.key,
+                        &log.local,
+                        &log.remote,
+                        &log.lsn,
+                        &log.ts,
+                        &log.resolution,
+                    ],
+                )
+                .await
+                .context("writing tandem.conflicts")?;
+        }
+        if kept.is_empty() {
+            return Ok(None);
+        }
+        Ok(Some(Batch {
+            binding: batch.binding.clone(),
+            op: batch.op,
+            cols: batch.cols.clone(),
+            rows: kept,
+            meta: Vec::new(),
+        }))
     }
 
     /// Finish the group: run what is pending, advance the checkpoint to `lsn` in the same
@@ -358,4 +504,40 @@ impl Applier {
     pub fn count_transaction(&mut self) {
         self.stats.transactions += 1;
     }
+}
+
+/// Conflict rows of one batch, column by column for one multi-row insert.
+#[derive(Default)]
+struct ConflictLog {
+    kind: Vec<&'static str>,
+    key: Vec<String>,
+    local: Vec<Option<String>>,
+    remote: Vec<Option<String>>,
+    lsn: Vec<String>,
+    ts: Vec<i64>,
+    resolution: Vec<&'static str>,
+}
+
+/// Rows of text values (a `None` row: all NULL) turned into one `text[]` parameter per column.
+fn text_columns<'a>(
+    target: &TargetTable,
+    cols: &[usize],
+    rows: impl Iterator<Item = Option<&'a Vec<Option<bytes::Bytes>>>>,
+) -> Result<Vec<Vec<Option<&'a str>>>> {
+    let mut columns: Vec<Vec<Option<&str>>> = vec![Vec::new(); cols.len()];
+    for row in rows {
+        for (i, column) in columns.iter_mut().enumerate() {
+            column.push(match row.and_then(|r| r[i].as_ref()) {
+                None => None,
+                Some(b) => Some(std::str::from_utf8(b).map_err(|_| {
+                    anyhow!(
+                        "{}: a value of column `{}` is not valid UTF-8; tandem needs UTF8 databases",
+                        target.name,
+                        target.columns[cols[i]].name
+                    )
+                })?),
+            });
+        }
+    }
+    Ok(columns)
 }

@@ -3,17 +3,20 @@
 //! Pure. Consecutive changes of the same table and the same shape (operation and column set) are
 //! merged into one batch, in order. A batch never holds the same key twice, because one
 //! `INSERT … ON CONFLICT DO UPDATE` may not touch a row twice: a repeated key of the same shape
-//! replaces its earlier row (the later full image wins), and any other operation on it has another
-//! shape and so starts a new batch. Executing the batches in order therefore gives the same result
-//! as applying the changes one by one.
+//! replaces its earlier row (the later full image wins; when a target trigger would observe each
+//! change, [`Binding::collapse`] is off and it starts a new batch instead), and any other operation
+//! on it has another shape and so starts a new batch. Executing the batches in order therefore
+//! gives the same final rows as applying the changes one by one.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
 use bytes::Bytes;
 
+use crate::apply::conflict::SourceOp;
 use crate::config::TableName;
 use crate::event::SourceTable;
+use crate::lsn::Lsn;
 use crate::source::pgoutput::{OldTuple, Tuple, Value};
 
 /// A target table as the target's catalog describes it.
@@ -44,6 +47,13 @@ pub struct Binding {
     pub to_target: Vec<Option<usize>>,
     /// For each target key column (in `target.key` order), its source column.
     pub key_source: Vec<usize>,
+    /// Target columns the source writes, in source order: the columns of an old row image.
+    pub bound: Vec<usize>,
+    /// Conflicts are detected for this table: batches carry a [`RowMeta`] per row.
+    pub detect: bool,
+    /// A repeated key may replace its earlier row in a batch (nothing on the target observes
+    /// the intermediate row: no trigger fires there).
+    pub collapse: bool,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -88,10 +98,14 @@ impl Binding {
                     })
             })
             .collect::<Result<_, _>>()?;
+        let bound = to_target.iter().flatten().copied().collect();
         Ok(Binding {
             target,
             to_target,
             key_source,
+            bound,
+            detect: false,
+            collapse: true,
         })
     }
 }
@@ -115,6 +129,18 @@ pub struct Batch {
     pub op: Op,
     pub cols: Vec<usize>,
     pub rows: Vec<Vec<Option<Bytes>>>,
+    /// One per row when the binding detects conflicts, else empty.
+    pub meta: Vec<RowMeta>,
+}
+
+/// Where a batched row came from, for conflict detection and the conflict log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RowMeta {
+    pub op: SourceOp,
+    pub commit_lsn: Lsn,
+    pub commit_ts: i64,
+    /// The source's old row over [`Binding::bound`] (`REPLICA IDENTITY FULL`), if it sent one.
+    pub old: Option<Vec<Option<Bytes>>>,
 }
 
 impl Batch {
@@ -144,6 +170,8 @@ pub struct Planner {
     /// Keys in the open batch, with their row's index.
     keys: HashMap<Vec<Option<Bytes>>, usize>,
     ready: Vec<Batch>,
+    /// The change being planned: its transaction's commit LSN and time.
+    at: (Lsn, i64),
 }
 
 type Key = Vec<Option<Bytes>>;
@@ -157,6 +185,7 @@ impl Planner {
             bytes: 0,
             keys: HashMap::new(),
             ready: Vec::new(),
+            at: (Lsn::ZERO, 0),
         }
     }
 
@@ -178,8 +207,39 @@ impl Planner {
         self.current.is_none() && self.ready.is_empty()
     }
 
+    /// The source transaction of the changes that follow (recorded when conflicts are detected).
+    pub fn set_position(&mut self, commit_lsn: Lsn, commit_ts: i64) {
+        self.at = (commit_lsn, commit_ts);
+    }
+
+    fn meta(&self, b: &Binding, op: SourceOp, old: Option<&OldTuple>) -> Option<RowMeta> {
+        if !b.detect {
+            return None;
+        }
+        let old = old.filter(|o| o.full).and_then(|o| {
+            o.tuple
+                .iter()
+                .zip(&b.to_target)
+                .filter(|(_, t)| t.is_some())
+                .map(|(v, _)| match v {
+                    Value::Null => Some(None),
+                    Value::Text(x) => Some(Some(x.clone())),
+                    // Not known: no old row to compare with.
+                    Value::UnchangedToast | Value::Binary(_) => None,
+                })
+                .collect::<Option<Vec<_>>>()
+        });
+        Some(RowMeta {
+            op,
+            commit_lsn: self.at.0,
+            commit_ts: self.at.1,
+            old,
+        })
+    }
+
     pub fn insert(&mut self, b: &Arc<Binding>, new: &Tuple) -> Result<(), PlanError> {
-        self.row(b, Op::Upsert, new, "insert")
+        let meta = self.meta(b, SourceOp::Insert, None);
+        self.row(b, Op::Upsert, new, "insert", meta)
     }
 
     pub fn update(
@@ -188,32 +248,44 @@ impl Planner {
         old: Option<&OldTuple>,
         new: &Tuple,
     ) -> Result<(), PlanError> {
+        let mut key_changed = false;
         if let Some(old) = old {
             let old_key = key_of(b, &old.tuple, "update")?;
             let new_key = key_of(b, new, "update")?;
             if old_key != new_key {
                 // Key change: the old row goes first, so the new key lands as a fresh row.
+                key_changed = true;
+                let meta = self.meta(b, SourceOp::Delete, Some(old));
                 self.push(
                     b,
                     Op::Delete,
                     b.target.key.clone(),
                     old_key.clone(),
                     old_key,
+                    meta,
                 )?;
             }
         }
         let partial = new.contains(&Value::UnchangedToast);
+        let op = match (key_changed, partial) {
+            (true, _) => SourceOp::Insert,
+            (false, true) => SourceOp::PartialUpdate,
+            (false, false) => SourceOp::Update,
+        };
+        let meta = self.meta(b, op, old.filter(|_| !key_changed));
         self.row(
             b,
             if partial { Op::Update } else { Op::Upsert },
             new,
             "update",
+            meta,
         )
     }
 
     pub fn delete(&mut self, b: &Arc<Binding>, old: &OldTuple) -> Result<(), PlanError> {
         let key = key_of(b, &old.tuple, "delete")?;
-        self.push(b, Op::Delete, b.target.key.clone(), key.clone(), key)
+        let meta = self.meta(b, SourceOp::Delete, Some(old));
+        self.push(b, Op::Delete, b.target.key.clone(), key.clone(), key, meta)
     }
 
     fn row(
@@ -222,6 +294,7 @@ impl Planner {
         op: Op,
         tuple: &Tuple,
         what: &'static str,
+        meta: Option<RowMeta>,
     ) -> Result<(), PlanError> {
         let key = key_of(b, tuple, what)?;
         let mut cols = Vec::with_capacity(tuple.len());
@@ -242,7 +315,7 @@ impl Planner {
             }
             cols.push(t);
         }
-        self.push(b, op, cols, vals, key)
+        self.push(b, op, cols, vals, key, meta)
     }
 
     fn push(
@@ -252,14 +325,16 @@ impl Planner {
         cols: Vec<usize>,
         vals: Key,
         key: Key,
+        meta: Option<RowMeta>,
     ) -> Result<(), PlanError> {
         let same_shape = self
             .current
             .as_ref()
             .is_some_and(|c| Arc::ptr_eq(&c.binding, b) && c.op == op && c.cols == cols);
-        if !same_shape {
+        let repeated = self.keys.get(&key).copied();
+        if !same_shape || (repeated.is_some() && !b.collapse) {
             self.flush();
-        } else if let Some(&i) = self.keys.get(&key) {
+        } else if let Some(i) = repeated {
             // Same shape, same key: nothing else touched this key since (another shape would
             // have closed the batch), so the later image supersedes the earlier one.
             let batch = self
@@ -271,6 +346,12 @@ impl Planner {
                 .map(|v| v.as_ref().map_or(1, |x| x.len() + 1))
                 .sum::<usize>();
             batch.rows[i] = vals;
+            if let (Some(m), Some(new)) = (batch.meta.get_mut(i), meta) {
+                // The row's first change keeps its kind and old row (what the target should
+                // still hold); the position moves to the latest change.
+                m.commit_lsn = new.commit_lsn;
+                m.commit_ts = new.commit_ts;
+            }
             return Ok(());
         }
         let size: usize = vals
@@ -282,8 +363,10 @@ impl Planner {
             op,
             cols,
             rows: Vec::new(),
+            meta: Vec::new(),
         });
         batch.rows.push(vals);
+        batch.meta.extend(meta);
         self.bytes += size;
         self.keys.insert(key, batch.rows.len() - 1);
         if batch.rows.len() >= self.max_rows || self.bytes >= self.max_bytes {
@@ -403,6 +486,22 @@ mod tests {
             (Op::Delete, vec![vec![b("2")]])
         );
         assert_eq!(r[2].rows, vec![vec![b("2"), b("w")]]);
+    }
+
+    #[test]
+    fn with_an_observing_trigger_a_repeated_key_starts_a_new_batch() {
+        let mut bd = (*binding()).clone();
+        bd.collapse = false;
+        let bd = Arc::new(bd);
+        let mut p = Planner::new(100, 1 << 20);
+        p.insert(&bd, &row("1", t("x"))).unwrap();
+        p.insert(&bd, &row("2", t("y"))).unwrap();
+        p.update(&bd, None, &row("1", t("z"))).unwrap();
+        p.flush();
+        let r = p.take_ready();
+        assert_eq!(r.len(), 2);
+        assert_eq!(r[0].rows, vec![vec![b("1"), b("x")], vec![b("2"), b("y")]]);
+        assert_eq!(r[1].rows, vec![vec![b("1"), b("z")]]);
     }
 
     #[test]

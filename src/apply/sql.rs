@@ -78,6 +78,122 @@ pub fn statement(t: &TargetTable, op: Op, cols: &[usize]) -> Option<String> {
     })
 }
 
+/// The locking lookup that precedes a batch of a table with conflict detection: for each
+/// incoming row (in order), what the target holds. Parameters: the batch columns `cols` as
+/// `text[]`, then the old-row columns `old_cols` as `text[]`, then `bool[]` (row has an old row).
+/// Columns returned: found, same as incoming, same as old (NULL without one), version comparison
+/// (-1 target older, 0, 1; NULL without a version), the target row as JSON, the target's values of
+/// `cols` as `text[]`, the key as JSON, the incoming row as JSON.
+pub fn lookup(
+    t: &TargetTable,
+    op: Op,
+    cols: &[usize],
+    old_cols: &[usize],
+    version: Option<usize>,
+) -> String {
+    let col = |c: usize| quote_ident(&t.columns[c].name);
+    let ty = |c: usize| &t.columns[c].type_sql;
+    let n = cols.len();
+    let m = old_cols.len();
+    let mut params: Vec<String> = (1..=n + m).map(|i| format!("${i}::text[]")).collect();
+    params.push(format!("${}::bool[]", n + m + 1));
+    let mut aliases: Vec<String> = (1..=n).map(|i| format!("v{i}")).collect();
+    aliases.extend((1..=m).map(|i| format!("o{i}")));
+    aliases.push("has_old".into());
+    aliases.push("ord".into());
+    // Compare as the target's text form of both values: works for every type, equality
+    // operator or not.
+    let same = |pairs: Vec<(usize, String)>| {
+        if pairs.is_empty() {
+            return "true".to_string();
+        }
+        pairs
+            .iter()
+            .map(|(c, v)| {
+                format!(
+                    "(x.r).{}::text IS NOT DISTINCT FROM ({v}::{})::text",
+                    col(*c),
+                    ty(*c)
+                )
+            })
+            .collect::<Vec<_>>()
+            .join(" AND ")
+    };
+    let incoming: Vec<(usize, String)> = cols
+        .iter()
+        .enumerate()
+        .map(|(i, &c)| (c, format!("u.v{}", i + 1)))
+        .collect();
+    let old: Vec<(usize, String)> = old_cols
+        .iter()
+        .enumerate()
+        .map(|(i, &c)| (c, format!("u.o{}", i + 1)))
+        .collect();
+    let as_json = |pairs: &[(usize, String)]| {
+        let fields: Vec<String> = pairs
+            .iter()
+            .map(|(c, v)| format!("{v}::{} AS {}", ty(*c), col(*c)))
+            .collect();
+        format!(
+            "(SELECT to_jsonb(j) FROM (SELECT {}) j)::text",
+            fields.join(", ")
+        )
+    };
+    let key: Vec<(usize, String)> = incoming
+        .iter()
+        .filter(|(c, _)| t.key.contains(c))
+        .cloned()
+        .collect();
+    let key_match: Vec<String> = key
+        .iter()
+        .map(|(c, v)| format!("t.{} = {v}::{}", col(*c), ty(*c)))
+        .collect();
+    let version_cmp = match version.and_then(|v| cols.iter().position(|&c| c == v)) {
+        Some(p) => {
+            let (l, r) = (
+                format!("(x.r).{}", col(cols[p])),
+                format!("u.v{}::{}", p + 1, ty(cols[p])),
+            );
+            format!(
+                "CASE WHEN x.present THEN CASE WHEN {l} IS NULL AND {r} IS NULL THEN 0 \
+                 WHEN {l} IS NULL THEN -1 WHEN {r} IS NULL THEN 1 WHEN {l} < {r} THEN -1 \
+                 WHEN {l} > {r} THEN 1 ELSE 0 END END"
+            )
+        }
+        None => "NULL::int4".into(),
+    };
+    let remote = if op == Op::Delete {
+        format!(
+            "CASE WHEN u.has_old THEN {} ELSE {} END",
+            as_json(&old),
+            as_json(&key)
+        )
+    } else {
+        as_json(&incoming)
+    };
+    let local_vals: Vec<String> = cols
+        .iter()
+        .map(|&c| format!("(x.r).{}::text", col(c)))
+        .collect();
+    format!(
+        "SELECT x.present IS NOT NULL, coalesce(x.present AND {}, false), \
+         CASE WHEN x.present AND u.has_old THEN {} END, ({version_cmp})::int4, \
+         CASE WHEN x.present THEN to_jsonb(x.r)::text END, \
+         CASE WHEN x.present THEN ARRAY[{}]::text[] END, {}, {remote} \
+         FROM unnest({}) WITH ORDINALITY AS u({}) \
+         LEFT JOIN LATERAL (SELECT true AS present, t AS r FROM {} AS t WHERE {} FOR UPDATE) x ON true \
+         ORDER BY u.ord",
+        same(incoming.clone()),
+        same(old),
+        local_vals.join(", "),
+        as_json(&key),
+        params.join(", "),
+        aliases.join(", "),
+        t.name.quoted(),
+        key_match.join(" AND ")
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

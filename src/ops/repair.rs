@@ -123,6 +123,7 @@ pub async fn repair(
     } else {
         let mut a = Applier::connect(cfg.clone(), source).await?;
         a.ignore_direction = true;
+        a.detect_conflicts = false;
         Some(a)
     };
     let mut out = Vec::new();

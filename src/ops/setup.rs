@@ -41,11 +41,27 @@ impl std::error::Error for Problems {}
 pub const MIGRATIONS: &[(i32, &str)] = &[
     (1, include_str!("../../migrations/0001_control_schema.sql")),
     (2, include_str!("../../migrations/0002_snapshots.sql")),
+    (3, include_str!("../../migrations/0003_conflicts.sql")),
 ];
 
 /// Tables as both sides have them, after validation.
 pub struct Plan {
     pub tables: Vec<TableName>,
+    /// `(side, table)` to switch to `REPLICA IDENTITY FULL` (asked for with the option).
+    pub identity_full: Vec<(Side, TableName)>,
+    /// Key sequences of tables written on both sides: `(table, column, desktop seq, mobile seq)`.
+    pub sequences: Vec<(TableName, String, String, String)>,
+    /// Warnings to print with the report.
+    pub warnings: Vec<String>,
+}
+
+/// What `setup` may change in the user's schema besides creating its own objects.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Options {
+    /// Set `REPLICA IDENTITY FULL` on tables whose conflict policy needs old rows.
+    pub replica_identity_full: bool,
+    /// Make key sequences of two-way tables disjoint: desktop odd, mobile even.
+    pub sequences_odd_even: bool,
 }
 
 async fn connect_checked(site: &Site, problems: &mut Vec<String>) -> Option<Client> {
@@ -219,8 +235,180 @@ async fn check_tables(
     Ok(tables)
 }
 
+/// Conflict rules that need something of the tables: a version column, old rows; and key
+/// sequences that collide when both sides insert.
+async fn check_conflicts(
+    cfg: &Config,
+    opts: Options,
+    d: &Client,
+    m: &Client,
+    tables: &[TableName],
+    plan: &mut Plan,
+    problems: &mut Vec<String>,
+) -> Result<()> {
+    for t in tables {
+        // Tables missing on a side are reported by check_tables already.
+        let (Some(dt), Some(mt)) = (catalog::table(d, t).await?, catalog::table(m, t).await?)
+        else {
+            continue;
+        };
+        let two_way = cfg.direction(t) == crate::config::Direction::Both;
+        if two_way {
+            let key: Vec<_> = dt
+                .key
+                .iter()
+                .map(|&k| (dt.columns[k].name.clone(), dt.columns[k].type_sql.clone()))
+                .collect();
+            for (col, ty) in key {
+                let (mut seqs, quoted) = (Vec::new(), t.quoted());
+                for c in [d, m] {
+                    let r = c
+                        .query_one("SELECT pg_get_serial_sequence($1, $2)", &[&quoted, &col])
+                        .await?;
+                    seqs.push(r.get::<_, Option<String>>(0));
+                }
+                match (seqs[0].take(), seqs[1].take()) {
+                    (Some(ds), Some(ms)) => {
+                        if opts.sequences_odd_even {
+                            plan.sequences.push((t.clone(), col.clone(), ds, ms));
+                        } else {
+                            plan.warnings.push(format!(
+                                "table {t}: key column `{col}` comes from a sequence on both sides, so rows \
+                                 inserted on both sides collide; run `tandem setup --sequences odd-even` \
+                                 (desktop odd, mobile even) or use UUID keys"
+                            ));
+                        }
+                    }
+                    _ if ty == "uuid" => plan.warnings.push(format!(
+                        "table {t}: key column `{col}` is a UUID: safe to insert on both sides"
+                    )),
+                    _ => {}
+                }
+            }
+        }
+        let Some(tc) = cfg.conflicts_for(t) else {
+            continue;
+        };
+        let policy = tc.policy.as_str();
+        if tc.policy == crate::apply::conflict::Policy::LastWriteWins {
+            let v = tc.version_column.clone().unwrap_or_default();
+            for (side, tt) in [(Side::Desktop, &dt), (Side::Mobile, &mt)] {
+                if !tt.columns.iter().any(|col| col.name == v) {
+                    problems.push(format!(
+                        "{side}: table {t} has no column `{v}`, which last_write_wins compares; add it \
+                         (a timestamp or number every change increases), set [conflicts.tables.\"{t}\"] \
+                         version_column, or choose another policy for it"
+                    ));
+                }
+            }
+        }
+        if tc.policy.needs_old_row() {
+            for (side, c) in [(Side::Desktop, d), (Side::Mobile, m)] {
+                if !cfg.direction(t).flows_from(side) {
+                    continue;
+                }
+                if replica_identity(c, t).await?.as_deref() != Some("f") {
+                    if opts.replica_identity_full {
+                        plan.identity_full.push((side, t.clone()));
+                    } else {
+                        problems.push(format!(
+                            "{side}: table {t} uses conflict policy {policy}, which needs the old row of \
+                             every change; run `tandem setup --replica-identity-full` or \
+                             `ALTER TABLE {} REPLICA IDENTITY FULL`",
+                            t.quoted()
+                        ));
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Switch identities and sequences as planned; one report line each.
+async fn change_schema(
+    plan: &Plan,
+    d: &Client,
+    m: &Client,
+    report: &mut Vec<String>,
+) -> Result<()> {
+    for (side, t) in &plan.identity_full {
+        let c = if *side == Side::Desktop { d } else { m };
+        c.batch_execute(&format!("ALTER TABLE {} REPLICA IDENTITY FULL", t.quoted()))
+            .await
+            .with_context(|| format!("{side}: setting REPLICA IDENTITY FULL on {t}"))?;
+        report.push(format!("{side}: table {t} now has REPLICA IDENTITY FULL"));
+    }
+    for (t, col, ds, ms) in &plan.sequences {
+        // Past every value either side has used, then desktop odd, mobile even.
+        let mut high = 0i64;
+        for (c, seq) in [(d, ds), (m, ms)] {
+            let r = c
+                .query_one(
+                    &format!(
+                        "SELECT greatest((SELECT last_value FROM {seq}), \
+                         (SELECT coalesce(max({})::int8, 0) FROM {}))",
+                        quote_ident(col),
+                        t.quoted()
+                    ),
+                    &[],
+                )
+                .await?;
+            high = high.max(r.get(0));
+        }
+        for (side, c, seq, parity) in [(Side::Desktop, d, ds, 1), (Side::Mobile, m, ms, 0)] {
+            let (inc, last): (i64, i64) = {
+                let r = c
+                    .query_one(
+                        &format!(
+                            "SELECT seqincrement, (SELECT last_value FROM {seq}) FROM pg_sequence \
+                             WHERE seqrelid = $1::text::regclass"
+                        ),
+                        &[seq],
+                    )
+                    .await?;
+                (r.get(0), r.get(1))
+            };
+            if inc == 2 && last.rem_euclid(2) == parity {
+                report.push(format!("{side}: sequence {seq} of {t} already odd-even"));
+                continue;
+            }
+            let start = if (high + 1).rem_euclid(2) == parity {
+                high + 1
+            } else {
+                high + 2
+            };
+            // Identity sequences are changed through their column.
+            c.batch_execute(&format!(
+                "DO $$ BEGIN \
+                   IF (SELECT attidentity FROM pg_attribute WHERE attrelid = {tl}::regclass AND attname = {cl}) <> '' THEN \
+                     ALTER TABLE {tq} ALTER COLUMN {ci} SET INCREMENT BY 2 RESTART WITH {start}; \
+                   ELSE \
+                     ALTER SEQUENCE {seq} INCREMENT BY 2 RESTART WITH {start}; \
+                   END IF; END $$",
+                tl = crate::config::quote_literal(&t.quoted()),
+                cl = crate::config::quote_literal(col),
+                tq = t.quoted(),
+                ci = quote_ident(col),
+            ))
+            .await
+            .with_context(|| format!("{side}: changing sequence {seq}"))?;
+            report.push(format!(
+                "{side}: sequence {seq} of {t} now gives {} values from {start} (step 2)",
+                if parity == 1 { "odd" } else { "even" }
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Validate both sides; `Err(Problems)` lists everything wrong.
 pub async fn validate(cfg: &Config) -> Result<(Client, Client, Plan)> {
+    validate_with(cfg, Options::default()).await
+}
+
+/// [`validate`], planning the schema changes `opts` allows.
+pub async fn validate_with(cfg: &Config, opts: Options) -> Result<(Client, Client, Plan)> {
     let mut problems = Vec::new();
     let d = connect_checked(&cfg.desktop, &mut problems).await;
     let m = connect_checked(&cfg.mobile, &mut problems).await;
@@ -229,12 +417,19 @@ pub async fn validate(cfg: &Config) -> Result<(Client, Client, Plan)> {
             check_server(c, site, &mut problems).await?;
         }
     }
-    let tables = match (&d, &m) {
-        (Some(d), Some(m)) => check_tables(cfg, d, m, &mut problems).await?,
-        _ => Vec::new(),
+    let mut plan = Plan {
+        tables: Vec::new(),
+        identity_full: Vec::new(),
+        sequences: Vec::new(),
+        warnings: Vec::new(),
     };
+    if let (Some(d), Some(m)) = (&d, &m) {
+        plan.tables = check_tables(cfg, d, m, &mut problems).await?;
+        let tables = plan.tables.clone();
+        check_conflicts(cfg, opts, d, m, &tables, &mut plan, &mut problems).await?;
+    }
     match (d, m) {
-        (Some(d), Some(m)) if problems.is_empty() => Ok((d, m, Plan { tables })),
+        (Some(d), Some(m)) if problems.is_empty() => Ok((d, m, plan)),
         _ => Err(Problems(problems).into()),
     }
 }
@@ -373,8 +568,18 @@ async fn identify(site: &Site) -> Result<(String, u32)> {
 
 /// Validate, then create everything. Returns what it did, a line each.
 pub async fn setup(cfg: Arc<Config>) -> Result<Vec<String>> {
-    let (mut d, mut m, plan) = validate(&cfg).await?;
-    let mut report = Vec::new();
+    setup_with(cfg, Options::default()).await
+}
+
+/// [`setup`], with the schema changes `opts` allows.
+pub async fn setup_with(cfg: Arc<Config>, opts: Options) -> Result<Vec<String>> {
+    let (mut d, mut m, plan) = validate_with(&cfg, opts).await?;
+    let mut report: Vec<String> = plan
+        .warnings
+        .iter()
+        .map(|w| format!("warning: {w}"))
+        .collect();
+    change_schema(&plan, &d, &m, &mut report).await?;
     for (c, side) in [(&mut d, Side::Desktop), (&mut m, Side::Mobile)] {
         let applied = migrate(c).await?;
         if !applied.is_empty() {

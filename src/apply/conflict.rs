@@ -1,0 +1,424 @@
+//! Conflict rules: given what the target holds for a key and what arrives from the source, decide
+//! what to do and whether that was a conflict. Pure; the applier gathers the [`Observed`] facts
+//! with one locking lookup per batch and carries out the [`Action`].
+//!
+//! Signals, strongest first: the source's old row (`REPLICA IDENTITY FULL`; equal to the target's
+//! row means the source changed exactly what the target still has, so no conflict), then the
+//! version column (last-write-wins). Without an old row a target row that differs from an incoming
+//! update cannot be told apart from an ordinary update, so policies that must know (site wins,
+//! keep_local) need `REPLICA IDENTITY FULL`; `setup` refuses them otherwise.
+//!
+//! Deletes win over concurrent updates under last_write_wins and apply_remote (as in PostgreSQL's
+//! own apply worker, an update whose row is gone is skipped), so both sides agree without
+//! tombstones: the delete is applied where the row was updated, and the update is skipped where
+//! the row was deleted.
+
+use serde::Deserialize;
+
+use crate::side::Side;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Policy {
+    LastWriteWins,
+    DesktopWins,
+    MobileWins,
+    KeepLocal,
+    ApplyRemote,
+    FillMissing,
+}
+
+impl Policy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Policy::LastWriteWins => "last_write_wins",
+            Policy::DesktopWins => "desktop_wins",
+            Policy::MobileWins => "mobile_wins",
+            Policy::KeepLocal => "keep_local",
+            Policy::ApplyRemote => "apply_remote",
+            Policy::FillMissing => "fill_missing",
+        }
+    }
+
+    /// Policies that cannot decide without the source's old row.
+    pub fn needs_old_row(self) -> bool {
+        matches!(
+            self,
+            Policy::DesktopWins | Policy::MobileWins | Policy::KeepLocal
+        )
+    }
+
+    fn winner(self) -> Option<Side> {
+        match self {
+            Policy::DesktopWins => Some(Side::Desktop),
+            Policy::MobileWins => Some(Side::Mobile),
+            _ => None,
+        }
+    }
+}
+
+/// PostgreSQL 18's conflict kinds (`update_exists` surfaces as an apply error; `update_deleted`
+/// needs tombstones and is reported as `update_missing`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    InsertExists,
+    UpdateOriginDiffers,
+    UpdateMissing,
+    DeleteOriginDiffers,
+    DeleteMissing,
+}
+
+impl Kind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::InsertExists => "insert_exists",
+            Kind::UpdateOriginDiffers => "update_origin_differs",
+            Kind::UpdateMissing => "update_missing",
+            Kind::DeleteOriginDiffers => "delete_origin_differs",
+            Kind::DeleteMissing => "delete_missing",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Resolution {
+    AppliedRemote,
+    KeptLocal,
+    Merged,
+    Skipped,
+}
+
+impl Resolution {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Resolution::AppliedRemote => "applied_remote",
+            Resolution::KeptLocal => "kept_local",
+            Resolution::Merged => "merged",
+            Resolution::Skipped => "skipped",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    /// Write the incoming row (or delete).
+    Apply,
+    /// Leave the target as it is.
+    Skip,
+    /// Write the incoming values only into the target's NULL columns.
+    Merge,
+}
+
+/// What the source did to the row.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SourceOp {
+    Insert,
+    /// An update carrying every column.
+    Update,
+    /// An update with unchanged-TOAST columns: it cannot create a missing row.
+    PartialUpdate,
+    Delete,
+}
+
+/// What the target holds for the key, compared with the incoming change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Observed {
+    pub found: bool,
+    /// The target row equals the incoming values (on the columns sent).
+    pub same_as_incoming: bool,
+    /// The target row equals the source's old row; `None` without an old row.
+    pub same_as_old: Option<bool>,
+    /// The target's version compared with the incoming one (NULL counts as oldest); `None`
+    /// when there is no version to compare.
+    pub version: Option<std::cmp::Ordering>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rule {
+    pub policy: Policy,
+    /// Who wins a last_write_wins tie.
+    pub priority: Side,
+}
+
+/// The decision for one incoming row change from `source`.
+pub fn decide(
+    rule: Rule,
+    source: Side,
+    op: SourceOp,
+    seen: Observed,
+) -> (Action, Option<(Kind, Resolution)>) {
+    use std::cmp::Ordering::*;
+    let policy = rule.policy;
+    let source_wins = policy.winner().map(|w| w == source);
+    // Resolve a conflict on an existing row.
+    let resolve = |kind: Kind| -> (Action, Option<(Kind, Resolution)>) {
+        let (action, res) = match policy {
+            Policy::ApplyRemote => (Action::Apply, Resolution::AppliedRemote),
+            Policy::KeepLocal => (Action::Skip, Resolution::KeptLocal),
+            Policy::DesktopWins | Policy::MobileWins => {
+                if source_wins == Some(true) {
+                    (Action::Apply, Resolution::AppliedRemote)
+                } else {
+                    (Action::Skip, Resolution::KeptLocal)
+                }
+            }
+            Policy::FillMissing if op == SourceOp::Delete => {
+                (Action::Apply, Resolution::AppliedRemote)
+            }
+            Policy::FillMissing => (Action::Merge, Resolution::Merged),
+            Policy::LastWriteWins if op == SourceOp::Delete => {
+                (Action::Apply, Resolution::AppliedRemote)
+            }
+            Policy::LastWriteWins => {
+                let remote_newer = match seen.version {
+                    Some(Less) => true,
+                    Some(Greater) => false,
+                    Some(Equal) | None => source == rule.priority,
+                };
+                if remote_newer {
+                    (Action::Apply, Resolution::AppliedRemote)
+                } else {
+                    (Action::Skip, Resolution::KeptLocal)
+                }
+            }
+        };
+        (action, Some((kind, res)))
+    };
+
+    if op == SourceOp::Delete {
+        return if !seen.found {
+            (
+                Action::Skip,
+                Some((Kind::DeleteMissing, Resolution::Skipped)),
+            )
+        } else if seen.same_as_old == Some(false) {
+            resolve(Kind::DeleteOriginDiffers)
+        } else {
+            (Action::Apply, None)
+        };
+    }
+    if !seen.found {
+        if op == SourceOp::Insert {
+            return (Action::Apply, None);
+        }
+        // The row is gone on the target. Recreate it only when the policy says the source's
+        // version must end on both sides and the change carries the whole row.
+        let recreate = match policy {
+            Policy::ApplyRemote | Policy::FillMissing => true,
+            Policy::DesktopWins | Policy::MobileWins => source_wins == Some(true),
+            Policy::KeepLocal | Policy::LastWriteWins => false,
+        } && op == SourceOp::Update;
+        return if recreate {
+            (
+                Action::Apply,
+                Some((Kind::UpdateMissing, Resolution::AppliedRemote)),
+            )
+        } else {
+            (
+                Action::Skip,
+                Some((Kind::UpdateMissing, Resolution::Skipped)),
+            )
+        };
+    }
+    if seen.same_as_incoming {
+        // Already what the source says (a replay, or both sides made the same change).
+        return (Action::Skip, None);
+    }
+    match (op, seen.same_as_old) {
+        (SourceOp::Insert, _) => resolve(Kind::InsertExists),
+        (_, Some(true)) => (Action::Apply, None),
+        (_, Some(false)) => resolve(Kind::UpdateOriginDiffers),
+        // No old row: whether the target changed since cannot be known.
+        (_, None) => match policy {
+            // The versions decide; a rejected update is a conflict the target's version won.
+            Policy::LastWriteWins => match resolve(Kind::UpdateOriginDiffers) {
+                (Action::Apply, _) => (Action::Apply, None),
+                other => other,
+            },
+            // Filling only empty columns is what this table asked for on every update.
+            Policy::FillMissing => resolve(Kind::UpdateOriginDiffers),
+            _ => (Action::Apply, None),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::cmp::Ordering::*;
+
+    const D: Side = Side::Desktop;
+    const M: Side = Side::Mobile;
+
+    fn rule(policy: Policy) -> Rule {
+        Rule {
+            policy,
+            priority: D,
+        }
+    }
+    fn found(same_in: bool, same_old: Option<bool>, v: Option<std::cmp::Ordering>) -> Observed {
+        Observed {
+            found: true,
+            same_as_incoming: same_in,
+            same_as_old: same_old,
+            version: v,
+        }
+    }
+    const MISSING: Observed = Observed {
+        found: false,
+        same_as_incoming: false,
+        same_as_old: None,
+        version: None,
+    };
+
+    #[test]
+    fn no_conflict_when_the_target_holds_the_old_row() {
+        for p in [
+            Policy::LastWriteWins,
+            Policy::DesktopWins,
+            Policy::KeepLocal,
+            Policy::FillMissing,
+        ] {
+            let seen = found(false, Some(true), Some(Less));
+            assert_eq!(
+                decide(rule(p), M, SourceOp::Update, seen),
+                (Action::Apply, None)
+            );
+            assert_eq!(
+                decide(rule(p), M, SourceOp::Delete, seen),
+                (Action::Apply, None)
+            );
+        }
+    }
+
+    #[test]
+    fn site_wins_both_ways_round() {
+        let seen = found(false, Some(false), None);
+        let p = rule(Policy::DesktopWins);
+        assert_eq!(
+            decide(p, D, SourceOp::Update, seen),
+            (
+                Action::Apply,
+                Some((Kind::UpdateOriginDiffers, Resolution::AppliedRemote))
+            )
+        );
+        assert_eq!(
+            decide(p, M, SourceOp::Update, seen),
+            (
+                Action::Skip,
+                Some((Kind::UpdateOriginDiffers, Resolution::KeptLocal))
+            )
+        );
+        // The winner's update recreates the row the loser deleted; the loser's does not.
+        assert_eq!(decide(p, D, SourceOp::Update, MISSING).0, Action::Apply);
+        assert_eq!(decide(p, M, SourceOp::Update, MISSING).0, Action::Skip);
+        // The loser's delete of a row the winner changed is refused.
+        assert_eq!(
+            decide(p, M, SourceOp::Delete, seen),
+            (
+                Action::Skip,
+                Some((Kind::DeleteOriginDiffers, Resolution::KeptLocal))
+            )
+        );
+        // mobile_wins mirrors it.
+        assert_eq!(
+            decide(rule(Policy::MobileWins), M, SourceOp::Insert, seen).0,
+            Action::Apply
+        );
+    }
+
+    #[test]
+    fn last_write_wins_by_version_then_priority() {
+        let p = rule(Policy::LastWriteWins);
+        let older_local = found(false, None, Some(Less));
+        let newer_local = found(false, None, Some(Greater));
+        let tie = found(false, Some(false), Some(Equal));
+        assert_eq!(
+            decide(p, M, SourceOp::Update, older_local),
+            (Action::Apply, None)
+        );
+        assert_eq!(
+            decide(p, M, SourceOp::Update, newer_local),
+            (
+                Action::Skip,
+                Some((Kind::UpdateOriginDiffers, Resolution::KeptLocal))
+            )
+        );
+        assert_eq!(decide(p, D, SourceOp::Insert, tie).0, Action::Apply);
+        assert_eq!(decide(p, M, SourceOp::Insert, tie).0, Action::Skip);
+        // With an old row, a newer remote version is still logged as a conflict.
+        assert_eq!(
+            decide(
+                p,
+                M,
+                SourceOp::Update,
+                found(false, Some(false), Some(Less))
+            ),
+            (
+                Action::Apply,
+                Some((Kind::UpdateOriginDiffers, Resolution::AppliedRemote))
+            )
+        );
+        // Deletes win; updates of deleted rows are skipped.
+        assert_eq!(
+            decide(p, M, SourceOp::Delete, found(false, Some(false), None)).0,
+            Action::Apply
+        );
+        assert_eq!(
+            decide(p, M, SourceOp::Update, MISSING),
+            (
+                Action::Skip,
+                Some((Kind::UpdateMissing, Resolution::Skipped))
+            )
+        );
+    }
+
+    #[test]
+    fn fill_missing_keep_local_apply_remote() {
+        let differs = found(false, None, None);
+        assert_eq!(
+            decide(rule(Policy::FillMissing), D, SourceOp::Insert, differs),
+            (
+                Action::Merge,
+                Some((Kind::InsertExists, Resolution::Merged))
+            )
+        );
+        assert_eq!(
+            decide(rule(Policy::KeepLocal), D, SourceOp::Insert, differs).0,
+            Action::Skip
+        );
+        assert_eq!(
+            decide(rule(Policy::ApplyRemote), D, SourceOp::Insert, differs).0,
+            Action::Apply
+        );
+        assert_eq!(
+            decide(
+                rule(Policy::ApplyRemote),
+                D,
+                SourceOp::PartialUpdate,
+                MISSING
+            ),
+            (
+                Action::Skip,
+                Some((Kind::UpdateMissing, Resolution::Skipped))
+            )
+        );
+        assert_eq!(
+            decide(rule(Policy::KeepLocal), D, SourceOp::Delete, MISSING),
+            (
+                Action::Skip,
+                Some((Kind::DeleteMissing, Resolution::Skipped))
+            )
+        );
+        // Equal rows are never a conflict.
+        assert_eq!(
+            decide(
+                rule(Policy::KeepLocal),
+                D,
+                SourceOp::Insert,
+                found(true, None, None)
+            ),
+            (Action::Skip, None)
+        );
+    }
+}

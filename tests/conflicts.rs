@@ -1,0 +1,445 @@
+//! Conflicts: both sides change the same rows before either change has crossed, then tandem runs.
+//! The sides converge to the row the policy names, and every conflict is in `tandem.conflicts`.
+//! Mobile connects as a plain role (LOGIN, REPLICATION, owner of its tables), as on managed cloud
+//! PostgreSQL: no replication origin, no session_replication_role.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use common::{run_tandem, wait_for, Fixture};
+use tokio_postgres::Client;
+
+/// `(value, version)` of a row; `None` for no row.
+type Row = Option<(String, i64)>;
+
+#[derive(Clone, Debug)]
+enum Op {
+    Set(String, i64),
+    Delete,
+}
+
+/// A deterministic generator, so a failing seed can be rerun.
+struct Lcg(u64);
+impl Lcg {
+    fn next(&mut self, n: u64) -> u64 {
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (self.0 >> 33) % n
+    }
+}
+
+const ITEMS: &str = "CREATE TABLE items (id bigint PRIMARY KEY, v text, version bigint NOT NULL);
+     INSERT INTO items SELECT g, 'base', 1 FROM generate_series(1, 40) g;";
+
+/// Schema plus a plain role owning the table on both sides.
+fn schema(db: &str, extra: &str) -> String {
+    format!(
+        "DO $$ BEGIN CREATE ROLE tandem_cf LOGIN REPLICATION PASSWORD 'cf-pw'; \
+         EXCEPTION WHEN duplicate_object OR unique_violation THEN NULL; END $$;
+         GRANT CREATE ON DATABASE {db} TO tandem_cf;
+         {ITEMS}
+         {extra}
+         ALTER TABLE items OWNER TO tandem_cf;"
+    )
+}
+
+async fn fixture(db: &str, extra_schema: &str, conflicts: &str) -> Fixture {
+    let (d, m) = Fixture::databases(db, &schema(db, extra_schema)).await;
+    let text = Fixture::config_text(db, "tables = [\"public.items\"]\ninitial_snapshot = false");
+    // Only the mobile URL switches to the plain role.
+    let (desktop, mobile) = text.split_at(text.find("[mobile]").unwrap());
+    let mobile = mobile.replacen("postgresql://postgres@", "postgresql://tandem_cf:cf-pw@", 1);
+    assert!(mobile.contains("tandem_cf:cf-pw@"));
+    let text = format!("{desktop}{mobile}\n{conflicts}\n");
+    Fixture::with_config(db, d, m, text).await
+}
+
+async fn state(c: &Client) -> BTreeMap<i64, (String, i64)> {
+    c.query("SELECT id, v, version FROM items", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), (r.get(1), r.get(2))))
+        .collect()
+}
+
+async fn run_op(c: &Client, id: i64, op: &Op) {
+    match op {
+        Op::Set(v, ver) => c
+            .execute(
+                "INSERT INTO items VALUES ($1, $2, $3) \
+                 ON CONFLICT (id) DO UPDATE SET v = EXCLUDED.v, version = EXCLUDED.version",
+                &[&id, v, ver],
+            )
+            .await
+            .unwrap(),
+        Op::Delete => c
+            .execute("DELETE FROM items WHERE id = $1", &[&id])
+            .await
+            .unwrap(),
+    };
+}
+
+/// Changes on both sides while tandem is stopped (so none has crossed: all concurrent), then
+/// tandem runs; returns the keys both sides changed. `expect` gives the converged row.
+async fn concurrent(
+    fx: &Fixture,
+    seed: u64,
+    expect: impl Fn(Row, Option<&Op>, Option<&Op>) -> Row,
+) -> BTreeSet<i64> {
+    let mut rng = Lcg(seed);
+    let mut want = BTreeMap::new();
+    let mut both = BTreeSet::new();
+    for id in (1..=40i64).chain(101..=112) {
+        let base: Row = (id <= 40).then(|| ("base".to_string(), 1));
+        let mut pick = |tag: &str| -> Option<Op> {
+            let r = rng.next(10);
+            let ver = 2 + rng.next(4) as i64;
+            match (base.is_some(), r) {
+                (true, 0..=3) | (false, 0..=4) => None,
+                (true, 4..=7) | (false, _) => Some(Op::Set(format!("{tag}{id}-{ver}"), ver)),
+                (true, _) => Some(Op::Delete),
+            }
+        };
+        let (d, m) = (pick("D"), pick("M"));
+        if let Some(op) = &d {
+            run_op(&fx.d, id, op).await;
+        }
+        if let Some(op) = &m {
+            run_op(&fx.m, id, op).await;
+        }
+        if d.is_some() && m.is_some() {
+            both.insert(id);
+        }
+        if let Some(row) = expect(base, d.as_ref(), m.as_ref()) {
+            want.insert(id, row);
+        }
+    }
+    assert!(both.len() >= 8, "seed {seed}: too few conflicts to test");
+    let run = fx.start().await;
+    wait_for(60, "both sides converge to the policy's rows", || async {
+        state(&fx.d).await == want && state(&fx.m).await == want
+    })
+    .await;
+    run.stop().await;
+    both
+}
+
+fn apply(base: Row, op: Option<&Op>) -> Row {
+    match op {
+        None => base,
+        Some(Op::Set(v, ver)) => Some((v.clone(), *ver)),
+        Some(Op::Delete) => None,
+    }
+}
+
+/// Keys with a conflict logged on `c`, and how many rows.
+async fn logged(c: &Client) -> (BTreeSet<i64>, i64) {
+    let rows = c
+        .query(
+            "SELECT (key->>'id')::int8 FROM tandem.conflicts WHERE table_name = 'public.items'",
+            &[],
+        )
+        .await
+        .unwrap();
+    (rows.iter().map(|r| r.get(0)).collect(), rows.len() as i64)
+}
+
+/// Every logged conflict carries the remote row, and the local one wherever a local row existed.
+async fn assert_rows_logged(c: &Client) {
+    let incomplete = Fixture::count(
+        c,
+        "SELECT count(*) FROM tandem.conflicts WHERE remote_row IS NULL \
+         OR (local_row IS NULL AND kind NOT IN ('update_missing', 'delete_missing')) \
+         OR (local_row IS NOT NULL AND kind IN ('update_missing', 'delete_missing'))",
+    )
+    .await;
+    assert_eq!(incomplete, 0, "conflict rows without their row images");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn last_write_wins_converges_on_the_greater_version_without_old_rows() {
+    let fx = fixture(
+        "cf_lww",
+        "",
+        "[conflicts]\npolicy = \"last_write_wins\"\nversion_column = \"version\"",
+    )
+    .await;
+    let both = concurrent(&fx, 7, |base, d, m| match (d, m) {
+        (Some(Op::Delete), Some(_)) | (Some(_), Some(Op::Delete)) => None,
+        (Some(Op::Set(dv, dver)), Some(Op::Set(mv, mver))) => {
+            // Tie: desktop first.
+            Some(if mver > dver {
+                (mv.clone(), *mver)
+            } else {
+                (dv.clone(), *dver)
+            })
+        }
+        (d, None) => apply(base, d),
+        (None, m) => apply(base, m),
+    })
+    .await;
+    // Without old rows (default replica identity) each concurrent key is still detected on at
+    // least one side (where the remote version lost, or the row was gone), and nothing else is.
+    let (dk, _) = logged(&fx.d).await;
+    let (mk, _) = logged(&fx.m).await;
+    assert_eq!(&dk | &mk, both);
+    for c in [&fx.d, &fx.m] {
+        assert_rows_logged(c).await;
+    }
+    let policy: String =
+        fx.m.query_one(
+            "SELECT string_agg(DISTINCT policy, ',') FROM tandem.conflicts",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(policy, "last_write_wins");
+}
+
+async fn site_wins(db: &str, winner: &str, seed: u64) {
+    let fx = fixture(
+        db,
+        "ALTER TABLE items REPLICA IDENTITY FULL;",
+        &format!("[conflicts]\npolicy = \"{winner}_wins\""),
+    )
+    .await;
+    let desktop = winner == "desktop";
+    let both = concurrent(&fx, seed, |base, d, m| match (d, m) {
+        (Some(d), Some(m)) => apply(None, Some(if desktop { d } else { m })),
+        (d, None) => apply(base, d),
+        (None, m) => apply(base, m),
+    })
+    .await;
+    // With old rows every concurrent key is detected on both sides, exactly once each.
+    for c in [&fx.d, &fx.m] {
+        let (keys, n) = logged(c).await;
+        assert_eq!(keys, both);
+        assert_eq!(n, both.len() as i64);
+        assert_rows_logged(c).await;
+    }
+    // The winner's side kept its rows; the loser's side took the winner's.
+    let (w, l) = if desktop {
+        (&fx.d, &fx.m)
+    } else {
+        (&fx.m, &fx.d)
+    };
+    let applied_on_winner = Fixture::count(
+        w,
+        "SELECT count(*) FROM tandem.conflicts WHERE resolution = 'applied_remote'",
+    )
+    .await;
+    assert_eq!(applied_on_winner, 0, "the loser's change never lands");
+    let kept_on_loser = Fixture::count(
+        l,
+        "SELECT count(*) FROM tandem.conflicts WHERE resolution = 'kept_local'",
+    )
+    .await;
+    assert_eq!(kept_on_loser, 0, "the winner's change always lands");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn desktop_wins_converges_on_desktop_rows() {
+    site_wins("cf_dwins", "desktop", 11).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn mobile_wins_converges_on_mobile_rows() {
+    site_wins("cf_mwins", "mobile", 23).await;
+}
+
+const ONE_WAY: &str = "[replication.direction]\n\"public.items\" = \"desktop_to_mobile\"";
+
+/// Rows 1 and 2 are `base` on both sides; mobile changes row 1 (and fills row 3) behind tandem's
+/// back, desktop then updates 1 and 2 and inserts 3; returns mobile's rows 1..3.
+async fn one_way_case(
+    db: &str,
+    policy: &str,
+    extra: &str,
+) -> (Fixture, Vec<(i64, Option<String>)>) {
+    let fx = fixture(
+        db,
+        extra,
+        &format!("[conflicts]\npolicy = \"{policy}\"")
+            .replace("[conflicts]", &format!("{}\n[conflicts]", ONE_WAY)),
+    )
+    .await;
+    fx.m.batch_execute(
+        "UPDATE items SET v = 'mobile' WHERE id = 1; INSERT INTO items VALUES (41, NULL, 9);",
+    )
+    .await
+    .unwrap();
+    let run = fx.start().await;
+    fx.d.batch_execute(
+        "UPDATE items SET v = 'desktop', version = 2 WHERE id IN (1, 2); \
+         INSERT INTO items VALUES (41, 'filled', 2);",
+    )
+    .await
+    .unwrap();
+    wait_for(30, "desktop's changes handled on mobile", || async {
+        Fixture::count(
+            &fx.m,
+            "SELECT count(*) FROM items WHERE id = 2 AND v = 'desktop'",
+        )
+        .await
+            == 1
+            && Fixture::count(&fx.m, "SELECT count(*) FROM tandem.conflicts").await == 2
+    })
+    .await;
+    run.stop().await;
+    let rows =
+        fx.m.query(
+            "SELECT id, v FROM items WHERE id IN (1, 2, 41) ORDER BY id",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    (fx, rows)
+}
+
+async fn resolutions(c: &Client) -> Vec<String> {
+    c.query(
+        "SELECT kind || ' ' || resolution FROM tandem.conflicts ORDER BY kind",
+        &[],
+    )
+    .await
+    .unwrap()
+    .iter()
+    .map(|r| r.get(0))
+    .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn keep_local_apply_remote_and_fill_missing_behave_as_named() {
+    let s = |x: &str| Some(x.to_string());
+    let full = "ALTER TABLE items REPLICA IDENTITY FULL;";
+
+    let (fx, rows) = one_way_case("cf_keep", "keep_local", full).await;
+    assert_eq!(rows, vec![(1, s("mobile")), (2, s("desktop")), (41, None)]);
+    assert_eq!(
+        resolutions(&fx.m).await,
+        [
+            "insert_exists kept_local",
+            "update_origin_differs kept_local"
+        ]
+    );
+
+    let (fx, rows) = one_way_case("cf_remote", "apply_remote", full).await;
+    assert_eq!(
+        rows,
+        vec![(1, s("desktop")), (2, s("desktop")), (41, s("filled"))]
+    );
+    assert_eq!(
+        resolutions(&fx.m).await,
+        [
+            "insert_exists applied_remote",
+            "update_origin_differs applied_remote"
+        ]
+    );
+
+    // fill_missing: row 1 keeps mobile's non-NULL value; row 41's NULL is filled.
+    let (fx, rows) = one_way_case("cf_fill", "fill_missing", full).await;
+    assert_eq!(
+        rows,
+        vec![(1, s("mobile")), (2, s("desktop")), (41, s("filled"))]
+    );
+    assert_eq!(
+        resolutions(&fx.m).await,
+        ["insert_exists merged", "update_origin_differs merged"]
+    );
+    // Row 41's other column: mobile's version 9 was not NULL, so it stayed.
+    assert_eq!(
+        Fixture::count(&fx.m, "SELECT version FROM items WHERE id = 41").await,
+        9
+    );
+    assert_rows_logged(&fx.m).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn setup_checks_what_policies_need_and_fixes_identity_and_sequences_when_asked() {
+    let extra = "CREATE TABLE seqs (id bigserial PRIMARY KEY, v text);
+                 INSERT INTO seqs (v) SELECT 'x' FROM generate_series(1, 5);";
+    let (d, m) = Fixture::databases("cf_setup", &schema("cf_setup", extra)).await;
+    drop((d, m));
+    let text = Fixture::config_text("cf_setup", "tables = [\"public.items\", \"public.seqs\"]")
+        + "[conflicts]\npolicy = \"last_write_wins\"\n[conflicts.tables.\"public.items\"]\npolicy = \"desktop_wins\"\n";
+    let path = std::env::temp_dir().join(format!("tandem-cf-setup-{}.toml", std::process::id()));
+    std::fs::write(&path, &text).unwrap();
+    let config = path.to_str().unwrap();
+
+    let (code, out, err) = run_tandem(&["--config", config, "setup"], &[]);
+    assert_ne!(code, 0, "{out}");
+    for want in [
+        "desktop: table public.items uses conflict policy desktop_wins, which needs the old row of every change; run `tandem setup --replica-identity-full`",
+        "mobile: table public.items uses conflict policy desktop_wins",
+        "desktop: table public.seqs has no column `updated_at`, which last_write_wins compares",
+        "mobile: table public.seqs has no column `updated_at`",
+    ] {
+        assert!(err.contains(want), "missing `{want}` in:\n{err}");
+    }
+
+    let text = text.replace(
+        "policy = \"last_write_wins\"\n",
+        "policy = \"last_write_wins\"\nversion_column = \"id\"\n",
+    );
+    std::fs::write(&path, &text).unwrap();
+    let (code, out, err) = run_tandem(
+        &[
+            "--config",
+            config,
+            "setup",
+            "--replica-identity-full",
+            "--sequences",
+            "odd-even",
+        ],
+        &[],
+    );
+    assert_eq!(code, 0, "{out}\n{err}");
+    for want in [
+        "desktop: table public.items now has REPLICA IDENTITY FULL",
+        "mobile: table public.items now has REPLICA IDENTITY FULL",
+        "desktop: sequence public.seqs_id_seq of public.seqs now gives odd values from 7 (step 2)",
+        "mobile: sequence public.seqs_id_seq of public.seqs now gives even values from 6 (step 2)",
+    ] {
+        assert!(out.contains(want), "missing `{want}` in:\n{out}");
+    }
+    let fx_d = common::connect(&common::clusters().desktop.url("cf_setup")).await;
+    let fx_m = common::connect(&common::clusters().mobile.url("cf_setup")).await;
+    fx_d.batch_execute("INSERT INTO seqs (v) VALUES ('d'), ('d')")
+        .await
+        .unwrap();
+    fx_m.batch_execute("INSERT INTO seqs (v) VALUES ('m'), ('m')")
+        .await
+        .unwrap();
+    assert_eq!(
+        Fixture::count(&fx_d, "SELECT sum(id)::int8 FROM seqs WHERE v = 'd'").await,
+        7 + 9
+    );
+    assert_eq!(
+        Fixture::count(&fx_m, "SELECT sum(id)::int8 FROM seqs WHERE v = 'm'").await,
+        6 + 8
+    );
+    // A second run changes nothing and says so.
+    let (code, out, _) = run_tandem(
+        &[
+            "--config",
+            config,
+            "setup",
+            "--replica-identity-full",
+            "--sequences",
+            "odd-even",
+        ],
+        &[],
+    );
+    assert_eq!(code, 0);
+    assert!(out.contains("already odd-even"), "{out}");
+    assert!(!out.contains("now has REPLICA IDENTITY FULL"), "{out}");
+    run_tandem(&["--config", config, "teardown"], &[]);
+}
