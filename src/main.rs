@@ -57,6 +57,17 @@ enum Command {
         #[arg(long)]
         mirror: bool,
     },
+    /// Where each direction is, paused tables and recorded conflicts.
+    Status,
+    /// Continue a table paused by the `error` conflict policy.
+    Resolve {
+        /// The paused table (schema-qualified).
+        #[arg(long)]
+        table: TableName,
+        /// Whose version of the conflicting row ends on both sides, or skip the conflicting change.
+        #[arg(long, value_name = "desktop|mobile|skip")]
+        take: tandem::ops::resolve::Take,
+    },
     /// Compare both sides by primary key. Exit 0: in sync; 1: differences; 2: error.
     Verify {
         /// Only this table (schema-qualified).
@@ -193,6 +204,18 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {
                 print!("{}", bench::render(&report));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Status => {
+            let cfg = Config::load(&cli.config)?;
+            print!("{}", tandem::ops::status::status(&cfg).await?);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Resolve { table, take } => {
+            let cfg = Arc::new(Config::load(&cli.config)?);
+            for line in tandem::ops::resolve::resolve(cfg, &table, take).await? {
+                println!("{line}");
             }
             Ok(ExitCode::SUCCESS)
         }

@@ -443,3 +443,146 @@ async fn setup_checks_what_policies_need_and_fixes_identity_and_sequences_when_a
     assert!(!out.contains("now has REPLICA IDENTITY FULL"), "{out}");
     run_tandem(&["--config", config, "teardown"], &[]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn error_pauses_one_table_while_others_flow_and_resolve_continues_it() {
+    let fx = fixture(
+        "cf_error",
+        "ALTER TABLE items REPLICA IDENTITY FULL;
+         CREATE TABLE notes (id int PRIMARY KEY, v text); ALTER TABLE notes OWNER TO tandem_cf;",
+        "[conflicts]\npolicy = \"apply_remote\"\n[conflicts.tables.\"public.items\"]\npolicy = \"error\"",
+    )
+    .await;
+    // The fixture lists only items; notes flows too.
+    assert!(fx.cfg.tables.len() == 1);
+    let text = std::fs::read_to_string(&fx.config_path).unwrap().replace(
+        "tables = [\"public.items\"]",
+        "tables = [\"public.items\", \"public.notes\"]",
+    );
+    std::fs::write(&fx.config_path, &text).unwrap();
+    let fx = Fixture::with_config("cf_error", fx.d, fx.m, text).await;
+    let config = fx.config_path.to_str().unwrap().to_string();
+
+    fx.d.batch_execute("UPDATE items SET v = 'D1' WHERE id = 1")
+        .await
+        .unwrap();
+    fx.m.batch_execute("UPDATE items SET v = 'M1' WHERE id = 1")
+        .await
+        .unwrap();
+    let run = fx.start().await;
+    for c in [&fx.d, &fx.m] {
+        wait_for(30, "items paused", || async {
+            Fixture::count(c, "SELECT count(*) FROM tandem.paused").await == 1
+        })
+        .await;
+    }
+    // Behind the pause: desktop's next change of items waits; notes keep flowing both ways.
+    fx.d.batch_execute(
+        "BEGIN; UPDATE items SET v = 'D2' WHERE id = 2; INSERT INTO notes VALUES (1, 'd'); COMMIT",
+    )
+    .await
+    .unwrap();
+    fx.m.batch_execute("INSERT INTO notes VALUES (2, 'm')")
+        .await
+        .unwrap();
+    wait_for(30, "notes flow", || async {
+        Fixture::count(&fx.d, "SELECT count(*) FROM notes").await == 2
+            && Fixture::count(&fx.m, "SELECT count(*) FROM notes").await == 2
+    })
+    .await;
+    assert_eq!(
+        Fixture::count(
+            &fx.m,
+            "SELECT count(*) FROM items WHERE id = 2 AND v = 'base'"
+        )
+        .await,
+        1
+    );
+    assert_eq!(
+        Fixture::count(&fx.m, "SELECT count(*) FROM tandem.held").await,
+        2
+    );
+    let (code, out, err) = run_tandem(&["--config", &config, "status"], &[]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out.matches("PAUSED public.items").count(), 2, "{out}");
+    assert!(out.contains("1 change(s) waiting"), "{out}");
+    assert!(out.contains("update_origin_differs paused: 1"), "{out}");
+
+    // Resolved while `run` keeps running.
+    let (code, out, err) = run_tandem(
+        &[
+            "--config",
+            &config,
+            "resolve",
+            "--table",
+            "public.items",
+            "--take",
+            "desktop",
+        ],
+        &[],
+    );
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(
+        out.contains("mobile: public.items (D>M) resumed: conflict"),
+        "{out}"
+    );
+    assert!(
+        out.contains("applied_remote, 1 held change(s) after it, 2 written"),
+        "{out}"
+    );
+    assert!(out.contains("desktop: public.items (M>D) resumed"), "{out}");
+    assert!(
+        out.contains("kept_local, 0 held change(s) after it, 0 written"),
+        "{out}"
+    );
+    fx.d.batch_execute("UPDATE items SET v = 'D3' WHERE id = 3")
+        .await
+        .unwrap();
+    wait_for(30, "items converge on desktop's rows", || async {
+        Fixture::rows(&fx.d, "items").await == Fixture::rows(&fx.m, "items").await
+            && Fixture::count(
+                &fx.m,
+                "SELECT count(*) FROM items WHERE v IN ('D1', 'D2', 'D3')",
+            )
+            .await
+                == 3
+    })
+    .await;
+    run.stop().await;
+    for (c, res) in [(&fx.m, "applied_remote"), (&fx.d, "kept_local")] {
+        assert_eq!(
+            Fixture::count(c, "SELECT count(*) FROM tandem.paused").await,
+            0
+        );
+        assert_eq!(
+            Fixture::count(c, "SELECT count(*) FROM tandem.held").await,
+            0
+        );
+        let got: String = c
+            .query_one(
+                "SELECT kind || ' ' || resolution FROM tandem.conflicts",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(got, format!("update_origin_differs {res}"));
+    }
+    let (code, _, err) = run_tandem(
+        &[
+            "--config",
+            &config,
+            "resolve",
+            "--table",
+            "public.items",
+            "--take",
+            "skip",
+        ],
+        &[],
+    );
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("public.items is not paused in either direction"),
+        "{err}"
+    );
+}

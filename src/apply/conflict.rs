@@ -26,6 +26,9 @@ pub enum Policy {
     KeepLocal,
     ApplyRemote,
     FillMissing,
+    /// Pause the table (in that direction) at the conflicting change until an operator runs
+    /// `tandem resolve`; later changes of the table wait, other tables keep flowing.
+    Error,
 }
 
 impl Policy {
@@ -37,6 +40,7 @@ impl Policy {
             Policy::KeepLocal => "keep_local",
             Policy::ApplyRemote => "apply_remote",
             Policy::FillMissing => "fill_missing",
+            Policy::Error => "error",
         }
     }
 
@@ -44,7 +48,7 @@ impl Policy {
     pub fn needs_old_row(self) -> bool {
         matches!(
             self,
-            Policy::DesktopWins | Policy::MobileWins | Policy::KeepLocal
+            Policy::DesktopWins | Policy::MobileWins | Policy::KeepLocal | Policy::Error
         )
     }
 
@@ -86,6 +90,7 @@ pub enum Resolution {
     KeptLocal,
     Merged,
     Skipped,
+    Paused,
 }
 
 impl Resolution {
@@ -95,6 +100,7 @@ impl Resolution {
             Resolution::KeptLocal => "kept_local",
             Resolution::Merged => "merged",
             Resolution::Skipped => "skipped",
+            Resolution::Paused => "paused",
         }
     }
 }
@@ -107,6 +113,8 @@ pub enum Action {
     Skip,
     /// Write the incoming values only into the target's NULL columns.
     Merge,
+    /// Stop applying this table here (policy `error`).
+    Pause,
 }
 
 /// What the source did to the row.
@@ -118,6 +126,28 @@ pub enum SourceOp {
     /// An update with unchanged-TOAST columns: it cannot create a missing row.
     PartialUpdate,
     Delete,
+}
+
+impl SourceOp {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SourceOp::Insert => "insert",
+            SourceOp::Update => "update",
+            SourceOp::PartialUpdate => "partial_update",
+            SourceOp::Delete => "delete",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<SourceOp> {
+        [
+            SourceOp::Insert,
+            SourceOp::Update,
+            SourceOp::PartialUpdate,
+            SourceOp::Delete,
+        ]
+        .into_iter()
+        .find(|o| o.as_str() == s)
+    }
 }
 
 /// What the target holds for the key, compared with the incoming change.
@@ -153,6 +183,7 @@ pub fn decide(
     // Resolve a conflict on an existing row.
     let resolve = |kind: Kind| -> (Action, Option<(Kind, Resolution)>) {
         let (action, res) = match policy {
+            Policy::Error => (Action::Pause, Resolution::Paused),
             Policy::ApplyRemote => (Action::Apply, Resolution::AppliedRemote),
             Policy::KeepLocal => (Action::Skip, Resolution::KeptLocal),
             Policy::DesktopWins | Policy::MobileWins => {
@@ -203,8 +234,15 @@ pub fn decide(
         }
         // The row is gone on the target. Recreate it only when the policy says the source's
         // version must end on both sides and the change carries the whole row.
+        if policy == Policy::Error {
+            return (
+                Action::Pause,
+                Some((Kind::UpdateMissing, Resolution::Paused)),
+            );
+        }
         let recreate = match policy {
             Policy::ApplyRemote | Policy::FillMissing => true,
+            Policy::Error => false,
             Policy::DesktopWins | Policy::MobileWins => source_wins == Some(true),
             Policy::KeepLocal | Policy::LastWriteWins => false,
         } && op == SourceOp::Update;
@@ -237,6 +275,7 @@ pub fn decide(
             },
             // Filling only empty columns is what this table asked for on every update.
             Policy::FillMissing => resolve(Kind::UpdateOriginDiffers),
+            // The others need old rows (setup insists); without one, do not guess.
             _ => (Action::Apply, None),
         },
     }
@@ -371,6 +410,25 @@ mod tests {
                 Some((Kind::UpdateMissing, Resolution::Skipped))
             )
         );
+    }
+
+    #[test]
+    fn error_pauses_on_every_kind_but_a_missing_delete() {
+        let p = rule(Policy::Error);
+        for (op, seen) in [
+            (SourceOp::Insert, found(false, None, None)),
+            (SourceOp::Update, found(false, Some(false), None)),
+            (SourceOp::Update, MISSING),
+            (SourceOp::Delete, found(false, Some(false), None)),
+        ] {
+            assert_eq!(decide(p, D, op, seen).0, Action::Pause, "{op:?}");
+        }
+        assert_eq!(
+            decide(p, D, SourceOp::Update, found(false, Some(true), None)),
+            (Action::Apply, None)
+        );
+        // A delete of a row already gone needs no decision.
+        assert_eq!(decide(p, D, SourceOp::Delete, MISSING).0, Action::Skip);
     }
 
     #[test]

@@ -254,6 +254,16 @@ impl Applier {
                 }
                 self.ensure_txn(ev.commit_lsn).await?;
                 self.run_ready(true).await?;
+                // A truncate supersedes whatever waits behind a paused conflict of that table.
+                for t in tables.iter().filter(|t| self.pauses(&t.name)) {
+                    self.client
+                        .execute(
+                            "WITH p AS (DELETE FROM tandem.paused WHERE direction = $1 AND table_name = $2) \
+                             DELETE FROM tandem.held WHERE direction = $1 AND table_name = $2",
+                            &[&self.source.direction_from(), &t.name.to_string()],
+                        )
+                        .await?;
+                }
                 let sql = format!(
                     "TRUNCATE {}{}{}",
                     names.join(", "),
@@ -282,6 +292,9 @@ impl Applier {
         for batch in self.planner.take_ready() {
             if batch.meta.is_empty() {
                 self.execute(&batch).await?;
+            } else if self.pauses(batch.table()) && self.is_paused(batch.table()).await? {
+                // Behind a paused conflict: wait in order.
+                self.hold(&batch, 0).await?;
             } else if let Some(batch) = self.resolve(&batch).await? {
                 self.execute(&batch).await?;
             }
@@ -376,7 +389,8 @@ impl Applier {
             })?;
         let mut kept = Vec::with_capacity(batch.rows.len());
         let mut log = ConflictLog::default();
-        for ((row, meta), r) in batch.rows.iter().zip(&batch.meta).zip(&found) {
+        let mut paused_at = None;
+        for (i, ((row, meta), r)) in batch.rows.iter().zip(&batch.meta).zip(&found).enumerate() {
             let seen = Observed {
                 found: r.get(0),
                 same_as_incoming: r.get(1),
@@ -387,6 +401,7 @@ impl Applier {
             match action {
                 Action::Apply => kept.push(row.clone()),
                 Action::Skip => {}
+                Action::Pause => paused_at = Some(i),
                 Action::Merge => {
                     let local: Option<Vec<Option<String>>> = r.get(5);
                     let local = local.unwrap_or_default();
@@ -413,17 +428,23 @@ impl Applier {
                 log.ts.push(meta.commit_ts);
                 log.resolution.push(resolution.as_str());
             }
+            if paused_at.is_some() {
+                // Later rows wait behind the conflict; they are decided when they run.
+                break;
+            }
         }
+        let mut last_conflict = None;
         if !log.kind.is_empty() {
             self.stats.conflicts += log.kind.len() as u64;
-            self.client
-                .execute(
+            let ids = self
+                .client
+                .query(
                     "INSERT INTO tandem.conflicts (kind, table_name, key, local_row, remote_row, source_side, \
                      source_commit_lsn, source_commit_ts, policy, resolution) \
                      SELECT k, $2, key::jsonb, l::jsonb, r::jsonb, $3, lsn::pg_lsn, \
                      timestamptz '2000-01-01 00:00:00+00' + ts * interval '1 microsecond', $4, res \
                      FROM unnest($1::text[], $5::text[], $6::text[], $7::text[], $8::text[], $9::int8[], $10::text[]) \
-                     AS u(k, key, l, r, lsn, ts, res)",
+                     AS u(k, key, l, r, lsn, ts, res) RETURNING id",
                     &[
                         &log.kind,
                         &target.name.to_string(),
@@ -439,6 +460,22 @@ impl Applier {
                 )
                 .await
                 .context("writing tandem.conflicts")?;
+            last_conflict = ids.iter().map(|r| r.get::<_, i64>(0)).max();
+        }
+        if let Some(i) = paused_at {
+            let id = last_conflict.expect("a pause is a logged conflict");
+            self.hold(batch, i).await?;
+            self.client
+                .execute(
+                    "INSERT INTO tandem.paused (direction, table_name, conflict_id) VALUES ($1, $2, $3) \
+                     ON CONFLICT DO NOTHING",
+                    &[&self.source.direction_from(), &target.name.to_string(), &id],
+                )
+                .await?;
+            tracing::error!(table = %target.name, direction = self.source.direction_from(), conflict = id,
+                "conflict under policy `error`: table paused here (other tables keep flowing); \
+                 see tandem.conflicts id {id}, then run `tandem resolve --table {} --take desktop|mobile|skip`",
+                target.name);
         }
         if kept.is_empty() {
             return Ok(None);
@@ -450,6 +487,204 @@ impl Applier {
             rows: kept,
             meta: Vec::new(),
         }))
+    }
+
+    /// Whether `table` is paused in this direction; locks the pause row (shared) so that a
+    /// concurrent `tandem resolve` and this transaction see each other's held rows in order.
+    async fn is_paused(&self, table: &TableName) -> Result<bool> {
+        Ok(self
+            .client
+            .query_opt(
+                "SELECT 1 FROM tandem.paused WHERE direction = $1 AND table_name = $2 FOR SHARE",
+                &[&self.source.direction_from(), &table.to_string()],
+            )
+            .await
+            .context("reading tandem.paused")?
+            .is_some())
+    }
+
+    fn pauses(&self, table: &TableName) -> bool {
+        self.detect_conflicts
+            && self
+                .cfg
+                .conflicts_for(table)
+                .is_some_and(|c| c.policy == conflict::Policy::Error)
+    }
+
+    /// Keep rows `from..` of a batch in `tandem.held`, in order, behind a paused conflict.
+    async fn hold(&mut self, batch: &Batch, from: usize) -> Result<()> {
+        let t = &batch.binding.target;
+        let names = |cols: &[usize]| -> Vec<String> {
+            cols.iter().map(|&c| t.columns[c].name.clone()).collect()
+        };
+        let json = |r: &[Option<bytes::Bytes>]| {
+            serde_json::to_string(
+                &r.iter()
+                    .map(|v| v.as_ref().map(|b| String::from_utf8_lossy(b).into_owned()))
+                    .collect::<Vec<_>>(),
+            )
+            .expect("strings serialise")
+        };
+        let rows = &batch.rows[from..];
+        let meta = &batch.meta[from..];
+        let vals: Vec<String> = rows.iter().map(|r| json(r)).collect();
+        let olds: Vec<Option<String>> = meta.iter().map(|m| m.old.as_deref().map(json)).collect();
+        let ops: Vec<&str> = meta.iter().map(|m| m.op.as_str()).collect();
+        let lsns: Vec<String> = meta.iter().map(|m| m.commit_lsn.to_string()).collect();
+        let tss: Vec<i64> = meta.iter().map(|m| m.commit_ts).collect();
+        self.client
+            .execute(
+                "INSERT INTO tandem.held (direction, table_name, op, source_op, cols, vals, old_cols, old_vals, \
+                 commit_lsn, commit_ts) \
+                 SELECT $1, $2, $3, so, $4, v::jsonb, $5, o::jsonb, l::pg_lsn, ts \
+                 FROM unnest($6::text[], $7::text[], $8::text[], $9::text[], $10::int8[]) WITH ORDINALITY \
+                 AS u(so, v, o, l, ts, n) ORDER BY n",
+                &[
+                    &self.source.direction_from(),
+                    &t.name.to_string(),
+                    &batch.op.as_str(),
+                    &names(&batch.cols),
+                    &names(&batch.binding.bound),
+                    &ops,
+                    &vals,
+                    &olds,
+                    &lsns,
+                    &tss,
+                ],
+            )
+            .await
+            .context("writing tandem.held")?;
+        Ok(())
+    }
+
+    /// `tandem resolve`: continue `table` paused in this direction. The conflicting change is
+    /// applied (`take` names the source side), or dropped (`take` names the target, or `None`
+    /// for skip); the held changes after it then run through the normal rules, which may pause
+    /// the table again at a later conflict. Returns what happened, or `None` when not paused.
+    pub async fn resume(
+        &mut self,
+        table: &TableName,
+        take: Option<Side>,
+    ) -> Result<Option<String>> {
+        let dir = self.source.direction_from();
+        let name = table.to_string();
+        self.ensure_txn(Lsn::ZERO).await?;
+        let Some(p) = self
+            .client
+            .query_opt(
+                "DELETE FROM tandem.paused WHERE direction = $1 AND table_name = $2 RETURNING conflict_id",
+                &[&dir, &name],
+            )
+            .await?
+        else {
+            self.rollback().await?;
+            return Ok(None);
+        };
+        let conflict_id: i64 = p.get(0);
+        let held = self
+            .client
+            .query(
+                "DELETE FROM tandem.held WHERE direction = $1 AND table_name = $2 \
+                 RETURNING id, op, source_op, cols, vals::text, old_cols, old_vals::text, commit_lsn::text, commit_ts",
+                &[&dir, &name],
+            )
+            .await?;
+        let mut held: Vec<_> = held.into_iter().collect();
+        held.sort_by_key(|r| r.get::<_, i64>(0));
+        let target = self.target_table(table).await?;
+        let index = |n: &String| {
+            target
+                .columns
+                .iter()
+                .position(|c| &c.name == n)
+                .ok_or_else(|| {
+                    anyhow!("{table}: column `{n}` of a held change is gone from the target")
+                })
+        };
+        let parse = |j: Option<String>| -> Result<Option<Vec<Option<bytes::Bytes>>>> {
+            j.map(|j| {
+                let v: Vec<Option<String>> = serde_json::from_str(&j)?;
+                Ok(v.into_iter().map(|x| x.map(bytes::Bytes::from)).collect())
+            })
+            .transpose()
+        };
+        let (mut applied, mut paused_again) = (0usize, false);
+        let resolution = if take == Some(self.source) {
+            "applied_remote"
+        } else if take.is_some() {
+            "kept_local"
+        } else {
+            "skipped"
+        };
+        for (i, r) in held.iter().enumerate() {
+            let cols: Vec<usize> = r
+                .get::<_, Vec<String>>(3)
+                .iter()
+                .map(index)
+                .collect::<Result<_>>()?;
+            let bound: Vec<usize> = r
+                .get::<_, Vec<String>>(5)
+                .iter()
+                .map(index)
+                .collect::<Result<_>>()?;
+            let op = Op::parse(r.get(1)).ok_or_else(|| anyhow!("bad held op"))?;
+            let source_op =
+                conflict::SourceOp::parse(r.get(2)).ok_or_else(|| anyhow!("bad held op"))?;
+            let binding = Arc::new(Binding {
+                target: target.clone(),
+                to_target: Vec::new(),
+                key_source: Vec::new(),
+                bound,
+                detect: true,
+                collapse: true,
+            });
+            let row = parse(Some(r.get(4)))?.unwrap_or_default();
+            let meta = plan::RowMeta {
+                op: source_op,
+                commit_lsn: r.get::<_, String>(7).parse()?,
+                commit_ts: r.get(8),
+                old: parse(r.get(6))?,
+            };
+            let batch = Batch {
+                binding,
+                op,
+                cols,
+                rows: vec![row],
+                meta: vec![meta],
+            };
+            if i == 0 {
+                // The conflict itself: the operator's choice, no rule.
+                if resolution == "applied_remote" {
+                    let plain = Batch {
+                        meta: Vec::new(),
+                        ..batch
+                    };
+                    self.execute(&plain).await?;
+                    applied += 1;
+                }
+                continue;
+            }
+            if paused_again || self.is_paused(table).await? {
+                paused_again = true;
+                self.hold(&batch, 0).await?;
+            } else if let Some(b) = self.resolve(&batch).await? {
+                self.execute(&b).await?;
+                applied += 1;
+            }
+        }
+        self.client
+            .execute(
+                "UPDATE tandem.conflicts SET resolution = $2 WHERE id = $1",
+                &[&conflict_id, &resolution],
+            )
+            .await?;
+        self.commit_outside_stream().await?;
+        let target_side = self.source.other();
+        Ok(Some(format!(
+            "{target_side}: {table} ({dir}) resumed: conflict {conflict_id} {resolution}, {} held change(s) after it, {applied} written{}",
+            held.len().saturating_sub(1),
+            if paused_again { "; paused again at a later conflict (see tandem status)" } else { "" }
+        )))
     }
 
     /// Finish the group: run what is pending, advance the checkpoint to `lsn` in the same

@@ -121,6 +121,22 @@ pub enum Op {
     Delete,
 }
 
+impl Op {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Op::Upsert => "upsert",
+            Op::Update => "update",
+            Op::Delete => "delete",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Op> {
+        [Op::Upsert, Op::Update, Op::Delete]
+            .into_iter()
+            .find(|o| o.as_str() == s)
+    }
+}
+
 /// One multi-row statement's worth of rows: `cols` are target column indexes, and each row holds
 /// one text value (or NULL) per column.
 #[derive(Debug, Clone, PartialEq, Eq)]

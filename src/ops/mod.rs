@@ -3,7 +3,9 @@
 pub mod bench;
 pub mod demo;
 pub mod repair;
+pub mod resolve;
 pub mod setup;
 pub mod snapshot;
+pub mod status;
 pub mod teardown;
 pub mod verify;

@@ -42,6 +42,7 @@ pub const MIGRATIONS: &[(i32, &str)] = &[
     (1, include_str!("../../migrations/0001_control_schema.sql")),
     (2, include_str!("../../migrations/0002_snapshots.sql")),
     (3, include_str!("../../migrations/0003_conflicts.sql")),
+    (4, include_str!("../../migrations/0004_paused.sql")),
 ];
 
 /// Tables as both sides have them, after validation.

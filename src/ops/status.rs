@@ -1,0 +1,93 @@
+//! `tandem status`: per direction, how far the target is and how far the source slot is confirmed,
+//! which tables are paused by a conflict, and the conflicts recorded.
+
+use std::fmt::Write;
+
+use anyhow::Result;
+use tokio_postgres::Client;
+
+use crate::config::Config;
+use crate::db;
+use crate::side::Side;
+
+async fn one(out: &mut String, cfg: &Config, source: Side, s: &Client, t: &Client) -> Result<()> {
+    let dir = source.direction_from();
+    let target = source.other();
+    let cp: Option<String> = t
+        .query_opt(
+            "SELECT lsn::text FROM tandem.checkpoints WHERE direction = $1",
+            &[&dir],
+        )
+        .await?
+        .map(|r| r.get(0));
+    let slot = &cfg.site(source).slot;
+    let lag = s
+        .query_opt(
+            "SELECT confirmed_flush_lsn::text, (pg_current_wal_lsn() - confirmed_flush_lsn)::int8 \
+             FROM pg_replication_slots WHERE slot_name = $1",
+            &[slot],
+        )
+        .await?;
+    writeln!(
+        out,
+        "{dir} ({source} → {target}): checkpoint {} on {target}; slot {slot} {}",
+        cp.as_deref().unwrap_or("none (run setup)"),
+        match lag {
+            Some(r) => format!(
+                "confirmed {}, {} bytes behind {source}'s WAL",
+                r.get::<_, Option<String>>(0).unwrap_or_default(),
+                r.get::<_, Option<i64>>(1).unwrap_or(0)
+            ),
+            None => "missing (run setup)".into(),
+        }
+    )?;
+    for r in t
+        .query(
+            "SELECT p.table_name, p.since::text, p.conflict_id, c.kind, c.key::text, \
+             (SELECT count(*) FROM tandem.held h WHERE h.direction = p.direction AND h.table_name = p.table_name) \
+             FROM tandem.paused p LEFT JOIN tandem.conflicts c ON c.id = p.conflict_id \
+             WHERE p.direction = $1 ORDER BY 1",
+            &[&dir],
+        )
+        .await?
+    {
+        let table: String = r.get(0);
+        writeln!(
+            out,
+            "  PAUSED {table} since {}: conflict {} ({} at key {}), {} change(s) waiting; \
+             run `tandem resolve --table {table} --take desktop|mobile|skip`",
+            r.get::<_, String>(1),
+            r.get::<_, i64>(2),
+            r.get::<_, Option<String>>(3).unwrap_or_default(),
+            r.get::<_, Option<String>>(4).unwrap_or_default(),
+            r.get::<_, i64>(5)
+        )?;
+    }
+    for r in t
+        .query(
+            "SELECT table_name, kind, resolution, count(*) FROM tandem.conflicts \
+             WHERE source_side = $1 GROUP BY 1, 2, 3 ORDER BY 1, 2, 3",
+            &[&source.tag().to_string()],
+        )
+        .await?
+    {
+        writeln!(
+            out,
+            "  conflicts on {target}: {} {} {}: {}",
+            r.get::<_, String>(0),
+            r.get::<_, String>(1),
+            r.get::<_, String>(2),
+            r.get::<_, i64>(3)
+        )?;
+    }
+    Ok(())
+}
+
+pub async fn status(cfg: &Config) -> Result<String> {
+    let d = db::connect(&cfg.desktop, "tandem status").await?;
+    let m = db::connect(&cfg.mobile, "tandem status").await?;
+    let mut out = String::new();
+    one(&mut out, cfg, Side::Desktop, &d, &m).await?;
+    one(&mut out, cfg, Side::Mobile, &m, &d).await?;
+    Ok(out)
+}
