@@ -12,6 +12,7 @@ pub mod db;
 pub mod event;
 pub mod localpg;
 pub mod lsn;
+pub mod metrics;
 pub mod ops;
 pub mod side;
 pub mod source;

@@ -38,7 +38,11 @@ enum Command {
         sequences: Option<String>,
     },
     /// Replicate both directions until SIGINT or SIGTERM.
-    Run,
+    Run {
+        /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9187).
+        #[arg(long, value_name = "ADDR")]
+        metrics_addr: Option<std::net::SocketAddr>,
+    },
     /// Drop tandem's slots and publications (nothing keeps WAL afterwards).
     Teardown {
         /// Also drop the `tandem` control schema (checkpoints included).
@@ -279,8 +283,11 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             println!("setup complete");
             Ok(ExitCode::SUCCESS)
         }
-        Command::Run => {
+        Command::Run { metrics_addr } => {
             let cfg = Arc::new(Config::load(&cli.config)?);
+            if let Some(addr) = metrics_addr {
+                tandem::metrics::serve(addr).await?;
+            }
             sync::run(cfg, shutdown_signal(), Arc::default()).await?;
             Ok(ExitCode::SUCCESS)
         }

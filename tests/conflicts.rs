@@ -586,3 +586,80 @@ async fn error_pauses_one_table_while_others_flow_and_resolve_continues_it() {
         "{err}"
     );
 }
+
+/// `GET /metrics` over a plain socket.
+fn scrape(port: u16) -> Option<String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    Some(out)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn conflicts_are_counted_in_prometheus_metrics() {
+    let fx = fixture(
+        "cf_metrics",
+        "",
+        "[conflicts]\npolicy = \"last_write_wins\"\nversion_column = \"version\"",
+    )
+    .await;
+    // insert/insert of one key: mobile's greater version wins on both sides.
+    fx.d.batch_execute("INSERT INTO items VALUES (100, 'd', 2)")
+        .await
+        .unwrap();
+    fx.m.batch_execute("INSERT INTO items VALUES (100, 'm', 3)")
+        .await
+        .unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut child = std::process::Command::new(common::tandem_bin())
+        .args([
+            "--config",
+            fx.config_path.to_str().unwrap(),
+            "run",
+            "--metrics-addr",
+        ])
+        .arg(format!("127.0.0.1:{port}"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let line = |body: &str, kind: &str, res: &str| {
+        body.lines()
+            .find(|l| {
+                l.starts_with("tandem_conflicts_total{")
+                    && l.contains(&format!("kind=\"{kind}\""))
+                    && l.contains(&format!("resolution=\"{res}\""))
+                    && l.contains("table=\"public.items\"")
+            })
+            .map(|l| l.rsplit(' ').next().unwrap().to_string())
+    };
+    wait_for(30, "both decisions counted", || async {
+        scrape(port).is_some_and(|b| {
+            line(&b, "insert_exists", "kept_local").as_deref() == Some("1")
+                && line(&b, "insert_exists", "applied_remote").as_deref() == Some("1")
+        })
+    })
+    .await;
+    let body = scrape(port).unwrap();
+    assert!(
+        body.contains("tandem_changes_total{direction=\"D>M\"}"),
+        "{body}"
+    );
+    assert!(
+        body.contains("tandem_checkpoint_lsn{direction=\"M>D\"}"),
+        "{body}"
+    );
+    wait_for(30, "mobile's row on desktop", || async {
+        state(&fx.d).await.get(&100) == Some(&("m".to_string(), 3))
+    })
+    .await;
+    child.kill().unwrap();
+    child.wait().unwrap();
+}

@@ -281,6 +281,8 @@ impl Applier {
             }
         }
         self.stats.changes += 1;
+        metrics::counter!("tandem_changes_total", "direction" => self.source.direction_from())
+            .increment(1);
         self.run_ready(false).await
     }
 
@@ -420,6 +422,10 @@ impl Applier {
                 let key_json: String = r.get(6);
                 tracing::info!(table = %target.name, kind = kind.as_str(), resolution = resolution.as_str(),
                     key = %key_json, source = %self.source, "conflict");
+                metrics::counter!("tandem_conflicts_total",
+                    "direction" => self.source.direction_from(), "table" => target.name.to_string(),
+                    "kind" => kind.as_str(), "resolution" => resolution.as_str())
+                .increment(1);
                 log.kind.push(kind.as_str());
                 log.key.push(key_json);
                 log.local.push(r.get(4));
@@ -527,6 +533,9 @@ impl Applier {
         };
         let rows = &batch.rows[from..];
         let meta = &batch.meta[from..];
+        metrics::counter!("tandem_held_changes_total",
+            "direction" => self.source.direction_from(), "table" => t.name.to_string())
+        .increment(rows.len() as u64);
         let vals: Vec<String> = rows.iter().map(|r| json(r)).collect();
         let olds: Vec<Option<String>> = meta.iter().map(|m| m.old.as_deref().map(json)).collect();
         let ops: Vec<&str> = meta.iter().map(|m| m.op.as_str()).collect();
@@ -701,6 +710,9 @@ impl Applier {
             .context("committing the apply transaction")?;
         self.in_txn = false;
         self.stats.commits += 1;
+        let dir = self.source.direction_from();
+        metrics::counter!("tandem_target_commits_total", "direction" => dir).increment(1);
+        metrics::gauge!("tandem_checkpoint_lsn", "direction" => dir).set(lsn.0 as f64);
         Ok(())
     }
 
@@ -733,7 +745,10 @@ impl Applier {
 
     /// Advance the checkpoint alone (progress through transactions that needed nothing applied).
     pub async fn record(&mut self, lsn: Lsn) -> Result<()> {
-        checkpoint::advance(&self.client, self.source, lsn).await
+        checkpoint::advance(&self.client, self.source, lsn).await?;
+        metrics::gauge!("tandem_checkpoint_lsn", "direction" => self.source.direction_from())
+            .set(lsn.0 as f64);
+        Ok(())
     }
 
     pub fn count_transaction(&mut self) {
