@@ -47,12 +47,21 @@ fn schema(db: &str, extra: &str) -> String {
 }
 
 async fn fixture(db: &str, extra_schema: &str, conflicts: &str) -> Fixture {
+    fixture_as(db, extra_schema, conflicts, true).await
+}
+
+/// `plain`: mobile connects as the plain role (else both sides as superuser).
+async fn fixture_as(db: &str, extra_schema: &str, conflicts: &str, plain: bool) -> Fixture {
     let (d, m) = Fixture::databases(db, &schema(db, extra_schema)).await;
     let text = Fixture::config_text(db, "tables = [\"public.items\"]\ninitial_snapshot = false");
     // Only the mobile URL switches to the plain role.
     let (desktop, mobile) = text.split_at(text.find("[mobile]").unwrap());
-    let mobile = mobile.replacen("postgresql://postgres@", "postgresql://tandem_cf:cf-pw@", 1);
-    assert!(mobile.contains("tandem_cf:cf-pw@"));
+    let mobile = if plain {
+        mobile.replacen("postgresql://postgres@", "postgresql://tandem_cf:cf-pw@", 1)
+    } else {
+        mobile.to_string()
+    };
+    assert_eq!(mobile.contains("tandem_cf:cf-pw@"), plain);
     let text = format!("{desktop}{mobile}\n{conflicts}\n");
     Fixture::with_config(db, d, m, text).await
 }
@@ -374,6 +383,14 @@ async fn setup_checks_what_policies_need_and_fixes_identity_and_sequences_when_a
     std::fs::write(&path, &text).unwrap();
     let config = path.to_str().unwrap();
 
+    // Mobile as the plain role: it may not use replication origins, so commit timestamps cannot
+    // stand in for the missing version column.
+    let (desktop, mobile) = text.split_at(text.find("[mobile]").unwrap());
+    let plain = format!(
+        "{desktop}{}",
+        mobile.replacen("postgresql://postgres@", "postgresql://tandem_cf:cf-pw@", 1)
+    );
+    std::fs::write(&path, &plain).unwrap();
     let (code, out, err) = run_tandem(&["--config", config, "setup"], &[]);
     assert_ne!(code, 0, "{out}");
     for want in [
@@ -381,6 +398,7 @@ async fn setup_checks_what_policies_need_and_fixes_identity_and_sequences_when_a
         "mobile: table public.items uses conflict policy desktop_wins",
         "desktop: table public.seqs has no column `updated_at`, which last_write_wins compares",
         "mobile: table public.seqs has no column `updated_at`",
+        "or compare commit timestamps: `track_commit_timestamp = on` on both sides and a role that may use replication origins",
     ] {
         assert!(err.contains(want), "missing `{want}` in:\n{err}");
     }
@@ -640,26 +658,81 @@ async fn conflicts_are_counted_in_prometheus_metrics() {
             })
             .map(|l| l.rsplit(' ').next().unwrap().to_string())
     };
-    wait_for(30, "both decisions counted", || async {
-        scrape(port).is_some_and(|b| {
-            line(&b, "insert_exists", "kept_local").as_deref() == Some("1")
-                && line(&b, "insert_exists", "applied_remote").as_deref() == Some("1")
-        })
-    })
+    // Counted at decision time; the checkpoint gauges follow at the commits.
+    wait_for(
+        30,
+        "both decisions counted, both checkpoints reported",
+        || async {
+            scrape(port).is_some_and(|b| {
+                line(&b, "insert_exists", "kept_local").as_deref() == Some("1")
+                    && line(&b, "insert_exists", "applied_remote").as_deref() == Some("1")
+                    && b.contains("tandem_changes_total{direction=\"D>M\"}")
+                    && b.contains("tandem_checkpoint_lsn{direction=\"M>D\"}")
+                    && b.contains("tandem_checkpoint_lsn{direction=\"D>M\"}")
+            })
+        },
+    )
     .await;
-    let body = scrape(port).unwrap();
-    assert!(
-        body.contains("tandem_changes_total{direction=\"D>M\"}"),
-        "{body}"
-    );
-    assert!(
-        body.contains("tandem_checkpoint_lsn{direction=\"M>D\"}"),
-        "{body}"
-    );
     wait_for(30, "mobile's row on desktop", || async {
         state(&fx.d).await.get(&100) == Some(&("m".to_string(), 3))
     })
     .await;
     child.kill().unwrap();
     child.wait().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn last_write_wins_by_commit_timestamp_without_a_version_column() {
+    // No `updated_at` column: with track_commit_timestamp and replication origins (superuser on
+    // both sides), commit times decide, and a replicated row carries its source's commit time.
+    let fx = fixture_as(
+        "cf_commit_ts",
+        "",
+        "[conflicts]\npolicy = \"last_write_wins\"",
+        false,
+    )
+    .await;
+    let ts = "SELECT pg_xact_commit_timestamp(xmin)::text FROM items WHERE id = $1";
+    // Each side's local commit times, as the rows they wrote show them.
+    let (mut d_ts, mut m_ts) = (BTreeSet::new(), BTreeSet::new());
+    for (desktop, id, v) in [
+        (true, 1i64, "D-first"),
+        (false, 1, "M-later"),
+        (false, 2, "M-first"),
+        (true, 2, "D-later"),
+        (true, 3, "D-only"),
+    ] {
+        let c = if desktop { &fx.d } else { &fx.m };
+        c.execute("UPDATE items SET v = $2 WHERE id = $1", &[&id, &v])
+            .await
+            .unwrap();
+        let t: String = c.query_one(ts, &[&id]).await.unwrap().get(0);
+        if desktop { &mut d_ts } else { &mut m_ts }.insert(t);
+    }
+    let run = fx.start().await;
+    let want: BTreeMap<i64, String> = [(1, "M-later"), (2, "D-later"), (3, "D-only")]
+        .into_iter()
+        .map(|(k, v)| (k, v.to_string()))
+        .collect();
+    wait_for(30, "the later commit wins on both sides", || async {
+        let mut ok = true;
+        for c in [&fx.d, &fx.m] {
+            let s = state(c).await;
+            ok &= want.iter().all(|(k, v)| s.get(k).map(|r| &r.0) == Some(v));
+        }
+        ok
+    })
+    .await;
+    run.stop().await;
+    // A replicated row carries a commit time of its source side (the last source commit of the
+    // target transaction), not the time tandem applied it.
+    for (c, id, source) in [(&fx.d, 1i64, &m_ts), (&fx.m, 2, &d_ts), (&fx.m, 3, &d_ts)] {
+        let got: String = c.query_one(ts, &[&id]).await.unwrap().get(0);
+        assert!(source.contains(&got), "row {id}: {got} not in {source:?}");
+    }
+    let (keys, _) = logged(&fx.d).await;
+    assert!(
+        keys.contains(&2),
+        "desktop kept its later row 2: a logged conflict"
+    );
 }

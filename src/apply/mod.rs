@@ -52,6 +52,8 @@ pub struct Applier {
     pub origin: bool,
     /// Whether the session runs with `session_replication_role = replica`.
     replica_role: bool,
+    /// Commit time of the latest source change applied (µs since 2000-01-01).
+    last_commit_ts: i64,
     /// Apply every configured table whatever its direction (repair writes where it is told to).
     pub ignore_direction: bool,
     /// Run the `[conflicts]` rules (off for repair: the operator chose whose rows win).
@@ -78,7 +80,7 @@ impl Applier {
         if !replica_role {
             tracing::info!(%target, "apply role may not set session_replication_role; target triggers will fire");
         }
-        let origin = format!("{ORIGIN_PREFIX}from_{}", source.tag());
+        let origin = origin_name(&cfg, source);
         let origin_ok = client
             .batch_execute(&format!(
                 "SELECT pg_replication_origin_create({0}) WHERE NOT EXISTS \
@@ -103,6 +105,7 @@ impl Applier {
             in_txn: false,
             origin: origin_ok.is_ok(),
             replica_role,
+            last_commit_ts: 0,
             ignore_direction: false,
             detect_conflicts: true,
             stats: ApplyStats::default(),
@@ -220,6 +223,7 @@ impl Applier {
     /// Apply one change inside the open group (opening it if needed).
     pub async fn apply(&mut self, ev: &Event) -> Result<()> {
         self.planner.set_position(ev.commit_lsn, ev.commit_ts);
+        self.last_commit_ts = ev.commit_ts;
         match &ev.change {
             Change::Insert { table, new } => {
                 let Some(b) = self.row_target(table, ev.commit_lsn).await? else {
@@ -358,17 +362,24 @@ impl Applier {
                 .as_ref()
                 .map_or(Side::Desktop, |c| c.priority),
         };
-        let version = tc
-            .version_column
-            .as_ref()
-            .filter(|_| tc.policy == conflict::Policy::LastWriteWins)
-            .and_then(|v| target.columns.iter().position(|c| &c.name == v));
+        let version = if tc.policy != conflict::Policy::LastWriteWins {
+            sql::Version::None
+        } else {
+            // No such column: setup allowed commit timestamps instead.
+            tc.version_column
+                .as_ref()
+                .and_then(|v| target.columns.iter().position(|c| &c.name == v))
+                .map_or_else(
+                    || sql::Version::CommitTs(origin_name(&self.cfg, self.source)),
+                    sql::Version::Column,
+                )
+        };
         let old_cols = &batch.binding.bound;
         let key = (target.name.clone(), batch.op, batch.cols.clone());
         let stmt = match self.lookups.get(&key) {
             Some(s) => s.clone(),
             None => {
-                let text = sql::lookup(&target, batch.op, &batch.cols, old_cols, version);
+                let text = sql::lookup(&target, batch.op, &batch.cols, old_cols, &version);
                 let s = self.client.prepare(&text).await.with_context(|| {
                     format!("preparing the conflict lookup for {}", target.name)
                 })?;
@@ -385,6 +396,10 @@ impl Applier {
             .map(|c| c as &(dyn ToSql + Sync))
             .collect();
         params.push(&has_old);
+        let commit_ts: Vec<i64> = batch.meta.iter().map(|m| m.commit_ts).collect();
+        if matches!(version, sql::Version::CommitTs(_)) {
+            params.push(&commit_ts);
+        }
         let found =
             self.client.query(&stmt, &params).await.with_context(|| {
                 format!("looking up {} rows of {}", batch.rows.len(), target.name)
@@ -704,6 +719,18 @@ impl Applier {
         }
         self.run_ready(true).await?;
         checkpoint::advance(&self.client, self.source, lsn).await?;
+        if self.origin {
+            // The commit carries the source's origin LSN and commit time, so the target's commit
+            // timestamp of a replicated row is the source's (last_write_wins by commit time).
+            self.client
+                .execute(
+                    "SELECT pg_replication_origin_xact_setup($1::text::pg_lsn, \
+                     timestamptz '2000-01-01 00:00:00+00' + $2::int8 * interval '1 microsecond')",
+                    &[&lsn.to_string(), &self.last_commit_ts],
+                )
+                .await
+                .context("recording the source commit on the replication origin")?;
+        }
         self.client
             .batch_execute("COMMIT")
             .await
@@ -754,6 +781,17 @@ impl Applier {
     pub fn count_transaction(&mut self) {
         self.stats.transactions += 1;
     }
+}
+
+/// The replication origin the apply session for changes from `source` runs under. Origins are
+/// cluster-wide, so the name carries the source slot's (unique per source cluster) too: two tandems
+/// syncing different databases of one cluster do not take each other's origin.
+pub fn origin_name(cfg: &Config, source: Side) -> String {
+    format!(
+        "{ORIGIN_PREFIX}from_{}_{}",
+        source.tag(),
+        cfg.site(source).slot
+    )
 }
 
 /// Conflict rows of one batch, column by column for one multi-row insert.

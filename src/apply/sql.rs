@@ -78,6 +78,20 @@ pub fn statement(t: &TargetTable, op: Op, cols: &[usize]) -> Option<String> {
     })
 }
 
+/// What last_write_wins compares.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Version {
+    None,
+    /// A target column (index), compared with the incoming value of it.
+    Column(usize),
+    /// The commit timestamp of the target row's last writer (`track_commit_timestamp`) against the
+    /// source commit time, passed as one more `int8[]` parameter (µs since 2000-01-01). A row
+    /// last written under the given replication origin came from this same source: it is older
+    /// than anything that source sends next, whatever the times say (one target commit carries the
+    /// time of the last source commit it covers).
+    CommitTs(String),
+}
+
 /// The locking lookup that precedes a batch of a table with conflict detection: for each
 /// incoming row (in order), what the target holds. Parameters: the batch columns `cols` as
 /// `text[]`, then the old-row columns `old_cols` as `text[]`, then `bool[]` (row has an old row).
@@ -89,7 +103,7 @@ pub fn lookup(
     op: Op,
     cols: &[usize],
     old_cols: &[usize],
-    version: Option<usize>,
+    version: &Version,
 ) -> String {
     let col = |c: usize| quote_ident(&t.columns[c].name);
     let ty = |c: usize| &t.columns[c].type_sql;
@@ -97,9 +111,15 @@ pub fn lookup(
     let m = old_cols.len();
     let mut params: Vec<String> = (1..=n + m).map(|i| format!("${i}::text[]")).collect();
     params.push(format!("${}::bool[]", n + m + 1));
+    if matches!(version, Version::CommitTs(_)) {
+        params.push(format!("${}::int8[]", n + m + 2));
+    }
     let mut aliases: Vec<String> = (1..=n).map(|i| format!("v{i}")).collect();
     aliases.extend((1..=m).map(|i| format!("o{i}")));
     aliases.push("has_old".into());
+    if matches!(version, Version::CommitTs(_)) {
+        aliases.push("ts".into());
+    }
     aliases.push("ord".into());
     // Compare as the target's text form of both values: works for every type, equality
     // operator or not.
@@ -148,12 +168,25 @@ pub fn lookup(
         .iter()
         .map(|(c, v)| format!("t.{} = {v}::{}", col(*c), ty(*c)))
         .collect();
-    let version_cmp = match version.and_then(|v| cols.iter().position(|&c| c == v)) {
-        Some(p) => {
-            let (l, r) = (
+    let column = match version {
+        Version::Column(v) => cols.iter().position(|c| c == v).map(|p| {
+            (
                 format!("(x.r).{}", col(cols[p])),
                 format!("u.v{}::{}", p + 1, ty(cols[p])),
-            );
+            )
+        }),
+        Version::CommitTs(origin) => Some((
+            format!(
+                "(SELECT CASE WHEN o.roident = (SELECT roident FROM pg_replication_origin WHERE roname = {}) \
+                 THEN '-infinity' ELSE o.timestamp END FROM pg_xact_commit_timestamp_origin(x.xmin) o)",
+                crate::config::quote_literal(origin)
+            ),
+            "(timestamptz '2000-01-01 00:00:00+00' + u.ts * interval '1 microsecond')".to_string(),
+        )),
+        Version::None => None,
+    };
+    let version_cmp = match column {
+        Some((l, r)) => {
             format!(
                 "CASE WHEN x.present THEN CASE WHEN {l} IS NULL AND {r} IS NULL THEN 0 \
                  WHEN {l} IS NULL THEN -1 WHEN {r} IS NULL THEN 1 WHEN {l} < {r} THEN -1 \
@@ -181,7 +214,7 @@ pub fn lookup(
          CASE WHEN x.present THEN to_jsonb(x.r)::text END, \
          CASE WHEN x.present THEN ARRAY[{}]::text[] END, {}, {remote} \
          FROM unnest({}) WITH ORDINALITY AS u({}) \
-         LEFT JOIN LATERAL (SELECT true AS present, t AS r FROM {} AS t WHERE {} FOR UPDATE) x ON true \
+         LEFT JOIN LATERAL (SELECT true AS present, t AS r, t.xmin AS xmin FROM {} AS t WHERE {} FOR UPDATE) x ON true \
          ORDER BY u.ord",
         same(incoming.clone()),
         same(old),

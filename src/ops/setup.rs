@@ -54,6 +54,8 @@ pub struct Plan {
     pub sequences: Vec<(TableName, String, String, String)>,
     /// Warnings to print with the report.
     pub warnings: Vec<String>,
+    /// Decisions to print with the report.
+    pub notes: Vec<String>,
 }
 
 /// What `setup` may change in the user's schema besides creating its own objects.
@@ -293,13 +295,42 @@ async fn check_conflicts(
         let policy = tc.policy.as_str();
         if tc.policy == crate::apply::conflict::Policy::LastWriteWins {
             let v = tc.version_column.clone().unwrap_or_default();
-            for (side, tt) in [(Side::Desktop, &dt), (Side::Mobile, &mt)] {
-                if !tt.columns.iter().any(|col| col.name == v) {
-                    problems.push(format!(
-                        "{side}: table {t} has no column `{v}`, which last_write_wins compares; add it \
-                         (a timestamp or number every change increases), set [conflicts.tables.\"{t}\"] \
-                         version_column, or choose another policy for it"
+            let lacking: Vec<Side> = [(Side::Desktop, &dt), (Side::Mobile, &mt)]
+                .into_iter()
+                .filter(|(_, tt)| !tt.columns.iter().any(|col| col.name == v))
+                .map(|(s, _)| s)
+                .collect();
+            if !lacking.is_empty() {
+                // Commit timestamps instead: both sides track them and the role may apply under a
+                // replication origin (which carries the source's commit time onto the target).
+                let mut ok = true;
+                for c in [d, m] {
+                    let r = c
+                        .query_one(
+                            "SELECT current_setting('track_commit_timestamp') = 'on', \
+                             has_function_privilege('pg_replication_origin_session_setup(text)', 'EXECUTE') \
+                             AND has_function_privilege('pg_replication_origin_xact_setup(pg_lsn, timestamptz)', 'EXECUTE') \
+                             AND has_function_privilege('pg_replication_origin_create(text)', 'EXECUTE')",
+                            &[],
+                        )
+                        .await?;
+                    ok &= r.get::<_, bool>(0) && r.get::<_, bool>(1);
+                }
+                if ok {
+                    plan.notes.push(format!(
+                        "table {t}: last_write_wins compares commit timestamps (no column `{v}`)"
                     ));
+                } else {
+                    for side in lacking {
+                        problems.push(format!(
+                            "{side}: table {t} has no column `{v}`, which last_write_wins compares; add it \
+                             (a timestamp or number every change increases), set [conflicts.tables.\"{t}\"] \
+                             version_column, choose another policy for it, or compare commit timestamps: \
+                             `track_commit_timestamp = on` on both sides and a role that may use replication \
+                             origins (superuser, or EXECUTE on pg_replication_origin_create, _session_setup \
+                             and _xact_setup)"
+                        ));
+                    }
                 }
             }
         }
@@ -423,6 +454,7 @@ pub async fn validate_with(cfg: &Config, opts: Options) -> Result<(Client, Clien
         identity_full: Vec::new(),
         sequences: Vec::new(),
         warnings: Vec::new(),
+        notes: Vec::new(),
     };
     if let (Some(d), Some(m)) = (&d, &m) {
         plan.tables = check_tables(cfg, d, m, &mut problems).await?;
@@ -580,6 +612,7 @@ pub async fn setup_with(cfg: Arc<Config>, opts: Options) -> Result<Vec<String>> 
         .iter()
         .map(|w| format!("warning: {w}"))
         .collect();
+    report.extend(plan.notes.iter().cloned());
     change_schema(&plan, &d, &m, &mut report).await?;
     for (c, side) in [(&mut d, Side::Desktop), (&mut m, Side::Mobile)] {
         let applied = migrate(c).await?;

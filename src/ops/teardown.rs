@@ -54,7 +54,7 @@ pub async fn teardown(cfg: &Config, purge: bool) -> Result<Vec<String>> {
             report.push(format!("{side}: dropped publication {}", site.publication));
         }
         // Origins need superuser to drop; without it there is nothing to drop either.
-        let origin = format!("tandem_from_{}", side.other().tag());
+        let origin = crate::apply::origin_name(cfg, side.other());
         let _ = c
             .batch_execute(&format!(
                 "SELECT pg_replication_origin_drop(roname) FROM pg_replication_origin WHERE roname = {}",

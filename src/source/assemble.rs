@@ -15,7 +15,7 @@ use crate::source::pgoutput::{Begin, Message};
 /// Prefix of the transactional logical message tandem writes first in every transaction it
 /// applies; a transaction that carries it came from tandem and must not travel back.
 pub const MARKER_PREFIX: &str = "tandem";
-/// Replication origins tandem applies under are named `tandem_from_D` / `tandem_from_M`.
+/// Replication origins tandem applies under are named `tandem_from_D_<slot>` / `tandem_from_M_<slot>`.
 pub const ORIGIN_PREFIX: &str = "tandem_";
 
 #[derive(Debug, Clone, PartialEq)]

@@ -24,8 +24,14 @@ pub fn clusters() -> &'static Pair {
     static PAIR: OnceLock<Pair> = OnceLock::new();
     PAIR.get_or_init(|| {
         let (d, m) = std::thread::scope(|s| {
-            let d = s.spawn(|| LocalCluster::start("test-desktop").expect("start desktop cluster"));
-            let m = s.spawn(|| LocalCluster::start("test-mobile").expect("start mobile cluster"));
+            // Commit timestamps on, for last_write_wins without a version column.
+            let conf = "track_commit_timestamp = on";
+            let d = s.spawn(|| {
+                LocalCluster::start_with("test-desktop", conf).expect("start desktop cluster")
+            });
+            let m = s.spawn(|| {
+                LocalCluster::start_with("test-mobile", conf).expect("start mobile cluster")
+            });
             (d.join().unwrap(), m.join().unwrap())
         });
         Pair {
