@@ -12,7 +12,7 @@ pub async fn table(c: &impl GenericClient, name: &TableName) -> Result<Option<Ta
         .query(
             "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod), a.attgenerated <> '', \
                     a.attidentity = 'a', coalesce((SELECT o FROM unnest(k.indkey) WITH ORDINALITY AS u(att, o) \
-                                   WHERE u.att = a.attnum), 0)::int4 \
+                                   WHERE u.att = a.attnum), 0)::int4, a.attnum::int4 \
              FROM pg_class c \
              JOIN pg_namespace n ON n.oid = c.relnamespace \
              JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped \
@@ -46,10 +46,39 @@ pub async fn table(c: &impl GenericClient, name: &TableName) -> Result<Option<Ta
         })
         .collect();
     key.sort();
+    let key: Vec<usize> = key.into_iter().map(|(_, i)| i).collect();
+    let attnums: Vec<i32> = rows.iter().map(|r| r.get(5)).collect();
+    // Other unique constraints on plain columns (no expression, no predicate, not deferrable):
+    // where an incoming row may collide with a different row.
+    let mut unique = Vec::new();
+    for r in c
+        .query(
+            "SELECT i.indkey::int2[] FROM pg_index i WHERE i.indrelid = $1::text::regclass \
+             AND i.indisunique AND i.indimmediate AND i.indpred IS NULL AND i.indexprs IS NULL \
+             ORDER BY i.indexrelid",
+            &[&name.quoted()],
+        )
+        .await?
+    {
+        let cols: Option<Vec<usize>> = r
+            .get::<_, Vec<i16>>(0)
+            .iter()
+            .map(|&n| attnums.iter().position(|&a| a == n as i32))
+            .collect();
+        if let Some(mut cols) = cols {
+            let mut sorted_key = key.clone();
+            sorted_key.sort();
+            cols.sort();
+            if cols != sorted_key && !unique.contains(&cols) {
+                unique.push(cols);
+            }
+        }
+    }
     Ok(Some(TargetTable {
         name: name.clone(),
         columns,
-        key: key.into_iter().map(|(_, i)| i).collect(),
+        key,
+        unique,
     }))
 }
 

@@ -736,3 +736,48 @@ async fn last_write_wins_by_commit_timestamp_without_a_version_column() {
         "desktop kept its later row 2: a logged conflict"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn unique_collisions_on_another_key_converge_under_last_write_wins() {
+    let schema = "CREATE TABLE users (id int PRIMARY KEY, email text UNIQUE, version int NOT NULL);
+                  INSERT INTO users VALUES (10, 'a@', 1), (11, 'b@', 1);";
+    let (d, m) = Fixture::databases("cf_unique", schema).await;
+    let text = Fixture::config_text(
+        "cf_unique",
+        "tables = [\"public.users\"]\ninitial_snapshot = false",
+    ) + "[conflicts]\npolicy = \"last_write_wins\"\nversion_column = \"version\"\n";
+    let fx = Fixture::with_config("cf_unique", d, m, text).await;
+    // Different keys claim one email on each side: the greater version keeps it, the other row
+    // goes on both sides (it is in the conflict log).
+    fx.d.batch_execute(
+        "INSERT INTO users VALUES (1, 'x@', 2); UPDATE users SET email = 'c@', version = 5 WHERE id = 10;",
+    )
+    .await
+    .unwrap();
+    fx.m.batch_execute(
+        "INSERT INTO users VALUES (2, 'x@', 3); UPDATE users SET email = 'c@', version = 4 WHERE id = 11;",
+    )
+    .await
+    .unwrap();
+    let run = fx.start().await;
+    // Ordered as text.
+    let want = vec!["(10,c@,5)".to_string(), "(2,x@,3)".to_string()];
+    wait_for(30, "the winners on both sides", || async {
+        Fixture::rows(&fx.d, "users").await == want && Fixture::rows(&fx.m, "users").await == want
+    })
+    .await;
+    run.stop().await;
+    for (c, want) in [
+        (
+            &fx.d,
+            ["insert_exists applied_remote", "update_exists kept_local"],
+        ),
+        (
+            &fx.m,
+            ["insert_exists kept_local", "update_exists applied_remote"],
+        ),
+    ] {
+        assert_eq!(resolutions(c).await, want);
+        assert_rows_logged(c).await;
+    }
+}

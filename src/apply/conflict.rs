@@ -61,11 +61,13 @@ impl Policy {
     }
 }
 
-/// PostgreSQL 18's conflict kinds (`update_exists` surfaces as an apply error; `update_deleted`
-/// needs tombstones and is reported as `update_missing`).
+/// PostgreSQL 18's conflict kinds (`update_deleted` needs tombstones, and is reported as
+/// `update_missing`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
     InsertExists,
+    /// The updated row would collide with another row on a unique constraint.
+    UpdateExists,
     UpdateOriginDiffers,
     UpdateMissing,
     DeleteOriginDiffers,
@@ -76,6 +78,7 @@ impl Kind {
     pub fn as_str(self) -> &'static str {
         match self {
             Kind::InsertExists => "insert_exists",
+            Kind::UpdateExists => "update_exists",
             Kind::UpdateOriginDiffers => "update_origin_differs",
             Kind::UpdateMissing => "update_missing",
             Kind::DeleteOriginDiffers => "delete_origin_differs",
@@ -168,6 +171,56 @@ pub struct Rule {
     pub policy: Policy,
     /// Who wins a last_write_wins tie.
     pub priority: Side,
+}
+
+/// What to do when the incoming row collides with a *different* target row on a unique
+/// constraint other than the key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Collision {
+    /// Delete the colliding target row, then write the incoming one.
+    ReplaceLocal,
+    /// Do not write the incoming row; with `delete_own`, also delete the target's row with the
+    /// incoming key, so the losing row is gone on both sides (the winner side deletes it too) and
+    /// the sides converge. The deleted rows are in the conflict log.
+    DropIncoming {
+        delete_own: bool,
+    },
+    Pause,
+}
+
+/// The decision for a unique-constraint collision; `version` compares the colliding target row
+/// with the incoming one.
+pub fn decide_collision(
+    rule: Rule,
+    source: Side,
+    op: SourceOp,
+    version: Option<std::cmp::Ordering>,
+) -> (Collision, (Kind, Resolution)) {
+    let kind = if op == SourceOp::Insert {
+        Kind::InsertExists
+    } else {
+        Kind::UpdateExists
+    };
+    let seen = Observed {
+        found: true,
+        same_as_incoming: false,
+        same_as_old: Some(false),
+        version,
+    };
+    let converge = matches!(
+        rule.policy,
+        Policy::LastWriteWins | Policy::DesktopWins | Policy::MobileWins
+    );
+    match decide(rule, source, SourceOp::Update, seen).0 {
+        Action::Apply => (Collision::ReplaceLocal, (kind, Resolution::AppliedRemote)),
+        Action::Pause => (Collision::Pause, (kind, Resolution::Paused)),
+        Action::Skip | Action::Merge => (
+            Collision::DropIncoming {
+                delete_own: converge,
+            },
+            (kind, Resolution::KeptLocal),
+        ),
+    }
 }
 
 /// The decision for one incoming row change from `source`.
@@ -409,6 +462,41 @@ mod tests {
                 Action::Skip,
                 Some((Kind::UpdateMissing, Resolution::Skipped))
             )
+        );
+    }
+
+    #[test]
+    fn unique_collisions_replace_or_drop_the_loser_on_both_sides() {
+        let lww = rule(Policy::LastWriteWins);
+        assert_eq!(
+            decide_collision(lww, M, SourceOp::Insert, Some(Less)),
+            (
+                Collision::ReplaceLocal,
+                (Kind::InsertExists, Resolution::AppliedRemote)
+            )
+        );
+        assert_eq!(
+            decide_collision(lww, M, SourceOp::Update, Some(Greater)),
+            (
+                Collision::DropIncoming { delete_own: true },
+                (Kind::UpdateExists, Resolution::KeptLocal)
+            )
+        );
+        assert_eq!(
+            decide_collision(rule(Policy::KeepLocal), M, SourceOp::Update, None).0,
+            Collision::DropIncoming { delete_own: false }
+        );
+        assert_eq!(
+            decide_collision(rule(Policy::FillMissing), M, SourceOp::Update, None).0,
+            Collision::DropIncoming { delete_own: false }
+        );
+        assert_eq!(
+            decide_collision(rule(Policy::MobileWins), M, SourceOp::Update, None).0,
+            Collision::ReplaceLocal
+        );
+        assert_eq!(
+            decide_collision(rule(Policy::Error), M, SourceOp::Update, None).0,
+            Collision::Pause
         );
     }
 

@@ -301,8 +301,10 @@ impl Applier {
             } else if self.pauses(batch.table()) && self.is_paused(batch.table()).await? {
                 // Behind a paused conflict: wait in order.
                 self.hold(&batch, 0).await?;
-            } else if let Some(batch) = self.resolve(&batch).await? {
-                self.execute(&batch).await?;
+            } else {
+                for b in self.resolve(&batch).await? {
+                    self.execute(&b).await?;
+                }
             }
         }
         Ok(())
@@ -347,7 +349,7 @@ impl Applier {
 
     /// Detect and resolve conflicts for a batch: lock and compare the target's rows, decide each
     /// row by the table's rule, log the conflicts, and return what is left to write.
-    async fn resolve(&mut self, batch: &Batch) -> Result<Option<Batch>> {
+    async fn resolve(&mut self, batch: &Batch) -> Result<Vec<Batch>> {
         let target = batch.binding.target.clone();
         let tc = self
             .cfg
@@ -405,6 +407,19 @@ impl Applier {
                 format!("looking up {} rows of {}", batch.rows.len(), target.name)
             })?;
         let mut kept = Vec::with_capacity(batch.rows.len());
+        // Keys of target rows that lost a unique-constraint collision.
+        let mut deletes: Vec<Vec<Option<bytes::Bytes>>> = Vec::new();
+        let key_pos: Vec<usize> = target
+            .key
+            .iter()
+            .map(|k| {
+                batch
+                    .cols
+                    .iter()
+                    .position(|c| c == k)
+                    .expect("key columns are always sent")
+            })
+            .collect();
         let mut log = ConflictLog::default();
         let mut paused_at = None;
         for (i, ((row, meta), r)) in batch.rows.iter().zip(&batch.meta).zip(&found).enumerate() {
@@ -414,7 +429,32 @@ impl Applier {
                 same_as_old: r.get(2),
                 version: r.get::<_, Option<i32>>(3).map(|v| v.cmp(&0)),
             };
-            let (action, conflict) = conflict::decide(rule, self.source, meta.op, seen);
+            let (mut action, conflict) = conflict::decide(rule, self.source, meta.op, seen);
+            // (kind, resolution, the local row it was decided against)
+            let mut decided: Vec<_> = conflict
+                .map(|(k, res)| (k, res, r.get::<_, Option<String>>(4)))
+                .into_iter()
+                .collect();
+            let collided: Option<String> = r.get(8);
+            if let (Action::Apply | Action::Merge, Some(other)) = (action, collided) {
+                let version = r.get::<_, Option<i32>>(10).map(|v| v.cmp(&0));
+                let (what, (kind, res)) =
+                    conflict::decide_collision(rule, self.source, meta.op, version);
+                decided.push((kind, res, Some(other)));
+                match what {
+                    conflict::Collision::ReplaceLocal => {
+                        let k: Vec<Option<String>> = r.get(9);
+                        deletes.push(k.into_iter().map(|v| v.map(bytes::Bytes::from)).collect());
+                    }
+                    conflict::Collision::DropIncoming { delete_own } => {
+                        action = Action::Skip;
+                        if delete_own && seen.found {
+                            deletes.push(key_pos.iter().map(|&p| row[p].clone()).collect());
+                        }
+                    }
+                    conflict::Collision::Pause => action = Action::Pause,
+                }
+            }
             match action {
                 Action::Apply => kept.push(row.clone()),
                 Action::Skip => {}
@@ -433,7 +473,7 @@ impl Applier {
                     );
                 }
             }
-            if let Some((kind, resolution)) = conflict {
+            for (kind, resolution, local) in decided {
                 let key_json: String = r.get(6);
                 tracing::info!(table = %target.name, kind = kind.as_str(), resolution = resolution.as_str(),
                     key = %key_json, source = %self.source, "conflict");
@@ -443,7 +483,7 @@ impl Applier {
                 .increment(1);
                 log.kind.push(kind.as_str());
                 log.key.push(key_json);
-                log.local.push(r.get(4));
+                log.local.push(local);
                 log.remote.push(r.get(7));
                 log.lsn.push(meta.commit_lsn.to_string());
                 log.ts.push(meta.commit_ts);
@@ -498,16 +538,26 @@ impl Applier {
                  see tandem.conflicts id {id}, then run `tandem resolve --table {} --take desktop|mobile|skip`",
                 target.name);
         }
-        if kept.is_empty() {
-            return Ok(None);
+        let mut out = Vec::new();
+        if !deletes.is_empty() {
+            out.push(Batch {
+                binding: batch.binding.clone(),
+                op: Op::Delete,
+                cols: target.key.clone(),
+                rows: deletes,
+                meta: Vec::new(),
+            });
         }
-        Ok(Some(Batch {
-            binding: batch.binding.clone(),
-            op: batch.op,
-            cols: batch.cols.clone(),
-            rows: kept,
-            meta: Vec::new(),
-        }))
+        if !kept.is_empty() {
+            out.push(Batch {
+                binding: batch.binding.clone(),
+                op: batch.op,
+                cols: batch.cols.clone(),
+                rows: kept,
+                meta: Vec::new(),
+            });
+        }
+        Ok(out)
     }
 
     /// Whether `table` is paused in this direction; locks the pause row (shared) so that a
@@ -691,9 +741,11 @@ impl Applier {
             if paused_again || self.is_paused(table).await? {
                 paused_again = true;
                 self.hold(&batch, 0).await?;
-            } else if let Some(b) = self.resolve(&batch).await? {
-                self.execute(&b).await?;
-                applied += 1;
+            } else {
+                for b in self.resolve(&batch).await? {
+                    self.execute(&b).await?;
+                    applied += usize::from(b.op == op);
+                }
             }
         }
         self.client

@@ -26,6 +26,8 @@ pub struct TargetTable {
     pub columns: Vec<TargetColumn>,
     /// Indexes into `columns` of the primary key (or replica identity index) columns.
     pub key: Vec<usize>,
+    /// Other unique constraints (indexes into `columns`, sorted): rows may collide on these.
+    pub unique: Vec<Vec<usize>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -436,6 +438,7 @@ mod tests {
             name: TableName::new("public", "t"),
             columns: vec![col("g", true), col("a", false), col("id", false)],
             key: vec![2],
+            unique: vec![],
         };
         Arc::new(Binding::new(&src, Arc::new(target)).unwrap())
     }

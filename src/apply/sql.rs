@@ -97,7 +97,9 @@ pub enum Version {
 /// `text[]`, then the old-row columns `old_cols` as `text[]`, then `bool[]` (row has an old row).
 /// Columns returned: found, same as incoming, same as old (NULL without one), version comparison
 /// (-1 target older, 0, 1; NULL without a version), the target row as JSON, the target's values of
-/// `cols` as `text[]`, the key as JSON, the incoming row as JSON.
+/// `cols` as `text[]`, the key as JSON, the incoming row as JSON; then for a different target row
+/// colliding on another unique constraint (NULLs when none): it as JSON, its key as `text[]`, and
+/// its version comparison.
 pub fn lookup(
     t: &TargetTable,
     op: Op,
@@ -168,33 +170,95 @@ pub fn lookup(
         .iter()
         .map(|(c, v)| format!("t.{} = {v}::{}", col(*c), ty(*c)))
         .collect();
-    let column = match version {
-        Version::Column(v) => cols.iter().position(|c| c == v).map(|p| {
-            (
-                format!("(x.r).{}", col(cols[p])),
-                format!("u.v{}::{}", p + 1, ty(cols[p])),
-            )
-        }),
-        Version::CommitTs(origin) => Some((
-            format!(
-                "(SELECT CASE WHEN o.roident = (SELECT roident FROM pg_replication_origin WHERE roname = {}) \
-                 THEN '-infinity' ELSE o.timestamp END FROM pg_xact_commit_timestamp_origin(x.xmin) o)",
-                crate::config::quote_literal(origin)
-            ),
-            "(timestamptz '2000-01-01 00:00:00+00' + u.ts * interval '1 microsecond')".to_string(),
-        )),
-        Version::None => None,
-    };
-    let version_cmp = match column {
-        Some((l, r)) => {
-            format!(
-                "CASE WHEN x.present THEN CASE WHEN {l} IS NULL AND {r} IS NULL THEN 0 \
+    // The version of the target row found under `alias` against the incoming one.
+    let version_cmp = |alias: &str| {
+        let column = match version {
+            Version::Column(v) => cols.iter().position(|c| c == v).map(|p| {
+                (
+                    format!("({alias}.r).{}", col(cols[p])),
+                    format!("u.v{}::{}", p + 1, ty(cols[p])),
+                )
+            }),
+            Version::CommitTs(origin) => Some((
+                format!(
+                    "(SELECT CASE WHEN o.roident = (SELECT roident FROM pg_replication_origin WHERE roname = {}) \
+                     THEN '-infinity' ELSE o.timestamp END FROM pg_xact_commit_timestamp_origin({alias}.xmin) o)",
+                    crate::config::quote_literal(origin)
+                ),
+                "(timestamptz '2000-01-01 00:00:00+00' + u.ts * interval '1 microsecond')".to_string(),
+            )),
+            Version::None => None,
+        };
+        match column {
+            Some((l, r)) => format!(
+                "CASE WHEN {alias}.present THEN CASE WHEN {l} IS NULL AND {r} IS NULL THEN 0 \
                  WHEN {l} IS NULL THEN -1 WHEN {r} IS NULL THEN 1 WHEN {l} < {r} THEN -1 \
-                 WHEN {l} > {r} THEN 1 ELSE 0 END END"
-            )
+                 WHEN {l} > {r} THEN 1 ELSE 0 END END::int4"
+            ),
+            None => "NULL::int4".into(),
         }
-        None => "NULL::int4".into(),
     };
+    // Other unique constraints whose columns all arrive: a different row holding the same values.
+    let collisions: Vec<&Vec<usize>> = if op == Op::Delete {
+        Vec::new()
+    } else {
+        t.unique
+            .iter()
+            .filter(|u| u.iter().all(|c| cols.contains(c)))
+            .collect()
+    };
+    let key_cols: Vec<String> = t.key.iter().map(|&k| format!("t.{}", col(k))).collect();
+    let key_vals: Vec<String> = key
+        .iter()
+        .map(|(c, v)| format!("{v}::{}", ty(*c)))
+        .collect();
+    let mut joins = String::new();
+    let (mut c_json, mut c_key, mut c_version) = (Vec::new(), Vec::new(), Vec::new());
+    for (j, u) in collisions.iter().enumerate() {
+        let same: Vec<String> = u
+            .iter()
+            .map(|&c| {
+                let p = cols.iter().position(|&x| x == c).expect("filtered above");
+                format!("t.{} = u.v{}::{}", col(c), p + 1, ty(c))
+            })
+            .collect();
+        joins.push_str(&format!(
+            " LEFT JOIN LATERAL (SELECT true AS present, t AS r, t.xmin AS xmin FROM {} AS t WHERE {} \
+             AND ({}) IS DISTINCT FROM ({}) LIMIT 1 FOR UPDATE) y{j} ON true",
+            t.name.quoted(),
+            same.join(" AND "),
+            key_cols.join(", "),
+            key_vals.join(", ")
+        ));
+        c_json.push(format!("to_jsonb(y{j}.r)::text"));
+        let keys: Vec<String> = t
+            .key
+            .iter()
+            .map(|&k| format!("(y{j}.r).{}::text", col(k)))
+            .collect();
+        c_key.push(format!(
+            "CASE WHEN y{j}.present THEN ARRAY[{}]::text[] END",
+            keys.join(", ")
+        ));
+        c_version.push(format!(
+            "CASE WHEN y{j}.present THEN {} END",
+            version_cmp(&format!("y{j}"))
+        ));
+    }
+    let first = |v: Vec<String>, null: &str| {
+        if v.is_empty() {
+            null.to_string()
+        } else {
+            format!("coalesce({})", v.join(", "))
+        }
+    };
+    let collision_cols = format!(
+        "{}, {}, {}",
+        first(c_json, "NULL::text"),
+        first(c_key, "NULL::text[]"),
+        first(c_version, "NULL::int4")
+    );
+    let version_cmp = version_cmp("x");
     let remote = if op == Op::Delete {
         format!(
             "CASE WHEN u.has_old THEN {} ELSE {} END",
@@ -212,9 +276,9 @@ pub fn lookup(
         "SELECT x.present IS NOT NULL, coalesce(x.present AND {}, false), \
          CASE WHEN x.present AND u.has_old THEN {} END, ({version_cmp})::int4, \
          CASE WHEN x.present THEN to_jsonb(x.r)::text END, \
-         CASE WHEN x.present THEN ARRAY[{}]::text[] END, {}, {remote} \
+         CASE WHEN x.present THEN ARRAY[{}]::text[] END, {}, {remote}, {collision_cols} \
          FROM unnest({}) WITH ORDINALITY AS u({}) \
-         LEFT JOIN LATERAL (SELECT true AS present, t AS r, t.xmin AS xmin FROM {} AS t WHERE {} FOR UPDATE) x ON true \
+         LEFT JOIN LATERAL (SELECT true AS present, t AS r, t.xmin AS xmin FROM {} AS t WHERE {} FOR UPDATE) x ON true{joins} \
          ORDER BY u.ord",
         same(incoming.clone()),
         same(old),
@@ -248,6 +312,7 @@ mod tests {
                 c("n", "numeric(10,2)", false),
             ],
             key: vec![0],
+            unique: vec![],
         }
     }
 
