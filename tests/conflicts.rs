@@ -162,8 +162,8 @@ async fn assert_rows_logged(c: &Client) {
     let incomplete = Fixture::count(
         c,
         "SELECT count(*) FROM tandem.conflicts WHERE remote_row IS NULL \
-         OR (local_row IS NULL AND kind NOT IN ('update_missing', 'delete_missing')) \
-         OR (local_row IS NOT NULL AND kind IN ('update_missing', 'delete_missing'))",
+         OR (local_row IS NULL AND kind NOT IN ('update_missing', 'update_deleted', 'delete_missing')) \
+         OR (local_row IS NOT NULL AND kind IN ('update_missing', 'update_deleted', 'delete_missing'))",
     )
     .await;
     assert_eq!(incomplete, 0, "conflict rows without their row images");
@@ -230,7 +230,27 @@ async fn site_wins(db: &str, winner: &str, seed: u64) {
         assert_eq!(keys, both);
         assert_eq!(n, both.len() as i64);
         assert_rows_logged(c).await;
+        // With old rows a missing row is known to have been deleted there.
+        assert_eq!(
+            Fixture::count(
+                c,
+                "SELECT count(*) FROM tandem.conflicts WHERE kind = 'update_missing'"
+            )
+            .await,
+            0
+        );
     }
+    let deleted = Fixture::count(
+        &fx.d,
+        "SELECT (SELECT count(*) FROM tandem.conflicts WHERE kind = 'update_deleted')",
+    )
+    .await
+        + Fixture::count(
+            &fx.m,
+            "SELECT count(*) FROM tandem.conflicts WHERE kind = 'update_deleted'",
+        )
+        .await;
+    assert!(deleted > 0, "seed {seed} has update/delete pairs");
     // The winner's side kept its rows; the loser's side took the winner's.
     let (w, l) = if desktop {
         (&fx.d, &fx.m)
@@ -780,4 +800,62 @@ async fn unique_collisions_on_another_key_converge_under_last_write_wins() {
         assert_eq!(resolutions(c).await, want);
         assert_rows_logged(c).await;
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_replay_from_the_checkpoint_reaches_the_same_decisions_once() {
+    // Mobile's first apply commit fails (a deferred trigger, once): the decisions and their log
+    // roll back with it; the restart replays from the checkpoint and decides the same, once.
+    let fx = fixture(
+        "cf_replay",
+        "ALTER TABLE items REPLICA IDENTITY FULL;",
+        "[conflicts]\npolicy = \"desktop_wins\"",
+    )
+    .await;
+    fx.m.batch_execute(
+        "CREATE SEQUENCE once; ALTER SEQUENCE once OWNER TO tandem_cf;
+         CREATE FUNCTION fail_once() RETURNS trigger LANGUAGE plpgsql AS $$
+           BEGIN
+             IF current_setting('application_name') LIKE 'tandem apply%' AND nextval('once') = 1 THEN
+               RAISE EXCEPTION 'injected failure at commit';
+             END IF;
+             RETURN NULL;
+           END $$;
+         CREATE CONSTRAINT TRIGGER fail_once AFTER INSERT OR UPDATE OR DELETE ON items
+           DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION fail_once();",
+    )
+    .await
+    .unwrap();
+    for id in 1..=5i64 {
+        fx.d.execute("UPDATE items SET v = 'D' WHERE id = $1", &[&id])
+            .await
+            .unwrap();
+        fx.m.execute("UPDATE items SET v = 'M' WHERE id = $1", &[&id])
+            .await
+            .unwrap();
+    }
+    let first = fx.start_nowait().outcome().await;
+    let e = format!("{:#}", first.unwrap_err());
+    assert!(e.contains("injected failure at commit"), "{e}");
+    assert_eq!(
+        logged(&fx.m).await.1,
+        0,
+        "the failed commit left no log rows"
+    );
+
+    let run = fx.start().await;
+    wait_for(30, "desktop's rows on both sides", || async {
+        Fixture::count(&fx.m, "SELECT count(*) FROM items WHERE v = 'D'").await == 5
+            && Fixture::rows(&fx.d, "items").await == Fixture::rows(&fx.m, "items").await
+    })
+    .await;
+    run.stop().await;
+    assert_eq!(
+        resolutions(&fx.m).await,
+        vec!["update_origin_differs applied_remote"; 5]
+    );
+    assert_eq!(
+        resolutions(&fx.d).await,
+        vec!["update_origin_differs kept_local"; 5]
+    );
 }

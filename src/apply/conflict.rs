@@ -61,8 +61,7 @@ impl Policy {
     }
 }
 
-/// PostgreSQL 18's conflict kinds (`update_deleted` needs tombstones, and is reported as
-/// `update_missing`).
+/// PostgreSQL 18's conflict kinds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
     InsertExists,
@@ -70,6 +69,8 @@ pub enum Kind {
     UpdateExists,
     UpdateOriginDiffers,
     UpdateMissing,
+    /// The updated row was deleted on the target (known from the source's old row).
+    UpdateDeleted,
     DeleteOriginDiffers,
     DeleteMissing,
 }
@@ -81,6 +82,7 @@ impl Kind {
             Kind::UpdateExists => "update_exists",
             Kind::UpdateOriginDiffers => "update_origin_differs",
             Kind::UpdateMissing => "update_missing",
+            Kind::UpdateDeleted => "update_deleted",
             Kind::DeleteOriginDiffers => "delete_origin_differs",
             Kind::DeleteMissing => "delete_missing",
         }
@@ -159,7 +161,8 @@ pub struct Observed {
     pub found: bool,
     /// The target row equals the incoming values (on the columns sent).
     pub same_as_incoming: bool,
-    /// The target row equals the source's old row; `None` without an old row.
+    /// The target row equals the source's old row (`false` when there is no target row);
+    /// `None` without an old row.
     pub same_as_old: Option<bool>,
     /// The target's version compared with the incoming one (NULL counts as oldest); `None`
     /// when there is no version to compare.
@@ -285,13 +288,18 @@ pub fn decide(
         if op == SourceOp::Insert {
             return (Action::Apply, None);
         }
-        // The row is gone on the target. Recreate it only when the policy says the source's
-        // version must end on both sides and the change carries the whole row.
+        // The row is gone on the target. With the source's old row we know the source had it
+        // as the target did (nothing is lost on the way), so the target deleted it:
+        // update_deleted. Without, it cannot be told: update_missing.
+        let kind = if seen.same_as_old.is_some() {
+            Kind::UpdateDeleted
+        } else {
+            Kind::UpdateMissing
+        };
+        // Recreate it only when the policy says the source's version must end on both sides and
+        // the change carries the whole row.
         if policy == Policy::Error {
-            return (
-                Action::Pause,
-                Some((Kind::UpdateMissing, Resolution::Paused)),
-            );
+            return (Action::Pause, Some((kind, Resolution::Paused)));
         }
         let recreate = match policy {
             Policy::ApplyRemote | Policy::FillMissing => true,
@@ -300,15 +308,9 @@ pub fn decide(
             Policy::KeepLocal | Policy::LastWriteWins => false,
         } && op == SourceOp::Update;
         return if recreate {
-            (
-                Action::Apply,
-                Some((Kind::UpdateMissing, Resolution::AppliedRemote)),
-            )
+            (Action::Apply, Some((kind, Resolution::AppliedRemote)))
         } else {
-            (
-                Action::Skip,
-                Some((Kind::UpdateMissing, Resolution::Skipped)),
-            )
+            (Action::Skip, Some((kind, Resolution::Skipped)))
         };
     }
     if seen.same_as_incoming {
@@ -399,6 +401,22 @@ mod tests {
             (
                 Action::Skip,
                 Some((Kind::UpdateOriginDiffers, Resolution::KeptLocal))
+            )
+        );
+        // With an old row, a missing row was deleted on the target.
+        assert_eq!(
+            decide(
+                p,
+                D,
+                SourceOp::Update,
+                Observed {
+                    same_as_old: Some(false),
+                    ..MISSING
+                }
+            ),
+            (
+                Action::Apply,
+                Some((Kind::UpdateDeleted, Resolution::AppliedRemote))
             )
         );
         // The winner's update recreates the row the loser deleted; the loser's does not.

@@ -426,7 +426,11 @@ impl Applier {
             let seen = Observed {
                 found: r.get(0),
                 same_as_incoming: r.get(1),
-                same_as_old: r.get(2),
+                same_as_old: if r.get(0) {
+                    r.get(2)
+                } else {
+                    meta.old.as_ref().map(|_| false)
+                },
                 version: r.get::<_, Option<i32>>(3).map(|v| v.cmp(&0)),
             };
             let (mut action, conflict) = conflict::decide(rule, self.source, meta.op, seen);

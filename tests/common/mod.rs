@@ -253,6 +253,11 @@ impl Running {
             .unwrap_or_else(|e| panic!("sync failed: {e:#}"));
     }
 
+    /// Wait for `run` to end on its own and return how it ended.
+    pub async fn outcome(self) -> anyhow::Result<()> {
+        self.task.await.unwrap()
+    }
+
     pub fn is_finished(&self) -> bool {
         self.task.is_finished()
     }
