@@ -759,14 +759,19 @@ async fn last_write_wins_by_commit_timestamp_without_a_version_column() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn unique_collisions_on_another_key_converge_under_last_write_wins() {
-    let schema = "CREATE TABLE users (id int PRIMARY KEY, email text UNIQUE, version int NOT NULL);
-                  INSERT INTO users VALUES (10, 'a@', 1), (11, 'b@', 1);";
-    let (d, m) = Fixture::databases("cf_unique", schema).await;
-    let text = Fixture::config_text(
+    let fx = fixture(
         "cf_unique",
-        "tables = [\"public.users\"]\ninitial_snapshot = false",
-    ) + "[conflicts]\npolicy = \"last_write_wins\"\nversion_column = \"version\"\n";
-    let fx = Fixture::with_config("cf_unique", d, m, text).await;
+        "CREATE TABLE users (id int PRIMARY KEY, email text UNIQUE, version int NOT NULL);
+         INSERT INTO users VALUES (10, 'a@', 1), (11, 'b@', 1);
+         ALTER TABLE users OWNER TO tandem_cf;",
+        "[conflicts]\npolicy = \"last_write_wins\"\nversion_column = \"version\"",
+    )
+    .await;
+    // The fixture lists items only: list users instead (mobile stays the plain role).
+    let text = std::fs::read_to_string(&fx.config_path)
+        .unwrap()
+        .replace("tables = [\"public.items\"]", "tables = [\"public.users\"]");
+    let fx = Fixture::with_config("cf_unique", fx.d, fx.m, text).await;
     // Different keys claim one email on each side: the greater version keeps it, the other row
     // goes on both sides (it is in the conflict log).
     fx.d.batch_execute(
