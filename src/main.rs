@@ -107,6 +107,10 @@ enum Command {
         /// Machine-readable output.
         #[arg(long)]
         json: bool,
+        /// Contenders to run, comma-separated (default: all): native, native-binary, tandem,
+        /// tandem-conflicts.
+        #[arg(long, value_delimiter = ',')]
+        only: Vec<bench::Contender>,
     },
     /// Two throwaway local clusters, a sample schema, and live sync on screen.
     Demo {
@@ -194,8 +198,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             repeat,
             scale,
             json,
+            only,
         } => {
-            let report = bench::run(&workload, repeat.max(1), scale, |m| {
+            let report = bench::run(&workload, &only, repeat.max(1), scale, |m| {
                 if !json {
                     eprintln!(
                         "{:?} {:?}: {} changes in {:.2} s",

@@ -46,6 +46,23 @@ pub enum Contender {
     NativeText,
     NativeBinary,
     Tandem,
+    /// tandem with conflict detection on (last_write_wins on `v`): one locking lookup per batch.
+    TandemConflicts,
+}
+
+impl std::str::FromStr for Contender {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "native" => Ok(Contender::NativeText),
+            "native-binary" => Ok(Contender::NativeBinary),
+            "tandem" => Ok(Contender::Tandem),
+            "tandem-conflicts" => Ok(Contender::TandemConflicts),
+            _ => Err(format!(
+                "unknown contender `{s}`; use native, native-binary, tandem or tandem-conflicts"
+            )),
+        }
+    }
 }
 
 impl Contender {
@@ -54,6 +71,7 @@ impl Contender {
             Contender::NativeText => "native",
             Contender::NativeBinary => "native (binary)",
             Contender::Tandem => "tandem",
+            Contender::TandemConflicts => "tandem+conflicts",
         }
     }
 }
@@ -80,6 +98,8 @@ pub struct Summary {
     pub tandem_rows_per_s: f64,
     /// tandem ÷ best native; above 1 is faster.
     pub ratio: f64,
+    /// tandem with conflict detection on.
+    pub tandem_conflicts_rows_per_s: f64,
 }
 
 #[derive(Debug, Serialize)]
@@ -170,39 +190,61 @@ async fn generate(w: Workload, d: &Client, d_url: &str, scale: f64) -> Result<(u
 
 const DIGEST: &str = "SELECT count(*)::text || ':' || coalesce(sum(v), 0)::text || ':' || coalesce(sum(length(note)), 0)::text FROM bench";
 
-/// Wait until the target equals the source and the slot confirmed past `end`; returns how long
-/// the first of the two took (applied) alongside.
+/// Wait until the source slot confirmed past `end` and the target equals the source. Returns
+/// `(applied, drained)` seconds since `t`: when the target's own progress record (`progress`: an
+/// SQL query for an LSN on the target) first passed `end` (the drain time if it never did), and
+/// when the slot was confirmed past `end`.
+///
+/// Only cheap catalog queries are polled: comparing the tables is a full scan of both, which on a
+/// small machine would steal the CPU the contender needs; it runs once at the end.
 async fn wait_drained(
     d: &Client,
     m: &Client,
     slot: &str,
+    progress: &str,
     end: Lsn,
     limit: Duration,
     t: Instant,
-) -> Result<f64> {
-    let want: String = d.query_one(DIGEST, &[]).await?.get(0);
+) -> Result<(f64, f64)> {
     let deadline = Instant::now() + limit;
+    let lsn = |v: Option<String>| v.and_then(|v| v.parse::<Lsn>().ok());
     let mut applied = None;
+    loop {
+        if applied.is_none() {
+            let p = m
+                .query_opt(progress, &[])
+                .await?
+                .and_then(|r| lsn(r.get(0)));
+            if p.is_some_and(|p| p >= end) {
+                applied = Some(t.elapsed().as_secs_f64());
+            }
+        }
+        let confirmed = lsn(d
+            .query_one(
+                "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1",
+                &[&slot],
+            )
+            .await?
+            .get(0));
+        if confirmed.is_some_and(|c| c >= end) {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("slot {slot} not confirmed past {end} within {limit:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let drained = t.elapsed().as_secs_f64();
+    let want: String = d.query_one(DIGEST, &[]).await?.get(0);
     loop {
         let got: String = m.query_one(DIGEST, &[]).await?.get(0);
         if got == want {
-            let applied = *applied.get_or_insert(t.elapsed().as_secs_f64());
-            let confirmed: Option<String> = d
-                .query_one("SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1", &[&slot])
-                .await?
-                .get(0);
-            if confirmed
-                .map(|c| c.parse::<Lsn>())
-                .transpose()?
-                .is_some_and(|c| c >= end)
-            {
-                return Ok(applied);
-            }
+            return Ok((applied.unwrap_or(drained).min(drained), drained));
         }
         if Instant::now() > deadline {
-            bail!("not drained within {limit:?} (target {got}, source {want})");
+            bail!("not equal within {limit:?} (target {got}, source {want})");
         }
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
 
@@ -246,8 +288,16 @@ async fn measure(
             let t = Instant::now();
             m.batch_execute("ALTER SUBSCRIPTION bench_sub ENABLE")
                 .await?;
-            let applied = wait_drained(&d, &m, &format!("{name}_native"), end, limit, t).await?;
-            let secs = t.elapsed().as_secs_f64();
+            let (applied, secs) = wait_drained(
+                &d,
+                &m,
+                &format!("{name}_native"),
+                "SELECT remote_lsn::text FROM pg_replication_origin_status ORDER BY local_id DESC LIMIT 1",
+                end,
+                limit,
+                t,
+            )
+            .await?;
             m.batch_execute("ALTER SUBSCRIPTION bench_sub DISABLE; ALTER SUBSCRIPTION bench_sub SET (slot_name = NONE); DROP SUBSCRIPTION bench_sub").await?;
             d.execute(
                 "SELECT pg_drop_replication_slot($1)",
@@ -256,11 +306,16 @@ async fn measure(
             .await?;
             (changes, secs, applied)
         }
-        Contender::Tandem => {
+        Contender::Tandem | Contender::TandemConflicts => {
+            let conflicts = if who == Contender::TandemConflicts {
+                "[conflicts]\npolicy = \"last_write_wins\"\nversion_column = \"v\"\n"
+            } else {
+                ""
+            };
             let text = format!(
                 "[desktop]\nurl = \"{}\"\nslot = \"{name}_d\"\npublication = \"{name}_d\"\n\
                  [mobile]\nurl = \"{}\"\nslot = \"{name}_m\"\npublication = \"{name}_m\"\n\
-                 [replication]\ntables = [\"public.bench\"]\ninitial_snapshot = false\n",
+                 [replication]\ntables = [\"public.bench\"]\ninitial_snapshot = false\n{conflicts}",
                 dc.url(&name),
                 mc.url(&name)
             );
@@ -270,11 +325,19 @@ async fn measure(
             let (tx, rx) = watch::channel(false);
             let t = Instant::now();
             let task = tokio::spawn(sync::run(cfg.clone(), rx, Arc::new(Status::default())));
-            let drained = wait_drained(&d, &m, &format!("{name}_d"), end, limit, t).await;
-            let secs = t.elapsed().as_secs_f64();
+            let drained = wait_drained(
+                &d,
+                &m,
+                &format!("{name}_d"),
+                "SELECT lsn::text FROM tandem.checkpoints WHERE direction = 'D>M'",
+                end,
+                limit,
+                t,
+            )
+            .await;
             let _ = tx.send(true);
             task.await??;
-            let applied = drained?;
+            let (applied, secs) = drained?;
             crate::ops::teardown::teardown(&cfg, true).await?;
             (changes, secs, applied)
         }
@@ -299,6 +362,10 @@ async fn measure(
     })
 }
 
+/// Both clusters, identical. The subscription launcher otherwise waits up to 5 s before starting
+/// a newly enabled subscription's worker, which would be timed as native's drain.
+const BENCH_CONF: &str = "wal_retrieve_retry_interval = '100ms'\n";
+
 fn peak_rss_mib() -> f64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
@@ -315,22 +382,27 @@ fn peak_rss_mib() -> f64 {
 
 pub async fn run(
     workloads: &[Workload],
+    only: &[Contender],
     repeat: u32,
     scale: f64,
     progress: impl Fn(&Measurement),
 ) -> Result<Report> {
     let (dc, mc) = tokio::task::spawn_blocking(|| -> Result<_> {
         Ok((
-            LocalCluster::start("bench-desktop")?,
-            LocalCluster::start("bench-mobile")?,
+            LocalCluster::start_with("bench-desktop", BENCH_CONF)?,
+            LocalCluster::start_with("bench-mobile", BENCH_CONF)?,
         ))
     })
     .await??;
-    let contenders = [
+    let contenders: Vec<Contender> = [
         Contender::NativeText,
         Contender::NativeBinary,
         Contender::Tandem,
-    ];
+        Contender::TandemConflicts,
+    ]
+    .into_iter()
+    .filter(|c| only.is_empty() || only.contains(c))
+    .collect();
     let mut measurements = Vec::new();
     for &w in workloads {
         for r in 0..repeat {
@@ -353,8 +425,9 @@ pub async fn run(
                     .map(|m| m.rows_per_s)
                     .fold(0.0, f64::max)
             };
-            let native = best(&|c| c != Contender::Tandem);
+            let native = best(&|c| matches!(c, Contender::NativeText | Contender::NativeBinary));
             let tandem = best(&|c| c == Contender::Tandem);
+            let with_conflicts = best(&|c| c == Contender::TandemConflicts);
             let changes = measurements
                 .iter()
                 .find(|m| m.workload == w)
@@ -365,6 +438,7 @@ pub async fn run(
                 native_best_rows_per_s: native,
                 tandem_rows_per_s: tandem,
                 ratio: tandem / native,
+                tandem_conflicts_rows_per_s: with_conflicts,
             }
         })
         .collect();
@@ -394,11 +468,13 @@ pub fn render(r: &Report) -> String {
     out.push_str("\nbest of each (rows/s):\n");
     for s in &r.summary {
         out.push_str(&format!(
-            "{:<4} native {:>10.0}   tandem {:>10.0}   tandem/native {:.2}x\n",
+            "{:<4} native {:>10.0}   tandem {:>10.0}   tandem/native {:.2}x   with conflict detection {:>10.0} ({:.2}x)\n",
             format!("{:?}", s.workload),
             s.native_best_rows_per_s,
             s.tandem_rows_per_s,
-            s.ratio
+            s.ratio,
+            s.tandem_conflicts_rows_per_s,
+            s.tandem_conflicts_rows_per_s / s.native_best_rows_per_s
         ));
     }
     out.push_str(&format!(

@@ -19,12 +19,23 @@ pub async fn teardown(cfg: &Config, purge: bool) -> Result<Vec<String>> {
                 continue;
             }
         };
-        let slot = c
-            .query_opt(
-                "SELECT active_pid FROM pg_replication_slots WHERE slot_name = $1",
-                &[&site.slot],
-            )
-            .await?;
+        // A walsender outlives its client for a moment: give one that is ending 5 s to go.
+        let mut slot = None;
+        for _ in 0..50 {
+            slot = c
+                .query_opt(
+                    "SELECT active_pid FROM pg_replication_slots WHERE slot_name = $1",
+                    &[&site.slot],
+                )
+                .await?;
+            if !slot
+                .as_ref()
+                .is_some_and(|r| r.get::<_, Option<i32>>(0).is_some())
+            {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
         match slot {
             Some(r) if r.get::<_, Option<i32>>(0).is_some() => problems.push(format!(
                 "{side}: slot {} is in use by process {}; stop `tandem run` first",
