@@ -28,9 +28,9 @@ pub async fn teardown(cfg: &Config, purge: bool) -> Result<Vec<String>> {
                     &[&site.slot],
                 )
                 .await?;
-            if !slot
+            if slot
                 .as_ref()
-                .is_some_and(|r| r.get::<_, Option<i32>>(0).is_some())
+                .is_none_or(|r| r.get::<_, Option<i32>>(0).is_none())
             {
                 break;
             }
