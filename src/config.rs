@@ -142,6 +142,50 @@ struct RawConfig {
     mobile: Option<SideConfig>,
     replication: Option<RawReplication>,
     conflicts: Option<RawConflicts>,
+    kafka: Option<RawKafka>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawKafka {
+    brokers: String,
+    topic: Option<String>,
+    format: Option<KafkaFormat>,
+    required: Option<bool>,
+    #[serde(default)]
+    properties: BTreeMap<String, String>,
+}
+
+/// How events are encoded on the topic.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum KafkaFormat {
+    Protobuf,
+    Json,
+}
+
+/// `[kafka]`: publish every decoded change of either side.
+#[derive(Clone, PartialEq, Eq)]
+pub struct KafkaConfig {
+    pub brokers: String,
+    pub topic: String,
+    pub format: KafkaFormat,
+    /// The source slot is confirmed only past events Kafka acknowledged.
+    pub required: bool,
+    /// Passed to librdkafka as they are (may hold credentials: never printed).
+    pub properties: BTreeMap<String, String>,
+}
+
+impl fmt::Debug for KafkaConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KafkaConfig")
+            .field("brokers", &self.brokers)
+            .field("topic", &self.topic)
+            .field("format", &self.format)
+            .field("required", &self.required)
+            .field("properties", &self.properties.keys().collect::<Vec<_>>())
+            .finish()
+    }
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -196,6 +240,7 @@ pub struct Config {
     /// Per-table seed; `None` means the table gets no initial snapshot.
     pub snapshot_seed: BTreeMap<TableName, Option<Side>>,
     pub conflicts: Option<ConflictConfig>,
+    pub kafka: Option<KafkaConfig>,
 }
 
 /// One side, resolved: URL (possibly from the environment), slot and publication names.
@@ -450,6 +495,13 @@ impl Config {
             seed,
             snapshot_seed,
             conflicts,
+            kafka: raw.kafka.map(|k| KafkaConfig {
+                brokers: k.brokers,
+                topic: k.topic.unwrap_or_else(|| "tandem.events".into()),
+                format: k.format.unwrap_or(KafkaFormat::Protobuf),
+                required: k.required.unwrap_or(true),
+                properties: k.properties,
+            }),
         })
     }
 }
@@ -467,7 +519,8 @@ pub struct ConfigError(pub String);
 
 /// Refuse unknown keys, naming the key and the nearest valid one.
 fn check_keys(t: &toml::Table) -> Result<(), ConfigError> {
-    const TOP: &[&str] = &["desktop", "mobile", "replication", "conflicts"];
+    const TOP: &[&str] = &["desktop", "mobile", "replication", "conflicts", "kafka"];
+    const KAFKA: &[&str] = &["brokers", "topic", "format", "required", "properties"];
     const CONFLICTS: &[&str] = &["policy", "version_column", "priority", "tables"];
     const TABLE_CONFLICTS: &[&str] = &["policy", "version_column"];
     const SIDE: &[&str] = &["url", "slot", "publication"];
@@ -504,6 +557,9 @@ fn check_keys(t: &toml::Table) -> Result<(), ConfigError> {
     }
     if let Some(toml::Value::Table(r)) = t.get("replication") {
         check("replication", r, REPL);
+    }
+    if let Some(toml::Value::Table(k)) = t.get("kafka") {
+        check("kafka", k, KAFKA);
     }
     if let Some(toml::Value::Table(c)) = t.get("conflicts") {
         check("conflicts", c, CONFLICTS);

@@ -15,5 +15,6 @@ pub mod lsn;
 pub mod metrics;
 pub mod ops;
 pub mod side;
+pub mod sink;
 pub mod source;
 pub mod sync;

@@ -211,7 +211,25 @@ async fn direction_once(
         );
     }
     let source_sql = db::connect(site, "tandem check").await?;
-    let mut stream = SourceStream::open(site, cp.lsn).await?;
+    let mut start = cp.lsn;
+    if let Some(k) = &cfg.kafka {
+        // Kafka may lag the target: with `required`, the slot was confirmed only to what Kafka
+        // acknowledged, so start there and send again what the target already has.
+        if k.required {
+            let confirmed: Option<String> = source_sql
+                .query_opt(
+                    "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1",
+                    &[&site.slot],
+                )
+                .await?
+                .and_then(|r| r.get(0));
+            if let Some(c) = confirmed.and_then(|c| c.parse::<Lsn>().ok()) {
+                start = start.min(c);
+            }
+        }
+        applier.set_publisher(crate::sink::kafka::Publisher::new(k, start)?);
+    }
+    let mut stream = SourceStream::open(site, start).await?;
     if !cp.source_system_id.is_empty() && cp.source_system_id != stream.system_id {
         bail!(
             "{source}: this is database system {}, but the checkpoint was taken against system {}: \
@@ -257,9 +275,10 @@ async fn stream_loop(
                 .take()
                 .expect("a group commits at a transaction boundary");
             applier.commit(end).await?;
+            applier.barrier(end);
             checkpoint = end;
             safe = safe.max(end);
-            stream.confirm(checkpoint);
+            stream.confirm(applier.ack_limit(checkpoint)?);
             progress.checkpoint.store(checkpoint.0, Ordering::Relaxed);
             progress
                 .changes
@@ -291,7 +310,9 @@ async fn stream_loop(
                         commit_group!();
                     }
                     safe = safe.max(lsn);
+                    applier.barrier(safe);
                 }
+                stream.confirm(applier.ack_limit(checkpoint)?);
             }
             StreamEvent::Message(msg) => match asm.push(msg)? {
                 None => {}
@@ -300,7 +321,14 @@ async fn stream_loop(
                     // record, so any commit that starts before it is at or below it.
                     skipping = commit_lsn < checkpoint;
                 }
+                Some(Item::Change(ev)) if skipping && applier.kafka_required() => {
+                    applier.publish_again(&ev).await?;
+                }
                 Some(Item::Change(_)) if skipping => {}
+                Some(Item::Echo(ev)) if !skipping || applier.kafka_required() => {
+                    applier.publish_echo(&ev).await?;
+                }
+                Some(Item::Echo(_)) => {}
                 Some(Item::Change(ev)) => {
                     applier.apply(&ev).await?;
                     if applier.in_txn() && group_opened.is_none() {
@@ -311,6 +339,7 @@ async fn stream_loop(
                 Some(Item::Commit { end_lsn, .. }) => {
                     if skipping {
                         skipping = false;
+                        applier.barrier(end_lsn);
                     } else if applier.in_txn() {
                         group_end = Some(end_lsn);
                         applier.count_transaction();
@@ -319,6 +348,7 @@ async fn stream_loop(
                         }
                     } else {
                         safe = safe.max(end_lsn);
+                        applier.barrier(safe);
                     }
                 }
             },
@@ -326,7 +356,7 @@ async fn stream_loop(
         if !applier.in_txn() && safe.0 >= checkpoint.0 + IDLE_RECORD_BYTES {
             applier.record(safe).await?;
             checkpoint = safe;
-            stream.confirm(checkpoint);
+            stream.confirm(applier.ack_limit(checkpoint)?);
             progress.checkpoint.store(checkpoint.0, Ordering::Relaxed);
         }
     }
@@ -335,9 +365,9 @@ async fn stream_loop(
     if applier.in_txn() {
         if let (Some(end), false) = (group_end, asm.in_transaction()) {
             applier.commit(end).await?;
+            applier.barrier(end);
             checkpoint = end;
             safe = safe.max(end);
-            stream.confirm(checkpoint);
         } else {
             applier.rollback().await?;
         }
@@ -345,8 +375,10 @@ async fn stream_loop(
     if safe > checkpoint {
         applier.record(safe).await?;
         checkpoint = safe;
-        stream.confirm(checkpoint);
     }
+    applier.barrier(checkpoint);
+    applier.drain_kafka().await?;
+    stream.confirm(applier.ack_limit(checkpoint)?);
     progress.checkpoint.store(checkpoint.0, Ordering::Relaxed);
     tracing::info!(%source, %checkpoint, "stopped");
     Ok(())

@@ -54,6 +54,8 @@ pub struct Applier {
     replica_role: bool,
     /// Commit time of the latest source change applied (µs since 2000-01-01).
     last_commit_ts: i64,
+    /// Kafka audit stream, when configured.
+    publisher: Option<crate::sink::kafka::Publisher>,
     /// Apply every configured table whatever its direction (repair writes where it is told to).
     pub ignore_direction: bool,
     /// Run the `[conflicts]` rules (off for repair: the operator chose whose rows win).
@@ -106,6 +108,7 @@ impl Applier {
             origin: origin_ok.is_ok(),
             replica_role,
             last_commit_ts: 0,
+            publisher: None,
             ignore_direction: false,
             detect_conflicts: true,
             stats: ApplyStats::default(),
@@ -227,20 +230,23 @@ impl Applier {
         match &ev.change {
             Change::Insert { table, new } => {
                 let Some(b) = self.row_target(table, ev.commit_lsn).await? else {
-                    return Ok(());
+                    return self.publish(ev, "skipped").await;
                 };
+                self.planner.set_event(ev);
                 self.planner.insert(&b, new)?;
             }
             Change::Update { table, old, new } => {
                 let Some(b) = self.row_target(table, ev.commit_lsn).await? else {
-                    return Ok(());
+                    return self.publish(ev, "skipped").await;
                 };
+                self.planner.set_event(ev);
                 self.planner.update(&b, old.as_ref(), new)?;
             }
             Change::Delete { table, old } => {
                 let Some(b) = self.row_target(table, ev.commit_lsn).await? else {
-                    return Ok(());
+                    return self.publish(ev, "skipped").await;
                 };
+                self.planner.set_event(ev);
                 self.planner.delete(&b, old)?;
             }
             Change::Truncate {
@@ -254,7 +260,7 @@ impl Applier {
                     .map(|t| t.name.quoted())
                     .collect();
                 if names.is_empty() || !self.cfg.apply_truncate {
-                    return Ok(());
+                    return self.publish(ev, "skipped").await;
                 }
                 self.ensure_txn(ev.commit_lsn).await?;
                 self.run_ready(true).await?;
@@ -282,6 +288,7 @@ impl Applier {
                     .batch_execute(&sql)
                     .await
                     .with_context(|| format!("{sql} on {}", self.source.other()))?;
+                self.publish(ev, "applied").await?;
             }
         }
         self.stats.changes += 1;
@@ -295,19 +302,86 @@ impl Applier {
         if flush {
             self.planner.flush();
         }
-        for batch in self.planner.take_ready() {
-            if batch.meta.is_empty() {
+        for mut batch in self.planner.take_ready() {
+            let events = std::mem::take(&mut batch.events);
+            let outcomes = if batch.meta.is_empty() {
                 self.execute(&batch).await?;
+                vec!["applied"; batch.rows.len()]
             } else if self.pauses(batch.table()) && self.is_paused(batch.table()).await? {
                 // Behind a paused conflict: wait in order.
                 self.hold(&batch, 0).await?;
+                vec!["paused"; batch.rows.len()]
             } else {
-                for b in self.resolve(&batch).await? {
+                let (batches, outcomes) = self.resolve(&batch).await?;
+                for b in batches {
                     self.execute(&b).await?;
+                }
+                outcomes
+            };
+            for (evs, outcome) in events.iter().zip(outcomes) {
+                for ev in evs {
+                    self.publish(ev, outcome).await?;
                 }
             }
         }
         Ok(())
+    }
+
+    /// Kafka: publish one change with what became of it.
+    async fn publish(&mut self, ev: &Event, outcome: &str) -> Result<()> {
+        match &mut self.publisher {
+            Some(p) => p.publish(ev, outcome).await,
+            None => Ok(()),
+        }
+    }
+
+    /// Kafka: a change applied before a restart, sent again because Kafka had not acknowledged
+    /// it (consumers dedupe by id).
+    pub async fn publish_again(&mut self, ev: &Event) -> Result<()> {
+        self.publish(ev, "applied").await
+    }
+
+    /// Kafka: wait a little for outstanding acknowledgements (graceful stop).
+    pub async fn drain_kafka(&mut self) -> Result<()> {
+        if let Some(p) = &mut self.publisher {
+            p.drain(std::time::Duration::from_secs(10)).await?;
+        }
+        Ok(())
+    }
+
+    /// Kafka: a change of a transaction tandem itself wrote (not applied back).
+    pub async fn publish_echo(&mut self, ev: &Event) -> Result<()> {
+        self.publish(ev, "skipped_echo").await
+    }
+
+    /// Kafka: everything published so far belongs to source commits up to `lsn`.
+    pub fn barrier(&mut self, lsn: Lsn) {
+        if let Some(p) = &mut self.publisher {
+            p.barrier(lsn);
+        }
+    }
+
+    /// How far the source slot may be confirmed, given the target holds up to `checkpoint`:
+    /// with `[kafka] required`, no further than what Kafka acknowledged.
+    pub fn ack_limit(&mut self, checkpoint: Lsn) -> Result<Lsn> {
+        match &mut self.publisher {
+            Some(p) if p.required => Ok(checkpoint.min(p.delivered()?)),
+            Some(p) => {
+                p.delivered()?;
+                Ok(checkpoint)
+            }
+            None => Ok(checkpoint),
+        }
+    }
+
+    /// Publish every change (Kafka on): the planner carries each change to its row.
+    pub fn set_publisher(&mut self, p: crate::sink::kafka::Publisher) {
+        self.planner.carry = true;
+        self.publisher = Some(p);
+    }
+
+    pub fn kafka_required(&self) -> bool {
+        self.publisher.as_ref().is_some_and(|p| p.required)
     }
 
     async fn execute(&mut self, batch: &Batch) -> Result<()> {
@@ -349,7 +423,7 @@ impl Applier {
 
     /// Detect and resolve conflicts for a batch: lock and compare the target's rows, decide each
     /// row by the table's rule, log the conflicts, and return what is left to write.
-    async fn resolve(&mut self, batch: &Batch) -> Result<Vec<Batch>> {
+    async fn resolve(&mut self, batch: &Batch) -> Result<(Vec<Batch>, Vec<&'static str>)> {
         let target = batch.binding.target.clone();
         let tc = self
             .cfg
@@ -422,6 +496,7 @@ impl Applier {
             .collect();
         let mut log = ConflictLog::default();
         let mut paused_at = None;
+        let mut outcomes = vec!["applied"; batch.rows.len()];
         for (i, ((row, meta), r)) in batch.rows.iter().zip(&batch.meta).zip(&found).enumerate() {
             let seen = Observed {
                 found: r.get(0),
@@ -477,6 +552,9 @@ impl Applier {
                     );
                 }
             }
+            if let Some((_, res, _)) = decided.last() {
+                outcomes[i] = res.as_str();
+            }
             for (kind, resolution, local) in decided {
                 let key_json: String = r.get(6);
                 tracing::info!(table = %target.name, kind = kind.as_str(), resolution = resolution.as_str(),
@@ -528,6 +606,9 @@ impl Applier {
             last_conflict = ids.iter().map(|r| r.get::<_, i64>(0)).max();
         }
         if let Some(i) = paused_at {
+            for o in &mut outcomes[i..] {
+                *o = "paused";
+            }
             let id = last_conflict.expect("a pause is a logged conflict");
             self.hold(batch, i).await?;
             self.client
@@ -550,6 +631,7 @@ impl Applier {
                 cols: target.key.clone(),
                 rows: deletes,
                 meta: Vec::new(),
+                events: Vec::new(),
             });
         }
         if !kept.is_empty() {
@@ -559,9 +641,10 @@ impl Applier {
                 cols: batch.cols.clone(),
                 rows: kept,
                 meta: Vec::new(),
+                events: Vec::new(),
             });
         }
-        Ok(out)
+        Ok((out, outcomes))
     }
 
     /// Whether `table` is paused in this direction; locks the pause row (shared) so that a
@@ -729,6 +812,7 @@ impl Applier {
                 cols,
                 rows: vec![row],
                 meta: vec![meta],
+                events: Vec::new(),
             };
             if i == 0 {
                 // The conflict itself: the operator's choice, no rule.
@@ -746,7 +830,7 @@ impl Applier {
                 paused_again = true;
                 self.hold(&batch, 0).await?;
             } else {
-                for b in self.resolve(&batch).await? {
+                for b in self.resolve(&batch).await?.0 {
                     self.execute(&b).await?;
                     applied += usize::from(b.op == op);
                 }

@@ -141,7 +141,7 @@ impl Op {
 
 /// One multi-row statement's worth of rows: `cols` are target column indexes, and each row holds
 /// one text value (or NULL) per column.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Batch {
     pub binding: Arc<Binding>,
     pub op: Op,
@@ -149,6 +149,9 @@ pub struct Batch {
     pub rows: Vec<Vec<Option<Bytes>>>,
     /// One per row when the binding detects conflicts, else empty.
     pub meta: Vec<RowMeta>,
+    /// When events are carried (Kafka): per row, the source changes it stands for (several when
+    /// a repeated key replaced its row), published once the row's outcome is known.
+    pub events: Vec<Vec<crate::event::Event>>,
 }
 
 /// Where a batched row came from, for conflict detection and the conflict log.
@@ -190,6 +193,10 @@ pub struct Planner {
     ready: Vec<Batch>,
     /// The change being planned: its transaction's commit LSN and time.
     at: (Lsn, i64),
+    /// Carry each change's [`crate::event::Event`] with its row (Kafka is on).
+    pub carry: bool,
+    /// The change being planned, until a row takes it.
+    event: Option<crate::event::Event>,
 }
 
 type Key = Vec<Option<Bytes>>;
@@ -204,6 +211,8 @@ impl Planner {
             keys: HashMap::new(),
             ready: Vec::new(),
             at: (Lsn::ZERO, 0),
+            carry: false,
+            event: None,
         }
     }
 
@@ -228,6 +237,14 @@ impl Planner {
     /// The source transaction of the changes that follow (recorded when conflicts are detected).
     pub fn set_position(&mut self, commit_lsn: Lsn, commit_ts: i64) {
         self.at = (commit_lsn, commit_ts);
+    }
+
+    /// The change that follows, carried with its (first) row when [`Planner::carry`] is on.
+    pub fn set_event(&mut self, ev: &crate::event::Event) {
+        self.set_position(ev.commit_lsn, ev.commit_ts);
+        if self.carry {
+            self.event = Some(ev.clone());
+        }
     }
 
     fn meta(&self, b: &Binding, op: SourceOp, old: Option<&OldTuple>) -> Option<RowMeta> {
@@ -364,6 +381,9 @@ impl Planner {
                 .map(|v| v.as_ref().map_or(1, |x| x.len() + 1))
                 .sum::<usize>();
             batch.rows[i] = vals;
+            if let (Some(evs), Some(ev)) = (batch.events.get_mut(i), self.event.take()) {
+                evs.push(ev);
+            }
             if let (Some(m), Some(new)) = (batch.meta.get_mut(i), meta) {
                 // The row's first change keeps its kind and old row (what the target should
                 // still hold); the position moves to the latest change.
@@ -382,9 +402,13 @@ impl Planner {
             cols,
             rows: Vec::new(),
             meta: Vec::new(),
+            events: Vec::new(),
         });
         batch.rows.push(vals);
         batch.meta.extend(meta);
+        if self.carry {
+            batch.events.push(self.event.take().into_iter().collect());
+        }
         self.bytes += size;
         self.keys.insert(key, batch.rows.len() - 1);
         if batch.rows.len() >= self.max_rows || self.bytes >= self.max_bytes {

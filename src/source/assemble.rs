@@ -25,6 +25,8 @@ pub enum Item {
         xid: u32,
     },
     Change(Event),
+    /// A change of a transaction tandem itself wrote: never applied back, only reported (Kafka).
+    Echo(Event),
     /// End of a transaction. `echo` when tandem itself wrote it (its changes were withheld).
     Commit {
         commit_lsn: Lsn,
@@ -189,9 +191,6 @@ impl Assembler {
             side,
             what: "a row change",
         })?;
-        if txn.echo {
-            return Ok(None);
-        }
         let ev = Event {
             source: side,
             commit_lsn: txn.begin.final_lsn,
@@ -201,7 +200,11 @@ impl Assembler {
             change,
         };
         txn.ordinal += 1;
-        Ok(Some(Item::Change(ev)))
+        Ok(Some(if txn.echo {
+            Item::Echo(ev)
+        } else {
+            Item::Change(ev)
+        }))
     }
 }
 
@@ -280,7 +283,7 @@ mod tests {
     }
 
     #[test]
-    fn a_marked_transaction_is_withheld_and_flagged_echo() {
+    fn a_marked_transaction_yields_echo_items_and_is_flagged_echo() {
         for marker in [
             Message::Message(LogicalMessage {
                 transactional: true,
@@ -297,12 +300,15 @@ mod tests {
             a.push(rel()).unwrap();
             a.push(begin(100)).unwrap();
             a.push(marker).unwrap();
-            assert_eq!(a.push(insert("1")).unwrap(), None);
+            assert!(matches!(
+                a.push(insert("1")).unwrap(),
+                Some(Item::Echo(Event { ordinal: 0, .. }))
+            ));
             assert!(matches!(
                 a.push(commit(100)).unwrap(),
                 Some(Item::Commit {
                     echo: true,
-                    changes: 0,
+                    changes: 1,
                     ..
                 })
             ));

@@ -1,0 +1,478 @@
+//! The Kafka audit stream: every decoded change of either side, once per source change, with what
+//! tandem did with it. Encoding is pure ([`records`]); [`Publisher`] sends and tracks deliveries so
+//! the source slot is confirmed only past what Kafka acknowledged (`required = true`).
+
+use std::collections::{HashMap, VecDeque};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, Context, Result};
+use futures_util::FutureExt;
+use prost::Message as _;
+use rdkafka::config::ClientConfig;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::future_producer::DeliveryFuture;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+
+use crate::config::{KafkaConfig, KafkaFormat};
+use crate::event::{Change, Event, SourceTable};
+use crate::lsn::Lsn;
+use crate::source::pgoutput::{Tuple, Value};
+
+/// Generated from `proto/tandem/v1/event.proto`.
+pub mod proto {
+    include!(concat!(env!("OUT_DIR"), "/tandem.v1.rs"));
+}
+
+/// Unsent or unacknowledged messages before publishing waits for acknowledgements (and so
+/// replication pauses while Kafka is away).
+const MAX_IN_FLIGHT: usize = 50_000;
+
+/// Seconds from 1970-01-01 to PostgreSQL's epoch, 2000-01-01.
+const PG_EPOCH_UNIX_MICROS: i64 = 946_684_800_000_000;
+
+/// One Kafka message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Record {
+    pub id: String,
+    /// `schema.table` and the key values: all changes of a row land in one partition, in order.
+    pub key: Vec<u8>,
+    pub payload: Vec<u8>,
+    pub site: String,
+    pub commit_lsn: String,
+    pub xid: u32,
+}
+
+fn text(v: &Value) -> Option<String> {
+    match v {
+        Value::Text(b) | Value::Binary(b) => Some(String::from_utf8_lossy(b).into_owned()),
+        _ => None,
+    }
+}
+
+/// `(column, value)` of a row image; unchanged-TOAST columns are left out. `keys_only`: the
+/// image is the replica identity only (pgoutput `K`), so non-key columns are not part of it.
+fn image(t: &SourceTable, row: &Tuple, keys_only: bool) -> Vec<(String, Option<String>)> {
+    t.columns
+        .iter()
+        .zip(row)
+        .filter(|(c, v)| (!keys_only || c.key) && **v != Value::UnchangedToast)
+        .map(|(c, v)| (c.name.clone(), text(v)))
+        .collect()
+}
+
+/// RFC 3339 (UTC, microseconds) of a PostgreSQL-epoch timestamp in microseconds.
+pub fn rfc3339(pg_micros: i64) -> String {
+    let unix = pg_micros + PG_EPOCH_UNIX_MICROS;
+    let (secs, micros) = (unix.div_euclid(1_000_000), unix.rem_euclid(1_000_000));
+    let (days, sod) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{micros:06}Z",
+        sod / 3600,
+        sod % 3600 / 60,
+        sod % 60
+    )
+}
+
+/// The messages for one change (one; a truncate of several tables gives one per table, the
+/// later ones with `/n` after the id). `outcome`: "applied", "skipped_echo", a conflict
+/// resolution, or "error".
+pub fn records(ev: &Event, outcome: &str, format: KafkaFormat) -> Vec<Record> {
+    let site = ev.source.tag().to_string();
+    let base_id = format!("{}:{}:{}", site, ev.commit_lsn, ev.ordinal);
+    // (table, key, before, after, unchanged)
+    type Parts<'a> = (
+        &'a SourceTable,
+        Vec<(String, Option<String>)>,
+        Option<Vec<(String, Option<String>)>>,
+        Option<Vec<(String, Option<String>)>>,
+        Vec<String>,
+    );
+    let unchanged = |t: &SourceTable, row: &Tuple| -> Vec<String> {
+        t.columns
+            .iter()
+            .zip(row)
+            .filter(|(_, v)| **v == Value::UnchangedToast)
+            .map(|(c, _)| c.name.clone())
+            .collect()
+    };
+    let parts: Vec<Parts> = match &ev.change {
+        Change::Insert { table, new } => vec![(
+            table,
+            image(table, new, true),
+            None,
+            Some(image(table, new, false)),
+            Vec::new(),
+        )],
+        Change::Update { table, old, new } => vec![(
+            table,
+            image(table, new, true),
+            old.as_ref().map(|o| image(table, &o.tuple, !o.full)),
+            Some(image(table, new, false)),
+            unchanged(table, new),
+        )],
+        Change::Delete { table, old } => vec![(
+            table,
+            image(table, &old.tuple, true),
+            Some(image(table, &old.tuple, !old.full)),
+            None,
+            Vec::new(),
+        )],
+        Change::Truncate { tables, .. } => tables
+            .iter()
+            .map(|t| (&**t, Vec::new(), None, None, Vec::new()))
+            .collect(),
+    };
+    parts
+        .into_iter()
+        .enumerate()
+        .map(|(i, (table, key, before, after, unchanged_toast))| {
+            let id = if i == 0 {
+                base_id.clone()
+            } else {
+                format!("{base_id}/{i}")
+            };
+            let key_values: Vec<&Option<String>> = key.iter().map(|(_, v)| v).collect();
+            let kafka_key = format!(
+                "{}.{}:{}",
+                table.name.schema,
+                table.name.name,
+                serde_json::to_string(&key_values).expect("strings serialise")
+            );
+            let payload = match format {
+                KafkaFormat::Json => {
+                    let obj = |cols: &[(String, Option<String>)]| {
+                        serde_json::Value::Object(
+                            cols.iter()
+                                .map(|(c, v)| (c.clone(), serde_json::json!(v)))
+                                .collect(),
+                        )
+                    };
+                    serde_json::to_vec(&serde_json::json!({
+                        "id": id,
+                        "site": site,
+                        "op": ev.change.op(),
+                        "schema": table.name.schema,
+                        "table": table.name.name,
+                        "key": obj(&key),
+                        "before": before.as_deref().map(obj),
+                        "after": after.as_deref().map(obj),
+                        "unchanged_toast": unchanged_toast,
+                        "commit_lsn": ev.commit_lsn.to_string(),
+                        "commit_ts": rfc3339(ev.commit_ts),
+                        "xid": ev.xid,
+                        "ordinal": ev.ordinal,
+                        "outcome": outcome,
+                    }))
+                    .expect("JSON values serialise")
+                }
+                KafkaFormat::Protobuf => {
+                    let map = |cols: &[(String, Option<String>)]| -> HashMap<String, proto::Value> {
+                        cols.iter()
+                            .map(|(c, v)| {
+                                let kind = match v {
+                                    Some(t) => proto::value::Kind::Text(t.clone()),
+                                    None => proto::value::Kind::Null(true),
+                                };
+                                (c.clone(), proto::Value { kind: Some(kind) })
+                            })
+                            .collect()
+                    };
+                    proto::Event {
+                        id: id.clone(),
+                        site: site.clone(),
+                        op: ev.change.op().into(),
+                        schema: table.name.schema.clone(),
+                        table: table.name.name.clone(),
+                        key: map(&key),
+                        before: before.as_deref().map(|b| proto::Row { columns: map(b) }),
+                        after: after.as_deref().map(|a| proto::Row { columns: map(a) }),
+                        unchanged_toast,
+                        commit_lsn: ev.commit_lsn.to_string(),
+                        commit_ts_micros: ev.commit_ts + PG_EPOCH_UNIX_MICROS,
+                        xid: ev.xid,
+                        ordinal: ev.ordinal,
+                        outcome: outcome.into(),
+                    }
+                    .encode_to_vec()
+                }
+            };
+            Record {
+                id,
+                key: kafka_key.into_bytes(),
+                payload,
+                site: site.clone(),
+                commit_lsn: ev.commit_lsn.to_string(),
+                xid: ev.xid,
+            }
+        })
+        .collect()
+}
+
+enum InFlight {
+    Message(DeliveryFuture, Instant),
+    /// Everything before this was sent: once it is all acknowledged, Kafka holds the source's
+    /// changes up to this LSN.
+    Barrier(Lsn),
+}
+
+/// One direction's producer.
+pub struct Publisher {
+    producer: FutureProducer,
+    topic: String,
+    format: KafkaFormat,
+    pub required: bool,
+    in_flight: VecDeque<InFlight>,
+    delivered: Lsn,
+}
+
+impl Publisher {
+    /// `start`: what Kafka is known to hold already (the slot's confirmed position).
+    pub fn new(cfg: &KafkaConfig, start: Lsn) -> Result<Publisher> {
+        let mut c = ClientConfig::new();
+        c.set("bootstrap.servers", &cfg.brokers)
+            .set("enable.idempotence", "true")
+            .set("compression.type", "lz4");
+        if cfg.required {
+            // Never give up on a message: replication waits for Kafka instead.
+            c.set("message.timeout.ms", "0");
+        }
+        for (k, v) in &cfg.properties {
+            c.set(k, v);
+        }
+        let producer: FutureProducer = c
+            .create()
+            .map_err(|e| anyhow!("[kafka]: cannot create the producer: {e}"))?;
+        Ok(Publisher {
+            producer,
+            topic: cfg.topic.clone(),
+            format: cfg.format,
+            required: cfg.required,
+            in_flight: VecDeque::new(),
+            delivered: start,
+        })
+    }
+
+    /// Send the messages of one change (waiting while too many are unacknowledged).
+    pub async fn publish(&mut self, ev: &Event, outcome: &str) -> Result<()> {
+        let topic = self.topic.clone();
+        for r in records(ev, outcome, self.format) {
+            let headers = OwnedHeaders::new()
+                .insert(Header {
+                    key: "site",
+                    value: Some(&r.site),
+                })
+                .insert(Header {
+                    key: "commit_lsn",
+                    value: Some(&r.commit_lsn),
+                })
+                .insert(Header {
+                    key: "xid",
+                    value: Some(&r.xid.to_string()),
+                });
+            let mut record = FutureRecord::to(&topic)
+                .key(&r.key)
+                .payload(&r.payload)
+                .headers(headers);
+            loop {
+                match self.producer.send_result(record) {
+                    Ok(f) => {
+                        self.in_flight
+                            .push_back(InFlight::Message(f, Instant::now()));
+                        break;
+                    }
+                    Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                        record = back;
+                        self.wait_one().await?;
+                    }
+                    Err((e, _)) => return Err(anyhow!("[kafka]: producing {}: {e}", r.id)),
+                }
+            }
+        }
+        while self.in_flight.len() > MAX_IN_FLIGHT {
+            self.wait_one().await?;
+        }
+        Ok(())
+    }
+
+    /// Everything published so far belongs to source commits up to `lsn`.
+    pub fn barrier(&mut self, lsn: Lsn) {
+        self.in_flight.push_back(InFlight::Barrier(lsn));
+    }
+
+    /// Up to where Kafka acknowledged everything (without waiting).
+    pub fn delivered(&mut self) -> Result<Lsn> {
+        while let Some(front) = self.in_flight.front_mut() {
+            match front {
+                InFlight::Barrier(l) => self.delivered = self.delivered.max(*l),
+                InFlight::Message(f, sent) => match f.now_or_never() {
+                    None => break,
+                    Some(r) => Self::settle(r, *sent, self.required)?,
+                },
+            }
+            self.in_flight.pop_front();
+        }
+        Ok(self.delivered)
+    }
+
+    /// Wait (up to `limit`) until every message sent is acknowledged; returns the delivered LSN.
+    pub async fn drain(&mut self, limit: Duration) -> Result<Lsn> {
+        let deadline = Instant::now() + limit;
+        while self
+            .in_flight
+            .iter()
+            .any(|f| matches!(f, InFlight::Message(..)))
+            && Instant::now() < deadline
+        {
+            let _ = tokio::time::timeout(Duration::from_millis(100), self.wait_one()).await;
+        }
+        self.delivered()
+    }
+
+    /// Wait for the oldest message's acknowledgement.
+    async fn wait_one(&mut self) -> Result<()> {
+        loop {
+            match self.in_flight.pop_front() {
+                None => {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    return Ok(());
+                }
+                Some(InFlight::Barrier(l)) => self.delivered = self.delivered.max(l),
+                Some(InFlight::Message(f, sent)) => {
+                    return Self::settle(f.await, sent, self.required);
+                }
+            }
+        }
+    }
+
+    fn settle<E>(
+        r: Result<rdkafka::producer::future_producer::OwnedDeliveryResult, E>,
+        sent: Instant,
+        required: bool,
+    ) -> Result<()> {
+        let e = match r {
+            Ok(Ok(_)) => {
+                metrics::counter!("tandem_kafka_produced_total").increment(1);
+                metrics::histogram!("tandem_kafka_produce_seconds")
+                    .record(sent.elapsed().as_secs_f64());
+                return Ok(());
+            }
+            Ok(Err((e, _))) => e.to_string(),
+            Err(_) => "the producer went away".to_string(),
+        };
+        metrics::counter!("tandem_kafka_failed_total").increment(1);
+        if required {
+            Err(anyhow!("[kafka]: a message was not delivered: {e}"))
+                .context("Kafka is required ([kafka] required = true)")
+        } else {
+            tracing::error!(
+                "[kafka]: a message was not delivered and is missing from the audit stream: {e}"
+            );
+            Ok(())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::TableName;
+    use crate::side::Side;
+    use crate::source::pgoutput::{OldTuple, RelColumn};
+    use bytes::Bytes;
+    use std::sync::Arc;
+
+    fn ev(change: Change) -> Event {
+        Event {
+            source: Side::Mobile,
+            commit_lsn: Lsn(0x1_0000_0010),
+            commit_ts: 0,
+            xid: 42,
+            ordinal: 3,
+            change,
+        }
+    }
+    fn table() -> Arc<SourceTable> {
+        let col = |n: &str, key| RelColumn {
+            key,
+            name: n.into(),
+            type_oid: 25,
+            type_modifier: -1,
+        };
+        Arc::new(SourceTable {
+            oid: 1,
+            name: TableName::new("public", "jobs"),
+            columns: vec![col("id", true), col("note", false), col("big", false)],
+        })
+    }
+    fn t(s: &str) -> Value {
+        Value::Text(Bytes::from(s.to_string()))
+    }
+
+    #[test]
+    fn json_carries_every_documented_field() {
+        let e = ev(Change::Update {
+            table: table(),
+            old: None,
+            new: vec![t("7"), Value::Null, Value::UnchangedToast],
+        });
+        let r = records(&e, "applied", KafkaFormat::Json);
+        assert_eq!(r.len(), 1);
+        assert_eq!(r[0].id, "M:1/10:3");
+        assert_eq!(String::from_utf8_lossy(&r[0].key), "public.jobs:[\"7\"]");
+        let v: serde_json::Value = serde_json::from_slice(&r[0].payload).unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({
+                "id": "M:1/10:3", "site": "M", "op": "update", "schema": "public", "table": "jobs",
+                "key": {"id": "7"}, "before": null, "after": {"id": "7", "note": null},
+                "unchanged_toast": ["big"], "commit_lsn": "1/10", "commit_ts": "2000-01-01T00:00:00.000000Z",
+                "xid": 42, "ordinal": 3, "outcome": "applied"
+            })
+        );
+    }
+
+    #[test]
+    fn protobuf_round_trips_and_deletes_carry_the_old_key() {
+        let e = ev(Change::Delete {
+            table: table(),
+            old: OldTuple {
+                full: false,
+                tuple: vec![t("9"), Value::Null, Value::Null],
+            },
+        });
+        let r = records(&e, "skipped_echo", KafkaFormat::Protobuf);
+        let p = proto::Event::decode(&r[0].payload[..]).unwrap();
+        assert_eq!(
+            (p.op.as_str(), p.outcome.as_str()),
+            ("delete", "skipped_echo")
+        );
+        assert_eq!(p.key.len(), 1);
+        assert_eq!(p.key["id"].kind, Some(proto::value::Kind::Text("9".into())));
+        assert_eq!(p.before.unwrap().columns.len(), 1, "key-only old row");
+        assert!(p.after.is_none());
+        assert_eq!(p.commit_ts_micros, PG_EPOCH_UNIX_MICROS);
+    }
+
+    #[test]
+    fn rfc3339_dates() {
+        assert_eq!(rfc3339(0), "2000-01-01T00:00:00.000000Z");
+        // 2026-11-25 09:30:00.5 UTC
+        let unix = 1_795_599_000_500_000i64;
+        assert_eq!(
+            rfc3339(unix - PG_EPOCH_UNIX_MICROS),
+            "2026-11-25T09:30:00.500000Z"
+        );
+        assert_eq!(rfc3339(-1), "1999-12-31T23:59:59.999999Z");
+    }
+}
