@@ -154,3 +154,161 @@ async fn every_change_of_both_sites_is_on_the_topic_once() {
     assert_eq!(del["after"], serde_json::Value::Null);
     assert_eq!(del["before"], serde_json::json!({"id": "1036"}));
 }
+
+fn config(name: &str, brokers: &str) -> String {
+    Fixture::config_text(name, "tables = [\"public.jobs\"]")
+        + &format!("[kafka]\nbrokers = \"{brokers}\"\nformat = \"json\"\nrequired = true\n")
+}
+
+async fn slot_confirmed(c: &Client, slot: &str) -> u64 {
+    let s: String = c
+        .query_one(
+            "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1",
+            &[&slot],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    s.parse::<tandem::lsn::Lsn>().unwrap().0
+}
+
+async fn wal_now(c: &Client) -> u64 {
+    let s: String = c
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await
+        .unwrap()
+        .get(0);
+    s.parse::<tandem::lsn::Lsn>().unwrap().0
+}
+
+fn own_ids(msgs: &[serde_json::Value], site: &str) -> BTreeSet<String> {
+    msgs.iter()
+        .filter(|m| m["site"] == site && m["outcome"] != "skipped_echo")
+        .map(|m| m["id"].as_str().unwrap().to_string())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn with_kafka_required_an_outage_holds_the_slot_and_a_restart_resends() {
+    let cluster = MockCluster::<DefaultProducerContext>::new(1).unwrap();
+    cluster.create_topic(TOPIC, 1, 1).unwrap();
+    let brokers = cluster.bootstrap_servers();
+    let (d, m) = Fixture::databases(
+        "kafka_down",
+        "CREATE TABLE jobs (id bigint PRIMARY KEY, note text, n int);",
+    )
+    .await;
+    let fx = Fixture::with_config("kafka_down", d, m, config("kafka_down", &brokers)).await;
+    let run = fx.start().await;
+    cluster.broker_down(1).unwrap();
+    for i in 1..=30i64 {
+        fx.d.execute("INSERT INTO jobs VALUES ($1, 'during outage', 0)", &[&i])
+            .await
+            .unwrap();
+    }
+    let end = wal_now(&fx.d).await;
+    // The target keeps applying, but desktop's slot stays behind the unacknowledged events for
+    // the whole 30 s outage (its WAL is kept).
+    wait_for(30, "rows applied on mobile", || async {
+        Fixture::count(&fx.m, "SELECT count(*) FROM jobs").await == 30
+    })
+    .await;
+    let t = std::time::Instant::now();
+    while t.elapsed() < Duration::from_secs(30) {
+        assert!(
+            slot_confirmed(&fx.d, "kafka_down_d").await < end,
+            "slot confirmed past events Kafka never acknowledged"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    // Stopped while Kafka is still away: the target has the rows, Kafka does not. The restart
+    // starts from the slot (not the target's checkpoint) and sends them.
+    run.stop().await;
+    assert!(slot_confirmed(&fx.d, "kafka_down_d").await < end);
+    cluster.broker_up(1).unwrap();
+    let run = fx.start().await;
+    wait_for(60, "slot confirmed once Kafka is back", || async {
+        slot_confirmed(&fx.d, "kafka_down_d").await >= end
+    })
+    .await;
+    run.stop().await;
+    let msgs = tokio::task::spawn_blocking(move || consume_all(&brokers))
+        .await
+        .unwrap();
+    assert_eq!(own_ids(&msgs, "D").len(), 30, "all 30 changes on the topic");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn after_kill_9_and_restart_consumers_deduping_by_id_see_each_change_once() {
+    let cluster = MockCluster::<DefaultProducerContext>::new(1).unwrap();
+    cluster.create_topic(TOPIC, 3, 1).unwrap();
+    let brokers = cluster.bootstrap_servers();
+    let (d, m) = Fixture::databases(
+        "kafka_kill",
+        "CREATE TABLE jobs (id bigint PRIMARY KEY, note text, n int);",
+    )
+    .await;
+    let fx = Fixture::with_config("kafka_kill", d, m, config("kafka_kill", &brokers)).await;
+    let path = fx.config_path.to_str().unwrap().to_string();
+    let spawn = || {
+        std::process::Command::new(common::tandem_bin())
+            .args(["--config", &path, "run"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    let mut child = spawn();
+    // 400 single-row transactions on desktop; tandem is killed after about half of them.
+    let writer = {
+        let url = common::clusters().desktop.url("kafka_kill");
+        tokio::spawn(async move {
+            let c = common::connect(&url).await;
+            for i in 1..=400i64 {
+                c.execute("INSERT INTO jobs VALUES ($1, 'x', 0)", &[&i])
+                    .await
+                    .unwrap();
+                if i % 50 == 0 {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        })
+    };
+    wait_for(60, "some rows across", || async {
+        Fixture::count(&fx.m, "SELECT count(*) FROM jobs").await >= 150
+    })
+    .await;
+    child.kill().unwrap();
+    child.wait().unwrap();
+    writer.await.unwrap();
+    let mut child = spawn();
+    wait_for(60, "all rows across", || async {
+        Fixture::count(&fx.m, "SELECT count(*) FROM jobs").await == 400
+    })
+    .await;
+    let end = wal_now(&fx.d).await;
+    wait_for(60, "slot confirmed past the writes", || async {
+        slot_confirmed(&fx.d, "kafka_kill_d").await >= end
+    })
+    .await;
+    // SAFETY: signalling a child we spawned and have not reaped.
+    unsafe {
+        libc::kill(child.id() as i32, libc::SIGTERM);
+    }
+    assert!(child.wait().unwrap().success());
+    let msgs = tokio::task::spawn_blocking(move || consume_all(&brokers))
+        .await
+        .unwrap();
+    let ids = own_ids(&msgs, "D");
+    assert_eq!(
+        ids.len(),
+        400,
+        "every change is there (some possibly twice)"
+    );
+    let inserted: BTreeSet<String> = msgs
+        .iter()
+        .filter(|m| m["site"] == "D" && m["op"] == "insert")
+        .map(|m| m["key"]["id"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(inserted.len(), 400);
+}
