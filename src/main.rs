@@ -63,6 +63,38 @@ enum Command {
     },
     /// Where each direction is, paused tables and recorded conflicts.
     Status,
+    /// Re-apply events from the Kafka audit topic to one side (idempotent).
+    Replay {
+        /// Read from the Kafka topic of [kafka] (the only source for now).
+        #[arg(long, required = true)]
+        from_kafka: bool,
+        /// Topic (default: [kafka] topic).
+        #[arg(long)]
+        topic: Option<String>,
+        /// The side to write to: desktop or mobile.
+        #[arg(long, value_parser = verify::parse_side)]
+        to: tandem::side::Side,
+        /// Only changes made on this site: D or M.
+        #[arg(long, value_parser = parse_site)]
+        site: Option<tandem::side::Side>,
+        /// Only this table (schema-qualified).
+        #[arg(long)]
+        table: Option<TableName>,
+        /// Only changes committed at or after this source LSN (X/Y).
+        #[arg(long, conflicts_with = "since")]
+        since_lsn: Option<tandem::lsn::Lsn>,
+        /// Only changes committed at or after this time (RFC 3339, UTC).
+        #[arg(long)]
+        since: Option<String>,
+        /// Print what would be applied, change nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Read the Kafka audit topic.
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
     /// Continue a table paused by the `error` conflict policy.
     Resolve {
         /// The paused table (schema-qualified).
@@ -118,6 +150,33 @@ enum Command {
         #[arg(long)]
         duration: Option<u64>,
     },
+}
+
+#[derive(Subcommand)]
+enum AuditCommand {
+    /// Print events, one line each.
+    Tail {
+        /// Keep reading new events.
+        #[arg(long)]
+        follow: bool,
+        /// Only this table (schema-qualified).
+        #[arg(long)]
+        table: Option<TableName>,
+        /// Only changes made on this site: D or M.
+        #[arg(long, value_parser = parse_site)]
+        site: Option<tandem::side::Side>,
+        /// Topic (default: [kafka] topic).
+        #[arg(long)]
+        topic: Option<String>,
+    },
+}
+
+fn parse_site(s: &str) -> Result<tandem::side::Side, String> {
+    match s {
+        "D" | "d" | "desktop" => Ok(tandem::side::Side::Desktop),
+        "M" | "m" | "mobile" => Ok(tandem::side::Side::Mobile),
+        _ => Err(format!("`{s}`: use D or M")),
+    }
 }
 
 fn main() -> ExitCode {
@@ -214,6 +273,57 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             } else {
                 print!("{}", bench::render(&report));
             }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Replay {
+            from_kafka: _,
+            topic,
+            to,
+            site,
+            table,
+            since_lsn,
+            since,
+            dry_run,
+        } => {
+            let cfg = Arc::new(Config::load(&cli.config)?);
+            let filter = tandem::ops::replay::Filter {
+                site,
+                table,
+                since_lsn,
+                since,
+            };
+            let r = tandem::ops::replay::replay(cfg, to, topic.as_deref(), &filter, dry_run, |l| {
+                println!("{l}")
+            })
+            .await?;
+            println!(
+                "{} events read, {} {}",
+                r.read,
+                r.applied,
+                if dry_run {
+                    "would be applied"
+                } else {
+                    "applied"
+                }
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Audit {
+            command:
+                AuditCommand::Tail {
+                    follow,
+                    table,
+                    site,
+                    topic,
+                },
+        } => {
+            let cfg = Config::load(&cli.config)?;
+            let filter = tandem::ops::replay::Filter {
+                site,
+                table,
+                ..Default::default()
+            };
+            tandem::ops::replay::tail(&cfg, topic.as_deref(), follow, &filter).await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Status => {

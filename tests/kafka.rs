@@ -153,6 +153,61 @@ async fn every_change_of_both_sites_is_on_the_topic_once() {
         .expect("mobile's delete of row 1036");
     assert_eq!(del["after"], serde_json::Value::Null);
     assert_eq!(del["before"], serde_json::json!({"id": "1036"}));
+
+    // Operators read it; a wiped table is rebuilt from it, and a second replay changes nothing.
+    let config = fx.config_path.to_str().unwrap();
+    let (code, out, err) = common::run_tandem(
+        &[
+            "--config",
+            config,
+            "audit",
+            "tail",
+            "--site",
+            "D",
+            "--table",
+            "public.jobs",
+        ],
+        &[],
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(out.lines().count() >= 55, "{out}");
+    assert!(
+        out.contains(" D update   public.jobs [id=3] applied id=D:"),
+        "{out}"
+    );
+    let want = Fixture::rows(&fx.d, "jobs").await;
+    fx.m.batch_execute("DELETE FROM jobs").await.unwrap();
+    let (code, out, err) = common::run_tandem(
+        &[
+            "--config",
+            config,
+            "replay",
+            "--from-kafka",
+            "--to",
+            "mobile",
+            "--dry-run",
+        ],
+        &[],
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("110 would be applied"), "{out}");
+    assert_eq!(Fixture::count(&fx.m, "SELECT count(*) FROM jobs").await, 0);
+    for _ in 0..2 {
+        let (code, out, err) = common::run_tandem(
+            &[
+                "--config",
+                config,
+                "replay",
+                "--from-kafka",
+                "--to",
+                "mobile",
+            ],
+            &[],
+        );
+        assert_eq!(code, 0, "{out}\n{err}");
+        assert!(out.contains("110 applied"), "{out}");
+        assert_eq!(Fixture::rows(&fx.m, "jobs").await, want);
+    }
 }
 
 fn config(name: &str, brokers: &str) -> String {

@@ -3,6 +3,7 @@
 pub mod bench;
 pub mod demo;
 pub mod repair;
+pub mod replay;
 pub mod resolve;
 pub mod setup;
 pub mod snapshot;

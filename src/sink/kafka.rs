@@ -219,6 +219,112 @@ pub fn records(ev: &Event, outcome: &str, format: KafkaFormat) -> Vec<Record> {
         .collect()
 }
 
+/// An event read back from the topic (either format).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Decoded {
+    pub id: String,
+    pub site: String,
+    pub op: String,
+    pub schema: String,
+    pub table: String,
+    pub key: Vec<(String, Option<String>)>,
+    pub before: Option<Vec<(String, Option<String>)>>,
+    pub after: Option<Vec<(String, Option<String>)>>,
+    pub unchanged_toast: Vec<String>,
+    pub commit_lsn: Lsn,
+    /// RFC 3339, UTC.
+    pub commit_ts: String,
+    pub xid: u32,
+    pub ordinal: u32,
+    pub outcome: String,
+}
+
+/// Decode a message payload: JSON (starts with `{`) or protobuf. Bad bytes are an error, never a
+/// panic.
+pub fn decode(payload: &[u8]) -> Result<Decoded> {
+    fn sorted<I: IntoIterator<Item = (String, Option<String>)>>(
+        i: I,
+    ) -> Vec<(String, Option<String>)> {
+        let mut v: Vec<_> = i.into_iter().collect();
+        v.sort();
+        v
+    }
+    if payload.first() == Some(&b'{') {
+        let v: serde_json::Value =
+            serde_json::from_slice(payload).context("an event that is not valid JSON")?;
+        let s = |k: &str| -> Result<String> {
+            v[k].as_str()
+                .map(str::to_string)
+                .ok_or_else(|| anyhow!("event JSON lacks the string field `{k}`"))
+        };
+        let map = |k: &str| -> Result<Option<Vec<(String, Option<String>)>>> {
+            match &v[k] {
+                serde_json::Value::Null => Ok(None),
+                serde_json::Value::Object(o) => {
+                    Ok(Some(sorted(o.iter().map(|(c, x)| {
+                        (c.clone(), x.as_str().map(str::to_string))
+                    }))))
+                }
+                _ => Err(anyhow!("event JSON field `{k}` is not an object")),
+            }
+        };
+        return Ok(Decoded {
+            id: s("id")?,
+            site: s("site")?,
+            op: s("op")?,
+            schema: s("schema")?,
+            table: s("table")?,
+            key: map("key")?.unwrap_or_default(),
+            before: map("before")?,
+            after: map("after")?,
+            unchanged_toast: v["unchanged_toast"]
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|x| x.as_str().map(str::to_string))
+                        .collect()
+                })
+                .unwrap_or_default(),
+            commit_lsn: s("commit_lsn")?
+                .parse()
+                .map_err(|e| anyhow!("commit_lsn: {e}"))?,
+            commit_ts: s("commit_ts")?,
+            xid: v["xid"].as_u64().unwrap_or(0) as u32,
+            ordinal: v["ordinal"].as_u64().unwrap_or(0) as u32,
+            outcome: s("outcome")?,
+        });
+    }
+    let p = proto::Event::decode(payload).context("an event that is neither JSON nor protobuf")?;
+    let map = |m: HashMap<String, proto::Value>| {
+        sorted(m.into_iter().map(|(c, v)| {
+            let t = match v.kind {
+                Some(proto::value::Kind::Text(t)) => Some(t),
+                _ => None,
+            };
+            (c, t)
+        }))
+    };
+    Ok(Decoded {
+        id: p.id,
+        site: p.site,
+        op: p.op,
+        schema: p.schema,
+        table: p.table,
+        key: map(p.key),
+        before: p.before.map(|r| map(r.columns)),
+        after: p.after.map(|r| map(r.columns)),
+        unchanged_toast: p.unchanged_toast,
+        commit_lsn: p
+            .commit_lsn
+            .parse()
+            .map_err(|e| anyhow!("commit_lsn: {e}"))?,
+        commit_ts: rfc3339(p.commit_ts_micros - PG_EPOCH_UNIX_MICROS),
+        xid: p.xid,
+        ordinal: p.ordinal,
+        outcome: p.outcome,
+    })
+}
+
 enum InFlight {
     Message(DeliveryFuture, Instant),
     /// Everything before this was sent: once it is all acknowledged, Kafka holds the source's
@@ -462,6 +568,29 @@ mod tests {
         assert_eq!(p.before.unwrap().columns.len(), 1, "key-only old row");
         assert!(p.after.is_none());
         assert_eq!(p.commit_ts_micros, PG_EPOCH_UNIX_MICROS);
+    }
+
+    #[test]
+    fn both_formats_decode_to_the_same_event_and_garbage_is_an_error() {
+        let e = ev(Change::Update {
+            table: table(),
+            old: Some(OldTuple {
+                full: true,
+                tuple: vec![t("7"), t("a"), Value::Null],
+            }),
+            new: vec![t("7"), Value::Null, Value::UnchangedToast],
+        });
+        let j = decode(&records(&e, "applied", KafkaFormat::Json)[0].payload).unwrap();
+        let p = decode(&records(&e, "applied", KafkaFormat::Protobuf)[0].payload).unwrap();
+        assert_eq!(j, p);
+        assert_eq!(j.id, "M:1/10:3");
+        assert_eq!(
+            j.after,
+            Some(vec![("id".into(), Some("7".into())), ("note".into(), None)])
+        );
+        assert_eq!(j.unchanged_toast, vec!["big".to_string()]);
+        assert!(decode(b"{\"id\": 1}").is_err());
+        assert!(decode(&[0xff, 0x00, 0x13]).is_err());
     }
 
     #[test]

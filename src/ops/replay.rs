@@ -1,0 +1,276 @@
+//! `tandem replay --from-kafka` and `tandem audit tail`: read the audit topic back. Replay applies
+//! it to a database through the same idempotent apply path (running it twice changes nothing).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context, Result};
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::{ClientConfig, Message as _, Offset, TopicPartitionList};
+use tokio::sync::mpsc;
+
+use crate::apply::Applier;
+use crate::catalog;
+use crate::config::{Config, KafkaConfig, TableName};
+use crate::event::{Change, Event, SourceTable};
+use crate::lsn::Lsn;
+use crate::side::Side;
+use crate::sink::kafka::{decode, Decoded};
+use crate::source::pgoutput::{OldTuple, RelColumn, Value};
+
+/// Which events to read.
+#[derive(Debug, Clone, Default)]
+pub struct Filter {
+    pub site: Option<Side>,
+    pub table: Option<TableName>,
+    pub since_lsn: Option<Lsn>,
+    /// RFC 3339 (compared as text: the topic's times are all UTC with microseconds).
+    pub since: Option<String>,
+}
+
+impl Filter {
+    fn keeps(&self, d: &Decoded) -> bool {
+        self.site.is_none_or(|s| d.site == s.tag().to_string())
+            && self
+                .table
+                .as_ref()
+                .is_none_or(|t| t.schema == d.schema && t.name == d.table)
+            && self.since_lsn.is_none_or(|l| d.commit_lsn >= l)
+            && self
+                .since
+                .as_ref()
+                .is_none_or(|s| d.commit_ts.as_str() >= s.as_str())
+    }
+}
+
+/// One line for operators.
+pub fn line(d: &Decoded) -> String {
+    let key: Vec<String> = d
+        .key
+        .iter()
+        .map(|(c, v)| format!("{c}={}", v.as_deref().unwrap_or("NULL")))
+        .collect();
+    format!(
+        "{} {} {:<8} {}.{} [{}] {} id={}",
+        d.commit_ts,
+        d.site,
+        d.op,
+        d.schema,
+        d.table,
+        key.join(" "),
+        d.outcome,
+        d.id
+    )
+}
+
+/// Read `topic` from the beginning, to its end as it is now (or forever with `follow`), sending
+/// decoded events in partition order. Runs the blocking consumer on its own thread.
+fn read(k: &KafkaConfig, topic: &str, follow: bool) -> Result<mpsc::Receiver<Result<Decoded>>> {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", &k.brokers)
+        .set("group.id", format!("tandem-read-{}", std::process::id()))
+        .set("enable.auto.commit", "false");
+    for (key, v) in &k.properties {
+        c.set(key, v);
+    }
+    let consumer: BaseConsumer = c
+        .create()
+        .map_err(|e| anyhow!("[kafka]: cannot create a consumer: {e}"))?;
+    let md = consumer
+        .fetch_metadata(Some(topic), Duration::from_secs(10))
+        .with_context(|| format!("[kafka]: reading the metadata of topic {topic}"))?;
+    let partitions: Vec<i32> = md
+        .topics()
+        .iter()
+        .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+        .collect();
+    if partitions.is_empty() {
+        bail!("[kafka]: topic {topic} does not exist or has no partitions");
+    }
+    let mut ends = HashMap::new();
+    let mut list = TopicPartitionList::new();
+    for p in &partitions {
+        let (low, high) = consumer
+            .fetch_watermarks(topic, *p, Duration::from_secs(10))
+            .with_context(|| format!("[kafka]: watermarks of {topic}/{p}"))?;
+        if high > low {
+            ends.insert(*p, high);
+        }
+        list.add_partition_offset(topic, *p, Offset::Beginning)?;
+    }
+    consumer.assign(&list)?;
+    let (tx, rx) = mpsc::channel(1024);
+    std::thread::spawn(move || {
+        while follow || !ends.is_empty() {
+            match consumer.poll(Duration::from_millis(200)) {
+                None => {}
+                Some(Err(e)) => {
+                    let _ = tx.blocking_send(Err(anyhow!("[kafka]: {e}")));
+                    return;
+                }
+                Some(Ok(m)) => {
+                    if ends
+                        .get(&m.partition())
+                        .is_some_and(|&h| m.offset() + 1 >= h)
+                    {
+                        ends.remove(&m.partition());
+                    }
+                    let d = decode(m.payload().unwrap_or_default()).with_context(|| {
+                        format!(
+                            "message at {}/{} offset {}",
+                            m.topic(),
+                            m.partition(),
+                            m.offset()
+                        )
+                    });
+                    if tx.blocking_send(d).is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+    });
+    Ok(rx)
+}
+
+fn kafka(cfg: &Config) -> Result<&KafkaConfig> {
+    cfg.kafka.as_ref().ok_or_else(|| {
+        anyhow!("no [kafka] section in the config: add brokers (and topic) to read from")
+    })
+}
+
+/// `tandem audit tail`.
+pub async fn tail(cfg: &Config, topic: Option<&str>, follow: bool, filter: &Filter) -> Result<()> {
+    let k = kafka(cfg)?;
+    let mut rx = read(k, topic.unwrap_or(&k.topic), follow)?;
+    while let Some(d) = rx.recv().await {
+        let d = d?;
+        if filter.keeps(&d) {
+            println!("{}", line(&d));
+        }
+    }
+    Ok(())
+}
+
+#[derive(Debug, Default)]
+pub struct ReplayReport {
+    pub read: u64,
+    pub applied: u64,
+}
+
+/// `tandem replay --from-kafka --to SIDE`: the target side's own changes and the other side's
+/// changes that landed there (applied, or won a conflict), in topic order, through the apply path.
+/// Echo events are copies of the other site's changes and are never replayed.
+pub async fn replay(
+    cfg: Arc<Config>,
+    to: Side,
+    topic: Option<&str>,
+    filter: &Filter,
+    dry_run: bool,
+    mut print: impl FnMut(&str),
+) -> Result<ReplayReport> {
+    let k = kafka(&cfg)?.clone();
+    let mut rx = read(&k, topic.unwrap_or(&k.topic), false)?;
+    let mut a = Applier::connect(cfg.clone(), to.other()).await?;
+    a.ignore_direction = true;
+    a.detect_conflicts = false;
+    let mut tables: HashMap<TableName, Arc<SourceTable>> = HashMap::new();
+    let mut report = ReplayReport::default();
+    while let Some(d) = rx.recv().await {
+        let d = d?;
+        report.read += 1;
+        let landed = d.site == to.tag().to_string()
+            || matches!(d.outcome.as_str(), "applied" | "applied_remote" | "merged");
+        if d.outcome == "skipped_echo" || !landed || !filter.keeps(&d) {
+            continue;
+        }
+        if dry_run {
+            print(&line(&d));
+            report.applied += 1;
+            continue;
+        }
+        let name = TableName::new(&d.schema, &d.table);
+        if !tables.contains_key(&name) {
+            let t = catalog::table(a.client(), &name).await?.ok_or_else(|| {
+                anyhow!("{to}: table {name} does not exist; create it before replaying into it")
+            })?;
+            let columns = t
+                .columns
+                .iter()
+                .enumerate()
+                .filter(|(_, c)| !c.generated)
+                .map(|(i, c)| RelColumn {
+                    key: t.key.contains(&i),
+                    name: c.name.clone(),
+                    type_oid: 0,
+                    type_modifier: -1,
+                })
+                .collect();
+            let st = SourceTable {
+                oid: 1 + tables.len() as u32,
+                name: name.clone(),
+                columns,
+            };
+            tables.insert(name.clone(), Arc::new(st));
+        }
+        let table = tables[&name].clone();
+        let value = |img: &[(String, Option<String>)], col: &RelColumn, absent: Value| match img
+            .iter()
+            .find(|(c, _)| *c == col.name)
+        {
+            Some((_, Some(v))) => Value::Text(bytes::Bytes::from(v.clone())),
+            Some((_, None)) => Value::Null,
+            None => absent,
+        };
+        let change = match d.op.as_str() {
+            "insert" | "update" => {
+                let after = d.after.clone().unwrap_or_default();
+                let new = table
+                    .columns
+                    .iter()
+                    // A column the event does not carry keeps the target's value.
+                    .map(|c| value(&after, c, Value::UnchangedToast))
+                    .collect();
+                Change::Update {
+                    table: table.clone(),
+                    old: None,
+                    new,
+                }
+            }
+            "delete" => Change::Delete {
+                table: table.clone(),
+                old: OldTuple {
+                    full: false,
+                    tuple: table
+                        .columns
+                        .iter()
+                        .map(|c| value(&d.key, c, Value::Null))
+                        .collect(),
+                },
+            },
+            "truncate" => Change::Truncate {
+                tables: vec![table.clone()],
+                cascade: false,
+                restart_identity: false,
+            },
+            other => bail!("event {}: unknown op `{other}`", d.id),
+        };
+        a.apply(&Event {
+            source: to.other(),
+            commit_lsn: d.commit_lsn,
+            commit_ts: 0,
+            xid: d.xid,
+            ordinal: d.ordinal,
+            change,
+        })
+        .await
+        .with_context(|| format!("replaying event {}", d.id))?;
+        report.applied += 1;
+        if report.applied % 5000 == 0 {
+            a.commit_outside_stream().await?;
+        }
+    }
+    a.commit_outside_stream().await?;
+    Ok(report)
+}
