@@ -219,6 +219,9 @@ pub fn records(ev: &Event, outcome: &str, format: KafkaFormat) -> Vec<Record> {
         .collect()
 }
 
+/// `(column, text value or NULL)` of a row image, in column-name order.
+pub type Columns = Vec<(String, Option<String>)>;
+
 /// An event read back from the topic (either format).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Decoded {
@@ -227,9 +230,9 @@ pub struct Decoded {
     pub op: String,
     pub schema: String,
     pub table: String,
-    pub key: Vec<(String, Option<String>)>,
-    pub before: Option<Vec<(String, Option<String>)>>,
-    pub after: Option<Vec<(String, Option<String>)>>,
+    pub key: Columns,
+    pub before: Option<Columns>,
+    pub after: Option<Columns>,
     pub unchanged_toast: Vec<String>,
     pub commit_lsn: Lsn,
     /// RFC 3339, UTC.
@@ -242,9 +245,7 @@ pub struct Decoded {
 /// Decode a message payload: JSON (starts with `{`) or protobuf. Bad bytes are an error, never a
 /// panic.
 pub fn decode(payload: &[u8]) -> Result<Decoded> {
-    fn sorted<I: IntoIterator<Item = (String, Option<String>)>>(
-        i: I,
-    ) -> Vec<(String, Option<String>)> {
+    fn sorted<I: IntoIterator<Item = (String, Option<String>)>>(i: I) -> Columns {
         let mut v: Vec<_> = i.into_iter().collect();
         v.sort();
         v
@@ -257,7 +258,7 @@ pub fn decode(payload: &[u8]) -> Result<Decoded> {
                 .map(str::to_string)
                 .ok_or_else(|| anyhow!("event JSON lacks the string field `{k}`"))
         };
-        let map = |k: &str| -> Result<Option<Vec<(String, Option<String>)>>> {
+        let map = |k: &str| -> Result<Option<Columns>> {
             match &v[k] {
                 serde_json::Value::Null => Ok(None),
                 serde_json::Value::Object(o) => {
