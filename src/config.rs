@@ -152,6 +152,8 @@ struct RawKafka {
     topic: Option<String>,
     format: Option<KafkaFormat>,
     required: Option<bool>,
+    spool_path: Option<String>,
+    spool_max_bytes: Option<u64>,
     #[serde(default)]
     properties: BTreeMap<String, String>,
 }
@@ -174,6 +176,9 @@ pub struct KafkaConfig {
     pub required: bool,
     /// Passed to librdkafka as they are (may hold credentials: never printed).
     pub properties: BTreeMap<String, String>,
+    /// `required = false`: undelivered events wait in `<spool_path>.<direction>.bin`.
+    pub spool_path: String,
+    pub spool_max_bytes: u64,
 }
 
 impl fmt::Debug for KafkaConfig {
@@ -501,6 +506,8 @@ impl Config {
                 format: k.format.unwrap_or(KafkaFormat::Protobuf),
                 required: k.required.unwrap_or(true),
                 properties: k.properties,
+                spool_path: k.spool_path.unwrap_or_else(|| "tandem-kafka-spool".into()),
+                spool_max_bytes: k.spool_max_bytes.unwrap_or(1 << 30),
             }),
         })
     }
@@ -520,7 +527,15 @@ pub struct ConfigError(pub String);
 /// Refuse unknown keys, naming the key and the nearest valid one.
 fn check_keys(t: &toml::Table) -> Result<(), ConfigError> {
     const TOP: &[&str] = &["desktop", "mobile", "replication", "conflicts", "kafka"];
-    const KAFKA: &[&str] = &["brokers", "topic", "format", "required", "properties"];
+    const KAFKA: &[&str] = &[
+        "brokers",
+        "topic",
+        "format",
+        "required",
+        "properties",
+        "spool_path",
+        "spool_max_bytes",
+    ];
     const CONFLICTS: &[&str] = &["policy", "version_column", "priority", "tables"];
     const TABLE_CONFLICTS: &[&str] = &["policy", "version_column"];
     const SIDE: &[&str] = &["url", "slot", "publication"];

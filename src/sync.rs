@@ -227,7 +227,11 @@ async fn direction_once(
                 start = start.min(c);
             }
         }
-        applier.set_publisher(crate::sink::kafka::Publisher::new(k, start)?);
+        applier.set_publisher(crate::sink::kafka::Publisher::new(
+            k,
+            start,
+            source.direction_from(),
+        )?);
     }
     let mut stream = SourceStream::open(site, start).await?;
     if !cp.source_system_id.is_empty() && cp.source_system_id != stream.system_id {

@@ -367,3 +367,53 @@ async fn after_kill_9_and_restart_consumers_deduping_by_id_see_each_change_once(
         .collect();
     assert_eq!(inserted.len(), 400);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn without_kafka_required_events_wait_in_the_spool_and_drain() {
+    let cluster = MockCluster::<DefaultProducerContext>::new(1).unwrap();
+    cluster.create_topic(TOPIC, 1, 1).unwrap();
+    let brokers = cluster.bootstrap_servers();
+    let (d, m) = Fixture::databases(
+        "kafka_spool",
+        "CREATE TABLE jobs (id bigint PRIMARY KEY, note text, n int);",
+    )
+    .await;
+    let spool = std::env::temp_dir().join(format!("tandem-spool-{}", std::process::id()));
+    let spool_file = format!("{}.dm.bin", spool.display());
+    let _ = std::fs::remove_file(&spool_file);
+    let text = Fixture::config_text("kafka_spool", "tables = [\"public.jobs\"]")
+        + &format!(
+            "[kafka]\nbrokers = \"{brokers}\"\nformat = \"json\"\nrequired = false\n\
+             spool_path = \"{}\"\n[kafka.properties]\n\"message.timeout.ms\" = \"2000\"\n",
+            spool.display()
+        );
+    let fx = Fixture::with_config("kafka_spool", d, m, text).await;
+    let run = fx.start().await;
+    cluster.broker_down(1).unwrap();
+    for i in 1..=20i64 {
+        fx.d.execute("INSERT INTO jobs VALUES ($1, 'spooled', 0)", &[&i])
+            .await
+            .unwrap();
+    }
+    let end = wal_now(&fx.d).await;
+    // Replication goes on (the slot follows the target), the events wait in the spool.
+    wait_for(30, "applied and confirmed without Kafka", || async {
+        Fixture::count(&fx.m, "SELECT count(*) FROM jobs").await == 20
+            && slot_confirmed(&fx.d, "kafka_spool_d").await >= end
+    })
+    .await;
+    let size = || std::fs::metadata(&spool_file).map(|m| m.len()).unwrap_or(0);
+    wait_for(30, "the spool fills", || async { size() > 0 }).await;
+    cluster.broker_up(1).unwrap();
+    wait_for(60, "the spool drains", || async { size() == 0 }).await;
+    run.stop().await;
+    let msgs = tokio::task::spawn_blocking(move || consume_all(&brokers))
+        .await
+        .unwrap();
+    assert_eq!(
+        own_ids(&msgs, "D").len(),
+        20,
+        "all 20 changes reached Kafka"
+    );
+    let _ = std::fs::remove_file(&spool_file);
+}

@@ -17,6 +17,7 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use crate::config::{KafkaConfig, KafkaFormat};
 use crate::event::{Change, Event, SourceTable};
 use crate::lsn::Lsn;
+use crate::sink::spool::{Spool, Spooled};
 use crate::source::pgoutput::{Tuple, Value};
 
 /// Generated from `proto/tandem/v1/event.proto`.
@@ -341,11 +342,16 @@ pub struct Publisher {
     pub required: bool,
     in_flight: VecDeque<InFlight>,
     delivered: Lsn,
+    /// `required = false`: where undelivered events wait.
+    spool: Option<Spool>,
+    /// When the last delivery failed: the spool is resent only once Kafka answers again.
+    last_failure: Option<Instant>,
 }
 
 impl Publisher {
-    /// `start`: what Kafka is known to hold already (the slot's confirmed position).
-    pub fn new(cfg: &KafkaConfig, start: Lsn) -> Result<Publisher> {
+    /// `start`: what Kafka is known to hold already (the slot's confirmed position); `direction`
+    /// names the spool file.
+    pub fn new(cfg: &KafkaConfig, start: Lsn, direction: &str) -> Result<Publisher> {
         let mut c = ClientConfig::new();
         c.set("bootstrap.servers", &cfg.brokers)
             .set("enable.idempotence", "true")
@@ -360,6 +366,23 @@ impl Publisher {
         let producer: FutureProducer = c
             .create()
             .map_err(|e| anyhow!("[kafka]: cannot create the producer: {e}"))?;
+        let spool = if cfg.required {
+            None
+        } else {
+            let name = direction.replace('>', "").to_lowercase();
+            let s = Spool::open(
+                format!("{}.{name}.bin", cfg.spool_path).into(),
+                cfg.spool_max_bytes,
+            )?;
+            if s.pending() > 0 {
+                tracing::warn!(
+                    direction,
+                    bytes = s.pending(),
+                    "[kafka]: events from an earlier run wait in the spool; sending them"
+                );
+            }
+            Some(s)
+        };
         Ok(Publisher {
             producer,
             topic: cfg.topic.clone(),
@@ -367,6 +390,8 @@ impl Publisher {
             required: cfg.required,
             in_flight: VecDeque::new(),
             delivered: start,
+            spool,
+            last_failure: None,
         })
     }
 
@@ -424,12 +449,68 @@ impl Publisher {
                 InFlight::Barrier(l) => self.delivered = self.delivered.max(*l),
                 InFlight::Message(f, sent) => match f.now_or_never() {
                     None => break,
-                    Some(r) => Self::settle(r, *sent, self.required)?,
+                    Some(r) => {
+                        let sent = *sent;
+                        self.settle(r, sent)?;
+                    }
                 },
             }
             self.in_flight.pop_front();
         }
+        self.resend_spooled()?;
         Ok(self.delivered)
+    }
+
+    /// Send spooled events again once Kafka has been answering for a second.
+    fn resend_spooled(&mut self) -> Result<()> {
+        let Some(spool) = &mut self.spool else {
+            return Ok(());
+        };
+        if spool.pending() == 0
+            || self
+                .last_failure
+                .is_some_and(|t| t.elapsed() < Duration::from_secs(1))
+            || self.in_flight.len() > MAX_IN_FLIGHT / 2
+        {
+            if self.in_flight.is_empty() {
+                spool.settle()?;
+            }
+            return Ok(());
+        }
+        for r in spool.take(500)? {
+            let mut headers = OwnedHeaders::new();
+            for (k, v) in &r.headers {
+                headers = headers.insert(Header {
+                    key: k,
+                    value: Some(v),
+                });
+            }
+            let record = FutureRecord::to(&self.topic)
+                .key(&r.key)
+                .payload(&r.payload)
+                .headers(headers);
+            match self.producer.send_result(record) {
+                Ok(f) => self
+                    .in_flight
+                    .push_back(InFlight::Message(f, Instant::now())),
+                Err((_, back)) => {
+                    // The local queue is full: keep it for the next round.
+                    let _ = back;
+                    if !spool.push(&r)? {
+                        Self::spool_full();
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn spool_full() {
+        metrics::counter!("tandem_kafka_spool_full_total").increment(1);
+        tracing::error!(
+            "[kafka]: the spool is full (spool_max_bytes): an event is DROPPED from the audit stream; \
+             bring Kafka back or raise spool_max_bytes"
+        );
     }
 
     /// Wait (up to `limit`) until every message sent is acknowledged; returns the delivered LSN.
@@ -456,36 +537,54 @@ impl Publisher {
                 }
                 Some(InFlight::Barrier(l)) => self.delivered = self.delivered.max(l),
                 Some(InFlight::Message(f, sent)) => {
-                    return Self::settle(f.await, sent, self.required);
+                    return self.settle(f.await, sent);
                 }
             }
         }
     }
 
     fn settle<E>(
+        &mut self,
         r: Result<rdkafka::producer::future_producer::OwnedDeliveryResult, E>,
         sent: Instant,
-        required: bool,
     ) -> Result<()> {
-        let e = match r {
+        let (e, msg) = match r {
             Ok(Ok(_)) => {
                 metrics::counter!("tandem_kafka_produced_total").increment(1);
                 metrics::histogram!("tandem_kafka_produce_seconds")
                     .record(sent.elapsed().as_secs_f64());
                 return Ok(());
             }
-            Ok(Err((e, _))) => e.to_string(),
-            Err(_) => "the producer went away".to_string(),
+            Ok(Err((e, m))) => (e.to_string(), Some(m)),
+            Err(_) => ("the producer went away".to_string(), None),
         };
         metrics::counter!("tandem_kafka_failed_total").increment(1);
-        if required {
-            Err(anyhow!("[kafka]: a message was not delivered: {e}"))
-                .context("Kafka is required ([kafka] required = true)")
-        } else {
-            tracing::error!(
-                "[kafka]: a message was not delivered and is missing from the audit stream: {e}"
-            );
-            Ok(())
+        self.last_failure = Some(Instant::now());
+        match (&mut self.spool, msg) {
+            (Some(spool), Some(m)) => {
+                use rdkafka::message::{Headers, Message};
+                let headers = m
+                    .headers()
+                    .map(|h| {
+                        h.iter()
+                            .map(|x| (x.key.to_string(), x.value.unwrap_or_default().to_vec()))
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                let rec = Spooled {
+                    key: m.key().unwrap_or_default().to_vec(),
+                    payload: m.payload().unwrap_or_default().to_vec(),
+                    headers,
+                };
+                if spool.push(&rec)? {
+                    metrics::counter!("tandem_kafka_spooled_total").increment(1);
+                } else {
+                    Self::spool_full();
+                }
+                Ok(())
+            }
+            _ => Err(anyhow!("[kafka]: a message was not delivered: {e}"))
+                .context("Kafka is required ([kafka] required = true)"),
         }
     }
 }
