@@ -259,14 +259,25 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             json,
             only,
         } => {
-            let report = bench::run(&workload, &only, repeat.max(1), scale, |m| {
-                if !json {
-                    eprintln!(
-                        "{:?} {:?}: {} changes in {:.2} s",
-                        m.workload, m.contender, m.changes, m.seconds
-                    );
-                }
-            })
+            // Kafka on as a contender when the config (if there is one) names brokers.
+            let kafka = Config::load(&cli.config)
+                .ok()
+                .and_then(|c| c.kafka.map(|k| k.brokers));
+            let report = bench::run(
+                &workload,
+                &only,
+                kafka.as_deref(),
+                repeat.max(1),
+                scale,
+                |m| {
+                    if !json {
+                        eprintln!(
+                            "{:?} {:?}: {} changes in {:.2} s",
+                            m.workload, m.contender, m.changes, m.seconds
+                        );
+                    }
+                },
+            )
             .await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);

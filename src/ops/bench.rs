@@ -48,6 +48,8 @@ pub enum Contender {
     Tandem,
     /// tandem with conflict detection on (last_write_wins on `v`): one locking lookup per batch.
     TandemConflicts,
+    /// tandem publishing every event to the configured Kafka (`required = true`).
+    TandemKafka,
 }
 
 impl std::str::FromStr for Contender {
@@ -58,6 +60,7 @@ impl std::str::FromStr for Contender {
             "native-binary" => Ok(Contender::NativeBinary),
             "tandem" => Ok(Contender::Tandem),
             "tandem-conflicts" => Ok(Contender::TandemConflicts),
+            "tandem-kafka" => Ok(Contender::TandemKafka),
             _ => Err(format!(
                 "unknown contender `{s}`; use native, native-binary, tandem or tandem-conflicts"
             )),
@@ -72,6 +75,7 @@ impl Contender {
             Contender::NativeBinary => "native (binary)",
             Contender::Tandem => "tandem",
             Contender::TandemConflicts => "tandem+conflicts",
+            Contender::TandemKafka => "tandem+kafka",
         }
     }
 }
@@ -100,6 +104,8 @@ pub struct Summary {
     pub ratio: f64,
     /// tandem with conflict detection on.
     pub tandem_conflicts_rows_per_s: f64,
+    /// tandem publishing to Kafka (0 when no broker is configured).
+    pub tandem_kafka_rows_per_s: f64,
 }
 
 #[derive(Debug, Serialize)]
@@ -268,6 +274,7 @@ async fn measure(
     who: Contender,
     repeat: u32,
     scale: f64,
+    kafka: Option<&str>,
 ) -> Result<Measurement> {
     let name = format!("bench_{}_{}", format!("{w:?}").to_lowercase(), repeat);
     let d = fresh_db(dc, &name, w).await?;
@@ -306,11 +313,15 @@ async fn measure(
             .await?;
             (changes, secs, applied)
         }
-        Contender::Tandem | Contender::TandemConflicts => {
-            let conflicts = if who == Contender::TandemConflicts {
-                "[conflicts]\npolicy = \"last_write_wins\"\nversion_column = \"v\"\n"
-            } else {
-                ""
+        Contender::Tandem | Contender::TandemConflicts | Contender::TandemKafka => {
+            let conflicts = match (who, kafka) {
+                (Contender::TandemConflicts, _) => {
+                    "[conflicts]\npolicy = \"last_write_wins\"\nversion_column = \"v\"\n".to_string()
+                }
+                (Contender::TandemKafka, Some(brokers)) => format!(
+                    "[kafka]\nbrokers = \"{brokers}\"\ntopic = \"tandem.bench.{name}\"\nrequired = true\n"
+                ),
+                _ => String::new(),
             };
             let text = format!(
                 "[desktop]\nurl = \"{}\"\nslot = \"{name}_d\"\npublication = \"{name}_d\"\n\
@@ -380,9 +391,11 @@ fn peak_rss_mib() -> f64 {
         .unwrap_or(0.0)
 }
 
+/// `kafka`: brokers for the tandem+kafka contender (from `[kafka]` of the config, when present).
 pub async fn run(
     workloads: &[Workload],
     only: &[Contender],
+    kafka: Option<&str>,
     repeat: u32,
     scale: f64,
     progress: impl Fn(&Measurement),
@@ -399,9 +412,11 @@ pub async fn run(
         Contender::NativeBinary,
         Contender::Tandem,
         Contender::TandemConflicts,
+        Contender::TandemKafka,
     ]
     .into_iter()
     .filter(|c| only.is_empty() || only.contains(c))
+    .filter(|c| *c != Contender::TandemKafka || kafka.is_some())
     .collect();
     let mut measurements = Vec::new();
     for &w in workloads {
@@ -409,7 +424,7 @@ pub async fn run(
             // Rotate the order: the machine is noisy and the first run of a pair is often slower.
             for i in 0..contenders.len() {
                 let who = contenders[(i + r as usize) % contenders.len()];
-                let m = measure(&dc, &mc, w, who, r, scale).await?;
+                let m = measure(&dc, &mc, w, who, r, scale, kafka).await?;
                 progress(&m);
                 measurements.push(m);
             }
@@ -428,6 +443,7 @@ pub async fn run(
             let native = best(&|c| matches!(c, Contender::NativeText | Contender::NativeBinary));
             let tandem = best(&|c| c == Contender::Tandem);
             let with_conflicts = best(&|c| c == Contender::TandemConflicts);
+            let with_kafka = best(&|c| c == Contender::TandemKafka);
             let changes = measurements
                 .iter()
                 .find(|m| m.workload == w)
@@ -439,6 +455,7 @@ pub async fn run(
                 tandem_rows_per_s: tandem,
                 ratio: tandem / native,
                 tandem_conflicts_rows_per_s: with_conflicts,
+                tandem_kafka_rows_per_s: with_kafka,
             }
         })
         .collect();
