@@ -143,6 +143,9 @@ enum Command {
         /// tandem-conflicts.
         #[arg(long, value_delimiter = ',')]
         only: Vec<bench::Contender>,
+        /// Also run tandem publishing to this Kafka (host:port): the tandem-kafka contender.
+        #[arg(long)]
+        kafka_brokers: Option<String>,
     },
     /// Two throwaway local clusters, a sample schema, and live sync on screen.
     Demo {
@@ -258,15 +261,12 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             scale,
             json,
             only,
+            kafka_brokers,
         } => {
-            // Kafka on as a contender when the config (if there is one) names brokers.
-            let kafka = Config::load(&cli.config)
-                .ok()
-                .and_then(|c| c.kafka.map(|k| k.brokers));
             let report = bench::run(
                 &workload,
                 &only,
-                kafka.as_deref(),
+                kafka_brokers.as_deref(),
                 repeat.max(1),
                 scale,
                 |m| {
