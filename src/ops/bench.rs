@@ -493,6 +493,13 @@ pub fn render(r: &Report) -> String {
             s.tandem_conflicts_rows_per_s,
             s.tandem_conflicts_rows_per_s / s.native_best_rows_per_s
         ));
+        if s.tandem_kafka_rows_per_s > 0.0 {
+            out.push_str(&format!(
+                "     with Kafka on {:>10.0}: {:.0}% of tandem without\n",
+                s.tandem_kafka_rows_per_s,
+                100.0 * s.tandem_kafka_rows_per_s / s.tandem_rows_per_s
+            ));
+        }
     }
     out.push_str(&format!(
         "peak RSS of the tandem process: {:.0} MiB\n",
