@@ -124,8 +124,27 @@ pub async fn repair(
         let mut a = Applier::connect(cfg.clone(), source).await?;
         a.ignore_direction = true;
         a.detect_conflicts = false;
+        if let Some(k) = &cfg.kafka {
+            // Repairs are changes too: on the audit stream, as changes of the source side.
+            a.set_publisher(crate::sink::kafka::Publisher::new(
+                k,
+                Lsn::ZERO,
+                &format!("repair-{}", source.direction_from()),
+            )?);
+        }
         Some(a)
     };
+    // Repair events get ids of their own: the source's WAL position now, and a running ordinal.
+    let at: String = src
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await?
+        .get(0);
+    let at: Lsn = at.parse()?;
+    let now_us = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as i64 - 946_684_800_000_000)
+        .unwrap_or(0);
+    let mut ordinal = 0u32;
     let mut out = Vec::new();
     for (i, s) in verify::shapes(&cfg, &d, &m, only)
         .await?
@@ -158,37 +177,34 @@ pub async fn repair(
                 return Ok(());
             };
             let rows = fetch(src, &s, &table, &upserts).await?;
-            let event = |ordinal: usize, change: Change| Event {
-                source,
-                commit_lsn: Lsn::ZERO,
-                commit_ts: 0,
-                xid: 0,
-                ordinal: ordinal as u32,
-                change,
+            let mut event = |change: Change| {
+                ordinal += 1;
+                Event {
+                    source,
+                    commit_lsn: at,
+                    commit_ts: now_us,
+                    xid: 0,
+                    ordinal,
+                    change,
+                }
             };
-            for (n, new) in rows.into_iter().enumerate() {
-                a.apply(&event(
-                    n,
-                    Change::Insert {
-                        table: table.clone(),
-                        new,
-                    },
-                ))
+            for new in rows {
+                a.apply(&event(Change::Insert {
+                    table: table.clone(),
+                    new,
+                }))
                 .await?;
                 done.upserted += 1;
             }
-            for (n, k) in only_target.iter().enumerate() {
+            for k in only_target {
                 let old = OldTuple {
                     full: false,
                     tuple: key_tuple(&s, &table, k),
                 };
-                a.apply(&event(
-                    n,
-                    Change::Delete {
-                        table: table.clone(),
-                        old,
-                    },
-                ))
+                a.apply(&event(Change::Delete {
+                    table: table.clone(),
+                    old,
+                }))
                 .await?;
                 done.deleted += 1;
             }
@@ -197,6 +213,9 @@ pub async fn repair(
         .await?;
         tracing::info!(table = %done.table, upserted = done.upserted, deleted = done.deleted, target = %source.other(), dry_run, "repair");
         out.push(done);
+    }
+    if let Some(a) = applier.as_mut() {
+        a.drain_kafka().await?;
     }
     Ok(out)
 }
