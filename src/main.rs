@@ -127,8 +127,8 @@ enum Command {
     },
     /// Drain the same backlogs with native logical replication and with tandem; report rows/s.
     Bench {
-        /// Workloads to run, comma-separated: w1, w2, w4.
-        #[arg(long, value_delimiter = ',', default_value = "w1,w2,w4")]
+        /// Workloads to run, comma-separated: w1, w2, w3, w4.
+        #[arg(long, value_delimiter = ',', default_value = "w1,w2,w3,w4")]
         workload: Vec<bench::Workload>,
         /// Runs of each contender per workload (their order rotates).
         #[arg(long, default_value_t = 1)]
@@ -139,13 +139,17 @@ enum Command {
         /// Machine-readable output.
         #[arg(long)]
         json: bool,
-        /// Contenders to run, comma-separated (default: all): native, native-binary, tandem,
-        /// tandem-conflicts.
+        /// Contenders to run, comma-separated (default: all available): native, native-binary,
+        /// pglogical, tandem, tandem-two-way, tandem-conflicts, tandem-kafka.
         #[arg(long, value_delimiter = ',')]
         only: Vec<bench::Contender>,
         /// Also run tandem publishing to this Kafka (host:port): the tandem-kafka contender.
         #[arg(long)]
         kafka_brokers: Option<String>,
+        /// Seconds of steady load at half of native's best W1 rate, for replication lag p50/p99
+        /// (0 skips it; needs W1).
+        #[arg(long, default_value_t = 10.0)]
+        lag_seconds: f64,
     },
     /// Two throwaway local clusters, a sample schema, and live sync on screen.
     Demo {
@@ -262,19 +266,20 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             json,
             only,
             kafka_brokers,
+            lag_seconds,
         } => {
             let report = bench::run(
-                &workload,
-                &only,
-                kafka_brokers.as_deref(),
-                repeat.max(1),
-                scale,
-                |m| {
+                &bench::Options {
+                    workloads: &workload,
+                    only: &only,
+                    kafka: kafka_brokers.as_deref(),
+                    repeat: repeat.max(1),
+                    scale,
+                    lag_seconds,
+                },
+                |line| {
                     if !json {
-                        eprintln!(
-                            "{:?} {:?}: {} changes in {:.2} s",
-                            m.workload, m.contender, m.changes, m.seconds
-                        );
+                        eprintln!("{line}");
                     }
                 },
             )

@@ -17,9 +17,14 @@ use crate::source::assemble::{Assembler, Item};
 use crate::source::stream::{check_no_gap, SourceStream, StreamEvent};
 
 /// A group of source transactions shares one target commit for at most this long…
-const GROUP_MAX_AGE: Duration = Duration::from_millis(100);
+const GROUP_MAX_AGE: Duration = Duration::from_millis(40);
 /// …or this many changes.
 const GROUP_MAX_CHANGES: u64 = 20_000;
+/// Once the source has said it sent everything (a keepalive between transactions), the group
+/// commits as soon as it is this old. Not at once: a caught-up walsender sends a keepalive after
+/// nearly every transaction, and a target commit per source transaction is exactly the cost
+/// batching avoids; this bounds commits to ~100/s while keeping steady-state lag near 10 ms.
+const GROUP_IDLE_AGE: Duration = Duration::from_millis(10);
 /// Progress through transactions that needed nothing applied (tandem's own echoes, empty or
 /// filtered transactions, idle keepalives) is written to the checkpoint only once it is this far
 /// ahead. Writing it costs the target a little WAL of its own, which the other direction then
@@ -164,9 +169,18 @@ async fn direction(
     status: Arc<Status>,
 ) -> Result<()> {
     let mut backoff = Duration::from_millis(500);
+    let idle = !cfg
+        .tables
+        .iter()
+        .any(|t| cfg.direction(t).flows_from(source));
     loop {
         let started = Instant::now();
-        match direction_once(&cfg, source, &mut stop, &status).await {
+        let once = if idle {
+            idle_direction(&cfg, source, &mut stop, &status).await
+        } else {
+            direction_once(&cfg, source, &mut stop, &status).await
+        };
+        match once {
             Ok(()) => return Ok(()),
             Err(e) if transient(&e) && !*stop.borrow() => {
                 if started.elapsed() > Duration::from_secs(60) {
@@ -253,6 +267,74 @@ async fn direction_once(
     result
 }
 
+/// How often a direction with no tables moves its slot along.
+const IDLE_ADVANCE_EVERY: Duration = Duration::from_secs(5);
+
+/// A direction no table flows in (every table is one-way from the other side): its publication is
+/// empty, so streaming it would only make the source's walsender decode all of the source's WAL
+/// — including every row tandem applies there — to send nothing. Like a native one-way setup,
+/// nothing decodes it; the checkpoint and then the slot are moved to the source's current WAL
+/// position now and then (`pg_replication_slot_advance` fast-forwards without decoding rows), so
+/// the slot holds no WAL and a later two-way config resumes from there without a gap.
+async fn idle_direction(
+    cfg: &Arc<Config>,
+    source: Side,
+    stop: &mut watch::Receiver<bool>,
+    status: &Status,
+) -> Result<()> {
+    let site = cfg.site(source);
+    let progress = status.from(source);
+    let mut applier = Applier::connect(cfg.clone(), source).await?;
+    let cp = checkpoint::load(applier.client(), source)
+        .await?
+        .ok_or_else(|| {
+            anyhow!(
+                "{}: no checkpoint for {} in tandem.checkpoints; run `tandem setup` first",
+                source.other(),
+                source.direction_from()
+            )
+        })?;
+    let src = db::connect(site, "tandem idle slot").await?;
+    check_no_gap(&src, site, cp.lsn).await?;
+    tracing::info!(%source, checkpoint = %cp.lsn, "no table flows {} → {}; not streaming {source}, only moving its slot along", source, source.other());
+    let mut checkpoint = cp.lsn;
+    progress.checkpoint.store(checkpoint.0, Ordering::Relaxed);
+    progress.streaming.store(true, Ordering::Relaxed);
+    let result = async {
+        while !*stop.borrow() {
+            let now: String = src
+                .query_one("SELECT pg_current_wal_lsn()::text", &[])
+                .await?
+                .get(0);
+            let now: Lsn = now.parse()?;
+            if now.0 >= checkpoint.0 + IDLE_RECORD_BYTES {
+                // Checkpoint first: the slot must never be confirmed past it.
+                applier.record(now).await?;
+                checkpoint = now;
+                progress.checkpoint.store(checkpoint.0, Ordering::Relaxed);
+            }
+            if let Err(e) = src
+                .query_one(
+                    "SELECT pg_replication_slot_advance($1, $2::text::pg_lsn)",
+                    &[&site.slot, &checkpoint.to_string()],
+                )
+                .await
+            {
+                // Typically the slot is still active for a walsender that is ending.
+                tracing::debug!(%source, "advancing slot {}: {e}", site.slot);
+            }
+            tokio::select! {
+                _ = stop.changed() => return Ok(()),
+                _ = tokio::time::sleep(IDLE_ADVANCE_EVERY) => {}
+            }
+        }
+        Ok(())
+    }
+    .await;
+    progress.streaming.store(false, Ordering::Relaxed);
+    result
+}
+
 /// Apply the stream until `stop`; then finish cleanly at a transaction boundary.
 async fn stream_loop(
     applier: &mut Applier,
@@ -272,6 +354,8 @@ async fn stream_loop(
     let mut group_end: Option<Lsn> = None;
     let mut group_opened: Option<Instant> = None;
     let mut group_changes = 0u64;
+    // The source sent everything it had since the group opened.
+    let mut source_idle = false;
 
     macro_rules! commit_group {
         () => {{
@@ -292,11 +376,17 @@ async fn stream_loop(
                 .store(applier.stats.transactions, Ordering::Relaxed);
             group_opened = None;
             group_changes = 0;
+            source_idle = false;
         }};
     }
 
     loop {
-        let deadline = group_opened.map(|t| tokio::time::Instant::from_std(t + GROUP_MAX_AGE));
+        let age = if source_idle {
+            GROUP_IDLE_AGE
+        } else {
+            GROUP_MAX_AGE
+        };
+        let deadline = group_opened.map(|t| tokio::time::Instant::from_std(t + age));
         let ev = tokio::select! {
             biased;
             _ = stop.changed() => break,
@@ -311,10 +401,16 @@ async fn stream_loop(
             StreamEvent::Keepalive(lsn) => {
                 if !asm.in_transaction() {
                     if group_end.is_some() {
-                        commit_group!();
+                        source_idle = true;
+                        if group_opened.is_none_or(|t| t.elapsed() >= GROUP_IDLE_AGE) {
+                            commit_group!();
+                        }
                     }
-                    safe = safe.max(lsn);
-                    applier.barrier(safe);
+                    // Only with nothing uncommitted: the keepalive vouches for what was sent.
+                    if group_end.is_none() {
+                        safe = safe.max(lsn);
+                        applier.barrier(safe);
+                    }
                 }
                 stream.confirm(applier.ack_limit(checkpoint)?);
             }

@@ -295,6 +295,68 @@ async fn per_table_direction_is_honoured() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_side_no_table_flows_from_is_not_streamed_and_its_slot_holds_no_wal() {
+    let fx = Fixture::new(
+        "oneway",
+        "CREATE TABLE climaster (id int PRIMARY KEY, name text);",
+        "tables = [\"public.climaster\"]\n[replication.direction]\n\"public.climaster\" = \"desktop_to_mobile\"",
+    )
+    .await;
+    let slot_m = "oneway_m";
+    let run = fx.start().await;
+    fx.d.batch_execute(
+        "INSERT INTO climaster SELECT g, 'from desktop' FROM generate_series(1, 500) g",
+    )
+    .await
+    .unwrap();
+    fx.m.batch_execute("INSERT INTO climaster VALUES (100000, 'mobile only')")
+        .await
+        .unwrap();
+    wait_for(30, "desktop rows on mobile", || async {
+        Fixture::count(&fx.m, "SELECT count(*) FROM climaster WHERE id <= 500").await == 500
+    })
+    .await;
+    // Mobile is not streamed (nobody decodes it), yet its slot moves past its WAL: the rows
+    // tandem applied there and the mobile-only row.
+    let m_end: String =
+        fx.m.query_one("SELECT pg_current_wal_lsn()::text", &[])
+            .await
+            .unwrap()
+            .get(0);
+    let m_end = m_end.parse::<tandem::lsn::Lsn>().unwrap().0;
+    wait_for(30, "mobile slot confirmed past its WAL", || async {
+        Fixture::slot_and_checkpoint(&fx.m, slot_m, &fx.d, "M>D")
+            .await
+            .0
+            >= m_end
+    })
+    .await;
+    let walsenders = Fixture::count(
+        &fx.m,
+        "SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'oneway_m' AND active",
+    )
+    .await;
+    assert_eq!(walsenders, 0, "mobile's slot is not streamed");
+    fx.assert_slots_within_checkpoints().await;
+    run.stop().await;
+    // A restart finds no gap, and the mobile-only row never reached desktop.
+    let run = fx.start().await;
+    fx.d.batch_execute("INSERT INTO climaster VALUES (501, 'after restart')")
+        .await
+        .unwrap();
+    wait_for(30, "row after restart on mobile", || async {
+        Fixture::count(&fx.m, "SELECT count(*) FROM climaster WHERE id = 501").await == 1
+    })
+    .await;
+    run.stop().await;
+    assert_eq!(
+        Fixture::count(&fx.d, "SELECT count(*) FROM climaster").await,
+        501
+    );
+    fx.assert_slots_within_checkpoints().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn restart_resumes_from_the_checkpoint_with_nothing_lost_or_doubled() {
     let schema = format!("{JOBS}\n{}", audit_sql("jobs"));
     let fx = Fixture::new("restart", &schema, JOBS_TABLES).await;

@@ -70,6 +70,16 @@ pub async fn advance(c: &impl GenericClient, source: Side, lsn: Lsn) -> Result<(
     Ok(())
 }
 
+/// [`advance`] as one SQL statement, to send along with others in one round trip. Only our own
+/// values go into it: a fixed direction name and an LSN.
+pub fn advance_sql(source: Side, lsn: Lsn) -> String {
+    format!(
+        "UPDATE tandem.checkpoints SET lsn = '{lsn}'::pg_lsn, updated_at = now() \
+         WHERE direction = '{}' AND lsn < '{lsn}'::pg_lsn",
+        source.direction_from()
+    )
+}
+
 pub async fn delete(c: &impl GenericClient, source: Side) -> Result<()> {
     c.execute(
         "DELETE FROM tandem.checkpoints WHERE direction = $1",

@@ -130,16 +130,17 @@ impl Applier {
         if self.in_txn {
             return Ok(());
         }
-        self.client.batch_execute("BEGIN").await?;
-        self.in_txn = true;
+        // One round trip: BEGIN and the marker (our own tag and LSN, quoted) together.
         let content = format!("{} {}", self.source.tag(), commit_lsn);
         self.client
-            .execute(
-                "SELECT pg_logical_emit_message(true, $1, $2)",
-                &[&MARKER_PREFIX, &content],
-            )
+            .batch_execute(&format!(
+                "BEGIN; SELECT pg_logical_emit_message(true, {}, {})",
+                crate::config::quote_literal(MARKER_PREFIX),
+                crate::config::quote_literal(&content)
+            ))
             .await
-            .context("writing tandem's marker message")?;
+            .context("opening the apply transaction with tandem's marker message")?;
+        self.in_txn = true;
         Ok(())
     }
 
@@ -858,23 +859,23 @@ impl Applier {
             return self.record(lsn).await;
         }
         self.run_ready(true).await?;
-        checkpoint::advance(&self.client, self.source, lsn).await?;
+        // One round trip for checkpoint, origin progress and COMMIT: at a steady trickle a group
+        // is a few source transactions, and every round trip is lag.
+        let mut sql = checkpoint::advance_sql(self.source, lsn);
         if self.origin {
             // The commit carries the source's origin LSN and commit time, so the target's commit
             // timestamp of a replicated row is the source's (last_write_wins by commit time).
-            self.client
-                .execute(
-                    "SELECT pg_replication_origin_xact_setup($1::text::pg_lsn, \
-                     timestamptz '2000-01-01 00:00:00+00' + $2::int8 * interval '1 microsecond')",
-                    &[&lsn.to_string(), &self.last_commit_ts],
-                )
-                .await
-                .context("recording the source commit on the replication origin")?;
+            sql.push_str(&format!(
+                "; SELECT pg_replication_origin_xact_setup('{lsn}'::pg_lsn, \
+                 timestamptz '2000-01-01 00:00:00+00' + {}::int8 * interval '1 microsecond')",
+                self.last_commit_ts
+            ));
         }
+        sql.push_str("; COMMIT");
         self.client
-            .batch_execute("COMMIT")
+            .batch_execute(&sql)
             .await
-            .context("committing the apply transaction")?;
+            .context("committing the apply transaction with its checkpoint")?;
         self.in_txn = false;
         self.stats.commits += 1;
         let dir = self.source.direction_from();

@@ -17,6 +17,7 @@ use crate::config::Config;
 use crate::localpg::LocalCluster;
 use crate::lsn::Lsn;
 use crate::ops::setup;
+use crate::side::Side;
 use crate::sync::{self, Status};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -25,6 +26,8 @@ pub enum Workload {
     W1,
     /// One transaction inserting N rows, then one updating them all.
     W2,
+    /// W1's transactions on both sides at once (2 clients each), on disjoint keys.
+    W3,
     /// Rows with 100 KB TOASTed text, then updates of another column.
     W4,
 }
@@ -35,8 +38,9 @@ impl std::str::FromStr for Workload {
         match s.to_ascii_lowercase().as_str() {
             "w1" => Ok(Workload::W1),
             "w2" => Ok(Workload::W2),
+            "w3" => Ok(Workload::W3),
             "w4" => Ok(Workload::W4),
-            _ => Err(format!("unknown workload `{s}`; use w1, w2 or w4")),
+            _ => Err(format!("unknown workload `{s}`; use w1, w2, w3 or w4")),
         }
     }
 }
@@ -45,38 +49,75 @@ impl std::str::FromStr for Workload {
 pub enum Contender {
     NativeText,
     NativeBinary,
+    /// pglogical 2 (when its extension is installed), one subscription per direction.
+    Pglogical,
+    /// tandem configured for the workload's direction(s), as a native subscription is: one-way
+    /// for W1/W2/W4, both ways for W3.
     Tandem,
-    /// tandem with conflict detection on (last_write_wins on `v`): one locking lookup per batch.
+    /// tandem with the table configured both ways for a one-way workload: the target's
+    /// walsender then decodes every row tandem applies (PostgreSQL 15 has no origin filter in
+    /// pgoutput), only for tandem to drop it as its own echo.
+    TandemTwoWay,
+    /// tandem both ways with conflict detection on (last_write_wins on `v`): one locking lookup
+    /// per batch.
     TandemConflicts,
-    /// tandem publishing every event to the configured Kafka (`required = true`).
+    /// tandem (as `Tandem`) publishing every event to the configured Kafka (`required = true`).
     TandemKafka,
 }
+
+const ALL: [Contender; 7] = [
+    Contender::NativeText,
+    Contender::NativeBinary,
+    Contender::Pglogical,
+    Contender::Tandem,
+    Contender::TandemTwoWay,
+    Contender::TandemConflicts,
+    Contender::TandemKafka,
+];
 
 impl std::str::FromStr for Contender {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "native" => Ok(Contender::NativeText),
-            "native-binary" => Ok(Contender::NativeBinary),
-            "tandem" => Ok(Contender::Tandem),
-            "tandem-conflicts" => Ok(Contender::TandemConflicts),
-            "tandem-kafka" => Ok(Contender::TandemKafka),
-            _ => Err(format!(
-                "unknown contender `{s}`; use native, native-binary, tandem or tandem-conflicts"
-            )),
-        }
+        ALL.into_iter().find(|c| c.key() == s).ok_or_else(|| {
+            let keys: Vec<&str> = ALL.iter().map(|c| c.key()).collect();
+            format!("unknown contender `{s}`; use one of {}", keys.join(", "))
+        })
     }
 }
 
 impl Contender {
+    fn key(self) -> &'static str {
+        match self {
+            Contender::NativeText => "native",
+            Contender::NativeBinary => "native-binary",
+            Contender::Pglogical => "pglogical",
+            Contender::Tandem => "tandem",
+            Contender::TandemTwoWay => "tandem-two-way",
+            Contender::TandemConflicts => "tandem-conflicts",
+            Contender::TandemKafka => "tandem-kafka",
+        }
+    }
+
     fn name(self) -> &'static str {
         match self {
             Contender::NativeText => "native",
             Contender::NativeBinary => "native (binary)",
+            Contender::Pglogical => "pglogical",
             Contender::Tandem => "tandem",
+            Contender::TandemTwoWay => "tandem two-way",
             Contender::TandemConflicts => "tandem+conflicts",
             Contender::TandemKafka => "tandem+kafka",
         }
+    }
+
+    fn is_native(self) -> bool {
+        matches!(self, Contender::NativeText | Contender::NativeBinary)
+    }
+
+    /// Native cannot replicate both ways on PostgreSQL 15 (no `origin = none`), and for W3
+    /// "tandem two-way" is plain "tandem".
+    fn runs(self, w: Workload) -> bool {
+        w != Workload::W3 || !(self.is_native() || self == Contender::TandemTwoWay)
     }
 }
 
@@ -85,7 +126,7 @@ pub struct Measurement {
     pub workload: Workload,
     pub contender: Contender,
     pub repeat: u32,
-    /// Row changes in the backlog.
+    /// Row changes in the backlog (both sides' for W3).
     pub changes: u64,
     /// Until the target equals the source and the slot confirmed past the backlog.
     pub seconds: f64,
@@ -98,20 +139,41 @@ pub struct Measurement {
 pub struct Summary {
     pub workload: Workload,
     pub changes: u64,
+    /// Best of native text and binary (0 for W3: native cannot).
     pub native_best_rows_per_s: f64,
+    /// 0 when pglogical is not installed.
+    pub pglogical_rows_per_s: f64,
     pub tandem_rows_per_s: f64,
     /// tandem ÷ best native; above 1 is faster.
-    pub ratio: f64,
+    pub ratio_native: f64,
+    /// tandem ÷ pglogical.
+    pub ratio_pglogical: f64,
+    pub tandem_two_way_rows_per_s: f64,
     /// tandem with conflict detection on.
     pub tandem_conflicts_rows_per_s: f64,
     /// tandem publishing to Kafka (0 when no broker is configured).
     pub tandem_kafka_rows_per_s: f64,
 }
 
+/// Steady-state replication lag at a fixed rate (W1's transactions, 4 clients).
+#[derive(Debug, Clone, Serialize)]
+pub struct Lag {
+    pub contender: Contender,
+    /// Source transactions per second offered (half of native's best W1 drain rate).
+    pub tps: f64,
+    pub seconds: f64,
+    /// Samples of the source's WAL position, each timed until the target's progress passed it.
+    pub samples: usize,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub max_ms: f64,
+}
+
 #[derive(Debug, Serialize)]
 pub struct Report {
     pub measurements: Vec<Measurement>,
     pub summary: Vec<Summary>,
+    pub lag: Vec<Lag>,
     /// Peak resident memory of this process (tandem ran in it), in MiB.
     pub peak_rss_mib: f64,
 }
@@ -122,46 +184,103 @@ async fn connect(url: &str) -> Result<Client> {
     Ok(c)
 }
 
-fn schema(w: Workload) -> &'static str {
-    match w {
-        Workload::W1 => {
-            "CREATE TABLE bench (id bigint PRIMARY KEY, v int NOT NULL, note text);
-            CREATE PROCEDURE gen(c int, n int) LANGUAGE plpgsql AS $$
-            BEGIN
-              FOR i IN 1..n LOOP
-                INSERT INTO bench VALUES (c::bigint * 100000000 + i * 2, 0, 'first');
-                INSERT INTO bench VALUES (c::bigint * 100000000 + i * 2 + 1, 0, 'second');
-                UPDATE bench SET v = v + 1 WHERE id = c::bigint * 100000000 + i * 2;
-                COMMIT;
-              END LOOP;
-            END $$;"
-        }
-        Workload::W2 => "CREATE TABLE bench (id bigint PRIMARY KEY, v int NOT NULL, note text);",
-        Workload::W4 => "CREATE TABLE bench (id bigint PRIMARY KEY, v int NOT NULL, note text);",
+const TABLE: &str = "CREATE TABLE bench (id bigint PRIMARY KEY, v int NOT NULL, note text);";
+
+/// W1's transaction shape, for `n` transactions of client `c` (keys disjoint per client).
+/// `gen_paced` offers them at `rate` transactions per second instead of as fast as possible.
+const PROCEDURES: &str = "
+CREATE PROCEDURE gen(c int, n int) LANGUAGE plpgsql AS $$
+BEGIN
+  FOR i IN 1..n LOOP
+    INSERT INTO bench VALUES (c::bigint * 100000000 + i * 2, 0, 'first');
+    INSERT INTO bench VALUES (c::bigint * 100000000 + i * 2 + 1, 0, 'second');
+    UPDATE bench SET v = v + 1 WHERE id = c::bigint * 100000000 + i * 2;
+    COMMIT;
+  END LOOP;
+END $$;
+CREATE PROCEDURE gen_paced(c int, n int, rate float8) LANGUAGE plpgsql AS $$
+DECLARE
+  t0 timestamptz := clock_timestamp();
+  ahead float8;
+BEGIN
+  FOR i IN 1..n LOOP
+    INSERT INTO bench VALUES (c::bigint * 100000000 + i * 2, 0, 'first');
+    INSERT INTO bench VALUES (c::bigint * 100000000 + i * 2 + 1, 0, 'second');
+    UPDATE bench SET v = v + 1 WHERE id = c::bigint * 100000000 + i * 2;
+    COMMIT;
+    ahead := i / rate - extract(epoch FROM clock_timestamp() - t0);
+    IF ahead > 0.001 THEN
+      PERFORM pg_sleep(ahead);
+    END IF;
+  END LOOP;
+END $$;";
+
+async fn run_clients(jobs: Vec<(String, i32, i64, Option<f64>)>) -> Result<()> {
+    let mut tasks = Vec::new();
+    for (url, c, n, rate) in jobs {
+        tasks.push(tokio::spawn(async move {
+            let client = connect(&url).await?;
+            match rate {
+                None => {
+                    client
+                        .execute("CALL gen($1, $2)", &[&c, &(n as i32)])
+                        .await?
+                }
+                Some(r) => {
+                    client
+                        .execute("CALL gen_paced($1, $2, $3)", &[&c, &(n as i32), &r])
+                        .await?
+                }
+            };
+            anyhow::Ok(())
+        }));
     }
+    for t in tasks {
+        t.await??;
+    }
+    Ok(())
 }
 
-/// Generate the backlog on `d`; returns the number of row changes and a WAL position inside the
-/// last transaction (every contender must confirm past it).
-async fn generate(w: Workload, d: &Client, d_url: &str, scale: f64) -> Result<(u64, Lsn)> {
+async fn wal_position(c: &Client) -> Result<Lsn> {
+    let s: String = c
+        .query_one("SELECT pg_current_wal_insert_lsn()::text", &[])
+        .await?
+        .get(0);
+    Ok(s.parse()?)
+}
+
+/// Generate the backlog; returns the number of row changes and, per source side written, a WAL
+/// position inside its last transaction (the contender must confirm past it).
+async fn generate(
+    w: Workload,
+    d: &Client,
+    m: &Client,
+    urls: (&str, &str),
+    scale: f64,
+) -> Result<(u64, Vec<(Side, Lsn)>)> {
     let n = |base: f64| ((base * scale).round() as i64).max(1);
     let changes = match w {
         Workload::W1 => {
             let per_client = n(25_000.0);
-            let mut tasks = Vec::new();
-            for c in 0..4 {
-                let url = d_url.to_string();
-                tasks.push(tokio::spawn(async move {
-                    let client = connect(&url).await?;
-                    client
-                        .execute("CALL gen($1, $2)", &[&c, &(per_client as i32)])
-                        .await?;
-                    anyhow::Ok(())
-                }));
-            }
-            for t in tasks {
-                t.await??;
-            }
+            run_clients(
+                (0..4)
+                    .map(|c| (urls.0.to_string(), c, per_client, None))
+                    .collect(),
+            )
+            .await?;
+            (4 * per_client * 3) as u64
+        }
+        Workload::W3 => {
+            let per_client = n(25_000.0);
+            run_clients(
+                (0..4)
+                    .map(|c| {
+                        let url = if c < 2 { urls.0 } else { urls.1 };
+                        (url.to_string(), c, per_client, None)
+                    })
+                    .collect(),
+            )
+            .await?;
             (4 * per_client * 3) as u64
         }
         Workload::W2 => {
@@ -187,14 +306,25 @@ async fn generate(w: Workload, d: &Client, d_url: &str, scale: f64) -> Result<(u
             (rows * 2) as u64
         }
     };
-    let end: String = d
-        .query_one("SELECT pg_current_wal_insert_lsn()::text", &[])
-        .await?
-        .get(0);
-    Ok((changes, end.parse()?))
+    let mut ends = vec![(Side::Desktop, wal_position(d).await?)];
+    if w == Workload::W3 {
+        ends.push((Side::Mobile, wal_position(m).await?));
+    }
+    Ok((changes, ends))
 }
 
 const DIGEST: &str = "SELECT count(*)::text || ':' || coalesce(sum(v), 0)::text || ':' || coalesce(sum(length(note)), 0)::text FROM bench";
+
+fn parse_lsn(v: Option<String>) -> Option<Lsn> {
+    v.and_then(|v| v.parse::<Lsn>().ok())
+}
+
+async fn progress_of(target: &Client, progress: &str) -> Result<Option<Lsn>> {
+    Ok(target
+        .query_opt(progress, &[])
+        .await?
+        .and_then(|r| parse_lsn(r.get(0))))
+}
 
 /// Wait until the source slot confirmed past `end` and the target equals the source. Returns
 /// `(applied, drained)` seconds since `t`: when the target's own progress record (`progress`: an
@@ -204,8 +334,8 @@ const DIGEST: &str = "SELECT count(*)::text || ':' || coalesce(sum(v), 0)::text 
 /// Only cheap catalog queries are polled: comparing the tables is a full scan of both, which on a
 /// small machine would steal the CPU the contender needs; it runs once at the end.
 async fn wait_drained(
-    d: &Client,
-    m: &Client,
+    source: &Client,
+    target: &Client,
     slot: &str,
     progress: &str,
     end: Lsn,
@@ -213,25 +343,24 @@ async fn wait_drained(
     t: Instant,
 ) -> Result<(f64, f64)> {
     let deadline = Instant::now() + limit;
-    let lsn = |v: Option<String>| v.and_then(|v| v.parse::<Lsn>().ok());
     let mut applied = None;
     loop {
-        if applied.is_none() {
-            let p = m
-                .query_opt(progress, &[])
+        if applied.is_none()
+            && progress_of(target, progress)
                 .await?
-                .and_then(|r| lsn(r.get(0)));
-            if p.is_some_and(|p| p >= end) {
-                applied = Some(t.elapsed().as_secs_f64());
-            }
+                .is_some_and(|p| p >= end)
+        {
+            applied = Some(t.elapsed().as_secs_f64());
         }
-        let confirmed = lsn(d
-            .query_one(
-                "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1",
-                &[&slot],
-            )
-            .await?
-            .get(0));
+        let confirmed = parse_lsn(
+            source
+                .query_one(
+                    "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1",
+                    &[&slot],
+                )
+                .await?
+                .get(0),
+        );
         if confirmed.is_some_and(|c| c >= end) {
             break;
         }
@@ -241,9 +370,9 @@ async fn wait_drained(
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let drained = t.elapsed().as_secs_f64();
-    let want: String = d.query_one(DIGEST, &[]).await?.get(0);
+    let want: String = source.query_one(DIGEST, &[]).await?.get(0);
     loop {
-        let got: String = m.query_one(DIGEST, &[]).await?.get(0);
+        let got: String = target.query_one(DIGEST, &[]).await?.get(0);
         if got == want {
             return Ok((applied.unwrap_or(drained).min(drained), drained));
         }
@@ -254,17 +383,301 @@ async fn wait_drained(
     }
 }
 
-async fn fresh_db(c: &LocalCluster, name: &str, w: Workload) -> Result<Client> {
+async fn fresh_db(c: &LocalCluster, name: &str) -> Result<Client> {
     let admin = connect(&c.url("postgres")).await?;
-    admin
-        .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-        .await?;
     admin
         .batch_execute(&format!("CREATE DATABASE {name}"))
         .await?;
     let db = connect(&c.url(name)).await?;
-    db.batch_execute(schema(w)).await?;
+    db.batch_execute(TABLE).await?;
+    db.batch_execute(PROCEDURES).await?;
     Ok(db)
+}
+
+/// Free a measurement's space. Not `DROP DATABASE`: with pglogical preloaded it waits forever
+/// for pglogical's supervisor to absorb a ProcSignalBarrier (it never does on PostgreSQL 15), so
+/// each measurement gets a database of its own and the clusters go away at the end.
+async fn drop_table(db: &Client) -> Result<()> {
+    db.batch_execute("DROP TABLE IF EXISTS bench").await?;
+    Ok(())
+}
+
+/// One contender's replication of one database pair, set up but paused until `resume`.
+struct Pair {
+    d: Client,
+    m: Client,
+    name: String,
+    who: Contender,
+    tandem: Option<(Arc<Config>, Option<TandemRun>)>,
+    /// pglogical subscriptions by the side they read from, with their slot names.
+    pglogical: Vec<(Side, String, String)>,
+}
+
+struct TandemRun {
+    stop: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<Result<()>>,
+}
+
+fn dsn(c: &LocalCluster, db: &str) -> String {
+    format!("host=127.0.0.1 port={} dbname={db} user=postgres", c.port)
+}
+
+impl Pair {
+    async fn prepare(
+        dc: &LocalCluster,
+        mc: &LocalCluster,
+        name: String,
+        w: Workload,
+        who: Contender,
+        kafka: Option<&str>,
+    ) -> Result<Pair> {
+        let d = fresh_db(dc, &name).await?;
+        let m = fresh_db(mc, &name).await?;
+        let two_way = w == Workload::W3
+            || matches!(who, Contender::TandemTwoWay | Contender::TandemConflicts);
+        let mut pair = Pair {
+            d,
+            m,
+            name,
+            who,
+            tandem: None,
+            pglogical: Vec::new(),
+        };
+        let name = pair.name.clone();
+        match who {
+            Contender::NativeText | Contender::NativeBinary => {
+                pair.d
+                    .batch_execute("CREATE PUBLICATION bench_pub FOR TABLE bench")
+                    .await?;
+                let binary = who == Contender::NativeBinary;
+                pair.m.batch_execute(&format!(
+                    "CREATE SUBSCRIPTION bench_sub CONNECTION '{}' \
+                     PUBLICATION bench_pub WITH (copy_data = false, enabled = false, binary = {binary}, slot_name = '{name}_native')",
+                    dsn(dc, &name)
+                ))
+                .await?;
+            }
+            Contender::Pglogical => {
+                for (c, cl, node) in [(&pair.d, dc, "d"), (&pair.m, mc, "m")] {
+                    c.batch_execute(&format!(
+                        "CREATE EXTENSION pglogical; \
+                         SELECT pglogical.create_node(node_name := 'node_{node}', dsn := '{}'); \
+                         SELECT pglogical.replication_set_add_table('default', 'public.bench');",
+                        dsn(cl, &name)
+                    ))
+                    .await?;
+                }
+                let mut subs = vec![(Side::Desktop, "sub_d")];
+                if two_way {
+                    subs.push((Side::Mobile, "sub_m"));
+                }
+                for (source, sub) in subs {
+                    let (provider, subscriber) = match source {
+                        Side::Desktop => (dc, &pair.m),
+                        Side::Mobile => (mc, &pair.d),
+                    };
+                    // forward_origins = '{}': what a subscription applied is not sent back.
+                    subscriber
+                        .batch_execute(&format!(
+                            "SELECT pglogical.create_subscription(subscription_name := '{sub}', \
+                             provider_dsn := '{}', replication_sets := '{{default}}', \
+                             synchronize_structure := false, synchronize_data := false, \
+                             forward_origins := '{{}}')",
+                            dsn(provider, &name)
+                        ))
+                        .await?;
+                    // The slot is made by the subscription's worker: wait for it before the
+                    // backlog, then pause.
+                    let slot = pglogical_replicating(subscriber, sub).await?;
+                    subscriber
+                        .execute(
+                            "SELECT pglogical.alter_subscription_disable($1, true)",
+                            &[&sub],
+                        )
+                        .await?;
+                    pair.pglogical.push((source, sub.to_string(), slot));
+                }
+                for (source, _, slot) in &pair.pglogical {
+                    wait_slot_inactive(pair.source(*source), slot).await?;
+                }
+            }
+            _ => {
+                let extra = match (who, kafka) {
+                    (Contender::TandemConflicts, _) => {
+                        "[conflicts]\npolicy = \"last_write_wins\"\nversion_column = \"v\"\n".to_string()
+                    }
+                    (Contender::TandemKafka, Some(brokers)) => format!(
+                        "[kafka]\nbrokers = \"{brokers}\"\ntopic = \"tandem.bench.{name}\"\nrequired = true\n"
+                    ),
+                    _ => String::new(),
+                };
+                let direction = if two_way {
+                    ""
+                } else {
+                    "[replication.direction]\n\"public.bench\" = \"desktop_to_mobile\"\n"
+                };
+                let text = format!(
+                    "[desktop]\nurl = \"{}\"\nslot = \"{name}_d\"\npublication = \"{name}_d\"\n\
+                     [mobile]\nurl = \"{}\"\nslot = \"{name}_m\"\npublication = \"{name}_m\"\n\
+                     [replication]\ntables = [\"public.bench\"]\ninitial_snapshot = false\n{direction}{extra}",
+                    dc.url(&name),
+                    mc.url(&name)
+                );
+                let cfg =
+                    Arc::new(Config::parse(&text, |_| None).map_err(|e| anyhow::anyhow!(e.0))?);
+                setup::setup(cfg.clone()).await?;
+                pair.tandem = Some((cfg, None));
+            }
+        }
+        Ok(pair)
+    }
+
+    fn source(&self, side: Side) -> &Client {
+        match side {
+            Side::Desktop => &self.d,
+            Side::Mobile => &self.m,
+        }
+    }
+
+    /// The slot on `source` and an SQL query for the progress on its target.
+    fn slot_and_progress(&self, source: Side) -> (String, String) {
+        let name = &self.name;
+        if self.who.is_native() {
+            return (
+                format!("{name}_native"),
+                "SELECT remote_lsn::text FROM pg_replication_origin_status \
+                 WHERE external_id LIKE 'pg\\_%' ORDER BY local_id DESC LIMIT 1"
+                    .into(),
+            );
+        }
+        if let Some((_, _, slot)) = self.pglogical.iter().find(|(s, _, _)| *s == source) {
+            // pglogical names the subscription's replication origin after its slot.
+            return (
+                slot.clone(),
+                format!(
+                    "SELECT remote_lsn::text FROM pg_replication_origin_status WHERE external_id = '{slot}'"
+                ),
+            );
+        }
+        let suffix = match source {
+            Side::Desktop => "d",
+            Side::Mobile => "m",
+        };
+        (
+            format!("{name}_{suffix}"),
+            format!(
+                "SELECT lsn::text FROM tandem.checkpoints WHERE direction = '{}'",
+                source.direction_from()
+            ),
+        )
+    }
+
+    async fn resume(&mut self) -> Result<()> {
+        if self.who.is_native() {
+            self.m
+                .batch_execute("ALTER SUBSCRIPTION bench_sub ENABLE")
+                .await?;
+        }
+        for (source, sub, _) in &self.pglogical {
+            let subscriber = match source {
+                Side::Desktop => &self.m,
+                Side::Mobile => &self.d,
+            };
+            subscriber
+                .execute(
+                    "SELECT pglogical.alter_subscription_enable($1, true)",
+                    &[sub],
+                )
+                .await?;
+        }
+        if let Some((cfg, run)) = &mut self.tandem {
+            let (tx, rx) = watch::channel(false);
+            let task = tokio::spawn(sync::run(cfg.clone(), rx, Arc::new(Status::default())));
+            *run = Some(TandemRun { stop: tx, task });
+        }
+        Ok(())
+    }
+
+    async fn finish(mut self) -> Result<()> {
+        let name = &self.name;
+        if self.who.is_native() {
+            self.m.batch_execute("ALTER SUBSCRIPTION bench_sub DISABLE; ALTER SUBSCRIPTION bench_sub SET (slot_name = NONE); DROP SUBSCRIPTION bench_sub").await?;
+            self.d
+                .execute(
+                    "SELECT pg_drop_replication_slot($1)",
+                    &[&format!("{name}_native")],
+                )
+                .await?;
+        }
+        for (source, sub, _) in &self.pglogical {
+            let subscriber = match source {
+                Side::Desktop => &self.m,
+                Side::Mobile => &self.d,
+            };
+            // Drops the provider's slot too.
+            subscriber
+                .execute("SELECT pglogical.drop_subscription($1)", &[sub])
+                .await?;
+        }
+        if let Some((cfg, run)) = self.tandem.take() {
+            if let Some(run) = run {
+                let _ = run.stop.send(true);
+                run.task.await??;
+            }
+            crate::ops::teardown::teardown(&cfg, true).await?;
+        }
+        if !self.pglogical.is_empty() {
+            for (c, node) in [(&self.d, "node_d"), (&self.m, "node_m")] {
+                c.execute("SELECT pglogical.drop_node($1)", &[&node])
+                    .await?;
+                c.batch_execute("DROP EXTENSION pglogical").await?;
+            }
+        }
+        drop_table(&self.d).await?;
+        drop_table(&self.m).await?;
+        Ok(())
+    }
+}
+
+/// Wait until a pglogical subscription replicates; returns its slot's name.
+async fn pglogical_replicating(subscriber: &Client, sub: &str) -> Result<String> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let row = subscriber
+            .query_opt(
+                "SELECT status, slot_name FROM pglogical.show_subscription_status($1)",
+                &[&sub],
+            )
+            .await?;
+        if let Some(r) = row {
+            if r.get::<_, String>(0) == "replicating" {
+                return Ok(r.get(1));
+            }
+        }
+        if Instant::now() > deadline {
+            bail!("pglogical subscription {sub} not replicating after 60 s");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn wait_slot_inactive(source: &Client, slot: &str) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let active: Option<bool> = source
+            .query_opt(
+                "SELECT active FROM pg_replication_slots WHERE slot_name = $1",
+                &[&slot],
+            )
+            .await?
+            .map(|r| r.get(0));
+        match active {
+            Some(false) => return Ok(()),
+            None => bail!("slot {slot} does not exist"),
+            Some(true) if Instant::now() > deadline => bail!("slot {slot} still active after 30 s"),
+            Some(true) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
 }
 
 async fn measure(
@@ -276,92 +689,33 @@ async fn measure(
     scale: f64,
     kafka: Option<&str>,
 ) -> Result<Measurement> {
-    let name = format!("bench_{}_{}", format!("{w:?}").to_lowercase(), repeat);
-    let d = fresh_db(dc, &name, w).await?;
-    let m = fresh_db(mc, &name, w).await?;
+    let name = format!(
+        "bench_{}_{}_{repeat}",
+        format!("{w:?}").to_lowercase(),
+        who.key().replace('-', "_")
+    );
+    let mut pair = Pair::prepare(dc, mc, name.clone(), w, who, kafka).await?;
+    let (changes, ends) =
+        generate(w, &pair.d, &pair.m, (&dc.url(&name), &mc.url(&name)), scale).await?;
     let limit = Duration::from_secs(1800);
-    let (changes, seconds, applied_seconds) = match who {
-        Contender::NativeText | Contender::NativeBinary => {
-            d.batch_execute("CREATE PUBLICATION bench_pub FOR TABLE bench")
-                .await?;
-            let binary = who == Contender::NativeBinary;
-            m.batch_execute(&format!(
-                "CREATE SUBSCRIPTION bench_sub CONNECTION 'host=127.0.0.1 port={} dbname={name} user=postgres' \
-                 PUBLICATION bench_pub WITH (copy_data = false, enabled = false, binary = {binary}, slot_name = '{name}_native')",
-                dc.port
-            ))
-            .await?;
-            let (changes, end) = generate(w, &d, &dc.url(&name), scale).await?;
-            let t = Instant::now();
-            m.batch_execute("ALTER SUBSCRIPTION bench_sub ENABLE")
-                .await?;
-            let (applied, secs) = wait_drained(
-                &d,
-                &m,
-                &format!("{name}_native"),
-                "SELECT remote_lsn::text FROM pg_replication_origin_status ORDER BY local_id DESC LIMIT 1",
-                end,
-                limit,
-                t,
-            )
-            .await?;
-            m.batch_execute("ALTER SUBSCRIPTION bench_sub DISABLE; ALTER SUBSCRIPTION bench_sub SET (slot_name = NONE); DROP SUBSCRIPTION bench_sub").await?;
-            d.execute(
-                "SELECT pg_drop_replication_slot($1)",
-                &[&format!("{name}_native")],
-            )
-            .await?;
-            (changes, secs, applied)
+    let t = Instant::now();
+    pair.resume().await?;
+    let mut times = (0.0f64, 0.0f64);
+    let mut result = Ok(());
+    for (source, end) in ends {
+        let (slot, progress) = pair.slot_and_progress(source);
+        let target = pair.source(source.other());
+        match wait_drained(pair.source(source), target, &slot, &progress, end, limit, t).await {
+            Ok((a, d)) => times = (times.0.max(a), times.1.max(d)),
+            Err(e) => {
+                result = Err(e);
+                break;
+            }
         }
-        Contender::Tandem | Contender::TandemConflicts | Contender::TandemKafka => {
-            let conflicts = match (who, kafka) {
-                (Contender::TandemConflicts, _) => {
-                    "[conflicts]\npolicy = \"last_write_wins\"\nversion_column = \"v\"\n".to_string()
-                }
-                (Contender::TandemKafka, Some(brokers)) => format!(
-                    "[kafka]\nbrokers = \"{brokers}\"\ntopic = \"tandem.bench.{name}\"\nrequired = true\n"
-                ),
-                _ => String::new(),
-            };
-            let text = format!(
-                "[desktop]\nurl = \"{}\"\nslot = \"{name}_d\"\npublication = \"{name}_d\"\n\
-                 [mobile]\nurl = \"{}\"\nslot = \"{name}_m\"\npublication = \"{name}_m\"\n\
-                 [replication]\ntables = [\"public.bench\"]\ninitial_snapshot = false\n{conflicts}",
-                dc.url(&name),
-                mc.url(&name)
-            );
-            let cfg = Arc::new(Config::parse(&text, |_| None).map_err(|e| anyhow::anyhow!(e.0))?);
-            setup::setup(cfg.clone()).await?;
-            let (changes, end) = generate(w, &d, &dc.url(&name), scale).await?;
-            let (tx, rx) = watch::channel(false);
-            let t = Instant::now();
-            let task = tokio::spawn(sync::run(cfg.clone(), rx, Arc::new(Status::default())));
-            let drained = wait_drained(
-                &d,
-                &m,
-                &format!("{name}_d"),
-                "SELECT lsn::text FROM tandem.checkpoints WHERE direction = 'D>M'",
-                end,
-                limit,
-                t,
-            )
-            .await;
-            let _ = tx.send(true);
-            task.await??;
-            let (applied, secs) = drained?;
-            crate::ops::teardown::teardown(&cfg, true).await?;
-            (changes, secs, applied)
-        }
-    };
-    drop((d, m));
-    let admin = connect(&dc.url("postgres")).await?;
-    admin
-        .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-        .await?;
-    let admin = connect(&mc.url("postgres")).await?;
-    admin
-        .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-        .await?;
+    }
+    pair.finish().await?;
+    result?;
+    let (applied_seconds, seconds) = times;
     Ok(Measurement {
         workload: w,
         contender: who,
@@ -373,9 +727,129 @@ async fn measure(
     })
 }
 
+/// Replication lag at a steady `tps` (W1's transactions from 4 clients for `secs`): the source's
+/// WAL position is sampled every few milliseconds, and each sample is timed until the target's
+/// progress record passed it.
+async fn measure_lag(
+    dc: &LocalCluster,
+    mc: &LocalCluster,
+    who: Contender,
+    tps: f64,
+    secs: f64,
+) -> Result<Lag> {
+    let name = format!("bench_lag_{}", who.key().replace('-', "_"));
+    let mut pair = Pair::prepare(dc, mc, name.clone(), Workload::W1, who, None).await?;
+    pair.resume().await?;
+    let (slot, progress) = pair.slot_and_progress(Side::Desktop);
+    // Warm up: one transaction through, so the contender is streaming.
+    pair.d
+        .batch_execute("INSERT INTO bench VALUES (-1, 0, 'warm-up')")
+        .await?;
+    let warm = wal_position(&pair.d).await?;
+    wait_drained(
+        &pair.d,
+        &pair.m,
+        &slot,
+        &progress,
+        warm,
+        Duration::from_secs(60),
+        Instant::now(),
+    )
+    .await?;
+    let per_client = ((tps * secs) / 4.0).round().max(1.0) as i64;
+    let load = {
+        let url = dc.url(&name);
+        tokio::spawn(run_clients(
+            (0..4)
+                .map(|c| (url.clone(), c, per_client, Some(tps / 4.0)))
+                .collect(),
+        ))
+    };
+    let t0 = Instant::now();
+    let mut sent: Vec<(f64, Lsn)> = Vec::new();
+    let mut seen: Vec<(f64, Lsn)> = Vec::new();
+    let src = connect(&dc.url(&name)).await?;
+    let tgt = connect(&mc.url(&name)).await?;
+    let tick = Duration::from_millis(5);
+    while !load.is_finished() {
+        let (a, b) = tokio::join!(wal_position(&src), progress_of(&tgt, &progress));
+        let now = t0.elapsed().as_secs_f64();
+        sent.push((now, a?));
+        if let Some(p) = b? {
+            seen.push((now, p));
+        }
+        tokio::time::sleep(tick).await;
+    }
+    load.await??;
+    let elapsed = t0.elapsed().as_secs_f64();
+    let last = wal_position(&src).await?;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        if let Some(p) = progress_of(&tgt, &progress).await? {
+            seen.push((t0.elapsed().as_secs_f64(), p));
+            if p >= last {
+                break;
+            }
+        }
+        if Instant::now() > deadline {
+            bail!("{}: target did not catch up after the lag run", who.name());
+        }
+        tokio::time::sleep(tick).await;
+    }
+    pair.finish().await?;
+    if std::env::var("TANDEM_BENCH_TRACE").is_ok() {
+        for (i, (t, l)) in sent.iter().enumerate().step_by(25) {
+            let s = seen
+                .get(i)
+                .map(|(t, l)| format!("{t:.3} {l}"))
+                .unwrap_or_default();
+            eprintln!("sent {t:.3} {l}   seen {s}");
+        }
+    }
+    let mut lags: Vec<f64> = Vec::new();
+    let mut j = 0;
+    for (t, lsn) in &sent {
+        while j < seen.len() && (seen[j].1 < *lsn || seen[j].0 < *t) {
+            j += 1;
+        }
+        if j == seen.len() {
+            break;
+        }
+        lags.push((seen[j].0 - t) * 1000.0);
+    }
+    lags.sort_by(|a, b| a.total_cmp(b));
+    let pct = |q: f64| {
+        lags.get(((lags.len() as f64 - 1.0) * q).round() as usize)
+            .copied()
+            .unwrap_or(f64::NAN)
+    };
+    Ok(Lag {
+        contender: who,
+        tps,
+        seconds: elapsed,
+        samples: lags.len(),
+        p50_ms: pct(0.5),
+        p99_ms: pct(0.99),
+        max_ms: lags.last().copied().unwrap_or(f64::NAN),
+    })
+}
+
+fn pglogical_installed() -> bool {
+    crate::localpg::bindir()
+        .ok()
+        .and_then(|b| b.parent().map(|p| p.join("lib/pglogical.so")))
+        .is_some_and(|p| p.exists())
+}
+
 /// Both clusters, identical. The subscription launcher otherwise waits up to 5 s before starting
 /// a newly enabled subscription's worker, which would be timed as native's drain.
-const BENCH_CONF: &str = "wal_retrieve_retry_interval = '100ms'\n";
+fn bench_conf(pglogical: bool) -> String {
+    let mut conf = "wal_retrieve_retry_interval = '100ms'\nmax_worker_processes = 32\n".to_string();
+    if pglogical {
+        conf.push_str("shared_preload_libraries = 'pglogical'\n");
+    }
+    conf
+}
 
 fn peak_rss_mib() -> f64 {
     std::fs::read_to_string("/proc/self/status")
@@ -391,79 +865,138 @@ fn peak_rss_mib() -> f64 {
         .unwrap_or(0.0)
 }
 
-/// `kafka`: brokers for the tandem+kafka contender (from `[kafka]` of the config, when present).
-pub async fn run(
-    workloads: &[Workload],
-    only: &[Contender],
-    kafka: Option<&str>,
-    repeat: u32,
-    scale: f64,
-    progress: impl Fn(&Measurement),
-) -> Result<Report> {
-    let (dc, mc) = tokio::task::spawn_blocking(|| -> Result<_> {
+pub struct Options<'a> {
+    pub workloads: &'a [Workload],
+    /// Contenders to run (empty: all that are available).
+    pub only: &'a [Contender],
+    /// Brokers for the tandem+kafka contender.
+    pub kafka: Option<&'a str>,
+    pub repeat: u32,
+    pub scale: f64,
+    /// Seconds of steady load for the lag measurement (0: skip it). Needs W1 (its rate is half
+    /// of native's best W1 drain rate).
+    pub lag_seconds: f64,
+}
+
+pub async fn run(o: &Options<'_>, progress: impl Fn(&str)) -> Result<Report> {
+    let pgl = pglogical_installed();
+    if !pgl {
+        progress("pglogical is not installed (Debian: postgresql-15-pglogical): not measured");
+    }
+    let conf = bench_conf(pgl);
+    let (dc, mc) = tokio::task::spawn_blocking(move || -> Result<_> {
         Ok((
-            LocalCluster::start_with("bench-desktop", BENCH_CONF)?,
-            LocalCluster::start_with("bench-mobile", BENCH_CONF)?,
+            LocalCluster::start_with("bench-desktop", &conf)?,
+            LocalCluster::start_with("bench-mobile", &conf)?,
         ))
     })
     .await??;
-    let contenders: Vec<Contender> = [
-        Contender::NativeText,
-        Contender::NativeBinary,
-        Contender::Tandem,
-        Contender::TandemConflicts,
-        Contender::TandemKafka,
-    ]
-    .into_iter()
-    .filter(|c| only.is_empty() || only.contains(c))
-    .filter(|c| *c != Contender::TandemKafka || kafka.is_some())
-    .collect();
+    let contenders: Vec<Contender> = ALL
+        .into_iter()
+        .filter(|c| o.only.is_empty() || o.only.contains(c))
+        .filter(|c| *c != Contender::TandemKafka || o.kafka.is_some())
+        .filter(|c| *c != Contender::Pglogical || pgl)
+        .collect();
     let mut measurements = Vec::new();
-    for &w in workloads {
-        for r in 0..repeat {
+    for &w in o.workloads {
+        let these: Vec<Contender> = contenders.iter().copied().filter(|c| c.runs(w)).collect();
+        for r in 0..o.repeat {
             // Rotate the order: the machine is noisy and the first run of a pair is often slower.
-            for i in 0..contenders.len() {
-                let who = contenders[(i + r as usize) % contenders.len()];
-                let m = measure(&dc, &mc, w, who, r, scale, kafka).await?;
-                progress(&m);
+            for i in 0..these.len() {
+                let who = these[(i + r as usize) % these.len()];
+                let m = measure(&dc, &mc, w, who, r, o.scale, o.kafka).await?;
+                progress(&format!(
+                    "{:?} {}: {} changes in {:.2} s",
+                    m.workload,
+                    who.name(),
+                    m.changes,
+                    m.seconds
+                ));
                 measurements.push(m);
             }
         }
     }
-    let summary = workloads
+    let best = |w: Workload, f: &dyn Fn(Contender) -> bool| {
+        measurements
+            .iter()
+            .filter(|m| m.workload == w && f(m.contender))
+            .map(|m| m.rows_per_s)
+            .fold(0.0, f64::max)
+    };
+    let summary: Vec<Summary> = o
+        .workloads
         .iter()
         .map(|&w| {
-            let best = |f: &dyn Fn(Contender) -> bool| {
-                measurements
-                    .iter()
-                    .filter(|m| m.workload == w && f(m.contender))
-                    .map(|m| m.rows_per_s)
-                    .fold(0.0, f64::max)
-            };
-            let native = best(&|c| matches!(c, Contender::NativeText | Contender::NativeBinary));
-            let tandem = best(&|c| c == Contender::Tandem);
-            let with_conflicts = best(&|c| c == Contender::TandemConflicts);
-            let with_kafka = best(&|c| c == Contender::TandemKafka);
-            let changes = measurements
-                .iter()
-                .find(|m| m.workload == w)
-                .map_or(0, |m| m.changes);
+            let native = best(w, &|c| c.is_native());
+            let pglogical = best(w, &|c| c == Contender::Pglogical);
+            let tandem = best(w, &|c| c == Contender::Tandem);
             Summary {
                 workload: w,
-                changes,
+                changes: measurements
+                    .iter()
+                    .find(|m| m.workload == w)
+                    .map_or(0, |m| m.changes),
                 native_best_rows_per_s: native,
+                pglogical_rows_per_s: pglogical,
                 tandem_rows_per_s: tandem,
-                ratio: tandem / native,
-                tandem_conflicts_rows_per_s: with_conflicts,
-                tandem_kafka_rows_per_s: with_kafka,
+                ratio_native: tandem / native,
+                ratio_pglogical: tandem / pglogical,
+                tandem_two_way_rows_per_s: best(w, &|c| c == Contender::TandemTwoWay),
+                tandem_conflicts_rows_per_s: best(w, &|c| c == Contender::TandemConflicts),
+                tandem_kafka_rows_per_s: best(w, &|c| c == Contender::TandemKafka),
             }
         })
         .collect();
+    let mut lag = Vec::new();
+    let native_w1 = best(Workload::W1, &|c| c.is_native());
+    if o.lag_seconds > 0.0 && native_w1 > 0.0 {
+        // W1 transactions carry 3 row changes.
+        let tps = native_w1 / 3.0 / 2.0;
+        for who in [
+            Contender::NativeText,
+            Contender::Pglogical,
+            Contender::Tandem,
+        ] {
+            if !contenders.contains(&who) {
+                continue;
+            }
+            let l = measure_lag(&dc, &mc, who, tps, o.lag_seconds).await?;
+            progress(&format!(
+                "lag {}: p50 {:.1} ms, p99 {:.1} ms at {:.0} tps",
+                who.name(),
+                l.p50_ms,
+                l.p99_ms,
+                l.tps
+            ));
+            lag.push(l);
+        }
+    } else if o.lag_seconds > 0.0 {
+        progress(
+            "lag not measured: it runs at half of native's W1 rate, so it needs W1 and native",
+        );
+    }
     Ok(Report {
         measurements,
         summary,
+        lag,
         peak_rss_mib: peak_rss_mib(),
     })
+}
+
+fn ratio(a: f64, b: f64) -> String {
+    if a > 0.0 && b > 0.0 {
+        format!("{:.2}x", a / b)
+    } else {
+        "-".into()
+    }
+}
+
+fn rate(v: f64) -> String {
+    if v > 0.0 {
+        format!("{v:.0}")
+    } else {
+        "-".into()
+    }
 }
 
 pub fn render(r: &Report) -> String {
@@ -482,22 +1015,57 @@ pub fn render(r: &Report) -> String {
             m.rows_per_s
         ));
     }
-    out.push_str("\nbest of each (rows/s):\n");
+    out.push_str(&format!(
+        "\nbest of each, rows/s:\n{:<4} {:>10} {:>10} {:>10} {:>8} {:>8} {:>10} {:>10} {:>10}\n",
+        "work",
+        "native",
+        "pglogical",
+        "tandem",
+        "÷native",
+        "÷pglog",
+        "two-way",
+        "conflicts",
+        "kafka"
+    ));
     for s in &r.summary {
         out.push_str(&format!(
-            "{:<4} native {:>10.0}   tandem {:>10.0}   tandem/native {:.2}x   with conflict detection {:>10.0} ({:.2}x)\n",
+            "{:<4} {:>10} {:>10} {:>10} {:>8} {:>8} {:>10} {:>10} {:>10}\n",
             format!("{:?}", s.workload),
-            s.native_best_rows_per_s,
-            s.tandem_rows_per_s,
-            s.ratio,
-            s.tandem_conflicts_rows_per_s,
-            s.tandem_conflicts_rows_per_s / s.native_best_rows_per_s
+            rate(s.native_best_rows_per_s),
+            rate(s.pglogical_rows_per_s),
+            rate(s.tandem_rows_per_s),
+            ratio(s.tandem_rows_per_s, s.native_best_rows_per_s),
+            ratio(s.tandem_rows_per_s, s.pglogical_rows_per_s),
+            rate(s.tandem_two_way_rows_per_s),
+            rate(s.tandem_conflicts_rows_per_s),
+            rate(s.tandem_kafka_rows_per_s),
         ));
-        if s.tandem_kafka_rows_per_s > 0.0 {
+    }
+    if r.summary.iter().any(|s| s.tandem_kafka_rows_per_s > 0.0) {
+        for s in &r.summary {
+            if s.tandem_kafka_rows_per_s > 0.0 && s.tandem_rows_per_s > 0.0 {
+                out.push_str(&format!(
+                    "{:?}: with Kafka on, {:.0}% of tandem's throughput without\n",
+                    s.workload,
+                    100.0 * s.tandem_kafka_rows_per_s / s.tandem_rows_per_s
+                ));
+            }
+        }
+    }
+    if !r.lag.is_empty() {
+        out.push_str(&format!(
+            "\nsteady-state lag at {:.0} transactions/s (half of native's best W1 rate):\n",
+            r.lag[0].tps
+        ));
+        for l in &r.lag {
             out.push_str(&format!(
-                "     with Kafka on {:>10.0}: {:.0}% of tandem without\n",
-                s.tandem_kafka_rows_per_s,
-                100.0 * s.tandem_kafka_rows_per_s / s.tandem_rows_per_s
+                "{:<16} p50 {:>7.1} ms   p99 {:>7.1} ms   max {:>7.1} ms   ({} samples over {:.1} s)\n",
+                l.contender.name(),
+                l.p50_ms,
+                l.p99_ms,
+                l.max_ms,
+                l.samples,
+                l.seconds
             ));
         }
     }

@@ -72,7 +72,9 @@ pub fn replication_config(site: &Site, start: Lsn) -> Result<ReplicationConfig> 
     .with_start_lsn(start.into())
     // Confirm nothing beyond the checkpoint until the applier says so.
     .with_ack_lsn(start.into())
-    .with_status_interval(Duration::from_millis(500))
+    // Confirmations reach the server at most this often: the slot (and the source's WAL) is
+    // let go soon after each target commit, as the native apply worker does after its commits.
+    .with_status_interval(Duration::from_millis(100))
     .with_wakeup_interval(Duration::from_secs(5))
     .with_buffer_size(BUFFER_EVENTS)
     .with_options(STREAM_OPTIONS)
