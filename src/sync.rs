@@ -267,6 +267,11 @@ async fn direction_once(
     result
 }
 
+/// Commits still unflushed this long after they were made are flushed on purpose (a synchronous
+/// commit of a tiny transaction): at most one fsync per interval instead of one per group, and
+/// the source slot is confirmed soon after a burst ends.
+const FLUSH_POLL: Duration = Duration::from_millis(50);
+
 /// How often a direction with no tables moves its slot along.
 const IDLE_ADVANCE_EVERY: Duration = Duration::from_secs(5);
 
@@ -313,10 +318,14 @@ async fn idle_direction(
                 checkpoint = now;
                 progress.checkpoint.store(checkpoint.0, Ordering::Relaxed);
             }
+            if applier.flush_pending() {
+                applier.poll_flush().await?;
+            }
+            let durable = applier.ack_limit(checkpoint)?;
             if let Err(e) = src
                 .query_one(
                     "SELECT pg_replication_slot_advance($1, $2::text::pg_lsn)",
-                    &[&site.slot, &checkpoint.to_string()],
+                    &[&site.slot, &durable.to_string()],
                 )
                 .await
             {
@@ -356,6 +365,8 @@ async fn stream_loop(
     let mut group_changes = 0u64;
     // The source sent everything it had since the group opened.
     let mut source_idle = false;
+    // When to make the target flush commits the WAL writer has not flushed yet.
+    let mut flush_due: Option<tokio::time::Instant> = None;
 
     macro_rules! commit_group {
         () => {{
@@ -367,6 +378,9 @@ async fn stream_loop(
             checkpoint = end;
             safe = safe.max(end);
             stream.confirm(applier.ack_limit(checkpoint)?);
+            if applier.flush_pending() && flush_due.is_none() {
+                flush_due = Some(tokio::time::Instant::now() + FLUSH_POLL);
+            }
             progress.checkpoint.store(checkpoint.0, Ordering::Relaxed);
             progress
                 .changes
@@ -393,6 +407,14 @@ async fn stream_loop(
             _ = tokio::time::sleep_until(deadline.unwrap_or_else(tokio::time::Instant::now)),
                 if deadline.is_some() && !asm.in_transaction() && group_end.is_some() => {
                 commit_group!();
+                continue;
+            }
+            // Commits not known flushed on the target for a while: flush, then confirm them.
+            _ = tokio::time::sleep_until(flush_due.unwrap_or_else(tokio::time::Instant::now)),
+                if flush_due.is_some() && !applier.in_txn() => {
+                flush_due = None;
+                applier.poll_flush().await?;
+                stream.confirm(applier.ack_limit(checkpoint)?);
                 continue;
             }
             ev = stream.next() => ev?,
@@ -457,6 +479,9 @@ async fn stream_loop(
             applier.record(safe).await?;
             checkpoint = safe;
             stream.confirm(applier.ack_limit(checkpoint)?);
+            if applier.flush_pending() && flush_due.is_none() {
+                flush_due = Some(tokio::time::Instant::now() + FLUSH_POLL);
+            }
             progress.checkpoint.store(checkpoint.0, Ordering::Relaxed);
         }
     }
@@ -478,6 +503,12 @@ async fn stream_loop(
     }
     applier.barrier(checkpoint);
     applier.drain_kafka().await?;
+    // The WAL writer flushes asynchronous commits within a few hundred milliseconds.
+    let flush_deadline = Instant::now() + Duration::from_secs(2);
+    while applier.flush_pending() && Instant::now() < flush_deadline {
+        tokio::time::sleep(FLUSH_POLL).await;
+        applier.poll_flush().await?;
+    }
     stream.confirm(applier.ack_limit(checkpoint)?);
     progress.checkpoint.store(checkpoint.0, Ordering::Relaxed);
     tracing::info!(%source, %checkpoint, "stopped");

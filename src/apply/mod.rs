@@ -61,6 +61,12 @@ pub struct Applier {
     /// Run the `[conflicts]` rules (off for repair: the operator chose whose rows win).
     pub detect_conflicts: bool,
     pub stats: ApplyStats,
+    /// Stream commits run with `synchronous_commit = off`, as the native apply worker's do: each
+    /// is `(its end in the target's WAL, the source LSN it checkpointed)` until the target's WAL
+    /// is flushed past it. Only then may the source slot let the source LSN go.
+    unflushed: std::collections::VecDeque<(Lsn, Lsn)>,
+    /// The highest checkpointed source LSN known flushed on the target.
+    durable: Lsn,
 }
 
 impl Applier {
@@ -75,6 +81,10 @@ impl Applier {
         // As PostgreSQL's own apply worker does: user triggers (and FK triggers) do not fire for
         // replicated rows, so a trigger that stamps or rewrites rows cannot make the sides diverge.
         // Needs superuser; without it the target's triggers fire as for any client.
+        // Commits need not wait for the target's WAL flush: the source slot is confirmed only
+        // past commits the target reports flushed (see `unflushed`), as the native apply worker
+        // does. A crash of the target loses the commit and its checkpoint together.
+        client.batch_execute("SET synchronous_commit = off").await?;
         let replica_role = client
             .batch_execute("SET session_replication_role = replica")
             .await
@@ -112,6 +122,8 @@ impl Applier {
             ignore_direction: false,
             detect_conflicts: true,
             stats: ApplyStats::default(),
+            unflushed: Default::default(),
+            durable: Lsn(0),
         })
     }
 
@@ -365,6 +377,11 @@ impl Applier {
     /// How far the source slot may be confirmed, given the target holds up to `checkpoint`:
     /// with `[kafka] required`, no further than what Kafka acknowledged.
     pub fn ack_limit(&mut self, checkpoint: Lsn) -> Result<Lsn> {
+        // Not past what the target has flushed: an asynchronous commit may still be lost.
+        let checkpoint = match self.unflushed.front() {
+            Some(_) => checkpoint.min(self.durable),
+            None => checkpoint.max(self.durable),
+        };
         match &mut self.publisher {
             Some(p) if p.required => Ok(checkpoint.min(p.delivered()?)),
             Some(p) => {
@@ -373,6 +390,83 @@ impl Applier {
             }
             None => Ok(checkpoint),
         }
+    }
+
+    /// Some checkpointed commit is not yet known flushed on the target.
+    pub fn flush_pending(&self) -> bool {
+        !self.unflushed.is_empty()
+    }
+
+    /// Make the target flush its WAL past every commit so far, and settle them (the stream is
+    /// quiet, or stopping). The WAL writer alone may never get there: it flushes asynchronous
+    /// commits, but not a tail of other records written after ours, and our commits are tracked
+    /// by the insert position read after them. A synchronous commit of a transaction that wrote
+    /// WAL flushes everything before it.
+    pub async fn poll_flush(&mut self) -> Result<()> {
+        if self.in_txn {
+            return Ok(());
+        }
+        // It must write WAL: a commit that wrote none is never flushed synchronously.
+        let msgs = self
+            .client
+            .simple_query(&format!(
+                "BEGIN; SET LOCAL synchronous_commit = on; \
+                 UPDATE tandem.checkpoints SET updated_at = now() WHERE direction = '{}'; COMMIT; \
+                 SELECT pg_current_wal_flush_lsn()::text",
+                self.source.direction_from()
+            ))
+            .await
+            .context("flushing the target's WAL")?;
+        let flushed = msgs
+            .iter()
+            .filter_map(|m| match m {
+                tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0),
+                _ => None,
+            })
+            .last()
+            .ok_or_else(|| anyhow::anyhow!("no flush position"))?;
+        self.settle(flushed.parse()?);
+        Ok(())
+    }
+
+    fn settle(&mut self, flushed: Lsn) {
+        while let Some(&(target, source)) = self.unflushed.front() {
+            if target > flushed {
+                break;
+            }
+            self.durable = self.durable.max(source);
+            self.unflushed.pop_front();
+        }
+    }
+
+    /// Run `sql` (ending in a commit of the checkpoint at `lsn`) and track that commit until the
+    /// target's WAL is flushed past it. One round trip.
+    async fn commit_tracked(&mut self, sql: &str, lsn: Lsn) -> Result<()> {
+        let msgs = self
+            .client
+            .simple_query(&format!(
+                "{sql}; SELECT pg_current_wal_insert_lsn()::text, pg_current_wal_flush_lsn()::text"
+            ))
+            .await?;
+        // The last row: statements before it (the origin's xact setup) return rows too.
+        let row = msgs
+            .iter()
+            .filter_map(|m| match m {
+                tokio_postgres::SimpleQueryMessage::Row(r) => Some(r),
+                _ => None,
+            })
+            .last()
+            .ok_or_else(|| anyhow::anyhow!("no WAL position after the commit"))?;
+        let parse = |i: usize| -> Result<Lsn> {
+            row.get(i)
+                .ok_or_else(|| anyhow::anyhow!("no WAL position after the commit"))?
+                .parse::<Lsn>()
+                .map_err(Into::into)
+        };
+        let (end, flushed) = (parse(0)?, parse(1)?);
+        self.unflushed.push_back((end, lsn));
+        self.settle(flushed);
+        Ok(())
     }
 
     /// Publish every change (Kafka on): the planner carries each change to its row.
@@ -872,8 +966,7 @@ impl Applier {
             ));
         }
         sql.push_str("; COMMIT");
-        self.client
-            .batch_execute(&sql)
+        self.commit_tracked(&sql, lsn)
             .await
             .context("committing the apply transaction with its checkpoint")?;
         self.in_txn = false;
@@ -891,8 +984,9 @@ impl Applier {
             return Ok(());
         }
         self.run_ready(true).await?;
+        // Not from the stream, so no flush tracking: wait for durability as any client would.
         self.client
-            .batch_execute("COMMIT")
+            .batch_execute("SET LOCAL synchronous_commit = on; COMMIT")
             .await
             .context("committing the repair transaction")?;
         self.in_txn = false;
@@ -913,7 +1007,14 @@ impl Applier {
 
     /// Advance the checkpoint alone (progress through transactions that needed nothing applied).
     pub async fn record(&mut self, lsn: Lsn) -> Result<()> {
-        checkpoint::advance(&self.client, self.source, lsn).await?;
+        // Its own transaction, so the position read after it is past its commit record.
+        let sql = format!(
+            "BEGIN; {}; COMMIT",
+            checkpoint::advance_sql(self.source, lsn)
+        );
+        self.commit_tracked(&sql, lsn)
+            .await
+            .context("recording the checkpoint")?;
         metrics::gauge!("tandem_checkpoint_lsn", "direction" => self.source.direction_from())
             .set(lsn.0 as f64);
         Ok(())
