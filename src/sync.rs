@@ -272,6 +272,9 @@ async fn direction_once(
 /// the source slot is confirmed soon after a burst ends.
 const FLUSH_POLL: Duration = Duration::from_millis(50);
 
+/// How often a quiet direction looks for new Kafka acknowledgements.
+const KAFKA_ACK_POLL: Duration = Duration::from_millis(20);
+
 /// How often a direction with no tables moves its slot along.
 const IDLE_ADVANCE_EVERY: Duration = Duration::from_secs(5);
 
@@ -414,6 +417,11 @@ async fn stream_loop(
                 if flush_due.is_some() && !applier.in_txn() => {
                 flush_due = None;
                 applier.poll_flush().await?;
+                stream.confirm(applier.ack_limit(checkpoint)?);
+                continue;
+            }
+            // Kafka acknowledgements trickle in on their own: pass them on to the slot.
+            _ = tokio::time::sleep(KAFKA_ACK_POLL), if applier.kafka_pending() => {
                 stream.confirm(applier.ack_limit(checkpoint)?);
                 continue;
             }

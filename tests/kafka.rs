@@ -457,3 +457,61 @@ async fn repairs_are_published_too() {
     let ids: BTreeSet<&str> = msgs.iter().map(|m| m["id"].as_str().unwrap()).collect();
     assert_eq!(ids.len(), msgs.len(), "distinct ids");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn events_sent_again_after_a_restart_keep_their_conflict_outcome() {
+    let cluster = MockCluster::<DefaultProducerContext>::new(1).unwrap();
+    cluster.create_topic(TOPIC, 1, 1).unwrap();
+    let brokers = cluster.bootstrap_servers();
+    let (d, m) = Fixture::databases(
+        "kafka_again",
+        "CREATE TABLE jobs (id bigint PRIMARY KEY, note text, n int);
+         INSERT INTO jobs VALUES (1, 'base', 0);",
+    )
+    .await;
+    // The row is already on both sides: no initial snapshot.
+    let text = Fixture::config_text(
+        "kafka_again",
+        "tables = [\"public.jobs\"]\ninitial_snapshot = false",
+    ) + &format!(
+        "[kafka]\nbrokers = \"{brokers}\"\nformat = \"json\"\nrequired = true\n"
+    ) + "[conflicts]\npolicy = \"last_write_wins\"\nversion_column = \"n\"\n";
+    let fx = Fixture::with_config("kafka_again", d, m, text).await;
+    // The same row changed on both sides before either crossed: mobile's version is newer.
+    fx.d.batch_execute("UPDATE jobs SET n = 1, note = 'desktop' WHERE id = 1")
+        .await
+        .unwrap();
+    fx.m.batch_execute("UPDATE jobs SET n = 5, note = 'mobile' WHERE id = 1")
+        .await
+        .unwrap();
+    let (d_end, m_end) = (wal_now(&fx.d).await, wal_now(&fx.m).await);
+    // Decided and applied while Kafka is away, so the events never reach it…
+    cluster.broker_down(1).unwrap();
+    let run = fx.start().await;
+    wait_for(30, "the conflict decided on both sides", || async {
+        Fixture::count(&fx.m, "SELECT count(*) FROM tandem.conflicts").await == 1
+            && Fixture::count(&fx.d, "SELECT count(*) FROM jobs WHERE n = 5").await == 1
+    })
+    .await;
+    run.stop().await;
+    // …and are sent again after the restart, from the slots, with the outcome on record.
+    cluster.broker_up(1).unwrap();
+    let run = fx.start().await;
+    wait_for(60, "both slots confirmed once Kafka is back", || async {
+        slot_confirmed(&fx.d, "kafka_again_d").await >= d_end
+            && slot_confirmed(&fx.m, "kafka_again_m").await >= m_end
+    })
+    .await;
+    run.stop().await;
+    let msgs = tokio::task::spawn_blocking(move || consume_all(&brokers))
+        .await
+        .unwrap();
+    let outcome = |site: &str| {
+        msgs.iter()
+            .filter(|m| m["site"] == site && m["op"] == "update" && m["outcome"] != "skipped_echo")
+            .map(|m| m["outcome"].as_str().unwrap().to_string())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(outcome("D"), vec!["kept_local"], "{msgs:?}");
+    assert_eq!(outcome("M"), vec!["applied"], "{msgs:?}");
+}

@@ -351,7 +351,53 @@ impl Applier {
     /// Kafka: a change applied before a restart, sent again because Kafka had not acknowledged
     /// it (consumers dedupe by id).
     pub async fn publish_again(&mut self, ev: &Event) -> Result<()> {
-        self.publish(ev, "applied").await
+        let outcome = self.outcome_on_record(ev).await?;
+        self.publish(ev, outcome).await
+    }
+
+    /// What became of an already-applied change: the resolution `tandem.conflicts` holds for its
+    /// row in its source transaction (the final one, after a `resolve`), else "applied". Keys
+    /// match by their text forms.
+    async fn outcome_on_record(&self, ev: &Event) -> Result<&'static str> {
+        let (table, row) = match &ev.change {
+            Change::Insert { table, new } | Change::Update { table, new, .. } => (table, new),
+            Change::Delete { table, old } => (table, &old.tuple),
+            Change::Truncate { .. } => return Ok("applied"),
+        };
+        if self.cfg.conflicts_for(&table.name).is_none() {
+            return Ok("applied");
+        }
+        let key: serde_json::Map<String, serde_json::Value> =
+            crate::sink::kafka::image(table, row, true)
+                .into_iter()
+                .map(|(c, v)| (c, serde_json::json!(v)))
+                .collect();
+        let found: Option<String> = self
+            .client
+            .query_opt(
+                "SELECT resolution FROM tandem.conflicts c WHERE source_side = $1 \
+                 AND source_commit_lsn = $2::text::pg_lsn AND table_name = $3 \
+                 AND NOT EXISTS (SELECT 1 FROM jsonb_each_text($4::text::jsonb) k \
+                                 WHERE c.key ->> k.key IS DISTINCT FROM k.value) \
+                 ORDER BY id DESC LIMIT 1",
+                &[
+                    &self.source.tag().to_string(),
+                    &ev.commit_lsn.to_string(),
+                    &table.name.to_string(),
+                    &serde_json::Value::Object(key).to_string(),
+                ],
+            )
+            .await
+            .context("reading tandem.conflicts for an event sent again")?
+            .map(|r| r.get(0));
+        Ok(match found.as_deref() {
+            Some("applied_remote") => "applied_remote",
+            Some("kept_local") => "kept_local",
+            Some("merged") => "merged",
+            Some("skipped") => "skipped",
+            Some("paused") => "paused",
+            _ => "applied",
+        })
     }
 
     /// Kafka: wait a little for outstanding acknowledgements (graceful stop).
@@ -473,6 +519,11 @@ impl Applier {
     pub fn set_publisher(&mut self, p: crate::sink::kafka::Publisher) {
         self.planner.carry = true;
         self.publisher = Some(p);
+    }
+
+    /// Kafka acknowledgements are outstanding: the slot may be confirmed further once they come.
+    pub fn kafka_pending(&self) -> bool {
+        self.publisher.as_ref().is_some_and(|p| p.pending())
     }
 
     pub fn kafka_required(&self) -> bool {

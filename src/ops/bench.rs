@@ -336,15 +336,18 @@ async fn progress_of(target: &Client, progress: &str) -> Result<Option<Lsn>> {
 async fn wait_drained(
     source: &Client,
     target: &Client,
-    slot: &str,
-    progress: &str,
+    (slot, progress): (&str, &str),
     end: Lsn,
     limit: Duration,
     t: Instant,
+    alive: &dyn Fn() -> bool,
 ) -> Result<(f64, f64)> {
     let deadline = Instant::now() + limit;
     let mut applied = None;
     loop {
+        if !alive() {
+            bail!("the contender stopped before it drained the backlog");
+        }
         if applied.is_none()
             && progress_of(target, progress)
                 .await?
@@ -504,11 +507,16 @@ impl Pair {
             _ => {
                 let extra = match (who, kafka) {
                     (Contender::TandemConflicts, _) => {
-                        "[conflicts]\npolicy = \"last_write_wins\"\nversion_column = \"v\"\n".to_string()
+                        "[conflicts]\npolicy = \"last_write_wins\"\nversion_column = \"v\"\n"
+                            .to_string()
                     }
-                    (Contender::TandemKafka, Some(brokers)) => format!(
-                        "[kafka]\nbrokers = \"{brokers}\"\ntopic = \"tandem.bench.{name}\"\nrequired = true\n"
-                    ),
+                    (Contender::TandemKafka, Some(brokers)) => {
+                        let topic = format!("tandem.bench.{name}");
+                        create_topic(brokers, &topic).await?;
+                        format!(
+                            "[kafka]\nbrokers = \"{brokers}\"\ntopic = \"{topic}\"\nrequired = true\n"
+                        )
+                    }
                     _ => String::new(),
                 };
                 let direction = if two_way {
@@ -530,6 +538,11 @@ impl Pair {
             }
         }
         Ok(pair)
+    }
+
+    /// False once an in-process tandem run ended (it only ends by itself on an error).
+    fn alive(&self) -> bool {
+        !matches!(&self.tandem, Some((_, Some(run))) if run.task.is_finished())
     }
 
     fn source(&self, side: Side) -> &Client {
@@ -639,6 +652,28 @@ impl Pair {
     }
 }
 
+/// Brokers need not create topics on first use (tansu does not).
+async fn create_topic(brokers: &str, topic: &str) -> Result<()> {
+    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+    use rdkafka::client::DefaultClientContext;
+    let admin: AdminClient<DefaultClientContext> = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()?;
+    for r in admin
+        .create_topics(
+            &[NewTopic::new(topic, 1, TopicReplication::Fixed(1))],
+            &AdminOptions::new(),
+        )
+        .await?
+    {
+        match r {
+            Ok(_) | Err((_, rdkafka::types::RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((t, e)) => bail!("creating Kafka topic {t}: {e}"),
+        }
+    }
+    Ok(())
+}
+
 /// Wait until a pglogical subscription replicates; returns its slot's name.
 async fn pglogical_replicating(subscriber: &Client, sub: &str) -> Result<String> {
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -705,7 +740,18 @@ async fn measure(
     for (source, end) in ends {
         let (slot, progress) = pair.slot_and_progress(source);
         let target = pair.source(source.other());
-        match wait_drained(pair.source(source), target, &slot, &progress, end, limit, t).await {
+        let alive = || pair.alive();
+        match wait_drained(
+            pair.source(source),
+            target,
+            (&slot, &progress),
+            end,
+            limit,
+            t,
+            &alive,
+        )
+        .await
+        {
             Ok((a, d)) => times = (times.0.max(a), times.1.max(d)),
             Err(e) => {
                 result = Err(e);
@@ -713,6 +759,7 @@ async fn measure(
             }
         }
     }
+    // A failed run's own error says more than "stopped before it drained".
     pair.finish().await?;
     result?;
     let (applied_seconds, seconds) = times;
@@ -749,11 +796,11 @@ async fn measure_lag(
     wait_drained(
         &pair.d,
         &pair.m,
-        &slot,
-        &progress,
+        (&slot, &progress),
         warm,
         Duration::from_secs(60),
         Instant::now(),
+        &|| pair.alive(),
     )
     .await?;
     let per_client = ((tps * secs) / 4.0).round().max(1.0) as i64;

@@ -53,7 +53,11 @@ fn text(v: &Value) -> Option<String> {
 
 /// `(column, value)` of a row image; unchanged-TOAST columns are left out. `keys_only`: the
 /// image is the replica identity only (pgoutput `K`), so non-key columns are not part of it.
-fn image(t: &SourceTable, row: &Tuple, keys_only: bool) -> Vec<(String, Option<String>)> {
+pub(crate) fn image(
+    t: &SourceTable,
+    row: &Tuple,
+    keys_only: bool,
+) -> Vec<(String, Option<String>)> {
     t.columns
         .iter()
         .zip(row)
@@ -440,6 +444,11 @@ impl Publisher {
     /// Everything published so far belongs to source commits up to `lsn`.
     pub fn barrier(&mut self, lsn: Lsn) {
         self.in_flight.push_back(InFlight::Barrier(lsn));
+    }
+
+    /// Messages sent and not yet acknowledged (or barriers not yet passed).
+    pub fn pending(&self) -> bool {
+        !self.in_flight.is_empty()
     }
 
     /// Up to where Kafka acknowledged everything (without waiting).
