@@ -249,6 +249,27 @@ async fn wal_position(c: &Client) -> Result<Lsn> {
     Ok(s.parse()?)
 }
 
+/// One more small transaction closing the backlog; returns a WAL position inside it. A
+/// contender has passed the backlog once it confirmed past that: the insert position after the
+/// last commit may hold other records (running xacts, a checkpoint) that no replication confirms
+/// before more transactions come.
+async fn end_mark(c: &Client, id: i64) -> Result<Lsn> {
+    let msgs = c
+        .simple_query(&format!(
+            "BEGIN; INSERT INTO bench VALUES ({id}, 0, 'end'); \
+             SELECT pg_current_wal_insert_lsn()::text; COMMIT"
+        ))
+        .await?;
+    let lsn = msgs
+        .iter()
+        .find_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_string),
+            _ => None,
+        })
+        .ok_or_else(|| anyhow::anyhow!("no WAL position"))?;
+    Ok(lsn.parse()?)
+}
+
 /// Generate the backlog; returns the number of row changes and, per source side written, a WAL
 /// position inside its last transaction (the contender must confirm past it).
 async fn generate(
@@ -306,9 +327,9 @@ async fn generate(
             (rows * 2) as u64
         }
     };
-    let mut ends = vec![(Side::Desktop, wal_position(d).await?)];
+    let mut ends = vec![(Side::Desktop, end_mark(d, -1).await?)];
     if w == Workload::W3 {
-        ends.push((Side::Mobile, wal_position(m).await?));
+        ends.push((Side::Mobile, end_mark(m, -2).await?));
     }
     Ok((changes, ends))
 }
@@ -789,10 +810,7 @@ async fn measure_lag(
     pair.resume().await?;
     let (slot, progress) = pair.slot_and_progress(Side::Desktop);
     // Warm up: one transaction through, so the contender is streaming.
-    pair.d
-        .batch_execute("INSERT INTO bench VALUES (-1, 0, 'warm-up')")
-        .await?;
-    let warm = wal_position(&pair.d).await?;
+    let warm = end_mark(&pair.d, -1).await?;
     wait_drained(
         &pair.d,
         &pair.m,
@@ -829,7 +847,7 @@ async fn measure_lag(
     }
     load.await??;
     let elapsed = t0.elapsed().as_secs_f64();
-    let last = wal_position(&src).await?;
+    let last = end_mark(&src, -2).await?;
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
         if let Some(p) = progress_of(&tgt, &progress).await? {
