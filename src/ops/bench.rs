@@ -394,8 +394,9 @@ async fn wait_drained(
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let drained = t.elapsed().as_secs_f64();
-    let want: String = source.query_one(DIGEST, &[]).await?.get(0);
     loop {
+        // Both each time: with W3 the source still takes the other direction's changes.
+        let want: String = source.query_one(DIGEST, &[]).await?.get(0);
         let got: String = target.query_one(DIGEST, &[]).await?.get(0);
         if got == want {
             return Ok((applied.unwrap_or(drained).min(drained), drained));
