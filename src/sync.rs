@@ -17,7 +17,7 @@ use crate::source::assemble::{Assembler, Item};
 use crate::source::stream::{check_no_gap, SourceStream, StreamEvent};
 
 /// A group of source transactions shares one target commit for at most this long…
-const GROUP_MAX_AGE: Duration = Duration::from_millis(40);
+const GROUP_MAX_AGE: Duration = Duration::from_millis(15);
 /// …or this many changes.
 const GROUP_MAX_CHANGES: u64 = 20_000;
 /// Once the source has said it sent everything (a keepalive between transactions), the group
