@@ -150,3 +150,24 @@ impl ServerCertVerifier for EncryptOnly {
         self.0.signature_verification_algorithms.supported_schemes()
     }
 }
+
+/// Run `sql` (several statements, simple protocol) and return the text of each column of the
+/// last row any of them returned: earlier statements may return rows of their own.
+pub async fn last_row(c: &Client, sql: &str) -> Result<Vec<String>> {
+    let msgs = c.simple_query(sql).await?;
+    let row = msgs
+        .iter()
+        .filter_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => Some(r),
+            _ => None,
+        })
+        .last()
+        .ok_or_else(|| anyhow::anyhow!("no row returned by: {sql}"))?;
+    (0..row.len())
+        .map(|i| {
+            row.get(i)
+                .map(str::to_string)
+                .ok_or_else(|| anyhow::anyhow!("NULL in the row returned by: {sql}"))
+        })
+        .collect()
+}

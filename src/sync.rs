@@ -129,13 +129,7 @@ async fn preflight(cfg: &Config) -> Result<()> {
     for source in Side::BOTH {
         let site = cfg.site(source);
         let target = db::connect(cfg.site(source.other()), "tandem check").await?;
-        let cp = checkpoint::load(&target, source).await?.ok_or_else(|| {
-            anyhow!(
-                "{}: no checkpoint for {} in tandem.checkpoints; run `tandem setup` first",
-                source.other(),
-                source.direction_from()
-            )
-        })?;
+        let cp = checkpoint::require(&target, source).await?;
         let src = db::connect(site, "tandem check").await?;
         check_no_gap(&src, site, cp.lsn).await?;
     }
@@ -207,15 +201,7 @@ async fn direction_once(
     let site = cfg.site(source);
     let progress = status.from(source);
     let mut applier = Applier::connect(cfg.clone(), source).await?;
-    let cp = checkpoint::load(applier.client(), source)
-        .await?
-        .ok_or_else(|| {
-            anyhow!(
-                "{}: no checkpoint for {} in tandem.checkpoints; run `tandem setup` first",
-                source.other(),
-                source.direction_from()
-            )
-        })?;
+    let cp = checkpoint::require(applier.client(), source).await?;
     if cp.slot_name != site.slot {
         bail!(
             "{}: the checkpoint belongs to slot {}, but the config names slot {}; run `tandem setup` again",
@@ -293,15 +279,7 @@ async fn idle_direction(
     let site = cfg.site(source);
     let progress = status.from(source);
     let mut applier = Applier::connect(cfg.clone(), source).await?;
-    let cp = checkpoint::load(applier.client(), source)
-        .await?
-        .ok_or_else(|| {
-            anyhow!(
-                "{}: no checkpoint for {} in tandem.checkpoints; run `tandem setup` first",
-                source.other(),
-                source.direction_from()
-            )
-        })?;
+    let cp = checkpoint::require(applier.client(), source).await?;
     let src = db::connect(site, "tandem idle slot").await?;
     check_no_gap(&src, site, cp.lsn).await?;
     tracing::info!(%source, checkpoint = %cp.lsn, "no table flows {} → {}; not streaming {source}, only moving its slot along", source, source.other());

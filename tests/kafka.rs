@@ -7,7 +7,7 @@ mod common;
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
-use common::{wait_for, Fixture};
+use common::{slot_confirmed, wait_for, Fixture};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::mocking::MockCluster;
 use rdkafka::producer::DefaultProducerContext;
@@ -213,18 +213,6 @@ async fn every_change_of_both_sites_is_on_the_topic_once() {
 fn config(name: &str, brokers: &str) -> String {
     Fixture::config_text(name, "tables = [\"public.jobs\"]")
         + &format!("[kafka]\nbrokers = \"{brokers}\"\nformat = \"json\"\nrequired = true\n")
-}
-
-async fn slot_confirmed(c: &Client, slot: &str) -> u64 {
-    let s: String = c
-        .query_one(
-            "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1",
-            &[&slot],
-        )
-        .await
-        .unwrap()
-        .get(0);
-    s.parse::<tandem::lsn::Lsn>().unwrap().0
 }
 
 async fn wal_now(c: &Client) -> u64 {

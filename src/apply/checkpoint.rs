@@ -37,6 +37,17 @@ pub async fn load(c: &impl GenericClient, source: Side) -> Result<Option<Checkpo
     })
 }
 
+/// [`load`], where a missing checkpoint means setup never ran: an error saying so.
+pub async fn require(c: &impl GenericClient, source: Side) -> anyhow::Result<Checkpoint> {
+    load(c, source).await?.ok_or_else(|| {
+        anyhow::anyhow!(
+            "{}: no checkpoint for {} in tandem.checkpoints; run `tandem setup` first",
+            source.other(),
+            source.direction_from()
+        )
+    })
+}
+
 /// Create the row if it is missing (setup); an existing checkpoint is left alone.
 pub async fn init(c: &impl GenericClient, source: Side, cp: &Checkpoint) -> Result<bool> {
     let n = c

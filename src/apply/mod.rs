@@ -453,24 +453,18 @@ impl Applier {
             return Ok(());
         }
         // It must write WAL: a commit that wrote none is never flushed synchronously.
-        let msgs = self
-            .client
-            .simple_query(&format!(
+        let row = db::last_row(
+            &self.client,
+            &format!(
                 "BEGIN; SET LOCAL synchronous_commit = on; \
                  UPDATE tandem.checkpoints SET updated_at = now() WHERE direction = '{}'; COMMIT; \
                  SELECT pg_current_wal_flush_lsn()::text",
                 self.source.direction_from()
-            ))
-            .await
-            .context("flushing the target's WAL")?;
-        let flushed = msgs
-            .iter()
-            .filter_map(|m| match m {
-                tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0),
-                _ => None,
-            })
-            .last()
-            .ok_or_else(|| anyhow::anyhow!("no flush position"))?;
+            ),
+        )
+        .await
+        .context("flushing the target's WAL")?;
+        let flushed = &row[0];
         self.settle(flushed.parse()?);
         Ok(())
     }
@@ -488,27 +482,15 @@ impl Applier {
     /// Run `sql` (ending in a commit of the checkpoint at `lsn`) and track that commit until the
     /// target's WAL is flushed past it. One round trip.
     async fn commit_tracked(&mut self, sql: &str, lsn: Lsn) -> Result<()> {
-        let msgs = self
-            .client
-            .simple_query(&format!(
-                "{sql}; SELECT pg_current_wal_insert_lsn()::text, pg_current_wal_flush_lsn()::text"
-            ))
-            .await?;
         // The last row: statements before it (the origin's xact setup) return rows too.
-        let row = msgs
-            .iter()
-            .filter_map(|m| match m {
-                tokio_postgres::SimpleQueryMessage::Row(r) => Some(r),
-                _ => None,
-            })
-            .last()
-            .ok_or_else(|| anyhow::anyhow!("no WAL position after the commit"))?;
-        let parse = |i: usize| -> Result<Lsn> {
-            row.get(i)
-                .ok_or_else(|| anyhow::anyhow!("no WAL position after the commit"))?
-                .parse::<Lsn>()
-                .map_err(Into::into)
-        };
+        let row = db::last_row(
+            &self.client,
+            &format!(
+                "{sql}; SELECT pg_current_wal_insert_lsn()::text, pg_current_wal_flush_lsn()::text"
+            ),
+        )
+        .await?;
+        let parse = |i: usize| -> Result<Lsn> { Ok(row[i].parse::<Lsn>()?) };
         let (end, flushed) = (parse(0)?, parse(1)?);
         self.unflushed.push_back((end, lsn));
         self.settle(flushed);

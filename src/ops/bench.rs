@@ -254,19 +254,15 @@ async fn wal_position(c: &Client) -> Result<Lsn> {
 /// last commit may hold other records (running xacts, a checkpoint) that no replication confirms
 /// before more transactions come.
 async fn end_mark(c: &Client, id: i64) -> Result<Lsn> {
-    let msgs = c
-        .simple_query(&format!(
+    let lsn = crate::db::last_row(
+        c,
+        &format!(
             "BEGIN; INSERT INTO bench VALUES ({id}, 0, 'end'); \
              SELECT pg_current_wal_insert_lsn()::text; COMMIT"
-        ))
-        .await?;
-    let lsn = msgs
-        .iter()
-        .find_map(|m| match m {
-            tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_string),
-            _ => None,
-        })
-        .ok_or_else(|| anyhow::anyhow!("no WAL position"))?;
+        ),
+    )
+    .await?
+    .remove(0);
     Ok(lsn.parse()?)
 }
 
@@ -614,10 +610,7 @@ impl Pair {
                 .await?;
         }
         for (source, sub, _) in &self.pglogical {
-            let subscriber = match source {
-                Side::Desktop => &self.m,
-                Side::Mobile => &self.d,
-            };
+            let subscriber = self.source(source.other());
             subscriber
                 .execute(
                     "SELECT pglogical.alter_subscription_enable($1, true)",
@@ -645,10 +638,7 @@ impl Pair {
                 .await?;
         }
         for (source, sub, _) in &self.pglogical {
-            let subscriber = match source {
-                Side::Desktop => &self.m,
-                Side::Mobile => &self.d,
-            };
+            let subscriber = self.source(source.other());
             // Drops the provider's slot too.
             subscriber
                 .execute("SELECT pglogical.drop_subscription($1)", &[sub])

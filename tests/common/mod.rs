@@ -214,14 +214,7 @@ impl Fixture {
         target: &Client,
         dir: &str,
     ) -> (u64, u64) {
-        let s: String = source
-            .query_one(
-                "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1",
-                &[&slot],
-            )
-            .await
-            .unwrap()
-            .get(0);
+        let s = slot_confirmed(source, slot).await;
         let c: String = target
             .query_one(
                 "SELECT lsn::text FROM tandem.checkpoints WHERE direction = $1",
@@ -230,11 +223,21 @@ impl Fixture {
             .await
             .unwrap()
             .get(0);
-        (
-            s.parse::<tandem::lsn::Lsn>().unwrap().0,
-            c.parse::<tandem::lsn::Lsn>().unwrap().0,
-        )
+        (s, c.parse::<tandem::lsn::Lsn>().unwrap().0)
     }
+}
+
+/// The `confirmed_flush_lsn` of `slot` on `c`.
+pub async fn slot_confirmed(c: &Client, slot: &str) -> u64 {
+    let s: String = c
+        .query_one(
+            "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1",
+            &[&slot],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    s.parse::<tandem::lsn::Lsn>().unwrap().0
 }
 
 pub struct Running {
