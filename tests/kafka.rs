@@ -376,6 +376,11 @@ async fn without_kafka_required_events_wait_in_the_spool_and_drain() {
             spool.display()
         );
     let fx = Fixture::with_config("kafka_spool", d, m, text).await;
+    // tandem runs in this process: its metrics land in this recorder (other tests of this
+    // binary may add to the counters, so only lower bounds are asserted).
+    let recorder = metrics_exporter_prometheus::PrometheusBuilder::new()
+        .install_recorder()
+        .unwrap();
     let run = fx.start().await;
     cluster.broker_down(1).unwrap();
     for i in 1..=20i64 {
@@ -402,6 +407,25 @@ async fn without_kafka_required_events_wait_in_the_spool_and_drain() {
         own_ids(&msgs, "D").len(),
         20,
         "all 20 changes reached Kafka"
+    );
+    // Metrics: each failed delivery was counted and spooled, each resend produced, with latency.
+    let body = recorder.render();
+    let counter = |name: &str| {
+        body.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} ")))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    for name in [
+        "tandem_kafka_failed_total",
+        "tandem_kafka_spooled_total",
+        "tandem_kafka_produced_total",
+    ] {
+        assert!(counter(name) >= 20.0, "{name} in:\n{body}");
+    }
+    assert!(
+        body.contains("tandem_kafka_produce_seconds"),
+        "produce latency in:\n{body}"
     );
     let _ = std::fs::remove_file(&spool_file);
 }
