@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Result};
 use tokio::sync::watch;
 
-use crate::apply::{checkpoint, Applier};
+use crate::apply::{checkpoint, Applier, InsertCollision};
 use crate::config::Config;
 use crate::db;
 use crate::lsn::Lsn;
@@ -163,6 +163,8 @@ async fn direction(
     status: Arc<Status>,
 ) -> Result<()> {
     let mut backoff = Duration::from_millis(500);
+    // Tables whose inserts met rows already on the target: upserted from then on.
+    let mut upsert_tables = std::collections::HashSet::new();
     let idle = !cfg
         .tables
         .iter()
@@ -172,10 +174,20 @@ async fn direction(
         let once = if idle {
             idle_direction(&cfg, source, &mut stop, &status).await
         } else {
-            direction_once(&cfg, source, &mut stop, &status).await
+            direction_once(&cfg, source, &mut stop, &status, &upsert_tables).await
         };
         match once {
             Ok(()) => return Ok(()),
+            Err(e) if e.is::<InsertCollision>() && !*stop.borrow() => {
+                let c = e.downcast::<InsertCollision>().expect("checked");
+                tracing::warn!(%source, table = %c.table,
+                    "{c} ({}); starting over from the checkpoint, applying its inserts as upserts from now on",
+                    c.source);
+                if !upsert_tables.insert(c.table.clone()) {
+                    // Cannot happen: that table's inserts are upserts now.
+                    bail!("{source} → {}: {c}", source.other());
+                }
+            }
             Err(e) if transient(&e) && !*stop.borrow() => {
                 if started.elapsed() > Duration::from_secs(60) {
                     backoff = Duration::from_millis(500);
@@ -197,10 +209,12 @@ async fn direction_once(
     source: Side,
     stop: &mut watch::Receiver<bool>,
     status: &Status,
+    upsert_tables: &std::collections::HashSet<crate::config::TableName>,
 ) -> Result<()> {
     let site = cfg.site(source);
     let progress = status.from(source);
     let mut applier = Applier::connect(cfg.clone(), source).await?;
+    applier.insert_plainly(upsert_tables.clone());
     let cp = checkpoint::require(applier.client(), source).await?;
     if cp.slot_name != site.slot {
         bail!(

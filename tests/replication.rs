@@ -295,6 +295,95 @@ async fn per_table_direction_is_honoured() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_insert_meeting_a_row_already_on_the_target_is_applied_as_an_upsert() {
+    // Inserts go out as plain INSERTs (no ON CONFLICT); a row the target already has must not
+    // stop replication or lose the rest of the transaction.
+    let fx = Fixture::new(
+        "collide",
+        "CREATE TABLE items (id int PRIMARY KEY, v text);",
+        "tables = [\"public.items\"]\n[replication.direction]\n\"public.items\" = \"desktop_to_mobile\"",
+    )
+    .await;
+    fx.m.batch_execute("INSERT INTO items VALUES (2, 'mobile had it')")
+        .await
+        .unwrap();
+    let rollbacks = "SELECT xact_rollback FROM pg_stat_database WHERE datname = current_database()";
+    let before = Fixture::count(&fx.m, rollbacks).await;
+    let run = fx.start().await;
+    fx.d.batch_execute(
+        "BEGIN; INSERT INTO items VALUES (1, 'a'), (2, 'b'), (3, 'c'); COMMIT; \
+         INSERT INTO items VALUES (4, 'after')",
+    )
+    .await
+    .unwrap();
+    let want = vec!["(1,a)", "(2,b)", "(3,c)", "(4,after)"];
+    wait_for(
+        60,
+        "the colliding transaction and the next one on mobile",
+        || async { Fixture::rows(&fx.m, "items").await == want },
+    )
+    .await;
+    assert!(!run.is_finished(), "replication keeps running");
+    // The plain INSERT failed and its group was rolled back, then applied again as upserts.
+    wait_for(30, "the abandoned group in mobile's statistics", || async {
+        Fixture::count(&fx.m, rollbacks).await > before
+    })
+    .await;
+    // Later inserts of that table still arrive (as upserts now).
+    fx.d.batch_execute("INSERT INTO items VALUES (5, 'later')")
+        .await
+        .unwrap();
+    wait_for(30, "a later insert on mobile", || async {
+        Fixture::count(&fx.m, "SELECT count(*) FROM items WHERE id = 5").await == 1
+    })
+    .await;
+    fx.assert_slots_within_checkpoints().await;
+    run.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_row_the_target_rejects_stops_replication_naming_the_constraint() {
+    // The failing batch is followed by others already sent (pipelined): the error must be the
+    // rejected row's, not "current transaction is aborted" from the ones after it.
+    let (d, m) = Fixture::databases(
+        "rejects",
+        "CREATE TABLE items (id int PRIMARY KEY, v text);",
+    )
+    .await;
+    m.batch_execute("ALTER TABLE items ADD CONSTRAINT no_bad CHECK (v <> 'bad')")
+        .await
+        .unwrap();
+    let replication =
+        "tables = [\"public.items\"]\n[replication.direction]\n\"public.items\" = \"desktop_to_mobile\"";
+    let fx = Fixture::with_config(
+        "rejects",
+        d,
+        m,
+        Fixture::config_text("rejects", replication),
+    )
+    .await;
+    let run = fx.start().await;
+    fx.d.batch_execute(
+        "INSERT INTO items SELECT g, CASE WHEN g = 10 THEN 'bad' ELSE 'ok' END \
+         FROM generate_series(1, 7000) g",
+    )
+    .await
+    .unwrap();
+    let e = tokio::time::timeout(std::time::Duration::from_secs(60), run.outcome())
+        .await
+        .expect("replication stops")
+        .expect_err("the target rejects a row");
+    let e = format!("{e:#}");
+    assert!(e.contains("no_bad") && e.contains("items"), "{e}");
+    assert!(!e.contains("current transaction is aborted"), "{e}");
+    assert_eq!(
+        Fixture::count(&fx.m, "SELECT count(*) FROM items").await,
+        0,
+        "nothing of the transaction is applied"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_side_no_table_flows_from_is_not_streamed_and_its_slot_holds_no_wal() {
     let fx = Fixture::new(
         "oneway",

@@ -3,6 +3,7 @@
 
 pub mod checkpoint;
 pub mod conflict;
+pub mod pipeline;
 pub mod plan;
 pub mod sql;
 
@@ -12,6 +13,8 @@ use std::sync::Arc;
 use anyhow::{anyhow, Context, Result};
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, Statement};
+
+use pipeline::{Pipeline, TextArray};
 
 use crate::catalog;
 use crate::config::{Config, TableName};
@@ -25,6 +28,31 @@ use plan::{Batch, Binding, Op, Planner, TargetTable};
 
 /// Most bytes of values in one statement.
 const BATCH_BYTES: usize = 16 << 20;
+/// Batch statements sent ahead of their results. Two keep the server busy while the next batch
+/// is planned; each holds at most one batch's encoded values (`BATCH_BYTES`).
+const PIPELINE_DEPTH: usize = 2;
+
+/// What a sent batch statement is checked against when its result comes back.
+struct SentBatch {
+    op: Op,
+    /// Sent as a plain INSERT (see [`Batch::fresh`]).
+    fresh: bool,
+    rows: usize,
+    table: TableName,
+}
+
+/// A plain INSERT of rows the source had just inserted met a row already on the target: the
+/// sides disagree about that table (a local write without conflict detection, a repair that
+/// raced, an overlapping snapshot). Nothing of the group is kept; the stream restarts from the
+/// checkpoint and applies that table's inserts as upserts from then on.
+#[derive(Debug, thiserror::Error)]
+#[error("{target}: a row inserted on the source already exists in {table}")]
+pub struct InsertCollision {
+    pub table: TableName,
+    pub target: Side,
+    #[source]
+    pub source: tokio_postgres::Error,
+}
 
 /// Counters for logs, the demo and tests.
 #[derive(Debug, Default, Clone, Copy)]
@@ -39,12 +67,16 @@ pub struct ApplyStats {
 }
 
 pub struct Applier {
-    client: Client,
+    client: Arc<Client>,
+    /// Batch statements sent, results not yet read.
+    pipeline: Pipeline<SentBatch>,
     cfg: Arc<Config>,
     source: Side,
     tables: HashMap<TableName, Arc<TargetTable>>,
     bindings: HashMap<u32, (Arc<SourceTable>, Arc<Binding>)>,
-    statements: HashMap<(TableName, Op, Vec<usize>), Option<Statement>>,
+    statements: HashMap<(TableName, Op, bool, Vec<usize>), Option<Statement>>,
+    /// Fresh batches are written with plain INSERTs (the stream), except for these tables.
+    plain_inserts: Option<std::collections::HashSet<TableName>>,
     lookups: HashMap<(TableName, Op, Vec<usize>), Statement>,
     planner: Planner,
     in_txn: bool,
@@ -106,7 +138,9 @@ impl Applier {
                 e.as_db_error().map(|d| d.message().to_string()).unwrap_or_else(|| e.to_string()));
         }
         Ok(Applier {
-            client,
+            client: Arc::new(client),
+            pipeline: Pipeline::new(PIPELINE_DEPTH),
+            plain_inserts: None,
             planner: Planner::new(cfg.batch_rows, BATCH_BYTES),
             cfg,
             source,
@@ -169,7 +203,7 @@ impl Applier {
         if let Some(t) = self.tables.get(name) {
             return Ok(t.clone());
         }
-        let t = catalog::table(&self.client, name).await?.ok_or_else(|| {
+        let t = catalog::table(&*self.client, name).await?.ok_or_else(|| {
             anyhow!(
                 "{}: table {name} does not exist; create it there (same columns and key) and rerun `tandem setup`",
                 self.source.other()
@@ -238,6 +272,79 @@ impl Applier {
 
     /// Apply one change inside the open group (opening it if needed).
     pub async fn apply(&mut self, ev: &Event) -> Result<()> {
+        match self.apply_one(ev).await {
+            Ok(()) => Ok(()),
+            Err(e) => Err(self.explain(e).await),
+        }
+    }
+
+    /// An error while statements are outstanding may only be the echo of one of them failing
+    /// ("current transaction is aborted"): report the statement that failed.
+    async fn explain(&mut self, e: anyhow::Error) -> anyhow::Error {
+        let echo = e.chain().any(|c| {
+            c.downcast_ref::<tokio_postgres::Error>()
+                .and_then(|p| p.code())
+                .is_some_and(|c| *c == tokio_postgres::error::SqlState::IN_FAILED_SQL_TRANSACTION)
+        });
+        if !echo {
+            // The first failure itself (results are read oldest first).
+            self.pipeline.clear();
+            return e;
+        }
+        match self.drain().await {
+            Err(first) => first,
+            Ok(()) => e,
+        }
+    }
+
+    /// Read every outstanding statement's result; the first failure is the error.
+    async fn drain(&mut self) -> Result<()> {
+        while let Some((what, r)) = self.pipeline.next().await {
+            if let Err(e) = self.settle_batch(what, r) {
+                self.pipeline.clear();
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
+    fn settle_batch(
+        &mut self,
+        what: SentBatch,
+        r: Result<u64, tokio_postgres::Error>,
+    ) -> Result<()> {
+        let r = match r {
+            Err(e)
+                if what.fresh
+                    && e.code() == Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION) =>
+            {
+                return Err(InsertCollision {
+                    table: what.table,
+                    target: self.source.other(),
+                    source: e,
+                }
+                .into())
+            }
+            r => r,
+        };
+        let n = r.with_context(|| {
+            format!(
+                "applying {} {:?} rows to {}.{}",
+                what.rows,
+                what.op,
+                self.source.other(),
+                what.table
+            )
+        })?;
+        if what.op == Op::Update && (n as usize) < what.rows {
+            let missing = what.rows as u64 - n;
+            self.stats.missing_rows += missing;
+            tracing::warn!(table = %what.table, missing, "update for rows missing on {}; skipped", self.source.other());
+        }
+        Ok(())
+    }
+
+    async fn apply_one(&mut self, ev: &Event) -> Result<()> {
         self.planner.set_position(ev.commit_lsn, ev.commit_ts);
         self.last_commit_ts = ev.commit_ts;
         match &ev.change {
@@ -358,7 +465,7 @@ impl Applier {
     /// What became of an already-applied change: the resolution `tandem.conflicts` holds for its
     /// row in its source transaction (the final one, after a `resolve`), else "applied". Keys
     /// match by their text forms.
-    async fn outcome_on_record(&self, ev: &Event) -> Result<&'static str> {
+    async fn outcome_on_record(&mut self, ev: &Event) -> Result<&'static str> {
         let (table, row) = match &ev.change {
             Change::Insert { table, new } | Change::Update { table, new, .. } => (table, new),
             Change::Delete { table, old } => (table, &old.tuple),
@@ -508,17 +615,30 @@ impl Applier {
         self.publisher.as_ref().is_some_and(|p| p.pending())
     }
 
+    /// Write fresh batches (rows the source just inserted) with plain INSERTs, except for the
+    /// tables in `except`; an [`InsertCollision`] then ends the group. Only for the stream, which
+    /// can start over from its checkpoint.
+    pub fn insert_plainly(&mut self, except: std::collections::HashSet<TableName>) {
+        self.plain_inserts = Some(except);
+    }
+
     pub fn kafka_required(&self) -> bool {
         self.publisher.as_ref().is_some_and(|p| p.required)
     }
 
     async fn execute(&mut self, batch: &Batch) -> Result<()> {
         let target = &batch.binding.target;
-        let key = (target.name.clone(), batch.op, batch.cols.clone());
+        let fresh = batch.op == Op::Upsert
+            && batch.fresh
+            && self
+                .plain_inserts
+                .as_ref()
+                .is_some_and(|except| !except.contains(&target.name));
+        let key = (target.name.clone(), batch.op, fresh, batch.cols.clone());
         let stmt = match self.statements.get(&key) {
             Some(s) => s.clone(),
             None => {
-                let s = match sql::statement(target, batch.op, &batch.cols) {
+                let s = match sql::statement(target, batch.op, &batch.cols, fresh) {
                     Some(text) => Some(self.client.prepare(&text).await.with_context(|| {
                         format!("preparing the {:?} statement for {}", batch.op, target.name)
                     })?),
@@ -529,22 +649,15 @@ impl Applier {
             }
         };
         let Some(stmt) = stmt else { return Ok(()) };
-        let columns = text_columns(target, &batch.cols, batch.rows.iter().map(Some))?;
-        let params: Vec<&(dyn ToSql + Sync)> =
-            columns.iter().map(|c| c as &(dyn ToSql + Sync)).collect();
-        let n = self.client.execute(&stmt, &params).await.with_context(|| {
-            format!(
-                "applying {} {:?} rows to {}.{}",
-                batch.rows.len(),
-                batch.op,
-                self.source.other(),
-                target.name
-            )
-        })?;
-        if batch.op == Op::Update && (n as usize) < batch.rows.len() {
-            let missing = batch.rows.len() as u64 - n;
-            self.stats.missing_rows += missing;
-            tracing::warn!(table = %target.name, missing, "update for rows missing on {}; skipped", self.source.other());
+        let params = text_arrays(target, &batch.cols, &batch.rows)?;
+        let what = SentBatch {
+            op: batch.op,
+            fresh,
+            rows: batch.rows.len(),
+            table: target.name.clone(),
+        };
+        for (what, r) in self.pipeline.send(&self.client, &stmt, params, what).await {
+            self.settle_batch(what, r)?;
         }
         Ok(())
     }
@@ -760,6 +873,7 @@ impl Applier {
                 rows: deletes,
                 meta: Vec::new(),
                 events: Vec::new(),
+                fresh: false,
             });
         }
         if !kept.is_empty() {
@@ -770,6 +884,7 @@ impl Applier {
                 rows: kept,
                 meta: Vec::new(),
                 events: Vec::new(),
+                fresh: false,
             });
         }
         Ok((out, outcomes))
@@ -777,7 +892,7 @@ impl Applier {
 
     /// Whether `table` is paused in this direction; locks the pause row (shared) so that a
     /// concurrent `tandem resolve` and this transaction see each other's held rows in order.
-    async fn is_paused(&self, table: &TableName) -> Result<bool> {
+    async fn is_paused(&mut self, table: &TableName) -> Result<bool> {
         Ok(self
             .client
             .query_opt(
@@ -941,6 +1056,7 @@ impl Applier {
                 rows: vec![row],
                 meta: vec![meta],
                 events: Vec::new(),
+                fresh: false,
             };
             if i == 0 {
                 // The conflict itself: the operator's choice, no rule.
@@ -986,6 +1102,7 @@ impl Applier {
             return self.record(lsn).await;
         }
         self.run_ready(true).await?;
+        self.drain().await?;
         // One round trip for checkpoint, origin progress and COMMIT: at a steady trickle a group
         // is a few source transactions, and every round trip is lag.
         let mut sql = checkpoint::advance_sql(self.source, lsn);
@@ -1017,6 +1134,7 @@ impl Applier {
             return Ok(());
         }
         self.run_ready(true).await?;
+        self.drain().await?;
         // Not from the stream, so no flush tracking: wait for durability as any client would.
         self.client
             .batch_execute("SET LOCAL synchronous_commit = on; COMMIT")
@@ -1031,6 +1149,7 @@ impl Applier {
     pub async fn rollback(&mut self) -> Result<()> {
         self.planner.flush();
         self.planner.take_ready();
+        self.pipeline.clear();
         if self.in_txn {
             self.in_txn = false;
             self.client.batch_execute("ROLLBACK").await?;
@@ -1081,6 +1200,33 @@ struct ConflictLog {
     resolution: Vec<&'static str>,
 }
 
+/// A batch's rows as one owned `text[]` parameter per column (values shared, not copied).
+fn text_arrays(
+    target: &TargetTable,
+    cols: &[usize],
+    rows: &[Vec<Option<bytes::Bytes>>],
+) -> Result<Vec<TextArray>> {
+    (0..cols.len())
+        .map(|i| {
+            rows.iter()
+                .map(|r| match &r[i] {
+                    Some(b) if std::str::from_utf8(b).is_err() => Err(not_utf8(target, cols[i])),
+                    v => Ok(v.clone()),
+                })
+                .collect::<Result<Vec<_>>>()
+                .map(TextArray)
+        })
+        .collect()
+}
+
+fn not_utf8(target: &TargetTable, col: usize) -> anyhow::Error {
+    anyhow!(
+        "{}: a value of column `{}` is not valid UTF-8; tandem needs UTF8 databases",
+        target.name,
+        target.columns[col].name
+    )
+}
+
 /// Rows of text values (a `None` row: all NULL) turned into one `text[]` parameter per column.
 fn text_columns<'a>(
     target: &TargetTable,
@@ -1092,13 +1238,7 @@ fn text_columns<'a>(
         for (i, column) in columns.iter_mut().enumerate() {
             column.push(match row.and_then(|r| r[i].as_ref()) {
                 None => None,
-                Some(b) => Some(std::str::from_utf8(b).map_err(|_| {
-                    anyhow!(
-                        "{}: a value of column `{}` is not valid UTF-8; tandem needs UTF8 databases",
-                        target.name,
-                        target.columns[cols[i]].name
-                    )
-                })?),
+                Some(b) => Some(std::str::from_utf8(b).map_err(|_| not_utf8(target, cols[i]))?),
             });
         }
     }

@@ -152,6 +152,11 @@ pub struct Batch {
     /// When events are carried (Kafka): per row, the source changes it stands for (several when
     /// a repeated key replaced its row), published once the row's outcome is known.
     pub events: Vec<Vec<crate::event::Event>>,
+    /// Every row of this upsert batch stands for a key the source had no row for before (a source
+    /// insert, or a key change's new key, perhaps updated after in the same batch). While the
+    /// sides agree, the target has no row for any of them either, so a plain INSERT does it,
+    /// without `ON CONFLICT`'s second index probe and speculative-insertion lock.
+    pub fresh: bool,
 }
 
 /// Where a batched row came from, for conflict detection and the conflict log.
@@ -274,7 +279,7 @@ impl Planner {
 
     pub fn insert(&mut self, b: &Arc<Binding>, new: &Tuple) -> Result<(), PlanError> {
         let meta = self.meta(b, SourceOp::Insert, None);
-        self.row(b, Op::Upsert, new, "insert", meta)
+        self.row(b, Op::Upsert, new, "insert", meta, true)
     }
 
     pub fn update(
@@ -291,14 +296,7 @@ impl Planner {
                 // Key change: the old row goes first, so the new key lands as a fresh row.
                 key_changed = true;
                 let meta = self.meta(b, SourceOp::Delete, Some(old));
-                self.push(
-                    b,
-                    Op::Delete,
-                    b.target.key.clone(),
-                    old_key.clone(),
-                    old_key,
-                    meta,
-                )?;
+                self.push_delete(b, old_key, meta)?;
             }
         }
         let partial = new.contains(&Value::UnchangedToast);
@@ -314,13 +312,24 @@ impl Planner {
             new,
             "update",
             meta,
+            key_changed,
         )
     }
 
     pub fn delete(&mut self, b: &Arc<Binding>, old: &OldTuple) -> Result<(), PlanError> {
         let key = key_of(b, &old.tuple, "delete")?;
         let meta = self.meta(b, SourceOp::Delete, Some(old));
-        self.push(b, Op::Delete, b.target.key.clone(), key.clone(), key, meta)
+        self.push_delete(b, key, meta)
+    }
+
+    fn push_delete(
+        &mut self,
+        b: &Arc<Binding>,
+        key: Key,
+        meta: Option<RowMeta>,
+    ) -> Result<(), PlanError> {
+        let image = (b.target.key.clone(), key.clone());
+        self.push(b, Op::Delete, image, key, meta, false)
     }
 
     fn row(
@@ -330,6 +339,7 @@ impl Planner {
         tuple: &Tuple,
         what: &'static str,
         meta: Option<RowMeta>,
+        fresh: bool,
     ) -> Result<(), PlanError> {
         let key = key_of(b, tuple, what)?;
         let mut cols = Vec::with_capacity(tuple.len());
@@ -350,17 +360,18 @@ impl Planner {
             }
             cols.push(t);
         }
-        self.push(b, op, cols, vals, key, meta)
+        self.push(b, op, (cols, vals), key, meta, fresh)
     }
 
+    /// Add a row: `image` is the target columns written and their values.
     fn push(
         &mut self,
         b: &Arc<Binding>,
         op: Op,
-        cols: Vec<usize>,
-        vals: Key,
+        (cols, vals): (Vec<usize>, Key),
         key: Key,
         meta: Option<RowMeta>,
+        fresh: bool,
     ) -> Result<(), PlanError> {
         let same_shape = self
             .current
@@ -403,7 +414,10 @@ impl Planner {
             rows: Vec::new(),
             meta: Vec::new(),
             events: Vec::new(),
+            fresh: true,
         });
+        // A repeated key (above) keeps its row's freshness: the key was absent before the batch.
+        batch.fresh &= fresh;
         batch.rows.push(vals);
         batch.meta.extend(meta);
         if self.carry {
@@ -626,8 +640,14 @@ mod tests {
                     _ => None,
                 };
                 match rnd(5) {
-                    0 | 1 => {
+                    // As on a source: a key is inserted only where it has no row.
+                    0 | 1 if !truth.contains_key(&key) => {
                         p.insert(&bd, &vec![Value::Text(key.clone()), val, t("g")])
+                            .unwrap();
+                        truth.insert(key, val_b);
+                    }
+                    0 | 1 => {
+                        p.update(&bd, None, &vec![Value::Text(key.clone()), val, t("g")])
                             .unwrap();
                         truth.insert(key, val_b);
                     }
@@ -650,6 +670,10 @@ mod tests {
                     }
                     _ => {
                         let to = Bytes::from(format!("{}", rnd(8)));
+                        if to != key && truth.contains_key(&to) {
+                            // The source's key is unique: no key change onto another row.
+                            continue;
+                        }
                         let old = OldTuple {
                             full: false,
                             tuple: vec![Value::Text(key.clone()), Value::Null, Value::Null],
@@ -666,6 +690,14 @@ mod tests {
             batches.extend(p.take_ready());
             let mut got: Table = BTreeMap::new();
             for b in &batches {
+                if b.fresh && b.op == Op::Upsert {
+                    for row in &b.rows {
+                        assert!(
+                            !got.contains_key(row[0].as_ref().unwrap()),
+                            "round {round}: a fresh batch meets a row already there: {b:?}"
+                        );
+                    }
+                }
                 let mut keys = std::collections::HashSet::new();
                 for row in b.rows.iter().rev() {
                     let key = row[0].clone().unwrap();

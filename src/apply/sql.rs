@@ -6,8 +6,10 @@ use crate::apply::plan::{Op, TargetTable};
 use crate::config::quote_ident;
 
 /// The statement for `op` over target columns `cols` (see [`crate::apply::plan::Batch`]).
-/// `None` when there is nothing to write (an update whose only sent columns are the key).
-pub fn statement(t: &TargetTable, op: Op, cols: &[usize]) -> Option<String> {
+/// `None` when there is nothing to write (an update whose only sent columns are the key). With
+/// `fresh` (see [`crate::apply::plan::Batch::fresh`]) an upsert is a plain INSERT: it fails with
+/// a unique violation if a row is there after all.
+pub fn statement(t: &TargetTable, op: Op, cols: &[usize], fresh: bool) -> Option<String> {
     let params: Vec<String> = (1..=cols.len()).map(|i| format!("${i}::text[]")).collect();
     let aliases: Vec<String> = (1..=cols.len()).map(|i| format!("v{i}")).collect();
     let from = format!("unnest({}) AS u({})", params.join(", "), aliases.join(", "));
@@ -48,12 +50,16 @@ pub fn statement(t: &TargetTable, op: Op, cols: &[usize]) -> Option<String> {
                 format!("DO UPDATE SET {}", sets.join(", "))
             };
             let keys: Vec<String> = t.key.iter().map(|&k| col(k)).collect();
-            format!(
-                "INSERT INTO {table} AS t ({}){overriding} SELECT {} FROM {from} ON CONFLICT ({}) {conflict}",
+            let insert = format!(
+                "INSERT INTO {table} AS t ({}){overriding} SELECT {} FROM {from}",
                 names.join(", "),
                 values.join(", "),
-                keys.join(", ")
-            )
+            );
+            if fresh {
+                insert
+            } else {
+                format!("{insert} ON CONFLICT ({}) {conflict}", keys.join(", "))
+            }
         }
         Op::Update => {
             let sets: Vec<String> = cols
@@ -319,7 +325,7 @@ mod tests {
     #[test]
     fn upsert_casts_each_column_and_overrides_identity() {
         assert_eq!(
-            statement(&table(), Op::Upsert, &[0, 1, 2]).unwrap(),
+            statement(&table(), Op::Upsert, &[0, 1, 2], false).unwrap(),
             "INSERT INTO \"public\".\"Jobs\" AS t (\"id\", \"note\", \"n\") OVERRIDING SYSTEM VALUE \
              SELECT u.v1::bigint, u.v2::text, u.v3::numeric(10,2) FROM unnest($1::text[], $2::text[], $3::text[]) \
              AS u(v1, v2, v3) ON CONFLICT (\"id\") DO UPDATE SET \"note\" = EXCLUDED.\"note\", \"n\" = EXCLUDED.\"n\""
@@ -329,17 +335,17 @@ mod tests {
     #[test]
     fn partial_update_sets_only_sent_columns() {
         assert_eq!(
-            statement(&table(), Op::Update, &[0, 2]).unwrap(),
+            statement(&table(), Op::Update, &[0, 2], false).unwrap(),
             "UPDATE \"public\".\"Jobs\" AS t SET \"n\" = u.v2::numeric(10,2) FROM unnest($1::text[], $2::text[]) \
              AS u(v1, v2) WHERE t.\"id\" = u.v1::bigint"
         );
-        assert_eq!(statement(&table(), Op::Update, &[0]), None);
+        assert_eq!(statement(&table(), Op::Update, &[0], false), None);
     }
 
     #[test]
     fn delete_matches_on_the_key() {
         assert_eq!(
-            statement(&table(), Op::Delete, &[0]).unwrap(),
+            statement(&table(), Op::Delete, &[0], false).unwrap(),
             "DELETE FROM \"public\".\"Jobs\" AS t USING unnest($1::text[]) AS u(v1) WHERE t.\"id\" = u.v1::bigint"
         );
     }
