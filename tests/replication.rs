@@ -296,12 +296,13 @@ async fn per_table_direction_is_honoured() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_insert_meeting_a_row_already_on_the_target_is_applied_as_an_upsert() {
-    // Inserts go out as plain INSERTs (no ON CONFLICT); a row the target already has must not
-    // stop replication or lose the rest of the transaction.
+    // A large transaction's inserts go out as plain INSERTs (no ON CONFLICT); a row the target
+    // already has must not stop replication or lose the rest of the transaction.
     let fx = Fixture::new(
         "collide",
         "CREATE TABLE items (id int PRIMARY KEY, v text);",
-        "tables = [\"public.items\"]\n[replication.direction]\n\"public.items\" = \"desktop_to_mobile\"",
+        // Batches of two rows: the three-row transaction below is "large" (see `Batch::large`).
+        "tables = [\"public.items\"]\nbatch_rows = 2\n[replication.direction]\n\"public.items\" = \"desktop_to_mobile\"",
     )
     .await;
     fx.m.batch_execute("INSERT INTO items VALUES (2, 'mobile had it')")

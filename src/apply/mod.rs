@@ -28,8 +28,14 @@ use plan::{Batch, Binding, Op, Planner, TargetTable};
 
 /// Most bytes of values in one statement.
 const BATCH_BYTES: usize = 16 << 20;
-/// Batch statements sent ahead of their results. Two keep the server busy while the next batch
-/// is planned; each holds at most one batch's encoded values (`BATCH_BYTES`).
+/// Batch statements of a large source transaction sent ahead of their results: two keep the
+/// target busy while the next batch is planned, and each holds at most one batch's encoded values
+/// (`BATCH_BYTES`). Only there, as measured with `tandem bench` on 2 cores: replaying a large
+/// transaction, the source's walsender waits on the apply side, and pipelining (with plain
+/// INSERTs, see [`Batch::fresh`]) drained W2 22% faster. With many small transactions the
+/// walsender's decoding is the limit, and a consumer that never stalls only makes each of its
+/// per-message sends costlier (time in `send()` 39% → 62% of the walsender's): W1 lost 10–25%
+/// and steady-state lag doubled. There the applier waits for each statement, as before.
 const PIPELINE_DEPTH: usize = 2;
 
 /// What a sent batch statement is checked against when its result comes back.
@@ -630,6 +636,7 @@ impl Applier {
         let target = &batch.binding.target;
         let fresh = batch.op == Op::Upsert
             && batch.fresh
+            && batch.large
             && self
                 .plain_inserts
                 .as_ref()
@@ -658,6 +665,10 @@ impl Applier {
         };
         for (what, r) in self.pipeline.send(&self.client, &stmt, params, what).await {
             self.settle_batch(what, r)?;
+        }
+        if !batch.large {
+            // Only a large transaction's batches go ahead of their results; see `PIPELINE_DEPTH`.
+            self.drain().await?;
         }
         Ok(())
     }
@@ -874,6 +885,8 @@ impl Applier {
                 meta: Vec::new(),
                 events: Vec::new(),
                 fresh: false,
+                large: false,
+                txn: None,
             });
         }
         if !kept.is_empty() {
@@ -885,6 +898,8 @@ impl Applier {
                 meta: Vec::new(),
                 events: Vec::new(),
                 fresh: false,
+                large: false,
+                txn: None,
             });
         }
         Ok((out, outcomes))
@@ -1057,6 +1072,8 @@ impl Applier {
                 meta: vec![meta],
                 events: Vec::new(),
                 fresh: false,
+                large: false,
+                txn: None,
             };
             if i == 0 {
                 // The conflict itself: the operator's choice, no rule.

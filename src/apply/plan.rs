@@ -157,6 +157,11 @@ pub struct Batch {
     /// sides agree, the target has no row for any of them either, so a plain INSERT does it,
     /// without `ON CONFLICT`'s second index probe and speculative-insertion lock.
     pub fresh: bool,
+    /// The batch was closed by a size limit with every row from one source transaction: it is a
+    /// part of a large transaction.
+    pub large: bool,
+    /// The one source transaction (commit LSN) all rows come from, `None` once they are several.
+    pub txn: Option<Lsn>,
 }
 
 /// Where a batched row came from, for conflict detection and the conflict log.
@@ -392,6 +397,9 @@ impl Planner {
                 .map(|v| v.as_ref().map_or(1, |x| x.len() + 1))
                 .sum::<usize>();
             batch.rows[i] = vals;
+            if batch.txn != Some(self.at.0) {
+                batch.txn = None;
+            }
             if let (Some(evs), Some(ev)) = (batch.events.get_mut(i), self.event.take()) {
                 evs.push(ev);
             }
@@ -415,7 +423,12 @@ impl Planner {
             meta: Vec::new(),
             events: Vec::new(),
             fresh: true,
+            large: false,
+            txn: Some(self.at.0),
         });
+        if batch.txn != Some(self.at.0) {
+            batch.txn = None;
+        }
         // A repeated key (above) keeps its row's freshness: the key was absent before the batch.
         batch.fresh &= fresh;
         batch.rows.push(vals);
@@ -426,6 +439,7 @@ impl Planner {
         self.bytes += size;
         self.keys.insert(key, batch.rows.len() - 1);
         if batch.rows.len() >= self.max_rows || self.bytes >= self.max_bytes {
+            batch.large = batch.txn.is_some();
             self.flush();
         }
         Ok(())
@@ -721,6 +735,31 @@ mod tests {
             }
             assert_eq!(got, truth, "round {round}");
         }
+    }
+
+    #[test]
+    fn only_a_batch_cut_from_one_large_transaction_is_large() {
+        let bd = binding();
+        let mut p = Planner::new(3, 1 << 20);
+        p.set_position(Lsn(100), 0);
+        for i in 0..4 {
+            p.insert(&bd, &row(&i.to_string(), t("x"))).unwrap();
+        }
+        // Three rows of one transaction filled a batch; the fourth waits in the open one.
+        p.set_position(Lsn(200), 0);
+        p.insert(&bd, &row("9", t("y"))).unwrap(); // another transaction joins it
+        p.insert(&bd, &row("8", t("y"))).unwrap(); // full, but mixed
+        p.set_position(Lsn(300), 0);
+        p.insert(&bd, &row("7", t("z"))).unwrap(); // small transaction, closed by a flush
+        p.flush();
+        let r = p.take_ready();
+        assert_eq!(
+            r.iter()
+                .map(|b| (b.rows.len(), b.large))
+                .collect::<Vec<_>>(),
+            vec![(3, true), (3, false), (1, false)]
+        );
+        assert!(r.iter().all(|b| b.fresh));
     }
 
     #[test]
