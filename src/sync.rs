@@ -444,11 +444,11 @@ async fn stream_loop(
                     skipping = commit_lsn < checkpoint;
                 }
                 Some(Item::Change(ev)) if skipping && applier.kafka_required() => {
-                    applier.publish_again(&ev).await?;
+                    applier.publish_again(ev).await?;
                 }
                 Some(Item::Change(_)) if skipping => {}
                 Some(Item::Echo(ev)) if !skipping || applier.kafka_required() => {
-                    applier.publish_echo(&ev).await?;
+                    applier.publish_echo(ev).await?;
                 }
                 Some(Item::Echo(_)) => {}
                 Some(Item::Change(ev)) => {

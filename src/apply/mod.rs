@@ -356,21 +356,21 @@ impl Applier {
         match &ev.change {
             Change::Insert { table, new } => {
                 let Some(b) = self.row_target(table, ev.commit_lsn).await? else {
-                    return self.publish(ev, "skipped").await;
+                    return self.publish(ev.clone(), "skipped").await;
                 };
                 self.planner.set_event(ev);
                 self.planner.insert(&b, new)?;
             }
             Change::Update { table, old, new } => {
                 let Some(b) = self.row_target(table, ev.commit_lsn).await? else {
-                    return self.publish(ev, "skipped").await;
+                    return self.publish(ev.clone(), "skipped").await;
                 };
                 self.planner.set_event(ev);
                 self.planner.update(&b, old.as_ref(), new)?;
             }
             Change::Delete { table, old } => {
                 let Some(b) = self.row_target(table, ev.commit_lsn).await? else {
-                    return self.publish(ev, "skipped").await;
+                    return self.publish(ev.clone(), "skipped").await;
                 };
                 self.planner.set_event(ev);
                 self.planner.delete(&b, old)?;
@@ -386,7 +386,7 @@ impl Applier {
                     .map(|t| t.name.quoted())
                     .collect();
                 if names.is_empty() || !self.cfg.apply_truncate {
-                    return self.publish(ev, "skipped").await;
+                    return self.publish(ev.clone(), "skipped").await;
                 }
                 self.ensure_txn(ev.commit_lsn).await?;
                 self.run_ready(true).await?;
@@ -414,7 +414,7 @@ impl Applier {
                     .batch_execute(&sql)
                     .await
                     .with_context(|| format!("{sql} on {}", self.source.other()))?;
-                self.publish(ev, "applied").await?;
+                self.publish(ev.clone(), "applied").await?;
             }
         }
         self.stats.changes += 1;
@@ -444,7 +444,7 @@ impl Applier {
                 }
                 outcomes
             };
-            for (evs, outcome) in events.iter().zip(outcomes) {
+            for (evs, outcome) in events.into_iter().zip(outcomes) {
                 for ev in evs {
                     self.publish(ev, outcome).await?;
                 }
@@ -454,7 +454,7 @@ impl Applier {
     }
 
     /// Kafka: publish one change with what became of it.
-    async fn publish(&mut self, ev: &Event, outcome: &str) -> Result<()> {
+    async fn publish(&mut self, ev: Event, outcome: &'static str) -> Result<()> {
         match &mut self.publisher {
             Some(p) => p.publish(ev, outcome).await,
             None => Ok(()),
@@ -463,8 +463,8 @@ impl Applier {
 
     /// Kafka: a change applied before a restart, sent again because Kafka had not acknowledged
     /// it (consumers dedupe by id).
-    pub async fn publish_again(&mut self, ev: &Event) -> Result<()> {
-        let outcome = self.outcome_on_record(ev).await?;
+    pub async fn publish_again(&mut self, ev: Event) -> Result<()> {
+        let outcome = self.outcome_on_record(&ev).await?;
         self.publish(ev, outcome).await
     }
 
@@ -522,7 +522,7 @@ impl Applier {
     }
 
     /// Kafka: a change of a transaction tandem itself wrote (not applied back).
-    pub async fn publish_echo(&mut self, ev: &Event) -> Result<()> {
+    pub async fn publish_echo(&mut self, ev: Event) -> Result<()> {
         self.publish(ev, "skipped_echo").await
     }
 

@@ -3,6 +3,8 @@
 //! the source slot is confirmed only past what Kafka acknowledged (`required = true`).
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Context, Result};
@@ -338,12 +340,11 @@ enum InFlight {
     Barrier(Lsn),
 }
 
-/// One direction's producer.
-pub struct Publisher {
+/// One direction's producer, owned by its [`Publisher`]'s task.
+struct Producer {
     producer: FutureProducer,
     topic: String,
     format: KafkaFormat,
-    pub required: bool,
     in_flight: VecDeque<InFlight>,
     delivered: Lsn,
     /// `required = false`: where undelivered events wait.
@@ -352,10 +353,8 @@ pub struct Publisher {
     last_failure: Option<Instant>,
 }
 
-impl Publisher {
-    /// `start`: what Kafka is known to hold already (the slot's confirmed position); `direction`
-    /// names the spool file.
-    pub fn new(cfg: &KafkaConfig, start: Lsn, direction: &str) -> Result<Publisher> {
+impl Producer {
+    fn new(cfg: &KafkaConfig, start: Lsn, direction: &str) -> Result<Producer> {
         let mut c = ClientConfig::new();
         c.set("bootstrap.servers", &cfg.brokers)
             .set("enable.idempotence", "true")
@@ -387,11 +386,10 @@ impl Publisher {
             }
             Some(s)
         };
-        Ok(Publisher {
+        Ok(Producer {
             producer,
             topic: cfg.topic.clone(),
             format: cfg.format,
-            required: cfg.required,
             in_flight: VecDeque::new(),
             delivered: start,
             spool,
@@ -400,7 +398,7 @@ impl Publisher {
     }
 
     /// Send the messages of one change (waiting while too many are unacknowledged).
-    pub async fn publish(&mut self, ev: &Event, outcome: &str) -> Result<()> {
+    async fn publish(&mut self, ev: &Event, outcome: &str) -> Result<()> {
         let topic = self.topic.clone();
         for r in records(ev, outcome, self.format) {
             let headers = OwnedHeaders::new()
@@ -441,18 +439,16 @@ impl Publisher {
         Ok(())
     }
 
-    /// Everything published so far belongs to source commits up to `lsn`.
-    pub fn barrier(&mut self, lsn: Lsn) {
+    fn barrier(&mut self, lsn: Lsn) {
         self.in_flight.push_back(InFlight::Barrier(lsn));
     }
 
-    /// Messages sent and not yet acknowledged (or barriers not yet passed).
-    pub fn pending(&self) -> bool {
+    fn pending(&self) -> bool {
         !self.in_flight.is_empty()
     }
 
     /// Up to where Kafka acknowledged everything (without waiting).
-    pub fn delivered(&mut self) -> Result<Lsn> {
+    fn delivered(&mut self) -> Result<Lsn> {
         while let Some(front) = self.in_flight.front_mut() {
             match front {
                 InFlight::Barrier(l) => self.delivered = self.delivered.max(*l),
@@ -523,7 +519,7 @@ impl Publisher {
     }
 
     /// Wait (up to `limit`) until every message sent is acknowledged; returns the delivered LSN.
-    pub async fn drain(&mut self, limit: Duration) -> Result<Lsn> {
+    async fn drain(&mut self, limit: Duration) -> Result<Lsn> {
         let deadline = Instant::now() + limit;
         while self
             .in_flight
@@ -536,17 +532,24 @@ impl Publisher {
         self.delivered()
     }
 
-    /// Wait for the oldest message's acknowledgement.
+    /// Wait for the oldest message's acknowledgement. Cancel-safe (`drain` times it out): the
+    /// message leaves the queue only once settled, or its barrier could pass without it.
     async fn wait_one(&mut self) -> Result<()> {
         loop {
-            match self.in_flight.pop_front() {
+            match self.in_flight.front_mut() {
                 None => {
                     tokio::time::sleep(Duration::from_millis(10)).await;
                     return Ok(());
                 }
-                Some(InFlight::Barrier(l)) => self.delivered = self.delivered.max(l),
+                Some(InFlight::Barrier(l)) => {
+                    self.delivered = self.delivered.max(*l);
+                    self.in_flight.pop_front();
+                }
                 Some(InFlight::Message(f, sent)) => {
-                    return self.settle(f.await, sent);
+                    let sent = *sent;
+                    let r = f.await;
+                    self.in_flight.pop_front();
+                    return self.settle(r, sent);
                 }
             }
         }
@@ -596,6 +599,212 @@ impl Publisher {
                 .context("Kafka is required ([kafka] required = true)"),
         }
     }
+}
+
+/// Changes queued for a direction's Kafka task before `publish` waits: the apply loop runs ahead
+/// of encoding and sending by at most this many (plus one unpaid handover, see `barrier`).
+const MAX_QUEUED: usize = 8_192;
+/// Changes handed to the Kafka task together: one channel send (and wakeup) per this many.
+const HANDOVER: usize = 256;
+
+enum Command {
+    /// Changes with their outcomes, and how many queue permits they hold.
+    Publish(Vec<(Event, &'static str)>, usize),
+    Barrier(Lsn),
+    Drain(Duration, tokio::sync::oneshot::Sender<Result<Lsn>>),
+}
+
+/// What the Kafka task reports back to the apply loop.
+#[derive(Default)]
+struct Shared {
+    delivered: AtomicU64,
+    /// Commands sent and not yet handled.
+    queued: AtomicUsize,
+    /// Messages sent and not yet acknowledged.
+    unacknowledged: AtomicBool,
+    /// Why the task stopped (a delivery failed with `required = true`).
+    failed: std::sync::Mutex<Option<String>>,
+}
+
+/// One direction's audit stream. Encoding and producing run on a task of their own, fed in order
+/// through a channel, so they overlap with the apply loop's waits on the target instead of adding
+/// to them; barriers travel the same channel, so "delivered" still means every change up to that
+/// source LSN was acknowledged.
+pub struct Publisher {
+    /// Changes not yet handed over.
+    buffer: Vec<(Event, &'static str)>,
+    commands: tokio::sync::mpsc::UnboundedSender<Command>,
+    /// Room for queued changes (bounds the queue's memory).
+    room: Arc<tokio::sync::Semaphore>,
+    shared: Arc<Shared>,
+    task: tokio::task::JoinHandle<()>,
+    pub required: bool,
+}
+
+impl Publisher {
+    /// `start`: what Kafka is known to hold already (the slot's confirmed position); `direction`
+    /// names the spool file.
+    pub fn new(cfg: &KafkaConfig, start: Lsn, direction: &str) -> Result<Publisher> {
+        let producer = Producer::new(cfg, start, direction)?;
+        let (commands, rx) = tokio::sync::mpsc::unbounded_channel();
+        let room = Arc::new(tokio::sync::Semaphore::new(MAX_QUEUED));
+        let shared = Arc::new(Shared {
+            delivered: AtomicU64::new(start.0),
+            ..Default::default()
+        });
+        let task = tokio::spawn(work(producer, rx, room.clone(), shared.clone()));
+        Ok(Publisher {
+            buffer: Vec::with_capacity(HANDOVER),
+            commands,
+            room,
+            shared,
+            task,
+            required: cfg.required,
+        })
+    }
+
+    /// Queue the messages of one change (waiting while the queue is full).
+    pub async fn publish(&mut self, ev: Event, outcome: &'static str) -> Result<()> {
+        self.buffer.push((ev, outcome));
+        if self.buffer.len() >= HANDOVER {
+            let n = self.buffer.len();
+            self.room
+                .acquire_many(n as u32)
+                .await
+                .map_err(|_| self.stopped())?
+                .forget();
+            let changes = std::mem::replace(&mut self.buffer, Vec::with_capacity(HANDOVER));
+            self.send(Command::Publish(changes, n))?;
+        }
+        Ok(())
+    }
+
+    /// Everything published so far belongs to source commits up to `lsn`.
+    pub fn barrier(&mut self, lsn: Lsn) {
+        self.hand_over_unpaid();
+        // A stopped task reports why at the next `delivered`.
+        let _ = self.send(Command::Barrier(lsn));
+    }
+
+    /// Hand over what is buffered without waiting for room: fewer than `HANDOVER` changes, so
+    /// the queue's bound holds within that.
+    fn hand_over_unpaid(&mut self) {
+        if !self.buffer.is_empty() {
+            let changes = std::mem::replace(&mut self.buffer, Vec::with_capacity(HANDOVER));
+            let _ = self.send(Command::Publish(changes, 0));
+        }
+    }
+
+    /// Acknowledgements are outstanding (or changes not yet sent).
+    pub fn pending(&self) -> bool {
+        !self.buffer.is_empty()
+            || self.shared.queued.load(Ordering::Acquire) > 0
+            || self.shared.unacknowledged.load(Ordering::Acquire)
+    }
+
+    /// Up to where Kafka acknowledged everything (without waiting).
+    pub fn delivered(&mut self) -> Result<Lsn> {
+        if let Some(e) = self.failure() {
+            return Err(anyhow!(e));
+        }
+        Ok(Lsn(self.shared.delivered.load(Ordering::Acquire)))
+    }
+
+    /// Wait (up to `limit`) until every message sent is acknowledged; returns the delivered LSN.
+    pub async fn drain(&mut self, limit: Duration) -> Result<Lsn> {
+        self.hand_over_unpaid();
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.send(Command::Drain(limit, tx))?;
+        rx.await.map_err(|_| self.stopped())?
+    }
+
+    fn send(&self, c: Command) -> Result<()> {
+        self.shared.queued.fetch_add(1, Ordering::AcqRel);
+        self.commands.send(c).map_err(|_| self.stopped())
+    }
+
+    fn failure(&self) -> Option<String> {
+        self.shared
+            .failed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    fn stopped(&self) -> anyhow::Error {
+        anyhow!(self
+            .failure()
+            .unwrap_or_else(|| "[kafka]: the producer task stopped".into()))
+    }
+}
+
+impl Drop for Publisher {
+    fn drop(&mut self) {
+        // It may be waiting on Kafka forever (`required`); its producer goes with it.
+        self.task.abort();
+    }
+}
+
+/// The Kafka task: handle commands in order; after each burst, publish what is delivered.
+async fn work(
+    mut p: Producer,
+    mut rx: tokio::sync::mpsc::UnboundedReceiver<Command>,
+    room: Arc<tokio::sync::Semaphore>,
+    shared: Arc<Shared>,
+) {
+    // While acknowledgements are outstanding, look for them this often even with no commands.
+    const ACK_POLL: Duration = Duration::from_millis(5);
+    let result: Result<()> = async {
+        loop {
+            let first = if p.pending() {
+                tokio::select! {
+                    c = rx.recv() => c,
+                    _ = tokio::time::sleep(ACK_POLL) => {
+                        report(&mut p, &shared)?;
+                        continue;
+                    }
+                }
+            } else {
+                rx.recv().await
+            };
+            let Some(mut c) = first else { return Ok(()) };
+            // A burst of what is queued, then one look at the acknowledgements.
+            for more in (0..16).rev() {
+                match c {
+                    Command::Publish(changes, permits) => {
+                        for (ev, outcome) in changes {
+                            p.publish(&ev, outcome).await?;
+                        }
+                        room.add_permits(permits);
+                    }
+                    Command::Barrier(l) => p.barrier(l),
+                    Command::Drain(limit, reply) => {
+                        let _ = reply.send(p.drain(limit).await);
+                    }
+                }
+                shared.queued.fetch_sub(1, Ordering::AcqRel);
+                // Take the next one only if this burst will handle it.
+                match (more > 0).then(|| rx.try_recv().ok()).flatten() {
+                    Some(next) => c = next,
+                    None => break,
+                }
+            }
+            report(&mut p, &shared)?;
+        }
+    }
+    .await;
+    if let Err(e) = result {
+        *shared.failed.lock().unwrap_or_else(|p| p.into_inner()) = Some(format!("{e:#}"));
+        // Wake a publisher waiting for room: it finds the failure.
+        room.close();
+    }
+}
+
+fn report(p: &mut Producer, shared: &Shared) -> Result<()> {
+    let l = p.delivered()?;
+    shared.delivered.store(l.0, Ordering::Release);
+    shared.unacknowledged.store(p.pending(), Ordering::Release);
+    Ok(())
 }
 
 #[cfg(test)]
