@@ -96,134 +96,241 @@ pub fn rfc3339(pg_micros: i64) -> String {
 /// resolution, or "error".
 pub fn records(ev: &Event, outcome: &str, format: KafkaFormat) -> Vec<Record> {
     let site = ev.source.tag().to_string();
-    let base_id = format!("{}:{}:{}", site, ev.commit_lsn, ev.ordinal);
-    // (table, key, before, after, unchanged)
-    type Parts<'a> = (
-        &'a SourceTable,
-        Vec<(String, Option<String>)>,
-        Option<Vec<(String, Option<String>)>>,
-        Option<Vec<(String, Option<String>)>>,
-        Vec<String>,
-    );
-    let unchanged = |t: &SourceTable, row: &Tuple| -> Vec<String> {
-        t.columns
-            .iter()
-            .zip(row)
-            .filter(|(_, v)| **v == Value::UnchangedToast)
-            .map(|(c, _)| c.name.clone())
-            .collect()
-    };
-    let parts: Vec<Parts> = match &ev.change {
-        Change::Insert { table, new } => vec![(
+    let commit_lsn = ev.commit_lsn.to_string();
+    let base_id = format!("{}:{}:{}", site, commit_lsn, ev.ordinal);
+    let parts: Vec<Part> = match &ev.change {
+        Change::Insert { table, new } => vec![Part {
             table,
-            image(table, new, true),
-            None,
-            Some(image(table, new, false)),
-            Vec::new(),
-        )],
-        Change::Update { table, old, new } => vec![(
+            key: Some(new),
+            before: None,
+            after: Some(new),
+        }],
+        Change::Update { table, old, new } => vec![Part {
             table,
-            image(table, new, true),
-            old.as_ref().map(|o| image(table, &o.tuple, !o.full)),
-            Some(image(table, new, false)),
-            unchanged(table, new),
-        )],
-        Change::Delete { table, old } => vec![(
+            key: Some(new),
+            before: old.as_ref().map(|o| (&o.tuple, !o.full)),
+            after: Some(new),
+        }],
+        Change::Delete { table, old } => vec![Part {
             table,
-            image(table, &old.tuple, true),
-            Some(image(table, &old.tuple, !old.full)),
-            None,
-            Vec::new(),
-        )],
+            key: Some(&old.tuple),
+            before: Some((&old.tuple, !old.full)),
+            after: None,
+        }],
         Change::Truncate { tables, .. } => tables
             .iter()
-            .map(|t| (&**t, Vec::new(), None, None, Vec::new()))
+            .map(|t| Part {
+                table: t,
+                key: None,
+                before: None,
+                after: None,
+            })
             .collect(),
     };
     parts
         .into_iter()
         .enumerate()
-        .map(|(i, (table, key, before, after, unchanged_toast))| {
+        .map(|(i, part)| {
             let id = if i == 0 {
                 base_id.clone()
             } else {
                 format!("{base_id}/{i}")
             };
-            let key_values: Vec<&Option<String>> = key.iter().map(|(_, v)| v).collect();
-            let kafka_key = format!(
-                "{}.{}:{}",
-                table.name.schema,
-                table.name.name,
-                serde_json::to_string(&key_values).expect("strings serialise")
-            );
+            let table = part.table;
+            let mut kafka_key = format!("{}.{}:[", table.name.schema, table.name.name);
+            for (n, (_, v)) in part.columns(part.key, true).enumerate() {
+                if n > 0 {
+                    kafka_key.push(',');
+                }
+                kafka_key
+                    .push_str(&serde_json::to_string(&v.as_deref()).expect("strings serialise"));
+            }
+            kafka_key.push(']');
+            let head = Head {
+                id: &id,
+                site: &site,
+                op: ev.change.op(),
+                commit_lsn: &commit_lsn,
+                outcome,
+            };
             let payload = match format {
-                KafkaFormat::Json => {
-                    let obj = |cols: &[(String, Option<String>)]| {
-                        serde_json::Value::Object(
-                            cols.iter()
-                                .map(|(c, v)| (c.clone(), serde_json::json!(v)))
-                                .collect(),
-                        )
-                    };
-                    serde_json::to_vec(&serde_json::json!({
-                        "id": id,
-                        "site": site,
-                        "op": ev.change.op(),
-                        "schema": table.name.schema,
-                        "table": table.name.name,
-                        "key": obj(&key),
-                        "before": before.as_deref().map(obj),
-                        "after": after.as_deref().map(obj),
-                        "unchanged_toast": unchanged_toast,
-                        "commit_lsn": ev.commit_lsn.to_string(),
-                        "commit_ts": rfc3339(ev.commit_ts),
-                        "xid": ev.xid,
-                        "ordinal": ev.ordinal,
-                        "outcome": outcome,
-                    }))
-                    .expect("JSON values serialise")
-                }
-                KafkaFormat::Protobuf => {
-                    let map = |cols: &[(String, Option<String>)]| -> HashMap<String, proto::Value> {
-                        cols.iter()
-                            .map(|(c, v)| {
-                                let kind = match v {
-                                    Some(t) => proto::value::Kind::Text(t.clone()),
-                                    None => proto::value::Kind::Null(true),
-                                };
-                                (c.clone(), proto::Value { kind: Some(kind) })
-                            })
-                            .collect()
-                    };
-                    proto::Event {
-                        id: id.clone(),
-                        site: site.clone(),
-                        op: ev.change.op().into(),
-                        schema: table.name.schema.clone(),
-                        table: table.name.name.clone(),
-                        key: map(&key),
-                        before: before.as_deref().map(|b| proto::Row { columns: map(b) }),
-                        after: after.as_deref().map(|a| proto::Row { columns: map(a) }),
-                        unchanged_toast,
-                        commit_lsn: ev.commit_lsn.to_string(),
-                        commit_ts_micros: ev.commit_ts + PG_EPOCH_UNIX_MICROS,
-                        xid: ev.xid,
-                        ordinal: ev.ordinal,
-                        outcome: outcome.into(),
-                    }
-                    .encode_to_vec()
-                }
+                KafkaFormat::Json => json_payload(ev, &part, &head),
+                KafkaFormat::Protobuf => proto_payload(ev, &part, &head),
             };
             Record {
-                id,
                 key: kafka_key.into_bytes(),
                 payload,
                 site: site.clone(),
-                commit_lsn: ev.commit_lsn.to_string(),
+                commit_lsn: commit_lsn.clone(),
                 xid: ev.xid,
+                id,
             }
         })
         .collect()
+}
+
+/// The rows of one message: where its key, before and after images come from.
+struct Part<'a> {
+    table: &'a SourceTable,
+    key: Option<&'a Tuple>,
+    /// The old row, and whether it is the replica identity only.
+    before: Option<(&'a Tuple, bool)>,
+    after: Option<&'a Tuple>,
+}
+
+impl<'a> Part<'a> {
+    /// `(column, value)` of a row image, without copying: unchanged-TOAST columns are left out;
+    /// `keys_only`, the non-key columns too.
+    fn columns(
+        &self,
+        row: Option<&'a Tuple>,
+        keys_only: bool,
+    ) -> impl Iterator<Item = (&'a str, Option<std::borrow::Cow<'a, str>>)> + Clone + 'a {
+        self.table
+            .columns
+            .iter()
+            .zip(row.into_iter().flatten())
+            .filter(move |(c, v)| (!keys_only || c.key) && **v != Value::UnchangedToast)
+            .map(|(c, v)| {
+                let text = match v {
+                    Value::Text(b) | Value::Binary(b) => Some(String::from_utf8_lossy(b)),
+                    _ => None,
+                };
+                (c.name.as_str(), text)
+            })
+    }
+
+    /// Columns the new row leaves as they were (only an update's can).
+    fn unchanged_toast(&self) -> impl Iterator<Item = &'a str> + 'a {
+        self.table
+            .columns
+            .iter()
+            .zip(self.after.into_iter().flatten())
+            .filter(|(_, v)| **v == Value::UnchangedToast)
+            .map(|(c, _)| c.name.as_str())
+    }
+}
+
+/// The fields every message repeats.
+struct Head<'a> {
+    id: &'a str,
+    site: &'a str,
+    op: &'a str,
+    commit_lsn: &'a str,
+    outcome: &'a str,
+}
+
+fn json_payload(ev: &Event, part: &Part, head: &Head) -> Vec<u8> {
+    let obj = |cols: &mut dyn Iterator<Item = (&str, Option<std::borrow::Cow<str>>)>| {
+        serde_json::Value::Object(
+            cols.map(|(c, v)| (c.to_string(), serde_json::json!(v)))
+                .collect(),
+        )
+    };
+    serde_json::to_vec(&serde_json::json!({
+        "id": head.id,
+        "site": head.site,
+        "op": head.op,
+        "schema": part.table.name.schema,
+        "table": part.table.name.name,
+        "key": obj(&mut part.columns(part.key, true)),
+        "before": part.before.map(|(row, keys)| obj(&mut part.columns(Some(row), keys))),
+        "after": part.after.map(|row| obj(&mut part.columns(Some(row), false))),
+        "unchanged_toast": part.unchanged_toast().collect::<Vec<_>>(),
+        "commit_lsn": head.commit_lsn,
+        "commit_ts": rfc3339(ev.commit_ts),
+        "xid": ev.xid,
+        "ordinal": ev.ordinal,
+        "outcome": head.outcome,
+    }))
+    .expect("JSON values serialise")
+}
+
+/// `tandem.v1.Event` (see `proto/`), written straight from the change: the bytes prost would
+/// write for the same message, except that map entries come in column order. Building a
+/// `proto::Event` first costs a map and two string copies per column, and was the largest part
+/// of Kafka's cost per change.
+fn proto_payload(ev: &Event, part: &Part, head: &Head) -> Vec<u8> {
+    use prost::encoding::{encode_key, encode_varint, encoded_len_varint, WireType};
+    type Cols<'a> = (&'a str, Option<std::borrow::Cow<'a, str>>);
+    fn len_delimited(len: usize) -> usize {
+        encoded_len_varint(len as u64) + len
+    }
+    fn put_str(tag: u32, s: &str, buf: &mut Vec<u8>) {
+        encode_key(tag, WireType::LengthDelimited, buf);
+        encode_varint(s.len() as u64, buf);
+        buf.extend_from_slice(s.as_bytes());
+    }
+    // A field at its default value is not written (proto3).
+    fn put_nonempty(tag: u32, s: &str, buf: &mut Vec<u8>) {
+        if !s.is_empty() {
+            put_str(tag, s, buf);
+        }
+    }
+    fn put_uint(tag: u32, v: u64, buf: &mut Vec<u8>) {
+        if v != 0 {
+            encode_key(tag, WireType::Varint, buf);
+            encode_varint(v, buf);
+        }
+    }
+    // Value: `null = 1` (true) or `text = 2`; a oneof member is written even at its default.
+    fn value_len(v: &Option<std::borrow::Cow<str>>) -> usize {
+        match v {
+            None => 2,
+            Some(t) => 1 + len_delimited(t.len()),
+        }
+    }
+    fn entry_len((name, v): &Cols) -> usize {
+        1 + len_delimited(name.len()) + 1 + len_delimited(value_len(v))
+    }
+    // Map entries `{key = 1: column, value = 2: Value}` under field `tag`.
+    fn put_entries<'a>(tag: u32, cols: impl Iterator<Item = Cols<'a>>, buf: &mut Vec<u8>) {
+        for col in cols {
+            encode_key(tag, WireType::LengthDelimited, buf);
+            encode_varint(entry_len(&col) as u64, buf);
+            put_str(1, col.0, buf);
+            encode_key(2, WireType::LengthDelimited, buf);
+            encode_varint(value_len(&col.1) as u64, buf);
+            match &col.1 {
+                None => {
+                    encode_key(1, WireType::Varint, buf);
+                    encode_varint(1, buf);
+                }
+                Some(t) => put_str(2, t, buf),
+            }
+        }
+    }
+    // Row `{columns = 1: map}` under field `tag`, present even when empty.
+    fn put_row<'a>(tag: u32, cols: impl Iterator<Item = Cols<'a>> + Clone, buf: &mut Vec<u8>) {
+        let len: usize = cols.clone().map(|c| 1 + len_delimited(entry_len(&c))).sum();
+        encode_key(tag, WireType::LengthDelimited, buf);
+        encode_varint(len as u64, buf);
+        put_entries(1, cols, buf);
+    }
+    let t = &part.table.name;
+    let mut buf = Vec::with_capacity(256);
+    put_nonempty(1, head.id, &mut buf);
+    put_nonempty(2, head.site, &mut buf);
+    put_nonempty(3, head.op, &mut buf);
+    put_nonempty(4, &t.schema, &mut buf);
+    put_nonempty(5, &t.name, &mut buf);
+    put_entries(6, part.columns(part.key, true), &mut buf);
+    if let Some((row, keys)) = part.before {
+        put_row(7, part.columns(Some(row), keys), &mut buf);
+    }
+    if let Some(row) = part.after {
+        put_row(8, part.columns(Some(row), false), &mut buf);
+    }
+    for c in part.unchanged_toast() {
+        put_str(9, c, &mut buf);
+    }
+    put_nonempty(10, head.commit_lsn, &mut buf);
+    // int64: two's complement as a varint.
+    put_uint(11, (ev.commit_ts + PG_EPOCH_UNIX_MICROS) as u64, &mut buf);
+    put_uint(12, u64::from(ev.xid), &mut buf);
+    put_uint(13, u64::from(ev.ordinal), &mut buf);
+    put_nonempty(14, head.outcome, &mut buf);
+    buf
 }
 
 /// `(column, text value or NULL)` of a row image, in column-name order.
@@ -343,7 +450,7 @@ enum InFlight {
 /// One direction's producer, owned by its [`Publisher`]'s task.
 struct Producer {
     producer: FutureProducer,
-    topic: String,
+    topic: Arc<str>,
     format: KafkaFormat,
     in_flight: VecDeque<InFlight>,
     delivered: Lsn,
@@ -351,6 +458,9 @@ struct Producer {
     spool: Option<Spool>,
     /// When the last delivery failed: the spool is resent only once Kafka answers again.
     last_failure: Option<Instant>,
+    // Per message: looked up once, not on every acknowledgement.
+    produced: metrics::Counter,
+    produce_seconds: metrics::Histogram,
 }
 
 impl Producer {
@@ -388,12 +498,14 @@ impl Producer {
         };
         Ok(Producer {
             producer,
-            topic: cfg.topic.clone(),
+            topic: cfg.topic.as_str().into(),
             format: cfg.format,
             in_flight: VecDeque::new(),
             delivered: start,
             spool,
             last_failure: None,
+            produced: metrics::counter!("tandem_kafka_produced_total"),
+            produce_seconds: metrics::histogram!("tandem_kafka_produce_seconds"),
         })
     }
 
@@ -562,9 +674,8 @@ impl Producer {
     ) -> Result<()> {
         let (e, msg) = match r {
             Ok(Ok(_)) => {
-                metrics::counter!("tandem_kafka_produced_total").increment(1);
-                metrics::histogram!("tandem_kafka_produce_seconds")
-                    .record(sent.elapsed().as_secs_f64());
+                self.produced.increment(1);
+                self.produce_seconds.record(sent.elapsed().as_secs_f64());
                 return Ok(());
             }
             Ok(Err((e, m))) => (e.to_string(), Some(m)),
@@ -886,6 +997,121 @@ mod tests {
         assert_eq!(p.before.unwrap().columns.len(), 1, "key-only old row");
         assert!(p.after.is_none());
         assert_eq!(p.commit_ts_micros, PG_EPOCH_UNIX_MICROS);
+    }
+
+    /// The message as prost writes it from a `proto::Event` built field by field.
+    fn prost_reference(ev: &Event, outcome: &str) -> Vec<u8> {
+        let map = |cols: Vec<(String, Option<String>)>| -> HashMap<String, proto::Value> {
+            cols.into_iter()
+                .map(|(c, v)| {
+                    let kind = match v {
+                        Some(t) => proto::value::Kind::Text(t),
+                        None => proto::value::Kind::Null(true),
+                    };
+                    (c, proto::Value { kind: Some(kind) })
+                })
+                .collect()
+        };
+        let (t, key, before, after, unchanged) = match &ev.change {
+            Change::Insert { table, new } => (
+                table,
+                image(table, new, true),
+                None,
+                Some(image(table, new, false)),
+                vec![],
+            ),
+            Change::Update { table, old, new } => (
+                table,
+                image(table, new, true),
+                old.as_ref().map(|o| image(table, &o.tuple, !o.full)),
+                Some(image(table, new, false)),
+                table
+                    .columns
+                    .iter()
+                    .zip(new)
+                    .filter(|(_, v)| **v == Value::UnchangedToast)
+                    .map(|(c, _)| c.name.clone())
+                    .collect(),
+            ),
+            Change::Delete { table, old } => (
+                table,
+                image(table, &old.tuple, true),
+                Some(image(table, &old.tuple, !old.full)),
+                None,
+                vec![],
+            ),
+            Change::Truncate { tables, .. } => (&tables[0], vec![], None, None, vec![]),
+        };
+        proto::Event {
+            id: format!("{}:{}:{}", ev.source.tag(), ev.commit_lsn, ev.ordinal),
+            site: ev.source.tag().to_string(),
+            op: ev.change.op().into(),
+            schema: t.name.schema.clone(),
+            table: t.name.name.clone(),
+            key: map(key),
+            before: before.map(|b| proto::Row { columns: map(b) }),
+            after: after.map(|a| proto::Row { columns: map(a) }),
+            unchanged_toast: unchanged,
+            commit_lsn: ev.commit_lsn.to_string(),
+            commit_ts_micros: ev.commit_ts + PG_EPOCH_UNIX_MICROS,
+            xid: ev.xid,
+            ordinal: ev.ordinal,
+            outcome: outcome.into(),
+        }
+        .encode_to_vec()
+    }
+
+    #[test]
+    fn protobuf_written_directly_decodes_like_prost_own_encoding() {
+        let full = |tuple| OldTuple { full: true, tuple };
+        let changes = vec![
+            Change::Insert {
+                table: table(),
+                new: vec![t("1"), t(""), Value::Null],
+            },
+            Change::Update {
+                table: table(),
+                old: Some(full(vec![t("1"), t("é ✓"), Value::Null])),
+                new: vec![t("1"), t("x"), Value::UnchangedToast],
+            },
+            Change::Update {
+                table: table(),
+                old: Some(OldTuple {
+                    full: false,
+                    tuple: vec![t("1"), Value::Null, Value::Null],
+                }),
+                new: vec![t("2"), Value::Null, t(&"y".repeat(300))],
+            },
+            Change::Update {
+                table: table(),
+                old: None,
+                new: vec![t("3"), t("z"), t("w")],
+            },
+            Change::Delete {
+                table: table(),
+                old: full(vec![t("4"), t("gone"), Value::Null]),
+            },
+            Change::Truncate {
+                tables: vec![table()],
+                cascade: false,
+                restart_identity: false,
+            },
+        ];
+        for (i, change) in changes.into_iter().enumerate() {
+            let mut e = ev(change);
+            // Negative and zero times, xids and ordinals are the defaults prost leaves out.
+            e.commit_ts = [-5, 0, 1 << 40][i % 3];
+            e.xid = [0, 7][i % 2];
+            e.ordinal = i as u32;
+            let ours = &records(&e, "kept_local", KafkaFormat::Protobuf)[0].payload;
+            let theirs = prost_reference(&e, "kept_local");
+            assert_eq!(
+                decode(ours).unwrap(),
+                decode(&theirs).unwrap(),
+                "change {i}"
+            );
+            assert_eq!(ours.len(), theirs.len(), "change {i}");
+        }
     }
 
     #[test]
