@@ -468,7 +468,10 @@ impl Producer {
         let mut c = ClientConfig::new();
         c.set("bootstrap.servers", &cfg.brokers)
             .set("enable.idempotence", "true")
-            .set("compression.type", "lz4");
+            .set("compression.type", "lz4")
+            // librdkafka would buffer up to 1 GiB unsent; past this, `publish` waits for
+            // acknowledgements (memory stays bounded in bytes; `[kafka.properties]` may change it).
+            .set("queue.buffering.max.kbytes", "65536");
         if cfg.required {
             // Never give up on a message: replication waits for Kafka instead.
             c.set("message.timeout.ms", "0");
@@ -712,9 +715,10 @@ impl Producer {
     }
 }
 
-/// Changes queued for a direction's Kafka task before `publish` waits: the apply loop runs ahead
-/// of encoding and sending by at most this many (plus one unpaid handover, see `barrier`).
-const MAX_QUEUED: usize = 8_192;
+/// KiB of changes queued for a direction's Kafka task before `publish` waits: the apply loop
+/// runs ahead of encoding and sending by at most this much (plus one unpaid handover, see
+/// `barrier`). In bytes, not changes: a change may carry megabytes of TOASTed values.
+const MAX_QUEUED_KIB: usize = 32 * 1024;
 /// Changes handed to the Kafka task together: one channel send (and wakeup) per this many.
 const HANDOVER: usize = 256;
 
@@ -723,6 +727,25 @@ enum Command {
     Publish(Vec<(Event, &'static str)>, usize),
     Barrier(Lsn),
     Drain(Duration, tokio::sync::oneshot::Sender<Result<Lsn>>),
+}
+
+/// Queue room a change takes: its values' size in KiB, at least 1.
+fn kib(ev: &Event) -> usize {
+    let bytes = |row: &Tuple| -> usize {
+        row.iter()
+            .map(|v| match v {
+                Value::Text(b) | Value::Binary(b) => b.len(),
+                _ => 0,
+            })
+            .sum()
+    };
+    let size = match &ev.change {
+        Change::Insert { new, .. } => bytes(new),
+        Change::Update { old, new, .. } => bytes(new) + old.as_ref().map_or(0, |o| bytes(&o.tuple)),
+        Change::Delete { old, .. } => bytes(&old.tuple),
+        Change::Truncate { .. } => 0,
+    };
+    1 + size / 1024
 }
 
 /// What the Kafka task reports back to the apply loop.
@@ -758,7 +781,7 @@ impl Publisher {
     pub fn new(cfg: &KafkaConfig, start: Lsn, direction: &str) -> Result<Publisher> {
         let producer = Producer::new(cfg, start, direction)?;
         let (commands, rx) = tokio::sync::mpsc::unbounded_channel();
-        let room = Arc::new(tokio::sync::Semaphore::new(MAX_QUEUED));
+        let room = Arc::new(tokio::sync::Semaphore::new(MAX_QUEUED_KIB));
         let shared = Arc::new(Shared {
             delivered: AtomicU64::new(start.0),
             ..Default::default()
@@ -778,7 +801,12 @@ impl Publisher {
     pub async fn publish(&mut self, ev: Event, outcome: &'static str) -> Result<()> {
         self.buffer.push((ev, outcome));
         if self.buffer.len() >= HANDOVER {
-            let n = self.buffer.len();
+            let n = self
+                .buffer
+                .iter()
+                .map(|(ev, _)| kib(ev))
+                .sum::<usize>()
+                .min(MAX_QUEUED_KIB);
             self.room
                 .acquire_many(n as u32)
                 .await
