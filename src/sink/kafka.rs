@@ -1142,6 +1142,38 @@ mod tests {
         }
     }
 
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_drain_that_times_out_keeps_its_barrier_behind_the_unacknowledged_message() {
+        use rdkafka::mocking::MockCluster;
+        use rdkafka::producer::DefaultProducerContext;
+        let cluster = MockCluster::<DefaultProducerContext>::new(1).unwrap();
+        cluster.create_topic("audit", 1, 1).unwrap();
+        let cfg = KafkaConfig {
+            brokers: cluster.bootstrap_servers(),
+            topic: "audit".into(),
+            format: KafkaFormat::Protobuf,
+            required: true,
+            properties: Default::default(),
+            spool_path: String::new(),
+            spool_max_bytes: 0,
+        };
+        let mut p = Producer::new(&cfg, Lsn(10), "D>M").unwrap();
+        cluster.broker_down(1).unwrap();
+        let insert = ev(Change::Insert {
+            table: table(),
+            new: vec![t("1"), t("x"), Value::Null],
+        });
+        p.publish(&insert, "applied").await.unwrap();
+        p.barrier(Lsn(100));
+        // Each drain gives up waiting (many times over) while the broker is away: the message
+        // must still stand before its barrier.
+        for _ in 0..3 {
+            assert_eq!(p.drain(Duration::from_millis(350)).await.unwrap(), Lsn(10));
+        }
+        cluster.broker_up(1).unwrap();
+        assert_eq!(p.drain(Duration::from_secs(30)).await.unwrap(), Lsn(100));
+    }
+
     #[test]
     fn both_formats_decode_to_the_same_event_and_garbage_is_an_error() {
         let e = ev(Change::Update {
