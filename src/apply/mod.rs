@@ -658,7 +658,7 @@ impl Applier {
             }
         };
         let Some(stmt) = stmt else { return Ok(()) };
-        let params = text_arrays(target, &batch.cols, &batch.rows)?;
+        let params = text_arrays(target, &batch.cols, batch.rows.iter().map(Some))?;
         let what = SentBatch {
             op: batch.op,
             fresh,
@@ -717,8 +717,8 @@ impl Applier {
                 s
             }
         };
-        let incoming = text_columns(&target, &batch.cols, batch.rows.iter().map(Some))?;
-        let olds = text_columns(&target, old_cols, batch.meta.iter().map(|m| m.old.as_ref()))?;
+        let incoming = text_arrays(&target, &batch.cols, batch.rows.iter().map(Some))?;
+        let olds = text_arrays(&target, old_cols, batch.meta.iter().map(|m| m.old.as_ref()))?;
         let has_old: Vec<bool> = batch.meta.iter().map(|m| m.old.is_some()).collect();
         let mut params: Vec<&(dyn ToSql + Sync)> = incoming
             .iter()
@@ -1219,47 +1219,26 @@ struct ConflictLog {
     resolution: Vec<&'static str>,
 }
 
-/// A batch's rows as one owned `text[]` parameter per column (values shared, not copied).
-fn text_arrays(
-    target: &TargetTable,
-    cols: &[usize],
-    rows: &[Vec<Option<bytes::Bytes>>],
-) -> Result<Vec<TextArray>> {
-    (0..cols.len())
-        .map(|i| {
-            rows.iter()
-                .map(|r| match &r[i] {
-                    Some(b) if std::str::from_utf8(b).is_err() => Err(not_utf8(target, cols[i])),
-                    v => Ok(v.clone()),
-                })
-                .collect::<Result<Vec<_>>>()
-                .map(TextArray)
-        })
-        .collect()
-}
-
-fn not_utf8(target: &TargetTable, col: usize) -> anyhow::Error {
-    anyhow!(
-        "{}: a value of column `{}` is not valid UTF-8; tandem needs UTF8 databases",
-        target.name,
-        target.columns[col].name
-    )
-}
-
-/// Rows of text values (a `None` row: all NULL) turned into one `text[]` parameter per column.
-fn text_columns<'a>(
+/// Rows of text values (a `None` row: all NULL) as one owned `text[]` parameter per column
+/// (values shared, not copied).
+fn text_arrays<'a>(
     target: &TargetTable,
     cols: &[usize],
     rows: impl Iterator<Item = Option<&'a Vec<Option<bytes::Bytes>>>>,
-) -> Result<Vec<Vec<Option<&'a str>>>> {
-    let mut columns: Vec<Vec<Option<&str>>> = vec![Vec::new(); cols.len()];
+) -> Result<Vec<TextArray>> {
+    let mut columns: Vec<Vec<Option<bytes::Bytes>>> = vec![Vec::new(); cols.len()];
     for row in rows {
         for (i, column) in columns.iter_mut().enumerate() {
-            column.push(match row.and_then(|r| r[i].as_ref()) {
-                None => None,
-                Some(b) => Some(std::str::from_utf8(b).map_err(|_| not_utf8(target, cols[i]))?),
-            });
+            let v = row.and_then(|r| r[i].as_ref());
+            if v.is_some_and(|b| std::str::from_utf8(b).is_err()) {
+                return Err(anyhow!(
+                    "{}: a value of column `{}` is not valid UTF-8; tandem needs UTF8 databases",
+                    target.name,
+                    target.columns[cols[i]].name
+                ));
+            }
+            column.push(v.cloned());
         }
     }
-    Ok(columns)
+    Ok(columns.into_iter().map(TextArray).collect())
 }

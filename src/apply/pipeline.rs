@@ -77,10 +77,6 @@ impl<T> Pipeline<T> {
         }
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.sent.is_empty()
-    }
-
     /// Send `stmt` now; its result comes back from [`Pipeline::next`] (or at once, when the queue
     /// is full, for the oldest one). The first poll is what sends: tokio-postgres hands the
     /// encoded request to the connection task there, so requests reach the server in the order
