@@ -879,30 +879,20 @@ impl Applier {
         }
         let mut out = Vec::new();
         if !deletes.is_empty() {
-            out.push(Batch {
-                binding: batch.binding.clone(),
-                op: Op::Delete,
-                cols: target.key.clone(),
-                rows: deletes,
-                meta: Vec::new(),
-                events: Vec::new(),
-                fresh: false,
-                large: false,
-                txn: None,
-            });
+            out.push(Batch::of(
+                batch.binding.clone(),
+                Op::Delete,
+                target.key.clone(),
+                deletes,
+            ));
         }
         if !kept.is_empty() {
-            out.push(Batch {
-                binding: batch.binding.clone(),
-                op: batch.op,
-                cols: batch.cols.clone(),
-                rows: kept,
-                meta: Vec::new(),
-                events: Vec::new(),
-                fresh: false,
-                large: false,
-                txn: None,
-            });
+            out.push(Batch::of(
+                batch.binding.clone(),
+                batch.op,
+                batch.cols.clone(),
+                kept,
+            ));
         }
         Ok((out, outcomes))
     }
@@ -1066,25 +1056,13 @@ impl Applier {
                 commit_ts: r.get(8),
                 old: parse(r.get(6))?,
             };
-            let batch = Batch {
-                binding,
-                op,
-                cols,
-                rows: vec![row],
-                meta: vec![meta],
-                events: Vec::new(),
-                fresh: false,
-                large: false,
-                txn: None,
-            };
+            let mut batch = Batch::of(binding, op, cols, vec![row]);
+            batch.meta = vec![meta];
             if i == 0 {
-                // The conflict itself: the operator's choice, no rule.
+                // The conflict itself: the operator's choice, no rule (`execute` writes the row
+                // as it is; only `resolve` reads its metadata).
                 if resolution == "applied_remote" {
-                    let plain = Batch {
-                        meta: Vec::new(),
-                        ..batch
-                    };
-                    self.execute(&plain).await?;
+                    self.execute(&batch).await?;
                     applied += 1;
                 }
                 continue;

@@ -161,7 +161,7 @@ pub struct Batch {
     /// part of a large transaction.
     pub large: bool,
     /// The one source transaction (commit LSN) all rows come from, `None` once they are several.
-    pub txn: Option<Lsn>,
+    txn: Option<Lsn>,
 }
 
 /// Where a batched row came from, for conflict detection and the conflict log.
@@ -175,8 +175,35 @@ pub struct RowMeta {
 }
 
 impl Batch {
+    /// `rows` to write as they are: no conflict metadata, no events, never a plain INSERT.
+    pub fn of(
+        binding: Arc<Binding>,
+        op: Op,
+        cols: Vec<usize>,
+        rows: Vec<Vec<Option<Bytes>>>,
+    ) -> Batch {
+        Batch {
+            binding,
+            op,
+            cols,
+            rows,
+            meta: Vec::new(),
+            events: Vec::new(),
+            fresh: false,
+            large: false,
+            txn: None,
+        }
+    }
+
     pub fn table(&self) -> &TableName {
         &self.binding.target.name
+    }
+
+    /// A row of the source transaction committed at `lsn` joins the batch.
+    fn joined_by_txn(&mut self, lsn: Lsn) {
+        if self.txn != Some(lsn) {
+            self.txn = None;
+        }
     }
 }
 
@@ -397,9 +424,7 @@ impl Planner {
                 .map(|v| v.as_ref().map_or(1, |x| x.len() + 1))
                 .sum::<usize>();
             batch.rows[i] = vals;
-            if batch.txn != Some(self.at.0) {
-                batch.txn = None;
-            }
+            batch.joined_by_txn(self.at.0);
             if let (Some(evs), Some(ev)) = (batch.events.get_mut(i), self.event.take()) {
                 evs.push(ev);
             }
@@ -416,19 +441,11 @@ impl Planner {
             .map(|v| v.as_ref().map_or(1, |x| x.len() + 1))
             .sum();
         let batch = self.current.get_or_insert_with(|| Batch {
-            binding: b.clone(),
-            op,
-            cols,
-            rows: Vec::new(),
-            meta: Vec::new(),
-            events: Vec::new(),
             fresh: true,
-            large: false,
             txn: Some(self.at.0),
+            ..Batch::of(b.clone(), op, cols, Vec::new())
         });
-        if batch.txn != Some(self.at.0) {
-            batch.txn = None;
-        }
+        batch.joined_by_txn(self.at.0);
         // A repeated key (above) keeps its row's freshness: the key was absent before the batch.
         batch.fresh &= fresh;
         batch.rows.push(vals);
