@@ -2,6 +2,7 @@
 //! tandem did with it. Encoding is pure ([`records`]); [`Publisher`] sends and tracks deliveries so
 //! the source slot is confirmed only past what Kafka acknowledged (`required = true`).
 
+use std::borrow::Cow;
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -46,25 +47,35 @@ pub struct Record {
     pub xid: u32,
 }
 
-fn text(v: &Value) -> Option<String> {
-    match v {
-        Value::Text(b) | Value::Binary(b) => Some(String::from_utf8_lossy(b).into_owned()),
-        _ => None,
-    }
+/// `(column, value)` of a row image, without copying; unchanged-TOAST columns are left out.
+/// `keys_only`: the image is the replica identity only (pgoutput `K`), so non-key columns are not
+/// part of it.
+fn columns<'a>(
+    t: &'a SourceTable,
+    row: &'a Tuple,
+    keys_only: bool,
+) -> impl Iterator<Item = (&'a str, Option<Cow<'a, str>>)> + Clone + 'a {
+    t.columns
+        .iter()
+        .zip(row)
+        .filter(move |(c, v)| (!keys_only || c.key) && **v != Value::UnchangedToast)
+        .map(|(c, v)| {
+            let text = match v {
+                Value::Text(b) | Value::Binary(b) => Some(String::from_utf8_lossy(b)),
+                _ => None,
+            };
+            (c.name.as_str(), text)
+        })
 }
 
-/// `(column, value)` of a row image; unchanged-TOAST columns are left out. `keys_only`: the
-/// image is the replica identity only (pgoutput `K`), so non-key columns are not part of it.
+/// [`columns`], owned.
 pub(crate) fn image(
     t: &SourceTable,
     row: &Tuple,
     keys_only: bool,
 ) -> Vec<(String, Option<String>)> {
-    t.columns
-        .iter()
-        .zip(row)
-        .filter(|(c, v)| (!keys_only || c.key) && **v != Value::UnchangedToast)
-        .map(|(c, v)| (c.name.clone(), text(v)))
+    columns(t, row, keys_only)
+        .map(|(c, v)| (c.to_string(), v.map(Cow::into_owned)))
         .collect()
 }
 
@@ -179,25 +190,15 @@ struct Part<'a> {
 }
 
 impl<'a> Part<'a> {
-    /// `(column, value)` of a row image, without copying: unchanged-TOAST columns are left out;
-    /// `keys_only`, the non-key columns too.
+    /// [`columns`] of this message's table; none without a row.
     fn columns(
         &self,
         row: Option<&'a Tuple>,
         keys_only: bool,
-    ) -> impl Iterator<Item = (&'a str, Option<std::borrow::Cow<'a, str>>)> + Clone + 'a {
-        self.table
-            .columns
-            .iter()
-            .zip(row.into_iter().flatten())
-            .filter(move |(c, v)| (!keys_only || c.key) && **v != Value::UnchangedToast)
-            .map(|(c, v)| {
-                let text = match v {
-                    Value::Text(b) | Value::Binary(b) => Some(String::from_utf8_lossy(b)),
-                    _ => None,
-                };
-                (c.name.as_str(), text)
-            })
+    ) -> impl Iterator<Item = (&'a str, Option<Cow<'a, str>>)> + Clone + 'a {
+        let table = self.table;
+        row.into_iter()
+            .flat_map(move |r| columns(table, r, keys_only))
     }
 
     /// Columns the new row leaves as they were (only an update's can).
@@ -221,7 +222,7 @@ struct Head<'a> {
 }
 
 fn json_payload(ev: &Event, part: &Part, head: &Head) -> Vec<u8> {
-    let obj = |cols: &mut dyn Iterator<Item = (&str, Option<std::borrow::Cow<str>>)>| {
+    let obj = |cols: &mut dyn Iterator<Item = (&str, Option<Cow<str>>)>| {
         serde_json::Value::Object(
             cols.map(|(c, v)| (c.to_string(), serde_json::json!(v)))
                 .collect(),
@@ -252,7 +253,7 @@ fn json_payload(ev: &Event, part: &Part, head: &Head) -> Vec<u8> {
 /// of Kafka's cost per change.
 fn proto_payload(ev: &Event, part: &Part, head: &Head) -> Vec<u8> {
     use prost::encoding::{encode_key, encode_varint, encoded_len_varint, WireType};
-    type Cols<'a> = (&'a str, Option<std::borrow::Cow<'a, str>>);
+    type Cols<'a> = (&'a str, Option<Cow<'a, str>>);
     fn len_delimited(len: usize) -> usize {
         encoded_len_varint(len as u64) + len
     }
@@ -274,7 +275,7 @@ fn proto_payload(ev: &Event, part: &Part, head: &Head) -> Vec<u8> {
         }
     }
     // Value: `null = 1` (true) or `text = 2`; a oneof member is written even at its default.
-    fn value_len(v: &Option<std::borrow::Cow<str>>) -> usize {
+    fn value_len(v: &Option<Cow<str>>) -> usize {
         match v {
             None => 2,
             Some(t) => 1 + len_delimited(t.len()),
