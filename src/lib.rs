@@ -14,6 +14,7 @@ pub mod localpg;
 pub mod lsn;
 pub mod metrics;
 pub mod ops;
+pub mod sched;
 pub mod side;
 pub mod sink;
 pub mod source;

@@ -78,7 +78,9 @@ fn server_user() -> Result<Option<(u32, u32)>> {
     }
 }
 
+/// Run `cmd` as the server user, under the normal CPU policy (not tandem's own, see `sched`).
 fn as_server_user(cmd: &mut Command, user: Option<(u32, u32)>) -> &mut Command {
+    crate::sched::normal_for_child(cmd);
     if let Some((uid, gid)) = user {
         cmd.uid(uid).gid(gid);
     }

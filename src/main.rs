@@ -195,10 +195,9 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .expect("tokio runtime");
+    // The main thread too: `run` itself (bench's samplers, status loops) runs on it.
+    tandem::sched::batch_this_thread();
+    let rt = tandem::sched::runtime().expect("tokio runtime");
     // verify reserves 1 for "differences found"; its errors exit 2.
     let error_code = if matches!(cli.command, Command::Verify { .. }) {
         2
