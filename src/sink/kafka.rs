@@ -894,6 +894,11 @@ async fn work(
 ) {
     // While acknowledgements are outstanding, look for them this often even with no commands.
     const ACK_POLL: Duration = Duration::from_millis(5);
+    // Concurrently with the first commands (they queue in librdkafka meanwhile).
+    tokio::task::spawn_blocking({
+        let (producer, topic) = (p.producer.clone(), p.topic.clone());
+        move || request_producer_id(&producer, &topic)
+    });
     let result: Result<()> = async {
         loop {
             let first = if p.pending() {
@@ -937,6 +942,26 @@ async fn work(
         *shared.failed.lock().unwrap_or_else(|p| p.into_inner()) = Some(format!("{e:#}"));
         // Wake a publisher waiting for room: it finds the failure.
         room.close();
+    }
+}
+
+/// librdkafka requests the idempotent producer's id when a metadata answer arrives. The first
+/// answer comes over the bootstrap connection, which it then drops for the broker that answer
+/// names; with no connection up at that moment it waits 500 ms to try again, and nothing is
+/// delivered until then (measured: first acknowledgement at 503 ms, against 6 ms without
+/// idempotence). A second metadata request is answered by the named broker once it is up, and the
+/// id is requested at once (first acknowledgement at about 55 ms). Best effort: when Kafka is
+/// away, librdkafka's own retries carry on.
+fn request_producer_id(producer: &FutureProducer, topic: &str) {
+    use rdkafka::producer::Producer as _;
+    for _ in 0..2 {
+        if let Err(e) = producer
+            .client()
+            .fetch_metadata(Some(topic), Duration::from_secs(2))
+        {
+            tracing::debug!("[kafka]: metadata for {topic}: {e}");
+            return;
+        }
     }
 }
 
