@@ -33,9 +33,9 @@ const BATCH_BYTES: usize = 16 << 20;
 /// (`BATCH_BYTES`). Only there, as measured with `tandem bench` on 2 cores: replaying a large
 /// transaction, the source's walsender waits on the apply side, and pipelining (with plain
 /// INSERTs, see [`Batch::fresh`]) drained W2 22% faster. With many small transactions the
-/// walsender's decoding is the limit, and a consumer that never stalls only makes each of its
-/// per-message sends costlier (time in `send()` 39% → 62% of the walsender's): W1 lost 10–25%
-/// and steady-state lag doubled. There the applier waits for each statement, as before.
+/// walsender's decoding is the limit and pipelining gains nothing: W1 lost 10–25% under the normal
+/// CPU policy and still 7% under `SCHED_BATCH` (see `sched`). There the applier waits for each
+/// statement.
 const PIPELINE_DEPTH: usize = 2;
 
 /// What a sent batch statement is checked against when its result comes back.
