@@ -7,7 +7,7 @@ mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use common::{run_tandem, wait_for, Fixture};
+use common::{run_tandem, wait_count, wait_for, Fixture};
 use tokio_postgres::Client;
 
 /// `(value, version)` of a row; `None` for no row.
@@ -509,10 +509,7 @@ async fn error_pauses_one_table_while_others_flow_and_resolve_continues_it() {
         .unwrap();
     let run = fx.start().await;
     for c in [&fx.d, &fx.m] {
-        wait_for(30, "items paused", || async {
-            Fixture::count(c, "SELECT count(*) FROM tandem.paused").await == 1
-        })
-        .await;
+        wait_count(30, c, "SELECT count(*) FROM tandem.paused", 1).await;
     }
     // Behind the pause: desktop's next change of items waits; notes keep flowing both ways.
     fx.d.batch_execute(

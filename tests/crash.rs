@@ -5,7 +5,7 @@ mod common;
 
 use std::process::{Command, Stdio};
 
-use common::{audit_sql, tandem_bin, wait_for, Fixture};
+use common::{audit_sql, tandem_bin, wait_count, wait_for, Fixture};
 
 async fn apply_session_in_transaction(c: &tokio_postgres::Client, app: &str) -> bool {
     Fixture::count(
@@ -88,9 +88,12 @@ async fn kill_9_during_a_200k_row_transaction_then_restart_loses_and_doubles_not
 
     // Restart: it resumes from the checkpoint.
     let mut child = spawn();
-    wait_for(180, "all 200000 rows on mobile", || async {
-        Fixture::count(&fx.m, "SELECT count(*) FROM items WHERE id <= 200000").await == 200_000
-    })
+    wait_count(
+        180,
+        &fx.m,
+        "SELECT count(*) FROM items WHERE id <= 200000",
+        200_000,
+    )
     .await;
     fx.wait_equal("items", 60).await;
     // Exactly once: mobile's trigger saw 200000 applied inserts plus its own 20; desktop saw its

@@ -7,7 +7,7 @@ mod common;
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
-use common::{slot_confirmed, wait_for, Fixture};
+use common::{slot_confirmed, wait_count, wait_for, Fixture};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::mocking::MockCluster;
 use rdkafka::producer::DefaultProducerContext;
@@ -252,10 +252,7 @@ async fn with_kafka_required_an_outage_holds_the_slot_and_a_restart_resends() {
     let end = wal_now(&fx.d).await;
     // The target keeps applying, but desktop's slot stays behind the unacknowledged events for
     // the whole 30 s outage (its WAL is kept).
-    wait_for(30, "rows applied on mobile", || async {
-        Fixture::count(&fx.m, "SELECT count(*) FROM jobs").await == 30
-    })
-    .await;
+    wait_count(30, &fx.m, "SELECT count(*) FROM jobs", 30).await;
     let t = std::time::Instant::now();
     while t.elapsed() < Duration::from_secs(30) {
         assert!(
@@ -325,10 +322,7 @@ async fn after_kill_9_and_restart_consumers_deduping_by_id_see_each_change_once(
     child.wait().unwrap();
     writer.await.unwrap();
     let mut child = spawn();
-    wait_for(60, "all rows across", || async {
-        Fixture::count(&fx.m, "SELECT count(*) FROM jobs").await == 400
-    })
-    .await;
+    wait_count(60, &fx.m, "SELECT count(*) FROM jobs", 400).await;
     let end = wal_now(&fx.d).await;
     wait_for(60, "slot confirmed past the writes", || async {
         slot_confirmed(&fx.d, "kafka_kill_d").await >= end

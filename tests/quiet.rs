@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{audit_sql, wait_for, Fixture};
+use common::{audit_sql, wait_count, wait_for, Fixture};
 use tokio_postgres::Client;
 
 const JOBS: &str =
@@ -45,10 +45,7 @@ async fn no_echo_each_change_lands_once_and_wal_stops_growing() {
     fx.wait_equal("jobs", 60).await;
     // Each side saw its own 1500 changes and exactly the other side's 1500: nothing bounced back.
     for c in [&fx.d, &fx.m] {
-        wait_for(30, "audit settles", || async {
-            Fixture::count(c, "SELECT count(*) FROM audit").await == 3000
-        })
-        .await;
+        wait_count(30, c, "SELECT count(*) FROM audit", 3000).await;
     }
     // Quiet now. The slots catch up to (nearly) the end of WAL…
     let burst_wal = Fixture::count(

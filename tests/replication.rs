@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{audit_sql, wait_for, Fixture};
+use common::{audit_sql, wait_count, wait_for, Fixture};
 use tokio_postgres::Client;
 
 const JOBS: &str = "
@@ -275,14 +275,8 @@ async fn per_table_direction_is_honoured() {
     .unwrap();
     // The sentinel was committed after the mobile climaster row: once it is on desktop, the
     // climaster row would be there too if it flowed.
-    wait_for(30, "sentinel on desktop", || async {
-        Fixture::count(&fx.d, "SELECT count(*) FROM notes").await == 1
-    })
-    .await;
-    wait_for(30, "desktop climaster row on mobile", || async {
-        Fixture::count(&fx.m, "SELECT count(*) FROM climaster WHERE id = 1").await == 1
-    })
-    .await;
+    wait_count(30, &fx.d, "SELECT count(*) FROM notes", 1).await;
+    wait_count(30, &fx.m, "SELECT count(*) FROM climaster WHERE id = 1", 1).await;
     assert_eq!(
         Fixture::rows(&fx.d, "climaster").await,
         vec!["(1,\"from desktop\")"]
@@ -334,10 +328,7 @@ async fn an_insert_meeting_a_row_already_on_the_target_is_applied_as_an_upsert()
     fx.d.batch_execute("INSERT INTO items VALUES (5, 'later')")
         .await
         .unwrap();
-    wait_for(30, "a later insert on mobile", || async {
-        Fixture::count(&fx.m, "SELECT count(*) FROM items WHERE id = 5").await == 1
-    })
-    .await;
+    wait_count(30, &fx.m, "SELECT count(*) FROM items WHERE id = 5", 1).await;
     fx.assert_slots_within_checkpoints().await;
     run.stop().await;
 }
@@ -402,9 +393,12 @@ async fn a_side_no_table_flows_from_is_not_streamed_and_its_slot_holds_no_wal() 
     fx.m.batch_execute("INSERT INTO climaster VALUES (100000, 'mobile only')")
         .await
         .unwrap();
-    wait_for(30, "desktop rows on mobile", || async {
-        Fixture::count(&fx.m, "SELECT count(*) FROM climaster WHERE id <= 500").await == 500
-    })
+    wait_count(
+        30,
+        &fx.m,
+        "SELECT count(*) FROM climaster WHERE id <= 500",
+        500,
+    )
     .await;
     // Mobile is not streamed (nobody decodes it), yet its slot moves past its WAL: the rows
     // tandem applied there and the mobile-only row.
@@ -434,9 +428,12 @@ async fn a_side_no_table_flows_from_is_not_streamed_and_its_slot_holds_no_wal() 
     fx.d.batch_execute("INSERT INTO climaster VALUES (501, 'after restart')")
         .await
         .unwrap();
-    wait_for(30, "row after restart on mobile", || async {
-        Fixture::count(&fx.m, "SELECT count(*) FROM climaster WHERE id = 501").await == 1
-    })
+    wait_count(
+        30,
+        &fx.m,
+        "SELECT count(*) FROM climaster WHERE id = 501",
+        1,
+    )
     .await;
     run.stop().await;
     assert_eq!(
@@ -546,10 +543,7 @@ async fn a_role_without_superuser_replicates_both_ways_without_echo() {
     fx.wait_equal("jobs", 60).await;
     // 300 inserts + 100 updates + 60 deletes per side, each landing once on the other side.
     for c in [&fx.d, &fx.m] {
-        wait_for(30, "audit settles at 2 × 460", || async {
-            Fixture::count(c, "SELECT count(*) FROM audit").await == 920
-        })
-        .await;
+        wait_count(30, c, "SELECT count(*) FROM audit", 920).await;
     }
     let role = "SELECT string_agg(DISTINCT usename::text, ',') FROM pg_stat_activity \
                 WHERE application_name LIKE 'tandem %' AND datname = current_database()";

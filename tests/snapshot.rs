@@ -7,7 +7,7 @@ use std::process::{Command, Stdio};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use common::{run_tandem, tandem_bin, wait_for, Fixture};
+use common::{run_tandem, tandem_bin, wait_count, wait_for, Fixture};
 use tandem::ops::verify;
 
 const SCHEMA: &str =
@@ -150,10 +150,7 @@ async fn a_crash_mid_copy_leaves_the_target_untouched_and_a_rerun_resumes() {
     }
     child.kill().unwrap();
     child.wait().unwrap();
-    wait_for(30, "the killed session is gone", || async {
-        Fixture::count(&fx.m, "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'tandem snapshot' AND datname = current_database()").await == 0
-    })
-    .await;
+    wait_count(30, &fx.m, "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'tandem snapshot' AND datname = current_database()", 0).await;
     // big: untouched. small: done before the crash.
     assert_eq!(Fixture::rows(&fx.m, "big").await, big_before);
     assert_eq!(
@@ -255,10 +252,7 @@ async fn writes_during_runs_initial_snapshot_are_neither_lost_nor_doubled() {
     );
     let want = 200_000 + 100 + 300 + 300 - 30;
     for c in [&fx.d, &fx.m] {
-        wait_for(120, "all rows on both sides", || async {
-            Fixture::count(c, "SELECT count(*) FROM jobs").await == want
-        })
-        .await;
+        wait_count(120, c, "SELECT count(*) FROM jobs", want).await;
     }
     wait_for(60, "verify in sync", || async {
         verify::verify(&fx.cfg, None)

@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{run_tandem, wait_for, Fixture};
+use common::{run_tandem, wait_count, Fixture};
 use tandem::ops::{repair, verify};
 use tandem::side::Side;
 
@@ -130,10 +130,7 @@ async fn verify_counts_exactly_and_repair_makes_the_target_equal_without_echo() 
     fx.m.batch_execute("INSERT INTO jobs VALUES (77777, 'sentinel', 0)")
         .await
         .unwrap();
-    wait_for(30, "sentinel on desktop", || async {
-        Fixture::count(&fx.d, "SELECT count(*) FROM jobs WHERE id = 77777").await == 1
-    })
-    .await;
+    wait_count(30, &fx.d, "SELECT count(*) FROM jobs WHERE id = 77777", 1).await;
     run.stop().await;
     assert_eq!(
         Fixture::count(&fx.d, "SELECT count(*) FROM jobs").await,

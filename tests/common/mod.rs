@@ -65,6 +65,22 @@ where
     }
 }
 
+/// Poll the count `sql` returns on `c` until it is `want`; panic with the query and its last
+/// count after `secs` seconds.
+pub async fn wait_count(secs: u64, c: &Client, sql: &str, want: i64) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        let got = Fixture::count(c, sql).await;
+        if got == want {
+            return;
+        }
+        if Instant::now() > deadline {
+            panic!("timed out after {secs} s waiting for {sql} to give {want}; it gave {got}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// One test's pair of databases (same name on both clusters), its config and connections.
 pub struct Fixture {
     pub name: String,
