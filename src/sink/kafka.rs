@@ -950,8 +950,8 @@ async fn work(
 /// names; with no connection up at that moment it waits 500 ms to try again, and nothing is
 /// delivered until then (measured: first acknowledgement at 503 ms, against 6 ms without
 /// idempotence). A second metadata request is answered by the named broker once it is up, and the
-/// id is requested at once (first acknowledgement at about 55 ms). Best effort: when Kafka is
-/// away, librdkafka's own retries carry on.
+/// id is requested at once (acquired at about 55 ms). Best effort: when Kafka is away,
+/// librdkafka's own retries carry on.
 fn request_producer_id(producer: &FutureProducer, topic: &str) {
     use rdkafka::producer::Producer as _;
     for _ in 0..2 {
