@@ -272,6 +272,13 @@ async fn direction_once(
 /// the source slot is confirmed soon after a burst ends.
 const FLUSH_POLL: Duration = Duration::from_millis(50);
 
+/// After a target commit: make the target flush `FLUSH_POLL` from now, unless that is already due.
+fn schedule_flush(applier: &Applier, due: &mut Option<tokio::time::Instant>) {
+    if applier.flush_pending() && due.is_none() {
+        *due = Some(tokio::time::Instant::now() + FLUSH_POLL);
+    }
+}
+
 /// How often a quiet direction looks for new Kafka acknowledgements.
 const KAFKA_ACK_POLL: Duration = Duration::from_millis(20);
 
@@ -373,9 +380,7 @@ async fn stream_loop(
             checkpoint = end;
             safe = safe.max(end);
             stream.confirm(applier.ack_limit(checkpoint)?);
-            if applier.flush_pending() && flush_due.is_none() {
-                flush_due = Some(tokio::time::Instant::now() + FLUSH_POLL);
-            }
+            schedule_flush(applier, &mut flush_due);
             progress.checkpoint.store(checkpoint.0, Ordering::Relaxed);
             progress
                 .changes
@@ -479,9 +484,7 @@ async fn stream_loop(
             applier.record(safe).await?;
             checkpoint = safe;
             stream.confirm(applier.ack_limit(checkpoint)?);
-            if applier.flush_pending() && flush_due.is_none() {
-                flush_due = Some(tokio::time::Instant::now() + FLUSH_POLL);
-            }
+            schedule_flush(applier, &mut flush_due);
             progress.checkpoint.store(checkpoint.0, Ordering::Relaxed);
         }
     }
