@@ -476,7 +476,7 @@ impl Applier {
     /// What became of an already-applied change: the resolution `tandem.conflicts` holds for its
     /// row in its source transaction (the final one, after a `resolve`), else "applied". Keys
     /// match by their text forms.
-    async fn outcome_on_record(&mut self, ev: &Event) -> Result<&'static str> {
+    async fn outcome_on_record(&self, ev: &Event) -> Result<&'static str> {
         let (table, row) = match &ev.change {
             Change::Insert { table, new } | Change::Update { table, new, .. } => (table, new),
             Change::Delete { table, old } => (table, &old.tuple),
@@ -902,7 +902,7 @@ impl Applier {
 
     /// Whether `table` is paused in this direction; locks the pause row (shared) so that a
     /// concurrent `tandem resolve` and this transaction see each other's held rows in order.
-    async fn is_paused(&mut self, table: &TableName) -> Result<bool> {
+    async fn is_paused(&self, table: &TableName) -> Result<bool> {
         Ok(self
             .client
             .query_opt(
