@@ -337,23 +337,16 @@ async fn an_insert_meeting_a_row_already_on_the_target_is_applied_as_an_upsert()
 async fn a_row_the_target_rejects_stops_replication_naming_the_constraint() {
     // The failing batch is followed by others already sent (pipelined): the error must be the
     // rejected row's, not "current transaction is aborted" from the ones after it.
-    let (d, m) = Fixture::databases(
+    let fx = Fixture::new(
         "rejects",
         "CREATE TABLE items (id int PRIMARY KEY, v text);",
+        "tables = [\"public.items\"]\n[replication.direction]\n\"public.items\" = \"desktop_to_mobile\"",
     )
     .await;
-    m.batch_execute("ALTER TABLE items ADD CONSTRAINT no_bad CHECK (v <> 'bad')")
+    // Only mobile rejects it.
+    fx.m.batch_execute("ALTER TABLE items ADD CONSTRAINT no_bad CHECK (v <> 'bad')")
         .await
         .unwrap();
-    let replication =
-        "tables = [\"public.items\"]\n[replication.direction]\n\"public.items\" = \"desktop_to_mobile\"";
-    let fx = Fixture::with_config(
-        "rejects",
-        d,
-        m,
-        Fixture::config_text("rejects", replication),
-    )
-    .await;
     let run = fx.start().await;
     fx.d.batch_execute(
         "INSERT INTO items SELECT g, CASE WHEN g = 10 THEN 'bad' ELSE 'ok' END \
