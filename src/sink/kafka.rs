@@ -8,14 +8,13 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, Context, Result};
-use futures_util::FutureExt;
+use anyhow::{anyhow, bail, Context, Result};
 use prost::Message as _;
+use rdkafka::client::ClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::future_producer::DeliveryFuture;
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::message::{DeliveryResult, Header, OwnedHeaders};
+use rdkafka::producer::{BaseRecord, ProducerContext, ThreadedProducer};
 
 use crate::config::{KafkaConfig, KafkaFormat};
 use crate::event::{Change, Event, SourceTable};
@@ -441,19 +440,77 @@ pub fn decode(payload: &[u8]) -> Result<Decoded> {
     })
 }
 
-enum InFlight {
-    Message(DeliveryFuture, Instant),
-    /// Everything before this was sent: once it is all acknowledged, Kafka holds the source's
-    /// changes up to this LSN.
-    Barrier(Lsn),
+/// A message's delivery report, as librdkafka's polling thread passed it on.
+enum Report {
+    Waiting,
+    Delivered,
+    /// Why, and the message (for the spool).
+    Failed(String, Spooled),
 }
+
+/// A delivery report for the message numbered `seq`.
+struct Ack {
+    seq: u64,
+    report: Report,
+}
+
+/// Hands librdkafka's delivery reports to the Kafka task. A message carries its sequence number
+/// as the delivery opaque instead of a boxed future (`FutureProducer`), and a delivered one is
+/// not copied back out of librdkafka (`FutureProducer` detaches key, payload and headers of
+/// every message into an `OwnedMessage`): only a failed message is copied, for the spool.
+struct Acks(tokio::sync::mpsc::UnboundedSender<Ack>);
+
+impl ClientContext for Acks {}
+
+impl ProducerContext for Acks {
+    type DeliveryOpaque = usize;
+
+    fn delivery(&self, result: &DeliveryResult<'_>, seq: usize) {
+        use rdkafka::message::{Headers, Message};
+        let report = match result {
+            Ok(_) => Report::Delivered,
+            Err((e, m)) => {
+                let headers = m
+                    .headers()
+                    .map(|h| {
+                        h.iter()
+                            .map(|x| (x.key.to_string(), x.value.unwrap_or_default().to_vec()))
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                Report::Failed(
+                    e.to_string(),
+                    Spooled {
+                        key: m.key().unwrap_or_default().to_vec(),
+                        payload: m.payload().unwrap_or_default().to_vec(),
+                        headers,
+                    },
+                )
+            }
+        };
+        // The task is gone only when the producer is being dropped with it.
+        let _ = self.0.send(Ack {
+            seq: seq as u64,
+            report,
+        });
+    }
+}
+
+type KafkaProducer = ThreadedProducer<Acks>;
 
 /// One direction's producer, owned by its [`Publisher`]'s task.
 struct Producer {
-    producer: FutureProducer,
+    producer: Arc<KafkaProducer>,
+    acks: tokio::sync::mpsc::UnboundedReceiver<Ack>,
     topic: Arc<str>,
     format: KafkaFormat,
-    in_flight: VecDeque<InFlight>,
+    /// Messages sent and not yet settled, oldest first: when each was sent, and its report.
+    /// The front one is number `first_seq`.
+    unsettled: VecDeque<(Instant, Report)>,
+    first_seq: u64,
+    /// Once every message numbered below `.0` is settled, Kafka holds the source's changes up
+    /// to `.1`.
+    barriers: VecDeque<(u64, Lsn)>,
     delivered: Lsn,
     /// `required = false`: where undelivered events wait.
     spool: Option<Spool>,
@@ -480,8 +537,9 @@ impl Producer {
         for (k, v) in &cfg.properties {
             c.set(k, v);
         }
-        let producer: FutureProducer = c
-            .create()
+        let (tx, acks) = tokio::sync::mpsc::unbounded_channel();
+        let producer: KafkaProducer = c
+            .create_with_context(Acks(tx))
             .map_err(|e| anyhow!("[kafka]: cannot create the producer: {e}"))?;
         let spool = if cfg.required {
             None
@@ -501,10 +559,13 @@ impl Producer {
             Some(s)
         };
         Ok(Producer {
-            producer,
+            producer: Arc::new(producer),
+            acks,
             topic: cfg.topic.as_str().into(),
             format: cfg.format,
-            in_flight: VecDeque::new(),
+            unsettled: VecDeque::new(),
+            first_seq: 0,
+            barriers: VecDeque::new(),
             delivered: start,
             spool,
             last_failure: None,
@@ -513,11 +574,32 @@ impl Producer {
         })
     }
 
+    /// Hand one message to librdkafka, numbered as the next unsettled one. On an error the
+    /// headers come back, for another try.
+    fn try_send(
+        &mut self,
+        key: &[u8],
+        payload: &[u8],
+        headers: OwnedHeaders,
+    ) -> Result<(), (KafkaError, OwnedHeaders)> {
+        let seq = self.first_seq + self.unsettled.len() as u64;
+        let record = BaseRecord::with_opaque_to(&self.topic, seq as usize)
+            .key(key)
+            .payload(payload)
+            .headers(headers);
+        match self.producer.send(record) {
+            Ok(()) => {
+                self.unsettled.push_back((Instant::now(), Report::Waiting));
+                Ok(())
+            }
+            Err((e, back)) => Err((e, back.headers.unwrap_or_default())),
+        }
+    }
+
     /// Send the messages of one change (waiting while too many are unacknowledged).
     async fn publish(&mut self, ev: &Event, outcome: &str) -> Result<()> {
-        let topic = self.topic.clone();
         for r in records(ev, outcome, self.format) {
-            let headers = OwnedHeaders::new()
+            let mut headers = OwnedHeaders::new()
                 .insert(Header {
                     key: "site",
                     value: Some(&r.site),
@@ -530,54 +612,69 @@ impl Producer {
                     key: "xid",
                     value: Some(&r.xid.to_string()),
                 });
-            let mut record = FutureRecord::to(&topic)
-                .key(&r.key)
-                .payload(&r.payload)
-                .headers(headers);
             loop {
-                match self.producer.send_result(record) {
-                    Ok(f) => {
-                        self.in_flight
-                            .push_back(InFlight::Message(f, Instant::now()));
-                        break;
-                    }
+                match self.try_send(&r.key, &r.payload, headers) {
+                    Ok(()) => break,
                     Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
-                        record = back;
+                        headers = back;
                         self.wait_one().await?;
                     }
                     Err((e, _)) => return Err(anyhow!("[kafka]: producing {}: {e}", r.id)),
                 }
             }
         }
-        while self.in_flight.len() > MAX_IN_FLIGHT {
+        while self.unsettled.len() > MAX_IN_FLIGHT {
             self.wait_one().await?;
         }
         Ok(())
     }
 
     fn barrier(&mut self, lsn: Lsn) {
-        self.in_flight.push_back(InFlight::Barrier(lsn));
+        let next = self.first_seq + self.unsettled.len() as u64;
+        self.barriers.push_back((next, lsn));
     }
 
     fn pending(&self) -> bool {
-        !self.in_flight.is_empty()
+        !self.unsettled.is_empty() || !self.barriers.is_empty()
+    }
+
+    /// File a delivery report with its message.
+    fn note(&mut self, a: Ack) {
+        // Below `first_seq`: already settled (cannot happen; librdkafka reports a message once).
+        if let Some(i) = a.seq.checked_sub(self.first_seq) {
+            if let Some(slot) = self.unsettled.get_mut(i as usize) {
+                slot.1 = a.report;
+            }
+        }
+    }
+
+    /// Settle the reported messages at the front, in order, and pass the barriers behind them.
+    fn settle_reported(&mut self) -> Result<()> {
+        while let Ok(a) = self.acks.try_recv() {
+            self.note(a);
+        }
+        while self
+            .unsettled
+            .front()
+            .is_some_and(|(_, r)| !matches!(r, Report::Waiting))
+        {
+            let (sent, report) = self.unsettled.pop_front().expect("checked");
+            self.first_seq += 1;
+            self.settle(report, sent)?;
+        }
+        while let Some(&(seq, lsn)) = self.barriers.front() {
+            if seq > self.first_seq {
+                break;
+            }
+            self.delivered = self.delivered.max(lsn);
+            self.barriers.pop_front();
+        }
+        Ok(())
     }
 
     /// Up to where Kafka acknowledged everything (without waiting).
     fn delivered(&mut self) -> Result<Lsn> {
-        while let Some(front) = self.in_flight.front_mut() {
-            match front {
-                InFlight::Barrier(l) => self.delivered = self.delivered.max(*l),
-                InFlight::Message(f, sent) => match f.now_or_never() {
-                    None => break,
-                    Some(r) => {
-                        let sent = *sent;
-                        self.settle(r, sent)?;
-                    }
-                },
-            }
-            self.in_flight.pop_front();
-        }
+        self.settle_reported()?;
         self.resend_spooled()?;
         Ok(self.delivered)
     }
@@ -591,9 +688,9 @@ impl Producer {
             || self
                 .last_failure
                 .is_some_and(|t| t.elapsed() < Duration::from_secs(1))
-            || self.in_flight.len() > MAX_IN_FLIGHT / 2
+            || self.unsettled.len() > MAX_IN_FLIGHT / 2
         {
-            if self.in_flight.is_empty() {
+            if self.unsettled.is_empty() {
                 spool.settle()?;
             }
             return Ok(());
@@ -606,20 +703,11 @@ impl Producer {
                     value: Some(v),
                 });
             }
-            let record = FutureRecord::to(&self.topic)
-                .key(&r.key)
-                .payload(&r.payload)
-                .headers(headers);
-            match self.producer.send_result(record) {
-                Ok(f) => self
-                    .in_flight
-                    .push_back(InFlight::Message(f, Instant::now())),
-                Err((_, back)) => {
-                    // The local queue is full: keep it for the next round.
-                    let _ = back;
-                    if !spool.push(&r)? {
-                        Self::spool_full();
-                    }
+            if self.try_send(&r.key, &r.payload, headers).is_err() {
+                // The local queue is full: keep it for the next round.
+                let spool = self.spool.as_mut().expect("checked above");
+                if !spool.push(&r)? {
+                    Self::spool_full();
                 }
             }
         }
@@ -637,80 +725,52 @@ impl Producer {
     /// Wait (up to `limit`) until every message sent is acknowledged; returns the delivered LSN.
     async fn drain(&mut self, limit: Duration) -> Result<Lsn> {
         let deadline = Instant::now() + limit;
-        while self
-            .in_flight
-            .iter()
-            .any(|f| matches!(f, InFlight::Message(..)))
-            && Instant::now() < deadline
-        {
+        while !self.unsettled.is_empty() && Instant::now() < deadline {
             let _ = tokio::time::timeout(Duration::from_millis(100), self.wait_one()).await;
         }
         self.delivered()
     }
 
-    /// Wait for the oldest message's acknowledgement. Cancel-safe (`drain` times it out): the
-    /// message leaves the queue only once settled, or its barrier could pass without it.
+    /// Wait for the oldest message's report, then settle what is reported. Cancel-safe (`drain`
+    /// times it out): a report is filed as soon as it is received, and a message leaves the
+    /// queue only once settled, so its barrier cannot pass without it.
     async fn wait_one(&mut self) -> Result<()> {
-        loop {
-            match self.in_flight.front_mut() {
-                None => {
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                    return Ok(());
-                }
-                Some(InFlight::Barrier(l)) => {
-                    self.delivered = self.delivered.max(*l);
-                    self.in_flight.pop_front();
-                }
-                Some(InFlight::Message(f, sent)) => {
-                    let sent = *sent;
-                    let r = f.await;
-                    self.in_flight.pop_front();
-                    return self.settle(r, sent);
-                }
+        if self.unsettled.is_empty() {
+            self.settle_reported()?;
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            return Ok(());
+        }
+        while matches!(self.unsettled.front(), Some((_, Report::Waiting))) {
+            match self.acks.recv().await {
+                Some(a) => self.note(a),
+                None => bail!("[kafka]: the producer went away"),
             }
         }
+        self.settle_reported()
     }
 
-    fn settle<E>(
-        &mut self,
-        r: Result<rdkafka::producer::future_producer::OwnedDeliveryResult, E>,
-        sent: Instant,
-    ) -> Result<()> {
-        let (e, msg) = match r {
-            Ok(Ok(_)) => {
+    fn settle(&mut self, report: Report, sent: Instant) -> Result<()> {
+        let (e, msg) = match report {
+            // (Never `Waiting`: only reported messages are settled.)
+            Report::Delivered | Report::Waiting => {
                 self.produced.increment(1);
                 self.produce_seconds.record(sent.elapsed().as_secs_f64());
                 return Ok(());
             }
-            Ok(Err((e, m))) => (e.to_string(), Some(m)),
-            Err(_) => ("the producer went away".to_string(), None),
+            Report::Failed(e, m) => (e, m),
         };
         metrics::counter!("tandem_kafka_failed_total").increment(1);
         self.last_failure = Some(Instant::now());
-        match (&mut self.spool, msg) {
-            (Some(spool), Some(m)) => {
-                use rdkafka::message::{Headers, Message};
-                let headers = m
-                    .headers()
-                    .map(|h| {
-                        h.iter()
-                            .map(|x| (x.key.to_string(), x.value.unwrap_or_default().to_vec()))
-                            .collect()
-                    })
-                    .unwrap_or_default();
-                let rec = Spooled {
-                    key: m.key().unwrap_or_default().to_vec(),
-                    payload: m.payload().unwrap_or_default().to_vec(),
-                    headers,
-                };
-                if spool.push(&rec)? {
+        match &mut self.spool {
+            Some(spool) => {
+                if spool.push(&msg)? {
                     metrics::counter!("tandem_kafka_spooled_total").increment(1);
                 } else {
                     Self::spool_full();
                 }
                 Ok(())
             }
-            _ => Err(anyhow!("[kafka]: a message was not delivered: {e}"))
+            None => Err(anyhow!("[kafka]: a message was not delivered: {e}"))
                 .context("Kafka is required ([kafka] required = true)"),
         }
     }
@@ -952,7 +1012,7 @@ async fn work(
 /// idempotence). A second metadata request is answered by the named broker once it is up, and the
 /// id is requested at once (acquired at about 55 ms). Best effort: when Kafka is away,
 /// librdkafka's own retries carry on.
-fn request_producer_id(producer: &FutureProducer, topic: &str) {
+fn request_producer_id(producer: &KafkaProducer, topic: &str) {
     use rdkafka::producer::Producer as _;
     for _ in 0..2 {
         if let Err(e) = producer
