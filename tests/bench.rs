@@ -35,6 +35,15 @@ fn bench_runs_every_contender_to_equal_tables_and_reports_json() {
             assert!(ran(w, c), "{w} {c} missing in {ms:?}");
         }
     }
+    // tandem's CPU per change is measured in its own process; the others run in the servers.
+    for m in ms {
+        let cpu = m["cpu_us_per_change"].as_f64();
+        if m["contender"].as_str().unwrap().starts_with("Tandem") {
+            assert!(cpu > Some(0.0), "{m:?}");
+        } else {
+            assert!(m["cpu_us_per_change"].is_null(), "{m:?}");
+        }
+    }
     // Native cannot run both ways on PostgreSQL 15; tandem does.
     assert!(ran("W3", "Tandem"), "{ms:?}");
     assert!(!ms

@@ -110,6 +110,10 @@ impl Contender {
         }
     }
 
+    fn is_tandem(self) -> bool {
+        !self.is_native() && self != Contender::Pglogical
+    }
+
     fn is_native(self) -> bool {
         matches!(self, Contender::NativeText | Contender::NativeBinary)
     }
@@ -133,6 +137,9 @@ pub struct Measurement {
     /// Until the target equals the source (the slot may confirm a little later).
     pub applied_seconds: f64,
     pub rows_per_s: f64,
+    /// CPU time of this process (tandem's threads, librdkafka's included) over the drain, per
+    /// row change; tandem contenders only (the others run in the servers).
+    pub cpu_us_per_change: Option<f64>,
 }
 
 #[derive(Debug, Serialize)]
@@ -746,6 +753,7 @@ async fn measure(
         generate(w, &pair.d, &pair.m, (&dc.url(&name), &mc.url(&name)), scale).await?;
     let limit = Duration::from_secs(1800);
     let t = Instant::now();
+    let cpu = process_cpu_seconds();
     pair.resume().await?;
     let mut times = (0.0f64, 0.0f64);
     let mut result = Ok(());
@@ -771,6 +779,7 @@ async fn measure(
             }
         }
     }
+    let cpu = process_cpu_seconds() - cpu;
     // A failed run's own error says more than "stopped before it drained".
     pair.finish().await?;
     result?;
@@ -783,6 +792,7 @@ async fn measure(
         seconds,
         applied_seconds,
         rows_per_s: changes as f64 / seconds,
+        cpu_us_per_change: who.is_tandem().then(|| cpu * 1e6 / changes as f64),
     })
 }
 
@@ -905,6 +915,17 @@ fn bench_conf(pglogical: bool) -> String {
         conf.push_str("shared_preload_libraries = 'pglogical'\n");
     }
     conf
+}
+
+/// User and system CPU time of this process so far, all threads.
+fn process_cpu_seconds() -> f64 {
+    // SAFETY: getrusage only writes the struct it is given.
+    let mut u: libc::rusage = unsafe { std::mem::zeroed() };
+    if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut u) } != 0 {
+        return 0.0;
+    }
+    let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    secs(u.ru_utime) + secs(u.ru_stime)
 }
 
 fn peak_rss_mib() -> f64 {
@@ -1057,18 +1078,20 @@ fn rate(v: f64) -> String {
 
 pub fn render(r: &Report) -> String {
     let mut out = format!(
-        "{:<4} {:<16} {:>10} {:>9} {:>9} {:>12}\n",
-        "work", "contender", "changes", "applied", "drained", "rows/s"
+        "{:<4} {:<16} {:>10} {:>9} {:>9} {:>12} {:>14}\n",
+        "work", "contender", "changes", "applied", "drained", "rows/s", "tandem µs/row"
     );
     for m in &r.measurements {
         out.push_str(&format!(
-            "{:<4} {:<16} {:>10} {:>8.2}s {:>8.2}s {:>12.0}\n",
+            "{:<4} {:<16} {:>10} {:>8.2}s {:>8.2}s {:>12.0} {:>14}\n",
             format!("{:?}", m.workload),
             m.contender.name(),
             m.changes,
             m.applied_seconds,
             m.seconds,
-            m.rows_per_s
+            m.rows_per_s,
+            m.cpu_us_per_change
+                .map_or("-".into(), |c| format!("{c:.2}"))
         ));
     }
     out.push_str(&format!(
