@@ -614,6 +614,11 @@ impl Producer {
         })
     }
 
+    /// The number the next message sent gets.
+    fn next_seq(&self) -> u64 {
+        self.first_seq + self.unsettled.len() as u64
+    }
+
     /// Hand one message to librdkafka, numbered as the next unsettled one. On an error the
     /// headers come back, for another try.
     fn try_send(
@@ -622,8 +627,7 @@ impl Producer {
         payload: &[u8],
         headers: OwnedHeaders,
     ) -> Result<(), (KafkaError, OwnedHeaders)> {
-        let seq = self.first_seq + self.unsettled.len() as u64;
-        let record = BaseRecord::with_opaque_to(&self.topic, seq as usize)
+        let record = BaseRecord::with_opaque_to(&self.topic, self.next_seq() as usize)
             .key(key)
             .payload(payload)
             .headers(headers);
@@ -670,7 +674,7 @@ impl Producer {
     }
 
     fn barrier(&mut self, lsn: Lsn) {
-        let next = self.first_seq + self.unsettled.len() as u64;
+        let next = self.next_seq();
         self.barriers.push_back((next, lsn));
     }
 
