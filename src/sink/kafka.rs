@@ -478,7 +478,6 @@ pub fn decode(payload: &[u8]) -> Result<Decoded> {
 
 /// A message's delivery report, as librdkafka's polling thread passed it on.
 enum Report {
-    Waiting,
     Delivered,
     /// Why, and the message (for the spool).
     Failed(String, Spooled),
@@ -540,9 +539,9 @@ struct Producer {
     acks: tokio::sync::mpsc::UnboundedReceiver<Ack>,
     topic: Arc<str>,
     format: KafkaFormat,
-    /// Messages sent and not yet settled, oldest first: when each was sent, and its report.
-    /// The front one is number `first_seq`.
-    unsettled: VecDeque<(Instant, Report)>,
+    /// Messages sent and not yet settled, oldest first: when each was sent, and its report once
+    /// it came. The front one is number `first_seq`.
+    unsettled: VecDeque<(Instant, Option<Report>)>,
     first_seq: u64,
     /// Once every message numbered below `.0` is settled, Kafka holds the source's changes up
     /// to `.1`.
@@ -633,7 +632,7 @@ impl Producer {
             .headers(headers);
         match self.producer.send(record) {
             Ok(()) => {
-                self.unsettled.push_back((self.clock, Report::Waiting));
+                self.unsettled.push_back((self.clock, None));
                 Ok(())
             }
             Err((e, back)) => Err((e, back.headers.unwrap_or_default())),
@@ -687,7 +686,7 @@ impl Producer {
         // Below `first_seq`: already settled (cannot happen; librdkafka reports a message once).
         if let Some(i) = a.seq.checked_sub(self.first_seq) {
             if let Some(slot) = self.unsettled.get_mut(i as usize) {
-                slot.1 = a.report;
+                slot.1 = Some(a.report);
             }
         }
     }
@@ -698,14 +697,13 @@ impl Producer {
             self.note(a);
         }
         let now = Instant::now();
-        while self
-            .unsettled
-            .front()
-            .is_some_and(|(_, r)| !matches!(r, Report::Waiting))
-        {
+        while let Some((_, Some(_))) = self.unsettled.front() {
             let (sent, report) = self.unsettled.pop_front().expect("checked");
             self.first_seq += 1;
-            self.settle(report, now.saturating_duration_since(sent))?;
+            self.settle(
+                report.expect("checked"),
+                now.saturating_duration_since(sent),
+            )?;
         }
         while let Some(&(seq, lsn)) = self.barriers.front() {
             if seq > self.first_seq {
@@ -785,7 +783,7 @@ impl Producer {
             tokio::time::sleep(Duration::from_millis(10)).await;
             return Ok(());
         }
-        while matches!(self.unsettled.front(), Some((_, Report::Waiting))) {
+        while matches!(self.unsettled.front(), Some((_, None))) {
             match self.acks.recv().await {
                 Some(a) => self.note(a),
                 None => bail!("[kafka]: the producer went away"),
@@ -798,8 +796,7 @@ impl Producer {
     /// `took`: from sending the message until its report was settled.
     fn settle(&mut self, report: Report, took: Duration) -> Result<()> {
         let (e, msg) = match report {
-            // (Never `Waiting`: only reported messages are settled.)
-            Report::Delivered | Report::Waiting => {
+            Report::Delivered => {
                 self.produced.increment(1);
                 self.produce_seconds.record(took.as_secs_f64());
                 return Ok(());
