@@ -123,6 +123,8 @@ struct RawReplication {
     #[serde(default = "yes")]
     initial_snapshot: bool,
     #[serde(default)]
+    stream_in_progress: bool,
+    #[serde(default)]
     seed: Option<String>,
     #[serde(default)]
     snapshot_seed: BTreeMap<String, String>,
@@ -240,6 +242,10 @@ pub struct Config {
     pub batch_rows: usize,
     /// `run` snapshots tables that were never synchronised before streaming them.
     pub initial_snapshot: bool,
+    /// Ask the source to stream large transactions while they are in progress (pgoutput
+    /// protocol 2, PostgreSQL 14 and later); they are spooled to tandem's temp dir and applied
+    /// at their commit. Off by default: see the README's performance section.
+    pub stream_in_progress: bool,
     /// Whose rows win in an initial snapshot, unless a table says otherwise.
     pub seed: Side,
     /// Per-table seed; `None` means the table gets no initial snapshot.
@@ -376,6 +382,7 @@ impl Config {
             apply_truncate: true,
             batch_rows: default_batch_rows(),
             initial_snapshot: true,
+            stream_in_progress: false,
             seed: None,
             snapshot_seed: BTreeMap::new(),
         });
@@ -497,6 +504,7 @@ impl Config {
             apply_truncate: repl.apply_truncate,
             batch_rows: repl.batch_rows,
             initial_snapshot: repl.initial_snapshot,
+            stream_in_progress: repl.stream_in_progress,
             seed,
             snapshot_seed,
             conflicts,
@@ -545,6 +553,7 @@ fn check_keys(t: &toml::Table) -> Result<(), ConfigError> {
         "apply_truncate",
         "batch_rows",
         "initial_snapshot",
+        "stream_in_progress",
         "seed",
         "snapshot_seed",
     ];

@@ -90,9 +90,8 @@ pub fn is_transient(e: &tokio_postgres::Error) -> bool {
 }
 
 /// TLS as libpq does it for `sslmode=prefer` and `require`: encrypted, server certificate not
-/// verified (the signature of the handshake still is). Matches the replication connection, which
-/// pgwire-replication opens with the same semantics.
-fn tls() -> MakeRustlsConnect {
+/// verified (the signature of the handshake still is). The replication connection uses it too.
+pub(crate) fn tls() -> MakeRustlsConnect {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let config = rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()

@@ -15,6 +15,7 @@ use crate::lsn::Lsn;
 use crate::side::Side;
 use crate::source::assemble::{Assembler, Item};
 use crate::source::stream::{check_no_gap, SourceStream, StreamEvent};
+use crate::source::walsender::WalError;
 
 /// A group of source transactions shares one target commit for at most this long…
 const GROUP_MAX_AGE: Duration = Duration::from_millis(15);
@@ -142,11 +143,11 @@ fn transient(e: &anyhow::Error) -> bool {
         if let Some(pg) = c.downcast_ref::<tokio_postgres::Error>() {
             return db::is_transient(pg);
         }
-        if let Some(w) = c.downcast_ref::<pgwire_replication::PgWireError>() {
+        if let Some(w) = c.downcast_ref::<WalError>() {
             return match w {
-                pgwire_replication::PgWireError::Io(_) => true,
+                WalError::Io(_) => true,
                 // A walsender terminated by an admin or a server restart.
-                pgwire_replication::PgWireError::Server(m) => {
+                WalError::Server(m) => {
                     m.contains("terminating connection") || m.contains("shutting down")
                 }
                 _ => false,
@@ -247,7 +248,7 @@ async fn direction_once(
             source.direction_from(),
         )?);
     }
-    let mut stream = SourceStream::open(site, start).await?;
+    let mut stream = SourceStream::open(site, start, cfg.stream_in_progress).await?;
     if !cp.source_system_id.is_empty() && cp.source_system_id != stream.system_id {
         bail!(
             "{source}: this is database system {}, but the checkpoint was taken against system {}: \

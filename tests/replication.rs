@@ -612,3 +612,116 @@ async fn an_idle_slot_keeps_up_with_writes_to_unpublished_tables() {
     assert_eq!(Fixture::count(&fx.m, "SELECT count(*) FROM jobs").await, 0);
     run.stop().await;
 }
+
+async fn streamed_txns(c: &Client, slot: &str) -> i64 {
+    Fixture::count(
+        c,
+        &format!("SELECT coalesce(sum(stream_txns), 0)::bigint FROM pg_stat_replication_slots WHERE slot_name = '{slot}'"),
+    )
+    .await
+}
+
+/// Large transactions come from the source while still in progress (protocol 2 streaming). They
+/// apply whole at their commit, in commit order, without their rolled-back subtransactions or
+/// the transactions that abort, and exactly once across a restart in the middle of one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn large_transactions_stream_in_progress_and_apply_whole_at_commit() {
+    let schema = format!("{JOBS}\n{}", audit_sql("jobs"));
+    let repl = format!("{JOBS_TABLES}\nstream_in_progress = true");
+    let fx = Fixture::new("streamed", &schema, &repl).await;
+    // The smallest decoding memory: every transaction of a few hundred rows here is streamed.
+    fx.d.batch_execute(
+        "DO $$ BEGIN EXECUTE format('ALTER DATABASE %I SET logical_decoding_work_mem = ''64kB''', \
+         current_database()); END $$",
+    )
+    .await
+    .unwrap();
+    let url = common::clusters().desktop.url("streamed");
+    let (a, b) = (common::connect(&url).await, common::connect(&url).await);
+    let run = fx.start().await;
+
+    // a: large, with a subtransaction rolled back; b: another large one, interleaved and
+    // committed first; small ones and a large aborted one in between.
+    a.batch_execute(
+        "BEGIN; INSERT INTO jobs SELECT g, 'a' FROM generate_series(1, 3000) g; SAVEPOINT s; \
+         INSERT INTO jobs SELECT g, 'rolled back' FROM generate_series(3001, 5000) g; \
+         ROLLBACK TO s; INSERT INTO jobs SELECT g, 'a2' FROM generate_series(5001, 6000) g",
+    )
+    .await
+    .unwrap();
+    b.batch_execute("BEGIN; INSERT INTO jobs SELECT g, 'b' FROM generate_series(10001, 13000) g")
+        .await
+        .unwrap();
+    fx.d.batch_execute("INSERT INTO jobs VALUES (20001, 'small')")
+        .await
+        .unwrap();
+    a.batch_execute("UPDATE jobs SET n = 1 WHERE id <= 3000")
+        .await
+        .unwrap();
+    b.batch_execute("UPDATE jobs SET status = 'b done' WHERE id BETWEEN 10001 AND 13000; COMMIT")
+        .await
+        .unwrap();
+    fx.d.batch_execute(
+        "BEGIN; INSERT INTO jobs SELECT g, 'aborted' FROM generate_series(30001, 33000) g; ROLLBACK",
+    )
+    .await
+    .unwrap();
+    // After a's commit, a small transaction changes a row a wrote: it must land after a.
+    a.batch_execute("COMMIT").await.unwrap();
+    fx.d.batch_execute("UPDATE jobs SET status = 'after a' WHERE id = 1")
+        .await
+        .unwrap();
+    fx.wait_equal("jobs", 60).await;
+    let m = &fx.m;
+    assert_eq!(
+        Fixture::count(m, "SELECT count(*) FROM jobs").await,
+        3000 + 1000 + 3000 + 1
+    );
+    assert_eq!(
+        Fixture::count(
+            m,
+            "SELECT count(*) FROM jobs WHERE title = 'rolled back' OR title = 'aborted'"
+        )
+        .await,
+        0
+    );
+    assert_eq!(
+        Fixture::count(
+            m,
+            "SELECT count(*) FROM jobs WHERE id = 1 AND n = 1 AND status = 'after a'"
+        )
+        .await,
+        1
+    );
+    // Every change landed once: 7,001 inserts, 3,000 + 3,000 + 1 updates.
+    wait_count(30, m, "SELECT count(*) FROM audit", 13_002).await;
+    let streamed = streamed_txns(&fx.d, "streamed_d").await;
+    assert!(
+        streamed >= 3,
+        "a, b and the aborted one were streamed: {streamed}"
+    );
+
+    // Stopped while a streamed transaction is open: the server streams it again from its start
+    // after the restart, and it applies once.
+    a.batch_execute(
+        "BEGIN; UPDATE jobs SET n = 2 WHERE id <= 3000; \
+         INSERT INTO jobs SELECT g, 'c' FROM generate_series(40001, 43000) g",
+    )
+    .await
+    .unwrap();
+    wait_for(30, "the open transaction to be streamed", || async {
+        streamed_txns(&fx.d, "streamed_d").await > streamed
+    })
+    .await;
+    run.stop().await;
+    fx.assert_slots_within_checkpoints().await;
+    let run = fx.start().await;
+    a.batch_execute("COMMIT").await.unwrap();
+    fx.wait_equal("jobs", 60).await;
+    wait_count(30, m, "SELECT count(*) FROM audit", 13_002 + 6_000).await;
+    assert_eq!(
+        Fixture::count(m, "SELECT count(*) FROM jobs WHERE n = 2").await,
+        3000
+    );
+    run.stop().await;
+}

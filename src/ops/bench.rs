@@ -446,8 +446,14 @@ struct TandemRun {
     task: tokio::task::JoinHandle<Result<()>>,
 }
 
+/// Every contender's replication connection goes without TLS: the clusters offer it, libpq's
+/// default `sslmode=prefer` would take it, and encrypting costs the walsender — the bottleneck
+/// of W1 and W2 — CPU that has nothing to do with how a contender applies.
 fn dsn(c: &LocalCluster, db: &str) -> String {
-    format!("host=127.0.0.1 port={} dbname={db} user=postgres", c.port)
+    format!(
+        "host=127.0.0.1 port={} dbname={db} user=postgres sslmode=disable",
+        c.port
+    )
 }
 
 impl Pair {
@@ -550,8 +556,8 @@ impl Pair {
                     "[replication.direction]\n\"public.bench\" = \"desktop_to_mobile\"\n"
                 };
                 let text = format!(
-                    "[desktop]\nurl = \"{}\"\nslot = \"{name}_d\"\npublication = \"{name}_d\"\n\
-                     [mobile]\nurl = \"{}\"\nslot = \"{name}_m\"\npublication = \"{name}_m\"\n\
+                    "[desktop]\nurl = \"{}?sslmode=disable\"\nslot = \"{name}_d\"\npublication = \"{name}_d\"\n\
+                     [mobile]\nurl = \"{}?sslmode=disable\"\nslot = \"{name}_m\"\npublication = \"{name}_m\"\n\
                      [replication]\ntables = [\"public.bench\"]\ninitial_snapshot = false\n{direction}{extra}",
                     dc.url(&name),
                     mc.url(&name)

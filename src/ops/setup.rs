@@ -6,7 +6,6 @@ use std::fmt;
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
-use pgwire_replication::ReplicationClient;
 use tokio_postgres::Client;
 
 use crate::apply::checkpoint::{self, Checkpoint};
@@ -586,17 +585,9 @@ async fn ensure_slot(c: &Client, site: &Site) -> Result<(Lsn, bool)> {
 }
 
 async fn identify(site: &Site) -> Result<(String, u32)> {
-    let cfg = crate::source::stream::replication_config(site, Lsn::ZERO)?;
-    let mut client = ReplicationClient::connect_gated(cfg)
-        .await
-        .with_context(|| format!("{}: opening a replication connection", site.side))?;
-    let sys = client.identify_system().await.with_context(|| {
-        format!(
-            "{}: IDENTIFY_SYSTEM (does the role have REPLICATION?)",
-            site.side
-        )
-    })?;
-    Ok((sys.system_id, sys.timeline))
+    let (_, system_id, timeline) =
+        crate::source::stream::connect(site, "tandem setup".into()).await?;
+    Ok((system_id, timeline))
 }
 
 /// Validate, then create everything. Returns what it did, a line each.

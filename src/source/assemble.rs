@@ -40,6 +40,8 @@ pub enum Item {
 pub enum AssembleError {
     #[error("{side}: pgoutput sent {what} outside a transaction")]
     OutsideTransaction { side: Side, what: &'static str },
+    #[error("{side}: a streamed-transaction message reached the assembler unspooled")]
+    Streamed { side: Side },
     #[error("{side}: pgoutput sent Begin while transaction {xid} was still open")]
     NestedBegin { side: Side, xid: u32 },
     #[error("{side}: change for relation {rel} before its Relation message")]
@@ -159,6 +161,11 @@ impl Assembler {
                 return Ok(None);
             }
             Message::Type { .. } => return Ok(None),
+            // `SourceStream` turns streamed transactions into whole ones before they get here.
+            Message::StreamStart { .. }
+            | Message::StreamStop
+            | Message::StreamCommit { .. }
+            | Message::StreamAbort { .. } => return Err(AssembleError::Streamed { side }),
             Message::Insert { rel, new } => {
                 let table = self.table(rel)?;
                 self.check_width(&table, new.len())?;

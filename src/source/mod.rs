@@ -4,3 +4,5 @@
 pub mod assemble;
 pub mod pgoutput;
 pub mod stream;
+pub mod streamed;
+pub mod walsender;

@@ -1,4 +1,5 @@
-//! Pure decoder for PostgreSQL's `pgoutput` logical replication protocol, version 1.
+//! Pure decoder for PostgreSQL's `pgoutput` logical replication protocol, versions 1 and 2
+//! (version 2 adds streamed in-progress transactions).
 //!
 //! Bytes in, typed messages out: no I/O, no allocation beyond the message itself, and no panic on
 //! any input (fuzzed by `fuzz/fuzz_targets/pgoutput.rs`). Column values are zero-copy slices of the
@@ -39,6 +40,24 @@ pub enum Message {
     Truncate(Truncate),
     /// A logical decoding message from `pg_logical_emit_message`.
     Message(LogicalMessage),
+    /// Protocol 2: a block of an in-progress transaction's changes follows, up to `StreamStop`.
+    /// Inside the block every change message carries the (sub)transaction id (`decode_in`).
+    StreamStart {
+        xid: u32,
+        first: bool,
+    },
+    StreamStop,
+    /// The streamed transaction `xid` committed.
+    StreamCommit {
+        xid: u32,
+        commit: Commit,
+    },
+    /// The streamed transaction `xid` (when `subxid == xid`) or its subtransaction `subxid`
+    /// rolled back: its changes are void.
+    StreamAbort {
+        xid: u32,
+        subxid: u32,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -124,8 +143,8 @@ pub enum DecodeError {
     #[error("pgoutput `{tag}` message: {what} at byte {at}")]
     Invalid { tag: char, at: usize, what: String },
     #[error(
-        "pgoutput message type `{0}` is not part of protocol version 1 \
-         (streamed or two-phase transactions are not enabled by tandem)"
+        "pgoutput message type `{0}` is not part of protocol version 2 \
+         (two-phase transactions are not enabled by tandem)"
     )]
     Unsupported(char),
     #[error("pgoutput `{tag}` message has {extra} unexpected trailing bytes")]
@@ -266,11 +285,25 @@ impl<'a> Reader<'a> {
     }
 }
 
-/// Decode one pgoutput message (the payload of one `XLogData`).
+/// Decode one pgoutput message (the payload of one `XLogData`) outside a stream block.
 pub fn decode(buf: &Bytes) -> Result<Message, DecodeError> {
+    decode_in(buf, false).map(|(_, m)| m)
+}
+
+/// The message types that carry their transaction's id inside a stream block.
+pub const STREAMED_XID: &[u8] = b"RYIUDTM";
+
+/// Decode one pgoutput message; inside a stream block (`StreamStart` … `StreamStop`), change
+/// messages start with their (sub)transaction id, returned with the message.
+pub fn decode_in(buf: &Bytes, in_block: bool) -> Result<(Option<u32>, Message), DecodeError> {
     let tag_byte = *buf.first().ok_or(DecodeError::Empty)?;
     let tag = tag_byte as char;
     let mut r = Reader { buf, pos: 1, tag };
+    let xid = if in_block && STREAMED_XID.contains(&tag_byte) {
+        Some(r.u32()?)
+    } else {
+        None
+    };
     let msg = match tag_byte {
         b'B' => Message::Begin(Begin {
             final_lsn: r.lsn()?,
@@ -395,10 +428,28 @@ pub fn decode(buf: &Bytes) -> Result<Message, DecodeError> {
                 content: r.bytes(len as usize)?,
             })
         }
+        b'S' => Message::StreamStart {
+            xid: r.u32()?,
+            first: r.u8()? == 1,
+        },
+        b'E' => Message::StreamStop,
+        b'c' => Message::StreamCommit {
+            xid: r.u32()?,
+            commit: Commit {
+                flags: r.u8()?,
+                commit_lsn: r.lsn()?,
+                end_lsn: r.lsn()?,
+                commit_ts: r.i64()?,
+            },
+        },
+        b'A' => Message::StreamAbort {
+            xid: r.u32()?,
+            subxid: r.u32()?,
+        },
         other => return Err(DecodeError::Unsupported(other as char)),
     };
     r.finish()?;
-    Ok(msg)
+    Ok((xid, msg))
 }
 
 /// Encoders for tests and fuzz seeds: the inverse of [`decode`].
@@ -429,6 +480,26 @@ pub mod encode {
         out.push(0);
     }
 
+    fn commit(o: &mut Vec<u8>, c: &Commit) {
+        o.push(c.flags);
+        o.extend_from_slice(&c.commit_lsn.0.to_be_bytes());
+        o.extend_from_slice(&c.end_lsn.0.to_be_bytes());
+        o.extend_from_slice(&c.commit_ts.to_be_bytes());
+    }
+
+    /// `m` as sent inside a stream block by (sub)transaction `xid`.
+    pub fn streamed(xid: u32, m: &Message) -> Bytes {
+        let plain = message(m);
+        if !STREAMED_XID.contains(&plain[0]) {
+            return plain;
+        }
+        let mut o = Vec::with_capacity(plain.len() + 4);
+        o.push(plain[0]);
+        o.extend_from_slice(&xid.to_be_bytes());
+        o.extend_from_slice(&plain[1..]);
+        Bytes::from(o)
+    }
+
     pub fn message(m: &Message) -> Bytes {
         let mut o = Vec::new();
         match m {
@@ -440,10 +511,23 @@ pub mod encode {
             }
             Message::Commit(c) => {
                 o.push(b'C');
-                o.push(c.flags);
-                o.extend_from_slice(&c.commit_lsn.0.to_be_bytes());
-                o.extend_from_slice(&c.end_lsn.0.to_be_bytes());
-                o.extend_from_slice(&c.commit_ts.to_be_bytes());
+                commit(&mut o, c);
+            }
+            Message::StreamStart { xid, first } => {
+                o.push(b'S');
+                o.extend_from_slice(&xid.to_be_bytes());
+                o.push(*first as u8);
+            }
+            Message::StreamStop => o.push(b'E'),
+            Message::StreamCommit { xid, commit: c } => {
+                o.push(b'c');
+                o.extend_from_slice(&xid.to_be_bytes());
+                commit(&mut o, c);
+            }
+            Message::StreamAbort { xid, subxid } => {
+                o.push(b'A');
+                o.extend_from_slice(&xid.to_be_bytes());
+                o.extend_from_slice(&subxid.to_be_bytes());
             }
             Message::Origin { commit_lsn, name } => {
                 o.push(b'O');
@@ -602,7 +686,49 @@ mod tests {
                 prefix: "tandem".into(),
                 content: Bytes::from_static(b"D 0/5"),
             }),
+            Message::StreamStart {
+                xid: 900,
+                first: true,
+            },
+            Message::StreamStop,
+            Message::StreamCommit {
+                xid: 900,
+                commit: Commit {
+                    flags: 0,
+                    commit_lsn: Lsn(0x20_0000_0010),
+                    end_lsn: Lsn(0x20_0000_0040),
+                    commit_ts: 786_000_000_999,
+                },
+            },
+            Message::StreamAbort {
+                xid: 900,
+                subxid: 901,
+            },
         ]
+    }
+
+    #[test]
+    fn inside_a_stream_block_changes_carry_their_xid_and_boundaries_do_not() {
+        for m in samples() {
+            let bytes = encode::streamed(901, &m);
+            let (xid, back) = decode_in(&bytes, true).unwrap();
+            assert_eq!(back, m, "{bytes:?}");
+            let carries = matches!(
+                m,
+                Message::Relation(_)
+                    | Message::Type { .. }
+                    | Message::Insert { .. }
+                    | Message::Update { .. }
+                    | Message::Delete { .. }
+                    | Message::Truncate(_)
+                    | Message::Message(_)
+            );
+            assert_eq!(xid, carries.then_some(901), "{m:?}");
+            if carries {
+                // The same bytes outside a block are misread or refused, never the same message.
+                assert_ne!(decode(&bytes).ok(), Some(m));
+            }
+        }
     }
 
     #[test]
@@ -638,8 +764,8 @@ mod tests {
             "pgoutput `I` message: unknown column kind 0x78 (expected n, u, t or b) at byte 9"
         );
         assert!(matches!(
-            decode(&Bytes::from_static(b"S\0\0\0\x01")),
-            Err(DecodeError::Unsupported('S'))
+            decode(&Bytes::from_static(b"P\0\0\0\x01")),
+            Err(DecodeError::Unsupported('P'))
         ));
         assert_eq!(decode(&Bytes::new()), Err(DecodeError::Empty));
         let mut ok = encode::message(&samples()[0]).to_vec();
@@ -673,9 +799,11 @@ mod tests {
                 v.push(x as u8);
             }
             if let Some(first) = v.first_mut() {
-                *first = b"BCORYIUDTM"[(x % 10) as usize];
+                *first = b"BCORYIUDTMSEcA"[(x % 14) as usize];
             }
-            let _ = decode(&Bytes::from(v));
+            let v = Bytes::from(v);
+            let _ = decode(&v);
+            let _ = decode_in(&v, true);
         }
     }
 }

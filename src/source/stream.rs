@@ -1,28 +1,21 @@
-//! A side's replication stream: connect to its slot with pgwire-replication, check where the
-//! server really started, and hand out messages decoded by our own `pgoutput` decoder.
+//! A side's replication stream: connect to its slot (`walsender`), check where the server really
+//! started, and hand out messages decoded by our own `pgoutput` decoder.
 
-use std::str::FromStr;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
-use pgwire_replication::{ReplicationClient, ReplicationConfig, ReplicationEvent, TlsConfig};
-use tokio_postgres::config::{Host, SslMode};
 
 use crate::config::{redact_url, Site};
 use crate::lsn::Lsn;
-use crate::source::pgoutput::{self, Begin, Commit, LogicalMessage, Message};
+use crate::source::pgoutput::{self, Message};
+use crate::source::streamed::Streamed;
+use crate::source::walsender::{StartOptions, WalConfig, WalConnection, WalFrame, WalStream};
 
 /// Startup options pinned on the walsender so text values render one way whatever the server's
 /// defaults: ISO dates, `postgres` intervals, shortest-exact floats, hex bytea. The apply session
 /// parses with the same settings (`db::SESSION_SETTINGS`).
 const STREAM_OPTIONS: &str =
     "-c datestyle=ISO,MDY -c intervalstyle=postgres -c extra_float_digits=3 -c bytea_output=hex";
-
-/// Events in flight between the socket reader and the applier. Each holds at most one row, so
-/// this (with the message-size cap) bounds the stream's memory whatever the transaction size.
-/// Small, because a row may be large: with W4's 100 KB rows 512 events made 51 MB of the peak,
-/// and W1/W2 drain as fast with 64 (the socket buffers too).
-const BUFFER_EVENTS: usize = 64;
 
 /// What the stream hands the applier.
 #[derive(Debug)]
@@ -33,63 +26,47 @@ pub enum StreamEvent {
 }
 
 pub struct SourceStream {
-    client: ReplicationClient,
+    stream: WalStream,
+    streamed: Streamed,
+    /// Protocol 2 with in-progress transactions streamed.
+    pub streaming: bool,
     pub system_id: String,
     pub timeline: u32,
 }
 
-/// The connection parameters of `site`'s URL, for the replication protocol.
-pub fn replication_config(site: &Site, start: Lsn) -> Result<ReplicationConfig> {
-    let pg = tokio_postgres::Config::from_str(&site.url)
-        .map_err(|e| anyhow!("{}: invalid url: {e}", site.side))?;
-    let host = match pg.get_hosts().first() {
-        Some(Host::Tcp(h)) => h.clone(),
-        Some(Host::Unix(p)) => p.display().to_string(),
-        None => "localhost".into(),
-    };
-    let port = pg.get_ports().first().copied().unwrap_or(5432);
-    let password = pg
-        .get_password()
-        .map(|p| String::from_utf8_lossy(p).into_owned())
-        .unwrap_or_default();
-    let user = pg.get_user().unwrap_or("postgres").to_string();
-    let db = pg.get_dbname().unwrap_or(&user).to_string();
-    let tls = match pg.get_ssl_mode() {
-        SslMode::Disable => TlsConfig::disabled(),
-        // pgwire-replication has no "prefer": with TLS configured the SQL side negotiates it,
-        // so ask for it here too only when the URL insists.
-        SslMode::Require => TlsConfig::require(),
-        _ => TlsConfig::disabled(),
-    };
-    Ok(ReplicationConfig::new(
-        host,
-        user,
-        password,
-        db,
-        &site.slot,
-        site.publication.as_str(),
-    )
-    .with_port(port)
-    .with_tls(tls)
-    .with_start_lsn(start.into())
-    // Confirm nothing beyond the checkpoint until the applier says so.
-    .with_ack_lsn(start.into())
-    // Confirmations reach the server at most this often: the slot (and the source's WAL) is
-    // let go soon after each target commit, as the native apply worker does after its commits.
-    .with_status_interval(Duration::from_millis(100))
-    .with_wakeup_interval(Duration::from_secs(5))
-    .with_buffer_size(BUFFER_EVENTS)
-    .with_options(STREAM_OPTIONS)
-    .with_application_name(format!("tandem stream {}", site.side.direction_from())))
+/// The replication connection parameters of `site`'s URL.
+pub fn wal_config(site: &Site, app: String) -> Result<WalConfig> {
+    let mut cfg =
+        WalConfig::from_url(&site.url).map_err(|e| anyhow!("{}: invalid url: {e}", site.side))?;
+    cfg.options = STREAM_OPTIONS.into();
+    cfg.application_name = app;
+    Ok(cfg)
+}
+
+/// Open a replication connection to `site` (no streaming yet) and identify the system.
+pub async fn connect(site: &Site, app: String) -> Result<(WalConnection, String, u32)> {
+    let cfg = wal_config(site, app)?;
+    let at = redact_url(&site.url);
+    let mut conn = WalConnection::connect(&cfg)
+        .await
+        .with_context(|| format!("{}: opening a replication connection to {at}", site.side))?;
+    let system = conn.identify_system().await.with_context(|| {
+        format!(
+            "{}: IDENTIFY_SYSTEM on {at} (does the role have REPLICATION?)",
+            site.side
+        )
+    })?;
+    Ok((conn, system.system_id, system.timeline))
 }
 
 impl SourceStream {
     /// Start streaming `site`'s slot at `start` (the checkpoint). Waits out a slot still held by
     /// a previous tandem process (its walsender lingers briefly after a kill).
-    pub async fn open(site: &Site, start: Lsn) -> Result<SourceStream> {
+    /// `streaming`: ask for in-progress transactions (used when the server has protocol 2).
+    pub async fn open(site: &Site, start: Lsn, streaming: bool) -> Result<SourceStream> {
         let deadline = Instant::now() + Duration::from_secs(90);
         loop {
-            match Self::try_open(site, start).await {
+            match Self::try_open(site, start, streaming).await {
                 Err(e)
                     if e.to_string().contains("is active for PID") && Instant::now() < deadline =>
                 {
@@ -101,94 +78,81 @@ impl SourceStream {
         }
     }
 
-    async fn try_open(site: &Site, start: Lsn) -> Result<SourceStream> {
-        let cfg = replication_config(site, start)?;
-        let at = redact_url(&site.url);
-        let mut client = ReplicationClient::connect_gated(cfg)
+    async fn try_open(site: &Site, start: Lsn, streaming: bool) -> Result<SourceStream> {
+        let app = format!("tandem stream {}", site.side.direction_from());
+        let (conn, system_id, timeline) = connect(site, app).await?;
+        // Protocol 2 (streamed transactions) arrived with PostgreSQL 14.
+        let streaming = streaming && conn.server_major >= 14;
+        let stream = conn
+            .start(StartOptions {
+                slot: &site.slot,
+                start,
+                publication: &site.publication,
+                proto_version: if streaming { 2 } else { 1 },
+                streaming,
+            })
             .await
-            .with_context(|| format!("{}: opening a replication connection to {at}", site.side))?;
-        let system = client
-            .identify_system()
-            .await
-            .with_context(|| format!("{}: IDENTIFY_SYSTEM on {at}", site.side))?;
-        client.start().await?;
-        client.wait_started().await.map_err(|e| {
-            anyhow!(
-                "{}: START_REPLICATION on slot {}: {e}",
-                site.side,
-                site.slot
-            )
-        })?;
+            .map_err(|e| {
+                anyhow!(
+                    "{}: START_REPLICATION on slot {}: {e}",
+                    site.side,
+                    site.slot
+                )
+            })?;
         Ok(SourceStream {
-            client,
-            system_id: system.system_id,
-            timeline: system.timeline,
+            stream,
+            streamed: Streamed::default(),
+            streaming,
+            system_id,
+            timeline,
         })
     }
 
     /// Everything up to `lsn` is durable on the target: the slot may let it go.
     pub fn confirm(&self, lsn: Lsn) {
-        self.client.update_applied_lsn(lsn.into());
+        self.stream.confirm(lsn);
     }
 
-    /// The next decoded message or keepalive. Cancel-safe (the receive is a channel read).
+    /// The next decoded message or keepalive; a streamed transaction comes out whole (replayed
+    /// from its spool) at its commit. Cancel-safe: the receive is a channel read, and a message
+    /// is consumed only when it is returned or spooled.
     pub async fn next(&mut self) -> Result<StreamEvent> {
         loop {
-            let ev = self
-                .client
+            if let Some(m) = self.streamed.next_replayed()? {
+                return Ok(StreamEvent::Message(m));
+            }
+            let frame = self
+                .stream
                 .recv()
-                .await?
-                .ok_or_else(|| anyhow!("the replication stream ended"))?;
-            return Ok(match ev {
-                ReplicationEvent::KeepAlive { wal_end, .. } => {
-                    StreamEvent::Keepalive(wal_end.into())
+                .await
+                .ok_or_else(|| anyhow!("the replication stream ended"))??;
+            match frame {
+                // Inside a block a keepalive would vouch for nothing more than the block's
+                // start did; the next one after the block will do.
+                WalFrame::Keepalive { .. } if self.streamed.in_block() => {}
+                WalFrame::Keepalive { wal_end } => return Ok(StreamEvent::Keepalive(wal_end)),
+                WalFrame::XLogData { start, data } if self.streamed.in_block() => self
+                    .streamed
+                    .spool(&data)
+                    .with_context(|| format!("streamed change at {start}"))?,
+                WalFrame::XLogData { start, data } => {
+                    let msg = pgoutput::decode(&data)
+                        .with_context(|| format!("decoding the change at {start}"))?;
+                    if let Some(m) = self
+                        .streamed
+                        .take(msg)
+                        .with_context(|| format!("streamed transaction message at {start}"))?
+                    {
+                        return Ok(StreamEvent::Message(m));
+                    }
                 }
-                // pgwire-replication parses these three itself; map them to our types.
-                ReplicationEvent::Begin {
-                    final_lsn,
-                    xid,
-                    commit_time_micros,
-                } => StreamEvent::Message(Message::Begin(Begin {
-                    final_lsn: final_lsn.into(),
-                    commit_ts: commit_time_micros,
-                    xid,
-                })),
-                ReplicationEvent::Commit {
-                    lsn,
-                    end_lsn,
-                    commit_time_micros,
-                } => StreamEvent::Message(Message::Commit(Commit {
-                    flags: 0,
-                    commit_lsn: lsn.into(),
-                    end_lsn: end_lsn.into(),
-                    commit_ts: commit_time_micros,
-                })),
-                ReplicationEvent::Message {
-                    transactional,
-                    lsn,
-                    prefix,
-                    content,
-                } => StreamEvent::Message(Message::Message(LogicalMessage {
-                    transactional,
-                    lsn: lsn.into(),
-                    prefix,
-                    content,
-                })),
-                ReplicationEvent::XLogData {
-                    data, wal_start, ..
-                } => {
-                    StreamEvent::Message(pgoutput::decode(&data).with_context(|| {
-                        format!("decoding the change at {}", Lsn::from(wal_start))
-                    })?)
-                }
-                ReplicationEvent::StoppedAt { .. } => continue,
-            });
+            }
         }
     }
 
     /// Stop streaming, letting the last confirmation reach the server.
-    pub async fn close(mut self) {
-        let _ = tokio::time::timeout(Duration::from_secs(5), self.client.shutdown()).await;
+    pub async fn close(self) {
+        self.stream.close().await;
     }
 }
 

@@ -1,0 +1,343 @@
+//! Streamed in-progress transactions (pgoutput protocol 2, `streaming 'on'`), kept on local disk
+//! until they commit and then handed on as ordinary whole transactions.
+//!
+//! Why: without streaming, the source's walsender decodes a large transaction, spills it to its
+//! own disk, and only at commit reads it back and sends it — two passes on the source, and
+//! nothing reaches us until the end. Streaming sends the changes while they are decoded. We keep
+//! them in a file per transaction (never in memory, whatever the size), as PostgreSQL 15's own
+//! apply worker does, and replay the file at the transaction's commit: the rest of tandem sees a
+//! normal `Begin … Commit` with the commit's LSN and time, so ordering, conflict rules, Kafka and
+//! checkpoints work exactly as for any transaction. A subtransaction rolled back while streaming
+//! is cut off the file's end (its changes are the file's tail from its first change on, as
+//! PostgreSQL's `subxact` bookkeeping also assumes). Files are unlinked as soon as they are
+//! created, so a crash leaves nothing behind; after a restart the server streams the
+//! transaction again from its first change.
+
+use std::collections::HashMap;
+use std::fs::{File, OpenOptions};
+use std::io::{BufReader, BufWriter, Read, Seek, SeekFrom, Write};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use anyhow::{anyhow, bail, Context, Result};
+use bytes::Bytes;
+
+use crate::source::pgoutput::{self, Begin, Commit, Message};
+
+/// Where spool files go: the system temp dir (unlinked at once, so only their open handles hold
+/// space).
+fn spool_dir() -> PathBuf {
+    std::env::temp_dir()
+}
+
+static NEXT_FILE: AtomicU64 = AtomicU64::new(0);
+
+struct Spool {
+    file: BufWriter<File>,
+    len: u64,
+    /// Each subtransaction's first change: `(subxid, offset)`, in order of appearance.
+    subxacts: Vec<(u32, u64)>,
+}
+
+/// The in-progress transactions of one stream, and the one being replayed.
+#[derive(Default)]
+pub struct Streamed {
+    open: HashMap<u32, Spool>,
+    /// The transaction whose stream block is being received.
+    block: Option<u32>,
+    replay: Option<Replay>,
+}
+
+struct Replay {
+    begin: Option<Begin>,
+    file: BufReader<File>,
+    left: u64,
+    commit: Option<Commit>,
+}
+
+impl Streamed {
+    /// Inside a stream block: messages carry their xid and belong to the spool.
+    pub fn in_block(&self) -> bool {
+        self.block.is_some()
+    }
+
+    /// In-progress transactions held (for status and tests).
+    pub fn open_transactions(&self) -> usize {
+        self.open.len()
+    }
+
+    /// The next message of a committed streamed transaction being handed on, if any.
+    pub fn next_replayed(&mut self) -> Result<Option<Message>> {
+        let Some(r) = &mut self.replay else {
+            return Ok(None);
+        };
+        if let Some(b) = r.begin.take() {
+            return Ok(Some(Message::Begin(b)));
+        }
+        if r.left > 0 {
+            let mut len = [0u8; 4];
+            r.file
+                .read_exact(&mut len)
+                .context("reading a spooled change")?;
+            let len = u32::from_be_bytes(len) as usize;
+            let mut data = vec![0u8; len];
+            r.file
+                .read_exact(&mut data)
+                .context("reading a spooled change")?;
+            r.left -= 4 + len as u64;
+            let (_, msg) = pgoutput::decode_in(&Bytes::from(data), true)
+                .context("decoding a spooled change")?;
+            return Ok(Some(msg));
+        }
+        let commit = r.commit.take().map(Message::Commit);
+        self.replay = None;
+        Ok(commit)
+    }
+
+    /// Take one message received outside a stream block. Returns it back when it is not about
+    /// streaming (the caller handles it as usual).
+    pub fn take(&mut self, msg: Message) -> Result<Option<Message>> {
+        match msg {
+            Message::StreamStart { xid, first } => {
+                if let Some(x) = self.block {
+                    bail!("pgoutput started a stream block for {xid} inside the block of {x}");
+                }
+                if first {
+                    if self.open.contains_key(&xid) {
+                        bail!("pgoutput streamed transaction {xid} twice from its start");
+                    }
+                    self.open.insert(xid, Spool::create(xid)?);
+                } else if !self.open.contains_key(&xid) {
+                    bail!("pgoutput continued streamed transaction {xid} that never started");
+                }
+                self.block = Some(xid);
+                Ok(None)
+            }
+            Message::StreamStop => bail!("pgoutput sent Stream Stop outside a stream block"),
+            Message::StreamCommit { xid, commit } => {
+                let spool = self.open.remove(&xid).ok_or_else(|| {
+                    anyhow!("pgoutput committed unknown streamed transaction {xid}")
+                })?;
+                if self.replay.is_some() {
+                    bail!("pgoutput committed {xid} while another was being handed on");
+                }
+                self.replay = Some(spool.replay(xid, commit)?);
+                Ok(None)
+            }
+            Message::StreamAbort { xid, subxid } => {
+                if xid == subxid {
+                    // Unknown is fine: a transaction may abort before any change was streamed.
+                    self.open.remove(&xid);
+                } else if let Some(s) = self.open.get_mut(&xid) {
+                    s.cut(subxid)?;
+                }
+                Ok(None)
+            }
+            other => Ok(Some(other)),
+        }
+    }
+
+    /// One message inside the current stream block (raw, as received).
+    pub fn spool(&mut self, data: &Bytes) -> Result<()> {
+        let xid = self.block.expect("spool is called inside a block");
+        if data.first() == Some(&b'E') {
+            self.block = None;
+            return Ok(());
+        }
+        let spool = self.open.get_mut(&xid).expect("the block's spool is open");
+        // Messages carry their (sub)transaction right after the tag (checked when replayed).
+        // Relation messages count too: after any abort pgoutput sends the relation again.
+        if let (Some(t), Some(sub)) = (data.first(), data.get(1..5)) {
+            let sub = u32::from_be_bytes(sub.try_into().expect("4 bytes"));
+            let carries = pgoutput::STREAMED_XID.contains(t);
+            if carries && sub != xid && !spool.subxacts.iter().any(|s| s.0 == sub) {
+                spool.subxacts.push((sub, spool.len));
+            }
+        }
+        spool.write(data)
+    }
+}
+
+impl Spool {
+    fn create(xid: u32) -> Result<Spool> {
+        let path = spool_dir().join(format!(
+            "tandem-{}-{xid}-{}.spool",
+            std::process::id(),
+            NEXT_FILE.fetch_add(1, Ordering::Relaxed)
+        ));
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .with_context(|| format!("creating {} for a streamed transaction", path.display()))?;
+        let _ = std::fs::remove_file(&path);
+        Ok(Spool {
+            file: BufWriter::with_capacity(64 * 1024, file),
+            len: 0,
+            subxacts: Vec::new(),
+        })
+    }
+
+    fn write(&mut self, data: &Bytes) -> Result<()> {
+        let len = u32::try_from(data.len()).map_err(|_| anyhow!("a streamed change over 4 GiB"))?;
+        self.file
+            .write_all(&len.to_be_bytes())
+            .and_then(|_| self.file.write_all(data))
+            .context("spooling a streamed change to the temp dir (is it full?)")?;
+        self.len += 4 + data.len() as u64;
+        Ok(())
+    }
+
+    /// Drop subtransaction `subxid`'s changes and everything after them.
+    fn cut(&mut self, subxid: u32) -> Result<()> {
+        let Some(i) = self.subxacts.iter().position(|s| s.0 == subxid) else {
+            return Ok(()); // it changed nothing
+        };
+        let at = self.subxacts[i].1;
+        self.subxacts.truncate(i);
+        self.file.flush()?;
+        self.file.get_mut().set_len(at)?;
+        self.file.seek(SeekFrom::Start(at))?;
+        self.len = at;
+        Ok(())
+    }
+
+    fn replay(self, xid: u32, commit: Commit) -> Result<Replay> {
+        let mut file = self
+            .file
+            .into_inner()
+            .map_err(|e| anyhow!("flushing a spooled transaction: {}", e.error()))?;
+        file.seek(SeekFrom::Start(0))?;
+        Ok(Replay {
+            begin: Some(Begin {
+                final_lsn: commit.commit_lsn,
+                commit_ts: commit.commit_ts,
+                xid,
+            }),
+            file: BufReader::with_capacity(64 * 1024, file),
+            left: self.len,
+            commit: Some(commit),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::lsn::Lsn;
+    use crate::source::pgoutput::encode;
+    use crate::source::pgoutput::Value;
+
+    fn insert(id: &str) -> Message {
+        Message::Insert {
+            rel: 7,
+            new: vec![Value::Text(Bytes::copy_from_slice(id.as_bytes()))],
+        }
+    }
+
+    fn block(s: &mut Streamed, xid: u32, first: bool, changes: &[(u32, Message)]) {
+        assert!(s
+            .take(Message::StreamStart { xid, first })
+            .unwrap()
+            .is_none());
+        assert!(s.in_block());
+        for (sub, m) in changes {
+            s.spool(&encode::streamed(*sub, m)).unwrap();
+        }
+        s.spool(&encode::message(&Message::StreamStop)).unwrap();
+        assert!(!s.in_block());
+    }
+
+    fn commit(s: &mut Streamed, xid: u32, lsn: u64) -> Vec<Message> {
+        let c = Commit {
+            flags: 0,
+            commit_lsn: Lsn(lsn),
+            end_lsn: Lsn(lsn + 8),
+            commit_ts: 42,
+        };
+        assert!(s
+            .take(Message::StreamCommit { xid, commit: c })
+            .unwrap()
+            .is_none());
+        let mut out = Vec::new();
+        while let Some(m) = s.next_replayed().unwrap() {
+            out.push(m);
+        }
+        out
+    }
+
+    #[test]
+    fn interleaved_transactions_replay_whole_at_their_commits_without_aborted_subtransactions() {
+        let mut s = Streamed::default();
+        block(&mut s, 10, true, &[(10, insert("a")), (11, insert("b"))]);
+        block(&mut s, 20, true, &[(20, insert("x"))]);
+        // Subtransaction 12 comes after 11; rolling back 11 drops both (nested savepoints).
+        block(&mut s, 10, false, &[(12, insert("c"))]);
+        assert!(s
+            .take(Message::StreamAbort {
+                xid: 10,
+                subxid: 11
+            })
+            .unwrap()
+            .is_none());
+        block(&mut s, 10, false, &[(10, insert("d"))]);
+        // A whole transaction in between passes straight through.
+        assert_eq!(s.take(insert("t")).unwrap(), Some(insert("t")));
+        assert_eq!(s.open_transactions(), 2);
+
+        let x = commit(&mut s, 20, 0x100);
+        assert_eq!(x.len(), 3);
+        assert!(
+            matches!(&x[0], Message::Begin(b) if b.xid == 20 && b.final_lsn == Lsn(0x100) && b.commit_ts == 42)
+        );
+        assert_eq!(x[1], insert("x"));
+        assert!(matches!(&x[2], Message::Commit(c) if c.end_lsn == Lsn(0x108)));
+
+        let t = commit(&mut s, 10, 0x200);
+        assert_eq!(&t[1..t.len() - 1], &[insert("a"), insert("d")]);
+        assert_eq!(s.open_transactions(), 0);
+    }
+
+    #[test]
+    fn an_aborted_transaction_leaves_nothing_and_protocol_breaches_are_errors() {
+        let mut s = Streamed::default();
+        block(&mut s, 10, true, &[(10, insert("a"))]);
+        s.take(Message::StreamAbort {
+            xid: 10,
+            subxid: 10,
+        })
+        .unwrap();
+        assert_eq!(s.open_transactions(), 0);
+        // Abort of a transaction that streamed nothing: fine.
+        s.take(Message::StreamAbort {
+            xid: 99,
+            subxid: 99,
+        })
+        .unwrap();
+
+        let e = s
+            .take(Message::StreamStart {
+                xid: 5,
+                first: false,
+            })
+            .unwrap_err();
+        assert!(e.to_string().contains("never started"), "{e}");
+        let e = s
+            .take(Message::StreamCommit {
+                xid: 6,
+                commit: Commit {
+                    flags: 0,
+                    commit_lsn: Lsn(1),
+                    end_lsn: Lsn(2),
+                    commit_ts: 0,
+                },
+            })
+            .unwrap_err();
+        assert!(
+            e.to_string().contains("unknown streamed transaction 6"),
+            "{e}"
+        );
+        assert!(s.take(Message::StreamStop).is_err());
+    }
+}
