@@ -123,7 +123,7 @@ struct RawReplication {
     #[serde(default = "yes")]
     initial_snapshot: bool,
     #[serde(default)]
-    stream_in_progress: bool,
+    stream_in_progress: Option<bool>,
     #[serde(default)]
     seed: Option<String>,
     #[serde(default)]
@@ -243,9 +243,10 @@ pub struct Config {
     /// `run` snapshots tables that were never synchronised before streaming them.
     pub initial_snapshot: bool,
     /// Ask the source to stream large transactions while they are in progress (pgoutput
-    /// protocol 2, PostgreSQL 14 and later); they are spooled to tandem's temp dir and applied
-    /// at their commit. Off by default: see the README's performance section.
-    pub stream_in_progress: bool,
+    /// protocol 2, PostgreSQL 14 and later). Unset: only where tandem can apply one as it
+    /// arrives (no conflict rules, no Kafka); `true` also spools them elsewhere (see
+    /// `sync::stream_mode`).
+    pub stream_in_progress: Option<bool>,
     /// Whose rows win in an initial snapshot, unless a table says otherwise.
     pub seed: Side,
     /// Per-table seed; `None` means the table gets no initial snapshot.
@@ -382,7 +383,7 @@ impl Config {
             apply_truncate: true,
             batch_rows: default_batch_rows(),
             initial_snapshot: true,
-            stream_in_progress: false,
+            stream_in_progress: None,
             seed: None,
             snapshot_seed: BTreeMap::new(),
         });

@@ -14,7 +14,9 @@ use crate::db;
 use crate::lsn::Lsn;
 use crate::side::Side;
 use crate::source::assemble::{Assembler, Item};
-use crate::source::stream::{check_no_gap, SourceStream, StreamEvent};
+use crate::source::pgoutput::{Begin, Message};
+use crate::source::stream::{check_no_gap, SourceStream, StreamEvent, StreamMode};
+use crate::source::streamed::Live;
 use crate::source::walsender::WalError;
 
 /// A group of source transactions shares one target commit for at most this long…
@@ -137,6 +139,27 @@ async fn preflight(cfg: &Config) -> Result<()> {
     Ok(())
 }
 
+/// A change of a whole transaction waited on a row lock of the streamed transaction applied
+/// alongside it in the other session (a target trigger or constraint the source does not have
+/// can make them meet): each session would wait for the other forever. The direction starts
+/// over and spools that transaction instead.
+#[derive(Debug, thiserror::Error)]
+#[error("a change waited on streamed transaction {xid}, applied alongside it")]
+pub struct LiveBlocked {
+    pub xid: u32,
+}
+
+/// The main session gives up on a lock after this while a streamed transaction is applied live.
+const LIVE_LOCK_TIMEOUT: &str = "2s";
+
+fn lock_timed_out(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<tokio_postgres::Error>()
+            .and_then(|p| p.code())
+            .is_some_and(|c| *c == tokio_postgres::error::SqlState::LOCK_NOT_AVAILABLE)
+    })
+}
+
 /// Is this error worth reconnecting for (a dropped connection) rather than stopping?
 fn transient(e: &anyhow::Error) -> bool {
     e.chain().any(|c| {
@@ -166,6 +189,8 @@ async fn direction(
     let mut backoff = Duration::from_millis(500);
     // Tables whose inserts met rows already on the target: upserted from then on.
     let mut upsert_tables = std::collections::HashSet::new();
+    // Streamed transactions a live apply was blocked on: spooled from then on.
+    let mut spool_only = std::collections::HashSet::new();
     let idle = !cfg
         .tables
         .iter()
@@ -175,7 +200,15 @@ async fn direction(
         let once = if idle {
             idle_direction(&cfg, source, &mut stop, &status).await
         } else {
-            direction_once(&cfg, source, &mut stop, &status, &upsert_tables).await
+            direction_once(
+                &cfg,
+                source,
+                &mut stop,
+                &status,
+                &upsert_tables,
+                &spool_only,
+            )
+            .await
         };
         match once {
             Ok(()) => return Ok(()),
@@ -188,6 +221,11 @@ async fn direction(
                     // Cannot happen: that table's inserts are upserts now.
                     bail!("{source} → {}: {c}", source.other());
                 }
+            }
+            Err(e) if e.is::<LiveBlocked>() && !*stop.borrow() => {
+                let b = e.downcast::<LiveBlocked>().expect("checked");
+                tracing::warn!(%source, "{b}; starting over from the checkpoint, spooling it until its commit");
+                spool_only.insert(b.xid);
             }
             Err(e) if transient(&e) && !*stop.borrow() => {
                 if started.elapsed() > Duration::from_secs(60) {
@@ -211,6 +249,7 @@ async fn direction_once(
     stop: &mut watch::Receiver<bool>,
     status: &Status,
     upsert_tables: &std::collections::HashSet<crate::config::TableName>,
+    spool_only: &std::collections::HashSet<u32>,
 ) -> Result<()> {
     let site = cfg.site(source);
     let progress = status.from(source);
@@ -248,7 +287,7 @@ async fn direction_once(
             source.direction_from(),
         )?);
     }
-    let mut stream = SourceStream::open(site, start, cfg.stream_in_progress).await?;
+    let mut stream = SourceStream::open(site, start, &stream_mode(cfg, spool_only)).await?;
     if !cp.source_system_id.is_empty() && cp.source_system_id != stream.system_id {
         bail!(
             "{source}: this is database system {}, but the checkpoint was taken against system {}: \
@@ -262,10 +301,44 @@ async fn direction_once(
     tracing::info!(%source, checkpoint = %cp.lsn, origin = applier.origin, "streaming {} → {}", source, source.other());
 
     progress.streaming.store(true, Ordering::Relaxed);
-    let result = stream_loop(&mut applier, &mut stream, source, cp.lsn, stop, progress).await;
+    let mut live = LiveState {
+        cfg: cfg.clone(),
+        upsert_tables: upsert_tables.clone(),
+        session: None,
+        txn: None,
+    };
+    let result = stream_loop(
+        &mut applier,
+        &mut stream,
+        source,
+        cp.lsn,
+        stop,
+        progress,
+        &mut live,
+    )
+    .await;
+    let result = match (result, live.txn.as_ref()) {
+        (Err(e), Some(t)) if lock_timed_out(&e) => Err(LiveBlocked { xid: t.xid }.into()),
+        (r, _) => r,
+    };
     progress.streaming.store(false, Ordering::Relaxed);
     stream.close().await;
     result
+}
+
+/// How to ask for a source's stream. A streamed transaction is applied while in progress only
+/// where nothing needs its commit's time or LSN before the commit: conflict rules compare them,
+/// Kafka events carry them. Elsewhere it would be spooled to tandem's disk and applied at its
+/// commit, which only moves the source's own spill here (and measured slower on one shared
+/// machine), so that takes `stream_in_progress = true`.
+fn stream_mode(cfg: &Config, spool_only: &std::collections::HashSet<u32>) -> StreamMode {
+    let live = cfg.conflicts.is_none() && cfg.kafka.is_none();
+    let streaming = cfg.stream_in_progress.unwrap_or(live);
+    StreamMode {
+        streaming,
+        live: streaming && live,
+        spool_only: spool_only.clone(),
+    }
 }
 
 /// Commits still unflushed this long after they were made are flushed on purpose (a synchronous
@@ -347,6 +420,26 @@ async fn idle_direction(
     result
 }
 
+/// The streamed transaction applied while in progress, in a second apply session.
+struct LiveState {
+    cfg: Arc<Config>,
+    upsert_tables: std::collections::HashSet<crate::config::TableName>,
+    /// Connected at the first live transaction, kept for the next.
+    session: Option<Applier>,
+    txn: Option<LiveTxn>,
+}
+
+struct LiveTxn {
+    xid: u32,
+    asm: Assembler,
+    /// Subtransactions seen, in order; each has a savepoint named by `savepoint_name`.
+    subxacts: Vec<u32>,
+}
+
+fn savepoint_name(subxid: u32) -> String {
+    format!("tandem_sub_{subxid}")
+}
+
 /// Apply the stream until `stop`; then finish cleanly at a transaction boundary.
 async fn stream_loop(
     applier: &mut Applier,
@@ -355,6 +448,7 @@ async fn stream_loop(
     start: Lsn,
     stop: &mut watch::Receiver<bool>,
     progress: &Progress,
+    live: &mut LiveState,
 ) -> Result<()> {
     let mut asm = Assembler::new(source);
     // Durable on the target: the slot may be confirmed up to here.
@@ -442,6 +536,113 @@ async fn stream_loop(
                 }
                 stream.confirm(applier.ack_limit(checkpoint)?);
             }
+            StreamEvent::Live(Live::Start { xid, first }) => {
+                // Whole transactions received before this block committed before it on the
+                // source: commit them first, so the live session never waits on their rows.
+                if group_end.is_some() {
+                    commit_group!();
+                }
+                if first {
+                    if live.session.is_none() {
+                        let mut a = Applier::connect_streamed(live.cfg.clone(), source).await?;
+                        a.insert_plainly(live.upsert_tables.clone());
+                        live.session = Some(a);
+                    }
+                    applier
+                        .client()
+                        .batch_execute(&format!("SET lock_timeout = '{LIVE_LOCK_TIMEOUT}'"))
+                        .await?;
+                    let mut asm = Assembler::new(source);
+                    // Its commit LSN and time are known at its end; nothing needs them before.
+                    asm.push(Message::Begin(Begin {
+                        final_lsn: Lsn::ZERO,
+                        commit_ts: 0,
+                        xid,
+                    }))?;
+                    live.txn = Some(LiveTxn {
+                        xid,
+                        asm,
+                        subxacts: Vec::new(),
+                    });
+                }
+            }
+            StreamEvent::Live(Live::Stop) => {}
+            StreamEvent::Live(Live::Message { sub, msg }) => {
+                let (Some(t), Some(a)) = (live.txn.as_mut(), live.session.as_mut()) else {
+                    bail!("{source}: a streamed change outside its transaction");
+                };
+                if sub != t.xid && !t.subxacts.contains(&sub) {
+                    a.savepoint(&savepoint_name(sub)).await?;
+                    t.subxacts.push(sub);
+                }
+                match t.asm.push(msg)? {
+                    Some(Item::Change(ev)) => a.apply(&ev).await?,
+                    Some(Item::Echo(_)) | None => {}
+                    Some(other) => {
+                        bail!("{source}: {other:?} inside streamed transaction {}", t.xid)
+                    }
+                }
+            }
+            StreamEvent::Live(Live::Abort { xid, subxid }) => {
+                let (Some(t), Some(a)) = (live.txn.as_mut(), live.session.as_mut()) else {
+                    bail!("{source}: abort of streamed transaction {xid} that is not open");
+                };
+                if subxid == xid {
+                    a.rollback().await?;
+                    live.txn = None;
+                    applier
+                        .client()
+                        .batch_execute("SET lock_timeout = 0")
+                        .await?;
+                } else if let Some(i) = t.subxacts.iter().position(|s| *s == subxid) {
+                    a.rollback_to(&savepoint_name(subxid)).await?;
+                    t.subxacts.truncate(i);
+                }
+            }
+            StreamEvent::Live(Live::Commit { xid, commit }) => {
+                let (Some(t), Some(a)) = (live.txn.take(), live.session.as_mut()) else {
+                    bail!("{source}: commit of streamed transaction {xid} that is not open");
+                };
+                asm.learn_relations(t.asm);
+                applier
+                    .client()
+                    .batch_execute("SET lock_timeout = 0")
+                    .await?;
+                // In commit order: whole transactions received before this commit go first.
+                if group_end.is_some() {
+                    commit_group!();
+                }
+                if !a.in_txn() || commit.commit_lsn < checkpoint {
+                    // Nothing it changed flows here (or tandem's own), or it was applied before
+                    // a restart.
+                    a.rollback().await?;
+                    safe = safe.max(commit.end_lsn);
+                } else {
+                    a.set_commit_ts(commit.commit_ts);
+                    // The commit carries the origin like every other (one session may hold it).
+                    let lend = applier.origin;
+                    if lend {
+                        applier.origin_session(false).await?;
+                        a.origin_session(true).await?;
+                    }
+                    a.commit(commit.end_lsn).await?;
+                    if lend {
+                        a.origin_session(false).await?;
+                        applier.origin_session(true).await?;
+                    }
+                    a.hand_over_unflushed(applier);
+                    applier.stats.changes += std::mem::take(&mut a.stats.changes);
+                    applier.count_transaction();
+                    checkpoint = commit.end_lsn;
+                    safe = safe.max(checkpoint);
+                    stream.confirm(applier.ack_limit(checkpoint)?);
+                    schedule_flush(applier, &mut flush_due);
+                    progress.checkpoint.store(checkpoint.0, Ordering::Relaxed);
+                    progress
+                        .changes
+                        .store(applier.stats.changes, Ordering::Relaxed);
+                }
+            }
             StreamEvent::Message(msg) => match asm.push(msg)? {
                 None => {}
                 Some(Item::Begin { commit_lsn, .. }) => {
@@ -491,6 +692,9 @@ async fn stream_loop(
     }
 
     // Graceful stop: keep whole groups, drop a half-received transaction (it comes again).
+    if let Some(a) = live.session.as_mut() {
+        a.rollback().await?;
+    }
     if applier.in_txn() {
         if let (Some(end), false) = (group_end, asm.in_transaction()) {
             applier.commit(end).await?;

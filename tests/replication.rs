@@ -621,14 +621,15 @@ async fn streamed_txns(c: &Client, slot: &str) -> i64 {
     .await
 }
 
-/// Large transactions come from the source while still in progress (protocol 2 streaming). They
-/// apply whole at their commit, in commit order, without their rolled-back subtransactions or
-/// the transactions that abort, and exactly once across a restart in the middle of one.
+/// Large transactions come from the source while still in progress (protocol 2 streaming): one
+/// is applied as it arrives in a second session, one streamed alongside it is spooled. Each
+/// commits in commit order, without its rolled-back subtransactions, aborted ones leave nothing,
+/// and a restart in the middle of one applies it exactly once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn large_transactions_stream_in_progress_and_apply_whole_at_commit() {
     let schema = format!("{JOBS}\n{}", audit_sql("jobs"));
-    let repl = format!("{JOBS_TABLES}\nstream_in_progress = true");
-    let fx = Fixture::new("streamed", &schema, &repl).await;
+    // Streaming is on by default without conflict rules or Kafka.
+    let fx = Fixture::new("streamed", &schema, JOBS_TABLES).await;
     // The smallest decoding memory: every transaction of a few hundred rows here is streamed.
     fx.d.batch_execute(
         "DO $$ BEGIN EXECUTE format('ALTER DATABASE %I SET logical_decoding_work_mem = ''64kB''', \
@@ -645,7 +646,8 @@ async fn large_transactions_stream_in_progress_and_apply_whole_at_commit() {
     a.batch_execute(
         "BEGIN; INSERT INTO jobs SELECT g, 'a' FROM generate_series(1, 3000) g; SAVEPOINT s; \
          INSERT INTO jobs SELECT g, 'rolled back' FROM generate_series(3001, 5000) g; \
-         ROLLBACK TO s; INSERT INTO jobs SELECT g, 'a2' FROM generate_series(5001, 6000) g",
+         ROLLBACK TO s; INSERT INTO jobs SELECT g, 'a2' FROM generate_series(5001, 6000) g; \
+         INSERT INTO scratch SELECT g, 'a' FROM generate_series(1, 10) g",
     )
     .await
     .unwrap();
@@ -668,10 +670,14 @@ async fn large_transactions_stream_in_progress_and_apply_whole_at_commit() {
     .unwrap();
     // After a's commit, a small transaction changes a row a wrote: it must land after a.
     a.batch_execute("COMMIT").await.unwrap();
-    fx.d.batch_execute("UPDATE jobs SET status = 'after a' WHERE id = 1")
-        .await
-        .unwrap();
+    // scratch was first described inside a; the server will not describe it again.
+    fx.d.batch_execute(
+        "UPDATE jobs SET status = 'after a' WHERE id = 1; UPDATE scratch SET v = 'after a'",
+    )
+    .await
+    .unwrap();
     fx.wait_equal("jobs", 60).await;
+    fx.wait_equal("scratch", 30).await;
     let m = &fx.m;
     assert_eq!(
         Fixture::count(m, "SELECT count(*) FROM jobs").await,
@@ -700,6 +706,15 @@ async fn large_transactions_stream_in_progress_and_apply_whole_at_commit() {
         streamed >= 3,
         "a, b and the aborted one were streamed: {streamed}"
     );
+    // a went to the second apply session while in progress (b, interleaved, was spooled).
+    assert_eq!(
+        Fixture::count(
+            m,
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE 'tandem apply % streamed'"
+        )
+        .await,
+        1
+    );
 
     // Stopped while a streamed transaction is open: the server streams it again from its start
     // after the restart, and it applies once.
@@ -722,6 +737,60 @@ async fn large_transactions_stream_in_progress_and_apply_whole_at_commit() {
     assert_eq!(
         Fixture::count(m, "SELECT count(*) FROM jobs WHERE n = 2").await,
         3000
+    );
+    run.stop().await;
+}
+
+/// A target trigger (firing for replicated rows too) makes a whole transaction wait on a row the
+/// live streamed transaction holds in the other session. Instead of both sessions waiting
+/// forever, the direction starts over, spools that transaction, and everything lands once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_whole_transaction_blocked_by_the_live_one_makes_it_spooled_instead() {
+    let fx = Fixture::new("live_blocked", JOBS, JOBS_TABLES).await;
+    fx.d.batch_execute(
+        "DO $$ BEGIN EXECUTE format('ALTER DATABASE %I SET logical_decoding_work_mem = ''64kB''', \
+         current_database()); END $$",
+    )
+    .await
+    .unwrap();
+    // Mobile only: every applied insert bumps one counter row.
+    fx.m.batch_execute(
+        "CREATE TABLE counters (id int PRIMARY KEY, n int NOT NULL);
+         INSERT INTO counters VALUES (1, 0);
+         CREATE FUNCTION bump() RETURNS trigger LANGUAGE plpgsql AS $$
+           BEGIN UPDATE counters SET n = n + 1 WHERE id = 1; RETURN NULL; END $$;
+         CREATE TRIGGER bump AFTER INSERT ON jobs FOR EACH ROW EXECUTE FUNCTION bump();
+         ALTER TABLE jobs ENABLE ALWAYS TRIGGER bump;",
+    )
+    .await
+    .unwrap();
+    let a = common::connect(&common::clusters().desktop.url("live_blocked")).await;
+    let run = fx.start().await;
+    a.batch_execute("BEGIN; INSERT INTO jobs SELECT g, 'big' FROM generate_series(1, 3000) g")
+        .await
+        .unwrap();
+    // The live session has applied some of it, so it holds the counter row.
+    wait_for(30, "the open transaction applied live", || async {
+        Fixture::count(
+            &fx.m,
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE 'tandem apply % streamed' \
+             AND state = 'idle in transaction'",
+        )
+        .await
+            == 1
+    })
+    .await;
+    fx.d.batch_execute("INSERT INTO jobs VALUES (5000, 'small')")
+        .await
+        .unwrap();
+    // Lands while the big one is still open on the source: nothing waits forever.
+    wait_count(30, &fx.m, "SELECT count(*) FROM jobs WHERE id = 5000", 1).await;
+    a.batch_execute("COMMIT").await.unwrap();
+    fx.wait_equal("jobs", 60).await;
+    assert_eq!(
+        Fixture::count(&fx.m, "SELECT n::bigint FROM counters").await,
+        3001,
+        "each insert applied once"
     );
     run.stop().await;
 }

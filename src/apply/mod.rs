@@ -115,10 +115,25 @@ pub struct Applier {
 impl Applier {
     /// Connect to the side opposite `source`, as an apply session.
     pub async fn connect(cfg: Arc<Config>, source: Side) -> Result<Applier> {
+        Self::connect_with(cfg, source, true).await
+    }
+
+    /// A second apply session of the direction, for a streamed transaction applied while it is
+    /// in progress. Without the replication origin: PostgreSQL 15 lets one session hold an
+    /// origin at a time, so the main session lends it for the commit (`origin_session`).
+    pub async fn connect_streamed(cfg: Arc<Config>, source: Side) -> Result<Applier> {
+        Self::connect_with(cfg, source, false).await
+    }
+
+    async fn connect_with(cfg: Arc<Config>, source: Side, with_origin: bool) -> Result<Applier> {
         let target = source.other();
         let client = db::connect(
             cfg.site(target),
-            &format!("tandem apply {}", source.direction_from()),
+            &format!(
+                "tandem apply {}{}",
+                source.direction_from(),
+                if with_origin { "" } else { " streamed" }
+            ),
         )
         .await?;
         // As PostgreSQL's own apply worker does: user triggers (and FK triggers) do not fire for
@@ -136,18 +151,23 @@ impl Applier {
             tracing::info!(%target, "apply role may not set session_replication_role; target triggers will fire");
         }
         let origin = origin_name(&cfg, source);
-        let origin_ok = client
-            .batch_execute(&format!(
-                "SELECT pg_replication_origin_create({0}) WHERE NOT EXISTS \
-                 (SELECT 1 FROM pg_replication_origin WHERE roname = {0}); \
-                 SELECT pg_replication_origin_session_setup({0});",
-                crate::config::quote_literal(&origin)
-            ))
-            .await;
-        if let Err(e) = &origin_ok {
-            tracing::info!(%target, "applying without a replication origin ({}); the marker message alone prevents echo",
-                e.as_db_error().map(|d| d.message().to_string()).unwrap_or_else(|| e.to_string()));
-        }
+        let origin_ok = if with_origin {
+            client
+                .batch_execute(&format!(
+                    "SELECT pg_replication_origin_create({0}) WHERE NOT EXISTS \
+                     (SELECT 1 FROM pg_replication_origin WHERE roname = {0}); \
+                     SELECT pg_replication_origin_session_setup({0});",
+                    crate::config::quote_literal(&origin)
+                ))
+                .await
+                .map_err(|e| {
+                    tracing::info!(%target, "applying without a replication origin ({}); the marker message alone prevents echo",
+                        e.as_db_error().map(|d| d.message().to_string()).unwrap_or_else(|| e.to_string()));
+                })
+                .is_ok()
+        } else {
+            false
+        };
         Ok(Applier {
             client: Arc::new(client),
             pipeline: Pipeline::new(PIPELINE_DEPTH),
@@ -160,7 +180,7 @@ impl Applier {
             statements: HashMap::new(),
             lookups: HashMap::new(),
             in_txn: false,
-            origin: origin_ok.is_ok(),
+            origin: origin_ok,
             replica_role,
             last_commit_ts: 0,
             publisher: None,
@@ -1174,6 +1194,62 @@ impl Applier {
 
     pub fn count_transaction(&mut self) {
         self.stats.transactions += 1;
+    }
+
+    /// Take up (`true`) or let go of the direction's replication origin for this session; only
+    /// one session may hold it. Outside a transaction when letting go.
+    pub async fn origin_session(&mut self, hold: bool) -> Result<()> {
+        let sql = if hold {
+            format!(
+                "SELECT pg_replication_origin_session_setup({})",
+                crate::config::quote_literal(&origin_name(&self.cfg, self.source))
+            )
+        } else {
+            "SELECT pg_replication_origin_session_reset()".to_string()
+        };
+        self.client
+            .batch_execute(&sql)
+            .await
+            .context("moving the replication origin between apply sessions")?;
+        self.origin = hold;
+        Ok(())
+    }
+
+    /// The source commit time the next commit records (a streamed transaction's, known only
+    /// at its end).
+    pub fn set_commit_ts(&mut self, ts: i64) {
+        self.last_commit_ts = ts;
+    }
+
+    /// Commits still to be seen flushed move to `to`, which confirms the source slot.
+    pub fn hand_over_unflushed(&mut self, to: &mut Applier) {
+        to.unflushed.extend(self.unflushed.drain(..));
+    }
+
+    /// Mark where a subtransaction's changes start, after running everything before it. Opens
+    /// the target transaction if nothing did yet, so the savepoint always exists.
+    pub async fn savepoint(&mut self, name: &str) -> Result<()> {
+        self.ensure_txn(Lsn::ZERO).await?;
+        self.run_ready(true).await?;
+        self.drain().await?;
+        self.client
+            .batch_execute(&format!("SAVEPOINT {name}"))
+            .await
+            .context("marking a streamed subtransaction")?;
+        Ok(())
+    }
+
+    /// Forget everything since `savepoint(name)`: the subtransaction rolled back on the source.
+    pub async fn rollback_to(&mut self, name: &str) -> Result<()> {
+        // Nothing pending predates the savepoint (it ran everything first): drop it unsent.
+        self.planner.flush();
+        self.planner.take_ready();
+        self.pipeline.clear();
+        self.client
+            .batch_execute(&format!("ROLLBACK TO SAVEPOINT {name}"))
+            .await
+            .context("rolling back a streamed subtransaction")?;
+        Ok(())
     }
 }
 

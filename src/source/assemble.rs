@@ -76,6 +76,13 @@ impl Assembler {
         }
     }
 
+    /// The relations `other` learned (a streamed transaction's, assembled apart) become known
+    /// here: once a streamed transaction commits, pgoutput counts its Relation messages as sent
+    /// for every later transaction.
+    pub fn learn_relations(&mut self, other: Assembler) {
+        self.relations.extend(other.relations);
+    }
+
     pub fn in_transaction(&self) -> bool {
         self.txn.is_some()
     }

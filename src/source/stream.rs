@@ -8,7 +8,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use crate::config::{redact_url, Site};
 use crate::lsn::Lsn;
 use crate::source::pgoutput::{self, Message};
-use crate::source::streamed::Streamed;
+use crate::source::streamed::{Live, Streamed, Taken};
 use crate::source::walsender::{StartOptions, WalConfig, WalConnection, WalFrame, WalStream};
 
 /// Startup options pinned on the walsender so text values render one way whatever the server's
@@ -23,6 +23,19 @@ pub enum StreamEvent {
     Message(Message),
     /// The server's position while nothing is in flight: everything before it has been sent.
     Keepalive(Lsn),
+    /// The streamed transaction applied while in progress.
+    Live(Live),
+}
+
+/// How a side's stream is asked for.
+#[derive(Debug, Clone, Default)]
+pub struct StreamMode {
+    /// Protocol 2 with in-progress transactions (when the server has it).
+    pub streaming: bool,
+    /// One streamed transaction at a time may be handed out live (`StreamEvent::Live`).
+    pub live: bool,
+    /// Streamed transactions that must be spooled even so.
+    pub spool_only: std::collections::HashSet<u32>,
 }
 
 pub struct SourceStream {
@@ -62,11 +75,10 @@ pub async fn connect(site: &Site, app: String) -> Result<(WalConnection, String,
 impl SourceStream {
     /// Start streaming `site`'s slot at `start` (the checkpoint). Waits out a slot still held by
     /// a previous tandem process (its walsender lingers briefly after a kill).
-    /// `streaming`: ask for in-progress transactions (used when the server has protocol 2).
-    pub async fn open(site: &Site, start: Lsn, streaming: bool) -> Result<SourceStream> {
+    pub async fn open(site: &Site, start: Lsn, mode: &StreamMode) -> Result<SourceStream> {
         let deadline = Instant::now() + Duration::from_secs(90);
         loop {
-            match Self::try_open(site, start, streaming).await {
+            match Self::try_open(site, start, mode).await {
                 Err(e)
                     if e.to_string().contains("is active for PID") && Instant::now() < deadline =>
                 {
@@ -78,11 +90,11 @@ impl SourceStream {
         }
     }
 
-    async fn try_open(site: &Site, start: Lsn, streaming: bool) -> Result<SourceStream> {
+    async fn try_open(site: &Site, start: Lsn, mode: &StreamMode) -> Result<SourceStream> {
         let app = format!("tandem stream {}", site.side.direction_from());
         let (conn, system_id, timeline) = connect(site, app).await?;
         // Protocol 2 (streamed transactions) arrived with PostgreSQL 14.
-        let streaming = streaming && conn.server_major >= 14;
+        let streaming = mode.streaming && conn.server_major >= 14;
         let stream = conn
             .start(StartOptions {
                 slot: &site.slot,
@@ -101,7 +113,7 @@ impl SourceStream {
             })?;
         Ok(SourceStream {
             stream,
-            streamed: Streamed::default(),
+            streamed: Streamed::new(mode.live, mode.spool_only.clone()),
             streaming,
             system_id,
             timeline,
@@ -129,25 +141,37 @@ impl SourceStream {
             match frame {
                 // Inside a block a keepalive would vouch for nothing more than the block's
                 // start did; the next one after the block will do.
-                WalFrame::Keepalive { .. } if self.streamed.in_block() => {}
+                WalFrame::Keepalive { .. } if self.streamed.inside_block() => {}
                 WalFrame::Keepalive { wal_end } => return Ok(StreamEvent::Keepalive(wal_end)),
-                WalFrame::XLogData { start, data } if self.streamed.in_block() => self
-                    .streamed
-                    .spool(&data)
-                    .with_context(|| format!("streamed change at {start}"))?,
+                WalFrame::XLogData { start, data } if self.streamed.inside_block() => {
+                    let live = self
+                        .streamed
+                        .in_block(&data)
+                        .with_context(|| format!("streamed change at {start}"))?;
+                    if let Some(l) = live {
+                        return Ok(StreamEvent::Live(l));
+                    }
+                }
                 WalFrame::XLogData { start, data } => {
                     let msg = pgoutput::decode(&data)
                         .with_context(|| format!("decoding the change at {start}"))?;
-                    if let Some(m) = self
+                    match self
                         .streamed
                         .take(msg)
                         .with_context(|| format!("streamed transaction message at {start}"))?
                     {
-                        return Ok(StreamEvent::Message(m));
+                        Taken::Pass(m) => return Ok(StreamEvent::Message(m)),
+                        Taken::Live(l) => return Ok(StreamEvent::Live(l)),
+                        Taken::Held => {}
                     }
                 }
             }
         }
+    }
+
+    /// The streamed transaction being applied live, if any.
+    pub fn live(&self) -> Option<u32> {
+        self.streamed.live()
     }
 
     /// Stop streaming, letting the last confirmation reach the server.

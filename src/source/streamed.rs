@@ -13,7 +13,7 @@
 //! created, so a crash leaves nothing behind; after a restart the server streams the
 //! transaction again from its first change.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fs::{File, OpenOptions};
 use std::io::{BufReader, BufWriter, Read, Seek, SeekFrom, Write};
 use std::path::PathBuf;
@@ -39,6 +39,32 @@ struct Spool {
     subxacts: Vec<(u32, u64)>,
 }
 
+/// A streamed transaction applied while in progress ("live"), as the stream hands it out.
+#[derive(Debug)]
+pub enum Live {
+    /// A block of `xid` begins; `first` for its first block.
+    Start {
+        xid: u32,
+        first: bool,
+    },
+    /// One of its messages; `sub` is the (sub)transaction that made it.
+    Message {
+        sub: u32,
+        msg: Message,
+    },
+    /// The block ends.
+    Stop,
+    Commit {
+        xid: u32,
+        commit: Commit,
+    },
+    /// Its subtransaction `subxid` (or the whole of it, when `subxid == xid`) rolled back.
+    Abort {
+        xid: u32,
+        subxid: u32,
+    },
+}
+
 /// The in-progress transactions of one stream, and the one being replayed.
 #[derive(Default)]
 pub struct Streamed {
@@ -46,6 +72,21 @@ pub struct Streamed {
     /// The transaction whose stream block is being received.
     block: Option<u32>,
     replay: Option<Replay>,
+    /// One streamed transaction at a time may be applied live instead of spooled.
+    live_allowed: bool,
+    live: Option<u32>,
+    /// Transactions to spool even when live would be allowed (a live attempt was blocked).
+    spool_only: HashSet<u32>,
+}
+
+/// What became of a message received outside a block.
+#[derive(Debug)]
+pub enum Taken {
+    /// Not about streaming: handle it as usual.
+    Pass(Message),
+    Live(Live),
+    /// Spooled or bookkeeping only.
+    Held,
 }
 
 struct Replay {
@@ -56,8 +97,18 @@ struct Replay {
 }
 
 impl Streamed {
-    /// Inside a stream block: messages carry their xid and belong to the spool.
-    pub fn in_block(&self) -> bool {
+    /// `live_allowed`: the first streamed transaction while none is live is handed out live
+    /// (unless it is in `spool_only`); the others are spooled.
+    pub fn new(live_allowed: bool, spool_only: HashSet<u32>) -> Streamed {
+        Streamed {
+            live_allowed,
+            spool_only,
+            ..Default::default()
+        }
+    }
+
+    /// Inside a stream block: messages carry their xid (and go to the spool, unless live).
+    pub fn inside_block(&self) -> bool {
         self.block.is_some()
     }
 
@@ -94,13 +145,34 @@ impl Streamed {
         Ok(commit)
     }
 
-    /// Take one message received outside a stream block. Returns it back when it is not about
-    /// streaming (the caller handles it as usual).
-    pub fn take(&mut self, msg: Message) -> Result<Option<Message>> {
+    /// The transaction applied live right now, if any.
+    pub fn live(&self) -> Option<u32> {
+        self.live
+    }
+
+    /// Take one message received outside a stream block.
+    pub fn take(&mut self, msg: Message) -> Result<Taken> {
         match msg {
             Message::StreamStart { xid, first } => {
                 if let Some(x) = self.block {
                     bail!("pgoutput started a stream block for {xid} inside the block of {x}");
+                }
+                let live_now = self.live == Some(xid);
+                if first
+                    && self.live.is_none()
+                    && self.live_allowed
+                    && !self.spool_only.contains(&xid)
+                {
+                    self.live = Some(xid);
+                    self.block = Some(xid);
+                    return Ok(Taken::Live(Live::Start { xid, first }));
+                }
+                if live_now {
+                    if first {
+                        bail!("pgoutput streamed transaction {xid} twice from its start");
+                    }
+                    self.block = Some(xid);
+                    return Ok(Taken::Live(Live::Start { xid, first }));
                 }
                 if first {
                     if self.open.contains_key(&xid) {
@@ -111,9 +183,19 @@ impl Streamed {
                     bail!("pgoutput continued streamed transaction {xid} that never started");
                 }
                 self.block = Some(xid);
-                Ok(None)
+                Ok(Taken::Held)
             }
             Message::StreamStop => bail!("pgoutput sent Stream Stop outside a stream block"),
+            Message::StreamCommit { xid, commit } if self.live == Some(xid) => {
+                self.live = None;
+                Ok(Taken::Live(Live::Commit { xid, commit }))
+            }
+            Message::StreamAbort { xid, subxid } if self.live == Some(xid) => {
+                if subxid == xid {
+                    self.live = None;
+                }
+                Ok(Taken::Live(Live::Abort { xid, subxid }))
+            }
             Message::StreamCommit { xid, commit } => {
                 let spool = self.open.remove(&xid).ok_or_else(|| {
                     anyhow!("pgoutput committed unknown streamed transaction {xid}")
@@ -122,7 +204,7 @@ impl Streamed {
                     bail!("pgoutput committed {xid} while another was being handed on");
                 }
                 self.replay = Some(spool.replay(xid, commit)?);
-                Ok(None)
+                Ok(Taken::Held)
             }
             Message::StreamAbort { xid, subxid } => {
                 if xid == subxid {
@@ -131,18 +213,26 @@ impl Streamed {
                 } else if let Some(s) = self.open.get_mut(&xid) {
                     s.cut(subxid)?;
                 }
-                Ok(None)
+                Ok(Taken::Held)
             }
-            other => Ok(Some(other)),
+            other => Ok(Taken::Pass(other)),
         }
     }
 
-    /// One message inside the current stream block (raw, as received).
-    pub fn spool(&mut self, data: &Bytes) -> Result<()> {
-        let xid = self.block.expect("spool is called inside a block");
+    /// One message inside the current stream block (raw, as received): spooled, or handed out
+    /// when its transaction is live.
+    pub fn in_block(&mut self, data: &Bytes) -> Result<Option<Live>> {
+        let xid = self.block.expect("in_block is called inside a block");
         if data.first() == Some(&b'E') {
             self.block = None;
-            return Ok(());
+            return Ok((self.live == Some(xid)).then_some(Live::Stop));
+        }
+        if self.live == Some(xid) {
+            let (sub, msg) = pgoutput::decode_in(data, true)?;
+            return Ok(Some(Live::Message {
+                sub: sub.unwrap_or(xid),
+                msg,
+            }));
         }
         let spool = self.open.get_mut(&xid).expect("the block's spool is open");
         // Messages carry their (sub)transaction right after the tag (checked when replayed).
@@ -154,7 +244,8 @@ impl Streamed {
                 spool.subxacts.push((sub, spool.len));
             }
         }
-        spool.write(data)
+        spool.write(data)?;
+        Ok(None)
     }
 }
 
@@ -237,16 +328,17 @@ mod tests {
     }
 
     fn block(s: &mut Streamed, xid: u32, first: bool, changes: &[(u32, Message)]) {
-        assert!(s
-            .take(Message::StreamStart { xid, first })
-            .unwrap()
-            .is_none());
-        assert!(s.in_block());
+        assert!(matches!(
+            s.take(Message::StreamStart { xid, first }).unwrap(),
+            Taken::Held
+        ));
+        assert!(s.inside_block());
         for (sub, m) in changes {
-            s.spool(&encode::streamed(*sub, m)).unwrap();
+            assert!(s.in_block(&encode::streamed(*sub, m)).unwrap().is_none());
         }
-        s.spool(&encode::message(&Message::StreamStop)).unwrap();
-        assert!(!s.in_block());
+        let stop = s.in_block(&encode::message(&Message::StreamStop)).unwrap();
+        assert!(stop.is_none());
+        assert!(!s.inside_block());
     }
 
     fn commit(s: &mut Streamed, xid: u32, lsn: u64) -> Vec<Message> {
@@ -256,10 +348,10 @@ mod tests {
             end_lsn: Lsn(lsn + 8),
             commit_ts: 42,
         };
-        assert!(s
-            .take(Message::StreamCommit { xid, commit: c })
-            .unwrap()
-            .is_none());
+        assert!(matches!(
+            s.take(Message::StreamCommit { xid, commit: c }).unwrap(),
+            Taken::Held
+        ));
         let mut out = Vec::new();
         while let Some(m) = s.next_replayed().unwrap() {
             out.push(m);
@@ -274,16 +366,17 @@ mod tests {
         block(&mut s, 20, true, &[(20, insert("x"))]);
         // Subtransaction 12 comes after 11; rolling back 11 drops both (nested savepoints).
         block(&mut s, 10, false, &[(12, insert("c"))]);
-        assert!(s
-            .take(Message::StreamAbort {
+        assert!(matches!(
+            s.take(Message::StreamAbort {
                 xid: 10,
                 subxid: 11
             })
-            .unwrap()
-            .is_none());
+            .unwrap(),
+            Taken::Held
+        ));
         block(&mut s, 10, false, &[(10, insert("d"))]);
         // A whole transaction in between passes straight through.
-        assert_eq!(s.take(insert("t")).unwrap(), Some(insert("t")));
+        assert!(matches!(s.take(insert("t")).unwrap(), Taken::Pass(m) if m == insert("t")));
         assert_eq!(s.open_transactions(), 2);
 
         let x = commit(&mut s, 20, 0x100);
@@ -297,6 +390,64 @@ mod tests {
         let t = commit(&mut s, 10, 0x200);
         assert_eq!(&t[1..t.len() - 1], &[insert("a"), insert("d")]);
         assert_eq!(s.open_transactions(), 0);
+    }
+
+    #[test]
+    fn one_transaction_at_a_time_is_live_the_others_spool() {
+        let mut s = Streamed::new(true, [30].into_iter().collect());
+        let start = |s: &mut Streamed, xid, first| s.take(Message::StreamStart { xid, first });
+        assert!(matches!(
+            start(&mut s, 10, true).unwrap(),
+            Taken::Live(Live::Start {
+                xid: 10,
+                first: true
+            })
+        ));
+        match s.in_block(&encode::streamed(11, &insert("a"))).unwrap() {
+            Some(Live::Message { sub: 11, msg }) => assert_eq!(msg, insert("a")),
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            s.in_block(&encode::message(&Message::StreamStop)).unwrap(),
+            Some(Live::Stop)
+        ));
+        // While 10 is live, 20 spools; 30 spools whatever (a live attempt was blocked).
+        block(&mut s, 20, true, &[(20, insert("x"))]);
+        assert_eq!(s.live(), Some(10));
+        assert!(matches!(
+            start(&mut s, 10, false).unwrap(),
+            Taken::Live(Live::Start {
+                xid: 10,
+                first: false
+            })
+        ));
+        s.in_block(&encode::message(&Message::StreamStop)).unwrap();
+        assert!(matches!(
+            s.take(Message::StreamAbort {
+                xid: 10,
+                subxid: 11
+            })
+            .unwrap(),
+            Taken::Live(Live::Abort {
+                xid: 10,
+                subxid: 11
+            })
+        ));
+        let c = Commit {
+            flags: 0,
+            commit_lsn: Lsn(5),
+            end_lsn: Lsn(6),
+            commit_ts: 1,
+        };
+        assert!(matches!(
+            s.take(Message::StreamCommit { xid: 10, commit: c })
+                .unwrap(),
+            Taken::Live(Live::Commit { xid: 10, .. })
+        ));
+        assert_eq!(s.live(), None);
+        block(&mut s, 30, true, &[(30, insert("y"))]);
+        assert_eq!(s.live(), None);
+        assert_eq!(s.open_transactions(), 2);
     }
 
     #[test]
