@@ -8,6 +8,8 @@
 //! | `tandem_checkpoint_lsn` (gauge) | `direction` |
 //! | `tandem_conflicts_total` | `direction`, `table`, `kind`, `resolution` |
 //! | `tandem_held_changes_total` | `direction`, `table` |
+//! | `tandem_streamed_transactions_total` | `direction`, `applied` (`live`, `spooled`) |
+//! | `tandem_live_blocked_total` | `direction` |
 
 use std::net::SocketAddr;
 

@@ -225,6 +225,8 @@ async fn direction(
             Err(e) if e.is::<LiveBlocked>() && !*stop.borrow() => {
                 let b = e.downcast::<LiveBlocked>().expect("checked");
                 tracing::warn!(%source, "{b}; starting over from the checkpoint, spooling it until its commit");
+                metrics::counter!("tandem_live_blocked_total", "direction" => source.direction_from())
+                    .increment(1);
                 spool_only.insert(b.xid);
             }
             Err(e) if transient(&e) && !*stop.borrow() => {
@@ -604,6 +606,9 @@ async fn stream_loop(
                     bail!("{source}: commit of streamed transaction {xid} that is not open");
                 };
                 asm.learn_relations(t.asm);
+                metrics::counter!("tandem_streamed_transactions_total",
+                    "direction" => source.direction_from(), "applied" => "live")
+                .increment(1);
                 applier
                     .client()
                     .batch_execute("SET lock_timeout = 0")

@@ -7,7 +7,7 @@ mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use common::{run_tandem, wait_count, wait_for, Fixture};
+use common::{run_tandem, scrape, wait_count, wait_for, Fixture};
 use tokio_postgres::Client;
 
 /// `(value, version)` of a row; `None` for no row.
@@ -622,17 +622,6 @@ async fn error_pauses_one_table_while_others_flow_and_resolve_continues_it() {
     );
 }
 
-/// `GET /metrics` over a plain socket.
-fn scrape(port: u16) -> Option<String> {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        .ok()?;
-    let mut out = String::new();
-    s.read_to_string(&mut out).ok()?;
-    Some(out)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn conflicts_are_counted_in_prometheus_metrics() {
     let fx = fixture(
@@ -648,23 +637,7 @@ async fn conflicts_are_counted_in_prometheus_metrics() {
     fx.m.batch_execute("INSERT INTO items VALUES (100, 'm', 3)")
         .await
         .unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let mut child = std::process::Command::new(common::tandem_bin())
-        .args([
-            "--config",
-            fx.config_path.to_str().unwrap(),
-            "run",
-            "--metrics-addr",
-        ])
-        .arg(format!("127.0.0.1:{port}"))
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    let (mut child, port) = fx.run_with_metrics();
     let line = |body: &str, kind: &str, res: &str| {
         body.lines()
             .find(|l| {

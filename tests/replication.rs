@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{audit_sql, wait_count, wait_for, Fixture};
+use common::{audit_sql, scrape, wait_count, wait_for, Fixture};
 use tokio_postgres::Client;
 
 const JOBS: &str = "
@@ -613,6 +613,17 @@ async fn an_idle_slot_keeps_up_with_writes_to_unpublished_tables() {
     run.stop().await;
 }
 
+/// The smallest decoding memory on this database: every transaction of a few hundred rows is
+/// streamed while in progress.
+async fn stream_from_a_few_hundred_rows(c: &Client) {
+    c.batch_execute(
+        "DO $$ BEGIN EXECUTE format('ALTER DATABASE %I SET logical_decoding_work_mem = ''64kB''', \
+         current_database()); END $$",
+    )
+    .await
+    .unwrap();
+}
+
 async fn streamed_txns(c: &Client, slot: &str) -> i64 {
     Fixture::count(
         c,
@@ -630,13 +641,7 @@ async fn large_transactions_stream_in_progress_and_apply_whole_at_commit() {
     let schema = format!("{JOBS}\n{}", audit_sql("jobs"));
     // Streaming is on by default without conflict rules or Kafka.
     let fx = Fixture::new("streamed", &schema, JOBS_TABLES).await;
-    // The smallest decoding memory: every transaction of a few hundred rows here is streamed.
-    fx.d.batch_execute(
-        "DO $$ BEGIN EXECUTE format('ALTER DATABASE %I SET logical_decoding_work_mem = ''64kB''', \
-         current_database()); END $$",
-    )
-    .await
-    .unwrap();
+    stream_from_a_few_hundred_rows(&fx.d).await;
     let url = common::clusters().desktop.url("streamed");
     let (a, b) = (common::connect(&url).await, common::connect(&url).await);
     let run = fx.start().await;
@@ -747,12 +752,7 @@ async fn large_transactions_stream_in_progress_and_apply_whole_at_commit() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_whole_transaction_blocked_by_the_live_one_makes_it_spooled_instead() {
     let fx = Fixture::new("live_blocked", JOBS, JOBS_TABLES).await;
-    fx.d.batch_execute(
-        "DO $$ BEGIN EXECUTE format('ALTER DATABASE %I SET logical_decoding_work_mem = ''64kB''', \
-         current_database()); END $$",
-    )
-    .await
-    .unwrap();
+    stream_from_a_few_hundred_rows(&fx.d).await;
     // Mobile only: every applied insert bumps one counter row.
     fx.m.batch_execute(
         "CREATE TABLE counters (id int PRIMARY KEY, n int NOT NULL);
@@ -793,4 +793,64 @@ async fn a_whole_transaction_blocked_by_the_live_one_makes_it_spooled_instead() 
         "each insert applied once"
     );
     run.stop().await;
+}
+
+/// `tandem run --metrics-addr` counts streamed transactions by how they were applied: the first
+/// live, one streamed while it was open spooled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn streamed_transactions_are_counted_in_prometheus_metrics() {
+    let fx = Fixture::new("streamed_metrics", JOBS, JOBS_TABLES).await;
+    stream_from_a_few_hundred_rows(&fx.d).await;
+    let url = common::clusters().desktop.url("streamed_metrics");
+    let (a, b) = (common::connect(&url).await, common::connect(&url).await);
+    let (mut child, port) = fx.run_with_metrics();
+    wait_for(30, "tandem streaming", || async {
+        scrape(port).is_some_and(|b| b.contains("tandem_checkpoint_lsn{direction=\"D>M\"}"))
+            || Fixture::count(
+                &fx.d,
+                "SELECT count(*) FROM pg_stat_replication WHERE application_name LIKE 'tandem stream%'",
+            )
+            .await
+                > 0
+    })
+    .await;
+    a.batch_execute("BEGIN; INSERT INTO jobs SELECT g, 'a' FROM generate_series(1, 3000) g")
+        .await
+        .unwrap();
+    wait_for(30, "a streamed", || async {
+        streamed_txns(&fx.d, "streamed_metrics_d").await >= 1
+    })
+    .await;
+    b.batch_execute("BEGIN; INSERT INTO jobs SELECT g, 'b' FROM generate_series(10001, 13000) g")
+        .await
+        .unwrap();
+    wait_for(30, "b streamed", || async {
+        streamed_txns(&fx.d, "streamed_metrics_d").await >= 2
+    })
+    .await;
+    b.batch_execute("COMMIT").await.unwrap();
+    a.batch_execute("COMMIT").await.unwrap();
+    fx.wait_equal("jobs", 60).await;
+    let count = |body: &str, applied: &str| {
+        body.lines()
+            .find(|l| {
+                l.starts_with("tandem_streamed_transactions_total{")
+                    && l.contains("direction=\"D>M\"")
+                    && l.contains(&format!("applied=\"{applied}\""))
+            })
+            .map(|l| l.rsplit(' ').next().unwrap().to_string())
+    };
+    wait_for(
+        30,
+        "one live and one spooled streamed transaction counted",
+        || async {
+            scrape(port).is_some_and(|b| {
+                count(&b, "live").as_deref() == Some("1")
+                    && count(&b, "spooled").as_deref() == Some("1")
+            })
+        },
+    )
+    .await;
+    child.kill().unwrap();
+    child.wait().unwrap();
 }

@@ -41,6 +41,7 @@ pub struct StreamMode {
 pub struct SourceStream {
     stream: WalStream,
     streamed: Streamed,
+    direction: &'static str,
     /// Protocol 2 with in-progress transactions streamed.
     pub streaming: bool,
     pub system_id: String,
@@ -114,6 +115,7 @@ impl SourceStream {
         Ok(SourceStream {
             stream,
             streamed: Streamed::new(mode.live, mode.spool_only.clone()),
+            direction: site.side.direction_from(),
             streaming,
             system_id,
             timeline,
@@ -155,6 +157,7 @@ impl SourceStream {
                 WalFrame::XLogData { start, data } => {
                     let msg = pgoutput::decode(&data)
                         .with_context(|| format!("decoding the change at {start}"))?;
+                    let commit = matches!(msg, Message::StreamCommit { .. });
                     match self
                         .streamed
                         .take(msg)
@@ -162,6 +165,11 @@ impl SourceStream {
                     {
                         Taken::Pass(m) => return Ok(StreamEvent::Message(m)),
                         Taken::Live(l) => return Ok(StreamEvent::Live(l)),
+                        Taken::Held if commit => {
+                            metrics::counter!("tandem_streamed_transactions_total",
+                                "direction" => self.direction, "applied" => "spooled")
+                            .increment(1);
+                        }
                         Taken::Held => {}
                     }
                 }

@@ -183,6 +183,25 @@ impl Fixture {
     }
 
     /// Rows of `table` on `c` as text, ordered, for exact comparison across sides.
+    /// `tandem run` of this fixture's config as a child process serving `/metrics` on a free
+    /// port (`scrape` it).
+    pub fn run_with_metrics(&self) -> (std::process::Child, u16) {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let child = std::process::Command::new(tandem_bin())
+            .args(["--config", self.config_path.to_str().unwrap(), "run"])
+            .arg("--metrics-addr")
+            .arg(format!("127.0.0.1:{port}"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        (child, port)
+    }
+
     pub async fn rows(c: &Client, table: &str) -> Vec<String> {
         c.query(
             &format!("SELECT tandem_row_::text FROM {table} tandem_row_ ORDER BY 1"),
@@ -326,4 +345,15 @@ pub async fn leftovers(c: &Client, prefix: &str) -> Vec<String> {
     .iter()
     .map(|r| r.get(0))
     .collect()
+}
+
+/// `GET /metrics` over a plain socket.
+pub fn scrape(port: u16) -> Option<String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    Some(out)
 }
