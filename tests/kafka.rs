@@ -7,7 +7,9 @@ mod common;
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
-use common::{slot_confirmed, wait_count, wait_for, Fixture};
+use common::{
+    slot_confirmed, stream_from_a_few_hundred_rows, streamed_txns, wait_count, wait_for, Fixture,
+};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::mocking::MockCluster;
 use rdkafka::producer::DefaultProducerContext;
@@ -520,4 +522,50 @@ async fn events_sent_again_after_a_restart_keep_their_conflict_outcome() {
     };
     assert_eq!(outcome("D"), vec!["kept_local"], "{msgs:?}");
     assert_eq!(outcome("M"), vec!["applied"], "{msgs:?}");
+}
+
+/// With Kafka, a streamed transaction is spooled and handed on whole at its commit: each of its
+/// changes is published once, with its commit's LSN, and none of a rolled-back subtransaction.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_streamed_transaction_is_spooled_and_published_once_at_its_commit() {
+    let cluster = MockCluster::<DefaultProducerContext>::new(1).unwrap();
+    cluster.create_topic(TOPIC, 1, 1).unwrap();
+    let brokers = cluster.bootstrap_servers();
+    let (d, m) = Fixture::databases(
+        "kafka_streamed",
+        "CREATE TABLE jobs (id bigint PRIMARY KEY, note text, n int);",
+    )
+    .await;
+    let text = Fixture::config_text(
+        "kafka_streamed",
+        "tables = [\"public.jobs\"]\nstream_in_progress = true",
+    ) + &format!("[kafka]\nbrokers = \"{brokers}\"\nformat = \"json\"\n");
+    let fx = Fixture::with_config("kafka_streamed", d, m, text).await;
+    stream_from_a_few_hundred_rows(&fx.d).await;
+    let run = fx.start().await;
+    fx.d.batch_execute(
+        "BEGIN; INSERT INTO jobs SELECT g, 'kept', 0 FROM generate_series(1, 2000) g; \
+         SAVEPOINT s; INSERT INTO jobs SELECT g, 'rolled back', 0 FROM generate_series(2001, 2500) g; \
+         ROLLBACK TO s; UPDATE jobs SET n = 1 WHERE id <= 500; COMMIT",
+    )
+    .await
+    .unwrap();
+    fx.wait_equal("jobs", 60).await;
+    assert!(streamed_txns(&fx.d, "kafka_streamed_d").await >= 1);
+    run.stop().await;
+    let msgs = tokio::task::spawn_blocking(move || consume_all(&brokers))
+        .await
+        .unwrap();
+    let mine: Vec<_> = msgs
+        .iter()
+        .filter(|m| m["site"] == "D" && m["outcome"] != "skipped_echo")
+        .collect();
+    assert_eq!(mine.len(), 2500, "2,000 inserts and 500 updates, each once");
+    assert_eq!(own_ids(&msgs, "D").len(), 2500);
+    let lsns: BTreeSet<String> = mine
+        .iter()
+        .map(|m| m["commit_lsn"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(lsns.len(), 1, "one commit: {lsns:?}");
+    assert!(!lsns.contains("0/0"), "the commit's own LSN");
 }

@@ -3,7 +3,9 @@
 
 mod common;
 
-use common::{audit_sql, scrape, wait_count, wait_for, Fixture};
+use common::{
+    audit_sql, scrape, stream_from_a_few_hundred_rows, streamed_txns, wait_count, wait_for, Fixture,
+};
 use tokio_postgres::Client;
 
 const JOBS: &str = "
@@ -611,25 +613,6 @@ async fn an_idle_slot_keeps_up_with_writes_to_unpublished_tables() {
     .await;
     assert_eq!(Fixture::count(&fx.m, "SELECT count(*) FROM jobs").await, 0);
     run.stop().await;
-}
-
-/// The smallest decoding memory on this database: every transaction of a few hundred rows is
-/// streamed while in progress.
-async fn stream_from_a_few_hundred_rows(c: &Client) {
-    c.batch_execute(
-        "DO $$ BEGIN EXECUTE format('ALTER DATABASE %I SET logical_decoding_work_mem = ''64kB''', \
-         current_database()); END $$",
-    )
-    .await
-    .unwrap();
-}
-
-async fn streamed_txns(c: &Client, slot: &str) -> i64 {
-    Fixture::count(
-        c,
-        &format!("SELECT coalesce(sum(stream_txns), 0)::bigint FROM pg_stat_replication_slots WHERE slot_name = '{slot}'"),
-    )
-    .await
 }
 
 /// Large transactions come from the source while still in progress (protocol 2 streaming): one

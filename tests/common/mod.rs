@@ -357,3 +357,23 @@ pub fn scrape(port: u16) -> Option<String> {
     s.read_to_string(&mut out).ok()?;
     Some(out)
 }
+
+/// The smallest decoding memory on this database: every transaction of a few hundred rows is
+/// streamed while in progress.
+pub async fn stream_from_a_few_hundred_rows(c: &Client) {
+    c.batch_execute(
+        "DO $$ BEGIN EXECUTE format('ALTER DATABASE %I SET logical_decoding_work_mem = ''64kB''', \
+         current_database()); END $$",
+    )
+    .await
+    .unwrap();
+}
+
+/// Transactions `slot` has streamed while in progress (`pg_stat_replication_slots`).
+pub async fn streamed_txns(c: &Client, slot: &str) -> i64 {
+    Fixture::count(
+        c,
+        &format!("SELECT coalesce(sum(stream_txns), 0)::bigint FROM pg_stat_replication_slots WHERE slot_name = '{slot}'"),
+    )
+    .await
+}
