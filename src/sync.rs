@@ -152,6 +152,16 @@ pub struct LiveBlocked {
 /// The main session gives up on a lock after this while a streamed transaction is applied live.
 const LIVE_LOCK_TIMEOUT: &str = "2s";
 
+/// While a transaction is live (`on`), the main session gives up waiting on a lock after
+/// `LIVE_LOCK_TIMEOUT` instead of never.
+async fn live_lock_timeout(main: &Applier, on: bool) -> Result<()> {
+    let value = if on { LIVE_LOCK_TIMEOUT } else { "0" };
+    main.client()
+        .batch_execute(&format!("SET lock_timeout = '{value}'"))
+        .await?;
+    Ok(())
+}
+
 fn lock_timed_out(e: &anyhow::Error) -> bool {
     e.chain().any(|c| {
         c.downcast_ref::<tokio_postgres::Error>()
@@ -467,15 +477,12 @@ async fn stream_loop(
     // When to make the target flush commits the WAL writer has not flushed yet.
     let mut flush_due: Option<tokio::time::Instant> = None;
 
-    macro_rules! commit_group {
-        () => {{
-            let end = group_end
-                .take()
-                .expect("a group commits at a transaction boundary");
-            applier.commit(end).await?;
-            applier.barrier(end);
-            checkpoint = end;
-            safe = safe.max(end);
+    // The target committed (or recorded) the checkpoint `end`: confirm the slot as far as is
+    // flushed, have the rest flushed soon, report progress.
+    macro_rules! checkpointed {
+        ($end:expr) => {{
+            checkpoint = $end;
+            safe = safe.max(checkpoint);
             stream.confirm(applier.ack_limit(checkpoint)?);
             schedule_flush(applier, &mut flush_due);
             progress.checkpoint.store(checkpoint.0, Ordering::Relaxed);
@@ -485,6 +492,17 @@ async fn stream_loop(
             progress
                 .transactions
                 .store(applier.stats.transactions, Ordering::Relaxed);
+        }};
+    }
+
+    macro_rules! commit_group {
+        () => {{
+            let end = group_end
+                .take()
+                .expect("a group commits at a transaction boundary");
+            applier.commit(end).await?;
+            applier.barrier(end);
+            checkpointed!(end);
             group_opened = None;
             group_changes = 0;
             source_idle = false;
@@ -550,10 +568,7 @@ async fn stream_loop(
                         a.insert_plainly(live.upsert_tables.clone());
                         live.session = Some(a);
                     }
-                    applier
-                        .client()
-                        .batch_execute(&format!("SET lock_timeout = '{LIVE_LOCK_TIMEOUT}'"))
-                        .await?;
+                    live_lock_timeout(applier, true).await?;
                     let mut asm = Assembler::new(source);
                     // Its commit LSN and time are known at its end; nothing needs them before.
                     asm.push(Message::Begin(Begin {
@@ -592,10 +607,7 @@ async fn stream_loop(
                 if subxid == xid {
                     a.rollback().await?;
                     live.txn = None;
-                    applier
-                        .client()
-                        .batch_execute("SET lock_timeout = 0")
-                        .await?;
+                    live_lock_timeout(applier, false).await?;
                 } else if let Some(i) = t.subxacts.iter().position(|s| *s == subxid) {
                     a.rollback_to(&savepoint_name(subxid)).await?;
                     t.subxacts.truncate(i);
@@ -609,10 +621,7 @@ async fn stream_loop(
                 metrics::counter!("tandem_streamed_transactions_total",
                     "direction" => source.direction_from(), "applied" => "live")
                 .increment(1);
-                applier
-                    .client()
-                    .batch_execute("SET lock_timeout = 0")
-                    .await?;
+                live_lock_timeout(applier, false).await?;
                 // In commit order: whole transactions received before this commit go first.
                 if group_end.is_some() {
                     commit_group!();
@@ -638,14 +647,7 @@ async fn stream_loop(
                     a.hand_over_unflushed(applier);
                     applier.stats.changes += std::mem::take(&mut a.stats.changes);
                     applier.count_transaction();
-                    checkpoint = commit.end_lsn;
-                    safe = safe.max(checkpoint);
-                    stream.confirm(applier.ack_limit(checkpoint)?);
-                    schedule_flush(applier, &mut flush_due);
-                    progress.checkpoint.store(checkpoint.0, Ordering::Relaxed);
-                    progress
-                        .changes
-                        .store(applier.stats.changes, Ordering::Relaxed);
+                    checkpointed!(commit.end_lsn);
                 }
             }
             StreamEvent::Message(msg) => match asm.push(msg)? {
@@ -689,10 +691,7 @@ async fn stream_loop(
         }
         if !applier.in_txn() && safe.0 >= checkpoint.0 + IDLE_RECORD_BYTES {
             applier.record(safe).await?;
-            checkpoint = safe;
-            stream.confirm(applier.ack_limit(checkpoint)?);
-            schedule_flush(applier, &mut flush_due);
-            progress.checkpoint.store(checkpoint.0, Ordering::Relaxed);
+            checkpointed!(safe);
         }
     }
 

@@ -585,9 +585,8 @@ async fn ensure_slot(c: &Client, site: &Site) -> Result<(Lsn, bool)> {
 }
 
 async fn identify(site: &Site) -> Result<(String, u32)> {
-    let (_, system_id, timeline) =
-        crate::source::stream::connect(site, "tandem setup".into()).await?;
-    Ok((system_id, timeline))
+    let (_, system) = crate::source::stream::connect(site, "tandem setup".into()).await?;
+    Ok((system.system_id, system.timeline))
 }
 
 /// Validate, then create everything. Returns what it did, a line each.

@@ -9,7 +9,9 @@ use crate::config::{redact_url, Site};
 use crate::lsn::Lsn;
 use crate::source::pgoutput::{self, Message};
 use crate::source::streamed::{Live, Streamed, Taken};
-use crate::source::walsender::{StartOptions, WalConfig, WalConnection, WalFrame, WalStream};
+use crate::source::walsender::{
+    StartOptions, SystemId, WalConfig, WalConnection, WalFrame, WalStream,
+};
 
 /// Startup options pinned on the walsender so text values render one way whatever the server's
 /// defaults: ISO dates, `postgres` intervals, shortest-exact floats, hex bytea. The apply session
@@ -42,14 +44,11 @@ pub struct SourceStream {
     stream: WalStream,
     streamed: Streamed,
     direction: &'static str,
-    /// Protocol 2 with in-progress transactions streamed.
-    pub streaming: bool,
     pub system_id: String,
-    pub timeline: u32,
 }
 
 /// The replication connection parameters of `site`'s URL.
-pub fn wal_config(site: &Site, app: String) -> Result<WalConfig> {
+fn wal_config(site: &Site, app: String) -> Result<WalConfig> {
     let mut cfg =
         WalConfig::from_url(&site.url).map_err(|e| anyhow!("{}: invalid url: {e}", site.side))?;
     cfg.options = STREAM_OPTIONS.into();
@@ -58,7 +57,7 @@ pub fn wal_config(site: &Site, app: String) -> Result<WalConfig> {
 }
 
 /// Open a replication connection to `site` (no streaming yet) and identify the system.
-pub async fn connect(site: &Site, app: String) -> Result<(WalConnection, String, u32)> {
+pub async fn connect(site: &Site, app: String) -> Result<(WalConnection, SystemId)> {
     let cfg = wal_config(site, app)?;
     let at = redact_url(&site.url);
     let mut conn = WalConnection::connect(&cfg)
@@ -70,7 +69,7 @@ pub async fn connect(site: &Site, app: String) -> Result<(WalConnection, String,
             site.side
         )
     })?;
-    Ok((conn, system.system_id, system.timeline))
+    Ok((conn, system))
 }
 
 impl SourceStream {
@@ -93,7 +92,7 @@ impl SourceStream {
 
     async fn try_open(site: &Site, start: Lsn, mode: &StreamMode) -> Result<SourceStream> {
         let app = format!("tandem stream {}", site.side.direction_from());
-        let (conn, system_id, timeline) = connect(site, app).await?;
+        let (conn, system) = connect(site, app).await?;
         // Protocol 2 (streamed transactions) arrived with PostgreSQL 14.
         let streaming = mode.streaming && conn.server_major >= 14;
         let stream = conn
@@ -116,9 +115,7 @@ impl SourceStream {
             stream,
             streamed: Streamed::new(mode.live, mode.spool_only.clone()),
             direction: site.side.direction_from(),
-            streaming,
-            system_id,
-            timeline,
+            system_id: system.system_id,
         })
     }
 
@@ -175,11 +172,6 @@ impl SourceStream {
                 }
             }
         }
-    }
-
-    /// The streamed transaction being applied live, if any.
-    pub fn live(&self) -> Option<u32> {
-        self.streamed.live()
     }
 
     /// Stop streaming, letting the last confirmation reach the server.
