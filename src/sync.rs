@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Result};
 use tokio::sync::watch;
 
-use crate::apply::{checkpoint, Applier, InsertCollision};
+use crate::apply::{checkpoint, Applier, SidesDisagree};
 use crate::config::Config;
 use crate::db;
 use crate::lsn::Lsn;
@@ -197,7 +197,7 @@ async fn direction(
     status: Arc<Status>,
 ) -> Result<()> {
     let mut backoff = Duration::from_millis(500);
-    // Tables whose inserts met rows already on the target: upserted from then on.
+    // Tables where a plain INSERT or UPDATE found the target disagreeing: upserted from then on.
     let mut upsert_tables = std::collections::HashSet::new();
     // Streamed transactions a live apply was blocked on: spooled from then on.
     let mut spool_only = std::collections::HashSet::new();
@@ -222,11 +222,10 @@ async fn direction(
         };
         match once {
             Ok(()) => return Ok(()),
-            Err(e) if e.is::<InsertCollision>() && !*stop.borrow() => {
-                let c = e.downcast::<InsertCollision>().expect("checked");
+            Err(e) if e.is::<SidesDisagree>() && !*stop.borrow() => {
+                let c = e.downcast::<SidesDisagree>().expect("checked");
                 tracing::warn!(%source, table = %c.table,
-                    "{c} ({}); starting over from the checkpoint, applying its inserts as upserts from now on",
-                    c.source);
+                    "{c}; starting over from the checkpoint, writing its rows as upserts from now on");
                 if !upsert_tables.insert(c.table.clone()) {
                     // Cannot happen: that table's inserts are upserts now.
                     bail!("{source} → {}: {c}", source.other());
@@ -266,7 +265,7 @@ async fn direction_once(
     let site = cfg.site(source);
     let progress = status.from(source);
     let mut applier = Applier::connect(cfg.clone(), source).await?;
-    applier.insert_plainly(upsert_tables.clone());
+    applier.write_plainly(upsert_tables.clone());
     let cp = checkpoint::require(applier.client(), source).await?;
     if cp.slot_name != site.slot {
         bail!(
@@ -565,7 +564,7 @@ async fn stream_loop(
                 if first {
                     if live.session.is_none() {
                         let mut a = Applier::connect_streamed(live.cfg.clone(), source).await?;
-                        a.insert_plainly(live.upsert_tables.clone());
+                        a.write_plainly(live.upsert_tables.clone());
                         live.session = Some(a);
                     }
                     live_lock_timeout(applier, true).await?;

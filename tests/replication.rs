@@ -336,6 +336,68 @@ async fn an_insert_meeting_a_row_already_on_the_target_is_applied_as_an_upsert()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_update_of_a_row_missing_on_the_target_is_applied_as_an_upsert() {
+    // A large transaction's whole-row updates go out as plain UPDATEs (no ON CONFLICT); a row the
+    // target lacks must still end up there, with nothing of the transaction lost or doubled.
+    let fx = Fixture::new(
+        "missed",
+        "CREATE TABLE items (id int PRIMARY KEY, v text, n int NOT NULL DEFAULT 0);",
+        // Batches of two rows: the four-row transaction below is "large" (see `Batch::large`).
+        "tables = [\"public.items\"]\nbatch_rows = 2\n[replication.direction]\n\"public.items\" = \"desktop_to_mobile\"",
+    )
+    .await;
+    // Counts every write the target's rows take, to show the rolled-back group left nothing.
+    fx.m.batch_execute(
+        "CREATE TABLE writes (n int NOT NULL); INSERT INTO writes VALUES (0); \
+         CREATE FUNCTION count_write() RETURNS trigger LANGUAGE plpgsql AS \
+         $$ BEGIN UPDATE writes SET n = n + 1; RETURN NEW; END $$; \
+         CREATE TRIGGER count_write AFTER INSERT OR UPDATE ON items FOR EACH ROW EXECUTE FUNCTION count_write(); \
+         ALTER TABLE items ENABLE ALWAYS TRIGGER count_write;",
+    )
+    .await
+    .unwrap();
+    let run = fx.start().await;
+    fx.d.batch_execute("INSERT INTO items SELECT g, 'first', 0 FROM generate_series(1, 4) g")
+        .await
+        .unwrap();
+    wait_count(30, &fx.m, "SELECT count(*) FROM items", 4).await;
+    // Mobile loses row 3 behind tandem's back (no table flows mobile → desktop).
+    fx.m.batch_execute("DELETE FROM items WHERE id = 3")
+        .await
+        .unwrap();
+    let rollbacks = "SELECT xact_rollback FROM pg_stat_database WHERE datname = current_database()";
+    let before = Fixture::count(&fx.m, rollbacks).await;
+    fx.d.batch_execute(
+        "UPDATE items SET v = 'second', n = n + 1; INSERT INTO items VALUES (5, 'after', 0)",
+    )
+    .await
+    .unwrap();
+    let want = vec![
+        "(1,second,1)",
+        "(2,second,1)",
+        "(3,second,1)",
+        "(4,second,1)",
+        "(5,after,0)",
+    ];
+    wait_for(
+        60,
+        "the transaction with the missing row and the next one on mobile",
+        || async { Fixture::rows(&fx.m, "items").await == want },
+    )
+    .await;
+    assert!(!run.is_finished(), "replication keeps running");
+    // The plain UPDATE missed row 3 and its group was rolled back, then applied again as upserts.
+    wait_for(30, "the abandoned group in mobile's statistics", || async {
+        Fixture::count(&fx.m, rollbacks).await > before
+    })
+    .await;
+    // 4 inserts, then 4 updates (3 of them with row 3 recreated) and 1 insert: each once.
+    assert_eq!(Fixture::count(&fx.m, "SELECT n::int8 FROM writes").await, 9);
+    fx.assert_slots_within_checkpoints().await;
+    run.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_row_the_target_rejects_stops_replication_naming_the_constraint() {
     // The failing batch is followed by others already sent (pipelined): the error must be the
     // rejected row's, not "current transaction is aborted" from the ones after it.

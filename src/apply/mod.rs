@@ -46,21 +46,23 @@ struct SentBatch {
     op: Op,
     /// Sent as a plain INSERT (see [`Batch::fresh`]).
     fresh: bool,
+    /// Sent as a plain UPDATE (see [`Batch::existing`]).
+    existing: bool,
     rows: usize,
     table: TableName,
 }
 
-/// A plain INSERT of rows the source had just inserted met a row already on the target: the
-/// sides disagree about that table (a local write without conflict detection, a repair that
-/// raced, an overlapping snapshot). Nothing of the group is kept; the stream restarts from the
-/// checkpoint and applies that table's inserts as upserts from then on.
+/// A plain statement found the target disagreeing with the source about a table (a local write
+/// without conflict detection, a repair that raced, an overlapping snapshot): a plain INSERT of
+/// rows the source had just inserted met a row already there, or a plain UPDATE of rows the
+/// source had missed some. Nothing of the group is kept; the stream restarts from the checkpoint
+/// and writes that table's rows as upserts from then on.
 #[derive(Debug, thiserror::Error)]
-#[error("{target}: a row inserted on the source already exists in {table}")]
-pub struct InsertCollision {
+#[error("{target}: {what} in {table}")]
+pub struct SidesDisagree {
     pub table: TableName,
     pub target: Side,
-    #[source]
-    pub source: tokio_postgres::Error,
+    pub what: String,
 }
 
 /// Counters for logs, the demo and tests.
@@ -84,8 +86,9 @@ pub struct Applier {
     tables: HashMap<TableName, Arc<TargetTable>>,
     bindings: HashMap<u32, (Arc<SourceTable>, Arc<Binding>)>,
     statements: HashMap<(TableName, Op, bool, Vec<usize>), Option<Statement>>,
-    /// Fresh batches are written with plain INSERTs (the stream), except for these tables.
-    plain_inserts: Option<std::collections::HashSet<TableName>>,
+    /// Large fresh and existing batches are written with plain INSERTs and UPDATEs (the stream),
+    /// except for these tables.
+    plain_writes: Option<std::collections::HashSet<TableName>>,
     lookups: HashMap<(TableName, Op, Vec<usize>), Statement>,
     planner: Planner,
     in_txn: bool,
@@ -171,7 +174,7 @@ impl Applier {
         Ok(Applier {
             client: Arc::new(client),
             pipeline: Pipeline::new(PIPELINE_DEPTH),
-            plain_inserts: None,
+            plain_writes: None,
             planner: Planner::new(cfg.batch_rows, BATCH_BYTES),
             cfg,
             source,
@@ -350,10 +353,10 @@ impl Applier {
                 if what.fresh
                     && e.code() == Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION) =>
             {
-                return Err(InsertCollision {
+                return Err(SidesDisagree {
                     table: what.table,
                     target: self.source.other(),
-                    source: e,
+                    what: format!("a row inserted on the source already exists ({e})"),
                 }
                 .into())
             }
@@ -368,6 +371,18 @@ impl Applier {
                 what.table
             )
         })?;
+        if what.existing && (n as usize) < what.rows {
+            return Err(SidesDisagree {
+                table: what.table,
+                target: self.source.other(),
+                what: format!(
+                    "{} of {} rows updated on the source are missing",
+                    what.rows as u64 - n,
+                    what.rows
+                ),
+            }
+            .into());
+        }
         if what.op == Op::Update && (n as usize) < what.rows {
             let missing = what.rows as u64 - n;
             self.stats.missing_rows += missing;
@@ -646,11 +661,12 @@ impl Applier {
         self.publisher.as_ref().is_some_and(|p| p.pending())
     }
 
-    /// Write fresh batches (rows the source just inserted) with plain INSERTs, except for the
-    /// tables in `except`; an [`InsertCollision`] then ends the group. Only for the stream, which
-    /// can start over from its checkpoint.
-    pub fn insert_plainly(&mut self, except: std::collections::HashSet<TableName>) {
-        self.plain_inserts = Some(except);
+    /// Write a large transaction's fresh batches (rows the source just inserted) with plain
+    /// INSERTs and its existing ones (rows the source had, updated whole) with plain UPDATEs,
+    /// except for the tables in `except`; a [`SidesDisagree`] then ends the group. Only for the
+    /// stream, which can start over from its checkpoint.
+    pub fn write_plainly(&mut self, except: std::collections::HashSet<TableName>) {
+        self.plain_writes = Some(except);
     }
 
     pub fn kafka_required(&self) -> bool {
@@ -659,18 +675,26 @@ impl Applier {
 
     async fn execute(&mut self, batch: &Batch) -> Result<()> {
         let target = &batch.binding.target;
-        let fresh = batch.op == Op::Upsert
-            && batch.fresh
+        let plain = batch.op == Op::Upsert
             && batch.large
             && self
-                .plain_inserts
+                .plain_writes
                 .as_ref()
                 .is_some_and(|except| !except.contains(&target.name));
-        let key = (target.name.clone(), batch.op, fresh, batch.cols.clone());
+        let fresh = plain && batch.fresh;
+        // An UPDATE that would set nothing (every column is the key) cannot tell a missing row.
+        let existing = plain
+            && batch.existing
+            && batch
+                .cols
+                .iter()
+                .any(|c| !target.key.contains(c) && !target.columns[*c].identity_always);
+        let op = if existing { Op::Update } else { batch.op };
+        let key = (target.name.clone(), op, fresh, batch.cols.clone());
         let stmt = match self.statements.get(&key) {
             Some(s) => s.clone(),
             None => {
-                let s = match sql::statement(target, batch.op, &batch.cols, fresh) {
+                let s = match sql::statement(target, op, &batch.cols, fresh) {
                     Some(text) => Some(self.client.prepare(&text).await.with_context(|| {
                         format!("preparing the {:?} statement for {}", batch.op, target.name)
                     })?),
@@ -683,8 +707,9 @@ impl Applier {
         let Some(stmt) = stmt else { return Ok(()) };
         let params = text_arrays(target, &batch.cols, batch.rows.iter().map(Some))?;
         let what = SentBatch {
-            op: batch.op,
+            op,
             fresh,
+            existing,
             rows: batch.rows.len(),
             table: target.name.clone(),
         };

@@ -157,6 +157,11 @@ pub struct Batch {
     /// sides agree, the target has no row for any of them either, so a plain INSERT does it,
     /// without `ON CONFLICT`'s second index probe and speculative-insertion lock.
     pub fresh: bool,
+    /// Every row of this upsert batch is a whole new image of a key the source had a row for
+    /// before the batch (an update that kept its key, perhaps updated again). While the sides
+    /// agree, the target has each of those rows, so a plain `UPDATE … FROM unnest` does it,
+    /// without `ON CONFLICT`'s probe for a conflicting row and its tuple lock.
+    pub existing: bool,
     /// The batch was closed by a size limit with every row from one source transaction: it is a
     /// part of a large transaction.
     pub large: bool,
@@ -190,6 +195,7 @@ impl Batch {
             meta: Vec::new(),
             events: Vec::new(),
             fresh: false,
+            existing: false,
             large: false,
             txn: None,
         }
@@ -237,6 +243,15 @@ pub struct Planner {
 }
 
 type Key = Vec<Option<Bytes>>;
+
+/// What the source held at a row's key just before the change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Before {
+    Absent,
+    Present,
+    /// Not known, or of no use to the batch (deletes, partial updates).
+    Unknown,
+}
 
 impl Planner {
     pub fn new(max_rows: usize, max_bytes: usize) -> Planner {
@@ -311,7 +326,7 @@ impl Planner {
 
     pub fn insert(&mut self, b: &Arc<Binding>, new: &Tuple) -> Result<(), PlanError> {
         let meta = self.meta(b, SourceOp::Insert, None);
-        self.row(b, Op::Upsert, new, "insert", meta, true)
+        self.row(b, Op::Upsert, new, "insert", meta, Before::Absent)
     }
 
     pub fn update(
@@ -344,7 +359,11 @@ impl Planner {
             new,
             "update",
             meta,
-            key_changed,
+            if key_changed {
+                Before::Absent
+            } else {
+                Before::Present
+            },
         )
     }
 
@@ -361,7 +380,7 @@ impl Planner {
         meta: Option<RowMeta>,
     ) -> Result<(), PlanError> {
         let image = (b.target.key.clone(), key.clone());
-        self.push(b, Op::Delete, image, key, meta, false)
+        self.push(b, Op::Delete, image, key, meta, Before::Unknown)
     }
 
     fn row(
@@ -371,7 +390,7 @@ impl Planner {
         tuple: &Tuple,
         what: &'static str,
         meta: Option<RowMeta>,
-        fresh: bool,
+        before: Before,
     ) -> Result<(), PlanError> {
         let key = key_of(b, tuple, what)?;
         let mut cols = Vec::with_capacity(tuple.len());
@@ -392,7 +411,7 @@ impl Planner {
             }
             cols.push(t);
         }
-        self.push(b, op, (cols, vals), key, meta, fresh)
+        self.push(b, op, (cols, vals), key, meta, before)
     }
 
     /// Add a row: `image` is the target columns written and their values.
@@ -403,7 +422,7 @@ impl Planner {
         (cols, vals): (Vec<usize>, Key),
         key: Key,
         meta: Option<RowMeta>,
-        fresh: bool,
+        before: Before,
     ) -> Result<(), PlanError> {
         let same_shape = self
             .current
@@ -442,12 +461,15 @@ impl Planner {
             .sum();
         let batch = self.current.get_or_insert_with(|| Batch {
             fresh: true,
+            existing: true,
             txn: Some(self.at.0),
             ..Batch::of(b.clone(), op, cols, Vec::new())
         });
         batch.joined_by_txn(self.at.0);
-        // A repeated key (above) keeps its row's freshness: the key was absent before the batch.
-        batch.fresh &= fresh;
+        // A repeated key (above) keeps what its row's first change found: the key was absent (or
+        // present) before the batch.
+        batch.fresh &= before == Before::Absent;
+        batch.existing &= before == Before::Present;
         batch.rows.push(vals);
         batch.meta.extend(meta);
         if self.carry {
@@ -655,6 +677,7 @@ mod tests {
             seed ^= seed << 17;
             seed % n
         };
+        let mut existing_batches = 0;
         for round in 0..300 {
             let mut truth: Table = BTreeMap::new();
             let mut p = Planner::new(1 + rnd(6) as usize, 1 << 20);
@@ -701,8 +724,9 @@ mod tests {
                     }
                     _ => {
                         let to = Bytes::from(format!("{}", rnd(8)));
-                        if to != key && truth.contains_key(&to) {
-                            // The source's key is unique: no key change onto another row.
+                        if !truth.contains_key(&key) || (to != key && truth.contains_key(&to)) {
+                            // As on a source: only a row that is there is updated, and the key
+                            // is unique (no key change onto another row).
                             continue;
                         }
                         let old = OldTuple {
@@ -729,6 +753,15 @@ mod tests {
                         );
                     }
                 }
+                if b.existing && b.op == Op::Upsert {
+                    existing_batches += 1;
+                    for row in &b.rows {
+                        assert!(
+                            got.contains_key(row[0].as_ref().unwrap()),
+                            "round {round}: an existing-rows batch misses a row: {b:?}"
+                        );
+                    }
+                }
                 let mut keys = std::collections::HashSet::new();
                 for row in b.rows.iter().rev() {
                     let key = row[0].clone().unwrap();
@@ -752,6 +785,45 @@ mod tests {
             }
             assert_eq!(got, truth, "round {round}");
         }
+        assert!(
+            existing_batches > 100,
+            "{existing_batches} existing-rows batches"
+        );
+    }
+
+    #[test]
+    fn a_batch_is_existing_only_when_every_row_updated_a_row_the_source_had() {
+        let bd = binding();
+        let kinds = |p: &mut Planner| {
+            p.flush();
+            p.take_ready()
+                .iter()
+                .map(|b| (b.op, b.fresh, b.existing))
+                .collect::<Vec<_>>()
+        };
+        let mut p = Planner::new(100, 1 << 20);
+        p.update(&bd, None, &row("1", t("a"))).unwrap();
+        p.update(&bd, None, &row("2", t("b"))).unwrap();
+        p.update(&bd, None, &row("1", t("c"))).unwrap();
+        assert_eq!(kinds(&mut p), vec![(Op::Upsert, false, true)]);
+        // Inserted, then updated in the same batch: the row was not there before it.
+        p.insert(&bd, &row("3", t("a"))).unwrap();
+        p.update(&bd, None, &row("3", t("b"))).unwrap();
+        assert_eq!(kinds(&mut p), vec![(Op::Upsert, true, false)]);
+        // Mixed: neither.
+        p.update(&bd, None, &row("1", t("d"))).unwrap();
+        p.insert(&bd, &row("4", t("a"))).unwrap();
+        assert_eq!(kinds(&mut p), vec![(Op::Upsert, false, false)]);
+        // A key change lands as a new row.
+        let old = OldTuple {
+            full: false,
+            tuple: vec![t("1"), Value::Null, Value::Null],
+        };
+        p.update(&bd, Some(&old), &row("5", t("e"))).unwrap();
+        assert_eq!(
+            kinds(&mut p),
+            vec![(Op::Delete, false, false), (Op::Upsert, true, false)]
+        );
     }
 
     #[test]
