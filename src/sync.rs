@@ -298,7 +298,13 @@ async fn direction_once(
             source.direction_from(),
         )?);
     }
-    let mut stream = SourceStream::open(site, start, &stream_mode(cfg, spool_only)).await?;
+    let mut mode = stream_mode(cfg, spool_only);
+    // Starting before the checkpoint (Kafka lags it), a transaction begun before the checkpoint
+    // may be applied already: only its commit tells, so it is spooled, never applied live.
+    if start < cp.lsn {
+        mode.live_from = cp.lsn;
+    }
+    let mut stream = SourceStream::open(site, start, &mode).await?;
     if !cp.source_system_id.is_empty() && cp.source_system_id != stream.system_id {
         bail!(
             "{source}: this is database system {}, but the checkpoint was taken against system {}: \
@@ -338,17 +344,20 @@ async fn direction_once(
 }
 
 /// How to ask for a source's stream. A streamed transaction is applied while in progress only
-/// where nothing needs its commit's time or LSN before the commit: conflict rules compare them,
-/// Kafka events carry them. Elsewhere it would be spooled to tandem's disk and applied at its
-/// commit, which only moves the source's own spill here (and measured slower on one shared
-/// machine), so that takes `stream_in_progress = true`.
+/// where no row's fate depends on its commit's time or LSN: conflict rules compare them. There it
+/// would be spooled to tandem's disk and applied at its commit, which only moves the source's own
+/// spill here (and measured slower on one shared machine), so that takes
+/// `stream_in_progress = true`. Kafka events carry the commit too, but only once published: with
+/// Kafka, a copy of the live transaction is spooled and published after its commit.
 fn stream_mode(cfg: &Config, spool_only: &std::collections::HashSet<u32>) -> StreamMode {
-    let live = cfg.conflicts.is_none() && cfg.kafka.is_none();
+    let live = cfg.conflicts.is_none();
     let streaming = cfg.stream_in_progress.unwrap_or(live);
     StreamMode {
         streaming,
         live: streaming && live,
         spool_only: spool_only.clone(),
+        keep_copy: cfg.kafka.is_some(),
+        live_from: Lsn::ZERO,
     }
 }
 
@@ -612,7 +621,7 @@ async fn stream_loop(
                     t.subxacts.truncate(i);
                 }
             }
-            StreamEvent::Live(Live::Commit { xid, commit }) => {
+            StreamEvent::Live(Live::Commit { xid, commit, copy }) => {
                 let (Some(t), Some(a)) = (live.txn.take(), live.session.as_mut()) else {
                     bail!("{source}: commit of streamed transaction {xid} that is not open");
                 };
@@ -625,7 +634,8 @@ async fn stream_loop(
                 if group_end.is_some() {
                     commit_group!();
                 }
-                if !a.in_txn() || commit.commit_lsn < checkpoint {
+                let applied_before = commit.commit_lsn < checkpoint;
+                if !a.in_txn() || applied_before {
                     // Nothing it changed flows here (or tandem's own), or it was applied before
                     // a restart.
                     a.rollback().await?;
@@ -647,6 +657,14 @@ async fn stream_loop(
                     applier.stats.changes += std::mem::take(&mut a.stats.changes);
                     applier.count_transaction();
                     checkpointed!(commit.end_lsn);
+                }
+                // Kafka, as for a whole transaction: its events now that they have a commit (a
+                // transaction applied before a restart only when Kafka may lack it).
+                if let Some(copy) = copy {
+                    if !applied_before || applier.kafka_required() {
+                        applier.publish_copy(copy)?;
+                    }
+                    applier.barrier(commit.end_lsn);
                 }
             }
             StreamEvent::Message(msg) => match asm.push(msg)? {

@@ -524,10 +524,11 @@ async fn events_sent_again_after_a_restart_keep_their_conflict_outcome() {
     assert_eq!(outcome("M"), vec!["applied"], "{msgs:?}");
 }
 
-/// With Kafka, a streamed transaction is spooled and handed on whole at its commit: each of its
-/// changes is published once, with its commit's LSN, and none of a rolled-back subtransaction.
+/// With Kafka, a streamed transaction is still applied while in progress, and a copy of it is
+/// spooled and published after its commit: each of its changes once, with its commit's LSN, and
+/// none of a rolled-back subtransaction.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_streamed_transaction_is_spooled_and_published_once_at_its_commit() {
+async fn a_streamed_transaction_is_applied_live_and_published_once_after_its_commit() {
     let cluster = MockCluster::<DefaultProducerContext>::new(1).unwrap();
     cluster.create_topic(TOPIC, 1, 1).unwrap();
     let brokers = cluster.bootstrap_servers();
@@ -538,7 +539,8 @@ async fn a_streamed_transaction_is_spooled_and_published_once_at_its_commit() {
     .await;
     let text = Fixture::config_text(
         "kafka_streamed",
-        "tables = [\"public.jobs\"]\nstream_in_progress = true",
+        // Streaming is on by default with Kafka (not with conflict rules).
+        "tables = [\"public.jobs\"]",
     ) + &format!("[kafka]\nbrokers = \"{brokers}\"\nformat = \"json\"\n");
     let fx = Fixture::with_config("kafka_streamed", d, m, text).await;
     stream_from_a_few_hundred_rows(&fx.d).await;
@@ -552,6 +554,16 @@ async fn a_streamed_transaction_is_spooled_and_published_once_at_its_commit() {
     .unwrap();
     fx.wait_equal("jobs", 60).await;
     assert!(streamed_txns(&fx.d, "kafka_streamed_d").await >= 1);
+    // It was applied while in progress, by the second apply session.
+    assert_eq!(
+        Fixture::count(
+            &fx.m,
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
+             AND application_name LIKE 'tandem apply % streamed'"
+        )
+        .await,
+        1
+    );
     run.stop().await;
     let msgs = tokio::task::spawn_blocking(move || consume_all(&brokers))
         .await
@@ -568,4 +580,5 @@ async fn a_streamed_transaction_is_spooled_and_published_once_at_its_commit() {
         .collect();
     assert_eq!(lsns.len(), 1, "one commit: {lsns:?}");
     assert!(!lsns.contains("0/0"), "the commit's own LSN");
+    assert!(mine.iter().all(|m| m["outcome"] == "applied"));
 }

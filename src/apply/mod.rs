@@ -65,6 +65,15 @@ pub struct SidesDisagree {
     pub what: String,
 }
 
+/// Changes of table `t` from `source` are applied: it is listed, and flows that way.
+fn flows(cfg: &Config, source: Side, ignore_direction: bool, t: &TableName) -> bool {
+    let listed = cfg
+        .tables
+        .iter()
+        .any(|c| c == t || (c.is_wildcard() && c.schema == t.schema));
+    listed && (ignore_direction || cfg.direction(t).flows_from(source))
+}
+
 /// Counters for logs, the demo and tests.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct ApplyStats {
@@ -226,12 +235,7 @@ impl Applier {
     }
 
     fn flows(&self, t: &TableName) -> bool {
-        let listed = self
-            .cfg
-            .tables
-            .iter()
-            .any(|c| c == t || (c.is_wildcard() && c.schema == t.schema));
-        listed && (self.ignore_direction || self.cfg.direction(t).flows_from(self.source))
+        flows(&self.cfg, self.source, self.ignore_direction, t)
     }
 
     async fn target_table(&mut self, name: &TableName) -> Result<Arc<TargetTable>> {
@@ -559,6 +563,34 @@ impl Applier {
             p.drain(std::time::Duration::from_secs(10)).await?;
         }
         Ok(())
+    }
+
+    /// Kafka: a whole transaction from its spooled copy, once it committed (it was applied
+    /// while streamed, where no event could carry its commit yet); see
+    /// [`crate::sink::kafka::Publisher::publish_copy`].
+    pub fn publish_copy(&mut self, copy: crate::source::streamed::Replay) -> Result<()> {
+        let Some(p) = &mut self.publisher else {
+            return Ok(());
+        };
+        let (cfg, source, ignore) = (self.cfg.clone(), self.source, self.ignore_direction);
+        // What `apply_one` decides without conflict rules, the only case applied while streamed.
+        let outcome = move |ev: &Event| {
+            let applied = match &ev.change {
+                Change::Insert { table, .. }
+                | Change::Update { table, .. }
+                | Change::Delete { table, .. } => flows(&cfg, source, ignore, &table.name),
+                Change::Truncate { tables, .. } => {
+                    cfg.apply_truncate
+                        && tables.iter().any(|t| flows(&cfg, source, ignore, &t.name))
+                }
+            };
+            if applied {
+                "applied"
+            } else {
+                "skipped"
+            }
+        };
+        p.publish_copy(copy, source, Arc::new(outcome))
     }
 
     /// Kafka: a change of a transaction tandem itself wrote (not applied back).

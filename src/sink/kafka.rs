@@ -19,8 +19,11 @@ use rdkafka::producer::{BaseRecord, ProducerContext, ThreadedProducer};
 use crate::config::{KafkaConfig, KafkaFormat};
 use crate::event::{Change, Event, SourceTable};
 use crate::lsn::Lsn;
+use crate::side::Side;
 use crate::sink::spool::{Spool, Spooled};
+use crate::source::assemble::{Assembler, Item};
 use crate::source::pgoutput::{Tuple, Value};
+use crate::source::streamed::Replay;
 
 /// Generated from `proto/tandem/v1/event.proto`.
 pub mod proto {
@@ -827,9 +830,15 @@ const MAX_QUEUED_KIB: usize = 32 * 1024;
 /// Changes handed to the Kafka task together: one channel send (and wakeup) per this many.
 const HANDOVER: usize = 256;
 
+/// What became of a change that was applied without a decision per row (no conflict rules).
+pub type Outcome = Arc<dyn Fn(&Event) -> &'static str + Send + Sync>;
+
 enum Command {
     /// Changes with their outcomes, and how many queue permits they hold.
     Publish(Vec<(Event, &'static str)>, usize),
+    /// A committed transaction of this source read back from disk, with what became of its
+    /// changes. It holds no queue room: it is a file, read as it is published.
+    PublishCopy(Replay, Side, Outcome),
     Barrier(Lsn),
     Drain(Duration, tokio::sync::oneshot::Sender<Result<Lsn>>),
 }
@@ -921,6 +930,15 @@ impl Publisher {
             self.send(Command::Publish(changes, n))?;
         }
         Ok(())
+    }
+
+    /// Publish a whole transaction from its spooled copy (a streamed transaction applied while
+    /// it was in progress), in order after what was published before. Its events carry the
+    /// commit's LSN and time like any other. The Kafka task reads the file itself, so applying
+    /// goes on meanwhile; later changes queue behind it within the queue's bound.
+    pub fn publish_copy(&mut self, copy: Replay, source: Side, outcome: Outcome) -> Result<()> {
+        self.hand_over_unpaid();
+        self.send(Command::PublishCopy(copy, source, outcome))
     }
 
     /// Everything published so far belongs to source commits up to `lsn`.
@@ -1026,6 +1044,17 @@ async fn work(
                             p.publish(&ev, outcome).await?;
                         }
                         room.add_permits(permits);
+                    }
+                    Command::PublishCopy(mut copy, source, outcome) => {
+                        p.clock = Instant::now();
+                        let mut asm = Assembler::new(source);
+                        while let Some(msg) = copy.next_message()? {
+                            match asm.push(msg)? {
+                                Some(Item::Change(ev)) => p.publish(&ev, outcome(&ev)).await?,
+                                Some(Item::Echo(ev)) => p.publish(&ev, "skipped_echo").await?,
+                                _ => {}
+                            }
+                        }
                     }
                     Command::Barrier(l) => p.barrier(l),
                     Command::Drain(limit, reply) => {

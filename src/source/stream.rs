@@ -38,6 +38,10 @@ pub struct StreamMode {
     pub live: bool,
     /// Streamed transactions that must be spooled even so.
     pub spool_only: std::collections::HashSet<u32>,
+    /// Hand out a live transaction's spooled copy with its commit (see [`Live::Commit`]).
+    pub keep_copy: bool,
+    /// See [`Streamed::live_from`].
+    pub live_from: Lsn,
 }
 
 pub struct SourceStream {
@@ -113,7 +117,9 @@ impl SourceStream {
             })?;
         Ok(SourceStream {
             stream,
-            streamed: Streamed::new(mode.live, mode.spool_only.clone()),
+            streamed: Streamed::new(mode.live, mode.spool_only.clone())
+                .keep_copy(mode.keep_copy)
+                .live_from(mode.live_from),
             direction: site.side.direction_from(),
             system_id: system.system_id,
         })
@@ -157,7 +163,7 @@ impl SourceStream {
                     let commit = matches!(msg, Message::StreamCommit { .. });
                     match self
                         .streamed
-                        .take(msg)
+                        .take_at(msg, start)
                         .with_context(|| format!("streamed transaction message at {start}"))?
                     {
                         Taken::Pass(m) => return Ok(StreamEvent::Message(m)),

@@ -22,6 +22,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use anyhow::{anyhow, bail, Context, Result};
 use bytes::Bytes;
 
+use crate::lsn::Lsn;
 use crate::source::pgoutput::{self, Begin, Commit, Message};
 
 /// Where spool files go: the system temp dir (unlinked at once, so only their open handles hold
@@ -43,26 +44,19 @@ struct Spool {
 #[derive(Debug)]
 pub enum Live {
     /// A block of `xid` begins; `first` for its first block.
-    Start {
-        xid: u32,
-        first: bool,
-    },
+    Start { xid: u32, first: bool },
     /// One of its messages; `sub` is the (sub)transaction that made it.
-    Message {
-        sub: u32,
-        msg: Message,
-    },
+    Message { sub: u32, msg: Message },
     /// The block ends.
     Stop,
     Commit {
         xid: u32,
         commit: Commit,
+        /// With [`Streamed::keep_copy`]: its messages, to read again as a whole transaction.
+        copy: Option<Replay>,
     },
     /// Its subtransaction `subxid` (or the whole of it, when `subxid == xid`) rolled back.
-    Abort {
-        xid: u32,
-        subxid: u32,
-    },
+    Abort { xid: u32, subxid: u32 },
 }
 
 /// The in-progress transactions of one stream, and the one being replayed.
@@ -75,6 +69,13 @@ pub struct Streamed {
     /// One streamed transaction at a time may be applied live instead of spooled.
     live_allowed: bool,
     live: Option<u32>,
+    /// Also spool the live transaction, for those who need it again after its commit (Kafka's
+    /// events carry the commit's LSN and time, known only at the end).
+    keep_copy: bool,
+    live_copy: Option<Spool>,
+    /// Only a transaction whose first change is at or after this goes live (see
+    /// [`Streamed::live_from`]).
+    live_from: Lsn,
     /// Transactions to spool even when live would be allowed (a live attempt was blocked).
     spool_only: HashSet<u32>,
 }
@@ -89,11 +90,43 @@ pub enum Taken {
     Held,
 }
 
-struct Replay {
+/// A committed streamed transaction read back from its spool file: `Begin`, its changes, `Commit`.
+pub struct Replay {
     begin: Option<Begin>,
     file: BufReader<File>,
     left: u64,
     commit: Option<Commit>,
+}
+
+impl std::fmt::Debug for Replay {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Replay({} bytes left)", self.left)
+    }
+}
+
+impl Replay {
+    /// The next message; `None` after the `Commit`.
+    pub fn next_message(&mut self) -> Result<Option<Message>> {
+        if let Some(b) = self.begin.take() {
+            return Ok(Some(Message::Begin(b)));
+        }
+        if self.left > 0 {
+            let mut len = [0u8; 4];
+            self.file
+                .read_exact(&mut len)
+                .context("reading a spooled change")?;
+            let len = u32::from_be_bytes(len) as usize;
+            let mut data = vec![0u8; len];
+            self.file
+                .read_exact(&mut data)
+                .context("reading a spooled change")?;
+            self.left -= 4 + len as u64;
+            let (_, msg) = pgoutput::decode_in(&Bytes::from(data), true)
+                .context("decoding a spooled change")?;
+            return Ok(Some(msg));
+        }
+        Ok(self.commit.take().map(Message::Commit))
+    }
 }
 
 impl Streamed {
@@ -105,6 +138,21 @@ impl Streamed {
             spool_only,
             ..Default::default()
         }
+    }
+
+    /// Only a transaction whose first change comes at or after `lsn` may go live. The stream
+    /// may start before the target's checkpoint (Kafka lags it): a transaction begun before the
+    /// checkpoint may have been applied already, which only its commit tells, and the live path
+    /// would write its rows again before learning it; spooled, it is skipped at its commit.
+    pub fn live_from(mut self, lsn: Lsn) -> Streamed {
+        self.live_from = lsn;
+        self
+    }
+
+    /// Keep a spooled copy of each live transaction, handed out with its [`Live::Commit`].
+    pub fn keep_copy(mut self, on: bool) -> Streamed {
+        self.keep_copy = on;
+        self
     }
 
     /// Inside a stream block: messages carry their xid (and go to the spool, unless live).
@@ -122,27 +170,11 @@ impl Streamed {
         let Some(r) = &mut self.replay else {
             return Ok(None);
         };
-        if let Some(b) = r.begin.take() {
-            return Ok(Some(Message::Begin(b)));
+        let msg = r.next_message()?;
+        if matches!(msg, None | Some(Message::Commit(_))) {
+            self.replay = None;
         }
-        if r.left > 0 {
-            let mut len = [0u8; 4];
-            r.file
-                .read_exact(&mut len)
-                .context("reading a spooled change")?;
-            let len = u32::from_be_bytes(len) as usize;
-            let mut data = vec![0u8; len];
-            r.file
-                .read_exact(&mut data)
-                .context("reading a spooled change")?;
-            r.left -= 4 + len as u64;
-            let (_, msg) = pgoutput::decode_in(&Bytes::from(data), true)
-                .context("decoding a spooled change")?;
-            return Ok(Some(msg));
-        }
-        let commit = r.commit.take().map(Message::Commit);
-        self.replay = None;
-        Ok(commit)
+        Ok(msg)
     }
 
     /// The transaction applied live right now, if any.
@@ -150,8 +182,15 @@ impl Streamed {
         self.live
     }
 
-    /// Take one message received outside a stream block.
+    /// [`Streamed::take_at`] for tests: positions do not matter.
+    #[cfg(test)]
     pub fn take(&mut self, msg: Message) -> Result<Taken> {
+        self.take_at(msg, Lsn(u64::MAX))
+    }
+
+    /// Take one message received outside a stream block, sent at WAL position `at` (for a
+    /// block's Stream Start, its first change).
+    pub fn take_at(&mut self, msg: Message, at: Lsn) -> Result<Taken> {
         match msg {
             Message::StreamStart { xid, first } => {
                 if let Some(x) = self.block {
@@ -161,10 +200,16 @@ impl Streamed {
                 if first
                     && self.live.is_none()
                     && self.live_allowed
+                    && at >= self.live_from
                     && !self.spool_only.contains(&xid)
                 {
                     self.live = Some(xid);
                     self.block = Some(xid);
+                    self.live_copy = if self.keep_copy {
+                        Some(Spool::create(xid)?)
+                    } else {
+                        None
+                    };
                     return Ok(Taken::Live(Live::Start { xid, first }));
                 }
                 if live_now {
@@ -188,11 +233,18 @@ impl Streamed {
             Message::StreamStop => bail!("pgoutput sent Stream Stop outside a stream block"),
             Message::StreamCommit { xid, commit } if self.live == Some(xid) => {
                 self.live = None;
-                Ok(Taken::Live(Live::Commit { xid, commit }))
+                let copy = match self.live_copy.take() {
+                    Some(spool) => Some(spool.replay(xid, commit)?),
+                    None => None,
+                };
+                Ok(Taken::Live(Live::Commit { xid, commit, copy }))
             }
             Message::StreamAbort { xid, subxid } if self.live == Some(xid) => {
                 if subxid == xid {
                     self.live = None;
+                    self.live_copy = None;
+                } else if let Some(s) = &mut self.live_copy {
+                    s.cut(subxid)?;
                 }
                 Ok(Taken::Live(Live::Abort { xid, subxid }))
             }
@@ -229,22 +281,16 @@ impl Streamed {
         }
         if self.live == Some(xid) {
             let (sub, msg) = pgoutput::decode_in(data, true)?;
+            if let Some(copy) = &mut self.live_copy {
+                copy.add(xid, data)?;
+            }
             return Ok(Some(Live::Message {
                 sub: sub.unwrap_or(xid),
                 msg,
             }));
         }
         let spool = self.open.get_mut(&xid).expect("the block's spool is open");
-        // Messages carry their (sub)transaction right after the tag (checked when replayed).
-        // Relation messages count too: after any abort pgoutput sends the relation again.
-        if let (Some(t), Some(sub)) = (data.first(), data.get(1..5)) {
-            let sub = u32::from_be_bytes(sub.try_into().expect("4 bytes"));
-            let carries = pgoutput::STREAMED_XID.contains(t);
-            if carries && sub != xid && !spool.subxacts.iter().any(|s| s.0 == sub) {
-                spool.subxacts.push((sub, spool.len));
-            }
-        }
-        spool.write(data)?;
+        spool.add(xid, data)?;
         Ok(None)
     }
 }
@@ -268,6 +314,20 @@ impl Spool {
             len: 0,
             subxacts: Vec::new(),
         })
+    }
+
+    /// One message of transaction `xid`'s stream blocks.
+    fn add(&mut self, xid: u32, data: &Bytes) -> Result<()> {
+        // Messages carry their (sub)transaction right after the tag (checked when replayed).
+        // Relation messages count too: after any abort pgoutput sends the relation again.
+        if let (Some(t), Some(sub)) = (data.first(), data.get(1..5)) {
+            let sub = u32::from_be_bytes(sub.try_into().expect("4 bytes"));
+            let carries = pgoutput::STREAMED_XID.contains(t);
+            if carries && sub != xid && !self.subxacts.iter().any(|s| s.0 == sub) {
+                self.subxacts.push((sub, self.len));
+            }
+        }
+        self.write(data)
     }
 
     fn write(&mut self, data: &Bytes) -> Result<()> {
@@ -316,7 +376,6 @@ impl Spool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::lsn::Lsn;
     use crate::source::pgoutput::encode;
     use crate::source::pgoutput::Value;
 
@@ -448,6 +507,96 @@ mod tests {
         block(&mut s, 30, true, &[(30, insert("y"))]);
         assert_eq!(s.live(), None);
         assert_eq!(s.open_transactions(), 2);
+    }
+
+    #[test]
+    fn a_live_transaction_comes_with_its_copy_when_asked_without_rolled_back_subtransactions() {
+        let mut s = Streamed::new(true, HashSet::new()).keep_copy(true);
+        let live_block = |s: &mut Streamed, first, changes: &[(u32, Message)]| {
+            assert!(matches!(
+                s.take(Message::StreamStart { xid: 10, first }).unwrap(),
+                Taken::Live(Live::Start { xid: 10, .. })
+            ));
+            for (sub, m) in changes {
+                let got = s.in_block(&encode::streamed(*sub, m)).unwrap();
+                assert!(matches!(got, Some(Live::Message { msg, .. }) if msg == *m));
+            }
+            s.in_block(&encode::message(&Message::StreamStop)).unwrap();
+        };
+        live_block(&mut s, true, &[(10, insert("a")), (11, insert("b"))]);
+        live_block(&mut s, false, &[(12, insert("c"))]);
+        s.take(Message::StreamAbort {
+            xid: 10,
+            subxid: 11,
+        })
+        .unwrap();
+        live_block(&mut s, false, &[(10, insert("d"))]);
+        let c = Commit {
+            flags: 0,
+            commit_lsn: Lsn(0x300),
+            end_lsn: Lsn(0x308),
+            commit_ts: 7,
+        };
+        let Taken::Live(Live::Commit {
+            copy: Some(mut copy),
+            ..
+        }) = s
+            .take(Message::StreamCommit { xid: 10, commit: c })
+            .unwrap()
+        else {
+            panic!("a live commit with its copy");
+        };
+        let mut out = Vec::new();
+        while let Some(m) = copy.next_message().unwrap() {
+            out.push(m);
+        }
+        assert!(
+            matches!(&out[0], Message::Begin(b) if b.xid == 10 && b.final_lsn == Lsn(0x300) && b.commit_ts == 7)
+        );
+        assert_eq!(&out[1..3], &[insert("a"), insert("d")]);
+        assert_eq!(out[3], Message::Commit(c));
+        assert_eq!(out.len(), 4);
+
+        // A transaction begun before `live_from` is spooled; one begun at it goes live.
+        let mut s = Streamed::new(true, HashSet::new()).live_from(Lsn(0x500));
+        assert!(matches!(
+            s.take_at(
+                Message::StreamStart {
+                    xid: 7,
+                    first: true
+                },
+                Lsn(0x4ff)
+            )
+            .unwrap(),
+            Taken::Held
+        ));
+        s.in_block(&encode::message(&Message::StreamStop)).unwrap();
+        assert!(matches!(
+            s.take_at(
+                Message::StreamStart {
+                    xid: 8,
+                    first: true
+                },
+                Lsn(0x500)
+            )
+            .unwrap(),
+            Taken::Live(Live::Start { xid: 8, .. })
+        ));
+        s.in_block(&encode::message(&Message::StreamStop)).unwrap();
+        assert_eq!((s.live(), s.open_transactions()), (Some(8), 1));
+
+        // Without asking, no copy.
+        let mut s = Streamed::new(true, HashSet::new());
+        s.take(Message::StreamStart {
+            xid: 5,
+            first: true,
+        })
+        .unwrap();
+        s.in_block(&encode::message(&Message::StreamStop)).unwrap();
+        assert!(matches!(
+            s.take(Message::StreamCommit { xid: 5, commit: c }).unwrap(),
+            Taken::Live(Live::Commit { copy: None, .. })
+        ));
     }
 
     #[test]
