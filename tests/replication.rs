@@ -4,7 +4,8 @@
 mod common;
 
 use common::{
-    audit_sql, scrape, stream_from_a_few_hundred_rows, streamed_txns, wait_count, wait_for, Fixture,
+    audit_sql, scrape, stream_from_a_few_hundred_rows, streamed_txns, wait_count, wait_for,
+    Fixture, Running,
 };
 use tokio_postgres::Client;
 
@@ -290,6 +291,25 @@ async fn per_table_direction_is_honoured() {
     run.stop().await;
 }
 
+const ROLLBACKS: &str =
+    "SELECT xact_rollback FROM pg_stat_database WHERE datname = current_database()";
+
+/// Mobile's `items` reaches `want` while replication keeps running, after a group was rolled
+/// back there (more rollbacks than `before`): a plain statement was abandoned and redone.
+async fn redone_as_upserts(fx: &Fixture, run: &Running, before: i64, want: &[&str]) {
+    wait_for(
+        60,
+        "the abandoned transaction and the next one on mobile",
+        || async { Fixture::rows(&fx.m, "items").await == want },
+    )
+    .await;
+    assert!(!run.is_finished(), "replication keeps running");
+    wait_for(30, "the abandoned group in mobile's statistics", || async {
+        Fixture::count(&fx.m, ROLLBACKS).await > before
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_insert_meeting_a_row_already_on_the_target_is_applied_as_an_upsert() {
     // A large transaction's inserts go out as plain INSERTs (no ON CONFLICT); a row the target
@@ -304,8 +324,7 @@ async fn an_insert_meeting_a_row_already_on_the_target_is_applied_as_an_upsert()
     fx.m.batch_execute("INSERT INTO items VALUES (2, 'mobile had it')")
         .await
         .unwrap();
-    let rollbacks = "SELECT xact_rollback FROM pg_stat_database WHERE datname = current_database()";
-    let before = Fixture::count(&fx.m, rollbacks).await;
+    let before = Fixture::count(&fx.m, ROLLBACKS).await;
     let run = fx.start().await;
     fx.d.batch_execute(
         "BEGIN; INSERT INTO items VALUES (1, 'a'), (2, 'b'), (3, 'c'); COMMIT; \
@@ -313,19 +332,8 @@ async fn an_insert_meeting_a_row_already_on_the_target_is_applied_as_an_upsert()
     )
     .await
     .unwrap();
-    let want = vec!["(1,a)", "(2,b)", "(3,c)", "(4,after)"];
-    wait_for(
-        60,
-        "the colliding transaction and the next one on mobile",
-        || async { Fixture::rows(&fx.m, "items").await == want },
-    )
-    .await;
-    assert!(!run.is_finished(), "replication keeps running");
     // The plain INSERT failed and its group was rolled back, then applied again as upserts.
-    wait_for(30, "the abandoned group in mobile's statistics", || async {
-        Fixture::count(&fx.m, rollbacks).await > before
-    })
-    .await;
+    redone_as_upserts(&fx, &run, before, &["(1,a)", "(2,b)", "(3,c)", "(4,after)"]).await;
     // Later inserts of that table still arrive (as upserts now).
     fx.d.batch_execute("INSERT INTO items VALUES (5, 'later')")
         .await
@@ -365,32 +373,21 @@ async fn an_update_of_a_row_missing_on_the_target_is_applied_as_an_upsert() {
     fx.m.batch_execute("DELETE FROM items WHERE id = 3")
         .await
         .unwrap();
-    let rollbacks = "SELECT xact_rollback FROM pg_stat_database WHERE datname = current_database()";
-    let before = Fixture::count(&fx.m, rollbacks).await;
+    let before = Fixture::count(&fx.m, ROLLBACKS).await;
     fx.d.batch_execute(
         "UPDATE items SET v = 'second', n = n + 1; INSERT INTO items VALUES (5, 'after', 0)",
     )
     .await
     .unwrap();
-    let want = vec![
+    // The plain UPDATE missed row 3 and its group was rolled back, then applied again as upserts.
+    let want = [
         "(1,second,1)",
         "(2,second,1)",
         "(3,second,1)",
         "(4,second,1)",
         "(5,after,0)",
     ];
-    wait_for(
-        60,
-        "the transaction with the missing row and the next one on mobile",
-        || async { Fixture::rows(&fx.m, "items").await == want },
-    )
-    .await;
-    assert!(!run.is_finished(), "replication keeps running");
-    // The plain UPDATE missed row 3 and its group was rolled back, then applied again as upserts.
-    wait_for(30, "the abandoned group in mobile's statistics", || async {
-        Fixture::count(&fx.m, rollbacks).await > before
-    })
-    .await;
+    redone_as_upserts(&fx, &run, before, &want).await;
     // 4 inserts, then 4 updates (3 of them with row 3 recreated) and 1 insert: each once.
     assert_eq!(Fixture::count(&fx.m, "SELECT n::int8 FROM writes").await, 9);
     fx.assert_slots_within_checkpoints().await;
