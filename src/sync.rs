@@ -227,7 +227,7 @@ async fn direction(
                 tracing::warn!(%source, table = %c.table,
                     "{c}; starting over from the checkpoint, writing its rows as upserts from now on");
                 if !upsert_tables.insert(c.table.clone()) {
-                    // Cannot happen: that table's inserts are upserts now.
+                    // Cannot happen: that table's rows are upserts now.
                     bail!("{source} → {}: {c}", source.other());
                 }
             }

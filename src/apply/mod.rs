@@ -715,12 +715,8 @@ impl Applier {
                 .is_some_and(|except| !except.contains(&target.name));
         let fresh = plain && batch.fresh;
         // An UPDATE that would set nothing (every column is the key) cannot tell a missing row.
-        let existing = plain
-            && batch.existing
-            && batch
-                .cols
-                .iter()
-                .any(|c| !target.key.contains(c) && !target.columns[*c].identity_always);
+        let existing =
+            plain && batch.existing && batch.cols.iter().any(|&c| sql::settable(target, c));
         let op = if existing { Op::Update } else { batch.op };
         let key = (target.name.clone(), op, fresh, batch.cols.clone());
         let stmt = match self.statements.get(&key) {
@@ -728,7 +724,7 @@ impl Applier {
             None => {
                 let s = match sql::statement(target, op, &batch.cols, fresh) {
                     Some(text) => Some(self.client.prepare(&text).await.with_context(|| {
-                        format!("preparing the {:?} statement for {}", batch.op, target.name)
+                        format!("preparing the {op:?} statement for {}", target.name)
                     })?),
                     None => None,
                 };

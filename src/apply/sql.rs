@@ -15,7 +15,6 @@ pub fn statement(t: &TargetTable, op: Op, cols: &[usize], fresh: bool) -> Option
     let from = format!("unnest({}) AS u({})", params.join(", "), aliases.join(", "));
     let cast = |pos: usize| format!("u.v{}::{}", pos + 1, t.columns[cols[pos]].type_sql);
     let col = |c: usize| quote_ident(&t.columns[c].name);
-    let is_key = |c: usize| t.key.contains(&c);
     let key_match = || {
         t.key
             .iter()
@@ -41,7 +40,7 @@ pub fn statement(t: &TargetTable, op: Op, cols: &[usize], fresh: bool) -> Option
             };
             let sets: Vec<String> = cols
                 .iter()
-                .filter(|&&c| !is_key(c) && !t.columns[c].identity_always)
+                .filter(|&&c| settable(t, c))
                 .map(|&c| format!("{0} = EXCLUDED.{0}", col(c)))
                 .collect();
             let conflict = if sets.is_empty() {
@@ -65,7 +64,7 @@ pub fn statement(t: &TargetTable, op: Op, cols: &[usize], fresh: bool) -> Option
             let sets: Vec<String> = cols
                 .iter()
                 .enumerate()
-                .filter(|(_, &c)| !is_key(c) && !t.columns[c].identity_always)
+                .filter(|(_, &c)| settable(t, c))
                 .map(|(pos, &c)| format!("{} = {}", col(c), cast(pos)))
                 .collect();
             if sets.is_empty() {
@@ -82,6 +81,12 @@ pub fn statement(t: &TargetTable, op: Op, cols: &[usize], fresh: bool) -> Option
             key_match()
         ),
     })
+}
+
+/// Target column `c` is one an UPDATE (or an upsert's `DO UPDATE`) sets: not part of the key,
+/// and not an identity column `GENERATED ALWAYS`.
+pub fn settable(t: &TargetTable, c: usize) -> bool {
+    !t.key.contains(&c) && !t.columns[c].identity_always
 }
 
 /// What last_write_wins compares.
