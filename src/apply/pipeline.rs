@@ -15,8 +15,10 @@ use tokio_postgres::{Client, Statement};
 
 type Done = Pin<Box<dyn Future<Output = Result<u64, tokio_postgres::Error>> + Send>>;
 
-/// One `text[]` parameter that owns its values (shared, not copied), so a statement's parameters
-/// live as long as its unsent request has to.
+/// One array parameter of text values that owns them (shared, not copied), so a statement's
+/// parameters live as long as its unsent request has to. Sent as `text[]`, or as `int8[]`,
+/// `int4[]` or `int2[]` for integer columns (see [`crate::apply::sql::param_type`]): the values
+/// are parsed here and the server reads binary integers instead of parsing each one.
 #[derive(Debug)]
 pub struct TextArray(pub Vec<Option<Bytes>>);
 
@@ -36,12 +38,22 @@ impl ToSql for TextArray {
             }),
             member.oid(),
             self.0.iter(),
-            |v, w| match v {
-                Some(b) => {
-                    w.put_slice(b);
-                    Ok(postgres_protocol::IsNull::No)
+            |v, w| {
+                let Some(b) = v else {
+                    return Ok(postgres_protocol::IsNull::Yes);
+                };
+                let int = || -> Result<i64, Box<dyn std::error::Error + Sync + Send>> {
+                    let text = std::str::from_utf8(b)?;
+                    text.parse()
+                        .map_err(|_| format!("`{text}` is not a value of type {member}").into())
+                };
+                match *member {
+                    Type::INT8 => w.put_i64(int()?),
+                    Type::INT4 => w.put_i32(i32::try_from(int()?)?),
+                    Type::INT2 => w.put_i16(i16::try_from(int()?)?),
+                    _ => w.put_slice(b),
                 }
-                None => Ok(postgres_protocol::IsNull::Yes),
+                Ok(postgres_protocol::IsNull::No)
             },
             out,
         )?;
@@ -49,7 +61,13 @@ impl ToSql for TextArray {
     }
 
     fn accepts(ty: &Type) -> bool {
-        *ty == Type::TEXT_ARRAY
+        [
+            Type::TEXT_ARRAY,
+            Type::INT8_ARRAY,
+            Type::INT4_ARRAY,
+            Type::INT2_ARRAY,
+        ]
+        .contains(ty)
     }
 
     to_sql_checked!();
@@ -135,6 +153,33 @@ mod tests {
         theirs.to_sql(&Type::TEXT_ARRAY, &mut b).unwrap();
         assert_eq!(a, b);
         assert!(TextArray::accepts(&Type::TEXT_ARRAY));
-        assert!(!TextArray::accepts(&Type::INT8_ARRAY));
+        assert!(!TextArray::accepts(&Type::NUMERIC_ARRAY));
+    }
+
+    #[test]
+    fn integer_arrays_are_parsed_and_sent_binary_and_bad_text_is_an_error() {
+        let ours = TextArray(vec![
+            Some(Bytes::from_static(b"-9223372036854775808")),
+            None,
+            Some(Bytes::from_static(b"42")),
+        ]);
+        let theirs: Vec<Option<i64>> = vec![Some(i64::MIN), None, Some(42)];
+        let (mut a, mut b) = (BytesMut::new(), BytesMut::new());
+        ours.to_sql(&Type::INT8_ARRAY, &mut a).unwrap();
+        theirs.to_sql(&Type::INT8_ARRAY, &mut b).unwrap();
+        assert_eq!(a, b);
+        let small = TextArray(vec![Some(Bytes::from_static(b"-7"))]);
+        let (mut a, mut b) = (BytesMut::new(), BytesMut::new());
+        small.to_sql(&Type::INT2_ARRAY, &mut a).unwrap();
+        vec![Some(-7i16)].to_sql(&Type::INT2_ARRAY, &mut b).unwrap();
+        assert_eq!(a, b);
+        let e = TextArray(vec![Some(Bytes::from_static(b"4x"))])
+            .to_sql(&Type::INT4_ARRAY, &mut BytesMut::new())
+            .err()
+            .unwrap();
+        assert_eq!(e.to_string(), "`4x` is not a value of type int4");
+        assert!(TextArray(vec![Some(Bytes::from_static(b"70000"))])
+            .to_sql(&Type::INT2_ARRAY, &mut BytesMut::new())
+            .is_err());
     }
 }
