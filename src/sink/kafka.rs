@@ -155,7 +155,7 @@ pub struct Message<'a> {
 
 /// Encodes messages one at a time into buffers it reuses, and makes the text every message of a
 /// transaction repeats (site, commit LSN, xid) once per transaction: per message, these
-/// allocations and formatting were a third of encoding (perf, W1 with Kafka).
+/// allocations and formatting were about a third of encoding (perf, W1 with Kafka).
 #[derive(Default)]
 pub struct Encoder {
     /// The transaction the texts below belong to.
