@@ -143,7 +143,7 @@ fn message_count(ev: &Event) -> usize {
 }
 
 /// One encoded message, borrowed from its [`Encoder`].
-pub struct Message<'a> {
+pub struct Encoded<'a> {
     pub id: &'a str,
     pub key: &'a [u8],
     pub payload: &'a [u8],
@@ -176,7 +176,7 @@ impl Encoder {
         i: usize,
         outcome: &str,
         format: KafkaFormat,
-    ) -> Message<'_> {
+    ) -> Encoded<'_> {
         use std::fmt::Write as _;
         if self.txn != Some((ev.source, ev.commit_lsn, ev.xid)) {
             self.txn = Some((ev.source, ev.commit_lsn, ev.xid));
@@ -246,7 +246,7 @@ impl Encoder {
             KafkaFormat::Json => json_payload(ev, &part, &head, &mut self.payload),
             KafkaFormat::Protobuf => proto_payload(ev, &part, &head, &mut self.payload),
         }
-        Message {
+        Encoded {
             id: &self.id,
             key: &self.key,
             payload: &self.payload,
