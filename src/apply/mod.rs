@@ -74,6 +74,21 @@ fn flows(cfg: &Config, source: Side, ignore_direction: bool, t: &TableName) -> b
     listed && (ignore_direction || cfg.direction(t).flows_from(source))
 }
 
+/// A change from `source` is applied rather than skipped, before any conflict rule: its table
+/// flows, or for a truncate one of its tables does and truncates are applied at all. The applier
+/// decides by this, and so does the Kafka outcome of a transaction published from its copy.
+fn applies(cfg: &Config, source: Side, ignore_direction: bool, change: &Change) -> bool {
+    let flows = |t: &TableName| flows(cfg, source, ignore_direction, t);
+    match change {
+        Change::Insert { table, .. }
+        | Change::Update { table, .. }
+        | Change::Delete { table, .. } => flows(&table.name),
+        Change::Truncate { tables, .. } => {
+            cfg.apply_truncate && tables.iter().any(|t| flows(&t.name))
+        }
+    }
+}
+
 /// Counters for logs, the demo and tests.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct ApplyStats {
@@ -294,19 +309,16 @@ impl Applier {
         Ok(b)
     }
 
-    /// Where a row change of `table` goes, with the target transaction open; `None` when the
-    /// table does not flow in this direction.
+    /// Where a row change of `table` goes (a table that flows here, see [`applies`]), with the
+    /// target transaction open.
     async fn row_target(
         &mut self,
         table: &Arc<SourceTable>,
         commit_lsn: Lsn,
-    ) -> Result<Option<Arc<Binding>>> {
-        if !self.flows(&table.name) {
-            return Ok(None);
-        }
+    ) -> Result<Arc<Binding>> {
         let b = self.binding(table).await?;
         self.ensure_txn(commit_lsn).await?;
-        Ok(Some(b))
+        Ok(b)
     }
 
     /// Apply one change inside the open group (opening it if needed).
@@ -398,25 +410,22 @@ impl Applier {
     async fn apply_one(&mut self, ev: &Event) -> Result<()> {
         self.planner.set_position(ev.commit_lsn, ev.commit_ts);
         self.last_commit_ts = ev.commit_ts;
+        if !applies(&self.cfg, self.source, self.ignore_direction, &ev.change) {
+            return self.publish(ev.clone(), "skipped").await;
+        }
         match &ev.change {
             Change::Insert { table, new } => {
-                let Some(b) = self.row_target(table, ev.commit_lsn).await? else {
-                    return self.publish(ev.clone(), "skipped").await;
-                };
+                let b = self.row_target(table, ev.commit_lsn).await?;
                 self.planner.set_event(ev);
                 self.planner.insert(&b, new)?;
             }
             Change::Update { table, old, new } => {
-                let Some(b) = self.row_target(table, ev.commit_lsn).await? else {
-                    return self.publish(ev.clone(), "skipped").await;
-                };
+                let b = self.row_target(table, ev.commit_lsn).await?;
                 self.planner.set_event(ev);
                 self.planner.update(&b, old.as_ref(), new)?;
             }
             Change::Delete { table, old } => {
-                let Some(b) = self.row_target(table, ev.commit_lsn).await? else {
-                    return self.publish(ev.clone(), "skipped").await;
-                };
+                let b = self.row_target(table, ev.commit_lsn).await?;
                 self.planner.set_event(ev);
                 self.planner.delete(&b, old)?;
             }
@@ -430,9 +439,6 @@ impl Applier {
                     .filter(|t| self.flows(&t.name))
                     .map(|t| t.name.quoted())
                     .collect();
-                if names.is_empty() || !self.cfg.apply_truncate {
-                    return self.publish(ev.clone(), "skipped").await;
-                }
                 self.ensure_txn(ev.commit_lsn).await?;
                 self.run_ready(true).await?;
                 // A truncate supersedes whatever waits behind a paused conflict of that table.
@@ -573,18 +579,9 @@ impl Applier {
             return Ok(());
         };
         let (cfg, source, ignore) = (self.cfg.clone(), self.source, self.ignore_direction);
-        // What `apply_one` decides without conflict rules, the only case applied while streamed.
+        // Applied while streamed means no conflict rules: `applies` alone decided each change.
         let outcome = move |ev: &Event| {
-            let applied = match &ev.change {
-                Change::Insert { table, .. }
-                | Change::Update { table, .. }
-                | Change::Delete { table, .. } => flows(&cfg, source, ignore, &table.name),
-                Change::Truncate { tables, .. } => {
-                    cfg.apply_truncate
-                        && tables.iter().any(|t| flows(&cfg, source, ignore, &t.name))
-                }
-            };
-            if applied {
+            if applies(&cfg, source, ignore, &ev.change) {
                 "applied"
             } else {
                 "skipped"
