@@ -19,6 +19,15 @@ use tokio_postgres::Client;
 
 const TOPIC: &str = "tandem.events";
 
+/// A one-broker mock Kafka with the topic in `partitions` partitions, and its bootstrap address.
+/// The broker lives as long as the cluster: keep it bound (`_cluster`, not `_`).
+fn mock_kafka(partitions: i32) -> (MockCluster<'static, DefaultProducerContext>, String) {
+    let cluster = MockCluster::<DefaultProducerContext>::new(1).unwrap();
+    cluster.create_topic(TOPIC, partitions, 1).unwrap();
+    let brokers = cluster.bootstrap_servers();
+    (cluster, brokers)
+}
+
 /// Every message on the topic: read until 3 s pass without a new one (after the first).
 fn consume_all(brokers: &str) -> Vec<serde_json::Value> {
     let c: BaseConsumer = ClientConfig::new()
@@ -86,9 +95,7 @@ async fn workload(c: &Client, base: i64) -> usize {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn every_change_of_both_sites_is_on_the_topic_once() {
-    let cluster = MockCluster::<DefaultProducerContext>::new(1).unwrap();
-    cluster.create_topic(TOPIC, 3, 1).unwrap();
-    let brokers = cluster.bootstrap_servers();
+    let (_cluster, brokers) = mock_kafka(3);
     let (d, m) = Fixture::databases(
         "kafka_all",
         "CREATE TABLE jobs (id bigint PRIMARY KEY, note text, n int);",
@@ -236,9 +243,7 @@ fn own_ids(msgs: &[serde_json::Value], site: &str) -> BTreeSet<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn with_kafka_required_an_outage_holds_the_slot_and_a_restart_resends() {
-    let cluster = MockCluster::<DefaultProducerContext>::new(1).unwrap();
-    cluster.create_topic(TOPIC, 1, 1).unwrap();
-    let brokers = cluster.bootstrap_servers();
+    let (cluster, brokers) = mock_kafka(1);
     let (d, m) = Fixture::databases(
         "kafka_down",
         "CREATE TABLE jobs (id bigint PRIMARY KEY, note text, n int);",
@@ -283,9 +288,7 @@ async fn with_kafka_required_an_outage_holds_the_slot_and_a_restart_resends() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn after_kill_9_and_restart_consumers_deduping_by_id_see_each_change_once() {
-    let cluster = MockCluster::<DefaultProducerContext>::new(1).unwrap();
-    cluster.create_topic(TOPIC, 3, 1).unwrap();
-    let brokers = cluster.bootstrap_servers();
+    let (_cluster, brokers) = mock_kafka(3);
     let (d, m) = Fixture::databases(
         "kafka_kill",
         "CREATE TABLE jobs (id bigint PRIMARY KEY, note text, n int);",
@@ -355,9 +358,7 @@ async fn after_kill_9_and_restart_consumers_deduping_by_id_see_each_change_once(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn without_kafka_required_events_wait_in_the_spool_and_drain() {
-    let cluster = MockCluster::<DefaultProducerContext>::new(1).unwrap();
-    cluster.create_topic(TOPIC, 1, 1).unwrap();
-    let brokers = cluster.bootstrap_servers();
+    let (cluster, brokers) = mock_kafka(1);
     let (d, m) = Fixture::databases(
         "kafka_spool",
         "CREATE TABLE jobs (id bigint PRIMARY KEY, note text, n int);",
@@ -429,9 +430,7 @@ async fn without_kafka_required_events_wait_in_the_spool_and_drain() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn repairs_are_published_too() {
-    let cluster = MockCluster::<DefaultProducerContext>::new(1).unwrap();
-    cluster.create_topic(TOPIC, 1, 1).unwrap();
-    let brokers = cluster.bootstrap_servers();
+    let (_cluster, brokers) = mock_kafka(1);
     let (d, m) = Fixture::databases(
         "kafka_repair",
         "CREATE TABLE jobs (id bigint PRIMARY KEY, note text, n int);",
@@ -469,9 +468,7 @@ async fn repairs_are_published_too() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn events_sent_again_after_a_restart_keep_their_conflict_outcome() {
-    let cluster = MockCluster::<DefaultProducerContext>::new(1).unwrap();
-    cluster.create_topic(TOPIC, 1, 1).unwrap();
-    let brokers = cluster.bootstrap_servers();
+    let (cluster, brokers) = mock_kafka(1);
     let (d, m) = Fixture::databases(
         "kafka_again",
         "CREATE TABLE jobs (id bigint PRIMARY KEY, note text, n int);
@@ -530,9 +527,7 @@ async fn events_sent_again_after_a_restart_keep_their_conflict_outcome() {
 /// none of a rolled-back subtransaction.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_streamed_transaction_is_applied_live_and_published_once_after_its_commit() {
-    let cluster = MockCluster::<DefaultProducerContext>::new(1).unwrap();
-    cluster.create_topic(TOPIC, 1, 1).unwrap();
-    let brokers = cluster.bootstrap_servers();
+    let (_cluster, brokers) = mock_kafka(1);
     let (d, m) = Fixture::databases(
         "kafka_streamed",
         "CREATE TABLE jobs (id bigint PRIMARY KEY, note text, n int);",
@@ -589,9 +584,7 @@ async fn a_streamed_transaction_is_applied_live_and_published_once_after_its_com
 /// a second time, live or otherwise, and its events must reach Kafka.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_streamed_transaction_applied_while_kafka_was_away_is_published_after_a_restart() {
-    let cluster = MockCluster::<DefaultProducerContext>::new(1).unwrap();
-    cluster.create_topic(TOPIC, 1, 1).unwrap();
-    let brokers = cluster.bootstrap_servers();
+    let (cluster, brokers) = mock_kafka(1);
     let (d, m) = Fixture::databases(
         "kafka_stream_away",
         "CREATE TABLE jobs (id bigint PRIMARY KEY, note text, n int);",
