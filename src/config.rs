@@ -346,10 +346,8 @@ impl Config {
                 problems.push(format!(
                     "[{side}] url is missing; set it in the file or in {var}"
                 ));
-            } else if let Err(e) = tokio_postgres::Config::from_str(&url) {
-                problems.push(format!(
-                    "[{side}] url is not a PostgreSQL connection string: {e}"
-                ));
+            } else if let Err(e) = crate::tls::parse_url(&url) {
+                problems.push(format!("[{side}] url: {e}"));
             }
             let default = format!("tandem_{side}");
             Site {
@@ -629,8 +627,8 @@ fn levenshtein(a: &str, b: &str) -> usize {
 
 /// `user@host:port/db`, never the password.
 pub fn redact_url(url: &str) -> String {
-    match tokio_postgres::Config::from_str(url) {
-        Ok(c) => {
+    match crate::tls::parse_url(url) {
+        Ok(crate::tls::Url { pg: c, .. }) => {
             let host = c
                 .get_hosts()
                 .first()

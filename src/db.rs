@@ -1,16 +1,8 @@
 //! SQL connections to either side, with errors that name the side and never the password.
 
-use std::str::FromStr;
-
-use std::sync::Arc;
-
 use anyhow::{anyhow, Result};
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
-use rustls::{DigitallySignedStruct, SignatureScheme};
 use tokio_postgres::config::SslMode;
 use tokio_postgres::Client;
-use tokio_postgres_rustls::MakeRustlsConnect;
 
 use crate::config::{redact_url, Site};
 
@@ -22,8 +14,9 @@ pub const SESSION_SETTINGS: &str =
 
 /// Connect to `site` with `application_name` set, spawning the connection task.
 pub async fn connect(site: &Site, app: &str) -> Result<Client> {
-    let mut cfg = tokio_postgres::Config::from_str(&site.url)
-        .map_err(|e| anyhow!("{}: invalid url: {e}", site.side))?;
+    let url =
+        crate::tls::parse_url(&site.url).map_err(|e| anyhow!("{}: invalid url: {e}", site.side))?;
+    let mut cfg = url.pg;
     cfg.application_name(app);
     if cfg.get_connect_timeout().is_none() {
         cfg.connect_timeout(std::time::Duration::from_secs(10));
@@ -34,9 +27,8 @@ pub async fn connect(site: &Site, app: &str) -> Result<Client> {
             .await
             .map(|(c, conn)| drive(side, c, conn))
     } else {
-        cfg.connect(tls())
-            .await
-            .map(|(c, conn)| drive(side, c, conn))
+        let tls = url.tls.connector().map_err(|e| anyhow!("{side}: {e}"))?;
+        cfg.connect(tls).await.map(|(c, conn)| drive(side, c, conn))
     };
     let client = connected
         .map_err(|e| anyhow!("{}: {}", site.side, describe_connect_error(&e, &site.url)))?;
@@ -70,6 +62,9 @@ pub fn describe_connect_error(e: &tokio_postgres::Error, url: &str) -> String {
             _ => format!("cannot connect to {at}: {}", db.message()),
         };
     }
+    if let Some(problem) = crate::tls::certificate_problem(e) {
+        return format!("TLS to {at}: {problem}");
+    }
     let mut msg = e.to_string();
     let mut src = std::error::Error::source(e);
     while let Some(s) = src {
@@ -86,67 +81,6 @@ pub fn is_transient(e: &tokio_postgres::Error) -> bool {
         // crash recovery); 53: insufficient resources; 40: serialization failure or deadlock.
         Some(db) => matches!(&db.code().code()[..2], "08" | "57" | "53" | "40"),
         None => e.is_closed() || std::error::Error::source(e).is_some(),
-    }
-}
-
-/// TLS as libpq does it for `sslmode=prefer` and `require`: encrypted, server certificate not
-/// verified (the signature of the handshake still is). The replication connection uses it too.
-pub(crate) fn tls() -> MakeRustlsConnect {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let config = rustls::ClientConfig::builder_with_provider(provider.clone())
-        .with_safe_default_protocol_versions()
-        .expect("ring supports the default TLS versions")
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(EncryptOnly(provider)))
-        .with_no_client_auth();
-    MakeRustlsConnect::new(config)
-}
-
-#[derive(Debug)]
-struct EncryptOnly(Arc<rustls::crypto::CryptoProvider>);
-
-impl ServerCertVerifier for EncryptOnly {
-    fn verify_server_cert(
-        &self,
-        _end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp: &[u8],
-        _now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
     }
 }
 

@@ -19,3 +19,4 @@ pub mod side;
 pub mod sink;
 pub mod source;
 pub mod sync;
+pub mod tls;

@@ -91,6 +91,74 @@ fn free_port() -> Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
+/// A CA of this cluster's own (`<dir>/ca.crt`, see [`LocalCluster::ca_cert`]) and a server
+/// certificate it signed for the name `localhost`, so that TLS can be exercised locally in every
+/// `sslmode`, verification included. False when `openssl` is missing or fails: no TLS then.
+fn certificates(dir: &Path, data: &Path) -> bool {
+    let openssl = |args: &[&str]| {
+        Command::new("openssl")
+            .current_dir(dir)
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    let key = data.join("server.key");
+    let crt = data.join("server.crt");
+    let (key, crt) = (&*key.to_string_lossy(), &*crt.to_string_lossy());
+    const EC: &str = "ec_paramgen_curve:prime256v1";
+    std::fs::write(dir.join("server.ext"), "subjectAltName = DNS:localhost\n").is_ok()
+        && openssl(&[
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            EC,
+            "-nodes",
+            "-days",
+            "30",
+            "-subj",
+            "/CN=tandem test CA",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.crt",
+        ])
+        && openssl(&[
+            "req",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            EC,
+            "-nodes",
+            "-subj",
+            "/CN=localhost",
+            "-keyout",
+            key,
+            "-out",
+            "server.csr",
+        ])
+        && openssl(&[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "30",
+            "-extfile",
+            "server.ext",
+            "-out",
+            crt,
+        ])
+}
+
 static COUNTER: AtomicUsize = AtomicUsize::new(0);
 
 impl LocalCluster {
@@ -148,33 +216,7 @@ impl LocalCluster {
              host replication postgres 127.0.0.1/32 trust\nhost all all 127.0.0.1/32 scram-sha-256\n\
              host replication all 127.0.0.1/32 scram-sha-256\n",
         )?;
-        // A self-signed certificate, so TLS (sslmode=require) can be exercised locally.
-        let ssl = Command::new("openssl")
-            .current_dir(&data)
-            .args([
-                "req",
-                "-x509",
-                "-newkey",
-                "ec",
-                "-pkeyopt",
-                "ec_paramgen_curve:prime256v1",
-                "-nodes",
-            ])
-            .args([
-                "-subj",
-                "/CN=localhost",
-                "-days",
-                "30",
-                "-keyout",
-                "server.key",
-                "-out",
-                "server.crt",
-            ])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .map(|s| s.success())
-            .unwrap_or(false);
+        let ssl = certificates(&dir, &data);
         if ssl {
             std::fs::set_permissions(
                 data.join("server.key"),
@@ -265,6 +307,12 @@ impl LocalCluster {
             }
             std::thread::sleep(Duration::from_millis(100));
         }
+    }
+
+    /// The certificate of the CA that signed this cluster's server certificate (for `localhost`),
+    /// for `sslrootcert`; `None` when the cluster has no TLS.
+    pub fn ca_cert(&self) -> Option<PathBuf> {
+        Some(self.dir.join("ca.crt")).filter(|p| p.exists())
     }
 
     /// Connection URL for database `db` as the superuser `postgres` (trust auth, loopback only).

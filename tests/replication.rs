@@ -4,8 +4,8 @@
 mod common;
 
 use common::{
-    audit_sql, scrape, stream_from_a_few_hundred_rows, streamed_txns, wait_count, wait_for,
-    Fixture, Running,
+    audit_sql, clusters, run_tandem, scrape, stream_from_a_few_hundred_rows, streamed_txns,
+    wait_count, wait_for, Fixture, Running,
 };
 use tokio_postgres::Client;
 
@@ -565,6 +565,155 @@ async fn sslmode_require_encrypts_sql_and_replication_connections() {
     assert_eq!(Fixture::count(&fx.d, &ssl("tandem stream D>M")).await, 1);
     assert_eq!(Fixture::count(&fx.m, &ssl("tandem apply D>M")).await, 1);
     run.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sslmode_verify_full_checks_the_servers_certificate_on_sql_and_replication_connections() {
+    use tandem::config::Site;
+    use tandem::side::Side;
+    use tandem::source::walsender::{WalConfig, WalConnection};
+
+    let (d, m) = Fixture::databases(
+        "verify",
+        "CREATE TABLE jobs (id int PRIMARY KEY, title text);",
+    )
+    .await;
+    let p = clusters();
+    // Each cluster's certificate is signed by a CA of its own, for the name `localhost`.
+    let (d_ca, m_ca) = (p.desktop.ca_cert().unwrap(), p.mobile.ca_cert().unwrap());
+    let url = |port: u16, host: &str, mode: &str, ca: &std::path::Path| {
+        format!(
+            "postgresql://postgres@{host}:{port}/verify?sslmode={mode}&sslrootcert={}",
+            ca.display()
+        )
+    };
+    // Both connections, SQL and replication: the error of each, or None when it connected.
+    let connect_both = |url: String| async move {
+        let site = Site {
+            side: Side::Desktop,
+            url: url.clone(),
+            slot: "verify_d".into(),
+            publication: "verify_d".into(),
+        };
+        let sql = tandem::db::connect(&site, "tandem verify test").await.err();
+        let wal = match WalConfig::from_url(&url) {
+            Ok(cfg) => WalConnection::connect(&cfg)
+                .await
+                .err()
+                .map(|e| e.to_string()),
+            Err(e) => Some(e),
+        };
+        (sql.map(|e| e.to_string()), wal)
+    };
+    let dp = p.desktop.port;
+    for (url, want) in [
+        // The mobile cluster's CA did not sign the desktop's certificate.
+        (
+            url(dp, "localhost", "verify-full", &m_ca),
+            "not signed by a CA in sslrootcert",
+        ),
+        (
+            url(dp, "localhost", "verify-ca", &m_ca),
+            "not signed by a CA in sslrootcert",
+        ),
+        // The certificate names `localhost`, not 127.0.0.1.
+        (
+            url(dp, "127.0.0.1", "verify-full", &d_ca),
+            "does not name the host in the url",
+        ),
+        // libpq checks the CA in `require` too once a root certificate is given.
+        (
+            url(dp, "localhost", "require", &m_ca),
+            "not signed by a CA in sslrootcert",
+        ),
+        (
+            url(
+                dp,
+                "localhost",
+                "verify-full",
+                std::path::Path::new("/nonexistent/ca.crt"),
+            ),
+            "sslrootcert /nonexistent/ca.crt: ",
+        ),
+    ] {
+        let (sql, wal) = connect_both(url.clone()).await;
+        for (what, e) in [("sql", sql), ("replication", wal)] {
+            let e = e.unwrap_or_else(|| panic!("{what} connected with {url}"));
+            assert!(e.contains(want), "{what} with {url}: {e}");
+        }
+    }
+    // verify-ca checks the CA and not the name.
+    for url in [
+        url(dp, "127.0.0.1", "verify-ca", &d_ca),
+        url(dp, "localhost", "verify-full", &d_ca),
+    ] {
+        assert_eq!(connect_both(url.clone()).await, (None, None), "{url}");
+    }
+
+    // A run with verify-full on both sides replicates, encrypted.
+    let text = Fixture::config_text("verify", r#"tables = ["public.jobs"]"#)
+        .replace(
+            &format!("\"{}\"", p.desktop.url("verify")),
+            &format!("\"{}\"", url(dp, "localhost", "verify-full", &d_ca)),
+        )
+        .replace(
+            &format!("\"{}\"", p.mobile.url("verify")),
+            &format!(
+                "\"{}\"",
+                url(p.mobile.port, "localhost", "verify-full", &m_ca)
+            ),
+        );
+    assert_eq!(text.matches("sslmode=verify-full").count(), 2, "{text}");
+    let fx = Fixture::with_config("verify", d, m, text).await;
+    let run = fx.start().await;
+    fx.d.batch_execute("INSERT INTO jobs VALUES (1, 'verified')")
+        .await
+        .unwrap();
+    fx.wait_equal("jobs", 30).await;
+    assert_eq!(Fixture::count(&fx.m, "SELECT count(*) FROM jobs").await, 1);
+    let ssl = "SELECT count(*) FILTER (WHERE s.ssl) FROM pg_stat_ssl s JOIN pg_stat_activity a \
+               USING (pid) WHERE a.application_name = 'tandem stream D>M' \
+               AND a.datname = current_database()";
+    assert_eq!(Fixture::count(&fx.d, ssl).await, 1);
+    run.stop().await;
+
+    // sslrootcert=system: verify-full against the machine's trusted CAs, which SSL_CERT_FILE
+    // replaces (as for OpenSSL). Trusting both clusters' CAs, `status` reaches both sides;
+    // trusting the desktop's alone, it stops at the mobile side.
+    let system = std::fs::read_to_string(&fx.config_path)
+        .unwrap()
+        .replace(&d_ca.display().to_string(), "system")
+        .replace(&m_ca.display().to_string(), "system")
+        .replace("sslmode=verify-full&", "");
+    assert_eq!(
+        system.matches("?sslrootcert=system\"").count(),
+        2,
+        "{system}"
+    );
+    let path = std::env::temp_dir().join(format!("tandem-verify-system-{}", std::process::id()));
+    let both = path.with_extension("crt");
+    std::fs::write(&path, system).unwrap();
+    std::fs::write(
+        &both,
+        std::fs::read_to_string(&d_ca).unwrap() + &std::fs::read_to_string(&m_ca).unwrap(),
+    )
+    .unwrap();
+    let status = |ca: &std::path::Path| {
+        run_tandem(
+            &["--config", path.to_str().unwrap(), "status"],
+            &[("SSL_CERT_FILE", ca.to_str().unwrap())],
+        )
+    };
+    let (code, out, err) = status(&both);
+    assert_eq!(code, 0, "{out}\n{err}");
+    let (code, _, err) = status(&d_ca);
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("mobile") && err.contains("not signed by a CA in sslrootcert"),
+        "{err}"
+    );
+    let _ = std::fs::remove_file(&path);
+    let _ = std::fs::remove_file(&both);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -11,7 +11,6 @@
 
 use std::io;
 use std::path::Path;
-use std::str::FromStr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -49,6 +48,7 @@ pub struct WalConfig {
     password: Option<Vec<u8>>,
     dbname: String,
     ssl: SslMode,
+    tls: crate::tls::Tls,
     connect_timeout: Duration,
     /// Startup `options` (`-c name=value …`).
     pub options: String,
@@ -57,7 +57,7 @@ pub struct WalConfig {
 
 impl WalConfig {
     pub fn from_url(url: &str) -> Result<WalConfig, String> {
-        let pg = tokio_postgres::Config::from_str(url).map_err(|e| e.to_string())?;
+        let crate::tls::Url { pg, tls } = crate::tls::parse_url(url)?;
         let user = pg.get_user().unwrap_or("postgres").to_string();
         Ok(WalConfig {
             host: pg
@@ -70,6 +70,7 @@ impl WalConfig {
             dbname: pg.get_dbname().unwrap_or(&user).to_string(),
             user,
             ssl: pg.get_ssl_mode(),
+            tls,
             connect_timeout: pg
                 .get_connect_timeout()
                 .copied()
@@ -339,13 +340,13 @@ async fn tls(cfg: &WalConfig, host: &str, s: tokio::net::TcpStream) -> Result<St
         }
         return Ok(Box::new(s));
     }
-    let mut make = crate::db::tls();
+    let mut make = cfg.tls.connector().map_err(WalError::Protocol)?;
     let connect = MakeTlsConnect::<tokio::net::TcpStream>::make_tls_connect(&mut make, host)
         .map_err(|e| WalError::Protocol(format!("TLS: {e}")))?;
-    let stream = connect
-        .connect(s)
-        .await
-        .map_err(|e| WalError::Protocol(format!("TLS handshake: {e}")))?;
+    let stream = connect.connect(s).await.map_err(|e| {
+        let problem = crate::tls::certificate_problem(&e).unwrap_or_else(|| e.to_string());
+        WalError::Protocol(format!("TLS handshake: {problem}"))
+    })?;
     Ok(Box::new(stream))
 }
 

@@ -1,0 +1,572 @@
+//! TLS for both kinds of connection (SQL and replication), with libpq's meaning of `sslmode` and
+//! `sslrootcert`. tokio-postgres knows only `disable`, `prefer` and `require`, and refuses any
+//! parameter it does not know; so a URL is read here first. The verification parameters are
+//! taken out, tokio-postgres parses the rest, and the rustls verifier follows from them:
+//!
+//! | url                                        | certificate checked                  |
+//! | ------------------------------------------ | ------------------------------------ |
+//! | `prefer`, `require` (no root certificate)  | no (encrypted only, as libpq)        |
+//! | `prefer`, `require` with `sslrootcert`     | signed by that CA (libpq does so too)|
+//! | `verify-ca`                                | signed by a CA of `sslrootcert`      |
+//! | `verify-full`, or `sslrootcert=system`     | signed, and names the url's host     |
+//!
+//! Without `sslrootcert`, libpq's default `~/.postgresql/root.crt` is used when it exists.
+
+use std::error::Error;
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::sync::Arc;
+
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::client::WebPkiServerVerifier;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::{CertificateError, DigitallySignedStruct, RootCertStore, SignatureScheme};
+use tokio_postgres_rustls::MakeRustlsConnect;
+
+/// A connection URL, read: tokio-postgres's config and how TLS checks the server.
+pub struct Url {
+    pub pg: tokio_postgres::Config,
+    pub tls: Tls,
+}
+
+/// How the server's certificate is checked (when TLS is used at all: see `pg.get_ssl_mode()`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Tls {
+    pub verify: Verify,
+    pub roots: Roots,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verify {
+    /// Encrypted; the certificate is not checked (the handshake's signature is).
+    Encrypt,
+    /// Signed by a trusted CA; the name in it is not checked.
+    Chain,
+    /// Signed by a trusted CA and naming the host connected to.
+    Full,
+}
+
+/// The CAs trusted.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Roots {
+    None,
+    /// A PEM file (`sslrootcert=/path`).
+    File(PathBuf),
+    /// The machine's trust store (`sslrootcert=system`, as libpq 16).
+    System,
+}
+
+/// Read `url` (a `postgresql://` URL or `key=value` words).
+pub fn parse_url(url: &str) -> Result<Url, String> {
+    let home_root = std::env::var_os("HOME")
+        .map(|h| PathBuf::from(h).join(".postgresql/root.crt"))
+        .filter(|p| p.is_file());
+    parse_with(url, home_root)
+}
+
+/// [`parse_url`], with libpq's default root certificate (when it exists) given.
+fn parse_with(url: &str, default_root: Option<PathBuf>) -> Result<Url, String> {
+    let (rest, mode, root) = take_tls_params(url)?;
+    let roots = match root.as_deref() {
+        None | Some("") => default_root.map_or(Roots::None, Roots::File),
+        Some("system") => Roots::System,
+        Some(path) => Roots::File(PathBuf::from(path)),
+    };
+    let (verify, pg_mode) = match (mode.as_deref(), &roots) {
+        (Some("verify-full"), _) | (None, Roots::System) => (Verify::Full, Some("require")),
+        (Some(m), Roots::System) => {
+            return Err(format!(
+                "sslrootcert=system checks the host name, and sslmode={m} would not: \
+                 use sslmode=verify-full or leave sslmode out"
+            ))
+        }
+        (Some("verify-ca"), _) => (Verify::Chain, Some("require")),
+        (Some("allow"), _) => {
+            return Err(
+                "sslmode=allow is not supported (it prefers no encryption): use prefer or require"
+                    .into(),
+            )
+        }
+        (Some(m @ ("disable" | "prefer" | "require")), Roots::File(_)) => (Verify::Chain, Some(m)),
+        (Some(m @ ("disable" | "prefer" | "require")), Roots::None) => (Verify::Encrypt, Some(m)),
+        (None, Roots::File(_)) => (Verify::Chain, None),
+        (None, Roots::None) => (Verify::Encrypt, None),
+        (Some(m), _) => {
+            return Err(format!(
+                "sslmode={m} is not one of disable, prefer, require, verify-ca, verify-full"
+            ))
+        }
+    };
+    if verify != Verify::Encrypt && roots == Roots::None {
+        return Err(format!(
+            "sslmode={} checks the server's certificate, but no CA is given to check it \
+             against: add sslrootcert=/path/to/ca.crt (the CA that signed the server's \
+             certificate) or sslrootcert=system (the CAs this machine trusts)",
+            mode.unwrap_or_default()
+        ));
+    }
+    let rest = match (pg_mode, url_form(url).is_some()) {
+        (None, _) => rest,
+        (Some(m), true) if rest.contains('?') => format!("{rest}&sslmode={m}"),
+        (Some(m), true) => format!("{rest}?sslmode={m}"),
+        (Some(m), false) => format!("{rest} sslmode={m}"),
+    };
+    let pg = tokio_postgres::Config::from_str(&rest).map_err(|e| match e.source() {
+        Some(why) => format!("{e}: {why}"),
+        None => e.to_string(),
+    })?;
+    Ok(Url {
+        pg,
+        tls: Tls { verify, roots },
+    })
+}
+
+/// The part of a `postgresql://` URL after the scheme; `None` for `key=value` words.
+fn url_form(url: &str) -> Option<&str> {
+    ["postgres://", "postgresql://"]
+        .iter()
+        .find_map(|p| url.strip_prefix(p))
+}
+
+/// `url` without its `sslmode` and `sslrootcert`, and their values.
+fn take_tls_params(url: &str) -> Result<(String, Option<String>, Option<String>), String> {
+    let (mut mode, mut root) = (None, None);
+    let mut take = |key: &str, value: &str| {
+        let slot = match key {
+            "sslmode" => &mut mode,
+            "sslrootcert" => &mut root,
+            _ => return false,
+        };
+        *slot = Some(value.to_string());
+        true
+    };
+    let rest = match url_form(url) {
+        Some(after) => {
+            // As tokio-postgres reads it: credentials end at the first `@`, parameters start at
+            // the first `?` after them, and are `&`-separated `key=value`, percent-encoded.
+            let creds = after.find('@').map_or(0, |i| i + 1);
+            match after[creds..].find('?') {
+                None => url.to_string(),
+                Some(q) => {
+                    let at = url.len() - after.len() + creds + q;
+                    let mut kept = Vec::new();
+                    for part in url[at + 1..].split('&') {
+                        let (k, v) = part.split_once('=').unwrap_or((part, ""));
+                        if !take(&decode(k)?, &decode(v)?) {
+                            kept.push(part);
+                        }
+                    }
+                    match kept.is_empty() {
+                        true => url[..at].to_string(),
+                        false => format!("{}?{}", &url[..at], kept.join("&")),
+                    }
+                }
+            }
+        }
+        None => {
+            let mut kept = Vec::new();
+            for (k, v) in words(url)? {
+                if !take(&k, &v) {
+                    let v = v.replace('\\', "\\\\").replace('\'', "\\'");
+                    kept.push(format!("{k}='{v}'"));
+                }
+            }
+            kept.join(" ")
+        }
+    };
+    Ok((rest, mode, root))
+}
+
+fn decode(s: &str) -> Result<String, String> {
+    percent_encoding::percent_decode_str(s)
+        .decode_utf8()
+        .map(|s| s.into_owned())
+        .map_err(|e| format!("url parameter {s:?}: {e}"))
+}
+
+/// The `key=value` pairs of a libpq keyword/value string, values unquoted and unescaped the way
+/// tokio-postgres reads them (optionally single-quoted, backslash escapes).
+fn words(s: &str) -> Result<Vec<(String, String)>, String> {
+    let mut out = Vec::new();
+    let mut it = s.chars().peekable();
+    loop {
+        while it.next_if(|c| c.is_whitespace()).is_some() {}
+        if it.peek().is_none() {
+            return Ok(out);
+        }
+        let mut key = String::new();
+        while let Some(c) = it.next_if(|c| !c.is_whitespace() && *c != '=') {
+            key.push(c);
+        }
+        while it.next_if(|c| c.is_whitespace()).is_some() {}
+        if it.next() != Some('=') {
+            return Err(format!(
+                "expected `=` after `{key}` in the connection string"
+            ));
+        }
+        while it.next_if(|c| c.is_whitespace()).is_some() {}
+        let quoted = it.next_if_eq(&'\'').is_some();
+        let mut value = String::new();
+        loop {
+            match it.next() {
+                Some('\\') => value.extend(it.next()),
+                Some('\'') if quoted => break,
+                Some(c) if quoted || !c.is_whitespace() => value.push(c),
+                None if quoted => return Err(format!("`{key}`'s quoted value is not closed")),
+                _ => break,
+            }
+        }
+        out.push((key, value));
+    }
+}
+
+impl Tls {
+    /// The rustls connector for these settings; reads the root certificates.
+    pub fn connector(&self) -> Result<MakeRustlsConnect, String> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let verifier: Arc<dyn ServerCertVerifier> = match self.verify {
+            Verify::Encrypt => Arc::new(EncryptOnly(provider.clone())),
+            v => {
+                let full = WebPkiServerVerifier::builder_with_provider(
+                    Arc::new(self.root_store()?),
+                    provider.clone(),
+                )
+                .build()
+                .map_err(|e| format!("sslrootcert: {e}"))?;
+                match v {
+                    Verify::Full => full,
+                    _ => Arc::new(ChainOnly(full)),
+                }
+            }
+        };
+        let config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .expect("ring supports the default TLS versions")
+            .dangerous()
+            .with_custom_certificate_verifier(verifier)
+            .with_no_client_auth();
+        Ok(MakeRustlsConnect::new(config))
+    }
+
+    fn root_store(&self) -> Result<RootCertStore, String> {
+        let mut store = RootCertStore::empty();
+        match &self.roots {
+            Roots::File(path) => {
+                let fix = "point sslrootcert at the PEM file of the CA that signed the server's \
+                           certificate";
+                let bad = |e: &dyn std::fmt::Display| {
+                    format!("sslrootcert {}: {e}; {fix}", path.display())
+                };
+                let certs = CertificateDer::pem_file_iter(path)
+                    .map_err(|e| bad(&e))?
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|e| bad(&e))?;
+                for cert in certs {
+                    store.add(cert).map_err(|e| bad(&e))?;
+                }
+                if store.is_empty() {
+                    return Err(bad(&"holds no certificate"));
+                }
+            }
+            Roots::System => {
+                // Certificates the machine lists but rustls cannot use are skipped, as a
+                // browser would; only none at all is an error.
+                for cert in rustls_native_certs::load_native_certs().certs {
+                    let _ = store.add(cert);
+                }
+                if store.is_empty() {
+                    return Err("sslrootcert=system, but this machine has no trusted CA \
+                                certificates (install the ca-certificates package)"
+                        .into());
+                }
+            }
+            Roots::None => return Err("no CA certificate to check the server against".into()),
+        }
+        Ok(store)
+    }
+}
+
+/// What is wrong with the server's certificate, in words with the fix, when `e` (or an error it
+/// wraps) is a certificate rejected by the verifier.
+pub fn certificate_problem(e: &(dyn Error + 'static)) -> Option<String> {
+    let mut cur = Some(e);
+    while let Some(err) = cur {
+        let tls = err.downcast_ref::<rustls::Error>().or_else(|| {
+            err.downcast_ref::<std::io::Error>()
+                .and_then(|io| io.get_ref())
+                .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+        });
+        if let Some(rustls::Error::InvalidCertificate(c)) = tls {
+            return Some(match c {
+                CertificateError::UnknownIssuer | CertificateError::BadSignature => {
+                    "the server's certificate is not signed by a CA in sslrootcert; set \
+                     sslrootcert to the certificate of the CA that issued it"
+                        .to_string()
+                }
+                CertificateError::NotValidForName
+                | CertificateError::NotValidForNameContext { .. } => {
+                    "the server's certificate does not name the host in the url \
+                     (sslmode=verify-full checks it); connect by a name the certificate holds, \
+                     or use sslmode=verify-ca to check the CA only"
+                        .to_string()
+                }
+                CertificateError::Expired
+                | CertificateError::ExpiredContext { .. }
+                | CertificateError::NotValidYet
+                | CertificateError::NotValidYetContext { .. } => {
+                    "the server's certificate is outside its validity period; renew it on the \
+                     server (or check this machine's clock)"
+                        .to_string()
+                }
+                other => format!("the server's certificate was rejected: {other:?}"),
+            });
+        }
+        cur = err.source();
+    }
+    None
+}
+
+/// libpq's `prefer`/`require` without a root certificate: encrypted, certificate not verified
+/// (the signature of the handshake still is).
+#[derive(Debug)]
+struct EncryptOnly(Arc<rustls::crypto::CryptoProvider>);
+
+impl ServerCertVerifier for EncryptOnly {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// `verify-ca`: the full check, less the name. rustls checks the chain before the name, so a
+/// name mismatch means the chain was good.
+#[derive(Debug)]
+struct ChainOnly(Arc<WebPkiServerVerifier>);
+
+impl ServerCertVerifier for ChainOnly {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        match self
+            .0
+            .verify_server_cert(end_entity, intermediates, server_name, ocsp, now)
+        {
+            Err(rustls::Error::InvalidCertificate(
+                CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
+            )) => Ok(ServerCertVerified::assertion()),
+            r => r,
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.0.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.0.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.supported_verify_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio_postgres::config::SslMode;
+
+    fn read(url: &str) -> Url {
+        parse_with(url, None).unwrap_or_else(|e| panic!("{url}: {e}"))
+    }
+
+    fn file(p: &str) -> Roots {
+        Roots::File(PathBuf::from(p))
+    }
+
+    #[test]
+    fn verify_modes_are_taken_out_of_a_url_and_the_rest_reaches_tokio_postgres() {
+        // Percent-encoded path, a password with `?` (before the `@`), other parameters kept.
+        let u = read(
+            "postgresql://app:p?w%26@db.example.com:6543/postgres?application_name=x\
+             &sslmode=verify-full&sslrootcert=%2Ftmp%2Fca%20dir%2Fca.crt&connect_timeout=7",
+        );
+        assert_eq!(u.pg.get_ssl_mode(), SslMode::Require);
+        assert_eq!(u.pg.get_password(), Some(&b"p?w&"[..]));
+        assert_eq!(u.pg.get_application_name(), Some("x"));
+        assert_eq!(u.pg.get_dbname(), Some("postgres"));
+        assert_eq!(
+            u.pg.get_connect_timeout(),
+            Some(&std::time::Duration::from_secs(7))
+        );
+        assert_eq!(u.tls.verify, Verify::Full);
+        assert_eq!(u.tls.roots, file("/tmp/ca dir/ca.crt"));
+
+        let u = read("postgres://app@h/db?sslrootcert=/c.pem&sslmode=verify-ca");
+        assert_eq!(u.pg.get_ssl_mode(), SslMode::Require);
+        assert_eq!((u.tls.verify, u.tls.roots), (Verify::Chain, file("/c.pem")));
+
+        // Nothing of ours: the url as it was.
+        let u = read("postgresql://app@h:5433/db");
+        assert_eq!(u.pg.get_ssl_mode(), SslMode::Prefer);
+        assert_eq!(u.pg.get_ports(), &[5433]);
+        assert_eq!((u.tls.verify, u.tls.roots), (Verify::Encrypt, Roots::None));
+        let u = read("postgresql://app@h/db?sslmode=disable");
+        assert_eq!(u.pg.get_ssl_mode(), SslMode::Disable);
+    }
+
+    #[test]
+    fn a_root_certificate_makes_prefer_and_require_check_the_ca_as_libpq_does() {
+        let u = read("postgresql://h/db?sslmode=require&sslrootcert=/ca.crt");
+        assert_eq!(u.pg.get_ssl_mode(), SslMode::Require);
+        assert_eq!(u.tls.verify, Verify::Chain);
+        let u = read("postgresql://h/db?sslmode=require");
+        assert_eq!(u.tls.verify, Verify::Encrypt);
+        // libpq's default ~/.postgresql/root.crt, when it exists.
+        let u = parse_with("postgresql://h/db", Some(PathBuf::from("/home/x/root.crt"))).unwrap();
+        assert_eq!(u.pg.get_ssl_mode(), SslMode::Prefer);
+        assert_eq!(
+            (u.tls.verify, u.tls.roots),
+            (Verify::Chain, file("/home/x/root.crt"))
+        );
+        let u = parse_with(
+            "postgresql://h/db?sslmode=verify-full",
+            Some(PathBuf::from("/home/x/root.crt")),
+        )
+        .unwrap();
+        assert_eq!(u.tls.verify, Verify::Full);
+    }
+
+    #[test]
+    fn sslrootcert_system_means_verify_full_and_refuses_a_weaker_mode() {
+        let u = read("postgresql://h/db?sslrootcert=system");
+        assert_eq!(u.pg.get_ssl_mode(), SslMode::Require);
+        assert_eq!((u.tls.verify, u.tls.roots), (Verify::Full, Roots::System));
+        let e = parse_with("postgresql://h/db?sslrootcert=system&sslmode=require", None)
+            .err()
+            .unwrap();
+        assert!(
+            e.contains("sslmode=require would not") && e.contains("verify-full"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_verify_mode_without_a_ca_or_an_unknown_mode_is_an_error_saying_what_to_set() {
+        let e = parse_with("postgresql://h/db?sslmode=verify-full", None)
+            .err()
+            .unwrap();
+        assert!(
+            e.contains("sslmode=verify-full") && e.contains("add sslrootcert=/path/to/ca.crt"),
+            "{e}"
+        );
+        let e = parse_with("postgresql://h/db?sslmode=allow", None)
+            .err()
+            .unwrap();
+        assert!(e.contains("use prefer or require"), "{e}");
+        let e = parse_with("postgresql://h/db?sslmode=verify_full", None)
+            .err()
+            .unwrap();
+        assert!(e.contains("not one of disable, prefer"), "{e}");
+        // tokio-postgres's own errors still come through.
+        let e = parse_with("postgresql://h/db?sslmod=require", None)
+            .err()
+            .unwrap();
+        assert!(e.contains("sslmod"), "{e}");
+    }
+
+    #[test]
+    fn keyword_value_strings_are_read_like_urls() {
+        let u = read(
+            r"host=db.example.com port = 6543 password='a b\'c' sslmode=verify-full  sslrootcert='/x y/ca.crt' dbname=d\ e",
+        );
+        assert_eq!(u.pg.get_ssl_mode(), SslMode::Require);
+        assert_eq!(u.pg.get_password(), Some(&b"a b'c"[..]));
+        assert_eq!(u.pg.get_dbname(), Some("d e"));
+        assert_eq!(u.pg.get_ports(), &[6543]);
+        assert_eq!(
+            (u.tls.verify, u.tls.roots),
+            (Verify::Full, file("/x y/ca.crt"))
+        );
+        let e = parse_with("host=h password='open", None).err().unwrap();
+        assert!(e.contains("not closed"), "{e}");
+    }
+
+    #[test]
+    fn an_unreadable_or_empty_root_file_is_an_error_naming_it() {
+        let tls = |p: &str| Tls {
+            verify: Verify::Full,
+            roots: file(p),
+        };
+        let e = tls("/nonexistent/ca.crt").connector().err().unwrap();
+        assert!(
+            e.contains("sslrootcert /nonexistent/ca.crt") && e.contains("point sslrootcert at"),
+            "{e}"
+        );
+        let empty = std::env::temp_dir().join(format!("tandem-empty-{}.crt", std::process::id()));
+        std::fs::write(&empty, "not a certificate\n").unwrap();
+        let e = tls(empty.to_str().unwrap()).connector().err().unwrap();
+        std::fs::remove_file(&empty).unwrap();
+        assert!(e.contains("holds no certificate"), "{e}");
+        assert!(Tls {
+            verify: Verify::Encrypt,
+            roots: Roots::None
+        }
+        .connector()
+        .is_ok());
+    }
+}
