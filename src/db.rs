@@ -74,6 +74,15 @@ pub fn describe_connect_error(e: &tokio_postgres::Error, url: &str) -> String {
     format!("cannot reach {at} ({msg}); check the host and port, and that the server is running")
 }
 
+/// Did a PostgreSQL error with SQLSTATE `state` cause `e` (anywhere in its chain)?
+pub fn caused_by(e: &anyhow::Error, state: &tokio_postgres::error::SqlState) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<tokio_postgres::Error>()
+            .and_then(|p| p.code())
+            .is_some_and(|c| c == state)
+    })
+}
+
 /// Is this a lost connection or a passing condition (worth reconnecting) rather than a refusal?
 pub fn is_transient(e: &tokio_postgres::Error) -> bool {
     match e.as_db_error() {

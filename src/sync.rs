@@ -163,11 +163,7 @@ async fn live_lock_timeout(main: &Applier, on: bool) -> Result<()> {
 }
 
 fn lock_timed_out(e: &anyhow::Error) -> bool {
-    e.chain().any(|c| {
-        c.downcast_ref::<tokio_postgres::Error>()
-            .and_then(|p| p.code())
-            .is_some_and(|c| *c == tokio_postgres::error::SqlState::LOCK_NOT_AVAILABLE)
-    })
+    db::caused_by(e, &tokio_postgres::error::SqlState::LOCK_NOT_AVAILABLE)
 }
 
 /// Is this error worth reconnecting for (a dropped connection) rather than stopping?

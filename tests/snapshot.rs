@@ -277,3 +277,58 @@ async fn writes_during_runs_initial_snapshot_are_neither_lost_nor_doubled() {
     let second: String = fx.m.query_one(done_at, &[]).await.unwrap().get(0);
     assert_eq!(first, second);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_empty_target_is_copied_into_directly_and_a_colliding_write_falls_back_to_the_merge() {
+    let (d, m) = Fixture::databases("snap_direct", SCHEMA).await;
+    d.batch_execute("INSERT INTO jobs (id, title) SELECT g, 'd' FROM generate_series(1, 50000) g")
+        .await
+        .unwrap();
+    let fx = Fixture::with_config(
+        "snap_direct",
+        d,
+        m,
+        Fixture::config_text("snap_direct", r#"tables = ["public.jobs"]"#),
+    )
+    .await;
+    // The target's application has a row with a key the seed has too, not yet committed: the
+    // table looks empty, so the COPY goes straight into it and then waits on that row.
+    let app = common::connect(&common::clusters().mobile.url("snap_direct")).await;
+    app.batch_execute("BEGIN; INSERT INTO jobs (id, title) VALUES (25000, 'mobile app')")
+        .await
+        .unwrap();
+    let child = Command::new(tandem_bin())
+        .args(["--config", fx.config_path.to_str().unwrap()])
+        .args(["snapshot", "--seed", "desktop"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_count(
+        60,
+        &fx.m,
+        "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'tandem snapshot' \
+         AND datname = current_database() AND wait_event_type = 'Lock' \
+         AND query LIKE 'COPY \"public\".\"jobs\"%FROM STDIN'",
+        1,
+    )
+    .await;
+    app.batch_execute("COMMIT").await.unwrap();
+    let out = child.wait_with_output().unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("has a key the seed has too; copying through a staging table instead"),
+        "{stderr}"
+    );
+    // The merge: the seed's version of the colliding row, every other row inserted once.
+    assert!(
+        stdout.contains("public.jobs: copied 50000 rows from desktop: 49999 inserted, 1 updated, 0 deleted on mobile"),
+        "{stdout}"
+    );
+    let r = verify::verify(&fx.cfg, None).await.unwrap();
+    assert_eq!(counts(&r, "public.jobs"), (50_000, 0, 0, 0));
+}

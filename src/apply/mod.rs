@@ -332,11 +332,10 @@ impl Applier {
     /// An error while statements are outstanding may only be the echo of one of them failing
     /// ("current transaction is aborted"): report the statement that failed.
     async fn explain(&mut self, e: anyhow::Error) -> anyhow::Error {
-        let echo = e.chain().any(|c| {
-            c.downcast_ref::<tokio_postgres::Error>()
-                .and_then(|p| p.code())
-                .is_some_and(|c| *c == tokio_postgres::error::SqlState::IN_FAILED_SQL_TRANSACTION)
-        });
+        let echo = crate::db::caused_by(
+            &e,
+            &tokio_postgres::error::SqlState::IN_FAILED_SQL_TRANSACTION,
+        );
         if !echo {
             // The first failure itself (results are read oldest first).
             self.pipeline.clear();

@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context, Result};
 use futures_util::{pin_mut, SinkExt, StreamExt};
 use indicatif::{ProgressBar, ProgressStyle};
+use tokio_postgres::error::SqlState;
 use tokio_postgres::Client;
 
 use crate::apply::plan::TargetTable;
@@ -220,6 +221,9 @@ fn progress(t: &TableName, estimate: u64) -> Option<ProgressBar> {
     Some(bar)
 }
 
+/// Bytes of COPY data sent to the target at a time.
+const COPY_PIECE: usize = 64 * 1024;
+
 /// Stream `COPY … TO STDOUT` on `from` into `COPY … FROM STDIN` on `to`, counting rows.
 async fn pipe(
     from: &Client,
@@ -243,11 +247,19 @@ async fn pipe(
     pin_mut!(out);
     pin_mut!(sink);
     let mut rows = 0u64;
+    // COPY OUT yields one row per message. Sent on as they come, each row was a flush of its
+    // own, a message to the connection task and a write (tandem at 100% of a core, ~65k rows/s):
+    // rows go on in pieces of COPY_PIECE bytes instead.
+    let mut piece = bytes::BytesMut::with_capacity(COPY_PIECE);
     while let Some(chunk) = out.next().await {
         let chunk = chunk?;
         // Text COPY ends every row with a newline and escapes newlines inside values.
         rows += chunk.iter().filter(|&&b| b == b'\n').count() as u64;
-        sink.send(chunk).await?;
+        piece.extend_from_slice(&chunk);
+        if piece.len() < COPY_PIECE {
+            continue;
+        }
+        sink.send(piece.split().freeze()).await?;
         match &bar {
             Some(b) => b.set_position(rows),
             None if last_log.elapsed() >= Duration::from_secs(2) => {
@@ -257,6 +269,9 @@ async fn pipe(
             }
             None => {}
         }
+    }
+    if !piece.is_empty() {
+        sink.send(piece.freeze()).await?;
     }
     sink.finish().await?;
     if let Some(b) = bar {
@@ -276,13 +291,44 @@ fn key_match(meta: &TargetTable, a: &str, b: &str) -> String {
         .join(" AND ")
 }
 
-/// Snapshot one table from `seed` into the other side.
+/// A direct copy into an empty target table met a row the target's application wrote meanwhile.
+#[derive(Debug, thiserror::Error)]
+#[error("a row written on the target during the direct copy collided with a copied one")]
+struct DirectCollided;
+
+/// Snapshot one table from `seed` into the other side: straight into the table when it is
+/// empty, else through a staging table and a merge (and after a direct copy that collided).
 async fn copy_table(
     cfg: &Config,
     sides: &Sides,
     t: &TableName,
     seed: Side,
     mode: Mode,
+) -> Result<Outcome> {
+    match copy_table_via(cfg, sides, t, seed, mode, true).await {
+        Err(e) if e.downcast_ref::<DirectCollided>().is_some() => {
+            tracing::warn!(
+                table = %t,
+                error = %e.root_cause(),
+                "a row written on the target during the direct copy has a key the seed has too; \
+                 copying through a staging table instead"
+            );
+            copy_table_via(cfg, sides, t, seed, mode, false).await
+        }
+        r => r,
+    }
+}
+
+/// [`copy_table`]; `direct`: COPY straight into the table if it is empty. Native logical
+/// replication's table sync does the same; through the staging table the merge's
+/// `INSERT … ON CONFLICT` took two thirds of the time (2M rows: 9.0 s against 3.8 s native).
+async fn copy_table_via(
+    cfg: &Config,
+    sides: &Sides,
+    t: &TableName,
+    seed: Side,
+    mode: Mode,
+    direct: bool,
 ) -> Result<Outcome> {
     let (s, x) = (sides.get(seed), sides.get(seed.other()));
     let meta = catalog::table(x, t)
@@ -329,6 +375,29 @@ async fn copy_table(
             &[&MARKER_PREFIX, &format!("snapshot {} {t}", seed.tag())],
         )
         .await?;
+        let copy_out = format!("COPY (SELECT {list} FROM {table}) TO STDOUT");
+        let empty: bool = x
+            .query_one(&format!("SELECT NOT EXISTS (SELECT 1 FROM {table})"), &[])
+            .await?
+            .get(0);
+        if direct && empty {
+            // Rows the target's application inserts meanwhile go to the seed through the
+            // target's own stream; one with a key the seed has too fails the COPY (unique
+            // violation), and the table is done again through the staging table.
+            s.batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY").await?;
+            let copy_in = format!("COPY {table} ({list}) FROM STDIN");
+            outcome.copied = pipe(s, &copy_out, x, &copy_in, t, estimate as u64)
+                .await
+                .map_err(|e| match db::caused_by(&e, &SqlState::UNIQUE_VIOLATION) {
+                    true => e.context(DirectCollided),
+                    false => e,
+                })?;
+            s.batch_execute("COMMIT").await?;
+            outcome.inserted = outcome.copied;
+            mark(x, t, seed, mode, "done", Some(outcome.copied as i64)).await?;
+            x.batch_execute("COMMIT").await?;
+            return anyhow::Ok(());
+        }
         x.batch_execute(&format!(
             "CREATE TEMP TABLE tandem_stage ON COMMIT DROP AS SELECT {list} FROM {table} WITH NO DATA"
         ))
@@ -336,7 +405,7 @@ async fn copy_table(
         s.batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY").await?;
         outcome.copied = pipe(
             s,
-            &format!("COPY (SELECT {list} FROM {table}) TO STDOUT"),
+            &copy_out,
             x,
             &format!("COPY pg_temp.tandem_stage ({list}) FROM STDIN"),
             t,
