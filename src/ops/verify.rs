@@ -214,15 +214,20 @@ async fn bucket_sums(c: &Client, s: &Shape, n: i64) -> Result<Buckets> {
         .collect())
 }
 
-/// `(key → (key, row hash))` for the rows of `c` in the given buckets.
-async fn rows_in(
-    c: &Client,
-    s: &Shape,
-    n: i64,
-    buckets: &[i32],
-) -> Result<HashMap<String, (Key, String)>> {
+/// The rows of the differing buckets, on one side, when the drill-down takes more than one
+/// round: the bucket is a hash of the key, so no index finds a bucket's rows, and each round
+/// scanned the whole table again (2M rows, 2,048 buckets all differing: 32 scans of ~0.6 s per
+/// side). Written once into a temp table indexed by bucket, each round reads only its rows.
+const STAGED: &str = "pg_temp.tandem_verify_rows";
+
+async fn stage_rows(c: &Client, s: &Shape, n: i64, buckets: &[i32]) -> Result<()> {
+    c.batch_execute(&format!(
+        "DROP TABLE IF EXISTS {STAGED}; \
+         CREATE TEMP TABLE tandem_verify_rows (bucket int4, k text, kv text[], kj text, h text)"
+    ))
+    .await?;
     let sql = format!(
-        "SELECT {k}, {kv}, {kj}, {h} FROM {t} t WHERE {b} = ANY($1)",
+        "INSERT INTO {STAGED} SELECT {b}, {k}, {kv}, {kj}, {h} FROM {t} t WHERE {b} = ANY($1)",
         k = s.key_text,
         kv = s.key_values,
         kj = s.key_json,
@@ -230,6 +235,35 @@ async fn rows_in(
         t = s.name.quoted(),
         b = s.bucket(n)
     );
+    c.execute(&sql, &[&buckets]).await?;
+    c.batch_execute(&format!(
+        "CREATE INDEX ON {STAGED} (bucket); ANALYZE {STAGED}"
+    ))
+    .await?;
+    Ok(())
+}
+
+/// `(key → (key, row hash))` for the rows of `c` in the given buckets, from the table or, when
+/// `staged`, from [`stage_rows`]'s copy.
+async fn rows_in(
+    c: &Client,
+    s: &Shape,
+    n: i64,
+    buckets: &[i32],
+    staged: bool,
+) -> Result<HashMap<String, (Key, String)>> {
+    let sql = match staged {
+        true => format!("SELECT k, kv, kj, h FROM {STAGED} WHERE bucket = ANY($1)"),
+        false => format!(
+            "SELECT {k}, {kv}, {kj}, {h} FROM {t} t WHERE {b} = ANY($1)",
+            k = s.key_text,
+            kv = s.key_values,
+            kj = s.key_json,
+            h = s.row_hash,
+            t = s.name.quoted(),
+            b = s.bucket(n)
+        ),
+    };
     Ok(collect_rows(c.query(&sql, &[&buckets]).await?))
 }
 
@@ -360,8 +394,18 @@ where
         table: s.name.to_string(),
         ..Default::default()
     };
+    let staged = differing.len() > BUCKETS_PER_FETCH;
+    if staged {
+        tokio::try_join!(
+            stage_rows(d, s, n, &differing),
+            stage_rows(m, s, n, &differing)
+        )?;
+    }
     for chunk in differing.chunks(BUCKETS_PER_FETCH) {
-        let (rd, rm) = tokio::try_join!(rows_in(d, s, n, chunk), rows_in(m, s, n, chunk))?;
+        let (rd, rm) = tokio::try_join!(
+            rows_in(d, s, n, chunk, staged),
+            rows_in(m, s, n, chunk, staged)
+        )?;
         let mut found = diff(rd, rm);
         // In flight while replicating: look again once the streams have passed this moment.
         let mut rounds = 0;
@@ -401,6 +445,10 @@ where
             }
         }
         each(&found).await?;
+    }
+    if staged {
+        let drop = format!("DROP TABLE {STAGED}");
+        tokio::try_join!(d.batch_execute(&drop), m.batch_execute(&drop))?;
     }
     report.in_sync = (rows as u64).saturating_sub(report.only_desktop + report.differs);
     Ok(report)
