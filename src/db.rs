@@ -54,6 +54,12 @@ pub fn describe_connect_error(e: &tokio_postgres::Error, url: &str) -> String {
     let at = redact_url(url);
     if let Some(db) = e.as_db_error() {
         return match db.code().code() {
+            "28P01" | "28000" if db.message().contains("certificate") => format!(
+                "authentication failed for {at}: {}; give a client certificate signed by a CA \
+                 the server trusts, with the user as its common name: sslcert=… and sslkey=… \
+                 in the url",
+                db.message()
+            ),
             "28P01" | "28000" => format!(
                 "authentication failed for {at}: {}; check the user and password in the url",
                 db.message()

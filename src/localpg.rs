@@ -94,28 +94,21 @@ fn free_port() -> Result<u16> {
 /// A CA of this cluster's own (`<dir>/ca.crt`, see [`LocalCluster::ca_cert`]) and a server
 /// certificate it signed for the name `localhost`, so that TLS can be exercised locally in every
 /// `sslmode`, verification included. False when `openssl` is missing or fails: no TLS then.
+/// The role that authenticates by client certificate on a local cluster (`cert` in pg_hba).
+pub const CERT_ROLE: &str = "tandem_cert";
+
+const EC_CURVE: &str = "ec_paramgen_curve:prime256v1";
+
 fn certificates(dir: &Path, data: &Path) -> bool {
-    let openssl = |args: &[&str]| {
-        Command::new("openssl")
-            .current_dir(dir)
-            .args(args)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success())
-    };
-    let key = data.join("server.key");
-    let crt = data.join("server.crt");
-    let (key, crt) = (&*key.to_string_lossy(), &*crt.to_string_lossy());
-    const EC: &str = "ec_paramgen_curve:prime256v1";
-    std::fs::write(dir.join("server.ext"), "subjectAltName = DNS:localhost\n").is_ok()
-        && openssl(&[
+    openssl(
+        dir,
+        &[
             "req",
             "-x509",
             "-newkey",
             "ec",
             "-pkeyopt",
-            EC,
+            EC_CURVE,
             "-nodes",
             "-days",
             "30",
@@ -125,38 +118,69 @@ fn certificates(dir: &Path, data: &Path) -> bool {
             "ca.key",
             "-out",
             "ca.crt",
-        ])
-        && openssl(&[
-            "req",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            EC,
-            "-nodes",
-            "-subj",
-            "/CN=localhost",
-            "-keyout",
-            key,
-            "-out",
-            "server.csr",
-        ])
-        && openssl(&[
-            "x509",
-            "-req",
-            "-in",
-            "server.csr",
-            "-CA",
-            "ca.crt",
-            "-CAkey",
-            "ca.key",
-            "-CAcreateserial",
-            "-days",
-            "30",
-            "-extfile",
-            "server.ext",
-            "-out",
-            crt,
-        ])
+        ],
+    ) && issue(
+        dir,
+        "localhost",
+        "subjectAltName = DNS:localhost",
+        &data.join("server.key"),
+        &data.join("server.crt"),
+    )
+}
+
+/// A key (`key`) and a certificate for `cn` (`crt`) signed by the CA in `dir`, with the X.509v3
+/// extension `ext` (webpki refuses version 1 certificates).
+fn issue(dir: &Path, cn: &str, ext: &str, key: &Path, crt: &Path) -> bool {
+    let (ext_file, csr) = (format!("{cn}.ext"), format!("{cn}.csr"));
+    let (key, crt) = (&*key.to_string_lossy(), &*crt.to_string_lossy());
+    std::fs::write(dir.join(&ext_file), format!("{ext}\n")).is_ok()
+        && openssl(
+            dir,
+            &[
+                "req",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                EC_CURVE,
+                "-nodes",
+                "-subj",
+                &format!("/CN={cn}"),
+                "-keyout",
+                key,
+                "-out",
+                &csr,
+            ],
+        )
+        && openssl(
+            dir,
+            &[
+                "x509",
+                "-req",
+                "-in",
+                &csr,
+                "-CA",
+                "ca.crt",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-days",
+                "30",
+                "-extfile",
+                &ext_file,
+                "-out",
+                crt,
+            ],
+        )
+}
+
+fn openssl(dir: &Path, args: &[&str]) -> bool {
+    Command::new("openssl")
+        .current_dir(dir)
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
 }
 
 static COUNTER: AtomicUsize = AtomicUsize::new(0);
@@ -208,14 +232,6 @@ impl LocalCluster {
              logging_collector = off\nlog_min_messages = warning\n",
             dir = dir.display()
         );
-        // The superuser `postgres` connects without a password on loopback; every other role
-        // needs one, as on a real server (tests use such roles for auth and privilege cases).
-        std::fs::write(
-            data.join("pg_hba.conf"),
-            "local all all trust\nhost all postgres 127.0.0.1/32 trust\n\
-             host replication postgres 127.0.0.1/32 trust\nhost all all 127.0.0.1/32 scram-sha-256\n\
-             host replication all 127.0.0.1/32 scram-sha-256\n",
-        )?;
         let ssl = certificates(&dir, &data);
         if ssl {
             std::fs::set_permissions(
@@ -228,11 +244,34 @@ impl LocalCluster {
                 }
             }
         }
+        // The superuser `postgres` connects without a password on loopback; every other role
+        // needs one, as on a real server (tests use such roles for auth and privilege cases),
+        // except `CERT_ROLE`, which logs in with a client certificate over TLS (see
+        // [`LocalCluster::client_cert`]).
+        let cert_auth = match ssl {
+            true => format!(
+                "hostssl all {CERT_ROLE} 127.0.0.1/32 cert\n\
+                 hostssl replication {CERT_ROLE} 127.0.0.1/32 cert\n"
+            ),
+            false => String::new(),
+        };
+        std::fs::write(
+            data.join("pg_hba.conf"),
+            format!(
+                "local all all trust\nhost all postgres 127.0.0.1/32 trust\n\
+                 host replication postgres 127.0.0.1/32 trust\n{cert_auth}\
+                 host all all 127.0.0.1/32 scram-sha-256\n\
+                 host replication all 127.0.0.1/32 scram-sha-256\n"
+            ),
+        )?;
         let conf_path = data.join("postgresql.conf");
         let mut text = std::fs::read_to_string(&conf_path)?;
         text.push_str(&conf);
         if ssl {
-            text.push_str("ssl = on\n");
+            text.push_str(&format!(
+                "ssl = on\nssl_ca_file = '{}'\n",
+                dir.join("ca.crt").display()
+            ));
         }
         text.push_str(extra_conf);
         std::fs::write(&conf_path, text)?;
@@ -313,6 +352,17 @@ impl LocalCluster {
     /// for `sslrootcert`; `None` when the cluster has no TLS.
     pub fn ca_cert(&self) -> Option<PathBuf> {
         Some(self.dir.join("ca.crt")).filter(|p| p.exists())
+    }
+
+    /// A client certificate and key for `role` (its common name), signed by this cluster's CA,
+    /// for `sslcert`/`sslkey`: [`CERT_ROLE`] logs in with one instead of a password.
+    pub fn client_cert(&self, role: &str) -> Result<(PathBuf, PathBuf)> {
+        let crt = self.dir.join(format!("{role}.crt"));
+        let key = self.dir.join(format!("{role}.key"));
+        if !issue(&self.dir, role, "extendedKeyUsage = clientAuth", &key, &crt) {
+            bail!("openssl could not make a client certificate for {role}");
+        }
+        Ok((crt, key))
     }
 
     /// Connection URL for database `db` as the superuser `postgres` (trust auth, loopback only).

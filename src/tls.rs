@@ -20,8 +20,10 @@ use std::sync::Arc;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::client::WebPkiServerVerifier;
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
-use rustls::{CertificateError, DigitallySignedStruct, RootCertStore, SignatureScheme};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::{
+    AlertDescription, CertificateError, DigitallySignedStruct, RootCertStore, SignatureScheme,
+};
 use tokio_postgres_rustls::MakeRustlsConnect;
 
 /// A connection URL, read: tokio-postgres's config and how TLS checks the server.
@@ -30,11 +32,14 @@ pub struct Url {
     pub tls: Tls,
 }
 
-/// How the server's certificate is checked (when TLS is used at all: see `pg.get_ssl_mode()`).
+/// How the server's certificate is checked (when TLS is used at all: see `pg.get_ssl_mode()`),
+/// and the client certificate shown, if any.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Tls {
     pub verify: Verify,
     pub roots: Roots,
+    /// `sslcert` and `sslkey`: PEM files of a certificate (chain) and its private key.
+    pub client: Option<(PathBuf, PathBuf)>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -67,7 +72,27 @@ pub fn parse_url(url: &str) -> Result<Url, String> {
 
 /// [`parse_url`], with libpq's default root certificate (when it exists) given.
 fn parse_with(url: &str, default_root: Option<PathBuf>) -> Result<Url, String> {
-    let (rest, mode, root) = take_tls_params(url)?;
+    let TlsParams {
+        rest,
+        mode,
+        root,
+        cert,
+        key,
+    } = take_tls_params(url)?;
+    let client = match (cert, key) {
+        (Some(c), Some(k)) => Some((PathBuf::from(c), PathBuf::from(k))),
+        (None, None) => None,
+        (Some(_), None) => {
+            return Err(
+                "sslcert is given without sslkey: add sslkey=/path/to/client.key \
+                        (the private key of the client certificate)"
+                    .into(),
+            )
+        }
+        (None, Some(_)) => {
+            return Err("sslkey is given without sslcert: add sslcert=/path/to/client.crt".into())
+        }
+    };
     let roots = match root.as_deref() {
         None | Some("") => default_root.map_or(Roots::None, Roots::File),
         Some("system") => Roots::System,
@@ -118,7 +143,11 @@ fn parse_with(url: &str, default_root: Option<PathBuf>) -> Result<Url, String> {
     })?;
     Ok(Url {
         pg,
-        tls: Tls { verify, roots },
+        tls: Tls {
+            verify,
+            roots,
+            client,
+        },
     })
 }
 
@@ -129,13 +158,23 @@ fn url_form(url: &str) -> Option<&str> {
         .find_map(|p| url.strip_prefix(p))
 }
 
-/// `url` without its `sslmode` and `sslrootcert`, and their values.
-fn take_tls_params(url: &str) -> Result<(String, Option<String>, Option<String>), String> {
-    let (mut mode, mut root) = (None, None);
-    let mut take = |key: &str, value: &str| {
-        let slot = match key {
+/// A URL without the TLS parameters tokio-postgres does not know, and their values.
+struct TlsParams {
+    rest: String,
+    mode: Option<String>,
+    root: Option<String>,
+    cert: Option<String>,
+    key: Option<String>,
+}
+
+fn take_tls_params(url: &str) -> Result<TlsParams, String> {
+    let (mut mode, mut root, mut cert, mut key) = (None, None, None, None);
+    let mut take = |name: &str, value: &str| {
+        let slot = match name {
             "sslmode" => &mut mode,
             "sslrootcert" => &mut root,
+            "sslcert" => &mut cert,
+            "sslkey" => &mut key,
             _ => return false,
         };
         *slot = Some(value.to_string());
@@ -175,7 +214,13 @@ fn take_tls_params(url: &str) -> Result<(String, Option<String>, Option<String>)
             kept.join(" ")
         }
     };
-    Ok((rest, mode, root))
+    Ok(TlsParams {
+        rest,
+        mode,
+        root,
+        cert,
+        key,
+    })
 }
 
 fn decode(s: &str) -> Result<String, String> {
@@ -244,8 +289,23 @@ impl Tls {
             .with_safe_default_protocol_versions()
             .expect("ring supports the default TLS versions")
             .dangerous()
-            .with_custom_certificate_verifier(verifier)
-            .with_no_client_auth();
+            .with_custom_certificate_verifier(verifier);
+        let config = match &self.client {
+            None => config.with_no_client_auth(),
+            Some((cert, key)) => {
+                let certs = pem_certificates(cert, "sslcert", "the client certificate")?;
+                let key = PrivateKeyDer::from_pem_file(key).map_err(|e| {
+                    format!(
+                        "sslkey {}: {e}; point sslkey at the unencrypted PEM private key of \
+                         the client certificate",
+                        key.display()
+                    )
+                })?;
+                config
+                    .with_client_auth_cert(certs, key)
+                    .map_err(|e| format!("sslcert/sslkey: {e}"))?
+            }
+        };
         Ok(MakeRustlsConnect::new(config))
     }
 
@@ -253,20 +313,11 @@ impl Tls {
         let mut store = RootCertStore::empty();
         match &self.roots {
             Roots::File(path) => {
-                let fix = "point sslrootcert at the PEM file of the CA that signed the server's \
-                           certificate";
-                let bad = |e: &dyn std::fmt::Display| {
-                    format!("sslrootcert {}: {e}; {fix}", path.display())
-                };
-                let certs = CertificateDer::pem_file_iter(path)
-                    .map_err(|e| bad(&e))?
-                    .collect::<Result<Vec<_>, _>>()
-                    .map_err(|e| bad(&e))?;
-                for cert in certs {
-                    store.add(cert).map_err(|e| bad(&e))?;
-                }
-                if store.is_empty() {
-                    return Err(bad(&"holds no certificate"));
+                let what = "the CA that signed the server's certificate";
+                for cert in pem_certificates(path, "sslrootcert", what)? {
+                    store.add(cert).map_err(|e| {
+                        format!("sslrootcert {}: {e}; point it at {what}", path.display())
+                    })?;
                 }
             }
             Roots::System => {
@@ -287,8 +338,30 @@ impl Tls {
     }
 }
 
-/// What is wrong with the server's certificate, in words with the fix, when `e` (or an error it
-/// wraps) is a certificate rejected by the verifier.
+/// The certificates in PEM file `path`, given as URL parameter `param` for `what`: at least one.
+fn pem_certificates(
+    path: &std::path::Path,
+    param: &str,
+    what: &str,
+) -> Result<Vec<CertificateDer<'static>>, String> {
+    let bad = |e: &dyn std::fmt::Display| {
+        format!(
+            "{param} {}: {e}; point {param} at the PEM file of {what}",
+            path.display()
+        )
+    };
+    let certs = CertificateDer::pem_file_iter(path)
+        .map_err(|e| bad(&e))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| bad(&e))?;
+    if certs.is_empty() {
+        return Err(bad(&"holds no certificate"));
+    }
+    Ok(certs)
+}
+
+/// What is wrong with a certificate, in words with the fix, when `e` (or an error it wraps) is
+/// the server's certificate rejected by our verifier, or ours rejected by the server.
 pub fn certificate_problem(e: &(dyn Error + 'static)) -> Option<String> {
     let mut cur = Some(e);
     while let Some(err) = cur {
@@ -297,6 +370,20 @@ pub fn certificate_problem(e: &(dyn Error + 'static)) -> Option<String> {
                 .and_then(|io| io.get_ref())
                 .and_then(|inner| inner.downcast_ref::<rustls::Error>())
         });
+        if let Some(rustls::Error::AlertReceived(
+            AlertDescription::UnknownCA
+            | AlertDescription::BadCertificate
+            | AlertDescription::CertificateUnknown
+            | AlertDescription::CertificateExpired,
+        )) = tls
+        {
+            // Alerts about certificates come from the server checking ours.
+            return Some(
+                "the server rejected the client certificate (sslcert): give one signed by a CA \
+                 the server trusts (its ssl_ca_file) and still valid"
+                    .into(),
+            );
+        }
         if let Some(rustls::Error::InvalidCertificate(c)) = tls {
             return Some(match c {
                 CertificateError::UnknownIssuer | CertificateError::BadSignature => {
@@ -530,6 +617,28 @@ mod tests {
     }
 
     #[test]
+    fn a_client_certificate_needs_both_files() {
+        let u =
+            read("postgresql://h/db?sslcert=/c/client.crt&sslkey=/c/client.key&sslmode=require");
+        assert_eq!(
+            u.tls.client,
+            Some((
+                PathBuf::from("/c/client.crt"),
+                PathBuf::from("/c/client.key")
+            ))
+        );
+        assert_eq!(u.pg.get_ssl_mode(), SslMode::Require);
+        let e = parse_with("postgresql://h/db?sslcert=/c/client.crt", None)
+            .err()
+            .unwrap();
+        assert!(e.contains("add sslkey="), "{e}");
+        let e = parse_with("host=h sslkey=/c/client.key", None)
+            .err()
+            .unwrap();
+        assert!(e.contains("add sslcert="), "{e}");
+    }
+
+    #[test]
     fn keyword_value_strings_are_read_like_urls() {
         let u = read(
             r"host=db.example.com port = 6543 password='a b\'c' sslmode=verify-full  sslrootcert='/x y/ca.crt' dbname=d\ e",
@@ -551,6 +660,7 @@ mod tests {
         let tls = |p: &str| Tls {
             verify: Verify::Full,
             roots: file(p),
+            client: None,
         };
         let e = tls("/nonexistent/ca.crt").connector().err().unwrap();
         assert!(
@@ -564,7 +674,8 @@ mod tests {
         assert!(e.contains("holds no certificate"), "{e}");
         assert!(Tls {
             verify: Verify::Encrypt,
-            roots: Roots::None
+            roots: Roots::None,
+            client: None,
         }
         .connector()
         .is_ok());

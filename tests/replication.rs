@@ -717,6 +717,88 @@ async fn sslmode_verify_full_checks_the_servers_certificate_on_sql_and_replicati
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_client_certificate_logs_in_on_sql_and_replication_connections() {
+    use tandem::localpg::CERT_ROLE;
+    // The clusters' pg_hba lets CERT_ROLE in by client certificate only (`cert`).
+    let schema = format!(
+        "DO $$ BEGIN CREATE ROLE {CERT_ROLE} LOGIN SUPERUSER; \
+         EXCEPTION WHEN duplicate_object THEN NULL; END $$;
+         CREATE TABLE jobs (id int PRIMARY KEY, title text);"
+    );
+    let (d, m) = Fixture::databases("clientcert", &schema).await;
+    let p = clusters();
+    let (d_cert, d_key) = p.desktop.client_cert(CERT_ROLE).unwrap();
+    let (m_cert, m_key) = p.mobile.client_cert(CERT_ROLE).unwrap();
+    let url = |port: u16,
+               ca: std::path::PathBuf,
+               client: Option<(&std::path::Path, &std::path::Path)>| {
+        let mut u = format!(
+            "postgresql://{CERT_ROLE}@localhost:{port}/clientcert?sslmode=verify-full&sslrootcert={}",
+            ca.display()
+        );
+        if let Some((c, k)) = client {
+            u.push_str(&format!("&sslcert={}&sslkey={}", c.display(), k.display()));
+        }
+        u
+    };
+    let d_url = |client| url(p.desktop.port, p.desktop.ca_cert().unwrap(), client);
+    let m_url = url(
+        p.mobile.port,
+        p.mobile.ca_cert().unwrap(),
+        Some((&m_cert, &m_key)),
+    );
+    let status = |desktop: String| {
+        let text = Fixture::config_text("clientcert", r#"tables = ["public.jobs"]"#)
+            .replace(&p.desktop.url("clientcert"), &desktop)
+            .replace(&p.mobile.url("clientcert"), &m_url);
+        let path =
+            std::env::temp_dir().join(format!("tandem-clientcert-{}.toml", std::process::id()));
+        std::fs::write(&path, text).unwrap();
+        let out = run_tandem(&["--config", path.to_str().unwrap(), "status"], &[]);
+        let _ = std::fs::remove_file(&path);
+        out
+    };
+    // Without a certificate, and with one the desktop's CA did not sign: refused, saying so.
+    let (code, _, err) = status(d_url(None));
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("desktop") && err.contains("certificate") && err.contains("sslcert"),
+        "{err}"
+    );
+    let (code, _, err) = status(d_url(Some((&m_cert, &m_key))));
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("desktop") && err.contains("rejected the client certificate"),
+        "{err}"
+    );
+
+    // With its own certificate on each side, a run replicates; the sessions show who logged in.
+    let text = Fixture::config_text("clientcert", r#"tables = ["public.jobs"]"#)
+        .replace(
+            &p.desktop.url("clientcert"),
+            &d_url(Some((&d_cert, &d_key))),
+        )
+        .replace(&p.mobile.url("clientcert"), &m_url);
+    assert_eq!(text.matches("sslcert=").count(), 2, "{text}");
+    let fx = Fixture::with_config("clientcert", d, m, text).await;
+    let run = fx.start().await;
+    fx.m.batch_execute("INSERT INTO jobs VALUES (1, 'by certificate')")
+        .await
+        .unwrap();
+    fx.wait_equal("jobs", 30).await;
+    let dn = |app: &str| {
+        format!(
+            "SELECT count(*) FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid) \
+             WHERE a.application_name = '{app}' AND a.datname = current_database() \
+             AND a.usename = '{CERT_ROLE}' AND s.client_dn = '/CN={CERT_ROLE}'"
+        )
+    };
+    assert_eq!(Fixture::count(&fx.m, &dn("tandem stream M>D")).await, 1);
+    assert_eq!(Fixture::count(&fx.d, &dn("tandem apply M>D")).await, 1);
+    run.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_role_without_superuser_replicates_both_ways_without_echo() {
     // As on managed cloud PostgreSQL: LOGIN and REPLICATION, owner of its tables, no superuser.
     // No replication origin then, and no session_replication_role: the marker alone stops echo,
