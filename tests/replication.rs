@@ -799,6 +799,56 @@ async fn a_client_certificate_logs_in_on_sql_and_replication_connections() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_column_added_on_the_source_only_stops_run_with_one_error_and_a_restart_resumes() {
+    let fx = Fixture::new(
+        "ddl_drift",
+        "CREATE TABLE jobs (id int PRIMARY KEY, title text);",
+        r#"tables = ["public.jobs"]"#,
+    )
+    .await;
+    let run = fx.start().await;
+    fx.d.batch_execute("INSERT INTO jobs VALUES (1, 'before')")
+        .await
+        .unwrap();
+    fx.wait_equal("jobs", 30).await;
+    // The desktop's schema moves first, and a row uses the new column.
+    fx.d.batch_execute(
+        "ALTER TABLE jobs ADD COLUMN extra text; INSERT INTO jobs VALUES (2, 'after', 'e')",
+    )
+    .await
+    .unwrap();
+    let e = tokio::time::timeout(std::time::Duration::from_secs(60), run.outcome())
+        .await
+        .expect("run stops on its own")
+        .expect_err("run stops with an error");
+    let msg = format!("{e:#}");
+    assert_eq!(msg.matches("desktop → mobile").count(), 1, "{msg}");
+    assert!(
+        msg.contains("column `extra` of public.jobs exists on the source side but not on the target; add it to the target"),
+        "{msg}"
+    );
+    // Nothing of that transaction landed, and the checkpoint did not pass it.
+    assert_eq!(Fixture::count(&fx.m, "SELECT count(*) FROM jobs").await, 1);
+    fx.assert_slots_within_checkpoints().await;
+
+    // Once the target has the column, a restart resumes from the checkpoint: nothing lost.
+    fx.m.batch_execute("ALTER TABLE jobs ADD COLUMN extra text")
+        .await
+        .unwrap();
+    let run = fx.start().await;
+    fx.wait_equal("jobs", 30).await;
+    assert_eq!(
+        Fixture::count(
+            &fx.m,
+            "SELECT count(*) FROM jobs WHERE id = 2 AND extra = 'e'"
+        )
+        .await,
+        1
+    );
+    run.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_role_without_superuser_replicates_both_ways_without_echo() {
     // As on managed cloud PostgreSQL: LOGIN and REPLICATION, owner of its tables, no superuser.
     // No replication origin then, and no session_replication_role: the marker alone stops echo,

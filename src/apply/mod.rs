@@ -283,8 +283,8 @@ impl Applier {
             self.tables.remove(&src.name);
         }
         let target = self.target_table(&src.name).await?;
-        let mut b = Binding::new(src, target)
-            .map_err(|e| anyhow!("{} → {}: {e}", self.source, self.source.other()))?;
+        // The direction is named by the caller's context (sync: "desktop → mobile").
+        let mut b = Binding::new(src, target)?;
         b.detect = self.detect_conflicts && self.cfg.conflicts_for(&src.name).is_some();
         // A trigger that fires in this session sees each row change: then every change is
         // applied as such, not collapsed into the key's latest image.
