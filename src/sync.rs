@@ -9,7 +9,7 @@ use anyhow::{anyhow, bail, Result};
 use tokio::sync::watch;
 
 use crate::apply::{checkpoint, Applier, SidesDisagree};
-use crate::config::Config;
+use crate::config::{Config, TableName};
 use crate::db;
 use crate::lsn::Lsn;
 use crate::side::Side;
@@ -135,6 +135,40 @@ async fn preflight(cfg: &Config) -> Result<()> {
         let cp = checkpoint::require(&target, source).await?;
         let src = db::connect(site, "tandem check").await?;
         check_no_gap(&src, site, cp.lsn).await?;
+        check_published(cfg, &src, source).await?;
+    }
+    Ok(())
+}
+
+/// Every configured table that flows from `source` is in its publication. A table created
+/// after `setup` that matches a pattern (`public.*`) is not: its changes would never be sent,
+/// and the initial snapshot would copy it once and mark it done, so later changes were lost
+/// without a word.
+async fn check_published(cfg: &Config, src: &tokio_postgres::Client, source: Side) -> Result<()> {
+    let site = cfg.site(source);
+    let published: Vec<TableName> = src
+        .query(
+            "SELECT schemaname::text, tablename::text FROM pg_publication_tables WHERE pubname = $1",
+            &[&site.publication],
+        )
+        .await?
+        .iter()
+        .map(|r| TableName::new(r.get::<_, String>(0), r.get::<_, String>(1)))
+        .collect();
+    let missing: Vec<String> = crate::catalog::expand(src, &cfg.tables)
+        .await?
+        .into_iter()
+        .filter(|t| cfg.direction(t).flows_from(source) && !published.contains(t))
+        .map(|t| t.to_string())
+        .collect();
+    if !missing.is_empty() {
+        bail!(
+            "{source}: {} match [replication] tables but are not in publication {} (created \
+             after `tandem setup`?), so their changes would not be sent; run `tandem setup` to \
+             add them, then `tandem run` again",
+            missing.join(", "),
+            site.publication
+        );
     }
     Ok(())
 }

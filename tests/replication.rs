@@ -849,6 +849,55 @@ async fn a_column_added_on_the_source_only_stops_run_with_one_error_and_a_restar
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_table_created_after_setup_stops_run_until_setup_publishes_it() {
+    let fx = Fixture::new(
+        "late_table",
+        "CREATE TABLE jobs (id int PRIMARY KEY, title text);",
+        r#"tables = ["public.*"]"#,
+    )
+    .await;
+    for c in [&fx.d, &fx.m] {
+        c.batch_execute("CREATE TABLE late (id int PRIMARY KEY, v text)")
+            .await
+            .unwrap();
+    }
+    fx.d.batch_execute("INSERT INTO late VALUES (1, 'before setup')")
+        .await
+        .unwrap();
+    // Matches `public.*`, but no publication has it: run refuses before copying anything.
+    let e = tokio::time::timeout(
+        std::time::Duration::from_secs(60),
+        fx.start_nowait().outcome(),
+    )
+    .await
+    .expect("run stops on its own")
+    .expect_err("run refuses");
+    let msg = format!("{e:#}");
+    assert!(
+        msg.contains(
+            "public.late match [replication] tables but are not in publication late_table_d"
+        ) && msg.contains("run `tandem setup` to add them"),
+        "{msg}"
+    );
+    assert_eq!(Fixture::count(&fx.m, "SELECT count(*) FROM late").await, 0);
+
+    let config = fx.config_path.to_str().unwrap();
+    let (code, out, err) = run_tandem(&["--config", config, "setup"], &[]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    // Now run snapshots the table and streams its changes, both ways.
+    let run = fx.start().await;
+    fx.d.batch_execute("INSERT INTO late VALUES (2, 'from desktop')")
+        .await
+        .unwrap();
+    fx.m.batch_execute("INSERT INTO late VALUES (3, 'from mobile')")
+        .await
+        .unwrap();
+    fx.wait_equal("late", 30).await;
+    assert_eq!(Fixture::count(&fx.d, "SELECT count(*) FROM late").await, 3);
+    run.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_role_without_superuser_replicates_both_ways_without_echo() {
     // As on managed cloud PostgreSQL: LOGIN and REPLICATION, owner of its tables, no superuser.
     // No replication origin then, and no session_replication_role: the marker alone stops echo,
