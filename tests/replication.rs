@@ -898,6 +898,87 @@ async fn a_table_created_after_setup_stops_run_until_setup_publishes_it() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_partitioned_table_replicates_as_one_table_whatever_each_side_partitions_it_by() {
+    // Desktop partitions by day, mobile by a hash of the id: rows travel as rows of `meas`.
+    let (d, m) = Fixture::databases("parted", "").await;
+    d.batch_execute(
+        "CREATE TABLE meas (id bigint, day date, v int, PRIMARY KEY (id, day)) PARTITION BY RANGE (day);
+         CREATE TABLE meas_h1 PARTITION OF meas FOR VALUES FROM ('2026-01-01') TO ('2026-07-01');
+         CREATE TABLE meas_h2 PARTITION OF meas FOR VALUES FROM ('2026-07-01') TO ('2027-01-01');
+         INSERT INTO meas VALUES (1, '2026-02-01', 1), (2, '2026-08-01', 2);",
+    )
+    .await
+    .unwrap();
+    m.batch_execute(
+        "CREATE TABLE meas (id bigint, day date, v int, PRIMARY KEY (id, day)) PARTITION BY HASH (id);
+         CREATE TABLE meas_0 PARTITION OF meas FOR VALUES WITH (MODULUS 2, REMAINDER 0);
+         CREATE TABLE meas_1 PARTITION OF meas FOR VALUES WITH (MODULUS 2, REMAINDER 1);
+         INSERT INTO meas VALUES (2, '2026-08-01', 20), (3, '2026-03-01', 3);",
+    )
+    .await
+    .unwrap();
+    let fx = Fixture::with_config(
+        "parted",
+        d,
+        m,
+        Fixture::config_text("parted", r#"tables = ["public.*"]"#),
+    )
+    .await;
+    // Published as the table itself, not as its partitions.
+    for c in [&fx.d, &fx.m] {
+        let published: String = c
+            .query_one(
+                "SELECT string_agg(tablename::text, ',') FROM pg_publication_tables \
+                 WHERE pubname LIKE 'parted_%'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(published, "meas");
+    }
+    // The merge into a partitioned target counts what it inserted and updated.
+    let config = fx.config_path.to_str().unwrap();
+    let (code, out, err) = run_tandem(&["--config", config, "snapshot", "--seed", "desktop"], &[]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("public.meas: copied 2 rows from desktop: 1 inserted, 1 updated, 0 deleted on mobile; 1 copied back to desktop"),
+        "{out}"
+    );
+    fx.wait_equal("meas", 5).await;
+
+    let run = fx.start().await;
+    fx.d.batch_execute(
+        "INSERT INTO meas VALUES (4, '2026-02-04', 4);
+         UPDATE meas SET day = '2026-09-01' WHERE id = 1;",
+    )
+    .await
+    .unwrap();
+    fx.m.batch_execute(
+        "DELETE FROM meas WHERE id = 3; INSERT INTO meas VALUES (5, '2026-11-05', 5);
+         UPDATE meas SET v = 22 WHERE id = 2;",
+    )
+    .await
+    .unwrap();
+    fx.wait_equal("meas", 30).await;
+    assert_eq!(
+        Fixture::rows(&fx.d, "meas").await,
+        [
+            "(1,2026-09-01,1)",
+            "(2,2026-08-01,22)",
+            "(4,2026-02-04,4)",
+            "(5,2026-11-05,5)"
+        ]
+    );
+    // The moved row is in the partition its new day belongs to.
+    assert_eq!(
+        Fixture::count(&fx.d, "SELECT count(*) FROM meas_h2 WHERE id = 1").await,
+        1
+    );
+    run.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_role_without_superuser_replicates_both_ways_without_echo() {
     // As on managed cloud PostgreSQL: LOGIN and REPLICATION, owner of its tables, no superuser.
     // No replication origin then, and no session_replication_role: the marker alone stops echo,

@@ -515,17 +515,25 @@ async fn sync_publication(c: &Client, site: &Site, tables: &[TableName]) -> Resu
         .collect::<Vec<_>>()
         .join(", ");
     let name = quote_ident(&site.publication);
+    // A partitioned table's changes are sent as changes of the table itself, not of whichever
+    // partition holds the row: the target applies them to its own table, partitioned the same
+    // way or not (PostgreSQL 13+; without it they came under the partitions' names, which are
+    // not configured).
+    const VIA_ROOT: &str = "publish_via_partition_root = true";
     if !exists {
         let sql = if tables.is_empty() {
-            format!("CREATE PUBLICATION {name}")
+            format!("CREATE PUBLICATION {name} WITH ({VIA_ROOT})")
         } else {
-            format!("CREATE PUBLICATION {name} FOR TABLE {list}")
+            format!("CREATE PUBLICATION {name} FOR TABLE {list} WITH ({VIA_ROOT})")
         };
         c.batch_execute(&sql)
             .await
             .with_context(|| format!("{}: {sql}", site.side))?;
         return Ok(true);
     }
+    c.batch_execute(&format!("ALTER PUBLICATION {name} SET ({VIA_ROOT})"))
+        .await
+        .with_context(|| format!("{}: updating publication {}", site.side, site.publication))?;
     if tables.is_empty() {
         let current = c
             .query("SELECT format('%I.%I', schemaname, tablename) FROM pg_publication_tables WHERE pubname = $1", &[&site.publication])

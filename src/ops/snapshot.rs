@@ -469,19 +469,49 @@ async fn copy_table_via(
                 qualify("EXCLUDED")
             )
         };
-        let r = x
+        let merge = format!(
+            "INSERT INTO {table} AS t ({list}){overriding} SELECT {list} FROM pg_temp.tandem_stage \
+             ON CONFLICT ({}) {conflict}",
+            keys.join(", ")
+        );
+        let partitioned: bool = x
             .query_one(
-                &format!(
-                    "WITH m AS (INSERT INTO {table} AS t ({list}){overriding} SELECT {list} FROM pg_temp.tandem_stage \
-                     ON CONFLICT ({}) {conflict} RETURNING (xmax = 0) AS inserted) \
-                     SELECT count(*) FILTER (WHERE inserted), count(*) FILTER (WHERE NOT inserted) FROM m",
-                    keys.join(", ")
-                ),
-                &[],
+                "SELECT relkind = 'p' FROM pg_class WHERE oid = $1::text::regclass",
+                &[&table],
             )
-            .await?;
-        outcome.inserted = r.get::<_, i64>(0) as u64;
-        outcome.updated = r.get::<_, i64>(1) as u64;
+            .await?
+            .get(0);
+        if partitioned {
+            // RETURNING cannot read xmax from a partitioned table: the rows the table lacked
+            // are counted first (in this transaction; a row another session adds meanwhile
+            // counts as inserted), the rest of what the merge wrote were updates.
+            let missing: i64 = x
+                .query_one(
+                    &format!(
+                        "SELECT count(*) FROM pg_temp.tandem_stage s \
+                         WHERE NOT EXISTS (SELECT 1 FROM {table} t WHERE {})",
+                        key_match(&meta, "s", "t")
+                    ),
+                    &[],
+                )
+                .await?
+                .get(0);
+            let written = x.execute(&merge, &[]).await?;
+            outcome.inserted = missing as u64;
+            outcome.updated = written.saturating_sub(missing as u64);
+        } else {
+            let r = x
+                .query_one(
+                    &format!(
+                        "WITH m AS ({merge} RETURNING (xmax = 0) AS inserted) \
+                         SELECT count(*) FILTER (WHERE inserted), count(*) FILTER (WHERE NOT inserted) FROM m"
+                    ),
+                    &[],
+                )
+                .await?;
+            outcome.inserted = r.get::<_, i64>(0) as u64;
+            outcome.updated = r.get::<_, i64>(1) as u64;
+        }
         if mode == Mode::Mirror {
             outcome.deleted = x
                 .execute(
