@@ -91,6 +91,7 @@ pub async fn run(
             }
         })
     };
+    let watch = tokio::spawn(watch_publications(cfg.clone()));
     let mut tasks = Vec::new();
     for side in Side::BOTH {
         let (cfg, rx, st, stop_tx) = (
@@ -120,6 +121,7 @@ pub async fn run(
         }
     }
     forward.abort();
+    watch.abort();
     match first_err {
         Some(e) => Err(e),
         None => Ok(()),
@@ -145,6 +147,67 @@ async fn preflight(cfg: &Config) -> Result<()> {
 /// and the initial snapshot would copy it once and mark it done, so later changes were lost
 /// without a word.
 async fn check_published(cfg: &Config, src: &tokio_postgres::Client, source: Side) -> Result<()> {
+    let missing = unpublished(cfg, src, source).await?;
+    if !missing.is_empty() {
+        bail!(
+            "{source}: {} match [replication] tables but are not in publication {} (created \
+             after `tandem setup`?), so their changes would not be sent; run `tandem setup` to \
+             add them, then `tandem run` again",
+            missing
+                .iter()
+                .map(|t| t.to_string())
+                .collect::<Vec<_>>()
+                .join(", "),
+            cfg.site(source).publication
+        );
+    }
+    Ok(())
+}
+
+/// How often a running `run` looks for tables that started to match the configured patterns.
+const PUBLICATION_CHECK: Duration = Duration::from_secs(10);
+
+/// While `run` runs, a table created that matches the configured patterns is in no publication
+/// until `setup` runs again, and nothing of it is sent: said once per table in the log, and
+/// counted in `tandem_unpublished_tables{direction}`.
+async fn watch_publications(cfg: Arc<Config>) {
+    let mut clients: [Option<tokio_postgres::Client>; 2] = [None, None];
+    let mut told: Vec<TableName> = Vec::new();
+    loop {
+        tokio::time::sleep(PUBLICATION_CHECK).await;
+        for (i, source) in Side::BOTH.into_iter().enumerate() {
+            if clients[i].as_ref().is_none_or(|c| c.is_closed()) {
+                clients[i] = db::connect(cfg.site(source), "tandem check").await.ok();
+            }
+            let Some(c) = &clients[i] else { continue };
+            let missing = match unpublished(&cfg, c, source).await {
+                Ok(m) => m,
+                Err(e) => {
+                    tracing::debug!(%source, "checking the publication: {e:#}");
+                    continue;
+                }
+            };
+            metrics::gauge!("tandem_unpublished_tables", "direction" => source.direction_from())
+                .set(missing.len() as f64);
+            for t in missing {
+                if !told.contains(&t) {
+                    tracing::warn!(%source, table = %t,
+                        "{t} matches [replication] tables but is not in publication {}: its changes \
+                         are not sent; run `tandem setup` to add it (then restart `run`)",
+                        cfg.site(source).publication);
+                    told.push(t);
+                }
+            }
+        }
+    }
+}
+
+/// The configured tables that flow from `source` and are not in its publication.
+async fn unpublished(
+    cfg: &Config,
+    src: &tokio_postgres::Client,
+    source: Side,
+) -> Result<Vec<TableName>> {
     let site = cfg.site(source);
     let published: Vec<TableName> = src
         .query(
@@ -155,22 +218,11 @@ async fn check_published(cfg: &Config, src: &tokio_postgres::Client, source: Sid
         .iter()
         .map(|r| TableName::new(r.get::<_, String>(0), r.get::<_, String>(1)))
         .collect();
-    let missing: Vec<String> = crate::catalog::expand(src, &cfg.tables)
+    Ok(crate::catalog::expand(src, &cfg.tables)
         .await?
         .into_iter()
         .filter(|t| cfg.direction(t).flows_from(source) && !published.contains(t))
-        .map(|t| t.to_string())
-        .collect();
-    if !missing.is_empty() {
-        bail!(
-            "{source}: {} match [replication] tables but are not in publication {} (created \
-             after `tandem setup`?), so their changes would not be sent; run `tandem setup` to \
-             add them, then `tandem run` again",
-            missing.join(", "),
-            site.publication
-        );
-    }
-    Ok(())
+        .collect())
 }
 
 /// A change of a whole transaction waited on a row lock of the streamed transaction applied

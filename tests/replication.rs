@@ -895,6 +895,38 @@ async fn a_table_created_after_setup_stops_run_until_setup_publishes_it() {
     fx.wait_equal("late", 30).await;
     assert_eq!(Fixture::count(&fx.d, "SELECT count(*) FROM late").await, 3);
     run.stop().await;
+
+    // A table created while run runs: the metric (and a warning) say it is not being sent.
+    let (mut child, port) = fx.run_with_metrics();
+    let unpublished = |body: &str, dir: &str| {
+        body.lines()
+            .find(|l| {
+                l.starts_with("tandem_unpublished_tables{") && l.contains(&format!("\"{dir}\""))
+            })
+            .map(|l| l.rsplit(' ').next().unwrap().to_string())
+    };
+    wait_for(60, "no unpublished tables reported", || async {
+        scrape(port).is_some_and(|b| unpublished(&b, "D>M").as_deref() == Some("0"))
+    })
+    .await;
+    for c in [&fx.d, &fx.m] {
+        c.batch_execute("CREATE TABLE later (id int PRIMARY KEY)")
+            .await
+            .unwrap();
+    }
+    wait_for(
+        60,
+        "the new table reported unpublished both ways",
+        || async {
+            scrape(port).is_some_and(|b| {
+                unpublished(&b, "D>M").as_deref() == Some("1")
+                    && unpublished(&b, "M>D").as_deref() == Some("1")
+            })
+        },
+    )
+    .await;
+    child.kill().unwrap();
+    child.wait().unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
