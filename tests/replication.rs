@@ -717,6 +717,47 @@ async fn sslmode_verify_full_checks_the_servers_certificate_on_sql_and_replicati
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn replication_connections_try_the_urls_hosts_in_order_and_honour_hostaddr() {
+    use tandem::source::walsender::{WalConfig, WalConnection};
+    let p = clusters();
+    let port = p.desktop.port;
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    for url in [
+        // The first server does not answer: the second is used, as on the SQL side.
+        format!("postgresql://postgres@127.0.0.1:{closed},127.0.0.1:{port}/postgres?sslmode=disable"),
+        // A name that does not resolve, with the address to use.
+        format!("postgresql://postgres@tandem-test.invalid:{port}/postgres?hostaddr=127.0.0.1&sslmode=disable"),
+    ] {
+        let cfg = WalConfig::from_url(&url).unwrap();
+        let mut c = WalConnection::connect(&cfg)
+            .await
+            .unwrap_or_else(|e| panic!("{url}: {e}"));
+        let id = c.identify_system().await.unwrap();
+        assert!(id.timeline >= 1, "{url}");
+        let site = tandem::config::Site {
+            side: tandem::side::Side::Desktop,
+            url: url.clone(),
+            slot: "unused".into(),
+            publication: "unused".into(),
+        };
+        tandem::db::connect(&site, "tandem test")
+            .await
+            .unwrap_or_else(|e| panic!("sql {url}: {e}"));
+    }
+    // None answers: the last server's error.
+    let url = format!("postgresql://postgres@127.0.0.1:{closed}/postgres?sslmode=disable");
+    let e = WalConnection::connect(&WalConfig::from_url(&url).unwrap())
+        .await
+        .err()
+        .unwrap();
+    assert!(e.to_string().contains("refused"), "{e}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_client_certificate_logs_in_on_sql_and_replication_connections() {
     use tandem::localpg::CERT_ROLE;
     // The clusters' pg_hba lets CERT_ROLE in by client certificate only (`cert`).

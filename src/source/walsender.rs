@@ -42,8 +42,10 @@ pub enum WalError {
 /// Where and how to connect, from a libpq-style URL.
 #[derive(Clone)]
 pub struct WalConfig {
-    host: Host,
-    port: u16,
+    /// Servers to try in order, as libpq (and tokio-postgres for the SQL side) do: `host` and
+    /// `port` lists, and `hostaddr`, which is connected to while `host` still names the server
+    /// for TLS.
+    targets: Vec<Target>,
     user: String,
     password: Option<Vec<u8>>,
     dbname: String,
@@ -55,17 +57,40 @@ pub struct WalConfig {
     pub application_name: String,
 }
 
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Target {
+    host: Host,
+    port: u16,
+    addr: Option<std::net::IpAddr>,
+}
+
+/// The servers of a URL in the order to try them.
+fn targets(pg: &tokio_postgres::Config) -> Vec<Target> {
+    let addrs = pg.get_hostaddrs();
+    let hosts: Vec<Host> = match pg.get_hosts() {
+        [] if addrs.is_empty() => vec![Host::Tcp("localhost".into())],
+        [] => addrs.iter().map(|a| Host::Tcp(a.to_string())).collect(),
+        h => h.to_vec(),
+    };
+    let ports = pg.get_ports();
+    hosts
+        .into_iter()
+        .enumerate()
+        .map(|(i, host)| Target {
+            host,
+            // One port for all hosts, or one each.
+            port: ports.get(i).or(ports.first()).copied().unwrap_or(5432),
+            addr: addrs.get(i).copied(),
+        })
+        .collect()
+}
+
 impl WalConfig {
     pub fn from_url(url: &str) -> Result<WalConfig, String> {
         let crate::tls::Url { pg, tls } = crate::tls::parse_url(url)?;
         let user = pg.get_user().unwrap_or("postgres").to_string();
         Ok(WalConfig {
-            host: pg
-                .get_hosts()
-                .first()
-                .cloned()
-                .unwrap_or(Host::Tcp("localhost".into())),
-            port: pg.get_ports().first().copied().unwrap_or(5432),
+            targets: targets(&pg),
             password: pg.get_password().map(<[u8]>::to_vec),
             dbname: pg.get_dbname().unwrap_or(&user).to_string(),
             user,
@@ -111,28 +136,48 @@ pub struct StartOptions<'a> {
 
 impl WalConnection {
     pub async fn connect(cfg: &WalConfig) -> Result<WalConnection, WalError> {
-        tokio::time::timeout(cfg.connect_timeout, Self::connect_inner(cfg))
-            .await
-            .map_err(|_| {
+        // Each server in turn until one answers (as libpq); once one has, its answer stands:
+        // a refused login is not retried on the next.
+        let mut last = None;
+        for t in &cfg.targets {
+            let timed_out = |_| {
                 WalError::Io(io::Error::new(
                     io::ErrorKind::TimedOut,
                     format!("no answer within {:?}", cfg.connect_timeout),
                 ))
-            })?
+            };
+            let open = tokio::time::timeout(cfg.connect_timeout, Self::open(cfg, t)).await;
+            match open.map_err(timed_out) {
+                Ok(Ok(io)) => {
+                    return tokio::time::timeout(cfg.connect_timeout, Self::start_up(cfg, io))
+                        .await
+                        .map_err(timed_out)?
+                }
+                Ok(Err(e)) | Err(e) => last = Some(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| WalError::Protocol("no host to connect to".into())))
     }
 
-    async fn connect_inner(cfg: &WalConfig) -> Result<WalConnection, WalError> {
-        let io: Stream = match &cfg.host {
+    /// The socket to `t`, TLS negotiated.
+    async fn open(cfg: &WalConfig, t: &Target) -> Result<Stream, WalError> {
+        Ok(match &t.host {
             Host::Tcp(h) => {
-                let s = tokio::net::TcpStream::connect((h.as_str(), cfg.port)).await?;
+                let s = match t.addr {
+                    Some(ip) => tokio::net::TcpStream::connect((ip, t.port)).await?,
+                    None => tokio::net::TcpStream::connect((h.as_str(), t.port)).await?,
+                };
                 s.set_nodelay(true)?;
                 tls(cfg, h, s).await?
             }
             Host::Unix(dir) => {
-                let path = Path::new(dir).join(format!(".s.PGSQL.{}", cfg.port));
+                let path = Path::new(dir).join(format!(".s.PGSQL.{}", t.port));
                 Box::new(tokio::net::UnixStream::connect(path).await?)
             }
-        };
+        })
+    }
+
+    async fn start_up(cfg: &WalConfig, io: Stream) -> Result<WalConnection, WalError> {
         let mut c = WalConnection {
             io,
             buf: BytesMut::with_capacity(64 * 1024),
@@ -592,6 +637,35 @@ fn status_update(lsn: u64, out: &mut BytesMut) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn servers_are_tried_in_url_order_with_their_ports_and_hostaddr() {
+        let t = |url: &str| targets(&crate::tls::parse_url(url).unwrap().pg);
+        let tcp = |h: &str, port, addr: Option<&str>| Target {
+            host: Host::Tcp(h.into()),
+            port,
+            addr: addr.map(|a| a.parse().unwrap()),
+        };
+        assert_eq!(
+            t("postgresql://u@a:5433,b:5434/db"),
+            [tcp("a", 5433, None), tcp("b", 5434, None)]
+        );
+        // One port for every host.
+        assert_eq!(
+            t("host=a,b port=6000 dbname=db"),
+            [tcp("a", 6000, None), tcp("b", 6000, None)]
+        );
+        // hostaddr is where to connect; host still names the server (for TLS).
+        assert_eq!(
+            t("postgresql://u@db.example.com/db?hostaddr=10.0.0.5"),
+            [tcp("db.example.com", 5432, Some("10.0.0.5"))]
+        );
+        assert_eq!(
+            t("hostaddr=10.0.0.6 dbname=db"),
+            [tcp("10.0.0.6", 5432, Some("10.0.0.6"))]
+        );
+        assert_eq!(t("dbname=db"), [tcp("localhost", 5432, None)]);
+    }
 
     #[test]
     fn copy_data_reads_xlogdata_and_keepalives_and_rejects_short_or_unknown_frames() {
