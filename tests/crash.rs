@@ -1,5 +1,6 @@
 //! kill -9 of the tandem process in the middle of applying a 200,000-row transaction, then
-//! restart: both sides end equal and every change landed exactly once.
+//! restart: both sides end equal and every change landed exactly once. And a slot the server
+//! invalidated while tandem was stopped: run refuses, saying how to resynchronise.
 
 mod common;
 
@@ -115,4 +116,60 @@ async fn kill_9_during_a_200k_row_transaction_then_restart_loses_and_doubles_not
         "tandem run exited with {status} after SIGTERM"
     );
     fx.assert_slots_within_checkpoints().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_slot_the_server_invalidated_stops_run_with_how_to_resynchronise() {
+    // Clusters of its own: the WAL limit would threaten the shared clusters' other slots.
+    let conf = "max_slot_wal_keep_size = 1MB";
+    let d_cluster = tandem::localpg::LocalCluster::start_with("slot-lost-d", conf).unwrap();
+    let m_cluster = tandem::localpg::LocalCluster::start_with("slot-lost-m", conf).unwrap();
+    let mut clients = Vec::new();
+    for c in [&d_cluster, &m_cluster] {
+        let admin = common::connect(&c.url("postgres")).await;
+        admin.batch_execute("CREATE DATABASE lost").await.unwrap();
+        let db = common::connect(&c.url("lost")).await;
+        db.batch_execute("CREATE TABLE jobs (id int PRIMARY KEY, v text)")
+            .await
+            .unwrap();
+        clients.push(db);
+    }
+    let (m, d) = (clients.pop().unwrap(), clients.pop().unwrap());
+    let text = format!(
+        "[desktop]\nurl = \"{}\"\n[mobile]\nurl = \"{}\"\n[replication]\ntables = [\"public.jobs\"]\n",
+        d_cluster.url("lost"),
+        m_cluster.url("lost")
+    );
+    let fx = Fixture::with_config("slot_lost", d, m, text).await;
+    // tandem is not running; the desktop writes well past the limit and checkpoints.
+    for _ in 0..3 {
+        fx.d.batch_execute(
+            "INSERT INTO jobs SELECT g, repeat('x', 100) FROM generate_series(1, 30000) g \
+             ON CONFLICT (id) DO UPDATE SET v = EXCLUDED.v; SELECT pg_switch_wal(); CHECKPOINT;",
+        )
+        .await
+        .unwrap();
+    }
+    assert_eq!(
+        Fixture::count(
+            &fx.d,
+            "SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'tandem_desktop' AND wal_status = 'lost'"
+        )
+        .await,
+        1
+    );
+    let e = fx
+        .start_nowait()
+        .outcome()
+        .await
+        .expect_err("run refuses a lost slot");
+    let msg = format!("{e:#}");
+    assert!(
+        msg.contains("slot tandem_desktop was invalidated by the server")
+            && msg.contains(
+                "`tandem teardown`, `tandem setup`, then `tandem snapshot --seed desktop`"
+            ),
+        "{msg}"
+    );
+    assert_eq!(Fixture::count(&fx.m, "SELECT count(*) FROM jobs").await, 0);
 }

@@ -196,7 +196,8 @@ pub async fn check_no_gap(
 ) -> Result<()> {
     let row = source
         .query_opt(
-            "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1",
+            "SELECT confirmed_flush_lsn::text, wal_status FROM pg_replication_slots \
+             WHERE slot_name = $1",
             &[&site.slot],
         )
         .await?;
@@ -207,6 +208,26 @@ pub async fn check_no_gap(
             site.slot
         );
     };
+    // The server drops WAL a slot still needs once it is more than max_slot_wal_keep_size
+    // behind; START_REPLICATION then only says it "cannot read from" the slot.
+    match row.get::<_, Option<String>>(1).as_deref() {
+        Some("lost") => bail!(
+            "{side}: slot {slot} was invalidated by the server: it fell more than \
+             max_slot_wal_keep_size behind and the WAL after tandem's checkpoint {checkpoint} on \
+             {other} was removed, so those changes cannot be sent. Nothing was applied. Recreate \
+             the slot and resynchronise: `tandem teardown`, `tandem setup`, then `tandem \
+             snapshot --seed {side}` (and raise max_slot_wal_keep_size, or keep tandem running)",
+            side = site.side,
+            slot = site.slot,
+            other = site.side.other()
+        ),
+        Some("unreserved") => tracing::warn!(
+            side = %site.side, slot = %site.slot,
+            "the slot is past max_slot_wal_keep_size: the server will remove WAL it needs at its \
+             next checkpoint unless tandem catches up first"
+        ),
+        _ => {}
+    }
     let confirmed: Option<String> = row.get(0);
     if let Some(c) = confirmed {
         let c: Lsn = c.parse()?;
