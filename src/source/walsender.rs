@@ -395,8 +395,11 @@ async fn tls(cfg: &WalConfig, host: &str, s: tokio::net::TcpStream) -> Result<St
     Ok(Box::new(stream))
 }
 
+/// The server's error in one line, its detail and hint included: the message alone can hide
+/// the reason ("cannot read from logical replication slot" says why only in its detail).
 fn error_text(b: &backend::ErrorResponseBody) -> String {
     let (mut severity, mut message, mut code) = (String::new(), String::new(), String::new());
+    let (mut detail, mut hint) = (String::new(), String::new());
     let mut fields = b.fields();
     while let Ok(Some(f)) = fields.next() {
         let v = String::from_utf8_lossy(f.value_bytes()).into_owned();
@@ -404,10 +407,12 @@ fn error_text(b: &backend::ErrorResponseBody) -> String {
             b'S' => severity = v,
             b'M' => message = v,
             b'C' => code = v,
+            b'D' => detail = format!(" {v}"),
+            b'H' => hint = format!(" Hint: {v}"),
             _ => {}
         }
     }
-    format!("{severity}: {message} (SQLSTATE {code})")
+    format!("{severity}: {message} (SQLSTATE {code}).{detail}{hint}")
 }
 
 /// What the reader hands out.
@@ -637,6 +642,39 @@ fn status_update(lsn: u64, out: &mut BytesMut) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_server_error_reads_with_its_detail_and_hint() {
+        let mut body = Vec::new();
+        for (t, v) in [
+            (b'S', "ERROR"),
+            (b'C', "55000"),
+            (b'M', "cannot read from logical replication slot \"s\""),
+            (
+                b'D',
+                "This slot has been invalidated because it exceeded the maximum reserved size.",
+            ),
+            (b'H', "Drop it."),
+        ] {
+            body.push(t);
+            body.extend_from_slice(v.as_bytes());
+            body.push(0);
+        }
+        body.push(0);
+        let mut frame = BytesMut::new();
+        frame.extend_from_slice(b"E");
+        frame.extend_from_slice(&(body.len() as i32 + 4).to_be_bytes());
+        frame.extend_from_slice(&body);
+        let Ok(Some(backend::Message::ErrorResponse(e))) = backend::Message::parse(&mut frame)
+        else {
+            panic!("not an ErrorResponse");
+        };
+        assert_eq!(
+            error_text(&e),
+            "ERROR: cannot read from logical replication slot \"s\" (SQLSTATE 55000). This slot \
+             has been invalidated because it exceeded the maximum reserved size. Hint: Drop it."
+        );
+    }
 
     #[test]
     fn servers_are_tried_in_url_order_with_their_ports_and_hostaddr() {
