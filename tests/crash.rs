@@ -172,4 +172,13 @@ async fn a_slot_the_server_invalidated_stops_run_with_how_to_resynchronise() {
         "{msg}"
     );
     assert_eq!(Fixture::count(&fx.m, "SELECT count(*) FROM jobs").await, 0);
+    let (code, out, err) = common::run_tandem(
+        &["--config", fx.config_path.to_str().unwrap(), "status"],
+        &[],
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("slot tandem_desktop confirmed") && out.contains("INVALIDATED by the server"),
+        "{out}"
+    );
 }

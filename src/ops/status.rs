@@ -23,7 +23,8 @@ async fn one(out: &mut String, cfg: &Config, source: Side, s: &Client, t: &Clien
     let slot = &cfg.site(source).slot;
     let lag = s
         .query_opt(
-            "SELECT confirmed_flush_lsn::text, (pg_current_wal_lsn() - confirmed_flush_lsn)::int8 \
+            "SELECT confirmed_flush_lsn::text, (pg_current_wal_lsn() - confirmed_flush_lsn)::int8, \
+                    wal_status, safe_wal_size \
              FROM pg_replication_slots WHERE slot_name = $1",
             &[slot],
         )
@@ -34,9 +35,23 @@ async fn one(out: &mut String, cfg: &Config, source: Side, s: &Client, t: &Clien
         cp.as_deref().unwrap_or("none (run setup)"),
         match lag {
             Some(r) => format!(
-                "confirmed {}, {} bytes behind {source}'s WAL",
+                "confirmed {}, {} bytes behind {source}'s WAL{}",
                 r.get::<_, Option<String>>(0).unwrap_or_default(),
-                r.get::<_, Option<i64>>(1).unwrap_or(0)
+                r.get::<_, Option<i64>>(1).unwrap_or(0),
+                match (
+                    r.get::<_, Option<String>>(2).as_deref(),
+                    r.get::<_, Option<i64>>(3)
+                ) {
+                    (Some("lost"), _) => "; INVALIDATED by the server (WAL it needed was \
+                                          removed): `tandem run` says how to resynchronise"
+                        .to_string(),
+                    (Some("unreserved"), _) => "; past max_slot_wal_keep_size: the server \
+                                                removes WAL it needs at its next checkpoint"
+                        .to_string(),
+                    // Only set under max_slot_wal_keep_size.
+                    (_, Some(safe)) => format!(", {safe} bytes before max_slot_wal_keep_size"),
+                    _ => String::new(),
+                }
             ),
             None => "missing (run setup)".into(),
         }
