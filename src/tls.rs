@@ -224,10 +224,11 @@ fn take_tls_params(url: &str) -> Result<TlsParams, String> {
 }
 
 fn decode(s: &str) -> Result<String, String> {
+    // The text is not repeated: it may be a password.
     percent_encoding::percent_decode_str(s)
         .decode_utf8()
         .map(|s| s.into_owned())
-        .map_err(|e| format!("url parameter {s:?}: {e}"))
+        .map_err(|e| format!("a url parameter is not percent-encoded UTF-8 ({e})"))
 }
 
 /// The `key=value` pairs of a libpq keyword/value string, values unquoted and unescaped the way
@@ -653,6 +654,14 @@ mod tests {
         );
         let e = parse_with("host=h password='open", None).err().unwrap();
         assert!(e.contains("not closed"), "{e}");
+        // A bad parameter is named, never repeated: it may be a password.
+        let e = parse_with("postgresql://u@h/db?password=s3cr%FFt", None)
+            .err()
+            .unwrap();
+        assert!(
+            e.contains("not percent-encoded") && !e.contains("s3cr"),
+            "{e}"
+        );
     }
 
     #[test]
