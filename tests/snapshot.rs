@@ -332,3 +332,57 @@ async fn an_empty_target_is_copied_into_directly_and_a_colliding_write_falls_bac
     let r = verify::verify(&fx.cfg, None).await.unwrap();
     assert_eq!(counts(&r, "public.jobs"), (50_000, 0, 0, 0));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_row_the_target_commits_during_the_merge_is_merged_into_not_an_error() {
+    let (d, m) = Fixture::databases("snap_merge_race", SCHEMA).await;
+    d.batch_execute("INSERT INTO jobs (id, title) SELECT g, 'd' FROM generate_series(1, 20000) g")
+        .await
+        .unwrap();
+    // Not empty: the copy goes through the staging table and the merge.
+    m.batch_execute("INSERT INTO jobs (id, title) VALUES (1, 'm')")
+        .await
+        .unwrap();
+    let fx = Fixture::with_config(
+        "snap_merge_race",
+        d,
+        m,
+        Fixture::config_text("snap_merge_race", r#"tables = ["public.jobs"]"#),
+    )
+    .await;
+    let app = common::connect(&common::clusters().mobile.url("snap_merge_race")).await;
+    app.batch_execute("BEGIN; INSERT INTO jobs (id, title) VALUES (15000, 'mobile app')")
+        .await
+        .unwrap();
+    let child = Command::new(tandem_bin())
+        .args(["--config", fx.config_path.to_str().unwrap()])
+        .args(["snapshot", "--seed", "desktop"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The merge's insert of the missing rows waits on the application's uncommitted row.
+    wait_count(
+        60,
+        &fx.m,
+        "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'tandem snapshot' \
+         AND datname = current_database() AND wait_event_type = 'Lock' \
+         AND query LIKE 'INSERT INTO \"public\".\"jobs\"%NOT EXISTS%'",
+        1,
+    )
+    .await;
+    app.batch_execute("COMMIT").await.unwrap();
+    let out = child.wait_with_output().unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(out.status.success(), "{stderr}");
+    // Rows 1 and 15000 took the seed's version; the other 19,998 were inserted once.
+    assert!(
+        stdout.contains("public.jobs: copied 20000 rows from desktop: 19998 inserted, 2 updated"),
+        "{stdout}\n{stderr}"
+    );
+    let r = verify::verify(&fx.cfg, None).await.unwrap();
+    assert_eq!(counts(&r, "public.jobs"), (20_000, 0, 0, 0));
+}
