@@ -271,20 +271,23 @@ impl Tls {
     /// The rustls connector for these settings; reads the root certificates.
     pub fn connector(&self) -> Result<MakeRustlsConnect, String> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let verifier: Arc<dyn ServerCertVerifier> = match self.verify {
-            Verify::Encrypt => Arc::new(EncryptOnly(provider.clone())),
-            v => {
-                let full = WebPkiServerVerifier::builder_with_provider(
+        let full = match self.verify {
+            Verify::Encrypt => None,
+            _ => Some(
+                WebPkiServerVerifier::builder_with_provider(
                     Arc::new(self.root_store()?),
                     provider.clone(),
                 )
                 .build()
-                .map_err(|e| format!("sslrootcert: {e}"))?;
-                match v {
-                    Verify::Full => full,
-                    _ => Arc::new(ChainOnly(full)),
-                }
-            }
+                .map_err(|e| format!("sslrootcert: {e}"))?,
+            ),
+        };
+        let verifier: Arc<dyn ServerCertVerifier> = match (self.verify, full) {
+            (Verify::Full, Some(full)) => full,
+            (_, chain) => Arc::new(Partial {
+                provider: provider.clone(),
+                chain,
+            }),
         };
         let config = rustls::ClientConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
@@ -415,62 +418,18 @@ pub fn certificate_problem(e: &(dyn Error + 'static)) -> Option<String> {
     None
 }
 
-/// libpq's `prefer`/`require` without a root certificate: encrypted, certificate not verified
-/// (the signature of the handshake still is).
+/// The server's certificate as `Verify` says: not at all (libpq's `prefer`/`require` without a
+/// root certificate: encrypted, and the handshake's signature still checked), or its chain only
+/// (`verify-ca`). `verify-full` uses rustls's own verifier.
 #[derive(Debug)]
-struct EncryptOnly(Arc<rustls::crypto::CryptoProvider>);
-
-impl ServerCertVerifier for EncryptOnly {
-    fn verify_server_cert(
-        &self,
-        _end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp: &[u8],
-        _now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
-    }
+struct Partial {
+    provider: Arc<rustls::crypto::CryptoProvider>,
+    /// `Some` for `verify-ca`: the full check, whose name mismatch is then forgiven. rustls checks
+    /// the chain before the name, so a name mismatch means the chain was good.
+    chain: Option<Arc<WebPkiServerVerifier>>,
 }
 
-/// `verify-ca`: the full check, less the name. rustls checks the chain before the name, so a
-/// name mismatch means the chain was good.
-#[derive(Debug)]
-struct ChainOnly(Arc<WebPkiServerVerifier>);
-
-impl ServerCertVerifier for ChainOnly {
+impl ServerCertVerifier for Partial {
     fn verify_server_cert(
         &self,
         end_entity: &CertificateDer<'_>,
@@ -479,10 +438,10 @@ impl ServerCertVerifier for ChainOnly {
         ocsp: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        match self
-            .0
-            .verify_server_cert(end_entity, intermediates, server_name, ocsp, now)
-        {
+        let Some(chain) = &self.chain else {
+            return Ok(ServerCertVerified::assertion());
+        };
+        match chain.verify_server_cert(end_entity, intermediates, server_name, ocsp, now) {
             Err(rustls::Error::InvalidCertificate(
                 CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
             )) => Ok(ServerCertVerified::assertion()),
@@ -496,7 +455,8 @@ impl ServerCertVerifier for ChainOnly {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.0.verify_tls12_signature(message, cert, dss)
+        let algorithms = &self.provider.signature_verification_algorithms;
+        rustls::crypto::verify_tls12_signature(message, cert, dss, algorithms)
     }
 
     fn verify_tls13_signature(
@@ -505,11 +465,14 @@ impl ServerCertVerifier for ChainOnly {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.0.verify_tls13_signature(message, cert, dss)
+        let algorithms = &self.provider.signature_verification_algorithms;
+        rustls::crypto::verify_tls13_signature(message, cert, dss, algorithms)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.supported_verify_schemes()
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
     }
 }
 
@@ -520,6 +483,13 @@ mod tests {
 
     fn read(url: &str) -> Url {
         parse_with(url, None).unwrap_or_else(|e| panic!("{url}: {e}"))
+    }
+
+    /// The error reading `url` (with no default root certificate).
+    fn refused(url: &str) -> String {
+        parse_with(url, None)
+            .err()
+            .unwrap_or_else(|| panic!("{url} was accepted"))
     }
 
     fn file(p: &str) -> Roots {
@@ -584,9 +554,7 @@ mod tests {
         let u = read("postgresql://h/db?sslrootcert=system");
         assert_eq!(u.pg.get_ssl_mode(), SslMode::Require);
         assert_eq!((u.tls.verify, u.tls.roots), (Verify::Full, Roots::System));
-        let e = parse_with("postgresql://h/db?sslrootcert=system&sslmode=require", None)
-            .err()
-            .unwrap();
+        let e = refused("postgresql://h/db?sslrootcert=system&sslmode=require");
         assert!(
             e.contains("sslmode=require would not") && e.contains("verify-full"),
             "{e}"
@@ -595,25 +563,17 @@ mod tests {
 
     #[test]
     fn a_verify_mode_without_a_ca_or_an_unknown_mode_is_an_error_saying_what_to_set() {
-        let e = parse_with("postgresql://h/db?sslmode=verify-full", None)
-            .err()
-            .unwrap();
+        let e = refused("postgresql://h/db?sslmode=verify-full");
         assert!(
             e.contains("sslmode=verify-full") && e.contains("add sslrootcert=/path/to/ca.crt"),
             "{e}"
         );
-        let e = parse_with("postgresql://h/db?sslmode=allow", None)
-            .err()
-            .unwrap();
+        let e = refused("postgresql://h/db?sslmode=allow");
         assert!(e.contains("use prefer or require"), "{e}");
-        let e = parse_with("postgresql://h/db?sslmode=verify_full", None)
-            .err()
-            .unwrap();
+        let e = refused("postgresql://h/db?sslmode=verify_full");
         assert!(e.contains("not one of disable, prefer"), "{e}");
         // tokio-postgres's own errors still come through.
-        let e = parse_with("postgresql://h/db?sslmod=require", None)
-            .err()
-            .unwrap();
+        let e = refused("postgresql://h/db?sslmod=require");
         assert!(e.contains("sslmod"), "{e}");
     }
 
@@ -629,13 +589,9 @@ mod tests {
             ))
         );
         assert_eq!(u.pg.get_ssl_mode(), SslMode::Require);
-        let e = parse_with("postgresql://h/db?sslcert=/c/client.crt", None)
-            .err()
-            .unwrap();
+        let e = refused("postgresql://h/db?sslcert=/c/client.crt");
         assert!(e.contains("add sslkey="), "{e}");
-        let e = parse_with("host=h sslkey=/c/client.key", None)
-            .err()
-            .unwrap();
+        let e = refused("host=h sslkey=/c/client.key");
         assert!(e.contains("add sslcert="), "{e}");
     }
 
@@ -652,12 +608,10 @@ mod tests {
             (u.tls.verify, u.tls.roots),
             (Verify::Full, file("/x y/ca.crt"))
         );
-        let e = parse_with("host=h password='open", None).err().unwrap();
+        let e = refused("host=h password='open");
         assert!(e.contains("not closed"), "{e}");
         // A bad parameter is named, never repeated: it may be a password.
-        let e = parse_with("postgresql://u@h/db?password=s3cr%FFt", None)
-            .err()
-            .unwrap();
+        let e = refused("postgresql://u@h/db?password=s3cr%FFt");
         assert!(
             e.contains("not percent-encoded") && !e.contains("s3cr"),
             "{e}"

@@ -297,29 +297,7 @@ async fn an_empty_target_is_copied_into_directly_and_a_colliding_write_falls_bac
     app.batch_execute("BEGIN; INSERT INTO jobs (id, title) VALUES (25000, 'mobile app')")
         .await
         .unwrap();
-    let child = Command::new(tandem_bin())
-        .args(["--config", fx.config_path.to_str().unwrap()])
-        .args(["snapshot", "--seed", "desktop"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    wait_count(
-        60,
-        &fx.m,
-        "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'tandem snapshot' \
-         AND datname = current_database() AND wait_event_type = 'Lock' \
-         AND query LIKE 'COPY \"public\".\"jobs\"%FROM STDIN'",
-        1,
-    )
-    .await;
-    app.batch_execute("COMMIT").await.unwrap();
-    let out = child.wait_with_output().unwrap();
-    let (stdout, stderr) = (
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr),
-    );
-    assert!(out.status.success(), "{stderr}");
+    let (stdout, stderr) = snapshot_meeting(&fx, app, "COPY \"public\".\"jobs\"%FROM STDIN").await;
     assert!(
         stderr.contains("has a key the seed has too; copying through a staging table instead"),
         "{stderr}"
@@ -354,30 +332,9 @@ async fn a_row_the_target_commits_during_the_merge_is_merged_into_not_an_error()
     app.batch_execute("BEGIN; INSERT INTO jobs (id, title) VALUES (15000, 'mobile app')")
         .await
         .unwrap();
-    let child = Command::new(tandem_bin())
-        .args(["--config", fx.config_path.to_str().unwrap()])
-        .args(["snapshot", "--seed", "desktop"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
     // The merge's insert of the missing rows waits on the application's uncommitted row.
-    wait_count(
-        60,
-        &fx.m,
-        "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'tandem snapshot' \
-         AND datname = current_database() AND wait_event_type = 'Lock' \
-         AND query LIKE 'INSERT INTO \"public\".\"jobs\"%NOT EXISTS%'",
-        1,
-    )
-    .await;
-    app.batch_execute("COMMIT").await.unwrap();
-    let out = child.wait_with_output().unwrap();
-    let (stdout, stderr) = (
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr),
-    );
-    assert!(out.status.success(), "{stderr}");
+    let (stdout, stderr) =
+        snapshot_meeting(&fx, app, "INSERT INTO \"public\".\"jobs\"%NOT EXISTS%").await;
     // Rows 1 and 15000 took the seed's version; the other 19,998 were inserted once.
     assert!(
         stdout.contains("public.jobs: copied 20000 rows from desktop: 19998 inserted, 2 updated"),
@@ -385,4 +342,39 @@ async fn a_row_the_target_commits_during_the_merge_is_merged_into_not_an_error()
     );
     let r = verify::verify(&fx.cfg, None).await.unwrap();
     assert_eq!(counts(&r, "public.jobs"), (20_000, 0, 0, 0));
+}
+
+/// `tandem snapshot --seed desktop` while `app` holds an uncommitted row on mobile: once the
+/// snapshot's statement like `query` waits on it, `app` commits. Returns stdout and stderr of the
+/// snapshot, which must have succeeded.
+async fn snapshot_meeting(
+    fx: &Fixture,
+    app: tokio_postgres::Client,
+    query: &str,
+) -> (String, String) {
+    let child = Command::new(tandem_bin())
+        .args(["--config", fx.config_path.to_str().unwrap()])
+        .args(["snapshot", "--seed", "desktop"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_count(
+        60,
+        &fx.m,
+        &format!(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'tandem snapshot' \
+             AND datname = current_database() AND wait_event_type = 'Lock' AND query LIKE '{query}'"
+        ),
+        1,
+    )
+    .await;
+    app.batch_execute("COMMIT").await.unwrap();
+    let out = child.wait_with_output().unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    );
+    assert!(out.status.success(), "{stderr}");
+    (stdout, stderr)
 }

@@ -123,6 +123,15 @@ impl Shape {
         })
     }
 
+    /// What a row is compared by, as [`collect_rows`] reads it: key text, key values, key JSON,
+    /// row hash.
+    fn compared(&self) -> String {
+        format!(
+            "{}, {}, {}, {}",
+            self.key_text, self.key_values, self.key_json, self.row_hash
+        )
+    }
+
     fn bucket(&self, n: i64) -> String {
         format!("((hashtext({}) & 2147483647) % {n})", self.key_text)
     }
@@ -227,11 +236,8 @@ async fn stage_rows(c: &Client, s: &Shape, n: i64, buckets: &[i32]) -> Result<()
     ))
     .await?;
     let sql = format!(
-        "INSERT INTO {STAGED} SELECT {b}, {k}, {kv}, {kj}, {h} FROM {t} t WHERE {b} = ANY($1)",
-        k = s.key_text,
-        kv = s.key_values,
-        kj = s.key_json,
-        h = s.row_hash,
+        "INSERT INTO {STAGED} SELECT {b}, {r} FROM {t} t WHERE {b} = ANY($1)",
+        r = s.compared(),
         t = s.name.quoted(),
         b = s.bucket(n)
     );
@@ -255,11 +261,8 @@ async fn rows_in(
     let sql = match staged {
         true => format!("SELECT k, kv, kj, h FROM {STAGED} WHERE bucket = ANY($1)"),
         false => format!(
-            "SELECT {k}, {kv}, {kj}, {h} FROM {t} t WHERE {b} = ANY($1)",
-            k = s.key_text,
-            kv = s.key_values,
-            kj = s.key_json,
-            h = s.row_hash,
+            "SELECT {r} FROM {t} t WHERE {b} = ANY($1)",
+            r = s.compared(),
             t = s.name.quoted(),
             b = s.bucket(n)
         ),
@@ -291,11 +294,8 @@ async fn rows_with_keys(
     keys: &[Key],
 ) -> Result<HashMap<String, (Key, String)>> {
     let sql = format!(
-        "SELECT {k}, {kv}, {kj}, {h} FROM {t} t {join}",
-        k = s.key_text,
-        kv = s.key_values,
-        kj = s.key_json,
-        h = s.row_hash,
+        "SELECT {r} FROM {t} t {join}",
+        r = s.compared(),
         t = s.name.quoted(),
         join = s.key_join()
     );
