@@ -758,6 +758,39 @@ async fn replication_connections_try_the_urls_hosts_in_order_and_honour_hostaddr
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_urls_options_reach_the_walsender_and_tandems_own_settings_still_hold() {
+    let (d, m) = Fixture::databases(
+        "url_options",
+        "CREATE TABLE jobs (id int PRIMARY KEY, at timestamptz, day date);",
+    )
+    .await;
+    // Logged replication commands show the options arrived; a date style of the URL's own
+    // would change how the stream renders dates, unless tandem's settings come after it.
+    let text = Fixture::config_text("url_options", r#"tables = ["public.jobs"]"#).replace(
+        "/url_options\"\nslot = \"url_options_d\"",
+        "/url_options?options=-c%20log_replication_commands%3Don%20-c%20datestyle%3DSQL%2CDMY\"\n\
+         slot = \"url_options_d\"",
+    );
+    assert_eq!(
+        text.matches("log_replication_commands").count(),
+        1,
+        "{text}"
+    );
+    let fx = Fixture::with_config("url_options", d, m, text).await;
+    let run = fx.start().await;
+    fx.d.batch_execute("INSERT INTO jobs VALUES (1, '2026-03-04 05:06:07.891+00', '2026-03-04')")
+        .await
+        .unwrap();
+    fx.wait_equal("jobs", 30).await;
+    run.stop().await;
+    let log = std::fs::read_to_string(clusters().desktop.dir.join("server.log")).unwrap();
+    assert!(
+        log.contains("received replication command: START_REPLICATION SLOT \"url_options_d\""),
+        "the walsender did not get the URL's options"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_client_certificate_logs_in_on_sql_and_replication_connections() {
     use tandem::localpg::CERT_ROLE;
     // The clusters' pg_hba lets CERT_ROLE in by client certificate only (`cert`).

@@ -55,7 +55,11 @@ pub struct SourceStream {
 fn wal_config(site: &Site, app: String) -> Result<WalConfig> {
     let mut cfg =
         WalConfig::from_url(&site.url).map_err(|e| anyhow!("{}: invalid url: {e}", site.side))?;
-    cfg.options = STREAM_OPTIONS.into();
+    // After the URL's own (a proxy may route by them, as Neon's `endpoint=`): later settings
+    // win, so ours hold.
+    cfg.options = format!("{} {STREAM_OPTIONS}", cfg.options)
+        .trim()
+        .to_string();
     cfg.application_name = app;
     Ok(cfg)
 }

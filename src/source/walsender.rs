@@ -52,7 +52,7 @@ pub struct WalConfig {
     ssl: SslMode,
     tls: crate::tls::Tls,
     connect_timeout: Duration,
-    /// Startup `options` (`-c name=value …`).
+    /// Startup `options` (`-c name=value …`): the URL's, to which tandem adds its own.
     pub options: String,
     pub application_name: String,
 }
@@ -100,7 +100,7 @@ impl WalConfig {
                 .get_connect_timeout()
                 .copied()
                 .unwrap_or(Duration::from_secs(10)),
-            options: String::new(),
+            options: pg.get_options().unwrap_or_default().to_string(),
             application_name: "tandem".into(),
         })
     }
