@@ -127,13 +127,13 @@ enum Command {
     },
     /// Drain the same backlogs with native logical replication and with tandem; report rows/s.
     Bench {
-        /// Workloads to run, comma-separated: w1, w2, w3, w4.
-        #[arg(long, value_delimiter = ',', default_value = "w1,w2,w3,w4")]
+        /// Workloads to run, comma-separated: w1, w2, w3, w4, w5.
+        #[arg(long, value_delimiter = ',', default_value = "w1,w2,w3,w4,w5")]
         workload: Vec<bench::Workload>,
         /// Runs of each contender per workload (their order rotates).
         #[arg(long, default_value_t = 1)]
         repeat: u32,
-        /// Multiply backlog sizes (1.0 = 100k transactions for W1, 1M rows for W2, 1000 × 100 KB for W4).
+        /// Multiply backlog sizes (1.0 = 100k transactions for W1, 1M rows for W2, 1000 × 100 KB for W4, 2M rows for W5).
         #[arg(long, default_value_t = 1.0)]
         scale: f64,
         /// Machine-readable output.

@@ -10,7 +10,7 @@ fn bench_runs_every_contender_to_equal_tables_and_reports_json() {
         .args([
             "bench",
             "--workload",
-            "w1,w2,w3",
+            "w1,w2,w3,w5",
             "--scale",
             "0.004",
             "--lag-seconds",
@@ -60,7 +60,15 @@ fn bench_runs_every_contender_to_equal_tables_and_reports_json() {
         ran("W3", "Pglogical"),
         "pglogical runs exactly when installed"
     );
-    // Each workload's change count: W1 4 clients × 100 transactions × 3, W2 4,000 rows × 2.
+    // W5 (initial copy) is native's table sync against tandem's snapshot only.
+    for c in ["NativeText", "Tandem"] {
+        assert!(ran("W5", c), "W5 {c} missing in {ms:?}");
+    }
+    assert!(!ms
+        .iter()
+        .any(|m| m["workload"] == "W5" && m["contender"] == "TandemTwoWay"));
+    // Each workload's change count: W1 4 clients × 100 transactions × 3, W2 4,000 rows × 2,
+    // W5 8,000 rows copied.
     let changes = |w: &str| {
         ms.iter()
             .find(|m| m["workload"] == w)
@@ -68,11 +76,12 @@ fn bench_runs_every_contender_to_equal_tables_and_reports_json() {
     };
     assert_eq!(changes("W1"), Some(1200));
     assert_eq!(changes("W2"), Some(8000));
+    assert_eq!(changes("W5"), Some(8000));
     let lag = report["lag"].as_array().unwrap();
     assert!(
         lag.iter()
             .any(|l| l["contender"] == "Tandem" && l["samples"].as_u64() > Some(10)),
         "{lag:?}"
     );
-    assert_eq!(report["summary"].as_array().unwrap().len(), 3);
+    assert_eq!(report["summary"].as_array().unwrap().len(), 4);
 }

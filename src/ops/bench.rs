@@ -30,6 +30,10 @@ pub enum Workload {
     W3,
     /// Rows with 100 KB TOASTed text, then updates of another column.
     W4,
+    /// The initial copy: N rows in the table before replication is set up, none on the target,
+    /// and one row written after. Native subscribes with `copy_data = true`, tandem runs with its
+    /// initial snapshot; both are done once that last row has arrived.
+    W5,
 }
 
 impl std::str::FromStr for Workload {
@@ -40,7 +44,8 @@ impl std::str::FromStr for Workload {
             "w2" => Ok(Workload::W2),
             "w3" => Ok(Workload::W3),
             "w4" => Ok(Workload::W4),
-            _ => Err(format!("unknown workload `{s}`; use w1, w2, w3 or w4")),
+            "w5" => Ok(Workload::W5),
+            _ => Err(format!("unknown workload `{s}`; use w1, w2, w3, w4 or w5")),
         }
     }
 }
@@ -120,8 +125,14 @@ impl Contender {
 
     /// Native cannot replicate both ways on PostgreSQL 15 (no `origin = none`), and for W3
     /// "tandem two-way" is plain "tandem".
+    /// W5 compares initial copies: native's table sync and tandem's snapshot (pglogical's
+    /// copy starts when its subscription is created, before the rows exist here).
     fn runs(self, w: Workload) -> bool {
-        w != Workload::W3 || !(self.is_native() || self == Contender::TandemTwoWay)
+        match w {
+            Workload::W3 => !(self.is_native() || self == Contender::TandemTwoWay),
+            Workload::W5 => self.is_native() || self == Contender::Tandem,
+            _ => true,
+        }
     }
 }
 
@@ -273,6 +284,18 @@ async fn end_mark(c: &Client, id: i64) -> Result<Lsn> {
     Ok(lsn.parse()?)
 }
 
+/// W5's rows, written before replication is set up, as in a database that has been in use.
+async fn existing_rows(d: &Client, scale: f64) -> Result<()> {
+    let rows = ((2_000_000.0 * scale).round() as i64).max(1);
+    d.execute(
+        "INSERT INTO bench SELECT g, g % 1000, 'row ' || g FROM generate_series(1, $1::int8) g",
+        &[&rows],
+    )
+    .await?;
+    d.batch_execute("ANALYZE bench").await?;
+    Ok(())
+}
+
 /// Generate the backlog; returns the number of row changes and, per source side written, a WAL
 /// position inside its last transaction (the contender must confirm past it).
 async fn generate(
@@ -317,6 +340,11 @@ async fn generate(
             d.batch_execute("UPDATE bench SET v = v + 1").await?;
             (rows * 2) as u64
         }
+        // The rows were there before replication was set up (`existing_rows`).
+        Workload::W5 => d
+            .query_one("SELECT count(*) FROM bench", &[])
+            .await?
+            .get::<_, i64>(0) as u64,
         Workload::W4 => {
             let rows = n(1_000.0);
             // 100 KB of hex that does not compress: stored out of line.
@@ -357,11 +385,18 @@ async fn progress_of(target: &Client, progress: &str) -> Result<Option<Lsn>> {
 ///
 /// Only cheap catalog queries are polled: comparing the tables is a full scan of both, which on a
 /// small machine would steal the CPU the contender needs; it runs once at the end.
+/// When a contender has drained a backlog: its slot confirmed past `end`, and for W5 the
+/// target holds `rows` rows.
+struct Drained {
+    end: Lsn,
+    rows: Option<i64>,
+}
+
 async fn wait_drained(
     source: &Client,
     target: &Client,
     (slot, progress): (&str, &str),
-    end: Lsn,
+    Drained { end, rows }: Drained,
     limit: Duration,
     t: Instant,
     alive: &dyn Fn() -> bool,
@@ -393,6 +428,25 @@ async fn wait_drained(
         }
         if Instant::now() > deadline {
             bail!("slot {slot} not confirmed past {end} within {limit:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // W5: a slot confirms past the end while the copy still runs (native's apply worker skips
+    // a table that is not synchronised yet), so the copy is done when the target has every row.
+    if rows.is_some() {
+        // What the progress record said is beside the point: applied means the rows are there.
+        applied = None;
+    }
+    while let Some(rows) = rows {
+        let got: i64 = target
+            .query_one("SELECT count(*) FROM bench", &[])
+            .await?
+            .get(0);
+        if got == rows {
+            break;
+        }
+        if !alive() || Instant::now() > deadline {
+            bail!("the target has {got} of {rows} rows");
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -464,9 +518,13 @@ impl Pair {
         w: Workload,
         who: Contender,
         kafka: Option<&str>,
+        scale: f64,
     ) -> Result<Pair> {
         let d = fresh_db(dc, &name).await?;
         let m = fresh_db(mc, &name).await?;
+        if w == Workload::W5 {
+            existing_rows(&d, scale).await?;
+        }
         let two_way = w == Workload::W3
             || matches!(who, Contender::TandemTwoWay | Contender::TandemConflicts);
         let mut pair = Pair {
@@ -486,8 +544,9 @@ impl Pair {
                 let binary = who == Contender::NativeBinary;
                 pair.m.batch_execute(&format!(
                     "CREATE SUBSCRIPTION bench_sub CONNECTION '{}' \
-                     PUBLICATION bench_pub WITH (copy_data = false, enabled = false, binary = {binary}, slot_name = '{name}_native')",
-                    dsn(dc, &name)
+                     PUBLICATION bench_pub WITH (copy_data = {copy}, enabled = false, binary = {binary}, slot_name = '{name}_native')",
+                    dsn(dc, &name),
+                    copy = w == Workload::W5
                 ))
                 .await?;
             }
@@ -558,9 +617,10 @@ impl Pair {
                 let text = format!(
                     "[desktop]\nurl = \"{}?sslmode=disable\"\nslot = \"{name}_d\"\npublication = \"{name}_d\"\n\
                      [mobile]\nurl = \"{}?sslmode=disable\"\nslot = \"{name}_m\"\npublication = \"{name}_m\"\n\
-                     [replication]\ntables = [\"public.bench\"]\ninitial_snapshot = false\n{direction}{extra}",
+                     [replication]\ntables = [\"public.bench\"]\ninitial_snapshot = {}\n{direction}{extra}",
                     dc.url(&name),
-                    mc.url(&name)
+                    mc.url(&name),
+                    w == Workload::W5
                 );
                 let cfg =
                     Arc::new(Config::parse(&text, |_| None).map_err(|e| anyhow::anyhow!(e.0))?);
@@ -754,10 +814,20 @@ async fn measure(
         format!("{w:?}").to_lowercase(),
         who.key().replace('-', "_")
     );
-    let mut pair = Pair::prepare(dc, mc, name.clone(), w, who, kafka).await?;
+    let mut pair = Pair::prepare(dc, mc, name.clone(), w, who, kafka, scale).await?;
     let (changes, ends) =
         generate(w, &pair.d, &pair.m, (&dc.url(&name), &mc.url(&name)), scale).await?;
     let limit = Duration::from_secs(1800);
+    // W5 is done when the target holds every row (see `wait_drained`); counted before the clock.
+    let rows = match w {
+        Workload::W5 => Some(
+            pair.d
+                .query_one("SELECT count(*) FROM bench", &[])
+                .await?
+                .get(0),
+        ),
+        _ => None,
+    };
     let t = Instant::now();
     let cpu = process_cpu_seconds();
     pair.resume().await?;
@@ -767,11 +837,12 @@ async fn measure(
         let (slot, progress) = pair.slot_and_progress(source);
         let target = pair.source(source.other());
         let alive = || pair.alive();
+
         match wait_drained(
             pair.source(source),
             target,
             (&slot, &progress),
-            end,
+            Drained { end, rows },
             limit,
             t,
             &alive,
@@ -813,7 +884,7 @@ async fn measure_lag(
     secs: f64,
 ) -> Result<Lag> {
     let name = format!("bench_lag_{}", who.key().replace('-', "_"));
-    let mut pair = Pair::prepare(dc, mc, name.clone(), Workload::W1, who, None).await?;
+    let mut pair = Pair::prepare(dc, mc, name.clone(), Workload::W1, who, None, 1.0).await?;
     pair.resume().await?;
     let (slot, progress) = pair.slot_and_progress(Side::Desktop);
     // Warm up: one transaction through, so the contender is streaming.
@@ -822,7 +893,10 @@ async fn measure_lag(
         &pair.d,
         &pair.m,
         (&slot, &progress),
-        warm,
+        Drained {
+            end: warm,
+            rows: None,
+        },
         Duration::from_secs(60),
         Instant::now(),
         &|| pair.alive(),
