@@ -91,7 +91,7 @@ pub async fn run(
             }
         })
     };
-    let watch = tokio::spawn(watch_publications(cfg.clone()));
+    let watch = tokio::spawn(watch_sources(cfg.clone()));
     let mut tasks = Vec::new();
     for side in Side::BOTH {
         let (cfg, rx, st, stop_tx) = (
@@ -167,12 +167,17 @@ async fn check_published(cfg: &Config, src: &tokio_postgres::Client, source: Sid
 /// How often a running `run` looks for tables that started to match the configured patterns.
 const PUBLICATION_CHECK: Duration = Duration::from_secs(10);
 
-/// While `run` runs, a table created that matches the configured patterns is in no publication
-/// until `setup` runs again, and nothing of it is sent: said once per table in the log, and
-/// counted in `tandem_unpublished_tables{direction}`.
-async fn watch_publications(cfg: Arc<Config>) {
+/// While `run` runs, every `PUBLICATION_CHECK`, on each source:
+/// - a table created that matches the configured patterns is in no publication until `setup`
+///   runs again, and nothing of it is sent: said once per table in the log, and counted in
+///   `tandem_unpublished_tables{direction}`;
+/// - under `max_slot_wal_keep_size` (Supabase sets one), the WAL the server may still add before
+///   it invalidates the slot, `tandem_slot_safe_wal_bytes{direction}`, and a warning once the
+///   slot is past it (`unreserved`): what an operator alerts on before a resynchronisation.
+async fn watch_sources(cfg: Arc<Config>) {
     let mut clients: [Option<tokio_postgres::Client>; 2] = [None, None];
     let mut told: Vec<TableName> = Vec::new();
+    let mut unreserved = [false; 2];
     loop {
         tokio::time::sleep(PUBLICATION_CHECK).await;
         for (i, source) in Side::BOTH.into_iter().enumerate() {
@@ -180,6 +185,28 @@ async fn watch_publications(cfg: Arc<Config>) {
                 clients[i] = db::connect(cfg.site(source), "tandem check").await.ok();
             }
             let Some(c) = &clients[i] else { continue };
+            let site = cfg.site(source);
+            if let Ok(Some(r)) = c
+                .query_opt(
+                    "SELECT wal_status, safe_wal_size FROM pg_replication_slots WHERE slot_name = $1",
+                    &[&site.slot],
+                )
+                .await
+            {
+                let (status, safe): (Option<String>, Option<i64>) = (r.get(0), r.get(1));
+                if let Some(safe) = safe {
+                    metrics::gauge!("tandem_slot_safe_wal_bytes", "direction" => source.direction_from())
+                        .set(safe as f64);
+                }
+                let past = status.as_deref() == Some("unreserved");
+                if past && !unreserved[i] {
+                    tracing::warn!(%source, slot = %site.slot,
+                        "the slot is past max_slot_wal_keep_size: the server removes WAL it still \
+                         needs at its next checkpoint, and the slot is then lost (resynchronise \
+                         with teardown, setup, snapshot); tandem is behind, see `tandem status`");
+                }
+                unreserved[i] = past;
+            }
             let missing = match unpublished(&cfg, c, source).await {
                 Ok(m) => m,
                 Err(e) => {

@@ -141,6 +141,23 @@ async fn a_slot_the_server_invalidated_stops_run_with_how_to_resynchronise() {
         m_cluster.url("lost")
     );
     let fx = Fixture::with_config("slot_lost", d, m, text).await;
+    // While healthy, run reports how much WAL the server may still add before the limit.
+    let (mut child, port) = fx.run_with_metrics();
+    let safe = |body: &str, dir: &str| {
+        body.lines()
+            .find(|l| {
+                l.starts_with("tandem_slot_safe_wal_bytes{") && l.contains(&format!("\"{dir}\""))
+            })
+            .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+    };
+    wait_for(60, "safe WAL bytes reported for both slots", || async {
+        common::scrape(port).is_some_and(|b| {
+            safe(&b, "D>M").is_some_and(|v| v > 0.0) && safe(&b, "M>D").is_some_and(|v| v > 0.0)
+        })
+    })
+    .await;
+    child.kill().unwrap();
+    child.wait().unwrap();
     // tandem is not running; the desktop writes well past the limit and checkpoints.
     for _ in 0..3 {
         fx.d.batch_execute(
