@@ -131,11 +131,11 @@ fn parse_with(url: &str, default_root: Option<PathBuf>) -> Result<Url, String> {
             mode.unwrap_or_default()
         ));
     }
-    let rest = match (pg_mode, url_form(url).is_some()) {
+    let rest = match (pg_mode, url_form(&rest).map(|a| params_at(a).is_some())) {
         (None, _) => rest,
-        (Some(m), true) if rest.contains('?') => format!("{rest}&sslmode={m}"),
-        (Some(m), true) => format!("{rest}?sslmode={m}"),
-        (Some(m), false) => format!("{rest} sslmode={m}"),
+        (Some(m), Some(true)) => format!("{rest}&sslmode={m}"),
+        (Some(m), Some(false)) => format!("{rest}?sslmode={m}"),
+        (Some(m), None) => format!("{rest} sslmode={m}"),
     };
     let pg = tokio_postgres::Config::from_str(&rest).map_err(|e| match e.source() {
         Some(why) => format!("{e}: {why}"),
@@ -156,6 +156,13 @@ fn url_form(url: &str) -> Option<&str> {
     ["postgres://", "postgresql://"]
         .iter()
         .find_map(|p| url.strip_prefix(p))
+}
+
+/// Where a URL's parameters start, in the part after the scheme, as tokio-postgres reads it:
+/// the credentials end at the first `@`, and the parameters start at the first `?` after them.
+fn params_at(after_scheme: &str) -> Option<usize> {
+    let creds = after_scheme.find('@').map_or(0, |i| i + 1);
+    after_scheme[creds..].find('?').map(|q| creds + q)
 }
 
 /// A URL without the TLS parameters tokio-postgres does not know, and their values.
@@ -182,13 +189,11 @@ fn take_tls_params(url: &str) -> Result<TlsParams, String> {
     };
     let rest = match url_form(url) {
         Some(after) => {
-            // As tokio-postgres reads it: credentials end at the first `@`, parameters start at
-            // the first `?` after them, and are `&`-separated `key=value`, percent-encoded.
-            let creds = after.find('@').map_or(0, |i| i + 1);
-            match after[creds..].find('?') {
+            // `&`-separated `key=value`, percent-encoded.
+            match params_at(after) {
                 None => url.to_string(),
                 Some(q) => {
-                    let at = url.len() - after.len() + creds + q;
+                    let at = url.len() - after.len() + q;
                     let mut kept = Vec::new();
                     for part in url[at + 1..].split('&') {
                         let (k, v) = part.split_once('=').unwrap_or((part, ""));
@@ -513,6 +518,12 @@ mod tests {
         );
         assert_eq!(u.tls.verify, Verify::Full);
         assert_eq!(u.tls.roots, file("/tmp/ca dir/ca.crt"));
+
+        // A `?` in the password, and no parameter left once ours are taken out.
+        let u = read("postgresql://app:a?b@h/db?sslmode=verify-full&sslrootcert=/c.pem");
+        assert_eq!(u.pg.get_password(), Some(&b"a?b"[..]));
+        assert_eq!(u.pg.get_dbname(), Some("db"));
+        assert_eq!(u.pg.get_ssl_mode(), SslMode::Require);
 
         let u = read("postgres://app@h/db?sslrootcert=/c.pem&sslmode=verify-ca");
         assert_eq!(u.pg.get_ssl_mode(), SslMode::Require);
