@@ -230,7 +230,7 @@ async fn watch_sources(cfg: Arc<Config>) {
 }
 
 /// The configured tables that flow from `source` and are not in its publication.
-async fn unpublished(
+pub(crate) async fn unpublished(
     cfg: &Config,
     src: &tokio_postgres::Client,
     source: Side,

@@ -954,8 +954,11 @@ async fn a_table_created_after_setup_stops_run_until_setup_publishes_it() {
         "{msg}"
     );
     assert_eq!(Fixture::count(&fx.m, "SELECT count(*) FROM late").await, 0);
-
     let config = fx.config_path.to_str().unwrap();
+    let (code, out, err) = run_tandem(&["--config", config, "status"], &[]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out.matches("NOT PUBLISHED public.late").count(), 2, "{out}");
+
     let (code, out, err) = run_tandem(&["--config", config, "setup"], &[]);
     assert_eq!(code, 0, "{out}\n{err}");
     // Now run snapshots the table and streams its changes, both ways.

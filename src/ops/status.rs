@@ -56,6 +56,14 @@ async fn one(out: &mut String, cfg: &Config, source: Side, s: &Client, t: &Clien
             None => "missing (run setup)".into(),
         }
     )?;
+    for table in crate::sync::unpublished(cfg, s, source).await? {
+        writeln!(
+            out,
+            "  NOT PUBLISHED {table}: it matches [replication] tables but is not in publication \
+             {}, so its changes are not sent; run `tandem setup`",
+            cfg.site(source).publication
+        )?;
+    }
     for r in t
         .query(
             "SELECT p.table_name, p.since::text, p.conflict_id, c.kind, c.key::text, \
