@@ -138,6 +138,31 @@ async fn preflight(cfg: &Config) -> Result<()> {
         let src = db::connect(site, "tandem check").await?;
         check_no_gap(&src, site, cp.lsn).await?;
         check_published(cfg, &src, source).await?;
+        check_old_rows(cfg, &src, source).await?;
+    }
+    Ok(())
+}
+
+/// Every relation of a table whose conflict policy compares old rows logs them. `setup` sees to
+/// it, but a partition created since logs its changes as its own identity says: without old rows
+/// those changes would be taken as conflicts, or as none, wrongly.
+async fn check_old_rows(cfg: &Config, src: &tokio_postgres::Client, source: Side) -> Result<()> {
+    for t in crate::catalog::expand(src, &cfg.tables).await? {
+        let needs = cfg
+            .conflicts_for(&t)
+            .is_some_and(|tc| tc.policy.needs_old_row());
+        if !needs || !cfg.direction(&t).flows_from(source) {
+            continue;
+        }
+        let partial = crate::ops::setup::not_identity_full(src, &t).await?;
+        if !partial.is_empty() {
+            bail!(
+                "{source}: {t}'s conflict policy needs the old row of every change, but {} \
+                 log changes without it (a partition created after `tandem setup`?); run \
+                 `tandem setup --replica-identity-full`",
+                partial.join(", ")
+            );
+        }
     }
     Ok(())
 }

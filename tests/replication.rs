@@ -1088,6 +1088,66 @@ async fn a_partitioned_table_replicates_as_one_table_whatever_each_side_partitio
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn conflict_rules_on_a_partitioned_table_get_old_rows_from_every_partition() {
+    let schema = "CREATE TABLE meas (id bigint, day date, v int, PRIMARY KEY (id, day)) PARTITION BY RANGE (day);
+         CREATE TABLE meas_h1 PARTITION OF meas FOR VALUES FROM ('2026-01-01') TO ('2026-07-01');
+         CREATE TABLE meas_h2 PARTITION OF meas FOR VALUES FROM ('2026-07-01') TO ('2027-01-01');
+         INSERT INTO meas VALUES (1, '2026-02-01', 1);";
+    // No initial snapshot: the rows are equal already, and the conflict below is for the rules.
+    let tables = "tables = [\"public.meas\"]\ninitial_snapshot = false";
+    let fx = Fixture::new("parted_rules", schema, tables).await;
+    // The same tables under a rule that compares old rows: each partition must log them, since
+    // the partition holding a row is what writes its old image to the WAL.
+    let text =
+        Fixture::config_text("parted_rules", tables) + "[conflicts]\npolicy = \"desktop_wins\"\n";
+    std::fs::write(&fx.config_path, text).unwrap();
+    let config = fx.config_path.to_str().unwrap();
+    let (code, _, err) = run_tandem(&["--config", config, "setup"], &[]);
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("meas_h1, meas_h2") && err.contains("--replica-identity-full"),
+        "{err}"
+    );
+    let (code, out, err) = run_tandem(
+        &["--config", config, "setup", "--replica-identity-full"],
+        &[],
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("table meas_h2 now has REPLICA IDENTITY FULL"),
+        "{out}"
+    );
+    // A partition added since: run refuses until setup has seen to it.
+    for c in [&fx.d, &fx.m] {
+        c.batch_execute("CREATE TABLE meas_h3 PARTITION OF meas FOR VALUES FROM ('2027-01-01') TO ('2028-01-01')")
+            .await
+            .unwrap();
+    }
+    let (code, _, err) = run_tandem(&["--config", config, "run"], &[]);
+    assert_ne!(code, 0);
+    assert!(err.contains("meas_h3 log changes without it"), "{err}");
+    let (code, _, err) = run_tandem(
+        &["--config", config, "setup", "--replica-identity-full"],
+        &[],
+    );
+    assert_eq!(code, 0, "{err}");
+
+    // Both sides change the row while run is stopped: desktop's version wins on both.
+    fx.d.batch_execute("UPDATE meas SET v = 10 WHERE id = 1")
+        .await
+        .unwrap();
+    fx.m.batch_execute("UPDATE meas SET v = 20 WHERE id = 1")
+        .await
+        .unwrap();
+    let (mut child, _) = fx.run_with_metrics();
+    fx.wait_equal("meas", 30).await;
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert_eq!(Fixture::rows(&fx.m, "meas").await, ["(1,2026-02-01,10)"]);
+    assert!(Fixture::count(&fx.d, "SELECT count(*) FROM tandem.conflicts").await >= 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_role_without_superuser_replicates_both_ways_without_echo() {
     // As on managed cloud PostgreSQL: LOGIN and REPLICATION, owner of its tables, no superuser.
     // No replication origin then, and no session_replication_role: the marker alone stops echo,

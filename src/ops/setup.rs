@@ -47,8 +47,9 @@ pub const MIGRATIONS: &[(i32, &str)] = &[
 /// Tables as both sides have them, after validation.
 pub struct Plan {
     pub tables: Vec<TableName>,
-    /// `(side, table)` to switch to `REPLICA IDENTITY FULL` (asked for with the option).
-    pub identity_full: Vec<(Side, TableName)>,
+    /// Per side, the relations (a table, or a partitioned table's tree, as `regclass` text) to
+    /// switch to `REPLICA IDENTITY FULL` (asked for with the option).
+    pub identity_full: Vec<(Side, Vec<String>)>,
     /// Key sequences of tables written on both sides: `(table, column, desktop seq, mobile seq)`.
     pub sequences: Vec<(TableName, String, String, String)>,
     /// Warnings to print with the report.
@@ -137,6 +138,21 @@ fn describe_columns(t: &TargetTable) -> String {
         .map(|&k| t.columns[k].name.as_str())
         .collect::<Vec<_>>()
         .join(", ")
+}
+
+/// The relations of `t` whose changes are logged without their old row: `t` itself, or for a
+/// partitioned table every partition in its tree. The old row is logged by the partition that
+/// holds the row, whatever the partitioned table says, even when it publishes via the root.
+pub(crate) async fn not_identity_full(c: &Client, t: &TableName) -> Result<Vec<String>> {
+    Ok(c.query(
+        "SELECT p.relid::regclass::text FROM pg_partition_tree($1::text::regclass) p \
+             JOIN pg_class c ON c.oid = p.relid WHERE c.relreplident <> 'f' ORDER BY p.level, 1",
+        &[&t.quoted()],
+    )
+    .await?
+    .iter()
+    .map(|r| r.get(0))
+    .collect())
 }
 
 async fn replica_identity(c: &Client, t: &TableName) -> Result<Option<String>> {
@@ -338,15 +354,16 @@ async fn check_conflicts(
                 if !cfg.direction(t).flows_from(side) {
                     continue;
                 }
-                if replica_identity(c, t).await?.as_deref() != Some("f") {
+                let partial = not_identity_full(c, t).await?;
+                if !partial.is_empty() {
                     if opts.replica_identity_full {
-                        plan.identity_full.push((side, t.clone()));
+                        plan.identity_full.push((side, partial));
                     } else {
                         problems.push(format!(
                             "{side}: table {t} uses conflict policy {policy}, which needs the old row of \
                              every change; run `tandem setup --replica-identity-full` or \
-                             `ALTER TABLE {} REPLICA IDENTITY FULL`",
-                            t.quoted()
+                             `ALTER TABLE … REPLICA IDENTITY FULL` on {}",
+                            partial.join(", ")
                         ));
                     }
                 }
@@ -363,12 +380,14 @@ async fn change_schema(
     m: &Client,
     report: &mut Vec<String>,
 ) -> Result<()> {
-    for (side, t) in &plan.identity_full {
+    for (side, relations) in &plan.identity_full {
         let c = if *side == Side::Desktop { d } else { m };
-        c.batch_execute(&format!("ALTER TABLE {} REPLICA IDENTITY FULL", t.quoted()))
-            .await
-            .with_context(|| format!("{side}: setting REPLICA IDENTITY FULL on {t}"))?;
-        report.push(format!("{side}: table {t} now has REPLICA IDENTITY FULL"));
+        for r in relations {
+            c.batch_execute(&format!("ALTER TABLE {r} REPLICA IDENTITY FULL"))
+                .await
+                .with_context(|| format!("{side}: setting REPLICA IDENTITY FULL on {r}"))?;
+            report.push(format!("{side}: table {r} now has REPLICA IDENTITY FULL"));
+        }
     }
     for (t, col, ds, ms) in &plan.sequences {
         // Past every value either side has used, then desktop odd, mobile even.
