@@ -1105,7 +1105,8 @@ async fn conflict_rules_on_a_partitioned_table_get_old_rows_from_every_partition
     let (code, _, err) = run_tandem(&["--config", config, "setup"], &[]);
     assert_ne!(code, 0);
     assert!(
-        err.contains("meas_h1, meas_h2") && err.contains("--replica-identity-full"),
+        err.contains("public.meas, public.meas_h1, public.meas_h2")
+            && err.contains("--replica-identity-full"),
         "{err}"
     );
     let (code, out, err) = run_tandem(
@@ -1114,7 +1115,7 @@ async fn conflict_rules_on_a_partitioned_table_get_old_rows_from_every_partition
     );
     assert_eq!(code, 0, "{err}");
     assert!(
-        out.contains("table meas_h2 now has REPLICA IDENTITY FULL"),
+        out.contains("table public.meas_h2 now has REPLICA IDENTITY FULL"),
         "{out}"
     );
     // A partition added since: run refuses until setup has seen to it.
@@ -1125,7 +1126,10 @@ async fn conflict_rules_on_a_partitioned_table_get_old_rows_from_every_partition
     }
     let (code, _, err) = run_tandem(&["--config", config, "run"], &[]);
     assert_ne!(code, 0);
-    assert!(err.contains("meas_h3 log changes without it"), "{err}");
+    assert!(
+        err.contains("public.meas_h3 log changes without it"),
+        "{err}"
+    );
     let (code, _, err) = run_tandem(
         &["--config", config, "setup", "--replica-identity-full"],
         &[],

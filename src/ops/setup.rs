@@ -144,9 +144,12 @@ fn describe_columns(t: &TargetTable) -> String {
 /// partitioned table every partition in its tree. The old row is logged by the partition that
 /// holds the row, whatever the partitioned table says, even when it publishes via the root.
 pub(crate) async fn not_identity_full(c: &Client, t: &TableName) -> Result<Vec<String>> {
+    // pg_partition_tree lists nothing for a table that is not partitioned.
     Ok(c.query(
-        "SELECT p.relid::regclass::text FROM pg_partition_tree($1::text::regclass) p \
-             JOIN pg_class c ON c.oid = p.relid WHERE c.relreplident <> 'f' ORDER BY p.level, 1",
+        "SELECT format('%I.%I', n.nspname, c.relname) FROM (SELECT $1::text::regclass AS r, 0 AS level \
+         UNION ALL SELECT relid, level FROM pg_partition_tree($1::text::regclass) \
+         WHERE level > 0) x JOIN pg_class c ON c.oid = x.r JOIN pg_namespace n ON n.oid = c.relnamespace \
+         WHERE c.relreplident <> 'f' ORDER BY x.level, 1",
         &[&t.quoted()],
     )
     .await?
