@@ -91,14 +91,14 @@ fn free_port() -> Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
-/// A CA of this cluster's own (`<dir>/ca.crt`, see [`LocalCluster::ca_cert`]) and a server
-/// certificate it signed for the name `localhost`, so that TLS can be exercised locally in every
-/// `sslmode`, verification included. False when `openssl` is missing or fails: no TLS then.
 /// The role that authenticates by client certificate on a local cluster (`cert` in pg_hba).
 pub const CERT_ROLE: &str = "tandem_cert";
 
 const EC_CURVE: &str = "ec_paramgen_curve:prime256v1";
 
+/// A CA of this cluster's own (`<dir>/ca.crt`, see [`LocalCluster::ca_cert`]) and a server
+/// certificate it signed for the name `localhost`, so that TLS can be exercised locally in every
+/// `sslmode`, verification included. False when `openssl` is missing or fails: no TLS then.
 fn certificates(dir: &Path, data: &Path) -> bool {
     openssl(
         dir,

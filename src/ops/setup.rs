@@ -47,8 +47,8 @@ pub const MIGRATIONS: &[(i32, &str)] = &[
 /// Tables as both sides have them, after validation.
 pub struct Plan {
     pub tables: Vec<TableName>,
-    /// Per side, the relations (a table, or a partitioned table's tree, as `regclass` text) to
-    /// switch to `REPLICA IDENTITY FULL` (asked for with the option).
+    /// Per side, the relations (a table, or a partitioned table's tree; schema-qualified names,
+    /// quoted where needed) to switch to `REPLICA IDENTITY FULL` (asked for with the option).
     pub identity_full: Vec<(Side, Vec<String>)>,
     /// Key sequences of tables written on both sides: `(table, column, desktop seq, mobile seq)`.
     pub sequences: Vec<(TableName, String, String, String)>,

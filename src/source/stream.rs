@@ -213,9 +213,10 @@ pub async fn check_no_gap(
         );
     };
     // The server drops WAL a slot still needs once it is more than max_slot_wal_keep_size
-    // behind; START_REPLICATION then only says it "cannot read from" the slot.
-    match row.get::<_, Option<String>>(1).as_deref() {
-        Some("lost") => bail!(
+    // behind; START_REPLICATION then only says it "cannot read from" the slot. (A slot close to
+    // that, `unreserved`, is warned about by `run`'s watch of the sources.)
+    if row.get::<_, Option<String>>(1).as_deref() == Some("lost") {
+        bail!(
             "{side}: slot {slot} was invalidated by the server: it fell more than \
              max_slot_wal_keep_size behind and the WAL after tandem's checkpoint {checkpoint} on \
              {other} was removed, so those changes cannot be sent. Nothing was applied. Recreate \
@@ -224,13 +225,7 @@ pub async fn check_no_gap(
             side = site.side,
             slot = site.slot,
             other = site.side.other()
-        ),
-        Some("unreserved") => tracing::warn!(
-            side = %site.side, slot = %site.slot,
-            "the slot is past max_slot_wal_keep_size: the server will remove WAL it needs at its \
-             next checkpoint unless tandem catches up first"
-        ),
-        _ => {}
+        );
     }
     let confirmed: Option<String> = row.get(0);
     if let Some(c) = confirmed {
