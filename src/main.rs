@@ -104,6 +104,18 @@ enum Command {
         #[arg(long, value_name = "desktop|mobile|skip")]
         take: tandem::ops::resolve::Take,
     },
+    /// Leave one source transaction out of the other side (one it rejects; `run` names it).
+    Skip {
+        /// The side the transaction was committed on: desktop or mobile.
+        #[arg(long, value_parser = verify::parse_side)]
+        from: tandem::side::Side,
+        /// Its commit LSN, as `tandem run` printed it.
+        #[arg(long, required_unless_present = "clear", conflicts_with = "clear")]
+        lsn: Option<tandem::lsn::Lsn>,
+        /// Withdraw the request instead.
+        #[arg(long)]
+        clear: bool,
+    },
     /// Compare both sides by primary key. Exit 0: in sync; 1: differences; 2: error.
     Verify {
         /// Only this table (schema-qualified).
@@ -351,6 +363,15 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             for line in tandem::ops::resolve::resolve(cfg, &table, take).await? {
                 println!("{line}");
             }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Skip {
+            from,
+            lsn,
+            clear: _,
+        } => {
+            let cfg = Config::load(&cli.config)?;
+            println!("{}", tandem::ops::skip::skip(&cfg, from, lsn).await?);
             Ok(ExitCode::SUCCESS)
         }
         Command::Verify { table, json } => {

@@ -135,6 +135,7 @@ async fn preflight(cfg: &Config) -> Result<()> {
         let site = cfg.site(source);
         let target = db::connect(cfg.site(source.other()), "tandem check").await?;
         let cp = checkpoint::require(&target, source).await?;
+        crate::ops::setup::require_migrated(&target, source.other()).await?;
         let src = db::connect(site, "tandem check").await?;
         check_no_gap(&src, site, cp.lsn).await?;
         check_published(cfg, &src, source).await?;
@@ -287,6 +288,58 @@ pub struct LiveBlocked {
     pub xid: u32,
 }
 
+/// One source transaction the target refused (a constraint, trigger or type the source does not
+/// have), found by applying one source transaction per target commit. Nothing of it is applied,
+/// everything before it is; the operator fixes the target or leaves it out with `tandem skip`.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "{from} transaction {xid} (committed {committed} at {commit_lsn}) was rejected by {to}: \
+     {cause}\nFix it on {to} (the row, constraint or trigger above) and start `tandem run` \
+     again; or leave that one transaction out of {to} (as `ALTER SUBSCRIPTION … SKIP` does): \
+     `tandem skip --from {from} --lsn {commit_lsn}`"
+)]
+pub struct Rejected {
+    pub from: Side,
+    pub to: Side,
+    pub xid: u32,
+    pub commit_lsn: Lsn,
+    pub committed: String,
+    /// The target's error, as text: the fix must come last, after it.
+    pub cause: String,
+}
+
+/// A source transaction being applied on its own (see [`Careful`]).
+#[derive(Debug, Clone, Copy)]
+struct TxnInfo {
+    xid: u32,
+    commit_lsn: Lsn,
+    commit_ts: i64,
+}
+
+/// Finding a rejected transaction, and leaving one out. Groups of many source transactions share
+/// one target commit, so when the target refuses a statement, the culprit is not known: the
+/// direction starts over from the checkpoint and applies each transaction up to the furthest
+/// one begun (`until`) in a commit of its own. The failure then names its transaction, and
+/// every one before it is applied.
+#[derive(Debug, Default)]
+struct Careful {
+    /// Source transactions committing at or before this apply one per target commit.
+    until: Lsn,
+    /// Commit LSN of the furthest transaction begun in this attempt.
+    reached: Lsn,
+    /// The transaction applied on its own right now: a failure is its.
+    current: Option<TxnInfo>,
+    /// `tandem skip`: the commit LSN of the transaction to leave out.
+    skip: Option<Lsn>,
+    /// A transaction applied while in progress was refused: its commit LSN is unknown, so every
+    /// transaction comes whole from then on, and the next failure can be found as above.
+    whole: bool,
+    /// Start over once more, for the reason just above.
+    retry: bool,
+    /// A transaction is being applied while in progress (until its commit is through).
+    in_live: bool,
+}
+
 /// The main session gives up on a lock after this while a streamed transaction is applied live.
 const LIVE_LOCK_TIMEOUT: &str = "2s";
 
@@ -302,6 +355,15 @@ async fn live_lock_timeout(main: &Applier, on: bool) -> Result<()> {
 
 fn lock_timed_out(e: &anyhow::Error) -> bool {
     db::caused_by(e, &tokio_postgres::error::SqlState::LOCK_NOT_AVAILABLE)
+}
+
+/// An error the server raised (not a lost connection or a protocol problem): what a target
+/// refusing a row looks like. Found anywhere, a careful attempt costs one restart.
+fn refused_by_target(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<tokio_postgres::Error>()
+            .is_some_and(|pg| pg.as_db_error().is_some())
+    })
 }
 
 /// Is this error worth reconnecting for (a dropped connection) rather than stopping?
@@ -335,6 +397,7 @@ async fn direction(
     let mut upsert_tables = std::collections::HashSet::new();
     // Streamed transactions a live apply was blocked on: spooled from then on.
     let mut spool_only = std::collections::HashSet::new();
+    let mut careful = Careful::default();
     let idle = !cfg
         .tables
         .iter()
@@ -351,9 +414,11 @@ async fn direction(
                 &status,
                 &upsert_tables,
                 &spool_only,
+                &mut careful,
             )
             .await
         };
+        let retry_whole = std::mem::take(&mut careful.retry);
         match once {
             Ok(()) => return Ok(()),
             Err(e) if e.is::<SidesDisagree>() && !*stop.borrow() => {
@@ -371,6 +436,21 @@ async fn direction(
                 metrics::counter!("tandem_live_blocked_total", "direction" => source.direction_from())
                     .increment(1);
                 spool_only.insert(b.xid);
+            }
+            // The target refused something of a group, or a transaction applied while in
+            // progress: find which source transaction, once per place it happened.
+            Err(e)
+                if (careful.reached > careful.until || retry_whole)
+                    && refused_by_target(&e)
+                    && !transient(&e)
+                    && !*stop.borrow() =>
+            {
+                if retry_whole {
+                    tracing::warn!(%source, "{e:#}; starting over from the checkpoint with large transactions applied at their commit, to find the one {} refuses", source.other());
+                } else {
+                    tracing::warn!(%source, "{e:#}; starting over from the checkpoint, one source transaction per commit up to {}, to find the one {} refuses", careful.reached, source.other());
+                }
+                careful.until = careful.until.max(careful.reached);
             }
             Err(e) if transient(&e) && !*stop.borrow() => {
                 if started.elapsed() > Duration::from_secs(60) {
@@ -395,6 +475,7 @@ async fn direction_once(
     status: &Status,
     upsert_tables: &std::collections::HashSet<crate::config::TableName>,
     spool_only: &std::collections::HashSet<u32>,
+    careful: &mut Careful,
 ) -> Result<()> {
     let site = cfg.site(source);
     let progress = status.from(source);
@@ -432,7 +513,15 @@ async fn direction_once(
             source.direction_from(),
         )?);
     }
+    careful.skip = checkpoint::skip_lsn(applier.client(), source).await?;
+    careful.current = None;
+    careful.in_live = false;
     let mut mode = stream_mode(cfg, spool_only);
+    // Leaving a transaction out, or finding a rejected one, goes by commit LSNs, which a live
+    // transaction's changes are applied before anyone knows: every transaction comes whole.
+    if careful.skip.is_some() || careful.until > Lsn::ZERO || careful.whole {
+        mode.live = false;
+    }
     // Starting before the checkpoint (Kafka lags it), a transaction begun before the checkpoint
     // may be applied already: only its commit tells, so it is spooled, never applied live.
     if start < cp.lsn {
@@ -461,16 +550,30 @@ async fn direction_once(
     let result = stream_loop(
         &mut applier,
         &mut stream,
-        source,
         cp.lsn,
         stop,
         progress,
         &mut live,
+        careful,
     )
     .await;
-    let result = match (result, live.txn.as_ref()) {
-        (Err(e), Some(t)) if lock_timed_out(&e) => Err(LiveBlocked { xid: t.xid }.into()),
-        (r, _) => r,
+    let result = match (result, live.txn.as_ref(), careful.current.take()) {
+        (Err(e), Some(t), _) if lock_timed_out(&e) => Err(LiveBlocked { xid: t.xid }.into()),
+        (Err(e), _, Some(t)) if refused_by_target(&e) && !transient(&e) => Err(Rejected {
+            from: source,
+            to: source.other(),
+            xid: t.xid,
+            commit_lsn: t.commit_lsn,
+            committed: crate::sink::kafka::rfc3339(t.commit_ts),
+            cause: format!("{e:#}"),
+        }
+        .into()),
+        (Err(e), _, None) if careful.in_live && !careful.whole && !transient(&e) => {
+            careful.whole = true;
+            careful.retry = true;
+            Err(e)
+        }
+        (r, _, _) => r,
     };
     progress.streaming.store(false, Ordering::Relaxed);
     stream.close().await;
@@ -598,13 +701,16 @@ fn savepoint_name(subxid: u32) -> String {
 async fn stream_loop(
     applier: &mut Applier,
     stream: &mut SourceStream,
-    source: Side,
     start: Lsn,
     stop: &mut watch::Receiver<bool>,
     progress: &Progress,
     live: &mut LiveState,
+    careful: &mut Careful,
 ) -> Result<()> {
+    let source = applier.source();
     let mut asm = Assembler::new(source);
+    // Inside the transaction `tandem skip` leaves out.
+    let mut leaving = false;
     // Durable on the target: the slot may be confirmed up to here.
     let mut checkpoint = start;
     progress.checkpoint.store(checkpoint.0, Ordering::Relaxed);
@@ -723,6 +829,7 @@ async fn stream_loop(
                         asm,
                         subxacts: Vec::new(),
                     });
+                    careful.in_live = true;
                 }
             }
             StreamEvent::Live(Live::Stop) => {}
@@ -749,6 +856,7 @@ async fn stream_loop(
                 if subxid == xid {
                     a.rollback().await?;
                     live.txn = None;
+                    careful.in_live = false;
                     live_lock_timeout(applier, false).await?;
                 } else if let Some(i) = t.subxacts.iter().position(|s| *s == subxid) {
                     a.rollback_to(&savepoint_name(subxid)).await?;
@@ -800,13 +908,51 @@ async fn stream_loop(
                     }
                     applier.barrier(commit.end_lsn);
                 }
+                careful.in_live = false;
             }
             StreamEvent::Message(msg) => match asm.push(msg)? {
                 None => {}
-                Some(Item::Begin { commit_lsn, .. }) => {
+                Some(Item::Begin {
+                    commit_lsn,
+                    xid,
+                    commit_ts,
+                }) => {
                     // Already applied before a restart: the checkpoint is the end of a commit
                     // record, so any commit that starts before it is at or below it.
                     skipping = commit_lsn < checkpoint;
+                    if !skipping {
+                        careful.reached = careful.reached.max(commit_lsn);
+                        leaving = careful.skip == Some(commit_lsn);
+                        if careful.skip.is_some_and(|s| s < commit_lsn) {
+                            tracing::warn!(%source, "`tandem skip` asked to leave out the transaction committing at {}, but none commits there; the request is withdrawn", careful.skip.unwrap_or_default());
+                            careful.skip = None;
+                            applier
+                                .client()
+                                .batch_execute(&checkpoint::clear_skip_sql(source))
+                                .await?;
+                        }
+                        careful.current =
+                            (commit_lsn <= careful.until && !leaving).then_some(TxnInfo {
+                                xid,
+                                commit_lsn,
+                                commit_ts,
+                            });
+                    }
+                }
+                Some(Item::Change(ev)) if leaving => applier.publish_left_out(ev).await?,
+                Some(Item::Commit { end_lsn, .. }) if leaving => {
+                    leaving = false;
+                    // The groups before it commit first: the checkpoint passes it in order.
+                    if group_end.is_some() {
+                        commit_group!();
+                    }
+                    applier.record_left_out(end_lsn).await?;
+                    applier.barrier(end_lsn);
+                    checkpointed!(end_lsn);
+                    tracing::warn!(%source, commit = %careful.skip.unwrap_or_default(), "left out a {source} transaction, as `tandem skip` asked: none of its changes is applied to {}", source.other());
+                    metrics::counter!("tandem_transactions_left_out_total", "direction" => source.direction_from())
+                        .increment(1);
+                    careful.skip = None;
                 }
                 Some(Item::Change(ev)) if skipping && applier.kafka_required() => {
                     applier.publish_again(ev).await?;
@@ -830,13 +976,15 @@ async fn stream_loop(
                     } else if applier.in_txn() {
                         group_end = Some(end_lsn);
                         applier.count_transaction();
-                        if group_changes >= GROUP_MAX_CHANGES {
+                        if group_changes >= GROUP_MAX_CHANGES || careful.current.is_some() {
                             commit_group!();
                         }
                     } else {
                         safe = safe.max(end_lsn);
                         applier.barrier(safe);
                     }
+                    // Committed (or with nothing to commit): later failures are not its.
+                    careful.current = None;
                 }
             },
         }

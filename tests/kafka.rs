@@ -467,6 +467,55 @@ async fn repairs_are_published_too() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_transaction_left_out_by_tandem_skip_is_published_as_skipped() {
+    let (_cluster, brokers) = mock_kafka(1);
+    let (d, m) = Fixture::databases(
+        "kafka_skip",
+        "CREATE TABLE jobs (id bigint PRIMARY KEY, note text, n int);",
+    )
+    .await;
+    m.batch_execute("ALTER TABLE jobs ADD CONSTRAINT no_bad CHECK (note <> 'bad')")
+        .await
+        .unwrap();
+    let fx = Fixture::with_config("kafka_skip", d, m, config("kafka_skip", &brokers)).await;
+    fx.start().await.stop().await;
+    fx.d.batch_execute("INSERT INTO jobs VALUES (1, 'bad', 0), (2, 'ok', 0)")
+        .await
+        .unwrap();
+    let (_, lsn) = common::rejected(fx.start_nowait()).await;
+    let cfg = fx.config_path.to_str().unwrap();
+    let (code, _, err) = common::run_tandem(
+        &["--config", cfg, "skip", "--from", "desktop", "--lsn", &lsn],
+        &[],
+    );
+    assert_eq!(code, 0, "{err}");
+    let run = fx.start().await;
+    fx.d.batch_execute("INSERT INTO jobs VALUES (3, 'after', 0)")
+        .await
+        .unwrap();
+    wait_count(30, &fx.m, "SELECT count(*) FROM jobs WHERE id = 3", 1).await;
+    run.stop().await;
+    let msgs = tokio::task::spawn_blocking(move || consume_all(&brokers))
+        .await
+        .unwrap();
+    let skipped: BTreeSet<String> = msgs
+        .iter()
+        .filter(|m| m["site"] == "D" && m["outcome"] == "skipped" && m["commit_lsn"] == lsn)
+        .map(|m| m["key"]["id"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(
+        skipped,
+        BTreeSet::from(["1".into(), "2".into()]),
+        "{msgs:?}"
+    );
+    assert!(
+        msgs.iter()
+            .any(|m| m["key"]["id"] == "3" && m["outcome"] == "applied"),
+        "{msgs:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn events_sent_again_after_a_restart_keep_their_conflict_outcome() {
     let (cluster, brokers) = mock_kafka(1);
     let (d, m) = Fixture::databases(

@@ -389,20 +389,25 @@ async fn an_update_of_a_row_missing_on_the_target_is_applied_as_an_upsert() {
     run.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_row_the_target_rejects_stops_replication_naming_the_constraint() {
-    // The failing batch is followed by others already sent (pipelined): the error must be the
-    // rejected row's, not "current transaction is aborted" from the ones after it.
+/// `items` flowing desktop → mobile, where only mobile refuses `v = 'bad'` (CHECK `no_bad`).
+async fn refusing(name: &str) -> Fixture {
     let fx = Fixture::new(
-        "rejects",
+        name,
         "CREATE TABLE items (id int PRIMARY KEY, v text);",
         "tables = [\"public.items\"]\n[replication.direction]\n\"public.items\" = \"desktop_to_mobile\"",
     )
     .await;
-    // Only mobile rejects it.
     fx.m.batch_execute("ALTER TABLE items ADD CONSTRAINT no_bad CHECK (v <> 'bad')")
         .await
         .unwrap();
+    fx
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_row_the_target_rejects_stops_replication_naming_the_constraint() {
+    // The failing batch is followed by others already sent (pipelined): the error must be the
+    // rejected row's, not "current transaction is aborted" from the ones after it.
+    let fx = refusing("rejects").await;
     let run = fx.start().await;
     fx.d.batch_execute(
         "INSERT INTO items SELECT g, CASE WHEN g = 10 THEN 'bad' ELSE 'ok' END \
@@ -421,6 +426,152 @@ async fn a_row_the_target_rejects_stops_replication_naming_the_constraint() {
         Fixture::count(&fx.m, "SELECT count(*) FROM items").await,
         0,
         "nothing of the transaction is applied"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_rejected_transaction_is_named_and_tandem_skip_leaves_out_only_it() {
+    let fx = refusing("skipone").await;
+    // Past the initial snapshot first: the rows below must come through the stream.
+    fx.start().await.stop().await;
+    // Three transactions waiting when run starts, so they share one target commit: the failure
+    // alone does not tell which is rejected. The second carries its own xid.
+    fx.d.batch_execute("INSERT INTO items SELECT g, 'ok' FROM generate_series(1, 100) g")
+        .await
+        .unwrap();
+    fx.d.batch_execute("INSERT INTO items VALUES (101, 'bad'), (102, txid_current()::text)")
+        .await
+        .unwrap();
+    fx.d.batch_execute("INSERT INTO items SELECT g, 'ok' FROM generate_series(103, 200) g")
+        .await
+        .unwrap();
+    let xid: String =
+        fx.d.query_one("SELECT v FROM items WHERE id = 102", &[])
+            .await
+            .unwrap()
+            .get(0);
+    let (e, lsn) = common::rejected(fx.start_nowait()).await;
+    assert!(
+        e.contains(&format!("desktop transaction {xid} (committed "))
+            && e.contains("was rejected by mobile")
+            && e.contains("no_bad"),
+        "{e}"
+    );
+    assert_eq!(
+        Fixture::count(&fx.m, "SELECT count(*) FROM items").await,
+        100,
+        "the transaction before it is applied, nothing of it or after it"
+    );
+    let cfg = fx.config_path.to_str().unwrap();
+
+    // An LSN before the checkpoint names a transaction already applied.
+    let (code, _, err) = run_tandem(
+        &[
+            "--config", cfg, "skip", "--from", "desktop", "--lsn", "0/10",
+        ],
+        &[],
+    );
+    assert_ne!(code, 0);
+    assert!(err.contains("before the checkpoint"), "{err}");
+    let (code, out, err) = run_tandem(
+        &["--config", cfg, "skip", "--from", "desktop", "--lsn", &lsn],
+        &[],
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("will be left out of mobile"), "{out}");
+    let (_, status, _) = run_tandem(&["--config", cfg, "status"], &[]);
+    assert!(
+        status.contains(&format!(
+            "SKIP PENDING: the desktop transaction committing at {lsn}"
+        )),
+        "{status}"
+    );
+
+    // Only that transaction is left out; the one after it and later ones flow.
+    let run = fx.start().await;
+    fx.d.batch_execute("INSERT INTO items VALUES (300, 'later')")
+        .await
+        .unwrap();
+    wait_count(30, &fx.m, "SELECT count(*) FROM items WHERE id = 300", 1).await;
+    assert_eq!(
+        Fixture::count(&fx.m, "SELECT count(*) FROM items").await,
+        199
+    );
+    assert_eq!(
+        Fixture::count(&fx.m, "SELECT count(*) FROM items WHERE id IN (101, 102)").await,
+        0
+    );
+    assert_eq!(
+        Fixture::count(
+            &fx.m,
+            "SELECT count(*) FROM tandem.checkpoints WHERE direction = 'D>M' AND skip_lsn IS NULL"
+        )
+        .await,
+        1,
+        "the request is cleared with the checkpoint that passed it"
+    );
+
+    // A request no transaction commits at is withdrawn once the stream passes it.
+    run.stop().await;
+    let now: String =
+        fx.d.query_one("SELECT pg_current_wal_lsn()::text", &[])
+            .await
+            .unwrap()
+            .get(0);
+    let (code, _, err) = run_tandem(
+        &["--config", cfg, "skip", "--from", "desktop", "--lsn", &now],
+        &[],
+    );
+    assert_eq!(code, 0, "{err}");
+    let run = fx.start().await;
+    fx.d.batch_execute("INSERT INTO items VALUES (301, 'after')")
+        .await
+        .unwrap();
+    wait_count(30, &fx.m, "SELECT count(*) FROM items WHERE id = 301", 1).await;
+    wait_count(
+        30,
+        &fx.m,
+        "SELECT count(*) FROM tandem.checkpoints WHERE direction = 'D>M' AND skip_lsn IS NULL",
+        1,
+    )
+    .await;
+    run.stop().await;
+    let (_, status, _) = run_tandem(&["--config", cfg, "status"], &[]);
+    assert!(!status.contains("SKIP PENDING"), "{status}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_refused_transaction_applied_while_in_progress_is_named_too() {
+    // Streamed and applied live, its commit LSN is not known when the target refuses it: run
+    // starts over with transactions applied whole at their commit, and then names it.
+    let fx = refusing("skiplive").await;
+    stream_from_a_few_hundred_rows(&fx.d).await;
+    // The first transaction this run sees: no whole one before it shows where to look.
+    let run = fx.start().await;
+    fx.d.batch_execute(
+        "INSERT INTO items SELECT g, CASE g WHEN 2500 THEN 'bad' WHEN 2999 THEN txid_current()::text \
+         ELSE 'ok' END FROM generate_series(1, 3000) g",
+    )
+    .await
+    .unwrap();
+    let xid: String =
+        fx.d.query_one("SELECT v FROM items WHERE id = 2999", &[])
+            .await
+            .unwrap()
+            .get(0);
+    let (e, _) = common::rejected(run).await;
+    assert!(
+        e.contains(&format!("desktop transaction {xid} (committed ")) && e.contains("no_bad"),
+        "{e}"
+    );
+    assert!(
+        streamed_txns(&fx.d, "skiplive_d").await >= 1,
+        "it was streamed while in progress"
+    );
+    assert_eq!(
+        Fixture::count(&fx.m, "SELECT count(*) FROM items").await,
+        0,
+        "nothing of it is applied"
     );
 }
 

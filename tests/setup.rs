@@ -309,3 +309,42 @@ async fn run_refuses_to_start_when_the_slot_was_advanced_past_the_checkpoint() {
         "nothing applied"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn run_against_an_older_control_schema_says_to_run_setup_and_setup_updates_it() {
+    let fx = Fixture::new("oldschema", T, r#"tables = ["public.jobs"]"#).await;
+    let latest = tandem::ops::setup::MIGRATIONS.last().unwrap().0;
+    // As a control schema made by the tandem before the latest migration left it.
+    fx.m.execute(
+        "DELETE FROM tandem.schema_migrations WHERE version = $1",
+        &[&latest],
+    )
+    .await
+    .unwrap();
+    let cfg = fx.config_path.to_str().unwrap();
+    let (code, _, err) = run_tandem(&["--config", cfg, "run"], &[]);
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains(&format!(
+            "mobile: the tandem control schema is at version {}, this tandem needs {latest}: run `tandem setup`",
+            latest - 1
+        )),
+        "{err}"
+    );
+    let (code, _, err) = run_tandem(&["--config", cfg, "setup"], &[]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(
+        Fixture::count(
+            &fx.m,
+            "SELECT max(version)::bigint FROM tandem.schema_migrations"
+        )
+        .await,
+        latest as i64
+    );
+    let run = fx.start().await;
+    fx.d.batch_execute("INSERT INTO jobs VALUES (1, 'after setup')")
+        .await
+        .unwrap();
+    common::wait_count(30, &fx.m, "SELECT count(*) FROM jobs", 1).await;
+    run.stop().await;
+}

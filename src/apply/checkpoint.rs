@@ -91,6 +91,43 @@ pub fn advance_sql(source: Side, lsn: Lsn) -> String {
     )
 }
 
+/// The source commit `tandem skip` asked this direction to leave out, if any.
+pub async fn skip_lsn(c: &impl GenericClient, source: Side) -> Result<Option<Lsn>> {
+    let row = c
+        .query_opt(
+            "SELECT skip_lsn::text FROM tandem.checkpoints WHERE direction = $1",
+            &[&source.direction_from()],
+        )
+        .await
+        .context("reading tandem.checkpoints.skip_lsn")?;
+    row.and_then(|r| r.get::<_, Option<String>>(0))
+        .map(|l| {
+            l.parse::<Lsn>()
+                .map_err(|e| anyhow::anyhow!("skip_lsn {l}: {e}"))
+        })
+        .transpose()
+}
+
+/// Ask `run` to leave out the source transaction committing at `lsn` (`None` withdraws it).
+pub async fn set_skip(c: &impl GenericClient, source: Side, lsn: Option<Lsn>) -> Result<()> {
+    c.execute(
+        "UPDATE tandem.checkpoints SET skip_lsn = $2::text::pg_lsn WHERE direction = $1",
+        &[&source.direction_from(), &lsn.map(|l| l.to_string())],
+    )
+    .await
+    .context("writing tandem.checkpoints.skip_lsn")?;
+    Ok(())
+}
+
+/// Clear the skip request, in the transaction that moves the checkpoint past its transaction (or
+/// past the point where it could still come).
+pub fn clear_skip_sql(source: Side) -> String {
+    format!(
+        "UPDATE tandem.checkpoints SET skip_lsn = NULL WHERE direction = '{}'",
+        source.direction_from()
+    )
+}
+
 pub async fn delete(c: &impl GenericClient, source: Side) -> Result<()> {
     c.execute(
         "DELETE FROM tandem.checkpoints WHERE direction = $1",

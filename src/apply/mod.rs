@@ -220,6 +220,11 @@ impl Applier {
         })
     }
 
+    /// The side whose changes this session applies (to the other).
+    pub fn source(&self) -> Side {
+        self.source
+    }
+
     pub fn client(&self) -> &Client {
         &self.client
     }
@@ -508,6 +513,11 @@ impl Applier {
             Some(p) => p.publish(ev, outcome).await,
             None => Ok(()),
         }
+    }
+
+    /// Kafka: a change of a transaction `tandem skip` left out.
+    pub async fn publish_left_out(&mut self, ev: Event) -> Result<()> {
+        self.publish(ev, "skipped").await
     }
 
     /// Kafka: a change applied before a restart, sent again because Kafka had not acknowledged
@@ -1238,6 +1248,21 @@ impl Applier {
             .context("recording the checkpoint")?;
         metrics::gauge!("tandem_checkpoint_lsn", "direction" => self.source.direction_from())
             .set(lsn.0 as f64);
+        Ok(())
+    }
+
+    /// Move the checkpoint past a source transaction `tandem skip` left out, and clear the
+    /// request, in one target transaction: a crash before it leaves the request standing, so
+    /// the transaction is left out again, never applied.
+    pub async fn record_left_out(&mut self, lsn: Lsn) -> Result<()> {
+        let sql = format!(
+            "BEGIN; {}; {}; COMMIT",
+            checkpoint::advance_sql(self.source, lsn),
+            checkpoint::clear_skip_sql(self.source)
+        );
+        self.commit_tracked(&sql, lsn)
+            .await
+            .context("recording the checkpoint past a left-out transaction")?;
         Ok(())
     }
 

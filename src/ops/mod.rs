@@ -6,6 +6,7 @@ pub mod repair;
 pub mod replay;
 pub mod resolve;
 pub mod setup;
+pub mod skip;
 pub mod snapshot;
 pub mod status;
 pub mod teardown;

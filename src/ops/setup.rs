@@ -42,6 +42,7 @@ pub const MIGRATIONS: &[(i32, &str)] = &[
     (2, include_str!("../../migrations/0002_snapshots.sql")),
     (3, include_str!("../../migrations/0003_conflicts.sql")),
     (4, include_str!("../../migrations/0004_paused.sql")),
+    (5, include_str!("../../migrations/0005_skip.sql")),
 ];
 
 /// Tables as both sides have them, after validation.
@@ -486,6 +487,26 @@ pub async fn validate_with(cfg: &Config, opts: Options) -> Result<(Client, Clien
         (Some(d), Some(m)) if problems.is_empty() => Ok((d, m, plan)),
         _ => Err(Problems(problems).into()),
     }
+}
+
+/// The control schema on `target` (named `side`) has every migration this tandem knows: a newer
+/// tandem started against an older schema would otherwise fail on its first query of a new
+/// table or column, far from the cause.
+pub async fn require_migrated(target: &Client, side: Side) -> Result<()> {
+    let latest = MIGRATIONS.last().map_or(0, |m| m.0);
+    let have: Option<i32> = target
+        .query_one("SELECT max(version) FROM tandem.schema_migrations", &[])
+        .await
+        .with_context(|| format!("{side}: reading tandem.schema_migrations; run `tandem setup`"))?
+        .get(0);
+    let have = have.unwrap_or(0);
+    if have < latest {
+        anyhow::bail!(
+            "{side}: the tandem control schema is at version {have}, this tandem needs {latest}: \
+             run `tandem setup` (it adds only what is missing; rows and checkpoints stay)"
+        );
+    }
+    Ok(())
 }
 
 /// Apply the control-schema migrations not yet applied.

@@ -56,6 +56,15 @@ async fn one(out: &mut String, cfg: &Config, source: Side, s: &Client, t: &Clien
             None => "missing (run setup)".into(),
         }
     )?;
+    // Old control schemas lack the column: nothing can be pending there.
+    if let Ok(Some(lsn)) = crate::apply::checkpoint::skip_lsn(t, source).await {
+        writeln!(
+            out,
+            "  SKIP PENDING: the {source} transaction committing at {lsn} will be left out of \
+             {target} when `tandem run` reaches it (`tandem skip --from {source} --clear` \
+             withdraws it)"
+        )?;
+    }
     for table in crate::sync::unpublished(cfg, s, source).await? {
         writeln!(
             out,

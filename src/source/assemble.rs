@@ -23,6 +23,8 @@ pub enum Item {
     Begin {
         commit_lsn: Lsn,
         xid: u32,
+        /// Commit time, microseconds since 2000-01-01 (PostgreSQL's epoch).
+        commit_ts: i64,
     },
     Change(Event),
     /// A change of a transaction tandem itself wrote: never applied back, only reported (Kafka).
@@ -128,6 +130,7 @@ impl Assembler {
                 return Ok(Some(Item::Begin {
                     commit_lsn: b.final_lsn,
                     xid: b.xid,
+                    commit_ts: b.commit_ts,
                 }));
             }
             Message::Commit(c) => {

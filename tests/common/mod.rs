@@ -377,3 +377,20 @@ pub async fn streamed_txns(c: &Client, slot: &str) -> i64 {
     )
     .await
 }
+
+/// Wait for `run` to stop on a source transaction the target refused: its error text and the
+/// commit LSN of the `tandem skip` command it ends with.
+pub async fn rejected(run: Running) -> (String, String) {
+    let e = tokio::time::timeout(Duration::from_secs(60), run.outcome())
+        .await
+        .expect("replication stops")
+        .expect_err("the target refuses a transaction");
+    let e = format!("{e:#}");
+    let lsn = e
+        .split("`tandem skip --from desktop --lsn ")
+        .nth(1)
+        .and_then(|r| r.split('`').next())
+        .unwrap_or_else(|| panic!("no skip command in: {e}"))
+        .to_string();
+    (e, lsn)
+}
