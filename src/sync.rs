@@ -357,12 +357,20 @@ fn lock_timed_out(e: &anyhow::Error) -> bool {
     db::caused_by(e, &tokio_postgres::error::SqlState::LOCK_NOT_AVAILABLE)
 }
 
-/// An error the server raised (not a lost connection or a protocol problem): what a target
-/// refusing a row looks like. Found anywhere, a careful attempt costs one restart.
+/// The server refused what a change carries: its data (22), a constraint (23, 27, 44), a
+/// name or privilege (42), a limit (54), or a trigger's own error (P0, 09, 2F, 38, 39). Not a
+/// full disk, a read-only server or an internal error: leaving a transaction out would be the
+/// wrong fix for those, and finding one to name costs a restart.
 fn refused_by_target(e: &anyhow::Error) -> bool {
     e.chain().any(|c| {
         c.downcast_ref::<tokio_postgres::Error>()
-            .is_some_and(|pg| pg.as_db_error().is_some())
+            .and_then(|pg| pg.as_db_error())
+            .is_some_and(|db| {
+                matches!(
+                    &db.code().code()[..2],
+                    "22" | "23" | "27" | "44" | "42" | "54" | "P0" | "09" | "2F" | "38" | "39"
+                )
+            })
     })
 }
 

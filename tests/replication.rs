@@ -541,6 +541,28 @@ async fn the_rejected_transaction_is_named_and_tandem_skip_leaves_out_only_it() 
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_target_refusing_every_write_is_not_blamed_on_one_transaction() {
+    let fx = refusing("readonly").await;
+    fx.start().await.stop().await;
+    fx.d.batch_execute("INSERT INTO items VALUES (1, 'ok')")
+        .await
+        .unwrap();
+    fx.m.batch_execute("ALTER DATABASE readonly SET default_transaction_read_only = on")
+        .await
+        .unwrap();
+    let e = tokio::time::timeout(
+        std::time::Duration::from_secs(60),
+        fx.start_nowait().outcome(),
+    )
+    .await
+    .expect("replication stops")
+    .expect_err("mobile is read-only");
+    let e = format!("{e:#}");
+    assert!(e.contains("read-only transaction"), "{e}");
+    assert!(!e.contains("tandem skip"), "{e}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_refused_transaction_applied_while_in_progress_is_named_too() {
     // Streamed and applied live, its commit LSN is not known when the target refuses it: run
     // starts over with transactions applied whole at their commit, and then names it.
