@@ -486,6 +486,20 @@ async fn the_rejected_transaction_is_named_and_tandem_skip_leaves_out_only_it() 
         )),
         "{status}"
     );
+    // Withdrawn and asked again.
+    let (code, out, err) = run_tandem(
+        &["--config", cfg, "skip", "--from", "desktop", "--clear"],
+        &[],
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("no transaction will be left out"), "{out}");
+    let (_, status, _) = run_tandem(&["--config", cfg, "status"], &[]);
+    assert!(!status.contains("SKIP PENDING"), "{status}");
+    let (code, _, err) = run_tandem(
+        &["--config", cfg, "skip", "--from", "desktop", "--lsn", &lsn],
+        &[],
+    );
+    assert_eq!(code, 0, "{err}");
 
     // Only that transaction is left out; the one after it and later ones flow.
     let run = fx.start().await;
