@@ -128,6 +128,8 @@ struct RawReplication {
     seed: Option<String>,
     #[serde(default)]
     snapshot_seed: BTreeMap<String, String>,
+    #[serde(default)]
+    columns: BTreeMap<String, Vec<String>>,
 }
 
 fn yes() -> bool {
@@ -251,6 +253,9 @@ pub struct Config {
     pub seed: Side,
     /// Per-table seed; `None` means the table gets no initial snapshot.
     pub snapshot_seed: BTreeMap<TableName, Option<Side>>,
+    /// Tables of which only these columns flow (both ways, in publication column lists); the
+    /// others stay each side's own.
+    pub columns: BTreeMap<TableName, Vec<String>>,
     pub conflicts: Option<ConflictConfig>,
     pub kafka: Option<KafkaConfig>,
 }
@@ -305,6 +310,17 @@ impl Config {
                 .or_else(|| c.tables.get(&TableName::new(&table.schema, "*")))
                 .unwrap_or(&c.default),
         )
+    }
+
+    /// The columns of `table` that flow, when `[replication.columns]` limits them.
+    pub fn columns_of(&self, table: &TableName) -> Option<&[String]> {
+        self.columns.get(table).map(Vec::as_slice)
+    }
+
+    /// Does column `name` of `table` flow between the sides?
+    pub fn column_flows(&self, table: &TableName, name: &str) -> bool {
+        self.columns_of(table)
+            .is_none_or(|cols| cols.iter().any(|c| c == name))
     }
 
     pub fn direction(&self, table: &TableName) -> Direction {
@@ -384,6 +400,7 @@ impl Config {
             stream_in_progress: None,
             seed: None,
             snapshot_seed: BTreeMap::new(),
+            columns: BTreeMap::new(),
         });
         let mut tables = Vec::new();
         for t in &repl.tables {
@@ -413,6 +430,30 @@ impl Config {
                     directions.insert(name, d);
                 }
                 Err(e) => problems.push(format!("[replication.direction] {e}")),
+            }
+        }
+        let mut columns = BTreeMap::new();
+        for (t, cols) in repl.columns {
+            match t.parse::<TableName>() {
+                Ok(name) if name.is_wildcard() => problems.push(format!(
+                    "[replication.columns] \"{t}\": name one table, not a pattern"
+                )),
+                Ok(name) => {
+                    let covered = tables
+                        .iter()
+                        .any(|c| c == &name || (c.is_wildcard() && c.schema == name.schema));
+                    if !covered {
+                        problems.push(format!(
+                            "[replication.columns] names {name}, which is not in [replication] tables"
+                        ));
+                    } else if cols.is_empty() {
+                        problems.push(format!(
+                            "[replication.columns] \"{name}\" is empty; list the columns that flow, key included"
+                        ));
+                    }
+                    columns.insert(name, cols);
+                }
+                Err(e) => problems.push(format!("[replication.columns] {e}")),
             }
         }
         let side = |v: &str| match v {
@@ -506,6 +547,7 @@ impl Config {
             stream_in_progress: repl.stream_in_progress,
             seed,
             snapshot_seed,
+            columns,
             conflicts,
             kafka: raw.kafka.map(|k| KafkaConfig {
                 brokers: k.brokers,
@@ -555,6 +597,7 @@ fn check_keys(t: &toml::Table) -> Result<(), ConfigError> {
         "stream_in_progress",
         "seed",
         "snapshot_seed",
+        "columns",
     ];
     let mut problems = Vec::new();
     let mut check = |path: &str, table: &toml::Table, known: &[&str]| {
@@ -779,6 +822,43 @@ mod tests {
             e.contains("\"public.jobtasks\" = \"nobody\": use \"desktop\", \"mobile\" or \"none\""),
             "{e}"
         );
+    }
+
+    #[test]
+    fn the_example_file_parses() {
+        let c = Config::parse(include_str!("../tandem.example.toml"), no_env).unwrap();
+        assert_eq!(c.tables.len(), 2);
+        assert!(c.columns.is_empty());
+    }
+
+    #[test]
+    fn column_lists_name_configured_tables_and_columns() {
+        let text =
+            format!("{GOOD}\n[replication.columns]\n\"public.jobshead\" = [\"id\", \"title\"]\n");
+        let c = Config::parse(&text, no_env).unwrap();
+        let head = TableName::new("public", "jobshead");
+        let tasks = TableName::new("public", "jobtasks");
+        assert!(c.column_flows(&head, "title"));
+        assert!(!c.column_flows(&head, "salary"));
+        assert!(
+            c.column_flows(&tasks, "anything"),
+            "no list: every column flows"
+        );
+        let e = Config::parse(
+            &format!(
+                "{GOOD}\n[replication.columns]\n\"public.*\" = [\"id\"]\n\"public.other\" = [\"id\"]\n\"public.jobtasks\" = []\n"
+            ),
+            no_env,
+        )
+        .unwrap_err()
+        .0;
+        for want in [
+            "\"public.*\": name one table, not a pattern",
+            "names public.other, which is not in [replication] tables",
+            "\"public.jobtasks\" is empty",
+        ] {
+            assert!(e.contains(want), "{want} in {e}");
+        }
     }
 
     #[test]

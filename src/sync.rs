@@ -139,7 +139,58 @@ async fn preflight(cfg: &Config) -> Result<()> {
         let src = db::connect(site, "tandem check").await?;
         check_no_gap(&src, site, cp.lsn).await?;
         check_published(cfg, &src, source).await?;
+        check_column_lists(cfg, &src, source).await?;
         check_old_rows(cfg, &src, source).await?;
+    }
+    Ok(())
+}
+
+/// The publication sends the columns `[replication.columns]` names (all, without a list): a
+/// list changed in the config but not yet by `setup` would send columns the target keeps as its
+/// own, or withhold ones it expects.
+async fn check_column_lists(
+    cfg: &Config,
+    src: &tokio_postgres::Client,
+    source: Side,
+) -> Result<()> {
+    let site = cfg.site(source);
+    let rows = src
+        .query(
+            "SELECT n.nspname::text, c.relname::text, \
+                    (SELECT array_agg(a.attname::text ORDER BY a.attname) FROM pg_attribute a \
+                     WHERE a.attrelid = pr.prrelid AND a.attnum = ANY (pr.prattrs::int2[])) \
+             FROM pg_publication_rel pr JOIN pg_publication p ON p.oid = pr.prpubid \
+             JOIN pg_class c ON c.oid = pr.prrelid JOIN pg_namespace n ON n.oid = c.relnamespace \
+             WHERE p.pubname = $1",
+            &[&site.publication],
+        )
+        .await?;
+    let mut wrong = Vec::new();
+    for r in rows {
+        let table = TableName::new(r.get::<_, String>(0), r.get::<_, String>(1));
+        let sent: Option<Vec<String>> = r.get(2);
+        let mut want = cfg.columns_of(&table).map(<[String]>::to_vec);
+        if let Some(w) = want.as_mut() {
+            w.sort();
+        }
+        if sent != want {
+            let show = |c: &Option<Vec<String>>| match c {
+                Some(c) => format!("({})", c.join(", ")),
+                None => "every column".to_string(),
+            };
+            wrong.push(format!(
+                "{table}: publication {} sends {}, [replication.columns] says {}",
+                site.publication,
+                show(&sent),
+                show(&want)
+            ));
+        }
+    }
+    if !wrong.is_empty() {
+        bail!(
+            "{source}: {}; run `tandem setup` to bring the publication in line",
+            wrong.join("; ")
+        );
     }
     Ok(())
 }

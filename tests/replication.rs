@@ -1661,3 +1661,123 @@ async fn streamed_transactions_are_counted_in_prometheus_metrics() {
     child.kill().unwrap();
     child.wait().unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_column_list_keeps_the_other_columns_each_sides_own() {
+    // Desktop keeps salaries, mobile a flag of its own; both have `notes`, each its own.
+    let (d, m) = Fixture::databases(
+        "collist",
+        "CREATE TABLE staff (id int PRIMARY KEY, name text, notes text);",
+    )
+    .await;
+    d.batch_execute(
+        "ALTER TABLE staff ADD COLUMN salary int; \
+         INSERT INTO staff VALUES (1, 'ann', 'desk', 100), (2, 'bob', 'desk', 200)",
+    )
+    .await
+    .unwrap();
+    m.batch_execute("ALTER TABLE staff ADD COLUMN on_phone bool NOT NULL DEFAULT false")
+        .await
+        .unwrap();
+    let text = |cols: &str| {
+        Fixture::config_text(
+            "collist",
+            &format!(
+                "tables = [\"public.staff\"]\n[replication.columns]\n\"public.staff\" = {cols}"
+            ),
+        )
+    };
+    // Without the key, neither side could update or delete: refused before anything exists.
+    let bad =
+        std::sync::Arc::new(tandem::config::Config::parse(&text(r#"["name"]"#), |_| None).unwrap());
+    let e = format!("{:#}", tandem::ops::setup::setup(bad).await.unwrap_err());
+    assert!(
+        e.contains("[replication.columns] must list its key column(s) id"),
+        "{e}"
+    );
+    // Old rows need REPLICA IDENTITY FULL, which PostgreSQL 15 sends only when every column
+    // flows.
+    let wins = format!(
+        "{}[conflicts]\npolicy = \"desktop_wins\"\n",
+        text(r#"["id", "name"]"#)
+    );
+    let wins = std::sync::Arc::new(tandem::config::Config::parse(&wins, |_| None).unwrap());
+    let e = format!("{:#}", tandem::ops::setup::setup(wins).await.unwrap_err());
+    assert!(
+        e.contains("conflict policy desktop_wins needs the old row"),
+        "{e}"
+    );
+    let fx = Fixture::with_config("collist", d, m, text(r#"["id", "name"]"#)).await;
+    let published: Vec<String> =
+        fx.d.query_one(
+            "SELECT attnames::text[] FROM pg_publication_tables WHERE pubname = 'collist_d'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(published, ["id", "name"]);
+
+    let run = fx.start().await;
+    assert_eq!(
+        Fixture::rows(&fx.m, "staff").await,
+        ["(1,ann,,f)", "(2,bob,,f)"],
+        "the snapshot copies the listed columns only"
+    );
+    fx.d.batch_execute(
+        "UPDATE staff SET salary = 999, notes = 'raise', name = 'anne' WHERE id = 1; \
+         INSERT INTO staff VALUES (3, 'cy', 'new', 300)",
+    )
+    .await
+    .unwrap();
+    fx.m.batch_execute(
+        "UPDATE staff SET name = 'bobby', notes = 'phone', on_phone = true WHERE id = 2",
+    )
+    .await
+    .unwrap();
+    wait_for(30, "both changes crossed", || async {
+        Fixture::count(
+            &fx.m,
+            "SELECT count(*) FROM staff WHERE name IN ('anne', 'cy')",
+        )
+        .await
+            == 2
+            && Fixture::count(&fx.d, "SELECT count(*) FROM staff WHERE name = 'bobby'").await == 1
+    })
+    .await;
+    run.stop().await;
+    assert_eq!(
+        Fixture::rows(&fx.d, "staff").await,
+        ["(1,anne,raise,999)", "(2,bobby,desk,200)", "(3,cy,new,300)"]
+    );
+    assert_eq!(
+        Fixture::rows(&fx.m, "staff").await,
+        ["(1,anne,,f)", "(2,bobby,phone,t)", "(3,cy,,f)"]
+    );
+    // Compared by the listed columns: `notes` differs, yet the sides are in sync.
+    let cfg = fx.config_path.to_str().unwrap();
+    let (code, out, err) = run_tandem(&["--config", cfg, "verify"], &[]);
+    assert_eq!(code, 0, "{out}{err}");
+    // A listed column changed behind tandem's back is found, and repair leaves the rest alone.
+    fx.m.batch_execute("UPDATE staff SET name = 'wrong', notes = 'mine' WHERE id = 3")
+        .await
+        .unwrap();
+    let (code, out, _) = run_tandem(&["--config", cfg, "verify"], &[]);
+    assert_eq!(code, 1, "{out}");
+    let (code, out, err) = run_tandem(&["--config", cfg, "repair", "--source", "desktop"], &[]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert_eq!(Fixture::rows(&fx.m, "staff").await[2], "(3,cy,mine,f)");
+    // A list changed in the config only: run refuses until setup changes the publications.
+    let changed = fx.config_path.with_extension("notes.toml");
+    std::fs::write(&changed, text(r#"["id", "name", "notes"]"#)).unwrap();
+    let changed = changed.to_str().unwrap();
+    let (code, _, err) = run_tandem(&["--config", changed, "run"], &[]);
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains(
+            "public.staff: publication collist_d sends (id, name), [replication.columns] says \
+             (id, name, notes); run `tandem setup`"
+        ),
+        "{err}"
+    );
+}

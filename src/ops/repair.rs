@@ -29,7 +29,9 @@ fn source_table(s: &Shape, oid: u32) -> Arc<SourceTable> {
         .columns
         .iter()
         .enumerate()
-        .filter(|(_, c)| !c.generated)
+        // What verify compared: a column only one side has, or one a column list keeps local,
+        // is left alone.
+        .filter(|(_, c)| !c.generated && s.compared_columns.contains(&c.name))
         .map(|(i, c)| RelColumn {
             key: s.meta.key.contains(&i),
             name: c.name.clone(),

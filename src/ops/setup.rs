@@ -229,11 +229,40 @@ async fn check_tables(
                 describe_columns(&mt)
             ));
         }
+        if let Some(listed) = cfg.columns_of(t) {
+            for n in listed {
+                for (side, tt) in [(Side::Desktop, &dt), (Side::Mobile, &mt)] {
+                    if !tt.columns.iter().any(|c| &c.name == n) {
+                        problems.push(format!(
+                            "{side}: table {t} has no column `{n}`, which [replication.columns] lists; \
+                             add it or take it off the list"
+                        ));
+                    }
+                }
+            }
+            // PostgreSQL 15 refuses the source's own UPDATE and DELETE on a table whose column
+            // list leaves out part of the replica identity: check before that can happen.
+            let unlisted: Vec<&str> = dt
+                .key
+                .iter()
+                .map(|&k| dt.columns[k].name.as_str())
+                .filter(|k| !listed.iter().any(|n| n == k))
+                .collect();
+            if !unlisted.is_empty() {
+                problems.push(format!(
+                    "table {t}: [replication.columns] must list its key column(s) {}: without them \
+                     neither side could update or delete its rows",
+                    unlisted.join(", ")
+                ));
+            }
+        }
+        // Only the columns that flow must match; the others are each side's own.
         let names: BTreeSet<&str> = dt
             .columns
             .iter()
             .chain(&mt.columns)
             .map(|c| c.name.as_str())
+            .filter(|n| cfg.column_flows(t, n))
             .collect();
         for n in names {
             let a = dt.columns.iter().find(|c| c.name == n);
@@ -352,6 +381,24 @@ async fn check_conflicts(
                     }
                 }
             }
+        }
+        if tc.policy == crate::apply::conflict::Policy::LastWriteWins {
+            let v = tc.version_column.clone().unwrap_or_default();
+            let has = dt.columns.iter().any(|c| c.name == v);
+            if has && !cfg.column_flows(t, &v) {
+                problems.push(format!(
+                    "table {t}: last_write_wins compares `{v}`, which [replication.columns] leaves out; \
+                     add it to the list"
+                ));
+            }
+        }
+        if tc.policy.needs_old_row() && cfg.columns_of(t).is_some() {
+            problems.push(format!(
+                "table {t}: conflict policy {policy} needs the old row of every change (REPLICA \
+                 IDENTITY FULL), which PostgreSQL 15 sends only when every column flows; take it \
+                 out of [replication.columns] or give it last_write_wins"
+            ));
+            continue;
         }
         if tc.policy.needs_old_row() {
             for (side, c) in [(Side::Desktop, d), (Side::Mobile, m)] {
@@ -544,7 +591,12 @@ pub async fn migrate(c: &mut Client) -> Result<Vec<i32>> {
     Ok(applied)
 }
 
-async fn sync_publication(c: &Client, site: &Site, tables: &[TableName]) -> Result<bool> {
+async fn sync_publication(
+    cfg: &Config,
+    c: &Client,
+    site: &Site,
+    tables: &[TableName],
+) -> Result<bool> {
     let exists = c
         .query_opt(
             "SELECT 1 FROM pg_publication WHERE pubname = $1",
@@ -552,9 +604,16 @@ async fn sync_publication(c: &Client, site: &Site, tables: &[TableName]) -> Resu
         )
         .await?
         .is_some();
+    // With a column list, the other columns are never sent: each side keeps its own.
     let list = tables
         .iter()
-        .map(|t| t.quoted())
+        .map(|t| match cfg.columns_of(t) {
+            Some(cols) => {
+                let cols: Vec<String> = cols.iter().map(|c| quote_ident(c)).collect();
+                format!("{} ({})", t.quoted(), cols.join(", "))
+            }
+            None => t.quoted(),
+        })
         .collect::<Vec<_>>()
         .join(", ");
     let name = quote_ident(&site.publication);
@@ -701,7 +760,7 @@ async fn create_replication(
             .filter(|t| cfg.direction(t).flows_from(side))
             .cloned()
             .collect();
-        if sync_publication(c, site, &from_here).await? {
+        if sync_publication(cfg, c, site, &from_here).await? {
             created.push((side, "publication", site.publication.clone()));
             report.push(format!(
                 "{side}: created publication {} ({} tables)",

@@ -337,10 +337,11 @@ async fn copy_table_via(
     if meta.key.is_empty() {
         bail!("{}: table {t} has no primary key", seed.other());
     }
+    // Only what flows: with a column list the others are each side's own.
     let cols: Vec<String> = meta
         .columns
         .iter()
-        .filter(|c| !c.generated)
+        .filter(|c| !c.generated && cfg.column_flows(t, &c.name))
         .map(|c| quote_ident(&c.name))
         .collect();
     let list = cols.join(", ");
@@ -457,7 +458,12 @@ async fn copy_table_via(
             .columns
             .iter()
             .enumerate()
-            .filter(|(i, c)| !c.generated && !c.identity_always && !meta.key.contains(i))
+            .filter(|(i, c)| {
+                !c.generated
+                    && !c.identity_always
+                    && !meta.key.contains(i)
+                    && cfg.column_flows(t, &c.name)
+            })
             .map(|(_, c)| c.name.as_str())
             .collect();
         let qualify =

@@ -83,21 +83,30 @@ pub struct Shape {
     key_json: String,
     /// `md5(ROW(c1, …, cn)::text)` over the columns both sides have.
     row_hash: String,
+    /// Those columns: what is compared, and what repair writes.
+    pub compared_columns: Vec<String>,
 }
 
 impl Shape {
-    fn new(name: TableName, d: TargetTable, m: &TargetTable) -> Result<Shape> {
+    /// `flows`: the columns compared (all both sides have, unless a column list limits them).
+    fn new(
+        name: TableName,
+        d: TargetTable,
+        m: &TargetTable,
+        flows: impl Fn(&str) -> bool,
+    ) -> Result<Shape> {
         if d.key.is_empty() {
             return Err(anyhow!("{name} has no primary key; verify compares by key"));
         }
         let col = |c: &str| format!("t.{}", quote_ident(c));
         let keys: Vec<&str> = d.key.iter().map(|&k| d.columns[k].name.as_str()).collect();
-        let cols: Vec<String> = d
+        let compared_columns: Vec<String> = d
             .columns
             .iter()
-            .filter(|c| m.columns.iter().any(|x| x.name == c.name))
-            .map(|c| col(&c.name))
+            .filter(|c| m.columns.iter().any(|x| x.name == c.name) && flows(&c.name))
+            .map(|c| c.name.clone())
             .collect();
+        let cols: Vec<String> = compared_columns.iter().map(|c| col(c)).collect();
         Ok(Shape {
             key_text: format!(
                 "ROW({})::text",
@@ -118,6 +127,7 @@ impl Shape {
                     .join(", ")
             ),
             row_hash: format!("md5(ROW({})::text)", cols.join(", ")),
+            compared_columns,
             name,
             meta: d,
         })
@@ -201,7 +211,8 @@ pub async fn shapes(
         let mt = catalog::table(m, &n)
             .await?
             .ok_or_else(|| anyhow!("mobile: table {n} does not exist"))?;
-        out.push(Shape::new(n, dt, &mt)?);
+        let flows = |c: &str| cfg.column_flows(&n, c);
+        out.push(Shape::new(n.clone(), dt, &mt, flows)?);
     }
     Ok(out)
 }
