@@ -415,18 +415,22 @@ impl Config {
                 "[replication] tables is empty; list the tables to sync, e.g. tables = [\"public.jobs\"]".into(),
             );
         }
+        // A per-table setting names a configured table (or one a pattern takes in).
+        let uncovered = |section: &str, name: &TableName| {
+            let covered = tables
+                .iter()
+                .any(|c| c == name || (c.is_wildcard() && c.schema == name.schema));
+            (!covered).then(|| {
+                format!(
+                    "[replication.{section}] names {name}, which is not in [replication] tables"
+                )
+            })
+        };
         let mut directions = BTreeMap::new();
         for (t, d) in repl.direction {
             match t.parse::<TableName>() {
                 Ok(name) => {
-                    let covered = tables
-                        .iter()
-                        .any(|c| c == &name || (c.is_wildcard() && c.schema == name.schema));
-                    if !covered {
-                        problems.push(format!(
-                            "[replication.direction] names {name}, which is not in [replication] tables"
-                        ));
-                    }
+                    problems.extend(uncovered("direction", &name));
                     directions.insert(name, d);
                 }
                 Err(e) => problems.push(format!("[replication.direction] {e}")),
@@ -439,13 +443,8 @@ impl Config {
                     "[replication.columns] \"{t}\": name one table, not a pattern"
                 )),
                 Ok(name) => {
-                    let covered = tables
-                        .iter()
-                        .any(|c| c == &name || (c.is_wildcard() && c.schema == name.schema));
-                    if !covered {
-                        problems.push(format!(
-                            "[replication.columns] names {name}, which is not in [replication] tables"
-                        ));
+                    if let Some(p) = uncovered("columns", &name) {
+                        problems.push(p);
                     } else if cols.is_empty() {
                         problems.push(format!(
                             "[replication.columns] \"{name}\" is empty; list the columns that flow, key included"

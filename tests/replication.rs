@@ -1780,4 +1780,17 @@ async fn a_column_list_keeps_the_other_columns_each_sides_own() {
         ),
         "{err}"
     );
+    let (code, out, err) = run_tandem(&["--config", changed, "setup"], &[]);
+    assert_eq!(code, 0, "{out}{err}");
+    for c in [&fx.d, &fx.m] {
+        let published: Vec<String> = c
+            .query_one(
+                "SELECT attnames::text[] FROM pg_publication_tables WHERE pubname LIKE 'collist_%'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(published, ["id", "name", "notes"]);
+    }
 }
