@@ -1695,6 +1695,17 @@ async fn a_column_list_keeps_the_other_columns_each_sides_own() {
         e.contains("[replication.columns] must list its key column(s) id"),
         "{e}"
     );
+    let salary = std::sync::Arc::new(
+        tandem::config::Config::parse(&text(r#"["id", "name", "salary"]"#), |_| None).unwrap(),
+    );
+    let e = format!("{:#}", tandem::ops::setup::setup(salary).await.unwrap_err());
+    assert!(
+        e.contains(
+            "column `salary` exists on desktop but not on mobile; add it to mobile (or take it \
+             off [replication.columns] to keep it desktop's own)"
+        ),
+        "{e}"
+    );
     // Old rows need REPLICA IDENTITY FULL, which PostgreSQL 15 sends only when every column
     // flows.
     let wins = format!(

@@ -230,14 +230,16 @@ async fn check_tables(
             ));
         }
         if let Some(listed) = cfg.columns_of(t) {
+            // Missing on one side only is reported with the types below.
             for n in listed {
-                for (side, tt) in [(Side::Desktop, &dt), (Side::Mobile, &mt)] {
-                    if !tt.columns.iter().any(|c| &c.name == n) {
-                        problems.push(format!(
-                            "{side}: table {t} has no column `{n}`, which [replication.columns] lists; \
-                             add it or take it off the list"
-                        ));
-                    }
+                if ![&dt, &mt]
+                    .iter()
+                    .any(|tt| tt.columns.iter().any(|c| &c.name == n))
+                {
+                    problems.push(format!(
+                        "table {t} has no column `{n}` on either side, yet [replication.columns] \
+                         lists it; take it off the list"
+                    ));
                 }
             }
             // PostgreSQL 15 refuses the source's own UPDATE and DELETE on a table whose column
@@ -274,9 +276,14 @@ async fn check_tables(
                 )),
                 (Some(_), None) | (None, Some(_)) => {
                     let (has, lacks) = if a.is_some() { (Side::Desktop, Side::Mobile) } else { (Side::Mobile, Side::Desktop) };
+                    let fix = if cfg.columns_of(t).is_some() {
+                        format!("take it off [replication.columns] to keep it {has}'s own")
+                    } else {
+                        format!("drop it from {has}, or keep it {has}'s own with [replication.columns]")
+                    };
                     problems.push(format!(
                         "table {t}: column `{n}` exists on {has} but not on {lacks}; add it to {lacks} \
-                         (or drop it from {has})"
+                         (or {fix})"
                     ));
                 }
                 _ => {}
