@@ -130,6 +130,16 @@ struct RawReplication {
     snapshot_seed: BTreeMap<String, String>,
     #[serde(default)]
     columns: BTreeMap<String, Vec<String>>,
+    #[serde(default)]
+    filter: BTreeMap<String, RawFilter>,
+}
+
+/// `[replication.filter."schema.table"]`: which rows flow, per direction (SQL conditions).
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFilter {
+    desktop_to_mobile: Option<String>,
+    mobile_to_desktop: Option<String>,
 }
 
 fn yes() -> bool {
@@ -256,6 +266,8 @@ pub struct Config {
     /// Tables of which only these columns flow (both ways, in publication column lists); the
     /// others stay each side's own.
     pub columns: BTreeMap<TableName, Vec<String>>,
+    /// Row filters (publication `WHERE` conditions) by table and the side the rows flow from.
+    pub filters: BTreeMap<(TableName, Side), String>,
     pub conflicts: Option<ConflictConfig>,
     pub kafka: Option<KafkaConfig>,
 }
@@ -321,6 +333,24 @@ impl Config {
     pub fn column_flows(&self, table: &TableName, name: &str) -> bool {
         self.columns_of(table)
             .is_none_or(|cols| cols.iter().any(|c| c == name))
+    }
+
+    /// The condition rows of `table` meet to flow from `source`, if it has one.
+    pub fn filter(&self, table: &TableName, source: Side) -> Option<&str> {
+        self.filters
+            .get(&(table.clone(), source))
+            .map(String::as_str)
+    }
+
+    /// What rows verify compares: those every filter of `table` lets through (both sides hold
+    /// those alike), as an SQL condition; `None` without filters.
+    pub fn compared_rows(&self, table: &TableName) -> Option<String> {
+        let parts: Vec<String> = Side::BOTH
+            .into_iter()
+            .filter_map(|s| self.filter(table, s))
+            .map(|f| format!("({f})"))
+            .collect();
+        (!parts.is_empty()).then(|| parts.join(" AND "))
     }
 
     pub fn direction(&self, table: &TableName) -> Direction {
@@ -401,6 +431,7 @@ impl Config {
             seed: None,
             snapshot_seed: BTreeMap::new(),
             columns: BTreeMap::new(),
+            filter: BTreeMap::new(),
         });
         let mut tables = Vec::new();
         for t in &repl.tables {
@@ -453,6 +484,45 @@ impl Config {
                     columns.insert(name, cols);
                 }
                 Err(e) => problems.push(format!("[replication.columns] {e}")),
+            }
+        }
+        let mut filters = BTreeMap::new();
+        for (t, f) in repl.filter {
+            match t.parse::<TableName>() {
+                Ok(name) if name.is_wildcard() => problems.push(format!(
+                    "[replication.filter] \"{t}\": name one table, not a pattern"
+                )),
+                Ok(name) => {
+                    if let Some(p) = uncovered("filter", &name) {
+                        problems.push(p);
+                        continue;
+                    }
+                    let dir = directions
+                        .get(&name)
+                        .or_else(|| directions.get(&TableName::new(&name.schema, "*")))
+                        .copied()
+                        .unwrap_or_default();
+                    for (source, cond) in [
+                        (Side::Desktop, f.desktop_to_mobile),
+                        (Side::Mobile, f.mobile_to_desktop),
+                    ] {
+                        let Some(cond) = cond else { continue };
+                        if cond.trim().is_empty() {
+                            problems.push(format!(
+                                "[replication.filter.\"{name}\"] {}: empty; give an SQL condition, e.g. \"region = 'north'\"",
+                                source.direction_key()
+                            ));
+                        } else if !dir.flows_from(source) {
+                            problems.push(format!(
+                                "[replication.filter.\"{name}\"] {}: {name} does not flow that way ([replication.direction])",
+                                source.direction_key()
+                            ));
+                        } else {
+                            filters.insert((name.clone(), source), cond);
+                        }
+                    }
+                }
+                Err(e) => problems.push(format!("[replication.filter] {e}")),
             }
         }
         let side = |v: &str| match v {
@@ -547,6 +617,7 @@ impl Config {
             seed,
             snapshot_seed,
             columns,
+            filters,
             conflicts,
             kafka: raw.kafka.map(|k| KafkaConfig {
                 brokers: k.brokers,
@@ -597,6 +668,7 @@ fn check_keys(t: &toml::Table) -> Result<(), ConfigError> {
         "seed",
         "snapshot_seed",
         "columns",
+        "filter",
     ];
     let mut problems = Vec::new();
     let mut check = |path: &str, table: &toml::Table, known: &[&str]| {
@@ -821,6 +893,40 @@ mod tests {
             e.contains("\"public.jobtasks\" = \"nobody\": use \"desktop\", \"mobile\" or \"none\""),
             "{e}"
         );
+    }
+
+    #[test]
+    fn row_filters_go_with_a_direction_the_table_flows() {
+        let text = format!(
+            "{GOOD}\n[replication.filter.\"public.jobshead\"]\ndesktop_to_mobile = \"region = 'north'\"\n\
+             mobile_to_desktop = \"owner = 'phone'\"\n"
+        );
+        let c = Config::parse(&text, no_env).unwrap();
+        let head = TableName::new("public", "jobshead");
+        assert_eq!(c.filter(&head, Side::Desktop), Some("region = 'north'"));
+        assert_eq!(
+            c.compared_rows(&head).as_deref(),
+            Some("(region = 'north') AND (owner = 'phone')")
+        );
+        assert_eq!(c.compared_rows(&TableName::new("public", "jobtasks")), None);
+        // climaster flows desktop → mobile only.
+        let e = Config::parse(
+            &format!(
+                "{GOOD}\n[replication.filter.\"public.climaster\"]\nmobile_to_desktop = \"true\"\n\
+                 [replication.filter.\"public.jobtasks\"]\ndesktop_to_mobile = \" \"\n\
+                 [replication.filter.\"public.x\"]\ndesktop_to_mobile = \"true\"\n"
+            ),
+            no_env,
+        )
+        .unwrap_err()
+        .0;
+        for want in [
+            "mobile_to_desktop: public.climaster does not flow that way",
+            "[replication.filter.\"public.jobtasks\"] desktop_to_mobile: empty",
+            "[replication.filter] names public.x, which is not in [replication] tables",
+        ] {
+            assert!(e.contains(want), "{want} in {e}");
+        }
     }
 
     #[test]

@@ -42,6 +42,14 @@ impl Side {
         }
     }
 
+    /// The config's name of the direction that reads this side.
+    pub fn direction_key(self) -> &'static str {
+        match self {
+            Side::Desktop => "desktop_to_mobile",
+            Side::Mobile => "mobile_to_desktop",
+        }
+    }
+
     /// The replication direction that reads this side: `"D>M"` or `"M>D"`.
     pub fn direction_from(self) -> &'static str {
         match self {

@@ -1805,3 +1805,90 @@ async fn a_column_list_keeps_the_other_columns_each_sides_own() {
         assert_eq!(published, ["id", "name", "notes"]);
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_row_filter_sends_only_its_rows_and_moves_rows_in_and_out() {
+    // Phones get the north's jobs; what they write comes back whatever its region.
+    let (d, m) = Fixture::databases(
+        "rowfilter",
+        "CREATE TABLE jobs (id int PRIMARY KEY, region text NOT NULL, title text);",
+    )
+    .await;
+    d.batch_execute("INSERT INTO jobs VALUES (1, 'north', 'a'), (2, 'south', 'b')")
+        .await
+        .unwrap();
+    let text = Fixture::config_text(
+        "rowfilter",
+        "tables = [\"public.jobs\"]\n[replication.filter.\"public.jobs\"]\n\
+         desktop_to_mobile = \"region = 'north'\"",
+    );
+    let cfg = std::sync::Arc::new(tandem::config::Config::parse(&text, |_| None).unwrap());
+    // `region` is not in the key: PostgreSQL would refuse desktop's own updates and deletes.
+    let e = format!("{:#}", tandem::ops::setup::setup(cfg).await.unwrap_err());
+    assert!(
+        e.contains("uses a column outside the replica identity of public.jobs")
+            && e.contains("REPLICA IDENTITY FULL"),
+        "{e}"
+    );
+    d.batch_execute("UPDATE jobs SET title = title WHERE id = 1; DELETE FROM jobs WHERE id = 99")
+        .await
+        .expect("the refused setup left no publication behind to refuse these");
+    let bad = text.replace("region = 'north'", "region = ");
+    let cfg = std::sync::Arc::new(tandem::config::Config::parse(&bad, |_| None).unwrap());
+    let e = format!("{:#}", tandem::ops::setup::setup(cfg).await.unwrap_err());
+    assert!(e.contains("is not a condition a publication takes"), "{e}");
+
+    d.batch_execute("ALTER TABLE jobs REPLICA IDENTITY FULL")
+        .await
+        .unwrap();
+    // A phone's row from before: the snapshot merges, and copies it back to desktop.
+    m.batch_execute("INSERT INTO jobs VALUES (20, 'south', 'old phone')")
+        .await
+        .unwrap();
+    let fx = Fixture::with_config("rowfilter", d, m, text).await;
+    let run = fx.start().await;
+    assert_eq!(
+        Fixture::rows(&fx.m, "jobs").await,
+        ["(1,north,a)", "(20,south,\"old phone\")"],
+        "the snapshot copies the filter's rows"
+    );
+    assert_eq!(
+        Fixture::count(&fx.d, "SELECT count(*) FROM jobs WHERE id = 20").await,
+        1
+    );
+    fx.d.batch_execute(
+        "INSERT INTO jobs VALUES (3, 'north', 'c'), (4, 'south', 'd'); \
+         UPDATE jobs SET region = 'south' WHERE id = 1; \
+         UPDATE jobs SET region = 'north' WHERE id = 2",
+    )
+    .await
+    .unwrap();
+    fx.m.batch_execute("INSERT INTO jobs VALUES (10, 'south', 'from a phone')")
+        .await
+        .unwrap();
+    wait_for(30, "both directions crossed", || async {
+        Fixture::rows(&fx.m, "jobs").await
+            == [
+                "(10,south,\"from a phone\")",
+                "(2,north,b)",
+                "(20,south,\"old phone\")",
+                "(3,north,c)",
+            ]
+            && Fixture::count(&fx.d, "SELECT count(*) FROM jobs WHERE id = 10").await == 1
+    })
+    .await;
+    run.stop().await;
+    // Compared by the rows the filter lets through: desktop's southern rows are its own.
+    let cfg = fx.config_path.to_str().unwrap();
+    let (code, out, err) = run_tandem(&["--config", cfg, "verify"], &[]);
+    assert_eq!(code, 0, "{out}{err}");
+    fx.m.batch_execute("DELETE FROM jobs WHERE id = 3")
+        .await
+        .unwrap();
+    let (code, out, _) = run_tandem(&["--config", cfg, "verify"], &[]);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("1 only desktop") && out.contains("{\"id\":3}"),
+        "{out}"
+    );
+}

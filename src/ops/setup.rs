@@ -258,6 +258,11 @@ async fn check_tables(
                 ));
             }
         }
+        for (side, c) in [(Side::Desktop, d), (Side::Mobile, m)] {
+            if let Some(cond) = cfg.filter(t, side) {
+                problems.extend(check_filter(c, side, t, cond).await?);
+            }
+        }
         // Only the columns that flow must match; the others are each side's own.
         let names: BTreeSet<&str> = dt
             .columns
@@ -291,6 +296,43 @@ async fn check_tables(
         }
     }
     Ok(tables)
+}
+
+/// A row filter as PostgreSQL will hold it: it must be a condition a publication takes, and
+/// use only replica-identity columns — otherwise PostgreSQL refuses every UPDATE and DELETE on
+/// the source table, the user's own included. Tried on a publication that is rolled back, with
+/// a DELETE that touches no row (the identity check runs when it starts).
+async fn check_filter(c: &Client, side: Side, t: &TableName, cond: &str) -> Result<Option<String>> {
+    let probe = format!(
+        "BEGIN; \
+         CREATE PUBLICATION tandem_filter_probe FOR TABLE {} WHERE ({cond}) \
+           WITH (publish_via_partition_root = true); \
+         DELETE FROM {} WHERE false",
+        t.quoted(),
+        t.quoted()
+    );
+    let r = c.batch_execute(&probe).await;
+    c.batch_execute("ROLLBACK").await?;
+    let Err(e) = r else { return Ok(None) };
+    let Some(db) = e.as_db_error() else {
+        return Err(e.into());
+    };
+    let key = format!("[replication.filter.\"{t}\"] {}", side.direction_key());
+    Ok(Some(
+        if db.message().starts_with("cannot delete from table") {
+            format!(
+                "{side}: {key} uses a column outside the replica identity of {t}, so PostgreSQL \
+             would refuse every UPDATE and DELETE on it; filter on key columns only, or run \
+             `ALTER TABLE {} REPLICA IDENTITY FULL` on {side}",
+                t.quoted()
+            )
+        } else {
+            format!(
+                "{side}: {key} is not a condition a publication takes: {}",
+                db.message()
+            )
+        },
+    ))
 }
 
 /// Conflict rules that need something of the tables: a version column, old rows; and key
@@ -614,12 +656,17 @@ async fn sync_publication(
     // With a column list, the other columns are never sent: each side keeps its own.
     let list = tables
         .iter()
-        .map(|t| match cfg.columns_of(t) {
-            Some(cols) => {
+        .map(|t| {
+            let cols = cfg.columns_of(t).map_or(String::new(), |cols| {
                 let cols: Vec<String> = cols.iter().map(|c| quote_ident(c)).collect();
-                format!("{} ({})", t.quoted(), cols.join(", "))
-            }
-            None => t.quoted(),
+                format!(" ({})", cols.join(", "))
+            });
+            // Rows that do not meet the filter are not sent; an update that moves a row out of
+            // it is sent as a delete, one that moves it in as an insert.
+            let rows = cfg
+                .filter(t, site.side)
+                .map_or(String::new(), |f| format!(" WHERE ({f})"));
+            format!("{}{cols}{rows}", t.quoted())
         })
         .collect::<Vec<_>>()
         .join(", ");

@@ -376,7 +376,11 @@ async fn copy_table_via(
             &[&MARKER_PREFIX, &format!("snapshot {} {t}", seed.tag())],
         )
         .await?;
-        let copy_out = format!("COPY (SELECT {list} FROM {table}) TO STDOUT");
+        // A row filter: the seed's rows that flow, and nothing of the target's outside it.
+        let seed_rows = cfg
+            .filter(t, seed)
+            .map_or(String::new(), |f| format!(" WHERE ({f})"));
+        let copy_out = format!("COPY (SELECT {list} FROM {table}{seed_rows}) TO STDOUT");
         let direct = direct
             && x.query_one(&format!("SELECT NOT EXISTS (SELECT 1 FROM {table})"), &[])
                 .await?
@@ -419,8 +423,11 @@ async fn copy_table_via(
             keys.join(", ")
         ))
         .await?;
+        let back_rows = cfg
+            .filter(t, seed.other())
+            .map_or(String::new(), |f| format!("({f}) AND "));
         let target_only = format!(
-            "SELECT {list} FROM {table} t WHERE NOT EXISTS (SELECT 1 FROM pg_temp.tandem_stage s WHERE {})",
+            "SELECT {list} FROM {table} t WHERE {back_rows}NOT EXISTS (SELECT 1 FROM pg_temp.tandem_stage s WHERE {})",
             key_match(&meta, "s", "t")
         );
         // Merge of a two-way table: the target's own rows go to the seed as well (marked, so the
@@ -516,7 +523,8 @@ async fn copy_table_via(
             outcome.deleted = x
                 .execute(
                     &format!(
-                        "DELETE FROM {table} t WHERE NOT EXISTS (SELECT 1 FROM pg_temp.tandem_stage s WHERE {})",
+                        "DELETE FROM {table} t WHERE {}NOT EXISTS (SELECT 1 FROM pg_temp.tandem_stage s WHERE {})",
+                        cfg.filter(t, seed).map_or(String::new(), |f| format!("({f}) AND ")),
                         key_match(&meta, "s", "t")
                     ),
                     &[],

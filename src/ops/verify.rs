@@ -85,6 +85,8 @@ pub struct Shape {
     row_hash: String,
     /// Those columns: what is compared, and what repair writes.
     pub compared_columns: Vec<String>,
+    /// With row filters, the condition of the rows compared (both sides hold those alike).
+    rows: Option<String>,
 }
 
 impl Shape {
@@ -94,6 +96,7 @@ impl Shape {
         d: TargetTable,
         m: &TargetTable,
         flows: impl Fn(&str) -> bool,
+        rows: Option<String>,
     ) -> Result<Shape> {
         if d.key.is_empty() {
             return Err(anyhow!("{name} has no primary key; verify compares by key"));
@@ -128,9 +131,23 @@ impl Shape {
             ),
             row_hash: format!("md5(ROW({})::text)", cols.join(", ")),
             compared_columns,
+            rows,
             name,
             meta: d,
         })
+    }
+
+    /// `WHERE` and `AND` forms of [`Shape::rows`] (empty without filters).
+    fn rows_where(&self) -> String {
+        self.rows
+            .as_ref()
+            .map_or(String::new(), |r| format!(" WHERE {r}"))
+    }
+
+    fn rows_and(&self) -> String {
+        self.rows
+            .as_ref()
+            .map_or(String::new(), |r| format!(" AND {r}"))
     }
 
     /// What a row is compared by, as [`collect_rows`] reads it: key text, key values, key JSON,
@@ -212,7 +229,13 @@ pub async fn shapes(
             .await?
             .ok_or_else(|| anyhow!("mobile: table {n} does not exist"))?;
         let flows = |c: &str| cfg.column_flows(&n, c);
-        out.push(Shape::new(n.clone(), dt, &mt, flows)?);
+        out.push(Shape::new(
+            n.clone(),
+            dt,
+            &mt,
+            flows,
+            cfg.compared_rows(&n),
+        )?);
     }
     Ok(out)
 }
@@ -222,10 +245,11 @@ type Buckets = BTreeMap<i32, (i64, String)>;
 async fn bucket_sums(c: &Client, s: &Shape, n: i64) -> Result<Buckets> {
     let sql = format!(
         "SELECT {b}::int4, count(*), sum(('x' || left({h}, 16))::bit(64)::bigint::numeric)::text \
-         FROM {t} t GROUP BY 1",
+         FROM {t} t{w} GROUP BY 1",
         b = s.bucket(n),
         h = s.row_hash,
-        t = s.name.quoted()
+        t = s.name.quoted(),
+        w = s.rows_where()
     );
     Ok(c.query(&sql, &[])
         .await?
@@ -247,10 +271,11 @@ async fn stage_rows(c: &Client, s: &Shape, n: i64, buckets: &[i32]) -> Result<()
     ))
     .await?;
     let sql = format!(
-        "INSERT INTO {STAGED} SELECT {b}, {r} FROM {t} t WHERE {b} = ANY($1)",
+        "INSERT INTO {STAGED} SELECT {b}, {r} FROM {t} t WHERE {b} = ANY($1){a}",
         r = s.compared(),
         t = s.name.quoted(),
-        b = s.bucket(n)
+        b = s.bucket(n),
+        a = s.rows_and()
     );
     c.execute(&sql, &[&buckets]).await?;
     c.batch_execute(&format!(
@@ -272,10 +297,11 @@ async fn rows_in(
     let sql = match staged {
         true => format!("SELECT k, kv, kj, h FROM {STAGED} WHERE bucket = ANY($1)"),
         false => format!(
-            "SELECT {r} FROM {t} t WHERE {b} = ANY($1)",
+            "SELECT {r} FROM {t} t WHERE {b} = ANY($1){a}",
             r = s.compared(),
             t = s.name.quoted(),
-            b = s.bucket(n)
+            b = s.bucket(n),
+            a = s.rows_and()
         ),
     };
     Ok(collect_rows(c.query(&sql, &[&buckets]).await?))
@@ -305,10 +331,11 @@ async fn rows_with_keys(
     keys: &[Key],
 ) -> Result<HashMap<String, (Key, String)>> {
     let sql = format!(
-        "SELECT {r} FROM {t} t {join}",
+        "SELECT {r} FROM {t} t {join}{w}",
         r = s.compared(),
         t = s.name.quoted(),
-        join = s.key_join()
+        join = s.key_join(),
+        w = s.rows_where()
     );
     let cols: Vec<Vec<&str>> = (0..s.meta.key.len())
         .map(|i| keys.iter().map(|k| k.values[i].as_str()).collect())
@@ -387,7 +414,14 @@ where
     F: AsyncFnMut(&Diff) -> Result<()>,
 {
     let rows: i64 = d
-        .query_one(&format!("SELECT count(*) FROM {}", s.name.quoted()), &[])
+        .query_one(
+            &format!(
+                "SELECT count(*) FROM {} t{}",
+                s.name.quoted(),
+                s.rows_where()
+            ),
+            &[],
+        )
         .await?
         .get(0);
     let n = ((rows / ROWS_PER_BUCKET).clamp(1, 65_536) as u64).next_power_of_two() as i64;
