@@ -467,62 +467,57 @@ impl Config {
                 Err(e) => problems.push(format!("[replication.direction] {e}")),
             }
         }
+        // A column list or a row filter is about one configured table, not a pattern.
+        let one_table = |section: &str, t: &str| match t.parse::<TableName>() {
+            Ok(name) if name.is_wildcard() => Err(format!(
+                "[replication.{section}] \"{t}\": name one table, not a pattern"
+            )),
+            Ok(name) => uncovered(section, &name).map_or(Ok(name), Err),
+            Err(e) => Err(format!("[replication.{section}] {e}")),
+        };
         let mut columns = BTreeMap::new();
         for (t, cols) in repl.columns {
-            match t.parse::<TableName>() {
-                Ok(name) if name.is_wildcard() => problems.push(format!(
-                    "[replication.columns] \"{t}\": name one table, not a pattern"
+            match one_table("columns", &t) {
+                Ok(name) if cols.is_empty() => problems.push(format!(
+                    "[replication.columns] \"{name}\" is empty; list the columns that flow, key included"
                 )),
                 Ok(name) => {
-                    if let Some(p) = uncovered("columns", &name) {
-                        problems.push(p);
-                    } else if cols.is_empty() {
-                        problems.push(format!(
-                            "[replication.columns] \"{name}\" is empty; list the columns that flow, key included"
-                        ));
-                    }
                     columns.insert(name, cols);
                 }
-                Err(e) => problems.push(format!("[replication.columns] {e}")),
+                Err(p) => problems.push(p),
             }
         }
         let mut filters = BTreeMap::new();
         for (t, f) in repl.filter {
-            match t.parse::<TableName>() {
-                Ok(name) if name.is_wildcard() => problems.push(format!(
-                    "[replication.filter] \"{t}\": name one table, not a pattern"
-                )),
-                Ok(name) => {
-                    if let Some(p) = uncovered("filter", &name) {
-                        problems.push(p);
-                        continue;
-                    }
-                    let dir = directions
-                        .get(&name)
-                        .or_else(|| directions.get(&TableName::new(&name.schema, "*")))
-                        .copied()
-                        .unwrap_or_default();
-                    for (source, cond) in [
-                        (Side::Desktop, f.desktop_to_mobile),
-                        (Side::Mobile, f.mobile_to_desktop),
-                    ] {
-                        let Some(cond) = cond else { continue };
-                        if cond.trim().is_empty() {
-                            problems.push(format!(
-                                "[replication.filter.\"{name}\"] {}: empty; give an SQL condition, e.g. \"region = 'north'\"",
-                                source.direction_key()
-                            ));
-                        } else if !dir.flows_from(source) {
-                            problems.push(format!(
-                                "[replication.filter.\"{name}\"] {}: {name} does not flow that way ([replication.direction])",
-                                source.direction_key()
-                            ));
-                        } else {
-                            filters.insert((name.clone(), source), cond);
-                        }
-                    }
+            let name = match one_table("filter", &t) {
+                Ok(name) => name,
+                Err(p) => {
+                    problems.push(p);
+                    continue;
                 }
-                Err(e) => problems.push(format!("[replication.filter] {e}")),
+            };
+            let dir = directions
+                .get(&name)
+                .or_else(|| directions.get(&TableName::new(&name.schema, "*")))
+                .copied()
+                .unwrap_or_default();
+            for (source, cond) in [
+                (Side::Desktop, f.desktop_to_mobile),
+                (Side::Mobile, f.mobile_to_desktop),
+            ] {
+                let Some(cond) = cond else { continue };
+                let key = format!("[replication.filter.\"{name}\"] {}", source.direction_key());
+                if cond.trim().is_empty() {
+                    problems.push(format!(
+                        "{key}: empty; give an SQL condition, e.g. \"region = 'north'\""
+                    ));
+                } else if !dir.flows_from(source) {
+                    problems.push(format!(
+                        "{key}: {name} does not flow that way ([replication.direction])"
+                    ));
+                } else {
+                    filters.insert((name.clone(), source), cond);
+                }
             }
         }
         let side = |v: &str| match v {
