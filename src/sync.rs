@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, bail, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use tokio::sync::watch;
 
 use crate::apply::{checkpoint, Applier, SidesDisagree};
@@ -139,16 +139,17 @@ async fn preflight(cfg: &Config) -> Result<()> {
         let src = db::connect(site, "tandem check").await?;
         check_no_gap(&src, site, cp.lsn).await?;
         check_published(cfg, &src, source).await?;
-        check_column_lists(cfg, &src, source).await?;
+        check_publication_matches(cfg, &src, source).await?;
         check_old_rows(cfg, &src, source).await?;
     }
     Ok(())
 }
 
-/// The publication sends the columns `[replication.columns]` names (all, without a list): a
-/// list changed in the config but not yet by `setup` would send columns the target keeps as its
-/// own, or withhold ones it expects.
-async fn check_column_lists(
+/// The publication sends the columns `[replication.columns]` names (all, without a list) and
+/// the rows `[replication.filter]` lets through (all, without one): a list or filter changed in
+/// the config but not yet by `setup` would send what the target keeps as its own, or withhold
+/// rows and columns it expects, without a word.
+async fn check_publication_matches(
     cfg: &Config,
     src: &tokio_postgres::Client,
     source: Side,
@@ -158,7 +159,8 @@ async fn check_column_lists(
         .query(
             "SELECT n.nspname::text, c.relname::text, \
                     (SELECT array_agg(a.attname::text ORDER BY a.attname) FROM pg_attribute a \
-                     WHERE a.attrelid = pr.prrelid AND a.attnum = ANY (pr.prattrs::int2[])) \
+                     WHERE a.attrelid = pr.prrelid AND a.attnum = ANY (pr.prattrs::int2[])), \
+                    pg_get_expr(pr.prqual, pr.prrelid) \
              FROM pg_publication_rel pr JOIN pg_publication p ON p.oid = pr.prpubid \
              JOIN pg_class c ON c.oid = pr.prrelid JOIN pg_namespace n ON n.oid = c.relnamespace \
              WHERE p.pubname = $1",
@@ -185,6 +187,20 @@ async fn check_column_lists(
                 show(&want)
             ));
         }
+        let sent: Option<String> = r.get(3);
+        let want = match cfg.filter(&table, source) {
+            Some(cond) => Some(normalized_filter(src, &table, cond).await?),
+            None => None,
+        };
+        if sent != want {
+            let show = |c: &Option<String>| c.clone().unwrap_or_else(|| "every row".into());
+            wrong.push(format!(
+                "{table}: publication {} sends {}, [replication.filter] says {}",
+                site.publication,
+                show(&sent),
+                show(&want)
+            ));
+        }
     }
     if !wrong.is_empty() {
         bail!(
@@ -193,6 +209,35 @@ async fn check_column_lists(
         );
     }
     Ok(())
+}
+
+/// A row filter as PostgreSQL writes it back (`pg_get_expr`), to compare with a publication's:
+/// from a publication created in a transaction that is rolled back.
+async fn normalized_filter(
+    src: &tokio_postgres::Client,
+    table: &TableName,
+    cond: &str,
+) -> Result<String> {
+    let r = async {
+        src.batch_execute(&format!(
+            "BEGIN; CREATE PUBLICATION tandem_filter_probe FOR TABLE {} WHERE ({cond})",
+            table.quoted()
+        ))
+        .await?;
+        let row = src
+            .query_one(
+                "SELECT pg_get_expr(pr.prqual, pr.prrelid) FROM pg_publication_rel pr \
+                 JOIN pg_publication p ON p.oid = pr.prpubid WHERE p.pubname = 'tandem_filter_probe'",
+                &[],
+            )
+            .await?;
+        anyhow::Ok(row.get::<_, String>(0))
+    }
+    .await;
+    src.batch_execute("ROLLBACK").await?;
+    r.with_context(|| {
+        format!("[replication.filter] of {table}: run `tandem setup`, which checks it")
+    })
 }
 
 /// Every relation of a table whose conflict policy compares old rows logs them. `setup` sees to

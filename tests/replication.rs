@@ -1891,4 +1891,32 @@ async fn a_row_filter_sends_only_its_rows_and_moves_rows_in_and_out() {
         out.contains("1 only desktop") && out.contains("{\"id\":3}"),
         "{out}"
     );
+    // A filter changed in the config only: run refuses until setup changes the publication.
+    let changed = fx.config_path.with_extension("south.toml");
+    std::fs::write(
+        &changed,
+        std::fs::read_to_string(&fx.config_path)
+            .unwrap()
+            .replace("'north'", "'south'"),
+    )
+    .unwrap();
+    let changed = changed.to_str().unwrap();
+    let (code, _, err) = run_tandem(&["--config", changed, "run"], &[]);
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("public.jobs: publication rowfilter_d sends (region = 'north'::text), [replication.filter] says (region = 'south'::text)"),
+        "{err}"
+    );
+    let (code, out, err) = run_tandem(&["--config", changed, "setup"], &[]);
+    assert_eq!(code, 0, "{out}{err}");
+    let qual: String =
+        fx.d.query_one(
+            "SELECT pg_get_expr(prqual, prrelid) FROM pg_publication_rel pr \
+             JOIN pg_publication p ON p.oid = pr.prpubid WHERE p.pubname = 'rowfilter_d'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(qual, "(region = 'south'::text)");
 }
