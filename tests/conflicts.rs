@@ -639,14 +639,15 @@ async fn conflicts_are_counted_in_prometheus_metrics() {
         .unwrap();
     let (mut child, port) = fx.run_with_metrics();
     let line = |body: &str, kind: &str, res: &str| {
-        body.lines()
-            .find(|l| {
-                l.starts_with("tandem_conflicts_total{")
-                    && l.contains(&format!("kind=\"{kind}\""))
-                    && l.contains(&format!("resolution=\"{res}\""))
-                    && l.contains("table=\"public.items\"")
-            })
-            .map(|l| l.rsplit(' ').next().unwrap().to_string())
+        common::metric(
+            body,
+            "tandem_conflicts_total",
+            &[
+                ("kind", kind),
+                ("resolution", res),
+                ("table", "public.items"),
+            ],
+        )
     };
     // Counted at decision time; the checkpoint gauges follow at the commits.
     wait_for(

@@ -144,11 +144,8 @@ async fn a_slot_the_server_invalidated_stops_run_with_how_to_resynchronise() {
     // While healthy, run reports how much WAL the server may still add before the limit.
     let (mut child, port) = fx.run_with_metrics();
     let safe = |body: &str, dir: &str| {
-        body.lines()
-            .find(|l| {
-                l.starts_with("tandem_slot_safe_wal_bytes{") && l.contains(&format!("\"{dir}\""))
-            })
-            .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        common::metric(body, "tandem_slot_safe_wal_bytes", &[("direction", dir)])
+            .and_then(|v| v.parse::<f64>().ok())
     };
     wait_for(60, "safe WAL bytes reported for both slots", || async {
         common::scrape(port).is_some_and(|b| {

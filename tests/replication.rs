@@ -1163,11 +1163,7 @@ async fn a_table_created_after_setup_stops_run_until_setup_publishes_it() {
     // A table created while run runs: the metric (and a warning) say it is not being sent.
     let (mut child, port) = fx.run_with_metrics();
     let unpublished = |body: &str, dir: &str| {
-        body.lines()
-            .find(|l| {
-                l.starts_with("tandem_unpublished_tables{") && l.contains(&format!("\"{dir}\""))
-            })
-            .map(|l| l.rsplit(' ').next().unwrap().to_string())
+        common::metric(body, "tandem_unpublished_tables", &[("direction", dir)])
     };
     wait_for(60, "no unpublished tables reported", || async {
         scrape(port).is_some_and(|b| unpublished(&b, "D>M").as_deref() == Some("0"))
@@ -1639,13 +1635,11 @@ async fn streamed_transactions_are_counted_in_prometheus_metrics() {
     a.batch_execute("COMMIT").await.unwrap();
     fx.wait_equal("jobs", 60).await;
     let count = |body: &str, applied: &str| {
-        body.lines()
-            .find(|l| {
-                l.starts_with("tandem_streamed_transactions_total{")
-                    && l.contains("direction=\"D>M\"")
-                    && l.contains(&format!("applied=\"{applied}\""))
-            })
-            .map(|l| l.rsplit(' ').next().unwrap().to_string())
+        common::metric(
+            body,
+            "tandem_streamed_transactions_total",
+            &[("direction", "D>M"), ("applied", applied)],
+        )
     };
     wait_for(
         30,

@@ -358,6 +358,20 @@ pub fn scrape(port: u16) -> Option<String> {
     Some(out)
 }
 
+/// The value of the first sample of metric `name` in a `/metrics` body that carries every
+/// `key="value"` label given.
+pub fn metric(body: &str, name: &str, labels: &[(&str, &str)]) -> Option<String> {
+    body.lines()
+        .find(|l| {
+            l.strip_prefix(name).is_some_and(|r| r.starts_with('{'))
+                && labels
+                    .iter()
+                    .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
+        })
+        .and_then(|l| l.rsplit(' ').next())
+        .map(str::to_string)
+}
+
 /// The smallest decoding memory on this database: every transaction of a few hundred rows is
 /// streamed while in progress.
 pub async fn stream_from_a_few_hundred_rows(c: &Client) {
