@@ -189,7 +189,16 @@ async fn check_publication_matches(
         }
         let sent: Option<String> = r.get(3);
         let want = match cfg.filter(&table, source) {
-            Some(cond) => Some(normalized_filter(src, &table, cond).await?),
+            // As PostgreSQL writes it back, to compare with the publication's.
+            Some(cond) => Some(
+                crate::ops::setup::try_filter(src, &table, cond, false)
+                    .await?
+                    .with_context(|| {
+                        format!(
+                            "[replication.filter] of {table}: run `tandem setup`, which checks it"
+                        )
+                    })?,
+            ),
             None => None,
         };
         if sent != want {
@@ -209,35 +218,6 @@ async fn check_publication_matches(
         );
     }
     Ok(())
-}
-
-/// A row filter as PostgreSQL writes it back (`pg_get_expr`), to compare with a publication's:
-/// from a publication created in a transaction that is rolled back.
-async fn normalized_filter(
-    src: &tokio_postgres::Client,
-    table: &TableName,
-    cond: &str,
-) -> Result<String> {
-    let r = async {
-        src.batch_execute(&format!(
-            "BEGIN; CREATE PUBLICATION tandem_filter_probe FOR TABLE {} WHERE ({cond})",
-            table.quoted()
-        ))
-        .await?;
-        let row = src
-            .query_one(
-                "SELECT pg_get_expr(pr.prqual, pr.prrelid) FROM pg_publication_rel pr \
-                 JOIN pg_publication p ON p.oid = pr.prpubid WHERE p.pubname = 'tandem_filter_probe'",
-                &[],
-            )
-            .await?;
-        anyhow::Ok(row.get::<_, String>(0))
-    }
-    .await;
-    src.batch_execute("ROLLBACK").await?;
-    r.with_context(|| {
-        format!("[replication.filter] of {table}: run `tandem setup`, which checks it")
-    })
 }
 
 /// Every relation of a table whose conflict policy compares old rows logs them. `setup` sees to

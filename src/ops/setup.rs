@@ -298,41 +298,64 @@ async fn check_tables(
     Ok(tables)
 }
 
-/// A row filter as PostgreSQL will hold it: it must be a condition a publication takes, and
-/// use only replica-identity columns — otherwise PostgreSQL refuses every UPDATE and DELETE on
-/// the source table, the user's own included. Tried on a publication that is rolled back, with
-/// a DELETE that touches no row (the identity check runs when it starts).
-async fn check_filter(c: &Client, side: Side, t: &TableName, cond: &str) -> Result<Option<String>> {
-    let probe = format!(
-        "BEGIN; \
-         CREATE PUBLICATION tandem_filter_probe FOR TABLE {} WHERE ({cond}) \
-           WITH (publish_via_partition_root = true); \
-         DELETE FROM {} WHERE false",
-        t.quoted(),
-        t.quoted()
-    );
-    let r = c.batch_execute(&probe).await;
+/// Row filter `cond` on `t` as PostgreSQL takes it, from a publication created in a transaction
+/// that is rolled back: written back as PostgreSQL shows it (`pg_get_expr`), or the server's
+/// refusal. `identity`: also start a DELETE that touches no row, which PostgreSQL refuses when
+/// the filter uses a column outside the replica identity (its check runs as the statement
+/// starts) — as it would refuse every UPDATE and DELETE on the table, the application's own.
+pub(crate) async fn try_filter(
+    c: &Client,
+    t: &TableName,
+    cond: &str,
+    identity: bool,
+) -> Result<Result<String, tokio_postgres::Error>> {
+    c.batch_execute("BEGIN").await?;
+    let r: Result<String, tokio_postgres::Error> = async {
+        c.batch_execute(&format!(
+            "CREATE PUBLICATION tandem_filter_probe FOR TABLE {} WHERE ({cond}) \
+             WITH (publish_via_partition_root = true)",
+            t.quoted()
+        ))
+        .await?;
+        if identity {
+            c.batch_execute(&format!("DELETE FROM {} WHERE false", t.quoted()))
+                .await?;
+        }
+        let row = c
+            .query_one(
+                "SELECT pg_get_expr(pr.prqual, pr.prrelid) FROM pg_publication_rel pr \
+                 JOIN pg_publication p ON p.oid = pr.prpubid WHERE p.pubname = 'tandem_filter_probe'",
+                &[],
+            )
+            .await?;
+        Ok(row.get::<_, String>(0))
+    }
+    .await;
     c.batch_execute("ROLLBACK").await?;
-    let Err(e) = r else { return Ok(None) };
-    let Some(db) = e.as_db_error() else {
-        return Err(e.into());
+    match r {
+        Err(e) if e.as_db_error().is_none() => Err(e.into()),
+        r => Ok(r),
+    }
+}
+
+/// A row filter PostgreSQL does not take, or one on columns outside the replica identity: the
+/// problem, with the fix.
+async fn check_filter(c: &Client, side: Side, t: &TableName, cond: &str) -> Result<Option<String>> {
+    let Err(e) = try_filter(c, t, cond, true).await? else {
+        return Ok(None);
     };
+    let message = e.as_db_error().map_or("", |db| db.message());
     let key = format!("[replication.filter.\"{t}\"] {}", side.direction_key());
-    Ok(Some(
-        if db.message().starts_with("cannot delete from table") {
-            format!(
-                "{side}: {key} uses a column outside the replica identity of {t}, so PostgreSQL \
+    Ok(Some(if message.starts_with("cannot delete from table") {
+        format!(
+            "{side}: {key} uses a column outside the replica identity of {t}, so PostgreSQL \
              would refuse every UPDATE and DELETE on it; filter on key columns only, or run \
              `ALTER TABLE {} REPLICA IDENTITY FULL` on {side}",
-                t.quoted()
-            )
-        } else {
-            format!(
-                "{side}: {key} is not a condition a publication takes: {}",
-                db.message()
-            )
-        },
-    ))
+            t.quoted()
+        )
+    } else {
+        format!("{side}: {key} is not a condition a publication takes: {message}")
+    }))
 }
 
 /// Conflict rules that need something of the tables: a version column, old rows; and key
