@@ -1238,9 +1238,23 @@ impl Applier {
 
     /// Advance the checkpoint alone (progress through transactions that needed nothing applied).
     pub async fn record(&mut self, lsn: Lsn) -> Result<()> {
+        self.record_with(lsn, None).await
+    }
+
+    /// Move the checkpoint past a source transaction `tandem skip` left out, and clear the
+    /// request, in one target transaction: a crash before it leaves the request standing, so
+    /// the transaction is left out again, never applied.
+    pub async fn record_left_out(&mut self, lsn: Lsn) -> Result<()> {
+        let clear = checkpoint::clear_skip_sql(self.source);
+        self.record_with(lsn, Some(&clear)).await
+    }
+
+    /// [`Applier::record`], with `also` committed in the same transaction.
+    async fn record_with(&mut self, lsn: Lsn, also: Option<&str>) -> Result<()> {
         // Its own transaction, so the position read after it is past its commit record.
+        let also = also.map_or(String::new(), |sql| format!("{sql}; "));
         let sql = format!(
-            "BEGIN; {}; COMMIT",
+            "BEGIN; {}; {also}COMMIT",
             checkpoint::advance_sql(self.source, lsn)
         );
         self.commit_tracked(&sql, lsn)
@@ -1248,21 +1262,6 @@ impl Applier {
             .context("recording the checkpoint")?;
         metrics::gauge!("tandem_checkpoint_lsn", "direction" => self.source.direction_from())
             .set(lsn.0 as f64);
-        Ok(())
-    }
-
-    /// Move the checkpoint past a source transaction `tandem skip` left out, and clear the
-    /// request, in one target transaction: a crash before it leaves the request standing, so
-    /// the transaction is left out again, never applied.
-    pub async fn record_left_out(&mut self, lsn: Lsn) -> Result<()> {
-        let sql = format!(
-            "BEGIN; {}; {}; COMMIT",
-            checkpoint::advance_sql(self.source, lsn),
-            checkpoint::clear_skip_sql(self.source)
-        );
-        self.commit_tracked(&sql, lsn)
-            .await
-            .context("recording the checkpoint past a left-out transaction")?;
         Ok(())
     }
 
