@@ -410,8 +410,6 @@ struct Careful {
     /// A transaction applied while in progress was refused: its commit LSN is unknown, so every
     /// transaction comes whole from then on, and the next failure can be found as above.
     whole: bool,
-    /// Start over once more, for the reason just above.
-    retry: bool,
     /// A transaction is being applied while in progress (until its commit is through).
     in_live: bool,
 }
@@ -488,6 +486,7 @@ async fn direction(
         .any(|t| cfg.direction(t).flows_from(source));
     loop {
         let started = Instant::now();
+        let was_whole = careful.whole;
         let once = if idle {
             idle_direction(&cfg, source, &mut stop, &status).await
         } else {
@@ -502,7 +501,8 @@ async fn direction(
             )
             .await
         };
-        let retry_whole = std::mem::take(&mut careful.retry);
+        // This attempt found a live transaction refused: start over once more, whole.
+        let retry_whole = careful.whole && !was_whole;
         match once {
             Ok(()) => return Ok(()),
             Err(e) if e.is::<SidesDisagree>() && !*stop.borrow() => {
@@ -654,7 +654,6 @@ async fn direction_once(
         .into()),
         (Err(e), _, None) if careful.in_live && !careful.whole && !transient(&e) => {
             careful.whole = true;
-            careful.retry = true;
             Err(e)
         }
         (r, _, _) => r,
