@@ -276,29 +276,21 @@ impl LocalCluster {
         text.push_str(extra_conf);
         std::fs::write(&conf_path, text)?;
 
-        let log = std::fs::File::create(dir.join("server.log"))?;
+        std::fs::File::create(dir.join("server.log"))?;
         if let Some((uid, gid)) = user {
             std::os::unix::fs::chown(dir.join("server.log"), Some(uid), Some(gid))?;
         }
-        let child = as_server_user(&mut Command::new(bin.join("postgres")), user)
-            .current_dir(&dir)
-            .arg("-D")
-            .arg(&data)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .process_group(0)
-            .spawn()
-            .context("starting postgres")?;
-        let pg_pid = child.id();
+        let child = Self::postmaster(&dir)?;
         // Watchdog: when this process goes away without dropping us (test binary exit, kill -9),
-        // stop the server immediately and remove its files.
+        // stop the server immediately and remove its files. The postmaster's pid is read from
+        // its pid file, so a server restarted by [`LocalCluster::restart`] is stopped too.
         let _ = Command::new("sh")
             .arg("-c")
             .arg(format!(
-                "while kill -0 {me} 2>/dev/null; do sleep 1; done; kill -QUIT {pg_pid} 2>/dev/null; \
-                 sleep 3; rm -rf '{dir}'",
+                "while kill -0 {me} 2>/dev/null; do sleep 1; done; \
+                 kill -QUIT $(head -1 '{data}/postmaster.pid') 2>/dev/null; sleep 3; rm -rf '{dir}'",
                 me = std::process::id(),
+                data = data.display(),
                 dir = dir.display()
             ))
             .stdin(Stdio::null())
@@ -313,6 +305,49 @@ impl LocalCluster {
         };
         cluster.wait_ready(Duration::from_secs(60))?;
         Ok(cluster)
+    }
+
+    /// Start the server of the cluster in `dir`, its output appended to `server.log`.
+    fn postmaster(dir: &Path) -> Result<Child> {
+        let log = std::fs::OpenOptions::new()
+            .append(true)
+            .open(dir.join("server.log"))?;
+        as_server_user(
+            &mut Command::new(bindir()?.join("postgres")),
+            server_user()?,
+        )
+        .current_dir(dir)
+        .arg("-D")
+        .arg(dir.join("data"))
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .process_group(0)
+        .spawn()
+        .context("starting postgres")
+    }
+
+    /// Stop the server as a crash does (immediate shutdown: nothing is written on the way out,
+    /// so commits not yet written from the WAL buffers are lost). [`LocalCluster::restart`]
+    /// starts it again.
+    pub fn crash(&mut self) -> Result<()> {
+        if let Some(mut child) = self.child.take() {
+            // SAFETY: kill with a pid we spawned and have not reaped.
+            unsafe {
+                libc::kill(child.id() as i32, libc::SIGQUIT);
+            }
+            child.wait()?;
+        }
+        Ok(())
+    }
+
+    /// Start a crashed server again on the same port and data (it runs crash recovery).
+    /// Returns once it answers queries.
+    pub fn restart(&mut self) -> Result<()> {
+        if self.child.is_none() {
+            self.child = Some(Self::postmaster(&self.dir)?);
+        }
+        self.wait_ready(Duration::from_secs(60))
     }
 
     fn wait_ready(&mut self, timeout: Duration) -> Result<()> {
