@@ -30,11 +30,30 @@ pub async fn connect(site: &Site, app: &str) -> Result<Client> {
         let tls = url.tls.connector().map_err(|e| anyhow!("{side}: {e}"))?;
         cfg.connect(tls).await.map(|(c, conn)| drive(side, c, conn))
     };
-    let client = connected
-        .map_err(|e| anyhow!("{}: {}", site.side, describe_connect_error(&e, &site.url)))?;
+    let client = connected.map_err(|error| ConnectError {
+        message: format!("{side}: {}", describe_connect_error(&error, &site.url)),
+        error,
+    })?;
     client.batch_execute(SESSION_SETTINGS).await?;
     Ok(client)
 }
+
+/// A connection attempt that failed: one line saying what to do, and the driver's error, kept to
+/// tell a server that is down or restarting (reconnect) from a refused login (stop).
+#[derive(Debug)]
+pub struct ConnectError {
+    message: String,
+    pub error: tokio_postgres::Error,
+}
+
+impl std::fmt::Display for ConnectError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The message already says what the driver's error said.
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for ConnectError {}
 
 /// Run a connection's I/O in the background for as long as the client lives.
 fn drive<F>(side: crate::side::Side, client: Client, conn: F) -> Client
@@ -92,11 +111,16 @@ pub fn caused_by(e: &anyhow::Error, state: &tokio_postgres::error::SqlState) -> 
 /// Is this a lost connection or a passing condition (worth reconnecting) rather than a refusal?
 pub fn is_transient(e: &tokio_postgres::Error) -> bool {
     match e.as_db_error() {
-        // 08: connection exception; 57: operator intervention (terminated backend, shutdown,
-        // crash recovery); 53: insufficient resources; 40: serialization failure or deadlock.
-        Some(db) => matches!(&db.code().code()[..2], "08" | "57" | "53" | "40"),
+        Some(db) => transient_sqlstate(db.code().code()),
         None => e.is_closed() || std::error::Error::source(e).is_some(),
     }
+}
+
+/// 08: connection exception; 57: operator intervention (terminated backend, shutdown, a server
+/// starting up or in crash recovery); 53: insufficient resources; 40: serialization failure or
+/// deadlock.
+pub fn transient_sqlstate(code: &str) -> bool {
+    matches!(code.get(..2), Some("08" | "57" | "53" | "40"))
 }
 
 /// Run `sql` (several statements, simple protocol) and return the text of each column of the

@@ -43,6 +43,8 @@ pub struct Progress {
     pub checkpoint: AtomicU64,
     /// Streaming (started, checked for gaps) right now.
     pub streaming: AtomicBool,
+    /// How many times streaming started (reconnects after the first).
+    pub starts: AtomicU64,
 }
 
 impl Progress {
@@ -448,21 +450,20 @@ fn refused_by_target(e: &anyhow::Error) -> bool {
     })
 }
 
+/// The longest wait between reconnects: how long tandem may take to notice a server is back.
+const MAX_BACKOFF: Duration = Duration::from_secs(10);
+
 /// Is this error worth reconnecting for (a dropped connection) rather than stopping?
 fn transient(e: &anyhow::Error) -> bool {
     e.chain().any(|c| {
         if let Some(pg) = c.downcast_ref::<tokio_postgres::Error>() {
             return db::is_transient(pg);
         }
+        if let Some(c) = c.downcast_ref::<db::ConnectError>() {
+            return db::is_transient(&c.error);
+        }
         if let Some(w) = c.downcast_ref::<WalError>() {
-            return match w {
-                WalError::Io(_) => true,
-                // A walsender terminated by an admin or a server restart.
-                WalError::Server(m) => {
-                    m.contains("terminating connection") || m.contains("shutting down")
-                }
-                _ => false,
-            };
+            return w.is_transient();
         }
         c.to_string().contains("the replication stream ended")
     })
@@ -485,7 +486,7 @@ async fn direction(
         .iter()
         .any(|t| cfg.direction(t).flows_from(source));
     loop {
-        let started = Instant::now();
+        let starts = status.from(source).starts.load(Ordering::Relaxed);
         let was_whole = careful.whole;
         let once = if idle {
             idle_direction(&cfg, source, &mut stop, &status).await
@@ -537,15 +538,26 @@ async fn direction(
                 careful.until = careful.until.max(careful.reached);
             }
             Err(e) if transient(&e) && !*stop.borrow() => {
-                if started.elapsed() > Duration::from_secs(60) {
+                // The last attempt got through: a new outage, not the same one lasting.
+                if status.from(source).starts.load(Ordering::Relaxed) > starts {
                     backoff = Duration::from_millis(500);
                 }
                 tracing::warn!(%source, "connection lost ({e:#}); reconnecting in {backoff:?}");
+                metrics::counter!("tandem_reconnects_total", "direction" => source.direction_from())
+                    .increment(1);
                 tokio::select! {
                     _ = tokio::time::sleep(backoff) => {}
                     _ = stop.changed() => return Ok(()),
                 }
-                backoff = (backoff * 2).min(Duration::from_secs(30));
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+            }
+            // Stopping, and the connection went away meanwhile (a server restart while the
+            // direction was idle is first noticed by the final checkpoint write). Nothing is
+            // lost: the slot was confirmed only to what the target holds durably, and the next
+            // start resumes there.
+            Err(e) if transient(&e) => {
+                tracing::warn!(%source, "stopped without recording the last progress ({e:#}); the next start resumes from the checkpoint");
+                return Ok(());
             }
             Err(e) => return Err(e.context(format!("{} → {}", source, source.other()))),
         }
@@ -625,6 +637,7 @@ async fn direction_once(
     tracing::info!(%source, checkpoint = %cp.lsn, origin = applier.origin, "streaming {} → {}", source, source.other());
 
     progress.streaming.store(true, Ordering::Relaxed);
+    progress.starts.fetch_add(1, Ordering::Relaxed);
     let mut live = LiveState {
         cfg: cfg.clone(),
         upsert_tables: upsert_tables.clone(),
@@ -721,6 +734,7 @@ async fn idle_direction(
     let mut checkpoint = cp.lsn;
     progress.checkpoint.store(checkpoint.0, Ordering::Relaxed);
     progress.streaming.store(true, Ordering::Relaxed);
+    progress.starts.fetch_add(1, Ordering::Relaxed);
     let result = async {
         while !*stop.borrow() {
             let now: String = src
@@ -1107,4 +1121,34 @@ async fn stream_loop(
     progress.checkpoint.store(checkpoint.0, Ordering::Relaxed);
     tracing::info!(%source, %checkpoint, "stopped");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_server_that_is_down_is_waited_for_and_a_protocol_error_is_not() {
+        // Nothing listens on port 1: refused, as while a server restarts. The error still reads
+        // as one line with the fix, and `run` reconnects instead of stopping.
+        let text = "[desktop]\nurl = \"postgresql://tandem:pw@127.0.0.1:1/db\"\n\
+                    [mobile]\nurl = \"postgresql://tandem@127.0.0.1:1/db\"\n\
+                    [replication]\ntables = [\"public.t\"]\n";
+        let cfg = Config::parse(text, |_| None).unwrap();
+        let down = db::connect(cfg.site(Side::Desktop), "test")
+            .await
+            .unwrap_err();
+        let msg = format!("{down:#}");
+        assert!(
+            msg.starts_with("desktop: cannot reach tandem@127.0.0.1:1/db (")
+                && msg.contains("check the host and port, and that the server is running")
+                && !msg.contains("pw"),
+            "{msg}"
+        );
+        assert!(transient(&down.context("opening the apply session")));
+        // What reconnecting cannot fix stops `run` with its error.
+        let refused =
+            anyhow::Error::new(WalError::Protocol("truncated replication message".into()));
+        assert!(!transient(&refused));
+    }
 }

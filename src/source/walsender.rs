@@ -32,11 +32,40 @@ use crate::lsn::Lsn;
 pub enum WalError {
     #[error("replication connection: {0}")]
     Io(#[from] io::Error),
-    /// The server's ErrorResponse: severity, message, SQLSTATE.
-    #[error("{0}")]
-    Server(String),
+    /// The server's ErrorResponse: its text (severity, message, SQLSTATE, detail, hint) and
+    /// SQLSTATE.
+    #[error("{text}")]
+    Server { text: String, code: String },
     #[error("replication protocol: {0}")]
     Protocol(String),
+}
+
+impl WalError {
+    fn server(b: &backend::ErrorResponseBody) -> WalError {
+        let mut fields = b.fields();
+        let mut code = String::new();
+        while let Ok(Some(f)) = fields.next() {
+            if f.type_() == b'C' {
+                code = String::from_utf8_lossy(f.value_bytes()).into_owned();
+            }
+        }
+        WalError::Server {
+            text: error_text(b),
+            code,
+        }
+    }
+
+    /// Worth reconnecting for: a lost connection, or a server stopping, starting or
+    /// recovering (the SQL side's [`crate::db::is_transient`] classes). Not a slot active for
+    /// another walsender: [`crate::source::stream::SourceStream::open`] waits that out for a
+    /// while, and past that another process is using the slot.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            WalError::Io(_) => true,
+            WalError::Server { code, .. } => crate::db::transient_sqlstate(code),
+            WalError::Protocol(_) => false,
+        }
+    }
 }
 
 /// Where and how to connect, from a libpq-style URL.
@@ -292,9 +321,7 @@ impl WalConnection {
                 }
             }
             match backend::Message::parse(&mut self.buf)? {
-                Some(backend::Message::ErrorResponse(b)) => {
-                    return Err(WalError::Server(error_text(&b)))
-                }
+                Some(backend::Message::ErrorResponse(b)) => return Err(WalError::server(&b)),
                 Some(backend::Message::NoticeResponse(_)) => continue,
                 Some(m) => return Ok(Some(m)),
                 None => {
@@ -535,7 +562,7 @@ async fn read_frames(
                 }
             },
             backend::Message::ErrorResponse(b) => {
-                fail(WalError::Server(error_text(&b))).await;
+                fail(WalError::server(&b)).await;
                 return;
             }
             backend::Message::CopyDone => return,
@@ -643,20 +670,11 @@ fn status_update(lsn: u64, out: &mut BytesMut) {
 mod tests {
     use super::*;
 
-    #[test]
-    fn a_server_error_reads_with_its_detail_and_hint() {
+    /// An ErrorResponse with these fields, as the server sends it.
+    fn error_response(fields: &[(u8, &str)]) -> backend::ErrorResponseBody {
         let mut body = Vec::new();
-        for (t, v) in [
-            (b'S', "ERROR"),
-            (b'C', "55000"),
-            (b'M', "cannot read from logical replication slot \"s\""),
-            (
-                b'D',
-                "This slot has been invalidated because it exceeded the maximum reserved size.",
-            ),
-            (b'H', "Drop it."),
-        ] {
-            body.push(t);
+        for (t, v) in fields {
+            body.push(*t);
             body.extend_from_slice(v.as_bytes());
             body.push(0);
         }
@@ -669,11 +687,67 @@ mod tests {
         else {
             panic!("not an ErrorResponse");
         };
+        e
+    }
+
+    #[test]
+    fn a_server_error_reads_with_its_detail_and_hint() {
+        let e = error_response(&[
+            (b'S', "ERROR"),
+            (b'C', "55000"),
+            (b'M', "cannot read from logical replication slot \"s\""),
+            (
+                b'D',
+                "This slot has been invalidated because it exceeded the maximum reserved size.",
+            ),
+            (b'H', "Drop it."),
+        ]);
         assert_eq!(
             error_text(&e),
             "ERROR: cannot read from logical replication slot \"s\" (SQLSTATE 55000). This slot \
              has been invalidated because it exceeded the maximum reserved size. Hint: Drop it."
         );
+        // An invalidated slot does not come back by reconnecting.
+        assert!(!WalError::server(&e).is_transient());
+    }
+
+    #[test]
+    fn a_server_stopping_starting_or_recovering_is_reconnected_to_and_a_refusal_is_not() {
+        let server = |code: &str, message: &str| {
+            WalError::server(&error_response(&[
+                (b'S', "FATAL"),
+                (b'C', code),
+                (b'M', message),
+            ]))
+        };
+        for (code, message) in [
+            (
+                "57P01",
+                "terminating connection due to administrator command",
+            ),
+            (
+                "57P02",
+                "terminating connection because of crash of another server process",
+            ),
+            ("57P03", "the database system is starting up"),
+            ("53300", "sorry, too many clients already"),
+            ("08P01", "unexpected EOF on client connection"),
+        ] {
+            assert!(server(code, message).is_transient(), "{code} {message}");
+        }
+        for (code, message) in [
+            (
+                "28P01",
+                "password authentication failed for user \"tandem\"",
+            ),
+            ("42704", "replication slot \"s\" does not exist"),
+            ("55006", "replication slot \"s\" is active for PID 42"),
+        ] {
+            assert!(!server(code, message).is_transient(), "{code} {message}");
+        }
+        let io = WalError::Io(io::Error::from(io::ErrorKind::ConnectionRefused));
+        assert!(io.is_transient());
+        assert!(!WalError::Protocol("truncated replication message".into()).is_transient());
     }
 
     #[test]
