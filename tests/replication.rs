@@ -1914,3 +1914,163 @@ async fn a_row_filter_sends_only_its_rows_and_moves_rows_in_and_out() {
         .get(0);
     assert_eq!(qual, "(region = 'south'::text)");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn names_that_need_quoting_work_everywhere() {
+    // Office databases migrated from desktop tools keep names with capitals, spaces, quotes and
+    // reserved words: every statement tandem builds must quote them.
+    let schema = r#"
+        CREATE SCHEMA "Sales Dept";
+        CREATE TABLE "Sales Dept"."Order Items" (
+            "Item ID" int, "Line" int, "Qty" int, "note's" text, "select" text, "Größe" text,
+            PRIMARY KEY ("Item ID", "Line"));
+        CREATE TABLE public."Customer" ("Id" bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+            "Name" text NOT NULL, "Updated At" timestamptz NOT NULL DEFAULT now());"#;
+    let (d, m) = Fixture::databases("quoting", schema).await;
+    d.batch_execute(
+        r#"INSERT INTO "Sales Dept"."Order Items" VALUES (1, 1, 5, 'it''s', 'from', 'XL');
+           INSERT INTO "Customer" ("Name") VALUES ('Ann "the" Bold')"#,
+    )
+    .await
+    .unwrap();
+    let text = Fixture::config_text(
+        "quoting",
+        "tables = [\"Sales Dept.Order Items\", \"public.Customer\"]\n\
+         [replication.filter.\"Sales Dept.Order Items\"]\n\
+         desktop_to_mobile = '\"Item ID\" <> 2'\n\
+         [replication.columns]\n\
+         \"public.Customer\" = [\"Id\", \"Name\", \"Updated At\"]\n\
+         [conflicts]\npolicy = \"last_write_wins\"\nversion_column = \"Updated At\"\n",
+    );
+    let fx = Fixture::with_config("quoting", d, m, text).await;
+    let cfg = fx.config_path.to_str().unwrap();
+    // The identity's sequence has a quoted name too.
+    let (code, out, err) = run_tandem(&["--config", cfg, "setup", "--sequences", "odd-even"], &[]);
+    assert_eq!(code, 0, "{out}{err}");
+    let items = r#""Sales Dept"."Order Items""#;
+    let run = fx.start().await;
+    fx.wait_equal(items, 30).await;
+    fx.wait_equal(r#""Customer""#, 30).await;
+    fx.d.batch_execute(
+        r#"INSERT INTO "Sales Dept"."Order Items" VALUES (1, 2, 1, 'a"b', 'where', NULL), (2, 1, 0, 'x', 'y', 'S');
+           UPDATE "Sales Dept"."Order Items" SET "Qty" = 7, "note's" = 'now' WHERE "Item ID" = 1 AND "Line" = 1;
+           UPDATE "Customer" SET "Name" = 'Ann', "Updated At" = now()"#,
+    )
+    .await
+    .unwrap();
+    wait_count(
+        30,
+        &fx.m,
+        r#"SELECT count(*) FROM "Sales Dept"."Order Items" WHERE "Line" = 2"#,
+        1,
+    )
+    .await;
+    fx.m.batch_execute(
+        r#"INSERT INTO "Sales Dept"."Order Items" VALUES (3, 1, 2, 'phone', 'group', 'M');
+           UPDATE "Sales Dept"."Order Items" SET "Line" = 9 WHERE "Item ID" = 1 AND "Line" = 2;
+           INSERT INTO "Customer" ("Name") VALUES ('Bo')"#,
+    )
+    .await
+    .unwrap();
+    wait_for(30, "changes crossed both ways", || async {
+        Fixture::count(
+            &fx.d,
+            r#"SELECT count(*) FROM "Sales Dept"."Order Items" WHERE "Item ID" = 3 OR "Line" = 9"#,
+        )
+        .await
+            == 2
+            && Fixture::count(
+                &fx.m,
+                r#"SELECT count(*) FROM "Customer" WHERE "Name" = 'Ann'"#,
+            )
+            .await
+                == 1
+    })
+    .await;
+    run.stop().await;
+    // Item 2 is filtered out of mobile; everything else is equal.
+    assert_eq!(
+        Fixture::rows(&fx.d, items).await,
+        [
+            "(1,1,7,now,from,XL)",
+            "(1,9,1,\"a\"\"b\",where,)",
+            "(2,1,0,x,y,S)",
+            "(3,1,2,phone,group,M)"
+        ]
+    );
+    assert_eq!(
+        Fixture::rows(&fx.m, items).await,
+        [
+            "(1,1,7,now,from,XL)",
+            "(1,9,1,\"a\"\"b\",where,)",
+            "(3,1,2,phone,group,M)"
+        ]
+    );
+    for c in [&fx.d, &fx.m] {
+        let names: Vec<String> = c
+            .query(r#"SELECT "Name" FROM "Customer" ORDER BY "Name""#, &[])
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        assert_eq!(names, ["Ann", "Bo"]);
+    }
+    let (code, out, err) = run_tandem(&["--config", cfg, "verify"], &[]);
+    assert_eq!(code, 0, "{out}{err}");
+    fx.m.batch_execute(
+        r#"UPDATE "Sales Dept"."Order Items" SET "select" = 'drift' WHERE "Item ID" = 3"#,
+    )
+    .await
+    .unwrap();
+    let (code, out, _) = run_tandem(&["--config", cfg, "verify"], &[]);
+    assert_eq!(code, 1, "{out}");
+    let (code, out, err) = run_tandem(&["--config", cfg, "repair", "--source", "desktop"], &[]);
+    assert_eq!(code, 0, "{out}{err}");
+    let (code, out, err) = run_tandem(&["--config", cfg, "status"], &[]);
+    assert_eq!(code, 0, "{out}{err}");
+    let (code, out, err) = run_tandem(&["--config", cfg, "teardown"], &[]);
+    assert_eq!(code, 0, "{out}{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_table_keyed_by_its_replica_identity_index_replicates_without_a_primary_key() {
+    let schema = "
+        CREATE TABLE codes (code text NOT NULL, region int NOT NULL, label text);
+        CREATE UNIQUE INDEX codes_key ON codes (region, code);
+        ALTER TABLE codes REPLICA IDENTITY USING INDEX codes_key;";
+    let (d, m) = Fixture::databases("ridx", schema).await;
+    d.batch_execute("INSERT INTO codes VALUES ('a', 1, 'alpha'), ('b', 1, 'beta')")
+        .await
+        .unwrap();
+    let fx = Fixture::with_config(
+        "ridx",
+        d,
+        m,
+        Fixture::config_text("ridx", "tables = [\"public.codes\"]"),
+    )
+    .await;
+    let run = fx.start().await;
+    fx.wait_equal("codes", 30).await;
+    fx.d.batch_execute(
+        "UPDATE codes SET label = 'ALPHA' WHERE code = 'a'; \
+         UPDATE codes SET code = 'c' WHERE code = 'b'; \
+         INSERT INTO codes VALUES ('d', 2, NULL)",
+    )
+    .await
+    .unwrap();
+    wait_count(30, &fx.m, "SELECT count(*) FROM codes WHERE code = 'd'", 1).await;
+    fx.m.batch_execute(
+        "DELETE FROM codes WHERE code = 'c'; UPDATE codes SET region = 3 WHERE code = 'd'",
+    )
+    .await
+    .unwrap();
+    wait_count(30, &fx.d, "SELECT count(*) FROM codes WHERE region = 3", 1).await;
+    run.stop().await;
+    for c in [&fx.d, &fx.m] {
+        assert_eq!(Fixture::rows(c, "codes").await, ["(a,1,ALPHA)", "(d,3,)"]);
+    }
+    let cfg = fx.config_path.to_str().unwrap();
+    let (code, out, err) = run_tandem(&["--config", cfg, "verify"], &[]);
+    assert_eq!(code, 0, "{out}{err}");
+}
