@@ -7,10 +7,14 @@ use tokio_postgres::Client;
 use crate::config::{redact_url, Site};
 
 /// Session settings for every tandem SQL session: text values are parsed the way the replication
-/// stream renders them (see `source::stream`).
+/// stream renders them (see `source::stream`). And no timeouts, as pg_dump sets: a database- or
+/// role-wide timeout meant for the application would cut short a copy, a large batch, a wait on
+/// an application's row lock, or a streamed transaction's session idling between the source's
+/// blocks. tandem sets the lock timeout it wants itself, where it wants one.
 pub const SESSION_SETTINGS: &str =
     "SET datestyle = 'ISO, MDY'; SET intervalstyle = 'postgres'; SET extra_float_digits = 3; \
-     SET bytea_output = 'hex'";
+     SET bytea_output = 'hex'; SET statement_timeout = 0; SET lock_timeout = 0; \
+     SET idle_in_transaction_session_timeout = 0";
 
 /// Connect to `site` with `application_name` set, spawning the connection task.
 pub async fn connect(site: &Site, app: &str) -> Result<Client> {

@@ -2074,3 +2074,77 @@ async fn a_table_keyed_by_its_replica_identity_index_replicates_without_a_primar
     let (code, out, err) = run_tandem(&["--config", cfg, "verify"], &[]);
     assert_eq!(code, 0, "{out}{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn timeouts_set_on_the_database_do_not_cut_tandems_sessions_short() {
+    // Hosted databases often carry a database- or role-wide statement, lock and idle timeout
+    // meant for the application. tandem's copy, batches and a streamed transaction's session
+    // (idle in transaction between the source's blocks) need longer.
+    let (d, m) = Fixture::databases("timeouts", JOBS).await;
+    d.batch_execute("INSERT INTO jobs SELECT g, 'old' FROM generate_series(1, 200000) g")
+        .await
+        .unwrap();
+    for c in [&d, &m] {
+        c.batch_execute(
+            "DO $$ BEGIN EXECUTE format('ALTER DATABASE %I SET statement_timeout = ''50ms''; \
+             ALTER DATABASE %I SET idle_in_transaction_session_timeout = ''300ms''; \
+             ALTER DATABASE %I SET lock_timeout = ''50ms''', \
+             current_database(), current_database(), current_database()); END $$",
+        )
+        .await
+        .unwrap();
+    }
+    stream_from_a_few_hundred_rows(&d).await;
+    let fx = Fixture::with_config(
+        "timeouts",
+        d,
+        m,
+        Fixture::config_text("timeouts", JOBS_TABLES),
+    )
+    .await;
+    // The initial snapshot copies 200,000 rows: far longer than 50 ms.
+    let run = fx.start().await;
+    assert_eq!(
+        Fixture::count(&fx.m, "SELECT count(*) FROM jobs").await,
+        200000
+    );
+    // A streamed transaction pausing between blocks: mobile's live session waits, idle in
+    // its transaction, longer than 300 ms. A session the server ended would be reconnected and
+    // the transaction applied again, so what shows is the server ending none.
+    let ended = "SELECT pg_stat_clear_snapshot(); \
+                 SELECT (sessions_fatal + sessions_killed)::text FROM pg_stat_database \
+                 WHERE datname = current_database()";
+    let ended_before = tandem::db::last_row(&fx.m, ended).await.unwrap();
+    let a = common::connect(&common::clusters().desktop.url("timeouts")).await;
+    a.batch_execute(
+        "SET idle_in_transaction_session_timeout = 0; BEGIN; \
+         INSERT INTO jobs SELECT g, 'big' FROM generate_series(300001, 303000) g",
+    )
+    .await
+    .unwrap();
+    wait_count(
+        30,
+        &fx.m,
+        "SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE 'tandem %' \
+         AND state = 'idle in transaction' AND datname = current_database()",
+        1,
+    )
+    .await;
+    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    a.batch_execute(
+        "INSERT INTO jobs SELECT g, 'big' FROM generate_series(303001, 306000) g; COMMIT",
+    )
+    .await
+    .unwrap();
+    fx.wait_equal("jobs", 60).await;
+    assert!(!run.is_finished());
+    assert_eq!(
+        tandem::db::last_row(&fx.m, ended).await.unwrap(),
+        ended_before,
+        "mobile ended none of tandem's sessions"
+    );
+    run.stop().await;
+    let cfg = fx.config_path.to_str().unwrap();
+    let (code, out, err) = run_tandem(&["--config", cfg, "verify"], &[]);
+    assert_eq!(code, 0, "{out}{err}");
+}
