@@ -2148,3 +2148,102 @@ async fn timeouts_set_on_the_database_do_not_cut_tandems_sessions_short() {
     let (code, out, err) = run_tandem(&["--config", cfg, "verify"], &[]);
     assert_eq!(code, 0, "{out}{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_latin1_desktop_and_a_utf8_mobile_exchange_accented_text() {
+    // Office servers installed with a Western locale often have LATIN1 or WIN1252 databases; the
+    // phones' cloud database is UTF8. Text crosses in each server's own encoding, converted.
+    let p = clusters();
+    let admin = common::connect(&p.desktop.url("postgres")).await;
+    for sql in [
+        "DROP DATABASE IF EXISTS latin WITH (FORCE)",
+        "CREATE DATABASE latin ENCODING 'LATIN1' TEMPLATE template0 LC_COLLATE 'C' LC_CTYPE 'C'",
+    ] {
+        admin.batch_execute(sql).await.unwrap();
+    }
+    let schema = "CREATE TABLE clients (id int PRIMARY KEY, name text, city varchar(40));";
+    let d = common::connect(&p.desktop.url("latin")).await;
+    d.batch_execute(schema).await.unwrap();
+    d.batch_execute("INSERT INTO clients VALUES (1, 'Zoë Müller', 'Zürich'), (2, 'plain', 'Oslo')")
+        .await
+        .unwrap();
+    let madmin = common::connect(&p.mobile.url("postgres")).await;
+    for sql in [
+        "DROP DATABASE IF EXISTS latin WITH (FORCE)",
+        "CREATE DATABASE latin",
+    ] {
+        madmin.batch_execute(sql).await.unwrap();
+    }
+    let m = common::connect(&p.mobile.url("latin")).await;
+    m.batch_execute(schema).await.unwrap();
+    let fx = Fixture::with_config(
+        "latin",
+        d,
+        m,
+        Fixture::config_text("latin", "tables = [\"public.clients\"]"),
+    )
+    .await;
+    let run = fx.start().await;
+    fx.d.batch_execute(
+        "INSERT INTO clients VALUES (3, 'François Þór', 'Reykjavík'); \
+         UPDATE clients SET city = 'Málaga' WHERE id = 2",
+    )
+    .await
+    .unwrap();
+    fx.m.batch_execute("INSERT INTO clients VALUES (4, 'Åsa Ñúñez', 'Göteborg')")
+        .await
+        .unwrap();
+    wait_count(30, &fx.d, "SELECT count(*) FROM clients WHERE id = 4", 1).await;
+    fx.wait_equal("clients", 30).await;
+    let want = [
+        "(1,\"Zoë Müller\",Zürich)",
+        "(2,plain,Málaga)",
+        "(3,\"François Þór\",Reykjavík)",
+        "(4,\"Åsa Ñúñez\",Göteborg)",
+    ];
+    for c in [&fx.d, &fx.m] {
+        assert_eq!(Fixture::rows(c, "clients").await, want);
+    }
+    // A character LATIN1 lacks cannot land on desktop: that transaction is named, as any the
+    // target refuses, and nothing after it is applied.
+    fx.m.batch_execute("INSERT INTO clients VALUES (5, '東京', 'Tōkyō')")
+        .await
+        .unwrap();
+    let (e, lsn) = common::rejected(run).await;
+    assert!(
+        e.contains("was rejected by desktop") && e.contains("LATIN1"),
+        "{e}"
+    );
+    let cfg = fx.config_path.to_str().unwrap();
+    let (code, out, err) = run_tandem(
+        &["--config", cfg, "skip", "--from", "mobile", "--lsn", &lsn],
+        &[],
+    );
+    assert_eq!(code, 0, "{out}{err}");
+    fx.m.batch_execute("DELETE FROM clients WHERE id = 5")
+        .await
+        .unwrap();
+    let run = fx.start().await;
+    fx.d.batch_execute("UPDATE clients SET name = 'Zoé' WHERE id = 1")
+        .await
+        .unwrap();
+    wait_count(
+        30,
+        &fx.m,
+        "SELECT count(*) FROM clients WHERE name = 'Zoé'",
+        1,
+    )
+    .await;
+    run.stop().await;
+    // verify compares the same text, whatever bytes each server stores it as.
+    let (code, out, err) = run_tandem(&["--config", cfg, "verify"], &[]);
+    assert_eq!(code, 0, "{out}{err}");
+    fx.m.batch_execute("UPDATE clients SET city = 'Zurich' WHERE id = 1")
+        .await
+        .unwrap();
+    let (code, out, _) = run_tandem(&["--config", cfg, "verify"], &[]);
+    assert_eq!(code, 1, "{out}");
+    let (code, out, err) = run_tandem(&["--config", cfg, "repair", "--source", "desktop"], &[]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert_eq!(Fixture::rows(&fx.m, "clients").await[0], "(1,Zoé,Zürich)");
+}

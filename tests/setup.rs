@@ -105,8 +105,9 @@ async fn server_settings_and_role_problems_are_all_reported_at_once() {
         .batch_execute("DROP DATABASE IF EXISTS settings")
         .await
         .unwrap();
+    // SQL_ASCII: bytes of no declared encoding.
     admin
-        .batch_execute("CREATE DATABASE settings")
+        .batch_execute("CREATE DATABASE settings ENCODING 'SQL_ASCII' TEMPLATE template0")
         .await
         .unwrap();
     connect(&rc.url("settings"))
@@ -136,7 +137,8 @@ async fn server_settings_and_role_problems_are_all_reported_at_once() {
     );
     assert_eq!(code, 1, "{err}");
     for want in [
-        "setup found 4 problem(s); nothing was created",
+        "setup found 5 problem(s); nothing was created",
+        "desktop: database encoding is SQL_ASCII, which says nothing of what its text bytes mean",
         "desktop: wal_level is `replica`; run `ALTER SYSTEM SET wal_level = logical`",
         "desktop: max_replication_slots is 0 and all 0 are in use; raise it",
         "desktop: max_wal_senders is 0 and 0 are in use; raise it",

@@ -124,10 +124,15 @@ async fn check_server(c: &Client, site: &Site, problems: &mut Vec<String>) -> Re
             quote_ident(&role)
         ));
     }
+    // Text crosses as UTF8 (the servers convert from and to their own encodings); SQL_ASCII
+    // declares none, so nothing says what its bytes mean.
     let encoding: String = r.get(9);
-    if encoding != "UTF8" {
+    if encoding == "SQL_ASCII" {
         problems.push(format!(
-            "{side}: database encoding is {encoding}; tandem needs UTF8 databases"
+            "{side}: database encoding is SQL_ASCII, which says nothing of what its text bytes \
+             mean, so they cannot be converted for the other side; move the data to a database \
+             created with the encoding it is really in (e.g. `CREATE DATABASE … ENCODING 'WIN1252' \
+             TEMPLATE template0`, then pg_dump and restore)"
         ));
     }
     Ok(())
@@ -879,4 +884,16 @@ async fn create_replication(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn migrations_are_ascii_so_a_database_in_any_encoding_takes_them() {
+        // The server converts the whole statement, comments included, to its encoding: a LATIN1
+        // database refused migration 5 for an ellipsis in a comment.
+        for (version, sql) in super::MIGRATIONS {
+            assert!(sql.is_ascii(), "migration {version} has non-ASCII text");
+        }
+    }
 }

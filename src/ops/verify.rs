@@ -77,6 +77,8 @@ pub struct Shape {
     pub meta: TargetTable,
     /// `ROW(k1, k2)::text`
     key_text: String,
+    /// What the bucket hashes: `key_text`, or its UTF8 bytes when a side's encoding differs.
+    key_hashed: String,
     /// `ARRAY[k1::text, k2::text]`
     key_values: String,
     /// `json_build_object('k1', k1, …)::text`
@@ -91,13 +93,19 @@ pub struct Shape {
 
 impl Shape {
     /// `flows`: the columns compared (all both sides have, unless a column list limits them).
+    /// `convert`: a side's database is not UTF8, so text is hashed as its UTF8 bytes.
     fn new(
         name: TableName,
         d: TargetTable,
         m: &TargetTable,
         flows: impl Fn(&str) -> bool,
         rows: Option<String>,
+        convert: bool,
     ) -> Result<Shape> {
+        let utf8 = |text: String| match convert {
+            true => format!("convert_to({text}, 'UTF8')"),
+            false => text,
+        };
         if d.key.is_empty() {
             return Err(anyhow!("{name} has no primary key; verify compares by key"));
         }
@@ -110,11 +118,17 @@ impl Shape {
             .map(|c| c.name.clone())
             .collect();
         let cols: Vec<String> = compared_columns.iter().map(|c| col(c)).collect();
+        let key_text = format!(
+            "ROW({})::text",
+            keys.iter().map(|k| col(k)).collect::<Vec<_>>().join(", ")
+        );
         Ok(Shape {
-            key_text: format!(
-                "ROW({})::text",
-                keys.iter().map(|k| col(k)).collect::<Vec<_>>().join(", ")
-            ),
+            // `hashtext` takes text: the UTF8 bytes, escaped to ASCII, are text alike on both.
+            key_hashed: match convert {
+                true => format!("encode({}, 'escape')", utf8(key_text.clone())),
+                false => key_text.clone(),
+            },
+            key_text,
             key_values: format!(
                 "ARRAY[{}]",
                 keys.iter()
@@ -129,7 +143,7 @@ impl Shape {
                     .collect::<Vec<_>>()
                     .join(", ")
             ),
-            row_hash: format!("md5(ROW({})::text)", cols.join(", ")),
+            row_hash: format!("md5({})", utf8(format!("ROW({})::text", cols.join(", ")))),
             compared_columns,
             rows,
             name,
@@ -160,7 +174,7 @@ impl Shape {
     }
 
     fn bucket(&self, n: i64) -> String {
-        format!("((hashtext({}) & 2147483647) % {n})", self.key_text)
+        format!("((hashtext({}) & 2147483647) % {n})", self.key_hashed)
     }
 
     /// `JOIN unnest($1::text[], …) u ON t.k1 = u.v1::type …`: rows with the given keys.
@@ -220,6 +234,13 @@ pub async fn shapes(
         }
         names = vec![t.clone()];
     }
+    // Hashes are of the bytes each server stores: alike only in one encoding.
+    let mut encodings = Vec::new();
+    for c in [d, m] {
+        let e: String = c.query_one("SHOW server_encoding", &[]).await?.get(0);
+        encodings.push(e);
+    }
+    let utf8 = encodings.iter().all(|e| e == "UTF8");
     let mut out = Vec::new();
     for n in names {
         let dt = catalog::table(d, &n)
@@ -235,6 +256,7 @@ pub async fn shapes(
             &mt,
             flows,
             cfg.compared_rows(&n),
+            !utf8,
         )?);
     }
     Ok(out)

@@ -218,6 +218,9 @@ impl WalConnection {
             ("database", cfg.dbname.as_str()),
             ("replication", "database"),
             ("application_name", cfg.application_name.as_str()),
+            // pgoutput's text values and names are converted to it from the server's encoding,
+            // as the SQL side's are (tokio-postgres asks for UTF8 too).
+            ("client_encoding", "UTF8"),
             ("options", cfg.options.as_str()),
         ];
         frontend::startup_message(params.iter().copied(), &mut out)?;

@@ -401,8 +401,9 @@ pub async fn rejected(run: Running) -> (String, String) {
         .expect_err("the target refuses a transaction");
     let e = format!("{e:#}");
     let lsn = e
-        .split("`tandem skip --from desktop --lsn ")
+        .split(" --lsn ")
         .nth(1)
+        .filter(|_| e.contains("`tandem skip --from "))
         .and_then(|r| r.split('`').next())
         .unwrap_or_else(|| panic!("no skip command in: {e}"))
         .to_string();
