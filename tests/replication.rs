@@ -2247,3 +2247,72 @@ async fn a_latin1_desktop_and_a_utf8_mobile_exchange_accented_text() {
     assert_eq!(code, 0, "{out}{err}");
     assert_eq!(Fixture::rows(&fx.m, "clients").await[0], "(1,Zoé,Zürich)");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trigger_firing_for_applied_rows_is_warned_about_until_the_role_may_skip_it() {
+    // A role without superuser cannot set session_replication_role unless granted, so mobile's
+    // stamping trigger rewrites the rows tandem applies there.
+    let schema = "DO $$ BEGIN CREATE ROLE tandem_trg LOGIN REPLICATION PASSWORD 'trg-pw'; \
+         EXCEPTION WHEN duplicate_object THEN NULL; END $$;
+         GRANT CREATE ON DATABASE trig TO tandem_trg;
+         CREATE TABLE jobs (id bigint PRIMARY KEY, title text NOT NULL, status text);
+         ALTER TABLE jobs OWNER TO tandem_trg;
+         CREATE FUNCTION stamp() RETURNS trigger LANGUAGE plpgsql AS
+           $$ BEGIN NEW.status := 'stamped'; RETURN NEW; END $$;";
+    let (d, m) = Fixture::databases("trig", schema).await;
+    m.batch_execute(
+        "CREATE TRIGGER stamp BEFORE INSERT OR UPDATE ON jobs FOR EACH ROW EXECUTE FUNCTION stamp()",
+    )
+    .await
+    .unwrap();
+    let text = Fixture::config_text("trig", "tables = [\"public.jobs\"]")
+        .replace("postgresql://postgres@", "postgresql://tandem_trg:trg-pw@");
+    let fx = Fixture::with_config("trig", d, m, text).await;
+    let cfg = fx.config_path.to_str().unwrap();
+    let warning = "mobile: trigger stamp on public.jobs will fire for the rows tandem applies \
+                   (role tandem_trg may not set session_replication_role)";
+    let (code, out, err) = run_tandem(&["--config", cfg, "setup"], &[]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains(warning), "{out}");
+    assert!(
+        out.contains("GRANT SET ON PARAMETER session_replication_role TO \"tandem_trg\""),
+        "{out}"
+    );
+    assert!(!out.contains("desktop: trigger"), "{out}");
+
+    let run = fx.start().await;
+    fx.d.batch_execute("INSERT INTO jobs VALUES (1, 'a', 'new')")
+        .await
+        .unwrap();
+    wait_count(30, &fx.m, "SELECT count(*) FROM jobs WHERE id = 1", 1).await;
+    run.stop().await;
+    assert_eq!(Fixture::rows(&fx.m, "jobs").await, ["(1,a,stamped)"]);
+
+    // The fix setup names: applied rows no longer fire it; the application's own still do.
+    common::connect(&clusters().mobile.url("trig"))
+        .await
+        .batch_execute("GRANT SET ON PARAMETER session_replication_role TO tandem_trg")
+        .await
+        .unwrap();
+    let (code, out, err) = run_tandem(&["--config", cfg, "setup"], &[]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(!out.contains("trigger stamp"), "{out}");
+    let run = fx.start().await;
+    fx.d.batch_execute("INSERT INTO jobs VALUES (2, 'b', 'new')")
+        .await
+        .unwrap();
+    fx.m.batch_execute("INSERT INTO jobs VALUES (3, 'c', 'new')")
+        .await
+        .unwrap();
+    wait_count(30, &fx.m, "SELECT count(*) FROM jobs WHERE id = 2", 1).await;
+    wait_count(30, &fx.d, "SELECT count(*) FROM jobs WHERE id = 3", 1).await;
+    run.stop().await;
+    assert_eq!(
+        Fixture::rows(&fx.m, "jobs").await,
+        ["(1,a,stamped)", "(2,b,new)", "(3,c,stamped)"]
+    );
+    assert_eq!(
+        Fixture::rows(&fx.d, "jobs").await,
+        ["(1,a,new)", "(2,b,new)", "(3,c,stamped)"]
+    );
+}

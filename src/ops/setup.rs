@@ -363,6 +363,60 @@ async fn check_filter(c: &Client, side: Side, t: &TableName, cond: &str) -> Resu
     }))
 }
 
+/// Triggers that will fire for the rows tandem applies. PostgreSQL's own apply worker runs with
+/// `session_replication_role = replica`, so only `ENABLE REPLICA`/`ALWAYS` triggers fire for
+/// replicated rows; tandem does the same when its role may set it. When it may not, an ordinary
+/// trigger that stamps or rewrites rows makes the sides differ: warned about, with both fixes.
+async fn check_triggers(
+    cfg: &Config,
+    d: &Client,
+    m: &Client,
+    tables: &[TableName],
+    plan: &mut Plan,
+) -> Result<()> {
+    for (side, c) in [(Side::Desktop, d), (Side::Mobile, m)] {
+        // Probed, not derived: superuser, or (PostgreSQL 15) `GRANT SET ON PARAMETER`.
+        let may = c
+            .batch_execute("BEGIN; SET LOCAL session_replication_role = replica; ROLLBACK")
+            .await
+            .is_ok();
+        if !may {
+            c.batch_execute("ROLLBACK").await?;
+        }
+        if may {
+            continue;
+        }
+        let role: String = c.query_one("SELECT current_user::text", &[]).await?.get(0);
+        for t in tables {
+            // Only where changes arrive.
+            if !cfg.direction(t).flows_from(side.other()) {
+                continue;
+            }
+            let triggers = c
+                .query(
+                    "SELECT tgname::text FROM pg_trigger WHERE tgrelid = $1::text::regclass \
+                     AND NOT tgisinternal AND tgenabled = 'O' ORDER BY 1",
+                    &[&t.quoted()],
+                )
+                .await?;
+            for r in triggers {
+                let name: String = r.get(0);
+                plan.warnings.push(format!(
+                    "{side}: trigger {name} on {t} will fire for the rows tandem applies (role {role} \
+                     may not set session_replication_role), and if it changes them the sides differ; \
+                     as a superuser run `GRANT SET ON PARAMETER session_replication_role TO {}` on \
+                     {side} (PostgreSQL 15+) to apply as PostgreSQL's own replication does, or, if it \
+                     is meant to fire for replicated rows too, `ALTER TABLE {} ENABLE ALWAYS TRIGGER {}`",
+                    quote_ident(&role),
+                    t.quoted(),
+                    quote_ident(&name)
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Conflict rules that need something of the tables: a version column, old rows; and key
 /// sequences that collide when both sides insert.
 async fn check_conflicts(
@@ -606,6 +660,7 @@ pub async fn validate_with(cfg: &Config, opts: Options) -> Result<(Client, Clien
         plan.tables = check_tables(cfg, d, m, &mut problems).await?;
         let tables = plan.tables.clone();
         check_conflicts(cfg, opts, d, m, &tables, &mut plan, &mut problems).await?;
+        check_triggers(cfg, d, m, &tables, &mut plan).await?;
     }
     match (d, m) {
         (Some(d), Some(m)) if problems.is_empty() => Ok((d, m, plan)),
