@@ -56,13 +56,14 @@ impl WalError {
     }
 
     /// Worth reconnecting for: a lost connection, or a server stopping, starting or
-    /// recovering (the SQL side's [`crate::db::is_transient`] classes). Not a slot active for
-    /// another walsender: [`crate::source::stream::SourceStream::open`] waits that out for a
-    /// while, and past that another process is using the slot.
+    /// recovering (the SQL side's [`crate::db::is_transient`] classes). Not a protocol violation
+    /// (08P01: what a pooler says to a replication connection, every time), nor a slot active
+    /// for another walsender: [`crate::source::stream::SourceStream::open`] waits that out for
+    /// a while, and past that another process is using the slot.
     pub fn is_transient(&self) -> bool {
         match self {
             WalError::Io(_) => true,
-            WalError::Server { code, .. } => crate::db::transient_sqlstate(code),
+            WalError::Server { code, .. } => crate::db::transient_sqlstate(code) && code != "08P01",
             WalError::Protocol(_) => false,
         }
     }
@@ -225,10 +226,10 @@ impl WalConnection {
         ];
         frontend::startup_message(params.iter().copied(), &mut out)?;
         c.send(&mut out).await?;
-        c.authenticate(cfg).await?;
+        c.authenticate(cfg).await.map_err(pooler_hint)?;
         // ParameterStatus and BackendKeyData until the server is ready.
         loop {
-            match c.read().await? {
+            match c.read().await.map_err(pooler_hint)? {
                 Some(backend::Message::ReadyForQuery(_)) => return Ok(c),
                 Some(backend::Message::ParameterStatus(p))
                     if p.name().ok() == Some("server_version") =>
@@ -423,6 +424,25 @@ async fn tls(cfg: &WalConfig, host: &str, s: tokio::net::TcpStream) -> Result<St
         WalError::Protocol(format!("TLS handshake: {problem}"))
     })?;
     Ok(Box::new(stream))
+}
+
+/// A connection pooler in front of the server (PgBouncer, Supavisor) refuses the `replication`
+/// startup parameter, and the URL that works for SQL is the likely cause: say so, and where to
+/// point instead.
+fn pooler_hint(e: WalError) -> WalError {
+    match e {
+        WalError::Server { text, code } if text.contains("unsupported startup parameter") => {
+            WalError::Server {
+                text: format!(
+                    "{text} This looks like a connection pooler (PgBouncer, Supavisor), which \
+                     cannot carry replication: give the database's own address (on Supabase, \
+                     the direct connection on port 5432, not the pooler's)"
+                ),
+                code,
+            }
+        }
+        e => e,
+    }
 }
 
 /// The server's error in one line, its detail and hint included: the message alone can hide
@@ -734,7 +754,6 @@ mod tests {
             ),
             ("57P03", "the database system is starting up"),
             ("53300", "sorry, too many clients already"),
-            ("08P01", "unexpected EOF on client connection"),
         ] {
             assert!(server(code, message).is_transient(), "{code} {message}");
         }
@@ -745,12 +764,56 @@ mod tests {
             ),
             ("42704", "replication slot \"s\" does not exist"),
             ("55006", "replication slot \"s\" is active for PID 42"),
+            ("08P01", "unsupported startup parameter: replication"),
         ] {
             assert!(!server(code, message).is_transient(), "{code} {message}");
         }
         let io = WalError::Io(io::Error::from(io::ErrorKind::ConnectionRefused));
         assert!(io.is_transient());
         assert!(!WalError::Protocol("truncated replication message".into()).is_transient());
+    }
+
+    #[tokio::test]
+    async fn a_pooler_refusing_replication_is_named_and_not_retried() {
+        // PgBouncer's answer to a replication connection (Supabase's pooler port answers alike).
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let mut len = [0u8; 4];
+            s.read_exact(&mut len).await.unwrap();
+            let mut startup = vec![0u8; u32::from_be_bytes(len) as usize - 4];
+            s.read_exact(&mut startup).await.unwrap();
+            let mut body = Vec::new();
+            for (t, v) in [
+                (b'S', "FATAL"),
+                (b'C', "08P01"),
+                (b'M', "unsupported startup parameter: replication"),
+            ] {
+                body.push(t);
+                body.extend_from_slice(v.as_bytes());
+                body.push(0);
+            }
+            body.push(0);
+            let mut frame = vec![b'E'];
+            frame.extend_from_slice(&(body.len() as i32 + 4).to_be_bytes());
+            frame.extend_from_slice(&body);
+            s.write_all(&frame).await.unwrap();
+        });
+        let cfg = WalConfig::from_url(&format!(
+            "postgresql://app@127.0.0.1:{port}/db?sslmode=disable"
+        ))
+        .unwrap();
+        let Err(e) = WalConnection::connect(&cfg).await else {
+            panic!("a pooler does not replicate");
+        };
+        let text = e.to_string();
+        assert!(
+            text.starts_with("FATAL: unsupported startup parameter: replication (SQLSTATE 08P01).")
+                && text.contains("This looks like a connection pooler (PgBouncer, Supavisor)"),
+            "{text}"
+        );
+        assert!(!e.is_transient());
     }
 
     #[test]
