@@ -1712,6 +1712,24 @@ async fn a_column_list_keeps_the_other_columns_each_sides_own() {
         e.contains("conflict policy desktop_wins needs the old row"),
         "{e}"
     );
+    // A column of mobile's own that must have a value no row from desktop brings.
+    m.batch_execute("ALTER TABLE staff ADD COLUMN pin int NOT NULL")
+        .await
+        .unwrap();
+    let list = std::sync::Arc::new(
+        tandem::config::Config::parse(&text(r#"["id", "name"]"#), |_| None).unwrap(),
+    );
+    let e = format!("{:#}", tandem::ops::setup::setup(list).await.unwrap_err());
+    assert!(
+        e.contains(
+            "mobile: column `pin` of public.staff is NOT NULL without a default and \
+             [replication.columns] leaves it out, so no row from desktop could be inserted"
+        ),
+        "{e}"
+    );
+    m.batch_execute("ALTER TABLE staff DROP COLUMN pin")
+        .await
+        .unwrap();
     let fx = Fixture::with_config("collist", d, m, text(r#"["id", "name"]"#)).await;
     let published: Vec<String> =
         fx.d.query_one(

@@ -299,6 +299,37 @@ async fn check_tables(
                 _ => {}
             }
         }
+        if cfg.columns_of(t).is_some() {
+            // A side's own column that insists on a value nobody sends: every row arriving
+            // from the other side would be refused.
+            for (side, c) in [(Side::Desktop, d), (Side::Mobile, m)] {
+                if !cfg.direction(t).flows_from(side.other()) {
+                    continue;
+                }
+                let required = c
+                    .query(
+                        "SELECT attname::text FROM pg_attribute WHERE attrelid = $1::text::regclass \
+                         AND attnum > 0 AND NOT attisdropped AND attnotnull AND NOT atthasdef \
+                         AND attidentity = '' AND attgenerated = '' ORDER BY attnum",
+                        &[&t.quoted()],
+                    )
+                    .await?;
+                for r in required {
+                    let n: String = r.get(0);
+                    if !cfg.column_flows(t, &n) {
+                        problems.push(format!(
+                            "{side}: column `{n}` of {t} is NOT NULL without a default and \
+                             [replication.columns] leaves it out, so no row from {} could be \
+                             inserted; give it one (`ALTER TABLE {} ALTER COLUMN {} SET DEFAULT …`) \
+                             or list it",
+                            side.other(),
+                            t.quoted(),
+                            quote_ident(&n)
+                        ));
+                    }
+                }
+            }
+        }
     }
     Ok(tables)
 }
