@@ -156,20 +156,22 @@ async fn table_problems_name_side_table_and_fix() {
         "CREATE TABLE only_desktop (id int PRIMARY KEY);
          CREATE TABLE no_pk (id int, v text);
          CREATE TABLE pk_differs (a int, b int, PRIMARY KEY (a));
-         CREATE TABLE type_differs (id int PRIMARY KEY, amount numeric(10,2), extra text);",
+         CREATE TABLE type_differs (id int PRIMARY KEY, amount numeric(10,2), extra text);
+         CREATE TABLE Customers (id int PRIMARY KEY);",
     )
     .await
     .unwrap();
     m.batch_execute(
         "CREATE TABLE no_pk (id int, v text);
          CREATE TABLE pk_differs (a int, b int, PRIMARY KEY (a, b));
-         CREATE TABLE type_differs (id int PRIMARY KEY, amount real);",
+         CREATE TABLE type_differs (id int PRIMARY KEY, amount real);
+         CREATE TABLE Customers (id int PRIMARY KEY);",
     )
     .await
     .unwrap();
     let text = Fixture::config_text(
         "tables",
-        r#"tables = ["public.only_desktop", "public.no_pk", "public.pk_differs", "public.type_differs"]"#,
+        r#"tables = ["public.only_desktop", "public.no_pk", "public.pk_differs", "public.type_differs", "public.Customers"]"#,
     );
     let (code, _, err) = run_tandem(&["--config", &write_config("tables", &text), "setup"], &[]);
     assert_eq!(code, 1, "{err}");
@@ -180,6 +182,10 @@ async fn table_problems_name_side_table_and_fix() {
         "table public.pk_differs: primary key differs: desktop (a) vs mobile (a, b); make them the same",
         "table public.type_differs: column `amount` is numeric(10,2) on desktop but real on mobile",
         "table public.type_differs: column `extra` exists on desktop but not on mobile; add it to mobile",
+        // Created unquoted, so folded to lower case.
+        "desktop: table public.Customers does not exist; there is public.customers: names are \
+         case-sensitive here, so write \"public.customers\" in the config",
+        "mobile: table public.Customers does not exist; there is public.customers",
     ] {
         assert!(err.contains(want), "missing {want:?} in:\n{err}");
     }

@@ -196,9 +196,25 @@ async fn check_tables(
     for t in &tables {
         let dt = catalog::table(d, t).await?;
         let mt = catalog::table(m, t).await?;
-        for (side, this, other) in [(Side::Desktop, &dt, &mt), (Side::Mobile, &mt, &dt)] {
+        for (side, this, other, c) in [(Side::Desktop, &dt, &mt, d), (Side::Mobile, &mt, &dt, m)] {
             if this.is_none() {
-                let hint = if other.is_some() {
+                // Unquoted names fold to lower case in SQL, but the config's are taken as written.
+                let folded = c
+                    .query_opt(
+                        "SELECT n.nspname::text, c.relname::text FROM pg_class c \
+                         JOIN pg_namespace n ON n.oid = c.relnamespace \
+                         WHERE lower(n.nspname) = lower($1) AND lower(c.relname) = lower($2) \
+                         AND c.relkind IN ('r', 'p') LIMIT 1",
+                        &[&t.schema, &t.name],
+                    )
+                    .await?;
+                let hint = if let Some(r) = folded {
+                    let near = TableName::new(r.get::<_, String>(0), r.get::<_, String>(1));
+                    format!(
+                        "there is {near}: names are case-sensitive here, so write \"{near}\" in \
+                         the config"
+                    )
+                } else if other.is_some() {
                     format!("create it with the same columns as on {}", side.other())
                 } else {
                     "create it on both sides, or remove it from [replication] tables".into()
