@@ -157,7 +157,8 @@ async fn table_problems_name_side_table_and_fix() {
          CREATE TABLE no_pk (id int, v text);
          CREATE TABLE pk_differs (a int, b int, PRIMARY KEY (a));
          CREATE TABLE type_differs (id int PRIMARY KEY, amount numeric(10,2), extra text);
-         CREATE TABLE Customers (id int PRIMARY KEY);",
+         CREATE TABLE Customers (id int PRIMARY KEY);
+         CREATE TABLE lines (id int PRIMARY KEY, qty int, price int, total int GENERATED ALWAYS AS (qty * price) STORED);",
     )
     .await
     .unwrap();
@@ -165,13 +166,14 @@ async fn table_problems_name_side_table_and_fix() {
         "CREATE TABLE no_pk (id int, v text);
          CREATE TABLE pk_differs (a int, b int, PRIMARY KEY (a, b));
          CREATE TABLE type_differs (id int PRIMARY KEY, amount real);
-         CREATE TABLE Customers (id int PRIMARY KEY);",
+         CREATE TABLE Customers (id int PRIMARY KEY);
+         CREATE TABLE lines (id int PRIMARY KEY, qty int, price int, total int);",
     )
     .await
     .unwrap();
     let text = Fixture::config_text(
         "tables",
-        r#"tables = ["public.only_desktop", "public.no_pk", "public.pk_differs", "public.type_differs", "public.Customers"]"#,
+        r#"tables = ["public.only_desktop", "public.no_pk", "public.pk_differs", "public.type_differs", "public.Customers", "public.lines"]"#,
     );
     let (code, _, err) = run_tandem(&["--config", &write_config("tables", &text), "setup"], &[]);
     assert_eq!(code, 1, "{err}");
@@ -186,6 +188,8 @@ async fn table_problems_name_side_table_and_fix() {
         "desktop: table public.Customers does not exist; there is public.customers: names are \
          case-sensitive here, so write \"public.customers\" in the config",
         "mobile: table public.Customers does not exist; there is public.customers",
+        "table public.lines: column `total` is generated on desktop but not on mobile, and \
+         logical replication does not send generated columns, so mobile's would stay empty",
     ] {
         assert!(err.contains(want), "missing {want:?} in:\n{err}");
     }

@@ -300,6 +300,16 @@ async fn check_tables(
                     "table {t}: column `{n}` is {} on desktop but {} on mobile; make the types the same",
                     a.type_sql, b.type_sql
                 )),
+                // PostgreSQL 15 sends no generated column: the plain one would stay empty.
+                (Some(a), Some(b)) if a.generated != b.generated => {
+                    let (gen, plain) = if a.generated { (Side::Desktop, Side::Mobile) } else { (Side::Mobile, Side::Desktop) };
+                    problems.push(format!(
+                        "table {t}: column `{n}` is generated on {gen} but not on {plain}, and \
+                         logical replication does not send generated columns, so {plain}'s would \
+                         stay empty for rows from {gen}; make it generated on {plain} too (with the \
+                         same expression), or plain on both"
+                    ));
+                }
                 (Some(_), None) | (None, Some(_)) => {
                     let (has, lacks) = if a.is_some() { (Side::Desktop, Side::Mobile) } else { (Side::Mobile, Side::Desktop) };
                     let fix = if cfg.columns_of(t).is_some() {
