@@ -39,7 +39,8 @@ enum Command {
     },
     /// Replicate both directions until SIGINT or SIGTERM.
     Run {
-        /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9187).
+        /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9187), and
+        /// http://ADDR/health: 200 while both directions stream, else 503.
         #[arg(long, value_name = "ADDR")]
         metrics_addr: Option<std::net::SocketAddr>,
     },
@@ -436,10 +437,11 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Run { metrics_addr } => {
             let cfg = Arc::new(Config::load(&cli.config)?);
+            let status = Arc::new(sync::Status::default());
             if let Some(addr) = metrics_addr {
-                tandem::metrics::serve(addr).await?;
+                tandem::metrics::serve(addr, status.clone()).await?;
             }
-            sync::run(cfg, shutdown_signal(), Arc::default()).await?;
+            sync::run(cfg, shutdown_signal(), status).await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Teardown { purge } => {

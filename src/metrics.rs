@@ -1,5 +1,7 @@
 //! Prometheus metrics, a sink beside the data flow: `tandem run --metrics-addr ADDR` serves them
-//! at `http://ADDR/metrics`. Without it the counters cost nothing (no recorder is installed).
+//! at `http://ADDR/metrics`, and `http://ADDR/health` for orchestrators' probes (200 while both
+//! directions stream, 503 otherwise). Without it the counters cost nothing (no recorder is
+//! installed).
 //!
 //! | metric | labels |
 //! | --- | --- |
@@ -10,25 +12,69 @@
 //! | `tandem_held_changes_total` | `direction`, `table` |
 //! | `tandem_streamed_transactions_total` | `direction`, `applied` (`live`, `spooled`) |
 //! | `tandem_live_blocked_total` | `direction` |
+//! | `tandem_reconnects_total` | `direction` |
+//! | `tandem_transactions_left_out_total` | `direction` |
 
 use std::net::SocketAddr;
 
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
 use anyhow::{anyhow, Context, Result};
+use axum::http::StatusCode;
 use axum::routing::get;
 use metrics_exporter_prometheus::PrometheusBuilder;
 
-/// Install the recorder and serve `/metrics` on `addr` in the background.
-pub async fn serve(addr: SocketAddr) -> Result<SocketAddr> {
+use crate::side::Side;
+use crate::sync::Status;
+
+/// `/health`: 200 while both directions stream (connected, checked for gaps), else 503; one line
+/// per direction either way.
+pub fn health(status: &Status) -> (StatusCode, String) {
+    let mut all = true;
+    let mut body = String::new();
+    for side in Side::BOTH {
+        let p = status.from(side);
+        let streaming = p.streaming.load(Ordering::Relaxed);
+        all &= streaming;
+        body.push_str(&format!(
+            "{} {} checkpoint {}\n",
+            side.direction_from(),
+            if streaming {
+                "streaming"
+            } else {
+                "not streaming"
+            },
+            p.checkpoint()
+        ));
+    }
+    let code = match all {
+        true => StatusCode::OK,
+        false => StatusCode::SERVICE_UNAVAILABLE,
+    };
+    (code, body)
+}
+
+/// Install the recorder and serve `/metrics` and `/health` on `addr` in the background.
+pub async fn serve(addr: SocketAddr, status: Arc<Status>) -> Result<SocketAddr> {
     let handle = PrometheusBuilder::new()
         .install_recorder()
         .map_err(|e| anyhow!("installing the metrics recorder: {e}"))?;
-    let app = axum::Router::new().route(
-        "/metrics",
-        get(move || {
-            let h = handle.clone();
-            async move { h.render() }
-        }),
-    );
+    let app = axum::Router::new()
+        .route(
+            "/metrics",
+            get(move || {
+                let h = handle.clone();
+                async move { h.render() }
+            }),
+        )
+        .route(
+            "/health",
+            get(move || {
+                let s = status.clone();
+                async move { health(&s) }
+            }),
+        );
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .with_context(|| format!("--metrics-addr {addr}: cannot listen there"))?;
@@ -40,4 +86,27 @@ pub async fn serve(addr: SocketAddr) -> Result<SocketAddr> {
         }
     });
     Ok(bound)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn health_is_ok_only_while_both_directions_stream() {
+        let status = Status::default();
+        status.from_desktop.streaming.store(true, Ordering::Relaxed);
+        status
+            .from_desktop
+            .checkpoint
+            .store(0x1_0000_0010, Ordering::Relaxed);
+        let (code, body) = health(&status);
+        assert_eq!(code, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(
+            body,
+            "D>M streaming checkpoint 1/10\nM>D not streaming checkpoint 0/0\n"
+        );
+        status.from_mobile.streaming.store(true, Ordering::Relaxed);
+        assert_eq!(health(&status).0, StatusCode::OK);
+    }
 }

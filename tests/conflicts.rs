@@ -668,6 +668,14 @@ async fn conflicts_are_counted_in_prometheus_metrics() {
         state(&fx.d).await.get(&100) == Some(&("m".to_string(), 3))
     })
     .await;
+    // Both directions stream: the health probe says so.
+    let health = common::http_get(port, "/health").unwrap();
+    assert!(
+        health.starts_with("HTTP/1.1 200")
+            && health.contains("D>M streaming checkpoint ")
+            && health.contains("M>D streaming checkpoint "),
+        "{health}"
+    );
     child.kill().unwrap();
     child.wait().unwrap();
 }

@@ -349,9 +349,14 @@ pub async fn leftovers(c: &Client, prefix: &str) -> Vec<String> {
 
 /// `GET /metrics` over a plain socket.
 pub fn scrape(port: u16) -> Option<String> {
+    http_get(port, "/metrics")
+}
+
+/// `GET path` over a plain socket: the whole response, status line included.
+pub fn http_get(port: u16, path: &str) -> Option<String> {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
         .ok()?;
     let mut out = String::new();
     s.read_to_string(&mut out).ok()?;
