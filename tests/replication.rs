@@ -1779,16 +1779,10 @@ async fn a_column_list_keeps_the_other_columns_each_sides_own() {
     );
     // Compared by the listed columns: `notes` differs, yet the sides are in sync.
     let cfg = fx.config_path.to_str().unwrap();
-    let (code, out, err) = run_tandem(&["--config", cfg, "verify"], &[]);
-    assert_eq!(code, 0, "{out}{err}");
     // A listed column changed behind tandem's back is found, and repair leaves the rest alone.
-    fx.m.batch_execute("UPDATE staff SET name = 'wrong', notes = 'mine' WHERE id = 3")
-        .await
-        .unwrap();
-    let (code, out, _) = run_tandem(&["--config", cfg, "verify"], &[]);
-    assert_eq!(code, 1, "{out}");
-    let (code, out, err) = run_tandem(&["--config", cfg, "repair", "--source", "desktop"], &[]);
-    assert_eq!(code, 0, "{out}{err}");
+    let drift = "UPDATE staff SET name = 'wrong', notes = 'mine' WHERE id = 3";
+    common::verify_finds_drift(cfg, &fx.m, drift).await;
+    common::repair_from_desktop(cfg);
     assert_eq!(Fixture::rows(&fx.m, "staff").await[2], "(3,cy,mine,f)");
     // A list changed in the config only: run refuses until setup changes the publications.
     let changed = fx.config_path.with_extension("notes.toml");
@@ -1892,13 +1886,7 @@ async fn a_row_filter_sends_only_its_rows_and_moves_rows_in_and_out() {
     run.stop().await;
     // Compared by the rows the filter lets through: desktop's southern rows are its own.
     let cfg = fx.config_path.to_str().unwrap();
-    let (code, out, err) = run_tandem(&["--config", cfg, "verify"], &[]);
-    assert_eq!(code, 0, "{out}{err}");
-    fx.m.batch_execute("DELETE FROM jobs WHERE id = 3")
-        .await
-        .unwrap();
-    let (code, out, _) = run_tandem(&["--config", cfg, "verify"], &[]);
-    assert_eq!(code, 1, "{out}");
+    let out = common::verify_finds_drift(cfg, &fx.m, "DELETE FROM jobs WHERE id = 3").await;
     assert!(
         out.contains("1 only desktop") && out.contains("{\"id\":3}"),
         "{out}"
@@ -2034,17 +2022,9 @@ async fn names_that_need_quoting_work_everywhere() {
             .collect();
         assert_eq!(names, ["Ann", "Bo"]);
     }
-    let (code, out, err) = run_tandem(&["--config", cfg, "verify"], &[]);
-    assert_eq!(code, 0, "{out}{err}");
-    fx.m.batch_execute(
-        r#"UPDATE "Sales Dept"."Order Items" SET "select" = 'drift' WHERE "Item ID" = 3"#,
-    )
-    .await
-    .unwrap();
-    let (code, out, _) = run_tandem(&["--config", cfg, "verify"], &[]);
-    assert_eq!(code, 1, "{out}");
-    let (code, out, err) = run_tandem(&["--config", cfg, "repair", "--source", "desktop"], &[]);
-    assert_eq!(code, 0, "{out}{err}");
+    let drift = r#"UPDATE "Sales Dept"."Order Items" SET "select" = 'drift' WHERE "Item ID" = 3"#;
+    common::verify_finds_drift(cfg, &fx.m, drift).await;
+    common::repair_from_desktop(cfg);
     let (code, out, err) = run_tandem(&["--config", cfg, "status"], &[]);
     assert_eq!(code, 0, "{out}{err}");
     let (code, out, err) = run_tandem(&["--config", cfg, "teardown"], &[]);
@@ -2254,15 +2234,9 @@ async fn a_latin1_desktop_and_a_utf8_mobile_exchange_accented_text() {
     .await;
     run.stop().await;
     // verify compares the same text, whatever bytes each server stores it as.
-    let (code, out, err) = run_tandem(&["--config", cfg, "verify"], &[]);
-    assert_eq!(code, 0, "{out}{err}");
-    fx.m.batch_execute("UPDATE clients SET city = 'Zurich' WHERE id = 1")
-        .await
-        .unwrap();
-    let (code, out, _) = run_tandem(&["--config", cfg, "verify"], &[]);
-    assert_eq!(code, 1, "{out}");
-    let (code, out, err) = run_tandem(&["--config", cfg, "repair", "--source", "desktop"], &[]);
-    assert_eq!(code, 0, "{out}{err}");
+    let drift = "UPDATE clients SET city = 'Zurich' WHERE id = 1";
+    common::verify_finds_drift(cfg, &fx.m, drift).await;
+    common::repair_from_desktop(cfg);
     assert_eq!(Fixture::rows(&fx.m, "clients").await[0], "(1,Zoé,Zürich)");
 }
 

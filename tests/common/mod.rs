@@ -347,6 +347,23 @@ pub async fn leftovers(c: &Client, prefix: &str) -> Vec<String> {
     .collect()
 }
 
+/// `tandem verify` finds the sides in sync; after `drift` on `c` it finds a difference, whose
+/// report it returns.
+pub async fn verify_finds_drift(cfg: &str, c: &Client, drift: &str) -> String {
+    let (code, out, err) = run_tandem(&["--config", cfg, "verify"], &[]);
+    assert_eq!(code, 0, "in sync before the drift: {out}{err}");
+    c.batch_execute(drift).await.unwrap();
+    let (code, out, err) = run_tandem(&["--config", cfg, "verify"], &[]);
+    assert_eq!(code, 1, "the drift found: {out}{err}");
+    out
+}
+
+/// `tandem repair --source desktop` succeeds.
+pub fn repair_from_desktop(cfg: &str) {
+    let (code, out, err) = run_tandem(&["--config", cfg, "repair", "--source", "desktop"], &[]);
+    assert_eq!(code, 0, "{out}{err}");
+}
+
 /// `GET /metrics` over a plain socket.
 pub fn scrape(port: u16) -> Option<String> {
     http_get(port, "/metrics")
