@@ -356,8 +356,12 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Status => {
             let cfg = Config::load(&cli.config)?;
-            print!("{}", tandem::ops::status::status(&cfg).await?);
-            Ok(ExitCode::SUCCESS)
+            let (report, unreachable) = tandem::ops::status::status(&cfg).await?;
+            print!("{report}");
+            match unreachable {
+                None => Ok(ExitCode::SUCCESS),
+                Some(e) => Err(e),
+            }
         }
         Command::Resolve { table, take } => {
             let cfg = Arc::new(Config::load(&cli.config)?);

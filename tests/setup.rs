@@ -360,3 +360,29 @@ async fn run_against_an_older_control_schema_says_to_run_setup_and_setup_updates
     common::wait_count(30, &fx.m, "SELECT count(*) FROM jobs", 1).await;
     run.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_with_one_side_unreachable_shows_the_other_and_exits_1() {
+    let fx = Fixture::new("status_down", T, r#"tables = ["public.jobs"]"#).await;
+    let cfg = fx.config_path.to_str().unwrap();
+    let (code, out, err) = run_tandem(&["--config", cfg, "status"], &[]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("D>M (desktop → mobile): checkpoint "), "{out}");
+    // Mobile is down: what desktop holds still shows, and the exit says something is wrong.
+    let down = [(
+        "TANDEM_MOBILE_URL",
+        "postgresql://postgres@127.0.0.1:1/status_down",
+    )];
+    let (code, out, err) = run_tandem(&["--config", cfg, "status"], &down);
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(
+        out.contains("D>M (desktop → mobile): checkpoint unknown (mobile unreachable) on mobile; slot status_down_d confirmed "),
+        "{out}"
+    );
+    assert!(
+        out.contains("M>D (mobile → desktop): checkpoint ")
+            && out.contains("on desktop; slot status_down_m unknown (mobile unreachable)"),
+        "{out}"
+    );
+    assert!(err.contains("mobile: cannot reach"), "{err}");
+}

@@ -10,31 +10,46 @@ use crate::config::Config;
 use crate::db;
 use crate::side::Side;
 
-async fn one(out: &mut String, cfg: &Config, source: Side, s: &Client, t: &Client) -> Result<()> {
+/// One direction's lines. `s` and `t` are the source and target connections; `None` for a side
+/// that could not be reached, whose part is then said to be unknown.
+async fn one(
+    out: &mut String,
+    cfg: &Config,
+    source: Side,
+    s: Option<&Client>,
+    t: Option<&Client>,
+) -> Result<()> {
     let dir = source.direction_from();
     let target = source.other();
-    let cp: Option<String> = t
-        .query_opt(
-            "SELECT lsn::text FROM tandem.checkpoints WHERE direction = $1",
-            &[&dir],
-        )
-        .await?
-        .map(|r| r.get(0));
+    let cp = match t {
+        Some(t) => t
+            .query_opt(
+                "SELECT lsn::text FROM tandem.checkpoints WHERE direction = $1",
+                &[&dir],
+            )
+            .await?
+            .map_or("none (run setup)".to_string(), |r| r.get(0)),
+        None => format!("unknown ({target} unreachable)"),
+    };
     let slot = &cfg.site(source).slot;
-    let lag = s
-        .query_opt(
-            "SELECT confirmed_flush_lsn::text, (pg_current_wal_lsn() - confirmed_flush_lsn)::int8, \
-                    wal_status, safe_wal_size \
-             FROM pg_replication_slots WHERE slot_name = $1",
-            &[slot],
-        )
-        .await?;
+    let lag = match s {
+        Some(s) => Some(
+            s.query_opt(
+                "SELECT confirmed_flush_lsn::text, (pg_current_wal_lsn() - confirmed_flush_lsn)::int8, \
+                        wal_status, safe_wal_size \
+                 FROM pg_replication_slots WHERE slot_name = $1",
+                &[slot],
+            )
+            .await?,
+        ),
+        None => None,
+    };
     writeln!(
         out,
-        "{dir} ({source} → {target}): checkpoint {} on {target}; slot {slot} {}",
-        cp.as_deref().unwrap_or("none (run setup)"),
+        "{dir} ({source} → {target}): checkpoint {cp} on {target}; slot {slot} {}",
         match lag {
-            Some(r) => format!(
+            None => format!("unknown ({source} unreachable)"),
+            Some(Some(r)) => format!(
                 "confirmed {}, {} bytes behind {source}'s WAL{}",
                 r.get::<_, Option<String>>(0).unwrap_or_default(),
                 r.get::<_, Option<i64>>(1).unwrap_or(0),
@@ -53,9 +68,12 @@ async fn one(out: &mut String, cfg: &Config, source: Side, s: &Client, t: &Clien
                     _ => String::new(),
                 }
             ),
-            None => "missing (run setup)".into(),
+            Some(None) => "missing (run setup)".into(),
         }
     )?;
+    let Some(t) = t else {
+        return Ok(());
+    };
     // Old control schemas lack the column: nothing can be pending there.
     if let Ok(Some(lsn)) = crate::apply::checkpoint::skip_lsn(t, source).await {
         writeln!(
@@ -65,7 +83,11 @@ async fn one(out: &mut String, cfg: &Config, source: Side, s: &Client, t: &Clien
              withdraws it)"
         )?;
     }
-    for table in crate::sync::unpublished(cfg, s, source).await? {
+    let unpublished = match s {
+        Some(s) => crate::sync::unpublished(cfg, s, source).await?,
+        None => Vec::new(),
+    };
+    for table in unpublished {
         writeln!(
             out,
             "  NOT PUBLISHED {table}: it matches [replication] tables but is not in publication \
@@ -115,11 +137,19 @@ async fn one(out: &mut String, cfg: &Config, source: Side, s: &Client, t: &Clien
     Ok(())
 }
 
-pub async fn status(cfg: &Config) -> Result<String> {
-    let d = db::connect(&cfg.desktop, "tandem status").await?;
-    let m = db::connect(&cfg.mobile, "tandem status").await?;
+/// The report, and the error of a side that could not be reached: what the other side holds is
+/// still worth seeing during an outage. Both unreachable is an error of its own.
+pub async fn status(cfg: &Config) -> Result<(String, Option<anyhow::Error>)> {
+    let d = db::connect(&cfg.desktop, "tandem status").await;
+    let m = db::connect(&cfg.mobile, "tandem status").await;
+    let (d, m, unreachable) = match (d, m) {
+        (Ok(d), Ok(m)) => (Some(d), Some(m), None),
+        (Ok(d), Err(e)) => (Some(d), None, Some(e)),
+        (Err(e), Ok(m)) => (None, Some(m), Some(e)),
+        (Err(e), Err(_)) => return Err(e),
+    };
     let mut out = String::new();
-    one(&mut out, cfg, Side::Desktop, &d, &m).await?;
-    one(&mut out, cfg, Side::Mobile, &m, &d).await?;
-    Ok(out)
+    one(&mut out, cfg, Side::Desktop, d.as_ref(), m.as_ref()).await?;
+    one(&mut out, cfg, Side::Mobile, m.as_ref(), d.as_ref()).await?;
+    Ok((out, unreachable))
 }
