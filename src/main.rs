@@ -22,8 +22,23 @@ struct Cli {
     /// Config file (TOML). TANDEM_DESKTOP_URL / TANDEM_MOBILE_URL override its URLs.
     #[arg(long, global = true, default_value = "tandem.toml")]
     config: PathBuf,
+    /// Log lines as text, or as one JSON object each (for log collectors). RUST_LOG filters them.
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        default_value = "text",
+        env = "TANDEM_LOG_FORMAT"
+    )]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Subcommand)]
@@ -201,13 +216,16 @@ fn parse_site(s: &str) -> Result<tandem::side::Side, String> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,tokio_postgres=warn")),
         )
-        .with_writer(std::io::stderr)
-        .init();
+        .with_writer(std::io::stderr);
+    match cli.log_format {
+        LogFormat::Text => logs.init(),
+        LogFormat::Json => logs.json().init(),
+    }
     // The main thread too: `run` itself (bench's samplers, status loops) runs on it.
     tandem::sched::batch_this_thread();
     let rt = tandem::sched::runtime().expect("tokio runtime");

@@ -386,3 +386,37 @@ async fn status_with_one_side_unreachable_shows_the_other_and_exits_1() {
     );
     assert!(err.contains("mobile: cannot reach"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_logs_are_one_object_a_line_for_log_collectors() {
+    use std::io::{BufRead, BufReader};
+    let fx = Fixture::new("json_logs", T, r#"tables = ["public.jobs"]"#).await;
+    let mut child = std::process::Command::new(common::tandem_bin())
+        .args(["--config", fx.config_path.to_str().unwrap(), "run"])
+        .env("TANDEM_LOG_FORMAT", "json")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut streaming = None;
+    for line in lines {
+        let line = line.unwrap();
+        let v: serde_json::Value =
+            serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: not JSON: {line}"));
+        let message = v["fields"]["message"].as_str().unwrap_or_default();
+        if message.starts_with("streaming desktop → mobile") {
+            streaming = Some(v);
+            break;
+        }
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let v = streaming.expect("a streaming line");
+    assert_eq!(v["level"], "INFO");
+    assert_eq!(v["fields"]["source"], "desktop");
+    assert!(
+        v["timestamp"].is_string() && v["target"] == "tandem::sync",
+        "{v}"
+    );
+}
