@@ -149,7 +149,16 @@ pub async fn status(cfg: &Config) -> Result<(String, Option<anyhow::Error>)> {
         (Err(e), Err(_)) => return Err(e),
     };
     let mut out = String::new();
-    one(&mut out, cfg, Side::Desktop, d.as_ref(), m.as_ref()).await?;
-    one(&mut out, cfg, Side::Mobile, m.as_ref(), d.as_ref()).await?;
-    Ok((out, unreachable))
+    let report = async {
+        one(&mut out, cfg, Side::Desktop, d.as_ref(), m.as_ref()).await?;
+        one(&mut out, cfg, Side::Mobile, m.as_ref(), d.as_ref()).await
+    }
+    .await;
+    match (report, unreachable) {
+        (Ok(()), unreachable) => Ok((out, unreachable)),
+        // Nothing to show of the reachable side either (no setup there, say): the unreachable
+        // side is the error that explains most.
+        (Err(_), Some(e)) => Err(e),
+        (Err(e), None) => Err(e),
+    }
 }
