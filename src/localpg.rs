@@ -407,12 +407,8 @@ impl LocalCluster {
 
     /// Stop immediately (SIGQUIT) and remove the files.
     pub fn stop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            // SAFETY: kill with a pid we spawned and have not reaped.
-            unsafe {
-                libc::kill(child.id() as i32, libc::SIGQUIT);
-            }
-            let _ = child.wait();
+        if self.child.is_some() {
+            let _ = self.crash();
             let _ = std::fs::remove_dir_all(&self.dir);
         }
     }

@@ -437,12 +437,11 @@ async fn check_triggers(
             .batch_execute("BEGIN; SET LOCAL session_replication_role = replica; ROLLBACK")
             .await
             .is_ok();
-        if !may {
-            c.batch_execute("ROLLBACK").await?;
-        }
         if may {
             continue;
         }
+        // The refused SET left the transaction open, aborted.
+        c.batch_execute("ROLLBACK").await?;
         let role: String = c.query_one("SELECT current_user::text", &[]).await?.get(0);
         for t in tables {
             // Only where changes arrive.
@@ -531,6 +530,12 @@ async fn check_conflicts(
         let policy = tc.policy.as_str();
         if tc.policy == crate::apply::conflict::Policy::LastWriteWins {
             let v = tc.version_column.clone().unwrap_or_default();
+            if dt.columns.iter().any(|c| c.name == v) && !cfg.column_flows(t, &v) {
+                problems.push(format!(
+                    "table {t}: last_write_wins compares `{v}`, which [replication.columns] leaves out; \
+                     add it to the list"
+                ));
+            }
             let lacking: Vec<Side> = [(Side::Desktop, &dt), (Side::Mobile, &mt)]
                 .into_iter()
                 .filter(|(_, tt)| !tt.columns.iter().any(|col| col.name == v))
@@ -568,16 +573,6 @@ async fn check_conflicts(
                         ));
                     }
                 }
-            }
-        }
-        if tc.policy == crate::apply::conflict::Policy::LastWriteWins {
-            let v = tc.version_column.clone().unwrap_or_default();
-            let has = dt.columns.iter().any(|c| c.name == v);
-            if has && !cfg.column_flows(t, &v) {
-                problems.push(format!(
-                    "table {t}: last_write_wins compares `{v}`, which [replication.columns] leaves out; \
-                     add it to the list"
-                ));
             }
         }
         if tc.policy.needs_old_row() && cfg.columns_of(t).is_some() {

@@ -235,12 +235,14 @@ pub async fn shapes(
         names = vec![t.clone()];
     }
     // Hashes are of the bytes each server stores: alike only in one encoding.
-    let mut encodings = Vec::new();
+    let mut utf8 = true;
     for c in [d, m] {
-        let e: String = c.query_one("SHOW server_encoding", &[]).await?.get(0);
-        encodings.push(e);
+        utf8 &= c
+            .query_one("SHOW server_encoding", &[])
+            .await?
+            .get::<_, String>(0)
+            == "UTF8";
     }
-    let utf8 = encodings.iter().all(|e| e == "UTF8");
     let mut out = Vec::new();
     for n in names {
         let dt = catalog::table(d, &n)

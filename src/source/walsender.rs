@@ -41,16 +41,25 @@ pub enum WalError {
 }
 
 impl WalError {
+    /// The server's error in one line, its detail and hint included: the message alone can hide
+    /// the reason ("cannot read from logical replication slot" says why only in its detail).
     fn server(b: &backend::ErrorResponseBody) -> WalError {
+        let (mut severity, mut message, mut code) = (String::new(), String::new(), String::new());
+        let (mut detail, mut hint) = (String::new(), String::new());
         let mut fields = b.fields();
-        let mut code = String::new();
         while let Ok(Some(f)) = fields.next() {
-            if f.type_() == b'C' {
-                code = String::from_utf8_lossy(f.value_bytes()).into_owned();
+            let v = String::from_utf8_lossy(f.value_bytes()).into_owned();
+            match f.type_() {
+                b'S' => severity = v,
+                b'M' => message = v,
+                b'C' => code = v,
+                b'D' => detail = format!(" {v}"),
+                b'H' => hint = format!(" Hint: {v}"),
+                _ => {}
             }
         }
         WalError::Server {
-            text: error_text(b),
+            text: format!("{severity}: {message} (SQLSTATE {code}).{detail}{hint}"),
             code,
         }
     }
@@ -445,26 +454,6 @@ fn pooler_hint(e: WalError) -> WalError {
     }
 }
 
-/// The server's error in one line, its detail and hint included: the message alone can hide
-/// the reason ("cannot read from logical replication slot" says why only in its detail).
-fn error_text(b: &backend::ErrorResponseBody) -> String {
-    let (mut severity, mut message, mut code) = (String::new(), String::new(), String::new());
-    let (mut detail, mut hint) = (String::new(), String::new());
-    let mut fields = b.fields();
-    while let Ok(Some(f)) = fields.next() {
-        let v = String::from_utf8_lossy(f.value_bytes()).into_owned();
-        match f.type_() {
-            b'S' => severity = v,
-            b'M' => message = v,
-            b'C' => code = v,
-            b'D' => detail = format!(" {v}"),
-            b'H' => hint = format!(" Hint: {v}"),
-            _ => {}
-        }
-    }
-    format!("{severity}: {message} (SQLSTATE {code}).{detail}{hint}")
-}
-
 /// What the reader hands out.
 #[derive(Debug)]
 pub enum WalFrame {
@@ -726,7 +715,7 @@ mod tests {
             (b'H', "Drop it."),
         ]);
         assert_eq!(
-            error_text(&e),
+            WalError::server(&e).to_string(),
             "ERROR: cannot read from logical replication slot \"s\" (SQLSTATE 55000). This slot \
              has been invalidated because it exceeded the maximum reserved size. Hint: Drop it."
         );
