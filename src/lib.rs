@@ -10,6 +10,7 @@ pub mod catalog;
 pub mod config;
 pub mod db;
 pub mod event;
+pub mod lease;
 pub mod localpg;
 pub mod lsn;
 pub mod metrics;

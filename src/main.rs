@@ -272,6 +272,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             mirror,
         } => {
             let cfg = Arc::new(Config::load(&cli.config)?);
+            tandem::lease::refuse_while_running(&cfg, "snapshot").await?;
             let mode = if mirror {
                 snapshot::Mode::Mirror
             } else {
@@ -468,6 +469,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Teardown { purge } => {
             let cfg = Config::load(&cli.config)?;
+            tandem::lease::refuse_while_running(&cfg, "teardown").await?;
             for line in teardown::teardown(&cfg, purge).await? {
                 println!("{line}");
             }

@@ -33,6 +33,9 @@ use crate::sync::Status;
 pub fn health(status: &Status) -> (StatusCode, String) {
     let mut all = true;
     let mut body = String::new();
+    if status.waiting.load(Ordering::Relaxed) {
+        body.push_str("waiting for another `tandem run` of these databases to stop\n");
+    }
     for side in Side::BOTH {
         let p = status.from(side);
         let streaming = p.streaming.load(Ordering::Relaxed);

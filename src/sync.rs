@@ -58,6 +58,8 @@ impl Progress {
 pub struct Status {
     pub from_desktop: Progress,
     pub from_mobile: Progress,
+    /// Waiting for another `tandem run` of the same databases to stop.
+    pub waiting: AtomicBool,
 }
 
 impl Status {
@@ -75,6 +77,10 @@ pub async fn run(
     shutdown: watch::Receiver<bool>,
     status: Arc<Status>,
 ) -> Result<()> {
+    let Some(lease) = crate::lease::acquire(&cfg, &mut shutdown.clone(), &status.waiting).await?
+    else {
+        return Ok(());
+    };
     preflight(&cfg).await?;
     if cfg.initial_snapshot {
         // Before any stream starts, so each direction's checkpoint stays put during the copy.
@@ -94,6 +100,16 @@ pub async fn run(
         })
     };
     let watch = tokio::spawn(watch_sources(cfg.clone()));
+    let keeper = {
+        let (cfg, rx, stop_tx) = (cfg.clone(), stop_rx.clone(), stop_tx.clone());
+        tokio::spawn(async move {
+            let r = lease.keep(&cfg, rx).await;
+            if r.is_err() {
+                let _ = stop_tx.send(true);
+            }
+            r
+        })
+    };
     let mut tasks = Vec::new();
     for side in Side::BOTH {
         let (cfg, rx, st, stop_tx) = (
@@ -124,6 +140,17 @@ pub async fn run(
     }
     forward.abort();
     watch.abort();
+    // Held until here, past every direction's last checkpoint; then let go.
+    let _ = stop_tx.send(true);
+    match keeper.await {
+        Ok(Ok(lease)) => lease.release().await,
+        Ok(Err(e)) => {
+            first_err.get_or_insert(e);
+        }
+        Err(e) => {
+            first_err.get_or_insert(anyhow!("the lock keeper panicked: {e}"));
+        }
+    }
     match first_err {
         Some(e) => Err(e),
         None => Ok(()),

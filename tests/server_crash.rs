@@ -138,6 +138,14 @@ async fn a_crash_of_either_server_loses_and_doubles_nothing() {
     })
     .await;
     assert!(!run.is_finished(), "run must ride out both crashes");
+    // Each crash took `run`'s lock on that server with it; it was taken again.
+    for url in [&d_url, &m_url] {
+        let c = connect(url).await;
+        wait_for(10, "run's lock held again", || async {
+            tandem::lease::holder(&c, &fx.cfg).await.unwrap().is_some()
+        })
+        .await;
+    }
     run.stop().await;
     // Every insert and update of either side happened exactly once on each side: the rows a
     // crash took away with tandem's unflushed commits were applied again, and no more.

@@ -420,3 +420,164 @@ async fn json_logs_are_one_object_a_line_for_log_collectors() {
         "{v}"
     );
 }
+
+/// Lines a child writes to stderr, collected as they come.
+fn collect_stderr(child: &mut std::process::Child) -> std::sync::Arc<std::sync::Mutex<String>> {
+    use std::io::{BufRead, BufReader};
+    let text = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let (lines, into) = (BufReader::new(child.stderr.take().unwrap()), text.clone());
+    std::thread::spawn(move || {
+        for line in lines.lines().map_while(Result::ok) {
+            let mut t = into.lock().unwrap();
+            t.push_str(&line);
+            t.push('\n');
+        }
+    });
+    text
+}
+
+fn sigterm_and_wait(child: &mut std::process::Child) -> std::process::ExitStatus {
+    // SAFETY: plain kill(2) of our own child.
+    unsafe {
+        libc::kill(child.id() as i32, libc::SIGTERM);
+    }
+    child.wait().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_run_waits_for_the_first_and_takes_over_when_it_stops() {
+    let fx = Fixture::new("second_run", T, r#"tables = ["public.jobs"]"#).await;
+    let cfg = fx.config_path.to_str().unwrap();
+    let spawn = || {
+        std::process::Command::new(common::tandem_bin())
+            .args(["--config", cfg, "run"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let mut first = spawn();
+    let first_log = collect_stderr(&mut first);
+    let streams = |log: &std::sync::Arc<std::sync::Mutex<String>>| {
+        let l = log.lock().unwrap();
+        l.contains("streaming desktop → mobile") && l.contains("streaming mobile → desktop")
+    };
+    common::wait_for(60, "the first run streams", || async {
+        streams(&first_log)
+    })
+    .await;
+
+    let mut second = spawn();
+    let second_log = collect_stderr(&mut second);
+    // It names the run it waits for: the process, by host and pid.
+    let holder = format!(":{}, server process ", first.id());
+    common::wait_for(30, "the second run says it waits", || async {
+        second_log.lock().unwrap().contains(&holder)
+    })
+    .await;
+    fx.d.execute("INSERT INTO jobs VALUES (1, 'by the first run')", &[])
+        .await
+        .unwrap();
+    common::wait_count(30, &fx.m, "SELECT count(*) FROM jobs", 1).await;
+    assert!(!streams(&second_log), "{}", second_log.lock().unwrap());
+    assert!(second.try_wait().unwrap().is_none(), "the second run ended");
+
+    // Who runs is in `status`, and commands that need the databases to themselves refuse.
+    let (code, out, err) = run_tandem(&["--config", cfg, "status"], &[]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.starts_with("run: running (tandem run ") && out.contains(&holder),
+        "{out}"
+    );
+    for (command, rest) in [
+        ("snapshot", &["--seed", "desktop"][..]),
+        ("teardown", &[][..]),
+    ] {
+        let mut args = vec!["--config", cfg, command];
+        args.extend(rest);
+        let (code, out, err) = run_tandem(&args, &[]);
+        assert_eq!(code, 1, "{out}{err}");
+        assert!(
+            err.contains("a `tandem run` is running for these databases (tandem run ")
+                && err.contains(&format!("stop it before `tandem {command}`")),
+            "{err}"
+        );
+    }
+    assert_eq!(common::leftovers(&fx.d, "second_run").await.len(), 2);
+
+    // The first stops: the second starts from where it left off, with no gap reported.
+    assert!(sigterm_and_wait(&mut first).success());
+    common::wait_for(60, "the second run streams", || async {
+        streams(&second_log)
+    })
+    .await;
+    fx.m.execute("INSERT INTO jobs VALUES (2, 'by the second run')", &[])
+        .await
+        .unwrap();
+    fx.d.execute("UPDATE jobs SET title = 'updated' WHERE id = 1", &[])
+        .await
+        .unwrap();
+    common::wait_count(30, &fx.d, "SELECT count(*) FROM jobs", 2).await;
+    common::wait_count(
+        30,
+        &fx.m,
+        "SELECT count(*) FROM jobs WHERE title = 'updated'",
+        1,
+    )
+    .await;
+    assert!(sigterm_and_wait(&mut second).success());
+    let log = second_log.lock().unwrap().clone();
+    assert!(
+        !log.contains("ERROR") && !log.contains("confirmed up to"),
+        "{log}"
+    );
+    let (_, out, _) = run_tandem(&["--config", cfg, "status"], &[]);
+    assert!(out.starts_with("run: not running\n"), "{out}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_whose_lock_another_took_while_its_connection_was_gone_stops() {
+    let fx = Fixture::new("lock_taken", T, r#"tables = ["public.jobs"]"#).await;
+    let run = fx.start().await;
+    let held = "FROM pg_locks WHERE locktype = 'advisory' AND database = \
+                (SELECT oid FROM pg_database WHERE datname = current_database())";
+    let holder: i32 =
+        fx.d.query_one(&format!("SELECT pid {held} AND granted"), &[])
+            .await
+            .unwrap()
+            .get(0);
+    // Another session queues for the same lock, so it has it the moment `run`'s connection
+    // goes: before `run` could take it again.
+    let other = connect(&clusters().desktop.url("lock_taken")).await;
+    let sql = format!("SELECT pg_advisory_lock(classid::int8::int4, objid::int8::int4) {held}");
+    let taker = tokio::spawn(async move {
+        other.execute(&sql, &[]).await.unwrap();
+        other
+    });
+    common::wait_count(
+        10,
+        &fx.d,
+        &format!("SELECT count(*) {held} AND NOT granted"),
+        1,
+    )
+    .await;
+    fx.d.execute("SELECT pg_terminate_backend($1)", &[&holder])
+        .await
+        .unwrap();
+    let other = tokio::time::timeout(std::time::Duration::from_secs(10), taker)
+        .await
+        .expect("the lock went to the waiting session")
+        .unwrap();
+    let e = tokio::time::timeout(std::time::Duration::from_secs(10), run.outcome())
+        .await
+        .expect("run stops")
+        .unwrap_err();
+    assert!(
+        format!("{e:#}").contains(
+            "desktop: while desktop was unreachable another `tandem run` started for these \
+             databases (a session, server process"
+        ),
+        "{e:#}"
+    );
+    drop(other);
+}

@@ -149,6 +149,14 @@ pub async fn status(cfg: &Config) -> Result<(String, Option<anyhow::Error>)> {
         (Err(e), Err(_)) => return Err(e),
     };
     let mut out = String::new();
+    // The lock is held on both sides: either tells.
+    if let Some(c) = d.as_ref().or(m.as_ref()) {
+        match crate::lease::holder(c, cfg).await {
+            Ok(Some(who)) => writeln!(out, "run: running ({who})")?,
+            Ok(None) => writeln!(out, "run: not running")?,
+            Err(e) => writeln!(out, "run: unknown ({e})")?,
+        }
+    }
     let report = async {
         one(&mut out, cfg, Side::Desktop, d.as_ref(), m.as_ref()).await?;
         one(&mut out, cfg, Side::Mobile, m.as_ref(), d.as_ref()).await
