@@ -124,6 +124,8 @@ struct RawReplication {
     initial_snapshot: bool,
     #[serde(default)]
     stream_in_progress: Option<bool>,
+    #[serde(default = "default_receive_timeout")]
+    receive_timeout: u64,
     #[serde(default)]
     seed: Option<String>,
     #[serde(default)]
@@ -147,6 +149,10 @@ fn yes() -> bool {
 }
 fn default_batch_rows() -> usize {
     2000
+}
+/// Seconds, as the native apply worker's `wal_receiver_timeout`.
+fn default_receive_timeout() -> u64 {
+    60
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -259,6 +265,9 @@ pub struct Config {
     /// arrives (no conflict rules, no Kafka); `true` also spools them elsewhere (see
     /// `sync::stream_mode`).
     pub stream_in_progress: Option<bool>,
+    /// A replication connection the server sent nothing on for this long is taken as lost and
+    /// opened again (`None`: never). At half of it, tandem asks the server for a reply.
+    pub receive_timeout: Option<std::time::Duration>,
     /// Whose rows win in an initial snapshot, unless a table says otherwise.
     pub seed: Side,
     /// Per-table seed; `None` means the table gets no initial snapshot.
@@ -428,6 +437,7 @@ impl Config {
             batch_rows: default_batch_rows(),
             initial_snapshot: true,
             stream_in_progress: None,
+            receive_timeout: default_receive_timeout(),
             seed: None,
             snapshot_seed: BTreeMap::new(),
             columns: BTreeMap::new(),
@@ -609,6 +619,8 @@ impl Config {
             batch_rows: repl.batch_rows,
             initial_snapshot: repl.initial_snapshot,
             stream_in_progress: repl.stream_in_progress,
+            receive_timeout: (repl.receive_timeout > 0)
+                .then(|| std::time::Duration::from_secs(repl.receive_timeout)),
             seed,
             snapshot_seed,
             columns,
@@ -660,6 +672,7 @@ fn check_keys(t: &toml::Table) -> Result<(), ConfigError> {
         "batch_rows",
         "initial_snapshot",
         "stream_in_progress",
+        "receive_timeout",
         "seed",
         "snapshot_seed",
         "columns",
@@ -791,6 +804,21 @@ mod tests {
             .direction(&TableName::new("public", "jobshead"))
             .flows_from(Side::Mobile));
         assert!(c.apply_truncate);
+    }
+
+    #[test]
+    fn receive_timeout_defaults_to_a_minute_and_zero_turns_it_off() {
+        use std::time::Duration;
+        let c = Config::parse(GOOD, no_env).unwrap();
+        assert_eq!(c.receive_timeout, Some(Duration::from_secs(60)));
+        let text = GOOD.replace("[replication]\n", "[replication]\nreceive_timeout = 0\n");
+        assert_ne!(text, GOOD);
+        assert_eq!(Config::parse(&text, no_env).unwrap().receive_timeout, None);
+        let text = GOOD.replace("[replication]\n", "[replication]\nreceive_timeout = 5\n");
+        assert_eq!(
+            Config::parse(&text, no_env).unwrap().receive_timeout,
+            Some(Duration::from_secs(5))
+        );
     }
 
     #[test]

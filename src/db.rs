@@ -22,9 +22,7 @@ pub async fn connect(site: &Site, app: &str) -> Result<Client> {
         crate::tls::parse_url(&site.url).map_err(|e| anyhow!("{}: invalid url: {e}", site.side))?;
     let mut cfg = url.pg;
     cfg.application_name(app);
-    if cfg.get_connect_timeout().is_none() {
-        cfg.connect_timeout(std::time::Duration::from_secs(10));
-    }
+    network_defaults(&mut cfg);
     let side = site.side;
     let connected = if cfg.get_ssl_mode() == SslMode::Disable {
         cfg.connect(tokio_postgres::NoTls)
@@ -40,6 +38,32 @@ pub async fn connect(site: &Site, app: &str) -> Result<Client> {
     })?;
     client.batch_execute(SESSION_SETTINGS).await?;
     Ok(client)
+}
+
+/// Unless the URL says otherwise: a connect gives up after 10 s, and a connection the network
+/// dropped without a word (a NAT's or VPN's) is found within about a minute, not after the
+/// kernel's ~15 minutes of retransmissions. Data sent stays unacknowledged at most 60 s
+/// (`tcp_user_timeout`), and an idle connection, such as one waiting for a long statement's
+/// answer, is probed after 30 s (keepalives; their default is 2 hours). The peer's kernel answers
+/// probes however busy its server is, so a slow statement is not cut short.
+pub fn network_defaults(cfg: &mut tokio_postgres::Config) {
+    use std::time::Duration;
+    if cfg.get_connect_timeout().is_none() {
+        cfg.connect_timeout(Duration::from_secs(10));
+    }
+    if cfg.get_tcp_user_timeout().is_none() {
+        cfg.tcp_user_timeout(Duration::from_secs(60));
+    }
+    // tokio-postgres' own default: the URL did not set it.
+    if cfg.get_keepalives_idle() == Duration::from_secs(2 * 60 * 60) {
+        cfg.keepalives_idle(Duration::from_secs(30));
+    }
+    if cfg.get_keepalives_interval().is_none() {
+        cfg.keepalives_interval(Duration::from_secs(10));
+    }
+    if cfg.get_keepalives_retries().is_none() {
+        cfg.keepalives_retries(3);
+    }
 }
 
 /// A connection attempt that failed: one line saying what to do, and the driver's error, kept to
@@ -146,4 +170,29 @@ pub async fn last_row(c: &Client, sql: &str) -> Result<Vec<String>> {
                 .ok_or_else(|| anyhow::anyhow!("NULL in the row returned by: {sql}"))
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn a_dropped_network_is_noticed_in_a_minute_unless_the_url_says_otherwise() {
+        let mut c: tokio_postgres::Config = "postgresql://u@h/db".parse().unwrap();
+        network_defaults(&mut c);
+        assert_eq!(c.get_connect_timeout(), Some(&Duration::from_secs(10)));
+        assert_eq!(c.get_tcp_user_timeout(), Some(&Duration::from_secs(60)));
+        assert_eq!(c.get_keepalives_idle(), Duration::from_secs(30));
+        assert_eq!(c.get_keepalives_interval(), Some(Duration::from_secs(10)));
+        assert_eq!(c.get_keepalives_retries(), Some(3));
+        let mut c: tokio_postgres::Config = "postgresql://u@h/db?keepalives_idle=300&tcp_user_timeout=5&connect_timeout=2&keepalives_retries=9"
+            .parse()
+            .unwrap();
+        network_defaults(&mut c);
+        assert_eq!(c.get_connect_timeout(), Some(&Duration::from_secs(2)));
+        assert_eq!(c.get_tcp_user_timeout(), Some(&Duration::from_secs(5)));
+        assert_eq!(c.get_keepalives_idle(), Duration::from_secs(300));
+        assert_eq!(c.get_keepalives_retries(), Some(9));
+    }
 }

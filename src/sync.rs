@@ -718,6 +718,7 @@ fn stream_mode(cfg: &Config, spool_only: &std::collections::HashSet<u32>) -> Str
         spool_only: spool_only.clone(),
         keep_copy: cfg.kafka.is_some(),
         live_from: Lsn::ZERO,
+        receive_timeout: cfg.receive_timeout,
     }
 }
 

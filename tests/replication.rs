@@ -2308,3 +2308,37 @@ async fn a_trigger_firing_for_applied_rows_is_warned_about_until_the_role_may_sk
         ["(1,a,new)", "(2,b,new)", "(3,c,stamped)"]
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_replication_connection_gone_silent_is_taken_as_lost_and_opened_again() {
+    use std::sync::atomic::Ordering;
+    let (d, m) = Fixture::databases("silent", JOBS).await;
+    let p = clusters();
+    let proxy = common::Proxy::start(p.desktop.port).await;
+    // Desktop through the proxy; plain TCP, so it can tell the replication connection.
+    let text = Fixture::config_text("silent", "tables = [\"public.jobs\"]\nreceive_timeout = 2")
+        .replacen(
+            &format!(":{}/silent", p.desktop.port),
+            &format!(":{}/silent?sslmode=disable", proxy.port),
+            1,
+        );
+    assert!(text.contains(&format!(":{}/", proxy.port)), "{text}");
+    let fx = Fixture::with_config("silent", d, m, text).await;
+    let run = fx.start().await;
+    let ins = "INSERT INTO jobs (id, title) VALUES ($1, 'x')";
+    fx.d.execute(ins, &[&1i64]).await.unwrap();
+    wait_count(30, &fx.m, "SELECT count(*) FROM jobs", 1).await;
+    // Idle longer than the timeout first: a quiet source is pinged, not dropped.
+    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+    assert_eq!(run.status.from_desktop.starts.load(Ordering::Relaxed), 1);
+
+    proxy.silence_replication();
+    fx.d.execute(ins, &[&2i64]).await.unwrap();
+    // Within the 2 s timeout and a reconnect, through a new connection.
+    wait_count(30, &fx.m, "SELECT count(*) FROM jobs", 2).await;
+    assert_eq!(run.status.from_desktop.starts.load(Ordering::Relaxed), 2);
+    fx.d.execute(ins, &[&3i64]).await.unwrap();
+    wait_count(30, &fx.m, "SELECT count(*) FROM jobs", 3).await;
+    run.stop().await;
+    fx.wait_equal("jobs", 10).await;
+}

@@ -42,6 +42,8 @@ pub struct StreamMode {
     pub keep_copy: bool,
     /// See [`Streamed::live_from`].
     pub live_from: Lsn,
+    /// See [`crate::config::Config::receive_timeout`].
+    pub receive_timeout: Option<std::time::Duration>,
 }
 
 pub struct SourceStream {
@@ -80,17 +82,63 @@ pub async fn connect(site: &Site, app: String) -> Result<(WalConnection, SystemI
     Ok((conn, system))
 }
 
+/// End the walsender holding `site`'s slot; whether one was ended. A role may end its own
+/// role's sessions; where it may not, the caller goes on waiting for the server to.
+async fn end_lingering_walsender(site: &Site) -> bool {
+    let ended = async {
+        let c = crate::db::connect(site, "tandem check").await?;
+        let row = c
+            .query_opt(
+                "SELECT active_pid, pg_terminate_backend(active_pid) FROM pg_replication_slots \
+                 WHERE slot_name = $1 AND active_pid IS NOT NULL",
+                &[&site.slot],
+            )
+            .await?;
+        anyhow::Ok(row.map(|r| (r.get::<_, i32>(0), r.get::<_, bool>(1))))
+    }
+    .await;
+    match ended {
+        Ok(Some((pid, true))) => {
+            tracing::warn!(
+                side = %site.side,
+                "slot {} was still held by server process {pid}, the walsender of a replication \
+                 connection tandem lost; ended it",
+                site.slot
+            );
+            true
+        }
+        Ok(_) => false,
+        Err(e) => {
+            tracing::warn!(side = %site.side, "slot {} is held by a lingering walsender that tandem could not end ({e:#}); waiting for the server to", site.slot);
+            true
+        }
+    }
+}
+
 impl SourceStream {
-    /// Start streaming `site`'s slot at `start` (the checkpoint). Waits out a slot still held by
-    /// a previous tandem process (its walsender lingers briefly after a kill).
+    /// Start streaming `site`'s slot at `start` (the checkpoint). A slot still held by a
+    /// walsender is waited for: one whose client just went (a killed tandem) ends by itself at
+    /// once. One that is still there after `LINGER` serves a connection that went silent (a
+    /// NAT or VPN dropped it) and would wait out the server's `wal_sender_timeout`: it is ended.
+    /// Only `run` opens streams, and it holds the lock that lets no other `run` of this pair
+    /// run, so no other tandem is using the slot.
     pub async fn open(site: &Site, start: Lsn, mode: &StreamMode) -> Result<SourceStream> {
-        let deadline = Instant::now() + Duration::from_secs(90);
+        const LINGER: Duration = Duration::from_secs(2);
+        let began = Instant::now();
+        let deadline = began + Duration::from_secs(90);
+        let (mut said, mut ended) = (false, false);
         loop {
             match Self::try_open(site, start, mode).await {
                 Err(e)
                     if e.to_string().contains("is active for PID") && Instant::now() < deadline =>
                 {
-                    tracing::info!(side = %site.side, "slot {} still held by an old session; waiting", site.slot);
+                    if !said {
+                        tracing::info!(side = %site.side, "slot {} still held by an old session; waiting", site.slot);
+                        said = true;
+                    }
+                    if !ended && began.elapsed() >= LINGER {
+                        ended = end_lingering_walsender(site).await;
+                    }
                     tokio::time::sleep(Duration::from_millis(500)).await;
                 }
                 other => return other,
@@ -110,6 +158,7 @@ impl SourceStream {
                 publication: &site.publication,
                 proto_version: if streaming { 2 } else { 1 },
                 streaming,
+                receive_timeout: mode.receive_timeout,
             })
             .await
             .map_err(|e| {

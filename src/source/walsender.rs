@@ -38,6 +38,14 @@ pub enum WalError {
     Server { text: String, code: String },
     #[error("replication protocol: {0}")]
     Protocol(String),
+    /// Nothing came from the server for this long, not even the reply to a ping: a network
+    /// that dropped the connection without a word, or a server that hangs.
+    #[error(
+        "replication connection: nothing from the server in {} s, not even an answer to a \
+         ping ([replication] receive_timeout); taking the connection as lost",
+        .0.as_secs()
+    )]
+    Silent(Duration),
 }
 
 impl WalError {
@@ -71,7 +79,7 @@ impl WalError {
     /// a while, and past that another process is using the slot.
     pub fn is_transient(&self) -> bool {
         match self {
-            WalError::Io(_) => true,
+            WalError::Io(_) | WalError::Silent(_) => true,
             WalError::Server { code, .. } => crate::db::transient_sqlstate(code) && code != "08P01",
             WalError::Protocol(_) => false,
         }
@@ -171,6 +179,8 @@ pub struct StartOptions<'a> {
     pub proto_version: u32,
     /// Ask for in-progress transactions (protocol 2 and up).
     pub streaming: bool,
+    /// See [`crate::config::Config::receive_timeout`].
+    pub receive_timeout: Option<Duration>,
 }
 
 impl WalConnection {
@@ -403,7 +413,7 @@ impl WalConnection {
                 break;
             }
         }
-        Ok(WalStream::spawn(self, o.start))
+        Ok(WalStream::spawn(self, o.start, o.receive_timeout))
     }
 }
 
@@ -488,15 +498,48 @@ pub struct WalStream {
     writer: JoinHandle<()>,
 }
 
+/// When the server was last heard from, shared by the reader (which hears) and the writer
+/// (which pings the server when it has been quiet for half the timeout).
+#[derive(Clone)]
+struct Heard {
+    epoch: tokio::time::Instant,
+    /// Milliseconds after `epoch`.
+    at: Arc<AtomicU64>,
+    timeout: Option<Duration>,
+}
+
+impl Heard {
+    fn now(&self) {
+        self.at
+            .store(self.epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+
+    fn quiet(&self) -> Duration {
+        let at = Duration::from_millis(self.at.load(Ordering::Relaxed));
+        self.epoch.elapsed().saturating_sub(at)
+    }
+}
+
 impl WalStream {
-    fn spawn(c: WalConnection, start: Lsn) -> WalStream {
+    fn spawn(c: WalConnection, start: Lsn, timeout: Option<Duration>) -> WalStream {
         let (rd, wr) = tokio::io::split(c.io);
         let (tx, rx) = mpsc::channel(BUFFER_FRAMES);
         let confirmed = Arc::new(AtomicU64::new(start.0));
         let reply = Arc::new(Notify::new());
         let stop = Arc::new(Notify::new());
-        let reader = tokio::spawn(read_frames(rd, c.buf, tx, reply.clone()));
-        let writer = tokio::spawn(write_status(wr, confirmed.clone(), reply, stop.clone()));
+        let heard = Heard {
+            epoch: tokio::time::Instant::now(),
+            at: Arc::new(AtomicU64::new(0)),
+            timeout,
+        };
+        let reader = tokio::spawn(read_frames(rd, c.buf, tx, reply.clone(), heard.clone()));
+        let writer = tokio::spawn(write_status(
+            wr,
+            confirmed.clone(),
+            reply,
+            stop.clone(),
+            heard,
+        ));
         WalStream {
             rx,
             confirmed,
@@ -535,6 +578,7 @@ async fn read_frames(
     mut buf: BytesMut,
     tx: mpsc::Sender<Result<WalFrame, WalError>>,
     reply: Arc<Notify>,
+    heard: Heard,
 ) {
     let fail = |e: WalError| async { tx.send(Err(e)).await.ok() };
     loop {
@@ -546,9 +590,24 @@ async fn read_frames(
                 if buf.capacity() - buf.len() < READ_CHUNK / 4 {
                     buf.reserve(READ_CHUNK);
                 }
-                match rd.read_buf(&mut buf).await {
+                // Only the read is timed: while the applier is behind, the channel is full and
+                // nothing is read, however much the server sent.
+                let read = match heard.timeout {
+                    Some(t) => match tokio::time::timeout(t, rd.read_buf(&mut buf)).await {
+                        Ok(r) => r,
+                        Err(_) => {
+                            fail(WalError::Silent(t)).await;
+                            return;
+                        }
+                    },
+                    None => rd.read_buf(&mut buf).await,
+                };
+                match read {
                     Ok(0) => return, // the channel closes: "the stream ended"
-                    Ok(_) => continue,
+                    Ok(_) => {
+                        heard.now();
+                        continue;
+                    }
                     Err(e) => {
                         fail(e.into()).await;
                         return;
@@ -621,12 +680,14 @@ async fn write_status(
     confirmed: Arc<AtomicU64>,
     reply: Arc<Notify>,
     stop: Arc<Notify>,
+    heard: Heard,
 ) {
     let mut tick = tokio::time::interval(STATUS_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut sent = 0u64;
     let mut sent_at = tokio::time::Instant::now();
     let mut out = BytesMut::new();
+    let mut pinged = false;
     loop {
         let stopping = tokio::select! {
             _ = tick.tick() => false,
@@ -634,8 +695,18 @@ async fn write_status(
             _ = stop.notified() => true,
         };
         let lsn = confirmed.load(Ordering::Relaxed);
-        if stopping || lsn != sent || sent_at.elapsed() >= STATUS_HEARTBEAT {
-            status_update(lsn, &mut out);
+        // A source with nothing to send and everything confirmed sends nothing, so a quiet
+        // connection is asked for a keepalive before it counts as lost (as the native
+        // walreceiver does at half its wal_receiver_timeout).
+        let ping = match heard.timeout {
+            Some(t) if heard.quiet() >= t / 2 => !std::mem::replace(&mut pinged, true),
+            _ => {
+                pinged = false;
+                false
+            }
+        };
+        if stopping || ping || lsn != sent || sent_at.elapsed() >= STATUS_HEARTBEAT {
+            status_update(lsn, ping, &mut out);
             sent = lsn;
             sent_at = tokio::time::Instant::now();
         }
@@ -657,8 +728,8 @@ async fn write_status(
 }
 
 /// Standby status update: written, flushed and applied all at `lsn` (the slot's
-/// `confirmed_flush_lsn` follows "flushed"), no reply wanted.
-fn status_update(lsn: u64, out: &mut BytesMut) {
+/// `confirmed_flush_lsn` follows "flushed"); `reply` asks the server to answer at once.
+fn status_update(lsn: u64, reply: bool, out: &mut BytesMut) {
     // Microseconds since 2000-01-01, PostgreSQL's epoch.
     const PG_EPOCH_UNIX_SECS: u64 = 946_684_800;
     let now = SystemTime::now()
@@ -672,7 +743,7 @@ fn status_update(lsn: u64, out: &mut BytesMut) {
         body.extend_from_slice(&lsn.to_be_bytes());
     }
     body.extend_from_slice(&now.to_be_bytes());
-    body.push(0);
+    body.push(u8::from(reply));
     out.extend_from_slice(b"d");
     out.extend_from_slice(&((body.len() + 4) as i32).to_be_bytes());
     out.extend_from_slice(&body);
@@ -863,7 +934,7 @@ mod tests {
     #[test]
     fn a_status_update_is_one_copydata_frame_with_the_lsn_three_times() {
         let mut out = BytesMut::new();
-        status_update(0x0102_0304_0506_0708, &mut out);
+        status_update(0x0102_0304_0506_0708, false, &mut out);
         assert_eq!(out[0], b'd');
         assert_eq!(
             i32::from_be_bytes(out[1..5].try_into().unwrap()) as usize,
@@ -878,5 +949,9 @@ mod tests {
             );
         }
         assert_eq!(*out.last().unwrap(), 0, "no reply requested");
+        let mut ping = BytesMut::new();
+        status_update(0x0102_0304_0506_0708, true, &mut ping);
+        assert_eq!(ping.len(), out.len());
+        assert_eq!(*ping.last().unwrap(), 1, "a ping asks for a reply");
     }
 }

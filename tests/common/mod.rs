@@ -431,3 +431,79 @@ pub async fn rejected(run: Running) -> (String, String) {
         .to_string();
     (e, lsn)
 }
+
+/// A TCP proxy in front of a server that can go silent on the replication connections it
+/// carries, as a NAT or VPN that dropped them would: no data, no FIN, no RST. Connections opened
+/// afterwards pass. Needs `sslmode=disable` to tell replication connections by their startup
+/// packet.
+pub struct Proxy {
+    pub port: u16,
+    /// Bumped to silence every replication connection opened before it.
+    silenced: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl Proxy {
+    pub async fn start(upstream: u16) -> Proxy {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let silenced = Arc::new(AtomicU64::new(0));
+        let gen = silenced.clone();
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let Ok(server) = tokio::net::TcpStream::connect(("127.0.0.1", upstream)).await
+                else {
+                    continue;
+                };
+                let born = gen.load(Ordering::Relaxed);
+                let is_replication = Arc::new(std::sync::atomic::AtomicBool::new(false));
+                let (cr, cw) = client.into_split();
+                let (sr, sw) = server.into_split();
+                for (mut from, mut to, first) in [
+                    (
+                        Box::new(cr) as Box<dyn tokio::io::AsyncRead + Send + Unpin>,
+                        Box::new(sw) as Box<dyn tokio::io::AsyncWrite + Send + Unpin>,
+                        true,
+                    ),
+                    (Box::new(sr), Box::new(cw), false),
+                ] {
+                    let (gen, is_replication) = (gen.clone(), is_replication.clone());
+                    tokio::spawn(async move {
+                        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                        let mut buf = vec![0u8; 64 * 1024];
+                        let mut startup = first;
+                        let silent = || {
+                            is_replication.load(Ordering::Relaxed)
+                                && gen.load(Ordering::Relaxed) > born
+                        };
+                        loop {
+                            let n = match from.read(&mut buf).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => n,
+                            };
+                            if std::mem::take(&mut startup)
+                                && buf[..n].windows(12).any(|w| w == b"replication\0")
+                            {
+                                is_replication.store(true, Ordering::Relaxed);
+                            }
+                            // Silent: hold everything, forever, without closing.
+                            while silent() {
+                                tokio::time::sleep(Duration::from_secs(3600)).await;
+                            }
+                            if to.write_all(&buf[..n]).await.is_err() {
+                                return;
+                            }
+                        }
+                    });
+                }
+            }
+        });
+        Proxy { port, silenced }
+    }
+
+    /// Every replication connection open now goes silent.
+    pub fn silence_replication(&self) {
+        self.silenced
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
