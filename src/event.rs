@@ -61,3 +61,15 @@ pub struct Event {
     pub ordinal: u32,
     pub change: Change,
 }
+
+/// PostgreSQL's epoch, 2000-01-01, in microseconds after the Unix one: commit times on the wire
+/// count from it.
+pub const PG_EPOCH_UNIX_MICROS: i64 = 946_684_800_000_000;
+
+/// Now, in PostgreSQL's microseconds (this machine's clock).
+pub fn pg_now_micros() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as i64)
+        - PG_EPOCH_UNIX_MICROS
+}

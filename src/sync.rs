@@ -319,12 +319,18 @@ async fn watch_sources(cfg: Arc<Config>) {
             let site = cfg.site(source);
             if let Ok(Some(r)) = c
                 .query_opt(
-                    "SELECT wal_status, safe_wal_size FROM pg_replication_slots WHERE slot_name = $1",
+                    "SELECT wal_status, safe_wal_size, \
+                            (pg_current_wal_lsn() - confirmed_flush_lsn)::int8 \
+                     FROM pg_replication_slots WHERE slot_name = $1",
                     &[&site.slot],
                 )
                 .await
             {
                 let (status, safe): (Option<String>, Option<i64>) = (r.get(0), r.get(1));
+                if let Some(behind) = r.get::<_, Option<i64>>(2) {
+                    metrics::gauge!("tandem_slot_lag_bytes", "direction" => source.direction_from())
+                        .set(behind as f64);
+                }
                 if let Some(safe) = safe {
                     metrics::gauge!("tandem_slot_safe_wal_bytes", "direction" => source.direction_from())
                         .set(safe as f64);

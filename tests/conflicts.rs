@@ -668,6 +668,15 @@ async fn conflicts_are_counted_in_prometheus_metrics() {
         state(&fx.d).await.get(&100) == Some(&("m".to_string(), 3))
     })
     .await;
+    // The commit that brought it measured its lag from the source's commit: a small,
+    // non-negative number of seconds (both clusters share this machine's clock).
+    let lag = common::metric(
+        &scrape(port).unwrap(),
+        "tandem_lag_seconds",
+        &[("direction", "M>D")],
+    )
+    .and_then(|v| v.parse::<f64>().ok());
+    assert!(lag.is_some_and(|l| (0.0..30.0).contains(&l)), "{lag:?}");
     // Both directions stream: the health probe says so.
     let health = common::http_get(port, "/health").unwrap();
     assert!(

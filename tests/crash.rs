@@ -147,9 +147,17 @@ async fn a_slot_the_server_invalidated_stops_run_with_how_to_resynchronise() {
         common::metric(body, "tandem_slot_safe_wal_bytes", &[("direction", dir)])
             .and_then(|v| v.parse::<f64>().ok())
     };
+    // And how far each slot is behind its source's WAL.
+    let behind = |body: &str, dir: &str| {
+        common::metric(body, "tandem_slot_lag_bytes", &[("direction", dir)])
+            .and_then(|v| v.parse::<f64>().ok())
+    };
     wait_for(60, "safe WAL bytes reported for both slots", || async {
         common::scrape(port).is_some_and(|b| {
-            safe(&b, "D>M").is_some_and(|v| v > 0.0) && safe(&b, "M>D").is_some_and(|v| v > 0.0)
+            safe(&b, "D>M").is_some_and(|v| v > 0.0)
+                && safe(&b, "M>D").is_some_and(|v| v > 0.0)
+                && behind(&b, "D>M").is_some_and(|v| v >= 0.0)
+                && behind(&b, "M>D").is_some_and(|v| v >= 0.0)
         })
     })
     .await;

@@ -1203,6 +1203,8 @@ impl Applier {
         let dir = self.source.direction_from();
         metrics::counter!("tandem_target_commits_total", "direction" => dir).increment(1);
         metrics::gauge!("tandem_checkpoint_lsn", "direction" => dir).set(lsn.0 as f64);
+        metrics::gauge!("tandem_lag_seconds", "direction" => dir)
+            .set(seconds_since_pg_micros(self.last_commit_ts));
         Ok(())
     }
 
@@ -1371,4 +1373,10 @@ fn text_arrays<'a>(
         }
     }
     Ok(columns.into_iter().map(TextArray).collect())
+}
+
+/// Seconds from a source commit time to now, on this machine's clock: never negative, however
+/// the two clocks disagree.
+fn seconds_since_pg_micros(ts: i64) -> f64 {
+    (crate::event::pg_now_micros() - ts).max(0) as f64 / 1e6
 }

@@ -34,8 +34,7 @@ pub mod proto {
 /// replication pauses while Kafka is away).
 const MAX_IN_FLIGHT: usize = 50_000;
 
-/// Seconds from 1970-01-01 to PostgreSQL's epoch, 2000-01-01.
-const PG_EPOCH_UNIX_MICROS: i64 = 946_684_800_000_000;
+use crate::event::PG_EPOCH_UNIX_MICROS;
 
 /// One Kafka message.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -13,7 +13,7 @@ use std::io;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
 use fallible_iterator::FallibleIterator;
@@ -730,13 +730,7 @@ async fn write_status(
 /// Standby status update: written, flushed and applied all at `lsn` (the slot's
 /// `confirmed_flush_lsn` follows "flushed"); `reply` asks the server to answer at once.
 fn status_update(lsn: u64, reply: bool, out: &mut BytesMut) {
-    // Microseconds since 2000-01-01, PostgreSQL's epoch.
-    const PG_EPOCH_UNIX_SECS: u64 = 946_684_800;
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_micros() as i64
-        - (PG_EPOCH_UNIX_SECS * 1_000_000) as i64;
+    let now = crate::event::pg_now_micros();
     let mut body = Vec::with_capacity(34);
     body.push(b'r');
     for _ in 0..3 {
