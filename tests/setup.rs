@@ -581,3 +581,69 @@ async fn a_run_whose_lock_another_took_while_its_connection_was_gone_stops() {
     );
     drop(other);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slot_gone_missing_is_never_papered_over_by_setup() {
+    let fx = Fixture::new("slot_gone", T, r#"tables = ["public.jobs"]"#).await;
+    let cfg = fx.config_path.to_str().unwrap();
+    let run = fx.start().await;
+    fx.d.execute("INSERT INTO jobs VALUES (1, 'streamed')", &[])
+        .await
+        .unwrap();
+    common::wait_count(30, &fx.m, "SELECT count(*) FROM jobs", 1).await;
+    run.stop().await;
+    // The slot goes (dropped by hand, or a failover to a server that never had it), and
+    // desktop writes on.
+    fx.d.batch_execute(
+        "SELECT pg_drop_replication_slot('slot_gone_d'); \
+         INSERT INTO jobs VALUES (2, 'while the slot was missing')",
+    )
+    .await
+    .unwrap();
+    let (_, out, _) = run_tandem(&["--config", cfg, "status"], &[]);
+    assert!(
+        out.contains(
+            "slot slot_gone_d MISSING: what desktop wrote after the checkpoint cannot be streamed"
+        ),
+        "{out}"
+    );
+    let (code, out, err) = run_tandem(&["--config", cfg, "run"], &[]);
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(
+        err.contains("desktop: replication slot slot_gone_d does not exist")
+            && err.contains("mobile holds tandem's checkpoint ")
+            && err.contains("`tandem repair --source desktop`"),
+        "{err}"
+    );
+    // setup makes a new slot, and says the changes before it are the user's to bring over.
+    let (code, out, err) = run_tandem(&["--config", cfg, "setup"], &[]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.contains("WARNING desktop: slot slot_gone_d was created again, but mobile held")
+            && out.contains("`tandem repair --source desktop`"),
+        "{out}"
+    );
+    // Indeed: streaming carries on from the new slot only; verify and repair close the gap.
+    let run = fx.start().await;
+    fx.d.execute("INSERT INTO jobs VALUES (3, 'after the new slot')", &[])
+        .await
+        .unwrap();
+    common::wait_count(30, &fx.m, "SELECT count(*) FROM jobs WHERE id = 3", 1).await;
+    assert_eq!(
+        Fixture::count(&fx.m, "SELECT count(*) FROM jobs WHERE id = 2").await,
+        0
+    );
+    let (code, out, err) = run_tandem(&["--config", cfg, "verify"], &[]);
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(
+        out.contains("1 only desktop") && out.contains(r#"only desktop: {"id":2}"#),
+        "{out}"
+    );
+    common::repair_from_desktop(cfg);
+    fx.wait_equal("jobs", 30).await;
+    // A second setup has nothing to warn about.
+    let (code, out, err) = run_tandem(&["--config", cfg, "setup"], &[]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(!out.contains("WARNING"), "{out}");
+    run.stop().await;
+}

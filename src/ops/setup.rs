@@ -980,6 +980,22 @@ async fn create_replication(
         };
         if new_slot {
             // A new slot starts a new history: any older checkpoint belonged to another slot.
+            // One that was there means tandem streamed this side before, and what it wrote
+            // between that checkpoint and the new slot will never be streamed.
+            if let Some(old) = checkpoint::load(target, side).await? {
+                report.push(format!(
+                    "WARNING {side}: slot {slot} was created again, but {other} held tandem's \
+                     checkpoint {at} for {side}'s changes: what {side} changed after it (while \
+                     the slot was missing, after a teardown, or on a failover) was never \
+                     streamed to {other} and will not be. Once `tandem run` streams, bring \
+                     {other} up to date: `tandem verify`, then `tandem repair --source {side}` \
+                     (or `tandem snapshot --seed {side}` while run is stopped, which merges and \
+                     so does not carry deletes over)",
+                    slot = site.slot,
+                    other = side.other(),
+                    at = old.lsn,
+                ));
+            }
             checkpoint::delete(target, side).await?;
         }
         if checkpoint::init(target, side, &cp).await? {

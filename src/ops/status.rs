@@ -68,7 +68,10 @@ async fn one(
                     _ => String::new(),
                 }
             ),
-            Some(None) => "missing (run setup)".into(),
+            Some(None) => format!(
+                "MISSING: what {source} wrote after the checkpoint cannot be streamed; run \
+                 `tandem setup`, then `tandem verify` and `tandem repair --source {source}`"
+            ),
         }
     )?;
     let Some(t) = t else {

@@ -256,9 +256,16 @@ pub async fn check_no_gap(
         .await?;
     let Some(row) = row else {
         bail!(
-            "{}: replication slot {} does not exist; run `tandem setup`",
-            site.side,
-            site.slot
+            "{side}: replication slot {slot} does not exist (it was dropped, or {side} failed \
+             over to a server without it: PostgreSQL 15 does not copy slots to replicas). \
+             {other} holds tandem's checkpoint {checkpoint} for {side}'s changes, and what {side} \
+             changed since cannot be streamed any more. Run `tandem setup` to create the slot \
+             again, then bring {other} up to date: `tandem verify`, then `tandem repair --source \
+             {side}` (or `tandem snapshot --seed {side}`, which merges and so does not carry \
+             deletes over)",
+            side = site.side,
+            slot = site.slot,
+            other = site.side.other()
         );
     };
     // The server drops WAL a slot still needs once it is more than max_slot_wal_keep_size
