@@ -362,6 +362,13 @@ impl Config {
         (!parts.is_empty()).then(|| parts.join(" AND "))
     }
 
+    /// `[replication] tables` names `t`, itself or by a pattern.
+    pub fn lists(&self, t: &TableName) -> bool {
+        self.tables
+            .iter()
+            .any(|c| c == t || (c.is_wildcard() && c.schema == t.schema))
+    }
+
     pub fn direction(&self, table: &TableName) -> Direction {
         self.directions
             .get(table)

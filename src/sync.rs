@@ -13,7 +13,7 @@ use crate::config::{Config, TableName};
 use crate::db;
 use crate::lsn::Lsn;
 use crate::side::Side;
-use crate::source::assemble::{Assembler, Item};
+use crate::source::assemble::{Assembler, Item, Names};
 use crate::source::pgoutput::{Begin, Message};
 use crate::source::stream::{check_no_gap, SourceStream, StreamEvent, StreamMode};
 use crate::source::streamed::Live;
@@ -509,10 +509,7 @@ async fn direction(
     status: Arc<Status>,
 ) -> Result<()> {
     let mut backoff = Duration::from_millis(500);
-    // Tables where a plain INSERT or UPDATE found the target disagreeing: upserted from then on.
-    let mut upsert_tables = std::collections::HashSet::new();
-    // Streamed transactions a live apply was blocked on: spooled from then on.
-    let mut spool_only = std::collections::HashSet::new();
+    let mut learned = Learned::default();
     let mut careful = Careful::default();
     let idle = !cfg
         .tables
@@ -524,16 +521,7 @@ async fn direction(
         let once = if idle {
             idle_direction(&cfg, source, &mut stop, &status).await
         } else {
-            direction_once(
-                &cfg,
-                source,
-                &mut stop,
-                &status,
-                &upsert_tables,
-                &spool_only,
-                &mut careful,
-            )
-            .await
+            direction_once(&cfg, source, &mut stop, &status, &mut learned, &mut careful).await
         };
         // This attempt found a live transaction refused: start over once more, whole.
         let retry_whole = careful.whole && !was_whole;
@@ -543,7 +531,7 @@ async fn direction(
                 let c = e.downcast::<SidesDisagree>().expect("checked");
                 tracing::warn!(%source, table = %c.table,
                     "{c}; starting over from the checkpoint, writing its rows as upserts from now on");
-                if !upsert_tables.insert(c.table.clone()) {
+                if !learned.upsert_tables.insert(c.table.clone()) {
                     // Cannot happen: that table's rows are upserts now.
                     bail!("{source} → {}: {c}", source.other());
                 }
@@ -553,7 +541,7 @@ async fn direction(
                 tracing::warn!(%source, "{b}; starting over from the checkpoint, spooling it until its commit");
                 metrics::counter!("tandem_live_blocked_total", "direction" => source.direction_from())
                     .increment(1);
-                spool_only.insert(b.xid);
+                learned.spool_only.insert(b.xid);
             }
             // The target refused something of a group, or a transaction applied while in
             // progress: find which source transaction, once per place it happened.
@@ -597,19 +585,57 @@ async fn direction(
     }
 }
 
+/// What a direction learned during this run, kept across its restarts.
+#[derive(Default)]
+struct Learned {
+    /// Tables where a plain INSERT or UPDATE found the target disagreeing: upserted from then on.
+    upsert_tables: std::collections::HashSet<TableName>,
+    /// Streamed transactions a live apply was blocked on: spooled from then on.
+    spool_only: std::collections::HashSet<u32>,
+    /// The configured name of each published table, by OID, as first seen this run: a table
+    /// renamed on the source while `run` runs keeps going to its target table (see
+    /// [`Assembler::with_names`]), across reconnects too.
+    names: std::collections::HashMap<u32, TableName>,
+}
+
+impl Learned {
+    async fn learn_names(
+        &mut self,
+        cfg: &Config,
+        src: &tokio_postgres::Client,
+        site: &crate::config::Site,
+    ) -> Result<()> {
+        let rows = src
+            .query(
+                "SELECT c.oid, n.nspname::text, c.relname::text FROM pg_publication_rel pr \
+                 JOIN pg_publication p ON p.oid = pr.prpubid JOIN pg_class c ON c.oid = pr.prrelid \
+                 JOIN pg_namespace n ON n.oid = c.relnamespace WHERE p.pubname = $1",
+                &[&site.publication],
+            )
+            .await
+            .context("reading the published tables")?;
+        for r in rows {
+            let name = TableName::new(r.get::<_, String>(1), r.get::<_, String>(2));
+            if cfg.lists(&name) {
+                self.names.entry(r.get::<_, u32>(0)).or_insert(name);
+            }
+        }
+        Ok(())
+    }
+}
+
 async fn direction_once(
     cfg: &Arc<Config>,
     source: Side,
     stop: &mut watch::Receiver<bool>,
     status: &Status,
-    upsert_tables: &std::collections::HashSet<crate::config::TableName>,
-    spool_only: &std::collections::HashSet<u32>,
+    learned: &mut Learned,
     careful: &mut Careful,
 ) -> Result<()> {
     let site = cfg.site(source);
     let progress = status.from(source);
     let mut applier = Applier::connect(cfg.clone(), source).await?;
-    applier.write_plainly(upsert_tables.clone());
+    applier.write_plainly(learned.upsert_tables.clone());
     let cp = checkpoint::require(applier.client(), source).await?;
     if cp.slot_name != site.slot {
         bail!(
@@ -645,7 +671,10 @@ async fn direction_once(
     careful.skip = checkpoint::skip_lsn(applier.client(), source).await?;
     careful.current = None;
     careful.in_live = false;
-    let mut mode = stream_mode(cfg, spool_only);
+    learned.learn_names(cfg, &source_sql, site).await?;
+    let names: Names = Arc::new(learned.names.clone());
+    applier.set_names(names.clone());
+    let mut mode = stream_mode(cfg, &learned.spool_only);
     // Leaving a transaction out, or finding a rejected one, goes by commit LSNs, which a live
     // transaction's changes are applied before anyone knows: every transaction comes whole.
     if careful.skip.is_some() || careful.until > Lsn::ZERO || careful.whole {
@@ -673,7 +702,8 @@ async fn direction_once(
     progress.starts.fetch_add(1, Ordering::Relaxed);
     let mut live = LiveState {
         cfg: cfg.clone(),
-        upsert_tables: upsert_tables.clone(),
+        upsert_tables: learned.upsert_tables.clone(),
+        names,
         session: None,
         txn: None,
     };
@@ -812,6 +842,7 @@ async fn idle_direction(
 struct LiveState {
     cfg: Arc<Config>,
     upsert_tables: std::collections::HashSet<crate::config::TableName>,
+    names: Names,
     /// Connected at the first live transaction, kept for the next.
     session: Option<Applier>,
     txn: Option<LiveTxn>,
@@ -839,7 +870,7 @@ async fn stream_loop(
     careful: &mut Careful,
 ) -> Result<()> {
     let source = applier.source();
-    let mut asm = Assembler::new(source);
+    let mut asm = Assembler::new(source).with_names(live.names.clone());
     // Inside the transaction `tandem skip` leaves out.
     let mut leaving = false;
     // Durable on the target: the slot may be confirmed up to here.
@@ -948,7 +979,7 @@ async fn stream_loop(
                         live.session = Some(a);
                     }
                     live_lock_timeout(applier, true).await?;
-                    let mut asm = Assembler::new(source);
+                    let mut asm = Assembler::new(source).with_names(live.names.clone());
                     // Its commit LSN and time are known at its end; nothing needs them before.
                     asm.push(Message::Begin(Begin {
                         final_lsn: Lsn::ZERO,

@@ -67,11 +67,7 @@ pub struct SidesDisagree {
 
 /// Changes of table `t` from `source` are applied: it is listed, and flows that way.
 fn flows(cfg: &Config, source: Side, ignore_direction: bool, t: &TableName) -> bool {
-    let listed = cfg
-        .tables
-        .iter()
-        .any(|c| c == t || (c.is_wildcard() && c.schema == t.schema));
-    listed && (ignore_direction || cfg.direction(t).flows_from(source))
+    cfg.lists(t) && (ignore_direction || cfg.direction(t).flows_from(source))
 }
 
 /// A change from `source` is applied rather than skipped, before any conflict rule: its table
@@ -113,6 +109,8 @@ pub struct Applier {
     /// Large fresh and existing batches are written with plain INSERTs and UPDATEs (the stream),
     /// except for these tables.
     plain_writes: Option<std::collections::HashSet<TableName>>,
+    /// See [`Applier::set_names`].
+    names: crate::source::assemble::Names,
     lookups: HashMap<(TableName, Op, Vec<usize>), Statement>,
     planner: Planner,
     in_txn: bool,
@@ -199,6 +197,7 @@ impl Applier {
             client: Arc::new(client),
             pipeline: Pipeline::new(PIPELINE_DEPTH),
             plain_writes: None,
+            names: Default::default(),
             planner: Planner::new(cfg.batch_rows, BATCH_BYTES),
             cfg,
             source,
@@ -596,7 +595,7 @@ impl Applier {
                 "skipped"
             }
         };
-        p.publish_copy(copy, source, Arc::new(outcome))
+        p.publish_copy(copy, source, self.names.clone(), Arc::new(outcome))
     }
 
     /// Kafka: a change of a transaction tandem itself wrote (not applied back).
@@ -705,6 +704,11 @@ impl Applier {
     /// stream, which can start over from its checkpoint.
     pub fn write_plainly(&mut self, except: std::collections::HashSet<TableName>) {
         self.plain_writes = Some(except);
+    }
+
+    /// Configured table names by source OID, for the Kafka task's reading of spooled copies.
+    pub fn set_names(&mut self, names: crate::source::assemble::Names) {
+        self.names = names;
     }
 
     pub fn kafka_required(&self) -> bool {

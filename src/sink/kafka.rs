@@ -21,7 +21,7 @@ use crate::event::{Change, Event, SourceTable};
 use crate::lsn::Lsn;
 use crate::side::Side;
 use crate::sink::spool::{Spool, Spooled};
-use crate::source::assemble::{Assembler, Item};
+use crate::source::assemble::{Assembler, Item, Names};
 use crate::source::pgoutput::{Tuple, Value};
 use crate::source::streamed::Replay;
 
@@ -906,7 +906,7 @@ enum Command {
     Publish(Vec<(Event, &'static str)>, usize),
     /// A committed transaction of this source read back from disk, with what became of its
     /// changes. It holds no queue room: it is a file, read as it is published.
-    PublishCopy(Replay, Side, Outcome),
+    PublishCopy(Replay, Side, Names, Outcome),
     Barrier(Lsn),
     Drain(Duration, tokio::sync::oneshot::Sender<Result<Lsn>>),
 }
@@ -1004,9 +1004,15 @@ impl Publisher {
     /// it was in progress), in order after what was published before. Its events carry the
     /// commit's LSN and time like any other. The Kafka task reads the file itself, so applying
     /// goes on meanwhile; later changes queue behind it within the queue's bound.
-    pub fn publish_copy(&mut self, copy: Replay, source: Side, outcome: Outcome) -> Result<()> {
+    pub fn publish_copy(
+        &mut self,
+        copy: Replay,
+        source: Side,
+        names: Names,
+        outcome: Outcome,
+    ) -> Result<()> {
         self.hand_over_unpaid();
-        self.send(Command::PublishCopy(copy, source, outcome))
+        self.send(Command::PublishCopy(copy, source, names, outcome))
     }
 
     /// Everything published so far belongs to source commits up to `lsn`.
@@ -1113,9 +1119,9 @@ async fn work(
                         }
                         room.add_permits(permits);
                     }
-                    Command::PublishCopy(mut copy, source, outcome) => {
+                    Command::PublishCopy(mut copy, source, names, outcome) => {
                         p.clock = Instant::now();
-                        let mut asm = Assembler::new(source);
+                        let mut asm = Assembler::new(source).with_names(names);
                         while let Some(msg) = copy.next_message()? {
                             match asm.push(msg)? {
                                 Some(Item::Change(ev)) => p.publish(&ev, outcome(&ev)).await?,

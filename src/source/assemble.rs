@@ -57,10 +57,14 @@ pub enum AssembleError {
     },
 }
 
+/// The configured name of each streamed table, by its OID on the source.
+pub type Names = Arc<HashMap<u32, TableName>>;
+
 pub struct Assembler {
     side: Side,
     relations: HashMap<u32, Arc<SourceTable>>,
     txn: Option<Txn>,
+    names: Names,
 }
 
 struct Txn {
@@ -75,7 +79,18 @@ impl Assembler {
             side,
             relations: HashMap::new(),
             txn: None,
+            names: Names::default(),
         }
+    }
+
+    /// Tables go by the names in `names` rather than the ones in the stream. Decoding reads the
+    /// catalog as it was at each change, so a table renamed on the source arrives under its new
+    /// name from the rename on (and, after a restart, under its old one until it): under either
+    /// it is the table tandem was set up to stream, and its changes go to the target table of
+    /// that name instead of being left out as an unlisted table's.
+    pub fn with_names(mut self, names: Names) -> Self {
+        self.names = names;
+        self
     }
 
     /// The relations `other` learned (a streamed transaction's, assembled apart) become known
@@ -162,9 +177,24 @@ impl Assembler {
                 return Ok(None);
             }
             Message::Relation(r) => {
+                let sent = TableName::new(r.namespace, r.name);
+                let name = match self.names.get(&r.id) {
+                    Some(known) if *known != sent => {
+                        tracing::warn!(
+                            %side,
+                            "{side} calls {known} (relation {}) {sent} in this part of its \
+                             history: it was renamed. Its changes go on to {known} on the other \
+                             side. Rename it there too and write the name {side} has now in \
+                             [replication] tables, then run `tandem setup` and restart",
+                            r.id
+                        );
+                        known.clone()
+                    }
+                    _ => sent,
+                };
                 let t = SourceTable {
                     oid: r.id,
-                    name: TableName::new(r.namespace, r.name),
+                    name,
                     columns: r.columns,
                 };
                 self.relations.insert(r.id, Arc::new(t));
@@ -265,6 +295,36 @@ mod tests {
             rel: 7,
             new: vec![Value::Text(Bytes::from_static(v.as_bytes()))],
         }
+    }
+
+    #[test]
+    fn a_table_renamed_on_the_source_keeps_its_configured_name() {
+        let names: Names = Arc::new(HashMap::from([(7, TableName::new("public", "jobs"))]));
+        let mut a = Assembler::new(Side::Desktop).with_names(names);
+        let Message::Relation(mut r) = rel() else {
+            unreachable!()
+        };
+        r.name = "jobs_renamed".into();
+        assert!(a.push(Message::Relation(r)).unwrap().is_none());
+        a.push(begin(100)).unwrap();
+        let Some(Item::Change(ev)) = a.push(insert("1")).unwrap() else {
+            panic!("a change")
+        };
+        let Change::Insert { table, .. } = &ev.change else {
+            panic!("an insert")
+        };
+        assert_eq!(table.name, TableName::new("public", "jobs"));
+        // A relation tandem has no name for keeps the stream's.
+        let mut a = Assembler::new(Side::Desktop);
+        a.push(rel()).unwrap();
+        a.push(begin(100)).unwrap();
+        let Some(Item::Change(ev)) = a.push(insert("1")).unwrap() else {
+            panic!("a change")
+        };
+        let Change::Insert { table, .. } = &ev.change else {
+            panic!("an insert")
+        };
+        assert_eq!(table.name, TableName::new("public", "jobs"));
     }
 
     #[test]
