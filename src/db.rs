@@ -140,6 +140,13 @@ pub fn caused_by(e: &anyhow::Error, state: &tokio_postgres::error::SqlState) -> 
 pub fn is_transient(e: &tokio_postgres::Error) -> bool {
     match e.as_db_error() {
         Some(db) => transient_sqlstate(db.code().code()),
+        // A value that could not be encoded, or a column decoded, has a cause too, and fails
+        // the same way on every connection.
+        None if e.to_string().starts_with("error serializing")
+            || e.to_string().starts_with("error deserializing") =>
+        {
+            false
+        }
         None => e.is_closed() || std::error::Error::source(e).is_some(),
     }
 }

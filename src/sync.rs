@@ -472,14 +472,15 @@ fn lock_timed_out(e: &anyhow::Error) -> bool {
 /// wrong fix for those, and finding one to name costs a restart.
 fn refused_by_target(e: &anyhow::Error) -> bool {
     e.chain().any(|c| {
-        c.downcast_ref::<tokio_postgres::Error>()
-            .and_then(|pg| pg.as_db_error())
-            .is_some_and(|db| {
-                matches!(
-                    &db.code().code()[..2],
-                    "22" | "23" | "27" | "44" | "42" | "54" | "P0" | "09" | "2F" | "38" | "39"
-                )
-            })
+        c.is::<crate::apply::pipeline::OutOfRange>()
+            || c.downcast_ref::<tokio_postgres::Error>()
+                .and_then(|pg| pg.as_db_error())
+                .is_some_and(|db| {
+                    matches!(
+                        &db.code().code()[..2],
+                        "22" | "23" | "27" | "44" | "42" | "54" | "P0" | "09" | "2F" | "38" | "39"
+                    )
+                })
     })
 }
 

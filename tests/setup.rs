@@ -647,3 +647,89 @@ async fn a_slot_gone_missing_is_never_papered_over_by_setup() {
     assert!(!out.contains("WARNING"), "{out}");
     run.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn integer_and_text_columns_of_different_widths_replicate_with_a_warning() {
+    let schema = "CREATE TABLE parts (id int PRIMARY KEY, name varchar(10), n int)";
+    let (d, m) = Fixture::databases("widths", schema).await;
+    m.batch_execute(
+        "ALTER TABLE parts ALTER id TYPE bigint, ALTER name TYPE text, ALTER n TYPE bigint",
+    )
+    .await
+    .unwrap();
+    let text = Fixture::config_text("widths", r#"tables = ["public.parts"]"#);
+    let fx = Fixture::with_config("widths", d, m, text).await;
+    let cfg = fx.config_path.to_str().unwrap();
+    // The narrower side is named for each column, with what may happen.
+    let (code, out, err) = run_tandem(&["--config", cfg, "setup"], &[]);
+    assert_eq!(code, 0, "{out}{err}");
+    for (col, d_type, m_type) in [
+        ("id", "integer", "bigint"),
+        ("name", "character varying(10)", "text"),
+        ("n", "integer", "bigint"),
+    ] {
+        assert!(
+            out.contains(&format!(
+                "warning: table public.parts: column `{col}` is {d_type} on desktop and {m_type} \
+                 on mobile: a value from mobile that {d_type} cannot hold is refused by desktop"
+            )),
+            "{out}"
+        );
+    }
+    // Other pairs are still refused.
+    fx.m.batch_execute("ALTER TABLE parts ADD COLUMN at timestamptz")
+        .await
+        .unwrap();
+    fx.d.batch_execute("ALTER TABLE parts ADD COLUMN at timestamp")
+        .await
+        .unwrap();
+    let (code, out, err) = run_tandem(&["--config", cfg, "setup"], &[]);
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(
+        err.contains("column `at` is timestamp without time zone on desktop but timestamp with time zone on mobile"),
+        "{err}"
+    );
+    fx.m.batch_execute("ALTER TABLE parts DROP COLUMN at")
+        .await
+        .unwrap();
+    fx.d.batch_execute("ALTER TABLE parts DROP COLUMN at")
+        .await
+        .unwrap();
+
+    let run = fx.start().await;
+    fx.d.batch_execute("INSERT INTO parts VALUES (1, 'bolt', 5)")
+        .await
+        .unwrap();
+    fx.m.batch_execute("INSERT INTO parts VALUES (2, 'nut', 7)")
+        .await
+        .unwrap();
+    common::wait_count(30, &fx.m, "SELECT count(*) FROM parts", 2).await;
+    common::wait_count(30, &fx.d, "SELECT count(*) FROM parts", 2).await;
+    let (code, out, err) = run_tandem(&["--config", cfg, "verify"], &[]);
+    assert_eq!(code, 0, "{out}{err}");
+    // A value desktop's integer cannot hold is a refusal naming its transaction, not a lost
+    // connection retried forever.
+    fx.m.batch_execute("INSERT INTO parts VALUES (3, 'washer', 5000000000)")
+        .await
+        .unwrap();
+    let (e, lsn) = common::rejected(run).await;
+    assert!(
+        e.contains("value 5000000000 is out of range for type integer"),
+        "{e}"
+    );
+    let (code, out, err) = run_tandem(
+        &["--config", cfg, "skip", "--from", "mobile", "--lsn", &lsn],
+        &[],
+    );
+    assert_eq!(code, 0, "{out}{err}");
+    let run = fx.start().await;
+    fx.m.batch_execute("INSERT INTO parts VALUES (4, 'pin', 9)")
+        .await
+        .unwrap();
+    common::wait_count(30, &fx.d, "SELECT count(*) FROM parts WHERE id = 4", 1).await;
+    assert_eq!(
+        Fixture::count(&fx.d, "SELECT count(*) FROM parts WHERE id = 3").await,
+        0
+    );
+    run.stop().await;
+}

@@ -22,6 +22,16 @@ type Done = Pin<Box<dyn Future<Output = Result<u64, tokio_postgres::Error>> + Se
 #[derive(Debug)]
 pub struct TextArray(pub Vec<Option<Bytes>>);
 
+/// An integer the target's column is too narrow for (the other side's is wider), found while
+/// encoding it here: the target refuses it as the server would have (see
+/// [`crate::sync`]'s refusals), instead of the statement failing as if the connection had.
+#[derive(Debug, thiserror::Error)]
+#[error("value {value} is out of range for type {ty} (SQLSTATE 22003)")]
+pub struct OutOfRange {
+    pub value: i64,
+    pub ty: &'static str,
+}
+
 impl ToSql for TextArray {
     fn to_sql(
         &self,
@@ -49,8 +59,16 @@ impl ToSql for TextArray {
                 };
                 match *member {
                     Type::INT8 => w.put_i64(int()?),
-                    Type::INT4 => w.put_i32(i32::try_from(int()?)?),
-                    Type::INT2 => w.put_i16(i16::try_from(int()?)?),
+                    Type::INT4 => {
+                        let v = int()?;
+                        let ty = "integer";
+                        w.put_i32(i32::try_from(v).map_err(|_| OutOfRange { value: v, ty })?)
+                    }
+                    Type::INT2 => {
+                        let v = int()?;
+                        let ty = "smallint";
+                        w.put_i16(i16::try_from(v).map_err(|_| OutOfRange { value: v, ty })?)
+                    }
                     _ => w.put_slice(b),
                 }
                 Ok(postgres_protocol::IsNull::No)

@@ -138,6 +138,37 @@ async fn check_server(c: &Client, site: &Site, problems: &mut Vec<String>) -> Re
     Ok(())
 }
 
+/// Two different column types tandem takes: ones whose values are written alike as text, so
+/// that applying (cast to the target's type), the snapshot's `COPY` and verify's row hashes all
+/// see the same values. The integer types among themselves, and `varchar(n)`, `varchar` and
+/// `text` among themselves (not `char(n)`, which pads). `None`: not such a pair.
+/// `Some(Some(side))`: `side`'s type holds fewer values; `Some(None)`: they hold the same.
+fn same_values(desktop: &str, mobile: &str) -> Option<Option<Side>> {
+    fn rank(ty: &str) -> Option<(u8, u64)> {
+        match ty {
+            "smallint" => Some((0, 2)),
+            "integer" => Some((0, 4)),
+            "bigint" => Some((0, 8)),
+            "text" | "character varying" => Some((1, u64::MAX)),
+            _ => ty
+                .strip_prefix("character varying(")?
+                .strip_suffix(')')?
+                .parse()
+                .ok()
+                .map(|n| (1, n)),
+        }
+    }
+    let ((fd, d), (fm, m)) = (rank(desktop)?, rank(mobile)?);
+    if fd != fm {
+        return None;
+    }
+    Some(match d.cmp(&m) {
+        std::cmp::Ordering::Less => Some(Side::Desktop),
+        std::cmp::Ordering::Greater => Some(Side::Mobile),
+        std::cmp::Ordering::Equal => None,
+    })
+}
+
 fn describe_columns(t: &TargetTable) -> String {
     t.key
         .iter()
@@ -181,6 +212,7 @@ async fn check_tables(
     d: &Client,
     m: &Client,
     problems: &mut Vec<String>,
+    warnings: &mut Vec<String>,
 ) -> Result<Vec<TableName>> {
     let mut tables = catalog::expand(d, &cfg.tables).await?;
     for t in catalog::expand(m, &cfg.tables).await? {
@@ -296,13 +328,40 @@ async fn check_tables(
             let a = dt.columns.iter().find(|c| c.name == n);
             let b = mt.columns.iter().find(|c| c.name == n);
             match (a, b) {
-                (Some(a), Some(b)) if a.type_sql != b.type_sql => problems.push(format!(
-                    "table {t}: column `{n}` is {} on desktop but {} on mobile; make the types the same",
-                    a.type_sql, b.type_sql
-                )),
+                (Some(a), Some(b)) if a.type_sql != b.type_sql => {
+                    match same_values(&a.type_sql, &b.type_sql) {
+                        None => problems.push(format!(
+                            "table {t}: column `{n}` is {} on desktop but {} on mobile; make the \
+                             types the same (tandem takes different types only among the integer \
+                             types, and among varchar and text)",
+                            a.type_sql, b.type_sql
+                        )),
+                        Some(None) => {}
+                        Some(Some(narrow)) => {
+                            let (wide, narrow_type) = match narrow {
+                                Side::Desktop => (Side::Mobile, &a.type_sql),
+                                Side::Mobile => (Side::Desktop, &b.type_sql),
+                            };
+                            if cfg.direction(t).flows_from(wide) && cfg.column_flows(t, n) {
+                                warnings.push(format!(
+                                    "table {t}: column `{n}` is {} on desktop and {} on mobile: a \
+                                     value from {wide} that {narrow_type} cannot hold is refused by \
+                                     {narrow} and stops `run` naming its transaction (see \"When \
+                                     the target refuses a change\"); make the types the same to \
+                                     rule that out",
+                                    a.type_sql, b.type_sql
+                                ));
+                            }
+                        }
+                    }
+                }
                 // PostgreSQL 15 sends no generated column: the plain one would stay empty.
                 (Some(a), Some(b)) if a.generated != b.generated => {
-                    let (gen, plain) = if a.generated { (Side::Desktop, Side::Mobile) } else { (Side::Mobile, Side::Desktop) };
+                    let (gen, plain) = if a.generated {
+                        (Side::Desktop, Side::Mobile)
+                    } else {
+                        (Side::Mobile, Side::Desktop)
+                    };
                     problems.push(format!(
                         "table {t}: column `{n}` is generated on {gen} but not on {plain}, and \
                          logical replication does not send generated columns, so {plain}'s would \
@@ -311,11 +370,17 @@ async fn check_tables(
                     ));
                 }
                 (Some(_), None) | (None, Some(_)) => {
-                    let (has, lacks) = if a.is_some() { (Side::Desktop, Side::Mobile) } else { (Side::Mobile, Side::Desktop) };
+                    let (has, lacks) = if a.is_some() {
+                        (Side::Desktop, Side::Mobile)
+                    } else {
+                        (Side::Mobile, Side::Desktop)
+                    };
                     let fix = if cfg.columns_of(t).is_some() {
                         format!("take it off [replication.columns] to keep it {has}'s own")
                     } else {
-                        format!("drop it from {has}, or keep it {has}'s own with [replication.columns]")
+                        format!(
+                            "drop it from {has}, or keep it {has}'s own with [replication.columns]"
+                        )
                     };
                     problems.push(format!(
                         "table {t}: column `{n}` exists on {has} but not on {lacks}; add it to {lacks} \
@@ -709,7 +774,7 @@ pub async fn validate_with(cfg: &Config, opts: Options) -> Result<(Client, Clien
         notes: Vec::new(),
     };
     if let (Some(d), Some(m)) = (&d, &m) {
-        plan.tables = check_tables(cfg, d, m, &mut problems).await?;
+        plan.tables = check_tables(cfg, d, m, &mut problems, &mut plan.warnings).await?;
         let tables = plan.tables.clone();
         check_conflicts(cfg, opts, d, m, &tables, &mut plan, &mut problems).await?;
         check_triggers(cfg, d, m, &tables, &mut plan).await?;
@@ -1011,6 +1076,34 @@ async fn create_replication(
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn integer_and_varchar_text_types_pair_up_and_the_narrower_side_is_named() {
+        use super::same_values;
+        use crate::side::Side;
+        assert_eq!(same_values("integer", "bigint"), Some(Some(Side::Desktop)));
+        assert_eq!(same_values("bigint", "smallint"), Some(Some(Side::Mobile)));
+        assert_eq!(
+            same_values("character varying(50)", "text"),
+            Some(Some(Side::Desktop))
+        );
+        assert_eq!(
+            same_values("character varying(80)", "character varying(50)"),
+            Some(Some(Side::Mobile))
+        );
+        assert_eq!(same_values("text", "character varying"), Some(None));
+        for (a, b) in [
+            ("integer", "text"),
+            ("integer", "numeric"),
+            ("timestamp without time zone", "timestamp with time zone"),
+            ("character(5)", "text"),
+            ("real", "double precision"),
+            ("integer[]", "bigint[]"),
+            ("character varying(x)", "text"),
+        ] {
+            assert_eq!(same_values(a, b), None, "{a} / {b}");
+        }
+    }
+
     #[test]
     fn migrations_are_ascii_so_a_database_in_any_encoding_takes_them() {
         // The server converts the whole statement, comments included, to its encoding: a LATIN1
