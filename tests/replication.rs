@@ -2252,12 +2252,27 @@ async fn a_trigger_firing_for_applied_rows_is_warned_about_until_the_role_may_sk
          CREATE FUNCTION stamp() RETURNS trigger LANGUAGE plpgsql AS
            $$ BEGIN NEW.status := 'stamped'; RETURN NEW; END $$;";
     let (d, m) = Fixture::databases("trig", schema).await;
-    m.batch_execute(
-        "CREATE TRIGGER stamp BEFORE INSERT OR UPDATE ON jobs FOR EACH ROW EXECUTE FUNCTION stamp()",
+    d.batch_execute(
+        "CREATE TABLE parts (id bigint PRIMARY KEY, status text); \
+         ALTER TABLE parts OWNER TO tandem_trg",
     )
     .await
     .unwrap();
-    let text = Fixture::config_text("trig", "tables = [\"public.jobs\"]")
+    // Mobile partitions it: a trigger of one partition, and one of the partitioned table
+    // (cloned to each partition), fire for applied rows too.
+    m.batch_execute(
+        "CREATE TRIGGER stamp BEFORE INSERT OR UPDATE ON jobs FOR EACH ROW EXECUTE FUNCTION stamp(); \
+         CREATE TABLE parts (id bigint PRIMARY KEY, status text) PARTITION BY RANGE (id); \
+         CREATE TABLE parts_low PARTITION OF parts FOR VALUES FROM (0) TO (100); \
+         CREATE TABLE parts_high PARTITION OF parts FOR VALUES FROM (100) TO (MAXVALUE); \
+         ALTER TABLE parts OWNER TO tandem_trg; ALTER TABLE parts_low OWNER TO tandem_trg; \
+         ALTER TABLE parts_high OWNER TO tandem_trg; \
+         CREATE TRIGGER stamp_low BEFORE INSERT ON parts_low FOR EACH ROW EXECUTE FUNCTION stamp(); \
+         CREATE TRIGGER stamp_all AFTER INSERT ON parts FOR EACH ROW EXECUTE FUNCTION stamp();",
+    )
+    .await
+    .unwrap();
+    let text = Fixture::config_text("trig", "tables = [\"public.jobs\", \"public.parts\"]")
         .replace("postgresql://postgres@", "postgresql://tandem_trg:trg-pw@");
     let fx = Fixture::with_config("trig", d, m, text).await;
     let cfg = fx.config_path.to_str().unwrap();
@@ -2271,6 +2286,19 @@ async fn a_trigger_firing_for_applied_rows_is_warned_about_until_the_role_may_sk
         "{out}"
     );
     assert!(!out.contains("desktop: trigger"), "{out}");
+    assert!(
+        out.contains(
+            "mobile: trigger stamp_low on public.parts_low (a partition of public.parts) will fire"
+        ) && out
+            .contains(r#"`ALTER TABLE "public"."parts_low" ENABLE ALWAYS TRIGGER "stamp_low"`"#),
+        "{out}"
+    );
+    assert_eq!(
+        out.matches("trigger stamp_all on public.parts will fire")
+            .count(),
+        1,
+        "{out}"
+    );
 
     let run = fx.start().await;
     fx.d.batch_execute("INSERT INTO jobs VALUES (1, 'a', 'new')")

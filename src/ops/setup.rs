@@ -513,23 +513,38 @@ async fn check_triggers(
             if !cfg.direction(t).flows_from(side.other()) {
                 continue;
             }
+            // A partitioned table's rows land in its partitions, whose own triggers fire too.
+            // One defined on the partitioned table is cloned to each partition (`tgparentid`):
+            // named once, where it was defined.
             let triggers = c
                 .query(
-                    "SELECT tgname::text FROM pg_trigger WHERE tgrelid = $1::text::regclass \
-                     AND NOT tgisinternal AND tgenabled = 'O' ORDER BY 1",
+                    "SELECT tg.tgname::text, n.nspname::text, c.relname::text, \
+                            tg.tgrelid <> $1::text::regclass \
+                     FROM pg_trigger tg JOIN pg_class c ON c.oid = tg.tgrelid \
+                     JOIN pg_namespace n ON n.oid = c.relnamespace \
+                     WHERE (tg.tgrelid = $1::text::regclass \
+                            OR tg.tgrelid IN (SELECT relid FROM pg_partition_tree($1::text::regclass))) \
+                       AND NOT tg.tgisinternal AND tg.tgenabled = 'O' AND tg.tgparentid = 0 \
+                     ORDER BY 2, 3, 1",
                     &[&t.quoted()],
                 )
                 .await?;
             for r in triggers {
-                let name: String = r.get(0);
+                let (name, partition): (String, bool) = (r.get(0), r.get(3));
+                let on = TableName::new(r.get::<_, String>(1), r.get::<_, String>(2));
+                let on_what = match partition {
+                    true => format!("{on} (a partition of {t})"),
+                    false => t.to_string(),
+                };
                 plan.warnings.push(format!(
-                    "{side}: trigger {name} on {t} will fire for the rows tandem applies (role {role} \
-                     may not set session_replication_role), and if it changes them the sides differ; \
-                     as a superuser run `GRANT SET ON PARAMETER session_replication_role TO {}` on \
-                     {side} (PostgreSQL 15+) to apply as PostgreSQL's own replication does, or, if it \
-                     is meant to fire for replicated rows too, `ALTER TABLE {} ENABLE ALWAYS TRIGGER {}`",
+                    "{side}: trigger {name} on {on_what} will fire for the rows tandem applies (role \
+                     {role} may not set session_replication_role), and if it changes them the sides \
+                     differ; as a superuser run `GRANT SET ON PARAMETER session_replication_role TO \
+                     {}` on {side} (PostgreSQL 15+) to apply as PostgreSQL's own replication does, or, \
+                     if it is meant to fire for replicated rows too, `ALTER TABLE {} ENABLE ALWAYS \
+                     TRIGGER {}`",
                     quote_ident(&role),
-                    t.quoted(),
+                    on.quoted(),
                     quote_ident(&name)
                 ));
             }
