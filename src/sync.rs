@@ -160,6 +160,9 @@ pub async fn run(
 /// Refuse to touch anything when a direction cannot resume: no checkpoint, or a slot already
 /// confirmed past it. (Checked again after START_REPLICATION, which is the authoritative moment.)
 async fn preflight(cfg: &Config) -> Result<()> {
+    if let Some(k) = &cfg.kafka {
+        crate::sink::kafka::check_topic(k).await?;
+    }
     for source in Side::BOTH {
         let site = cfg.site(source);
         let target = db::connect(cfg.site(source.other()), "tandem check").await?;

@@ -689,3 +689,33 @@ async fn a_streamed_transaction_applied_while_kafka_was_away_is_published_after_
         .unwrap();
     assert_eq!(own_ids(&msgs, "D").len(), 2000, "every change on the topic");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_topic_the_brokers_lack_stops_run_at_once_naming_it() {
+    // A broker that does not create topics on first use (as production ones are often set).
+    let cluster = MockCluster::<DefaultProducerContext>::new(1).unwrap();
+    let brokers = cluster.bootstrap_servers();
+    let (d, m) = Fixture::databases(
+        "kafka_notopic",
+        "CREATE TABLE jobs (id bigint PRIMARY KEY);",
+    )
+    .await;
+    let text = Fixture::config_text("kafka_notopic", "tables = [\"public.jobs\"]")
+        + &format!(
+            "[kafka]\nbrokers = \"{brokers}\"\ntopic = \"missing.events\"\nrequired = true\n\
+             [kafka.properties]\n\"allow.auto.create.topics\" = \"false\"\n"
+        );
+    let fx = Fixture::with_config("kafka_notopic", d, m, text).await;
+    // At the start, before streaming: not as an undelivered message after librdkafka's 30 s
+    // wait for the topic to appear.
+    let (code, out, err) =
+        common::run_tandem(&["--config", fx.config_path.to_str().unwrap(), "run"], &[]);
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(
+        err.contains(&format!(
+            "[kafka]: topic missing.events does not exist on {brokers}"
+        )),
+        "{err}"
+    );
+    drop(cluster);
+}

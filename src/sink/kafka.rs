@@ -1173,6 +1173,53 @@ fn request_producer_id(producer: &KafkaProducer, topic: &str) {
     }
 }
 
+/// Before `run` streams: a topic the brokers lack, and will not create on first use, shows
+/// otherwise only as undelivered messages after librdkafka's 30 s of waiting for it to appear,
+/// while with `required` the slot holds. Brokers that cannot be reached are left to the
+/// producer (replication waits for Kafka while it is away, or spools).
+pub async fn check_topic(cfg: &KafkaConfig) -> Result<()> {
+    use rdkafka::producer::{BaseProducer, Producer as _};
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", &cfg.brokers);
+    for (k, v) in &cfg.properties {
+        c.set(k, v);
+    }
+    let (brokers, topic) = (cfg.brokers.clone(), cfg.topic.clone());
+    let missing = tokio::task::spawn_blocking(move || {
+        let p: BaseProducer = c
+            .create()
+            .map_err(|e| anyhow!("[kafka]: cannot create the producer: {e}"))?;
+        Ok::<_, anyhow::Error>(
+            match p
+                .client()
+                .fetch_metadata(Some(&topic), Duration::from_secs(5))
+            {
+                Ok(md) => md.topics().iter().any(|t| {
+                    t.name() == topic
+                        && t.error().map(RDKafkaErrorCode::from)
+                            == Some(RDKafkaErrorCode::UnknownTopicOrPartition)
+                }),
+                Err(e) => {
+                    tracing::warn!("[kafka]: no answer from {brokers} about topic {topic}: {e}");
+                    false
+                }
+            },
+        )
+    })
+    .await??;
+    if missing {
+        bail!(
+            "[kafka]: topic {} does not exist on {} (and the brokers do not create topics on first \
+             use); create it, with as many partitions as its consumers need (events of one row \
+             share a key, so they stay in order within a partition), or set [kafka] topic to one \
+             that exists",
+            cfg.topic,
+            cfg.brokers
+        );
+    }
+    Ok(())
+}
+
 fn report(p: &mut Producer, shared: &Shared) -> Result<()> {
     let l = p.delivered()?;
     shared.delivered.store(l.0, Ordering::Release);
