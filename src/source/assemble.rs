@@ -299,32 +299,33 @@ mod tests {
 
     #[test]
     fn a_table_renamed_on_the_source_keeps_its_configured_name() {
+        // The table an insert lands in, after a Relation message naming it `jobs_renamed`.
+        let lands_in = |a: Assembler| {
+            let mut a = a;
+            let Message::Relation(mut r) = rel() else {
+                unreachable!()
+            };
+            r.name = "jobs_renamed".into();
+            assert!(a.push(Message::Relation(r)).unwrap().is_none());
+            a.push(begin(100)).unwrap();
+            match a.push(insert("1")).unwrap() {
+                Some(Item::Change(Event {
+                    change: Change::Insert { table, .. },
+                    ..
+                })) => table.name.clone(),
+                other => panic!("an insert, not {other:?}"),
+            }
+        };
         let names: Names = Arc::new(HashMap::from([(7, TableName::new("public", "jobs"))]));
-        let mut a = Assembler::new(Side::Desktop).with_names(names);
-        let Message::Relation(mut r) = rel() else {
-            unreachable!()
-        };
-        r.name = "jobs_renamed".into();
-        assert!(a.push(Message::Relation(r)).unwrap().is_none());
-        a.push(begin(100)).unwrap();
-        let Some(Item::Change(ev)) = a.push(insert("1")).unwrap() else {
-            panic!("a change")
-        };
-        let Change::Insert { table, .. } = &ev.change else {
-            panic!("an insert")
-        };
-        assert_eq!(table.name, TableName::new("public", "jobs"));
+        assert_eq!(
+            lands_in(Assembler::new(Side::Desktop).with_names(names)),
+            TableName::new("public", "jobs")
+        );
         // A relation tandem has no name for keeps the stream's.
-        let mut a = Assembler::new(Side::Desktop);
-        a.push(rel()).unwrap();
-        a.push(begin(100)).unwrap();
-        let Some(Item::Change(ev)) = a.push(insert("1")).unwrap() else {
-            panic!("a change")
-        };
-        let Change::Insert { table, .. } = &ev.change else {
-            panic!("an insert")
-        };
-        assert_eq!(table.name, TableName::new("public", "jobs"));
+        assert_eq!(
+            lands_in(Assembler::new(Side::Desktop)),
+            TableName::new("public", "jobs_renamed")
+        );
     }
 
     #[test]
