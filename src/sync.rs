@@ -282,6 +282,43 @@ async fn check_old_rows(cfg: &Config, src: &tokio_postgres::Client, source: Side
 /// without a word.
 async fn check_published(cfg: &Config, src: &tokio_postgres::Client, source: Side) -> Result<()> {
     let missing = unpublished(cfg, src, source).await?;
+    let mut gone = Vec::new();
+    for t in &missing {
+        let exists: bool = src
+            .query_one("SELECT to_regclass($1) IS NOT NULL", &[&t.quoted()])
+            .await?
+            .get(0);
+        if !exists {
+            gone.push(t.to_string());
+        }
+    }
+    // The publication follows a table by its OID: one renamed while tandem was stopped is
+    // still in it, under a name the config does not have.
+    let extra: Vec<String> = src
+        .query(
+            "SELECT schemaname::text, tablename::text FROM pg_publication_tables WHERE pubname = $1",
+            &[&cfg.site(source).publication],
+        )
+        .await?
+        .iter()
+        .map(|r| TableName::new(r.get::<_, String>(0), r.get::<_, String>(1)))
+        .filter(|t| !cfg.lists(t))
+        .map(|t| t.to_string())
+        .collect();
+    if !gone.is_empty() && !extra.is_empty() {
+        bail!(
+            "{source}: {} named in [replication] tables no longer {} on {source}, and \
+             publication {} holds {}, which the config does not name: renamed while tandem was \
+             stopped? Then rename it on {} too, write its new name in [replication] tables and \
+             run `tandem setup`; tandem knows the table by its OID, so what was changed under \
+             the old name still arrives",
+            gone.join(", "),
+            if gone.len() == 1 { "exists" } else { "exist" },
+            cfg.site(source).publication,
+            extra.join(", "),
+            source.other()
+        );
+    }
     if !missing.is_empty() {
         bail!(
             "{source}: {} match [replication] tables but are not in publication {} (created \

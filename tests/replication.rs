@@ -2396,6 +2396,16 @@ async fn a_table_renamed_on_the_source_loses_no_changes() {
     .unwrap();
     wait_count(30, &fx.m, "SELECT count(*) FROM jobs WHERE id = 2", 1).await;
     run.stop().await;
+    // Restarted as it is, run says what happened.
+    let (code, out, err) = run_tandem(&["--config", fx.config_path.to_str().unwrap(), "run"], &[]);
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(
+        err.contains(
+            "desktop: public.jobs named in [replication] tables no longer exists on desktop, and \
+             publication renamed_d holds public.jobs2, which the config does not name: renamed"
+        ),
+        "{err}"
+    );
     // Then as the warning says: renamed on mobile too and in the config, setup, restart. The
     // changes desktop made under either name meanwhile, and mobile's, arrive.
     fx.d.batch_execute(&ins("jobs2", 3)).await.unwrap();
