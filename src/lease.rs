@@ -60,6 +60,19 @@ fn app_name() -> String {
 
 /// Who holds the lock on the database `c` is connected to, if anyone: one line for messages.
 pub async fn holder(c: &Client, cfg: &Config) -> Result<Option<String>> {
+    Ok(holding(c, cfg).await?.map(|h| h.line))
+}
+
+/// The session holding the lock.
+struct Holder {
+    pid: i32,
+    /// Its `application_name` is this process's: a session of ours the network dropped, which
+    /// the server has not noticed yet (its keepalives may take hours).
+    ours: bool,
+    line: String,
+}
+
+async fn holding(c: &Client, cfg: &Config) -> Result<Option<Holder>> {
     let row = c
         .query_opt(
             "SELECT l.pid, a.application_name, host(a.client_addr), \
@@ -75,6 +88,7 @@ pub async fn holder(c: &Client, cfg: &Config) -> Result<Option<String>> {
         let pid: i32 = r.get(0);
         // Another role's session shows little in pg_stat_activity without pg_read_all_stats.
         let app: Option<String> = r.get(1);
+        let ours = app.as_deref() == Some(app_name().as_str());
         let from: Option<String> = r.get(2);
         let since: Option<String> = r.get(3);
         let mut s = app
@@ -87,12 +101,12 @@ pub async fn holder(c: &Client, cfg: &Config) -> Result<Option<String>> {
         if let Some(since) = since {
             s.push_str(&format!(", connected since {since}"));
         }
-        s
+        Holder { pid, ours, line: s }
     }))
 }
 
 /// One side's lock: the connection holding it, or who holds it instead.
-async fn try_side(cfg: &Config, side: Side) -> Result<Result<Client, String>> {
+async fn try_side(cfg: &Config, side: Side) -> Result<Result<Client, Holder>> {
     let c = db::connect(cfg.site(side), &app_name()).await?;
     let got: bool = c
         .query_one(
@@ -105,8 +119,11 @@ async fn try_side(cfg: &Config, side: Side) -> Result<Result<Client, String>> {
         return Ok(Ok(c));
     }
     // Released between the two statements: the next try takes it.
-    let who = holder(&c, cfg).await?;
-    Ok(Err(who.unwrap_or_else(|| "one that just stopped".into())))
+    Ok(Err(holding(&c, cfg).await?.unwrap_or(Holder {
+        pid: 0,
+        ours: false,
+        line: "one that just stopped".into(),
+    })))
 }
 
 /// Both sides' locks, desktop's first (the same order in every process, so two never each hold
@@ -116,7 +133,7 @@ async fn try_both(cfg: &Config) -> Result<Result<Lease, (Side, String)>> {
     for side in Side::BOTH {
         match try_side(cfg, side).await? {
             Ok(c) => held.push((side, c)),
-            Err(who) => return Ok(Err((side, who))),
+            Err(who) => return Ok(Err((side, who.line))),
         }
     }
     Ok(Ok(Lease { held }))
@@ -214,9 +231,20 @@ impl Lease {
                             self.held[i].1 = c;
                             tracing::info!(%side, "reconnected; `run`'s lock on {side} taken again");
                         }
-                        Ok(Err(who)) => bail!(
+                        // Our own lost session, still there for the server: end it and retry.
+                        Ok(Err(h)) if h.ours => {
+                            tracing::info!(%side, "`run`'s lock on {side} is still held by its own lost session (server process {}); ending it", h.pid);
+                            if let Ok(c) = db::connect(cfg.site(side), "tandem check").await {
+                                let _ = c
+                                    .execute("SELECT pg_terminate_backend($1)", &[&h.pid])
+                                    .await;
+                            }
+                            tokio::time::sleep(RETRY).await;
+                        }
+                        Ok(Err(h)) => bail!(
                             "{side}: while {side} was unreachable another `tandem run` started \
-                             for these databases ({who}); this one stops and leaves them to it"
+                             for these databases ({}); this one stops and leaves them to it",
+                            h.line
                         ),
                         // Still down: the directions wait it out too.
                         Err(_) => tokio::select! {

@@ -733,3 +733,48 @@ async fn integer_and_text_columns_of_different_widths_replicate_with_a_warning()
     );
     run.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_cut_off_from_its_sessions_takes_its_lock_back_from_its_own_lost_one() {
+    let (d, m) = Fixture::databases("lock_lost", T).await;
+    let p = clusters();
+    let proxy = common::Proxy::start(p.desktop.port).await;
+    let text = Fixture::config_text("lock_lost", r#"tables = ["public.jobs"]"#).replacen(
+        &format!(":{}/lock_lost", p.desktop.port),
+        &format!(":{}/lock_lost?sslmode=disable", proxy.port),
+        1,
+    );
+    let fx = Fixture::with_config("lock_lost", d, m, text).await;
+    let run = fx.start().await;
+    let lock_pid = || async {
+        fx.d.query_opt(
+            "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted AND database = \
+             (SELECT oid FROM pg_database WHERE datname = current_database())",
+            &[],
+        )
+        .await
+        .unwrap()
+        .map(|r| r.get::<_, i32>(0))
+    };
+    let before = lock_pid().await.expect("run holds its lock");
+    // The network drops every connection to desktop: tandem sees them closed, while desktop
+    // keeps their sessions, the lock's among them, as it does until its keepalives notice.
+    proxy.cut_clients();
+    common::wait_for(30, "the lock held by a new session of run's", || async {
+        lock_pid().await.is_some_and(|pid| pid != before)
+    })
+    .await;
+    assert!(
+        !run.is_finished(),
+        "run stopped, taking its own lost session for another run"
+    );
+    fx.d.execute("INSERT INTO jobs VALUES (1, 'after the cut')", &[])
+        .await
+        .unwrap();
+    fx.m.execute("INSERT INTO jobs VALUES (2, 'after the cut too')", &[])
+        .await
+        .unwrap();
+    common::wait_count(30, &fx.m, "SELECT count(*) FROM jobs", 2).await;
+    common::wait_count(30, &fx.d, "SELECT count(*) FROM jobs", 2).await;
+    run.stop().await;
+}

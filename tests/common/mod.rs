@@ -432,14 +432,17 @@ pub async fn rejected(run: Running) -> (String, String) {
     (e, lsn)
 }
 
-/// A TCP proxy in front of a server that can go silent on the replication connections it
-/// carries, as a NAT or VPN that dropped them would: no data, no FIN, no RST. Connections opened
-/// afterwards pass. Needs `sslmode=disable` to tell replication connections by their startup
-/// packet.
+/// A TCP proxy in front of a server, to play what a NAT or VPN does to the connections it
+/// carries: go silent on the replication ones (no data, no FIN, no RST), or close the client's
+/// side while the server's stays open (the server notices nothing, as after a dropped network).
+/// Connections opened afterwards pass. Needs `sslmode=disable` to tell replication connections
+/// by their startup packet.
 pub struct Proxy {
     pub port: u16,
     /// Bumped to silence every replication connection opened before it.
     silenced: Arc<std::sync::atomic::AtomicU64>,
+    /// Bumped to close the client side of every connection opened before it.
+    cut: watch::Sender<u64>,
 }
 
 impl Proxy {
@@ -448,6 +451,7 @@ impl Proxy {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
         let silenced = Arc::new(AtomicU64::new(0));
+        let (cut, cuts) = watch::channel(0u64);
         let gen = silenced.clone();
         tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
@@ -456,6 +460,7 @@ impl Proxy {
                     continue;
                 };
                 let born = gen.load(Ordering::Relaxed);
+                let cut_born = *cuts.borrow();
                 let is_replication = Arc::new(std::sync::atomic::AtomicBool::new(false));
                 let (cr, cw) = client.into_split();
                 let (sr, sw) = server.into_split();
@@ -468,6 +473,7 @@ impl Proxy {
                     (Box::new(sr), Box::new(cw), false),
                 ] {
                     let (gen, is_replication) = (gen.clone(), is_replication.clone());
+                    let mut cuts = cuts.clone();
                     tokio::spawn(async move {
                         use tokio::io::{AsyncReadExt, AsyncWriteExt};
                         let mut buf = vec![0u8; 64 * 1024];
@@ -477,7 +483,19 @@ impl Proxy {
                                 && gen.load(Ordering::Relaxed) > born
                         };
                         loop {
-                            let n = match from.read(&mut buf).await {
+                            let read = tokio::select! {
+                                r = from.read(&mut buf) => r,
+                                _ = cuts.wait_for(|&c| c > cut_born) => {
+                                    // The server's half lives on (leaked); the client's closes.
+                                    if first {
+                                        std::mem::forget(to);
+                                    } else {
+                                        std::mem::forget(from);
+                                    }
+                                    return;
+                                }
+                            };
+                            let n = match read {
                                 Ok(0) | Err(_) => return,
                                 Ok(n) => n,
                             };
@@ -498,12 +516,21 @@ impl Proxy {
                 }
             }
         });
-        Proxy { port, silenced }
+        Proxy {
+            port,
+            silenced,
+            cut,
+        }
     }
 
     /// Every replication connection open now goes silent.
     pub fn silence_replication(&self) {
         self.silenced
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Every connection open now is closed on the client's side only.
+    pub fn cut_clients(&self) {
+        self.cut.send_modify(|c| *c += 1);
     }
 }
