@@ -40,6 +40,12 @@ fn key_of(desktop_slot: &str, mobile_slot: &str) -> i32 {
 
 /// The lock's `application_name`: where the holder runs, for whoever waits on it.
 fn app_name() -> String {
+    session_name("tandem run")
+}
+
+/// `what` and where this process runs (`HOST:PID`), as a session's `application_name`: names
+/// `run`'s sessions so that it can tell its own lost ones, and others who runs.
+pub fn session_name(what: &str) -> String {
     let mut buf = [0u8; 256];
     // SAFETY: the buffer outlives the call and its length is passed.
     let ok = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) } == 0;
@@ -50,7 +56,7 @@ fn app_name() -> String {
         }
         false => "?".into(),
     };
-    let mut name = format!("tandem run {host}:{}", std::process::id());
+    let mut name = format!("{what} {host}:{}", std::process::id());
     // PostgreSQL keeps 63 bytes of it.
     while name.len() > 63 {
         name.pop();

@@ -675,7 +675,7 @@ async fn direction_once(
 ) -> Result<()> {
     let site = cfg.site(source);
     let progress = status.from(source);
-    let mut applier = Applier::connect(cfg.clone(), source).await?;
+    let mut applier = Applier::connect_for_run(cfg.clone(), source, true).await?;
     applier.write_plainly(learned.upsert_tables.clone());
     let cp = checkpoint::require(applier.client(), source).await?;
     if cp.slot_name != site.slot {
@@ -1015,7 +1015,8 @@ async fn stream_loop(
                 }
                 if first {
                     if live.session.is_none() {
-                        let mut a = Applier::connect_streamed(live.cfg.clone(), source).await?;
+                        let mut a =
+                            Applier::connect_for_run(live.cfg.clone(), source, false).await?;
                         a.write_plainly(live.upsert_tables.clone());
                         live.session = Some(a);
                     }

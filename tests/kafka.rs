@@ -604,7 +604,7 @@ async fn a_streamed_transaction_is_applied_live_and_published_once_after_its_com
         Fixture::count(
             &fx.m,
             "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
-             AND application_name LIKE 'tandem apply % streamed'"
+             AND application_name LIKE 'tandem apply % streamed %'"
         )
         .await,
         1
@@ -651,7 +651,7 @@ async fn a_streamed_transaction_applied_while_kafka_was_away_is_published_after_
     fx.m.batch_execute(&audit_sql("jobs")).await.unwrap();
     let streamed_sessions =
         "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
-                             AND application_name LIKE 'tandem apply % streamed'";
+                             AND application_name LIKE 'tandem apply % streamed %'";
     let run = fx.start().await;
     cluster.broker_down(1).unwrap();
     fx.d.batch_execute(

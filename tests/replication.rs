@@ -744,7 +744,7 @@ async fn sslmode_require_encrypts_sql_and_replication_connections() {
     let ssl = |app: &str| {
         format!(
             "SELECT count(*) FILTER (WHERE s.ssl) - count(*) FILTER (WHERE NOT s.ssl) FROM pg_stat_ssl s \
-             JOIN pg_stat_activity a USING (pid) WHERE a.application_name = '{app}' \
+             JOIN pg_stat_activity a USING (pid) WHERE a.application_name ~ ('^{app}( [^ ]+)?$') \
              AND a.datname = current_database()"
         )
     };
@@ -1050,7 +1050,7 @@ async fn a_client_certificate_logs_in_on_sql_and_replication_connections() {
     let dn = |app: &str| {
         format!(
             "SELECT count(*) FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid) \
-             WHERE a.application_name = '{app}' AND a.datname = current_database() \
+             WHERE a.application_name ~ ('^{app}( [^ ]+)?$') AND a.datname = current_database() \
              AND a.usename = '{CERT_ROLE}' AND s.client_dn = '/CN={CERT_ROLE}'"
         )
     };
@@ -1392,7 +1392,7 @@ async fn terminated_connections_reconnect_and_lose_nothing() {
     fx.wait_equal("jobs", 30).await;
     // An admin kills tandem's sessions: the apply session on mobile and the walsender on desktop.
     let kill = |app: &str| {
-        format!("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE application_name = '{app}' AND datname = current_database()")
+        format!("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE application_name ~ ('^{app}( [^ ]+)?$') AND datname = current_database()")
     };
     assert_eq!(Fixture::count(&fx.m, &kill("tandem apply D>M")).await, 1);
     assert_eq!(Fixture::count(&fx.m, &kill("tandem stream M>D")).await, 1);
@@ -1527,7 +1527,7 @@ async fn large_transactions_stream_in_progress_and_apply_whole_at_commit() {
     assert_eq!(
         Fixture::count(
             m,
-            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND application_name LIKE 'tandem apply % streamed'"
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND application_name LIKE 'tandem apply % streamed %'"
         )
         .await,
         1
@@ -1585,7 +1585,7 @@ async fn a_whole_transaction_blocked_by_the_live_one_makes_it_spooled_instead() 
     wait_for(30, "the open transaction applied live", || async {
         Fixture::count(
             &fx.m,
-            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND application_name LIKE 'tandem apply % streamed' \
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND application_name LIKE 'tandem apply % streamed %' \
              AND state = 'idle in transaction'",
         )
         .await
@@ -2427,4 +2427,50 @@ async fn a_table_renamed_on_the_source_loses_no_changes() {
     wait_count(30, &fx2.d, "SELECT count(*) FROM jobs2", 4).await;
     run.stop().await;
     fx2.wait_equal("jobs2", 10).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_apply_session_cut_off_inside_its_transaction_is_ended_and_nothing_is_lost() {
+    let (d, m) = Fixture::databases("cutoff", JOBS).await;
+    stream_from_a_few_hundred_rows(&d).await;
+    let p = clusters();
+    // Mobile through the proxy: tandem's sessions there can be cut off.
+    let proxy = common::Proxy::start(p.mobile.port).await;
+    let text = Fixture::config_text("cutoff", "tables = [\"public.jobs\"]").replacen(
+        &format!(":{}/cutoff", p.mobile.port),
+        &format!(":{}/cutoff?sslmode=disable", proxy.port),
+        1,
+    );
+    let fx = Fixture::with_config("cutoff", d, m, text).await;
+    let run = fx.start().await;
+    // A large desktop transaction is applied on mobile while in progress, and left open there.
+    let writer = common::connect(&p.desktop.url("cutoff")).await;
+    writer
+        .batch_execute(
+            "BEGIN; INSERT INTO jobs (id, title) \
+             SELECT g, repeat('x', 200) FROM generate_series(1, 2000) g",
+        )
+        .await
+        .unwrap();
+    let open = "SELECT pid FROM pg_stat_activity WHERE datname = current_database() \
+                AND application_name LIKE 'tandem apply % streamed %' \
+                AND state = 'idle in transaction'";
+    wait_count(60, &fx.m, &format!("SELECT count(*) FROM ({open}) s"), 1).await;
+    let stale: i32 = fx.m.query_one(open, &[]).await.unwrap().get(0);
+    // The network drops tandem's connections to mobile: mobile keeps the session, with its open
+    // transaction and the uncommitted rows' locks, until its keepalives notice (hours). tandem's
+    // next session of that name ends it.
+    proxy.cut_clients();
+    wait_count(
+        30,
+        &fx.m,
+        &format!("SELECT count(*) FROM pg_stat_activity WHERE pid = {stale}"),
+        0,
+    )
+    .await;
+    writer.batch_execute("COMMIT").await.unwrap();
+    wait_count(60, &fx.m, "SELECT count(*) FROM jobs", 2000).await;
+    assert!(!run.is_finished());
+    run.stop().await;
+    fx.wait_equal("jobs", 10).await;
 }

@@ -143,13 +143,6 @@ impl Applier {
         Self::connect_with(cfg, source, true).await
     }
 
-    /// A second apply session of the direction, for a streamed transaction applied while it is
-    /// in progress. Without the replication origin: PostgreSQL 15 lets one session hold an
-    /// origin at a time, so the main session lends it for the commit (`origin_session`).
-    pub async fn connect_streamed(cfg: Arc<Config>, source: Side) -> Result<Applier> {
-        Self::connect_with(cfg, source, false).await
-    }
-
     async fn connect_with(cfg: Arc<Config>, source: Side, with_origin: bool) -> Result<Applier> {
         let target = source.other();
         let client = db::connect(
@@ -161,6 +154,51 @@ impl Applier {
             ),
         )
         .await?;
+        Self::with_client(cfg, source, with_origin, client).await
+    }
+
+    /// `run`'s apply session of the direction, named after the process
+    /// (`tandem apply D>M HOST:PID`). `with_origin = false`: a second one, for a streamed
+    /// transaction applied while it is in progress, without the replication origin
+    /// (PostgreSQL 15 lets one session hold an origin at a time, so the main session lends it
+    /// for the commit, `origin_session`). A session of an earlier attempt of this process that the
+    /// network cut off is still there for the server until its keepalives notice (hours), maybe
+    /// inside a transaction whose row locks this session would wait on forever (no lock
+    /// timeout): it is ended first. Only `run` holds the lock that lets no other `run` apply.
+    pub async fn connect_for_run(
+        cfg: Arc<Config>,
+        source: Side,
+        with_origin: bool,
+    ) -> Result<Applier> {
+        let target = source.other();
+        let name = crate::lease::session_name(&format!(
+            "tandem apply {}{}",
+            source.direction_from(),
+            if with_origin { "" } else { " streamed" }
+        ));
+        let client = db::connect(cfg.site(target), &name).await?;
+        let ended = client
+            .query(
+                "SELECT pid, pg_terminate_backend(pid) FROM pg_stat_activity \
+                 WHERE application_name = $1 AND pid <> pg_backend_pid() \
+                   AND datname = current_database()",
+                &[&name],
+            )
+            .await
+            .context("looking for apply sessions of this run the network cut off")?;
+        for r in ended {
+            tracing::warn!(%target, "ended server process {}, an apply session of this run that the network cut off", r.get::<_, i32>(0));
+        }
+        Self::with_client(cfg, source, with_origin, client).await
+    }
+
+    async fn with_client(
+        cfg: Arc<Config>,
+        source: Side,
+        with_origin: bool,
+        client: tokio_postgres::Client,
+    ) -> Result<Applier> {
+        let target = source.other();
         // As PostgreSQL's own apply worker does: user triggers (and FK triggers) do not fire for
         // replicated rows, so a trigger that stamps or rewrites rows cannot make the sides diverge.
         // Needs superuser; without it the target's triggers fire as for any client.
