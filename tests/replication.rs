@@ -2351,14 +2351,12 @@ async fn a_replication_connection_gone_silent_is_taken_as_lost_and_opened_again(
     let (d, m) = Fixture::databases("silent", JOBS).await;
     let p = clusters();
     let proxy = common::Proxy::start(p.desktop.port).await;
-    // Desktop through the proxy; plain TCP, so it can tell the replication connection.
-    let text = Fixture::config_text("silent", "tables = [\"public.jobs\"]\nreceive_timeout = 2")
-        .replacen(
-            &format!(":{}/silent", p.desktop.port),
-            &format!(":{}/silent?sslmode=disable", proxy.port),
-            1,
-        );
-    assert!(text.contains(&format!(":{}/", proxy.port)), "{text}");
+    // Desktop through the proxy.
+    let text = proxy.route(
+        &Fixture::config_text("silent", "tables = [\"public.jobs\"]\nreceive_timeout = 2"),
+        "silent",
+        p.desktop.port,
+    );
     let fx = Fixture::with_config("silent", d, m, text).await;
     let run = fx.start().await;
     let ins = "INSERT INTO jobs (id, title) VALUES ($1, 'x')";
@@ -2436,10 +2434,10 @@ async fn an_apply_session_cut_off_inside_its_transaction_is_ended_and_nothing_is
     let p = clusters();
     // Mobile through the proxy: tandem's sessions there can be cut off.
     let proxy = common::Proxy::start(p.mobile.port).await;
-    let text = Fixture::config_text("cutoff", "tables = [\"public.jobs\"]").replacen(
-        &format!(":{}/cutoff", p.mobile.port),
-        &format!(":{}/cutoff?sslmode=disable", proxy.port),
-        1,
+    let text = proxy.route(
+        &Fixture::config_text("cutoff", "tables = [\"public.jobs\"]"),
+        "cutoff",
+        p.mobile.port,
     );
     let fx = Fixture::with_config("cutoff", d, m, text).await;
     let run = fx.start().await;

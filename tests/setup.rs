@@ -739,10 +739,10 @@ async fn a_run_cut_off_from_its_sessions_takes_its_lock_back_from_its_own_lost_o
     let (d, m) = Fixture::databases("lock_lost", T).await;
     let p = clusters();
     let proxy = common::Proxy::start(p.desktop.port).await;
-    let text = Fixture::config_text("lock_lost", r#"tables = ["public.jobs"]"#).replacen(
-        &format!(":{}/lock_lost", p.desktop.port),
-        &format!(":{}/lock_lost?sslmode=disable", proxy.port),
-        1,
+    let text = proxy.route(
+        &Fixture::config_text("lock_lost", r#"tables = ["public.jobs"]"#),
+        "lock_lost",
+        p.desktop.port,
     );
     let fx = Fixture::with_config("lock_lost", d, m, text).await;
     let run = fx.start().await;

@@ -523,6 +523,18 @@ impl Proxy {
         }
     }
 
+    /// `name`'s config text with `upstream`'s URL (a cluster port) through this proxy, over
+    /// plain TCP (the proxy reads startup packets).
+    pub fn route(&self, text: &str, name: &str, upstream: u16) -> String {
+        let routed = text.replacen(
+            &format!(":{upstream}/{name}"),
+            &format!(":{}/{name}?sslmode=disable", self.port),
+            1,
+        );
+        assert_ne!(routed, text, "no URL to {upstream} in: {text}");
+        routed
+    }
+
     /// Every replication connection open now goes silent.
     pub fn silence_replication(&self) {
         self.silenced
