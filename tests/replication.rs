@@ -2446,28 +2446,32 @@ async fn an_apply_session_cut_off_inside_its_transaction_is_ended_and_nothing_is
     writer
         .batch_execute(
             "BEGIN; INSERT INTO jobs (id, title) \
-             SELECT g, repeat('x', 200) FROM generate_series(1, 2000) g",
+             SELECT g, repeat('x', 200) FROM generate_series(1, 20000) g",
         )
         .await
         .unwrap();
-    let open = "SELECT pid FROM pg_stat_activity WHERE datname = current_database() \
-                AND application_name LIKE 'tandem apply % streamed %' \
-                AND state = 'idle in transaction'";
+    // Its session has written rows of it (it holds a lock on the table) and waits for more.
+    let open = "SELECT a.pid FROM pg_stat_activity a JOIN pg_locks l ON l.pid = a.pid \
+                WHERE a.datname = current_database() \
+                AND a.application_name LIKE 'tandem apply % streamed %' \
+                AND a.state = 'idle in transaction' AND l.relation = 'jobs'::regclass \
+                AND l.mode = 'RowExclusiveLock'";
     wait_count(60, &fx.m, &format!("SELECT count(*) FROM ({open}) s"), 1).await;
     let stale: i32 = fx.m.query_one(open, &[]).await.unwrap().get(0);
     // The network drops tandem's connections to mobile: mobile keeps the session, with its open
-    // transaction and the uncommitted rows' locks, until its keepalives notice (hours). tandem's
-    // next session of that name ends it.
+    // transaction and its uncommitted rows, until its keepalives notice (hours); the next session
+    // inserting the same keys would wait on them. tandem's next session of that name ends it.
     proxy.cut_clients();
-    wait_count(
-        30,
-        &fx.m,
-        &format!("SELECT count(*) FROM pg_stat_activity WHERE pid = {stale}"),
-        0,
-    )
-    .await;
     writer.batch_execute("COMMIT").await.unwrap();
-    wait_count(60, &fx.m, "SELECT count(*) FROM jobs", 2000).await;
+    wait_count(60, &fx.m, "SELECT count(*) FROM jobs", 20000).await;
+    assert_eq!(
+        Fixture::count(
+            &fx.m,
+            &format!("SELECT count(*) FROM pg_stat_activity WHERE pid = {stale}")
+        )
+        .await,
+        0
+    );
     assert!(!run.is_finished());
     run.stop().await;
     fx.wait_equal("jobs", 10).await;
