@@ -24,7 +24,7 @@ const RETRY: Duration = Duration::from_secs(1);
 const WARN_EVERY: Duration = Duration::from_secs(60);
 
 /// The second key: the pair, by its slot names (two pairs may share a database).
-fn pair_key(cfg: &Config) -> i32 {
+pub fn pair_key(cfg: &Config) -> i32 {
     key_of(&cfg.desktop.slot, &cfg.mobile.slot)
 }
 

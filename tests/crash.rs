@@ -12,7 +12,7 @@ async fn apply_session_in_transaction(c: &tokio_postgres::Client, app: &str) -> 
     Fixture::count(
         c,
         &format!(
-            "SELECT count(*) FROM pg_stat_activity WHERE application_name ~ ('^{app}( [^ ]+)?$') \
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name ~ ('^{app}( [0-9]+ [^ ]+)?$') \
              AND xact_start IS NOT NULL AND state <> 'idle'"
         ),
     )

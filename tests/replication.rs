@@ -744,7 +744,7 @@ async fn sslmode_require_encrypts_sql_and_replication_connections() {
     let ssl = |app: &str| {
         format!(
             "SELECT count(*) FILTER (WHERE s.ssl) - count(*) FILTER (WHERE NOT s.ssl) FROM pg_stat_ssl s \
-             JOIN pg_stat_activity a USING (pid) WHERE a.application_name ~ ('^{app}( [^ ]+)?$') \
+             JOIN pg_stat_activity a USING (pid) WHERE a.application_name ~ ('^{app}( [0-9]+ [^ ]+)?$') \
              AND a.datname = current_database()"
         )
     };
@@ -1050,7 +1050,7 @@ async fn a_client_certificate_logs_in_on_sql_and_replication_connections() {
     let dn = |app: &str| {
         format!(
             "SELECT count(*) FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid) \
-             WHERE a.application_name ~ ('^{app}( [^ ]+)?$') AND a.datname = current_database() \
+             WHERE a.application_name ~ ('^{app}( [0-9]+ [^ ]+)?$') AND a.datname = current_database() \
              AND a.usename = '{CERT_ROLE}' AND s.client_dn = '/CN={CERT_ROLE}'"
         )
     };
@@ -1392,7 +1392,7 @@ async fn terminated_connections_reconnect_and_lose_nothing() {
     fx.wait_equal("jobs", 30).await;
     // An admin kills tandem's sessions: the apply session on mobile and the walsender on desktop.
     let kill = |app: &str| {
-        format!("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE application_name ~ ('^{app}( [^ ]+)?$') AND datname = current_database()")
+        format!("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE application_name ~ ('^{app}( [0-9]+ [^ ]+)?$') AND datname = current_database()")
     };
     assert_eq!(Fixture::count(&fx.m, &kill("tandem apply D>M")).await, 1);
     assert_eq!(Fixture::count(&fx.m, &kill("tandem stream M>D")).await, 1);

@@ -778,3 +778,34 @@ async fn a_run_cut_off_from_its_sessions_takes_its_lock_back_from_its_own_lost_o
     common::wait_count(30, &fx.d, "SELECT count(*) FROM jobs", 2).await;
     run.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_apply_session_an_earlier_run_left_inside_a_transaction_is_ended() {
+    let fx = Fixture::new("leftover", T, r#"tables = ["public.jobs"]"#).await;
+    // What an earlier `run` leaves on mobile when the network went before it was killed: its
+    // apply session, inside a transaction holding a row (the key desktop is about to insert).
+    let key = tandem::lease::pair_key(&fx.cfg);
+    let left = connect(&clusters().mobile.url("leftover")).await;
+    left.batch_execute(&format!(
+        "SET application_name = 'tandem apply D>M {key} gone:1'; \
+         BEGIN; INSERT INTO jobs VALUES (1, 'uncommitted')"
+    ))
+    .await
+    .unwrap();
+    let run = fx.start().await;
+    fx.d.execute("INSERT INTO jobs VALUES (1, 'from desktop')", &[])
+        .await
+        .unwrap();
+    common::wait_count(
+        30,
+        &fx.m,
+        "SELECT count(*) FROM jobs WHERE title = 'from desktop'",
+        1,
+    )
+    .await;
+    assert!(
+        left.batch_execute("SELECT 1").await.is_err(),
+        "the leftover session was ended"
+    );
+    run.stop().await;
+}

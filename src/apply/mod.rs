@@ -157,37 +157,41 @@ impl Applier {
         Self::with_client(cfg, source, with_origin, client).await
     }
 
-    /// `run`'s apply session of the direction, named after the process
-    /// (`tandem apply D>M HOST:PID`). `with_origin = false`: a second one, for a streamed
-    /// transaction applied while it is in progress, without the replication origin
-    /// (PostgreSQL 15 lets one session hold an origin at a time, so the main session lends it
-    /// for the commit, `origin_session`). A session of an earlier attempt of this process that the
-    /// network cut off is still there for the server until its keepalives notice (hours), maybe
-    /// inside a transaction whose row locks this session would wait on forever (no lock
-    /// timeout): it is ended first. Only `run` holds the lock that lets no other `run` apply.
+    /// `run`'s apply session of the direction, named after the pair and the process
+    /// (`tandem apply D>M PAIR HOST:PID`, `PAIR` being the run lock's key).
+    /// `with_origin = false`: a second one, for a streamed transaction applied while it is in
+    /// progress, without the replication origin (PostgreSQL 15 lets one session hold an origin
+    /// at a time, so the main session lends it for the commit, `origin_session`).
+    ///
+    /// Another session of this pair and kind is one the network cut off, of this process or of
+    /// one before it, which the target keeps until its keepalives notice (hours), maybe inside a
+    /// transaction whose row locks this session would wait on forever (tandem turns lock
+    /// timeouts off): it is ended first. `run` holds the lock that lets no other `run` of the
+    /// pair apply.
     pub async fn connect_for_run(
         cfg: Arc<Config>,
         source: Side,
         with_origin: bool,
     ) -> Result<Applier> {
         let target = source.other();
-        let name = crate::lease::session_name(&format!(
-            "tandem apply {}{}",
+        let kind = format!(
+            "tandem apply {}{} {}",
             source.direction_from(),
-            if with_origin { "" } else { " streamed" }
-        ));
-        let client = db::connect(cfg.site(target), &name).await?;
+            if with_origin { "" } else { " streamed" },
+            crate::lease::pair_key(&cfg)
+        );
+        let client = db::connect(cfg.site(target), &crate::lease::session_name(&kind)).await?;
         let ended = client
             .query(
                 "SELECT pid, pg_terminate_backend(pid) FROM pg_stat_activity \
-                 WHERE application_name = $1 AND pid <> pg_backend_pid() \
+                 WHERE starts_with(application_name, $1) AND pid <> pg_backend_pid() \
                    AND datname = current_database()",
-                &[&name],
+                &[&format!("{kind} ")],
             )
             .await
-            .context("looking for apply sessions of this run the network cut off")?;
+            .context("looking for apply sessions the network cut off")?;
         for r in ended {
-            tracing::warn!(%target, "ended server process {}, an apply session of this run that the network cut off", r.get::<_, i32>(0));
+            tracing::warn!(%target, "ended server process {}, an apply session of this pair that the network cut off", r.get::<_, i32>(0));
         }
         Self::with_client(cfg, source, with_origin, client).await
     }
