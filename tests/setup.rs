@@ -676,23 +676,31 @@ async fn integer_and_text_columns_of_different_widths_replicate_with_a_warning()
             "{out}"
         );
     }
-    // Other pairs are still refused.
-    fx.m.batch_execute("ALTER TABLE parts ADD COLUMN at timestamptz")
+    // Other pairs are still refused, and so is a column generated on one side only, whatever
+    // its types.
+    fx.m.batch_execute("ALTER TABLE parts ADD COLUMN at timestamptz, ADD COLUMN twice bigint")
         .await
         .unwrap();
-    fx.d.batch_execute("ALTER TABLE parts ADD COLUMN at timestamp")
-        .await
-        .unwrap();
+    fx.d.batch_execute(
+        "ALTER TABLE parts ADD COLUMN at timestamp, \
+         ADD COLUMN twice int GENERATED ALWAYS AS (n * 2) STORED",
+    )
+    .await
+    .unwrap();
     let (code, out, err) = run_tandem(&["--config", cfg, "setup"], &[]);
     assert_eq!(code, 1, "{out}{err}");
     assert!(
         err.contains("column `at` is timestamp without time zone on desktop but timestamp with time zone on mobile"),
         "{err}"
     );
-    fx.m.batch_execute("ALTER TABLE parts DROP COLUMN at")
+    assert!(
+        err.contains("column `twice` is generated on desktop but not on mobile"),
+        "{err}"
+    );
+    fx.m.batch_execute("ALTER TABLE parts DROP COLUMN at, DROP COLUMN twice")
         .await
         .unwrap();
-    fx.d.batch_execute("ALTER TABLE parts DROP COLUMN at")
+    fx.d.batch_execute("ALTER TABLE parts DROP COLUMN at, DROP COLUMN twice")
         .await
         .unwrap();
 

@@ -328,46 +328,49 @@ async fn check_tables(
             let a = dt.columns.iter().find(|c| c.name == n);
             let b = mt.columns.iter().find(|c| c.name == n);
             match (a, b) {
-                (Some(a), Some(b)) if a.type_sql != b.type_sql => {
-                    match same_values(&a.type_sql, &b.type_sql) {
-                        None => problems.push(format!(
-                            "table {t}: column `{n}` is {} on desktop but {} on mobile; make the \
-                             types the same (tandem takes different types only among the integer \
-                             types, and among varchar and text)",
-                            a.type_sql, b.type_sql
-                        )),
-                        Some(None) => {}
-                        Some(Some(narrow)) => {
-                            let (wide, narrow_type) = match narrow {
-                                Side::Desktop => (Side::Mobile, &a.type_sql),
-                                Side::Mobile => (Side::Desktop, &b.type_sql),
-                            };
-                            if cfg.direction(t).flows_from(wide) && cfg.column_flows(t, n) {
-                                warnings.push(format!(
-                                    "table {t}: column `{n}` is {} on desktop and {} on mobile: a \
-                                     value from {wide} that {narrow_type} cannot hold is refused by \
-                                     {narrow} and stops `run` naming its transaction (see \"When \
-                                     the target refuses a change\"); make the types the same to \
-                                     rule that out",
-                                    a.type_sql, b.type_sql
-                                ));
+                (Some(a), Some(b)) => {
+                    if a.type_sql != b.type_sql {
+                        match same_values(&a.type_sql, &b.type_sql) {
+                            None => problems.push(format!(
+                                "table {t}: column `{n}` is {} on desktop but {} on mobile; make \
+                                 the types the same (tandem takes different types only among the \
+                                 integer types, and among varchar and text)",
+                                a.type_sql, b.type_sql
+                            )),
+                            Some(None) => {}
+                            Some(Some(narrow)) => {
+                                let (wide, narrow_type) = match narrow {
+                                    Side::Desktop => (Side::Mobile, &a.type_sql),
+                                    Side::Mobile => (Side::Desktop, &b.type_sql),
+                                };
+                                if cfg.direction(t).flows_from(wide) && cfg.column_flows(t, n) {
+                                    warnings.push(format!(
+                                        "table {t}: column `{n}` is {} on desktop and {} on \
+                                         mobile: a value from {wide} that {narrow_type} cannot \
+                                         hold is refused by {narrow} and stops `run` naming its \
+                                         transaction (see \"When the target refuses a change\"); \
+                                         make the types the same to rule that out",
+                                        a.type_sql, b.type_sql
+                                    ));
+                                }
                             }
                         }
                     }
-                }
-                // PostgreSQL 15 sends no generated column: the plain one would stay empty.
-                (Some(a), Some(b)) if a.generated != b.generated => {
-                    let (gen, plain) = if a.generated {
-                        (Side::Desktop, Side::Mobile)
-                    } else {
-                        (Side::Mobile, Side::Desktop)
-                    };
-                    problems.push(format!(
-                        "table {t}: column `{n}` is generated on {gen} but not on {plain}, and \
-                         logical replication does not send generated columns, so {plain}'s would \
-                         stay empty for rows from {gen}; make it generated on {plain} too (with the \
-                         same expression), or plain on both"
-                    ));
+                    // PostgreSQL 15 sends no generated column: the plain one would stay empty.
+                    // Checked whatever the types: a pair of types tandem takes must not hide it.
+                    if a.generated != b.generated {
+                        let (gen, plain) = if a.generated {
+                            (Side::Desktop, Side::Mobile)
+                        } else {
+                            (Side::Mobile, Side::Desktop)
+                        };
+                        problems.push(format!(
+                            "table {t}: column `{n}` is generated on {gen} but not on {plain}, and \
+                             logical replication does not send generated columns, so {plain}'s \
+                             would stay empty for rows from {gen}; make it generated on {plain} \
+                             too (with the same expression), or plain on both"
+                        ));
+                    }
                 }
                 (Some(_), None) | (None, Some(_)) => {
                     let (has, lacks) = if a.is_some() {
