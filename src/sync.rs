@@ -281,7 +281,11 @@ async fn check_old_rows(cfg: &Config, src: &tokio_postgres::Client, source: Side
 /// and the initial snapshot would copy it once and mark it done, so later changes were lost
 /// without a word.
 async fn check_published(cfg: &Config, src: &tokio_postgres::Client, source: Side) -> Result<()> {
-    let missing = unpublished(cfg, src, source).await?;
+    let published = published(src, &cfg.site(source).publication).await?;
+    let missing = not_in(cfg, src, source, &published).await?;
+    if missing.is_empty() {
+        return Ok(());
+    }
     let mut gone = Vec::new();
     for t in &missing {
         let exists: bool = src
@@ -294,14 +298,8 @@ async fn check_published(cfg: &Config, src: &tokio_postgres::Client, source: Sid
     }
     // The publication follows a table by its OID: one renamed while tandem was stopped is
     // still in it, under a name the config does not have.
-    let extra: Vec<String> = src
-        .query(
-            "SELECT schemaname::text, tablename::text FROM pg_publication_tables WHERE pubname = $1",
-            &[&cfg.site(source).publication],
-        )
-        .await?
+    let extra: Vec<String> = published
         .iter()
-        .map(|r| TableName::new(r.get::<_, String>(0), r.get::<_, String>(1)))
         .filter(|t| !cfg.lists(t))
         .map(|t| t.to_string())
         .collect();
@@ -319,20 +317,17 @@ async fn check_published(cfg: &Config, src: &tokio_postgres::Client, source: Sid
             source.other()
         );
     }
-    if !missing.is_empty() {
-        bail!(
-            "{source}: {} match [replication] tables but are not in publication {} (created \
-             after `tandem setup`?), so their changes would not be sent; run `tandem setup` to \
-             add them, then `tandem run` again",
-            missing
-                .iter()
-                .map(|t| t.to_string())
-                .collect::<Vec<_>>()
-                .join(", "),
-            cfg.site(source).publication
-        );
-    }
-    Ok(())
+    bail!(
+        "{source}: {} match [replication] tables but are not in publication {} (created \
+         after `tandem setup`?), so their changes would not be sent; run `tandem setup` to \
+         add them, then `tandem run` again",
+        missing
+            .iter()
+            .map(|t| t.to_string())
+            .collect::<Vec<_>>()
+            .join(", "),
+        cfg.site(source).publication
+    );
 }
 
 /// How often a running `run` looks for tables that started to match the configured patterns.
@@ -412,16 +407,30 @@ pub(crate) async fn unpublished(
     src: &tokio_postgres::Client,
     source: Side,
 ) -> Result<Vec<TableName>> {
-    let site = cfg.site(source);
-    let published: Vec<TableName> = src
+    let published = published(src, &cfg.site(source).publication).await?;
+    not_in(cfg, src, source, &published).await
+}
+
+/// The tables in `publication`, by their names now.
+async fn published(src: &tokio_postgres::Client, publication: &str) -> Result<Vec<TableName>> {
+    Ok(src
         .query(
             "SELECT schemaname::text, tablename::text FROM pg_publication_tables WHERE pubname = $1",
-            &[&site.publication],
+            &[&publication],
         )
         .await?
         .iter()
         .map(|r| TableName::new(r.get::<_, String>(0), r.get::<_, String>(1)))
-        .collect();
+        .collect())
+}
+
+/// The configured tables that flow from `source` and are not among `published`.
+async fn not_in(
+    cfg: &Config,
+    src: &tokio_postgres::Client,
+    source: Side,
+    published: &[TableName],
+) -> Result<Vec<TableName>> {
     Ok(crate::catalog::expand(src, &cfg.tables)
         .await?
         .into_iter()

@@ -138,23 +138,12 @@ pub struct Applier {
 }
 
 impl Applier {
-    /// Connect to the side opposite `source`, as an apply session.
+    /// Connect to the side opposite `source`, as an apply session (for `repair`, `resolve` and
+    /// `replay`; `run` uses [`Applier::connect_for_run`]).
     pub async fn connect(cfg: Arc<Config>, source: Side) -> Result<Applier> {
-        Self::connect_with(cfg, source, true).await
-    }
-
-    async fn connect_with(cfg: Arc<Config>, source: Side, with_origin: bool) -> Result<Applier> {
-        let target = source.other();
-        let client = db::connect(
-            cfg.site(target),
-            &format!(
-                "tandem apply {}{}",
-                source.direction_from(),
-                if with_origin { "" } else { " streamed" }
-            ),
-        )
-        .await?;
-        Self::with_client(cfg, source, with_origin, client).await
+        let name = format!("tandem apply {}", source.direction_from());
+        let client = db::connect(cfg.site(source.other()), &name).await?;
+        Self::with_client(cfg, source, true, client).await
     }
 
     /// `run`'s apply session of the direction, named after the pair and the process
