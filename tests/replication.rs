@@ -2355,7 +2355,6 @@ async fn a_replication_connection_gone_silent_is_taken_as_lost_and_opened_again(
     let text = proxy.route(
         &Fixture::config_text("silent", "tables = [\"public.jobs\"]\nreceive_timeout = 2"),
         "silent",
-        p.desktop.port,
     );
     let fx = Fixture::with_config("silent", d, m, text).await;
     let run = fx.start().await;
@@ -2437,7 +2436,6 @@ async fn an_apply_session_cut_off_inside_its_transaction_is_ended_and_nothing_is
     let text = proxy.route(
         &Fixture::config_text("cutoff", "tables = [\"public.jobs\"]"),
         "cutoff",
-        p.mobile.port,
     );
     let fx = Fixture::with_config("cutoff", d, m, text).await;
     let run = fx.start().await;
@@ -2455,9 +2453,19 @@ async fn an_apply_session_cut_off_inside_its_transaction_is_ended_and_nothing_is
                 WHERE a.datname = current_database() \
                 AND a.application_name LIKE 'tandem apply % streamed %' \
                 AND a.state = 'idle in transaction' AND l.relation = 'jobs'::regclass \
-                AND l.mode = 'RowExclusiveLock'";
-    wait_count(60, &fx.m, &format!("SELECT count(*) FROM ({open}) s"), 1).await;
-    let stale: i32 = fx.m.query_one(open, &[]).await.unwrap().get(0);
+                AND l.mode = 'RowExclusiveLock' LIMIT 1";
+    // Polled for the pid itself: between batches the session is active for a moment.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let stale: i32 = loop {
+        if let Some(r) = fx.m.query_opt(open, &[]).await.unwrap() {
+            break r.get(0);
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no streamed apply session idle inside its transaction after 60 s"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
     // The network drops tandem's connections to mobile: mobile keeps the session, with its open
     // transaction and its uncommitted rows, until its keepalives notice (hours); the next session
     // inserting the same keys would wait on them. tandem's next session of that name ends it.
