@@ -750,7 +750,6 @@ async fn a_run_cut_off_from_its_sessions_takes_its_lock_back_from_its_own_lost_o
     let text = proxy.route(
         &Fixture::config_text("lock_lost", r#"tables = ["public.jobs"]"#),
         "lock_lost",
-        p.desktop.port,
     );
     let fx = Fixture::with_config("lock_lost", d, m, text).await;
     let run = fx.start().await;

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::{ClientConfig, Message as _, Offset, TopicPartitionList};
+use rdkafka::{Message as _, Offset, TopicPartitionList};
 use tokio::sync::mpsc;
 
 use crate::apply::Applier;
@@ -67,13 +67,10 @@ pub fn line(d: &Decoded) -> String {
 /// Read `topic` from the beginning, to its end as it is now (or forever with `follow`), sending
 /// decoded events in partition order. Runs the blocking consumer on its own thread.
 fn read(k: &KafkaConfig, topic: &str, follow: bool) -> Result<mpsc::Receiver<Result<Decoded>>> {
-    let mut c = ClientConfig::new();
-    c.set("bootstrap.servers", &k.brokers)
-        .set("group.id", format!("tandem-read-{}", std::process::id()))
-        .set("enable.auto.commit", "false");
-    for (key, v) in &k.properties {
-        c.set(key, v);
-    }
+    let c = crate::sink::kafka::client_config(k, |c| {
+        c.set("group.id", format!("tandem-read-{}", std::process::id()))
+            .set("enable.auto.commit", "false");
+    });
     let consumer: BaseConsumer = c
         .create()
         .map_err(|e| anyhow!("[kafka]: cannot create a consumer: {e}"))?;

@@ -621,22 +621,32 @@ struct Producer {
     produce_seconds: metrics::Histogram,
 }
 
+/// librdkafka settings for `k`'s brokers: tandem's own (`ours`) first, then
+/// `[kafka.properties]`, which may override any of them.
+pub fn client_config(k: &KafkaConfig, ours: impl FnOnce(&mut ClientConfig)) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", &k.brokers);
+    ours(&mut c);
+    for (key, v) in &k.properties {
+        c.set(key, v);
+    }
+    c
+}
+
 impl Producer {
     fn new(cfg: &KafkaConfig, start: Lsn, direction: &str) -> Result<Producer> {
-        let mut c = ClientConfig::new();
-        c.set("bootstrap.servers", &cfg.brokers)
-            .set("enable.idempotence", "true")
-            .set("compression.type", "lz4")
-            // librdkafka would buffer up to 1 GiB unsent; past this, `publish` waits for
-            // acknowledgements (memory stays bounded in bytes; `[kafka.properties]` may change it).
-            .set("queue.buffering.max.kbytes", "65536");
-        if cfg.required {
-            // Never give up on a message: replication waits for Kafka instead.
-            c.set("message.timeout.ms", "0");
-        }
-        for (k, v) in &cfg.properties {
-            c.set(k, v);
-        }
+        let c = client_config(cfg, |c| {
+            c.set("enable.idempotence", "true")
+                .set("compression.type", "lz4")
+                // librdkafka would buffer up to 1 GiB unsent; past this, `publish` waits for
+                // acknowledgements (memory stays bounded in bytes; `[kafka.properties]` may
+                // change it).
+                .set("queue.buffering.max.kbytes", "65536");
+            if cfg.required {
+                // Never give up on a message: replication waits for Kafka instead.
+                c.set("message.timeout.ms", "0");
+            }
+        });
 
         let (tx, acks) = tokio::sync::mpsc::unbounded_channel();
         let producer: KafkaProducer = c
@@ -1179,11 +1189,7 @@ fn request_producer_id(producer: &KafkaProducer, topic: &str) {
 /// producer (replication waits for Kafka while it is away, or spools).
 pub async fn check_topic(cfg: &KafkaConfig) -> Result<()> {
     use rdkafka::producer::{BaseProducer, Producer as _};
-    let mut c = ClientConfig::new();
-    c.set("bootstrap.servers", &cfg.brokers);
-    for (k, v) in &cfg.properties {
-        c.set(k, v);
-    }
+    let c = client_config(cfg, |_| {});
     let (brokers, topic) = (cfg.brokers.clone(), cfg.topic.clone());
     let missing = tokio::task::spawn_blocking(move || {
         let p: BaseProducer = c

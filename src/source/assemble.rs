@@ -300,8 +300,7 @@ mod tests {
     #[test]
     fn a_table_renamed_on_the_source_keeps_its_configured_name() {
         // The table an insert lands in, after a Relation message naming it `jobs_renamed`.
-        let lands_in = |a: Assembler| {
-            let mut a = a;
+        let lands_in = |mut a: Assembler| {
             let Message::Relation(mut r) = rel() else {
                 unreachable!()
             };

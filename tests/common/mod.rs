@@ -439,6 +439,8 @@ pub async fn rejected(run: Running) -> (String, String) {
 /// by their startup packet.
 pub struct Proxy {
     pub port: u16,
+    /// The cluster port it forwards to.
+    upstream: u16,
     /// Bumped to silence every replication connection opened before it.
     silenced: Arc<std::sync::atomic::AtomicU64>,
     /// Bumped to close the client side of every connection opened before it.
@@ -518,14 +520,16 @@ impl Proxy {
         });
         Proxy {
             port,
+            upstream,
             silenced,
             cut,
         }
     }
 
-    /// `name`'s config text with `upstream`'s URL (a cluster port) through this proxy, over
-    /// plain TCP (the proxy reads startup packets).
-    pub fn route(&self, text: &str, name: &str, upstream: u16) -> String {
+    /// `name`'s config text with the URL of the cluster this proxy forwards to through it,
+    /// over plain TCP (the proxy reads startup packets).
+    pub fn route(&self, text: &str, name: &str) -> String {
+        let upstream = self.upstream;
         let routed = text.replacen(
             &format!(":{upstream}/{name}"),
             &format!(":{}/{name}?sslmode=disable", self.port),
