@@ -83,6 +83,43 @@ impl std::fmt::Display for ConnectError {
 
 impl std::error::Error for ConnectError {}
 
+impl ConnectError {
+    /// The server is down, out of reach for now, or not yet taking connections (starting up, in
+    /// recovery, out of connection slots): trying again later may get through. Not so a refused
+    /// login, an unknown host or database, or a TLS problem: waiting would not fix those.
+    pub fn server_away(&self) -> bool {
+        if let Some(db) = self.error.as_db_error() {
+            return transient_sqlstate(db.code().code());
+        }
+        if crate::tls::certificate_problem(&self.error).is_some() {
+            return false;
+        }
+        let mut cause = std::error::Error::source(&self.error);
+        while let Some(c) = cause {
+            if let Some(io) = c.downcast_ref::<std::io::Error>() {
+                use std::io::ErrorKind::*;
+                return matches!(
+                    io.kind(),
+                    ConnectionRefused
+                        | ConnectionReset
+                        | ConnectionAborted
+                        | NotConnected
+                        | TimedOut
+                        | HostUnreachable
+                        | NetworkUnreachable
+                        | NetworkDown
+                        | UnexpectedEof
+                ) || io
+                    .to_string()
+                    .contains("Temporary failure in name resolution");
+            }
+            cause = c.source();
+        }
+        // Closed during the startup exchange: a server shutting down.
+        self.error.is_closed()
+    }
+}
+
 /// Run a connection's I/O in the background for as long as the client lives.
 fn drive<F>(side: crate::side::Side, client: Client, conn: F) -> Client
 where

@@ -151,7 +151,7 @@ pub struct Lease {
 }
 
 /// Take the lock for `run`, waiting while another `run` holds it. `None`: asked to stop while
-/// waiting. A side that cannot be reached is an error, as for the rest of `run`'s start.
+/// waiting. A side that cannot be reached is an error; `run`'s start tries again later.
 pub async fn acquire(
     cfg: &Config,
     stop: &mut watch::Receiver<bool>,

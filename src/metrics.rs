@@ -33,6 +33,9 @@ use crate::sync::Status;
 pub fn health(status: &Status) -> (StatusCode, String) {
     let mut all = true;
     let mut body = String::new();
+    if let Some(why) = &*status.starting.lock().unwrap_or_else(|p| p.into_inner()) {
+        body.push_str(&format!("not started, waiting for the databases: {why}\n"));
+    }
     if status.waiting.load(Ordering::Relaxed) {
         body.push_str("waiting for another `tandem run` of these databases to stop\n");
     }

@@ -60,6 +60,8 @@ pub struct Status {
     pub from_mobile: Progress,
     /// Waiting for another `tandem run` of the same databases to stop.
     pub waiting: AtomicBool,
+    /// Not started yet: why (a server that is down), while `run` waits for it.
+    pub starting: std::sync::Mutex<Option<String>>,
 }
 
 impl Status {
@@ -77,11 +79,9 @@ pub async fn run(
     shutdown: watch::Receiver<bool>,
     status: Arc<Status>,
 ) -> Result<()> {
-    let Some(lease) = crate::lease::acquire(&cfg, &mut shutdown.clone(), &status.waiting).await?
-    else {
+    let Some(lease) = start(&cfg, &shutdown, &status).await? else {
         return Ok(());
     };
-    preflight(&cfg).await?;
     if cfg.initial_snapshot {
         // Before any stream starts, so each direction's checkpoint stays put during the copy.
         crate::ops::snapshot::initial(&cfg).await?;
@@ -156,6 +156,50 @@ pub async fn run(
         None => Ok(()),
     }
 }
+
+/// `run`'s start: its lock, then the checks before streaming. A server that is down or not yet
+/// taking connections is waited for, as native's apply worker retries, so a `run` started before
+/// its databases (a machine booting, a compose file) comes up after them. What waiting cannot fix
+/// (a refused login, an unknown host or database, TLS, a refusal of the checks) stops it at once.
+/// `None`: asked to stop meanwhile.
+async fn start(
+    cfg: &Config,
+    shutdown: &watch::Receiver<bool>,
+    status: &Status,
+) -> Result<Option<crate::lease::Lease>> {
+    let mut stop = shutdown.clone();
+    let mut backoff = Duration::from_secs(1);
+    loop {
+        let attempt: Result<_> = async {
+            let lease = crate::lease::acquire(cfg, &mut stop.clone(), &status.waiting).await?;
+            if lease.is_some() {
+                preflight(cfg).await?;
+            }
+            Ok(lease)
+        }
+        .await;
+        let away = matches!(&attempt, Err(e) if e.chain().any(|c| {
+            c.downcast_ref::<db::ConnectError>().is_some_and(db::ConnectError::server_away)
+        }));
+        let why = match attempt {
+            Err(e) if away && !*stop.borrow() => format!("{e:#}"),
+            r => {
+                *status.starting.lock().unwrap_or_else(|p| p.into_inner()) = None;
+                return r;
+            }
+        };
+        tracing::warn!("cannot start yet: {why}; trying again in {backoff:?}");
+        *status.starting.lock().unwrap_or_else(|p| p.into_inner()) = Some(why);
+        tokio::select! {
+            _ = tokio::time::sleep(backoff) => {}
+            _ = stop.changed() => return Ok(None),
+        }
+        backoff = (backoff * 2).min(START_BACKOFF);
+    }
+}
+
+/// The longest wait between attempts to reach a server that is down at `run`'s start.
+const START_BACKOFF: Duration = Duration::from_secs(30);
 
 /// Refuse to touch anything when a direction cannot resume: no checkpoint, or a slot already
 /// confirmed past it. (Checked again after START_REPLICATION, which is the authoritative moment.)
@@ -1311,6 +1355,9 @@ mod tests {
                 && !msg.contains("pw"),
             "{msg}"
         );
+        assert!(down
+            .downcast_ref::<db::ConnectError>()
+            .is_some_and(db::ConnectError::server_away));
         assert!(transient(&down.context("opening the apply session")));
         // What reconnecting cannot fix stops `run` with its error.
         let refused =

@@ -159,4 +159,36 @@ async fn a_crash_of_either_server_loses_and_doubles_nothing() {
             .get(0);
         assert_eq!(n, per_side, "{url}: changes applied");
     }
+
+    // A `run` started while a server is down waits for it, saying why on /health, instead of
+    // exiting (as native's apply worker retries); it starts once the server is back.
+    tokio::task::block_in_place(|| mobile.crash().unwrap());
+    let late = fx.start_nowait();
+    wait_for(30, "run waiting for mobile", || async {
+        let (code, body) = tandem::metrics::health(&late.status);
+        assert!(!late.is_finished(), "run exited while mobile was down");
+        code == 503 && body.contains("not started, waiting for the databases: mobile: cannot reach")
+    })
+    .await;
+    connect(&d_url)
+        .await
+        .batch_execute("INSERT INTO items VALUES (5000000, 'written while mobile was down')")
+        .await
+        .unwrap();
+    tokio::task::block_in_place(|| mobile.restart().unwrap());
+    let c = connect(&m_url).await;
+    wait_for(
+        60,
+        "desktop's row reaching mobile once it is back",
+        || async {
+            assert!(!late.is_finished(), "run exited");
+            c.query_one("SELECT count(*) FROM items WHERE id = 5000000", &[])
+                .await
+                .is_ok_and(|r| r.get::<_, i64>(0) == 1)
+        },
+    )
+    .await;
+    let (code, body) = tandem::metrics::health(&late.status);
+    assert!(code == 200 && !body.contains("not started"), "{body}");
+    late.stop().await;
 }

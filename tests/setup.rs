@@ -83,6 +83,22 @@ async fn wrong_password_is_reported_without_the_password() {
         "password leaked:\n{err}"
     );
     assert_nothing_left("authfail").await;
+    // `run` waits for a server that is down, but not for what waiting cannot fix: it exits
+    // with the same error.
+    let (code, out, err) = run_tandem(
+        &["--config", &write_config("authfail", &text), "run"],
+        &[("TANDEM_MOBILE_URL", &url), ("RUST_LOG", "debug")],
+    );
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("mobile: authentication failed for tandem_pw@127.0.0.1")
+            && !err.contains("cannot start yet"),
+        "{err}"
+    );
+    assert!(
+        !err.contains(secret) && !out.contains(secret),
+        "password leaked:\n{err}"
+    );
 }
 
 fn replica_cluster() -> &'static LocalCluster {
