@@ -404,6 +404,66 @@ async fn refusing(name: &str) -> Fixture {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_deadlock_with_an_application_on_the_target_is_retried_not_a_refusal() {
+    // tandem holds a's row and waits for b's, which an application transaction on mobile holds
+    // while it waits for a's: the server ends tandem's transaction (40P01). That is not a row
+    // the target refuses: the direction starts over from its checkpoint and applies it again.
+    let fx = Fixture::new(
+        "deadlock",
+        "CREATE TABLE a (id int PRIMARY KEY, v text); CREATE TABLE b (id int PRIMARY KEY, v text);",
+        "tables = [\"public.a\", \"public.b\"]\n[replication.direction]\n\
+         \"public.a\" = \"desktop_to_mobile\"\n\"public.b\" = \"desktop_to_mobile\"",
+    )
+    .await;
+    let run = fx.start().await;
+    fx.d.batch_execute("INSERT INTO a VALUES (1, 'd0'); INSERT INTO b VALUES (1, 'd0')")
+        .await
+        .unwrap();
+    wait_count(30, &fx.m, "SELECT count(*) FROM b", 1).await;
+    let app = common::connect(&clusters().mobile.url("deadlock")).await;
+    // The application waits longer before checking for a deadlock, so tandem's session is the
+    // one the server ends.
+    app.batch_execute("SET deadlock_timeout = '60s'; BEGIN; UPDATE b SET v = 'app' WHERE id = 1")
+        .await
+        .unwrap();
+    fx.d.batch_execute(
+        "BEGIN; UPDATE a SET v = 'd1' WHERE id = 1; UPDATE b SET v = 'd1' WHERE id = 1; COMMIT",
+    )
+    .await
+    .unwrap();
+    wait_count(
+        30,
+        &fx.m,
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = 'deadlock' \
+         AND application_name LIKE 'tandem apply%' AND wait_event_type = 'Lock'",
+        1,
+    )
+    .await;
+    tokio::time::timeout(
+        std::time::Duration::from_secs(30),
+        app.batch_execute("UPDATE a SET v = 'app' WHERE id = 1; COMMIT"),
+    )
+    .await
+    .expect("the server ends tandem's transaction, not the application's")
+    .unwrap();
+    wait_for(60, "desktop's transaction applied again", || async {
+        assert!(!run.is_finished(), "run stopped on the deadlock");
+        Fixture::rows(&fx.m, "a").await == ["(1,d1)"]
+            && Fixture::rows(&fx.m, "b").await == ["(1,d1)"]
+    })
+    .await;
+    assert!(
+        run.status
+            .from_desktop
+            .starts
+            .load(std::sync::atomic::Ordering::Relaxed)
+            >= 2,
+        "the direction started over"
+    );
+    run.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_row_the_target_rejects_stops_replication_naming_the_constraint() {
     // The failing batch is followed by others already sent (pipelined): the error must be the
     // rejected row's, not "current transaction is aborted" from the ones after it.
