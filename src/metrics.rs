@@ -44,7 +44,7 @@ pub fn health(status: &Status) -> (StatusCode, String) {
         let streaming = p.streaming.load(Ordering::Relaxed);
         all &= streaming;
         body.push_str(&format!(
-            "{} {} checkpoint {}\n",
+            "{} {} checkpoint {}",
             side.direction_from(),
             if streaming {
                 "streaming"
@@ -53,6 +53,10 @@ pub fn health(status: &Status) -> (StatusCode, String) {
             },
             p.checkpoint()
         ));
+        match &*p.retrying.lock().unwrap_or_else(|p| p.into_inner()) {
+            Some(why) if !streaming => body.push_str(&format!("; reconnecting after: {why}\n")),
+            _ => body.push('\n'),
+        }
     }
     let code = match all {
         true => StatusCode::OK,

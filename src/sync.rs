@@ -45,11 +45,17 @@ pub struct Progress {
     pub streaming: AtomicBool,
     /// How many times streaming started (reconnects after the first).
     pub starts: AtomicU64,
+    /// Why the direction is reconnecting (the last transient error), until it streams again.
+    pub retrying: std::sync::Mutex<Option<String>>,
 }
 
 impl Progress {
     pub fn checkpoint(&self) -> Lsn {
         Lsn(self.checkpoint.load(Ordering::Relaxed))
+    }
+
+    fn set_retrying(&self, why: Option<String>) {
+        *self.retrying.lock().unwrap_or_else(|p| p.into_inner()) = why;
     }
 }
 
@@ -592,7 +598,8 @@ fn transient(e: &anyhow::Error) -> bool {
         if let Some(w) = c.downcast_ref::<WalError>() {
             return w.is_transient();
         }
-        c.to_string().contains("the replication stream ended")
+        c.is::<crate::source::stream::SlotHeld>()
+            || c.to_string().contains("the replication stream ended")
     })
 }
 
@@ -658,6 +665,7 @@ async fn direction(
                     backoff = Duration::from_millis(500);
                 }
                 tracing::warn!(%source, "connection lost ({e:#}); reconnecting in {backoff:?}");
+                status.from(source).set_retrying(Some(format!("{e:#}")));
                 metrics::counter!("tandem_reconnects_total", "direction" => source.direction_from())
                     .increment(1);
                 tokio::select! {
@@ -779,7 +787,7 @@ async fn direction_once(
     if start < cp.lsn {
         mode.live_from = cp.lsn;
     }
-    let mut stream = SourceStream::open(site, start, &mode).await?;
+    let mut stream = SourceStream::open(site, start, &mode, stop).await?;
     if !cp.source_system_id.is_empty() && cp.source_system_id != stream.system_id {
         bail!(
             "{source}: this is database system {}, but the checkpoint was taken against system {}: \
@@ -794,6 +802,7 @@ async fn direction_once(
 
     progress.streaming.store(true, Ordering::Relaxed);
     progress.starts.fetch_add(1, Ordering::Relaxed);
+    progress.set_retrying(None);
     let mut live = LiveState {
         cfg: cfg.clone(),
         upsert_tables: learned.upsert_tables.clone(),

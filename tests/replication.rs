@@ -1402,21 +1402,27 @@ async fn conflict_rules_on_a_partitioned_table_get_old_rows_from_every_partition
     assert_eq!(Fixture::rows(&fx.d, "meas").await, ["(1,2026-02-01,10)"]);
 }
 
+/// `JOBS`, owned by a plain role (LOGIN and REPLICATION, no superuser) as on managed cloud
+/// PostgreSQL, with `extra` run before the tables change owner.
+fn plain_role_jobs(role: &str, password: &str, db: &str, extra: &str) -> String {
+    format!(
+        "DO $$ BEGIN CREATE ROLE {role} LOGIN REPLICATION PASSWORD '{password}'; \
+         EXCEPTION WHEN duplicate_object THEN NULL; END $$;
+         GRANT CREATE ON DATABASE {db} TO {role};
+         {JOBS}
+         {extra}
+         ALTER TABLE jobs OWNER TO {role}; ALTER TABLE tasks OWNER TO {role};
+         ALTER TABLE scratch OWNER TO {role};"
+    )
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_role_without_superuser_replicates_both_ways_without_echo() {
     // As on managed cloud PostgreSQL: LOGIN and REPLICATION, owner of its tables, no superuser.
     // No replication origin then, and no session_replication_role: the marker alone stops echo,
     // and the target's triggers fire for replicated rows (the audit trigger counts them).
-    let schema = format!(
-        "DO $$ BEGIN CREATE ROLE tandem_app LOGIN REPLICATION PASSWORD 'app-pw'; \
-         EXCEPTION WHEN duplicate_object THEN NULL; END $$;
-         GRANT CREATE ON DATABASE nonsuper TO tandem_app;
-         {JOBS}
-         {}
-         ALTER TABLE jobs OWNER TO tandem_app; ALTER TABLE tasks OWNER TO tandem_app;
-         ALTER TABLE scratch OWNER TO tandem_app; GRANT INSERT ON audit TO tandem_app;",
-        audit_sql("jobs")
-    );
+    let schema = plain_role_jobs("tandem_app", "app-pw", "nonsuper", &audit_sql("jobs"))
+        + "GRANT INSERT ON audit TO tandem_app;";
     let (d, m) = Fixture::databases("nonsuper", &schema).await;
     let text = Fixture::config_text("nonsuper", JOBS_TABLES)
         .replace("postgresql://postgres@", "postgresql://tandem_app:app-pw@");
@@ -2434,6 +2440,64 @@ async fn a_replication_connection_gone_silent_is_taken_as_lost_and_opened_again(
     wait_count(30, &fx.m, "SELECT count(*) FROM jobs", 3).await;
     run.stop().await;
     fx.wait_equal("jobs", 10).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_slot_held_by_a_session_tandem_may_not_end_is_waited_for() {
+    // tandem runs as a plain role; another consumer, a superuser's, holds desktop's slot when
+    // `run` starts. tandem may not end it: it waits, saying who holds the slot, instead of
+    // stopping `run` after 90 s as before, and streams once the slot is free.
+    let schema = plain_role_jobs("tandem_held", "held-pw", "held", "");
+    let (d, m) = Fixture::databases("held", &schema).await;
+    let text = Fixture::config_text("held", r#"tables = ["public.jobs"]"#).replace(
+        "postgresql://postgres@",
+        "postgresql://tandem_held:held-pw@",
+    );
+    let fx = Fixture::with_config("held", d, m, text).await;
+    let p = clusters();
+    let confirmed: String =
+        fx.d.query_one(
+            "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = 'held_d'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    // The other consumer: a replication connection as postgres that confirms nothing.
+    let mut wc = tandem::source::walsender::WalConfig::from_url(&p.desktop.url("held")).unwrap();
+    wc.application_name = "other consumer".into();
+    let conn = tandem::source::walsender::WalConnection::connect(&wc)
+        .await
+        .unwrap();
+    let holder = conn
+        .start(tandem::source::walsender::StartOptions {
+            slot: "held_d",
+            start: confirmed.parse().unwrap(),
+            publication: "held_d",
+            proto_version: 1,
+            streaming: false,
+            receive_timeout: None,
+        })
+        .await
+        .unwrap();
+    let run = fx.start_nowait();
+    wait_for(90, "run saying who holds the slot", || async {
+        assert!(!run.is_finished(), "run stopped while the slot was held");
+        let (code, body) = tandem::metrics::health(&run.status);
+        code == 503
+            && body.contains("D>M not streaming")
+            && body.contains("slot held_d is still held by server process")
+            && body.contains("(other consumer, from ")
+    })
+    .await;
+    drop(holder);
+    fx.d.execute("INSERT INTO jobs (id, title) VALUES (1, 'after')", &[])
+        .await
+        .unwrap();
+    wait_count(60, &fx.m, "SELECT count(*) FROM jobs", 1).await;
+    let (code, body) = tandem::metrics::health(&run.status);
+    assert!(code == 200 && !body.contains("reconnecting"), "{body}");
+    run.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -82,6 +82,48 @@ pub async fn connect(site: &Site, app: String) -> Result<(WalConnection, SystemI
     Ok((conn, system))
 }
 
+/// The slot is still held by another session after a while: one tandem may not end (another
+/// role's consumer), or one that has not exited yet. Transient: the direction tries again, as
+/// native's apply worker does, instead of stopping `run`, and `/health` says who holds it.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "{side}: slot {slot} is still held by server process {holder}; trying again until it lets go"
+)]
+pub struct SlotHeld {
+    side: crate::side::Side,
+    slot: String,
+    holder: String,
+}
+
+/// Who holds `site`'s slot: pid, session name, client, and what it waits on if anything.
+async fn slot_holder(site: &Site) -> Result<Option<String>> {
+    let c = crate::db::connect(site, "tandem check").await?;
+    let row = c
+        .query_opt(
+            "SELECT s.active_pid, coalesce(a.application_name, ''), \
+             coalesce(host(a.client_addr), 'local'), coalesce(a.wait_event, '') \
+             FROM pg_replication_slots s LEFT JOIN pg_stat_activity a ON a.pid = s.active_pid \
+             WHERE s.slot_name = $1 AND s.active_pid IS NOT NULL",
+            &[&site.slot],
+        )
+        .await?;
+    Ok(row.map(|r| {
+        let (pid, app, from, wait): (i32, String, String, String) =
+            (r.get(0), r.get(1), r.get(2), r.get(3));
+        let app = if app.is_empty() {
+            "no name".into()
+        } else {
+            app
+        };
+        let wait = if wait.is_empty() {
+            String::new()
+        } else {
+            format!(", waiting on {wait}")
+        };
+        format!("{pid} ({app}, from {from}{wait})")
+    }))
+}
+
 /// End the walsender holding `site`'s slot; whether one was ended. A role may end its own
 /// role's sessions; where it may not, the caller goes on waiting for the server to.
 async fn end_lingering_walsender(site: &Site) -> bool {
@@ -122,16 +164,35 @@ impl SourceStream {
     /// NAT or VPN dropped it) and would wait out the server's `wal_sender_timeout`: it is ended.
     /// Only `run` opens streams, and it holds the lock that lets no other `run` of this pair
     /// run, so no other tandem is using the slot.
-    pub async fn open(site: &Site, start: Lsn, mode: &StreamMode) -> Result<SourceStream> {
+    ///
+    /// Still held after `HELD`, or asked to `stop` meanwhile: [`SlotHeld`], which the caller
+    /// retries (the wait goes on, and a stop is not held up by it).
+    pub async fn open(
+        site: &Site,
+        start: Lsn,
+        mode: &StreamMode,
+        stop: &tokio::sync::watch::Receiver<bool>,
+    ) -> Result<SourceStream> {
         const LINGER: Duration = Duration::from_secs(2);
+        const HELD: Duration = Duration::from_secs(30);
         let began = Instant::now();
-        let deadline = began + Duration::from_secs(90);
         let (mut said, mut ended) = (false, false);
         loop {
             match Self::try_open(site, start, mode).await {
-                Err(e)
-                    if e.to_string().contains("is active for PID") && Instant::now() < deadline =>
-                {
+                Err(e) if e.to_string().contains("is active for PID") => {
+                    if began.elapsed() >= HELD || *stop.borrow() {
+                        let holder = slot_holder(site)
+                            .await
+                            .ok()
+                            .flatten()
+                            .unwrap_or_else(|| "(gone meanwhile)".into());
+                        return Err(SlotHeld {
+                            side: site.side,
+                            slot: site.slot.clone(),
+                            holder,
+                        }
+                        .into());
+                    }
                     if !said {
                         tracing::info!(side = %site.side, "slot {} still held by an old session; waiting", site.slot);
                         said = true;
