@@ -664,7 +664,12 @@ async fn direction(
                 if status.from(source).starts.load(Ordering::Relaxed) > starts {
                     backoff = Duration::from_millis(500);
                 }
-                tracing::warn!(%source, "connection lost ({e:#}); reconnecting in {backoff:?}");
+                if e.chain().any(|c| c.is::<crate::source::stream::SlotHeld>()) {
+                    // Not a lost connection: the slot's holder is named in the error.
+                    tracing::warn!(%source, "{e:#}; next try in {backoff:?}");
+                } else {
+                    tracing::warn!(%source, "connection lost ({e:#}); reconnecting in {backoff:?}");
+                }
                 status.from(source).set_retrying(Some(format!("{e:#}")));
                 metrics::counter!("tandem_reconnects_total", "direction" => source.direction_from())
                     .increment(1);
