@@ -53,10 +53,11 @@ impl Progress {
     pub fn checkpoint(&self) -> Lsn {
         Lsn(self.checkpoint.load(Ordering::Relaxed))
     }
+}
 
-    fn set_retrying(&self, why: Option<String>) {
-        *self.retrying.lock().unwrap_or_else(|p| p.into_inner()) = why;
-    }
+/// Set or clear one of the reasons `/health` shows (a poisoned lock still holds a string).
+fn set_reason(slot: &std::sync::Mutex<Option<String>>, why: Option<String>) {
+    *slot.lock().unwrap_or_else(|p| p.into_inner()) = why;
 }
 
 /// Progress of both directions, indexed by source side.
@@ -184,18 +185,21 @@ async fn start(
             Ok(lease)
         }
         .await;
-        let away = matches!(&attempt, Err(e) if e.chain().any(|c| {
-            c.downcast_ref::<db::ConnectError>().is_some_and(db::ConnectError::server_away)
-        }));
+        let away = |e: &anyhow::Error| {
+            e.chain().any(|c| {
+                c.downcast_ref::<db::ConnectError>()
+                    .is_some_and(db::ConnectError::server_away)
+            })
+        };
         let why = match attempt {
-            Err(e) if away && !*stop.borrow() => format!("{e:#}"),
+            Err(e) if away(&e) && !*stop.borrow() => format!("{e:#}"),
             r => {
-                *status.starting.lock().unwrap_or_else(|p| p.into_inner()) = None;
+                set_reason(&status.starting, None);
                 return r;
             }
         };
         tracing::warn!("cannot start yet: {why}; trying again in {backoff:?}");
-        *status.starting.lock().unwrap_or_else(|p| p.into_inner()) = Some(why);
+        set_reason(&status.starting, Some(why));
         tokio::select! {
             _ = tokio::time::sleep(backoff) => {}
             _ = stop.changed() => return Ok(None),
@@ -670,7 +674,7 @@ async fn direction(
                 } else {
                     tracing::warn!(%source, "connection lost ({e:#}); reconnecting in {backoff:?}");
                 }
-                status.from(source).set_retrying(Some(format!("{e:#}")));
+                set_reason(&status.from(source).retrying, Some(format!("{e:#}")));
                 metrics::counter!("tandem_reconnects_total", "direction" => source.direction_from())
                     .increment(1);
                 tokio::select! {
@@ -807,7 +811,7 @@ async fn direction_once(
 
     progress.streaming.store(true, Ordering::Relaxed);
     progress.starts.fetch_add(1, Ordering::Relaxed);
-    progress.set_retrying(None);
+    set_reason(&progress.retrying, None);
     let mut live = LiveState {
         cfg: cfg.clone(),
         upsert_tables: learned.upsert_tables.clone(),
@@ -872,9 +876,9 @@ fn stream_mode(cfg: &Config, spool_only: &std::collections::HashSet<u32>) -> Str
 const FLUSH_POLL: Duration = Duration::from_millis(50);
 
 /// After a target commit: make the target flush `FLUSH_POLL` from now, unless that is already due.
-fn schedule_flush(applier: &Applier, due: &mut Option<tokio::time::Instant>) {
-    if applier.flush_pending() && due.is_none() {
-        *due = Some(tokio::time::Instant::now() + FLUSH_POLL);
+fn schedule_flush(applier: &Applier, timer: &mut Timer) {
+    if applier.flush_pending() && !timer.armed() {
+        timer.set(Some(tokio::time::Instant::now() + FLUSH_POLL));
     }
 }
 
@@ -1030,7 +1034,7 @@ async fn stream_loop(
     // The source sent everything it had since the group opened.
     let mut source_idle = false;
     // When to make the target flush commits the WAL writer has not flushed yet.
-    let mut flush_due: Option<tokio::time::Instant> = None;
+    let mut flush_timer = Timer::new();
 
     // The target committed (or recorded) the checkpoint `end`: confirm the slot as far as is
     // flushed, have the rest flushed soon, report progress.
@@ -1039,7 +1043,7 @@ async fn stream_loop(
             checkpoint = $end;
             safe = safe.max(checkpoint);
             stream.confirm(applier.ack_limit(checkpoint)?);
-            schedule_flush(applier, &mut flush_due);
+            schedule_flush(applier, &mut flush_timer);
             progress.checkpoint.store(checkpoint.0, Ordering::Relaxed);
             progress
                 .changes
@@ -1064,8 +1068,7 @@ async fn stream_loop(
         }};
     }
 
-    let (mut group_timer, mut flush_timer, mut kafka_timer) =
-        (Timer::new(), Timer::new(), Timer::new());
+    let (mut group_timer, mut kafka_timer) = (Timer::new(), Timer::new());
     // Kept across turns too, and polled last: a fresh `changed()` polled first took the watch's
     // lock twice per event. `has_changed` (an atomic read) sees a stop while events keep coming.
     let mut watcher = stop.clone();
@@ -1081,7 +1084,6 @@ async fn stream_loop(
             GROUP_MAX_AGE
         };
         group_timer.set(group_opened.map(|t| tokio::time::Instant::from_std(t + age)));
-        flush_timer.set(flush_due);
         if !kafka_timer.armed() && applier.kafka_pending() {
             kafka_timer.set(Some(tokio::time::Instant::now() + KAFKA_ACK_POLL));
         }
@@ -1094,7 +1096,6 @@ async fn stream_loop(
             }
             // Commits not known flushed on the target for a while: flush, then confirm them.
             _ = flush_timer.fired(), if flush_timer.armed() && !applier.in_txn() => {
-                flush_due = None;
                 applier.poll_flush().await?;
                 stream.confirm(applier.ack_limit(checkpoint)?);
                 continue;
