@@ -89,10 +89,6 @@ pub async fn run(
     let Some(lease) = start(&cfg, &shutdown, &status).await? else {
         return Ok(());
     };
-    if cfg.initial_snapshot {
-        // Before any stream starts, so each direction's checkpoint stays put during the copy.
-        crate::ops::snapshot::initial(&cfg).await?;
-    }
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut ext = shutdown.clone();
     let forward = {
@@ -106,7 +102,6 @@ pub async fn run(
             }
         })
     };
-    let watch = tokio::spawn(watch_sources(cfg.clone()));
     let keeper = {
         let (cfg, rx, stop_tx) = (cfg.clone(), stop_rx.clone(), stop_tx.clone());
         tokio::spawn(async move {
@@ -117,8 +112,22 @@ pub async fn run(
             r
         })
     };
+    let mut first_err = None;
+    // Before any stream starts, so each direction's checkpoint stays put during the copy; with
+    // the lock kept meanwhile (a server restart during a long copy takes it along).
+    let snapshotted = match cfg.initial_snapshot {
+        true => initial_snapshot(&cfg, stop_rx.clone(), &status)
+            .await
+            .unwrap_or_else(|e| {
+                first_err = Some(e);
+                false
+            }),
+        false => true,
+    };
+    let watch = tokio::spawn(watch_sources(cfg.clone()));
     let mut tasks = Vec::new();
-    for side in Side::BOTH {
+    let sides: &[Side] = if snapshotted { &Side::BOTH } else { &[] };
+    for &side in sides {
         let (cfg, rx, st, stop_tx) = (
             cfg.clone(),
             stop_rx.clone(),
@@ -135,7 +144,6 @@ pub async fn run(
             r
         }));
     }
-    let mut first_err = None;
     for t in tasks {
         let r = t
             .await
@@ -203,6 +211,41 @@ async fn start(
         tokio::select! {
             _ = tokio::time::sleep(backoff) => {}
             _ = stop.changed() => return Ok(None),
+        }
+        backoff = (backoff * 2).min(START_BACKOFF);
+    }
+}
+
+/// `run`'s initial snapshot, started over while a server is away or ends its sessions (a
+/// restart, a failover): a table's copy commits whole or not at all, and the tables done are not
+/// copied again. `false`: asked to stop (a copy under way is rolled back with its connections).
+async fn initial_snapshot(
+    cfg: &Config,
+    mut stop: watch::Receiver<bool>,
+    status: &Status,
+) -> Result<bool> {
+    let mut backoff = Duration::from_secs(1);
+    loop {
+        let e = tokio::select! {
+            r = crate::ops::snapshot::initial(cfg) => match r {
+                Ok(_) => {
+                    set_reason(&status.starting, None);
+                    return Ok(true);
+                }
+                Err(e) if transient(&e) => e,
+                Err(e) => {
+                    set_reason(&status.starting, None);
+                    return Err(e);
+                }
+            },
+            _ = stop.wait_for(|s| *s) => return Ok(false),
+        };
+        let why = format!("initial snapshot interrupted: {e:#}");
+        tracing::warn!("{why}; trying again in {backoff:?} (tables copied already are kept)");
+        set_reason(&status.starting, Some(why));
+        tokio::select! {
+            _ = tokio::time::sleep(backoff) => {}
+            _ = stop.wait_for(|s| *s) => return Ok(false),
         }
         backoff = (backoff * 2).min(START_BACKOFF);
     }

@@ -279,6 +279,65 @@ async fn writes_during_runs_initial_snapshot_are_neither_lost_nor_doubled() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn runs_initial_snapshot_cut_off_by_the_server_is_tried_again() {
+    let (d, m) = Fixture::databases("snap_cut", SCHEMA).await;
+    d.batch_execute("INSERT INTO jobs (id, title) SELECT g, 'd' FROM generate_series(1, 20000) g")
+        .await
+        .unwrap();
+    let fx = Fixture::with_config(
+        "snap_cut",
+        d,
+        m,
+        Fixture::config_text("snap_cut", r#"tables = ["public.jobs"]"#),
+    )
+    .await;
+    // The target's application locks the table, so the copy waits there with its transaction
+    // open; the server then ends the copy's session, as a restart or failover does.
+    let app = common::connect(&common::clusters().mobile.url("snap_cut")).await;
+    app.batch_execute("BEGIN; LOCK TABLE jobs IN SHARE MODE")
+        .await
+        .unwrap();
+    let copying =
+        "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'tandem snapshot' \
+                   AND datname = current_database() AND wait_event_type = 'Lock' \
+                   AND query LIKE 'COPY%FROM STDIN'";
+    let run = fx.start_nowait();
+    wait_count(60, &fx.m, copying, 1).await;
+    let ended = Fixture::count(
+        &fx.m,
+        &copying.replace("count(*)", "count(pg_terminate_backend(pid))"),
+    )
+    .await;
+    assert_eq!(ended, 1);
+    // run neither exits nor forgets it: /health says why it has not started, while the next
+    // attempt waits on the same lock.
+    wait_for(30, "/health naming the interrupted snapshot", || async {
+        assert!(
+            !run.is_finished(),
+            "run exited when its snapshot was cut off"
+        );
+        let (code, body) = tandem::metrics::health(&run.status);
+        code == 503 && body.contains("initial snapshot interrupted") && body.contains("terminat")
+    })
+    .await;
+    wait_count(30, &fx.m, copying, 1).await;
+    // A stop asked for meanwhile is not held up by the copy (its transaction rolls back).
+    tokio::time::timeout(Duration::from_secs(10), run.stop())
+        .await
+        .expect("a stop during the initial snapshot waited for the copy");
+    app.batch_execute("ROLLBACK").await.unwrap();
+    let run = fx.start_nowait();
+    wait_count(60, &fx.m, "SELECT count(*) FROM jobs", 20_000).await;
+    fx.d.batch_execute("INSERT INTO jobs (id, title) VALUES (20001, 'after the snapshot')")
+        .await
+        .unwrap();
+    wait_count(30, &fx.m, "SELECT count(*) FROM jobs WHERE id = 20001", 1).await;
+    let (code, body) = tandem::metrics::health(&run.status);
+    assert!(code == 200 && !body.contains("not started"), "{body}");
+    run.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_empty_target_is_copied_into_directly_and_a_colliding_write_falls_back_to_the_merge() {
     let (d, m) = Fixture::databases("snap_direct", SCHEMA).await;
     d.batch_execute("INSERT INTO jobs (id, title) SELECT g, 'd' FROM generate_series(1, 50000) g")
