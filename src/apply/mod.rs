@@ -1257,6 +1257,9 @@ impl Applier {
             .await
             .context("committing the repair transaction")?;
         self.in_txn = false;
+        if let Some(p) = &mut self.publisher {
+            p.release();
+        }
         self.stats.commits += 1;
         Ok(())
     }
@@ -1269,6 +1272,10 @@ impl Applier {
         if self.in_txn {
             self.in_txn = false;
             self.client.batch_execute("ROLLBACK").await?;
+        }
+        // Its changes come again from the slot: none of them is on the audit stream yet.
+        if let Some(p) = &mut self.publisher {
+            p.discard();
         }
         Ok(())
     }

@@ -912,13 +912,24 @@ const HANDOVER: usize = 256;
 pub type Outcome = Arc<dyn Fn(&Event) -> &'static str + Send + Sync>;
 
 enum Command {
+    /// Changes to send once released: the task holds them until then, so that a change whose
+    /// target transaction rolls back (a refused transaction, a lost connection) is never
+    /// published as applied.
+    Hold(Held),
+    /// Send what is held: the target committed it (or it needs no commit).
+    Release,
+    /// Drop what is held: the target rolled it back.
+    Discard,
+    Barrier(Lsn),
+    Drain(Duration, tokio::sync::oneshot::Sender<Result<Lsn>>),
+}
+
+enum Held {
     /// Changes with their outcomes, and how many queue permits they hold.
     Publish(Vec<(Event, &'static str)>, usize),
     /// A committed transaction of this source read back from disk, with what became of its
     /// changes. It holds no queue room: it is a file, read as it is published.
     PublishCopy(Replay, Side, Names, Outcome),
-    Barrier(Lsn),
-    Drain(Duration, tokio::sync::oneshot::Sender<Result<Lsn>>),
 }
 
 /// Queue room a change takes: its values' size in KiB, at least 1.
@@ -964,6 +975,8 @@ pub struct Publisher {
     room: Arc<tokio::sync::Semaphore>,
     shared: Arc<Shared>,
     task: tokio::task::JoinHandle<()>,
+    /// Changes handed over since the last release, which the task holds.
+    unreleased: bool,
     pub required: bool,
 }
 
@@ -985,6 +998,7 @@ impl Publisher {
             room,
             shared,
             task,
+            unreleased: false,
             required: cfg.required,
         })
     }
@@ -999,15 +1013,39 @@ impl Publisher {
                 .map(|(ev, _)| kib(ev))
                 .sum::<usize>()
                 .min(MAX_QUEUED_KIB);
+            // The queue is full of changes the target has not committed yet (a group or
+            // transaction larger than the queue): send them now rather than wait forever, as
+            // before holding them existed; memory stays bounded.
+            if self.unreleased && self.room.available_permits() < n {
+                self.release();
+            }
             self.room
                 .acquire_many(n as u32)
                 .await
                 .map_err(|_| self.stopped())?
                 .forget();
             let changes = std::mem::replace(&mut self.buffer, Vec::with_capacity(HANDOVER));
-            self.send(Command::Publish(changes, n))?;
+            self.send(Command::Hold(Held::Publish(changes, n)))?;
+            self.unreleased = true;
         }
         Ok(())
+    }
+
+    /// What was published so far may go out: the target committed it, or it needed no commit.
+    pub fn release(&mut self) {
+        self.hand_over_unpaid();
+        if std::mem::take(&mut self.unreleased) {
+            let _ = self.send(Command::Release);
+        }
+    }
+
+    /// What was published since the last release is void: the target rolled it back (it comes
+    /// again from the slot).
+    pub fn discard(&mut self) {
+        self.buffer.clear();
+        if std::mem::take(&mut self.unreleased) {
+            let _ = self.send(Command::Discard);
+        }
     }
 
     /// Publish a whole transaction from its spooled copy (a streamed transaction applied while
@@ -1022,12 +1060,15 @@ impl Publisher {
         outcome: Outcome,
     ) -> Result<()> {
         self.hand_over_unpaid();
-        self.send(Command::PublishCopy(copy, source, names, outcome))
+        self.unreleased = true;
+        self.send(Command::Hold(Held::PublishCopy(
+            copy, source, names, outcome,
+        )))
     }
 
-    /// Everything published so far belongs to source commits up to `lsn`.
+    /// Everything published so far belongs to source commits up to `lsn`, and is released.
     pub fn barrier(&mut self, lsn: Lsn) {
-        self.hand_over_unpaid();
+        self.release();
         // A stopped task reports why at the next `delivered`.
         let _ = self.send(Command::Barrier(lsn));
     }
@@ -1037,7 +1078,8 @@ impl Publisher {
     fn hand_over_unpaid(&mut self) {
         if !self.buffer.is_empty() {
             let changes = std::mem::replace(&mut self.buffer, Vec::with_capacity(HANDOVER));
-            let _ = self.send(Command::Publish(changes, 0));
+            let _ = self.send(Command::Hold(Held::Publish(changes, 0)));
+            self.unreleased = true;
         }
     }
 
@@ -1105,6 +1147,8 @@ async fn work(
         let (producer, topic) = (p.producer.clone(), p.topic.clone());
         move || request_producer_id(&producer, &topic)
     });
+    // Changes the target has not committed yet: sent at `Release`, dropped at `Discard`.
+    let mut held = Vec::new();
     let result: Result<()> = async {
         loop {
             let first = if p.pending() {
@@ -1122,21 +1166,16 @@ async fn work(
             // A burst of what is queued, then one look at the acknowledgements.
             for more in (0..16).rev() {
                 match c {
-                    Command::Publish(changes, permits) => {
-                        p.clock = Instant::now();
-                        for (ev, outcome) in changes {
-                            p.publish(&ev, outcome).await?;
+                    Command::Hold(h) => held.push(h),
+                    Command::Release => {
+                        for h in held.drain(..) {
+                            send_now(&mut p, h, &room).await?;
                         }
-                        room.add_permits(permits);
                     }
-                    Command::PublishCopy(mut copy, source, names, outcome) => {
-                        p.clock = Instant::now();
-                        let mut asm = Assembler::new(source).with_names(names);
-                        while let Some(msg) = copy.next_message()? {
-                            match asm.push(msg)? {
-                                Some(Item::Change(ev)) => p.publish(&ev, outcome(&ev)).await?,
-                                Some(Item::Echo(ev)) => p.publish(&ev, "skipped_echo").await?,
-                                _ => {}
+                    Command::Discard => {
+                        for h in held.drain(..) {
+                            if let Held::Publish(_, permits) = h {
+                                room.add_permits(permits);
                             }
                         }
                     }
@@ -1161,6 +1200,31 @@ async fn work(
         // Wake a publisher waiting for room: it finds the failure.
         room.close();
     }
+}
+
+/// Hand a released command's changes to librdkafka.
+async fn send_now(p: &mut Producer, h: Held, room: &tokio::sync::Semaphore) -> Result<()> {
+    match h {
+        Held::Publish(changes, permits) => {
+            p.clock = Instant::now();
+            for (ev, outcome) in changes {
+                p.publish(&ev, outcome).await?;
+            }
+            room.add_permits(permits);
+        }
+        Held::PublishCopy(mut copy, source, names, outcome) => {
+            p.clock = Instant::now();
+            let mut asm = Assembler::new(source).with_names(names);
+            while let Some(msg) = copy.next_message()? {
+                match asm.push(msg)? {
+                    Some(Item::Change(ev)) => p.publish(&ev, outcome(&ev)).await?,
+                    Some(Item::Echo(ev)) => p.publish(&ev, "skipped_echo").await?,
+                    _ => {}
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 /// librdkafka requests the idempotent producer's id when a metadata answer arrives. The first
