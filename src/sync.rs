@@ -115,14 +115,15 @@ pub async fn run(
     let mut first_err = None;
     // Before any stream starts, so each direction's checkpoint stays put during the copy; with
     // the lock kept meanwhile (a server restart during a long copy takes it along).
-    let snapshotted = match cfg.initial_snapshot {
-        true => initial_snapshot(&cfg, stop_rx.clone(), &status)
+    let snapshotted = if cfg.initial_snapshot {
+        initial_snapshot(&cfg, stop_rx.clone(), &status)
             .await
             .unwrap_or_else(|e| {
                 first_err = Some(e);
                 false
-            }),
-        false => true,
+            })
+    } else {
+        true
     };
     let watch = tokio::spawn(watch_sources(cfg.clone()));
     let mut tasks = Vec::new();

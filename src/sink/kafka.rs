@@ -1014,8 +1014,8 @@ impl Publisher {
                 .sum::<usize>()
                 .min(MAX_QUEUED_KIB);
             // The queue is full of changes the target has not committed yet (a group or
-            // transaction larger than the queue): send them now rather than wait forever, as
-            // before holding them existed; memory stays bounded.
+            // transaction larger than the queue): send them now instead of waiting forever for
+            // room. Memory stays bounded; such a transaction's events go out before its commit.
             if self.unreleased && self.room.available_permits() < n {
                 self.release();
             }
