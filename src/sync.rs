@@ -116,7 +116,7 @@ pub async fn run(
     // Before any stream starts, so each direction's checkpoint stays put during the copy; with
     // the lock kept meanwhile (a server restart during a long copy takes it along).
     let snapshotted = if cfg.initial_snapshot {
-        initial_snapshot(&cfg, stop_rx.clone(), &status)
+        initial_snapshot(&cfg, &stop_rx, &status)
             .await
             .unwrap_or_else(|e| {
                 first_err = Some(e);
@@ -183,38 +183,26 @@ async fn start(
     shutdown: &watch::Receiver<bool>,
     status: &Status,
 ) -> Result<Option<crate::lease::Lease>> {
-    let mut stop = shutdown.clone();
-    let mut backoff = Duration::from_secs(1);
-    loop {
-        let attempt: Result<_> = async {
-            let lease = crate::lease::acquire(cfg, &mut stop.clone(), &status.waiting).await?;
-            if lease.is_some() {
-                preflight(cfg).await?;
-            }
-            Ok(lease)
+    let away = |e: &anyhow::Error| {
+        e.chain().any(|c| {
+            c.downcast_ref::<db::ConnectError>()
+                .is_some_and(db::ConnectError::server_away)
+        })
+    };
+    let attempt = || async {
+        let lease = crate::lease::acquire(cfg, &mut shutdown.clone(), &status.waiting).await?;
+        if lease.is_some() {
+            preflight(cfg).await?;
         }
-        .await;
-        let away = |e: &anyhow::Error| {
-            e.chain().any(|c| {
-                c.downcast_ref::<db::ConnectError>()
-                    .is_some_and(db::ConnectError::server_away)
-            })
-        };
-        let why = match attempt {
-            Err(e) if away(&e) && !*stop.borrow() => format!("{e:#}"),
-            r => {
-                set_reason(&status.starting, None);
-                return r;
-            }
-        };
-        tracing::warn!("cannot start yet: {why}; trying again in {backoff:?}");
-        set_reason(&status.starting, Some(why));
-        tokio::select! {
-            _ = tokio::time::sleep(backoff) => {}
-            _ = stop.changed() => return Ok(None),
-        }
-        backoff = (backoff * 2).min(START_BACKOFF);
-    }
+        Ok(lease)
+    };
+    let why = Reason {
+        log: "cannot start yet: ",
+        health: "",
+    };
+    Ok(keep_trying(shutdown, status, why, away, attempt)
+        .await?
+        .flatten())
 }
 
 /// `run`'s initial snapshot, started over while a server is away or ends its sessions (a
@@ -222,31 +210,57 @@ async fn start(
 /// copied again. `false`: asked to stop (a copy under way is rolled back with its connections).
 async fn initial_snapshot(
     cfg: &Config,
-    mut stop: watch::Receiver<bool>,
+    stop: &watch::Receiver<bool>,
     status: &Status,
 ) -> Result<bool> {
+    let why = Reason {
+        log: "initial snapshot interrupted (tables copied already are kept): ",
+        health: "initial snapshot interrupted: ",
+    };
+    let copy = || crate::ops::snapshot::initial(cfg);
+    Ok(keep_trying(stop, status, why, transient, copy)
+        .await?
+        .is_some())
+}
+
+/// How a failed attempt of `run`'s start is introduced in the log and on `/health`.
+struct Reason {
+    log: &'static str,
+    health: &'static str,
+}
+
+/// Run `attempt` until it gets through or fails in a way waiting cannot fix (`passing` says
+/// which can be waited out), trying again after 1 s, doubling up to `START_BACKOFF`, with
+/// `/health`'s `starting` line saying why meanwhile. `None`: asked to stop (an attempt under way
+/// is dropped, its connections with it).
+async fn keep_trying<T, Fut>(
+    stop: &watch::Receiver<bool>,
+    status: &Status,
+    why: Reason,
+    passing: impl Fn(&anyhow::Error) -> bool,
+    attempt: impl Fn() -> Fut,
+) -> Result<Option<T>>
+where
+    Fut: std::future::Future<Output = Result<T>>,
+{
+    let mut stop = stop.clone();
     let mut backoff = Duration::from_secs(1);
     loop {
         let e = tokio::select! {
-            r = crate::ops::snapshot::initial(cfg) => match r {
-                Ok(_) => {
+            r = attempt() => match r {
+                Err(e) if passing(&e) => e,
+                r => {
                     set_reason(&status.starting, None);
-                    return Ok(true);
-                }
-                Err(e) if transient(&e) => e,
-                Err(e) => {
-                    set_reason(&status.starting, None);
-                    return Err(e);
+                    return r.map(Some);
                 }
             },
-            _ = stop.wait_for(|s| *s) => return Ok(false),
+            _ = stop.wait_for(|s| *s) => return Ok(None),
         };
-        let why = format!("initial snapshot interrupted: {e:#}");
-        tracing::warn!("{why}; trying again in {backoff:?} (tables copied already are kept)");
-        set_reason(&status.starting, Some(why));
+        tracing::warn!("{}{e:#}; trying again in {backoff:?}", why.log);
+        set_reason(&status.starting, Some(format!("{}{e:#}", why.health)));
         tokio::select! {
             _ = tokio::time::sleep(backoff) => {}
-            _ = stop.wait_for(|s| *s) => return Ok(false),
+            _ = stop.wait_for(|s| *s) => return Ok(None),
         }
         backoff = (backoff * 2).min(START_BACKOFF);
     }
