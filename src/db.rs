@@ -40,6 +40,82 @@ pub async fn connect(site: &Site, app: &str) -> Result<Client> {
     Ok(client)
 }
 
+/// Asks `site`'s server to cancel what one session is running, as libpq's `PQcancel` (psql's
+/// Ctrl-C) does, over a connection of its own. A statement waiting on an application's lock is
+/// otherwise left running when tandem lets go of its session: the server notices the closed
+/// socket only when the statement next reads or writes it, and meanwhile the session keeps the
+/// row locks it took.
+#[derive(Clone)]
+pub struct Canceller {
+    side: crate::side::Side,
+    token: tokio_postgres::CancelToken,
+    tls: Option<tokio_postgres_rustls::MakeRustlsConnect>,
+}
+
+impl Canceller {
+    /// For a session `connect` opened to `site`.
+    pub fn new(site: &Site, client: &Client) -> Result<Canceller> {
+        let url = crate::tls::parse_url(&site.url)
+            .map_err(|e| anyhow!("{}: invalid url: {e}", site.side))?;
+        let tls = match url.pg.get_ssl_mode() {
+            SslMode::Disable => None,
+            _ => Some(
+                url.tls
+                    .connector()
+                    .map_err(|e| anyhow!("{}: {e}", site.side))?,
+            ),
+        };
+        Ok(Canceller {
+            side: site.side,
+            token: client.cancel_token(),
+            tls,
+        })
+    }
+
+    /// Best effort: a session with nothing running ignores it, and a failure is only logged.
+    pub async fn cancel(&self) {
+        let r = match &self.tls {
+            None => self.token.cancel_query(tokio_postgres::NoTls).await,
+            Some(tls) => self.token.cancel_query(tls.clone()).await,
+        };
+        if let Err(e) = r {
+            tracing::warn!(side = %self.side, "could not ask the server to cancel a statement: {e}");
+        }
+    }
+}
+
+/// Cancels its sessions' statements if dropped before [`CancelOnDrop::disarm`]: for work that a
+/// stop abandons by dropping its future (`run`'s initial snapshot), whose statement may wait on
+/// an application's lock long after its connection is gone.
+pub struct CancelOnDrop(Vec<Canceller>);
+
+impl CancelOnDrop {
+    pub fn new(sessions: Vec<Canceller>) -> CancelOnDrop {
+        CancelOnDrop(sessions)
+    }
+
+    /// The work ended by itself: nothing to cancel.
+    pub fn disarm(mut self) {
+        self.0.clear();
+    }
+}
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        let sessions = std::mem::take(&mut self.0);
+        if sessions.is_empty() {
+            return;
+        }
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(async move {
+                for c in sessions {
+                    c.cancel().await;
+                }
+            });
+        }
+    }
+}
+
 /// Unless the URL says otherwise: a connect gives up after 10 s, and a connection the network
 /// dropped without a word (a NAT's or VPN's) is found within about a minute, not after the
 /// kernel's ~15 minutes of retransmissions. Data sent stays unacknowledged at most 60 s

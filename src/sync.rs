@@ -741,6 +741,14 @@ async fn direction(
                 }
                 backoff = (backoff * 2).min(MAX_BACKOFF);
             }
+            // Stopping, and the stop cancelled a statement that waited too long (`Cancellers`).
+            Err(e)
+                if *stop.borrow()
+                    && db::caused_by(&e, &tokio_postgres::error::SqlState::QUERY_CANCELED) =>
+            {
+                tracing::info!(%source, "stopped; the group in flight was cancelled and rolled back, the next start applies it again from the checkpoint");
+                return Ok(());
+            }
             // Stopping, and the connection went away meanwhile (a server restart while the
             // direction was idle is first noticed by the final checkpoint write). Nothing is
             // lost: the slot was confirmed only to what the target holds durably, and the next
@@ -870,12 +878,16 @@ async fn direction_once(
     progress.streaming.store(true, Ordering::Relaxed);
     progress.starts.fetch_add(1, Ordering::Relaxed);
     set_reason(&progress.retrying, None);
+    let cancellers = Cancellers::default();
+    cancellers.add(applier.canceller()?);
+    let _watchdog = cancellers.after_stop(stop.clone());
     let mut live = LiveState {
         cfg: cfg.clone(),
         upsert_tables: learned.upsert_tables.clone(),
         names,
         session: None,
         txn: None,
+        cancellers,
     };
     let result = stream_loop(
         &mut applier,
@@ -1045,6 +1057,53 @@ async fn idle_direction(
     result
 }
 
+/// How long a stop waits for the target's statements in flight before cancelling them. They
+/// take milliseconds, unless one waits on an application's lock: then the stop would wait as
+/// long as the application (a container runtime kills after 10 s), and the rows the group wrote
+/// would stay locked by a session nobody uses until the server noticed it was gone.
+const STOP_GRACE: Duration = Duration::from_secs(5);
+
+/// The direction's target sessions, to cancel what they run when a stop waited too long for it.
+#[derive(Clone, Default)]
+struct Cancellers(Arc<std::sync::Mutex<Vec<db::Canceller>>>);
+
+impl Cancellers {
+    fn add(&self, c: db::Canceller) {
+        self.0.lock().expect("not poisoned").push(c);
+    }
+
+    /// Until the returned guard is dropped: once `stop` turns true and [`STOP_GRACE`] passed,
+    /// cancel each session's statement, and again every second (a cancel that reaches a session
+    /// between two statements does nothing). The cancelled statement fails its group, which rolls
+    /// back and comes again from the checkpoint at the next start.
+    fn after_stop(&self, mut stop: watch::Receiver<bool>) -> AbortOnDrop {
+        let sessions = self.0.clone();
+        AbortOnDrop(tokio::spawn(async move {
+            if stop.wait_for(|s| *s).await.is_err() {
+                return;
+            }
+            tokio::time::sleep(STOP_GRACE).await;
+            tracing::warn!("stopping: the target's statement did not finish within {STOP_GRACE:?} (waiting on a lock?); cancelling it, its group rolls back and comes again at the next start");
+            loop {
+                let all = sessions.lock().expect("not poisoned").clone();
+                for c in &all {
+                    c.cancel().await;
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }))
+    }
+}
+
+/// A task that ends with its owner.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// The streamed transaction applied while in progress, in a second apply session.
 struct LiveState {
     cfg: Arc<Config>,
@@ -1053,6 +1112,8 @@ struct LiveState {
     /// Connected at the first live transaction, kept for the next.
     session: Option<Applier>,
     txn: Option<LiveTxn>,
+    /// Where the live session's canceller goes once it connects.
+    cancellers: Cancellers,
 }
 
 struct LiveTxn {
@@ -1193,6 +1254,7 @@ async fn stream_loop(
                     if live.session.is_none() {
                         let mut a =
                             Applier::connect_for_run(live.cfg.clone(), source, false).await?;
+                        live.cancellers.add(a.canceller()?);
                         a.write_plainly(live.upsert_tables.clone());
                         live.session = Some(a);
                     }

@@ -325,6 +325,9 @@ async fn runs_initial_snapshot_cut_off_by_the_server_is_tried_again() {
     tokio::time::timeout(Duration::from_secs(10), run.stop())
         .await
         .expect("a stop during the initial snapshot waited for the copy");
+    // And the copy's session does not stay behind in the lock's queue (where it would hold up
+    // the application's next lock of the table) until the application lets go.
+    wait_count(10, &fx.m, copying, 0).await;
     app.batch_execute("ROLLBACK").await.unwrap();
     let run = fx.start_nowait();
     wait_count(60, &fx.m, "SELECT count(*) FROM jobs", 20_000).await;

@@ -251,6 +251,11 @@ impl Applier {
     }
 
     /// The side whose changes this session applies (to the other).
+    /// Cancels this session's statement in flight (see [`db::Canceller`]).
+    pub fn canceller(&self) -> Result<db::Canceller> {
+        db::Canceller::new(self.cfg.site(self.source.other()), &self.client)
+    }
+
     pub fn source(&self) -> Side {
         self.source
     }

@@ -188,6 +188,17 @@ pub async fn snapshot(
 /// `run`'s start: snapshot (merge) every table that was never synchronised, from its seed.
 pub async fn initial(cfg: &Config) -> Result<Vec<Outcome>> {
     let sides = connect(cfg).await?;
+    // A stop drops this future mid-copy: the copy's statements are cancelled with it.
+    let cancel = db::CancelOnDrop::new(vec![
+        db::Canceller::new(&cfg.desktop, &sides.d)?,
+        db::Canceller::new(&cfg.mobile, &sides.m)?,
+    ]);
+    let r = initial_tables(cfg, &sides).await;
+    cancel.disarm();
+    r
+}
+
+async fn initial_tables(cfg: &Config, sides: &Sides) -> Result<Vec<Outcome>> {
     let mut out = Vec::new();
     for t in catalog::expand(&sides.d, &cfg.tables).await? {
         let Some(seed) = cfg.seed_for(&t) else {
@@ -196,7 +207,7 @@ pub async fn initial(cfg: &Config) -> Result<Vec<Outcome>> {
         if state(sides.get(seed.other()), &t).await?.as_deref() == Some("done") {
             continue;
         }
-        out.push(copy_table(cfg, &sides, &t, seed, Mode::Merge).await?);
+        out.push(copy_table(cfg, sides, &t, seed, Mode::Merge).await?);
     }
     Ok(out)
 }
