@@ -112,19 +112,18 @@ async fn protobuf_events_reach_a_real_broker_once_each() {
     let run = fx.start().await;
     tokio::join!(writes(&fx.d, 0), writes(&fx.m, 1000));
     fx.wait_equal("jobs", 60).await;
-    wait_for(60, "slots confirmed (Kafka acknowledged)", || async {
-        let mut ok = true;
-        for c in [&fx.d, &fx.m] {
-            ok &= Fixture::count(
-                c,
-                "SELECT max((pg_current_wal_lsn() - confirmed_flush_lsn)::int8) FROM pg_replication_slots \
-                 WHERE slot_name LIKE 'kafka_e2e%'",
-            )
-            .await
-                < 1 << 20;
-        }
-        ok
-    })
+    // Each slot confirmed up to the checkpoint of its rows: with `required = true` that is only
+    // once Kafka acknowledged their events. (A stop drains Kafka for at most 10 s; what is still
+    // unacknowledged then waits in the slot for the next run, which this test does not start.)
+    wait_for(
+        60,
+        "slots confirmed to their checkpoints (Kafka acknowledged)",
+        || async {
+            let (d, dm) = Fixture::slot_and_checkpoint(&fx.d, "kafka_e2e_d", &fx.m, "D>M").await;
+            let (m, md) = Fixture::slot_and_checkpoint(&fx.m, "kafka_e2e_m", &fx.d, "M>D").await;
+            d >= dm && m >= md
+        },
+    )
     .await;
     run.stop().await;
 
