@@ -37,8 +37,20 @@ pub async fn connect(site: &Site, app: &str) -> Result<Client> {
         error,
     })?;
     client.batch_execute(SESSION_SETTINGS).await?;
+    // Not in SESSION_SETTINGS: a failure there would undo the others (one implicit transaction).
+    // Before PostgreSQL 14 the parameter does not exist (nothing is set), and a platform without
+    // the check refuses the value: the session then goes without it.
+    let _ = client.batch_execute(CONNECTION_CHECK).await;
     Ok(client)
 }
+
+/// While a statement runs, the server checks every 5 s that tandem is still connected. Without
+/// it, a statement of a tandem that was killed (kill -9, an out-of-memory kill, an operator's
+/// Ctrl-C) goes on until it next reads or writes the socket: one waiting on an application's
+/// lock stays queued there, keeping the rows its transaction already locked, until the
+/// application lets go.
+const CONNECTION_CHECK: &str = "SELECT set_config(name, '5s', false) FROM pg_settings \
+     WHERE name = 'client_connection_check_interval'";
 
 /// Asks `site`'s server to cancel what one session is running, as libpq's `PQcancel` (psql's
 /// Ctrl-C) does, over a connection of its own. A statement waiting on an application's lock is

@@ -255,18 +255,33 @@ fn main() -> ExitCode {
     }
 }
 
-/// A watch that turns true on SIGINT or SIGTERM.
+/// A watch that turns true on SIGINT or SIGTERM. A second signal exits at once (128 + its
+/// number), as an impatient operator or a supervisor's escalation means: nothing is lost, the
+/// slots were confirmed only to what the targets hold, and the server ends tandem's statements
+/// in flight (`db::CONNECTION_CHECK`).
 fn shutdown_signal() -> watch::Receiver<bool> {
+    use tokio::signal::unix::{signal, SignalKind};
     let (tx, rx) = watch::channel(false);
     tokio::spawn(async move {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .expect("SIGTERM handler");
+        let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+        let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
         tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
+            _ = int.recv() => {}
             _ = term.recv() => {}
         }
-        tracing::info!("stopping: finishing the current group and checkpointing");
+        tracing::info!(
+            "stopping: finishing the current group and checkpointing (a second signal exits at once)"
+        );
         let _ = tx.send(true);
+        let code = tokio::select! {
+            _ = int.recv() => 128 + libc::SIGINT,
+            _ = term.recv() => 128 + libc::SIGTERM,
+        };
+        eprintln!(
+            "stopped at once by a second signal, without the final checkpoint: the next start \
+             resumes from the last one, and nothing is lost"
+        );
+        std::process::exit(code);
     });
     rx
 }

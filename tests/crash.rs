@@ -119,6 +119,134 @@ async fn kill_9_during_a_200k_row_transaction_then_restart_loses_and_doubles_not
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_killed_tandem_leaves_no_session_waiting_on_an_application_lock() {
+    // tandem's statement waits on a row an application on mobile holds, having locked another
+    // row already; then tandem is killed. Its session must not stay queued there (holding that
+    // row) until the application lets go.
+    let fx = Fixture::new(
+        "kill_lock",
+        "CREATE TABLE a (id int PRIMARY KEY, v text);",
+        "tables = [\"public.a\"]",
+    )
+    .await;
+    let log = std::fs::File::create(std::env::temp_dir().join("tandem-kill-lock.log")).unwrap();
+    let config = fx.config_path.to_str().unwrap().to_string();
+    let mut child = Command::new(tandem_bin())
+        .args(["--config", &config, "run"])
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    wait_for(30, "both streams up", || async {
+        streaming(&fx.d, "tandem stream D>M").await && streaming(&fx.m, "tandem stream M>D").await
+    })
+    .await;
+    fx.d.batch_execute("INSERT INTO a VALUES (1, 'd0'), (2, 'd0')")
+        .await
+        .unwrap();
+    wait_count(30, &fx.m, "SELECT count(*) FROM a", 2).await;
+    let app = common::connect(&common::clusters().mobile.url("kill_lock")).await;
+    app.batch_execute("BEGIN; UPDATE a SET v = 'app' WHERE id = 2")
+        .await
+        .unwrap();
+    fx.d.batch_execute("UPDATE a SET v = 'd1' WHERE id = 1; UPDATE a SET v = 'd1' WHERE id = 2")
+        .await
+        .unwrap();
+    let waiting = "SELECT count(*) FROM pg_stat_activity WHERE datname = 'kill_lock' \
+                   AND application_name LIKE 'tandem apply%' AND wait_event_type = 'Lock'";
+    wait_count(30, &fx.m, waiting, 1).await;
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    // The server notices the closed connection within its check interval (5 s).
+    wait_count(15, &fx.m, waiting, 0).await;
+    tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        app.batch_execute("UPDATE a SET v = 'app' WHERE id = 1; ROLLBACK"),
+    )
+    .await
+    .expect("the killed tandem's session still held row 1")
+    .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_second_signal_exits_at_once_and_the_next_run_loses_nothing() {
+    // The first SIGTERM's graceful stop waits on tandem's statement, which waits on an
+    // application's row lock; the second exits at once.
+    let fx = Fixture::new(
+        "twice",
+        "CREATE TABLE a (id int PRIMARY KEY, v text);",
+        "tables = [\"public.a\"]",
+    )
+    .await;
+    let log = std::fs::File::create(std::env::temp_dir().join("tandem-twice.log")).unwrap();
+    let config = fx.config_path.to_str().unwrap().to_string();
+    let spawn = || {
+        Command::new(tandem_bin())
+            .args(["--config", &config, "run"])
+            .stdout(Stdio::null())
+            .stderr(log.try_clone().unwrap())
+            .spawn()
+            .unwrap()
+    };
+    let mut child = spawn();
+    wait_for(30, "both streams up", || async {
+        streaming(&fx.d, "tandem stream D>M").await && streaming(&fx.m, "tandem stream M>D").await
+    })
+    .await;
+    fx.d.batch_execute("INSERT INTO a VALUES (1, 'd0')")
+        .await
+        .unwrap();
+    wait_count(30, &fx.m, "SELECT count(*) FROM a", 1).await;
+    let app = common::connect(&common::clusters().mobile.url("twice")).await;
+    app.batch_execute("BEGIN; UPDATE a SET v = 'app' WHERE id = 1")
+        .await
+        .unwrap();
+    fx.d.batch_execute("UPDATE a SET v = 'd1' WHERE id = 1")
+        .await
+        .unwrap();
+    let waiting = "SELECT count(*) FROM pg_stat_activity WHERE datname = 'twice' \
+                   AND application_name LIKE 'tandem apply%' AND wait_event_type = 'Lock'";
+    wait_count(30, &fx.m, waiting, 1).await;
+    let term = |child: &std::process::Child| {
+        // SAFETY: signalling a child we spawned and have not reaped.
+        unsafe {
+            libc::kill(child.id() as i32, libc::SIGTERM);
+        }
+    };
+    term(&child);
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "the first signal's stop did not wait for the group"
+    );
+    let asked = std::time::Instant::now();
+    term(&child);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            asked.elapsed() < std::time::Duration::from_secs(3),
+            "the second signal did not exit at once"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    assert_eq!(status.code(), Some(128 + libc::SIGTERM));
+    let text = std::fs::read_to_string(std::env::temp_dir().join("tandem-twice.log")).unwrap();
+    assert!(
+        text.contains("stopped at once by a second signal"),
+        "{text}"
+    );
+    // The server ends the abandoned statement; the update arrives with the next run.
+    wait_count(15, &fx.m, waiting, 0).await;
+    app.batch_execute("ROLLBACK").await.unwrap();
+    let mut child = spawn();
+    wait_count(30, &fx.m, "SELECT count(*) FROM a WHERE v = 'd1'", 1).await;
+    term(&child);
+    assert!(child.wait().unwrap().success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_slot_the_server_invalidated_stops_run_with_how_to_resynchronise() {
     // Clusters of its own: the WAL limit would threaten the shared clusters' other slots.
     let conf = "max_slot_wal_keep_size = 1MB";
