@@ -14,6 +14,7 @@ use common::{
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::mocking::MockCluster;
 use rdkafka::producer::DefaultProducerContext;
+use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
 use rdkafka::{ClientConfig, Message};
 use tokio_postgres::Client;
 
@@ -26,6 +27,21 @@ fn mock_kafka(partitions: i32) -> (MockCluster<'static, DefaultProducerContext>,
     cluster.create_topic(TOPIC, partitions, 1).unwrap();
     let brokers = cluster.bootstrap_servers();
     (cluster, brokers)
+}
+
+/// Kafka goes away: the broker answers every produce request with a retriable error until
+/// [`kafka_back`], so nothing is acknowledged and deliveries fail at `message.timeout.ms`. Not
+/// `broker_down`: librdkafka's mock then closes and binds its listener's port again, and aborts
+/// the whole test process when another socket took the port in between (it did once in CI).
+fn kafka_away(cluster: &MockCluster<'static, DefaultProducerContext>) {
+    cluster.request_errors(
+        RDKafkaApiKey::Produce,
+        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_NOT_ENOUGH_REPLICAS; 100_000],
+    );
+}
+
+fn kafka_back(cluster: &MockCluster<'static, DefaultProducerContext>) {
+    cluster.clear_request_errors(RDKafkaApiKey::Produce);
 }
 
 /// Every message on the topic: read until 3 s pass without a new one (after the first).
@@ -251,7 +267,7 @@ async fn with_kafka_required_an_outage_holds_the_slot_and_a_restart_resends() {
     .await;
     let fx = Fixture::with_config("kafka_down", d, m, config("kafka_down", &brokers)).await;
     let run = fx.start().await;
-    cluster.broker_down(1).unwrap();
+    kafka_away(&cluster);
     for i in 1..=30i64 {
         fx.d.execute("INSERT INTO jobs VALUES ($1, 'during outage', 0)", &[&i])
             .await
@@ -273,7 +289,7 @@ async fn with_kafka_required_an_outage_holds_the_slot_and_a_restart_resends() {
     // starts from the slot (not the target's checkpoint) and sends them.
     run.stop().await;
     assert!(slot_confirmed(&fx.d, "kafka_down_d").await < end);
-    cluster.broker_up(1).unwrap();
+    kafka_back(&cluster);
     let run = fx.start().await;
     wait_for(60, "slot confirmed once Kafka is back", || async {
         slot_confirmed(&fx.d, "kafka_down_d").await >= end
@@ -380,7 +396,7 @@ async fn without_kafka_required_events_wait_in_the_spool_and_drain() {
         .install_recorder()
         .unwrap();
     let run = fx.start().await;
-    cluster.broker_down(1).unwrap();
+    kafka_away(&cluster);
     for i in 1..=20i64 {
         fx.d.execute("INSERT INTO jobs VALUES ($1, 'spooled', 0)", &[&i])
             .await
@@ -395,7 +411,7 @@ async fn without_kafka_required_events_wait_in_the_spool_and_drain() {
     .await;
     let size = || std::fs::metadata(&spool_file).map(|m| m.len()).unwrap_or(0);
     wait_for(30, "the spool fills", || async { size() > 0 }).await;
-    cluster.broker_up(1).unwrap();
+    kafka_back(&cluster);
     wait_for(60, "the spool drains", || async { size() == 0 }).await;
     run.stop().await;
     let msgs = tokio::task::spawn_blocking(move || consume_all(&brokers))
@@ -591,7 +607,7 @@ async fn events_sent_again_after_a_restart_keep_their_conflict_outcome() {
         .unwrap();
     let (d_end, m_end) = (wal_now(&fx.d).await, wal_now(&fx.m).await);
     // Decided and applied while Kafka is away, so the events never reach it…
-    cluster.broker_down(1).unwrap();
+    kafka_away(&cluster);
     let run = fx.start().await;
     wait_for(30, "the conflict decided on both sides", || async {
         Fixture::count(&fx.m, "SELECT count(*) FROM tandem.conflicts").await == 1
@@ -600,7 +616,7 @@ async fn events_sent_again_after_a_restart_keep_their_conflict_outcome() {
     .await;
     run.stop().await;
     // …and are sent again after the restart, from the slots, with the outcome on record.
-    cluster.broker_up(1).unwrap();
+    kafka_back(&cluster);
     let run = fx.start().await;
     wait_for(60, "both slots confirmed once Kafka is back", || async {
         slot_confirmed(&fx.d, "kafka_again_d").await >= d_end
@@ -703,7 +719,7 @@ async fn a_streamed_transaction_applied_while_kafka_was_away_is_published_after_
         "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
                              AND application_name LIKE 'tandem apply % streamed %'";
     let run = fx.start().await;
-    cluster.broker_down(1).unwrap();
+    kafka_away(&cluster);
     fx.d.batch_execute(
         "INSERT INTO jobs SELECT g, 'while away', 0 FROM generate_series(1, 2000) g",
     )
@@ -719,7 +735,7 @@ async fn a_streamed_transaction_applied_while_kafka_was_away_is_published_after_
     );
     run.stop().await;
     assert!(slot_confirmed(&fx.d, "kafka_stream_away_d").await < end);
-    cluster.broker_up(1).unwrap();
+    kafka_back(&cluster);
     let run = fx.start().await;
     wait_for(60, "slot confirmed once Kafka is back", || async {
         slot_confirmed(&fx.d, "kafka_stream_away_d").await >= end
