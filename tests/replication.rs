@@ -515,6 +515,61 @@ async fn a_stop_while_the_target_waits_on_an_application_lock_cancels_the_wait()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_stale_streamed_session_holding_rows_is_ended_by_the_next_main_session() {
+    // A streamed transaction's session that the network cut off stays on the target, inside its
+    // transaction, holding its rows. When that transaction comes again whole (not streamed, so
+    // no new streamed session ends the old one), the direction's main session would wait on
+    // those rows forever: it must end the stale session of either kind when it connects.
+    let schema = "CREATE TABLE a (id int PRIMARY KEY, v text);";
+    let (d, m) = Fixture::databases("stale_streamed", schema).await;
+    for c in [&d, &m] {
+        c.batch_execute("INSERT INTO a VALUES (1, 'd0')")
+            .await
+            .unwrap();
+    }
+    let fx = Fixture::with_config(
+        "stale_streamed",
+        d,
+        m,
+        Fixture::config_text(
+            "stale_streamed",
+            "tables = [\"public.a\"]\ninitial_snapshot = false",
+        ),
+    )
+    .await;
+    let name = format!(
+        "tandem apply D>M streamed {} gone:1",
+        tandem::lease::pair_key(&fx.cfg)
+    );
+    let (stale, conn) = tokio_postgres::connect(
+        &format!(
+            "{}?application_name={}",
+            clusters().mobile.url("stale_streamed"),
+            name.replace(' ', "%20").replace('>', "%3E")
+        ),
+        tokio_postgres::NoTls,
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    stale
+        .batch_execute("BEGIN; UPDATE a SET v = 'stale' WHERE id = 1")
+        .await
+        .unwrap();
+    let run = fx.start().await;
+    fx.d.batch_execute("UPDATE a SET v = 'd1' WHERE id = 1")
+        .await
+        .unwrap();
+    wait_for(
+        30,
+        "desktop's update applied past the stale session",
+        || async { Fixture::rows(&fx.m, "a").await == ["(1,d1)"] },
+    )
+    .await;
+    run.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_row_the_target_rejects_stops_replication_naming_the_constraint() {
     // The failing batch is followed by others already sent (pipelined): the error must be the
     // rejected row's, not "current transaction is aborted" from the ones after it.

@@ -163,19 +163,27 @@ impl Applier {
         with_origin: bool,
     ) -> Result<Applier> {
         let target = source.other();
-        let kind = format!(
-            "tandem apply {}{} {}",
-            source.direction_from(),
-            if with_origin { "" } else { " streamed" },
-            crate::lease::pair_key(&cfg)
-        );
-        let client = db::connect(cfg.site(target), &crate::lease::session_name(&kind)).await?;
+        let kind = |streamed: bool| {
+            format!(
+                "tandem apply {}{} {} ",
+                source.direction_from(),
+                if streamed { " streamed" } else { "" },
+                crate::lease::pair_key(&cfg)
+            )
+        };
+        let name = crate::lease::session_name(kind(!with_origin).trim_end());
+        let client = db::connect(cfg.site(target), &name).await?;
+        // The main session connects first in each of the direction's attempts, so every session
+        // of the direction is stale then, streamed ones too: a transaction that was streamed
+        // when the network cut its session off may come again whole, applied by this session,
+        // which would wait on the stale one's rows forever.
         let ended = client
             .query(
                 "SELECT pid, pg_terminate_backend(pid) FROM pg_stat_activity \
-                 WHERE starts_with(application_name, $1) AND pid <> pg_backend_pid() \
-                   AND datname = current_database()",
-                &[&format!("{kind} ")],
+                 WHERE (starts_with(application_name, $1) \
+                        OR ($3 AND starts_with(application_name, $2))) \
+                   AND pid <> pg_backend_pid() AND datname = current_database()",
+                &[&kind(!with_origin), &kind(true), &with_origin],
             )
             .await
             .context("looking for apply sessions the network cut off")?;
