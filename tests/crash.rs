@@ -118,21 +118,16 @@ async fn kill_9_during_a_200k_row_transaction_then_restart_loses_and_doubles_not
     fx.assert_slots_within_checkpoints().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_killed_tandem_leaves_no_session_waiting_on_an_application_lock() {
-    // tandem's statement waits on a row an application on mobile holds, having locked another
-    // row already; then tandem is killed. Its session must not stay queued there (holding that
-    // row) until the application lets go.
-    let fx = Fixture::new(
-        "kill_lock",
-        "CREATE TABLE a (id int PRIMARY KEY, v text);",
-        "tables = [\"public.a\"]",
-    )
-    .await;
-    let log = std::fs::File::create(std::env::temp_dir().join("tandem-kill-lock.log")).unwrap();
-    let config = fx.config_path.to_str().unwrap().to_string();
-    let mut child = Command::new(tandem_bin())
-        .args(["--config", &config, "run"])
+/// Start `tandem run` on `fx`'s config as a process (its log in the temp dir as `log`), and
+/// wait until both its streams are up.
+async fn run_process(fx: &Fixture, log: &str) -> std::process::Child {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(std::env::temp_dir().join(log))
+        .unwrap();
+    let child = Command::new(tandem_bin())
+        .args(["--config", fx.config_path.to_str().unwrap(), "run"])
         .stdout(Stdio::null())
         .stderr(log)
         .spawn()
@@ -141,24 +136,21 @@ async fn a_killed_tandem_leaves_no_session_waiting_on_an_application_lock() {
         streaming(&fx.d, "tandem stream D>M").await && streaming(&fx.m, "tandem stream M>D").await
     })
     .await;
-    fx.d.batch_execute("INSERT INTO a VALUES (1, 'd0'), (2, 'd0')")
-        .await
-        .unwrap();
-    wait_count(30, &fx.m, "SELECT count(*) FROM a", 2).await;
-    let app = common::connect(&common::clusters().mobile.url("kill_lock")).await;
-    app.batch_execute("BEGIN; UPDATE a SET v = 'app' WHERE id = 2")
-        .await
-        .unwrap();
-    fx.d.batch_execute("UPDATE a SET v = 'd1' WHERE id = 1; UPDATE a SET v = 'd1' WHERE id = 2")
-        .await
-        .unwrap();
-    let waiting = "SELECT count(*) FROM pg_stat_activity WHERE datname = 'kill_lock' \
-                   AND application_name LIKE 'tandem apply%' AND wait_event_type = 'Lock'";
-    wait_count(30, &fx.m, waiting, 1).await;
+    child
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_killed_tandem_leaves_no_session_waiting_on_an_application_lock() {
+    // tandem's statement waits on a row an application on mobile holds, having locked another
+    // row already; then tandem is killed. Its session must not stay queued there (holding that
+    // row) until the application lets go.
+    let fx = Fixture::new("kill_lock", common::ROWS_A, "tables = [\"public.a\"]").await;
+    let mut child = run_process(&fx, "tandem-kill-lock.log").await;
+    let (app, waiting) = common::tandem_waits_on_an_application(&fx).await;
     child.kill().unwrap(); // SIGKILL
     child.wait().unwrap();
     // The server notices the closed connection within its check interval (5 s).
-    wait_count(15, &fx.m, waiting, 0).await;
+    wait_count(15, &fx.m, &waiting, 0).await;
     tokio::time::timeout(
         std::time::Duration::from_secs(10),
         app.batch_execute("UPDATE a SET v = 'app' WHERE id = 1; ROLLBACK"),
@@ -172,41 +164,11 @@ async fn a_killed_tandem_leaves_no_session_waiting_on_an_application_lock() {
 async fn a_second_signal_exits_at_once_and_the_next_run_loses_nothing() {
     // The first SIGTERM's graceful stop waits on tandem's statement, which waits on an
     // application's row lock; the second exits at once.
-    let fx = Fixture::new(
-        "twice",
-        "CREATE TABLE a (id int PRIMARY KEY, v text);",
-        "tables = [\"public.a\"]",
-    )
-    .await;
-    let log = std::fs::File::create(std::env::temp_dir().join("tandem-twice.log")).unwrap();
-    let config = fx.config_path.to_str().unwrap().to_string();
-    let spawn = || {
-        Command::new(tandem_bin())
-            .args(["--config", &config, "run"])
-            .stdout(Stdio::null())
-            .stderr(log.try_clone().unwrap())
-            .spawn()
-            .unwrap()
-    };
-    let mut child = spawn();
-    wait_for(30, "both streams up", || async {
-        streaming(&fx.d, "tandem stream D>M").await && streaming(&fx.m, "tandem stream M>D").await
-    })
-    .await;
-    fx.d.batch_execute("INSERT INTO a VALUES (1, 'd0')")
-        .await
-        .unwrap();
-    wait_count(30, &fx.m, "SELECT count(*) FROM a", 1).await;
-    let app = common::connect(&common::clusters().mobile.url("twice")).await;
-    app.batch_execute("BEGIN; UPDATE a SET v = 'app' WHERE id = 1")
-        .await
-        .unwrap();
-    fx.d.batch_execute("UPDATE a SET v = 'd1' WHERE id = 1")
-        .await
-        .unwrap();
-    let waiting = "SELECT count(*) FROM pg_stat_activity WHERE datname = 'twice' \
-                   AND application_name LIKE 'tandem apply%' AND wait_event_type = 'Lock'";
-    wait_count(30, &fx.m, waiting, 1).await;
+    let fx = Fixture::new("twice", common::ROWS_A, "tables = [\"public.a\"]").await;
+    let log = std::env::temp_dir().join("tandem-twice.log");
+    let _ = std::fs::remove_file(&log);
+    let mut child = run_process(&fx, "tandem-twice.log").await;
+    let (app, waiting) = common::tandem_waits_on_an_application(&fx).await;
     let term = |child: &std::process::Child| {
         // SAFETY: signalling a child we spawned and have not reaped.
         unsafe {
@@ -232,16 +194,16 @@ async fn a_second_signal_exits_at_once_and_the_next_run_loses_nothing() {
         std::thread::sleep(std::time::Duration::from_millis(50));
     };
     assert_eq!(status.code(), Some(128 + libc::SIGTERM));
-    let text = std::fs::read_to_string(std::env::temp_dir().join("tandem-twice.log")).unwrap();
+    let text = std::fs::read_to_string(&log).unwrap();
     assert!(
         text.contains("stopped at once by a second signal"),
         "{text}"
     );
-    // The server ends the abandoned statement; the update arrives with the next run.
-    wait_count(15, &fx.m, waiting, 0).await;
+    // The server ends the abandoned statement; the updates arrive with the next run.
+    wait_count(15, &fx.m, &waiting, 0).await;
     app.batch_execute("ROLLBACK").await.unwrap();
-    let mut child = spawn();
-    wait_count(30, &fx.m, "SELECT count(*) FROM a WHERE v = 'd1'", 1).await;
+    let mut child = run_process(&fx, "tandem-twice.log").await;
+    wait_count(30, &fx.m, "SELECT count(*) FROM a WHERE v = 'd1'", 2).await;
     term(&child);
     assert!(child.wait().unwrap().success());
 }

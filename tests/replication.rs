@@ -465,37 +465,23 @@ async fn a_deadlock_with_an_application_on_the_target_is_retried_not_a_refusal()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_stop_while_the_target_waits_on_an_application_lock_cancels_the_wait() {
-    // An application on mobile holds a row that desktop's changes update: tandem's statement
-    // waits on it. A stop (Ctrl-C, a deploy) must not wait for the application, and must not
-    // leave tandem's session behind on the server, waiting with the rows it already locked.
+    // A stop (Ctrl-C, a deploy) must not wait for the application, and must not leave tandem's
+    // session behind on the server, waiting with the rows it already locked.
     let fx = Fixture::new(
         "stop_lock",
-        "CREATE TABLE a (id int PRIMARY KEY, v text);",
+        common::ROWS_A,
         "tables = [\"public.a\"]\n[replication.direction]\n\"public.a\" = \"desktop_to_mobile\"",
     )
     .await;
     let run = fx.start().await;
-    fx.d.batch_execute("INSERT INTO a VALUES (1, 'd0'), (2, 'd0')")
-        .await
-        .unwrap();
-    wait_count(30, &fx.m, "SELECT count(*) FROM a", 2).await;
-    let app = common::connect(&clusters().mobile.url("stop_lock")).await;
-    app.batch_execute("BEGIN; UPDATE a SET v = 'app' WHERE id = 2")
-        .await
-        .unwrap();
-    fx.d.batch_execute("UPDATE a SET v = 'd1' WHERE id = 1; UPDATE a SET v = 'd1' WHERE id = 2")
-        .await
-        .unwrap();
-    let waiting = "SELECT count(*) FROM pg_stat_activity WHERE datname = 'stop_lock' \
-                   AND application_name LIKE 'tandem%' AND wait_event_type = 'Lock'";
-    wait_count(30, &fx.m, waiting, 1).await;
+    let (app, waiting) = common::tandem_waits_on_an_application(&fx).await;
     let asked = std::time::Instant::now();
     tokio::time::timeout(std::time::Duration::from_secs(20), run.stop())
         .await
         .expect("the stop waited for the application's lock");
     let took = asked.elapsed();
     // Cancelled, rolled back and gone, while the application still holds its row.
-    wait_count(10, &fx.m, waiting, 0).await;
+    wait_count(10, &fx.m, &waiting, 0).await;
     tokio::time::timeout(
         std::time::Duration::from_secs(10),
         app.batch_execute("UPDATE a SET v = 'app' WHERE id = 1"),

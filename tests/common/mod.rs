@@ -550,3 +550,31 @@ impl Proxy {
         self.cut.send_modify(|c| *c += 1);
     }
 }
+
+/// The schema of [`tandem_waits_on_an_application`]'s fixtures.
+pub const ROWS_A: &str = "CREATE TABLE a (id int PRIMARY KEY, v text);";
+
+/// With `run` streaming `fx` (table `a` of [`ROWS_A`]): desktop writes rows 1 and 2, then
+/// updates both in one transaction while an application on mobile holds row 2, so tandem's
+/// statement on mobile locks row 1 and waits. Returns the application's session (its transaction
+/// open) and a query counting tandem's sessions waiting on a lock there.
+pub async fn tandem_waits_on_an_application(fx: &Fixture) -> (Client, String) {
+    fx.d.batch_execute("INSERT INTO a VALUES (1, 'd0'), (2, 'd0')")
+        .await
+        .unwrap();
+    wait_count(30, &fx.m, "SELECT count(*) FROM a", 2).await;
+    let app = connect(&clusters().mobile.url(&fx.name)).await;
+    app.batch_execute("BEGIN; UPDATE a SET v = 'app' WHERE id = 2")
+        .await
+        .unwrap();
+    fx.d.batch_execute("UPDATE a SET v = 'd1' WHERE id = 1; UPDATE a SET v = 'd1' WHERE id = 2")
+        .await
+        .unwrap();
+    let waiting = format!(
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = '{}' \
+         AND application_name LIKE 'tandem apply%' AND wait_event_type = 'Lock'",
+        fx.name
+    );
+    wait_count(30, &fx.m, &waiting, 1).await;
+    (app, waiting)
+}
