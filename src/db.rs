@@ -3,6 +3,7 @@
 use anyhow::{anyhow, Result};
 use tokio_postgres::config::SslMode;
 use tokio_postgres::Client;
+use tokio_postgres_rustls::MakeRustlsConnect;
 
 use crate::config::{redact_url, Site};
 
@@ -18,19 +19,18 @@ pub const SESSION_SETTINGS: &str =
 
 /// Connect to `site` with `application_name` set, spawning the connection task.
 pub async fn connect(site: &Site, app: &str) -> Result<Client> {
-    let url =
-        crate::tls::parse_url(&site.url).map_err(|e| anyhow!("{}: invalid url: {e}", site.side))?;
+    let url = parse(site)?;
+    let tls = connector(site, &url)?;
     let mut cfg = url.pg;
     cfg.application_name(app);
     network_defaults(&mut cfg);
     let side = site.side;
-    let connected = if cfg.get_ssl_mode() == SslMode::Disable {
-        cfg.connect(tokio_postgres::NoTls)
+    let connected = match tls {
+        None => cfg
+            .connect(tokio_postgres::NoTls)
             .await
-            .map(|(c, conn)| drive(side, c, conn))
-    } else {
-        let tls = url.tls.connector().map_err(|e| anyhow!("{side}: {e}"))?;
-        cfg.connect(tls).await.map(|(c, conn)| drive(side, c, conn))
+            .map(|(c, conn)| drive(side, c, conn)),
+        Some(tls) => cfg.connect(tls).await.map(|(c, conn)| drive(side, c, conn)),
     };
     let client = connected.map_err(|error| ConnectError {
         message: format!("{side}: {}", describe_connect_error(&error, &site.url)),
@@ -42,6 +42,23 @@ pub async fn connect(site: &Site, app: &str) -> Result<Client> {
     // the check refuses the value: the session then goes without it.
     let _ = client.batch_execute(CONNECTION_CHECK).await;
     Ok(client)
+}
+
+fn parse(site: &Site) -> Result<crate::tls::Url> {
+    crate::tls::parse_url(&site.url).map_err(|e| anyhow!("{}: invalid url: {e}", site.side))
+}
+
+/// The TLS connector `site`'s URL asks for (`None`: `sslmode=disable`), for its sessions and for
+/// the cancel requests sent to them.
+fn connector(site: &Site, url: &crate::tls::Url) -> Result<Option<MakeRustlsConnect>> {
+    match url.pg.get_ssl_mode() {
+        SslMode::Disable => Ok(None),
+        _ => url
+            .tls
+            .connector()
+            .map(Some)
+            .map_err(|e| anyhow!("{}: {e}", site.side)),
+    }
 }
 
 /// While a statement runs, the server checks every 5 s that tandem is still connected. Without
@@ -61,26 +78,16 @@ const CONNECTION_CHECK: &str = "SELECT set_config(name, '5s', false) FROM pg_set
 pub struct Canceller {
     side: crate::side::Side,
     token: tokio_postgres::CancelToken,
-    tls: Option<tokio_postgres_rustls::MakeRustlsConnect>,
+    tls: Option<MakeRustlsConnect>,
 }
 
 impl Canceller {
     /// For a session `connect` opened to `site`.
     pub fn new(site: &Site, client: &Client) -> Result<Canceller> {
-        let url = crate::tls::parse_url(&site.url)
-            .map_err(|e| anyhow!("{}: invalid url: {e}", site.side))?;
-        let tls = match url.pg.get_ssl_mode() {
-            SslMode::Disable => None,
-            _ => Some(
-                url.tls
-                    .connector()
-                    .map_err(|e| anyhow!("{}: {e}", site.side))?,
-            ),
-        };
         Ok(Canceller {
             side: site.side,
             token: client.cancel_token(),
-            tls,
+            tls: connector(site, &parse(site)?)?,
         })
     }
 

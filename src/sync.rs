@@ -741,16 +741,10 @@ async fn direction(
                 }
                 backoff = (backoff * 2).min(MAX_BACKOFF);
             }
-            // Stopping, and the stop cancelled a statement that waited too long (`Cancellers`).
-            Err(e)
-                if *stop.borrow()
-                    && db::caused_by(&e, &tokio_postgres::error::SqlState::QUERY_CANCELED) =>
-            {
-                tracing::info!(%source, "stopped; the group in flight was cancelled and rolled back, the next start applies it again from the checkpoint");
-                return Ok(());
-            }
             // Stopping, and the connection went away meanwhile (a server restart while the
-            // direction was idle is first noticed by the final checkpoint write). Nothing is
+            // direction was idle is first noticed by the final checkpoint write), or the stop
+            // cancelled a statement that waited too long (`Cancellers`; 57014 is transient
+            // like the rest of class 57). Nothing is
             // lost: the slot was confirmed only to what the target holds durably, and the next
             // start resumes there.
             Err(e) if transient(&e) => {

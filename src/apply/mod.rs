@@ -165,13 +165,13 @@ impl Applier {
         let target = source.other();
         let kind = |streamed: bool| {
             format!(
-                "tandem apply {}{} {} ",
+                "tandem apply {}{} {}",
                 source.direction_from(),
                 if streamed { " streamed" } else { "" },
                 crate::lease::pair_key(&cfg)
             )
         };
-        let name = crate::lease::session_name(kind(!with_origin).trim_end());
+        let name = crate::lease::session_name(&kind(!with_origin));
         let client = db::connect(cfg.site(target), &name).await?;
         // The main session connects first in each of the direction's attempts, so every session
         // of the direction is stale then, streamed ones too: a transaction that was streamed
@@ -183,7 +183,11 @@ impl Applier {
                  WHERE (starts_with(application_name, $1) \
                         OR ($3 AND starts_with(application_name, $2))) \
                    AND pid <> pg_backend_pid() AND datname = current_database()",
-                &[&kind(!with_origin), &kind(true), &with_origin],
+                &[
+                    &format!("{} ", kind(!with_origin)),
+                    &format!("{} ", kind(true)),
+                    &with_origin,
+                ],
             )
             .await
             .context("looking for apply sessions the network cut off")?;
@@ -258,12 +262,12 @@ impl Applier {
         })
     }
 
-    /// The side whose changes this session applies (to the other).
     /// Cancels this session's statement in flight (see [`db::Canceller`]).
     pub fn canceller(&self) -> Result<db::Canceller> {
         db::Canceller::new(self.cfg.site(self.source.other()), &self.client)
     }
 
+    /// The side whose changes this session applies (to the other).
     pub fn source(&self) -> Side {
         self.source
     }
