@@ -43,6 +43,12 @@ fn bench_runs_every_contender_to_equal_tables_and_reports_json() {
         } else {
             assert!(m["cpu_us_per_change"].is_null(), "{m:?}");
         }
+        // The source walsender's share of the drain is read for every contender's streaming
+        // workloads (W5's copy may end before a walsender streams).
+        if m["workload"] != "W5" {
+            let busy = m["walsender_busy"].as_f64();
+            assert!(busy >= Some(0.0), "{m:?}");
+        }
     }
     // Native cannot run both ways on PostgreSQL 15; tandem does.
     assert!(ran("W3", "Tandem"), "{ms:?}");

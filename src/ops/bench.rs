@@ -151,6 +151,10 @@ pub struct Measurement {
     /// CPU time of this process (tandem's threads, librdkafka's included) over the drain, per
     /// row change; tandem contenders only (the others run in the servers).
     pub cpu_us_per_change: Option<f64>,
+    /// CPU time of the source's walsender over the drain, as a share of the drain's seconds
+    /// (the busier one for W3): near 1, the walsender decoding and sending the backlog is what
+    /// the drain waits on, whatever the contender does. `None` when it could not be read.
+    pub walsender_busy: Option<f64>,
 }
 
 #[derive(Debug, Serialize)]
@@ -400,9 +404,10 @@ async fn wait_drained(
     limit: Duration,
     t: Instant,
     alive: &dyn Fn() -> bool,
-) -> Result<(f64, f64)> {
+) -> Result<(f64, f64, Option<f64>)> {
     let deadline = Instant::now() + limit;
     let mut applied = None;
+    let walsender;
     loop {
         if !alive() {
             bail!("the contender stopped before it drained the backlog");
@@ -424,6 +429,7 @@ async fn wait_drained(
                 .get(0),
         );
         if confirmed.is_some_and(|c| c >= end) {
+            walsender = walsender_cpu_seconds(source, slot).await;
             break;
         }
         if Instant::now() > deadline {
@@ -456,7 +462,7 @@ async fn wait_drained(
         let want: String = source.query_one(DIGEST, &[]).await?.get(0);
         let got: String = target.query_one(DIGEST, &[]).await?.get(0);
         if got == want {
-            return Ok((applied.unwrap_or(drained).min(drained), drained));
+            return Ok((applied.unwrap_or(drained).min(drained), drained, walsender));
         }
         if Instant::now() > deadline {
             bail!("not equal within {limit:?} (target {got}, source {want})");
@@ -824,6 +830,7 @@ async fn measure(
     let cpu = process_cpu_seconds();
     pair.resume().await?;
     let mut times = (0.0f64, 0.0f64);
+    let mut walsender: Option<f64> = None;
     let mut result = Ok(());
     for (source, end) in ends {
         let (slot, progress) = pair.slot_and_progress(source);
@@ -841,7 +848,12 @@ async fn measure(
         )
         .await
         {
-            Ok((a, d)) => times = (times.0.max(a), times.1.max(d)),
+            Ok((a, d, w)) => {
+                times = (times.0.max(a), times.1.max(d));
+                if let Some(w) = w.map(|w| w / d) {
+                    walsender = Some(walsender.map_or(w, |b| b.max(w)));
+                }
+            }
             Err(e) => {
                 result = Err(e);
                 break;
@@ -862,6 +874,7 @@ async fn measure(
         applied_seconds,
         rows_per_s: changes as f64 / seconds,
         cpu_us_per_change: who.is_tandem().then(|| cpu * 1e6 / changes as f64),
+        walsender_busy: walsender,
     })
 }
 
@@ -987,6 +1000,28 @@ fn bench_conf(pglogical: bool) -> String {
         conf.push_str("shared_preload_libraries = 'pglogical'\n");
     }
     conf
+}
+
+/// CPU time so far of the walsender serving `slot` (a local cluster's process: the bench runs
+/// beside its servers), `None` when the slot is not active or the process cannot be read.
+async fn walsender_cpu_seconds(source: &Client, slot: &str) -> Option<f64> {
+    let pid: i32 = source
+        .query_one(
+            "SELECT active_pid FROM pg_replication_slots WHERE slot_name = $1",
+            &[&slot],
+        )
+        .await
+        .ok()?
+        .get::<_, Option<i32>>(0)?;
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name, which is in parentheses and may hold spaces: utime and
+    // stime are the 12th and 13th of them.
+    let mut rest = stat.rsplit_once(')')?.1.split_whitespace();
+    let utime: f64 = rest.nth(11)?.parse().ok()?;
+    let stime: f64 = rest.next()?.parse().ok()?;
+    // SAFETY: sysconf only reads a constant.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    Some((utime + stime) / ticks)
 }
 
 /// User and system CPU time of this process so far, all threads.
@@ -1150,12 +1185,19 @@ fn rate(v: f64) -> String {
 
 pub fn render(r: &Report) -> String {
     let mut out = format!(
-        "{:<4} {:<16} {:>10} {:>9} {:>9} {:>12} {:>14}\n",
-        "work", "contender", "changes", "applied", "drained", "rows/s", "tandem µs/row"
+        "{:<4} {:<16} {:>10} {:>9} {:>9} {:>12} {:>14} {:>10}\n",
+        "work",
+        "contender",
+        "changes",
+        "applied",
+        "drained",
+        "rows/s",
+        "tandem µs/row",
+        "walsender"
     );
     for m in &r.measurements {
         out.push_str(&format!(
-            "{:<4} {:<16} {:>10} {:>8.2}s {:>8.2}s {:>12.0} {:>14}\n",
+            "{:<4} {:<16} {:>10} {:>8.2}s {:>8.2}s {:>12.0} {:>14} {:>10}\n",
             format!("{:?}", m.workload),
             m.contender.name(),
             m.changes,
@@ -1163,7 +1205,9 @@ pub fn render(r: &Report) -> String {
             m.seconds,
             m.rows_per_s,
             m.cpu_us_per_change
-                .map_or("-".into(), |c| format!("{c:.2}"))
+                .map_or("-".into(), |c| format!("{c:.2}")),
+            m.walsender_busy
+                .map_or("-".into(), |b| format!("{:.0}%", b * 100.0))
         ));
     }
     out.push_str(&format!(
