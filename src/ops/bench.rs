@@ -404,10 +404,9 @@ async fn wait_drained(
     limit: Duration,
     t: Instant,
     alive: &dyn Fn() -> bool,
-) -> Result<(f64, f64, Option<f64>)> {
+) -> Result<(f64, f64)> {
     let deadline = Instant::now() + limit;
     let mut applied = None;
-    let walsender;
     loop {
         if !alive() {
             bail!("the contender stopped before it drained the backlog");
@@ -429,7 +428,6 @@ async fn wait_drained(
                 .get(0),
         );
         if confirmed.is_some_and(|c| c >= end) {
-            walsender = walsender_cpu_seconds(source, slot).await;
             break;
         }
         if Instant::now() > deadline {
@@ -462,7 +460,7 @@ async fn wait_drained(
         let want: String = source.query_one(DIGEST, &[]).await?.get(0);
         let got: String = target.query_one(DIGEST, &[]).await?.get(0);
         if got == want {
-            return Ok((applied.unwrap_or(drained).min(drained), drained, walsender));
+            return Ok((applied.unwrap_or(drained).min(drained), drained));
         }
         if Instant::now() > deadline {
             bail!("not equal within {limit:?} (target {got}, source {want})");
@@ -848,9 +846,12 @@ async fn measure(
         )
         .await
         {
-            Ok((a, d, w)) => {
+            Ok((a, d)) => {
                 times = (times.0.max(a), times.1.max(d));
-                if let Some(w) = w.map(|w| w / d) {
+                // The contender still streams (it stops in `finish`), so the slot's walsender
+                // is the one that drained the backlog; it has idled since.
+                if let Some(w) = walsender_cpu_seconds(pair.source(source), &slot).await {
+                    let w = w / d;
                     walsender = Some(walsender.map_or(w, |b| b.max(w)));
                 }
             }
