@@ -1605,6 +1605,45 @@ async fn an_idle_slot_keeps_up_with_writes_to_unpublished_tables() {
     run.stop().await;
 }
 
+/// The source keeps PostgreSQL's default `logical_decoding_work_mem` (64 MB); tandem lowers its own
+/// walsender's to 8 MB, so a ~22 MB transaction arrives in blocks and is applied while the source
+/// has not committed it yet (under 64 MB it would come only at its commit).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_transaction_over_8_mb_is_applied_while_in_progress_under_the_default_decoding_memory() {
+    let fx = Fixture::new("decode_cap", JOBS, JOBS_TABLES).await;
+    let url = common::clusters().desktop.url("decode_cap");
+    let a = common::connect(&url).await;
+    let run = fx.start().await;
+    a.batch_execute(
+        "BEGIN; INSERT INTO jobs SELECT g, repeat(md5(g::text), 32) FROM generate_series(1, 20000) g",
+    )
+    .await
+    .unwrap();
+    wait_for(
+        60,
+        "the target writes the open transaction's rows",
+        || async {
+            Fixture::count(
+                &fx.m,
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
+             AND application_name LIKE 'tandem apply % streamed %' AND backend_xid IS NOT NULL",
+            )
+            .await
+                == 1
+        },
+    )
+    .await;
+    assert_eq!(
+        Fixture::count(&fx.m, "SELECT count(*) FROM jobs").await,
+        0,
+        "nothing of it is visible before the source commits"
+    );
+    a.batch_execute("COMMIT").await.unwrap();
+    fx.wait_equal("jobs", 60).await;
+    assert!(streamed_txns(&fx.d, "decode_cap_d").await >= 1);
+    run.stop().await;
+}
+
 /// Large transactions come from the source while still in progress (protocol 2 streaming): one
 /// is applied as it arrives in a second session, one streamed alongside it is spooled. Each
 /// commits in commit order, without its rolled-back subtransactions, aborted ones leave nothing,
@@ -2571,6 +2610,7 @@ async fn a_slot_held_by_a_session_tandem_may_not_end_is_waited_for() {
             publication: "held_d",
             proto_version: 1,
             streaming: false,
+            decoding_memory_cap: None,
             receive_timeout: None,
         })
         .await

@@ -179,6 +179,8 @@ pub struct StartOptions<'a> {
     pub proto_version: u32,
     /// Ask for in-progress transactions (protocol 2 and up).
     pub streaming: bool,
+    /// Lower the walsender's `logical_decoding_work_mem` to this many bytes when it is higher.
+    pub decoding_memory_cap: Option<u64>,
     /// See [`crate::config::Config::receive_timeout`].
     pub receive_timeout: Option<Duration>,
 }
@@ -356,6 +358,15 @@ impl WalConnection {
         }
     }
 
+    /// Run one SQL statement (a logical replication connection takes SQL too), ignoring rows.
+    async fn execute(&mut self, sql: &str) -> Result<(), WalError> {
+        let mut out = BytesMut::new();
+        frontend::query(sql, &mut out)?;
+        self.send(&mut out).await?;
+        while !matches!(self.read().await?, Some(backend::Message::ReadyForQuery(_))) {}
+        Ok(())
+    }
+
     pub async fn identify_system(&mut self) -> Result<SystemId, WalError> {
         let mut out = BytesMut::new();
         frontend::query("IDENTIFY_SYSTEM", &mut out)?;
@@ -392,6 +403,16 @@ impl WalConnection {
     /// Start streaming. Slot and publication names were validated as plain identifiers when the
     /// config was loaded; quotes are doubled anyway.
     pub async fn start(mut self, o: StartOptions<'_>) -> Result<WalStream, WalError> {
+        if let Some(cap) = o.decoding_memory_cap {
+            // A setting of the session (or the database's, or the role's) that is lower already
+            // stays: it was chosen for the source's memory.
+            self.execute(&format!(
+                "SELECT set_config('logical_decoding_work_mem', '{}kB', false) \
+                 WHERE pg_size_bytes(current_setting('logical_decoding_work_mem')) > {cap}",
+                cap / 1024
+            ))
+            .await?;
+        }
         let mut opts = format!(
             "proto_version '{}', publication_names '{}', messages 'true'",
             o.proto_version,
