@@ -13,6 +13,7 @@
 //! | `tandem_streamed_transactions_total` | `direction`, `applied` (`live`, `spooled`) |
 //! | `tandem_live_blocked_total` | `direction` |
 //! | `tandem_reconnects_total` | `direction` |
+//! | `tandem_slot_held_total` | `direction` |
 //! | `tandem_transactions_left_out_total` | `direction` |
 
 use std::net::SocketAddr;

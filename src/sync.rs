@@ -729,12 +729,14 @@ async fn direction(
                 if e.chain().any(|c| c.is::<crate::source::stream::SlotHeld>()) {
                     // Not a lost connection: the slot's holder is named in the error.
                     tracing::warn!(%source, "{e:#}; next try in {backoff:?}");
+                    metrics::counter!("tandem_slot_held_total", "direction" => source.direction_from())
+                        .increment(1);
                 } else {
                     tracing::warn!(%source, "connection lost ({e:#}); reconnecting in {backoff:?}");
+                    metrics::counter!("tandem_reconnects_total", "direction" => source.direction_from())
+                        .increment(1);
                 }
                 set_reason(&status.from(source).retrying, Some(format!("{e:#}")));
-                metrics::counter!("tandem_reconnects_total", "direction" => source.direction_from())
-                    .increment(1);
                 tokio::select! {
                     _ = tokio::time::sleep(backoff) => {}
                     _ = stop.changed() => return Ok(()),

@@ -2615,24 +2615,40 @@ async fn a_slot_held_by_a_session_tandem_may_not_end_is_waited_for() {
         })
         .await
         .unwrap();
-    let run = fx.start_nowait();
+    let (mut child, port) = fx.run_with_metrics();
+    let health = || common::http_get(port, "/health").unwrap_or_default();
     wait_for(90, "run saying who holds the slot", || async {
-        assert!(!run.is_finished(), "run stopped while the slot was held");
-        let (code, body) = tandem::metrics::health(&run.status);
-        code == 503
+        let body = health();
+        body.starts_with("HTTP/1.1 503")
             && body.contains("D>M not streaming")
             && body.contains("slot held_d is still held by server process")
             && body.contains("(other consumer, from ")
     })
     .await;
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "run stopped while the slot was held"
+    );
+    // Waiting for a held slot is counted as that, not as a lost connection.
+    let body = scrape(port).unwrap();
+    let count = |name| common::metric(&body, name, &[("direction", "D>M")]);
+    assert!(
+        count("tandem_slot_held_total").is_some_and(|v| v.parse::<f64>().unwrap() >= 1.0),
+        "{body}"
+    );
+    assert_eq!(count("tandem_reconnects_total"), None, "{body}");
     drop(holder);
     fx.d.execute("INSERT INTO jobs (id, title) VALUES (1, 'after')", &[])
         .await
         .unwrap();
     wait_count(60, &fx.m, "SELECT count(*) FROM jobs", 1).await;
-    let (code, body) = tandem::metrics::health(&run.status);
-    assert!(code == 200 && !body.contains("reconnecting"), "{body}");
-    run.stop().await;
+    let body = health();
+    assert!(
+        body.starts_with("HTTP/1.1 200") && !body.contains("reconnecting"),
+        "{body}"
+    );
+    child.kill().unwrap();
+    child.wait().unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

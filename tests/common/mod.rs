@@ -182,7 +182,6 @@ impl Fixture {
         running
     }
 
-    /// Rows of `table` on `c` as text, ordered, for exact comparison across sides.
     /// `tandem run` of this fixture's config as a child process serving `/metrics` on a free
     /// port (`scrape` it).
     pub fn run_with_metrics(&self) -> (std::process::Child, u16) {
@@ -202,6 +201,7 @@ impl Fixture {
         (child, port)
     }
 
+    /// Rows of `table` on `c` as text, ordered, for exact comparison across sides.
     pub async fn rows(c: &Client, table: &str) -> Vec<String> {
         c.query(
             &format!("SELECT tandem_row_::text FROM {table} tandem_row_ ORDER BY 1"),
