@@ -450,7 +450,7 @@ impl Applier {
             }
             .into());
         }
-        if what.op == Op::Update && (n as usize) < what.rows {
+        if matches!(what.op, Op::Update | Op::Rekey) && (n as usize) < what.rows {
             let missing = what.rows as u64 - n;
             self.stats.missing_rows += missing;
             tracing::warn!(table = %what.table, missing, "update for rows missing on {}; skipped", self.source.other());
@@ -538,6 +538,11 @@ impl Applier {
                 // Behind a paused conflict: wait in order.
                 self.hold(&batch, 0).await?;
                 vec!["paused"; batch.rows.len()]
+            } else if batch.op == Op::Rekey {
+                // Not decided by the table's rule: the conflict lookups find rows by the new
+                // key. Applied as the source did it, rather than lose the row.
+                self.execute(&batch).await?;
+                vec!["applied"; batch.rows.len()]
             } else {
                 let (batches, outcomes) = self.resolve(&batch).await?;
                 for b in batches {
@@ -1204,6 +1209,8 @@ impl Applier {
             if paused_again || self.is_paused(table).await? {
                 paused_again = true;
                 self.hold(&batch, 0).await?;
+            } else if batch.op == Op::Rekey {
+                self.execute(&batch).await?;
             } else {
                 for b in self.resolve(&batch).await?.0 {
                     self.execute(&b).await?;

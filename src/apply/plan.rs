@@ -121,6 +121,10 @@ pub enum Op {
     Update,
     /// Delete by key.
     Delete,
+    /// Update the row of an old key in place, giving it a new key: a key change whose new image
+    /// has unchanged-TOAST columns, which the target holds only in the old key's row. `cols` is
+    /// the new image's columns followed by the key's again, for the old key's values.
+    Rekey,
 }
 
 impl Op {
@@ -129,11 +133,12 @@ impl Op {
             Op::Upsert => "upsert",
             Op::Update => "update",
             Op::Delete => "delete",
+            Op::Rekey => "rekey",
         }
     }
 
     pub fn parse(s: &str) -> Option<Op> {
-        [Op::Upsert, Op::Update, Op::Delete]
+        [Op::Upsert, Op::Update, Op::Delete, Op::Rekey]
             .into_iter()
             .find(|o| o.as_str() == s)
     }
@@ -336,9 +341,15 @@ impl Planner {
         new: &Tuple,
     ) -> Result<(), PlanError> {
         let mut key_changed = false;
+        let partial = new.contains(&Value::UnchangedToast);
         if let Some(old) = old {
             let old_key = key_of(b, &old.tuple, "update")?;
             let new_key = key_of(b, new, "update")?;
+            if old_key != new_key && partial {
+                // The unchanged values are only in the old key's row on the target: a delete and
+                // an update of the new key (which has no row) would lose the row.
+                return self.rekey(b, old, old_key, new);
+            }
             if old_key != new_key {
                 // Key change: the old row goes first, so the new key lands as a fresh row.
                 key_changed = true;
@@ -346,7 +357,6 @@ impl Planner {
                 self.push_delete(b, old_key, meta)?;
             }
         }
-        let partial = new.contains(&Value::UnchangedToast);
         let op = match (key_changed, partial) {
             (true, _) => SourceOp::Insert,
             (false, true) => SourceOp::PartialUpdate,
@@ -373,6 +383,27 @@ impl Planner {
         self.push_delete(b, key, meta)
     }
 
+    /// A key change with unchanged-TOAST columns, as one statement of its own: the old key's row
+    /// takes the new key and the sent values in place, as on the source. Alone in its batch, so
+    /// a chain of key changes never meets itself inside one statement.
+    fn rekey(
+        &mut self,
+        b: &Arc<Binding>,
+        old: &OldTuple,
+        old_key: Key,
+        new: &Tuple,
+    ) -> Result<(), PlanError> {
+        let key = key_of(b, new, "update")?;
+        let (mut cols, mut vals) = image(b, new)?;
+        cols.extend(b.target.key.iter().copied());
+        vals.extend(old_key);
+        let meta = self.meta(b, SourceOp::Update, Some(old));
+        self.flush();
+        self.push(b, Op::Rekey, (cols, vals), key, meta, Before::Unknown)?;
+        self.flush();
+        Ok(())
+    }
+
     fn push_delete(
         &mut self,
         b: &Arc<Binding>,
@@ -393,25 +424,8 @@ impl Planner {
         before: Before,
     ) -> Result<(), PlanError> {
         let key = key_of(b, tuple, what)?;
-        let mut cols = Vec::with_capacity(tuple.len());
-        let mut vals = Vec::with_capacity(tuple.len());
-        for (i, v) in tuple.iter().enumerate() {
-            let Some(t) = b.to_target[i] else { continue };
-            match v {
-                // Never written: the target keeps the value it has.
-                Value::UnchangedToast => continue,
-                Value::Null => vals.push(None),
-                Value::Text(x) => vals.push(Some(x.clone())),
-                Value::Binary(_) => {
-                    return Err(PlanError::Binary {
-                        table: b.target.name.clone(),
-                        column: b.target.columns[t].name.clone(),
-                    })
-                }
-            }
-            cols.push(t);
-        }
-        self.push(b, op, (cols, vals), key, meta, before)
+        let image = image(b, tuple)?;
+        self.push(b, op, image, key, meta, before)
     }
 
     /// Add a row: `image` is the target columns written and their values.
@@ -483,6 +497,29 @@ impl Planner {
         }
         Ok(())
     }
+}
+
+/// The target columns a tuple writes and their values.
+fn image(b: &Binding, tuple: &Tuple) -> Result<(Vec<usize>, Key), PlanError> {
+    let mut cols = Vec::with_capacity(tuple.len());
+    let mut vals = Vec::with_capacity(tuple.len());
+    for (i, v) in tuple.iter().enumerate() {
+        let Some(t) = b.to_target[i] else { continue };
+        match v {
+            // Never written: the target keeps the value it has.
+            Value::UnchangedToast => continue,
+            Value::Null => vals.push(None),
+            Value::Text(x) => vals.push(Some(x.clone())),
+            Value::Binary(_) => {
+                return Err(PlanError::Binary {
+                    table: b.target.name.clone(),
+                    column: b.target.columns[t].name.clone(),
+                })
+            }
+        }
+        cols.push(t);
+    }
+    Ok((cols, vals))
 }
 
 fn key_of(b: &Binding, tuple: &Tuple, op: &'static str) -> Result<Key, PlanError> {
@@ -651,6 +688,28 @@ mod tests {
     }
 
     #[test]
+    fn a_key_change_with_unchanged_toast_moves_the_old_row_in_place() {
+        let bd = binding();
+        let mut p = Planner::new(100, 1 << 20);
+        p.insert(&bd, &row("9", t("x"))).unwrap();
+        let old = OldTuple {
+            full: false,
+            tuple: vec![t("1"), Value::Null, Value::Null],
+        };
+        p.update(&bd, Some(&old), &row("2", Value::UnchangedToast))
+            .unwrap();
+        p.insert(&bd, &row("8", t("y"))).unwrap();
+        p.flush();
+        let r = p.take_ready();
+        let ops: Vec<Op> = r.iter().map(|b| b.op).collect();
+        // No delete of the old key: its row is the one that moves.
+        assert_eq!(ops, vec![Op::Upsert, Op::Rekey, Op::Upsert]);
+        let k = bd.target.key[0];
+        assert_eq!(r[1].cols, vec![k, k], "the new key, then the old key");
+        assert_eq!(r[1].rows, vec![vec![b("2"), b("1")]]);
+    }
+
+    #[test]
     fn null_key_is_an_error_naming_the_column() {
         let bd = binding();
         let mut p = Planner::new(100, 1 << 20);
@@ -733,6 +792,12 @@ mod tests {
                             full: false,
                             tuple: vec![Value::Text(key.clone()), Value::Null, Value::Null],
                         };
+                        // Now and then the value is TOASTed and left unchanged: it moves along.
+                        let (val, val_b) = if rnd(3) == 0 {
+                            (Value::UnchangedToast, truth[&key].clone())
+                        } else {
+                            (val, val_b)
+                        };
                         p.update(&bd, Some(&old), &vec![Value::Text(to.clone()), val, t("g")])
                             .unwrap();
                         truth.remove(&key);
@@ -779,6 +844,12 @@ mod tests {
                         }
                         Op::Delete => {
                             got.remove(&key);
+                        }
+                        Op::Rekey => {
+                            let from = row.last().unwrap().clone().unwrap();
+                            if let Some(v) = got.remove(&from) {
+                                got.insert(key, v);
+                            }
                         }
                     }
                 }

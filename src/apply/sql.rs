@@ -84,6 +84,27 @@ pub fn statement(t: &TargetTable, op: Op, cols: &[usize], fresh: bool) -> Option
             "DELETE FROM {table} AS t USING {from} WHERE {}",
             key_match()
         ),
+        Op::Rekey => {
+            // The new image's columns, then the old key's values.
+            let n = cols.len() - t.key.len();
+            let sets: Vec<String> = cols[..n]
+                .iter()
+                .enumerate()
+                .filter(|(_, &c)| t.key.contains(&c) || settable(t, c))
+                .map(|(pos, &c)| format!("{} = {}", col(c), cast(pos)))
+                .collect();
+            let old_key: Vec<String> = t
+                .key
+                .iter()
+                .enumerate()
+                .map(|(j, &k)| format!("t.{} = {}", col(k), cast(n + j)))
+                .collect();
+            format!(
+                "UPDATE {table} AS t SET {} FROM {from} WHERE {}",
+                sets.join(", "),
+                old_key.join(" AND ")
+            )
+        }
     })
 }
 
