@@ -6,13 +6,15 @@ mod common;
 
 use std::process::{Command, Stdio};
 
-use common::{audit_sql, tandem_bin, wait_count, wait_for, Fixture};
+use common::{audit_sql, tandem_bin, wait_count, wait_for, Fixture, Reaped};
 
+/// A session of `app` inside a transaction: the direction's main session, or its second one
+/// applying a streamed transaction while it is in progress (one over 8 MB, as 200,000 rows are).
 async fn apply_session_in_transaction(c: &tokio_postgres::Client, app: &str) -> bool {
     Fixture::count(
         c,
         &format!(
-            "SELECT count(*) FROM pg_stat_activity WHERE application_name ~ ('^{app}( [0-9]+ [^ ]+)?$') \
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name ~ ('^{app}( streamed)?( [0-9]+ [^ ]+)?$') \
              AND xact_start IS NOT NULL AND state <> 'idle'"
         ),
     )
@@ -39,12 +41,14 @@ async fn kill_9_during_a_200k_row_transaction_then_restart_loses_and_doubles_not
     let log = std::fs::File::create(std::env::temp_dir().join("tandem-kill9.log")).unwrap();
     let config = fx.config_path.to_str().unwrap().to_string();
     let spawn = || {
-        Command::new(tandem_bin())
-            .args(["--config", &config, "run"])
-            .stdout(Stdio::null())
-            .stderr(log.try_clone().unwrap())
-            .spawn()
-            .unwrap()
+        Reaped(
+            Command::new(tandem_bin())
+                .args(["--config", &config, "run"])
+                .stdout(Stdio::null())
+                .stderr(log.try_clone().unwrap())
+                .spawn()
+                .unwrap(),
+        )
     };
     let mut child = spawn();
     wait_for(30, "both streams up", || async {
@@ -120,18 +124,20 @@ async fn kill_9_during_a_200k_row_transaction_then_restart_loses_and_doubles_not
 
 /// Start `tandem run` on `fx`'s config as a process (its log in the temp dir as `log`), and
 /// wait until both its streams are up.
-async fn run_process(fx: &Fixture, log: &str) -> std::process::Child {
+async fn run_process(fx: &Fixture, log: &str) -> Reaped {
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(std::env::temp_dir().join(log))
         .unwrap();
-    let child = Command::new(tandem_bin())
-        .args(["--config", fx.config_path.to_str().unwrap(), "run"])
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .unwrap();
+    let child = Reaped(
+        Command::new(tandem_bin())
+            .args(["--config", fx.config_path.to_str().unwrap(), "run"])
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap(),
+    );
     wait_for(30, "both streams up", || async {
         streaming(&fx.d, "tandem stream D>M").await && streaming(&fx.m, "tandem stream M>D").await
     })

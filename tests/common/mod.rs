@@ -184,7 +184,7 @@ impl Fixture {
 
     /// `tandem run` of this fixture's config as a child process serving `/metrics` on a free
     /// port (`scrape` it).
-    pub fn run_with_metrics(&self) -> (std::process::Child, u16) {
+    pub fn run_with_metrics(&self) -> (Reaped, u16) {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
@@ -198,7 +198,7 @@ impl Fixture {
             .stderr(std::process::Stdio::null())
             .spawn()
             .unwrap();
-        (child, port)
+        (Reaped(child), port)
     }
 
     /// Rows of `table` on `c` as text, ordered, for exact comparison across sides.
@@ -577,4 +577,28 @@ pub async fn tandem_waits_on_an_application(fx: &Fixture) -> (Client, String) {
     );
     wait_count(30, &fx.m, &waiting, 1).await;
     (app, waiting)
+}
+
+/// A child process killed and reaped when dropped, so a failing test leaves no `tandem run`
+/// behind retrying against clusters that are gone.
+pub struct Reaped(pub std::process::Child);
+
+impl std::ops::Deref for Reaped {
+    type Target = std::process::Child;
+    fn deref(&self) -> &std::process::Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Reaped {
+    fn deref_mut(&mut self) -> &mut std::process::Child {
+        &mut self.0
+    }
+}
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
