@@ -810,6 +810,7 @@ async fn direction_once(
     let mut applier = Applier::connect_for_run(cfg.clone(), source, true).await?;
     applier.write_plainly(learned.upsert_tables.clone());
     let cp = checkpoint::require(applier.client(), source).await?;
+    applier.load_copied(cp.lsn).await?;
     if cp.slot_name != site.slot {
         bail!(
             "{}: the checkpoint belongs to slot {}, but the config names slot {}; run `tandem setup` again",
@@ -1254,6 +1255,9 @@ async fn stream_loop(
                         a.write_plainly(live.upsert_tables.clone());
                         live.session = Some(a);
                     }
+                    if let Some(a) = live.session.as_mut() {
+                        a.set_copied(applier.copied().clone());
+                    }
                     live_lock_timeout(applier, true).await?;
                     let mut asm = Assembler::new(source).with_names(live.names.clone());
                     // Its commit LSN and time are known at its end; nothing needs them before.
@@ -1310,6 +1314,7 @@ async fn stream_loop(
                     "direction" => source.direction_from(), "applied" => "live")
                 .increment(1);
                 live_lock_timeout(applier, false).await?;
+                applier.passed(commit.commit_lsn);
                 // In commit order: whole transactions received before this commit go first.
                 if group_end.is_some() {
                     commit_group!();

@@ -848,3 +848,43 @@ async fn a_replay_from_the_checkpoint_reaches_the_same_decisions_once() {
         vec!["update_origin_differs kept_local"; 5]
     );
 }
+
+/// A change the seed commits while the initial snapshot copies its table: the copy does not hold
+/// it, so the stream brings it after the snapshot's commit. Under last_write_wins by commit time
+/// the snapshot's rows must not count as the target's own newer writes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_change_made_during_the_initial_snapshot_is_not_lost_to_last_write_wins() {
+    let db = "cf_snap_window";
+    let (d, m) = Fixture::databases(db, "CREATE TABLE big (id bigint PRIMARY KEY, v text);").await;
+    d.batch_execute("INSERT INTO big SELECT g, md5(g::text) FROM generate_series(1, 300000) g")
+        .await
+        .unwrap();
+    let text = Fixture::config_text(db, "tables = [\"public.big\"]")
+        + "[conflicts]\npolicy = \"last_write_wins\"\n";
+    let fx = Fixture::with_config(db, d, m, text).await;
+    let copying =
+        "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'tandem snapshot' \
+                   AND query LIKE 'COPY%' AND state = 'active'";
+    let during = async {
+        wait_count(30, &fx.d, copying, 1).await;
+        fx.d.execute("UPDATE big SET v = 'during the copy' WHERE id = 1", &[])
+            .await
+            .unwrap();
+        // Committed while the copy still ran, so the copy did not see it.
+        assert_eq!(
+            Fixture::count(&fx.d, copying).await,
+            1,
+            "the copy ended first"
+        );
+    };
+    let (run, ()) = tokio::join!(fx.start(), during);
+    wait_count(30, &fx.m, "SELECT count(*) FROM big", 300_000).await;
+    wait_count(
+        30,
+        &fx.m,
+        "SELECT count(*) FROM big WHERE id = 1 AND v = 'during the copy'",
+        1,
+    )
+    .await;
+    run.stop().await;
+}

@@ -4,8 +4,8 @@
 mod common;
 
 use common::{
-    audit_sql, clusters, run_tandem, scrape, stream_from_a_few_hundred_rows, streamed_txns,
-    wait_count, wait_for, Fixture, Running,
+    audit_sql, clusters, random_history, run_tandem, scrape, stream_from_a_few_hundred_rows,
+    streamed_txns, wait_count, wait_for, Fixture, Running,
 };
 use tokio_postgres::Client;
 
@@ -1605,57 +1605,44 @@ async fn an_idle_slot_keeps_up_with_writes_to_unpublished_tables() {
     run.stop().await;
 }
 
-/// A seeded random history on `base`'s 16 keys: inserts (as upserts), updates, deletes, key
-/// changes, NULLs, updates that leave a TOASTed value unchanged, in transactions of 1 to 12
-/// statements and now and then of 300 to 600 (streamed while in progress, some with a
-/// subtransaction rolled back), a tenth of them rolled back.
-async fn random_history(c: &Client, base: i64, mut seed: u64) {
-    let mut rnd = move |n: u64| {
-        seed ^= seed << 13;
-        seed ^= seed >> 7;
-        seed ^= seed << 17;
-        seed % n
-    };
-    for txn in 0..120 {
-        let len = if rnd(15) == 0 {
-            300 + rnd(300)
-        } else {
-            1 + rnd(12)
-        };
-        let savepoint = len >= 300 && rnd(2) == 0;
-        let mut sql = String::from("BEGIN;");
-        for s in 0..len {
-            if savepoint && s == len / 2 {
-                sql.push_str("SAVEPOINT sp;");
-            }
-            if savepoint && s == len * 3 / 4 {
-                sql.push_str("ROLLBACK TO SAVEPOINT sp;");
-            }
-            let k = base + rnd(16) as i64;
-            sql.push_str(&match rnd(7) {
-                0 | 1 => format!(
-                    "INSERT INTO r VALUES ({k}, 't{txn}.{s}', {s}) \
-                     ON CONFLICT (id) DO UPDATE SET v = excluded.v, n = excluded.n;"
-                ),
-                2 => format!("UPDATE r SET n = n + 1 WHERE id = {k};"),
-                3 => format!("DELETE FROM r WHERE id = {k};"),
-                4 => {
-                    let to = base + rnd(16) as i64;
-                    format!(
-                        "UPDATE r SET id = {to}, v = 'moved {txn}.{s}' WHERE id = {k} \
-                         AND NOT EXISTS (SELECT 1 FROM r WHERE id = {to} AND {to} <> {k});"
-                    )
-                }
-                5 => format!(
-                    "UPDATE r SET big = (SELECT string_agg(md5(g || '{txn}.{s}'), '') \
-                     FROM generate_series(1, 100) g) WHERE id = {k};"
-                ),
-                _ => format!("UPDATE r SET v = NULL WHERE id = {k};"),
-            });
-        }
-        sql.push_str(if rnd(10) == 0 { "ROLLBACK;" } else { "COMMIT;" });
-        c.batch_execute(&sql).await.unwrap();
-    }
+/// A key change that left a TOASTed value unchanged, onto a key the target holds a row of its own
+/// at (a table desktop alone sends, mobile's application wrote that row): the moved row, with its
+/// unchanged value, takes the key's place, and replication goes on (before: a unique violation
+/// stopped it, naming the transaction).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_key_change_onto_a_key_the_target_holds_moves_the_row_there() {
+    let fx = Fixture::new(
+        "rekey_taken",
+        "CREATE TABLE r (id bigint PRIMARY KEY, v text, big text);",
+        "tables = [\"public.r\"]\n[replication.direction]\n\"public.r\" = \"desktop_to_mobile\"",
+    )
+    .await;
+    let run = fx.start().await;
+    fx.m.execute("INSERT INTO r VALUES (2, 'mobile''s own', 'small')", &[])
+        .await
+        .unwrap();
+    fx.d.batch_execute(
+        "INSERT INTO r SELECT 1, 'first', string_agg(md5(g::text), '') FROM generate_series(1, 200) g;",
+    )
+    .await
+    .unwrap();
+    wait_count(30, &fx.m, "SELECT count(*) FROM r WHERE id = 1", 1).await;
+    fx.d.batch_execute(
+        "UPDATE r SET id = 2, v = 'moved' WHERE id = 1; INSERT INTO r VALUES (3, 'after', NULL);",
+    )
+    .await
+    .unwrap();
+    wait_count(30, &fx.m, "SELECT count(*) FROM r WHERE id = 3", 1).await;
+    fx.wait_equal("r", 30).await;
+    assert_eq!(
+        Fixture::count(
+            &fx.m,
+            "SELECT count(*) FROM r WHERE id = 2 AND length(big) = 6400 AND v = 'moved'"
+        )
+        .await,
+        1
+    );
+    run.stop().await;
 }
 
 /// Batched apply against the sources' own row-by-row histories, through the real SQL paths:
@@ -1703,8 +1690,8 @@ async fn random_histories(name: &str, schema: &str, config: &str) -> Fixture {
     stream_from_a_few_hundred_rows(&fx.m).await;
     let run = fx.start().await;
     tokio::join!(
-        random_history(&fx.d, 0, 0x5EED),
-        random_history(&fx.m, 1000, 0xBEEF)
+        random_history(&fx.d, 0, 0x5EED, 120, false),
+        random_history(&fx.m, 1000, 0xBEEF, 120, false)
     );
     fx.wait_equal("r", 90).await;
     run.stop().await;

@@ -3,6 +3,7 @@
 
 pub mod checkpoint;
 pub mod conflict;
+pub mod copied;
 pub mod pipeline;
 pub mod plan;
 pub mod sql;
@@ -24,6 +25,7 @@ use crate::lsn::Lsn;
 use crate::side::Side;
 use crate::source::assemble::{MARKER_PREFIX, ORIGIN_PREFIX};
 use conflict::{Action, Observed, Rule};
+use copied::{Copied, CopiedTables};
 use plan::{Batch, Binding, Op, Planner, TargetTable};
 
 /// Most bytes of values in one statement. Binds only for wide rows (small ones meet `batch_rows`
@@ -120,6 +122,8 @@ pub struct Applier {
     replica_role: bool,
     /// Commit time of the latest source change applied (µs since 2000-01-01).
     last_commit_ts: i64,
+    /// Tables an initial snapshot copied while this direction stood, and what the copy holds.
+    copied: CopiedTables,
     /// Kafka audit stream, when configured.
     publisher: Option<crate::sink::kafka::Publisher>,
     /// Apply every configured table whatever its direction (repair writes where it is told to).
@@ -218,15 +222,8 @@ impl Applier {
         if !replica_role {
             tracing::info!(%target, "apply role may not set session_replication_role; target triggers will fire");
         }
-        let origin = origin_name(&cfg, source);
         let origin_ok = if with_origin {
-            client
-                .batch_execute(&format!(
-                    "SELECT pg_replication_origin_create({0}) WHERE NOT EXISTS \
-                     (SELECT 1 FROM pg_replication_origin WHERE roname = {0}); \
-                     SELECT pg_replication_origin_session_setup({0});",
-                    crate::config::quote_literal(&origin)
-                ))
+            take_origin(&client, &origin_name(&cfg, source))
                 .await
                 .map_err(|e| {
                     tracing::info!(%target, "applying without a replication origin ({}); the marker message alone prevents echo",
@@ -252,6 +249,7 @@ impl Applier {
             origin: origin_ok,
             replica_role,
             last_commit_ts: 0,
+            copied: CopiedTables::new(),
             publisher: None,
             ignore_direction: false,
             detect_conflicts: true,
@@ -461,8 +459,21 @@ impl Applier {
     async fn apply_one(&mut self, ev: &Event) -> Result<()> {
         self.planner.set_position(ev.commit_lsn, ev.commit_ts);
         self.last_commit_ts = ev.commit_ts;
+        self.passed(ev.commit_lsn);
         if !applies(&self.cfg, self.source, self.ignore_direction, &ev.change) {
             return self.publish(ev.clone(), "skipped").await;
+        }
+        let in_copy = match &ev.change {
+            Change::Insert { table, .. }
+            | Change::Update { table, .. }
+            | Change::Delete { table, .. } => self.copy_holds(&table.name, ev),
+            Change::Truncate { tables, .. } => tables
+                .iter()
+                .filter(|t| self.flows(&t.name))
+                .all(|t| self.copy_holds(&t.name, ev)),
+        };
+        if in_copy {
+            return self.publish(ev.clone(), "copied").await;
         }
         match &ev.change {
             Change::Insert { table, new } => {
@@ -487,7 +498,7 @@ impl Applier {
             } => {
                 let names: Vec<String> = tables
                     .iter()
-                    .filter(|t| self.flows(&t.name))
+                    .filter(|t| self.flows(&t.name) && !self.copy_holds(&t.name, ev))
                     .map(|t| t.name.quoted())
                     .collect();
                 self.ensure_txn(ev.commit_lsn).await?;
@@ -565,6 +576,55 @@ impl Applier {
             Some(p) => p.publish(ev, outcome).await,
             None => Ok(()),
         }
+    }
+
+    /// Read which tables an initial snapshot copied while this direction stood at `checkpoint`
+    /// (see [`copied`]): their changes the copy holds are left out.
+    pub async fn load_copied(&mut self, checkpoint: Lsn) -> Result<()> {
+        let rows = self
+            .client
+            .query(
+                "SELECT table_name, seed_snapshot, seed_lsn::text FROM tandem.snapshots \
+                 WHERE seed = $1 AND state = 'done' AND seed_lsn > $2::text::pg_lsn",
+                &[&self.source.tag().to_string(), &checkpoint.to_string()],
+            )
+            .await
+            .context("reading tandem.snapshots")?;
+        let mut copied = CopiedTables::new();
+        for r in rows {
+            let (table, snapshot, lsn): (String, String, String) = (r.get(0), r.get(1), r.get(2));
+            let c = Copied::parse(&snapshot, lsn.parse()?)
+                .with_context(|| format!("tandem.snapshots row of {table}"))?;
+            tracing::info!(%table, until = %c.lsn(), "leaving out the changes its initial snapshot copied");
+            copied.insert(table, c);
+        }
+        self.copied = copied;
+        Ok(())
+    }
+
+    pub fn copied(&self) -> &CopiedTables {
+        &self.copied
+    }
+
+    /// The copies as the direction's main session knows them (a live session's changes carry no
+    /// commit LSN to tell when the stream is past a copy).
+    pub fn set_copied(&mut self, copied: CopiedTables) {
+        self.copied = copied;
+    }
+
+    /// The stream reached a commit at `lsn`: copies read before it hold nothing from here on.
+    pub fn passed(&mut self, lsn: Lsn) {
+        if !self.copied.is_empty() && lsn != Lsn::ZERO {
+            self.copied.retain(|_, c| lsn < c.lsn());
+        }
+    }
+
+    fn copy_holds(&self, table: &TableName, ev: &Event) -> bool {
+        !self.copied.is_empty()
+            && self
+                .copied
+                .get(&table.to_string())
+                .is_some_and(|c| c.holds(ev.xid, ev.commit_lsn))
     }
 
     /// Kafka: a change of a transaction `tandem skip` left out.
@@ -1392,6 +1452,21 @@ impl Applier {
             .context("rolling back a streamed subtransaction")?;
         Ok(())
     }
+}
+
+/// Create `origin` if it is missing and run this session's commits under it.
+pub async fn take_origin(
+    client: &tokio_postgres::Client,
+    origin: &str,
+) -> Result<(), tokio_postgres::Error> {
+    client
+        .batch_execute(&format!(
+            "SELECT pg_replication_origin_create({0}) WHERE NOT EXISTS \
+             (SELECT 1 FROM pg_replication_origin WHERE roname = {0}); \
+             SELECT pg_replication_origin_session_setup({0});",
+            crate::config::quote_literal(origin)
+        ))
+        .await
 }
 
 /// The replication origin the apply session for changes from `source` runs under. Origins are

@@ -93,16 +93,27 @@ pub fn statement(t: &TargetTable, op: Op, cols: &[usize], fresh: bool) -> Option
                 .filter(|(_, &c)| t.key.contains(&c) || settable(t, c))
                 .map(|(pos, &c)| format!("{} = {}", col(c), cast(pos)))
                 .collect();
-            let old_key: Vec<String> = t
-                .key
-                .iter()
-                .enumerate()
-                .map(|(j, &k)| format!("t.{} = {}", col(k), cast(n + j)))
-                .collect();
+            let old_key = |alias: &str| {
+                t.key
+                    .iter()
+                    .enumerate()
+                    .map(|(j, &k)| format!("{alias}.{} = {}", col(k), cast(n + j)))
+                    .collect::<Vec<_>>()
+                    .join(" AND ")
+            };
+            // A row the target holds at the new key (its own, or one the source since deleted
+            // there) goes first, as long as the old key's row is there to take its place: the
+            // source moved the row, with the values it did not send. The DELETE is drawn into the
+            // UPDATE's FROM, so it runs before the moved row's key meets the unique index; the
+            // row it deleted is then dead to the index check.
             format!(
-                "UPDATE {table} AS t SET {} FROM {from} WHERE {}",
+                "WITH gone AS (DELETE FROM {table} AS t USING {from} WHERE {} \
+                 AND EXISTS (SELECT 1 FROM {table} AS x WHERE {}) RETURNING 1) \
+                 UPDATE {table} AS t SET {} FROM {from}, (SELECT count(*) FROM gone) AS g WHERE {}",
+                key_match(),
+                old_key("x"),
                 sets.join(", "),
-                old_key.join(" AND ")
+                old_key("t"),
             )
         }
     })
@@ -384,6 +395,19 @@ mod tests {
              AS u(v1, v2) WHERE t.\"id\" = u.v1::bigint"
         );
         assert_eq!(statement(&table(), Op::Update, &[0], false), None);
+    }
+
+    #[test]
+    fn a_key_change_moves_the_old_row_over_one_at_the_new_key() {
+        // Columns: the new image (id, n), then the old key.
+        assert_eq!(
+            statement(&table(), Op::Rekey, &[0, 2, 0], false).unwrap(),
+            "WITH gone AS (DELETE FROM \"public\".\"Jobs\" AS t USING unnest($1::int8[], $2::text[], $3::int8[]) \
+             AS u(v1, v2, v3) WHERE t.\"id\" = u.v1::bigint AND EXISTS (SELECT 1 FROM \"public\".\"Jobs\" AS x \
+             WHERE x.\"id\" = u.v3::bigint) RETURNING 1) UPDATE \"public\".\"Jobs\" AS t SET \"id\" = u.v1::bigint, \
+             \"n\" = u.v2::numeric(10,2) FROM unnest($1::int8[], $2::text[], $3::int8[]) AS u(v1, v2, v3), \
+             (SELECT count(*) FROM gone) AS g WHERE t.\"id\" = u.v3::bigint"
+        );
     }
 
     #[test]

@@ -43,6 +43,10 @@ pub const MIGRATIONS: &[(i32, &str)] = &[
     (3, include_str!("../../migrations/0003_conflicts.sql")),
     (4, include_str!("../../migrations/0004_paused.sql")),
     (5, include_str!("../../migrations/0005_skip.sql")),
+    (
+        6,
+        include_str!("../../migrations/0006_snapshot_position.sql"),
+    ),
 ];
 
 /// Tables as both sides have them, after validation.

@@ -6,11 +6,17 @@
 //! A failure or a kill anywhere before that commit leaves the target table untouched.
 //!
 //! Why this is consistent with streaming without an exported snapshot: the seed→target direction
-//! is not running during the copy, so its checkpoint C stays where it is, and the copy reads some
-//! state P after C. Streaming later resumes at C and replays (C, P] over the merged rows; applying
-//! a suffix of the history again in order leaves every row as it was at P (inserts, updates and
-//! deletes are idempotent upserts and deletes by key), and then continues past P. Nothing written
-//! during the copy is lost (it is after C) or doubled (re-application is idempotent).
+//! is not running during the copy, so its checkpoint C stays where it is, and the copy reads the
+//! seed at some snapshot S after C. Streaming later resumes at C. The transactions S saw are in
+//! the copy: the direction leaves their changes of this table out (S and the WAL position after
+//! it are recorded with the table's `done` row; [`crate::apply::copied`]), and applies the rest,
+//! committed during or after the copy. Nothing written during the copy is lost (it is after C and
+//! not in S) or applied twice (in S, left out).
+//!
+//! The copy runs under the seed's replication origin where the role may: last_write_wins by
+//! commit time then takes the copied rows as the seed's, older than anything its stream brings.
+//! Rows a two-way merge copies back to the seed are not filtered that way: the target's stream
+//! replays their inserts onto the seed, where they are there already (an upsert, idempotent).
 
 use std::io::IsTerminal;
 use std::sync::Arc;
@@ -23,6 +29,7 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres::Client;
 
 use crate::apply::plan::TargetTable;
+use crate::apply::{origin_name, take_origin};
 use crate::catalog;
 use crate::config::{quote_ident, Config, Direction, TableName};
 use crate::db;
@@ -91,6 +98,7 @@ async fn state(c: &Client, t: &TableName) -> Result<Option<String>> {
     .map(|r| r.get(0)))
 }
 
+/// Record `t`'s snapshot state; when done, with `rows` copied as `read` saw the seed.
 async fn mark(
     c: &Client,
     t: &TableName,
@@ -98,15 +106,49 @@ async fn mark(
     mode: Mode,
     state: &str,
     rows: Option<i64>,
+    read: Option<&Read>,
 ) -> Result<()> {
     c.execute(
-        "INSERT INTO tandem.snapshots (table_name, seed, mode, state, rows) VALUES ($1, $2, $3, $4, $5) \
+        "INSERT INTO tandem.snapshots (table_name, seed, mode, state, rows, seed_snapshot, seed_lsn) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7::text::pg_lsn) \
          ON CONFLICT (table_name) DO UPDATE SET seed = EXCLUDED.seed, mode = EXCLUDED.mode, \
-         state = EXCLUDED.state, rows = EXCLUDED.rows, updated_at = now()",
-        &[&t.to_string(), &seed.tag().to_string(), &mode.name(), &state, &rows],
+         state = EXCLUDED.state, rows = EXCLUDED.rows, seed_snapshot = EXCLUDED.seed_snapshot, \
+         seed_lsn = EXCLUDED.seed_lsn, updated_at = now()",
+        &[
+            &t.to_string(),
+            &seed.tag().to_string(),
+            &mode.name(),
+            &state,
+            &rows,
+            &read.map(|r| r.snapshot.as_str()),
+            &read.map(|r| r.lsn.as_str()),
+        ],
     )
     .await?;
     Ok(())
+}
+
+/// Where the copy read the seed (see [`crate::apply::copied`]).
+struct Read {
+    snapshot: String,
+    lsn: String,
+}
+
+/// Open the seed's REPEATABLE READ transaction the copy reads in, and note its snapshot: the
+/// first statement takes it, and the WAL insert position read in that statement comes after it.
+async fn begin_read(s: &Client) -> Result<Read> {
+    s.batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+        .await?;
+    let r = s
+        .query_one(
+            "SELECT txid_current_snapshot()::text, pg_current_wal_insert_lsn()::text",
+            &[],
+        )
+        .await?;
+    Ok(Read {
+        snapshot: r.get(0),
+        lsn: r.get(1),
+    })
 }
 
 /// Refuse while `tandem run` streams either side: the copy must not race the stream.
@@ -167,7 +209,7 @@ pub async fn snapshot(
         );
     } else {
         for t in &tables {
-            mark(target, t, seed, mode, "pending", None).await?;
+            mark(target, t, seed, mode, "pending", None, None).await?;
         }
     }
     let mut out = Vec::new();
@@ -307,6 +349,19 @@ fn key_match(meta: &TargetTable, a: &str, b: &str) -> String {
 #[error("a row written on the target during the direct copy collided with a copied one")]
 struct DirectCollided;
 
+/// Let go of the replication origins [`copy_table_via`] took: one session holds an origin at a
+/// time, and the apply sessions take them next.
+async fn release_origins(held: &[&Client]) {
+    for c in held {
+        if let Err(e) = c
+            .batch_execute("SELECT pg_replication_origin_session_reset()")
+            .await
+        {
+            tracing::debug!("letting go of a replication origin: {e}");
+        }
+    }
+}
+
 /// Snapshot one table from `seed` into the other side: straight into the table when it is
 /// empty, else through a staging table and a merge (and after a direct copy that collided).
 async fn copy_table(
@@ -380,6 +435,24 @@ async fn copy_table_via(
         ..Default::default()
     };
 
+    // The copy's rows are the seed's, written as its apply session writes them: under its
+    // replication origin, so last_write_wins by commit time takes them as older than any change
+    // the seed's stream brings next. Without, a change the seed committed during the copy (not in
+    // it) lost to the copy's later commit time on the target. Without the privilege, nothing to do:
+    // that rule then needs origins (setup says so).
+    let origins = [
+        (x, origin_name(cfg, seed)),
+        (s, origin_name(cfg, seed.other())),
+    ];
+    let mut held = Vec::new();
+    for (c, origin) in &origins {
+        match take_origin(c, origin).await {
+            Ok(()) => held.push(*c),
+            Err(e) => {
+                tracing::debug!(table = %t, "snapshot without replication origin {origin}: {e}")
+            }
+        }
+    }
     x.batch_execute("BEGIN").await?;
     let result = async {
         x.execute(
@@ -400,7 +473,7 @@ async fn copy_table_via(
             // Rows the target's application inserts meanwhile go to the seed through the
             // target's own stream; one with a key the seed has too fails the COPY (unique
             // violation), and the table is done again through the staging table.
-            s.batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY").await?;
+            let read = begin_read(s).await?;
             let copy_in = format!("COPY {table} ({list}) FROM STDIN");
             outcome.copied = pipe(s, &copy_out, x, &copy_in, t, estimate as u64)
                 .await
@@ -410,7 +483,7 @@ async fn copy_table_via(
                 })?;
             s.batch_execute("COMMIT").await?;
             outcome.inserted = outcome.copied;
-            mark(x, t, seed, mode, "done", Some(outcome.copied as i64)).await?;
+            mark(x, t, seed, mode, "done", Some(outcome.copied as i64), Some(&read)).await?;
             x.batch_execute("COMMIT").await?;
             return anyhow::Ok(());
         }
@@ -418,7 +491,7 @@ async fn copy_table_via(
             "CREATE TEMP TABLE tandem_stage ON COMMIT DROP AS SELECT {list} FROM {table} WITH NO DATA"
         ))
         .await?;
-        s.batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY").await?;
+        let read = begin_read(s).await?;
         outcome.copied = pipe(
             s,
             &copy_out,
@@ -542,7 +615,7 @@ async fn copy_table_via(
                 )
                 .await?;
         }
-        mark(x, t, seed, mode, "done", Some(outcome.copied as i64)).await?;
+        mark(x, t, seed, mode, "done", Some(outcome.copied as i64), Some(&read)).await?;
         x.batch_execute("COMMIT").await?;
         anyhow::Ok(())
     }
@@ -550,11 +623,13 @@ async fn copy_table_via(
     if let Err(e) = result {
         let _ = x.batch_execute("ROLLBACK").await;
         let _ = s.batch_execute("ROLLBACK").await;
+        release_origins(&held).await;
         return Err(e.context(format!(
             "snapshot of {t} from {seed}; {} is unchanged",
             seed.other()
         )));
     }
+    release_origins(&held).await;
     let secs = started.elapsed().as_secs_f64();
     tracing::info!(
         table = %t, %seed, mode = mode.name(), copied = outcome.copied, inserted = outcome.inserted,

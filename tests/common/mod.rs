@@ -405,6 +405,68 @@ pub async fn stream_from_a_few_hundred_rows(c: &Client) {
     .unwrap();
 }
 
+/// A seeded random history on `base`'s 16 keys: inserts (as upserts), updates, deletes, key
+/// changes, NULLs, updates that leave a TOASTed value unchanged, in transactions of 1 to 12
+/// statements and now and then of 300 to 600 (streamed while in progress, some with a
+/// subtransaction rolled back), a tenth of them rolled back; `txns` transactions. With `ledger`,
+/// each transaction also inserts one row `base * 1000 + txn` into `ledger (id bigint PRIMARY KEY,
+/// note text)`
+/// (insert-only, so each row lands exactly once on each side, whichever path applies it).
+pub async fn random_history(c: &Client, base: i64, mut seed: u64, txns: i64, ledger: bool) {
+    let mut rnd = move |n: u64| {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed % n
+    };
+    for txn in 0..txns {
+        let len = if rnd(15) == 0 {
+            300 + rnd(300)
+        } else {
+            1 + rnd(12)
+        };
+        let savepoint = len >= 300 && rnd(2) == 0;
+        let mut sql = String::from("BEGIN;");
+        if ledger {
+            sql.push_str(&format!(
+                "INSERT INTO ledger VALUES ({}, 'txn {txn}');",
+                base * 1000 + txn
+            ));
+        }
+        for s in 0..len {
+            if savepoint && s == len / 2 {
+                sql.push_str("SAVEPOINT sp;");
+            }
+            if savepoint && s == len * 3 / 4 {
+                sql.push_str("ROLLBACK TO SAVEPOINT sp;");
+            }
+            let k = base + rnd(16) as i64;
+            sql.push_str(&match rnd(7) {
+                0 | 1 => format!(
+                    "INSERT INTO r VALUES ({k}, 't{txn}.{s}', {s}) \
+                     ON CONFLICT (id) DO UPDATE SET v = excluded.v, n = excluded.n;"
+                ),
+                2 => format!("UPDATE r SET n = n + 1 WHERE id = {k};"),
+                3 => format!("DELETE FROM r WHERE id = {k};"),
+                4 => {
+                    let to = base + rnd(16) as i64;
+                    format!(
+                        "UPDATE r SET id = {to}, v = 'moved {txn}.{s}' WHERE id = {k} \
+                         AND NOT EXISTS (SELECT 1 FROM r WHERE id = {to} AND {to} <> {k});"
+                    )
+                }
+                5 => format!(
+                    "UPDATE r SET big = (SELECT string_agg(md5(g || '{txn}.{s}'), '') \
+                     FROM generate_series(1, 100) g) WHERE id = {k};"
+                ),
+                _ => format!("UPDATE r SET v = NULL WHERE id = {k};"),
+            });
+        }
+        sql.push_str(if rnd(10) == 0 { "ROLLBACK;" } else { "COMMIT;" });
+        c.batch_execute(&sql).await.unwrap();
+    }
+}
+
 /// Transactions `slot` has streamed while in progress (`pg_stat_replication_slots`).
 pub async fn streamed_txns(c: &Client, slot: &str) -> i64 {
     Fixture::count(
