@@ -810,7 +810,6 @@ async fn direction_once(
     let mut applier = Applier::connect_for_run(cfg.clone(), source, true).await?;
     applier.write_plainly(learned.upsert_tables.clone());
     let cp = checkpoint::require(applier.client(), source).await?;
-    applier.load_copied(cp.lsn).await?;
     if cp.slot_name != site.slot {
         bail!(
             "{}: the checkpoint belongs to slot {}, but the config names slot {}; run `tandem setup` again",
@@ -820,6 +819,7 @@ async fn direction_once(
         );
     }
     let source_sql = db::connect(site, "tandem check").await?;
+    applier.load_copied(&source_sql, cp.lsn).await?;
     let mut start = cp.lsn;
     if let Some(k) = &cfg.kafka {
         // Kafka may lag the target: with `required`, the slot was confirmed only to what Kafka

@@ -494,3 +494,71 @@ async fn changes_the_copy_holds_are_not_applied_again_by_the_stream() {
         .get(0);
     assert_eq!(ops, "INSERT 91, UPDATE 1");
 }
+
+/// The other way: changes mobile made between `setup` and the first `run` are in what the merge
+/// read of mobile. It overwrote them with desktop's rows (desktop seeds) or copied mobile's own
+/// rows to desktop, so mobile's stream leaves them out: both sides end with the merge's result,
+/// and desktop's trigger sees only the row copied back (before: mobile's stream then sent its
+/// update and delete to desktop, whose rows became mobile's old ones while mobile held desktop's).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn changes_the_merge_read_on_the_target_are_not_sent_back_by_its_stream() {
+    let schema = format!(
+        "{SCHEMA}\n{}\nINSERT INTO jobs (id, title) SELECT g, 'same' FROM generate_series(1, 10) g;",
+        common::audit_sql("jobs")
+    );
+    let (d, m) = Fixture::databases("snap_back", &schema).await;
+    let fx = Fixture::with_config(
+        "snap_back",
+        d,
+        m,
+        Fixture::config_text(
+            "snap_back",
+            "tables = [\"public.jobs\"]\ninitial_snapshot = false",
+        ),
+    )
+    .await;
+    fx.m.batch_execute(
+        "UPDATE jobs SET title = 'phone' WHERE id = 5;
+         DELETE FROM jobs WHERE id = 7;
+         INSERT INTO jobs (id, title) VALUES (20, 'phone''s own');",
+    )
+    .await
+    .unwrap();
+    for c in [&fx.d, &fx.m] {
+        c.batch_execute("TRUNCATE audit").await.unwrap();
+    }
+    let config = fx.config_path.to_str().unwrap();
+    let (code, _, err) = run_tandem(&["--config", config, "snapshot", "--seed", "desktop"], &[]);
+    assert_eq!(code, 0, "{err}");
+    let run = fx.start().await;
+    fx.m.execute("INSERT INTO jobs (id, title) VALUES (21, 'after')", &[])
+        .await
+        .unwrap();
+    wait_count(30, &fx.d, "SELECT count(*) FROM jobs WHERE id = 21", 1).await;
+    fx.wait_equal("jobs", 30).await;
+    run.stop().await;
+    assert_eq!(
+        Fixture::rows(&fx.d, "jobs").await,
+        [
+            "(1,same,0)",
+            "(10,same,0)",
+            "(2,same,0)",
+            "(20,\"phone's own\",0)",
+            "(21,after,0)",
+            "(3,same,0)",
+            "(4,same,0)",
+            "(5,same,0)",
+            "(6,same,0)",
+            "(7,same,0)",
+            "(8,same,0)",
+            "(9,same,0)"
+        ]
+    );
+    // Desktop's trigger: row 20 copied back, row 21 sent after.
+    assert_eq!(
+        Fixture::count(&fx.d, "SELECT count(*) FROM audit").await,
+        2,
+        "{:?}",
+        Fixture::rows(&fx.d, "audit").await
+    );
+}

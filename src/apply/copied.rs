@@ -26,8 +26,10 @@ pub struct Copied {
     lsn: Lsn,
 }
 
-/// Per copied table (its name as `tandem.snapshots` has it), for one direction.
-pub type CopiedTables = HashMap<String, Copied>;
+/// Per copied table (its name as `tandem.snapshots` has it), for one direction: the copy of it
+/// from this direction's source, and the merge that read it on this direction's source when it
+/// was the target of a copy the other way (changes either holds are left out).
+pub type CopiedTables = HashMap<String, Vec<Copied>>;
 
 impl Copied {
     /// `snapshot` as `txid_current_snapshot()::text` prints it: `xmin:xmax:xip,xip,…`.

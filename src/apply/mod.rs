@@ -578,25 +578,40 @@ impl Applier {
         }
     }
 
-    /// Read which tables an initial snapshot copied while this direction stood at `checkpoint`
-    /// (see [`copied`]): their changes the copy holds are left out.
-    pub async fn load_copied(&mut self, checkpoint: Lsn) -> Result<()> {
-        let rows = self
+    /// Read what initial snapshots took in while this direction stood at `checkpoint` (see
+    /// [`copied`]): copies from this direction's source (recorded on the target), and merges
+    /// that read its source as their target (recorded on `source`). Their changes are left out.
+    pub async fn load_copied(&mut self, source: &Client, checkpoint: Lsn) -> Result<()> {
+        let sql = |which: &str| {
+            format!(
+                "SELECT table_name, {which}_snapshot, {which}_lsn::text FROM tandem.snapshots \
+                 WHERE seed = $1 AND state = 'done' AND {which}_lsn > $2::text::pg_lsn"
+            )
+        };
+        let checkpoint = checkpoint.to_string();
+        let copies = self
             .client
+            .query(&sql("seed"), &[&self.source.tag().to_string(), &checkpoint])
+            .await
+            .with_context(|| format!("reading tandem.snapshots on {}", self.source.other()))?;
+        let merges = source
             .query(
-                "SELECT table_name, seed_snapshot, seed_lsn::text FROM tandem.snapshots \
-                 WHERE seed = $1 AND state = 'done' AND seed_lsn > $2::text::pg_lsn",
-                &[&self.source.tag().to_string(), &checkpoint.to_string()],
+                &sql("back"),
+                &[&self.source.other().tag().to_string(), &checkpoint],
             )
             .await
-            .context("reading tandem.snapshots")?;
+            .with_context(|| format!("reading tandem.snapshots on {}", self.source))?;
         let mut copied = CopiedTables::new();
-        for r in rows {
+        for (r, what) in copies
+            .iter()
+            .map(|r| (r, "copy"))
+            .chain(merges.iter().map(|r| (r, "merge")))
+        {
             let (table, snapshot, lsn): (String, String, String) = (r.get(0), r.get(1), r.get(2));
             let c = Copied::parse(&snapshot, lsn.parse()?)
                 .with_context(|| format!("tandem.snapshots row of {table}"))?;
-            tracing::info!(%table, until = %c.lsn(), "leaving out the changes its initial snapshot copied");
-            copied.insert(table, c);
+            tracing::info!(%table, until = %c.lsn(), "leaving out the changes its initial snapshot's {what} holds");
+            copied.entry(table).or_default().push(c);
         }
         self.copied = copied;
         Ok(())
@@ -615,7 +630,10 @@ impl Applier {
     /// The stream reached a commit at `lsn`: copies read before it hold nothing from here on.
     pub fn passed(&mut self, lsn: Lsn) {
         if !self.copied.is_empty() && lsn != Lsn::ZERO {
-            self.copied.retain(|_, c| lsn < c.lsn());
+            self.copied.retain(|_, cs| {
+                cs.retain(|c| lsn < c.lsn());
+                !cs.is_empty()
+            });
         }
     }
 
@@ -624,7 +642,7 @@ impl Applier {
             && self
                 .copied
                 .get(&table.to_string())
-                .is_some_and(|c| c.holds(ev.xid, ev.commit_lsn))
+                .is_some_and(|cs| cs.iter().any(|c| c.holds(ev.xid, ev.commit_lsn)))
     }
 
     /// Kafka: a change of a transaction `tandem skip` left out.

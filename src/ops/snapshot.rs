@@ -15,8 +15,9 @@
 //!
 //! The copy runs under the seed's replication origin where the role may: last_write_wins by
 //! commit time then takes the copied rows as the seed's, older than anything its stream brings.
-//! Rows a two-way merge copies back to the seed are not filtered that way: the target's stream
-//! replays their inserts onto the seed, where they are there already (an upsert, idempotent).
+//! The merge's read of the target is recorded the same way: the target→seed stream leaves out the
+//! target's changes of this table that the merge saw (it replaced them with the seed's rows, or
+//! copied them to the seed).
 
 use std::io::IsTerminal;
 use std::sync::Arc;
@@ -98,7 +99,9 @@ async fn state(c: &Client, t: &TableName) -> Result<Option<String>> {
     .map(|r| r.get(0)))
 }
 
-/// Record `t`'s snapshot state; when done, with `rows` copied as `read` saw the seed.
+/// Record `t`'s snapshot state; when done, with `rows` copied as `seed_read` saw the seed, and
+/// merged as `back_read` saw the target.
+#[allow(clippy::too_many_arguments)]
 async fn mark(
     c: &Client,
     t: &TableName,
@@ -106,40 +109,43 @@ async fn mark(
     mode: Mode,
     state: &str,
     rows: Option<i64>,
-    read: Option<&Read>,
+    seed_read: Option<&Read>,
+    back_read: Option<&Read>,
 ) -> Result<()> {
     c.execute(
-        "INSERT INTO tandem.snapshots (table_name, seed, mode, state, rows, seed_snapshot, seed_lsn) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7::text::pg_lsn) \
+        "INSERT INTO tandem.snapshots (table_name, seed, mode, state, rows, seed_snapshot, seed_lsn, \
+         back_snapshot, back_lsn) VALUES ($1, $2, $3, $4, $5, $6, $7::text::pg_lsn, $8, $9::text::pg_lsn) \
          ON CONFLICT (table_name) DO UPDATE SET seed = EXCLUDED.seed, mode = EXCLUDED.mode, \
          state = EXCLUDED.state, rows = EXCLUDED.rows, seed_snapshot = EXCLUDED.seed_snapshot, \
-         seed_lsn = EXCLUDED.seed_lsn, updated_at = now()",
+         seed_lsn = EXCLUDED.seed_lsn, back_snapshot = EXCLUDED.back_snapshot, \
+         back_lsn = EXCLUDED.back_lsn, updated_at = now()",
         &[
             &t.to_string(),
             &seed.tag().to_string(),
             &mode.name(),
             &state,
             &rows,
-            &read.map(|r| r.snapshot.as_str()),
-            &read.map(|r| r.lsn.as_str()),
+            &seed_read.map(|r| r.snapshot.as_str()),
+            &seed_read.map(|r| r.lsn.as_str()),
+            &back_read.map(|r| r.snapshot.as_str()),
+            &back_read.map(|r| r.lsn.as_str()),
         ],
     )
     .await?;
     Ok(())
 }
 
-/// Where the copy read the seed (see [`crate::apply::copied`]).
+/// Where a read saw one side (see [`crate::apply::copied`]): the snapshot of the statement, and
+/// that side's WAL insert position read in it, after the snapshot was taken.
 struct Read {
     snapshot: String,
     lsn: String,
 }
 
-/// Open the seed's REPEATABLE READ transaction the copy reads in, and note its snapshot: the
-/// first statement takes it, and the WAL insert position read in that statement comes after it.
-async fn begin_read(s: &Client) -> Result<Read> {
-    s.batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY")
-        .await?;
-    let r = s
+/// [`Read`] of a statement of its own on `c`: in a REPEATABLE READ transaction's first statement,
+/// the transaction's snapshot.
+async fn read_position(c: &Client) -> Result<Read> {
+    let r = c
         .query_one(
             "SELECT txid_current_snapshot()::text, pg_current_wal_insert_lsn()::text",
             &[],
@@ -149,6 +155,13 @@ async fn begin_read(s: &Client) -> Result<Read> {
         snapshot: r.get(0),
         lsn: r.get(1),
     })
+}
+
+/// Open the seed's REPEATABLE READ transaction the copy reads in, and note where it reads.
+async fn begin_read(s: &Client) -> Result<Read> {
+    s.batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+        .await?;
+    read_position(s).await
 }
 
 /// Refuse while `tandem run` streams either side: the copy must not race the stream.
@@ -209,7 +222,7 @@ pub async fn snapshot(
         );
     } else {
         for t in &tables {
-            mark(target, t, seed, mode, "pending", None, None).await?;
+            mark(target, t, seed, mode, "pending", None, None, None).await?;
         }
     }
     let mut out = Vec::new();
@@ -465,11 +478,26 @@ async fn copy_table_via(
             .filter(t, seed)
             .map_or(String::new(), |f| format!(" WHERE ({f})"));
         let copy_out = format!("COPY (SELECT {list} FROM {table}{seed_rows}) TO STDOUT");
-        let direct = direct
-            && x.query_one(&format!("SELECT NOT EXISTS (SELECT 1 FROM {table})"), &[])
-                .await?
-                .get::<_, bool>(0);
-        if direct {
+        // The target's transactions this statement sees are all of the table it holds: the
+        // target→seed stream leaves their changes of it out (the copy replaces them).
+        let empty = if direct {
+            let r = x
+                .query_one(
+                    &format!(
+                        "SELECT NOT EXISTS (SELECT 1 FROM {table}), txid_current_snapshot()::text, \
+                         pg_current_wal_insert_lsn()::text"
+                    ),
+                    &[],
+                )
+                .await?;
+            r.get::<_, bool>(0).then(|| Read {
+                snapshot: r.get(1),
+                lsn: r.get(2),
+            })
+        } else {
+            None
+        };
+        if let Some(back) = empty {
             // Rows the target's application inserts meanwhile go to the seed through the
             // target's own stream; one with a key the seed has too fails the COPY (unique
             // violation), and the table is done again through the staging table.
@@ -483,7 +511,8 @@ async fn copy_table_via(
                 })?;
             s.batch_execute("COMMIT").await?;
             outcome.inserted = outcome.copied;
-            mark(x, t, seed, mode, "done", Some(outcome.copied as i64), Some(&read)).await?;
+            mark(x, t, seed, mode, "done", Some(outcome.copied as i64), Some(&read), Some(&back))
+                .await?;
             x.batch_execute("COMMIT").await?;
             return anyhow::Ok(());
         }
@@ -514,6 +543,12 @@ async fn copy_table_via(
             "SELECT {list} FROM {table} t WHERE {back_rows}NOT EXISTS (SELECT 1 FROM pg_temp.tandem_stage s WHERE {})",
             key_match(&meta, "s", "t")
         );
+        // What the merge reads of the target from here on (the copy back, the update and insert
+        // just after it) is taken as what this statement sees; the target→seed stream leaves the
+        // changes of this table that it saw out. A target transaction committing between this
+        // and the merge's UPDATE is still sent to the seed; if the UPDATE set its row to the
+        // seed's, the sides differ on that row (the same race any merge without a table lock has).
+        let back = read_position(x).await?;
         // Merge of a two-way table: the target's own rows go to the seed as well (marked, so the
         // seed's stream does not send them back), before the target commits; a rerun after a
         // failure repeats this harmlessly (DO NOTHING).
@@ -615,7 +650,8 @@ async fn copy_table_via(
                 )
                 .await?;
         }
-        mark(x, t, seed, mode, "done", Some(outcome.copied as i64), Some(&read)).await?;
+        mark(x, t, seed, mode, "done", Some(outcome.copied as i64), Some(&read), Some(&back))
+            .await?;
         x.batch_execute("COMMIT").await?;
         anyhow::Ok(())
     }
