@@ -448,11 +448,25 @@ async fn snapshot_meeting(
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn changes_the_copy_holds_are_not_applied_again_by_the_stream() {
     let schema = format!("{SCHEMA}\n{}", common::audit_sql("jobs"));
-    let fx = Fixture::new("snap_once", &schema, "tables = [\"public.jobs\"]").await;
+    let (d, m) = Fixture::databases("snap_once", &schema).await;
+    d.batch_execute("INSERT INTO jobs (id, title) SELECT g, 'd' FROM generate_series(1, 2000) g")
+        .await
+        .unwrap();
+    let fx = Fixture::with_config(
+        "snap_once",
+        d,
+        m,
+        Fixture::config_text("snap_once", "tables = [\"public.jobs\"]"),
+    )
+    .await;
+    // The update of 1,990 rows is streamed while in progress when replayed: its changes come to
+    // a second session with no commit LSN yet, whose plain UPDATEs of rows the copy holds would
+    // go through (that session left out nothing, the test failed).
+    common::stream_from_a_few_hundred_rows(&fx.d).await;
     fx.d.batch_execute(
-        "INSERT INTO jobs (id, title) SELECT g, 'd' FROM generate_series(1, 100) g;
-         UPDATE jobs SET n = 1 WHERE id <= 50;
-         DELETE FROM jobs WHERE id > 90;
+        "UPDATE jobs SET n = 1 WHERE id <= 1990;
+         INSERT INTO jobs (id, title) SELECT g, 'd' FROM generate_series(2001, 2010) g;
+         DELETE FROM jobs WHERE id > 1990;
          TRUNCATE audit;",
     )
     .await
@@ -462,18 +476,19 @@ async fn changes_the_copy_holds_are_not_applied_again_by_the_stream() {
     assert_eq!(code, 0, "{err}");
     assert_eq!(
         Fixture::count(&fx.m, "SELECT count(*) FROM audit WHERE op = 'INSERT'").await,
-        90
+        1990
     );
     fx.m.execute("UPDATE jobs SET title = 'phone' WHERE id = 5", &[])
         .await
         .unwrap();
     let run = fx.start().await;
-    fx.d.execute("INSERT INTO jobs (id, title) VALUES (1000, 'after')", &[])
+    fx.d.execute("INSERT INTO jobs (id, title) VALUES (10000, 'after')", &[])
         .await
         .unwrap();
-    wait_count(30, &fx.m, "SELECT count(*) FROM jobs WHERE id = 1000", 1).await;
+    wait_count(30, &fx.m, "SELECT count(*) FROM jobs WHERE id = 10000", 1).await;
     fx.wait_equal("jobs", 30).await;
     run.stop().await;
+    assert!(common::streamed_txns(&fx.d, "snap_once_d").await >= 1);
     assert_eq!(
         Fixture::count(
             &fx.d,
@@ -482,7 +497,7 @@ async fn changes_the_copy_holds_are_not_applied_again_by_the_stream() {
         .await,
         1
     );
-    // Mobile's trigger: the copy's 90 inserts, its own update, the row inserted after.
+    // Mobile's trigger: the copy's 1,990 inserts, its own update, the row inserted after.
     let ops: String =
         fx.m.query_one(
             "SELECT string_agg(op || ' ' || n, ', ' ORDER BY op) \
@@ -492,7 +507,7 @@ async fn changes_the_copy_holds_are_not_applied_again_by_the_stream() {
         .await
         .unwrap()
         .get(0);
-    assert_eq!(ops, "INSERT 91, UPDATE 1");
+    assert_eq!(ops, "INSERT 1991, UPDATE 1");
 }
 
 /// The other way: changes mobile made between `setup` and the first `run` are in what the merge
