@@ -543,40 +543,6 @@ async fn copy_table_via(
             "SELECT {list} FROM {table} t WHERE {back_rows}NOT EXISTS (SELECT 1 FROM pg_temp.tandem_stage s WHERE {})",
             key_match(&meta, "s", "t")
         );
-        // What the merge reads of the target from here on (the copy back, the update and insert
-        // just after it) is taken as what this statement sees; the target→seed stream leaves the
-        // changes of this table that it saw out. A target transaction committing between this
-        // and the merge's UPDATE is still sent to the seed; if the UPDATE set its row to the
-        // seed's, the sides differ on that row (the same race any merge without a table lock has).
-        let back = read_position(x).await?;
-        // Merge of a two-way table: the target's own rows go to the seed as well (marked, so the
-        // seed's stream does not send them back), before the target commits; a rerun after a
-        // failure repeats this harmlessly (DO NOTHING).
-        if mode == Mode::Merge && cfg.direction(t) == Direction::Both {
-            s.batch_execute("BEGIN").await?;
-            s.execute(
-                "SELECT pg_logical_emit_message(true, $1, $2)",
-                &[&MARKER_PREFIX, &format!("snapshot back {} {t}", seed.other().tag())],
-            )
-            .await?;
-            s.batch_execute(&format!(
-                "CREATE TEMP TABLE tandem_back ON COMMIT DROP AS SELECT {list} FROM {table} WITH NO DATA"
-            ))
-            .await?;
-            pipe(x, &format!("COPY ({target_only}) TO STDOUT"), s, &format!("COPY pg_temp.tandem_back ({list}) FROM STDIN"), t, 0)
-                .await?;
-            outcome.copied_back = s
-                .execute(
-                    &format!(
-                        "INSERT INTO {table} ({list}){overriding} SELECT {list} FROM pg_temp.tandem_back \
-                         ON CONFLICT ({}) DO NOTHING",
-                        keys.join(", ")
-                    ),
-                    &[],
-                )
-                .await?;
-            s.batch_execute("COMMIT").await?;
-        }
         // Two statements, not one INSERT … ON CONFLICT DO UPDATE: its speculative insertion
         // cost twice a plain insert per new row, and as much again per row already there (2M
         // rows: 5.4 s into an empty table against 2.5 s; 5.2 s over an equal one against 3.2 s).
@@ -616,6 +582,14 @@ async fn copy_table_via(
             qualify("s"),
             key_match(&meta, "t", "s")
         );
+        // What the merge reads of the target from here on (the update and insert just after, the
+        // copy back) is taken as what this statement sees: the target→seed stream leaves this
+        // table's changes it saw out. A target transaction committing in the moment before the
+        // UPDATE is still sent to the seed; if the UPDATE gave its row the seed's version, the
+        // sides differ on that row (the race any merge that does not lock the table has). One
+        // committing before the copy back reads a row only the target has goes to the seed twice
+        // (copied, then sent: an upsert of the same values).
+        let back = read_position(x).await?;
         let mut collisions = 0;
         loop {
             if let Some(update) = &update {
@@ -637,6 +611,34 @@ async fn copy_table_via(
                 }
                 Err(e) => return Err(e.into()),
             }
+        }
+        // Merge of a two-way table: the target's own rows go to the seed as well (marked, so the
+        // seed's stream does not send them back), before the target commits; a rerun after a
+        // failure repeats this harmlessly (DO NOTHING).
+        if mode == Mode::Merge && cfg.direction(t) == Direction::Both {
+            s.batch_execute("BEGIN").await?;
+            s.execute(
+                "SELECT pg_logical_emit_message(true, $1, $2)",
+                &[&MARKER_PREFIX, &format!("snapshot back {} {t}", seed.other().tag())],
+            )
+            .await?;
+            s.batch_execute(&format!(
+                "CREATE TEMP TABLE tandem_back ON COMMIT DROP AS SELECT {list} FROM {table} WITH NO DATA"
+            ))
+            .await?;
+            pipe(x, &format!("COPY ({target_only}) TO STDOUT"), s, &format!("COPY pg_temp.tandem_back ({list}) FROM STDIN"), t, 0)
+                .await?;
+            outcome.copied_back = s
+                .execute(
+                    &format!(
+                        "INSERT INTO {table} ({list}){overriding} SELECT {list} FROM pg_temp.tandem_back \
+                         ON CONFLICT ({}) DO NOTHING",
+                        keys.join(", ")
+                    ),
+                    &[],
+                )
+                .await?;
+            s.batch_execute("COMMIT").await?;
         }
         if mode == Mode::Mirror {
             outcome.deleted = x
