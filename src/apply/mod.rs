@@ -463,16 +463,7 @@ impl Applier {
         if !applies(&self.cfg, self.source, self.ignore_direction, &ev.change) {
             return self.publish(ev.clone(), "skipped").await;
         }
-        let in_copy = match &ev.change {
-            Change::Insert { table, .. }
-            | Change::Update { table, .. }
-            | Change::Delete { table, .. } => self.copy_holds(&table.name, ev),
-            Change::Truncate { tables, .. } => tables
-                .iter()
-                .filter(|t| self.flows(&t.name))
-                .all(|t| self.copy_holds(&t.name, ev)),
-        };
-        if in_copy {
+        if change_held(&self.copied, ev, |t| self.flows(t)) {
             return self.publish(ev.clone(), "copied").await;
         }
         match &ev.change {
@@ -638,11 +629,7 @@ impl Applier {
     }
 
     fn copy_holds(&self, table: &TableName, ev: &Event) -> bool {
-        !self.copied.is_empty()
-            && self
-                .copied
-                .get(&table.to_string())
-                .is_some_and(|cs| cs.iter().any(|c| c.holds(ev.xid, ev.commit_lsn)))
+        copy_holds(&self.copied, table, ev)
     }
 
     /// Kafka: a change of a transaction `tandem skip` left out.
@@ -718,12 +705,16 @@ impl Applier {
             return Ok(());
         };
         let (cfg, source, ignore) = (self.cfg.clone(), self.source, self.ignore_direction);
-        // Applied while streamed means no conflict rules: `applies` alone decided each change.
+        let copied = self.copied.clone();
+        // Applied while streamed means no conflict rules: `applies` alone decided each change,
+        // and the copies its session was given (this session's, as the stream reached its commit).
         let outcome = move |ev: &Event| {
-            if applies(&cfg, source, ignore, &ev.change) {
-                "applied"
-            } else {
+            if !applies(&cfg, source, ignore, &ev.change) {
                 "skipped"
+            } else if change_held(&copied, ev, |t| flows(&cfg, source, ignore, t)) {
+                "copied"
+            } else {
+                "applied"
             }
         };
         p.publish_copy(copy, source, self.names.clone(), Arc::new(outcome))
@@ -1470,6 +1461,28 @@ impl Applier {
             .context("rolling back a streamed subtransaction")?;
         Ok(())
     }
+}
+
+/// Whether initial snapshots took in `ev`'s change already: of its table, or of every table
+/// of a truncate that `flows` here.
+fn change_held(copied: &CopiedTables, ev: &Event, flows: impl Fn(&TableName) -> bool) -> bool {
+    match &ev.change {
+        Change::Insert { table, .. }
+        | Change::Update { table, .. }
+        | Change::Delete { table, .. } => copy_holds(copied, &table.name, ev),
+        Change::Truncate { tables, .. } => tables
+            .iter()
+            .filter(|t| flows(&t.name))
+            .all(|t| copy_holds(copied, &t.name, ev)),
+    }
+}
+
+/// Whether an initial snapshot took in `ev`'s change of `table` already (see [`copied`]).
+fn copy_holds(copied: &CopiedTables, table: &TableName, ev: &Event) -> bool {
+    !copied.is_empty()
+        && copied
+            .get(&table.to_string())
+            .is_some_and(|cs| cs.iter().any(|c| c.holds(ev.xid, ev.commit_lsn)))
 }
 
 /// Create `origin` if it is missing and run this session's commits under it.
