@@ -489,7 +489,7 @@ impl Applier {
             } => {
                 let names: Vec<String> = tables
                     .iter()
-                    .filter(|t| self.flows(&t.name) && !self.copy_holds(&t.name, ev))
+                    .filter(|t| self.flows(&t.name) && !copy_holds(&self.copied, &t.name, ev))
                     .map(|t| t.name.quoted())
                     .collect();
                 self.ensure_txn(ev.commit_lsn).await?;
@@ -626,10 +626,6 @@ impl Applier {
                 !cs.is_empty()
             });
         }
-    }
-
-    fn copy_holds(&self, table: &TableName, ev: &Event) -> bool {
-        copy_holds(&self.copied, table, ev)
     }
 
     /// Kafka: a change of a transaction `tandem skip` left out.

@@ -142,19 +142,23 @@ struct Read {
     lsn: String,
 }
 
+/// What a statement selects (from column `at` on) to give its [`Read`].
+const READ_COLUMNS: &str = "txid_current_snapshot()::text, pg_current_wal_insert_lsn()::text";
+
+impl Read {
+    fn from_row(r: &tokio_postgres::Row, at: usize) -> Read {
+        Read {
+            snapshot: r.get(at),
+            lsn: r.get(at + 1),
+        }
+    }
+}
+
 /// [`Read`] of a statement of its own on `c`: in a REPEATABLE READ transaction's first statement,
 /// the transaction's snapshot.
 async fn read_position(c: &Client) -> Result<Read> {
-    let r = c
-        .query_one(
-            "SELECT txid_current_snapshot()::text, pg_current_wal_insert_lsn()::text",
-            &[],
-        )
-        .await?;
-    Ok(Read {
-        snapshot: r.get(0),
-        lsn: r.get(1),
-    })
+    let r = c.query_one(&format!("SELECT {READ_COLUMNS}"), &[]).await?;
+    Ok(Read::from_row(&r, 0))
 }
 
 /// Open the seed's REPEATABLE READ transaction the copy reads in, and note where it reads.
@@ -483,17 +487,11 @@ async fn copy_table_via(
         let empty = if direct {
             let r = x
                 .query_one(
-                    &format!(
-                        "SELECT NOT EXISTS (SELECT 1 FROM {table}), txid_current_snapshot()::text, \
-                         pg_current_wal_insert_lsn()::text"
-                    ),
+                    &format!("SELECT NOT EXISTS (SELECT 1 FROM {table}), {READ_COLUMNS}"),
                     &[],
                 )
                 .await?;
-            r.get::<_, bool>(0).then(|| Read {
-                snapshot: r.get(1),
-                lsn: r.get(2),
-            })
+            r.get::<_, bool>(0).then(|| Read::from_row(&r, 1))
         } else {
             None
         };
