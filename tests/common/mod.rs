@@ -408,10 +408,10 @@ pub async fn stream_from_a_few_hundred_rows(c: &Client) {
 /// A seeded random history on `base`'s 16 keys: inserts (as upserts), updates, deletes, key
 /// changes, NULLs, updates that leave a TOASTed value unchanged, in transactions of 1 to 12
 /// statements and now and then of 300 to 600 (streamed while in progress, some with a
-/// subtransaction rolled back), a tenth of them rolled back; `txns` transactions. With `ledger`,
-/// each transaction also inserts one row `base * 1000 + txn` into `ledger (id bigint PRIMARY KEY,
-/// note text)`
-/// (insert-only, so each row lands exactly once on each side, whichever path applies it).
+/// subtransaction rolled back), a tenth of them rolled back; `txns` transactions (1,000 at most, so
+/// ledger ids stay apart). With `ledger`, each transaction also inserts one row
+/// `base * 1000 + txn` into `ledger (id bigint PRIMARY KEY, note text)` (insert-only, so each row
+/// lands exactly once on each side, whichever path applies it).
 pub async fn random_history(c: &Client, base: i64, mut seed: u64, txns: i64, ledger: bool) {
     let mut rnd = move |n: u64| {
         seed ^= seed << 13;
