@@ -503,8 +503,8 @@ const BUFFER_FRAMES: usize = 64;
 /// Socket reads ask for at least this much room.
 const READ_CHUNK: usize = 128 * 1024;
 
-/// Confirmations reach the server at most this often: the slot (and the source's WAL) is let go
-/// soon after each target commit, as the native apply worker does after its commits.
+/// The writer looks this often whether the server needs a ping or a heartbeat. A confirmation
+/// that moves goes out at once (see [`WalStream::confirm`]).
 const STATUS_INTERVAL: Duration = Duration::from_millis(100);
 /// A status update goes out at least this often even when nothing changed, well inside the
 /// server's `wal_sender_timeout`.
@@ -514,6 +514,8 @@ const STATUS_HEARTBEAT: Duration = Duration::from_secs(5);
 pub struct WalStream {
     rx: mpsc::Receiver<Result<WalFrame, WalError>>,
     confirmed: Arc<AtomicU64>,
+    /// Wakes the writer when `confirmed` moves.
+    advanced: Arc<Notify>,
     stop: Arc<Notify>,
     reader: JoinHandle<()>,
     writer: JoinHandle<()>,
@@ -546,6 +548,7 @@ impl WalStream {
         let (rd, wr) = tokio::io::split(c.io);
         let (tx, rx) = mpsc::channel(BUFFER_FRAMES);
         let confirmed = Arc::new(AtomicU64::new(start.0));
+        let advanced = Arc::new(Notify::new());
         let reply = Arc::new(Notify::new());
         let stop = Arc::new(Notify::new());
         let heard = Heard {
@@ -556,7 +559,7 @@ impl WalStream {
         let reader = tokio::spawn(read_frames(rd, c.buf, tx, reply.clone(), heard.clone()));
         let writer = tokio::spawn(write_status(
             wr,
-            confirmed.clone(),
+            (confirmed.clone(), advanced.clone()),
             reply,
             stop.clone(),
             heard,
@@ -564,6 +567,7 @@ impl WalStream {
         WalStream {
             rx,
             confirmed,
+            advanced,
             stop,
             reader,
             writer,
@@ -571,8 +575,13 @@ impl WalStream {
     }
 
     /// Everything up to `lsn` is durable where it went: the slot may let it go. Never moves back.
+    /// It goes out at once: these move at most once per target commit or flush, and every
+    /// moment the slot holds what is already durable keeps the source's WAL (and, after a burst,
+    /// shows the source as behind).
     pub fn confirm(&self, lsn: Lsn) {
-        self.confirmed.fetch_max(lsn.0, Ordering::Relaxed);
+        if self.confirmed.fetch_max(lsn.0, Ordering::Relaxed) < lsn.0 {
+            self.advanced.notify_one();
+        }
     }
 
     /// The next frame; `None` once the server ended the stream. Cancel-safe (a channel read).
@@ -698,7 +707,7 @@ fn copy_data(mut b: Bytes) -> Result<(WalFrame, bool), WalError> {
 
 async fn write_status(
     mut wr: WriteHalf<Stream>,
-    confirmed: Arc<AtomicU64>,
+    (confirmed, advanced): (Arc<AtomicU64>, Arc<Notify>),
     reply: Arc<Notify>,
     stop: Arc<Notify>,
     heard: Heard,
@@ -713,6 +722,7 @@ async fn write_status(
         let stopping = tokio::select! {
             _ = tick.tick() => false,
             _ = reply.notified() => false,
+            _ = advanced.notified() => false,
             _ = stop.notified() => true,
         };
         let lsn = confirmed.load(Ordering::Relaxed);
