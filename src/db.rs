@@ -294,6 +294,11 @@ pub fn transient_sqlstate(code: &str) -> bool {
 /// last row any of them returned: earlier statements may return rows of their own.
 pub async fn last_row(c: &Client, sql: &str) -> Result<Vec<String>> {
     let msgs = c.simple_query(sql).await?;
+    last_row_of(&msgs).map_err(|e| anyhow!("{e} by: {sql}"))
+}
+
+/// The last row among a simple query's messages, as text.
+pub fn last_row_of(msgs: &[tokio_postgres::SimpleQueryMessage]) -> Result<Vec<String>> {
     let row = msgs
         .iter()
         .filter_map(|m| match m {
@@ -301,12 +306,12 @@ pub async fn last_row(c: &Client, sql: &str) -> Result<Vec<String>> {
             _ => None,
         })
         .last()
-        .ok_or_else(|| anyhow::anyhow!("no row returned by: {sql}"))?;
+        .ok_or_else(|| anyhow::anyhow!("no row returned"))?;
     (0..row.len())
         .map(|i| {
             row.get(i)
                 .map(str::to_string)
-                .ok_or_else(|| anyhow::anyhow!("NULL in the row returned by: {sql}"))
+                .ok_or_else(|| anyhow::anyhow!("NULL in the row returned"))
         })
         .collect()
 }

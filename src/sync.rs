@@ -1145,6 +1145,8 @@ async fn stream_loop(
     let mut safe = start;
     let mut skipping = false;
     let mut group_end: Option<Lsn> = None;
+    // The checkpoint of the last group commit sent (it may not have come back yet).
+    let mut committing = start;
     let mut group_opened: Option<Instant> = None;
     let mut group_changes = 0u64;
     // The source sent everything it had since the group opened.
@@ -1156,7 +1158,7 @@ async fn stream_loop(
     // flushed, have the rest flushed soon, report progress.
     macro_rules! checkpointed {
         ($end:expr) => {{
-            checkpoint = $end;
+            checkpoint = checkpoint.max($end);
             safe = safe.max(checkpoint);
             stream.confirm(applier.ack_limit(checkpoint)?);
             schedule_flush(applier, &mut flush_timer);
@@ -1170,17 +1172,41 @@ async fn stream_loop(
         }};
     }
 
+    // Commits that came back since the last look.
+    macro_rules! take_committed {
+        () => {{
+            if let Some(end) = applier.take_committed() {
+                checkpointed!(end);
+            }
+        }};
+    }
+
+    // Close the group: its commit is sent, and the next group opens behind it while the target
+    // runs it (`take_committed` learns when it came back).
     macro_rules! commit_group {
         () => {{
             let end = group_end
                 .take()
                 .expect("a group commits at a transaction boundary");
-            applier.commit(end).await?;
-            applier.barrier(end);
-            checkpointed!(end);
+            applier.commit_ahead(end).await?;
+            committing = end;
             group_opened = None;
             group_changes = 0;
             source_idle = false;
+            take_committed!();
+        }};
+    }
+
+    // Close the group, if one is open, and wait until every commit sent came back: what
+    // follows needs the target to hold it (a live transaction's session, a transaction a
+    // failure must be pinned on, a stop).
+    macro_rules! commit_group_now {
+        () => {{
+            if group_end.is_some() {
+                commit_group!();
+            }
+            applier.settle_all().await?;
+            take_committed!();
         }};
     }
 
@@ -1221,6 +1247,12 @@ async fn stream_loop(
                 stream.confirm(applier.ack_limit(checkpoint)?);
                 continue;
             }
+            // Results of what was sent ahead, as they come: a commit moves the checkpoint.
+            r = applier.settle_next(), if applier.outstanding() => {
+                r?;
+                take_committed!();
+                continue;
+            }
             ev = stream.next() => ev?,
             _ = &mut stopped => break,
         };
@@ -1236,7 +1268,7 @@ async fn stream_loop(
                     // Only with nothing uncommitted: the keepalive vouches for what was sent.
                     if group_end.is_none() {
                         safe = safe.max(lsn);
-                        applier.barrier(safe);
+                        applier.barrier(safe).await?;
                     }
                 }
                 stream.confirm(applier.ack_limit(checkpoint)?);
@@ -1244,9 +1276,7 @@ async fn stream_loop(
             StreamEvent::Live(Live::Start { xid, first }) => {
                 // Whole transactions received before this block committed before it on the
                 // source: commit them first, so the live session never waits on their rows.
-                if group_end.is_some() {
-                    commit_group!();
-                }
+                commit_group_now!();
                 if first {
                     if live.session.is_none() {
                         let mut a =
@@ -1316,9 +1346,7 @@ async fn stream_loop(
                 live_lock_timeout(applier, false).await?;
                 applier.passed(commit.commit_lsn);
                 // In commit order: whole transactions received before this commit go first.
-                if group_end.is_some() {
-                    commit_group!();
-                }
+                commit_group_now!();
                 let applied_before = commit.commit_lsn < checkpoint;
                 if !a.in_txn() || applied_before {
                     // Nothing it changed flows here (or tandem's own), or it was applied before
@@ -1349,7 +1377,7 @@ async fn stream_loop(
                     if !applied_before || applier.kafka_required() {
                         applier.publish_copy(copy)?;
                     }
-                    applier.barrier(commit.end_lsn);
+                    applier.barrier(commit.end_lsn).await?;
                 }
                 careful.in_live = false;
             }
@@ -1363,12 +1391,18 @@ async fn stream_loop(
                     // Already applied before a restart: the checkpoint is the end of a commit
                     // record, so any commit that starts before it is at or below it.
                     skipping = commit_lsn < checkpoint;
+                    if !skipping && commit_lsn <= careful.until {
+                        // A failure from here on must be this transaction's: nothing before it
+                        // may still be on its way.
+                        commit_group_now!();
+                    }
                     if !skipping {
                         careful.reached = careful.reached.max(commit_lsn);
                         leaving = careful.skip == Some(commit_lsn);
                         if careful.skip.is_some_and(|s| s < commit_lsn) {
                             tracing::warn!(%source, "`tandem skip` asked to leave out the transaction committing at {}, but none commits there; the request is withdrawn", careful.skip.unwrap_or_default());
                             careful.skip = None;
+                            applier.settle_all().await?;
                             applier
                                 .client()
                                 .batch_execute(&checkpoint::clear_skip_sql(source))
@@ -1386,12 +1420,10 @@ async fn stream_loop(
                 Some(Item::Commit { end_lsn, .. }) if leaving => {
                     leaving = false;
                     // The groups before it commit first: the checkpoint passes it in order.
-                    if group_end.is_some() {
-                        commit_group!();
-                    }
+                    commit_group_now!();
                     applier.record_left_out(end_lsn).await?;
-                    applier.barrier(end_lsn);
-                    checkpointed!(end_lsn);
+                    applier.barrier(end_lsn).await?;
+                    take_committed!();
                     tracing::warn!(%source, commit = %careful.skip.unwrap_or_default(), "left out a {source} transaction, as `tandem skip` asked: none of its changes is applied to {}", source.other());
                     metrics::counter!("tandem_transactions_left_out_total", "direction" => source.direction_from())
                         .increment(1);
@@ -1415,25 +1447,28 @@ async fn stream_loop(
                 Some(Item::Commit { end_lsn, .. }) => {
                     if skipping {
                         skipping = false;
-                        applier.barrier(end_lsn);
+                        applier.barrier(end_lsn).await?;
                     } else if applier.in_txn() {
                         group_end = Some(end_lsn);
                         applier.count_transaction();
-                        if group_changes >= GROUP_MAX_CHANGES || careful.current.is_some() {
+                        if careful.current.is_some() {
+                            commit_group_now!();
+                        } else if group_changes >= GROUP_MAX_CHANGES {
                             commit_group!();
                         }
                     } else {
                         safe = safe.max(end_lsn);
-                        applier.barrier(safe);
+                        applier.barrier(safe).await?;
                     }
                     // Committed (or with nothing to commit): later failures are not its.
                     careful.current = None;
                 }
             },
         }
-        if !applier.in_txn() && safe.0 >= checkpoint.0 + IDLE_RECORD_BYTES {
+        // Against the last commit sent too: one on its way usually covers most of `safe`.
+        if !applier.in_txn() && safe.0 >= checkpoint.max(committing).0 + IDLE_RECORD_BYTES {
             applier.record(safe).await?;
-            checkpointed!(safe);
+            take_committed!();
         }
     }
 
@@ -1444,18 +1479,20 @@ async fn stream_loop(
     if applier.in_txn() {
         if let (Some(end), false) = (group_end, asm.in_transaction()) {
             applier.commit(end).await?;
-            applier.barrier(end);
-            checkpoint = end;
-            safe = safe.max(end);
         } else {
             applier.rollback().await?;
         }
+    }
+    applier.settle_all().await?;
+    if let Some(end) = applier.take_committed() {
+        checkpoint = checkpoint.max(end);
+        safe = safe.max(end);
     }
     if safe > checkpoint {
         applier.record(safe).await?;
         checkpoint = safe;
     }
-    applier.barrier(checkpoint);
+    applier.barrier(checkpoint).await?;
     applier.drain_kafka().await?;
     // The WAL writer flushes asynchronous commits within a few hundred milliseconds.
     let flush_deadline = Instant::now() + Duration::from_secs(2);

@@ -603,6 +603,93 @@ async fn a_transaction_left_out_by_tandem_skip_is_published_as_skipped() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_group_committed_ahead_is_published_and_the_refused_group_behind_it_is_not() {
+    let (_cluster, brokers) = mock_kafka(1);
+    let (d, m) = Fixture::databases(
+        "kafka_ahead",
+        "CREATE TABLE jobs (id bigint PRIMARY KEY, note text, n int);",
+    )
+    .await;
+    // Every statement on mobile takes 0.3 s, so the second transaction is planned, published to
+    // the Kafka task and committed behind the first while the first's commit is still on its way.
+    m.batch_execute(
+        "CREATE FUNCTION slow() RETURNS trigger LANGUAGE plpgsql AS $$ \
+         BEGIN PERFORM pg_sleep(0.3); RETURN NULL; END $$; \
+         CREATE TRIGGER slow AFTER INSERT OR UPDATE ON jobs FOR EACH STATEMENT EXECUTE FUNCTION slow(); \
+         ALTER TABLE jobs ENABLE ALWAYS TRIGGER slow; \
+         ALTER TABLE jobs ADD CONSTRAINT no_bad CHECK (note <> 'bad')",
+    )
+    .await
+    .unwrap();
+    let fx = Fixture::with_config("kafka_ahead", d, m, config("kafka_ahead", &brokers)).await;
+    let run = fx.start().await;
+    fx.d.batch_execute("INSERT INTO jobs VALUES (0, 'first', 0)")
+        .await
+        .unwrap();
+    wait_count(30, &fx.m, "SELECT count(*) FROM jobs WHERE id = 0", 1).await;
+    run.stop().await;
+    // The first is a group of its own (20,001 changes close a group at its commit); the second,
+    // refused by mobile, has more changes than are handed to the Kafka task at once (256).
+    fx.d.batch_execute("INSERT INTO jobs SELECT g, 'ok', 0 FROM generate_series(1, 20001) g")
+        .await
+        .unwrap();
+    fx.d.batch_execute(
+        "BEGIN; INSERT INTO jobs SELECT g, 'ok', 0 FROM generate_series(30001, 30300) g; \
+         UPDATE jobs SET note = 'bad' WHERE id = 30001; COMMIT",
+    )
+    .await
+    .unwrap();
+    let (e, lsn) = common::rejected(fx.start_nowait()).await;
+    assert!(e.contains("no_bad"), "{e}");
+    let cfg = fx.config_path.to_str().unwrap();
+    let (code, _, err) = common::run_tandem(
+        &["--config", cfg, "skip", "--from", "desktop", "--lsn", &lsn],
+        &[],
+    );
+    assert_eq!(code, 0, "{err}");
+    let run = fx.start().await;
+    fx.d.batch_execute("INSERT INTO jobs VALUES (40000, 'after', 0)")
+        .await
+        .unwrap();
+    wait_count(30, &fx.m, "SELECT count(*) FROM jobs WHERE id = 40000", 1).await;
+    run.stop().await;
+    assert_eq!(
+        Fixture::count(
+            &fx.m,
+            "SELECT count(*) FROM jobs WHERE id BETWEEN 1 AND 20001"
+        )
+        .await,
+        20001
+    );
+    let msgs = tokio::task::spawn_blocking(move || consume_all(&brokers))
+        .await
+        .unwrap();
+    let applied = |lo: i64, hi: i64| -> BTreeSet<String> {
+        msgs.iter()
+            .filter(|m| m["site"] == "D" && m["outcome"] == "applied")
+            .filter(|m| {
+                let id: i64 = m["key"]["id"].as_str().unwrap().parse().unwrap();
+                (lo..=hi).contains(&id)
+            })
+            .map(|m| m["id"].as_str().unwrap().to_string())
+            .collect()
+    };
+    // The first transaction's changes went out once its commit came back, every one of them
+    // (by id; with `required`, a restart may send some again)...
+    assert_eq!(applied(1, 20001).len(), 20001);
+    // ...and none of the refused one's as applied, though they reached the Kafka task before.
+    assert_eq!(applied(30001, 30300).len(), 0);
+    let of_it = msgs
+        .iter()
+        .filter(|m| m["site"] == "D" && m["commit_lsn"] == lsn)
+        .count();
+    assert_eq!(
+        of_it, 301,
+        "each change of the refused transaction, as skipped"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_transaction_larger_than_the_kafka_queue_is_published_before_its_commit() {
     // Events wait for their target commit, within the Kafka queue's bound (32 MiB, at least
     // 1 KiB a change): one transaction of more changes than that sends them early instead of

@@ -344,6 +344,41 @@ async fn an_insert_meeting_a_row_already_on_the_target_is_applied_as_an_upsert()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_group_commit_waits_for_the_counts_of_its_plain_updates() {
+    // 20,000 changes close a group at its transaction's commit, right after its last batch is
+    // sent: that batch's count (a plain UPDATE's) must be known before the commit goes out
+    // behind it, or the group commits without the row the UPDATE missed.
+    let fx = Fixture::new(
+        "missed_last",
+        "CREATE TABLE items (id int PRIMARY KEY, v text);",
+        "tables = [\"public.items\"]\n[replication.direction]\n\"public.items\" = \"desktop_to_mobile\"",
+    )
+    .await;
+    let run = fx.start().await;
+    fx.d.batch_execute("INSERT INTO items SELECT g, 'first' FROM generate_series(1, 20000) g")
+        .await
+        .unwrap();
+    wait_count(30, &fx.m, "SELECT count(*) FROM items", 20000).await;
+    // Mobile loses the last row behind tandem's back (no table flows mobile → desktop).
+    fx.m.batch_execute("DELETE FROM items WHERE id = 20000")
+        .await
+        .unwrap();
+    fx.d.batch_execute("UPDATE items SET v = 'second'")
+        .await
+        .unwrap();
+    wait_count(
+        30,
+        &fx.m,
+        "SELECT count(*) FROM items WHERE v = 'second'",
+        20000,
+    )
+    .await;
+    assert!(!run.is_finished(), "replication keeps running");
+    fx.assert_slots_within_checkpoints().await;
+    run.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_update_of_a_row_missing_on_the_target_is_applied_as_an_upsert() {
     // A large transaction's whole-row updates go out as plain UPDATEs (no ON CONFLICT); a row the
     // target lacks must still end up there, with nothing of the transaction lost or doubled.

@@ -33,15 +33,25 @@ use plan::{Batch, Binding, Op, Planner, TargetTable};
 /// with W4's 100 KB rows 4 MiB applied faster than 16 MiB (668–685 against 631–650 rows/s) and
 /// took the process's peak from 147 to 81 MiB.
 const BATCH_BYTES: usize = 4 << 20;
-/// Batch statements of a large source transaction sent ahead of their results: two keep the
-/// target busy while the next batch is planned, and each holds at most one batch's encoded values
-/// (`BATCH_BYTES`). Only there, as measured with `tandem bench` on 2 cores: replaying a large
-/// transaction, the source's walsender waits on the apply side, and pipelining (with plain
-/// INSERTs, see [`Batch::fresh`]) drained W2 22% faster. With many small transactions the
-/// walsender's decoding is the limit and pipelining gains nothing: W1 lost 10–25% under the normal
-/// CPU policy and still 7% under `SCHED_BATCH` (see `sched`). There the applier waits for each
-/// statement.
+/// Batch statements sent ahead of their results: two keep the target busy while the next batch is
+/// planned, and each holds at most one batch's encoded values (`BATCH_BYTES`). A group's opening
+/// and commit go ahead too (see [`Applier::commit_ahead`]) and do not count: they are a few
+/// bytes. Measured with `tandem bench` on 2 cores (machine of 2026-12-01): W1 drained in
+/// 0.96–1.07 s waiting for each small transaction's batch and for each commit, 0.94–0.99 s with
+/// batches sent ahead, 0.88–0.97 s with commits too; depths of 3 and 4 read the same.
 const PIPELINE_DEPTH: usize = 2;
+
+/// What a statement sent ahead stands for, checked when its result comes back.
+enum Ahead {
+    Batch(SentBatch),
+    /// A group's `BEGIN` and marker.
+    Begin,
+    /// A commit of the checkpoint `lsn` (a group's, with its changes, or a record's alone).
+    Commit {
+        lsn: Lsn,
+        group: bool,
+    },
+}
 
 /// What a sent batch statement is checked against when its result comes back.
 struct SentBatch {
@@ -101,8 +111,10 @@ pub struct ApplyStats {
 
 pub struct Applier {
     client: Arc<Client>,
-    /// Batch statements sent, results not yet read.
-    pipeline: Pipeline<SentBatch>,
+    /// Statements sent, results not yet read: batches, and groups' openings and commits.
+    pipeline: Pipeline<Ahead>,
+    /// The highest checkpoint whose commit came back since [`Applier::take_committed`].
+    committed: Option<Lsn>,
     cfg: Arc<Config>,
     source: Side,
     tables: HashMap<TableName, Arc<TargetTable>>,
@@ -236,6 +248,7 @@ impl Applier {
         Ok(Applier {
             client: Arc::new(client),
             pipeline: Pipeline::new(PIPELINE_DEPTH),
+            committed: None,
             plain_writes: None,
             names: Default::default(),
             planner: Planner::new(cfg.batch_rows, BATCH_BYTES),
@@ -285,17 +298,24 @@ impl Applier {
         if self.in_txn {
             return Ok(());
         }
-        // One round trip: BEGIN and the marker (our own tag and LSN, quoted) together.
+        // BEGIN and the marker (our own tag and LSN, quoted) together, sent ahead: its answer
+        // is read with the statements after it.
         let content = format!("{} {}", self.source.tag(), commit_lsn);
-        self.client
-            .batch_execute(&format!(
-                "BEGIN; SELECT pg_logical_emit_message(true, {}, {})",
-                crate::config::quote_literal(MARKER_PREFIX),
-                crate::config::quote_literal(&content)
-            ))
-            .await
-            .context("opening the apply transaction with tandem's marker message")?;
+        let sql = format!(
+            "BEGIN; SELECT pg_logical_emit_message(true, {}, {})",
+            crate::config::quote_literal(MARKER_PREFIX),
+            crate::config::quote_literal(&content)
+        );
         self.in_txn = true;
+        self.send(pipeline::simple(&self.client, sql), Ahead::Begin, false)
+            .await
+    }
+
+    /// Send a statement ahead and settle whatever came back meanwhile.
+    async fn send(&mut self, done: pipeline::Done, what: Ahead, heavy: bool) -> Result<()> {
+        for (what, r) in self.pipeline.send(done, what, heavy).await {
+            self.settle(what, r)?;
+        }
         Ok(())
     }
 
@@ -400,12 +420,88 @@ impl Applier {
     /// Read every outstanding statement's result; the first failure is the error.
     async fn drain(&mut self) -> Result<()> {
         while let Some((what, r)) = self.pipeline.next().await {
-            if let Err(e) = self.settle_batch(what, r) {
+            if let Err(e) = self.settle(what, r) {
                 self.pipeline.clear();
                 return Err(e);
             }
         }
         Ok(())
+    }
+
+    /// Wait for every statement sent ahead (commits too) and check its result.
+    pub async fn settle_all(&mut self) -> Result<()> {
+        self.drain().await
+    }
+
+    /// Statements were sent ahead and not all answered.
+    pub fn outstanding(&self) -> bool {
+        !self.pipeline.is_empty()
+    }
+
+    /// Wait for the oldest statement sent ahead and check its result. Cancel-safe: for a
+    /// `select!` next to the stream, so results (a commit's above all) are read as they come.
+    pub async fn settle_next(&mut self) -> Result<()> {
+        let (what, r) = self.pipeline.ready().await;
+        let settled = self.settle(what, r);
+        if settled.is_err() {
+            self.pipeline.clear();
+        }
+        settled
+    }
+
+    /// The checkpoint of the latest commit that came back since the last call: durable on the
+    /// target once flushed (see [`Applier::ack_limit`]).
+    pub fn take_committed(&mut self) -> Option<Lsn> {
+        self.committed.take()
+    }
+
+    fn settle(
+        &mut self,
+        what: Ahead,
+        r: Result<pipeline::Answer, tokio_postgres::Error>,
+    ) -> Result<()> {
+        match what {
+            Ahead::Batch(b) => {
+                let r = r.map(|a| match a {
+                    pipeline::Answer::Count(n) => n,
+                    pipeline::Answer::Messages(_) => 0,
+                });
+                self.settle_batch(b, r)
+            }
+            Ahead::Begin => {
+                r.context("opening the apply transaction with tandem's marker message")?;
+                Ok(())
+            }
+            Ahead::Commit { lsn, group } => {
+                let what = if group {
+                    "committing the apply transaction with its checkpoint"
+                } else {
+                    "recording the checkpoint"
+                };
+                let msgs = match r.context(what)? {
+                    pipeline::Answer::Messages(m) => m,
+                    pipeline::Answer::Count(_) => Vec::new(),
+                };
+                let row = db::last_row_of(&msgs).context(what)?;
+                let parse = |i: usize| -> Result<Lsn> { Ok(row[i].parse::<Lsn>()?) };
+                let (end, flushed) = (parse(0)?, parse(1)?);
+                self.unflushed.push_back((end, lsn));
+                self.settle_flushed(flushed);
+                self.committed = Some(self.committed.map_or(lsn, |c| c.max(lsn)));
+                let dir = self.source.direction_from();
+                metrics::gauge!("tandem_checkpoint_lsn", "direction" => dir).set(lsn.0 as f64);
+                if group {
+                    self.stats.commits += 1;
+                    metrics::counter!("tandem_target_commits_total", "direction" => dir)
+                        .increment(1);
+                    // The group's changes may go out to Kafka now, and no later ones.
+                    if let Some(p) = &mut self.publisher {
+                        p.committed(lsn);
+                    }
+                }
+                Ok(())
+            }
+        }
     }
 
     fn settle_batch(
@@ -721,11 +817,16 @@ impl Applier {
         self.publish(ev, "skipped_echo").await
     }
 
-    /// Kafka: everything published so far belongs to source commits up to `lsn`.
-    pub fn barrier(&mut self, lsn: Lsn) {
+    /// Kafka: everything published so far belongs to source commits up to `lsn`. Waits for the
+    /// commits sent ahead: what they cover goes out before anything after them.
+    pub async fn barrier(&mut self, lsn: Lsn) -> Result<()> {
+        if self.publisher.is_some() {
+            self.drain().await?;
+        }
         if let Some(p) = &mut self.publisher {
             p.barrier(lsn);
         }
+        Ok(())
     }
 
     /// How far the source slot may be confirmed, given the target holds up to `checkpoint`:
@@ -760,6 +861,8 @@ impl Applier {
         if self.in_txn {
             return Ok(());
         }
+        // Commits sent ahead first: they are what is to be flushed.
+        self.drain().await?;
         // It must write WAL: a commit that wrote none is never flushed synchronously.
         let row = db::last_row(
             &self.client,
@@ -773,11 +876,11 @@ impl Applier {
         .await
         .context("flushing the target's WAL")?;
         let flushed = &row[0];
-        self.settle(flushed.parse()?);
+        self.settle_flushed(flushed.parse()?);
         Ok(())
     }
 
-    fn settle(&mut self, flushed: Lsn) {
+    fn settle_flushed(&mut self, flushed: Lsn) {
         while let Some(&(target, source)) = self.unflushed.front() {
             if target > flushed {
                 break;
@@ -787,22 +890,15 @@ impl Applier {
         }
     }
 
-    /// Run `sql` (ending in a commit of the checkpoint at `lsn`) and track that commit until the
-    /// target's WAL is flushed past it. One round trip.
-    async fn commit_tracked(&mut self, sql: &str, lsn: Lsn) -> Result<()> {
+    /// Send `sql` (ending in a commit of the checkpoint at `lsn`) ahead, to be tracked once it
+    /// comes back (see [`Ahead::Commit`]) until the target's WAL is flushed past it.
+    async fn send_commit(&mut self, sql: &str, lsn: Lsn, group: bool) -> Result<()> {
         // The last row: statements before it (the origin's xact setup) return rows too.
-        let row = db::last_row(
-            &self.client,
-            &format!(
-                "{sql}; SELECT pg_current_wal_insert_lsn()::text, pg_current_wal_flush_lsn()::text"
-            ),
-        )
-        .await?;
-        let parse = |i: usize| -> Result<Lsn> { Ok(row[i].parse::<Lsn>()?) };
-        let (end, flushed) = (parse(0)?, parse(1)?);
-        self.unflushed.push_back((end, lsn));
-        self.settle(flushed);
-        Ok(())
+        let sql = format!(
+            "{sql}; SELECT pg_current_wal_insert_lsn()::text, pg_current_wal_flush_lsn()::text"
+        );
+        let done = pipeline::simple(&self.client, sql);
+        self.send(done, Ahead::Commit { lsn, group }, false).await
     }
 
     /// Publish every change (Kafka on): the planner carries each change to its row.
@@ -869,14 +965,8 @@ impl Applier {
             rows: batch.rows.len(),
             table: target.name.clone(),
         };
-        for (what, r) in self.pipeline.send(&self.client, &stmt, params, what).await {
-            self.settle_batch(what, r)?;
-        }
-        if !batch.large {
-            // Only a large transaction's batches go ahead of their results; see `PIPELINE_DEPTH`.
-            self.drain().await?;
-        }
-        Ok(())
+        let done = pipeline::execute(&self.client, &stmt, params);
+        self.send(done, Ahead::Batch(what), true).await
     }
 
     /// Detect and resolve conflicts for a batch: lock and compare the target's rows, decide each
@@ -1299,13 +1389,30 @@ impl Applier {
     }
 
     /// Finish the group: run what is pending, advance the checkpoint to `lsn` in the same
-    /// transaction, and commit. Returns once the commit is durable.
+    /// transaction, and commit. Returns once the commit came back (durable once flushed).
     pub async fn commit(&mut self, lsn: Lsn) -> Result<()> {
+        self.commit_ahead(lsn).await?;
+        self.drain().await
+    }
+
+    /// [`Applier::commit`] without waiting: the group's last statements and its commit are sent,
+    /// and the next group may open behind them while the target runs them. The commit is known
+    /// once [`Applier::take_committed`] returns its checkpoint. The server runs a session's
+    /// statements in order, and after a failure refuses everything up to a rollback, so a group
+    /// sent behind a commit that fails is never applied either.
+    pub async fn commit_ahead(&mut self, lsn: Lsn) -> Result<()> {
         if !self.in_txn {
             return self.record(lsn).await;
         }
         self.run_ready(true).await?;
-        self.drain().await?;
+        // A plain UPDATE's count is checked here, not by the server: its group must not commit
+        // before that check passed (a shortfall starts the group over with upserts).
+        if self
+            .pipeline
+            .any(|w| matches!(w, Ahead::Batch(b) if b.existing))
+        {
+            self.drain().await?;
+        }
         // One round trip for checkpoint, origin progress and COMMIT: at a steady trickle a group
         // is a few source transactions, and every round trip is lag.
         let mut sql = checkpoint::advance_sql(self.source, lsn);
@@ -1319,14 +1426,13 @@ impl Applier {
             ));
         }
         sql.push_str("; COMMIT");
-        self.commit_tracked(&sql, lsn)
-            .await
-            .context("committing the apply transaction with its checkpoint")?;
         self.in_txn = false;
-        self.stats.commits += 1;
+        if let Some(p) = &mut self.publisher {
+            // What was published so far waits for this commit; what follows, for later ones.
+            p.cut();
+        }
+        self.send_commit(&sql, lsn, true).await?;
         let dir = self.source.direction_from();
-        metrics::counter!("tandem_target_commits_total", "direction" => dir).increment(1);
-        metrics::gauge!("tandem_checkpoint_lsn", "direction" => dir).set(lsn.0 as f64);
         metrics::gauge!("tandem_lag_seconds", "direction" => dir)
             .set(seconds_since_pg_micros(self.last_commit_ts));
         Ok(())
@@ -1353,12 +1459,21 @@ impl Applier {
         Ok(())
     }
 
-    /// Abandon the open group; the stream will deliver it again from the checkpoint.
+    /// Abandon the open group; the stream will deliver it again from the checkpoint. Groups
+    /// committed ahead of it are kept: their commits are read first.
     pub async fn rollback(&mut self) -> Result<()> {
         self.planner.flush();
         self.planner.take_ready();
-        self.pipeline.clear();
-        if self.in_txn {
+        let mut failed = false;
+        while let Some((what, r)) = self.pipeline.next().await {
+            // After a failure the server refused the rest: nothing after it is committed.
+            if !failed && matches!(what, Ahead::Commit { .. }) {
+                failed = self.settle(what, r).is_err();
+            } else {
+                failed |= r.is_err();
+            }
+        }
+        if self.in_txn || failed {
             self.in_txn = false;
             self.client.batch_execute("ROLLBACK").await?;
         }
@@ -1382,7 +1497,8 @@ impl Applier {
         self.record_with(lsn, Some(&clear)).await
     }
 
-    /// [`Applier::record`], with `also` committed in the same transaction.
+    /// [`Applier::record`], with `also` committed in the same transaction. Returns once it
+    /// came back, with whatever was sent before it.
     async fn record_with(&mut self, lsn: Lsn, also: Option<&str>) -> Result<()> {
         // Its own transaction, so the position read after it is past its commit record.
         let also = also.map_or(String::new(), |sql| format!("{sql}; "));
@@ -1390,12 +1506,8 @@ impl Applier {
             "BEGIN; {}; {also}COMMIT",
             checkpoint::advance_sql(self.source, lsn)
         );
-        self.commit_tracked(&sql, lsn)
-            .await
-            .context("recording the checkpoint")?;
-        metrics::gauge!("tandem_checkpoint_lsn", "direction" => self.source.direction_from())
-            .set(lsn.0 as f64);
-        Ok(())
+        self.send_commit(&sql, lsn, false).await?;
+        self.drain().await
     }
 
     pub fn count_transaction(&mut self) {

@@ -1,7 +1,9 @@
-//! Batch statements sent to the target without waiting for their results, so the stream is read
-//! and the next batch planned while the server runs the previous ones. The server runs a
-//! session's statements in the order they arrive, so order needs no waiting; only the commit
-//! (and an error report) waits for the results.
+//! Statements sent to the target without waiting for their results, so the stream is read and
+//! the next batch planned while the server runs the previous ones. The server runs a session's
+//! statements in the order they arrive, so order needs no waiting, and after a failure it
+//! refuses everything up to a rollback, so nothing sent behind a failed statement is applied.
+//! What the client checks itself (a plain UPDATE's row count, values that did not encode) must
+//! be known before a commit is sent behind it.
 
 use std::collections::VecDeque;
 use std::future::Future;
@@ -13,7 +15,26 @@ use bytes::{BufMut, Bytes, BytesMut};
 use tokio_postgres::types::{to_sql_checked, IsNull, Kind, ToSql, Type};
 use tokio_postgres::{Client, Statement};
 
-type Done = Pin<Box<dyn Future<Output = Result<u64, tokio_postgres::Error>> + Send>>;
+/// What a statement sent ahead answers: a batch statement its row count, a simple query its
+/// messages (a commit's last row carries its WAL positions).
+pub enum Answer {
+    Count(u64),
+    Messages(Vec<tokio_postgres::SimpleQueryMessage>),
+}
+
+pub type Done = Pin<Box<dyn Future<Output = Result<Answer, tokio_postgres::Error>> + Send>>;
+
+/// A batch statement, to be sent through a [`Pipeline`].
+pub fn execute(client: &Arc<Client>, stmt: &Statement, params: Vec<TextArray>) -> Done {
+    let (client, stmt) = (client.clone(), stmt.clone());
+    Box::pin(async move { client.execute_raw(&stmt, params).await.map(Answer::Count) })
+}
+
+/// A simple query (several statements in one round trip), to be sent through a [`Pipeline`].
+pub fn simple(client: &Arc<Client>, sql: String) -> Done {
+    let client = client.clone();
+    Box::pin(async move { client.simple_query(&sql).await.map(Answer::Messages) })
+}
 
 /// One array parameter of text values that owns them (shared, not copied), so a statement's
 /// parameters live as long as its unsent request has to. Sent as `text[]`, or as `int8[]`,
@@ -97,12 +118,19 @@ struct Sent<T> {
     // only ever reached through `&mut`, so never locked.
     done: std::sync::Mutex<Done>,
     what: T,
+    heavy: bool,
 }
 
-/// Statements sent and not yet answered, oldest first; at most `depth` of them.
+/// A statement's result, with what it is checked against.
+pub type Finished<T> = (T, Result<Answer, tokio_postgres::Error>);
+
+/// Statements sent and not yet answered, oldest first; at most `depth` heavy ones (batch
+/// statements, each holding a batch's encoded values) and any number of light ones (a group's
+/// opening and commit: a few bytes each, and at most one of each per group).
 pub struct Pipeline<T> {
     sent: VecDeque<Sent<T>>,
     depth: usize,
+    heavy: usize,
 }
 
 impl<T> Pipeline<T> {
@@ -110,53 +138,148 @@ impl<T> Pipeline<T> {
         Pipeline {
             sent: VecDeque::new(),
             depth,
+            heavy: 0,
         }
     }
 
-    /// Send `stmt` now; its result comes back from [`Pipeline::next`] (or at once, when the queue
-    /// is full, for the oldest one). The first poll is what sends: tokio-postgres hands the
-    /// encoded request to the connection task there, so requests reach the server in the order
-    /// of these calls.
-    pub async fn send(
-        &mut self,
-        client: &Arc<Client>,
-        stmt: &Statement,
-        params: Vec<TextArray>,
-        what: T,
-    ) -> Vec<(T, Result<u64, tokio_postgres::Error>)> {
-        let (client, stmt) = (client.clone(), stmt.clone());
-        let mut done: Done = Box::pin(async move { client.execute_raw(&stmt, params).await });
+    /// Send `done` now; its result comes back from [`Pipeline::next`] or [`Pipeline::ready`] (or
+    /// at once, when too many heavy ones are out, with the older ones, or when it failed before
+    /// reaching the server). The first poll is what
+    /// sends: tokio-postgres hands the encoded request to the connection task there, so requests
+    /// reach the server in the order of these calls.
+    pub async fn send(&mut self, mut done: Done, what: T, heavy: bool) -> Vec<Finished<T>> {
         let first = std::future::poll_fn(|cx| Poll::Ready(done.as_mut().poll(cx))).await;
         let mut finished = Vec::new();
         match first {
+            // Answered before the server could: it never left (its values did not encode, or
+            // the connection is gone). Reported at once, ahead of older ones, so the caller
+            // sends nothing after it, above all no commit: the server's transaction has not
+            // failed, and would commit without it.
             Poll::Ready(r) => finished.push((what, r)),
-            Poll::Pending => self.sent.push_back(Sent {
-                done: std::sync::Mutex::new(done),
-                what,
-            }),
+            Poll::Pending => {
+                self.sent.push_back(Sent {
+                    done: std::sync::Mutex::new(done),
+                    what,
+                    heavy,
+                });
+                self.heavy += usize::from(heavy);
+            }
         }
-        while self.sent.len() > self.depth {
+        while self.heavy > self.depth {
             finished.extend(self.next().await);
         }
         finished
     }
 
     /// The oldest statement's result, waiting for it; `None` when nothing is outstanding.
-    pub async fn next(&mut self) -> Option<(T, Result<u64, tokio_postgres::Error>)> {
+    pub async fn next(&mut self) -> Option<Finished<T>> {
         let s = self.sent.pop_front()?;
+        self.heavy -= usize::from(s.heavy);
         let done = s.done.into_inner().unwrap_or_else(|p| p.into_inner());
         Some((s.what, done.await))
+    }
+
+    /// The oldest statement's result once it is in, without giving it up while waiting: a
+    /// `select!` may drop this future and nothing is lost. Never ready when nothing is out.
+    pub async fn ready(&mut self) -> Finished<T> {
+        let r = std::future::poll_fn(|cx| match self.sent.front_mut() {
+            Some(s) => s
+                .done
+                .get_mut()
+                .unwrap_or_else(|p| p.into_inner())
+                .as_mut()
+                .poll(cx),
+            None => Poll::Pending,
+        })
+        .await;
+        let s = self.sent.pop_front().expect("polled above");
+        self.heavy -= usize::from(s.heavy);
+        (s.what, r)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.sent.is_empty()
+    }
+
+    /// Whether any statement out is `what` (checked against its result by the caller).
+    pub fn any(&self, what: impl Fn(&T) -> bool) -> bool {
+        self.sent.iter().any(|s| what(&s.what))
     }
 
     /// Forget what is outstanding (the transaction is being rolled back anyway).
     pub fn clear(&mut self) {
         self.sent.clear();
+        self.heavy = 0;
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A statement whose answer comes when `tx` is sent (or dropped).
+    fn pending(n: u64) -> (tokio::sync::oneshot::Sender<()>, Done) {
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let done: Done = Box::pin(async move {
+            let _ = rx.await;
+            Ok(Answer::Count(n))
+        });
+        (tx, done)
+    }
+
+    fn order(finished: &[Finished<u32>]) -> Vec<(u32, u64)> {
+        finished
+            .iter()
+            .map(|(w, r)| match r {
+                Ok(Answer::Count(n)) => (*w, *n),
+                _ => panic!("not a count"),
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn only_heavy_statements_count_against_the_depth_and_answers_come_in_order() {
+        let mut p = Pipeline::new(2);
+        let (a, da) = pending(10);
+        let (b, db) = pending(20);
+        let (c, dc) = pending(30);
+        let (d, dd) = pending(40);
+        assert!(p.send(da, 1, true).await.is_empty());
+        assert!(p.send(db, 2, false).await.is_empty());
+        assert!(p.send(dc, 3, true).await.is_empty());
+        assert!(p.any(|w| *w == 2) && !p.any(|w| *w == 4));
+        // A third heavy one: the oldest answers are waited for, up to the first heavy one.
+        a.send(()).unwrap();
+        assert_eq!(order(&p.send(dd, 4, true).await), [(1, 10)]);
+        // One that failed before reaching the server comes back at once, ahead of older ones.
+        let early: Done = Box::pin(async { Ok(Answer::Count(50)) });
+        assert_eq!(order(&p.send(early, 5, true).await), [(5, 50)]);
+        for tx in [b, c, d] {
+            tx.send(()).unwrap();
+        }
+        let mut rest = Vec::new();
+        while let Some(f) = p.next().await {
+            rest.push(f);
+        }
+        assert_eq!(order(&rest), [(2, 20), (3, 30), (4, 40)]);
+        assert!(p.is_empty());
+    }
+
+    #[tokio::test]
+    async fn ready_given_up_before_the_answer_loses_nothing() {
+        let mut p = Pipeline::new(2);
+        let (a, da) = pending(1);
+        let (b, db) = pending(2);
+        p.send(da, 1u32, true).await;
+        p.send(db, 2, false).await;
+        let waited = tokio::time::timeout(std::time::Duration::from_millis(20), p.ready()).await;
+        assert!(waited.is_err(), "nothing was answered yet");
+        b.send(()).unwrap();
+        a.send(()).unwrap();
+        assert_eq!(order(&[p.ready().await]), [(1, 1)]);
+        assert_eq!(order(&[p.ready().await]), [(2, 2)]);
+        assert!(p.is_empty());
+    }
 
     #[test]
     fn text_array_encodes_like_tokio_postgres_own_text_arrays() {

@@ -922,6 +922,11 @@ enum Command {
     Hold(Held),
     /// Send what is held: the target committed it (or it needs no commit).
     Release,
+    /// What is held from here on waits for a later commit than what is held before it (a group
+    /// was committed without waiting for it, and the next one opened behind it).
+    Cut,
+    /// Send what is held up to the oldest cut: the commit it waited for came back.
+    ReleaseOldest,
     /// Drop what is held: the target rolled it back.
     Discard,
     Barrier(Lsn),
@@ -1043,13 +1048,26 @@ impl Publisher {
         }
     }
 
+    /// What was published so far waits for the commit just sent; what follows, for later ones.
+    pub fn cut(&mut self) {
+        self.hand_over_unpaid();
+        let _ = self.send(Command::Cut);
+    }
+
+    /// The oldest commit sent (see [`Publisher::cut`]) came back: what waited for it goes out,
+    /// and it all belongs to source commits up to `lsn`.
+    pub fn committed(&mut self, lsn: Lsn) {
+        let _ = self.send(Command::ReleaseOldest);
+        let _ = self.send(Command::Barrier(lsn));
+    }
+
     /// What was published since the last release is void: the target rolled it back (it comes
     /// again from the slot).
     pub fn discard(&mut self) {
         self.buffer.clear();
-        if std::mem::take(&mut self.unreleased) {
-            let _ = self.send(Command::Discard);
-        }
+        self.unreleased = false;
+        // Even with nothing held: it also forgets the cuts of commits that failed.
+        let _ = self.send(Command::Discard);
     }
 
     /// Publish a whole transaction from its spooled copy (a streamed transaction applied while
@@ -1151,8 +1169,9 @@ async fn work(
         let (producer, topic) = (p.producer.clone(), p.topic.clone());
         move || request_producer_id(&producer, &topic)
     });
-    // Changes the target has not committed yet: sent at `Release`, dropped at `Discard`.
-    let mut held = Vec::new();
+    // Changes the target has not committed yet, by the commit they wait for (see `Cut`), oldest
+    // first: sent at `Release` (all) or `ReleaseOldest`, dropped at `Discard`. Never empty.
+    let mut held: std::collections::VecDeque<Vec<Held>> = [Vec::new()].into();
     let result: Result<()> = async {
         loop {
             let first = if p.pending() {
@@ -1170,18 +1189,33 @@ async fn work(
             // A burst of what is queued, then one look at the acknowledgements.
             for more in (0..16).rev() {
                 match c {
-                    Command::Hold(h) => held.push(h),
+                    Command::Hold(h) => held.back_mut().expect("never empty").push(h),
+                    // The cuts stay: each still pairs with the `ReleaseOldest` of its commit.
                     Command::Release => {
-                        for h in held.drain(..) {
+                        for segment in held.iter_mut() {
+                            for h in segment.drain(..) {
+                                send_now(&mut p, h, &room).await?;
+                            }
+                        }
+                    }
+                    Command::Cut => held.push_back(Vec::new()),
+                    Command::ReleaseOldest => {
+                        let oldest = match held.len() {
+                            1 => std::mem::take(&mut held[0]),
+                            _ => held.pop_front().expect("never empty"),
+                        };
+                        for h in oldest {
                             send_now(&mut p, h, &room).await?;
                         }
                     }
+                    // Every commit sent was read before a rollback: no cut waits any more.
                     Command::Discard => {
-                        for h in held.drain(..) {
+                        for h in held.drain(..).flatten() {
                             if let Held::Publish(_, permits) = h {
                                 room.add_permits(permits);
                             }
                         }
+                        held.push_back(Vec::new());
                     }
                     Command::Barrier(l) => p.barrier(l),
                     Command::Drain(limit, reply) => {
