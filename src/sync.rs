@@ -1502,6 +1502,13 @@ async fn stream_loop(
     }
     stream.confirm(applier.ack_limit(checkpoint)?);
     progress.checkpoint.store(checkpoint.0, Ordering::Relaxed);
+    // The last commits may have come back only here.
+    progress
+        .changes
+        .store(applier.stats.changes, Ordering::Relaxed);
+    progress
+        .transactions
+        .store(applier.stats.transactions, Ordering::Relaxed);
     tracing::info!(%source, %checkpoint, "stopped");
     Ok(())
 }

@@ -1,5 +1,7 @@
-//! No echo, measured on clusters this test has to itself (WAL position is cluster-wide): after a
-//! burst on both sides, each change landed once, the slots caught up, and WAL stops growing.
+//! Measured on clusters these tests have to themselves, one test at a time (WAL position is
+//! cluster-wide): after a burst on both sides, each change landed once, the slots caught up, and
+//! WAL stops growing; a change the initial snapshot's copy holds is confirmed without waiting for
+//! more WAL.
 
 mod common;
 
@@ -26,12 +28,16 @@ async fn burst(c: &Client, base: i64) {
     }
 }
 
+/// Held by each test: another's WAL would move the slots these tests watch.
+static ALONE: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 async fn wal(c: &Client) -> i64 {
     Fixture::count(c, "SELECT (pg_current_wal_lsn() - '0/0'::pg_lsn)::bigint").await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn no_echo_each_change_lands_once_and_wal_stops_growing() {
+    let _alone = ALONE.lock().await;
     let schema = format!("{JOBS}\n{}", audit_sql("jobs"));
     let fx = Fixture::new("no_echo", &schema, r#"tables = ["public.jobs"]"#).await;
     let run = fx.start().await;
@@ -95,5 +101,31 @@ async fn no_echo_each_change_lands_once_and_wal_stops_growing() {
         Fixture::count(&fx.d, "SELECT count(*) FROM audit").await,
         3000
     );
+    run.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_change_the_initial_snapshot_holds_is_confirmed_on_a_quiet_source() {
+    let _alone = ALONE.lock().await;
+    let fx = Fixture::new("held", JOBS, r#"tables = ["public.jobs"]"#).await;
+    // Written after `setup` made the slot and before the first run's copy: the copy holds it, so
+    // the stream leaves it out, and nothing else is written on desktop afterwards.
+    fx.d.batch_execute("INSERT INTO jobs (id, title) VALUES (1, 'before the copy')")
+        .await
+        .unwrap();
+    let end = wal(&fx.d).await;
+    let run = fx.start().await;
+    wait_count(30, &fx.m, "SELECT count(*) FROM jobs", 1).await;
+    // The slot passes it with a group commit, not once 64 KiB more WAL came (before: never, on a
+    // quiet source).
+    let confirmed =
+        "SELECT (confirmed_flush_lsn - '0/0'::pg_lsn)::bigint FROM pg_replication_slots \
+                     WHERE slot_name = 'held_d'";
+    wait_for(
+        10,
+        "desktop's slot confirmed past the held change",
+        || async { Fixture::count(&fx.d, confirmed).await >= end },
+    )
+    .await;
     run.stop().await;
 }

@@ -560,6 +560,10 @@ impl Applier {
             return self.publish(ev.clone(), "skipped").await;
         }
         if change_held(&self.copied, ev, |t| self.flows(t)) {
+            // Its transaction still joins the group, so the checkpoint (and the slot) passes it
+            // with the group's commit. Left to the idle record it would wait for 64 KiB more of
+            // the source's WAL: after an initial snapshot, maybe for good.
+            self.ensure_txn(ev.commit_lsn).await?;
             return self.publish(ev.clone(), "copied").await;
         }
         match &ev.change {
