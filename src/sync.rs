@@ -53,6 +53,14 @@ impl Progress {
     pub fn checkpoint(&self) -> Lsn {
         Lsn(self.checkpoint.load(Ordering::Relaxed))
     }
+
+    /// The direction's checkpoint and counts after a commit came back.
+    fn report(&self, checkpoint: Lsn, stats: &crate::apply::ApplyStats) {
+        self.checkpoint.store(checkpoint.0, Ordering::Relaxed);
+        self.changes.store(stats.changes, Ordering::Relaxed);
+        self.transactions
+            .store(stats.transactions, Ordering::Relaxed);
+    }
 }
 
 /// Set or clear one of the reasons `/health` shows (a poisoned lock still holds a string).
@@ -1162,13 +1170,7 @@ async fn stream_loop(
             safe = safe.max(checkpoint);
             stream.confirm(applier.ack_limit(checkpoint)?);
             schedule_flush(applier, &mut flush_timer);
-            progress.checkpoint.store(checkpoint.0, Ordering::Relaxed);
-            progress
-                .changes
-                .store(applier.stats.changes, Ordering::Relaxed);
-            progress
-                .transactions
-                .store(applier.stats.transactions, Ordering::Relaxed);
+            progress.report(checkpoint, &applier.stats);
         }};
     }
 
@@ -1501,14 +1503,8 @@ async fn stream_loop(
         applier.poll_flush().await?;
     }
     stream.confirm(applier.ack_limit(checkpoint)?);
-    progress.checkpoint.store(checkpoint.0, Ordering::Relaxed);
     // The last commits may have come back only here.
-    progress
-        .changes
-        .store(applier.stats.changes, Ordering::Relaxed);
-    progress
-        .transactions
-        .store(applier.stats.transactions, Ordering::Relaxed);
+    progress.report(checkpoint, &applier.stats);
     tracing::info!(%source, %checkpoint, "stopped");
     Ok(())
 }

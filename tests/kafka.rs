@@ -532,6 +532,24 @@ async fn changes_the_initial_snapshot_copied_are_published_as_copied() {
     assert_eq!(of_desktop, want);
 }
 
+/// `tandem skip` the desktop transaction committing at `lsn`, then run until the row `id` that
+/// desktop writes after it reached mobile.
+async fn skip_and_go_on(fx: &Fixture, lsn: &str, id: i64) {
+    let cfg = fx.config_path.to_str().unwrap();
+    let (code, _, err) = common::run_tandem(
+        &["--config", cfg, "skip", "--from", "desktop", "--lsn", lsn],
+        &[],
+    );
+    assert_eq!(code, 0, "{err}");
+    let run = fx.start().await;
+    fx.d.execute("INSERT INTO jobs VALUES ($1, 'after', 0)", &[&id])
+        .await
+        .unwrap();
+    let arrived = format!("SELECT count(*) FROM jobs WHERE id = {id}");
+    wait_count(30, &fx.m, &arrived, 1).await;
+    run.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_transaction_left_out_by_tandem_skip_is_published_as_skipped() {
     let (_cluster, brokers) = mock_kafka(1);
@@ -565,18 +583,7 @@ async fn a_transaction_left_out_by_tandem_skip_is_published_as_skipped() {
     .await
     .unwrap();
     let (_, lsn) = common::rejected(fx.start_nowait()).await;
-    let cfg = fx.config_path.to_str().unwrap();
-    let (code, _, err) = common::run_tandem(
-        &["--config", cfg, "skip", "--from", "desktop", "--lsn", &lsn],
-        &[],
-    );
-    assert_eq!(code, 0, "{err}");
-    let run = fx.start().await;
-    fx.d.batch_execute("INSERT INTO jobs VALUES (5000, 'after', 0)")
-        .await
-        .unwrap();
-    wait_count(30, &fx.m, "SELECT count(*) FROM jobs WHERE id = 5000", 1).await;
-    run.stop().await;
+    skip_and_go_on(&fx, &lsn, 5000).await;
     let msgs = tokio::task::spawn_blocking(move || consume_all(&brokers))
         .await
         .unwrap();
@@ -641,18 +648,7 @@ async fn a_group_committed_ahead_is_published_and_the_refused_group_behind_it_is
     .unwrap();
     let (e, lsn) = common::rejected(fx.start_nowait()).await;
     assert!(e.contains("no_bad"), "{e}");
-    let cfg = fx.config_path.to_str().unwrap();
-    let (code, _, err) = common::run_tandem(
-        &["--config", cfg, "skip", "--from", "desktop", "--lsn", &lsn],
-        &[],
-    );
-    assert_eq!(code, 0, "{err}");
-    let run = fx.start().await;
-    fx.d.batch_execute("INSERT INTO jobs VALUES (40000, 'after', 0)")
-        .await
-        .unwrap();
-    wait_count(30, &fx.m, "SELECT count(*) FROM jobs WHERE id = 40000", 1).await;
-    run.stop().await;
+    skip_and_go_on(&fx, &lsn, 40000).await;
     assert_eq!(
         Fixture::count(
             &fx.m,
