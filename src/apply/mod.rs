@@ -411,14 +411,15 @@ impl Applier {
             self.pipeline.clear();
             return e;
         }
-        match self.drain().await {
+        match self.settle_all().await {
             Err(first) => first,
             Ok(()) => e,
         }
     }
 
-    /// Read every outstanding statement's result; the first failure is the error.
-    async fn drain(&mut self) -> Result<()> {
+    /// Wait for every statement sent ahead (commits too) and check its result; the first
+    /// failure is the error.
+    pub async fn settle_all(&mut self) -> Result<()> {
         while let Some((what, r)) = self.pipeline.next().await {
             if let Err(e) = self.settle(what, r) {
                 self.pipeline.clear();
@@ -426,11 +427,6 @@ impl Applier {
             }
         }
         Ok(())
-    }
-
-    /// Wait for every statement sent ahead (commits too) and check its result.
-    pub async fn settle_all(&mut self) -> Result<()> {
-        self.drain().await
     }
 
     /// Statements were sent ahead and not all answered.
@@ -825,7 +821,7 @@ impl Applier {
     /// commits sent ahead: what they cover goes out before anything after them.
     pub async fn barrier(&mut self, lsn: Lsn) -> Result<()> {
         if self.publisher.is_some() {
-            self.drain().await?;
+            self.settle_all().await?;
         }
         if let Some(p) = &mut self.publisher {
             p.barrier(lsn);
@@ -866,7 +862,7 @@ impl Applier {
             return Ok(());
         }
         // Commits sent ahead first: they are what is to be flushed.
-        self.drain().await?;
+        self.settle_all().await?;
         // It must write WAL: a commit that wrote none is never flushed synchronously.
         let row = db::last_row(
             &self.client,
@@ -1396,7 +1392,7 @@ impl Applier {
     /// transaction, and commit. Returns once the commit came back (durable once flushed).
     pub async fn commit(&mut self, lsn: Lsn) -> Result<()> {
         self.commit_ahead(lsn).await?;
-        self.drain().await
+        self.settle_all().await
     }
 
     /// [`Applier::commit`] without waiting: the group's last statements and its commit are sent,
@@ -1415,7 +1411,7 @@ impl Applier {
             .pipeline
             .any(|w| matches!(w, Ahead::Batch(b) if b.existing))
         {
-            self.drain().await?;
+            self.settle_all().await?;
         }
         // One round trip for checkpoint, origin progress and COMMIT: at a steady trickle a group
         // is a few source transactions, and every round trip is lag.
@@ -1449,7 +1445,7 @@ impl Applier {
             return Ok(());
         }
         self.run_ready(true).await?;
-        self.drain().await?;
+        self.settle_all().await?;
         // Not from the stream, so no flush tracking: wait for durability as any client would.
         self.client
             .batch_execute("SET LOCAL synchronous_commit = on; COMMIT")
@@ -1511,7 +1507,7 @@ impl Applier {
             checkpoint::advance_sql(self.source, lsn)
         );
         self.send_commit(&sql, lsn, false).await?;
-        self.drain().await
+        self.settle_all().await
     }
 
     pub fn count_transaction(&mut self) {
@@ -1553,7 +1549,7 @@ impl Applier {
     pub async fn savepoint(&mut self, name: &str) -> Result<()> {
         self.ensure_txn(Lsn::ZERO).await?;
         self.run_ready(true).await?;
-        self.drain().await?;
+        self.settle_all().await?;
         self.client
             .batch_execute(&format!("SAVEPOINT {name}"))
             .await
