@@ -1222,6 +1222,9 @@ async fn stream_loop(
         if !matches!(stop.has_changed(), Ok(false)) {
             break;
         }
+        // Every wait on the target may read a commit's result (a Kafka barrier's, a flush's),
+        // not only the branch below: whichever read it, the checkpoint and slot move now.
+        take_committed!();
         let age = if source_idle {
             GROUP_IDLE_AGE
         } else {
@@ -1252,7 +1255,6 @@ async fn stream_loop(
             // Results of what was sent ahead, as they come: a commit moves the checkpoint.
             r = applier.settle_next(), if applier.outstanding() => {
                 r?;
-                take_committed!();
                 continue;
             }
             ev = stream.next() => ev?,
