@@ -303,8 +303,27 @@ impl LocalCluster {
             dir,
             child: Some(child),
         };
-        cluster.wait_ready(Duration::from_secs(60))?;
-        Ok(cluster)
+        // The port was free when picked, but nothing held it since: another socket (an outgoing
+        // connection's ephemeral port) may take it before the server binds, as one CI run saw.
+        // Then the server starts again on another port (the last `port` line of the conf wins).
+        let mut retries = 5;
+        loop {
+            match cluster.wait_ready(Duration::from_secs(60)) {
+                Err(e) if retries > 0 && e.to_string().contains("Address already in use") => {
+                    retries -= 1;
+                    cluster.port = free_port()?;
+                    let mut conf = std::fs::OpenOptions::new().append(true).open(&conf_path)?;
+                    std::io::Write::write_all(
+                        &mut conf,
+                        format!("port = {}\n", cluster.port).as_bytes(),
+                    )?;
+                    // Truncated (its owner kept), so the next failure is read on its own.
+                    std::fs::File::create(cluster.dir.join("server.log"))?;
+                    cluster.child = Some(Self::postmaster(&cluster.dir)?);
+                }
+                r => return r.map(|()| cluster),
+            }
+        }
     }
 
     /// Start the server of the cluster in `dir`, its output appended to `server.log`.
