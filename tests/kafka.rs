@@ -8,8 +8,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use common::{
-    audit_sql, slot_confirmed, stream_from_a_few_hundred_rows, streamed_txns, wait_count, wait_for,
-    Fixture,
+    audit_sql, mock_kafka, slot_confirmed, stream_from_a_few_hundred_rows, streamed_txns,
+    wait_count, wait_for, Fixture, TOPIC,
 };
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::mocking::MockCluster;
@@ -17,17 +17,6 @@ use rdkafka::producer::DefaultProducerContext;
 use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
 use rdkafka::{ClientConfig, Message};
 use tokio_postgres::Client;
-
-const TOPIC: &str = "tandem.events";
-
-/// A one-broker mock Kafka with the topic in `partitions` partitions, and its bootstrap address.
-/// The broker lives as long as the cluster: keep it bound (`_cluster`, not `_`).
-fn mock_kafka(partitions: i32) -> (MockCluster<'static, DefaultProducerContext>, String) {
-    let cluster = MockCluster::<DefaultProducerContext>::new(1).unwrap();
-    cluster.create_topic(TOPIC, partitions, 1).unwrap();
-    let brokers = cluster.bootstrap_servers();
-    (cluster, brokers)
-}
 
 /// Kafka goes away: the broker answers every produce request with a retriable error until
 /// [`kafka_back`], so nothing is acknowledged and deliveries fail at `message.timeout.ms`. Not

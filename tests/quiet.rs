@@ -1,11 +1,11 @@
 //! Measured on clusters these tests have to themselves, one test at a time (WAL position is
 //! cluster-wide): after a burst on both sides, each change landed once, the slots caught up, and
-//! WAL stops growing; a change the initial snapshot's copy holds is confirmed without waiting for
-//! more WAL.
+//! WAL stops growing; a change the initial snapshot's copy holds, and with Kafka a group whose
+//! commit came back while the loop waited for Kafka, are confirmed without waiting for more WAL.
 
 mod common;
 
-use common::{audit_sql, wait_count, wait_for, Fixture};
+use common::{audit_sql, slot_confirmed, wait_count, wait_for, Fixture};
 use tokio_postgres::Client;
 
 const JOBS: &str =
@@ -127,5 +127,48 @@ async fn a_change_the_initial_snapshot_holds_is_confirmed_on_a_quiet_source() {
         || async { Fixture::count(&fx.d, confirmed).await >= end },
     )
     .await;
+    run.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn with_kafka_a_commit_read_while_waiting_for_kafka_moves_the_slot_on_a_quiet_source() {
+    let _alone = ALONE.lock().await;
+    let (_kafka, brokers) = common::mock_kafka(1);
+    let (d, m) = Fixture::databases("slow", JOBS).await;
+    // The target's commits of `jobs` take 300 ms: long enough for the source to say something
+    // while a group's commit is on its way.
+    m.batch_execute(
+        "CREATE FUNCTION slow() RETURNS trigger LANGUAGE plpgsql AS \
+         $$ BEGIN PERFORM pg_sleep(0.3); RETURN NULL; END $$; \
+         CREATE CONSTRAINT TRIGGER slow_commit AFTER INSERT ON jobs \
+         DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION slow(); \
+         ALTER TABLE jobs ENABLE ALWAYS TRIGGER slow_commit;",
+    )
+    .await
+    .unwrap();
+    d.batch_execute("CREATE TABLE unpublished (id int)")
+        .await
+        .unwrap();
+    let text = Fixture::config_text("slow", r#"tables = ["public.jobs"]"#)
+        + &format!("[kafka]\nbrokers = \"{brokers}\"\nrequired = true\n");
+    let fx = Fixture::with_config("slow", d, m, text).await;
+    let run = fx.start().await;
+    fx.d.batch_execute("INSERT INTO jobs (id, title) VALUES (1, 'lone')")
+        .await
+        .unwrap();
+    let end = wal(&fx.d).await as u64;
+    // The group's commit is sent 10 ms after the source went quiet and comes back 300 ms later.
+    // Meanwhile WAL the stream leaves out wakes the walsender, whose keepalive makes the loop
+    // wait for Kafka, and that wait reads the commit's result. Before: the slot then stayed
+    // behind until the next group, or 64 KiB more WAL.
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    fx.d.batch_execute("INSERT INTO unpublished VALUES (1)")
+        .await
+        .unwrap();
+    wait_for(10, "desktop's slot confirmed past the change", || async {
+        slot_confirmed(&fx.d, "slow_d").await >= end
+    })
+    .await;
+    assert_eq!(Fixture::count(&fx.m, "SELECT count(*) FROM jobs").await, 1);
     run.stop().await;
 }

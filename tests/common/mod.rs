@@ -7,6 +7,8 @@ use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
+use rdkafka::mocking::MockCluster;
+use rdkafka::producer::DefaultProducerContext;
 use tandem::config::Config;
 use tandem::localpg::LocalCluster;
 use tandem::ops::setup;
@@ -663,4 +665,16 @@ impl Drop for Reaped {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
+}
+
+/// The topic of [`mock_kafka`]'s cluster.
+pub const TOPIC: &str = "tandem.events";
+
+/// A one-broker mock Kafka with the topic in `partitions` partitions, and its bootstrap address.
+/// The broker lives as long as the cluster: keep it bound (`_cluster`, not `_`).
+pub fn mock_kafka(partitions: i32) -> (MockCluster<'static, DefaultProducerContext>, String) {
+    let cluster = MockCluster::<DefaultProducerContext>::new(1).unwrap();
+    cluster.create_topic(TOPIC, partitions, 1).unwrap();
+    let brokers = cluster.bootstrap_servers();
+    (cluster, brokers)
 }
