@@ -379,6 +379,53 @@ async fn a_group_commit_waits_for_the_counts_of_its_plain_updates() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_group_sent_behind_a_commit_the_target_refuses_is_not_committed_either() {
+    // The target's first commit of tandem's fails, 0.3 s after it was sent (a deferred trigger:
+    // as a deferred foreign key fails). The next groups are sent behind it meanwhile. A failed
+    // COMMIT ends its transaction, so the server runs what follows in a new one: unguarded,
+    // those groups committed and moved the checkpoint past the refused one's rows, lost.
+    let fx = Fixture::new(
+        "refused_commit",
+        "CREATE TABLE items (id int PRIMARY KEY, v text);",
+        "tables = [\"public.items\"]\n[replication.direction]\n\"public.items\" = \"desktop_to_mobile\"",
+    )
+    .await;
+    fx.m.batch_execute(
+        "CREATE SEQUENCE once;
+         CREATE FUNCTION fail_once() RETURNS trigger LANGUAGE plpgsql AS $$
+           BEGIN
+             IF current_setting('application_name') LIKE 'tandem apply%' AND nextval('once') = 1 THEN
+               PERFORM pg_sleep(0.3);
+               RAISE EXCEPTION 'injected failure at commit';
+             END IF;
+             RETURN NULL;
+           END $$;
+         CREATE CONSTRAINT TRIGGER fail_once AFTER INSERT ON items
+           DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION fail_once();
+         ALTER TABLE items ENABLE ALWAYS TRIGGER fail_once;",
+    )
+    .await
+    .unwrap();
+    let run = fx.start().await;
+    // One transaction, then four more while its group's commit is on its way: each a group of
+    // its own, committed without waiting (the source is quiet 10 ms after each).
+    for id in 1..=5i32 {
+        fx.d.execute("INSERT INTO items VALUES ($1, 'd')", &[&id])
+            .await
+            .unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(40)).await;
+    }
+    wait_count(30, &fx.m, "SELECT count(*) FROM items", 5).await;
+    assert!(
+        Fixture::count(&fx.m, "SELECT last_value FROM once").await >= 2,
+        "the first commit failed and its rows were applied again"
+    );
+    assert!(!run.is_finished(), "replication keeps running");
+    fx.assert_slots_within_checkpoints().await;
+    run.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_update_of_a_row_missing_on_the_target_is_applied_as_an_upsert() {
     // A large transaction's whole-row updates go out as plain UPDATEs (no ON CONFLICT); a row the
     // target lacks must still end up there, with nothing of the transaction lost or doubled.

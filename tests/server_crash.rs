@@ -192,3 +192,43 @@ async fn a_crash_of_either_server_loses_and_doubles_nothing() {
     assert!(code == 200 && !body.contains("not started"), "{body}");
     late.stop().await;
 }
+
+/// The port a throwaway cluster picked is taken before its server binds it (an outgoing
+/// connection's ephemeral port once took one in CI, and every test of that binary failed): the
+/// server starts again on another port.
+#[test]
+fn a_cluster_whose_port_is_taken_before_its_server_binds_starts_on_another() {
+    // Bound and not listening, without SO_REUSEADDR: what an outgoing connection's local port is
+    // to a server binding it.
+    // SAFETY: plain socket calls on a socket this test owns, closed at the end.
+    let (fd, taken) = unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
+        assert!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
+        let mut addr: libc::sockaddr_in = std::mem::zeroed();
+        addr.sin_family = libc::AF_INET as libc::sa_family_t;
+        addr.sin_addr.s_addr = u32::from_ne_bytes([127, 0, 0, 1]);
+        let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+        let r = libc::bind(fd, (&addr as *const libc::sockaddr_in).cast(), len);
+        assert_eq!(r, 0, "bind: {}", std::io::Error::last_os_error());
+        let mut len = len;
+        let r = libc::getsockname(fd, (&mut addr as *mut libc::sockaddr_in).cast(), &mut len);
+        assert_eq!(r, 0, "getsockname: {}", std::io::Error::last_os_error());
+        (fd, u16::from_be(addr.sin_port))
+    };
+    // The extra line wins over the port the cluster picked: its first start meets the taken one.
+    let cluster = LocalCluster::start_with("port-taken", &format!("port = {taken}\n"))
+        .expect("the server starts on another port");
+    assert_ne!(cluster.port, taken);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let one: i32 = rt.block_on(async {
+        connect(&cluster.url("postgres"))
+            .await
+            .query_one("SELECT 1", &[])
+            .await
+            .unwrap()
+            .get(0)
+    });
+    assert_eq!(one, 1);
+    // SAFETY: this test's own socket, closed once.
+    unsafe { libc::close(fd) };
+}

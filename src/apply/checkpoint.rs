@@ -91,6 +91,17 @@ pub fn advance_sql(source: Side, lsn: Lsn) -> String {
     )
 }
 
+/// A statement that fails unless the checkpoint reached `lsn`: opens a target transaction sent
+/// behind a commit of `lsn` whose result has not come back (see `Applier::begin_sql`).
+pub fn reached_sql(source: Side, lsn: Lsn) -> String {
+    // No row matches when that commit failed: 1 / 0, and the transaction is refused.
+    format!(
+        "SELECT 1 / count(*)::int FROM tandem.checkpoints \
+         WHERE direction = '{}' AND lsn >= '{lsn}'::pg_lsn",
+        source.direction_from()
+    )
+}
+
 /// The source commit `tandem skip` asked this direction to leave out, if any.
 pub async fn skip_lsn(c: &impl GenericClient, source: Side) -> Result<Option<Lsn>> {
     let row = c

@@ -302,13 +302,31 @@ impl Applier {
         // is read with the statements after it.
         let content = format!("{} {}", self.source.tag(), commit_lsn);
         let sql = format!(
-            "BEGIN; SELECT pg_logical_emit_message(true, {}, {})",
+            "{}; SELECT pg_logical_emit_message(true, {}, {})",
+            self.begin_sql(),
             crate::config::quote_literal(MARKER_PREFIX),
             crate::config::quote_literal(&content)
         );
         self.in_txn = true;
         self.send(pipeline::simple(&self.client, sql), Ahead::Begin, false)
             .await
+    }
+
+    /// `BEGIN` of a target transaction, with a check that the newest commit sent ahead happened
+    /// when its result is still out. A COMMIT the target refuses (a deferred constraint or
+    /// trigger) ends its transaction, so the server runs what was sent behind it in a new one:
+    /// unchecked, a later group would commit, and its checkpoint pass the refused group's rows.
+    /// Checked, this transaction fails, the server refuses the rest of it (its commit too), and
+    /// the refused commit is the failure reported (results are read oldest first).
+    fn begin_sql(&self) -> String {
+        let out = self.pipeline.newest(|w| match w {
+            Ahead::Commit { lsn, .. } => Some(*lsn),
+            _ => None,
+        });
+        match out {
+            Some(lsn) => format!("BEGIN; {}", checkpoint::reached_sql(self.source, lsn)),
+            None => "BEGIN".into(),
+        }
     }
 
     /// Send a statement ahead and settle whatever came back meanwhile.
@@ -1398,8 +1416,8 @@ impl Applier {
     /// [`Applier::commit`] without waiting: the group's last statements and its commit are sent,
     /// and the next group may open behind them while the target runs them. The commit is known
     /// once [`Applier::take_committed`] returns its checkpoint. The server runs a session's
-    /// statements in order, and after a failure refuses everything up to a rollback, so a group
-    /// sent behind a commit that fails is never applied either.
+    /// statements in order, and after a failure refuses everything up to a rollback; a group
+    /// opened behind a commit that fails is refused too (see [`Applier::begin_sql`]).
     pub async fn commit_ahead(&mut self, lsn: Lsn) -> Result<()> {
         if !self.in_txn {
             return self.record(lsn).await;
@@ -1503,7 +1521,8 @@ impl Applier {
         // Its own transaction, so the position read after it is past its commit record.
         let also = also.map_or(String::new(), |sql| format!("{sql}; "));
         let sql = format!(
-            "BEGIN; {}; {also}COMMIT",
+            "{}; {}; {also}COMMIT",
+            self.begin_sql(),
             checkpoint::advance_sql(self.source, lsn)
         );
         self.send_commit(&sql, lsn, false).await?;

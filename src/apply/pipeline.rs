@@ -1,7 +1,8 @@
 //! Statements sent to the target without waiting for their results, so the stream is read and
 //! the next batch planned while the server runs the previous ones. The server runs a session's
 //! statements in the order they arrive, so order needs no waiting, and after a failure it
-//! refuses everything up to a rollback, so nothing sent behind a failed statement is applied.
+//! refuses everything up to a rollback, so nothing sent behind a failed statement is applied
+//! (a failed COMMIT ends its transaction instead: see `Applier::begin_sql`).
 //! What the client checks itself (a plain UPDATE's row count, values that did not encode) must
 //! be known before a commit is sent behind it.
 
@@ -204,6 +205,11 @@ impl<T> Pipeline<T> {
     /// Whether any statement out is `what` (checked against its result by the caller).
     pub fn any(&self, what: impl Fn(&T) -> bool) -> bool {
         self.sent.iter().any(|s| what(&s.what))
+    }
+
+    /// The newest statement out that `pick` picks something of.
+    pub fn newest<R>(&self, pick: impl Fn(&T) -> Option<R>) -> Option<R> {
+        self.sent.iter().rev().find_map(|s| pick(&s.what))
     }
 
     /// Forget what is outstanding (the transaction is being rolled back anyway).
