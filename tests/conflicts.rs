@@ -806,20 +806,7 @@ async fn a_replay_from_the_checkpoint_reaches_the_same_decisions_once() {
         "[conflicts]\npolicy = \"desktop_wins\"",
     )
     .await;
-    fx.m.batch_execute(
-        "CREATE SEQUENCE once; ALTER SEQUENCE once OWNER TO tandem_cf;
-         CREATE FUNCTION fail_once() RETURNS trigger LANGUAGE plpgsql AS $$
-           BEGIN
-             IF current_setting('application_name') LIKE 'tandem apply%' AND nextval('once') = 1 THEN
-               RAISE EXCEPTION 'injected failure at commit';
-             END IF;
-             RETURN NULL;
-           END $$;
-         CREATE CONSTRAINT TRIGGER fail_once AFTER INSERT OR UPDATE OR DELETE ON items
-           DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION fail_once();",
-    )
-    .await
-    .unwrap();
+    common::fail_first_apply_commit(&fx.m, "items", 0.0).await;
     for id in 1..=5i64 {
         fx.d.execute("UPDATE items SET v = 'D' WHERE id = $1", &[&id])
             .await

@@ -9,6 +9,10 @@ use common::{
 };
 use tokio_postgres::Client;
 
+/// `items`, replicated desktop → mobile only.
+const ITEMS_ONE_WAY: &str =
+    "tables = [\"public.items\"]\n[replication.direction]\n\"public.items\" = \"desktop_to_mobile\"";
+
 const JOBS: &str = "
 CREATE TABLE jobs (id bigint PRIMARY KEY, title text NOT NULL, status text, n int);
 CREATE TABLE tasks (id bigint PRIMARY KEY, job_id bigint NOT NULL REFERENCES jobs (id), note text);
@@ -318,7 +322,7 @@ async fn an_insert_meeting_a_row_already_on_the_target_is_applied_as_an_upsert()
         "collide",
         "CREATE TABLE items (id int PRIMARY KEY, v text);",
         // Batches of two rows: the three-row transaction below is "large" (see `Batch::large`).
-        "tables = [\"public.items\"]\nbatch_rows = 2\n[replication.direction]\n\"public.items\" = \"desktop_to_mobile\"",
+        &format!("batch_rows = 2\n{ITEMS_ONE_WAY}"),
     )
     .await;
     fx.m.batch_execute("INSERT INTO items VALUES (2, 'mobile had it')")
@@ -351,7 +355,7 @@ async fn a_group_commit_waits_for_the_counts_of_its_plain_updates() {
     let fx = Fixture::new(
         "missed_last",
         "CREATE TABLE items (id int PRIMARY KEY, v text);",
-        "tables = [\"public.items\"]\n[replication.direction]\n\"public.items\" = \"desktop_to_mobile\"",
+        ITEMS_ONE_WAY,
     )
     .await;
     let run = fx.start().await;
@@ -387,25 +391,10 @@ async fn a_group_sent_behind_a_commit_the_target_refuses_is_not_committed_either
     let fx = Fixture::new(
         "refused_commit",
         "CREATE TABLE items (id int PRIMARY KEY, v text);",
-        "tables = [\"public.items\"]\n[replication.direction]\n\"public.items\" = \"desktop_to_mobile\"",
+        ITEMS_ONE_WAY,
     )
     .await;
-    fx.m.batch_execute(
-        "CREATE SEQUENCE once;
-         CREATE FUNCTION fail_once() RETURNS trigger LANGUAGE plpgsql AS $$
-           BEGIN
-             IF current_setting('application_name') LIKE 'tandem apply%' AND nextval('once') = 1 THEN
-               PERFORM pg_sleep(0.3);
-               RAISE EXCEPTION 'injected failure at commit';
-             END IF;
-             RETURN NULL;
-           END $$;
-         CREATE CONSTRAINT TRIGGER fail_once AFTER INSERT ON items
-           DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION fail_once();
-         ALTER TABLE items ENABLE ALWAYS TRIGGER fail_once;",
-    )
-    .await
-    .unwrap();
+    common::fail_first_apply_commit(&fx.m, "items", 0.3).await;
     let run = fx.start().await;
     // One transaction, then four more while its group's commit is on its way: each a group of
     // its own, committed without waiting (the source is quiet 10 ms after each).
@@ -433,7 +422,7 @@ async fn an_update_of_a_row_missing_on_the_target_is_applied_as_an_upsert() {
         "missed",
         "CREATE TABLE items (id int PRIMARY KEY, v text, n int NOT NULL DEFAULT 0);",
         // Batches of two rows: the four-row transaction below is "large" (see `Batch::large`).
-        "tables = [\"public.items\"]\nbatch_rows = 2\n[replication.direction]\n\"public.items\" = \"desktop_to_mobile\"",
+        &format!("batch_rows = 2\n{ITEMS_ONE_WAY}"),
     )
     .await;
     // Counts every change the target's rows take, to show the rolled-back group left nothing.
@@ -476,7 +465,7 @@ async fn refusing(name: &str) -> Fixture {
     let fx = Fixture::new(
         name,
         "CREATE TABLE items (id int PRIMARY KEY, v text);",
-        "tables = [\"public.items\"]\n[replication.direction]\n\"public.items\" = \"desktop_to_mobile\"",
+        ITEMS_ONE_WAY,
     )
     .await;
     fx.m.batch_execute("ALTER TABLE items ADD CONSTRAINT no_bad CHECK (v <> 'bad')")

@@ -678,3 +678,25 @@ pub fn mock_kafka(partitions: i32) -> (MockCluster<'static, DefaultProducerConte
     let brokers = cluster.bootstrap_servers();
     (cluster, brokers)
 }
+
+/// Make `c`'s first commit of tandem's apply sessions that touched `table` fail `after` seconds
+/// into it (a deferred constraint trigger, as a deferred foreign key fails at commit); later
+/// commits pass. The sequence `once` counts the commits it saw.
+pub async fn fail_first_apply_commit(c: &Client, table: &str, after: f64) {
+    c.batch_execute(&format!(
+        "CREATE SEQUENCE once; GRANT USAGE ON SEQUENCE once TO PUBLIC;
+         CREATE FUNCTION fail_once() RETURNS trigger LANGUAGE plpgsql AS $$
+           BEGIN
+             IF current_setting('application_name') LIKE 'tandem apply%' AND nextval('once') = 1 THEN
+               PERFORM pg_sleep({after});
+               RAISE EXCEPTION 'injected failure at commit';
+             END IF;
+             RETURN NULL;
+           END $$;
+         CREATE CONSTRAINT TRIGGER fail_once AFTER INSERT OR UPDATE OR DELETE ON {table}
+           DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION fail_once();
+         ALTER TABLE {table} ENABLE ALWAYS TRIGGER fail_once;"
+    ))
+    .await
+    .unwrap();
+}
