@@ -2038,6 +2038,57 @@ async fn streamed_transactions_are_counted_in_prometheus_metrics() {
     child.wait().unwrap();
 }
 
+/// `tandem_lag_seconds` is what a reader of the target sees: measured when the target's commit
+/// is done, not when it was sent (before, a commit the target took a second over read as a few
+/// milliseconds of lag).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_lag_gauge_counts_the_time_the_target_takes_to_commit() {
+    let (d, m) = Fixture::databases("lag_metric", JOBS).await;
+    // Every commit of tandem's that touched `jobs` on mobile takes a second.
+    m.batch_execute(
+        "CREATE FUNCTION slow() RETURNS trigger LANGUAGE plpgsql AS \
+         $$ BEGIN PERFORM pg_sleep(1); RETURN NULL; END $$; \
+         CREATE CONSTRAINT TRIGGER slow_commit AFTER INSERT ON jobs \
+         DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION slow(); \
+         ALTER TABLE jobs ENABLE ALWAYS TRIGGER slow_commit;",
+    )
+    .await
+    .unwrap();
+    let text = Fixture::config_text("lag_metric", r#"tables = ["public.jobs"]"#);
+    let fx = Fixture::with_config("lag_metric", d, m, text).await;
+    let (mut child, port) = fx.run_with_metrics();
+    wait_for(30, "tandem streaming", || async {
+        Fixture::count(
+            &fx.d,
+            "SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'lag_metric_d' AND active",
+        )
+        .await
+            == 1
+    })
+    .await;
+    fx.d.batch_execute("INSERT INTO jobs (id, title) VALUES (1, 'slow')")
+        .await
+        .unwrap();
+    wait_count(30, &fx.m, "SELECT count(*) FROM jobs", 1).await;
+    let lag = || {
+        scrape(port).and_then(|b| {
+            common::metric(&b, "tandem_lag_seconds", &[("direction", "D>M")])
+                .and_then(|v| v.parse::<f64>().ok())
+        })
+    };
+    // The row is visible once the commit is done; tandem reads its result just after.
+    wait_for(
+        10,
+        "a lag of at least the commit's second reported",
+        || async { lag().is_some_and(|l| l >= 1.0) },
+    )
+    .await;
+    let l = lag().unwrap();
+    assert!(l < 30.0, "lag {l} s, for a commit that took 1 s");
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_column_list_keeps_the_other_columns_each_sides_own() {
     // Desktop keeps salaries, mobile a flag of its own; both have `notes`, each its own.

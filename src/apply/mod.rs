@@ -46,10 +46,12 @@ enum Ahead {
     Batch(SentBatch),
     /// A group's `BEGIN` and marker.
     Begin,
-    /// A commit of the checkpoint `lsn` (a group's, with its changes, or a record's alone).
+    /// A commit of the checkpoint `lsn`: a group's, with its changes and the commit time of the
+    /// last source transaction in it (for `tandem_lag_seconds`, set once the commit is done),
+    /// or a record's alone (`None`).
     Commit {
         lsn: Lsn,
-        group: bool,
+        group: Option<i64>,
     },
 }
 
@@ -487,7 +489,7 @@ impl Applier {
                 Ok(())
             }
             Ahead::Commit { lsn, group } => {
-                let what = if group {
+                let what = if group.is_some() {
                     "committing the apply transaction with its checkpoint"
                 } else {
                     "recording the checkpoint"
@@ -504,7 +506,11 @@ impl Applier {
                 self.committed = Some(self.committed.map_or(lsn, |c| c.max(lsn)));
                 let dir = self.source.direction_from();
                 metrics::gauge!("tandem_checkpoint_lsn", "direction" => dir).set(lsn.0 as f64);
-                if group {
+                if let Some(source_committed) = group {
+                    // Measured at the target's commit, not when it was sent: what a reader of
+                    // the target sees.
+                    metrics::gauge!("tandem_lag_seconds", "direction" => dir)
+                        .set(seconds_since_pg_micros(source_committed));
                     self.stats.commits += 1;
                     metrics::counter!("tandem_target_commits_total", "direction" => dir)
                         .increment(1);
@@ -910,7 +916,7 @@ impl Applier {
 
     /// Send `sql` (ending in a commit of the checkpoint at `lsn`) ahead, to be tracked once it
     /// comes back (see [`Ahead::Commit`]) until the target's WAL is flushed past it.
-    async fn send_commit(&mut self, sql: &str, lsn: Lsn, group: bool) -> Result<()> {
+    async fn send_commit(&mut self, sql: &str, lsn: Lsn, group: Option<i64>) -> Result<()> {
         // The last row: statements before it (the origin's xact setup) return rows too.
         let sql = format!(
             "{sql}; SELECT pg_current_wal_insert_lsn()::text, pg_current_wal_flush_lsn()::text"
@@ -1449,10 +1455,8 @@ impl Applier {
             // What was published so far waits for this commit; what follows, for later ones.
             p.cut();
         }
-        self.send_commit(&sql, lsn, true).await?;
-        let dir = self.source.direction_from();
-        metrics::gauge!("tandem_lag_seconds", "direction" => dir)
-            .set(seconds_since_pg_micros(self.last_commit_ts));
+        self.send_commit(&sql, lsn, Some(self.last_commit_ts))
+            .await?;
         Ok(())
     }
 
@@ -1525,7 +1529,7 @@ impl Applier {
             self.begin_sql(),
             checkpoint::advance_sql(self.source, lsn)
         );
-        self.send_commit(&sql, lsn, false).await?;
+        self.send_commit(&sql, lsn, None).await?;
         self.settle_all().await
     }
 
