@@ -623,12 +623,9 @@ const LIVE_LOCK_TIMEOUT: &str = "2s";
 
 /// While a transaction is live (`on`), the main session gives up waiting on a lock after
 /// `LIVE_LOCK_TIMEOUT` instead of never.
-async fn live_lock_timeout(main: &Applier, on: bool) -> Result<()> {
+async fn live_lock_timeout(main: &mut Applier, on: bool) -> Result<()> {
     let value = if on { LIVE_LOCK_TIMEOUT } else { "0" };
-    main.client()
-        .batch_execute(&format!("SET lock_timeout = '{value}'"))
-        .await?;
-    Ok(())
+    main.set(&format!("SET lock_timeout = '{value}'")).await
 }
 
 fn lock_timed_out(e: &anyhow::Error) -> bool {

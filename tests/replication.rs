@@ -2770,6 +2770,36 @@ async fn a_trigger_firing_for_applied_rows_is_warned_about_until_the_role_may_sk
     );
 }
 
+/// A response the target's answers split into many reads (a slow network, here a proxy passing
+/// 4 bytes per millisecond) does not stall the apply session. tokio-postgres keeps two pieces
+/// of a request's answer until it is read, then stops reading the socket: statements sent ahead
+/// of their results must still be read while tandem awaits one of its own queries (preparing a
+/// statement for a table it writes the first time), or neither answer ever comes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn answers_split_into_many_reads_do_not_stall_statements_sent_ahead() {
+    let (d, m) = Fixture::databases("trickle", JOBS).await;
+    let proxy = common::Proxy::start(clusters().mobile.port).await;
+    let text = proxy.route(&Fixture::config_text("trickle", JOBS_TABLES), "trickle");
+    let fx = Fixture::with_config("trickle", d, m, text).await;
+    let run = fx.start().await;
+    fx.d.batch_execute("INSERT INTO scratch VALUES (1, 'warm')")
+        .await
+        .unwrap();
+    wait_count(30, &fx.m, "SELECT count(*) FROM scratch", 1).await;
+    proxy.trickle();
+    // Two tables tandem has not written yet: each needs a statement prepared while the group's
+    // opening (and then the first table's batch) is still on its way.
+    fx.d.batch_execute(
+        "BEGIN; INSERT INTO jobs (id, title) VALUES (1, 'a'), (2, 'b'); \
+         INSERT INTO tasks (id, job_id, note) VALUES (10, 1, 'x'); COMMIT",
+    )
+    .await
+    .unwrap();
+    wait_count(60, &fx.m, "SELECT count(*) FROM tasks", 1).await;
+    fx.wait_equal("jobs", 30).await;
+    run.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_replication_connection_gone_silent_is_taken_as_lost_and_opened_again() {
     use std::sync::atomic::Ordering;

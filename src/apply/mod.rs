@@ -285,6 +285,14 @@ impl Applier {
         self.source
     }
 
+    /// Run `sql` (a `SET`) in this session, in order behind the statements out.
+    pub async fn set(&mut self, sql: &str) -> Result<()> {
+        self.pipeline
+            .alongside(self.client.batch_execute(sql))
+            .await
+            .with_context(|| format!("{sql} on {}", self.source.other()))
+    }
+
     pub fn client(&self) -> &Client {
         &self.client
     }
@@ -347,7 +355,8 @@ impl Applier {
         if let Some(t) = self.tables.get(name) {
             return Ok(t.clone());
         }
-        let t = catalog::table(&*self.client, name).await?.ok_or_else(|| {
+        let t = self.pipeline.alongside(catalog::table(&*self.client, name));
+        let t = t.await?.ok_or_else(|| {
             anyhow!(
                 "{}: table {name} does not exist; create it there (same columns and key) and rerun `tandem setup`",
                 self.source.other()
@@ -384,12 +393,12 @@ impl Applier {
             &["O", "A"]
         };
         let fires: bool = self
-            .client
-            .query_one(
+            .pipeline
+            .alongside(self.client.query_one(
                 "SELECT EXISTS (SELECT 1 FROM pg_trigger WHERE tgrelid = $1::text::regclass \
                  AND NOT tgisinternal AND tgenabled::text = ANY($2))",
                 &[&src.name.quoted(), &modes],
-            )
+            ))
             .await
             .with_context(|| format!("reading the triggers of {}", src.name))?
             .get(0);
@@ -615,13 +624,18 @@ impl Applier {
                 self.ensure_txn(ev.commit_lsn).await?;
                 self.run_ready(true).await?;
                 // A truncate supersedes whatever waits behind a paused conflict of that table.
-                for t in tables.iter().filter(|t| self.pauses(&t.name)) {
-                    self.client
-                        .execute(
+                let paused: Vec<String> = tables
+                    .iter()
+                    .filter(|t| self.pauses(&t.name))
+                    .map(|t| t.name.to_string())
+                    .collect();
+                for name in paused {
+                    self.pipeline
+                        .alongside(self.client.execute(
                             "WITH p AS (DELETE FROM tandem.paused WHERE direction = $1 AND table_name = $2) \
                              DELETE FROM tandem.held WHERE direction = $1 AND table_name = $2",
-                            &[&self.source.direction_from(), &t.name.to_string()],
-                        )
+                            &[&self.source.direction_from(), &name],
+                        ))
                         .await?;
                 }
                 let sql = format!(
@@ -634,8 +648,8 @@ impl Applier {
                     },
                     if *cascade { " CASCADE" } else { "" }
                 );
-                self.client
-                    .batch_execute(&sql)
+                self.pipeline
+                    .alongside(self.client.batch_execute(&sql))
                     .await
                     .with_context(|| format!("{sql} on {}", self.source.other()))?;
                 self.publish(ev.clone(), "applied").await?;
@@ -701,8 +715,11 @@ impl Applier {
         };
         let checkpoint = checkpoint.to_string();
         let copies = self
-            .client
-            .query(&sql("seed"), &[&self.source.tag().to_string(), &checkpoint])
+            .pipeline
+            .alongside(
+                self.client
+                    .query(&sql("seed"), &[&self.source.tag().to_string(), &checkpoint]),
+            )
             .await
             .with_context(|| format!("reading tandem.snapshots on {}", self.source.other()))?;
         let merges = source
@@ -763,7 +780,7 @@ impl Applier {
     /// What became of an already-applied change: the resolution `tandem.conflicts` holds for its
     /// row in its source transaction (the final one, after a `resolve`), else "applied". Keys
     /// match by their text forms.
-    async fn outcome_on_record(&self, ev: &Event) -> Result<&'static str> {
+    async fn outcome_on_record(&mut self, ev: &Event) -> Result<&'static str> {
         let (table, row) = match &ev.change {
             Change::Insert { table, new } | Change::Update { table, new, .. } => (table, new),
             Change::Delete { table, old } => (table, &old.tuple),
@@ -778,8 +795,8 @@ impl Applier {
                 .map(|(c, v)| (c, serde_json::json!(v)))
                 .collect();
         let found: Option<String> = self
-            .client
-            .query_opt(
+            .pipeline
+            .alongside(self.client.query_opt(
                 "SELECT resolution FROM tandem.conflicts c WHERE source_side = $1 \
                  AND source_commit_lsn = $2::text::pg_lsn AND table_name = $3 \
                  AND NOT EXISTS (SELECT 1 FROM jsonb_each_text($4::text::jsonb) k \
@@ -791,7 +808,7 @@ impl Applier {
                     &table.name.to_string(),
                     &serde_json::Value::Object(key).to_string(),
                 ],
-            )
+            ))
             .await
             .context("reading tandem.conflicts for an event sent again")?
             .map(|r| r.get(0));
@@ -971,9 +988,14 @@ impl Applier {
             Some(s) => s.clone(),
             None => {
                 let s = match sql::statement(target, op, &batch.cols, fresh) {
-                    Some(text) => Some(self.client.prepare(&text).await.with_context(|| {
-                        format!("preparing the {op:?} statement for {}", target.name)
-                    })?),
+                    Some(text) => Some(
+                        self.pipeline
+                            .alongside(self.client.prepare(&text))
+                            .await
+                            .with_context(|| {
+                                format!("preparing the {op:?} statement for {}", target.name)
+                            })?,
+                    ),
                     None => None,
                 };
                 self.statements.insert(key, s.clone());
@@ -1028,9 +1050,13 @@ impl Applier {
             Some(s) => s.clone(),
             None => {
                 let text = sql::lookup(&target, batch.op, &batch.cols, old_cols, &version);
-                let s = self.client.prepare(&text).await.with_context(|| {
-                    format!("preparing the conflict lookup for {}", target.name)
-                })?;
+                let s = self
+                    .pipeline
+                    .alongside(self.client.prepare(&text))
+                    .await
+                    .with_context(|| {
+                        format!("preparing the conflict lookup for {}", target.name)
+                    })?;
                 self.lookups.insert(key, s.clone());
                 s
             }
@@ -1048,10 +1074,11 @@ impl Applier {
         if matches!(version, sql::Version::CommitTs(_)) {
             params.push(&commit_ts);
         }
-        let found =
-            self.client.query(&stmt, &params).await.with_context(|| {
-                format!("looking up {} rows of {}", batch.rows.len(), target.name)
-            })?;
+        let found = self
+            .pipeline
+            .alongside(self.client.query(&stmt, &params))
+            .await
+            .with_context(|| format!("looking up {} rows of {}", batch.rows.len(), target.name))?;
         let mut kept = Vec::with_capacity(batch.rows.len());
         // Keys of target rows that lost a unique-constraint collision.
         let mut deletes: Vec<Vec<Option<bytes::Bytes>>> = Vec::new();
@@ -1152,8 +1179,8 @@ impl Applier {
         if !log.kind.is_empty() {
             self.stats.conflicts += log.kind.len() as u64;
             let ids = self
-                .client
-                .query(
+                .pipeline
+                .alongside(self.client.query(
                     "INSERT INTO tandem.conflicts (kind, table_name, key, local_row, remote_row, source_side, \
                      source_commit_lsn, source_commit_ts, policy, resolution) \
                      SELECT k, $2, key::jsonb, l::jsonb, r::jsonb, $3, lsn::pg_lsn, \
@@ -1172,7 +1199,7 @@ impl Applier {
                         &log.ts,
                         &log.resolution,
                     ],
-                )
+                ))
                 .await
                 .context("writing tandem.conflicts")?;
             last_conflict = ids.iter().map(|r| r.get::<_, i64>(0)).max();
@@ -1183,12 +1210,12 @@ impl Applier {
             }
             let id = last_conflict.expect("a pause is a logged conflict");
             self.hold(batch, i).await?;
-            self.client
-                .execute(
+            self.pipeline
+                .alongside(self.client.execute(
                     "INSERT INTO tandem.paused (direction, table_name, conflict_id) VALUES ($1, $2, $3) \
                      ON CONFLICT DO NOTHING",
                     &[&self.source.direction_from(), &target.name.to_string(), &id],
-                )
+                ))
                 .await?;
             tracing::error!(table = %target.name, direction = self.source.direction_from(), conflict = id,
                 "conflict under policy `error`: table paused here (other tables keep flowing); \
@@ -1217,13 +1244,13 @@ impl Applier {
 
     /// Whether `table` is paused in this direction; locks the pause row (shared) so that a
     /// concurrent `tandem resolve` and this transaction see each other's held rows in order.
-    async fn is_paused(&self, table: &TableName) -> Result<bool> {
+    async fn is_paused(&mut self, table: &TableName) -> Result<bool> {
         Ok(self
-            .client
-            .query_opt(
+            .pipeline
+            .alongside(self.client.query_opt(
                 "SELECT 1 FROM tandem.paused WHERE direction = $1 AND table_name = $2 FOR SHARE",
                 &[&self.source.direction_from(), &table.to_string()],
-            )
+            ))
             .await
             .context("reading tandem.paused")?
             .is_some())
@@ -1261,8 +1288,8 @@ impl Applier {
         let ops: Vec<&str> = meta.iter().map(|m| m.op.as_str()).collect();
         let lsns: Vec<String> = meta.iter().map(|m| m.commit_lsn.to_string()).collect();
         let tss: Vec<i64> = meta.iter().map(|m| m.commit_ts).collect();
-        self.client
-            .execute(
+        self.pipeline
+            .alongside(self.client.execute(
                 "INSERT INTO tandem.held (direction, table_name, op, source_op, cols, vals, old_cols, old_vals, \
                  commit_lsn, commit_ts) \
                  SELECT $1, $2, $3, so, $4, v::jsonb, $5, o::jsonb, l::pg_lsn, ts \
@@ -1280,7 +1307,7 @@ impl Applier {
                     &lsns,
                     &tss,
                 ],
-            )
+            ))
             .await
             .context("writing tandem.held")?;
         Ok(())
@@ -1299,11 +1326,11 @@ impl Applier {
         let name = table.to_string();
         self.ensure_txn(Lsn::ZERO).await?;
         let Some(p) = self
-            .client
-            .query_opt(
+            .pipeline
+            .alongside(self.client.query_opt(
                 "DELETE FROM tandem.paused WHERE direction = $1 AND table_name = $2 RETURNING conflict_id",
                 &[&dir, &name],
-            )
+            ))
             .await?
         else {
             self.rollback().await?;
@@ -1311,12 +1338,12 @@ impl Applier {
         };
         let conflict_id: i64 = p.get(0);
         let held = self
-            .client
-            .query(
+            .pipeline
+            .alongside(self.client.query(
                 "DELETE FROM tandem.held WHERE direction = $1 AND table_name = $2 \
                  RETURNING id, op, source_op, cols, vals::text, old_cols, old_vals::text, commit_lsn::text, commit_ts",
                 &[&dir, &name],
-            )
+            ))
             .await?;
         let mut held: Vec<_> = held.into_iter().collect();
         held.sort_by_key(|r| r.get::<_, i64>(0));
@@ -1397,11 +1424,11 @@ impl Applier {
                 }
             }
         }
-        self.client
-            .execute(
+        self.pipeline
+            .alongside(self.client.execute(
                 "UPDATE tandem.conflicts SET resolution = $2 WHERE id = $1",
                 &[&conflict_id, &resolution],
-            )
+            ))
             .await?;
         self.commit_outside_stream().await?;
         let target_side = self.source.other();
@@ -1469,8 +1496,11 @@ impl Applier {
         self.run_ready(true).await?;
         self.settle_all().await?;
         // Not from the stream, so no flush tracking: wait for durability as any client would.
-        self.client
-            .batch_execute("SET LOCAL synchronous_commit = on; COMMIT")
+        self.pipeline
+            .alongside(
+                self.client
+                    .batch_execute("SET LOCAL synchronous_commit = on; COMMIT"),
+            )
             .await
             .context("committing the repair transaction")?;
         self.in_txn = false;
@@ -1497,7 +1527,9 @@ impl Applier {
         }
         if self.in_txn || failed {
             self.in_txn = false;
-            self.client.batch_execute("ROLLBACK").await?;
+            self.pipeline
+                .alongside(self.client.batch_execute("ROLLBACK"))
+                .await?;
         }
         // Its changes come again from the slot: none of them is on the audit stream yet.
         if let Some(p) = &mut self.publisher {
@@ -1548,8 +1580,8 @@ impl Applier {
         } else {
             "SELECT pg_replication_origin_session_reset()".to_string()
         };
-        self.client
-            .batch_execute(&sql)
+        self.pipeline
+            .alongside(self.client.batch_execute(&sql))
             .await
             .context("moving the replication origin between apply sessions")?;
         self.origin = hold;
@@ -1573,8 +1605,8 @@ impl Applier {
         self.ensure_txn(Lsn::ZERO).await?;
         self.run_ready(true).await?;
         self.settle_all().await?;
-        self.client
-            .batch_execute(&format!("SAVEPOINT {name}"))
+        self.pipeline
+            .alongside(self.client.batch_execute(&format!("SAVEPOINT {name}")))
             .await
             .context("marking a streamed subtransaction")?;
         Ok(())
@@ -1586,8 +1618,11 @@ impl Applier {
         self.planner.flush();
         self.planner.take_ready();
         self.pipeline.clear();
-        self.client
-            .batch_execute(&format!("ROLLBACK TO SAVEPOINT {name}"))
+        self.pipeline
+            .alongside(
+                self.client
+                    .batch_execute(&format!("ROLLBACK TO SAVEPOINT {name}")),
+            )
             .await
             .context("rolling back a streamed subtransaction")?;
         Ok(())

@@ -118,8 +118,27 @@ struct Sent<T> {
     // Behind a mutex only to be `Sync` (the applier is shared by reference across awaits); it is
     // only ever reached through `&mut`, so never locked.
     done: std::sync::Mutex<Done>,
+    /// Its result, once read by [`Pipeline::alongside`] ahead of its turn.
+    result: Option<Result<Answer, tokio_postgres::Error>>,
     what: T,
     heavy: bool,
+}
+
+impl<T> Sent<T> {
+    /// Its result, reading it if it is in; never polls a future that finished.
+    fn poll_result(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> Poll<Result<Answer, tokio_postgres::Error>> {
+        if let Some(r) = self.result.take() {
+            return Poll::Ready(r);
+        }
+        self.done
+            .get_mut()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_mut()
+            .poll(cx)
+    }
 }
 
 /// A statement's result, with what it is checked against.
@@ -160,6 +179,7 @@ impl<T> Pipeline<T> {
             Poll::Pending => {
                 self.sent.push_back(Sent {
                     done: std::sync::Mutex::new(done),
+                    result: None,
                     what,
                     heavy,
                 });
@@ -174,28 +194,41 @@ impl<T> Pipeline<T> {
 
     /// The oldest statement's result, waiting for it; `None` when nothing is outstanding.
     pub async fn next(&mut self) -> Option<Finished<T>> {
-        let s = self.sent.pop_front()?;
+        let mut s = self.sent.pop_front()?;
         self.heavy -= usize::from(s.heavy);
-        let done = s.done.into_inner().unwrap_or_else(|p| p.into_inner());
-        Some((s.what, done.await))
+        let r = std::future::poll_fn(|cx| s.poll_result(cx)).await;
+        Some((s.what, r))
     }
 
     /// The oldest statement's result once it is in, without giving it up while waiting: a
     /// `select!` may drop this future and nothing is lost. Never ready when nothing is out.
     pub async fn ready(&mut self) -> Finished<T> {
         let r = std::future::poll_fn(|cx| match self.sent.front_mut() {
-            Some(s) => s
-                .done
-                .get_mut()
-                .unwrap_or_else(|p| p.into_inner())
-                .as_mut()
-                .poll(cx),
+            Some(s) => s.poll_result(cx),
             None => Poll::Pending,
         })
         .await;
         let s = self.sent.pop_front().expect("polled above");
         self.heavy -= usize::from(s.heavy);
         (s.what, r)
+    }
+
+    /// Await `f`, one of the session's own requests sent behind the statements out, while
+    /// reading their results as they come (kept for [`Pipeline::next`] and
+    /// [`Pipeline::ready`]). tokio-postgres holds two pieces of a request's answer until it is
+    /// read and then stops reading the socket, so an answer that arrives in more pieces (a slow
+    /// network, notices between its messages) would otherwise hold up `f`'s forever.
+    pub async fn alongside<F: Future>(&mut self, f: F) -> F::Output {
+        let mut f = std::pin::pin!(f);
+        std::future::poll_fn(|cx| {
+            for s in self.sent.iter_mut().filter(|s| s.result.is_none()) {
+                if let Poll::Ready(r) = s.poll_result(cx) {
+                    s.result = Some(r);
+                }
+            }
+            f.as_mut().poll(cx)
+        })
+        .await
     }
 
     pub fn is_empty(&self) -> bool {
@@ -284,6 +317,52 @@ mod tests {
         a.send(()).unwrap();
         assert_eq!(order(&[p.ready().await]), [(1, 1)]);
         assert_eq!(order(&[p.ready().await]), [(2, 2)]);
+        assert!(p.is_empty());
+    }
+
+    #[tokio::test]
+    async fn alongside_reads_the_statements_out_and_keeps_their_results_in_order() {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let mut p = Pipeline::new(2);
+        let read = [
+            Arc::new(AtomicBool::new(false)),
+            Arc::new(AtomicBool::new(false)),
+        ];
+        let mut senders = Vec::new();
+        for (i, flag) in read.iter().enumerate() {
+            let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+            let flag = flag.clone();
+            let done: Done = Box::pin(async move {
+                let _ = rx.await;
+                // Only a poll after the answer came gets here.
+                flag.store(true, Ordering::SeqCst);
+                Ok(Answer::Count(i as u64))
+            });
+            assert!(p.send(done, i as u32, true).await.is_empty());
+            senders.push(tx);
+        }
+        let (mine, answer) = tokio::sync::oneshot::channel::<u8>();
+        let waiter = tokio::spawn(async move {
+            let got = p.alongside(async { answer.await.unwrap() }).await;
+            (p, got)
+        });
+        // The statements out are answered while the session's own request waits: they are read.
+        for tx in senders {
+            tx.send(()).unwrap();
+        }
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while !read.iter().all(|f| f.load(Ordering::SeqCst)) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "not read while waiting"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        }
+        mine.send(9).unwrap();
+        let (mut p, got) = waiter.await.unwrap();
+        assert_eq!(got, 9);
+        assert_eq!(order(&[p.ready().await]), [(0, 0)]);
+        assert_eq!(order(&[p.next().await.unwrap()]), [(1, 1)]);
         assert!(p.is_empty());
     }
 

@@ -509,6 +509,8 @@ pub struct Proxy {
     silenced: Arc<std::sync::atomic::AtomicU64>,
     /// Bumped to close the client side of every connection opened before it.
     cut: watch::Sender<u64>,
+    /// Set: the server's bytes reach clients a few at a time (see [`Proxy::trickle`]).
+    trickling: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Proxy {
@@ -519,6 +521,8 @@ impl Proxy {
         let silenced = Arc::new(AtomicU64::new(0));
         let (cut, cuts) = watch::channel(0u64);
         let gen = silenced.clone();
+        let trickling = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let trickle = trickling.clone();
         tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
                 let Ok(server) = tokio::net::TcpStream::connect(("127.0.0.1", upstream)).await
@@ -539,6 +543,7 @@ impl Proxy {
                     (Box::new(sr), Box::new(cw), false),
                 ] {
                     let (gen, is_replication) = (gen.clone(), is_replication.clone());
+                    let trickle = trickle.clone();
                     let mut cuts = cuts.clone();
                     tokio::spawn(async move {
                         use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -574,7 +579,14 @@ impl Proxy {
                             while silent() {
                                 tokio::time::sleep(Duration::from_secs(3600)).await;
                             }
-                            if to.write_all(&buf[..n]).await.is_err() {
+                            if !first && trickle.load(Ordering::Relaxed) {
+                                for piece in buf[..n].chunks(4) {
+                                    if to.write_all(piece).await.is_err() {
+                                        return;
+                                    }
+                                    tokio::time::sleep(Duration::from_millis(1)).await;
+                                }
+                            } else if to.write_all(&buf[..n]).await.is_err() {
                                 return;
                             }
                         }
@@ -587,6 +599,7 @@ impl Proxy {
             upstream,
             silenced,
             cut,
+            trickling,
         }
     }
 
@@ -607,6 +620,13 @@ impl Proxy {
     pub fn silence_replication(&self) {
         self.silenced
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// From now on the server's answers reach clients 4 bytes at a time, 1 ms apart, as a slow
+    /// network may split them: each message of a response is read on its own.
+    pub fn trickle(&self) {
+        self.trickling
+            .store(true, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Every connection open now is closed on the client's side only.
