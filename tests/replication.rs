@@ -2778,15 +2778,21 @@ async fn a_trigger_firing_for_applied_rows_is_warned_about_until_the_role_may_sk
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn answers_split_into_many_reads_do_not_stall_statements_sent_ahead() {
     let (d, m) = Fixture::databases("trickle", JOBS).await;
-    let proxy = common::Proxy::start(clusters().mobile.port).await;
-    let text = proxy.route(&Fixture::config_text("trickle", JOBS_TABLES), "trickle");
+    // Both sides through proxies: the replication streams and the SQL sessions alike.
+    let (to_d, to_m) = (
+        common::Proxy::start(clusters().desktop.port).await,
+        common::Proxy::start(clusters().mobile.port).await,
+    );
+    let text = Fixture::config_text("trickle", JOBS_TABLES);
+    let text = to_m.route(&to_d.route(&text, "trickle"), "trickle");
     let fx = Fixture::with_config("trickle", d, m, text).await;
     let run = fx.start().await;
     fx.d.batch_execute("INSERT INTO scratch VALUES (1, 'warm')")
         .await
         .unwrap();
     wait_count(30, &fx.m, "SELECT count(*) FROM scratch", 1).await;
-    proxy.trickle();
+    to_d.trickle();
+    to_m.trickle();
     // Two tables tandem has not written yet: each needs a statement prepared while the group's
     // opening (and then the first table's batch) is still on its way.
     fx.d.batch_execute(
@@ -2796,7 +2802,18 @@ async fn answers_split_into_many_reads_do_not_stall_statements_sent_ahead() {
     .await
     .unwrap();
     wait_count(60, &fx.m, "SELECT count(*) FROM tasks", 1).await;
-    fx.wait_equal("jobs", 30).await;
+    // And the other way, an update and a delete, read from a trickling stream too.
+    fx.m.batch_execute(
+        "BEGIN; UPDATE jobs SET status = 'done' WHERE id = 1; DELETE FROM jobs WHERE id = 2; \
+         UPDATE scratch SET v = 'from mobile'; COMMIT",
+    )
+    .await
+    .unwrap();
+    wait_count(60, &fx.d, "SELECT count(*) FROM jobs", 1).await;
+    for t in ["jobs", "tasks", "scratch"] {
+        fx.wait_equal(t, 30).await;
+    }
+    assert_eq!(Fixture::rows(&fx.d, "jobs").await, ["(1,a,done,)"]);
     run.stop().await;
 }
 
