@@ -2777,15 +2777,36 @@ async fn a_trigger_firing_for_applied_rows_is_warned_about_until_the_role_may_sk
 /// statement for a table it writes the first time), or neither answer ever comes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn answers_split_into_many_reads_do_not_stall_statements_sent_ahead() {
-    let (d, m) = Fixture::databases("trickle", JOBS).await;
+    through_trickling_proxies("trickle", "").await;
+}
+
+/// The same under conflict rules: each batch is looked up (and its rows locked) before it is
+/// written, with statements out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn answers_split_into_many_reads_do_not_stall_conflict_lookups() {
+    through_trickling_proxies("trickle_cf", "[conflicts]\npolicy = \"desktop_wins\"\n").await;
+}
+
+async fn through_trickling_proxies(name: &str, extra: &str) {
+    let (d, m) = Fixture::databases(name, JOBS).await;
+    if !extra.is_empty() {
+        for c in [&d, &m] {
+            c.batch_execute(
+                "ALTER TABLE jobs REPLICA IDENTITY FULL; ALTER TABLE tasks REPLICA IDENTITY FULL; \
+                 ALTER TABLE scratch REPLICA IDENTITY FULL",
+            )
+            .await
+            .unwrap();
+        }
+    }
     // Both sides through proxies: the replication streams and the SQL sessions alike.
     let (to_d, to_m) = (
         common::Proxy::start(clusters().desktop.port).await,
         common::Proxy::start(clusters().mobile.port).await,
     );
-    let text = Fixture::config_text("trickle", JOBS_TABLES);
-    let text = to_m.route(&to_d.route(&text, "trickle"), "trickle");
-    let fx = Fixture::with_config("trickle", d, m, text).await;
+    let text = Fixture::config_text(name, JOBS_TABLES) + extra;
+    let text = to_m.route(&to_d.route(&text, name), name);
+    let fx = Fixture::with_config(name, d, m, text).await;
     let run = fx.start().await;
     fx.d.batch_execute("INSERT INTO scratch VALUES (1, 'warm')")
         .await
