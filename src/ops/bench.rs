@@ -175,6 +175,13 @@ pub struct Summary {
     pub tandem_conflicts_rows_per_s: f64,
     /// tandem publishing to Kafka (0 when no broker is configured).
     pub tandem_kafka_rows_per_s: f64,
+    /// The same contenders' rows/s averaged over their rounds (`--repeat`): on a noisy machine
+    /// a ratio of means moves less than one of bests. Native's is the better of text's mean and
+    /// binary's.
+    pub native_mean_rows_per_s: f64,
+    pub pglogical_mean_rows_per_s: f64,
+    pub tandem_mean_rows_per_s: f64,
+    pub tandem_kafka_mean_rows_per_s: f64,
 }
 
 /// Steady-state replication lag at a fixed rate (W1's transactions, 4 clients).
@@ -1101,39 +1108,9 @@ pub async fn run(o: &Options<'_>, progress: impl Fn(&str)) -> Result<Report> {
             }
         }
     }
-    let best = |w: Workload, f: &dyn Fn(Contender) -> bool| {
-        measurements
-            .iter()
-            .filter(|m| m.workload == w && f(m.contender))
-            .map(|m| m.rows_per_s)
-            .fold(0.0, f64::max)
-    };
-    let summary: Vec<Summary> = o
-        .workloads
-        .iter()
-        .map(|&w| {
-            let native = best(w, &|c| c.is_native());
-            let pglogical = best(w, &|c| c == Contender::Pglogical);
-            let tandem = best(w, &|c| c == Contender::Tandem);
-            Summary {
-                workload: w,
-                changes: measurements
-                    .iter()
-                    .find(|m| m.workload == w)
-                    .map_or(0, |m| m.changes),
-                native_best_rows_per_s: native,
-                pglogical_rows_per_s: pglogical,
-                tandem_rows_per_s: tandem,
-                ratio_native: tandem / native,
-                ratio_pglogical: tandem / pglogical,
-                tandem_two_way_rows_per_s: best(w, &|c| c == Contender::TandemTwoWay),
-                tandem_conflicts_rows_per_s: best(w, &|c| c == Contender::TandemConflicts),
-                tandem_kafka_rows_per_s: best(w, &|c| c == Contender::TandemKafka),
-            }
-        })
-        .collect();
+    let summary = summarize(&o.workloads, &measurements);
     let mut lag = Vec::new();
-    let native_w1 = best(Workload::W1, &|c| c.is_native());
+    let native_w1 = best(&measurements, Workload::W1, &|c| c.is_native());
     if o.lag_seconds > 0.0 && native_w1 > 0.0 {
         // W1 transactions carry 3 row changes.
         let tps = native_w1 / 3.0 / 2.0;
@@ -1166,6 +1143,60 @@ pub async fn run(o: &Options<'_>, progress: impl Fn(&str)) -> Result<Report> {
         lag,
         peak_rss_mib: peak_rss_mib(),
     })
+}
+
+/// The best rows/s of `w`'s runs by a contender `f` picks; 0 when none ran.
+fn best(ms: &[Measurement], w: Workload, f: &dyn Fn(Contender) -> bool) -> f64 {
+    ms.iter()
+        .filter(|m| m.workload == w && f(m.contender))
+        .map(|m| m.rows_per_s)
+        .fold(0.0, f64::max)
+}
+
+/// The best, over the contenders `f` picks, of each one's mean rows/s over its rounds of `w`.
+fn best_mean(ms: &[Measurement], w: Workload, f: &dyn Fn(Contender) -> bool) -> f64 {
+    let mut means: Vec<(Contender, f64, u32)> = Vec::new();
+    for m in ms.iter().filter(|m| m.workload == w && f(m.contender)) {
+        match means.iter_mut().find(|(c, ..)| *c == m.contender) {
+            Some((_, sum, n)) => {
+                *sum += m.rows_per_s;
+                *n += 1;
+            }
+            None => means.push((m.contender, m.rows_per_s, 1)),
+        }
+    }
+    means
+        .iter()
+        .map(|(_, sum, n)| sum / f64::from(*n))
+        .fold(0.0, f64::max)
+}
+
+/// Each workload's figures per contender: bests, means over rounds, and tandem's ratios.
+fn summarize(workloads: &[Workload], ms: &[Measurement]) -> Vec<Summary> {
+    workloads
+        .iter()
+        .map(|&w| {
+            let native = best(ms, w, &|c| c.is_native());
+            let pglogical = best(ms, w, &|c| c == Contender::Pglogical);
+            let tandem = best(ms, w, &|c| c == Contender::Tandem);
+            Summary {
+                workload: w,
+                changes: ms.iter().find(|m| m.workload == w).map_or(0, |m| m.changes),
+                native_best_rows_per_s: native,
+                pglogical_rows_per_s: pglogical,
+                tandem_rows_per_s: tandem,
+                ratio_native: tandem / native,
+                ratio_pglogical: tandem / pglogical,
+                tandem_two_way_rows_per_s: best(ms, w, &|c| c == Contender::TandemTwoWay),
+                tandem_conflicts_rows_per_s: best(ms, w, &|c| c == Contender::TandemConflicts),
+                tandem_kafka_rows_per_s: best(ms, w, &|c| c == Contender::TandemKafka),
+                native_mean_rows_per_s: best_mean(ms, w, &|c| c.is_native()),
+                pglogical_mean_rows_per_s: best_mean(ms, w, &|c| c == Contender::Pglogical),
+                tandem_mean_rows_per_s: best_mean(ms, w, &|c| c == Contender::Tandem),
+                tandem_kafka_mean_rows_per_s: best_mean(ms, w, &|c| c == Contender::TandemKafka),
+            }
+        })
+        .collect()
 }
 
 fn ratio(a: f64, b: f64) -> String {
@@ -1237,15 +1268,47 @@ pub fn render(r: &Report) -> String {
             rate(s.tandem_kafka_rows_per_s),
         ));
     }
-    if r.summary.iter().any(|s| s.tandem_kafka_rows_per_s > 0.0) {
+    // Means only when some contender ran more than once.
+    let repeated = r.measurements.iter().any(|a| {
+        r.measurements
+            .iter()
+            .filter(|b| b.workload == a.workload && b.contender == a.contender)
+            .count()
+            > 1
+    });
+    if repeated {
+        out.push_str(&format!(
+            "\nmean of each over its rounds, rows/s:\n{:<4} {:>10} {:>10} {:>10} {:>8} {:>8} {:>10}\n",
+            "work", "native", "pglogical", "tandem", "÷native", "÷pglog", "kafka"
+        ));
         for s in &r.summary {
-            if s.tandem_kafka_rows_per_s > 0.0 && s.tandem_rows_per_s > 0.0 {
-                out.push_str(&format!(
-                    "{:?}: with Kafka on, {:.0}% of tandem's throughput without\n",
-                    s.workload,
-                    100.0 * s.tandem_kafka_rows_per_s / s.tandem_rows_per_s
-                ));
-            }
+            out.push_str(&format!(
+                "{:<4} {:>10} {:>10} {:>10} {:>8} {:>8} {:>10}\n",
+                format!("{:?}", s.workload),
+                rate(s.native_mean_rows_per_s),
+                rate(s.pglogical_mean_rows_per_s),
+                rate(s.tandem_mean_rows_per_s),
+                ratio(s.tandem_mean_rows_per_s, s.native_mean_rows_per_s),
+                ratio(s.tandem_mean_rows_per_s, s.pglogical_mean_rows_per_s),
+                rate(s.tandem_kafka_mean_rows_per_s),
+            ));
+        }
+    }
+    for s in &r.summary {
+        if s.tandem_kafka_rows_per_s > 0.0 && s.tandem_rows_per_s > 0.0 {
+            out.push_str(&format!(
+                "{:?}: with Kafka on, {:.0}% of tandem's throughput without (best to best{})\n",
+                s.workload,
+                100.0 * s.tandem_kafka_rows_per_s / s.tandem_rows_per_s,
+                if repeated {
+                    format!(
+                        "; {:.0}% mean to mean",
+                        100.0 * s.tandem_kafka_mean_rows_per_s / s.tandem_mean_rows_per_s
+                    )
+                } else {
+                    String::new()
+                }
+            ));
         }
     }
     if !r.lag.is_empty() {
@@ -1270,4 +1333,71 @@ pub fn render(r: &Report) -> String {
         r.peak_rss_mib
     ));
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(workload: Workload, contender: Contender, repeat: u32, rows_per_s: f64) -> Measurement {
+        Measurement {
+            workload,
+            contender,
+            repeat,
+            changes: 300,
+            seconds: 1.0,
+            applied_seconds: 1.0,
+            rows_per_s,
+            cpu_us_per_change: None,
+            walsender_busy: None,
+        }
+    }
+
+    #[test]
+    fn means_average_each_contenders_rounds_and_native_takes_its_better_mean() {
+        use Contender::*;
+        let w = Workload::W1;
+        let ms = [
+            run(w, NativeText, 0, 100.0),
+            run(w, NativeBinary, 0, 90.0),
+            run(w, Tandem, 0, 300.0),
+            run(w, TandemKafka, 0, 240.0),
+            run(w, NativeText, 1, 60.0),
+            run(w, NativeBinary, 1, 86.0),
+            run(w, Tandem, 1, 200.0),
+            run(w, TandemKafka, 1, 210.0),
+        ];
+        let s = &summarize(&[w], &ms)[0];
+        // Bests: text's 100 and tandem's 300.
+        assert_eq!(s.native_best_rows_per_s, 100.0);
+        assert_eq!(s.tandem_rows_per_s, 300.0);
+        assert_eq!(s.ratio_native, 3.0);
+        // Means: text 80, binary 88 (the better), tandem 250, with Kafka 225; no pglogical.
+        assert_eq!(s.native_mean_rows_per_s, 88.0);
+        assert_eq!(s.tandem_mean_rows_per_s, 250.0);
+        assert_eq!(s.tandem_kafka_mean_rows_per_s, 225.0);
+        assert_eq!(s.pglogical_mean_rows_per_s, 0.0);
+        let r = Report {
+            measurements: ms.to_vec(),
+            summary: summarize(&[w], &ms),
+            lag: Vec::new(),
+            peak_rss_mib: 1.0,
+        };
+        let text = render(&r);
+        assert!(text.contains("mean of each over its rounds"), "{text}");
+        assert!(text.contains("2.84x"), "{text}");
+        assert!(
+            text.contains("W1: with Kafka on, 80% of tandem's throughput without (best to best; 90% mean to mean)"),
+            "{text}"
+        );
+        // One round each: no means.
+        let once = Report {
+            measurements: ms[..4].to_vec(),
+            summary: summarize(&[w], &ms[..4]),
+            lag: Vec::new(),
+            peak_rss_mib: 1.0,
+        };
+        let text = render(&once);
+        assert!(!text.contains("mean"), "{text}");
+    }
 }
