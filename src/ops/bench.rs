@@ -1108,7 +1108,7 @@ pub async fn run(o: &Options<'_>, progress: impl Fn(&str)) -> Result<Report> {
             }
         }
     }
-    let summary = summarize(&o.workloads, &measurements);
+    let summary = summarize(o.workloads, &measurements);
     let mut lag = Vec::new();
     let native_w1 = best(&measurements, Workload::W1, &|c| c.is_native());
     if o.lag_seconds > 0.0 && native_w1 > 0.0 {
