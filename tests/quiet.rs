@@ -137,15 +137,7 @@ async fn with_kafka_a_commit_read_while_waiting_for_kafka_moves_the_slot_on_a_qu
     let (d, m) = Fixture::databases("slow", JOBS).await;
     // The target's commits of `jobs` take 300 ms: long enough for the source to say something
     // while a group's commit is on its way.
-    m.batch_execute(
-        "CREATE FUNCTION slow() RETURNS trigger LANGUAGE plpgsql AS \
-         $$ BEGIN PERFORM pg_sleep(0.3); RETURN NULL; END $$; \
-         CREATE CONSTRAINT TRIGGER slow_commit AFTER INSERT ON jobs \
-         DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION slow(); \
-         ALTER TABLE jobs ENABLE ALWAYS TRIGGER slow_commit;",
-    )
-    .await
-    .unwrap();
+    common::slow_commits(&m, "jobs", 0.3).await;
     d.batch_execute("CREATE TABLE unpublished (id int)")
         .await
         .unwrap();

@@ -1990,15 +1990,7 @@ async fn streamed_transactions_are_counted_in_prometheus_metrics() {
     let url = common::clusters().desktop.url("streamed_metrics");
     let (a, b) = (common::connect(&url).await, common::connect(&url).await);
     let (mut child, port) = fx.run_with_metrics();
-    wait_for(30, "tandem streaming", || async {
-        Fixture::count(
-            &fx.d,
-            "SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'streamed_metrics_d' AND active",
-        )
-        .await
-            == 1
-    })
-    .await;
+    common::wait_slot_active(&fx.d, "streamed_metrics_d", true).await;
     a.batch_execute("BEGIN; INSERT INTO jobs SELECT g, 'a' FROM generate_series(1, 3000) g")
         .await
         .unwrap();
@@ -2045,27 +2037,11 @@ async fn streamed_transactions_are_counted_in_prometheus_metrics() {
 async fn the_lag_gauge_counts_the_time_the_target_takes_to_commit() {
     let (d, m) = Fixture::databases("lag_metric", JOBS).await;
     // Every commit of tandem's that touched `jobs` on mobile takes a second.
-    m.batch_execute(
-        "CREATE FUNCTION slow() RETURNS trigger LANGUAGE plpgsql AS \
-         $$ BEGIN PERFORM pg_sleep(1); RETURN NULL; END $$; \
-         CREATE CONSTRAINT TRIGGER slow_commit AFTER INSERT ON jobs \
-         DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION slow(); \
-         ALTER TABLE jobs ENABLE ALWAYS TRIGGER slow_commit;",
-    )
-    .await
-    .unwrap();
+    common::slow_commits(&m, "jobs", 1.0).await;
     let text = Fixture::config_text("lag_metric", r#"tables = ["public.jobs"]"#);
     let fx = Fixture::with_config("lag_metric", d, m, text).await;
     let (mut child, port) = fx.run_with_metrics();
-    wait_for(30, "tandem streaming", || async {
-        Fixture::count(
-            &fx.d,
-            "SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'lag_metric_d' AND active",
-        )
-        .await
-            == 1
-    })
-    .await;
+    common::wait_slot_active(&fx.d, "lag_metric_d", true).await;
     fx.d.batch_execute("INSERT INTO jobs (id, title) VALUES (1, 'slow')")
         .await
         .unwrap();

@@ -609,15 +609,7 @@ async fn a_slot_gone_missing_is_never_papered_over_by_setup() {
     common::wait_count(30, &fx.m, "SELECT count(*) FROM jobs", 1).await;
     run.stop().await;
     // The walsender lets go of the slot as it exits, a moment after run's connection closed.
-    common::wait_for(30, "the slot let go by its walsender", || async {
-        Fixture::count(
-            &fx.d,
-            "SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'slot_gone_d' AND active",
-        )
-        .await
-            == 0
-    })
-    .await;
+    common::wait_slot_active(&fx.d, "slot_gone_d", false).await;
     // The slot goes (dropped by hand, or a failover to a server that never had it), and
     // desktop writes on.
     fx.d.batch_execute(

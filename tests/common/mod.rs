@@ -699,6 +699,31 @@ pub fn mock_kafka(partitions: i32) -> (MockCluster<'static, DefaultProducerConte
     (cluster, brokers)
 }
 
+/// Wait until `slot` on `c` is in use by a walsender (`active`), or no longer is.
+pub async fn wait_slot_active(c: &Client, slot: &str, active: bool) {
+    let sql =
+        format!("SELECT count(*) FROM pg_replication_slots WHERE slot_name = '{slot}' AND active");
+    let what = format!("slot {slot} active: {active}");
+    wait_for(30, &what, || async {
+        (Fixture::count(c, &sql).await == 1) == active
+    })
+    .await;
+}
+
+/// Make every commit on `c` of a transaction that inserted into `table` take `seconds` longer
+/// (a deferred constraint trigger that sleeps, enabled for tandem's sessions too).
+pub async fn slow_commits(c: &Client, table: &str, seconds: f64) {
+    c.batch_execute(&format!(
+        "CREATE FUNCTION slow() RETURNS trigger LANGUAGE plpgsql AS \
+         $$ BEGIN PERFORM pg_sleep({seconds}); RETURN NULL; END $$; \
+         CREATE CONSTRAINT TRIGGER slow_commit AFTER INSERT ON {table} \
+         DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION slow(); \
+         ALTER TABLE {table} ENABLE ALWAYS TRIGGER slow_commit;"
+    ))
+    .await
+    .unwrap();
+}
+
 /// Make `c`'s first commit of tandem's apply sessions that touched `table` fail `after` seconds
 /// into it (a deferred constraint trigger, as a deferred foreign key fails at commit); later
 /// commits pass. The sequence `once` counts the commits it saw.
