@@ -1496,11 +1496,8 @@ impl Applier {
         self.run_ready(true).await?;
         self.settle_all().await?;
         // Not from the stream, so no flush tracking: wait for durability as any client would.
-        self.pipeline
-            .alongside(
-                self.client
-                    .batch_execute("SET LOCAL synchronous_commit = on; COMMIT"),
-            )
+        self.client
+            .batch_execute("SET LOCAL synchronous_commit = on; COMMIT")
             .await
             .context("committing the repair transaction")?;
         self.in_txn = false;
@@ -1527,9 +1524,7 @@ impl Applier {
         }
         if self.in_txn || failed {
             self.in_txn = false;
-            self.pipeline
-                .alongside(self.client.batch_execute("ROLLBACK"))
-                .await?;
+            self.client.batch_execute("ROLLBACK").await?;
         }
         // Its changes come again from the slot: none of them is on the audit stream yet.
         if let Some(p) = &mut self.publisher {
@@ -1605,8 +1600,8 @@ impl Applier {
         self.ensure_txn(Lsn::ZERO).await?;
         self.run_ready(true).await?;
         self.settle_all().await?;
-        self.pipeline
-            .alongside(self.client.batch_execute(&format!("SAVEPOINT {name}")))
+        self.client
+            .batch_execute(&format!("SAVEPOINT {name}"))
             .await
             .context("marking a streamed subtransaction")?;
         Ok(())
@@ -1618,11 +1613,8 @@ impl Applier {
         self.planner.flush();
         self.planner.take_ready();
         self.pipeline.clear();
-        self.pipeline
-            .alongside(
-                self.client
-                    .batch_execute(&format!("ROLLBACK TO SAVEPOINT {name}")),
-            )
+        self.client
+            .batch_execute(&format!("ROLLBACK TO SAVEPOINT {name}"))
             .await
             .context("rolling back a streamed subtransaction")?;
         Ok(())
