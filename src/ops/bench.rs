@@ -1215,6 +1215,21 @@ fn rate(v: f64) -> String {
     }
 }
 
+/// One line of a summary table: the first cell left-aligned, the rest right-aligned, each in its
+/// width (in characters, as `format!` counts them).
+fn columns(cells: &[String], widths: &[usize]) -> String {
+    let mut line = String::new();
+    for (i, (c, &w)) in cells.iter().zip(widths).enumerate() {
+        if i == 0 {
+            line.push_str(&format!("{c:<w$}"));
+        } else {
+            line.push_str(&format!(" {c:>w$}"));
+        }
+    }
+    line.push('\n');
+    line
+}
+
 pub fn render(r: &Report) -> String {
     let mut out = format!(
         "{:<4} {:<16} {:>10} {:>9} {:>9} {:>12} {:>14} {:>10}\n",
@@ -1242,55 +1257,68 @@ pub fn render(r: &Report) -> String {
                 .map_or("-".into(), |b| format!("{:.0}%", b * 100.0))
         ));
     }
-    out.push_str(&format!(
-        "\nbest of each, rows/s:\n{:<4} {:>10} {:>10} {:>10} {:>8} {:>8} {:>10} {:>10} {:>10}\n",
-        "work",
-        "native",
-        "pglogical",
-        "tandem",
-        "÷native",
-        "÷pglog",
-        "two-way",
-        "conflicts",
-        "kafka"
+    let owned = |v: &[&str]| v.iter().map(|c| c.to_string()).collect::<Vec<_>>();
+    let best_widths = [4, 10, 10, 10, 8, 8, 10, 10, 10];
+    out.push_str("\nbest of each, rows/s:\n");
+    out.push_str(&columns(
+        &owned(&[
+            "work",
+            "native",
+            "pglogical",
+            "tandem",
+            "÷native",
+            "÷pglog",
+            "two-way",
+            "conflicts",
+            "kafka",
+        ]),
+        &best_widths,
     ));
     for s in &r.summary {
-        out.push_str(&format!(
-            "{:<4} {:>10} {:>10} {:>10} {:>8} {:>8} {:>10} {:>10} {:>10}\n",
-            format!("{:?}", s.workload),
-            rate(s.native_best_rows_per_s),
-            rate(s.pglogical_rows_per_s),
-            rate(s.tandem_rows_per_s),
-            ratio(s.tandem_rows_per_s, s.native_best_rows_per_s),
-            ratio(s.tandem_rows_per_s, s.pglogical_rows_per_s),
-            rate(s.tandem_two_way_rows_per_s),
-            rate(s.tandem_conflicts_rows_per_s),
-            rate(s.tandem_kafka_rows_per_s),
+        out.push_str(&columns(
+            &[
+                format!("{:?}", s.workload),
+                rate(s.native_best_rows_per_s),
+                rate(s.pglogical_rows_per_s),
+                rate(s.tandem_rows_per_s),
+                ratio(s.tandem_rows_per_s, s.native_best_rows_per_s),
+                ratio(s.tandem_rows_per_s, s.pglogical_rows_per_s),
+                rate(s.tandem_two_way_rows_per_s),
+                rate(s.tandem_conflicts_rows_per_s),
+                rate(s.tandem_kafka_rows_per_s),
+            ],
+            &best_widths,
         ));
     }
-    // Means only when some contender ran more than once.
-    let repeated = r.measurements.iter().any(|a| {
-        r.measurements
-            .iter()
-            .filter(|b| b.workload == a.workload && b.contender == a.contender)
-            .count()
-            > 1
-    });
+    // Means only when a contender ran more than one round (rounds are numbered from 0).
+    let repeated = r.measurements.iter().any(|m| m.repeat > 0);
     if repeated {
-        out.push_str(&format!(
-            "\nmean of each over its rounds, rows/s:\n{:<4} {:>10} {:>10} {:>10} {:>8} {:>8} {:>10}\n",
-            "work", "native", "pglogical", "tandem", "÷native", "÷pglog", "kafka"
+        let mean_widths = [4, 10, 10, 10, 8, 8, 10];
+        out.push_str("\nmean of each over its rounds, rows/s:\n");
+        out.push_str(&columns(
+            &owned(&[
+                "work",
+                "native",
+                "pglogical",
+                "tandem",
+                "÷native",
+                "÷pglog",
+                "kafka",
+            ]),
+            &mean_widths,
         ));
         for s in &r.summary {
-            out.push_str(&format!(
-                "{:<4} {:>10} {:>10} {:>10} {:>8} {:>8} {:>10}\n",
-                format!("{:?}", s.workload),
-                rate(s.native_mean_rows_per_s),
-                rate(s.pglogical_mean_rows_per_s),
-                rate(s.tandem_mean_rows_per_s),
-                ratio(s.tandem_mean_rows_per_s, s.native_mean_rows_per_s),
-                ratio(s.tandem_mean_rows_per_s, s.pglogical_mean_rows_per_s),
-                rate(s.tandem_kafka_mean_rows_per_s),
+            out.push_str(&columns(
+                &[
+                    format!("{:?}", s.workload),
+                    rate(s.native_mean_rows_per_s),
+                    rate(s.pglogical_mean_rows_per_s),
+                    rate(s.tandem_mean_rows_per_s),
+                    ratio(s.tandem_mean_rows_per_s, s.native_mean_rows_per_s),
+                    ratio(s.tandem_mean_rows_per_s, s.pglogical_mean_rows_per_s),
+                    rate(s.tandem_kafka_mean_rows_per_s),
+                ],
+                &mean_widths,
             ));
         }
     }
