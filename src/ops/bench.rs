@@ -1257,36 +1257,47 @@ pub fn render(r: &Report) -> String {
                 .map_or("-".into(), |b| format!("{:.0}%", b * 100.0))
         ));
     }
-    let owned = |v: &[&str]| v.iter().map(|c| c.to_string()).collect::<Vec<_>>();
+    // Both tables open with the same columns: native, pglogical and tandem, and tandem's ratios.
+    let header = |more: &[&str]| {
+        ["work", "native", "pglogical", "tandem", "÷native", "÷pglog"]
+            .iter()
+            .chain(more)
+            .map(|c| c.to_string())
+            .collect::<Vec<_>>()
+    };
+    let row = |w: Workload, native: f64, pglogical: f64, tandem: f64, more: &[f64]| {
+        [
+            format!("{w:?}"),
+            rate(native),
+            rate(pglogical),
+            rate(tandem),
+            ratio(tandem, native),
+            ratio(tandem, pglogical),
+        ]
+        .into_iter()
+        .chain(more.iter().map(|&v| rate(v)))
+        .collect::<Vec<_>>()
+    };
     let best_widths = [4, 10, 10, 10, 8, 8, 10, 10, 10];
     out.push_str("\nbest of each, rows/s:\n");
     out.push_str(&columns(
-        &owned(&[
-            "work",
-            "native",
-            "pglogical",
-            "tandem",
-            "÷native",
-            "÷pglog",
-            "two-way",
-            "conflicts",
-            "kafka",
-        ]),
+        &header(&["two-way", "conflicts", "kafka"]),
         &best_widths,
     ));
     for s in &r.summary {
+        let more = [
+            s.tandem_two_way_rows_per_s,
+            s.tandem_conflicts_rows_per_s,
+            s.tandem_kafka_rows_per_s,
+        ];
         out.push_str(&columns(
-            &[
-                format!("{:?}", s.workload),
-                rate(s.native_best_rows_per_s),
-                rate(s.pglogical_rows_per_s),
-                rate(s.tandem_rows_per_s),
-                ratio(s.tandem_rows_per_s, s.native_best_rows_per_s),
-                ratio(s.tandem_rows_per_s, s.pglogical_rows_per_s),
-                rate(s.tandem_two_way_rows_per_s),
-                rate(s.tandem_conflicts_rows_per_s),
-                rate(s.tandem_kafka_rows_per_s),
-            ],
+            &row(
+                s.workload,
+                s.native_best_rows_per_s,
+                s.pglogical_rows_per_s,
+                s.tandem_rows_per_s,
+                &more,
+            ),
             &best_widths,
         ));
     }
@@ -1295,29 +1306,16 @@ pub fn render(r: &Report) -> String {
     if repeated {
         let mean_widths = [4, 10, 10, 10, 8, 8, 10];
         out.push_str("\nmean of each over its rounds, rows/s:\n");
-        out.push_str(&columns(
-            &owned(&[
-                "work",
-                "native",
-                "pglogical",
-                "tandem",
-                "÷native",
-                "÷pglog",
-                "kafka",
-            ]),
-            &mean_widths,
-        ));
+        out.push_str(&columns(&header(&["kafka"]), &mean_widths));
         for s in &r.summary {
             out.push_str(&columns(
-                &[
-                    format!("{:?}", s.workload),
-                    rate(s.native_mean_rows_per_s),
-                    rate(s.pglogical_mean_rows_per_s),
-                    rate(s.tandem_mean_rows_per_s),
-                    ratio(s.tandem_mean_rows_per_s, s.native_mean_rows_per_s),
-                    ratio(s.tandem_mean_rows_per_s, s.pglogical_mean_rows_per_s),
-                    rate(s.tandem_kafka_mean_rows_per_s),
-                ],
+                &row(
+                    s.workload,
+                    s.native_mean_rows_per_s,
+                    s.pglogical_mean_rows_per_s,
+                    s.tandem_mean_rows_per_s,
+                    &[s.tandem_kafka_mean_rows_per_s],
+                ),
                 &mean_widths,
             ));
         }
