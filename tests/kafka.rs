@@ -11,7 +11,6 @@ use common::{
     audit_sql, mock_kafka, slot_confirmed, stream_from_a_few_hundred_rows, streamed_txns,
     wait_count, wait_for, Fixture, TOPIC,
 };
-use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::mocking::MockCluster;
 use rdkafka::producer::DefaultProducerContext;
 use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
@@ -33,46 +32,42 @@ fn kafka_back(cluster: &MockCluster<'static, DefaultProducerContext>) {
     cluster.clear_request_errors(RDKafkaApiKey::Produce);
 }
 
-/// Every message on the topic: read until 3 s pass without a new one (after the first).
-fn consume_all(brokers: &str) -> Vec<serde_json::Value> {
-    let c: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .set("group.id", format!("t{}", std::process::id()))
-        .set("auto.offset.reset", "earliest")
-        .set("enable.auto.commit", "false")
-        .create()
-        .unwrap();
-    c.subscribe(&[TOPIC]).unwrap();
+/// Every message on the topic, from its start to its end as Kafka holds it now (each partition's
+/// high watermark): not "until a quiet spell", which a broker pausing cut short.
+async fn consume_all(brokers: &str) -> Vec<serde_json::Value> {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", brokers)
+        .set("group.id", format!("t{}", std::process::id()));
+    let mut rx = tandem::ops::replay::messages(c, TOPIC, false, |m| {
+        let mut v: serde_json::Value = serde_json::from_slice(m.payload().unwrap())?;
+        let headers = m
+            .headers()
+            .map(|h| {
+                use rdkafka::message::Headers;
+                (0..h.count())
+                    .map(|i| {
+                        let x = h.get(i);
+                        (
+                            x.key.to_string(),
+                            String::from_utf8_lossy(x.value.unwrap()).into_owned(),
+                        )
+                    })
+                    .collect::<BTreeMap<_, _>>()
+            })
+            .unwrap_or_default();
+        v["_headers"] = serde_json::json!(headers);
+        v["_key"] = serde_json::json!(String::from_utf8_lossy(m.key().unwrap()));
+        Ok(v)
+    })
+    .unwrap();
     let mut out = Vec::new();
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    let mut last = std::time::Instant::now();
-    while (out.is_empty() || last.elapsed() < Duration::from_secs(3))
-        && std::time::Instant::now() < deadline
-    {
-        if let Some(Ok(m)) = c.poll(Duration::from_millis(200)) {
-            last = std::time::Instant::now();
-            let mut v: serde_json::Value = serde_json::from_slice(m.payload().unwrap()).unwrap();
-            let headers = m
-                .headers()
-                .map(|h| {
-                    use rdkafka::message::Headers;
-                    (0..h.count())
-                        .map(|i| {
-                            let x = h.get(i);
-                            (
-                                x.key.to_string(),
-                                String::from_utf8_lossy(x.value.unwrap()).into_owned(),
-                            )
-                        })
-                        .collect::<BTreeMap<_, _>>()
-                })
-                .unwrap_or_default();
-            v["_headers"] = serde_json::json!(headers);
-            v["_key"] = serde_json::json!(String::from_utf8_lossy(m.key().unwrap()));
-            out.push(v);
+    loop {
+        match tokio::time::timeout(Duration::from_secs(60), rx.recv()).await {
+            Ok(Some(v)) => out.push(v.unwrap()),
+            Ok(None) => return out,
+            Err(_) => panic!("the topic's end not reached in 60 s; {} read", out.len()),
         }
     }
-    out
 }
 
 /// 40 inserts, 10 updates, 5 deletes, one transaction each; returns the change count.
@@ -126,10 +121,7 @@ async fn every_change_of_both_sites_is_on_the_topic_once() {
     .await;
     run.stop().await;
 
-    let brokers2 = brokers.clone();
-    let msgs = tokio::task::spawn_blocking(move || consume_all(&brokers2))
-        .await
-        .unwrap();
+    let msgs = consume_all(&brokers).await;
     let own: Vec<_> = msgs
         .iter()
         .filter(|m| m["outcome"] != "skipped_echo")
@@ -285,9 +277,7 @@ async fn with_kafka_required_an_outage_holds_the_slot_and_a_restart_resends() {
     })
     .await;
     run.stop().await;
-    let msgs = tokio::task::spawn_blocking(move || consume_all(&brokers))
-        .await
-        .unwrap();
+    let msgs = consume_all(&brokers).await;
     assert_eq!(own_ids(&msgs, "D").len(), 30, "all 30 changes on the topic");
 }
 
@@ -344,9 +334,7 @@ async fn after_kill_9_and_restart_consumers_deduping_by_id_see_each_change_once(
         libc::kill(child.id() as i32, libc::SIGTERM);
     }
     assert!(child.wait().unwrap().success());
-    let msgs = tokio::task::spawn_blocking(move || consume_all(&brokers))
-        .await
-        .unwrap();
+    let msgs = consume_all(&brokers).await;
     let ids = own_ids(&msgs, "D");
     assert_eq!(
         ids.len(),
@@ -403,9 +391,7 @@ async fn without_kafka_required_events_wait_in_the_spool_and_drain() {
     kafka_back(&cluster);
     wait_for(60, "the spool drains", || async { size() == 0 }).await;
     run.stop().await;
-    let msgs = tokio::task::spawn_blocking(move || consume_all(&brokers))
-        .await
-        .unwrap();
+    let msgs = consume_all(&brokers).await;
     assert_eq!(
         own_ids(&msgs, "D").len(),
         20,
@@ -458,9 +444,7 @@ async fn repairs_are_published_too() {
     );
     assert_eq!(code, 0, "{out}\n{err}");
     assert_eq!(Fixture::count(&fx.m, "SELECT count(*) FROM jobs").await, 5);
-    let msgs = tokio::task::spawn_blocking(move || consume_all(&brokers))
-        .await
-        .unwrap();
+    let msgs = consume_all(&brokers).await;
     let repaired: BTreeSet<String> = msgs
         .iter()
         .filter(|m| m["site"] == "D" && m["op"] == "insert" && m["outcome"] == "applied")
@@ -499,9 +483,7 @@ async fn changes_the_initial_snapshot_copied_are_published_as_copied() {
     wait_count(30, &fx.m, "SELECT count(*) FROM jobs", 2006).await;
     run.stop().await;
     assert!(common::streamed_txns(&fx.d, "kafka_copied_d").await >= 1);
-    let msgs = tokio::task::spawn_blocking(move || consume_all(&brokers))
-        .await
-        .unwrap();
+    let msgs = consume_all(&brokers).await;
     let of_desktop: Vec<(String, String, String)> = msgs
         .iter()
         .filter(|m| m["site"] == "D")
@@ -573,9 +555,7 @@ async fn a_transaction_left_out_by_tandem_skip_is_published_as_skipped() {
     .unwrap();
     let (_, lsn) = common::rejected(fx.start_nowait()).await;
     skip_and_go_on(&fx, &lsn, 5000).await;
-    let msgs = tokio::task::spawn_blocking(move || consume_all(&brokers))
-        .await
-        .unwrap();
+    let msgs = consume_all(&brokers).await;
     let of_it: Vec<_> = msgs
         .iter()
         .filter(|m| m["site"] == "D" && m["commit_lsn"] == lsn)
@@ -646,9 +626,7 @@ async fn a_group_committed_ahead_is_published_and_the_refused_group_behind_it_is
         .await,
         20001
     );
-    let msgs = tokio::task::spawn_blocking(move || consume_all(&brokers))
-        .await
-        .unwrap();
+    let msgs = consume_all(&brokers).await;
     let applied = |lo: i64, hi: i64| -> BTreeSet<String> {
         msgs.iter()
             .filter(|m| m["site"] == "D" && m["outcome"] == "applied")
@@ -692,9 +670,7 @@ async fn a_transaction_larger_than_the_kafka_queue_is_published_before_its_commi
         .unwrap();
     wait_count(120, &fx.m, "SELECT count(*) FROM jobs", 40_000).await;
     run.stop().await;
-    let msgs = tokio::task::spawn_blocking(move || consume_all(&brokers))
-        .await
-        .unwrap();
+    let msgs = consume_all(&brokers).await;
     let ids: BTreeSet<&str> = msgs
         .iter()
         .filter(|m| m["site"] == "D" && m["outcome"] == "applied")
@@ -746,9 +722,7 @@ async fn events_sent_again_after_a_restart_keep_their_conflict_outcome() {
     })
     .await;
     run.stop().await;
-    let msgs = tokio::task::spawn_blocking(move || consume_all(&brokers))
-        .await
-        .unwrap();
+    let msgs = consume_all(&brokers).await;
     let outcome = |site: &str| {
         msgs.iter()
             .filter(|m| m["site"] == site && m["op"] == "update" && m["outcome"] != "skipped_echo")
@@ -798,9 +772,7 @@ async fn a_streamed_transaction_is_applied_live_and_published_once_after_its_com
         1
     );
     run.stop().await;
-    let msgs = tokio::task::spawn_blocking(move || consume_all(&brokers))
-        .await
-        .unwrap();
+    let msgs = consume_all(&brokers).await;
     let mine: Vec<_> = msgs
         .iter()
         .filter(|m| m["site"] == "D" && m["outcome"] != "skipped_echo")
@@ -872,9 +844,7 @@ async fn a_streamed_transaction_applied_while_kafka_was_away_is_published_after_
         2000,
         "each row written once"
     );
-    let msgs = tokio::task::spawn_blocking(move || consume_all(&brokers))
-        .await
-        .unwrap();
+    let msgs = consume_all(&brokers).await;
     assert_eq!(own_ids(&msgs, "D").len(), 2000, "every change on the topic");
 }
 

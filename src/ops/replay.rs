@@ -65,12 +65,36 @@ pub fn line(d: &Decoded) -> String {
 }
 
 /// Read `topic` from the beginning, to its end as it is now (or forever with `follow`), sending
-/// decoded events in partition order. Runs the blocking consumer on its own thread.
+/// decoded events in partition order.
 fn read(k: &KafkaConfig, topic: &str, follow: bool) -> Result<mpsc::Receiver<Result<Decoded>>> {
     let c = crate::sink::kafka::client_config(k, |c| {
         c.set("group.id", format!("tandem-read-{}", std::process::id()))
             .set("enable.auto.commit", "false");
     });
+    messages(c, topic, follow, |m| {
+        decode(m.payload().unwrap_or_default()).with_context(|| {
+            format!(
+                "message at {}/{} offset {}",
+                m.topic(),
+                m.partition(),
+                m.offset()
+            )
+        })
+    })
+}
+
+/// Every message of `topic` from the beginning to its end as it is now (or forever with
+/// `follow`), in partition order, each through `f`; the channel closes at the end. `c`: a
+/// consumer's settings, `group.id` included (nothing is committed). Runs the
+/// blocking consumer on its own thread. Partitions are assigned, not subscribed: no consumer
+/// group to join or rebalance, and the end is the high watermarks read at the start, not a quiet
+/// spell (a pause of the broker is no end of the topic).
+pub fn messages<T: Send + 'static>(
+    c: rdkafka::ClientConfig,
+    topic: &str,
+    follow: bool,
+    f: impl Fn(&rdkafka::message::BorrowedMessage<'_>) -> Result<T> + Send + 'static,
+) -> Result<mpsc::Receiver<Result<T>>> {
     let consumer: BaseConsumer = c
         .create()
         .map_err(|e| anyhow!("[kafka]: cannot create a consumer: {e}"))?;
@@ -113,15 +137,7 @@ fn read(k: &KafkaConfig, topic: &str, follow: bool) -> Result<mpsc::Receiver<Res
                     {
                         ends.remove(&m.partition());
                     }
-                    let d = decode(m.payload().unwrap_or_default()).with_context(|| {
-                        format!(
-                            "message at {}/{} offset {}",
-                            m.topic(),
-                            m.partition(),
-                            m.offset()
-                        )
-                    });
-                    if tx.blocking_send(d).is_err() {
+                    if tx.blocking_send(f(&m)).is_err() {
                         return;
                     }
                 }
