@@ -1148,6 +1148,11 @@ async fn stream_loop(
     progress.checkpoint.store(checkpoint.0, Ordering::Relaxed);
     // Everything before this needs nothing more applied, but is not yet recorded.
     let mut safe = start;
+    // How far the stream itself has come (keepalives, commits handled). Kafka's barriers go by
+    // this, not by `safe`: after a restart behind the checkpoint (Kafka lagged the target), the
+    // transactions up to the checkpoint are still to come and be published again, so a barrier
+    // at the checkpoint would confirm the slot past events Kafka never got.
+    let mut through = Lsn::ZERO;
     let mut skipping = false;
     let mut group_end: Option<Lsn> = None;
     // The checkpoint of the last group commit sent (it may not have come back yet).
@@ -1269,7 +1274,8 @@ async fn stream_loop(
                     // Only with nothing uncommitted: the keepalive vouches for what was sent.
                     if group_end.is_none() {
                         safe = safe.max(lsn);
-                        applier.barrier(safe).await?;
+                        through = through.max(lsn);
+                        applier.barrier(through).await?;
                     }
                 }
                 stream.confirm(applier.ack_limit(checkpoint)?);
@@ -1346,6 +1352,7 @@ async fn stream_loop(
                 .increment(1);
                 live_lock_timeout(applier, false).await?;
                 applier.passed(commit.commit_lsn);
+                through = through.max(commit.end_lsn);
                 // In commit order: whole transactions received before this commit go first.
                 commit_group_now!();
                 let applied_before = commit.commit_lsn < checkpoint;
@@ -1420,6 +1427,7 @@ async fn stream_loop(
                 Some(Item::Change(ev)) if leaving => applier.publish_left_out(ev).await?,
                 Some(Item::Commit { end_lsn, .. }) if leaving => {
                     leaving = false;
+                    through = through.max(end_lsn);
                     // The groups before it commit first: the checkpoint passes it in order.
                     commit_group_now!();
                     applier.record_left_out(end_lsn).await?;
@@ -1446,6 +1454,7 @@ async fn stream_loop(
                     group_changes += 1;
                 }
                 Some(Item::Commit { end_lsn, .. }) => {
+                    through = through.max(end_lsn);
                     if skipping {
                         skipping = false;
                         applier.barrier(end_lsn).await?;
@@ -1459,7 +1468,7 @@ async fn stream_loop(
                         }
                     } else {
                         safe = safe.max(end_lsn);
-                        applier.barrier(safe).await?;
+                        applier.barrier(through).await?;
                     }
                     // Committed (or with nothing to commit): later failures are not its.
                     careful.current = None;
@@ -1493,7 +1502,7 @@ async fn stream_loop(
         applier.record(safe).await?;
         checkpoint = safe;
     }
-    applier.barrier(checkpoint).await?;
+    applier.barrier(checkpoint.min(through)).await?;
     applier.drain_kafka().await?;
     // The WAL writer flushes asynchronous commits within a few hundred milliseconds.
     let flush_deadline = Instant::now() + Duration::from_secs(2);

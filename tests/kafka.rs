@@ -848,6 +848,55 @@ async fn a_streamed_transaction_applied_while_kafka_was_away_is_published_after_
     assert_eq!(own_ids(&msgs, "D").len(), 2000, "every change on the topic");
 }
 
+/// Kafka lacked a transaction the target has, so the next run starts behind the checkpoint and
+/// the source sends the transaction again. A run stopped before it arrived (a slow link here)
+/// must not confirm the slot past it, as if Kafka had it: the run after that publishes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_run_stopped_before_the_source_resent_what_kafka_lacks_leaves_it_for_the_next() {
+    let (cluster, brokers) = mock_kafka(1);
+    let name = "kafka_resend_stop";
+    let (d, m) = Fixture::databases(
+        name,
+        "CREATE TABLE jobs (id bigint PRIMARY KEY, note text, n int);",
+    )
+    .await;
+    let to_d = common::Proxy::start(common::clusters().desktop.port).await;
+    let text = to_d.route(&config(name, &brokers), name);
+    let fx = Fixture::with_config(name, d, m, text).await;
+    let slot = "kafka_resend_stop_d";
+    let run = fx.start().await;
+    kafka_away(&cluster);
+    fx.d.batch_execute("INSERT INTO jobs SELECT g, 'while away', 0 FROM generate_series(1, 300) g")
+        .await
+        .unwrap();
+    wait_count(60, &fx.m, "SELECT count(*) FROM jobs", 300).await;
+    run.stop().await;
+    let (held, checkpoint) = Fixture::slot_and_checkpoint(&fx.d, slot, &fx.m, "D>M").await;
+    assert!(held < checkpoint, "the slot waits for Kafka");
+    kafka_back(&cluster);
+    // The source's bytes now take seconds to come; the run stops as soon as it streams.
+    to_d.trickle();
+    let run = fx.start().await;
+    run.stop().await;
+    assert!(
+        slot_confirmed(&fx.d, slot).await < checkpoint,
+        "confirmed past a transaction Kafka never got"
+    );
+    to_d.flow();
+    let run = fx.start().await;
+    wait_for(60, "slot confirmed once Kafka has it", || async {
+        slot_confirmed(&fx.d, slot).await >= checkpoint
+    })
+    .await;
+    run.stop().await;
+    let msgs = consume_all(&brokers).await;
+    assert_eq!(own_ids(&msgs, "D").len(), 300, "every change on the topic");
+    assert_eq!(
+        Fixture::count(&fx.m, "SELECT count(*) FROM jobs").await,
+        300
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_topic_the_brokers_lack_stops_run_at_once_naming_it() {
     // A broker that does not create topics on first use (as production ones are often set).

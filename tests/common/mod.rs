@@ -629,6 +629,12 @@ impl Proxy {
             .store(true, std::sync::atomic::Ordering::Relaxed);
     }
 
+    /// The server's answers pass as they come again (after [`Proxy::trickle`]).
+    pub fn flow(&self) {
+        self.trickling
+            .store(false, std::sync::atomic::Ordering::Relaxed);
+    }
+
     /// Every connection open now is closed on the client's side only.
     pub fn cut_clients(&self) {
         self.cut.send_modify(|c| *c += 1);
