@@ -1981,8 +1981,13 @@ async fn a_whole_transaction_blocked_by_the_live_one_makes_it_spooled_instead() 
                 .collect();
             panic!(
                 "the open transaction was not applied live within 30 s; desktop streamed {} \
-                 transactions; mobile's sessions: {sessions:#?}",
-                streamed_txns(&fx.d, "live_blocked_d").await
+                 transactions; desktop's stream started {} times; mobile's sessions: \
+                 {sessions:#?}",
+                streamed_txns(&fx.d, "live_blocked_d").await,
+                run.status
+                    .from_desktop
+                    .starts
+                    .load(std::sync::atomic::Ordering::Relaxed)
             );
         }
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
