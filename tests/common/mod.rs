@@ -53,15 +53,28 @@ pub async fn connect(url: &str) -> Client {
 }
 
 /// Poll `cond` until it holds; panic with `what` after `secs` seconds.
-pub async fn wait_for<F, Fut>(secs: u64, what: &str, mut cond: F)
+pub async fn wait_for<F, Fut>(secs: u64, what: &str, cond: F)
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = bool>,
 {
+    wait_for_explained(secs, what, cond, || async { String::new() }).await
+}
+
+/// [`wait_for`], with what `explain` finds at the timeout appended to the panic: the state a
+/// rare failure should leave behind to be understood.
+pub async fn wait_for_explained<F, Fut, E, EFut>(secs: u64, what: &str, mut cond: F, explain: E)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+    E: FnOnce() -> EFut,
+    EFut: Future<Output = String>,
+{
     let deadline = Instant::now() + Duration::from_secs(secs);
     while !cond().await {
         if Instant::now() > deadline {
-            panic!("timed out after {secs} s waiting for: {what}");
+            let why = explain().await;
+            panic!("timed out after {secs} s waiting for: {what}{why}");
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
