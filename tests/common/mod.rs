@@ -21,8 +21,23 @@ pub struct Pair {
     pub mobile: LocalCluster,
 }
 
+/// tandem's log in the tests' captured output, shown for a failing test only: `tandem=info`, or
+/// what `RUST_LOG` says. (The libtest capture follows the threads a test's runtime spawns.)
+fn logs() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("tandem=info"));
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_test_writer()
+            .try_init();
+    });
+}
+
 /// The binary's shared clusters, started on first use.
 pub fn clusters() -> &'static Pair {
+    logs();
     static PAIR: OnceLock<Pair> = OnceLock::new();
     PAIR.get_or_init(|| {
         let (d, m) = std::thread::scope(|s| {
