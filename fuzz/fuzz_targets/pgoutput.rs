@@ -5,6 +5,7 @@
 
 use bytes::Bytes;
 use libfuzzer_sys::fuzz_target;
+use tandem::lsn::Lsn;
 use tandem::side::Side;
 use tandem::source::assemble::Assembler;
 use tandem::source::pgoutput::{decode, decode_in, encode};
@@ -32,7 +33,7 @@ fuzz_target!(|data: &[u8]| {
         if let Ok(msg) = decode(&bytes) {
             // Re-encoding what decoded gives the same message back (unknown flag bits aside).
             assert_eq!(decode(&encode::message(&msg)).as_ref(), Ok(&msg));
-            if let Ok(Taken::Pass(m)) = streamed.take(msg) {
+            if let Ok(Taken::Pass(m)) = streamed.take_at(msg, Lsn(u64::MAX)) {
                 let _ = asm.push(m);
             }
             while let Ok(Some(m)) = streamed.next_replayed() {

@@ -17,6 +17,9 @@ use serde::Deserialize;
 
 use crate::side::Side;
 
+#[doc(hidden)]
+pub mod model;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Policy {
@@ -586,135 +589,53 @@ mod tests {
         );
     }
 
-    /// Two sites, one key (version column, no unchanged-TOAST updates), concurrent histories
-    /// (each side's changes happen before the other's reach it), then each side applies the
-    /// other's changes in order through [`decide`], as the applier does: the converging policies
-    /// leave both sides with the row the policy names, for every pair of histories of up to two changes per
-    /// side and every order of their versions (ties included), except where one side used the
+    /// Two sites, one key (see [`model`]): for every pair of concurrent histories of up to two
+    /// changes per side and every order of their versions (ties included), the converging
+    /// policies leave both sides with the row the policy names, except where one side used the
     /// key twice within the window (deleted its row and inserted one again, or inserted one and
-    /// deleted it). Without tombstones the other side cannot tell that key's new incarnation
-    /// from a concurrent change of the old one (README, Conflicts).
+    /// deleted it). Without tombstones the other side cannot tell that key's new row from a
+    /// concurrent change of the old one (README, Conflicts).
     #[test]
     fn converging_policies_converge_for_every_pair_of_concurrent_histories() {
-        /// A row: its value (each write's own) and its version (the writer's clock).
-        type Row = Option<(u8, u8)>;
-        #[derive(Clone, Copy, Debug)]
-        struct Sent {
-            op: SourceOp,
-            old: Row,
-            new: Row,
-        }
-        // Every legal history of up to `n` changes on a site whose row starts as `start`, each
-        // change at one of `times` (increasing), writing value `base + i`.
-        fn histories(start: Row, n: usize, base: u8) -> Vec<Vec<(SourceOp, u8)>> {
-            let mut out = vec![vec![]];
-            let mut frontier = vec![(vec![], start, 0u8)];
-            for i in 0..n {
+        use model::{exchange, legal, reuses, History, Row, CONVERGING};
+        // Every legal history of up to two changes from `start`, at increasing versions 1–4.
+        let histories = |start: Row| {
+            let mut all: Vec<History> = vec![vec![]];
+            let mut frontier = vec![(vec![], start.is_some(), 0u8)];
+            for _ in 0..2 {
                 let mut next = vec![];
-                for (h, row, last) in frontier {
+                for (h, present, last) in frontier {
                     for t in last + 1..=4 {
-                        let ops: &[SourceOp] = if row.is_some() {
-                            &[SourceOp::Update, SourceOp::Delete]
-                        } else {
-                            &[SourceOp::Insert]
-                        };
-                        for &op in ops {
-                            let mut h2: Vec<(SourceOp, u8)> = h.clone();
-                            h2.push((op, t));
-                            let row2 = (op != SourceOp::Delete).then_some((base + i as u8, t));
-                            out.push(h2.clone());
-                            next.push((h2, row2, t));
+                        for op in [SourceOp::Insert, SourceOp::Update, SourceOp::Delete] {
+                            if legal(present, op) {
+                                let mut h2: History = h.clone();
+                                h2.push((op, t));
+                                all.push(h2.clone());
+                                next.push((h2, op != SourceOp::Delete, t));
+                            }
                         }
                     }
                 }
                 frontier = next;
             }
-            out
-        }
-        // Run a history locally: the final row and the changes the site sends.
-        fn run(start: Row, h: &[(SourceOp, u8)], base: u8) -> (Row, Vec<Sent>) {
-            let mut row = start;
-            let mut sent = vec![];
-            for (i, &(op, t)) in h.iter().enumerate() {
-                let new = (op != SourceOp::Delete).then_some((base + i as u8, t));
-                sent.push(Sent { op, old: row, new });
-                row = new;
-            }
-            (row, sent)
-        }
-        // What the applier does with one incoming change on a target holding `row`.
-        fn apply(rule: Rule, source: Side, full: bool, row: Row, c: &Sent) -> Row {
-            let seen = Observed {
-                found: row.is_some(),
-                same_as_incoming: row.is_some() && row == c.new,
-                same_as_old: full.then_some(row.is_some() && row == c.old),
-                version: match (row, c.new) {
-                    (Some((_, have)), Some((_, comes))) => Some(have.cmp(&comes)),
-                    _ => None,
-                },
-            };
-            match decide(rule, source, c.op, seen).0 {
-                Action::Apply => c.new,
-                Action::Skip => row,
-                other => panic!("{other:?} under {rule:?}"),
-            }
-        }
-        // Deleted and inserted again, or inserted and deleted, within the window.
-        let reuses = |h: &[(SourceOp, u8)]| {
-            h.windows(2).any(|w| {
-                matches!(
-                    (w[0].0, w[1].0),
-                    (SourceOp::Delete, SourceOp::Insert) | (SourceOp::Insert, SourceOp::Delete)
-                )
-            })
+            all
         };
         let (mut checked, mut reused) = (0, 0);
         let mut failures = vec![];
         for start in [None, Some((0, 0))] {
-            for hd in histories(start, 2, 10) {
-                for hm in histories(start, 2, 20) {
-                    let (d_own, d_sent) = run(start, &hd, 10);
-                    let (m_own, m_sent) = run(start, &hm, 20);
-                    for (policy, full) in [
-                        (Policy::LastWriteWins, false),
-                        (Policy::LastWriteWins, true),
-                        (Policy::DesktopWins, true),
-                        (Policy::MobileWins, true),
-                    ] {
+            for hd in histories(start) {
+                for hm in histories(start) {
+                    for (policy, full) in CONVERGING {
                         for priority in [D, M] {
-                            let rule = Rule { policy, priority };
-                            let d = m_sent.iter().fold(d_own, |r, c| apply(rule, M, full, r, c));
-                            let m = d_sent.iter().fold(m_own, |r, c| apply(rule, D, full, r, c));
                             if reuses(&hd) || reuses(&hm) {
                                 reused += 1;
                                 continue;
                             }
                             checked += 1;
-                            // Which row the policy names: a site's own final row where only it
-                            // changed the key; otherwise the winner's, and under last_write_wins
-                            // a delete, else the greater version (a tie: `priority`).
-                            let want = match (hd.is_empty(), hm.is_empty(), policy) {
-                                (_, true, _) => d_own,
-                                (true, false, _) => m_own,
-                                (false, false, Policy::DesktopWins) => d_own,
-                                (false, false, Policy::MobileWins) => m_own,
-                                (false, false, _) => match (d_own, m_own) {
-                                    (Some((_, vd)), Some((_, vm))) => {
-                                        if vd > vm || (vd == vm && priority == D) {
-                                            d_own
-                                        } else {
-                                            m_own
-                                        }
-                                    }
-                                    _ => None,
-                                },
-                            };
-                            if d != want || m != want {
-                                failures.push(format!(
-                                    "{policy:?} full={full} priority={priority:?} start={start:?} \
-                                     desktop {hd:?} mobile {hm:?}: desktop ends {d:?}, mobile \
-                                     {m:?}, the policy names {want:?}"
-                                ));
+                            if let Err(e) =
+                                exchange(start, &hd, &hm, Rule { policy, priority }, full)
+                            {
+                                failures.push(e);
                             }
                         }
                     }

@@ -19,6 +19,9 @@ use crate::event::SourceTable;
 use crate::lsn::Lsn;
 use crate::source::pgoutput::{OldTuple, Tuple, Value};
 
+#[doc(hidden)]
+pub mod model;
+
 /// A target table as the target's catalog describes it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TargetTable {
@@ -542,34 +545,7 @@ mod tests {
     use super::*;
     use crate::source::pgoutput::RelColumn;
 
-    pub fn binding() -> Arc<Binding> {
-        let src = SourceTable {
-            oid: 1,
-            name: TableName::new("public", "t"),
-            columns: ["id", "a", "g"]
-                .iter()
-                .map(|n| RelColumn {
-                    key: *n == "id",
-                    name: n.to_string(),
-                    type_oid: 25,
-                    type_modifier: -1,
-                })
-                .collect(),
-        };
-        let col = |n: &str, generated| TargetColumn {
-            name: n.into(),
-            type_sql: "text".into(),
-            generated,
-            identity_always: false,
-        };
-        let target = TargetTable {
-            name: TableName::new("public", "t"),
-            columns: vec![col("g", true), col("a", false), col("id", false)],
-            key: vec![2],
-            unique: vec![],
-        };
-        Arc::new(Binding::new(&src, Arc::new(target)).unwrap())
-    }
+    use super::model::binding;
 
     fn t(s: &str) -> Value {
         Value::Text(Bytes::copy_from_slice(s.as_bytes()))
@@ -722,13 +698,9 @@ mod tests {
         );
     }
 
-    /// Randomized: batches executed in order (rows within a batch in reverse, to show their order
-    /// does not matter) reach the same table state as applying every change row by row.
+    /// Randomized histories (see [`model::check`]): batched equals row by row.
     #[test]
     fn batched_apply_equals_row_by_row_for_random_histories() {
-        use std::collections::BTreeMap;
-        type Table = BTreeMap<Bytes, Option<Bytes>>;
-        let bd = binding();
         let mut seed: u64 = 0x5EED;
         let mut rnd = |n: u64| {
             seed ^= seed << 13;
@@ -738,123 +710,8 @@ mod tests {
         };
         let mut existing_batches = 0;
         for round in 0..300 {
-            let mut truth: Table = BTreeMap::new();
-            let mut p = Planner::new(1 + rnd(6) as usize, 1 << 20);
-            let mut batches = Vec::new();
-            for step in 0..60 {
-                let key = Bytes::from(format!("{}", rnd(8)));
-                let val = if rnd(4) == 0 {
-                    Value::Null
-                } else {
-                    t(&format!("v{round}.{step}"))
-                };
-                let val_b = match &val {
-                    Value::Text(b) => Some(b.clone()),
-                    _ => None,
-                };
-                match rnd(5) {
-                    // As on a source: a key is inserted only where it has no row.
-                    0 | 1 if !truth.contains_key(&key) => {
-                        p.insert(&bd, &vec![Value::Text(key.clone()), val, t("g")])
-                            .unwrap();
-                        truth.insert(key, val_b);
-                    }
-                    0 | 1 => {
-                        p.update(&bd, None, &vec![Value::Text(key.clone()), val, t("g")])
-                            .unwrap();
-                        truth.insert(key, val_b);
-                    }
-                    2 => {
-                        // Unchanged-TOAST update: only existing rows change, and keep their value.
-                        p.update(
-                            &bd,
-                            None,
-                            &vec![Value::Text(key.clone()), Value::UnchangedToast, t("g")],
-                        )
-                        .unwrap();
-                    }
-                    3 => {
-                        let old = OldTuple {
-                            full: false,
-                            tuple: vec![Value::Text(key.clone()), Value::Null, Value::Null],
-                        };
-                        p.delete(&bd, &old).unwrap();
-                        truth.remove(&key);
-                    }
-                    _ => {
-                        let to = Bytes::from(format!("{}", rnd(8)));
-                        if !truth.contains_key(&key) || (to != key && truth.contains_key(&to)) {
-                            // As on a source: only a row that is there is updated, and the key
-                            // is unique (no key change onto another row).
-                            continue;
-                        }
-                        let old = OldTuple {
-                            full: false,
-                            tuple: vec![Value::Text(key.clone()), Value::Null, Value::Null],
-                        };
-                        // Now and then the value is TOASTed and left unchanged: it moves along.
-                        let (val, val_b) = if rnd(3) == 0 {
-                            (Value::UnchangedToast, truth[&key].clone())
-                        } else {
-                            (val, val_b)
-                        };
-                        p.update(&bd, Some(&old), &vec![Value::Text(to.clone()), val, t("g")])
-                            .unwrap();
-                        truth.remove(&key);
-                        truth.insert(to, val_b);
-                    }
-                }
-                batches.extend(p.take_ready());
-            }
-            p.flush();
-            batches.extend(p.take_ready());
-            let mut got: Table = BTreeMap::new();
-            for b in &batches {
-                if b.fresh && b.op == Op::Upsert {
-                    for row in &b.rows {
-                        assert!(
-                            !got.contains_key(row[0].as_ref().unwrap()),
-                            "round {round}: a fresh batch meets a row already there: {b:?}"
-                        );
-                    }
-                }
-                if b.existing && b.op == Op::Upsert {
-                    existing_batches += 1;
-                    for row in &b.rows {
-                        assert!(
-                            got.contains_key(row[0].as_ref().unwrap()),
-                            "round {round}: an existing-rows batch misses a row: {b:?}"
-                        );
-                    }
-                }
-                let mut keys = std::collections::HashSet::new();
-                for row in b.rows.iter().rev() {
-                    let key = row[0].clone().unwrap();
-                    assert!(keys.insert(key.clone()), "a batch holds a key twice: {b:?}");
-                    match b.op {
-                        Op::Upsert => {
-                            got.insert(key, row[1].clone());
-                        }
-                        Op::Update => {
-                            if let Some(v) = got.get_mut(&key) {
-                                if b.cols.len() > 1 {
-                                    *v = row[1].clone();
-                                }
-                            }
-                        }
-                        Op::Delete => {
-                            got.remove(&key);
-                        }
-                        Op::Rekey => {
-                            let from = row.last().unwrap().clone().unwrap();
-                            if let Some(v) = got.remove(&from) {
-                                got.insert(key, v);
-                            }
-                        }
-                    }
-                }
-            }
-            assert_eq!(got, truth, "round {round}");
+            existing_batches +=
+                model::check(&mut rnd, 60).unwrap_or_else(|e| panic!("round {round}: {e}"));
         }
         assert!(
             existing_batches > 100,
