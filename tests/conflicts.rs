@@ -281,6 +281,67 @@ async fn mobile_wins_converges_on_mobile_rows() {
     site_wins("cf_mwins", "mobile", 23).await;
 }
 
+/// Under `desktop_wins`, desktop updates a row's version while its 1 MiB value, stored out of
+/// line, stays unchanged (so the source sends the new row without it), and mobile deletes the
+/// row meanwhile: desktop's update recreates the row on mobile, value included, since under
+/// `REPLICA IDENTITY FULL` the old row carries that value inline. Before, an update missing a
+/// value could not recreate a row, and only desktop kept it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_winners_update_leaving_a_toasted_value_unchanged_recreates_the_row_the_loser_deleted()
+{
+    let fx = fixture(
+        "cf_toast",
+        "ALTER TABLE items REPLICA IDENTITY FULL;
+         ALTER TABLE items ALTER COLUMN v SET STORAGE EXTERNAL;
+         UPDATE items SET v = (SELECT string_agg(md5(g::text), '' ORDER BY g) FROM generate_series(1, 32768) g)
+          WHERE id = 1;",
+        "[conflicts]\npolicy = \"desktop_wins\"",
+    )
+    .await;
+    fx.d.batch_execute("UPDATE items SET version = 2 WHERE id = 1")
+        .await
+        .unwrap();
+    fx.m.batch_execute("DELETE FROM items WHERE id = 1")
+        .await
+        .unwrap();
+    let run = fx.start().await;
+    wait_count(
+        30,
+        &fx.m,
+        "SELECT count(*) FROM items WHERE id = 1 AND version = 2 AND length(v) = 1048576 \
+         AND md5(v) = (SELECT md5(string_agg(md5(g::text), '' ORDER BY g)) FROM generate_series(1, 32768) g)",
+        1,
+    )
+    .await;
+    // Mobile's delete lost on desktop too, and each side logged its decision.
+    wait_count(
+        30,
+        &fx.d,
+        "SELECT count(*) FROM tandem.conflicts WHERE kind = 'delete_origin_differs' \
+         AND resolution = 'kept_local'",
+        1,
+    )
+    .await;
+    assert_eq!(
+        Fixture::count(
+            &fx.m,
+            "SELECT count(*) FROM tandem.conflicts WHERE kind = 'update_deleted' \
+             AND resolution = 'applied_remote'"
+        )
+        .await,
+        1
+    );
+    assert_eq!(
+        Fixture::count(
+            &fx.d,
+            "SELECT count(*) FROM items WHERE id = 1 AND version = 2"
+        )
+        .await,
+        1
+    );
+    run.stop().await;
+}
+
 const ONE_WAY: &str = "[replication.direction]\n\"public.items\" = \"desktop_to_mobile\"";
 
 /// Rows 1 and 2 are `base` on both sides; mobile changes row 1 (and fills row 3) behind tandem's

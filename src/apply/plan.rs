@@ -343,6 +343,30 @@ impl Planner {
         old: Option<&OldTuple>,
         new: &Tuple,
     ) -> Result<(), PlanError> {
+        // Under `REPLICA IDENTITY FULL` the old row carries every value, TOASTed ones inline
+        // (PostgreSQL flattens them when it logs the old row): an unchanged value is the old one.
+        // Under conflict rules the update is then whole, so a policy may recreate the row the
+        // target lost (`update_deleted`). Not otherwise: writing the value again would cost the
+        // target a new TOAST copy per update, as native's apply worker does not.
+        let filled: Tuple;
+        let new = match old {
+            Some(o) if b.detect && o.full && new.contains(&Value::UnchangedToast) => {
+                filled = new
+                    .iter()
+                    .zip(
+                        o.tuple
+                            .iter()
+                            .chain(std::iter::repeat(&Value::UnchangedToast)),
+                    )
+                    .map(|(n, o)| match (n, o) {
+                        (Value::UnchangedToast, Value::Text(_) | Value::Null) => o.clone(),
+                        _ => n.clone(),
+                    })
+                    .collect();
+                &filled
+            }
+            _ => new,
+        };
         let mut key_changed = false;
         let partial = new.contains(&Value::UnchangedToast);
         if let Some(old) = old {
@@ -638,6 +662,54 @@ mod tests {
         assert_eq!(
             (r[0].op, r[0].cols.clone(), r[0].rows.clone()),
             (Op::Update, vec![2], vec![vec![b("1")]])
+        );
+    }
+
+    #[test]
+    fn under_conflict_rules_an_unchanged_toast_value_is_taken_from_a_full_old_row() {
+        let bd = Arc::new(Binding {
+            detect: true,
+            ..(*binding()).clone()
+        });
+        let mut p = Planner::new(100, 1 << 20);
+        let full = |id: &str| OldTuple {
+            full: true,
+            tuple: vec![t(id), t("big"), t("g")],
+        };
+        // Whole: an upsert of every column, also when the key changes (no rekey needed).
+        p.update(&bd, Some(&full("1")), &row("1", Value::UnchangedToast))
+            .unwrap();
+        p.update(&bd, Some(&full("1")), &row("2", Value::UnchangedToast))
+            .unwrap();
+        // A key-only old row has no value to take: still an update of the sent columns. So is
+        // any such update without conflict rules.
+        let key_only = OldTuple {
+            full: false,
+            tuple: vec![t("3"), Value::Null, Value::Null],
+        };
+        p.update(&bd, Some(&key_only), &row("3", Value::UnchangedToast))
+            .unwrap();
+        p.update(
+            &binding(),
+            Some(&full("4")),
+            &row("4", Value::UnchangedToast),
+        )
+        .unwrap();
+        p.flush();
+        let r: Vec<_> = p
+            .take_ready()
+            .into_iter()
+            .map(|b| (b.op, b.cols, b.rows))
+            .collect();
+        assert_eq!(
+            r,
+            vec![
+                (Op::Upsert, vec![2, 1], vec![vec![b("1"), b("big")]]),
+                (Op::Delete, vec![2], vec![vec![b("1")]]),
+                (Op::Upsert, vec![2, 1], vec![vec![b("2"), b("big")]]),
+                (Op::Update, vec![2], vec![vec![b("3")]]),
+                (Op::Update, vec![2], vec![vec![b("4")]]),
+            ]
         );
     }
 

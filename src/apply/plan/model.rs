@@ -50,17 +50,30 @@ fn text(s: &str) -> Value {
 
 /// One history of `steps` changes on 8 keys, each choice made by `choose(n)` (a number below
 /// `n`): inserts, updates, updates leaving the value unchanged (TOAST), deletes and key changes,
-/// values sometimes NULL, batches of 1–6 rows. `Ok` with how many batches were marked as
-/// updating existing rows only; `Err` says what went wrong.
+/// values sometimes NULL, old rows key-only or whole, conflict detection on or off, batches of
+/// 1–6 rows. `Ok` with how many batches were marked as updating existing rows only; `Err` says
+/// what went wrong.
 pub fn check(mut choose: impl FnMut(u64) -> u64, steps: usize) -> Result<usize, String> {
     type Table = BTreeMap<Bytes, Option<Bytes>>;
-    let bd = binding();
+    // With conflict detection on or off (an unchanged value is then taken from a whole old row).
+    let bd = Arc::new(Binding {
+        detect: choose(2) == 0,
+        ..(*binding()).clone()
+    });
     let mut truth: Table = BTreeMap::new();
     let mut p = Planner::new(1 + choose(6) as usize, 1 << 20);
     let mut batches = Vec::new();
-    let old_of = |key: &Bytes| OldTuple {
-        full: false,
-        tuple: vec![Value::Text(key.clone()), Value::Null, Value::Null],
+    // The old row as the source sends it: the key only, or (`REPLICA IDENTITY FULL`) whole.
+    let old_of = |key: &Bytes, truth: &Table, full: bool| OldTuple {
+        full,
+        tuple: vec![
+            Value::Text(key.clone()),
+            match truth.get(key) {
+                Some(Some(v)) if full => Value::Text(v.clone()),
+                _ => Value::Null,
+            },
+            if full { text("g") } else { Value::Null },
+        ],
     };
     let fail = |e: super::PlanError| e.to_string();
     for step in 0..steps {
@@ -87,16 +100,20 @@ pub fn check(mut choose: impl FnMut(u64) -> u64, steps: usize) -> Result<usize, 
                 truth.insert(key, val_b);
             }
             2 => {
-                // Unchanged-TOAST update: only existing rows change, and keep their value.
+                // Unchanged-TOAST update: only existing rows change, and keep their value. With
+                // a whole old row (only a row that is there has one) it is taken from there.
+                let old = (truth.contains_key(&key) && choose(2) == 0)
+                    .then(|| old_of(&key, &truth, true));
                 p.update(
                     &bd,
-                    None,
+                    old.as_ref(),
                     &vec![Value::Text(key.clone()), Value::UnchangedToast, text("g")],
                 )
                 .map_err(fail)?;
             }
             3 => {
-                p.delete(&bd, &old_of(&key)).map_err(fail)?;
+                p.delete(&bd, &old_of(&key, &truth, choose(2) == 0))
+                    .map_err(fail)?;
                 truth.remove(&key);
             }
             _ => {
@@ -114,7 +131,7 @@ pub fn check(mut choose: impl FnMut(u64) -> u64, steps: usize) -> Result<usize, 
                 };
                 p.update(
                     &bd,
-                    Some(&old_of(&key)),
+                    Some(&old_of(&key, &truth, choose(2) == 0)),
                     &vec![Value::Text(to.clone()), val, text("g")],
                 )
                 .map_err(fail)?;
