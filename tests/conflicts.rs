@@ -289,12 +289,15 @@ async fn mobile_wins_converges_on_mobile_rows() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_winners_update_leaving_a_toasted_value_unchanged_recreates_the_row_the_loser_deleted()
 {
+    // 1 MiB of md5 text, the same on every evaluation.
+    let mib = "(SELECT string_agg(md5(g::text), '' ORDER BY g) FROM generate_series(1, 32768) g)";
     let fx = fixture(
         "cf_toast",
-        "ALTER TABLE items REPLICA IDENTITY FULL;
-         ALTER TABLE items ALTER COLUMN v SET STORAGE EXTERNAL;
-         UPDATE items SET v = (SELECT string_agg(md5(g::text), '' ORDER BY g) FROM generate_series(1, 32768) g)
-          WHERE id = 1;",
+        &format!(
+            "ALTER TABLE items REPLICA IDENTITY FULL;
+             ALTER TABLE items ALTER COLUMN v SET STORAGE EXTERNAL;
+             UPDATE items SET v = {mib} WHERE id = 1;"
+        ),
         "[conflicts]\npolicy = \"desktop_wins\"",
     )
     .await;
@@ -308,8 +311,10 @@ async fn the_winners_update_leaving_a_toasted_value_unchanged_recreates_the_row_
     wait_count(
         30,
         &fx.m,
-        "SELECT count(*) FROM items WHERE id = 1 AND version = 2 AND length(v) = 1048576 \
-         AND md5(v) = (SELECT md5(string_agg(md5(g::text), '' ORDER BY g)) FROM generate_series(1, 32768) g)",
+        &format!(
+            "SELECT count(*) FROM items WHERE id = 1 AND version = 2 AND length(v) = 1048576 \
+             AND md5(v) = md5({mib})"
+        ),
         1,
     )
     .await;
