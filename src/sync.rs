@@ -372,21 +372,33 @@ async fn check_publication_matches(
     Ok(())
 }
 
-/// Every relation of a table whose conflict policy compares old rows logs them. `setup` sees to
-/// it, but a partition created since logs its changes as its own identity says: without old rows
-/// those changes would be taken as conflicts, or as none, wrongly.
+/// Every relation of a table whose conflict policy compares old rows, or that has no primary key
+/// (its rows are found by their old values), logs them. `setup` sees to it, but a partition
+/// created since logs its changes as its own identity says: without old rows those changes
+/// would be taken as conflicts, or as none, wrongly, or could not be applied at all.
 async fn check_old_rows(cfg: &Config, src: &tokio_postgres::Client, source: Side) -> Result<()> {
     for t in crate::catalog::expand(src, &cfg.tables).await? {
-        let needs = cfg
-            .conflicts_for(&t)
-            .is_some_and(|tc| tc.policy.needs_old_row());
-        if !needs || !cfg.direction(&t).flows_from(source) {
+        if !cfg.direction(&t).flows_from(source) {
             continue;
         }
+        // Conflict rules do not apply to a table without a key: that reason comes first.
+        let why = if crate::catalog::table(src, &t)
+            .await?
+            .is_some_and(|tt| tt.key.is_empty())
+        {
+            " has no primary key, so tandem finds its rows by their values, and needs"
+        } else if cfg
+            .conflicts_for(&t)
+            .is_some_and(|tc| tc.policy.needs_old_row())
+        {
+            "'s conflict policy needs"
+        } else {
+            continue;
+        };
         let partial = crate::ops::setup::not_identity_full(src, &t).await?;
         if !partial.is_empty() {
             bail!(
-                "{source}: {t}'s conflict policy needs the old row of every change, but {} \
+                "{source}: {t}{why} the old row of every change, but {} \
                  log changes without it (a partition created after `tandem setup`?); run \
                  `tandem setup --replica-identity-full`",
                 partial.join(", ")

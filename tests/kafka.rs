@@ -221,6 +221,75 @@ async fn every_change_of_both_sites_is_on_the_topic_once() {
     }
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_table_without_a_key_is_on_the_topic_by_its_values_and_not_replayed() {
+    let (_cluster, brokers) = mock_kafka(1);
+    let (d, m) = Fixture::databases(
+        "kafka_keyless",
+        "CREATE TABLE links (job int, note text); ALTER TABLE links REPLICA IDENTITY FULL;",
+    )
+    .await;
+    let text = Fixture::config_text("kafka_keyless", "tables = [\"public.links\"]")
+        + &format!("[kafka]\nbrokers = \"{brokers}\"\nformat = \"json\"\nrequired = true\n");
+    let fx = Fixture::with_config("kafka_keyless", d, m, text).await;
+    let run = fx.start().await;
+    fx.d.batch_execute(
+        "INSERT INTO links VALUES (1, 'a'), (1, 'a'); \
+         UPDATE links SET note = 'b' WHERE ctid = (SELECT min(ctid) FROM links); \
+         DELETE FROM links WHERE note = 'a'",
+    )
+    .await
+    .unwrap();
+    wait_count(30, &fx.m, "SELECT count(*) FROM links WHERE note = 'b'", 1).await;
+    fx.wait_equal("links", 30).await;
+    let d_slot = fx.cfg.desktop.slot.clone();
+    let end = wal_now(&fx.d).await;
+    wait_for(30, "desktop's slot confirmed past the changes", || async {
+        slot_confirmed(&fx.d, &d_slot).await >= end
+    })
+    .await;
+    run.stop().await;
+    let own: Vec<serde_json::Value> = consume_all(&brokers)
+        .await
+        .into_iter()
+        .filter(|m| m["site"] == "D")
+        .collect();
+    let ops: Vec<(&str, &serde_json::Value, &serde_json::Value)> = own
+        .iter()
+        .map(|m| (m["op"].as_str().unwrap(), &m["before"], &m["after"]))
+        .collect();
+    let row = |job: &str, note: &str| serde_json::json!({"job": job, "note": note});
+    let none = serde_json::Value::Null;
+    assert_eq!(
+        ops,
+        [
+            ("insert", &none, &row("1", "a")),
+            ("insert", &none, &row("1", "a")),
+            ("update", &row("1", "a"), &row("1", "b")),
+            ("delete", &row("1", "a"), &none),
+        ]
+    );
+    // The row is its identity (REPLICA IDENTITY FULL): the message key carries every value.
+    assert_eq!(own[3]["key"], row("1", "a"));
+    let (code, out, err) = common::run_tandem(
+        &[
+            "--config",
+            fx.config_path.to_str().unwrap(),
+            "replay",
+            "--from-kafka",
+            "--to",
+            "mobile",
+        ],
+        &[],
+    );
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        err.contains("mobile: table public.links has no primary key, so its events cannot be replayed without doubling rows"),
+        "{err}"
+    );
+    assert_eq!(Fixture::count(&fx.m, "SELECT count(*) FROM links").await, 1);
+}
+
 fn config(name: &str, brokers: &str) -> String {
     Fixture::config_text(name, "tables = [\"public.jobs\"]")
         + &format!("[kafka]\nbrokers = \"{brokers}\"\nformat = \"json\"\nrequired = true\n")

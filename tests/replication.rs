@@ -2511,6 +2511,184 @@ async fn a_table_keyed_by_its_replica_identity_index_replicates_without_a_primar
     assert_eq!(code, 0, "{out}{err}");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_table_without_a_key_replicates_both_ways_by_its_values() {
+    // A link table with no key at all, equal rows included: each side's update or delete of
+    // one of two equal rows changes one row on the other side too, as native logical
+    // replication does under REPLICA IDENTITY FULL. `json` has no equality operator and
+    // a TOASTed value may arrive unchanged: both still find their row.
+    let schema = "
+        CREATE TABLE links (job int, worker int, note text, doc json);
+        ALTER TABLE links REPLICA IDENTITY FULL;";
+    let (d, m) = Fixture::databases("keyless", schema).await;
+    d.batch_execute(
+        "INSERT INTO links VALUES (1, 1, 'a', '{}'), (1, 1, 'a', '{}'), (1, NULL, NULL, NULL)",
+    )
+    .await
+    .unwrap();
+    let fx = Fixture::with_config(
+        "keyless",
+        d,
+        m,
+        Fixture::config_text("keyless", "tables = [\"public.links\"]"),
+    )
+    .await;
+    let run = fx.start().await;
+    fx.wait_equal("links", 30).await;
+    let rows = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    // One of two equal rows changes; the NULL row is found; a large value, then an update
+    // leaving it unchanged.
+    fx.d.batch_execute(
+        "UPDATE links SET note = 'b' WHERE ctid = (SELECT min(ctid) FROM links WHERE note = 'a'); \
+         UPDATE links SET note = 'n' WHERE worker IS NULL; \
+         INSERT INTO links SELECT 2, 2, string_agg(md5(g::text), ''), '[1]' FROM generate_series(1, 20000) g; \
+         INSERT INTO links VALUES (3, 3, 'c', '{}'), (3, 3, 'c', '{}'), (3, 3, 'c', '{}'); \
+         UPDATE links SET worker = 7 WHERE job = 2",
+    )
+    .await
+    .unwrap();
+    wait_count(30, &fx.m, "SELECT count(*) FROM links WHERE worker = 7", 1).await;
+    fx.wait_equal("links", 30).await;
+    // The other way: one of three equal rows deleted, then two of three in one statement (the
+    // second must not find the row the first deleted).
+    fx.m.batch_execute(
+        "DELETE FROM links WHERE ctid = (SELECT min(ctid) FROM links WHERE job = 3); \
+         DELETE FROM links WHERE note = 'a'; \
+         INSERT INTO links VALUES (4, 4, 'd', NULL), (4, 4, 'd', NULL), (4, 4, 'd', NULL); \
+         DELETE FROM links WHERE job = 4 AND ctid <> (SELECT min(ctid) FROM links WHERE job = 4)",
+    )
+    .await
+    .unwrap();
+    wait_count(30, &fx.d, "SELECT count(*) FROM links WHERE job = 4", 1).await;
+    fx.wait_equal("links", 30).await;
+    run.stop().await;
+    let mut stored = Vec::new();
+    for c in [&fx.d, &fx.m] {
+        // Stored out of line (the update of `worker` sent it as unchanged), and whole.
+        let r = c
+            .query_one(
+                "SELECT md5(note), (SELECT pg_relation_size(reltoastrelid) > 0 FROM pg_class \
+                 WHERE oid = 'links'::regclass) FROM links WHERE job = 2",
+                &[],
+            )
+            .await
+            .unwrap();
+        stored.push(r.get::<_, String>(0));
+        assert!(r.get::<_, bool>(1));
+        let r = c
+            .query(
+                "SELECT l::text FROM (SELECT job, worker, left(note, 3) AS note, doc FROM links) l ORDER BY 1",
+                &[],
+            )
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.get::<_, String>(0))
+            .collect::<Vec<_>>();
+        assert_eq!(
+            r,
+            rows(&[
+                "(1,,n,)",
+                "(1,1,b,{})",
+                "(2,7,c4c,[1])",
+                "(3,3,c,{})",
+                "(3,3,c,{})",
+                "(4,4,d,)"
+            ])
+        );
+    }
+    assert_eq!(stored[0], stored[1]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partitioned_table_without_a_key_gets_whole_old_rows_from_setup_and_keeps_them() {
+    // Without REPLICA IDENTITY FULL a published keyless table refuses the application's own
+    // updates and deletes: setup says so, sets it when allowed, and run refuses a partition
+    // created since without it. Rows are found by partition and address, so equal rows in two
+    // partitions, and a row an update moves between partitions, stay apart.
+    let schema = "
+        CREATE TABLE readings (sensor int, day date, v int) PARTITION BY RANGE (day);
+        CREATE TABLE readings_h1 PARTITION OF readings FOR VALUES FROM ('2026-01-01') TO ('2026-07-01');
+        CREATE TABLE readings_h2 PARTITION OF readings FOR VALUES FROM ('2026-07-01') TO ('2027-01-01');";
+    let (d, m) = Fixture::databases("keyless_parted", schema).await;
+    let text = Fixture::config_text("keyless_parted", "tables = [\"public.readings\"]")
+        + "[conflicts]\npolicy = \"desktop_wins\"\n";
+    let config = std::env::temp_dir().join(format!(
+        "tandem-test-keyless_parted-{}.toml",
+        std::process::id()
+    ));
+    std::fs::write(&config, &text).unwrap();
+    let cfg = config.to_str().unwrap();
+    let (code, _, err) = run_tandem(&["--config", cfg, "setup"], &[]);
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("desktop: table public.readings has no primary key")
+            && err.contains(
+                "on public.readings, public.readings_h1, public.readings_h2, or add a primary key"
+            ),
+        "{err}"
+    );
+    let (code, out, err) = run_tandem(&["--config", cfg, "setup", "--replica-identity-full"], &[]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("mobile: table public.readings_h2 now has REPLICA IDENTITY FULL")
+            && out.contains(
+                "warning: table public.readings has no primary key: conflicts on it are not detected"
+            ),
+        "{out}"
+    );
+    let fx = Fixture::with_config("keyless_parted", d, m, text).await;
+    let run = fx.start().await;
+    fx.d.batch_execute(
+        "INSERT INTO readings VALUES (1, '2026-02-01', 5), (1, '2026-02-01', 5), (1, '2026-08-01', 5); \
+         UPDATE readings SET day = '2026-08-01' WHERE tableoid = 'readings_h1'::regclass \
+         AND ctid = (SELECT min(ctid) FROM readings_h1); \
+         DELETE FROM readings_h2 WHERE ctid = (SELECT min(ctid) FROM readings_h2)",
+    )
+    .await
+    .unwrap();
+    wait_count(30, &fx.m, "SELECT count(*) FROM readings", 2).await;
+    fx.m.batch_execute("UPDATE readings_h2 SET v = 6")
+        .await
+        .unwrap();
+    wait_count(30, &fx.d, "SELECT count(*) FROM readings WHERE v = 6", 1).await;
+    run.stop().await;
+    for c in [&fx.d, &fx.m] {
+        let r: Vec<String> = c
+            .query(
+                "SELECT tableoid::regclass::text || ' ' || r::text FROM readings r ORDER BY 1",
+                &[],
+            )
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        assert_eq!(
+            r,
+            [
+                "readings_h1 (1,2026-02-01,5)",
+                "readings_h2 (1,2026-08-01,6)"
+            ]
+        );
+    }
+    for c in [&fx.d, &fx.m] {
+        c.batch_execute(
+            "CREATE TABLE readings_h3 PARTITION OF readings FOR VALUES FROM ('2027-01-01') TO ('2028-01-01')",
+        )
+        .await
+        .unwrap();
+    }
+    let (code, _, err) = run_tandem(&["--config", cfg, "run"], &[]);
+    assert_ne!(code, 0);
+    assert!(
+        err.contains(
+            "public.readings has no primary key, so tandem finds its rows by their values"
+        ) && err.contains("public.readings_h3 log changes without it"),
+        "{err}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn timeouts_set_on_the_database_do_not_cut_tandems_sessions_short() {
     // Hosted databases often carry a database- or role-wide statement, lock and idle timeout

@@ -171,6 +171,8 @@ async fn table_problems_name_side_table_and_fix() {
     d.batch_execute(
         "CREATE TABLE only_desktop (id int PRIMARY KEY);
          CREATE TABLE no_pk (id int, v text);
+         CREATE TABLE no_pk_listed (id int, v text);
+         CREATE TABLE pk_one_side (id int, v text);
          CREATE TABLE pk_differs (a int, b int, PRIMARY KEY (a));
          CREATE TABLE type_differs (id int PRIMARY KEY, amount numeric(10,2), extra text);
          CREATE TABLE Customers (id int PRIMARY KEY);
@@ -180,6 +182,8 @@ async fn table_problems_name_side_table_and_fix() {
     .unwrap();
     m.batch_execute(
         "CREATE TABLE no_pk (id int, v text);
+         CREATE TABLE no_pk_listed (id int, v text);
+         CREATE TABLE pk_one_side (id int PRIMARY KEY, v text);
          CREATE TABLE pk_differs (a int, b int, PRIMARY KEY (a, b));
          CREATE TABLE type_differs (id int PRIMARY KEY, amount real);
          CREATE TABLE Customers (id int PRIMARY KEY);
@@ -189,14 +193,24 @@ async fn table_problems_name_side_table_and_fix() {
     .unwrap();
     let text = Fixture::config_text(
         "tables",
-        r#"tables = ["public.only_desktop", "public.no_pk", "public.pk_differs", "public.type_differs", "public.Customers", "public.lines"]"#,
+        r#"tables = ["public.only_desktop", "public.no_pk", "public.no_pk_listed", "public.pk_one_side", "public.pk_differs", "public.type_differs", "public.Customers", "public.lines"]
+[replication.columns]
+"public.no_pk_listed" = ["id"]"#,
     );
     let (code, _, err) = run_tandem(&["--config", &write_config("tables", &text), "setup"], &[]);
     assert_eq!(code, 1, "{err}");
     for want in [
         "mobile: table public.only_desktop does not exist; create it with the same columns as on desktop",
-        "desktop: table public.no_pk has no primary key (or replica identity index); add one",
-        "mobile: table public.no_pk has no primary key",
+        // Without a key, rows are found by their values: that needs whole old rows.
+        "desktop: table public.no_pk has no primary key (or replica identity index), so tandem \
+         finds its rows by all their values, which needs REPLICA IDENTITY FULL on the side it \
+         flows from; run `tandem setup --replica-identity-full` or `ALTER TABLE … REPLICA \
+         IDENTITY FULL` on public.no_pk, or add a primary key",
+        "mobile: table public.no_pk has no primary key (or replica identity index)",
+        "table public.no_pk_listed has no primary key, so its rows are found by all their values \
+         (REPLICA IDENTITY FULL), and PostgreSQL 15 then sends updates and deletes only when \
+         every column flows; take it out of [replication.columns] or add a primary key",
+        "table public.pk_one_side: primary key differs: desktop (none) vs mobile (id); make them the same",
         "table public.pk_differs: primary key differs: desktop (a) vs mobile (a, b); make them the same",
         "table public.type_differs: column `amount` is numeric(10,2) on desktop but real on mobile",
         "table public.type_differs: column `extra` exists on desktop but not on mobile; add it to mobile",

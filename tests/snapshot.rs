@@ -95,6 +95,76 @@ async fn merge_gives_both_sides_the_union_and_mirror_an_exact_copy() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn without_a_key_merge_counts_equal_rows_and_mirror_copies_them_exactly() {
+    // No key: the merge gives each side as many copies of a row as the side with more has; the
+    // mirror gives the target exactly the seed's copies.
+    let schema =
+        "CREATE TABLE links (job int, note text); ALTER TABLE links REPLICA IDENTITY FULL;";
+    let (d, m) = Fixture::databases("snap_keyless", schema).await;
+    // Desktop: job 1 twice, 2 once, 3 once, (NULL, NULL) once. Mobile: job 1 once, 2 three
+    // times, 4 once, (NULL, NULL) once.
+    d.batch_execute(
+        "INSERT INTO links VALUES (1, 'a'), (1, 'a'), (2, 'b'), (3, 'c'), (NULL, NULL)",
+    )
+    .await
+    .unwrap();
+    m.batch_execute(
+        "INSERT INTO links VALUES (1, 'a'), (2, 'b'), (2, 'b'), (2, 'b'), (4, 'd'), (NULL, NULL)",
+    )
+    .await
+    .unwrap();
+    let fx = Fixture::with_config(
+        "snap_keyless",
+        d,
+        m,
+        Fixture::config_text("snap_keyless", r#"tables = ["public.links"]"#),
+    )
+    .await;
+    let before = verify::verify(&fx.cfg, None).await.unwrap();
+    assert_eq!(counts(&before, "public.links"), (3, 2, 3, 0));
+    let cfg = fx.config_path.to_str().unwrap();
+    let (code, out, err) = run_tandem(&["--config", cfg, "snapshot", "--seed", "desktop"], &[]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("public.links: copied 5 rows from desktop: 2 inserted, 0 updated, 0 deleted on mobile; 3 copied back to desktop"),
+        "{out}"
+    );
+    let union = [
+        "(,)", "(1,a)", "(1,a)", "(2,b)", "(2,b)", "(2,b)", "(3,c)", "(4,d)",
+    ];
+    for c in [&fx.d, &fx.m] {
+        assert_eq!(Fixture::rows(c, "links").await, union);
+    }
+    // Mirror from desktop after it dropped a copy of job 2 and job 4 behind tandem's back.
+    fx.d.batch_execute(
+        "BEGIN; SELECT pg_logical_emit_message(true, 'tandem', 'test'); \
+         DELETE FROM links WHERE ctid = (SELECT min(ctid) FROM links WHERE job = 2); \
+         DELETE FROM links WHERE job = 4; COMMIT;",
+    )
+    .await
+    .unwrap();
+    let (code, out, err) = run_tandem(
+        &["--config", cfg, "snapshot", "--seed", "desktop", "--mirror"],
+        &[],
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains(
+            "public.links: copied 6 rows from desktop: 0 inserted, 0 updated, 2 deleted on mobile"
+        ),
+        "{out}"
+    );
+    assert_eq!(
+        Fixture::rows(&fx.m, "links").await,
+        ["(,)", "(1,a)", "(1,a)", "(2,b)", "(2,b)", "(3,c)"]
+    );
+    assert_eq!(
+        Fixture::rows(&fx.d, "links").await,
+        Fixture::rows(&fx.m, "links").await
+    );
+}
+
 async fn session_copying(c: &tokio_postgres::Client, column: &str) -> bool {
     Fixture::count(
         c,

@@ -362,12 +362,6 @@ impl Applier {
                 self.source.other()
             )
         })?;
-        if t.key.is_empty() {
-            return Err(anyhow!(
-                "{}: table {name} has no primary key or replica identity index; add a primary key",
-                self.source.other()
-            ));
-        }
         let t = Arc::new(t);
         self.tables.insert(name.clone(), t.clone());
         Ok(t)
@@ -384,7 +378,9 @@ impl Applier {
         let target = self.target_table(&src.name).await?;
         // The direction is named by the caller's context (sync: "desktop → mobile").
         let mut b = Binding::new(src, target)?;
-        b.detect = self.detect_conflicts && self.cfg.conflicts_for(&src.name).is_some();
+        // Without a key there is no telling which row a change meets (setup warns).
+        b.detect =
+            self.detect_conflicts && !b.keyless() && self.cfg.conflicts_for(&src.name).is_some();
         // A trigger that fires in this session sees each row change: then every change is
         // applied as such, not collapsed into the key's latest image.
         let modes: &[&str] = if self.replica_role {
@@ -402,7 +398,7 @@ impl Applier {
             .await
             .with_context(|| format!("reading the triggers of {}", src.name))?
             .get(0);
-        b.collapse = !fires;
+        b.collapse = !fires && !b.keyless();
         let b = Arc::new(b);
         self.bindings.insert(src.oid, (src.clone(), b.clone()));
         Ok(b)
@@ -573,7 +569,7 @@ impl Applier {
             }
             .into());
         }
-        if matches!(what.op, Op::Update | Op::Rekey) && (n as usize) < what.rows {
+        if matches!(what.op, Op::Update | Op::Rekey | Op::Replace) && (n as usize) < what.rows {
             let missing = what.rows as u64 - n;
             self.stats.missing_rows += missing;
             tracing::warn!(table = %what.table, missing, "update for rows missing on {}; skipped", self.source.other());

@@ -76,6 +76,12 @@ pub enum BindError {
 }
 
 impl Binding {
+    /// The target table has no key (nor replica identity index): a row is found by all its
+    /// values, as native logical replication does under `REPLICA IDENTITY FULL`.
+    pub fn keyless(&self) -> bool {
+        self.target.key.is_empty()
+    }
+
     pub fn new(source: &SourceTable, target: Arc<TargetTable>) -> Result<Binding, BindError> {
         let mut to_target = Vec::with_capacity(source.columns.len());
         for c in &source.columns {
@@ -104,13 +110,15 @@ impl Binding {
             })
             .collect::<Result<_, _>>()?;
         let bound = to_target.iter().flatten().copied().collect();
+        // Without a key, equal rows are one key: never collapsed into one (see `Planner::push`).
+        let collapse = !target.key.is_empty();
         Ok(Binding {
             target,
             to_target,
             key_source,
             bound,
             detect: false,
-            collapse: true,
+            collapse,
         })
     }
 }
@@ -128,6 +136,10 @@ pub enum Op {
     /// has unchanged-TOAST columns, which the target holds only in the old key's row. `cols` is
     /// the new image's columns followed by the key's again, for the old key's values.
     Rekey,
+    /// A table without a key: update one row equal to the old row (the source's `REPLICA
+    /// IDENTITY FULL` image) to the new image. `cols` is the new image's columns followed by
+    /// the old row's.
+    Replace,
 }
 
 impl Op {
@@ -137,11 +149,12 @@ impl Op {
             Op::Update => "update",
             Op::Delete => "delete",
             Op::Rekey => "rekey",
+            Op::Replace => "replace",
         }
     }
 
     pub fn parse(s: &str) -> Option<Op> {
-        [Op::Upsert, Op::Update, Op::Delete, Op::Rekey]
+        [Op::Upsert, Op::Update, Op::Delete, Op::Rekey, Op::Replace]
             .into_iter()
             .find(|o| o.as_str() == s)
     }
@@ -231,6 +244,16 @@ pub enum PlanError {
     },
     #[error("{table}: column `{column}` arrived in binary format, which tandem does not request")]
     Binary { table: TableName, column: String },
+    #[error(
+        "{table} has no primary key, so tandem finds its rows by all their values, but the source \
+         sent a {op} without the old row; run `ALTER TABLE {quoted} REPLICA IDENTITY FULL` on the \
+         source (`tandem setup --replica-identity-full` does it), or add a primary key"
+    )]
+    NoOldRow {
+        table: TableName,
+        quoted: String,
+        op: &'static str,
+    },
 }
 
 /// Accumulates changes into [`Batch`]es; the caller takes finished ones with [`Planner::take_ready`].
@@ -350,7 +373,9 @@ impl Planner {
         // target a new TOAST copy per update, as native's apply worker does not.
         let filled: Tuple;
         let new = match old {
-            Some(o) if b.detect && o.full && new.contains(&Value::UnchangedToast) => {
+            Some(o)
+                if (b.detect || b.keyless()) && o.full && new.contains(&Value::UnchangedToast) =>
+            {
                 filled = new
                     .iter()
                     .zip(
@@ -367,6 +392,12 @@ impl Planner {
             }
             _ => new,
         };
+        if b.keyless() {
+            let old = old
+                .filter(|o| o.full)
+                .ok_or_else(|| no_old_row(b, "update"))?;
+            return self.replace(b, old, new);
+        }
         let mut key_changed = false;
         let partial = new.contains(&Value::UnchangedToast);
         if let Some(old) = old {
@@ -405,6 +436,16 @@ impl Planner {
     }
 
     pub fn delete(&mut self, b: &Arc<Binding>, old: &OldTuple) -> Result<(), PlanError> {
+        if b.keyless() {
+            if !old.full {
+                return Err(no_old_row(b, "delete"));
+            }
+            // One row equal to the old one goes; an equal row in the same batch would find the
+            // same row, so it starts a new batch (`collapse` is off).
+            let image = image(b, &old.tuple)?;
+            let key = image.1.clone();
+            return self.push(b, Op::Delete, image, key, None, Before::Unknown);
+        }
         let key = key_of(b, &old.tuple, "delete")?;
         let meta = self.meta(b, SourceOp::Delete, Some(old));
         self.push_delete(b, key, meta)
@@ -427,6 +468,26 @@ impl Planner {
         let meta = self.meta(b, SourceOp::Update, Some(old));
         self.flush();
         self.push(b, Op::Rekey, (cols, vals), key, meta, Before::Unknown)?;
+        self.flush();
+        Ok(())
+    }
+
+    /// An update of a table without a key, as one statement of its own: one row equal to the old
+    /// row takes the new values. Alone in its batch, so a later change of the same row never
+    /// looks for it before this one has changed it.
+    fn replace(&mut self, b: &Arc<Binding>, old: &OldTuple, new: &Tuple) -> Result<(), PlanError> {
+        let (mut cols, mut vals) = image(b, new)?;
+        let (old_cols, old_vals) = image(b, &old.tuple)?;
+        // Both whole (an unchanged TOASTed value was taken from the old row above), so the
+        // statement splits its columns in half.
+        if old_cols != cols {
+            return Err(no_old_row(b, "update"));
+        }
+        cols.extend(old_cols);
+        vals.extend(old_vals);
+        let key = vals.clone();
+        self.flush();
+        self.push(b, Op::Replace, (cols, vals), key, None, Before::Unknown)?;
         self.flush();
         Ok(())
     }
@@ -469,7 +530,11 @@ impl Planner {
             .current
             .as_ref()
             .is_some_and(|c| Arc::ptr_eq(&c.binding, b) && c.op == op && c.cols == cols);
-        let repeated = self.keys.get(&key).copied();
+        // Rows of a table without a key are inserted as they come, equal ones included.
+        let repeated = match b.keyless() && op == Op::Upsert {
+            true => None,
+            false => self.keys.get(&key).copied(),
+        };
         if !same_shape || (repeated.is_some() && !b.collapse) {
             self.flush();
         } else if let Some(i) = repeated {
@@ -517,7 +582,9 @@ impl Planner {
             batch.events.push(self.event.take().into_iter().collect());
         }
         self.bytes += size;
-        self.keys.insert(key, batch.rows.len() - 1);
+        if !(b.keyless() && op == Op::Upsert) {
+            self.keys.insert(key, batch.rows.len() - 1);
+        }
         if batch.rows.len() >= self.max_rows || self.bytes >= self.max_bytes {
             batch.large = batch.txn.is_some();
             self.flush();
@@ -547,6 +614,14 @@ fn image(b: &Binding, tuple: &Tuple) -> Result<(Vec<usize>, Key), PlanError> {
         cols.push(t);
     }
     Ok((cols, vals))
+}
+
+fn no_old_row(b: &Binding, op: &'static str) -> PlanError {
+    PlanError::NoOldRow {
+        table: b.target.name.clone(),
+        quoted: b.target.name.quoted(),
+        op,
+    }
 }
 
 fn key_of(b: &Binding, tuple: &Tuple, op: &'static str) -> Result<Key, PlanError> {
@@ -788,6 +863,78 @@ mod tests {
         assert!(
             existing_batches > 100,
             "{existing_batches} existing-rows batches"
+        );
+    }
+
+    /// Randomized histories of a table without a key (see [`model::check_keyless`]).
+    #[test]
+    fn batched_apply_equals_row_by_row_without_a_key() {
+        let mut seed: u64 = 0x4E7;
+        let mut rnd = |n: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % n
+        };
+        let mut multi = 0;
+        for round in 0..300 {
+            multi +=
+                model::check_keyless(&mut rnd, 60).unwrap_or_else(|e| panic!("round {round}: {e}"));
+        }
+        assert!(multi > 500, "{multi} batches of more than one row");
+    }
+
+    #[test]
+    fn without_a_key_equal_rows_insert_together_and_each_update_or_delete_finds_one_row() {
+        let bd = model::keyless_binding();
+        let full = |a: &str| OldTuple {
+            full: true,
+            tuple: vec![t(a), Value::Null],
+        };
+        let mut p = Planner::new(100, 1 << 20);
+        p.insert(&bd, &vec![t("x"), Value::Null]).unwrap();
+        p.insert(&bd, &vec![t("x"), Value::Null]).unwrap();
+        p.delete(&bd, &full("x")).unwrap();
+        p.delete(&bd, &full("y")).unwrap();
+        p.delete(&bd, &full("x")).unwrap();
+        // An update leaving `b` unchanged (TOASTed) takes it from the old row.
+        p.update(
+            &bd,
+            Some(&OldTuple {
+                full: true,
+                tuple: vec![t("y"), t("big")],
+            }),
+            &vec![t("z"), Value::UnchangedToast],
+        )
+        .unwrap();
+        p.flush();
+        let got: Vec<(Op, Vec<usize>, usize)> = p
+            .take_ready()
+            .iter()
+            .map(|b| (b.op, b.cols.clone(), b.rows.len()))
+            .collect();
+        // Target columns: b is 0, a is 1. Both inserts in one batch; the second delete of `x`
+        // in a batch of its own; the update alone, new values then old.
+        assert_eq!(
+            got,
+            vec![
+                (Op::Upsert, vec![1, 0], 2),
+                (Op::Delete, vec![1, 0], 2),
+                (Op::Delete, vec![1, 0], 1),
+                (Op::Replace, vec![1, 0, 1, 0], 1),
+            ]
+        );
+        let e = p.delete(
+            &bd,
+            &OldTuple {
+                full: false,
+                tuple: vec![t("x"), Value::Null],
+            },
+        );
+        assert!(
+            e.unwrap_err()
+                .to_string()
+                .contains("public.k has no primary key, so tandem finds its rows by all their values, but the source sent a delete without the old row; run `ALTER TABLE \"public\".\"k\" REPLICA IDENTITY FULL`"),
         );
     }
 

@@ -33,6 +33,32 @@ pub fn statement(t: &TargetTable, op: Op, cols: &[usize], fresh: bool) -> Option
             .join(" AND ")
     };
     let table = t.name.quoted();
+    // A table without a key: the row to change is one equal, column by column, to the values
+    // from `from_pos` on, found by its physical address (and partition). The target's text form
+    // of both sides is compared, so a type without an equality operator (json, point) matches
+    // too, and NULLs match each other, as native's apply worker does under REPLICA IDENTITY FULL.
+    let one_equal = |from_pos: usize| {
+        let same: Vec<String> = cols[from_pos..]
+            .iter()
+            .enumerate()
+            .map(|(j, &c)| {
+                format!(
+                    "x.{}::text IS NOT DISTINCT FROM ({})::text",
+                    col(c),
+                    cast(from_pos + j)
+                )
+            })
+            .collect();
+        format!(
+            "CROSS JOIN LATERAL (SELECT x.tableoid AS rel, x.ctid AS tid FROM {table} AS x \
+             WHERE {} LIMIT 1) f WHERE t.tableoid = f.rel AND t.ctid = f.tid",
+            if same.is_empty() {
+                "true".to_string()
+            } else {
+                same.join(" AND ")
+            }
+        )
+    };
     Some(match op {
         Op::Upsert => {
             let names: Vec<String> = cols.iter().map(|&c| col(c)).collect();
@@ -58,7 +84,7 @@ pub fn statement(t: &TargetTable, op: Op, cols: &[usize], fresh: bool) -> Option
                 names.join(", "),
                 values.join(", "),
             );
-            if fresh {
+            if fresh || t.key.is_empty() {
                 insert
             } else {
                 format!("{insert} ON CONFLICT ({}) {conflict}", keys.join(", "))
@@ -80,10 +106,31 @@ pub fn statement(t: &TargetTable, op: Op, cols: &[usize], fresh: bool) -> Option
                 key_match()
             )
         }
+        Op::Delete if t.key.is_empty() => {
+            format!("DELETE FROM {table} AS t USING {from} {}", one_equal(0))
+        }
         Op::Delete => format!(
             "DELETE FROM {table} AS t USING {from} WHERE {}",
             key_match()
         ),
+        Op::Replace => {
+            // The new image's columns, then the old row's: the same columns (`Planner::replace`).
+            let n = cols.len() / 2;
+            let sets: Vec<String> = cols[..n]
+                .iter()
+                .enumerate()
+                .filter(|(_, &c)| settable(t, c))
+                .map(|(pos, &c)| format!("{} = {}", col(c), cast(pos)))
+                .collect();
+            if sets.is_empty() {
+                return None;
+            }
+            format!(
+                "UPDATE {table} AS t SET {} FROM {from} {}",
+                sets.join(", "),
+                one_equal(n)
+            )
+        }
         Op::Rekey => {
             // The new image's columns, then the old key's values.
             let n = cols.len() - t.key.len();
@@ -407,6 +454,35 @@ mod tests {
              WHERE x.\"id\" = u.v3::bigint) RETURNING 1) UPDATE \"public\".\"Jobs\" AS t SET \"id\" = u.v1::bigint, \
              \"n\" = u.v2::numeric(10,2) FROM unnest($1::int8[], $2::text[], $3::int8[]) AS u(v1, v2, v3), \
              (SELECT count(*) FROM gone) AS g WHERE t.\"id\" = u.v3::bigint"
+        );
+    }
+
+    #[test]
+    fn without_a_key_rows_insert_plainly_and_one_equal_row_is_changed_or_deleted() {
+        let t = TargetTable {
+            key: vec![],
+            ..table()
+        };
+        assert_eq!(
+            statement(&t, Op::Upsert, &[1, 2], false).unwrap(),
+            "INSERT INTO \"public\".\"Jobs\" AS t (\"note\", \"n\") SELECT u.v1::text, u.v2::numeric(10,2) \
+             FROM unnest($1::text[], $2::text[]) AS u(v1, v2)"
+        );
+        assert_eq!(
+            statement(&t, Op::Delete, &[1, 2], false).unwrap(),
+            "DELETE FROM \"public\".\"Jobs\" AS t USING unnest($1::text[], $2::text[]) AS u(v1, v2) \
+             CROSS JOIN LATERAL (SELECT x.tableoid AS rel, x.ctid AS tid FROM \"public\".\"Jobs\" AS x \
+             WHERE x.\"note\"::text IS NOT DISTINCT FROM (u.v1::text)::text AND x.\"n\"::text IS NOT DISTINCT \
+             FROM (u.v2::numeric(10,2))::text LIMIT 1) f WHERE t.tableoid = f.rel AND t.ctid = f.tid"
+        );
+        // New values, then the old row's.
+        assert_eq!(
+            statement(&t, Op::Replace, &[1, 2, 1, 2], false).unwrap(),
+            "UPDATE \"public\".\"Jobs\" AS t SET \"note\" = u.v1::text, \"n\" = u.v2::numeric(10,2) \
+             FROM unnest($1::text[], $2::text[], $3::text[], $4::text[]) AS u(v1, v2, v3, v4) \
+             CROSS JOIN LATERAL (SELECT x.tableoid AS rel, x.ctid AS tid FROM \"public\".\"Jobs\" AS x \
+             WHERE x.\"note\"::text IS NOT DISTINCT FROM (u.v3::text)::text AND x.\"n\"::text IS NOT DISTINCT \
+             FROM (u.v4::numeric(10,2))::text LIMIT 1) f WHERE t.tableoid = f.rel AND t.ctid = f.tid"
         );
     }
 

@@ -58,11 +58,10 @@ async fn fetch(
         .iter()
         .map(|c| format!("t.{}::text", quote_ident(&c.name)))
         .collect();
-    let n = s.meta.key.len();
+    let n = s.key_cols.len();
     let params: Vec<String> = (1..=n).map(|i| format!("${i}::text[]")).collect();
     let on: Vec<String> = s
-        .meta
-        .key
+        .key_cols
         .iter()
         .enumerate()
         .map(|(i, &k)| {
@@ -83,8 +82,8 @@ async fn fetch(
         aliases.join(", "),
         on.join(" AND ")
     );
-    let key_cols: Vec<Vec<&str>> = (0..n)
-        .map(|i| keys.iter().map(|k| k.values[i].as_str()).collect())
+    let key_cols: Vec<Vec<Option<&str>>> = (0..n)
+        .map(|i| keys.iter().map(|k| k.values[i].as_deref()).collect())
         .collect();
     let p: Vec<&(dyn ToSql + Sync)> = key_cols.iter().map(|c| c as &(dyn ToSql + Sync)).collect();
     Ok(c.query(&sql, &p)
@@ -101,12 +100,17 @@ async fn fetch(
         .collect())
 }
 
+/// The row of `table` a key names: its key values, the rest NULL (without a primary key, the
+/// key is the whole row).
 fn key_tuple(s: &Shape, table: &SourceTable, key: &Key) -> Vec<Value> {
     let mut t = vec![Value::Null; table.columns.len()];
-    for (i, &k) in s.meta.key.iter().enumerate() {
+    for (i, &k) in s.key_cols.iter().enumerate() {
         let name = &s.meta.columns[k].name;
-        if let Some(pos) = table.columns.iter().position(|c| &c.name == name) {
-            t[pos] = Value::Text(key.values[i].clone().into());
+        if let (Some(pos), Some(v)) = (
+            table.columns.iter().position(|c| &c.name == name),
+            &key.values[i],
+        ) {
+            t[pos] = Value::Text(v.clone().into());
         }
     }
     t
@@ -178,7 +182,11 @@ pub async fn repair(
             let Some(a) = applier.as_mut() else {
                 return Ok(());
             };
-            let rows = fetch(src, &s, &table, &upserts).await?;
+            // Without a primary key a key is a whole row, one per missing copy: nothing to fetch.
+            let rows = match s.meta.key.is_empty() {
+                false => fetch(src, &s, &table, &upserts).await?,
+                true => upserts.iter().map(|k| key_tuple(&s, &table, k)).collect(),
+            };
             let mut event = |change: Change| {
                 ordinal += 1;
                 Event {
@@ -200,7 +208,8 @@ pub async fn repair(
             }
             for k in only_target {
                 let old = OldTuple {
-                    full: false,
+                    // Without a primary key, the whole row: one copy of it goes.
+                    full: s.meta.key.is_empty(),
                     tuple: key_tuple(&s, &table, k),
                 };
                 a.apply(&event(Change::Delete {

@@ -208,6 +208,14 @@ pub async fn replay(
             let t = catalog::table(a.client(), &name).await?.ok_or_else(|| {
                 anyhow!("{to}: table {name} does not exist; create it before replaying into it")
             })?;
+            if t.key.is_empty() {
+                // Replay writes upserts by key, so that running it twice changes nothing.
+                bail!(
+                    "{to}: table {name} has no primary key, so its events cannot be replayed \
+                     without doubling rows (an insert replayed twice is two rows); add a primary \
+                     key, or replay the other tables one by one with `--table`"
+                );
+            }
             let columns = t
                 .columns
                 .iter()

@@ -174,6 +174,9 @@ fn same_values(desktop: &str, mobile: &str) -> Option<Option<Side>> {
 }
 
 fn describe_columns(t: &TargetTable) -> String {
+    if t.key.is_empty() {
+        return "none".into();
+    }
     t.key
         .iter()
         .map(|&k| t.columns[k].name.as_str())
@@ -262,13 +265,8 @@ async fn check_tables(
             continue;
         };
         for (side, tt, c) in [(Side::Desktop, &dt, d), (Side::Mobile, &mt, m)] {
-            if tt.key.is_empty() {
-                problems.push(format!(
-                    "{side}: table {t} has no primary key (or replica identity index); add one, \
-                     e.g. `ALTER TABLE {} ADD PRIMARY KEY (id)`",
-                    t.quoted()
-                ));
-            } else if replica_identity(c, t).await?.as_deref() == Some("n") {
+            // A table without a key is checked by `check_keyless`.
+            if !tt.key.is_empty() && replica_identity(c, t).await?.as_deref() == Some("n") {
                 problems.push(format!(
                     "{side}: table {t} has REPLICA IDENTITY NOTHING, so its updates and deletes cannot be \
                      replicated; run `ALTER TABLE {} REPLICA IDENTITY DEFAULT`",
@@ -276,14 +274,18 @@ async fn check_tables(
                 ));
             }
         }
-        if !dt.key.is_empty()
-            && !mt.key.is_empty()
-            && describe_columns(&dt) != describe_columns(&mt)
-        {
+        if describe_columns(&dt) != describe_columns(&mt) {
             problems.push(format!(
                 "table {t}: primary key differs: desktop ({}) vs mobile ({}); make them the same",
                 describe_columns(&dt),
                 describe_columns(&mt)
+            ));
+        }
+        if let (true, Some(_)) = (dt.key.is_empty(), cfg.columns_of(t)) {
+            problems.push(format!(
+                "table {t} has no primary key, so its rows are found by all their values (REPLICA \
+                 IDENTITY FULL), and PostgreSQL 15 then sends updates and deletes only when every \
+                 column flows; take it out of [replication.columns] or add a primary key"
             ));
         }
         if let Some(listed) = cfg.columns_of(t) {
@@ -562,6 +564,58 @@ async fn check_triggers(
 
 /// Conflict rules that need something of the tables: a version column, old rows; and key
 /// sequences that collide when both sides insert.
+/// Tables without a primary key (or replica identity index): tandem finds their rows by all
+/// their values, as native logical replication does, so every side they flow from must log
+/// whole old rows. It is also what lets the source's application update and delete them at all
+/// once they are published (PostgreSQL refuses that for a table without a replica identity).
+async fn check_keyless(
+    cfg: &Config,
+    opts: Options,
+    d: &Client,
+    m: &Client,
+    tables: &[TableName],
+    plan: &mut Plan,
+    problems: &mut Vec<String>,
+) -> Result<()> {
+    for t in tables {
+        let (Some(dt), Some(mt)) = (catalog::table(d, t).await?, catalog::table(m, t).await?)
+        else {
+            continue;
+        };
+        if !dt.key.is_empty() || !mt.key.is_empty() {
+            continue;
+        }
+        for (side, c) in [(Side::Desktop, d), (Side::Mobile, m)] {
+            if !cfg.direction(t).flows_from(side) {
+                continue;
+            }
+            let partial = not_identity_full(c, t).await?;
+            if partial.is_empty() {
+                continue;
+            }
+            if opts.replica_identity_full {
+                plan.identity_full.push((side, partial));
+            } else {
+                problems.push(format!(
+                    "{side}: table {t} has no primary key (or replica identity index), so tandem finds \
+                     its rows by all their values, which needs REPLICA IDENTITY FULL on the side it \
+                     flows from; run `tandem setup --replica-identity-full` or `ALTER TABLE … \
+                     REPLICA IDENTITY FULL` on {}, or add a primary key",
+                    partial.join(", ")
+                ));
+            }
+        }
+        if cfg.conflicts_for(t).is_some() {
+            plan.warnings.push(format!(
+                "table {t} has no primary key: conflicts on it are not detected (a row is known \
+                 only by its values), its changes apply as they come; add a primary key to have \
+                 [conflicts] decide them"
+            ));
+        }
+    }
+    Ok(())
+}
+
 async fn check_conflicts(
     cfg: &Config,
     opts: Options,
@@ -577,6 +631,10 @@ async fn check_conflicts(
         else {
             continue;
         };
+        if dt.key.is_empty() && mt.key.is_empty() {
+            // No key, no conflicts detected (`check_keyless` warns) and no key sequence.
+            continue;
+        }
         let two_way = cfg.direction(t) == crate::config::Direction::Both;
         if two_way {
             let key: Vec<_> = dt
@@ -798,6 +856,7 @@ pub async fn validate_with(cfg: &Config, opts: Options) -> Result<(Client, Clien
     if let (Some(d), Some(m)) = (&d, &m) {
         plan.tables = check_tables(cfg, d, m, &mut problems, &mut plan.warnings).await?;
         let tables = plan.tables.clone();
+        check_keyless(cfg, opts, d, m, &tables, &mut plan, &mut problems).await?;
         check_conflicts(cfg, opts, d, m, &tables, &mut plan, &mut problems).await?;
         check_triggers(cfg, d, m, &tables, &mut plan).await?;
     }

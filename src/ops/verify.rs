@@ -56,10 +56,12 @@ pub struct Report {
     pub tables: Vec<TableReport>,
 }
 
-/// One differing key: its values as text (in key-column order) and its JSON form.
+/// One differing key: its values as text (in key-column order) and its JSON form. Without a
+/// primary key, the key is the whole row (NULLs included), and each copy of a row that appears
+/// more than once on a side is a key of its own.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Key {
-    pub values: Vec<String>,
+    pub values: Vec<Option<String>>,
     pub json: String,
 }
 
@@ -75,9 +77,14 @@ pub struct Diff {
 pub struct Shape {
     pub name: TableName,
     pub meta: TargetTable,
-    /// `ROW(k1, k2)::text`
-    key_text: String,
-    /// What the bucket hashes: `key_text`, or its UTF8 bytes when a side's encoding differs.
+    /// The columns (indexes into `meta.columns`) a row is known by: the key, or without one
+    /// every compared column that is not generated.
+    pub key_cols: Vec<usize>,
+    /// What the drill-down matches rows by: `ROW(k1, k2)::text`, or without a primary key the
+    /// row and its number among its equal rows.
+    key_ident: String,
+    /// What the bucket hashes: `ROW(k1, k2)::text`, or its UTF8 bytes when a side's encoding
+    /// differs. Equal rows of a table without a primary key share their bucket.
     key_hashed: String,
     /// `ARRAY[k1::text, k2::text]`
     key_values: String,
@@ -106,16 +113,24 @@ impl Shape {
             true => format!("convert_to({text}, 'UTF8')"),
             false => text,
         };
-        if d.key.is_empty() {
-            return Err(anyhow!("{name} has no primary key; verify compares by key"));
-        }
         let col = |c: &str| format!("t.{}", quote_ident(c));
-        let keys: Vec<&str> = d.key.iter().map(|&k| d.columns[k].name.as_str()).collect();
         let compared_columns: Vec<String> = d
             .columns
             .iter()
             .filter(|c| m.columns.iter().any(|x| x.name == c.name) && flows(&c.name))
             .map(|c| c.name.clone())
+            .collect();
+        let key_cols: Vec<usize> = match d.key.is_empty() {
+            false => d.key.clone(),
+            true => (0..d.columns.len())
+                .filter(|&i| {
+                    !d.columns[i].generated && compared_columns.contains(&d.columns[i].name)
+                })
+                .collect(),
+        };
+        let keys: Vec<&str> = key_cols
+            .iter()
+            .map(|&k| d.columns[k].name.as_str())
             .collect();
         let cols: Vec<String> = compared_columns.iter().map(|c| col(c)).collect();
         let key_text = format!(
@@ -128,7 +143,13 @@ impl Shape {
                 true => format!("encode({}, 'escape')", utf8(key_text.clone())),
                 false => key_text.clone(),
             },
-            key_text,
+            key_ident: match d.key.is_empty() {
+                false => key_text.clone(),
+                true => {
+                    format!("{key_text} || ' #' || row_number() OVER (PARTITION BY {key_text})")
+                }
+            },
+            key_cols,
             key_values: format!(
                 "ARRAY[{}]",
                 keys.iter()
@@ -169,7 +190,7 @@ impl Shape {
     fn compared(&self) -> String {
         format!(
             "{}, {}, {}, {}",
-            self.key_text, self.key_values, self.key_json, self.row_hash
+            self.key_ident, self.key_values, self.key_json, self.row_hash
         )
     }
 
@@ -177,21 +198,28 @@ impl Shape {
         format!("((hashtext({}) & 2147483647) % {n})", self.key_hashed)
     }
 
-    /// `JOIN unnest($1::text[], …) u ON t.k1 = u.v1::type …`: rows with the given keys.
+    /// `JOIN unnest($1::text[], …) u ON t.k1 = u.v1::type …`: rows with the given keys (without
+    /// a primary key: every row equal to one given, compared as text, NULLs alike).
     fn key_join(&self) -> String {
-        let keys = &self.meta.key;
+        let keys = &self.key_cols;
+        let keyless = self.meta.key.is_empty();
         let params: Vec<String> = (1..=keys.len()).map(|i| format!("${i}::text[]")).collect();
         let aliases: Vec<String> = (1..=keys.len()).map(|i| format!("v{i}")).collect();
         let on: Vec<String> = keys
             .iter()
             .enumerate()
-            .map(|(i, &k)| {
-                format!(
+            .map(|(i, &k)| match keyless {
+                false => format!(
                     "t.{} = u.v{}::{}",
                     quote_ident(&self.meta.columns[k].name),
                     i + 1,
                     self.meta.columns[k].type_sql
-                )
+                ),
+                true => format!(
+                    "t.{}::text IS NOT DISTINCT FROM u.v{}",
+                    quote_ident(&self.meta.columns[k].name),
+                    i + 1
+                ),
             })
             .collect();
         format!(
@@ -361,8 +389,11 @@ async fn rows_with_keys(
         join = s.key_join(),
         w = s.rows_where()
     );
-    let cols: Vec<Vec<&str>> = (0..s.meta.key.len())
-        .map(|i| keys.iter().map(|k| k.values[i].as_str()).collect())
+    // Copies of one row are one key here: the join finds them all, and numbers them again.
+    let mut seen = std::collections::HashSet::new();
+    let distinct: Vec<&Key> = keys.iter().filter(|k| seen.insert(&k.values)).collect();
+    let cols: Vec<Vec<Option<&str>>> = (0..s.key_cols.len())
+        .map(|i| distinct.iter().map(|k| k.values[i].as_deref()).collect())
         .collect();
     let params: Vec<&(dyn ToSql + Sync)> = cols.iter().map(|c| c as &(dyn ToSql + Sync)).collect();
     Ok(collect_rows(c.query(&sql, &params).await?))

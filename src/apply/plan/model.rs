@@ -186,6 +186,7 @@ pub fn check(mut choose: impl FnMut(u64) -> u64, steps: usize) -> Result<usize, 
                 Op::Delete => {
                     got.remove(&key);
                 }
+                Op::Replace => return Err(format!("a keyed table's batch replaces: {b:?}")),
                 Op::Rekey => {
                     let from = row
                         .last()
@@ -205,4 +206,153 @@ pub fn check(mut choose: impl FnMut(u64) -> u64, steps: usize) -> Result<usize, 
         ));
     }
     Ok(existing_batches)
+}
+
+/// Source columns `a`, `b` of a table without a key; the target has them as `b`, `a`.
+pub fn keyless_binding() -> Arc<Binding> {
+    let src = SourceTable {
+        oid: 2,
+        name: TableName::new("public", "k"),
+        columns: ["a", "b"]
+            .iter()
+            .map(|n| RelColumn {
+                // REPLICA IDENTITY FULL: every column is the identity.
+                key: true,
+                name: n.to_string(),
+                type_oid: 25,
+                type_modifier: -1,
+            })
+            .collect(),
+    };
+    let col = |n: &str| TargetColumn {
+        name: n.into(),
+        type_sql: "text".into(),
+        generated: false,
+        identity_always: false,
+    };
+    let target = TargetTable {
+        name: TableName::new("public", "k"),
+        columns: vec![col("b"), col("a")],
+        key: vec![],
+        unique: vec![],
+    };
+    Arc::new(Binding::new(&src, Arc::new(target)).expect("the keyless model's binding"))
+}
+
+/// [`check`] for a table without a key: rows are a multiset (values from a small set, so equal
+/// rows are common), and the target changes one row equal to the old one per update or delete,
+/// as the statements do. Inserts, updates (now and then leaving `b` unchanged, TOASTed) and
+/// deletes, with whole old rows as `REPLICA IDENTITY FULL` sends them. `Ok` with how many
+/// batches held more than one row.
+pub fn check_keyless(mut choose: impl FnMut(u64) -> u64, steps: usize) -> Result<usize, String> {
+    type Row = [Option<Bytes>; 2];
+    let bd = keyless_binding();
+    let mut p = Planner::new(1 + choose(6) as usize, 1 << 20);
+    let value = |choose: &mut dyn FnMut(u64) -> u64| match choose(3) {
+        0 => None,
+        n => Some(Bytes::from(format!("v{n}"))),
+    };
+    let as_value = |v: &Option<Bytes>| v.clone().map_or(Value::Null, Value::Text);
+    let tuple = |r: &Row| vec![as_value(&r[0]), as_value(&r[1])];
+    // The source's rows, as (a, b).
+    let mut truth: Vec<Row> = Vec::new();
+    let mut batches = Vec::new();
+    let fail = |e: super::PlanError| e.to_string();
+    for _ in 0..steps {
+        let row: Row = [value(&mut choose), value(&mut choose)];
+        match choose(4) {
+            0 | 1 => {
+                p.insert(&bd, &tuple(&row)).map_err(fail)?;
+                truth.push(row);
+            }
+            2 if !truth.is_empty() => {
+                let i = choose(truth.len() as u64) as usize;
+                let old = OldTuple {
+                    full: true,
+                    tuple: tuple(&truth[i]),
+                };
+                let mut new = tuple(&row);
+                let mut row = row;
+                if choose(3) == 0 {
+                    new[1] = Value::UnchangedToast;
+                    row[1] = truth[i][1].clone();
+                }
+                p.update(&bd, Some(&old), &new).map_err(fail)?;
+                truth[i] = row;
+            }
+            3 if !truth.is_empty() => {
+                let i = choose(truth.len() as u64) as usize;
+                let old = OldTuple {
+                    full: true,
+                    tuple: tuple(&truth[i]),
+                };
+                p.delete(&bd, &old).map_err(fail)?;
+                truth.remove(i);
+            }
+            _ => p.flush(),
+        }
+        batches.extend(p.take_ready());
+    }
+    p.flush();
+    batches.extend(p.take_ready());
+    // The target's rows, as (b, a), changed batch by batch.
+    let mut got: Vec<Vec<Option<Bytes>>> = Vec::new();
+    let mut multi = 0;
+    for b in &batches {
+        multi += usize::from(b.rows.len() > 1);
+        let at = |cols: &[usize], got: &[Vec<Option<Bytes>>], vals: &[Option<Bytes>]| {
+            got.iter()
+                .position(|r| cols.iter().zip(vals).all(|(&c, v)| &r[c] == v))
+        };
+        match b.op {
+            Op::Upsert => {
+                for row in &b.rows {
+                    let mut r = vec![None, None];
+                    for (&c, v) in b.cols.iter().zip(row) {
+                        r[c] = v.clone();
+                    }
+                    got.push(r);
+                }
+            }
+            Op::Delete => {
+                // Each row finds its row before any is deleted (one statement): equal rows in
+                // one batch would find the same one.
+                let mut found = HashSet::new();
+                for row in b.rows.iter().rev() {
+                    let i = at(&b.cols, &got, row)
+                        .ok_or_else(|| format!("a delete finds no row: {b:?}"))?;
+                    if !found.insert(i) {
+                        return Err(format!("two deletes of a batch find one row: {b:?}"));
+                    }
+                }
+                let mut found: Vec<usize> = found.into_iter().collect();
+                found.sort_unstable();
+                for i in found.into_iter().rev() {
+                    got.remove(i);
+                }
+            }
+            Op::Replace if b.rows.len() == 1 => {
+                let n = b.cols.len() / 2;
+                let row = &b.rows[0];
+                let i = at(&b.cols[n..], &got, &row[n..])
+                    .ok_or_else(|| format!("an update finds no row: {b:?}"))?;
+                for (&c, v) in b.cols[..n].iter().zip(&row[..n]) {
+                    got[i][c] = v.clone();
+                }
+            }
+            _ => return Err(format!("a keyless batch of this kind: {b:?}")),
+        }
+    }
+    let mut want: Vec<Vec<Option<Bytes>>> = truth
+        .iter()
+        .map(|[a, b]| vec![b.clone(), a.clone()])
+        .collect();
+    want.sort();
+    got.sort();
+    if got != want {
+        return Err(format!(
+            "batched: {got:?}\nrow by row: {want:?}\nbatches: {batches:#?}"
+        ));
+    }
+    Ok(multi)
 }
