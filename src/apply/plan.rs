@@ -845,16 +845,20 @@ mod tests {
         );
     }
 
-    /// Randomized histories (see [`model::check`]): batched equals row by row.
-    #[test]
-    fn batched_apply_equals_row_by_row_for_random_histories() {
-        let mut seed: u64 = 0x5EED;
-        let mut rnd = |n: u64| {
+    /// A seeded xorshift: `rnd(n)` is a number below `n`.
+    fn seeded(mut seed: u64) -> impl FnMut(u64) -> u64 {
+        move |n| {
             seed ^= seed << 13;
             seed ^= seed >> 7;
             seed ^= seed << 17;
             seed % n
-        };
+        }
+    }
+
+    /// Randomized histories (see [`model::check`]): batched equals row by row.
+    #[test]
+    fn batched_apply_equals_row_by_row_for_random_histories() {
+        let mut rnd = seeded(0x5EED);
         let mut existing_batches = 0;
         for round in 0..300 {
             existing_batches +=
@@ -869,13 +873,7 @@ mod tests {
     /// Randomized histories of a table without a key (see [`model::check_keyless`]).
     #[test]
     fn batched_apply_equals_row_by_row_without_a_key() {
-        let mut seed: u64 = 0x4E7;
-        let mut rnd = |n: u64| {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            seed % n
-        };
+        let mut rnd = seeded(0x4E7);
         let mut multi = 0;
         for round in 0..300 {
             multi +=

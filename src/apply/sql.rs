@@ -32,6 +32,15 @@ pub fn statement(t: &TargetTable, op: Op, cols: &[usize], fresh: bool) -> Option
             .collect::<Vec<_>>()
             .join(" AND ")
     };
+    // `SET` of the settable columns among the first `n`.
+    let sets = |n: usize| -> Vec<String> {
+        cols[..n]
+            .iter()
+            .enumerate()
+            .filter(|(_, &c)| settable(t, c))
+            .map(|(pos, &c)| format!("{} = {}", col(c), cast(pos)))
+            .collect()
+    };
     let table = t.name.quoted();
     // A table without a key: the row to change is one equal, column by column, to the values
     // from `from_pos` on, found by its physical address (and partition). The target's text form
@@ -91,12 +100,7 @@ pub fn statement(t: &TargetTable, op: Op, cols: &[usize], fresh: bool) -> Option
             }
         }
         Op::Update => {
-            let sets: Vec<String> = cols
-                .iter()
-                .enumerate()
-                .filter(|(_, &c)| settable(t, c))
-                .map(|(pos, &c)| format!("{} = {}", col(c), cast(pos)))
-                .collect();
+            let sets = sets(cols.len());
             if sets.is_empty() {
                 return None;
             }
@@ -116,12 +120,7 @@ pub fn statement(t: &TargetTable, op: Op, cols: &[usize], fresh: bool) -> Option
         Op::Replace => {
             // The new image's columns, then the old row's: the same columns (`Planner::replace`).
             let n = cols.len() / 2;
-            let sets: Vec<String> = cols[..n]
-                .iter()
-                .enumerate()
-                .filter(|(_, &c)| settable(t, c))
-                .map(|(pos, &c)| format!("{} = {}", col(c), cast(pos)))
-                .collect();
+            let sets = sets(n);
             if sets.is_empty() {
                 return None;
             }

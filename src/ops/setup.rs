@@ -562,60 +562,51 @@ async fn check_triggers(
     Ok(())
 }
 
-/// Conflict rules that need something of the tables: a version column, old rows; and key
-/// sequences that collide when both sides insert.
-/// Tables without a primary key (or replica identity index): tandem finds their rows by all
-/// their values, as native logical replication does, so every side they flow from must log
-/// whole old rows. It is also what lets the source's application update and delete them at all
-/// once they are published (PostgreSQL refuses that for a table without a replica identity).
+/// A table without a primary key (or replica identity index) on either side: tandem finds its
+/// rows by all their values, as native logical replication does, so every side it flows from
+/// must log whole old rows. It is also what lets the source's application update and delete
+/// them at all once they are published (PostgreSQL refuses that for a table without a replica
+/// identity).
 async fn check_keyless(
     cfg: &Config,
     opts: Options,
-    d: &Client,
-    m: &Client,
-    tables: &[TableName],
+    (d, m): (&Client, &Client),
+    t: &TableName,
     plan: &mut Plan,
     problems: &mut Vec<String>,
 ) -> Result<()> {
-    for t in tables {
-        let (Some(dt), Some(mt)) = (catalog::table(d, t).await?, catalog::table(m, t).await?)
-        else {
-            continue;
-        };
-        if !dt.key.is_empty() || !mt.key.is_empty() {
+    for (side, c) in [(Side::Desktop, d), (Side::Mobile, m)] {
+        if !cfg.direction(t).flows_from(side) {
             continue;
         }
-        for (side, c) in [(Side::Desktop, d), (Side::Mobile, m)] {
-            if !cfg.direction(t).flows_from(side) {
-                continue;
-            }
-            let partial = not_identity_full(c, t).await?;
-            if partial.is_empty() {
-                continue;
-            }
-            if opts.replica_identity_full {
-                plan.identity_full.push((side, partial));
-            } else {
-                problems.push(format!(
-                    "{side}: table {t} has no primary key (or replica identity index), so tandem finds \
-                     its rows by all their values, which needs REPLICA IDENTITY FULL on the side it \
-                     flows from; run `tandem setup --replica-identity-full` or `ALTER TABLE … \
-                     REPLICA IDENTITY FULL` on {}, or add a primary key",
-                    partial.join(", ")
-                ));
-            }
+        let partial = not_identity_full(c, t).await?;
+        if partial.is_empty() {
+            continue;
         }
-        if cfg.conflicts_for(t).is_some() {
-            plan.warnings.push(format!(
-                "table {t} has no primary key: conflicts on it are not detected (a row is known \
-                 only by its values), its changes apply as they come; add a primary key to have \
-                 [conflicts] decide them"
+        if opts.replica_identity_full {
+            plan.identity_full.push((side, partial));
+        } else {
+            problems.push(format!(
+                "{side}: table {t} has no primary key (or replica identity index), so tandem finds \
+                 its rows by all their values, which needs REPLICA IDENTITY FULL on the side it \
+                 flows from; run `tandem setup --replica-identity-full` or `ALTER TABLE … \
+                 REPLICA IDENTITY FULL` on {}, or add a primary key",
+                partial.join(", ")
             ));
         }
+    }
+    if cfg.conflicts_for(t).is_some() {
+        plan.warnings.push(format!(
+            "table {t} has no primary key: conflicts on it are not detected (a row is known \
+             only by its values), its changes apply as they come; add a primary key to have \
+             [conflicts] decide them"
+        ));
     }
     Ok(())
 }
 
+/// Conflict rules that need something of the tables: a version column, old rows; key
+/// sequences that collide when both sides insert; and tables without a key ([`check_keyless`]).
 async fn check_conflicts(
     cfg: &Config,
     opts: Options,
@@ -632,7 +623,8 @@ async fn check_conflicts(
             continue;
         };
         if dt.key.is_empty() && mt.key.is_empty() {
-            // No key, no conflicts detected (`check_keyless` warns) and no key sequence.
+            // No conflicts detected there, and no key sequence.
+            check_keyless(cfg, opts, (d, m), t, plan, problems).await?;
             continue;
         }
         let two_way = cfg.direction(t) == crate::config::Direction::Both;
@@ -856,7 +848,6 @@ pub async fn validate_with(cfg: &Config, opts: Options) -> Result<(Client, Clien
     if let (Some(d), Some(m)) = (&d, &m) {
         plan.tables = check_tables(cfg, d, m, &mut problems, &mut plan.warnings).await?;
         let tables = plan.tables.clone();
-        check_keyless(cfg, opts, d, m, &tables, &mut plan, &mut problems).await?;
         check_conflicts(cfg, opts, d, m, &tables, &mut plan, &mut problems).await?;
         check_triggers(cfg, d, m, &tables, &mut plan).await?;
     }
