@@ -12,7 +12,11 @@ pub async fn table(c: &impl GenericClient, name: &TableName) -> Result<Option<Ta
         .query(
             "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod), a.attgenerated <> '', \
                     a.attidentity = 'a', coalesce((SELECT o FROM unnest(k.indkey) WITH ORDINALITY AS u(att, o) \
-                                   WHERE u.att = a.attnum), 0)::int4, a.attnum::int4 \
+                                   WHERE u.att = a.attnum), 0)::int4, a.attnum::int4, \
+                    EXISTS (SELECT 1 FROM pg_opclass oc JOIN pg_am am ON am.oid = oc.opcmethod \
+                            JOIN pg_type ty ON ty.oid = a.atttypid WHERE am.amname = 'btree' \
+                            AND oc.opcdefault AND oc.opcintype = CASE WHEN ty.typtype = 'd' \
+                            THEN ty.typbasetype ELSE ty.oid END) \
              FROM pg_class c \
              JOIN pg_namespace n ON n.oid = c.relnamespace \
              JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped \
@@ -42,6 +46,7 @@ pub async fn table(c: &impl GenericClient, name: &TableName) -> Result<Option<Ta
                 type_sql: r.get(1),
                 generated: r.get(2),
                 identity_always: r.get(3),
+                equality: r.get(6),
             }
         })
         .collect();

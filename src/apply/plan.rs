@@ -42,6 +42,8 @@ pub struct TargetColumn {
     pub generated: bool,
     /// `GENERATED ALWAYS AS IDENTITY`: written with `OVERRIDING SYSTEM VALUE`, never updated.
     pub identity_always: bool,
+    /// The type (or a domain's base type) has a default btree operator class: `=` compares it.
+    pub equality: bool,
 }
 
 /// How a source relation's columns land in a target table.

@@ -34,6 +34,7 @@ pub fn binding() -> Arc<Binding> {
         type_sql: "text".into(),
         generated,
         identity_always: false,
+        equality: true,
     };
     let target = TargetTable {
         name: TableName::new("public", "t"),
@@ -229,6 +230,7 @@ pub fn keyless_binding() -> Arc<Binding> {
         type_sql: "text".into(),
         generated: false,
         identity_always: false,
+        equality: true,
     };
     let target = TargetTable {
         name: TableName::new("public", "k"),
