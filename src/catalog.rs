@@ -16,7 +16,10 @@ pub async fn table(c: &impl GenericClient, name: &TableName) -> Result<Option<Ta
                     EXISTS (SELECT 1 FROM pg_opclass oc JOIN pg_am am ON am.oid = oc.opcmethod \
                             JOIN pg_type ty ON ty.oid = a.atttypid WHERE am.amname = 'btree' \
                             AND oc.opcdefault AND oc.opcintype = CASE WHEN ty.typtype = 'd' \
-                            THEN ty.typbasetype ELSE ty.oid END) \
+                            THEN ty.typbasetype ELSE ty.oid END), \
+                    EXISTS (SELECT 1 FROM pg_index i JOIN pg_class ic ON ic.oid = i.indexrelid \
+                            JOIN pg_am am ON am.oid = ic.relam WHERE i.indrelid = c.oid \
+                            AND am.amname = 'btree' AND i.indpred IS NULL AND i.indkey[0] = a.attnum) \
              FROM pg_class c \
              JOIN pg_namespace n ON n.oid = c.relnamespace \
              JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped \
@@ -47,6 +50,7 @@ pub async fn table(c: &impl GenericClient, name: &TableName) -> Result<Option<Ta
                 generated: r.get(2),
                 identity_always: r.get(3),
                 equality: r.get(6),
+                indexed: r.get(7),
             }
         })
         .collect();

@@ -44,6 +44,8 @@ pub struct TargetColumn {
     pub identity_always: bool,
     /// The type (or a domain's base type) has a default btree operator class: `=` compares it.
     pub equality: bool,
+    /// The column leads a btree index (no predicate): a lookup by it can use the index.
+    pub indexed: bool,
 }
 
 /// How a source relation's columns land in a target table.

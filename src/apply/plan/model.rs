@@ -35,6 +35,7 @@ pub fn binding() -> Arc<Binding> {
         generated,
         identity_always: false,
         equality: true,
+        indexed: false,
     };
     let target = TargetTable {
         name: TableName::new("public", "t"),
@@ -231,6 +232,7 @@ pub fn keyless_binding() -> Arc<Binding> {
         generated: false,
         identity_always: false,
         equality: true,
+        indexed: false,
     };
     let target = TargetTable {
         name: TableName::new("public", "k"),
