@@ -284,16 +284,19 @@ async fn a_table_without_a_key_is_compared_copy_by_copy_and_repaired_while_runni
     let run = fx.start().await;
     fx.d.batch_execute(
         "INSERT INTO links SELECT g, g % 10, CASE WHEN g % 3 > 0 THEN 'n' END \
-         FROM generate_series(1, 3000) g, generate_series(1, 2)",
+         FROM generate_series(1, 40000) g, generate_series(1, 2)",
     )
     .await
     .unwrap();
     fx.wait_equal("links", 30).await;
     // Behind tandem's back on mobile: one of two copies of jobs 1-5 gone, both of job 6, three
-    // more copies of job 7, a row of NULLs only mobile has, one copy of job 8 changed.
+    // more copies of job 7, a row of NULLs only mobile has, one copy of job 8 changed; and one
+    // copy of 400 jobs across the table, so that more buckets differ than one round takes (the
+    // rows are staged once per side).
     fx.m.batch_execute(
         "BEGIN; SELECT pg_logical_emit_message(true, 'tandem', 'manual');
          DELETE FROM links WHERE ctid IN (SELECT min(ctid) FROM links WHERE job <= 5 GROUP BY job);
+         DELETE FROM links WHERE ctid IN (SELECT min(ctid) FROM links WHERE job % 100 = 50 GROUP BY job);
          DELETE FROM links WHERE job = 6;
          INSERT INTO links SELECT 7, 7, 'n' FROM generate_series(1, 3);
          INSERT INTO links VALUES (NULL, NULL, NULL);
@@ -306,10 +309,10 @@ async fn a_table_without_a_key_is_compared_copy_by_copy_and_repaired_while_runni
     let l = table(&r, "public.links");
     assert_eq!(
         (l.in_sync, l.only_desktop, l.only_mobile, l.differs),
-        (5992, 8, 5, 0),
+        (79592, 408, 5, 0),
         "{l:?}"
     );
-    assert!(l.rechecked >= 13, "{l:?}");
+    assert!(l.rechecked >= 413, "{l:?}");
     assert!(
         l.samples
             .only_mobile
@@ -323,7 +326,7 @@ async fn a_table_without_a_key_is_compared_copy_by_copy_and_repaired_while_runni
         done.iter()
             .find(|t| t.table == "public.links")
             .map(|t| (t.upserted, t.deleted)),
-        Some((8, 5))
+        Some((408, 5))
     );
     let r = verify::verify(&fx.cfg, None).await.unwrap();
     assert!(r.tables.iter().all(|t| t.is_in_sync()), "{r:?}");
