@@ -534,10 +534,13 @@ impl Planner {
             .current
             .as_ref()
             .is_some_and(|c| Arc::ptr_eq(&c.binding, b) && c.op == op && c.cols == cols);
-        // Rows of a table without a key are inserted as they come, equal ones included.
-        let repeated = match b.keyless() && op == Op::Upsert {
-            true => None,
-            false => self.keys.get(&key).copied(),
+        // Rows of a table without a key are inserted as they come, equal ones included: their
+        // keys are not tracked.
+        let tracked = !(b.keyless() && op == Op::Upsert);
+        let repeated = if tracked {
+            self.keys.get(&key).copied()
+        } else {
+            None
         };
         if !same_shape || (repeated.is_some() && !b.collapse) {
             self.flush();
@@ -586,7 +589,7 @@ impl Planner {
             batch.events.push(self.event.take().into_iter().collect());
         }
         self.bytes += size;
-        if !(b.keyless() && op == Op::Upsert) {
+        if tracked {
             self.keys.insert(key, batch.rows.len() - 1);
         }
         if batch.rows.len() >= self.max_rows || self.bytes >= self.max_bytes {

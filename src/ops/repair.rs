@@ -58,33 +58,14 @@ async fn fetch(
         .iter()
         .map(|c| format!("t.{}::text", quote_ident(&c.name)))
         .collect();
-    let n = s.key_cols.len();
-    let params: Vec<String> = (1..=n).map(|i| format!("${i}::text[]")).collect();
-    let on: Vec<String> = s
-        .key_cols
-        .iter()
-        .enumerate()
-        .map(|(i, &k)| {
-            format!(
-                "t.{} = u.v{}::{}",
-                quote_ident(&s.meta.columns[k].name),
-                i + 1,
-                s.meta.columns[k].type_sql
-            )
-        })
-        .collect();
-    let aliases: Vec<String> = (1..=n).map(|i| format!("v{i}")).collect();
     let sql = format!(
-        "SELECT {} FROM {} t JOIN unnest({}) AS u({}) ON {}",
+        "SELECT {} FROM {} t {}",
         cols.join(", "),
         s.name.quoted(),
-        params.join(", "),
-        aliases.join(", "),
-        on.join(" AND ")
+        s.key_join()
     );
-    let key_cols: Vec<Vec<Option<&str>>> = (0..n)
-        .map(|i| keys.iter().map(|k| k.values[i].as_deref()).collect())
-        .collect();
+    let keys: Vec<&Key> = keys.iter().collect();
+    let key_cols = s.key_params(&keys);
     let p: Vec<&(dyn ToSql + Sync)> = key_cols.iter().map(|c| c as &(dyn ToSql + Sync)).collect();
     Ok(c.query(&sql, &p)
         .await?

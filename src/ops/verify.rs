@@ -198,11 +198,18 @@ impl Shape {
         format!("((hashtext({}) & 2147483647) % {n})", self.key_hashed)
     }
 
+    /// The parameters of [`Shape::key_join`] for `keys`: one array per key column.
+    pub(crate) fn key_params<'a>(&self, keys: &[&'a Key]) -> Vec<Vec<Option<&'a str>>> {
+        (0..self.key_cols.len())
+            .map(|i| keys.iter().map(|k| k.values[i].as_deref()).collect())
+            .collect()
+    }
+
     /// `JOIN unnest($1::text[], …) u ON t.k1 = u.v1::type …`: rows with the given keys. Without
     /// a primary key: every row equal to one given, as the arrays of their text forms (`=` on
     /// arrays takes NULL elements as equal, and hashes: with a column-by-column `IS NOT
     /// DISTINCT FROM`, the server compared every row with every key, 80,000 × 413 per round).
-    fn key_join(&self) -> String {
+    pub(crate) fn key_join(&self) -> String {
         let keys = &self.key_cols;
         let params: Vec<String> = (1..=keys.len()).map(|i| format!("${i}::text[]")).collect();
         let aliases: Vec<String> = (1..=keys.len()).map(|i| format!("v{i}")).collect();
@@ -399,9 +406,7 @@ async fn rows_with_keys(
     // Copies of one row are one key here: the join finds them all, and numbers them again.
     let mut seen = std::collections::HashSet::new();
     let distinct: Vec<&Key> = keys.iter().filter(|k| seen.insert(&k.values)).collect();
-    let cols: Vec<Vec<Option<&str>>> = (0..s.key_cols.len())
-        .map(|i| distinct.iter().map(|k| k.values[i].as_deref()).collect())
-        .collect();
+    let cols = s.key_params(&distinct);
     let params: Vec<&(dyn ToSql + Sync)> = cols.iter().map(|c| c as &(dyn ToSql + Sync)).collect();
     Ok(collect_rows(c.query(&sql, &params).await?))
 }
