@@ -127,7 +127,7 @@ pub struct Applier {
     plain_writes: Option<std::collections::HashSet<TableName>>,
     /// See [`Applier::set_names`].
     names: crate::source::assemble::Names,
-    lookups: HashMap<(TableName, Op, Vec<usize>), Statement>,
+    lookups: HashMap<(TableName, Op, Vec<usize>, bool), Statement>,
     planner: Planner,
     in_txn: bool,
     /// Whether the session runs under a replication origin (echo filtering by origin as well).
@@ -1011,6 +1011,59 @@ impl Applier {
         self.send(done, Ahead::Batch(what), true).await
     }
 
+    /// The locking lookup ([`sql::lookup`]) of the batch's rows at `rows`, in that order.
+    async fn look_up(
+        &mut self,
+        batch: &Batch,
+        version: &sql::Version,
+        details: bool,
+        rows: &[usize],
+    ) -> Result<Vec<tokio_postgres::Row>> {
+        let target = &batch.binding.target;
+        let old_cols = &batch.binding.bound;
+        let key = (target.name.clone(), batch.op, batch.cols.clone(), details);
+        let stmt = match self.lookups.get(&key) {
+            Some(s) => s.clone(),
+            None => {
+                let text = sql::lookup(target, batch.op, &batch.cols, old_cols, version, details);
+                let s = self
+                    .pipeline
+                    .alongside(self.client.prepare(&text))
+                    .await
+                    .with_context(|| {
+                        format!("preparing the conflict lookup for {}", target.name)
+                    })?;
+                self.lookups.insert(key, s.clone());
+                s
+            }
+        };
+        let incoming = text_arrays(
+            target,
+            &batch.cols,
+            rows.iter().map(|&i| Some(&batch.rows[i])),
+        )?;
+        let olds = text_arrays(
+            target,
+            old_cols,
+            rows.iter().map(|&i| batch.meta[i].old.as_ref()),
+        )?;
+        let has_old: Vec<bool> = rows.iter().map(|&i| batch.meta[i].old.is_some()).collect();
+        let mut params: Vec<&(dyn ToSql + Sync)> = incoming
+            .iter()
+            .chain(&olds)
+            .map(|c| c as &(dyn ToSql + Sync))
+            .collect();
+        params.push(&has_old);
+        let commit_ts: Vec<i64> = rows.iter().map(|&i| batch.meta[i].commit_ts).collect();
+        if matches!(version, sql::Version::CommitTs(_)) {
+            params.push(&commit_ts);
+        }
+        self.pipeline
+            .alongside(self.client.query(&stmt, &params))
+            .await
+            .with_context(|| format!("looking up {} rows of {}", rows.len(), target.name))
+    }
+
     /// Detect and resolve conflicts for a batch: lock and compare the target's rows, decide each
     /// row by the table's rule, log the conflicts, and return what is left to write.
     async fn resolve(&mut self, batch: &Batch) -> Result<(Vec<Batch>, Vec<&'static str>)> {
@@ -1040,41 +1093,31 @@ impl Applier {
                     sql::Version::Column,
                 )
         };
-        let old_cols = &batch.binding.bound;
-        let key = (target.name.clone(), batch.op, batch.cols.clone());
-        let stmt = match self.lookups.get(&key) {
-            Some(s) => s.clone(),
-            None => {
-                let text = sql::lookup(&target, batch.op, &batch.cols, old_cols, &version);
-                let s = self
-                    .pipeline
-                    .alongside(self.client.prepare(&text))
-                    .await
-                    .with_context(|| {
-                        format!("preparing the conflict lookup for {}", target.name)
-                    })?;
-                self.lookups.insert(key, s.clone());
-                s
-            }
-        };
-        let incoming = text_arrays(&target, &batch.cols, batch.rows.iter().map(Some))?;
-        let olds = text_arrays(&target, old_cols, batch.meta.iter().map(|m| m.old.as_ref()))?;
-        let has_old: Vec<bool> = batch.meta.iter().map(|m| m.old.is_some()).collect();
-        let mut params: Vec<&(dyn ToSql + Sync)> = incoming
+        let all: Vec<usize> = (0..batch.rows.len()).collect();
+        let mut found = self.look_up(batch, &version, false, &all).await?;
+        // A row whose decision is logged, or merged, needs the target's row, the key and the
+        // incoming row as text: looked up again with those, for these rows only. The first lookup
+        // locked them, so the second sees the same rows; their decisions are taken from it.
+        let detailed: Vec<usize> = found
             .iter()
-            .chain(&olds)
-            .map(|c| c as &(dyn ToSql + Sync))
+            .zip(&batch.meta)
+            .enumerate()
+            .filter(|(_, (r, meta))| {
+                let (action, conflict) =
+                    conflict::decide(rule, self.source, meta.op, observed(r, meta));
+                let collided = r.get::<_, Option<String>>(8).is_some();
+                conflict.is_some()
+                    || action == Action::Merge
+                    || (action == Action::Apply && collided)
+            })
+            .map(|(i, _)| i)
             .collect();
-        params.push(&has_old);
-        let commit_ts: Vec<i64> = batch.meta.iter().map(|m| m.commit_ts).collect();
-        if matches!(version, sql::Version::CommitTs(_)) {
-            params.push(&commit_ts);
+        if !detailed.is_empty() {
+            let rows = self.look_up(batch, &version, true, &detailed).await?;
+            for (i, r) in detailed.into_iter().zip(rows) {
+                found[i] = r;
+            }
         }
-        let found = self
-            .pipeline
-            .alongside(self.client.query(&stmt, &params))
-            .await
-            .with_context(|| format!("looking up {} rows of {}", batch.rows.len(), target.name))?;
         let mut kept = Vec::with_capacity(batch.rows.len());
         // Keys of target rows that lost a unique-constraint collision.
         let mut deletes: Vec<Vec<Option<bytes::Bytes>>> = Vec::new();
@@ -1093,16 +1136,7 @@ impl Applier {
         let mut paused_at = None;
         let mut outcomes = vec!["applied"; batch.rows.len()];
         for (i, ((row, meta), r)) in batch.rows.iter().zip(&batch.meta).zip(&found).enumerate() {
-            let seen = Observed {
-                found: r.get(0),
-                same_as_incoming: r.get(1),
-                same_as_old: if r.get(0) {
-                    r.get(2)
-                } else {
-                    meta.old.as_ref().map(|_| false)
-                },
-                version: r.get::<_, Option<i32>>(3).map(|v| v.cmp(&0)),
-            };
+            let seen = observed(r, meta);
             let (mut action, conflict) = conflict::decide(rule, self.source, meta.op, seen);
             // (kind, resolution, the local row it was decided against)
             let mut decided: Vec<_> = conflict
@@ -1675,6 +1709,21 @@ struct ConflictLog {
     lsn: Vec<String>,
     ts: Vec<i64>,
     resolution: Vec<&'static str>,
+}
+
+/// What a conflict lookup's row says of the target's row, for [`conflict::decide`].
+fn observed(r: &tokio_postgres::Row, meta: &plan::RowMeta) -> Observed {
+    let found = r.get(0);
+    Observed {
+        found,
+        same_as_incoming: r.get(1),
+        same_as_old: if found {
+            r.get(2)
+        } else {
+            meta.old.as_ref().map(|_| false)
+        },
+        version: r.get::<_, Option<i32>>(3).map(|v| v.cmp(&0)),
+    }
 }
 
 /// Rows of text values (a `None` row: all NULL) as one owned `text[]` parameter per column
