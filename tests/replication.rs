@@ -141,6 +141,50 @@ async fn multi_table_transaction_with_foreign_key_and_primary_key_change() {
     run.stop().await;
 }
 
+/// Each row's id and how its `body` is stored (`none`: not compressed).
+async fn compression(c: &Client) -> Option<String> {
+    c.query_one(
+        "SELECT string_agg(id || ':' || coalesce(pg_column_compression(body), 'none'), ' ' ORDER BY id) \
+         FROM docs",
+        &[],
+    )
+    .await
+    .unwrap()
+    .get(0)
+}
+
+/// A URL's `options` reach the sessions tandem applies with: `default_toast_compression=lz4` in
+/// mobile's URL (README, Performance: W4 is bound by the target compressing large values with
+/// pglz) stores the large values tandem writes on mobile with lz4, while mobile's own writes and
+/// what tandem writes on desktop keep each server's default, pglz.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_urls_options_reach_the_apply_sessions() {
+    let name = "url_lz4";
+    let (d, m) =
+        Fixture::databases(name, "CREATE TABLE docs (id int PRIMARY KEY, body text);").await;
+    let mobile = clusters().mobile.url(name);
+    let text = Fixture::config_text(name, r#"tables = ["public.docs"]"#).replace(
+        &format!("\"{mobile}\""),
+        &format!("\"{mobile}?options=-c%20default_toast_compression%3Dlz4\""),
+    );
+    assert!(text.contains("%3Dlz4"), "{text}");
+    let fx = Fixture::with_config(name, d, m, text).await;
+    let run = fx.start().await;
+    // 180 kB that compress well, so the server compresses them whichever way.
+    let body =
+        |id: i32| format!("INSERT INTO docs SELECT {id}, repeat('row {id} of docs ', 10000)");
+    fx.d.batch_execute(&body(1)).await.unwrap();
+    fx.m.batch_execute(&body(2)).await.unwrap();
+    wait_for(30, "both rows on both sides", || async {
+        compression(&fx.d).await.is_some_and(|s| s.contains("2:"))
+            && compression(&fx.m).await.is_some_and(|s| s.contains("1:"))
+    })
+    .await;
+    assert_eq!(compression(&fx.m).await.as_deref(), Some("1:lz4 2:pglz"));
+    assert_eq!(compression(&fx.d).await.as_deref(), Some("1:pglz 2:pglz"));
+    run.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_megabyte_toasted_value_survives_an_update_of_another_column() {
     let fx = Fixture::new(
