@@ -1095,9 +1095,10 @@ impl Applier {
         };
         let all: Vec<usize> = (0..batch.rows.len()).collect();
         let mut found = self.look_up(batch, &version, false, &all).await?;
-        // A row whose decision is logged, or merged, needs the target's row, the key and the
-        // incoming row as text: looked up again with those, for these rows only. The first lookup
-        // locked them, so the second sees the same rows; their decisions are taken from it.
+        // A row whose decision is logged (a conflict, or a collision on another unique key) or
+        // merged needs the target's row, the key and the incoming row as text: looked up again
+        // with those, for these rows only. The first lookup locked them, so the second sees the
+        // same rows; their decisions are taken from it.
         let detailed: Vec<usize> = found
             .iter()
             .zip(&batch.meta)
