@@ -398,7 +398,8 @@ impl Applier {
             .await
             .with_context(|| format!("reading the triggers of {}", src.name))?
             .get(0);
-        b.collapse = !fires && !b.keyless();
+        // `Binding::new` already left a keyless table's rows uncollapsed.
+        b.collapse &= !fires;
         let b = Arc::new(b);
         self.bindings.insert(src.oid, (src.clone(), b.clone()));
         Ok(b)

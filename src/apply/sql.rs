@@ -284,20 +284,16 @@ pub fn lookup(
         .iter()
         .map(|(c, v)| format!("t.{} = {v}::{}", col(*c), ty(*c)))
         .collect();
+    // The version column, when it arrives: each lateral below selects it as `f<column>`.
+    let version_col = match version {
+        Version::Column(v) => cols.iter().position(|c| c == v).map(|p| (*v, p)),
+        _ => None,
+    };
     // The version of the target row found under `alias` against the incoming one.
     let version_cmp = |alias: &str| {
         let column = match version {
-            Version::Column(v) => cols.iter().position(|c| c == v).map(|p| {
-                (
-                    // The target row's columns: `x`'s one by one, a collision's in its row.
-                    if alias == "x" {
-                        format!("x.f{}", cols[p])
-                    } else {
-                        format!("({alias}.r).{}", col(cols[p]))
-                    },
-                    format!("u.v{}::{}", p + 1, ty(cols[p])),
-                )
-            }),
+            Version::Column(_) => version_col
+                .map(|(c, p)| (format!("{alias}.f{c}"), format!("u.v{}::{}", p + 1, ty(c)))),
             Version::CommitTs(origin) => Some((
                 format!(
                     "(SELECT CASE WHEN o.roident = (SELECT roident FROM pg_replication_origin WHERE roname = {}) \
@@ -341,9 +337,12 @@ pub fn lookup(
                 format!("t.{} = u.v{}::{}", col(c), p + 1, ty(c))
             })
             .collect();
+        let version_field = version_col
+            .map(|(c, _)| format!(", t.{} AS f{c}", col(c)))
+            .unwrap_or_default();
         joins.push_str(&format!(
-            " LEFT JOIN LATERAL (SELECT true AS present, t AS r, t.xmin AS xmin FROM {} AS t WHERE {} \
-             AND ({}) IS DISTINCT FROM ({}) LIMIT 1 FOR UPDATE) y{j} ON true",
+            " LEFT JOIN LATERAL (SELECT true AS present, t AS r{version_field}, t.xmin AS xmin FROM {} AS t \
+             WHERE {} AND ({}) IS DISTINCT FROM ({}) LIMIT 1 FOR UPDATE) y{j} ON true",
             t.name.quoted(),
             same.join(" AND "),
             key_cols.join(", "),
