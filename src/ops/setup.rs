@@ -562,6 +562,34 @@ async fn check_triggers(
     Ok(())
 }
 
+/// Every side `t` flows from must log whole old rows: with `--replica-identity-full` its
+/// relations that do not are planned for it, otherwise `problem(side, relations)` says so.
+async fn require_identity_full(
+    cfg: &Config,
+    opts: Options,
+    (d, m): (&Client, &Client),
+    t: &TableName,
+    plan: &mut Plan,
+    problems: &mut Vec<String>,
+    problem: impl Fn(Side, &str) -> String,
+) -> Result<()> {
+    for (side, c) in [(Side::Desktop, d), (Side::Mobile, m)] {
+        if !cfg.direction(t).flows_from(side) {
+            continue;
+        }
+        let partial = not_identity_full(c, t).await?;
+        if partial.is_empty() {
+            continue;
+        }
+        if opts.replica_identity_full {
+            plan.identity_full.push((side, partial));
+        } else {
+            problems.push(problem(side, &partial.join(", ")));
+        }
+    }
+    Ok(())
+}
+
 /// A table without a primary key (or replica identity index) on either side: tandem finds its
 /// rows by all their values, as native logical replication does, so every side it flows from
 /// must log whole old rows. It is also what lets the source's application update and delete
@@ -575,26 +603,15 @@ async fn check_keyless(
     plan: &mut Plan,
     problems: &mut Vec<String>,
 ) -> Result<()> {
-    for (side, c) in [(Side::Desktop, d), (Side::Mobile, m)] {
-        if !cfg.direction(t).flows_from(side) {
-            continue;
-        }
-        let partial = not_identity_full(c, t).await?;
-        if partial.is_empty() {
-            continue;
-        }
-        if opts.replica_identity_full {
-            plan.identity_full.push((side, partial));
-        } else {
-            problems.push(format!(
-                "{side}: table {t} has no primary key (or replica identity index), so tandem finds \
-                 its rows by all their values, which needs REPLICA IDENTITY FULL on the side it \
-                 flows from; run `tandem setup --replica-identity-full` or `ALTER TABLE … \
-                 REPLICA IDENTITY FULL` on {}, or add a primary key",
-                partial.join(", ")
-            ));
-        }
-    }
+    require_identity_full(cfg, opts, (d, m), t, plan, problems, |side, relations| {
+        format!(
+            "{side}: table {t} has no primary key (or replica identity index), so tandem finds \
+             its rows by all their values, which needs REPLICA IDENTITY FULL on the side it \
+             flows from; run `tandem setup --replica-identity-full` or `ALTER TABLE … \
+             REPLICA IDENTITY FULL` on {relations}, or add a primary key"
+        )
+    })
+    .await?;
     if cfg.conflicts_for(t).is_some() {
         plan.warnings.push(format!(
             "table {t} has no primary key: conflicts on it are not detected (a row is known \
@@ -721,24 +738,14 @@ async fn check_conflicts(
             continue;
         }
         if tc.policy.needs_old_row() {
-            for (side, c) in [(Side::Desktop, d), (Side::Mobile, m)] {
-                if !cfg.direction(t).flows_from(side) {
-                    continue;
-                }
-                let partial = not_identity_full(c, t).await?;
-                if !partial.is_empty() {
-                    if opts.replica_identity_full {
-                        plan.identity_full.push((side, partial));
-                    } else {
-                        problems.push(format!(
-                            "{side}: table {t} uses conflict policy {policy}, which needs the old row of \
-                             every change; run `tandem setup --replica-identity-full` or \
-                             `ALTER TABLE … REPLICA IDENTITY FULL` on {}",
-                            partial.join(", ")
-                        ));
-                    }
-                }
-            }
+            require_identity_full(cfg, opts, (d, m), t, plan, problems, |side, relations| {
+                format!(
+                    "{side}: table {t} uses conflict policy {policy}, which needs the old row of \
+                     every change; run `tandem setup --replica-identity-full` or \
+                     `ALTER TABLE … REPLICA IDENTITY FULL` on {relations}"
+                )
+            })
+            .await?;
         }
     }
     Ok(())
