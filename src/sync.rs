@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context, Result};
 use tokio::sync::watch;
 
-use crate::apply::{checkpoint, Applier, SidesDisagree};
+use crate::apply::{checkpoint, Applier, LocalRace, SidesDisagree};
 use crate::config::{Config, TableName};
 use crate::db;
 use crate::lsn::Lsn;
@@ -662,6 +662,9 @@ fn refused_by_target(e: &anyhow::Error) -> bool {
     })
 }
 
+/// Restarts after a [`LocalRace`] from one checkpoint before `run` stops with it.
+const MAX_RACES: u32 = 5;
+
 /// The longest wait between reconnects: how long tandem may take to notice a server is back.
 const MAX_BACKOFF: Duration = Duration::from_secs(10);
 
@@ -715,6 +718,25 @@ async fn direction(
                     // Cannot happen: that table's rows are upserts now.
                     bail!("{source} → {}: {c}", source.other());
                 }
+            }
+            Err(e) if e.is::<LocalRace>() && !*stop.borrow() => {
+                let r = e.downcast::<LocalRace>().expect("checked");
+                // Each race is a local insert landing in the moment between lookup and write:
+                // ever again from one checkpoint means something else keeps meeting those rows.
+                let at = status.from(source).checkpoint();
+                learned.races = match learned.races {
+                    (lsn, n) if lsn == at => (at, n + 1),
+                    _ => (at, 1),
+                };
+                if learned.races.1 > MAX_RACES {
+                    bail!(
+                        "{source} → {}: {r}, {MAX_RACES} times from checkpoint {at}",
+                        source.other()
+                    );
+                }
+                tracing::warn!(%source, "{r}; starting over from the checkpoint to decide them as conflicts");
+                metrics::counter!("tandem_conflict_races_total", "direction" => source.direction_from())
+                    .increment(1);
             }
             Err(e) if e.is::<LiveBlocked>() && !*stop.borrow() => {
                 let b = e.downcast::<LiveBlocked>().expect("checked");
@@ -780,6 +802,8 @@ async fn direction(
 struct Learned {
     /// Tables where a plain INSERT or UPDATE found the target disagreeing: upserted from then on.
     upsert_tables: std::collections::HashSet<TableName>,
+    /// The checkpoint of the last [`LocalRace`] and how many in a row started over from it.
+    races: (Lsn, u32),
     /// Streamed transactions a live apply was blocked on: spooled from then on.
     spool_only: std::collections::HashSet<u32>,
     /// The configured name of each published table, by OID, as first seen this run: a table

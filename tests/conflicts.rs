@@ -7,7 +7,7 @@ mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use common::{run_tandem, scrape, wait_count, wait_for, Fixture};
+use common::{run_tandem, scrape, wait_count, wait_for, wait_for_explained, Fixture};
 use tokio_postgres::Client;
 
 /// `(value, version)` of a row; `None` for no row.
@@ -859,6 +859,71 @@ async fn unique_collisions_on_another_key_converge_under_last_write_wins() {
         assert_eq!(resolutions(c).await, want);
         assert_rows_logged(c).await;
     }
+}
+
+/// A local insert on mobile, not yet committed when tandem looks up desktop's insert of the same
+/// key there, commits while tandem's write of that key waits on it. The lookup found no row, so
+/// the write must not take the local row over unlogged: under mobile_wins both sides end on
+/// mobile's row, each side logging its insert_exists. (Before, an upsert wrote desktop's row over
+/// mobile's without a conflict, while desktop took mobile's: the sides swapped rows.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_local_insert_racing_the_lookup_is_a_logged_conflict_not_overwritten() {
+    let fx = fixture(
+        "cf_race",
+        "ALTER TABLE items REPLICA IDENTITY FULL;",
+        "[conflicts]\npolicy = \"mobile_wins\"",
+    )
+    .await;
+    let (mut child, port) = fx.run_with_metrics();
+    wait_for(30, "both directions streaming", || async {
+        common::http_get(port, "/health").is_some_and(|h| h.starts_with("HTTP/1.1 200"))
+    })
+    .await;
+    let app = common::connect(&common::clusters().mobile.url(&fx.name)).await;
+    app.batch_execute("BEGIN; INSERT INTO items VALUES (100, 'm', 1)")
+        .await
+        .unwrap();
+    fx.d.batch_execute("INSERT INTO items VALUES (100, 'd', 1)")
+        .await
+        .unwrap();
+    // tandem's lookup did not see the uncommitted row; its write of key 100 waits on it.
+    let waiting = format!(
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = '{}' \
+         AND application_name LIKE 'tandem apply%' AND wait_event_type = 'Lock'",
+        fx.name
+    );
+    wait_count(30, &fx.m, &waiting, 1).await;
+    app.batch_execute("COMMIT").await.unwrap();
+    let row = |c| async move { state(c).await.get(&100).cloned() };
+    wait_for_explained(
+        30,
+        "mobile's row on both sides, each side's conflict logged",
+        || async {
+            row(&fx.d).await == Some(("m".to_string(), 1))
+                && row(&fx.m).await == Some(("m".to_string(), 1))
+                && resolutions(&fx.m).await == ["insert_exists kept_local"]
+                && resolutions(&fx.d).await == ["insert_exists applied_remote"]
+        },
+        || async {
+            format!(
+                "desktop {:?} {:?}, mobile {:?} {:?}",
+                row(&fx.d).await,
+                resolutions(&fx.d).await,
+                row(&fx.m).await,
+                resolutions(&fx.m).await
+            )
+        },
+    )
+    .await;
+    // Found by the write's count, once: the direction started over a single time.
+    let races = common::metric(
+        &scrape(port).unwrap(),
+        "tandem_conflict_races_total",
+        &[("direction", "D>M")],
+    );
+    assert_eq!(races.as_deref(), Some("1"));
+    child.kill().unwrap();
+    child.wait().unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -62,6 +62,8 @@ struct SentBatch {
     fresh: bool,
     /// Sent as a plain UPDATE (see [`Batch::existing`]).
     existing: bool,
+    /// Sent with `ON CONFLICT DO NOTHING` (see [`Batch::absent`]).
+    absent: bool,
     rows: usize,
     table: TableName,
 }
@@ -77,6 +79,22 @@ pub struct SidesDisagree {
     pub table: TableName,
     pub target: Side,
     pub what: String,
+}
+
+/// A row the conflict lookup found absent on the target was there when tandem wrote it: a local
+/// transaction inserted it in between (the lookup locks the rows it finds, not the gaps). Nothing
+/// of the group is kept, so the local row is not written over; the stream restarts from the
+/// checkpoint, where the lookup finds that row and the table's rule decides it as a conflict.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "{target}: {raced} of {rows} rows of {table} appeared at their keys after the conflict lookup \
+     found none (inserted by a local transaction meanwhile); not written over"
+)]
+pub struct LocalRace {
+    pub table: TableName,
+    pub target: Side,
+    pub raced: u64,
+    pub rows: usize,
 }
 
 /// Changes of table `t` from `source` are applied: it is listed, and flows that way.
@@ -121,7 +139,7 @@ pub struct Applier {
     source: Side,
     tables: HashMap<TableName, Arc<TargetTable>>,
     bindings: HashMap<u32, (Arc<SourceTable>, Arc<Binding>)>,
-    statements: HashMap<(TableName, Op, bool, Vec<usize>), Option<Statement>>,
+    statements: HashMap<(TableName, Op, sql::Existing, Vec<usize>), Option<Statement>>,
     /// Large fresh and existing batches are written with plain INSERTs and UPDATEs (the stream),
     /// except for these tables.
     plain_writes: Option<std::collections::HashSet<TableName>>,
@@ -558,6 +576,15 @@ impl Applier {
                 what.table
             )
         })?;
+        if what.absent && (n as usize) < what.rows {
+            return Err(LocalRace {
+                table: what.table,
+                target: self.source.other(),
+                raced: what.rows as u64 - n,
+                rows: what.rows,
+            }
+            .into());
+        }
         if what.existing && (n as usize) < what.rows {
             return Err(SidesDisagree {
                 table: what.table,
@@ -980,11 +1007,19 @@ impl Applier {
         let existing =
             plain && batch.existing && batch.cols.iter().any(|&c| sql::settable(target, c));
         let op = if existing { Op::Update } else { batch.op };
-        let key = (target.name.clone(), op, fresh, batch.cols.clone());
+        let absent = batch.absent && op == Op::Upsert && !target.key.is_empty();
+        let at_key = if fresh {
+            sql::Existing::Fail
+        } else if absent {
+            sql::Existing::Keep
+        } else {
+            sql::Existing::Replace
+        };
+        let key = (target.name.clone(), op, at_key, batch.cols.clone());
         let stmt = match self.statements.get(&key) {
             Some(s) => s.clone(),
             None => {
-                let s = match sql::statement(target, op, &batch.cols, fresh) {
+                let s = match sql::statement(target, op, &batch.cols, at_key) {
                     Some(text) => Some(
                         self.pipeline
                             .alongside(self.client.prepare(&text))
@@ -1005,6 +1040,7 @@ impl Applier {
             op,
             fresh,
             existing,
+            absent,
             rows: batch.rows.len(),
             table: target.name.clone(),
         };
@@ -1121,6 +1157,8 @@ impl Applier {
             }
         }
         let mut kept = Vec::with_capacity(batch.rows.len());
+        // Upserts of keys the lookup found no row at (see `Batch::absent`).
+        let mut absent = Vec::new();
         // Keys of target rows that lost a unique-constraint collision.
         let mut deletes: Vec<Vec<Option<bytes::Bytes>>> = Vec::new();
         let key_pos: Vec<usize> = target
@@ -1166,6 +1204,7 @@ impl Applier {
                 }
             }
             match action {
+                Action::Apply if !seen.found && batch.op == Op::Upsert => absent.push(row.clone()),
                 Action::Apply => kept.push(row.clone()),
                 Action::Skip => {}
                 Action::Pause => paused_at = Some(i),
@@ -1263,6 +1302,8 @@ impl Applier {
                 deletes,
             ));
         }
+        // The rows found go first: their keys differ from the absent ones', and a unique value
+        // an update gives up is then free for an insert of the same batch to take.
         if !kept.is_empty() {
             out.push(Batch::of(
                 batch.binding.clone(),
@@ -1270,6 +1311,11 @@ impl Applier {
                 batch.cols.clone(),
                 kept,
             ));
+        }
+        if !absent.is_empty() {
+            let mut b = Batch::of(batch.binding.clone(), batch.op, batch.cols.clone(), absent);
+            b.absent = true;
+            out.push(b);
         }
         Ok((out, outcomes))
     }
@@ -1488,11 +1534,12 @@ impl Applier {
             return self.record(lsn).await;
         }
         self.run_ready(true).await?;
-        // A plain UPDATE's count is checked here, not by the server: its group must not commit
-        // before that check passed (a shortfall starts the group over with upserts).
+        // A plain UPDATE's count, and a conflict-checked insert's, is checked here, not by the
+        // server: its group must not commit before that check passed (a shortfall starts the
+        // group over: with upserts, or to decide a raced row as a conflict).
         if self
             .pipeline
-            .any(|w| matches!(w, Ahead::Batch(b) if b.existing))
+            .any(|w| matches!(w, Ahead::Batch(b) if b.existing || b.absent))
         {
             self.settle_all().await?;
         }

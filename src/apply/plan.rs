@@ -190,6 +190,11 @@ pub struct Batch {
     /// The batch was closed by a size limit with every row from one source transaction: it is a
     /// part of a large transaction.
     pub large: bool,
+    /// Every row of this upsert batch had no row at its key on the target at the conflict lookup
+    /// (which locked the rows it found, not the gaps). It is written with `ON CONFLICT DO
+    /// NOTHING`: a row left out met one a local transaction inserted since, which must be decided
+    /// as a conflict, not written over.
+    pub absent: bool,
     /// The one source transaction (commit LSN) all rows come from, `None` once they are several.
     txn: Option<Lsn>,
 }
@@ -222,6 +227,7 @@ impl Batch {
             fresh: false,
             existing: false,
             large: false,
+            absent: false,
             txn: None,
         }
     }

@@ -5,11 +5,23 @@
 use crate::apply::plan::{Op, TargetTable};
 use crate::config::quote_ident;
 
+/// What an upsert does with a row already at its key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Existing {
+    /// `ON CONFLICT … DO UPDATE`: the incoming row replaces it.
+    Replace,
+    /// A plain INSERT: a unique violation (see [`crate::apply::plan::Batch::fresh`]).
+    Fail,
+    /// `ON CONFLICT … DO NOTHING`: it stays, and the row it met is not counted (see
+    /// [`crate::apply::plan::Batch::absent`]).
+    Keep,
+}
+
 /// The statement for `op` over target columns `cols` (see [`crate::apply::plan::Batch`]).
-/// `None` when there is nothing to write (an update whose only sent columns are the key). With
-/// `fresh` (see [`crate::apply::plan::Batch::fresh`]) an upsert is a plain INSERT: it fails with
-/// a unique violation if a row is there after all.
-pub fn statement(t: &TargetTable, op: Op, cols: &[usize], fresh: bool) -> Option<String> {
+/// `None` when there is nothing to write (an update whose only sent columns are the key).
+/// `existing` says what an upsert does with a row already at its key; a table without a key
+/// inserts plainly.
+pub fn statement(t: &TargetTable, op: Op, cols: &[usize], existing: Existing) -> Option<String> {
     let params: Vec<String> = cols
         .iter()
         .enumerate()
@@ -90,7 +102,7 @@ pub fn statement(t: &TargetTable, op: Op, cols: &[usize], fresh: bool) -> Option
                 .filter(|&&c| settable(t, c))
                 .map(|&c| format!("{0} = EXCLUDED.{0}", col(c)))
                 .collect();
-            let conflict = if sets.is_empty() {
+            let conflict = if sets.is_empty() || existing == Existing::Keep {
                 "DO NOTHING".to_string()
             } else {
                 format!("DO UPDATE SET {}", sets.join(", "))
@@ -101,7 +113,7 @@ pub fn statement(t: &TargetTable, op: Op, cols: &[usize], fresh: bool) -> Option
                 names.join(", "),
                 values.join(", "),
             );
-            if fresh || t.key.is_empty() {
+            if existing == Existing::Fail || t.key.is_empty() {
                 insert
             } else {
                 format!("{insert} ON CONFLICT ({}) {conflict}", keys.join(", "))
@@ -456,7 +468,7 @@ mod tests {
     #[test]
     fn upsert_casts_each_column_and_overrides_identity() {
         assert_eq!(
-            statement(&table(), Op::Upsert, &[0, 1, 2], false).unwrap(),
+            statement(&table(), Op::Upsert, &[0, 1, 2], Existing::Replace).unwrap(),
             "INSERT INTO \"public\".\"Jobs\" AS t (\"id\", \"note\", \"n\") OVERRIDING SYSTEM VALUE \
              SELECT u.v1::bigint, u.v2::text, u.v3::numeric(10,2) FROM unnest($1::int8[], $2::text[], $3::text[]) \
              AS u(v1, v2, v3) ON CONFLICT (\"id\") DO UPDATE SET \"note\" = EXCLUDED.\"note\", \"n\" = EXCLUDED.\"n\""
@@ -464,20 +476,36 @@ mod tests {
     }
 
     #[test]
+    fn an_upsert_meets_a_row_at_its_key_as_asked() {
+        let t = table();
+        let text = |e| statement(&t, Op::Upsert, &[0, 1, 2], e).unwrap();
+        let replace = text(Existing::Replace);
+        let (insert, _) = replace.split_once(" ON CONFLICT").unwrap();
+        assert_eq!(text(Existing::Fail), insert);
+        assert_eq!(
+            text(Existing::Keep),
+            format!("{insert} ON CONFLICT (\"id\") DO NOTHING")
+        );
+    }
+
+    #[test]
     fn partial_update_sets_only_sent_columns() {
         assert_eq!(
-            statement(&table(), Op::Update, &[0, 2], false).unwrap(),
+            statement(&table(), Op::Update, &[0, 2], Existing::Replace).unwrap(),
             "UPDATE \"public\".\"Jobs\" AS t SET \"n\" = u.v2::numeric(10,2) FROM unnest($1::int8[], $2::text[]) \
              AS u(v1, v2) WHERE t.\"id\" = u.v1::bigint"
         );
-        assert_eq!(statement(&table(), Op::Update, &[0], false), None);
+        assert_eq!(
+            statement(&table(), Op::Update, &[0], Existing::Replace),
+            None
+        );
     }
 
     #[test]
     fn a_key_change_moves_the_old_row_over_one_at_the_new_key() {
         // Columns: the new image (id, n), then the old key.
         assert_eq!(
-            statement(&table(), Op::Rekey, &[0, 2, 0], false).unwrap(),
+            statement(&table(), Op::Rekey, &[0, 2, 0], Existing::Replace).unwrap(),
             "WITH gone AS (DELETE FROM \"public\".\"Jobs\" AS t USING unnest($1::int8[], $2::text[], $3::int8[]) \
              AS u(v1, v2, v3) WHERE t.\"id\" = u.v1::bigint AND EXISTS (SELECT 1 FROM \"public\".\"Jobs\" AS x \
              WHERE x.\"id\" = u.v3::bigint) RETURNING 1) UPDATE \"public\".\"Jobs\" AS t SET \"id\" = u.v1::bigint, \
@@ -501,7 +529,7 @@ mod tests {
             indexed: true,
         });
         assert_eq!(
-            statement(&t, Op::Upsert, &[1, 3], false).unwrap(),
+            statement(&t, Op::Upsert, &[1, 3], Existing::Replace).unwrap(),
             "INSERT INTO \"public\".\"Jobs\" AS t (\"note\", \"doc\") SELECT u.v1::text, u.v2::json \
              FROM unnest($1::text[], $2::text[]) AS u(v1, v2)"
         );
@@ -517,7 +545,7 @@ mod tests {
             )
         };
         assert_eq!(
-            statement(&t, Op::Delete, &[1, 3], false).unwrap(),
+            statement(&t, Op::Delete, &[1, 3], Existing::Replace).unwrap(),
             format!(
                 "DELETE FROM \"public\".\"Jobs\" AS t USING unnest($1::text[], $2::text[]) AS u(v1, v2) {}",
                 one("v1", "v2")
@@ -525,7 +553,7 @@ mod tests {
         );
         // New values, then the old row's.
         assert_eq!(
-            statement(&t, Op::Replace, &[1, 3, 1, 3], false).unwrap(),
+            statement(&t, Op::Replace, &[1, 3, 1, 3], Existing::Replace).unwrap(),
             format!(
                 "UPDATE \"public\".\"Jobs\" AS t SET \"note\" = u.v1::text, \"doc\" = u.v2::json \
                  FROM unnest($1::text[], $2::text[], $3::text[], $4::text[]) AS u(v1, v2, v3, v4) {}",
@@ -593,7 +621,7 @@ mod tests {
     #[test]
     fn delete_matches_on_the_key() {
         assert_eq!(
-            statement(&table(), Op::Delete, &[0], false).unwrap(),
+            statement(&table(), Op::Delete, &[0], Existing::Replace).unwrap(),
             "DELETE FROM \"public\".\"Jobs\" AS t USING unnest($1::int8[]) AS u(v1) WHERE t.\"id\" = u.v1::bigint"
         );
     }
