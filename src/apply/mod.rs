@@ -1303,11 +1303,17 @@ impl Applier {
             ));
         }
         // The rows found go first: their keys differ from the absent ones', and a unique value
-        // an update gives up is then free for an insert of the same batch to take.
+        // an update gives up is then free for an insert of the same batch to take. The lookup
+        // locked them, so they are still there: an upsert's are written with a plain UPDATE,
+        // without `ON CONFLICT`'s probe for each row.
         if !kept.is_empty() {
+            let op = match batch.op {
+                Op::Upsert => Op::Update,
+                op => op,
+            };
             out.push(Batch::of(
                 batch.binding.clone(),
-                batch.op,
+                op,
                 batch.cols.clone(),
                 kept,
             ));
@@ -1498,7 +1504,10 @@ impl Applier {
             } else {
                 for b in self.resolve(&batch).await?.0 {
                     self.execute(&b).await?;
-                    applied += usize::from(b.op == op);
+                    // Not the deletes of rows a collision lost.
+                    if b.op != Op::Delete || op == Op::Delete {
+                        applied += b.rows.len();
+                    }
                 }
             }
         }
