@@ -861,6 +861,93 @@ async fn unique_collisions_on_another_key_converge_under_last_write_wins() {
     }
 }
 
+/// `tandem resolve` writes the changes held behind a pause through the same lookup: a local
+/// insert racing it there fails the command with nothing written and the table still paused, and
+/// the command run again decides that row as the conflict it is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn resolve_meeting_a_racing_local_insert_writes_nothing_and_can_run_again() {
+    let fx = fixture(
+        "cf_race_resolve",
+        "ALTER TABLE items REPLICA IDENTITY FULL;",
+        "[conflicts]\npolicy = \"error\"",
+    )
+    .await;
+    let config = fx.config_path.to_str().unwrap().to_string();
+    fx.d.batch_execute("UPDATE items SET v = 'D1' WHERE id = 1")
+        .await
+        .unwrap();
+    fx.m.batch_execute("UPDATE items SET v = 'M1' WHERE id = 1")
+        .await
+        .unwrap();
+    let run = fx.start().await;
+    wait_count(30, &fx.m, "SELECT count(*) FROM tandem.paused", 1).await;
+    fx.d.batch_execute("INSERT INTO items VALUES (300, 'd', 1)")
+        .await
+        .unwrap();
+    wait_count(30, &fx.m, "SELECT count(*) FROM tandem.held", 2).await;
+    run.stop().await;
+
+    let app = common::connect(&common::clusters().mobile.url(&fx.name)).await;
+    app.batch_execute("BEGIN; INSERT INTO items VALUES (300, 'app', 1)")
+        .await
+        .unwrap();
+    let resolve = |config: String| {
+        std::thread::spawn(move || {
+            run_tandem(
+                &[
+                    "--config",
+                    &config,
+                    "resolve",
+                    "--table",
+                    "public.items",
+                    "--take",
+                    "desktop",
+                ],
+                &[],
+            )
+        })
+    };
+    let first = resolve(config.clone());
+    let waiting = format!(
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = '{}' AND wait_event_type = 'Lock'",
+        fx.name
+    );
+    wait_count(30, &fx.m, &waiting, 1).await;
+    app.batch_execute("COMMIT").await.unwrap();
+    let (code, out, err) = first.join().unwrap();
+    assert_eq!(code, 1, "{out}\n{err}");
+    assert!(
+        err.contains("public.items stays paused from desktop, nothing of it written: run the same `tandem resolve` again")
+            && err.contains("1 of 1 rows of public.items appeared at their keys after the conflict lookup found none"),
+        "{err}"
+    );
+    assert_eq!(
+        Fixture::count(&fx.m, "SELECT count(*) FROM tandem.held").await,
+        2
+    );
+    assert_eq!(
+        Fixture::count(&fx.m, "SELECT count(*) FROM items WHERE v IN ('D1', 'app')").await,
+        1,
+        "the conflict's own change was not written either"
+    );
+
+    let (code, out, err) = resolve(config).join().unwrap();
+    assert_eq!(code, 0, "{out}\n{err}");
+    // The conflict's own change, then the held insert meeting the local row: paused again.
+    assert!(
+        out.contains("applied_remote, 1 held change(s) after it, 1 written; paused again"),
+        "{out}"
+    );
+    assert_eq!(
+        resolutions(&fx.m).await,
+        [
+            "insert_exists paused",
+            "update_origin_differs applied_remote"
+        ]
+    );
+    assert_eq!(state(&fx.m).await.get(&300), Some(&("app".to_string(), 1)));
+}
+
 /// A local insert on mobile, not yet committed when tandem looks up desktop's insert of the same
 /// key there, commits while tandem's write of that key waits on it. The lookup found no row, so
 /// the write must not take the local row over unlogged: under mobile_wins both sides end on

@@ -1502,7 +1502,10 @@ impl Applier {
             } else if batch.op == Op::Rekey {
                 self.execute(&batch).await?;
             } else {
-                for b in self.resolve(&batch).await?.0 {
+                let (batches, outcomes) = self.resolve(&batch).await?;
+                // This change's own conflict paused the table again: the rest waits behind it.
+                paused_again |= outcomes.contains(&"paused");
+                for b in batches {
                     self.execute(&b).await?;
                     // Not the deletes of rows a collision lost.
                     if b.op != Op::Delete || op == Op::Delete {

@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use anyhow::{bail, Result};
 
-use crate::apply::Applier;
+use crate::apply::{Applier, LocalRace};
 use crate::config::{Config, TableName};
 use crate::side::Side;
 
@@ -39,7 +39,17 @@ pub async fn resolve(cfg: Arc<Config>, table: &TableName, take: Take) -> Result<
             Take::Side(s) => Some(s),
             Take::Skip => None,
         };
-        if let Some(line) = a.resume(table, take).await? {
+        let resumed = a.resume(table, take).await.map_err(|e| {
+            if e.is::<LocalRace>() {
+                e.context(format!(
+                    "{table} stays paused from {source}, nothing of it written: \
+                     run the same `tandem resolve` again"
+                ))
+            } else {
+                e
+            }
+        })?;
+        if let Some(line) = resumed {
             out.push(line);
         }
     }
