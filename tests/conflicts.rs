@@ -399,6 +399,22 @@ async fn one_way_case(
     (fx, rows)
 }
 
+/// `tandem resolve --table public.items --take <take>` with `config`: exit code, stdout, stderr.
+fn resolve_items(config: &str, take: &str) -> (i32, String, String) {
+    run_tandem(
+        &[
+            "--config",
+            config,
+            "resolve",
+            "--table",
+            "public.items",
+            "--take",
+            take,
+        ],
+        &[],
+    )
+}
+
 async fn resolutions(c: &Client) -> Vec<String> {
     c.query(
         "SELECT kind || ' ' || resolution FROM tandem.conflicts ORDER BY kind",
@@ -610,18 +626,7 @@ async fn error_pauses_one_table_while_others_flow_and_resolve_continues_it() {
     assert!(out.contains("update_origin_differs paused: 1"), "{out}");
 
     // Resolved while `run` keeps running.
-    let (code, out, err) = run_tandem(
-        &[
-            "--config",
-            &config,
-            "resolve",
-            "--table",
-            "public.items",
-            "--take",
-            "desktop",
-        ],
-        &[],
-    );
+    let (code, out, err) = resolve_items(&config, "desktop");
     assert_eq!(code, 0, "{out}\n{err}");
     assert!(
         out.contains("mobile: public.items (D>M) resumed: conflict"),
@@ -669,18 +674,7 @@ async fn error_pauses_one_table_while_others_flow_and_resolve_continues_it() {
             .get(0);
         assert_eq!(got, format!("update_origin_differs {res}"));
     }
-    let (code, _, err) = run_tandem(
-        &[
-            "--config",
-            &config,
-            "resolve",
-            "--table",
-            "public.items",
-            "--take",
-            "skip",
-        ],
-        &[],
-    );
+    let (code, _, err) = resolve_items(&config, "skip");
     assert_eq!(code, 1);
     assert!(
         err.contains("public.items is not paused in either direction"),
@@ -891,28 +885,9 @@ async fn resolve_meeting_a_racing_local_insert_writes_nothing_and_can_run_again(
     app.batch_execute("BEGIN; INSERT INTO items VALUES (300, 'app', 1)")
         .await
         .unwrap();
-    let resolve = |config: String| {
-        std::thread::spawn(move || {
-            run_tandem(
-                &[
-                    "--config",
-                    &config,
-                    "resolve",
-                    "--table",
-                    "public.items",
-                    "--take",
-                    "desktop",
-                ],
-                &[],
-            )
-        })
-    };
+    let resolve = |config: String| std::thread::spawn(move || resolve_items(&config, "desktop"));
     let first = resolve(config.clone());
-    let waiting = format!(
-        "SELECT count(*) FROM pg_stat_activity WHERE datname = '{}' AND wait_event_type = 'Lock'",
-        fx.name
-    );
-    wait_count(30, &fx.m, &waiting, 1).await;
+    wait_count(30, &fx.m, &common::apply_lock_waits(&fx.name), 1).await;
     app.batch_execute("COMMIT").await.unwrap();
     let (code, out, err) = first.join().unwrap();
     assert_eq!(code, 1, "{out}\n{err}");
@@ -974,12 +949,7 @@ async fn a_local_insert_racing_the_lookup_is_a_logged_conflict_not_overwritten()
         .await
         .unwrap();
     // tandem's lookup did not see the uncommitted row; its write of key 100 waits on it.
-    let waiting = format!(
-        "SELECT count(*) FROM pg_stat_activity WHERE datname = '{}' \
-         AND application_name LIKE 'tandem apply%' AND wait_event_type = 'Lock'",
-        fx.name
-    );
-    wait_count(30, &fx.m, &waiting, 1).await;
+    wait_count(30, &fx.m, &common::apply_lock_waits(&fx.name), 1).await;
     app.batch_execute("COMMIT").await.unwrap();
     let row = |c| async move { state(c).await.get(&100).cloned() };
     wait_for_explained(

@@ -546,14 +546,7 @@ async fn a_deadlock_with_an_application_on_the_target_is_retried_not_a_refusal()
     )
     .await
     .unwrap();
-    wait_count(
-        30,
-        &fx.m,
-        "SELECT count(*) FROM pg_stat_activity WHERE datname = 'deadlock' \
-         AND application_name LIKE 'tandem apply%' AND wait_event_type = 'Lock'",
-        1,
-    )
-    .await;
+    wait_count(30, &fx.m, &common::apply_lock_waits("deadlock"), 1).await;
     tokio::time::timeout(
         std::time::Duration::from_secs(30),
         app.batch_execute("UPDATE a SET v = 'app' WHERE id = 1; COMMIT"),

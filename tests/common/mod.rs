@@ -688,13 +688,18 @@ pub async fn tandem_waits_on_an_application(fx: &Fixture) -> (Client, String) {
     fx.d.batch_execute("UPDATE a SET v = 'd1' WHERE id = 1; UPDATE a SET v = 'd1' WHERE id = 2")
         .await
         .unwrap();
-    let waiting = format!(
-        "SELECT count(*) FROM pg_stat_activity WHERE datname = '{}' \
-         AND application_name LIKE 'tandem apply%' AND wait_event_type = 'Lock'",
-        fx.name
-    );
+    let waiting = apply_lock_waits(&fx.name);
     wait_count(30, &fx.m, &waiting, 1).await;
     (app, waiting)
+}
+
+/// A query counting tandem's apply sessions (`run`'s, `resolve`'s …) in database `db` waiting
+/// on a lock.
+pub fn apply_lock_waits(db: &str) -> String {
+    format!(
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = '{db}' \
+         AND application_name LIKE 'tandem apply%' AND wait_event_type = 'Lock'"
+    )
 }
 
 /// A child process killed and reaped when dropped, so a failing test leaves no `tandem run`
