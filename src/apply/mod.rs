@@ -58,12 +58,11 @@ enum Ahead {
 /// What a sent batch statement is checked against when its result comes back.
 struct SentBatch {
     op: Op,
-    /// Sent as a plain INSERT (see [`Batch::fresh`]).
-    fresh: bool,
+    /// What an upsert did with a row at its key: `Fail` for a plain INSERT (see
+    /// [`Batch::fresh`]), `Keep` for `ON CONFLICT DO NOTHING` (see [`Batch::absent`]).
+    at_key: sql::Existing,
     /// Sent as a plain UPDATE (see [`Batch::existing`]).
     existing: bool,
-    /// Sent with `ON CONFLICT DO NOTHING` (see [`Batch::absent`]).
-    absent: bool,
     rows: usize,
     table: TableName,
 }
@@ -555,7 +554,7 @@ impl Applier {
     ) -> Result<()> {
         let r = match r {
             Err(e)
-                if what.fresh
+                if what.at_key == sql::Existing::Fail
                     && e.code() == Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION) =>
             {
                 return Err(SidesDisagree {
@@ -576,7 +575,7 @@ impl Applier {
                 what.table
             )
         })?;
-        if what.absent && (n as usize) < what.rows {
+        if what.at_key == sql::Existing::Keep && (n as usize) < what.rows {
             return Err(LocalRace {
                 table: what.table,
                 target: self.source.other(),
@@ -1038,9 +1037,8 @@ impl Applier {
         let params = text_arrays(target, &batch.cols, batch.rows.iter().map(Some))?;
         let what = SentBatch {
             op,
-            fresh,
+            at_key,
             existing,
-            absent,
             rows: batch.rows.len(),
             table: target.name.clone(),
         };
@@ -1551,7 +1549,7 @@ impl Applier {
         // group over: with upserts, or to decide a raced row as a conflict).
         if self
             .pipeline
-            .any(|w| matches!(w, Ahead::Batch(b) if b.existing || b.absent))
+            .any(|w| matches!(w, Ahead::Batch(b) if b.existing || b.at_key == sql::Existing::Keep))
         {
             self.settle_all().await?;
         }

@@ -565,14 +565,17 @@ mod tests {
     #[test]
     fn conflict_lookup_reads_columns_one_by_one_and_builds_json_only_for_details() {
         let t = table();
-        let cheap = lookup(
-            &t,
-            Op::Upsert,
-            &[0, 2],
-            &[0, 1, 2],
-            &Version::Column(2),
-            false,
-        );
+        let statement = |details| {
+            lookup(
+                &t,
+                Op::Upsert,
+                &[0, 2],
+                &[0, 1, 2],
+                &Version::Column(2),
+                details,
+            )
+        };
+        let cheap = statement(false);
         assert_eq!(
             cheap,
             "SELECT x.present IS NOT NULL, coalesce(x.present AND x.f0::text IS NOT DISTINCT FROM (u.v1::bigint)::text \
@@ -590,14 +593,7 @@ mod tests {
         );
         // With details: the same statement, but for the target row (whole, and its values of the
         // batch's columns), the key and the incoming row.
-        let details = lookup(
-            &t,
-            Op::Upsert,
-            &[0, 2],
-            &[0, 1, 2],
-            &Version::Column(2),
-            true,
-        );
+        let details = statement(true);
         let json = |cols: &str| format!("(SELECT to_jsonb(j) FROM (SELECT {cols}) j)::text");
         let detail_cols = format!(
             "CASE WHEN x.present THEN to_jsonb(x.r)::text END, \
