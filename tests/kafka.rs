@@ -15,6 +15,7 @@ use rdkafka::mocking::MockCluster;
 use rdkafka::producer::DefaultProducerContext;
 use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
 use rdkafka::{ClientConfig, Message};
+use tandem::sink::spool::Spool;
 use tokio_postgres::Client;
 
 /// Kafka goes away: the broker answers every produce request with a retriable error until
@@ -460,7 +461,28 @@ async fn without_kafka_required_events_wait_in_the_spool_and_drain() {
     })
     .await;
     let size = || std::fs::metadata(&spool_file).map(|m| m.len()).unwrap_or(0);
-    wait_for(30, "the spool fills", || async { size() > 0 }).await;
+    // Every change failed and waits in the spool before Kafka comes back: one still in
+    // librdkafka's own retries then (under message.timeout.ms) would be delivered without failing.
+    let spooled_keys = || {
+        // A record being appended as it is read fails the read: count none, poll again.
+        let Ok(records) = Spool::open(spool_file.clone().into(), u64::MAX)
+            .and_then(|mut spool| spool.take(usize::MAX))
+        else {
+            return 0;
+        };
+        records
+            .iter()
+            .map(|r| {
+                serde_json::from_slice::<serde_json::Value>(&r.payload).unwrap()["key"]["id"]
+                    .to_string()
+            })
+            .collect::<BTreeSet<_>>()
+            .len()
+    };
+    wait_for(30, "all 20 changes in the spool", || async {
+        spooled_keys() == 20
+    })
+    .await;
     kafka_back(&cluster);
     wait_for(60, "the spool drains", || async { size() == 0 }).await;
     run.stop().await;
