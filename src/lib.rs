@@ -10,6 +10,8 @@ pub mod catalog;
 pub mod config;
 pub mod db;
 pub mod event;
+#[doc(hidden)]
+pub mod fuzz;
 pub mod lease;
 pub mod localpg;
 pub mod lsn;
