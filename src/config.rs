@@ -127,6 +127,8 @@ struct RawReplication {
     #[serde(default = "default_receive_timeout")]
     receive_timeout: u64,
     #[serde(default)]
+    on_refusal: Option<String>,
+    #[serde(default)]
     seed: Option<String>,
     #[serde(default)]
     snapshot_seed: BTreeMap<String, String>,
@@ -268,6 +270,9 @@ pub struct Config {
     /// A replication connection the server sent nothing on for this long is taken as lost and
     /// opened again (`None`: never). At half of it, tandem asks the server for a reply.
     pub receive_timeout: Option<std::time::Duration>,
+    /// What a direction does when the target refuses a source transaction, or a change carries
+    /// a column the target lacks.
+    pub on_refusal: OnRefusal,
     /// Whose rows win in an initial snapshot, unless a table says otherwise.
     pub seed: Side,
     /// Per-table seed; `None` means the table gets no initial snapshot.
@@ -279,6 +284,17 @@ pub struct Config {
     pub filters: BTreeMap<(TableName, Side), String>,
     pub conflicts: Option<ConflictConfig>,
     pub kafka: Option<KafkaConfig>,
+}
+
+/// `[replication] on_refusal`: a refused source transaction (a constraint, trigger or type only
+/// the target has) or a column the target lacks stops `run` (exit 1, as a subscription with
+/// `disable_on_error`), or stalls only its direction, tried again with a growing pause while the
+/// other direction goes on (as native's apply worker retries by default).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum OnRefusal {
+    #[default]
+    Stop,
+    Retry,
 }
 
 /// One side, resolved: URL (possibly from the environment), slot and publication names.
@@ -445,6 +461,7 @@ impl Config {
             initial_snapshot: true,
             stream_in_progress: None,
             receive_timeout: default_receive_timeout(),
+            on_refusal: None,
             seed: None,
             snapshot_seed: BTreeMap::new(),
             columns: BTreeMap::new(),
@@ -614,6 +631,16 @@ impl Config {
         if repl.batch_rows == 0 {
             problems.push("[replication] batch_rows must be at least 1".into());
         }
+        let on_refusal = match repl.on_refusal.as_deref() {
+            None | Some("stop") => OnRefusal::Stop,
+            Some("retry") => OnRefusal::Retry,
+            Some(v) => {
+                problems.push(format!(
+                    "[replication] on_refusal = \"{v}\": use \"stop\" or \"retry\""
+                ));
+                OnRefusal::Stop
+            }
+        };
         if !problems.is_empty() {
             return Err(ConfigError(problems.join("\n")));
         }
@@ -628,6 +655,7 @@ impl Config {
             stream_in_progress: repl.stream_in_progress,
             receive_timeout: (repl.receive_timeout > 0)
                 .then(|| std::time::Duration::from_secs(repl.receive_timeout)),
+            on_refusal,
             seed,
             snapshot_seed,
             columns,
@@ -680,6 +708,7 @@ fn check_keys(t: &toml::Table) -> Result<(), ConfigError> {
         "initial_snapshot",
         "stream_in_progress",
         "receive_timeout",
+        "on_refusal",
         "seed",
         "snapshot_seed",
         "columns",
@@ -825,6 +854,35 @@ mod tests {
         assert_eq!(
             Config::parse(&text, no_env).unwrap().receive_timeout,
             Some(Duration::from_secs(5))
+        );
+    }
+
+    #[test]
+    fn on_refusal_stops_unless_set_to_retry() {
+        assert_eq!(
+            Config::parse(GOOD, no_env).unwrap().on_refusal,
+            OnRefusal::Stop
+        );
+        let with = |v: &str| {
+            GOOD.replace(
+                "[replication]\n",
+                &format!("[replication]\non_refusal = \"{v}\"\n"),
+            )
+        };
+        assert_eq!(
+            Config::parse(&with("retry"), no_env).unwrap().on_refusal,
+            OnRefusal::Retry
+        );
+        assert_eq!(
+            Config::parse(&with("stop"), no_env).unwrap().on_refusal,
+            OnRefusal::Stop
+        );
+        let e = Config::parse(&with("skip"), no_env)
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            e,
+            "[replication] on_refusal = \"skip\": use \"stop\" or \"retry\""
         );
     }
 

@@ -29,8 +29,8 @@ use metrics_exporter_prometheus::PrometheusBuilder;
 use crate::side::Side;
 use crate::sync::Status;
 
-/// `/health`: 200 while both directions stream (connected, checked for gaps), else 503; one line
-/// per direction either way.
+/// `/health`: 200 while both directions stream (connected, checked for gaps) and neither waits on
+/// a transaction its target refuses, else 503; one line per direction either way.
 pub fn health(status: &Status) -> (StatusCode, String) {
     let mut all = true;
     let mut body = String::new();
@@ -43,7 +43,8 @@ pub fn health(status: &Status) -> (StatusCode, String) {
     for side in Side::BOTH {
         let p = status.from(side);
         let streaming = p.streaming.load(Ordering::Relaxed);
-        all &= streaming;
+        let refused = p.refused();
+        all &= streaming && refused.is_none();
         body.push_str(&format!(
             "{} {} checkpoint {}",
             side.direction_from(),
@@ -54,8 +55,15 @@ pub fn health(status: &Status) -> (StatusCode, String) {
             },
             p.checkpoint()
         ));
-        match &*p.retrying.lock().unwrap_or_else(|p| p.into_inner()) {
-            Some(why) if !streaming => body.push_str(&format!("; reconnecting after: {why}\n")),
+        match (
+            refused,
+            &*p.retrying.lock().unwrap_or_else(|p| p.into_inner()),
+        ) {
+            // It reconnects to try again: stalled all the same until the target takes it.
+            (Some(why), _) => body.push_str(&format!("; stalled, refused by the target: {why}\n")),
+            (None, Some(why)) if !streaming => {
+                body.push_str(&format!("; reconnecting after: {why}\n"))
+            }
             _ => body.push('\n'),
         }
     }
@@ -119,5 +127,18 @@ mod tests {
         );
         status.from_mobile.streaming.store(true, Ordering::Relaxed);
         assert_eq!(health(&status).0, StatusCode::OK);
+        // Streaming again to try it, but the target still refuses what follows the checkpoint.
+        status
+            .from_desktop
+            .set_refused(crate::lsn::Lsn(0x1_0000_0010), "no_bad".into());
+        assert_eq!(
+            health(&status),
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "D>M streaming checkpoint 1/10; stalled, refused by the target: no_bad\n\
+                 M>D streaming checkpoint 0/0\n"
+                    .into()
+            )
+        );
     }
 }

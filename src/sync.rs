@@ -8,8 +8,9 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context, Result};
 use tokio::sync::watch;
 
+use crate::apply::plan::BindError;
 use crate::apply::{checkpoint, Applier, LocalRace, SidesDisagree};
-use crate::config::{Config, TableName};
+use crate::config::{Config, OnRefusal, TableName};
 use crate::db;
 use crate::lsn::Lsn;
 use crate::side::Side;
@@ -47,6 +48,9 @@ pub struct Progress {
     pub starts: AtomicU64,
     /// Why the direction is reconnecting (the last transient error), until it streams again.
     pub retrying: std::sync::Mutex<Option<String>>,
+    /// `on_refusal = "retry"`: what the target refused, and the checkpoint it was refused at,
+    /// until a commit moves the checkpoint past it (the transaction got through, or was left out).
+    refused: std::sync::Mutex<Option<(Lsn, String)>>,
 }
 
 impl Progress {
@@ -60,6 +64,21 @@ impl Progress {
         self.changes.store(stats.changes, Ordering::Relaxed);
         self.transactions
             .store(stats.transactions, Ordering::Relaxed);
+        let mut refused = self.refused.lock().unwrap_or_else(|p| p.into_inner());
+        if refused.as_ref().is_some_and(|(at, _)| checkpoint > *at) {
+            *refused = None;
+        }
+    }
+
+    /// The target refuses what comes after `at`: `/health` says so until the checkpoint moves.
+    pub(crate) fn set_refused(&self, at: Lsn, why: String) {
+        *self.refused.lock().unwrap_or_else(|p| p.into_inner()) = Some((at, why));
+    }
+
+    /// What the target refuses, while this direction waits to try it again (see `refused`).
+    pub fn refused(&self) -> Option<String> {
+        let refused = self.refused.lock().unwrap_or_else(|p| p.into_inner());
+        refused.as_ref().map(|(_, why)| why.clone())
     }
 }
 
@@ -586,9 +605,10 @@ pub struct LiveBlocked {
 #[derive(Debug, thiserror::Error)]
 #[error(
     "{from} transaction {xid} (committed {committed} at {commit_lsn}) was rejected by {to}: \
-     {cause}\nFix it on {to} (the row, constraint or trigger above) and start `tandem run` \
-     again; or leave that one transaction out of {to} (as `ALTER SUBSCRIPTION … SKIP` does): \
-     `tandem skip --from {from} --lsn {commit_lsn}`"
+     {cause}\nFix it on {to} (the row, constraint or trigger above) {}; or leave that one \
+     transaction out of {to} (as `ALTER SUBSCRIPTION … SKIP` does): `tandem skip --from {from} \
+     --lsn {commit_lsn}`",
+    if *.retry { "and `run` applies it at its next try" } else { "and start `tandem run` again" }
 )]
 pub struct Rejected {
     pub from: Side,
@@ -598,6 +618,8 @@ pub struct Rejected {
     pub committed: String,
     /// The target's error, as text: the fix must come last, after it.
     pub cause: String,
+    /// `on_refusal = "retry"`: `run` goes on and tries the transaction again.
+    pub retry: bool,
 }
 
 /// A source transaction being applied on its own (see [`Careful`]).
@@ -661,6 +683,18 @@ fn refused_by_target(e: &anyhow::Error) -> bool {
                 })
     })
 }
+
+/// What the target refuses until someone fixes it (or the source): a transaction found refused
+/// ([`Rejected`]), or a table whose columns the target cannot take ([`BindError`]).
+fn refusal(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| c.is::<Rejected>() || c.is::<BindError>())
+}
+
+/// `on_refusal = "retry"`: the first pause before trying a refused transaction again (native's
+/// `wal_retrieve_retry_interval`), doubled at each refusal from the same checkpoint up to
+/// `MAX_REFUSAL_PAUSE`.
+const REFUSAL_PAUSE: Duration = Duration::from_secs(5);
+const MAX_REFUSAL_PAUSE: Duration = Duration::from_secs(30);
 
 /// Restarts after a [`LocalRace`] from one checkpoint before `run` stops with it.
 const MAX_RACES: u32 = 5;
@@ -782,6 +816,26 @@ async fn direction(
                 }
                 backoff = (backoff * 2).min(MAX_BACKOFF);
             }
+            Err(e) if cfg.on_refusal == OnRefusal::Retry && refusal(&e) && !*stop.borrow() => {
+                // Everything before it is applied (found one transaction per commit), the slot
+                // holds it: it is the next thing this direction applies, once the target takes
+                // it or `tandem skip` leaves it out (read at each start).
+                let at = status.from(source).checkpoint();
+                let pause = match learned.refused {
+                    (lsn, p) if lsn == at => (p * 2).min(MAX_REFUSAL_PAUSE),
+                    _ => REFUSAL_PAUSE,
+                };
+                learned.refused = (at, pause);
+                let e = e.context(format!("{source} → {}", source.other()));
+                tracing::error!(%source, "{e:#}\nTrying it again in {pause:?} ([replication] on_refusal = \"retry\"); the other direction goes on meanwhile");
+                metrics::counter!("tandem_refusals_total", "direction" => source.direction_from())
+                    .increment(1);
+                status.from(source).set_refused(at, format!("{e:#}"));
+                tokio::select! {
+                    _ = tokio::time::sleep(pause) => {}
+                    _ = stop.changed() => return Ok(()),
+                }
+            }
             // Stopping, and the connection went away meanwhile (a server restart while the
             // direction was idle is first noticed by the final checkpoint write), or the stop
             // cancelled a statement that waited too long (`Cancellers`; 57014 is transient
@@ -804,6 +858,8 @@ struct Learned {
     upsert_tables: std::collections::HashSet<TableName>,
     /// The checkpoint of the last [`LocalRace`] and how many in a row started over from it.
     races: (Lsn, u32),
+    /// The checkpoint of the last refusal (`on_refusal = "retry"`) and the pause after it.
+    refused: (Lsn, Duration),
     /// Streamed transactions a live apply was blocked on: spooled from then on.
     spool_only: std::collections::HashSet<u32>,
     /// The configured name of each published table, by OID, as first seen this run: a table
@@ -946,6 +1002,7 @@ async fn direction_once(
             commit_lsn: t.commit_lsn,
             committed: crate::sink::kafka::rfc3339(t.commit_ts),
             cause: format!("{e:#}"),
+            retry: cfg.on_refusal == OnRefusal::Retry,
         }
         .into()),
         (Err(e), _, None) if careful.in_live && !careful.whole && !transient(&e) => {

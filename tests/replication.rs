@@ -690,6 +690,131 @@ async fn a_row_the_target_rejects_stops_replication_naming_the_constraint() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn on_refusal_retry_stalls_only_that_direction_until_the_target_is_fixed_or_it_is_skipped() {
+    // As native's apply worker retries: `run` stays up, the other direction flows, `/health`
+    // says what is refused, and fixing the target or `tandem skip` lets the direction go on
+    // without a restart.
+    let fx = Fixture::new(
+        "refuse_retry",
+        "CREATE TABLE items (id int PRIMARY KEY, v text);",
+        "tables = [\"public.items\"]\non_refusal = \"retry\"",
+    )
+    .await;
+    fx.m.batch_execute("ALTER TABLE items ADD CONSTRAINT no_bad CHECK (v <> 'bad')")
+        .await
+        .unwrap();
+    let (mut child, port) = fx.run_with_metrics();
+    let health = || common::http_get(port, "/health").unwrap_or_default();
+    let stalled = |what: &'static str| {
+        let h = health();
+        // Streaming only while it tries again, stalled throughout.
+        (h.starts_with("HTTP/1.1 503")
+            && h.contains("\nM>D streaming checkpoint ")
+            && h.contains("; stalled, refused by the target: desktop → mobile: ")
+            && h.contains(what))
+        .then_some(h)
+    };
+    wait_for(60, "streaming both ways", || async {
+        health().starts_with("HTTP/1.1 200")
+    })
+    .await;
+    for sql in [
+        "INSERT INTO items VALUES (1, 'ok')",
+        "INSERT INTO items VALUES (2, 'bad')",
+        "INSERT INTO items VALUES (3, 'ok')",
+    ] {
+        fx.d.batch_execute(sql).await.unwrap();
+    }
+    wait_for(60, "/health naming the refusal", || async {
+        stalled("no_bad").is_some()
+    })
+    .await;
+    assert_eq!(Fixture::rows(&fx.m, "items").await, ["(1,ok)"]);
+    fx.m.batch_execute("INSERT INTO items VALUES (50, 'm')")
+        .await
+        .unwrap();
+    wait_count(30, &fx.d, "SELECT count(*) FROM items WHERE id = 50", 1).await;
+    assert!(child.try_wait().unwrap().is_none(), "run stopped");
+
+    // Fixed on mobile: the next try applies it and what came after.
+    fx.m.batch_execute("ALTER TABLE items DROP CONSTRAINT no_bad")
+        .await
+        .unwrap();
+    wait_for(
+        60,
+        "the refused transaction and the next applied",
+        || async {
+            Fixture::rows(&fx.m, "items").await == ["(1,ok)", "(2,bad)", "(3,ok)", "(50,m)"]
+        },
+    )
+    .await;
+    wait_for(30, "healthy again", || async {
+        health().starts_with("HTTP/1.1 200")
+    })
+    .await;
+
+    // Refused again, and left out with the `tandem skip` that `/health` gives, while run runs.
+    fx.m.batch_execute("ALTER TABLE items ADD CONSTRAINT no_bad CHECK (v <> 'bad') NOT VALID")
+        .await
+        .unwrap();
+    fx.d.batch_execute("INSERT INTO items VALUES (4, 'bad')")
+        .await
+        .unwrap();
+    let mut h = None;
+    wait_for(60, "/health naming the second refusal", || {
+        h = stalled("(4, bad)");
+        std::future::ready(h.is_some())
+    })
+    .await;
+    let lsn = common::skip_lsn(&h.unwrap()).expect("a skip command on /health");
+    let cfg = fx.config_path.to_str().unwrap();
+    let (code, _, err) = run_tandem(
+        &["--config", cfg, "skip", "--from", "desktop", "--lsn", &lsn],
+        &[],
+    );
+    assert_eq!(code, 0, "{err}");
+    fx.d.batch_execute("INSERT INTO items VALUES (5, 'ok')")
+        .await
+        .unwrap();
+    wait_count(60, &fx.m, "SELECT count(*) FROM items WHERE id = 5", 1).await;
+    assert_eq!(
+        Fixture::count(&fx.m, "SELECT count(*) FROM items WHERE id = 4").await,
+        0,
+        "the skipped transaction is left out"
+    );
+
+    // A column mobile lacks stalls the direction the same way until it is added there.
+    fx.d.batch_execute("ALTER TABLE items ADD COLUMN n int; INSERT INTO items VALUES (6, 'ok', 7)")
+        .await
+        .unwrap();
+    wait_for(60, "/health naming the missing column", || async {
+        stalled("column `n` of public.items exists on the source side but not on the target")
+            .is_some()
+    })
+    .await;
+    fx.m.batch_execute("ALTER TABLE items ADD COLUMN n int")
+        .await
+        .unwrap();
+    wait_count(60, &fx.m, "SELECT count(*) FROM items WHERE n = 7", 1).await;
+    wait_for(30, "healthy at the end", || async {
+        health().starts_with("HTTP/1.1 200")
+    })
+    .await;
+    let refusals = common::metric(
+        &scrape(port).unwrap(),
+        "tandem_refusals_total",
+        &[("direction", "D>M")],
+    )
+    .and_then(|v| v.parse::<u64>().ok());
+    assert!(refusals.is_some_and(|n| n >= 3), "{refusals:?}");
+    // SAFETY: signalling a child we spawned and have not reaped.
+    unsafe {
+        libc::kill(child.id() as i32, libc::SIGTERM);
+    }
+    assert!(child.wait().unwrap().success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_rejected_transaction_is_named_and_tandem_skip_leaves_out_only_it() {
     let fx = refusing("skipone").await;
     // Past the initial snapshot first: the rows below must come through the stream.

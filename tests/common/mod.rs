@@ -514,14 +514,17 @@ pub async fn rejected(run: Running) -> (String, String) {
         .expect("replication stops")
         .expect_err("the target refuses a transaction");
     let e = format!("{e:#}");
-    let lsn = e
-        .split(" --lsn ")
-        .nth(1)
-        .filter(|_| e.contains("`tandem skip --from "))
-        .and_then(|r| r.split('`').next())
-        .unwrap_or_else(|| panic!("no skip command in: {e}"))
-        .to_string();
+    let lsn = skip_lsn(&e).unwrap_or_else(|| panic!("no skip command in: {e}"));
     (e, lsn)
+}
+
+/// The LSN of the `tandem skip --from … --lsn …` command a refusal's text gives.
+pub fn skip_lsn(text: &str) -> Option<String> {
+    text.split(" --lsn ")
+        .nth(1)
+        .filter(|_| text.contains("`tandem skip --from "))
+        .and_then(|r| r.split('`').next())
+        .map(str::to_string)
 }
 
 /// A TCP proxy in front of a server, to play what a NAT or VPN does to the connections it
