@@ -1453,7 +1453,8 @@ async fn a_client_certificate_logs_in_on_sql_and_replication_connections() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_column_added_on_the_source_only_stops_run_with_one_error_and_a_restart_resumes() {
+async fn a_column_added_on_the_source_only_stops_run_naming_its_transaction_and_a_restart_resumes()
+{
     let fx = Fixture::new(
         "ddl_drift",
         "CREATE TABLE jobs (id int PRIMARY KEY, title text);",
@@ -1465,24 +1466,30 @@ async fn a_column_added_on_the_source_only_stops_run_with_one_error_and_a_restar
         .await
         .unwrap();
     fx.wait_equal("jobs", 30).await;
-    // The desktop's schema moves first, and a row uses the new column.
+    run.stop().await;
+    // Written while `run` is stopped, so that both come in the first group of the next start:
+    // a row, then the desktop's schema moving first and a row using the new column.
+    fx.d.batch_execute("INSERT INTO jobs VALUES (3, 'before too')")
+        .await
+        .unwrap();
     fx.d.batch_execute(
         "ALTER TABLE jobs ADD COLUMN extra text; INSERT INTO jobs VALUES (2, 'after', 'e')",
     )
     .await
     .unwrap();
-    let e = tokio::time::timeout(std::time::Duration::from_secs(60), run.outcome())
-        .await
-        .expect("run stops on its own")
-        .expect_err("run stops with an error");
-    let msg = format!("{e:#}");
+    let (msg, _) = common::rejected(fx.start_nowait()).await;
     assert_eq!(msg.matches("desktop → mobile").count(), 1, "{msg}");
     assert!(
-        msg.contains("column `extra` of public.jobs exists on the source side but not on the target; add it to the target"),
+        msg.contains("was rejected by mobile")
+            && msg.contains("column `extra` of public.jobs exists on the source side but not on the target; add it to the target"),
         "{msg}"
     );
-    // Nothing of that transaction landed, and the checkpoint did not pass it.
-    assert_eq!(Fixture::count(&fx.m, "SELECT count(*) FROM jobs").await, 1);
+    // The transaction before it landed (found one per commit), nothing of it, and the
+    // checkpoint did not pass it.
+    assert_eq!(
+        Fixture::rows(&fx.m, "jobs").await,
+        ["(1,before)", "(3,\"before too\")"]
+    );
     fx.assert_slots_within_checkpoints().await;
 
     // Once the target has the column, a restart resumes from the checkpoint: nothing lost.
