@@ -1616,6 +1616,31 @@ async fn stream_loop(
 mod tests {
     use super::*;
 
+    #[test]
+    fn a_refusal_shows_until_a_commit_moves_the_checkpoint_past_it() {
+        let p = Progress::default();
+        let stats = crate::apply::ApplyStats::default();
+        p.set_refused(Lsn(100), "no_bad".into());
+        // A commit at the same checkpoint (the retry's transactions before it, already there).
+        p.report(Lsn(100), &stats);
+        assert_eq!(p.refused().as_deref(), Some("no_bad"));
+        p.report(Lsn(101), &stats);
+        assert_eq!(p.refused(), None);
+        assert_eq!(p.checkpoint(), Lsn(101));
+    }
+
+    #[test]
+    fn a_missing_column_is_a_refusal_a_lost_connection_is_not() {
+        let missing = anyhow::Error::new(BindError::MissingColumn {
+            table: "public.t".parse().unwrap(),
+            column: "n".into(),
+        })
+        .context("applying to mobile");
+        assert!(refused_by_target(&missing) && refusal(&missing) && !transient(&missing));
+        let lost = anyhow!("the replication stream ended");
+        assert!(!refused_by_target(&lost) && !refusal(&lost) && transient(&lost));
+    }
+
     #[tokio::test]
     async fn a_server_that_is_down_is_waited_for_and_a_protocol_error_is_not() {
         // Nothing listens on port 1: refused, as while a server restarts. The error still reads
