@@ -48,8 +48,9 @@ pub struct Progress {
     pub starts: AtomicU64,
     /// Why the direction is reconnecting (the last transient error), until it streams again.
     pub retrying: std::sync::Mutex<Option<String>>,
-    /// `on_refusal = "retry"`: what the target refused, and the checkpoint it was refused at,
-    /// until a commit moves the checkpoint past it (the transaction got through, or was left out).
+    /// `on_refusal = "retry"`: what the target refused, and the checkpoint it was refused at.
+    /// It stands while the checkpoint is there (moved past, the transaction got through or was
+    /// left out), so commits need not clear it.
     refused: std::sync::Mutex<Option<(Lsn, String)>>,
 }
 
@@ -64,10 +65,6 @@ impl Progress {
         self.changes.store(stats.changes, Ordering::Relaxed);
         self.transactions
             .store(stats.transactions, Ordering::Relaxed);
-        let mut refused = self.refused.lock().unwrap_or_else(|p| p.into_inner());
-        if refused.as_ref().is_some_and(|(at, _)| checkpoint > *at) {
-            *refused = None;
-        }
     }
 
     /// The target refuses what comes after `at`: `/health` says so until the checkpoint moves.
@@ -78,7 +75,10 @@ impl Progress {
     /// What the target refuses, while this direction waits to try it again (see `refused`).
     pub fn refused(&self) -> Option<String> {
         let refused = self.refused.lock().unwrap_or_else(|p| p.into_inner());
-        refused.as_ref().map(|(_, why)| why.clone())
+        refused
+            .as_ref()
+            .filter(|(at, _)| self.checkpoint() <= *at)
+            .map(|(_, why)| why.clone())
     }
 }
 
