@@ -109,6 +109,17 @@ pub fn conflicts(data: &[u8]) {
     }
 }
 
+/// A seeded xorshift for randomized tests: `rnd(n)` is a number below `n` (`n` > 0).
+#[cfg(test)]
+pub(crate) fn seeded(mut seed: u64) -> impl FnMut(u64) -> u64 {
+    move |n| {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed % n
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -135,18 +146,13 @@ mod tests {
     /// the mutated input in hex, to keep as a new seed once fixed.
     fn replay(target: &str, body: fn(&[u8]), rounds: usize) -> usize {
         let seeds = seeds(target);
-        let mut x: u64 = 0x7A4D_E11A_5EED_0001;
-        let mut rnd = move |n: usize| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x % n.max(1) as u64) as usize
-        };
+        let mut rnd = seeded(0x7A4D_E11A_5EED_0001);
         for (line, seed) in seeds.iter().enumerate() {
             for round in 0..=rounds {
                 // The seed itself, then each round one to four mutations of it.
                 let mut input = seed.clone();
-                for _ in 0..round.min(1) + rnd(4) * round.min(1) {
+                let mutations = if round == 0 { 0 } else { 1 + rnd(4) };
+                for _ in 0..mutations {
                     mutate(&mut input, &mut rnd);
                 }
                 let run = std::panic::catch_unwind(|| body(&input));
@@ -162,8 +168,8 @@ mod tests {
         seeds.len()
     }
 
-    fn mutate(input: &mut Vec<u8>, rnd: &mut impl FnMut(usize) -> usize) {
-        let at = rnd(input.len() + 1);
+    fn mutate(input: &mut Vec<u8>, rnd: &mut impl FnMut(u64) -> u64) {
+        let at = rnd(input.len() as u64 + 1) as usize;
         match rnd(8) {
             0..=2 if at < input.len() => input[at] ^= 1 << rnd(8),
             3 if at < input.len() => input.truncate(at),

@@ -655,6 +655,7 @@ fn key_of(b: &Binding, tuple: &Tuple, op: &'static str) -> Result<Key, PlanError
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::fuzz::seeded;
     use crate::source::pgoutput::RelColumn;
 
     use super::model::binding;
@@ -856,16 +857,6 @@ mod tests {
             e.to_string(),
             "public.t: key column `id` is NULL or missing in a insert from the source"
         );
-    }
-
-    /// A seeded xorshift: `rnd(n)` is a number below `n`.
-    fn seeded(mut seed: u64) -> impl FnMut(u64) -> u64 {
-        move |n| {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            seed % n
-        }
     }
 
     /// Randomized histories (see [`model::check`]): batched equals row by row.
