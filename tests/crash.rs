@@ -113,11 +113,7 @@ async fn kill_9_during_a_200k_row_transaction_then_restart_loses_and_doubles_not
     .await;
 
     // SIGTERM stops it cleanly.
-    // SAFETY: signalling a child we spawned and have not reaped.
-    unsafe {
-        libc::kill(child.id() as i32, libc::SIGTERM);
-    }
-    let status = child.wait().unwrap();
+    let status = common::sigterm_and_wait(&mut child);
     assert!(
         status.success(),
         "tandem run exited with {status} after SIGTERM"
@@ -218,11 +214,7 @@ async fn kill_9_during_random_histories(name: &str, snapshot_first: bool) -> Fix
             "every ledger row inserted once"
         );
     }
-    // SAFETY: signalling a child we spawned and have not reaped.
-    unsafe {
-        libc::kill(child.id() as i32, libc::SIGTERM);
-    }
-    assert!(child.wait().unwrap().success());
+    assert!(common::sigterm_and_wait(&mut child).success());
     fx.assert_slots_within_checkpoints().await;
     fx
 }
@@ -280,20 +272,14 @@ async fn a_second_signal_exits_at_once_and_the_next_run_loses_nothing() {
     let _ = std::fs::remove_file(&log);
     let mut child = run_process(&fx, "tandem-twice.log").await;
     let (app, waiting) = common::tandem_waits_on_an_application(&fx).await;
-    let term = |child: &std::process::Child| {
-        // SAFETY: signalling a child we spawned and have not reaped.
-        unsafe {
-            libc::kill(child.id() as i32, libc::SIGTERM);
-        }
-    };
-    term(&child);
+    common::sigterm(&child);
     std::thread::sleep(std::time::Duration::from_millis(500));
     assert!(
         child.try_wait().unwrap().is_none(),
         "the first signal's stop did not wait for the group"
     );
     let asked = std::time::Instant::now();
-    term(&child);
+    common::sigterm(&child);
     let status = loop {
         if let Some(s) = child.try_wait().unwrap() {
             break s;
@@ -315,8 +301,7 @@ async fn a_second_signal_exits_at_once_and_the_next_run_loses_nothing() {
     app.batch_execute("ROLLBACK").await.unwrap();
     let mut child = run_process(&fx, "tandem-twice.log").await;
     wait_count(30, &fx.m, "SELECT count(*) FROM a WHERE v = 'd1'", 2).await;
-    term(&child);
-    assert!(child.wait().unwrap().success());
+    assert!(common::sigterm_and_wait(&mut child).success());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -403,11 +403,7 @@ async fn after_kill_9_and_restart_consumers_deduping_by_id_see_each_change_once(
         slot_confirmed(&fx.d, "kafka_kill_d").await >= end
     })
     .await;
-    // SAFETY: signalling a child we spawned and have not reaped.
-    unsafe {
-        libc::kill(child.id() as i32, libc::SIGTERM);
-    }
-    assert!(child.wait().unwrap().success());
+    assert!(common::sigterm_and_wait(&mut child).success());
     let msgs = consume_all(&brokers).await;
     let ids = own_ids(&msgs, "D");
     assert_eq!(

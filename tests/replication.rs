@@ -705,6 +705,7 @@ async fn on_refusal_retry_stalls_only_that_direction_until_the_target_is_fixed_o
         .unwrap();
     let (mut child, port) = fx.run_with_metrics();
     let health = || common::http_get(port, "/health").unwrap_or_default();
+    let healthy = || std::future::ready(health().starts_with("HTTP/1.1 200"));
     let stalled = |what: &'static str| {
         let h = health();
         // Streaming only while it tries again, stalled throughout.
@@ -714,10 +715,7 @@ async fn on_refusal_retry_stalls_only_that_direction_until_the_target_is_fixed_o
             && h.contains(what))
         .then_some(h)
     };
-    wait_for(60, "streaming both ways", || async {
-        health().starts_with("HTTP/1.1 200")
-    })
-    .await;
+    wait_for(60, "streaming both ways", healthy).await;
     for sql in [
         "INSERT INTO items VALUES (1, 'ok')",
         "INSERT INTO items VALUES (2, 'bad')",
@@ -748,10 +746,7 @@ async fn on_refusal_retry_stalls_only_that_direction_until_the_target_is_fixed_o
         },
     )
     .await;
-    wait_for(30, "healthy again", || async {
-        health().starts_with("HTTP/1.1 200")
-    })
-    .await;
+    wait_for(30, "healthy again", healthy).await;
 
     // Refused again, and left out with the `tandem skip` that `/health` gives, while run runs.
     fx.m.batch_execute("ALTER TABLE items ADD CONSTRAINT no_bad CHECK (v <> 'bad') NOT VALID")
@@ -774,10 +769,7 @@ async fn on_refusal_retry_stalls_only_that_direction_until_the_target_is_fixed_o
     );
     assert_eq!(code, 0, "{err}");
     // Left out at the next try, which moves the checkpoint past it: healthy with nothing after it.
-    wait_for(60, "healthy once it is left out", || async {
-        health().starts_with("HTTP/1.1 200")
-    })
-    .await;
+    wait_for(60, "healthy once it is left out", healthy).await;
     fx.d.batch_execute("INSERT INTO items VALUES (5, 'ok')")
         .await
         .unwrap();
@@ -801,10 +793,7 @@ async fn on_refusal_retry_stalls_only_that_direction_until_the_target_is_fixed_o
         .await
         .unwrap();
     wait_count(60, &fx.m, "SELECT count(*) FROM items WHERE n = 7", 1).await;
-    wait_for(30, "healthy at the end", || async {
-        health().starts_with("HTTP/1.1 200")
-    })
-    .await;
+    wait_for(30, "healthy at the end", healthy).await;
     let refusals = common::metric(
         &scrape(port).unwrap(),
         "tandem_refusals_total",
@@ -812,11 +801,7 @@ async fn on_refusal_retry_stalls_only_that_direction_until_the_target_is_fixed_o
     )
     .and_then(|v| v.parse::<u64>().ok());
     assert!(refusals.is_some_and(|n| n >= 3), "{refusals:?}");
-    // SAFETY: signalling a child we spawned and have not reaped.
-    unsafe {
-        libc::kill(child.id() as i32, libc::SIGTERM);
-    }
-    assert!(child.wait().unwrap().success());
+    assert!(common::sigterm_and_wait(&mut child).success());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -466,14 +466,6 @@ fn collect_stderr(child: &mut std::process::Child) -> std::sync::Arc<std::sync::
     text
 }
 
-fn sigterm_and_wait(child: &mut std::process::Child) -> std::process::ExitStatus {
-    // SAFETY: plain kill(2) of our own child.
-    unsafe {
-        libc::kill(child.id() as i32, libc::SIGTERM);
-    }
-    child.wait().unwrap()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_run_waits_for_the_first_and_takes_over_when_it_stops() {
     let fx = Fixture::new("second_run", T, r#"tables = ["public.jobs"]"#).await;
@@ -536,7 +528,7 @@ async fn a_second_run_waits_for_the_first_and_takes_over_when_it_stops() {
     assert_eq!(common::leftovers(&fx.d, "second_run").await.len(), 2);
 
     // The first stops: the second starts from where it left off, with no gap reported.
-    assert!(sigterm_and_wait(&mut first).success());
+    assert!(common::sigterm_and_wait(&mut first).success());
     common::wait_for(60, "the second run streams", || async {
         streams(&second_log)
     })
@@ -555,7 +547,7 @@ async fn a_second_run_waits_for_the_first_and_takes_over_when_it_stops() {
         1,
     )
     .await;
-    assert!(sigterm_and_wait(&mut second).success());
+    assert!(common::sigterm_and_wait(&mut second).success());
     let log = second_log.lock().unwrap().clone();
     assert!(
         !log.contains("ERROR") && !log.contains("confirmed up to"),

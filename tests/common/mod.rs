@@ -518,6 +518,20 @@ pub async fn rejected(run: Running) -> (String, String) {
     (e, lsn)
 }
 
+/// SIGTERM to a child we spawned and have not reaped (`tandem run` stops gracefully on it).
+pub fn sigterm(child: &std::process::Child) {
+    // SAFETY: plain kill(2) of our own child.
+    unsafe {
+        libc::kill(child.id() as i32, libc::SIGTERM);
+    }
+}
+
+/// [`sigterm`], then the child's exit status.
+pub fn sigterm_and_wait(child: &mut std::process::Child) -> std::process::ExitStatus {
+    sigterm(child);
+    child.wait().unwrap()
+}
+
 /// The LSN of the `tandem skip --from … --lsn …` command a refusal's text gives.
 pub fn skip_lsn(text: &str) -> Option<String> {
     text.split(" --lsn ")
