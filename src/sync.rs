@@ -833,6 +833,7 @@ async fn direction(
                 metrics::counter!("tandem_refusals_total", "direction" => source.direction_from())
                     .increment(1);
                 status.from(source).set_refused(at, format!("{e:#}"));
+                record_refusal(&cfg, source, at, &e, false).await;
                 tokio::select! {
                     _ = tokio::time::sleep(pause) => {}
                     _ = stop.changed() => return Ok(()),
@@ -848,8 +849,29 @@ async fn direction(
                 tracing::warn!(%source, "stopped without recording the last progress ({e:#}); the next start resumes from the checkpoint");
                 return Ok(());
             }
-            Err(e) => return Err(e.context(format!("{} → {}", source, source.other()))),
+            Err(e) => {
+                let e = e.context(format!("{} → {}", source, source.other()));
+                if refusal(&e) {
+                    let at = status.from(source).checkpoint();
+                    record_refusal(&cfg, source, at, &e, true).await;
+                }
+                return Err(e);
+            }
         }
+    }
+}
+
+/// Keep a refusal on the target (`tandem.refusals`) for `tandem status`, a process of its own
+/// that cannot see `/health`. Best effort, in a session of its own: the refusal is logged (or
+/// stops `run`) whether or not this write gets through.
+async fn record_refusal(cfg: &Config, source: Side, at: Lsn, e: &anyhow::Error, stopped: bool) {
+    let write = async {
+        let c = db::connect(cfg.site(source.other()), "tandem refusal").await?;
+        checkpoint::record_refusal(&c, source, at, &format!("{e:#}"), stopped).await
+    };
+    let written = tokio::time::timeout(Duration::from_secs(10), write).await;
+    if let Err(e) = written.map_err(anyhow::Error::from).and_then(|w| w) {
+        tracing::warn!(%source, "could not record the refusal for `tandem status`: {e:#}");
     }
 }
 

@@ -728,6 +728,22 @@ async fn on_refusal_retry_stalls_only_that_direction_until_the_target_is_fixed_o
     })
     .await;
     assert_eq!(Fixture::rows(&fx.m, "items").await, ["(1,ok)"]);
+    // `tandem status`, a process of its own, shows the stall too.
+    let cfg = fx.config_path.to_str().unwrap();
+    let status = || run_tandem(&["--config", cfg, "status"], &[]).1;
+    let mut shown = String::new();
+    wait_for(30, "`tandem status` naming the refusal", || {
+        shown = status();
+        std::future::ready(shown.contains("  STALLED since "))
+    })
+    .await;
+    assert!(
+        shown.contains("on_refusal = \"retry\"")
+            && shown.contains("was rejected by mobile")
+            && shown.contains("no_bad")
+            && shown.contains("tandem skip --from desktop --lsn "),
+        "{shown}"
+    );
     fx.m.batch_execute("INSERT INTO items VALUES (50, 'm')")
         .await
         .unwrap();
@@ -747,6 +763,11 @@ async fn on_refusal_retry_stalls_only_that_direction_until_the_target_is_fixed_o
     )
     .await;
     wait_for(30, "healthy again", healthy).await;
+    let shown = status();
+    assert!(
+        !shown.contains("STALLED") && shown.contains("run: running"),
+        "{shown}"
+    );
 
     // Refused again, and left out with the `tandem skip` that `/health` gives, while run runs.
     fx.m.batch_execute("ALTER TABLE items ADD CONSTRAINT no_bad CHECK (v <> 'bad') NOT VALID")
@@ -762,7 +783,6 @@ async fn on_refusal_retry_stalls_only_that_direction_until_the_target_is_fixed_o
     })
     .await;
     let lsn = common::skip_lsn(&h.unwrap()).expect("a skip command on /health");
-    let cfg = fx.config_path.to_str().unwrap();
     let (code, _, err) = run_tandem(
         &["--config", cfg, "skip", "--from", "desktop", "--lsn", &lsn],
         &[],
@@ -838,6 +858,15 @@ async fn the_rejected_transaction_is_named_and_tandem_skip_leaves_out_only_it() 
         "the transaction before it is applied, nothing of it or after it"
     );
     let cfg = fx.config_path.to_str().unwrap();
+    // After the stop, `tandem status` still says why, with the same fix.
+    let (_, status, _) = run_tandem(&["--config", cfg, "status"], &[]);
+    assert!(
+        status.contains("run: not running")
+            && status.contains("  REFUSED: `tandem run` stopped at ")
+            && status.contains(&format!("desktop transaction {xid} (committed "))
+            && status.contains(&format!("tandem skip --from desktop --lsn {lsn}")),
+        "{status}"
+    );
 
     // An LSN before the checkpoint names a transaction already applied.
     let (code, _, err) = run_tandem(
@@ -898,6 +927,11 @@ async fn the_rejected_transaction_is_named_and_tandem_skip_leaves_out_only_it() 
         .await,
         1,
         "the request is cleared with the checkpoint that passed it"
+    );
+    let (_, status, _) = run_tandem(&["--config", cfg, "status"], &[]);
+    assert!(
+        !status.contains("REFUSED"),
+        "passed, no longer shown: {status}"
     );
 
     // A request no transaction commits at is withdrawn once the stream passes it.

@@ -130,6 +130,62 @@ pub async fn set_skip(c: &impl GenericClient, source: Side, lsn: Option<Lsn>) ->
     Ok(())
 }
 
+/// What the target refused at checkpoint `at` (see `migrations/0007_refusals.sql`), for `tandem
+/// status`: the tries count on while the refusal stays at one checkpoint.
+pub async fn record_refusal(
+    c: &impl GenericClient,
+    source: Side,
+    at: Lsn,
+    error: &str,
+    stopped: bool,
+) -> Result<()> {
+    // A cause can quote a whole row (a constraint's "Failing row contains …").
+    let error: String = error.chars().take(8000).collect();
+    c.execute(
+        "INSERT INTO tandem.refusals AS r (direction, checkpoint, stopped, error) \
+         VALUES ($1, $2::text::pg_lsn, $3, $4) \
+         ON CONFLICT (direction) DO UPDATE SET \
+           tries = CASE WHEN r.checkpoint = excluded.checkpoint THEN r.tries + 1 ELSE 1 END, \
+           since = CASE WHEN r.checkpoint = excluded.checkpoint THEN r.since ELSE now() END, \
+           checkpoint = excluded.checkpoint, last_at = now(), stopped = excluded.stopped, \
+           error = excluded.error",
+        &[&source.direction_from(), &at.to_string(), &stopped, &error],
+    )
+    .await
+    .context("writing tandem.refusals")?;
+    Ok(())
+}
+
+/// A refusal the direction has not moved past (its checkpoint is still at the refusal's).
+#[derive(Debug)]
+pub struct Refusal {
+    pub since: String,
+    pub last_at: String,
+    pub tries: i64,
+    pub stopped: bool,
+    pub error: String,
+}
+
+pub async fn refusal(c: &impl GenericClient, source: Side) -> Result<Option<Refusal>> {
+    let row = c
+        .query_opt(
+            "SELECT date_trunc('second', r.since)::text, date_trunc('second', r.last_at)::text, \
+                    r.tries, r.stopped, r.error \
+             FROM tandem.refusals r JOIN tandem.checkpoints c USING (direction) \
+             WHERE r.direction = $1 AND c.lsn <= r.checkpoint",
+            &[&source.direction_from()],
+        )
+        .await
+        .context("reading tandem.refusals")?;
+    Ok(row.map(|r| Refusal {
+        since: r.get(0),
+        last_at: r.get(1),
+        tries: r.get(2),
+        stopped: r.get(3),
+        error: r.get(4),
+    }))
+}
+
 /// Clear the skip request, in the transaction that moves the checkpoint past its transaction (or
 /// past the point where it could still come).
 pub fn clear_skip_sql(source: Side) -> String {

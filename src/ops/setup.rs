@@ -47,6 +47,7 @@ pub const MIGRATIONS: &[(i32, &str)] = &[
         6,
         include_str!("../../migrations/0006_snapshot_position.sql"),
     ),
+    (7, include_str!("../../migrations/0007_refusals.sql")),
 ];
 
 /// Tables as both sides have them, after validation.

@@ -86,6 +86,30 @@ async fn one(
              withdraws it)"
         )?;
     }
+    match crate::apply::checkpoint::refusal(t, source).await {
+        Ok(Some(r)) => {
+            let head = if r.stopped {
+                format!("REFUSED: `tandem run` stopped at {} on it", r.last_at)
+            } else {
+                format!(
+                    "STALLED since {}, {} {}, the last at {} ([replication] on_refusal = \
+                     \"retry\": `run` tries it again while it runs)",
+                    r.since,
+                    r.tries,
+                    if r.tries == 1 { "try" } else { "tries" },
+                    r.last_at
+                )
+            };
+            writeln!(out, "  {head}:")?;
+            for line in r.error.lines() {
+                writeln!(out, "    {line}")?;
+            }
+        }
+        Ok(None) => {}
+        // Control schemas before migration 7: `run` would not have started on them.
+        Err(e) if db::caused_by(&e, &tokio_postgres::error::SqlState::UNDEFINED_TABLE) => {}
+        Err(e) => return Err(e),
+    }
     let unpublished = match s {
         Some(s) => crate::sync::unpublished(cfg, s, source).await?,
         None => Vec::new(),
