@@ -126,6 +126,8 @@ async fn without_a_key_merge_counts_equal_rows_and_mirror_copies_them_exactly() 
     let cfg = fx.config_path.to_str().unwrap();
     let (code, out, err) = run_tandem(&["--config", cfg, "snapshot", "--seed", "desktop"], &[]);
     assert_eq!(code, 0, "{err}");
+    // Log lines into a pipe carry no terminal colour codes.
+    assert!(err.contains("INFO") && !err.contains('\x1b'), "{err:?}");
     assert!(
         out.contains("public.links: copied 5 rows from desktop: 2 inserted, 0 updated, 0 deleted on mobile; 3 copied back to desktop"),
         "{out}"
