@@ -85,8 +85,12 @@ enum Command {
         #[arg(long)]
         mirror: bool,
     },
-    /// Where each direction is, paused tables and recorded conflicts.
-    Status,
+    /// Where each direction is, what the target refuses, paused tables and recorded conflicts.
+    Status {
+        /// Machine-readable output (the same report as JSON).
+        #[arg(long)]
+        json: bool,
+    },
     /// Re-apply events from the Kafka audit topic to one side (idempotent).
     Replay {
         /// Read from the Kafka topic of [kafka] (the only source for now).
@@ -399,10 +403,14 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             tandem::ops::replay::tail(&cfg, topic.as_deref(), follow, &filter).await?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Status => {
+        Command::Status { json } => {
             let cfg = Config::load(&cli.config)?;
             let (report, unreachable) = tandem::ops::status::status(&cfg).await?;
-            print!("{report}");
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", report.text());
+            }
             match unreachable {
                 None => Ok(ExitCode::SUCCESS),
                 Some(e) => Err(e),

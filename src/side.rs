@@ -3,7 +3,8 @@
 use std::fmt;
 
 /// A site: the on-prem **desktop** database (tag `D`) or the cloud **mobile** database (tag `M`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Side {
     Desktop,
     Mobile,

@@ -744,6 +744,18 @@ async fn on_refusal_retry_stalls_only_that_direction_until_the_target_is_fixed_o
             && shown.contains("tandem skip --from desktop --lsn "),
         "{shown}"
     );
+    let out = run_tandem(&["--config", cfg, "status", "--json"], &[]).1;
+    let v: serde_json::Value =
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: not JSON: {out}"));
+    let r = &v["directions"][0]["refusal"];
+    assert!(
+        v["run"] == "running"
+            && r["stopped"] == false
+            && r["tries"].as_i64().is_some_and(|n| n >= 1)
+            && r["error"].as_str().is_some_and(|e| e.contains("no_bad"))
+            && v["directions"][1]["refusal"].is_null(),
+        "{v}"
+    );
     fx.m.batch_execute("INSERT INTO items VALUES (50, 'm')")
         .await
         .unwrap();

@@ -392,12 +392,42 @@ async fn run_against_an_older_control_schema_says_to_run_setup_and_setup_updates
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn status_with_one_side_unreachable_shows_the_other_and_exits_1() {
+async fn status_with_one_side_unreachable_shows_the_other_and_exits_1_in_text_and_json() {
     let fx = Fixture::new("status_down", T, r#"tables = ["public.jobs"]"#).await;
     let cfg = fx.config_path.to_str().unwrap();
     let (code, out, err) = run_tandem(&["--config", cfg, "status"], &[]);
     assert_eq!(code, 0, "{out}{err}");
     assert!(out.contains("D>M (desktop → mobile): checkpoint "), "{out}");
+    let json = |out: &str| -> serde_json::Value {
+        serde_json::from_str(out).unwrap_or_else(|e| panic!("{e}: not JSON: {out}"))
+    };
+    let (code, out, err) = run_tandem(&["--config", cfg, "status", "--json"], &[]);
+    assert_eq!(code, 0, "{out}{err}");
+    let v = json(&out);
+    let checkpoint: String =
+        fx.m.query_one(
+            "SELECT lsn::text FROM tandem.checkpoints WHERE direction = 'D>M'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let dm = &v["directions"][0];
+    assert_eq!(v["run"], "not running", "{v}");
+    assert_eq!(dm["direction"], "D>M", "{v}");
+    assert_eq!(dm["source"], "desktop", "{v}");
+    assert_eq!(dm["checkpoint"], checkpoint.as_str(), "{v}");
+    assert_eq!(dm["slot"]["name"], "status_down_d", "{v}");
+    assert_eq!(dm["slot"]["exists"], true, "{v}");
+    assert!(
+        dm["slot"]["behind_bytes"].as_i64().is_some_and(|b| b >= 0),
+        "{v}"
+    );
+    assert!(
+        dm["refusal"].is_null() && dm["paused"] == serde_json::json!([]),
+        "{v}"
+    );
+    assert_eq!(v["directions"][1]["direction"], "M>D", "{v}");
     // Mobile is down: what desktop holds still shows, and the exit says something is wrong.
     let down = [(
         "TANDEM_MOBILE_URL",
@@ -413,6 +443,23 @@ async fn status_with_one_side_unreachable_shows_the_other_and_exits_1() {
         out.contains("M>D (mobile → desktop): checkpoint ")
             && out.contains("on desktop; slot status_down_m unknown (mobile unreachable)"),
         "{out}"
+    );
+    assert!(err.contains("mobile: cannot reach"), "{err}");
+    let (code, out, err) = run_tandem(&["--config", cfg, "status", "--json"], &down);
+    assert_eq!(code, 1, "{out}{err}");
+    let v = json(&out);
+    let (dm, md) = (&v["directions"][0], &v["directions"][1]);
+    assert!(
+        dm["target_reachable"] == false
+            && dm["checkpoint"].is_null()
+            && dm["slot"]["exists"] == true,
+        "{v}"
+    );
+    assert!(
+        md["source_reachable"] == false
+            && md["slot"]["exists"].is_null()
+            && md["checkpoint"].is_string(),
+        "{v}"
     );
     assert!(err.contains("mobile: cannot reach"), "{err}");
 }
