@@ -144,6 +144,15 @@ enum Command {
         #[arg(long)]
         clear: bool,
     },
+    /// Make a schema change on one side and have `run` make it on the other at the same point of
+    /// the stream (after the changes before it, before those after it).
+    Ddl {
+        /// The side to run it on first: desktop or mobile.
+        #[arg(long, value_parser = verify::parse_side)]
+        on: tandem::side::Side,
+        /// The statement(s), e.g. "ALTER TABLE public.jobs ADD COLUMN note text".
+        sql: String,
+    },
     /// Compare both sides by primary key. Exit 0: in sync; 1: differences; 2: error.
     Verify {
         /// Only this table (schema-qualified).
@@ -430,6 +439,11 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         } => {
             let cfg = Config::load(&cli.config)?;
             println!("{}", tandem::ops::skip::skip(&cfg, from, lsn).await?);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Ddl { on, sql } => {
+            let cfg = Config::load(&cli.config)?;
+            println!("{}", tandem::ops::ddl::ddl(&cfg, on, &sql).await?);
             Ok(ExitCode::SUCCESS)
         }
         Command::Verify { table, json } => {

@@ -14,7 +14,7 @@ use crate::config::{Config, OnRefusal, TableName};
 use crate::db;
 use crate::lsn::Lsn;
 use crate::side::Side;
-use crate::source::assemble::{Assembler, Item, Names};
+use crate::source::assemble::{Assembler, Item, Names, DDL_PREFIX};
 use crate::source::pgoutput::{Begin, Message};
 use crate::source::stream::{check_no_gap, SourceStream, StreamEvent, StreamMode};
 use crate::source::streamed::Live;
@@ -599,6 +599,14 @@ pub struct LiveBlocked {
     pub xid: u32,
 }
 
+/// A streamed transaction carries a `tandem ddl` schema change: the direction starts over and
+/// spools that transaction until its commit, when its row in the source's `tandem.ddl` can be read.
+#[derive(Debug, thiserror::Error)]
+#[error("streamed transaction {xid} carries a `tandem ddl` schema change, taken only once it has committed")]
+pub struct LiveDdl {
+    pub xid: u32,
+}
+
 /// One source transaction the target refused (a constraint, trigger or type the source does not
 /// have), found by applying one source transaction per target commit. Nothing of it is applied,
 /// everything before it is; the operator fixes the target or leaves it out with `tandem skip`.
@@ -773,6 +781,11 @@ async fn direction(
                 tracing::warn!(%source, "{r}; starting over from the checkpoint to decide them as conflicts");
                 metrics::counter!("tandem_conflict_races_total", "direction" => source.direction_from())
                     .increment(1);
+            }
+            Err(e) if e.is::<LiveDdl>() && !*stop.borrow() => {
+                let d = e.downcast::<LiveDdl>().expect("checked");
+                tracing::info!(%source, "{d}; starting over from the checkpoint, spooling it until its commit");
+                learned.spool_only.insert(d.xid);
             }
             Err(e) if e.is::<LiveBlocked>() && !*stop.borrow() => {
                 let b = e.downcast::<LiveBlocked>().expect("checked");
@@ -1440,6 +1453,8 @@ async fn stream_loop(
                 match t.asm.push(msg)? {
                     Some(Item::Change(ev)) => a.apply(&ev).await?,
                     Some(Item::Echo(_)) | None => {}
+                    // Its row in tandem.ddl is only visible once the transaction commits.
+                    Some(Item::Ddl { .. }) => return Err(LiveDdl { xid: t.xid }.into()),
                     Some(other) => {
                         bail!("{source}: {other:?} inside streamed transaction {}", t.xid)
                     }
@@ -1541,6 +1556,26 @@ async fn stream_loop(
                             });
                     }
                 }
+                Some(Item::Ddl { .. }) if leaving || skipping => {}
+                Some(Item::Ddl {
+                    xid,
+                    commit_lsn,
+                    id,
+                }) => match crate::ops::ddl::issued(live.cfg.site(source), xid, &id).await? {
+                    Some(d) => {
+                        tracing::info!(%source, id = d.id, "running {source}'s schema change {} on {}: {}", d.id, source.other(), d.sql);
+                        applier
+                            .apply_ddl(commit_lsn, &d.sql, &d.search_path)
+                            .await?;
+                        group_opened.get_or_insert_with(Instant::now);
+                        group_changes += 1;
+                        metrics::counter!("tandem_ddl_total", "direction" => source.direction_from())
+                                .increment(1);
+                    }
+                    None => {
+                        tracing::warn!(%source, "{source} transaction {xid} carries a `{DDL_PREFIX}` message (\"{id}\") that `tandem ddl` did not write: no row of that transaction in {source}'s tandem.ddl; not run on {}", source.other())
+                    }
+                },
                 Some(Item::Change(ev)) if leaving => applier.publish_left_out(ev).await?,
                 Some(Item::Commit { end_lsn, .. }) if leaving => {
                     leaving = false;

@@ -1484,6 +1484,121 @@ async fn a_client_certificate_logs_in_on_sql_and_replication_connections() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn tandem_ddl_makes_a_schema_change_on_the_other_side_at_its_point_in_the_stream() {
+    let fx = Fixture::new(
+        "ddl",
+        "CREATE TABLE items (id int PRIMARY KEY, v text);",
+        "tables = [\"public.items\"]",
+    )
+    .await;
+    fx.d.batch_execute("INSERT INTO items SELECT g, 'x' FROM generate_series(1, 2000) g")
+        .await
+        .unwrap();
+    // The schema change's own UPDATE below then streams while in progress.
+    common::stream_from_a_few_hundred_rows(&fx.d).await;
+    let run = fx.start().await;
+    wait_count(60, &fx.m, "SELECT count(*) FROM items", 2000).await;
+    let cfg = fx.config_path.to_str().unwrap();
+    let ddl = |on: &str, sql: &str| run_tandem(&["--config", cfg, "ddl", "--on", on, sql], &[]);
+
+    // A column and the values that fill it, made on desktop while run runs, and desktop writing
+    // with it at once: mobile takes the column before the rows that carry it.
+    let (code, out, err) = ddl(
+        "desktop",
+        "ALTER TABLE items ADD COLUMN n int; UPDATE items SET n = id * 10",
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("desktop: ran it (schema change "), "{out}");
+    fx.d.batch_execute("INSERT INTO items VALUES (3000, 'd', 30000)")
+        .await
+        .unwrap();
+    // The column is not there until the schema change arrives: a failing query counts as none.
+    let count = |c: &'static str, sql: &'static str| {
+        let c = if c == "d" { &fx.d } else { &fx.m };
+        async move {
+            c.query_one(sql, &[])
+                .await
+                .map_or(-1, |r| r.get::<_, i64>(0))
+        }
+    };
+    wait_for(
+        60,
+        "the column on mobile, filled, and the row after it",
+        || async { count("m", "SELECT count(*) FROM items WHERE n = id * 10").await == 2001 },
+    )
+    .await;
+    assert!(
+        streamed_txns(&fx.d, "ddl_d").await > 0,
+        "the schema change's transaction streamed while in progress"
+    );
+    fx.m.batch_execute("INSERT INTO items VALUES (5000, 'm', 50000)")
+        .await
+        .unwrap();
+    wait_count(30, &fx.d, "SELECT count(*) FROM items WHERE n = 50000", 1).await;
+
+    // Made on mobile, with an unqualified name: read with mobile's search_path on desktop too.
+    let (code, _, err) = ddl("mobile", "CREATE INDEX items_n ON items (n)");
+    assert_eq!(code, 0, "{err}");
+    wait_count(
+        30,
+        &fx.d,
+        "SELECT count(*) FROM pg_indexes WHERE indexname = 'items_n'",
+        1,
+    )
+    .await;
+
+    // A statement the side refuses: one error, nothing recorded.
+    let (code, _, err) = ddl("desktop", "ALTER TABLE items ADD COLUMN n int");
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("desktop: `ALTER TABLE items ADD COLUMN n int` failed; nothing was changed on either side")
+            && err.contains("already exists"),
+        "{err}"
+    );
+    assert_eq!(
+        Fixture::count(&fx.d, "SELECT count(*) FROM tandem.ddl").await,
+        1
+    );
+
+    // Any role may write a logical message: one naming the first schema change's row from
+    // another transaction is not run again (on mobile, ADD COLUMN n would be refused and stop run).
+    fx.d.batch_execute(
+        "BEGIN; SELECT pg_logical_emit_message(true, 'tandem-ddl', (SELECT min(id)::text FROM tandem.ddl)); \
+         INSERT INTO items VALUES (6000, 'after', 60000); COMMIT",
+    )
+    .await
+    .unwrap();
+    wait_count(30, &fx.m, "SELECT count(*) FROM items WHERE id = 6000", 1).await;
+    assert!(!run.is_finished());
+
+    // The other side refuses it (a column of that name already there): named like any refused
+    // transaction, and applied once the obstacle is gone.
+    fx.m.batch_execute("ALTER TABLE items ADD COLUMN x int")
+        .await
+        .unwrap();
+    let (code, _, err) = ddl("desktop", "ALTER TABLE items ADD COLUMN x int DEFAULT 7");
+    assert_eq!(code, 0, "{err}");
+    let (e, _) = common::rejected(run).await;
+    assert!(
+        e.contains("was rejected by mobile")
+            && e.contains(
+                "running desktop's schema change `ALTER TABLE items ADD COLUMN x int DEFAULT 7`"
+            )
+            && e.contains("already exists"),
+        "{e}"
+    );
+    fx.m.batch_execute("ALTER TABLE items DROP COLUMN x")
+        .await
+        .unwrap();
+    let run = fx.start().await;
+    wait_for(30, "the column on mobile after the restart", || async {
+        count("m", "SELECT count(*) FROM items WHERE x = 7").await == 2003
+    })
+    .await;
+    run.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_column_added_on_the_source_only_stops_run_naming_its_transaction_and_a_restart_resumes()
 {
     let fx = Fixture::new(

@@ -683,6 +683,36 @@ impl Applier {
         self.run_ready(false).await
     }
 
+    /// A schema change `tandem ddl` made on the source (its statement and that session's
+    /// `search_path`), run here at the same point of the source's history: in the open group,
+    /// after every change before it and before any after it. A failure is the target refusing
+    /// that source transaction, named and skippable like any other.
+    pub async fn apply_ddl(&mut self, commit_lsn: Lsn, sql: &str, search_path: &str) -> Result<()> {
+        self.passed(commit_lsn);
+        self.ensure_txn(commit_lsn).await?;
+        self.run_ready(true).await?;
+        self.settle_all().await?;
+        // Unqualified names as the source's session read them, for this statement only.
+        let ours: String = self
+            .client
+            .query_one("SELECT current_setting('search_path')", &[])
+            .await?
+            .get(0);
+        let set = "SELECT set_config('search_path', $1, true)";
+        self.client.execute(set, &[&search_path]).await?;
+        self.client
+            .batch_execute(sql)
+            .await
+            .with_context(|| format!("running {}'s schema change `{sql}`", self.source))?;
+        self.client.execute(set, &[&ours]).await?;
+        // Tables, their columns and the statements prepared against them may have changed.
+        self.tables.clear();
+        self.bindings.clear();
+        self.statements.clear();
+        self.lookups.clear();
+        Ok(())
+    }
+
     /// Run the planner's finished batches (all of them, with `flush`).
     async fn run_ready(&mut self, flush: bool) -> Result<()> {
         if flush {

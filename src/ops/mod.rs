@@ -1,6 +1,7 @@
 //! Operator commands around the replication core.
 
 pub mod bench;
+pub mod ddl;
 pub mod demo;
 pub mod repair;
 pub mod replay;

@@ -48,6 +48,7 @@ pub const MIGRATIONS: &[(i32, &str)] = &[
         include_str!("../../migrations/0006_snapshot_position.sql"),
     ),
     (7, include_str!("../../migrations/0007_refusals.sql")),
+    (8, include_str!("../../migrations/0008_ddl.sql")),
 ];
 
 /// Tables as both sides have them, after validation.

@@ -15,6 +15,9 @@ use crate::source::pgoutput::{Begin, Message};
 /// Prefix of the transactional logical message tandem writes first in every transaction it
 /// applies; a transaction that carries it came from tandem and must not travel back.
 pub const MARKER_PREFIX: &str = "tandem";
+/// Prefix of the transactional logical message `tandem ddl` writes with a schema change (content:
+/// the id of its row in that side's `tandem.ddl`), to be run on the other side at that point.
+pub const DDL_PREFIX: &str = "tandem-ddl";
 /// Replication origins tandem applies under are named `tandem_from_D_<slot>` / `tandem_from_M_<slot>`.
 pub const ORIGIN_PREFIX: &str = "tandem_";
 
@@ -27,6 +30,14 @@ pub enum Item {
         commit_ts: i64,
     },
     Change(Event),
+    /// A `tandem ddl` message: a schema change to run on the other side before the changes after
+    /// it. Only a claim until its row in the source's `tandem.ddl` is found with this `xid`.
+    Ddl {
+        xid: u32,
+        commit_lsn: Lsn,
+        /// The message's content: the row's id, as text.
+        id: String,
+    },
     /// A change of a transaction tandem itself wrote: never applied back, only reported (Kafka).
     Echo(Event),
     /// End of a transaction. `echo` when tandem itself wrote it (its changes were withheld).
@@ -169,10 +180,17 @@ impl Assembler {
                 return Ok(None);
             }
             Message::Message(m) => {
-                if m.transactional && m.prefix == MARKER_PREFIX {
-                    if let Some(t) = self.txn.as_mut() {
-                        t.echo = true;
-                    }
+                let Some(t) = self.txn.as_mut().filter(|_| m.transactional) else {
+                    return Ok(None);
+                };
+                if m.prefix == MARKER_PREFIX {
+                    t.echo = true;
+                } else if m.prefix == DDL_PREFIX && !t.echo {
+                    return Ok(Some(Item::Ddl {
+                        xid: t.begin.xid,
+                        commit_lsn: t.begin.final_lsn,
+                        id: String::from_utf8_lossy(&m.content).into_owned(),
+                    }));
                 }
                 return Ok(None);
             }
@@ -419,6 +437,42 @@ mod tests {
             a.push(insert("1")).unwrap(),
             Some(Item::Change(_))
         ));
+    }
+
+    #[test]
+    fn a_ddl_message_is_an_item_in_its_transaction_unless_tandem_wrote_it() {
+        let ddl = |transactional| {
+            Message::Message(LogicalMessage {
+                transactional,
+                lsn: Lsn(1),
+                prefix: DDL_PREFIX.into(),
+                content: Bytes::from_static(b"42"),
+            })
+        };
+        let mut a = Assembler::new(Side::Desktop);
+        a.push(rel()).unwrap();
+        assert_eq!(a.push(ddl(false)).unwrap(), None);
+        a.push(begin(100)).unwrap();
+        assert_eq!(a.push(ddl(false)).unwrap(), None, "not transactional");
+        assert_eq!(
+            a.push(ddl(true)).unwrap(),
+            Some(Item::Ddl {
+                xid: 9,
+                commit_lsn: Lsn(100),
+                id: "42".into()
+            })
+        );
+        a.push(commit(100)).unwrap();
+        // In a transaction tandem wrote (its marker first), it is not taken.
+        a.push(begin(200)).unwrap();
+        a.push(Message::Message(LogicalMessage {
+            transactional: true,
+            lsn: Lsn(1),
+            prefix: MARKER_PREFIX.into(),
+            content: Bytes::new(),
+        }))
+        .unwrap();
+        assert_eq!(a.push(ddl(true)).unwrap(), None);
     }
 
     #[test]

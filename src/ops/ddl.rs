@@ -1,0 +1,105 @@
+//! `tandem ddl`: a schema change made on one side and run on the other at the same point of the
+//! stream, as pglogical's `replicate_ddl_command` does. Logical replication carries no DDL, so
+//! otherwise the operator must change the receiving side first by hand, and a change written
+//! with a new column before the other side has it is refused.
+//!
+//! One transaction on the side named records the statement in that side's `tandem.ddl`, writes a
+//! `tandem-ddl` logical message with the row's id, and runs the statement. `run` meets the
+//! message in that side's stream after every change committed before it, and runs the statement
+//! on the other side inside the group that applies them, before any change after it (those the
+//! statement itself made included).
+
+use anyhow::{bail, Context, Result};
+use tokio_postgres::Client;
+
+use crate::config::{Config, Site};
+use crate::db;
+use crate::side::Side;
+use crate::source::assemble::DDL_PREFIX;
+
+/// Run `sql` on `on` and queue it for the other side. One line saying what was done.
+pub async fn ddl(cfg: &Config, on: Side, sql: &str) -> Result<String> {
+    let other = on.other();
+    if sql.trim().is_empty() {
+        bail!("no statement given: pass the schema change, e.g. `tandem ddl --on {on} \"ALTER TABLE public.jobs ADD COLUMN note text\"`");
+    }
+    if !cfg.tables.iter().any(|t| cfg.direction(t).flows_from(on)) {
+        bail!(
+            "no configured table flows from {on}, so `tandem run` does not stream {on} and would \
+             never carry this change to {other}: run it with `--on {other}`"
+        );
+    }
+    let site = cfg.site(on);
+    let mut c = db::connect(site, "tandem ddl").await?;
+    crate::ops::setup::require_migrated(&c, on).await?;
+    let slot: bool = c
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM pg_replication_slots WHERE slot_name = $1)",
+            &[&site.slot],
+        )
+        .await?
+        .get(0);
+    if !slot {
+        bail!(
+            "{on}: replication slot {} does not exist, so nothing would carry this change to \
+             {other}; run `tandem setup` first",
+            site.slot
+        );
+    }
+    let tx = c.transaction().await?;
+    let id: i64 = tx
+        .query_one(
+            "INSERT INTO tandem.ddl (sql) VALUES ($1) RETURNING id",
+            &[&sql],
+        )
+        .await
+        .context("recording the schema change in tandem.ddl")?
+        .get(0);
+    // The message before the statement: rows the statement itself writes (an UPDATE filling a
+    // new column) come after it in the stream, when the other side has the column.
+    tx.execute(
+        "SELECT pg_logical_emit_message(true, $1, $2)",
+        &[&DDL_PREFIX, &id.to_string()],
+    )
+    .await?;
+    tx.batch_execute(sql)
+        .await
+        .with_context(|| format!("{on}: `{sql}` failed; nothing was changed on either side"))?;
+    tx.commit().await?;
+    Ok(format!(
+        "{on}: ran it (schema change {id}); `tandem run` runs it on {other} right after the \
+         {on} changes committed before it, and before any after it"
+    ))
+}
+
+/// A schema change `run` met in `source`'s stream.
+#[derive(Debug)]
+pub struct Issued {
+    pub id: i64,
+    pub sql: String,
+    pub search_path: String,
+}
+
+/// The schema change a `tandem-ddl` message in transaction `xid` names, when `tandem ddl` wrote
+/// it: its row in the source's `tandem.ddl`, written by that very transaction. Any role may write
+/// a logical message, but only tandem's may add rows there, so a message without its row (or one
+/// naming another transaction's row, to run it again) is not taken.
+pub async fn issued(site: &Site, xid: u32, id: &str) -> Result<Option<Issued>> {
+    let Ok(id) = id.parse::<i64>() else {
+        return Ok(None);
+    };
+    let c: Client = db::connect(site, "tandem ddl").await?;
+    let row = c
+        .query_opt(
+            "SELECT sql, search_path FROM tandem.ddl \
+             WHERE id = $1 AND (xid::text::numeric % 4294967296)::int8 = $2",
+            &[&id, &i64::from(xid)],
+        )
+        .await
+        .with_context(|| format!("{}: reading tandem.ddl", site.side))?;
+    Ok(row.map(|r| Issued {
+        id,
+        sql: r.get(0),
+        search_path: r.get(1),
+    }))
+}
