@@ -92,6 +92,14 @@ fn the_demo_syncs_both_ways_and_removes_its_clusters_when_its_time_is_up() {
     let status = child.wait().unwrap();
     assert!(status.success(), "{status}: {out:#?}");
     ended_well(&out, pid);
+    // The office's schema change, and the field writing the new column back.
+    let text = out.join("\n");
+    for kind in [
+        "D → M  schema jobs    + priority int (tandem ddl)",
+        "priority=1  arrived in",
+    ] {
+        assert!(text.contains(kind), "no `{kind}` line in:\n{text}");
+    }
 }
 
 #[test]

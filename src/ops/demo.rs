@@ -176,6 +176,43 @@ pub async fn run(duration: Option<Duration>, mut stop: watch::Receiver<bool>) ->
             "D → M  update jobs    #{job} status=closed  arrived in {} ms",
             took.as_millis()
         );
+        if n == 2 {
+            // The office adds a column with `tandem ddl`: the field has it before any row that
+            // carries it, and writes it back.
+            let t = Instant::now();
+            crate::ops::ddl::ddl(
+                &cfg,
+                crate::side::Side::Desktop,
+                "ALTER TABLE jobs ADD COLUMN priority int NOT NULL DEFAULT 3",
+            )
+            .await?;
+            let took = arrival(
+                &m,
+                "SELECT count(*)::text FROM information_schema.columns \
+                 WHERE table_name = 'jobs' AND column_name = 'priority'",
+                "1",
+                t,
+            )
+            .await?;
+            println!(
+                "D → M  schema jobs    + priority int (tandem ddl)  arrived in {} ms",
+                took.as_millis()
+            );
+            let t = Instant::now();
+            m.execute("UPDATE jobs SET priority = 1 WHERE id = $1", &[&job])
+                .await?;
+            let took = arrival(
+                &d,
+                &format!("SELECT priority::text FROM jobs WHERE id = {job}"),
+                "1",
+                t,
+            )
+            .await?;
+            println!(
+                "M → D  update jobs    #{job} priority=1  arrived in {} ms",
+                took.as_millis()
+            );
+        }
         if n % 3 == 0 {
             let t = Instant::now();
             m.execute("DELETE FROM jobs WHERE id = $1", &[&(job - 2)])
