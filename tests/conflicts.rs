@@ -749,6 +749,83 @@ async fn conflicts_are_counted_in_prometheus_metrics() {
     child.wait().unwrap();
 }
 
+/// `note` of row `id`; `None` also while the column does not exist.
+async fn note(c: &Client, id: i64) -> Option<String> {
+    c.query_one("SELECT note FROM items WHERE id = $1", &[&id])
+        .await
+        .ok()
+        .and_then(|r| r.get::<_, Option<String>>(0))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_column_added_with_tandem_ddl_flows_and_its_conflicts_are_decided_by_the_rule() {
+    // Mobile is the plain role (owner of its table): `tandem ddl` runs there as it.
+    let fx = fixture(
+        "cf_ddl",
+        "",
+        "[conflicts]\npolicy = \"last_write_wins\"\nversion_column = \"version\"",
+    )
+    .await;
+    let cfg = fx.config_path.to_str().unwrap();
+    let run = fx.start().await;
+    let (code, _, err) = run_tandem(
+        &[
+            "--config",
+            cfg,
+            "ddl",
+            "--on",
+            "mobile",
+            "ALTER TABLE items ADD COLUMN note text",
+        ],
+        &[],
+    );
+    assert_eq!(code, 0, "{err}");
+    // Each side writes the new column at once; the other side's lookups and writes take it.
+    fx.m.batch_execute("UPDATE items SET note = 'm2', version = 9 WHERE id = 2")
+        .await
+        .unwrap();
+    let (d, m) = (&fx.d, &fx.m);
+    wait_for(30, "mobile's note on desktop", || async {
+        note(d, 2).await.as_deref() == Some("m2")
+    })
+    .await;
+    fx.d.batch_execute("UPDATE items SET note = 'd3', version = 9 WHERE id = 3")
+        .await
+        .unwrap();
+    wait_for(30, "desktop's note on mobile", || async {
+        note(m, 3).await.as_deref() == Some("d3")
+    })
+    .await;
+    run.stop().await;
+    assert_eq!(logged(&fx.d).await.1 + logged(&fx.m).await.1, 0);
+
+    // Both change the same row's new column while tandem is stopped: the greater version wins
+    // on both sides, and the conflict is logged with the new column in its rows.
+    fx.d.batch_execute("UPDATE items SET note = 'd1', version = 5 WHERE id = 1")
+        .await
+        .unwrap();
+    fx.m.batch_execute("UPDATE items SET note = 'm1', version = 7 WHERE id = 1")
+        .await
+        .unwrap();
+    let run = fx.start().await;
+    wait_for(30, "mobile's version on both", || async {
+        note(d, 1).await.as_deref() == Some("m1") && note(m, 1).await.as_deref() == Some("m1")
+    })
+    .await;
+    run.stop().await;
+    // Without old rows it is told where the remote version lost: on mobile.
+    assert_eq!(logged(&fx.m).await.0, BTreeSet::from([1]));
+    assert_eq!(
+        Fixture::count(
+            &fx.m,
+            "SELECT count(*) FROM tandem.conflicts \
+             WHERE remote_row->>'note' = 'd1' AND local_row->>'note' = 'm1' AND resolution = 'kept_local'"
+        )
+        .await,
+        1
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn last_write_wins_by_commit_timestamp_without_a_version_column() {
     // No `updated_at` column: with track_commit_timestamp and replication origins (superuser on
