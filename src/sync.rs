@@ -1563,9 +1563,10 @@ async fn stream_loop(
                     id,
                 }) => match crate::ops::ddl::issued(live.cfg.site(source), xid, &id).await? {
                     Some(d) => {
-                        tracing::info!(%source, id = d.id, "running {source}'s schema change {} on {}: {}", d.id, source.other(), d.sql);
+                        // Not its text: a statement may carry a password (`ALTER ROLE …`).
+                        tracing::info!(%source, id = d.id, "running {source}'s schema change {} on {}", d.id, source.other());
                         applier
-                            .apply_ddl(commit_lsn, &d.sql, &d.search_path)
+                            .apply_ddl(commit_lsn, d.id, &d.sql, &d.search_path)
                             .await?;
                         group_opened.get_or_insert_with(Instant::now);
                         group_changes += 1;

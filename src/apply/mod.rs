@@ -687,7 +687,13 @@ impl Applier {
     /// `search_path`), run here at the same point of the source's history: in the open group,
     /// after every change before it and before any after it. A failure is the target refusing
     /// that source transaction, named and skippable like any other.
-    pub async fn apply_ddl(&mut self, commit_lsn: Lsn, sql: &str, search_path: &str) -> Result<()> {
+    pub async fn apply_ddl(
+        &mut self,
+        commit_lsn: Lsn,
+        id: i64,
+        sql: &str,
+        search_path: &str,
+    ) -> Result<()> {
         self.passed(commit_lsn);
         self.ensure_txn(commit_lsn).await?;
         self.run_ready(true).await?;
@@ -703,7 +709,13 @@ impl Applier {
         self.client
             .batch_execute(sql)
             .await
-            .with_context(|| format!("running {}'s schema change `{sql}`", self.source))?;
+            // By its id, not its text: a statement may carry a password (`ALTER ROLE …`).
+            .with_context(|| {
+                format!(
+                    "running {0}'s schema change {id} (its statement: tandem.ddl on {0})",
+                    self.source
+                )
+            })?;
         self.client.execute(set, &[&ours]).await?;
         // Tables, their columns and the statements prepared against them may have changed.
         self.tables.clear();

@@ -62,9 +62,10 @@ pub async fn ddl(cfg: &Config, on: Side, sql: &str) -> Result<String> {
         &[&DDL_PREFIX, &id.to_string()],
     )
     .await?;
-    tx.batch_execute(sql)
-        .await
-        .with_context(|| format!("{on}: `{sql}` failed; nothing was changed on either side"))?;
+    // Not its text in the error: a statement may carry a password (`ALTER ROLE …`).
+    tx.batch_execute(sql).await.with_context(|| {
+        format!("{on}: the statement failed; nothing was changed on either side")
+    })?;
     tx.commit().await?;
     Ok(format!(
         "{on}: ran it (schema change {id}); `tandem run` runs it on {other} right after the \
