@@ -35,6 +35,14 @@ pub enum Change {
         cascade: bool,
         restart_identity: bool,
     },
+    /// A schema change `tandem ddl` made (its row in the source's `tandem.ddl`): run by `run` on
+    /// the other side with the `search_path` it was made with, and published to Kafka like a
+    /// change (op `ddl`). `sql` and `search_path` are empty until that row is read.
+    Ddl {
+        id: i64,
+        sql: String,
+        search_path: String,
+    },
 }
 
 impl Change {
@@ -44,6 +52,7 @@ impl Change {
             Change::Update { .. } => "update",
             Change::Delete { .. } => "delete",
             Change::Truncate { .. } => "truncate",
+            Change::Ddl { .. } => "ddl",
         }
     }
 }

@@ -12,6 +12,7 @@ use crate::apply::plan::BindError;
 use crate::apply::{checkpoint, Applier, LocalRace, SidesDisagree};
 use crate::config::{Config, OnRefusal, TableName};
 use crate::db;
+use crate::event::Change;
 use crate::lsn::Lsn;
 use crate::side::Side;
 use crate::source::assemble::{Assembler, Item, Names, DDL_PREFIX};
@@ -1454,7 +1455,7 @@ async fn stream_loop(
                     Some(Item::Change(ev)) => a.apply(&ev).await?,
                     Some(Item::Echo(_)) | None => {}
                     // Its row in tandem.ddl is only visible once the transaction commits.
-                    Some(Item::Ddl { .. }) => return Err(LiveDdl { xid: t.xid }.into()),
+                    Some(Item::Ddl(_)) => return Err(LiveDdl { xid: t.xid }.into()),
                     Some(other) => {
                         bail!("{source}: {other:?} inside streamed transaction {}", t.xid)
                     }
@@ -1556,27 +1557,35 @@ async fn stream_loop(
                             });
                     }
                 }
-                Some(Item::Ddl { .. }) if leaving || skipping => {}
-                Some(Item::Ddl {
-                    xid,
-                    commit_lsn,
-                    id,
-                }) => match crate::ops::ddl::issued(live.cfg.site(source), xid, &id).await? {
-                    Some(d) => {
-                        // Not its text: a statement may carry a password (`ALTER ROLE …`).
-                        tracing::info!(%source, id = d.id, "running {source}'s schema change {} on {}", d.id, source.other());
-                        applier
-                            .apply_ddl(commit_lsn, d.id, &d.sql, &d.search_path)
-                            .await?;
-                        group_opened.get_or_insert_with(Instant::now);
-                        group_changes += 1;
-                        metrics::counter!("tandem_ddl_total", "direction" => source.direction_from())
+                Some(Item::Ddl(ev)) if leaving => applier.publish_left_out(ev).await?,
+                Some(Item::Ddl(ev)) if skipping && applier.kafka_required() => {
+                    applier.publish_again(ev).await?;
+                }
+                Some(Item::Ddl(_)) if skipping => {}
+                Some(Item::Ddl(mut ev)) => {
+                    let Change::Ddl { id, .. } = ev.change else {
+                        bail!("{source}: a schema change that is none");
+                    };
+                    match crate::ops::ddl::issued(live.cfg.site(source), ev.xid, id).await? {
+                        Some(d) => {
+                            ev.change = Change::Ddl {
+                                id,
+                                sql: d.sql,
+                                search_path: d.search_path,
+                            };
+                            // Not its text: a statement may carry a password (`ALTER ROLE …`).
+                            tracing::info!(%source, id, "running {source}'s schema change {id} on {}", source.other());
+                            applier.apply(&ev).await?;
+                            group_opened.get_or_insert_with(Instant::now);
+                            group_changes += 1;
+                            metrics::counter!("tandem_ddl_total", "direction" => source.direction_from())
                                 .increment(1);
+                        }
+                        None => {
+                            tracing::warn!(%source, "{source} transaction {} carries a `{DDL_PREFIX}` message (schema change {id}) that `tandem ddl` did not write: that row of {source}'s tandem.ddl is not this transaction's; not run on {}", ev.xid, source.other())
+                        }
                     }
-                    None => {
-                        tracing::warn!(%source, "{source} transaction {xid} carries a `{DDL_PREFIX}` message (\"{id}\") that `tandem ddl` did not write: no row of that transaction in {source}'s tandem.ddl; not run on {}", source.other())
-                    }
-                },
+                }
                 Some(Item::Change(ev)) if leaving => applier.publish_left_out(ev).await?,
                 Some(Item::Commit { end_lsn, .. }) if leaving => {
                     leaving = false;

@@ -546,6 +546,87 @@ async fn repairs_are_published_too() {
     assert_eq!(ids.len(), msgs.len(), "distinct ids");
 }
 
+/// A schema change made with `tandem ddl` is an event of its own (op `ddl`, its statement), before
+/// the changes that carry its column; `replay` says it does not run it again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_schema_change_is_published_with_its_statement_and_not_replayed() {
+    let (_cluster, brokers) = mock_kafka(1);
+    let (d, m) = Fixture::databases(
+        "kafka_ddl",
+        "CREATE TABLE jobs (id bigint PRIMARY KEY, note text, n int);",
+    )
+    .await;
+    let fx = Fixture::with_config("kafka_ddl", d, m, config("kafka_ddl", &brokers)).await;
+    let cfg = fx.config_path.to_str().unwrap();
+    let run = fx.start().await;
+    let sql = "ALTER TABLE jobs ADD COLUMN due date";
+    let (code, _, err) = common::run_tandem(&["--config", cfg, "ddl", "--on", "desktop", sql], &[]);
+    assert_eq!(code, 0, "{err}");
+    fx.d.batch_execute("INSERT INTO jobs VALUES (1, 'a', 0, '2026-12-24')")
+        .await
+        .unwrap();
+    common::wait_count(
+        30,
+        &fx.m,
+        "SELECT count(*) FROM jobs j WHERE to_jsonb(j) ->> 'due' IS NOT NULL",
+        1,
+    )
+    .await;
+    run.stop().await;
+    let msgs = consume_all(&brokers).await;
+    let ddl: Vec<_> = msgs.iter().filter(|m| m["op"] == "ddl").collect();
+    assert_eq!(ddl.len(), 1, "{msgs:?}");
+    let (ddl, insert) = (
+        ddl[0],
+        msgs.iter()
+            .find(|m| m["op"] == "insert")
+            .expect("the insert"),
+    );
+    assert_eq!(
+        (
+            &ddl["site"],
+            &ddl["schema"],
+            &ddl["table"],
+            &ddl["ddl"],
+            &ddl["outcome"]
+        ),
+        (
+            &serde_json::json!("D"),
+            &serde_json::json!("tandem"),
+            &serde_json::json!("ddl"),
+            &serde_json::json!(sql),
+            &serde_json::json!("applied")
+        )
+    );
+    let lsn = |m: &serde_json::Value| {
+        m["commit_lsn"]
+            .as_str()
+            .unwrap()
+            .parse::<tandem::lsn::Lsn>()
+            .unwrap()
+    };
+    assert!(lsn(ddl) < lsn(insert), "{ddl} {insert}");
+    assert_eq!(insert["after"]["due"], "2026-12-24");
+    let (code, out, err) = common::run_tandem(
+        &["--config", cfg, "replay", "--from-kafka", "--to", "mobile"],
+        &[],
+    );
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(
+        out.contains(&format!(
+            "not replayed: schema change {} ({sql})",
+            ddl["id"].as_str().unwrap()
+        )),
+        "{out}"
+    );
+    let (code, out, err) = common::run_tandem(&["--config", cfg, "audit", "tail"], &[]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(
+        out.contains(&format!(" D ddl      {sql} applied id=")),
+        "{out}"
+    );
+}
+
 /// Changes desktop made between `setup` and the first `run` are in the initial snapshot's copy:
 /// the stream leaves them out and publishes each once as `copied`, those of a transaction applied
 /// while streamed (published from its spooled copy after its commit) too; the next one is

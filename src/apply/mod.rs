@@ -113,6 +113,8 @@ fn applies(cfg: &Config, source: Side, ignore_direction: bool, change: &Change) 
         Change::Truncate { tables, .. } => {
             cfg.apply_truncate && tables.iter().any(|t| flows(&t.name))
         }
+        // Whatever it touches: the operator asked for it on both sides.
+        Change::Ddl { .. } => true,
     }
 }
 
@@ -634,6 +636,45 @@ impl Applier {
                 self.planner.set_event(ev);
                 self.planner.delete(&b, old)?;
             }
+            // A schema change `tandem ddl` made on the source, run here at the same point of the
+            // source's history: in the open group, after every change before it and before any
+            // after it. A failure is the target refusing that source transaction, named and
+            // skippable like any other.
+            Change::Ddl {
+                id,
+                sql,
+                search_path,
+            } => {
+                self.ensure_txn(ev.commit_lsn).await?;
+                self.run_ready(true).await?;
+                self.settle_all().await?;
+                // Unqualified names as the source's session read them, for this statement only.
+                let ours: String = self
+                    .client
+                    .query_one("SELECT current_setting('search_path')", &[])
+                    .await?
+                    .get(0);
+                let set = "SELECT set_config('search_path', $1, true)";
+                self.client.execute(set, &[search_path]).await?;
+                self.client
+                    .batch_execute(sql)
+                    .await
+                    // By its id, not its text: a statement may carry a password (`ALTER ROLE …`).
+                    .with_context(|| {
+                        format!(
+                            "running {0}'s schema change {id} (its statement: tandem.ddl on {0})",
+                            self.source
+                        )
+                    })?;
+                self.client.execute(set, &[&ours]).await?;
+                // Tables, their columns and the statements prepared against them may have changed.
+                self.tables.clear();
+                self.bindings.clear();
+                self.statements.clear();
+                self.lookups.clear();
+                // Not a row change: counted apart (`tandem_ddl_total`).
+                return self.publish(ev.clone(), "applied").await;
+            }
             Change::Truncate {
                 tables,
                 cascade,
@@ -681,48 +722,6 @@ impl Applier {
         self.stats.changes += 1;
         self.changes_total.increment(1);
         self.run_ready(false).await
-    }
-
-    /// A schema change `tandem ddl` made on the source (its statement and that session's
-    /// `search_path`), run here at the same point of the source's history: in the open group,
-    /// after every change before it and before any after it. A failure is the target refusing
-    /// that source transaction, named and skippable like any other.
-    pub async fn apply_ddl(
-        &mut self,
-        commit_lsn: Lsn,
-        id: i64,
-        sql: &str,
-        search_path: &str,
-    ) -> Result<()> {
-        self.passed(commit_lsn);
-        self.ensure_txn(commit_lsn).await?;
-        self.run_ready(true).await?;
-        self.settle_all().await?;
-        // Unqualified names as the source's session read them, for this statement only.
-        let ours: String = self
-            .client
-            .query_one("SELECT current_setting('search_path')", &[])
-            .await?
-            .get(0);
-        let set = "SELECT set_config('search_path', $1, true)";
-        self.client.execute(set, &[&search_path]).await?;
-        self.client
-            .batch_execute(sql)
-            .await
-            // By its id, not its text: a statement may carry a password (`ALTER ROLE …`).
-            .with_context(|| {
-                format!(
-                    "running {0}'s schema change {id} (its statement: tandem.ddl on {0})",
-                    self.source
-                )
-            })?;
-        self.client.execute(set, &[&ours]).await?;
-        // Tables, their columns and the statements prepared against them may have changed.
-        self.tables.clear();
-        self.bindings.clear();
-        self.statements.clear();
-        self.lookups.clear();
-        Ok(())
     }
 
     /// Run the planner's finished batches (all of them, with `flush`).
@@ -849,7 +848,7 @@ impl Applier {
         let (table, row) = match &ev.change {
             Change::Insert { table, new } | Change::Update { table, new, .. } => (table, new),
             Change::Delete { table, old } => (table, &old.tuple),
-            Change::Truncate { .. } => return Ok("applied"),
+            Change::Truncate { .. } | Change::Ddl { .. } => return Ok("applied"),
         };
         if self.cfg.conflicts_for(&table.name).is_none() {
             return Ok("applied");
@@ -1763,6 +1762,7 @@ fn change_held(copied: &CopiedTables, ev: &Event, flows: impl Fn(&TableName) -> 
             .iter()
             .filter(|t| flows(&t.name))
             .all(|t| copy_holds(copied, &t.name, ev)),
+        Change::Ddl { .. } => false,
     }
 }
 

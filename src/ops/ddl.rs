@@ -85,10 +85,7 @@ pub struct Issued {
 /// it: its row in the source's `tandem.ddl`, written by that very transaction. Any role may write
 /// a logical message, but only tandem's may add rows there, so a message without its row (or one
 /// naming another transaction's row, to run it again) is not taken.
-pub async fn issued(site: &Site, xid: u32, id: &str) -> Result<Option<Issued>> {
-    let Ok(id) = id.parse::<i64>() else {
-        return Ok(None);
-    };
+pub async fn issued(site: &Site, xid: u32, id: i64) -> Result<Option<Issued>> {
     let c: Client = db::connect(site, "tandem ddl").await?;
     let row = c
         .query_opt(

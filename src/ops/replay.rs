@@ -46,6 +46,12 @@ impl Filter {
 
 /// One line for operators.
 pub fn line(d: &Decoded) -> String {
+    if d.op == "ddl" {
+        return format!(
+            "{} {} {:<8} {} {} id={}",
+            d.commit_ts, d.site, d.op, d.ddl, d.outcome, d.id
+        );
+    }
     let key: Vec<String> = d
         .key
         .iter()
@@ -196,6 +202,16 @@ pub async fn replay(
         let landed = d.site == to.tag().to_string()
             || matches!(d.outcome.as_str(), "applied" | "applied_remote" | "merged");
         if d.outcome == "skipped_echo" || !landed || !filter.keeps(&d) {
+            continue;
+        }
+        if d.op == "ddl" {
+            // Schema changes are not run again: the side already has one it made or took, and
+            // running it twice would fail. A target restored from before it lacks it: the
+            // statement is in the event.
+            print(&format!(
+                "not replayed: schema change {} ({}), which {to} must have for the events after it",
+                d.id, d.ddl
+            ));
             continue;
         }
         if dry_run {

@@ -16,7 +16,7 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{DeliveryResult, Header, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, ProducerContext, ThreadedProducer};
 
-use crate::config::{KafkaConfig, KafkaFormat};
+use crate::config::{KafkaConfig, KafkaFormat, TableName};
 use crate::event::{Change, Event, SourceTable};
 use crate::lsn::Lsn;
 use crate::side::Side;
@@ -217,6 +217,12 @@ impl Encoder {
                 before: None,
                 after: None,
             },
+            Change::Ddl { .. } => Part {
+                table: &DDL_TABLE,
+                key: None,
+                before: None,
+                after: None,
+            },
         };
         // `schema.table:[json values]`, written in place (no string per column).
         let t = &part.table.name;
@@ -253,6 +259,23 @@ impl Encoder {
             commit_lsn: &self.commit_lsn,
             xid: &self.xid,
         }
+    }
+}
+
+/// What a schema change's event names as its table: where it is recorded (`tandem.ddl`).
+static DDL_TABLE: std::sync::LazyLock<Arc<SourceTable>> = std::sync::LazyLock::new(|| {
+    Arc::new(SourceTable {
+        oid: 0,
+        name: TableName::new("tandem", "ddl"),
+        columns: Vec::new(),
+    })
+});
+
+/// The statement of a schema change's event; empty for a row change.
+fn ddl_text(ev: &Event) -> &str {
+    match &ev.change {
+        Change::Ddl { sql, .. } => sql,
+        _ => "",
     }
 }
 
@@ -304,7 +327,7 @@ fn json_payload(ev: &Event, part: &Part, head: &Head, buf: &mut Vec<u8>) {
                 .collect(),
         )
     };
-    let v = serde_json::json!({
+    let mut v = serde_json::json!({
         "id": head.id,
         "site": head.site,
         "op": head.op,
@@ -320,6 +343,10 @@ fn json_payload(ev: &Event, part: &Part, head: &Head, buf: &mut Vec<u8>) {
         "ordinal": ev.ordinal,
         "outcome": head.outcome,
     });
+    // Row events keep their shape; a schema change's carries its statement.
+    if let Change::Ddl { sql, .. } = &ev.change {
+        v["ddl"] = serde_json::json!(sql);
+    }
     serde_json::to_writer(buf, &v).expect("JSON values serialise");
 }
 
@@ -428,6 +455,7 @@ fn proto_payload(ev: &Event, part: &Part, head: &Head, buf: &mut Vec<u8>) {
     put_uint(12, u64::from(ev.xid), buf);
     put_uint(13, u64::from(ev.ordinal), buf);
     put_nonempty(14, head.outcome, buf);
+    put_nonempty(15, ddl_text(ev), buf);
 }
 
 /// `(column, text value or NULL)` of a row image, in column-name order.
@@ -451,6 +479,8 @@ pub struct Decoded {
     pub xid: u32,
     pub ordinal: u32,
     pub outcome: String,
+    /// A schema change's statement (op `ddl`); empty for a row change.
+    pub ddl: String,
 }
 
 /// Decode a message payload: JSON (starts with `{`) or protobuf. Bad bytes are an error, never a
@@ -504,6 +534,7 @@ pub fn decode(payload: &[u8]) -> Result<Decoded> {
             xid: v["xid"].as_u64().unwrap_or(0) as u32,
             ordinal: v["ordinal"].as_u64().unwrap_or(0) as u32,
             outcome: s("outcome")?,
+            ddl: v["ddl"].as_str().unwrap_or_default().to_string(),
         });
     }
     let p = proto::Event::decode(payload).context("an event that is neither JSON nor protobuf")?;
@@ -534,6 +565,7 @@ pub fn decode(payload: &[u8]) -> Result<Decoded> {
         xid: p.xid,
         ordinal: p.ordinal,
         outcome: p.outcome,
+        ddl: p.ddl,
     })
 }
 
@@ -956,6 +988,7 @@ fn kib(ev: &Event) -> usize {
         Change::Update { old, new, .. } => bytes(new) + old.as_ref().map_or(0, |o| bytes(&o.tuple)),
         Change::Delete { old, .. } => bytes(&old.tuple),
         Change::Truncate { .. } => 0,
+        Change::Ddl { sql, .. } => sql.len(),
     };
     1 + size / 1024
 }
@@ -1513,6 +1546,7 @@ mod tests {
                 vec![],
             ),
             Change::Truncate { tables, .. } => (&tables[0], vec![], None, None, vec![]),
+            Change::Ddl { .. } => (&*DDL_TABLE, vec![], None, None, vec![]),
         };
         proto::Event {
             id: format!("{}:{}:{}", ev.source.tag(), ev.commit_lsn, ev.ordinal),
@@ -1529,6 +1563,7 @@ mod tests {
             xid: ev.xid,
             ordinal: ev.ordinal,
             outcome: outcome.into(),
+            ddl: ddl_text(ev).into(),
         }
         .encode_to_vec()
     }
@@ -1574,6 +1609,11 @@ mod tests {
                 cascade: false,
                 restart_identity: false,
             },
+            Change::Ddl {
+                id: 3,
+                sql: "ALTER TABLE jobs ADD COLUMN note text".into(),
+                search_path: "public".into(),
+            },
         ];
         for (i, change) in changes.into_iter().enumerate() {
             let mut e = ev(change);
@@ -1590,6 +1630,36 @@ mod tests {
             );
             assert_eq!(ours.len(), theirs.len(), "change {i}");
         }
+    }
+
+    #[test]
+    fn a_schema_change_is_an_event_of_its_own_carrying_its_statement() {
+        let mut e = ev(Change::Ddl {
+            id: 3,
+            sql: "ALTER TABLE jobs ADD COLUMN note text".into(),
+            search_path: "public".into(),
+        });
+        e.ordinal = 2;
+        for format in [KafkaFormat::Json, KafkaFormat::Protobuf] {
+            let r = &records(&e, "applied", format)[0];
+            let d = decode(&r.payload).unwrap();
+            assert_eq!(
+                (d.op.as_str(), d.schema.as_str(), d.table.as_str()),
+                ("ddl", "tandem", "ddl")
+            );
+            assert_eq!(d.ddl, "ALTER TABLE jobs ADD COLUMN note text");
+            assert!(d.key.is_empty() && d.before.is_none() && d.after.is_none());
+            assert_eq!(d.id, format!("M:{}:2", e.commit_lsn));
+            assert_eq!(r.key, b"tandem.ddl:[]");
+        }
+        // A row change's JSON has no `ddl` field, as before.
+        let row = ev(Change::Insert {
+            table: table(),
+            new: vec![t("1"), t("a"), Value::Null],
+        });
+        let json = &records(&row, "applied", KafkaFormat::Json)[0].payload;
+        assert!(!String::from_utf8_lossy(json).contains("\"ddl\""));
+        assert_eq!(decode(json).unwrap().ddl, "");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -30,14 +30,10 @@ pub enum Item {
         commit_ts: i64,
     },
     Change(Event),
-    /// A `tandem ddl` message: a schema change to run on the other side before the changes after
-    /// it. Only a claim until its row in the source's `tandem.ddl` is found with this `xid`.
-    Ddl {
-        xid: u32,
-        commit_lsn: Lsn,
-        /// The message's content: the row's id, as text.
-        id: String,
-    },
+    /// A `tandem ddl` message ([`Change::Ddl`], its statement not read yet): a schema change to
+    /// run on the other side before the changes after it. Only a claim until its row in the
+    /// source's `tandem.ddl` is found, written by this very transaction.
+    Ddl(Event),
     /// A change of a transaction tandem itself wrote: never applied back, only reported (Kafka).
     Echo(Event),
     /// End of a transaction. `echo` when tandem itself wrote it (its changes were withheld).
@@ -185,14 +181,20 @@ impl Assembler {
                 };
                 if m.prefix == MARKER_PREFIX {
                     t.echo = true;
-                } else if m.prefix == DDL_PREFIX && !t.echo {
-                    return Ok(Some(Item::Ddl {
-                        xid: t.begin.xid,
-                        commit_lsn: t.begin.final_lsn,
-                        id: String::from_utf8_lossy(&m.content).into_owned(),
-                    }));
+                    return Ok(None);
                 }
-                return Ok(None);
+                // The row's id; anything else is no message of `tandem ddl`'s.
+                let id = std::str::from_utf8(&m.content)
+                    .ok()
+                    .and_then(|c| c.parse().ok());
+                match id {
+                    Some(id) if m.prefix == DDL_PREFIX && !t.echo => Change::Ddl {
+                        id,
+                        sql: String::new(),
+                        search_path: String::new(),
+                    },
+                    _ => return Ok(None),
+                }
             }
             Message::Relation(r) => {
                 let sent = TableName::new(r.namespace, r.name);
@@ -265,7 +267,9 @@ impl Assembler {
             change,
         };
         txn.ordinal += 1;
-        Ok(Some(if txn.echo {
+        Ok(Some(if matches!(ev.change, Change::Ddl { .. }) {
+            Item::Ddl(ev)
+        } else if txn.echo {
             Item::Echo(ev)
         } else {
             Item::Change(ev)
@@ -456,11 +460,18 @@ mod tests {
         assert_eq!(a.push(ddl(false)).unwrap(), None, "not transactional");
         assert_eq!(
             a.push(ddl(true)).unwrap(),
-            Some(Item::Ddl {
-                xid: 9,
+            Some(Item::Ddl(Event {
+                source: Side::Desktop,
                 commit_lsn: Lsn(100),
-                id: "42".into()
-            })
+                commit_ts: 1,
+                xid: 9,
+                ordinal: 0,
+                change: Change::Ddl {
+                    id: 42,
+                    sql: String::new(),
+                    search_path: String::new()
+                }
+            }))
         );
         a.push(commit(100)).unwrap();
         // In a transaction tandem wrote (its marker first), it is not taken.
