@@ -1571,6 +1571,34 @@ async fn tandem_ddl_makes_a_schema_change_on_the_other_side_at_its_point_in_the_
     wait_count(30, &fx.m, "SELECT count(*) FROM items WHERE id = 6000", 1).await;
     assert!(!run.is_finished());
 
+    // Transaction control in the text ends tandem's transaction part way: refused, and never
+    // run on mobile (there it would end run's own transaction).
+    let (code, _, err) = ddl(
+        "desktop",
+        "ALTER TABLE items ADD COLUMN y int; COMMIT; ALTER TABLE items ADD COLUMN z int",
+    );
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("desktop: the statement ended tandem's transaction"),
+        "{err}"
+    );
+    // Dropped on desktop by hand; the next row shows the direction went past the message.
+    fx.d.batch_execute(
+        "ALTER TABLE items DROP COLUMN y, DROP COLUMN z; INSERT INTO items VALUES (7000, 'later', 70000)",
+    )
+    .await
+    .unwrap();
+    wait_count(30, &fx.m, "SELECT count(*) FROM items WHERE id = 7000", 1).await;
+    assert_eq!(
+        Fixture::count(
+            &fx.m,
+            "SELECT count(*) FROM information_schema.columns WHERE table_name = 'items' AND column_name IN ('y', 'z')"
+        )
+        .await,
+        0
+    );
+    assert!(!run.is_finished());
+
     // The other side refuses it (a column of that name already there): named like any refused
     // transaction, and applied once the obstacle is gone.
     fx.m.batch_execute("ALTER TABLE items ADD COLUMN x int")
@@ -1595,7 +1623,7 @@ async fn tandem_ddl_makes_a_schema_change_on_the_other_side_at_its_point_in_the_
         .unwrap();
     let run = fx.start().await;
     wait_for(30, "the column on mobile after the restart", || async {
-        count("m", "SELECT count(*) FROM items WHERE x = 7").await == 2003
+        count("m", "SELECT count(*) FROM items WHERE x = 7").await == 2004
     })
     .await;
     run.stop().await;

@@ -47,14 +47,14 @@ pub async fn ddl(cfg: &Config, on: Side, sql: &str) -> Result<String> {
         );
     }
     let tx = c.transaction().await?;
-    let id: i64 = tx
+    let (id, xid): (i64, String) = tx
         .query_one(
-            "INSERT INTO tandem.ddl (sql) VALUES ($1) RETURNING id",
+            "INSERT INTO tandem.ddl (sql) VALUES ($1) RETURNING id, xid::text",
             &[&sql],
         )
         .await
-        .context("recording the schema change in tandem.ddl")?
-        .get(0);
+        .context("recording the schema change in tandem.ddl")
+        .map(|r| (r.get(0), r.get(1)))?;
     // The message before the statement: rows the statement itself writes (an UPDATE filling a
     // new column) come after it in the stream, when the other side has the column.
     tx.execute(
@@ -66,6 +66,27 @@ pub async fn ddl(cfg: &Config, on: Side, sql: &str) -> Result<String> {
     tx.batch_execute(sql).await.with_context(|| {
         format!("{on}: the statement failed; nothing was changed on either side")
     })?;
+    // A COMMIT or ROLLBACK in the text ended this transaction part way: on the other side it
+    // would end `run`'s (its rows and checkpoint, and the marker that keeps them from coming
+    // back). Its row then stays incomplete, and `run` never runs it.
+    let now: Option<String> = tx
+        .query_one("SELECT pg_current_xact_id_if_assigned()::text", &[])
+        .await?
+        .get(0);
+    if now.as_deref() != Some(xid.as_str()) {
+        drop(tx);
+        bail!(
+            "{on}: the statement ended tandem's transaction (a COMMIT or ROLLBACK in it), so \
+             part of it may be committed on {on} on its own; none of it will be run on \
+             {other}. Pass statements without transaction control: they run in one \
+             transaction on each side"
+        );
+    }
+    tx.execute(
+        "UPDATE tandem.ddl SET complete = true WHERE id = $1",
+        &[&id],
+    )
+    .await?;
     tx.commit().await?;
     Ok(format!(
         "{on}: ran it (schema change {id}); `tandem run` runs it on {other} right after the \
@@ -82,15 +103,15 @@ pub struct Issued {
 }
 
 /// The schema change a `tandem-ddl` message in transaction `xid` names, when `tandem ddl` wrote
-/// it: its row in the source's `tandem.ddl`, written by that very transaction. Any role may write
-/// a logical message, but only tandem's may add rows there, so a message without its row (or one
-/// naming another transaction's row, to run it again) is not taken.
+/// it: its row in the source's `tandem.ddl`, written by that very transaction and complete. Any
+/// role may write a logical message, but only tandem's may add rows there, so a message without
+/// its row (or one naming another transaction's row, to run it again) is not taken.
 pub async fn issued(site: &Site, xid: u32, id: i64) -> Result<Option<Issued>> {
     let c: Client = db::connect(site, "tandem ddl").await?;
     let row = c
         .query_opt(
             "SELECT sql, search_path FROM tandem.ddl \
-             WHERE id = $1 AND (xid::text::numeric % 4294967296)::int8 = $2",
+             WHERE id = $1 AND (xid::text::numeric % 4294967296)::int8 = $2 AND complete",
             &[&id, &i64::from(xid)],
         )
         .await
