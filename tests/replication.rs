@@ -1537,7 +1537,11 @@ async fn tandem_ddl_makes_a_schema_change_on_the_other_side_at_its_point_in_the_
     wait_count(30, &fx.d, "SELECT count(*) FROM items WHERE n = 50000", 1).await;
 
     // Made on mobile, with an unqualified name: read with mobile's search_path on desktop too.
-    let (code, _, err) = ddl("mobile", "CREATE INDEX items_n ON items (n)");
+    // A session setting in it (as a pasted migration has) does not stay in run's session there.
+    let (code, _, err) = ddl(
+        "mobile",
+        "SET default_transaction_read_only = on; CREATE INDEX items_n ON items (n)",
+    );
     assert_eq!(code, 0, "{err}");
     wait_count(
         30,
@@ -1546,6 +1550,10 @@ async fn tandem_ddl_makes_a_schema_change_on_the_other_side_at_its_point_in_the_
         1,
     )
     .await;
+    fx.m.batch_execute("INSERT INTO items VALUES (5500, 'm', 55000)")
+        .await
+        .unwrap();
+    wait_count(30, &fx.d, "SELECT count(*) FROM items WHERE id = 5500", 1).await;
 
     // A statement the side refuses: one error, nothing recorded.
     let (code, _, err) = ddl("desktop", "ALTER TABLE items ADD COLUMN n int");
@@ -1623,7 +1631,7 @@ async fn tandem_ddl_makes_a_schema_change_on_the_other_side_at_its_point_in_the_
         .unwrap();
     let run = fx.start().await;
     wait_for(30, "the column on mobile after the restart", || async {
-        count("m", "SELECT count(*) FROM items WHERE x = 7").await == 2004
+        count("m", "SELECT count(*) FROM items WHERE x = 7").await == 2005
     })
     .await;
     run.stop().await;

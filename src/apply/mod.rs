@@ -648,14 +648,27 @@ impl Applier {
                 self.ensure_txn(ev.commit_lsn).await?;
                 self.run_ready(true).await?;
                 self.settle_all().await?;
-                // Unqualified names as the source's session read them, for this statement only.
-                let ours: String = self
+                // The session's settings and role, to put back after the statement: a `SET` in
+                // it (`client_encoding`, `default_transaction_read_only`, `ROLE`, as pasted from
+                // a migration or a pg_dump) would otherwise hold for the rest of this session.
+                let settings = "SELECT name, setting FROM pg_settings \
+                                WHERE context IN ('user', 'superuser')";
+                let before: HashMap<String, String> = self
                     .client
-                    .query_one("SELECT current_setting('search_path')", &[])
+                    .query(settings, &[])
+                    .await?
+                    .iter()
+                    .map(|r| (r.get(0), r.get(1)))
+                    .collect();
+                let role: String = self
+                    .client
+                    .query_one("SELECT current_user::text", &[])
                     .await?
                     .get(0);
-                let set = "SELECT set_config('search_path', $1, true)";
-                self.client.execute(set, &[search_path]).await?;
+                // Unqualified names as the source's session read them, for this statement only.
+                self.client
+                    .execute("SELECT set_config('search_path', $1, true)", &[search_path])
+                    .await?;
                 self.client
                     .batch_execute(sql)
                     .await
@@ -666,7 +679,23 @@ impl Applier {
                             self.source
                         )
                     })?;
-                self.client.execute(set, &[&ours]).await?;
+                if self
+                    .client
+                    .query_one("SELECT current_user::text", &[])
+                    .await?
+                    .get::<_, String>(0)
+                    != role
+                {
+                    self.client.batch_execute("RESET ROLE").await?;
+                }
+                for r in self.client.query(settings, &[]).await? {
+                    let (name, now): (String, String) = (r.get(0), r.get(1));
+                    if let Some(was) = before.get(&name).filter(|was| **was != now) {
+                        self.client
+                            .execute("SELECT set_config($1, $2, false)", &[&name, was])
+                            .await?;
+                    }
+                }
                 // Tables, their columns and the statements prepared against them may have changed.
                 self.tables.clear();
                 self.bindings.clear();
