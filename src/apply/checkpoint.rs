@@ -156,13 +156,15 @@ pub async fn record_refusal(
     Ok(())
 }
 
-/// A refusal the direction has not moved past (its checkpoint is still at the refusal's).
-#[derive(Debug)]
+/// A refusal the direction has not moved past (its checkpoint is still at the refusal's), as
+/// `tandem status` shows it (text and JSON).
+#[derive(Debug, serde::Serialize)]
 pub struct Refusal {
+    /// `on_refusal = "stop"` stopped `run` on it; otherwise `run` tries it again.
+    pub stopped: bool,
     pub since: String,
     pub last_at: String,
     pub tries: i64,
-    pub stopped: bool,
     pub error: String,
 }
 

@@ -8,6 +8,7 @@ use anyhow::Result;
 use serde::Serialize;
 use tokio_postgres::Client;
 
+use crate::apply::checkpoint::Refusal;
 use crate::config::Config;
 use crate::db;
 use crate::side::Side;
@@ -46,8 +47,9 @@ pub struct Direction {
 #[derive(Debug, Serialize)]
 pub struct Slot {
     pub name: String,
-    /// On the source: `None` when it could not be reached or the slot is missing.
+    /// On the source: `None` when it could not be reached.
     pub exists: Option<bool>,
+    /// The slot's state below: `None` also when it does not exist.
     pub confirmed_flush_lsn: Option<String>,
     /// The source's WAL written past `confirmed_flush_lsn`.
     pub behind_bytes: Option<i64>,
@@ -55,16 +57,6 @@ pub struct Slot {
     pub wal_status: Option<String>,
     /// Bytes left before `max_slot_wal_keep_size` (only set under it).
     pub safe_wal_size: Option<i64>,
-}
-
-#[derive(Debug, Serialize)]
-pub struct Refusal {
-    /// `on_refusal = "stop"` stopped `run` on it; otherwise `run` tries it again.
-    pub stopped: bool,
-    pub since: String,
-    pub last_at: String,
-    pub tries: i64,
-    pub error: String,
 }
 
 #[derive(Debug, Serialize)]
@@ -154,13 +146,7 @@ async fn one(
         d.skip_pending = lsn.map(|l| l.to_string());
     }
     d.refusal = match crate::apply::checkpoint::refusal(t, source).await {
-        Ok(r) => r.map(|r| Refusal {
-            stopped: r.stopped,
-            since: r.since,
-            last_at: r.last_at,
-            tries: r.tries,
-            error: r.error,
-        }),
+        Ok(r) => r,
         // Control schemas before migration 7: `run` would not have started on them.
         Err(e) if db::caused_by(&e, &tokio_postgres::error::SqlState::UNDEFINED_TABLE) => None,
         Err(e) => return Err(e),
