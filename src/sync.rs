@@ -1557,36 +1557,10 @@ async fn stream_loop(
                             });
                     }
                 }
-                Some(Item::Ddl(ev)) if leaving => applier.publish_left_out(ev).await?,
-                Some(Item::Ddl(ev)) if skipping && applier.kafka_required() => {
-                    applier.publish_again(ev).await?;
+                // A schema change is left out, or published again, like any change.
+                Some(Item::Change(ev) | Item::Ddl(ev)) if leaving => {
+                    applier.publish_left_out(ev).await?;
                 }
-                Some(Item::Ddl(_)) if skipping => {}
-                Some(Item::Ddl(mut ev)) => {
-                    let Change::Ddl { id, .. } = ev.change else {
-                        bail!("{source}: a schema change that is none");
-                    };
-                    match crate::ops::ddl::issued(live.cfg.site(source), ev.xid, id).await? {
-                        Some(d) => {
-                            ev.change = Change::Ddl {
-                                id,
-                                sql: d.sql,
-                                search_path: d.search_path,
-                            };
-                            // Not its text: a statement may carry a password (`ALTER ROLE …`).
-                            tracing::info!(%source, id, "running {source}'s schema change {id} on {}", source.other());
-                            applier.apply(&ev).await?;
-                            group_opened.get_or_insert_with(Instant::now);
-                            group_changes += 1;
-                            metrics::counter!("tandem_ddl_total", "direction" => source.direction_from())
-                                .increment(1);
-                        }
-                        None => {
-                            tracing::warn!(%source, "{source} transaction {} carries a `{DDL_PREFIX}` message (schema change {id}) that `tandem ddl` did not write: that row of {source}'s tandem.ddl is not this transaction's; not run on {}", ev.xid, source.other())
-                        }
-                    }
-                }
-                Some(Item::Change(ev)) if leaving => applier.publish_left_out(ev).await?,
                 Some(Item::Commit { end_lsn, .. }) if leaving => {
                     leaving = false;
                     through = through.max(end_lsn);
@@ -1600,10 +1574,10 @@ async fn stream_loop(
                         .increment(1);
                     careful.skip = None;
                 }
-                Some(Item::Change(ev)) if skipping && applier.kafka_required() => {
+                Some(Item::Change(ev) | Item::Ddl(ev)) if skipping && applier.kafka_required() => {
                     applier.publish_again(ev).await?;
                 }
-                Some(Item::Change(_)) if skipping => {}
+                Some(Item::Change(_) | Item::Ddl(_)) if skipping => {}
                 Some(Item::Echo(ev)) if !skipping || applier.kafka_required() => {
                     applier.publish_echo(ev).await?;
                 }
@@ -1614,6 +1588,28 @@ async fn stream_loop(
                         group_opened = Some(Instant::now());
                     }
                     group_changes += 1;
+                }
+                Some(Item::Ddl(mut ev)) => {
+                    let Change::Ddl { id, .. } = ev.change else {
+                        bail!("{source}: a schema change that is none");
+                    };
+                    match crate::ops::ddl::issued(live.cfg.site(source), ev.xid, id).await? {
+                        Some(change) => {
+                            ev.change = change;
+                            // Not its text: a statement may carry a password (`ALTER ROLE …`).
+                            tracing::info!(%source, id, "running {source}'s schema change {id} on {}", source.other());
+                            applier.apply(&ev).await?;
+                            if applier.in_txn() && group_opened.is_none() {
+                                group_opened = Some(Instant::now());
+                            }
+                            group_changes += 1;
+                            metrics::counter!("tandem_ddl_total", "direction" => source.direction_from())
+                                .increment(1);
+                        }
+                        None => {
+                            tracing::warn!(%source, "{source} transaction {} carries a `{DDL_PREFIX}` message (schema change {id}) that `tandem ddl` did not write: that row of {source}'s tandem.ddl is not this transaction's; not run on {}", ev.xid, source.other())
+                        }
+                    }
                 }
                 Some(Item::Commit { end_lsn, .. }) => {
                     through = through.max(end_lsn);

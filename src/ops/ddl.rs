@@ -14,6 +14,7 @@ use tokio_postgres::Client;
 
 use crate::config::{Config, Site};
 use crate::db;
+use crate::event::Change;
 use crate::side::Side;
 use crate::source::assemble::DDL_PREFIX;
 
@@ -94,19 +95,12 @@ pub async fn ddl(cfg: &Config, on: Side, sql: &str) -> Result<String> {
     ))
 }
 
-/// A schema change `run` met in `source`'s stream.
-#[derive(Debug)]
-pub struct Issued {
-    pub id: i64,
-    pub sql: String,
-    pub search_path: String,
-}
-
-/// The schema change a `tandem-ddl` message in transaction `xid` names, when `tandem ddl` wrote
-/// it: its row in the source's `tandem.ddl`, written by that very transaction and complete. Any
-/// role may write a logical message, but only tandem's may add rows there, so a message without
-/// its row (or one naming another transaction's row, to run it again) is not taken.
-pub async fn issued(site: &Site, xid: u32, id: i64) -> Result<Option<Issued>> {
+/// The schema change (with its statement) a `tandem-ddl` message in transaction `xid` names,
+/// when `tandem ddl` wrote it: its row in the source's `tandem.ddl`, written by that very
+/// transaction and complete. Any role may write a logical message, but only tandem's may add rows
+/// there, so a message without its row (or one naming another transaction's row, to run it
+/// again) is not taken.
+pub async fn issued(site: &Site, xid: u32, id: i64) -> Result<Option<Change>> {
     let c: Client = db::connect(site, "tandem ddl").await?;
     let row = c
         .query_opt(
@@ -116,7 +110,7 @@ pub async fn issued(site: &Site, xid: u32, id: i64) -> Result<Option<Issued>> {
         )
         .await
         .with_context(|| format!("{}: reading tandem.ddl", site.side))?;
-    Ok(row.map(|r| Issued {
+    Ok(row.map(|r| Change::Ddl {
         id,
         sql: r.get(0),
         search_path: r.get(1),
