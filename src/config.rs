@@ -385,6 +385,14 @@ impl Config {
             .any(|c| c == t || (c.is_wildcard() && c.schema == t.schema))
     }
 
+    /// Some configured table flows from `side`, so `run` streams it (otherwise that direction
+    /// only keeps its slot moving), and a `tandem ddl` made there reaches the other side.
+    pub fn streams(&self, side: Side) -> bool {
+        self.tables
+            .iter()
+            .any(|t| self.direction(t).flows_from(side))
+    }
+
     pub fn direction(&self, table: &TableName) -> Direction {
         self.directions
             .get(table)
@@ -840,6 +848,14 @@ mod tests {
             .direction(&TableName::new("public", "jobshead"))
             .flows_from(Side::Mobile));
         assert!(c.apply_truncate);
+        assert!(c.streams(Side::Desktop) && c.streams(Side::Mobile));
+        // Every table one way: the other side is not streamed.
+        let one_way = GOOD.replace(
+            r#"tables = ["public.jobshead", "public.jobtasks", "public.climaster"]"#,
+            r#"tables = ["public.climaster"]"#,
+        );
+        let c = Config::parse(&one_way, no_env).unwrap();
+        assert!(c.streams(Side::Desktop) && !c.streams(Side::Mobile));
     }
 
     #[test]

@@ -739,10 +739,7 @@ async fn direction(
     let mut backoff = Duration::from_millis(500);
     let mut learned = Learned::default();
     let mut careful = Careful::default();
-    let idle = !cfg
-        .tables
-        .iter()
-        .any(|t| cfg.direction(t).flows_from(source));
+    let idle = !cfg.streams(source);
     loop {
         let starts = status.from(source).starts.load(Ordering::Relaxed);
         let was_whole = careful.whole;

@@ -24,7 +24,7 @@ pub async fn ddl(cfg: &Config, on: Side, sql: &str) -> Result<String> {
     if sql.trim().is_empty() {
         bail!("no statement given: pass the schema change, e.g. `tandem ddl --on {on} \"ALTER TABLE public.jobs ADD COLUMN note text\"`");
     }
-    if !cfg.tables.iter().any(|t| cfg.direction(t).flows_from(on)) {
+    if !cfg.streams(on) {
         bail!(
             "no configured table flows from {on}, so `tandem run` does not stream {on} and would \
              never carry this change to {other}: run it with `--on {other}`"
