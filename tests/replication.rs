@@ -1513,18 +1513,15 @@ async fn tandem_ddl_makes_a_schema_change_on_the_other_side_at_its_point_in_the_
         .await
         .unwrap();
     // The column is not there until the schema change arrives: a failing query counts as none.
-    let count = |c: &'static str, sql: &'static str| {
-        let c = if c == "d" { &fx.d } else { &fx.m };
-        async move {
-            c.query_one(sql, &[])
-                .await
-                .map_or(-1, |r| r.get::<_, i64>(0))
-        }
+    let on_mobile = |sql: &'static str| async {
+        fx.m.query_one(sql, &[])
+            .await
+            .map_or(-1, |r| r.get::<_, i64>(0))
     };
     wait_for(
         60,
         "the column on mobile, filled, and the row after it",
-        || async { count("m", "SELECT count(*) FROM items WHERE n = id * 10").await == 2001 },
+        || async { on_mobile("SELECT count(*) FROM items WHERE n = id * 10").await == 2001 },
     )
     .await;
     assert!(
@@ -1631,7 +1628,7 @@ async fn tandem_ddl_makes_a_schema_change_on_the_other_side_at_its_point_in_the_
         .unwrap();
     let run = fx.start().await;
     wait_for(30, "the column on mobile after the restart", || async {
-        count("m", "SELECT count(*) FROM items WHERE x = 7").await == 2005
+        on_mobile("SELECT count(*) FROM items WHERE x = 7").await == 2005
     })
     .await;
     run.stop().await;
