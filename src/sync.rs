@@ -677,13 +677,15 @@ fn lock_timed_out(e: &anyhow::Error) -> bool {
 
 /// The server refused what a change carries: its data (22), a constraint (23, 27, 44), a
 /// name or privilege (42), a limit (54), or a trigger's own error (P0, 09, 2F, 38, 39); or the
-/// target table lacks a column the change carries ([`BindError`], found before sending). Not a
-/// full disk, a read-only server or an internal error: leaving a transaction out would be the
-/// wrong fix for those, and finding one to name costs a restart.
+/// target table lacks a column the change carries ([`BindError`], found before sending); or a
+/// table a schema change created cannot flow as it is ([`crate::ops::ddl::Unpublishable`]).
+/// Not a full disk, a read-only server or an internal error: leaving a transaction out would be
+/// the wrong fix for those, and finding one to name costs a restart.
 fn refused_by_target(e: &anyhow::Error) -> bool {
     e.chain().any(|c| {
         c.is::<crate::apply::pipeline::OutOfRange>()
             || c.is::<BindError>()
+            || c.is::<crate::ops::ddl::Unpublishable>()
             || c.downcast_ref::<tokio_postgres::Error>()
                 .and_then(|pg| pg.as_db_error())
                 .is_some_and(|db| {

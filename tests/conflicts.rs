@@ -52,8 +52,22 @@ async fn fixture(db: &str, extra_schema: &str, conflicts: &str) -> Fixture {
 
 /// `plain`: mobile connects as the plain role (else both sides as superuser).
 async fn fixture_as(db: &str, extra_schema: &str, conflicts: &str, plain: bool) -> Fixture {
+    fixture_of(db, "public.items", extra_schema, conflicts, plain).await
+}
+
+/// [`fixture_as`] with `tables` (a pattern) in the config.
+async fn fixture_of(
+    db: &str,
+    tables: &str,
+    extra_schema: &str,
+    conflicts: &str,
+    plain: bool,
+) -> Fixture {
     let (d, m) = Fixture::databases(db, &schema(db, extra_schema)).await;
-    let text = Fixture::config_text(db, "tables = [\"public.items\"]\ninitial_snapshot = false");
+    let text = Fixture::config_text(
+        db,
+        &format!("tables = [\"{tables}\"]\ninitial_snapshot = false"),
+    );
     // Only the mobile URL switches to the plain role.
     let (desktop, mobile) = text.split_at(text.find("[mobile]").unwrap());
     let mobile = if plain {
@@ -823,6 +837,104 @@ async fn a_column_added_with_tandem_ddl_flows_and_its_conflicts_are_decided_by_t
         )
         .await,
         1
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_table_tandem_ddl_creates_needs_what_its_rule_compares_and_then_its_conflicts_are_decided(
+) {
+    // `public.*`: a table mobile's plain role makes with `tandem ddl` is taken in at once.
+    let fx = fixture_of(
+        "cf_ddlnew",
+        "public.*",
+        "GRANT CREATE ON SCHEMA public TO tandem_cf;",
+        "[conflicts]\npolicy = \"last_write_wins\"\nversion_column = \"version\"",
+        true,
+    )
+    .await;
+    let cfg = fx.config_path.to_str().unwrap();
+    let ddl = |sql: &str| run_tandem(&["--config", cfg, "ddl", "--on", "mobile", sql], &[]);
+    let run = fx.start().await;
+    // Without the version column, and without commit timestamps for the plain role to fall back
+    // on, last_write_wins could not decide its conflicts: refused, nothing made.
+    let (code, _, err) = ddl("CREATE TABLE notes (id bigint PRIMARY KEY, body text)");
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains(
+            "mobile: public.notes has no column `version`, which last_write_wins compares"
+        ),
+        "{err}"
+    );
+    assert_eq!(
+        Fixture::count(
+            &fx.m,
+            "SELECT count(*) FROM pg_tables WHERE tablename = 'notes'"
+        )
+        .await,
+        0
+    );
+    let (code, out, err) =
+        ddl("CREATE TABLE notes (id bigint PRIMARY KEY, body text, version bigint NOT NULL)");
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("added to publication cf_ddlnew_m"), "{out}");
+    fx.m.batch_execute("INSERT INTO notes VALUES (1, 'm', 1)")
+        .await
+        .unwrap();
+    wait_for(30, "mobile's row on desktop", || async {
+        fx.d.query_one("SELECT count(*) FROM notes", &[])
+            .await
+            .is_ok_and(|r| r.get::<_, i64>(0) == 1)
+    })
+    .await;
+    run.stop().await;
+
+    // Both change the row while tandem is stopped: the greater version wins on both sides, and
+    // mobile, where the remote version lost, logs it under the new table.
+    fx.d.batch_execute("UPDATE notes SET body = 'd', version = 5")
+        .await
+        .unwrap();
+    fx.m.batch_execute("UPDATE notes SET body = 'm', version = 7")
+        .await
+        .unwrap();
+    let run = fx.start().await;
+    wait_count(30, &fx.d, "SELECT count(*) FROM notes WHERE body = 'm'", 1).await;
+    assert_eq!(
+        Fixture::count(&fx.m, "SELECT count(*) FROM notes WHERE body = 'm'").await,
+        1
+    );
+    wait_count(
+        30,
+        &fx.m,
+        "SELECT count(*) FROM tandem.conflicts WHERE table_name = 'public.notes' \
+         AND resolution = 'kept_local'",
+        1,
+    )
+    .await;
+
+    // Desktop (superuser, commit timestamps on) may compare commit times instead of the missing
+    // column; mobile's plain role may not, so mobile refuses the change like any transaction it
+    // cannot take: named, with its `tandem skip` command, nothing of it made there.
+    let (code, _, err) = run_tandem(
+        &[
+            "--config",
+            cfg,
+            "ddl",
+            "--on",
+            "desktop",
+            "CREATE TABLE later (id bigint PRIMARY KEY)",
+        ],
+        &[],
+    );
+    assert_eq!(code, 0, "{err}");
+    let (e, _) = common::rejected(run).await;
+    assert!(
+        e.contains("was rejected by mobile")
+            && e.contains("mobile: public.later has no column `version`"),
+        "{e}"
+    );
+    assert_eq!(
+        Fixture::count(&fx.m, "SELECT count(*) FROM pg_tables WHERE tablename = 'later'").await,
+        0
     );
 }
 

@@ -1635,6 +1635,135 @@ async fn tandem_ddl_makes_a_schema_change_on_the_other_side_at_its_point_in_the_
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_table_tandem_ddl_creates_that_the_patterns_take_in_flows_both_ways_at_once() {
+    let fx = Fixture::new(
+        "ddlnew",
+        "CREATE TABLE items (id int PRIMARY KEY, v text);",
+        "tables = [\"public.*\"]",
+    )
+    .await;
+    let run = fx.start().await;
+    let cfg = fx.config_path.to_str().unwrap();
+    let ddl = |on: &str, sql: &str| run_tandem(&["--config", cfg, "ddl", "--on", on, sql], &[]);
+    let published = |c: &'static str| {
+        format!(
+            "SELECT count(*) FROM pg_publication_tables WHERE pubname = 'ddlnew_{c}' \
+             AND tablename = 'notes'"
+        )
+    };
+
+    // Made on desktop with a row of its own while run runs: no setup, no restart.
+    let (code, out, err) = ddl(
+        "desktop",
+        "CREATE TABLE notes (id bigint PRIMARY KEY, body text); \
+         INSERT INTO notes VALUES (1, 'made with it')",
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains(
+            "desktop: public.notes was created and flows both ways: added to publication ddlnew_d"
+        ),
+        "{out}"
+    );
+    assert_eq!(Fixture::count(&fx.d, &published("d")).await, 1);
+    fx.d.batch_execute("INSERT INTO notes VALUES (2, 'desktop')")
+        .await
+        .unwrap();
+    // The table is not on mobile until the schema change arrives: a failing query counts as none.
+    wait_for(
+        30,
+        "notes on mobile with both of desktop's rows",
+        || async {
+            fx.m.query_one("SELECT count(*) FROM notes", &[])
+                .await
+                .is_ok_and(|r| r.get::<_, i64>(0) == 2)
+        },
+    )
+    .await;
+    // Mobile put it in its own publication in the transaction that made it there.
+    assert_eq!(Fixture::count(&fx.m, &published("m")).await, 1);
+    fx.m.batch_execute(
+        "INSERT INTO notes VALUES (3, 'mobile'); UPDATE notes SET body = 'edited' WHERE id = 1",
+    )
+    .await
+    .unwrap();
+    wait_count(
+        30,
+        &fx.d,
+        "SELECT count(*) FROM notes WHERE id = 3 OR body = 'edited'",
+        2,
+    )
+    .await;
+    fx.wait_equal("notes", 30).await;
+
+    // One setup would refuse (no key, no REPLICA IDENTITY FULL) is refused whole, on the side
+    // named first: nothing made there, nothing to run on the other.
+    let (code, _, err) = ddl("mobile", "CREATE TABLE loose (v text)");
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("mobile: public.loose has no primary key")
+            && err.contains("REPLICA IDENTITY FULL")
+            && err.contains("nothing was changed on either side"),
+        "{err}"
+    );
+    assert_eq!(
+        Fixture::count(
+            &fx.m,
+            "SELECT count(*) FROM pg_class WHERE relname = 'loose'"
+        )
+        .await,
+        0
+    );
+    // One outside the patterns is made on both sides and left out of the publications.
+    let (code, out, err) = ddl(
+        "mobile",
+        "CREATE SCHEMA aside; CREATE TABLE aside.notes (id int PRIMARY KEY)",
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(!out.contains("was created"), "{out}");
+    wait_count(
+        30,
+        &fx.d,
+        "SELECT count(*) FROM pg_tables WHERE schemaname = 'aside'",
+        1,
+    )
+    .await;
+    for c in [&fx.d, &fx.m] {
+        assert_eq!(
+            Fixture::count(
+                c,
+                "SELECT count(*) FROM pg_publication_tables WHERE schemaname = 'aside'"
+            )
+            .await,
+            0
+        );
+    }
+    assert!(!run.is_finished());
+    run.stop().await;
+
+    // A restart finds the publications as the config wants them and the table synchronised:
+    // no initial snapshot of it, and its changes go on flowing.
+    for c in [&fx.d, &fx.m] {
+        assert_eq!(
+            Fixture::count(
+                c,
+                "SELECT count(*) FROM tandem.snapshots WHERE table_name = 'public.notes' \
+                 AND state = 'done' AND rows = 0"
+            )
+            .await,
+            1
+        );
+    }
+    let run = fx.start().await;
+    fx.m.batch_execute("DELETE FROM notes WHERE id = 2")
+        .await
+        .unwrap();
+    wait_count(30, &fx.d, "SELECT count(*) FROM notes", 2).await;
+    fx.wait_equal("notes", 30).await;
+    run.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_column_added_on_the_source_only_stops_run_naming_its_transaction_and_a_restart_resumes()
 {
     let fx = Fixture::new(

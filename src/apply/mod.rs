@@ -665,6 +665,7 @@ impl Applier {
                     .query_one("SELECT current_user::text", &[])
                     .await?
                     .get(0);
+                let tables_before = crate::ops::ddl::table_oids(&*self.client).await?;
                 // Unqualified names as the source's session read them, for this statement only.
                 self.client
                     .execute("SELECT set_config('search_path', $1, true)", &[search_path])
@@ -695,6 +696,18 @@ impl Applier {
                             .execute("SELECT set_config($1, $2, false)", &[&name, was])
                             .await?;
                     }
+                }
+                // A table it made that the config takes in flows from here too, at once.
+                let created = crate::ops::ddl::publish_created(
+                    &self.cfg,
+                    &*self.client,
+                    self.source.other(),
+                    &tables_before,
+                )
+                .await
+                .with_context(|| format!("{}'s schema change {id}", self.source))?;
+                for line in created {
+                    tracing::info!(ddl = id, "{line}");
                 }
                 // Tables, their columns and the statements prepared against them may have changed.
                 self.tables.clear();

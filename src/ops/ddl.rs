@@ -9,10 +9,13 @@
 //! on the other side inside the group that applies them, before any change after it (those the
 //! statement itself made included).
 
-use anyhow::{bail, Context, Result};
-use tokio_postgres::Client;
+use std::collections::HashSet;
 
-use crate::config::{Config, Site};
+use anyhow::{bail, Context, Result};
+use tokio_postgres::{Client, GenericClient};
+
+use crate::apply::conflict::Policy;
+use crate::config::{quote_ident, Config, Direction, Site, TableName};
 use crate::db;
 use crate::event::Change;
 use crate::side::Side;
@@ -63,6 +66,7 @@ pub async fn ddl(cfg: &Config, on: Side, sql: &str) -> Result<String> {
         &[&DDL_PREFIX, &id.to_string()],
     )
     .await?;
+    let before = table_oids(&tx).await?;
     // Not its text in the error: a statement may carry a password (`ALTER ROLE …`).
     tx.batch_execute(sql).await.with_context(|| {
         format!("{on}: the statement failed; nothing was changed on either side")
@@ -83,16 +87,24 @@ pub async fn ddl(cfg: &Config, on: Side, sql: &str) -> Result<String> {
              transaction on each side"
         );
     }
+    let created = publish_created(cfg, &tx, on, &before).await.map_err(|e| {
+        e.context("the schema change was rolled back; nothing was changed on either side")
+    })?;
     tx.execute(
         "UPDATE tandem.ddl SET complete = true WHERE id = $1",
         &[&id],
     )
     .await?;
     tx.commit().await?;
-    Ok(format!(
+    let mut out = format!(
         "{on}: ran it (schema change {id}); `tandem run` runs it on {other} right after the \
          {on} changes committed before it, and before any after it"
-    ))
+    );
+    for line in created {
+        out.push('\n');
+        out.push_str(&line);
+    }
+    Ok(out)
 }
 
 /// The schema change (with its statement) a `tandem-ddl` message in transaction `xid` names,
@@ -115,4 +127,211 @@ pub async fn issued(site: &Site, xid: u32, id: i64) -> Result<Option<Change>> {
         sql: r.get(0),
         search_path: r.get(1),
     }))
+}
+
+/// A table a schema change created that the config takes in, but could not flow as it is (no key,
+/// no old rows its conflict policy needs, …): on the other side, a refusal of that transaction.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Unpublishable(pub String);
+
+/// The tables (and partitioned tables) there are, by OID: taken before a schema change, what is
+/// not among them after it was created by it.
+pub(crate) async fn table_oids(c: &impl GenericClient) -> Result<HashSet<u32>> {
+    let oids: Vec<u32> = c
+        .query_one(
+            "SELECT coalesce(array_agg(oid), '{}') FROM pg_class WHERE relkind IN ('r', 'p')",
+            &[],
+        )
+        .await?
+        .get(0);
+    Ok(oids.into_iter().collect())
+}
+
+/// After a schema change on `side`, in its transaction: each table it created that the config's
+/// patterns (`public.*`) take in is put in `side`'s publication when it flows from `side`, as
+/// `setup` would have put it, and marked as synchronised (it starts the same on both sides, made
+/// by the same statement), so that it flows at once, without `setup`, a restart or an initial
+/// snapshot. What it lacks for that (a key, old rows its conflict policy compares, the version
+/// column) is an error, before anything is committed. One line per table, saying what was done.
+pub(crate) async fn publish_created(
+    cfg: &Config,
+    c: &impl GenericClient,
+    side: Side,
+    before: &HashSet<u32>,
+) -> Result<Vec<String>> {
+    let mut lines = Vec::new();
+    for t in crate::catalog::expand(c, &cfg.tables).await? {
+        let oid: Option<u32> = c
+            .query_one("SELECT to_regclass($1)::oid", &[&t.quoted()])
+            .await?
+            .get(0);
+        if oid.is_none_or(|o| before.contains(&o)) {
+            continue;
+        }
+        let publication = &cfg.site(side).publication;
+        let direction = cfg.direction(&t);
+        // On both sides whichever way it flows: the first side then refuses what the other
+        // would, before anything is committed.
+        if let Some(problem) = check_created(cfg, c, side, &t).await? {
+            return Err(Unpublishable(problem).into());
+        }
+        if direction.flows_from(side) {
+            let entry = crate::ops::setup::publication_entry(cfg, &t, side);
+            c.batch_execute(&format!(
+                "ALTER PUBLICATION {} ADD TABLE {entry}",
+                quote_ident(publication)
+            ))
+            .await
+            .with_context(|| format!("{side}: adding {t}, which the schema change created, to publication {publication}"))?;
+            if cfg.filter(&t, side).is_some() {
+                // PostgreSQL refuses the application's every UPDATE and DELETE of a table whose
+                // row filter reads columns outside its replica identity: refuse it here first.
+                c.batch_execute(&format!("DELETE FROM {} WHERE false", t.quoted()))
+                    .await
+                    .with_context(|| {
+                        format!(
+                            "{side}: [replication.filter.\"{t}\"] {} uses a column outside \
+                             the replica identity of {t}, so PostgreSQL would refuse every UPDATE \
+                             and DELETE on it; filter on key columns, or make the table REPLICA \
+                             IDENTITY FULL in the same statement",
+                            side.direction_key()
+                        )
+                    })?;
+            }
+        }
+        if let Some(seed) = cfg.seed_for(&t) {
+            crate::ops::snapshot::mark_created(c, &t, seed).await?;
+        }
+        let flows = match direction {
+            Direction::Both => "both ways",
+            Direction::DesktopToMobile => "from desktop to mobile",
+            Direction::MobileToDesktop => "from mobile to desktop",
+        };
+        lines.push(if direction.flows_from(side) {
+            format!("{side}: {t} was created and flows {flows}: added to publication {publication}")
+        } else {
+            format!("{side}: {t} was created and flows {flows}")
+        });
+        if direction == Direction::Both {
+            if let Some(col) = sequence_key(c, &t).await? {
+                lines.push(format!(
+                    "{side}: {t}'s key column `{col}` comes from a sequence, so rows inserted on \
+                     both sides collide; run `tandem setup --sequences odd-even` (desktop odd, \
+                     mobile even) once it is on both sides, or use UUID keys"
+                ));
+            }
+        }
+    }
+    Ok(lines)
+}
+
+/// What `setup` would have refused of a table it puts in `side`'s publication, one side's part
+/// of it (the other side checks its own when it runs the statement).
+async fn check_created(
+    cfg: &Config,
+    c: &impl GenericClient,
+    side: Side,
+    t: &TableName,
+) -> Result<Option<String>> {
+    let Some(tt) = crate::catalog::table(c, t).await? else {
+        return Ok(None);
+    };
+    let identity_full = crate::ops::setup::not_identity_full(c, t).await?.is_empty();
+    let names =
+        |idx: &[usize]| -> Vec<&str> { idx.iter().map(|&i| tt.columns[i].name.as_str()).collect() };
+    if tt.key.is_empty() {
+        if cfg.columns_of(t).is_some() {
+            return Ok(Some(format!(
+                "{side}: {t} has no primary key, so its rows are found by all their values, and \
+                 PostgreSQL 15 then sends updates and deletes only when every column flows, yet \
+                 [replication.columns] lists some: give it a primary key in the statement"
+            )));
+        }
+        if !identity_full {
+            return Ok(Some(format!(
+                "{side}: {t} has no primary key (or replica identity index), so tandem finds its \
+                 rows by all their values, which needs REPLICA IDENTITY FULL: add a primary key, \
+                 or `ALTER TABLE {} REPLICA IDENTITY FULL` to the statement",
+                t.quoted()
+            )));
+        }
+        return Ok(None);
+    }
+    if crate::ops::setup::replica_identity(c, t).await?.as_deref() == Some("n") {
+        return Ok(Some(format!(
+            "{side}: {t} has REPLICA IDENTITY NOTHING, so its updates and deletes cannot be \
+             replicated; leave that out of the statement"
+        )));
+    }
+    if let Some(listed) = cfg.columns_of(t) {
+        let unlisted: Vec<&str> = names(&tt.key)
+            .into_iter()
+            .filter(|k| !listed.iter().any(|n| n == k))
+            .collect();
+        if !unlisted.is_empty() {
+            return Ok(Some(format!(
+                "{side}: [replication.columns] of {t} must list its key column(s) {}: without \
+                 them neither side could update or delete its rows",
+                unlisted.join(", ")
+            )));
+        }
+    }
+    let Some(tc) = cfg.conflicts_for(t) else {
+        return Ok(None);
+    };
+    if tc.policy.needs_old_row() && !identity_full {
+        return Ok(Some(format!(
+            "{side}: {t} uses conflict policy {}, which needs the old row of every change: add \
+             `ALTER TABLE {} REPLICA IDENTITY FULL` to the statement",
+            tc.policy.as_str(),
+            t.quoted()
+        )));
+    }
+    if tc.policy == Policy::LastWriteWins {
+        let v = tc.version_column.clone().unwrap_or_default();
+        if !tt.columns.iter().any(|col| col.name == v) {
+            let commit_ts: bool = c
+                .query_one(
+                    "SELECT current_setting('track_commit_timestamp') = 'on' \
+                     AND has_function_privilege('pg_replication_origin_session_setup(text)', 'EXECUTE') \
+                     AND has_function_privilege('pg_replication_origin_xact_setup(pg_lsn, timestamptz)', 'EXECUTE') \
+                     AND has_function_privilege('pg_replication_origin_create(text)', 'EXECUTE')",
+                    &[],
+                )
+                .await?
+                .get(0);
+            if !commit_ts {
+                return Ok(Some(format!(
+                    "{side}: {t} has no column `{v}`, which last_write_wins compares: add it to \
+                     the statement (a timestamp or number every change increases), or give the \
+                     table another policy or version column in [conflicts.tables]"
+                )));
+            }
+        } else if !cfg.column_flows(t, &v) {
+            return Ok(Some(format!(
+                "{side}: last_write_wins compares `{v}` of {t}, which [replication.columns] \
+                 leaves out; add it to the list"
+            )));
+        }
+    }
+    Ok(None)
+}
+
+/// The key column of `t` that a sequence fills (serial, identity), if any.
+async fn sequence_key(c: &impl GenericClient, t: &TableName) -> Result<Option<String>> {
+    let Some(tt) = crate::catalog::table(c, t).await? else {
+        return Ok(None);
+    };
+    for &k in &tt.key {
+        let col = &tt.columns[k].name;
+        let seq: Option<String> = c
+            .query_one("SELECT pg_get_serial_sequence($1, $2)", &[&t.quoted(), col])
+            .await?
+            .get(0);
+        if seq.is_some() {
+            return Ok(Some(col.clone()));
+        }
+    }
+    Ok(None)
 }

@@ -6,7 +6,7 @@ use std::fmt;
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
-use tokio_postgres::Client;
+use tokio_postgres::{Client, GenericClient};
 
 use crate::apply::checkpoint::{self, Checkpoint};
 use crate::apply::plan::TargetTable;
@@ -189,7 +189,10 @@ fn describe_columns(t: &TargetTable) -> String {
 /// The relations of `t` whose changes are logged without their old row: `t` itself, or for a
 /// partitioned table every partition in its tree. The old row is logged by the partition that
 /// holds the row, whatever the partitioned table says, even when it publishes via the root.
-pub(crate) async fn not_identity_full(c: &Client, t: &TableName) -> Result<Vec<String>> {
+pub(crate) async fn not_identity_full(
+    c: &impl GenericClient,
+    t: &TableName,
+) -> Result<Vec<String>> {
     // pg_partition_tree lists nothing for a table that is not partitioned.
     Ok(c.query(
         "SELECT format('%I.%I', n.nspname, c.relname) FROM (SELECT $1::text::regclass AS r, 0 AS level \
@@ -204,7 +207,10 @@ pub(crate) async fn not_identity_full(c: &Client, t: &TableName) -> Result<Vec<S
     .collect())
 }
 
-async fn replica_identity(c: &Client, t: &TableName) -> Result<Option<String>> {
+pub(crate) async fn replica_identity(
+    c: &impl GenericClient,
+    t: &TableName,
+) -> Result<Option<String>> {
     let row = c
         .query_opt(
             "SELECT c.relreplident::text FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
@@ -921,6 +927,21 @@ pub async fn migrate(c: &mut Client) -> Result<Vec<i32>> {
     Ok(applied)
 }
 
+/// `t` as a publication on `side` lists it: with its column list and row filter.
+pub(crate) fn publication_entry(cfg: &Config, t: &TableName, side: Side) -> String {
+    // With a column list, the other columns are never sent: each side keeps its own.
+    let cols = cfg.columns_of(t).map_or(String::new(), |cols| {
+        let cols: Vec<String> = cols.iter().map(|c| quote_ident(c)).collect();
+        format!(" ({})", cols.join(", "))
+    });
+    // Rows that do not meet the filter are not sent; an update that moves a row out of it is
+    // sent as a delete, one that moves it in as an insert.
+    let rows = cfg
+        .filter(t, side)
+        .map_or(String::new(), |f| format!(" WHERE ({f})"));
+    format!("{}{cols}{rows}", t.quoted())
+}
+
 async fn sync_publication(
     cfg: &Config,
     c: &Client,
@@ -934,21 +955,9 @@ async fn sync_publication(
         )
         .await?
         .is_some();
-    // With a column list, the other columns are never sent: each side keeps its own.
     let list = tables
         .iter()
-        .map(|t| {
-            let cols = cfg.columns_of(t).map_or(String::new(), |cols| {
-                let cols: Vec<String> = cols.iter().map(|c| quote_ident(c)).collect();
-                format!(" ({})", cols.join(", "))
-            });
-            // Rows that do not meet the filter are not sent; an update that moves a row out of
-            // it is sent as a delete, one that moves it in as an insert.
-            let rows = cfg
-                .filter(t, site.side)
-                .map_or(String::new(), |f| format!(" WHERE ({f})"));
-            format!("{}{cols}{rows}", t.quoted())
-        })
+        .map(|t| publication_entry(cfg, t, site.side))
         .collect::<Vec<_>>()
         .join(", ");
     let name = quote_ident(&site.publication);

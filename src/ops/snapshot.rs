@@ -27,7 +27,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use futures_util::{pin_mut, SinkExt, StreamExt};
 use indicatif::{ProgressBar, ProgressStyle};
 use tokio_postgres::error::SqlState;
-use tokio_postgres::Client;
+use tokio_postgres::{Client, GenericClient};
 
 use crate::apply::plan::TargetTable;
 use crate::apply::{origin_name, take_origin};
@@ -99,11 +99,17 @@ async fn state(c: &Client, t: &TableName) -> Result<Option<String>> {
     .map(|r| r.get(0)))
 }
 
+/// Record `t`, which a schema change created on both sides, as synchronised: the same there from
+/// its start, with nothing for an initial snapshot to copy.
+pub(crate) async fn mark_created(c: &impl GenericClient, t: &TableName, seed: Side) -> Result<()> {
+    mark(c, t, seed, Mode::Merge, "done", Some(0), None, None).await
+}
+
 /// Record `t`'s snapshot state; when done, with `rows` copied as `seed_read` saw the seed, and
 /// merged as `back_read` saw the target.
 #[allow(clippy::too_many_arguments)]
 async fn mark(
-    c: &Client,
+    c: &impl GenericClient,
     t: &TableName,
     seed: Side,
     mode: Mode,
