@@ -933,7 +933,11 @@ async fn a_table_tandem_ddl_creates_needs_what_its_rule_compares_and_then_its_co
         "{e}"
     );
     assert_eq!(
-        Fixture::count(&fx.m, "SELECT count(*) FROM pg_tables WHERE tablename = 'later'").await,
+        Fixture::count(
+            &fx.m,
+            "SELECT count(*) FROM pg_tables WHERE tablename = 'later'"
+        )
+        .await,
         0
     );
 }

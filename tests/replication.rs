@@ -1741,19 +1741,18 @@ async fn a_table_tandem_ddl_creates_that_the_patterns_take_in_flows_both_ways_at
     assert!(!run.is_finished());
     run.stop().await;
 
-    // A restart finds the publications as the config wants them and the table synchronised:
-    // no initial snapshot of it, and its changes go on flowing.
-    for c in [&fx.d, &fx.m] {
-        assert_eq!(
-            Fixture::count(
-                c,
-                "SELECT count(*) FROM tandem.snapshots WHERE table_name = 'public.notes' \
-                 AND state = 'done' AND rows = 0"
-            )
-            .await,
-            1
-        );
-    }
+    // A restart finds the publications as the config wants them and the table synchronised (run
+    // recorded it where it made it): no initial snapshot of it, and its changes go on flowing.
+    // Whichever side seeds it: with mobile as the seed, the snapshot would read desktop.
+    assert_eq!(
+        Fixture::count(
+            &fx.m,
+            "SELECT count(*) FROM tandem.snapshots WHERE table_name = 'public.notes' \
+             AND state = 'done' AND seed = 'M'"
+        )
+        .await,
+        1
+    );
     let run = fx.start().await;
     fx.m.batch_execute("DELETE FROM notes WHERE id = 2")
         .await
@@ -1761,6 +1760,23 @@ async fn a_table_tandem_ddl_creates_that_the_patterns_take_in_flows_both_ways_at
     wait_count(30, &fx.d, "SELECT count(*) FROM notes", 2).await;
     fx.wait_equal("notes", 30).await;
     run.stop().await;
+    let mut cfg = (*fx.cfg).clone();
+    cfg.seed = tandem::side::Side::Mobile;
+    let seeded_by_mobile = Fixture {
+        cfg: std::sync::Arc::new(cfg),
+        ..fx
+    };
+    let run = seeded_by_mobile.start().await;
+    run.stop().await;
+    // A copy from mobile would have recorded itself on desktop.
+    assert_eq!(
+        Fixture::count(
+            &seeded_by_mobile.d,
+            "SELECT count(*) FROM tandem.snapshots WHERE table_name = 'public.notes'"
+        )
+        .await,
+        0
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -703,6 +703,7 @@ impl Applier {
                     &*self.client,
                     self.source.other(),
                     &tables_before,
+                    true,
                 )
                 .await
                 .with_context(|| format!("{}'s schema change {id}", self.source))?;

@@ -87,9 +87,11 @@ pub async fn ddl(cfg: &Config, on: Side, sql: &str) -> Result<String> {
              transaction on each side"
         );
     }
-    let created = publish_created(cfg, &tx, on, &before).await.map_err(|e| {
-        e.context("the schema change was rolled back; nothing was changed on either side")
-    })?;
+    let created = publish_created(cfg, &tx, on, &before, false)
+        .await
+        .map_err(|e| {
+            e.context("the schema change was rolled back; nothing was changed on either side")
+        })?;
     tx.execute(
         "UPDATE tandem.ddl SET complete = true WHERE id = $1",
         &[&id],
@@ -150,15 +152,16 @@ pub(crate) async fn table_oids(c: &impl GenericClient) -> Result<HashSet<u32>> {
 
 /// After a schema change on `side`, in its transaction: each table it created that the config's
 /// patterns (`public.*`) take in is put in `side`'s publication when it flows from `side`, as
-/// `setup` would have put it, and marked as synchronised (it starts the same on both sides, made
-/// by the same statement), so that it flows at once, without `setup`, a restart or an initial
-/// snapshot. What it lacks for that (a key, old rows its conflict policy compares, the version
+/// `setup` would have put it, and, `by_run` on the other side, recorded as synchronised (it starts
+/// the same on both sides, made by the same statement), so that it flows at once, without
+/// `setup`, a restart or an initial snapshot. What it lacks for that (a key, old rows its conflict policy compares, the version
 /// column) is an error, before anything is committed. One line per table, saying what was done.
 pub(crate) async fn publish_created(
     cfg: &Config,
     c: &impl GenericClient,
     side: Side,
     before: &HashSet<u32>,
+    by_run: bool,
 ) -> Result<Vec<String>> {
     let mut lines = Vec::new();
     for t in crate::catalog::expand(c, &cfg.tables).await? {
@@ -200,8 +203,11 @@ pub(crate) async fn publish_created(
                     })?;
             }
         }
-        if let Some(seed) = cfg.seed_for(&t) {
-            crate::ops::snapshot::mark_created(c, &t, seed).await?;
+        // Only `run` records it synchronised: that it made the table from the stream proves its
+        // configuration takes the table in, so every change after the statement is applied.
+        // (One started before the table was added to an explicit list would leave them out.)
+        if by_run {
+            crate::ops::snapshot::mark_created(c, &t, side).await?;
         }
         let flows = match direction {
             Direction::Both => "both ways",

@@ -99,10 +99,23 @@ async fn state(c: &Client, t: &TableName) -> Result<Option<String>> {
     .map(|r| r.get(0)))
 }
 
-/// Record `t`, which a schema change created on both sides, as synchronised: the same there from
-/// its start, with nothing for an initial snapshot to copy.
-pub(crate) async fn mark_created(c: &impl GenericClient, t: &TableName, seed: Side) -> Result<()> {
-    mark(c, t, seed, Mode::Merge, "done", Some(0), None, None).await
+/// Record on `here` that `t`, which a `tandem ddl` schema change created on both sides, is
+/// synchronised: the same on both from its start, with nothing for an initial snapshot to copy.
+/// Written by `run` as it makes the table `here`, with `here` as its seed, which no copy writes (a
+/// copy's row is on its target, naming the other side), so [`created`] tells the two apart.
+pub(crate) async fn mark_created(c: &impl GenericClient, t: &TableName, here: Side) -> Result<()> {
+    mark(c, t, here, Mode::Merge, "done", Some(0), None, None).await
+}
+
+/// `run` made `t` on `here` from the other side's schema change, streaming both ever since
+/// ([`mark_created`]).
+async fn created(c: &Client, t: &TableName, here: Side) -> Result<bool> {
+    Ok(c.query_opt(
+        "SELECT 1 FROM tandem.snapshots WHERE table_name = $1 AND seed = $2 AND state = 'done'",
+        &[&t.to_string(), &here.tag().to_string()],
+    )
+    .await?
+    .is_some())
 }
 
 /// Record `t`'s snapshot state; when done, with `rows` copied as `seed_read` saw the seed, and
@@ -270,6 +283,13 @@ async fn initial_tables(cfg: &Config, sides: &Sides) -> Result<Vec<Outcome>> {
             continue;
         };
         if state(sides.get(seed.other()), &t).await?.as_deref() == Some("done") {
+            continue;
+        }
+        let mut made = false;
+        for side in Side::BOTH {
+            made |= created(sides.get(side), &t, side).await?;
+        }
+        if made {
             continue;
         }
         out.push(copy_table(cfg, sides, &t, seed, Mode::Merge).await?);
