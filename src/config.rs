@@ -174,6 +174,7 @@ struct RawKafka {
     topic: Option<String>,
     format: Option<KafkaFormat>,
     required: Option<bool>,
+    transactions: Option<bool>,
     spool_path: Option<String>,
     spool_max_bytes: Option<u64>,
     #[serde(default)]
@@ -196,6 +197,8 @@ pub struct KafkaConfig {
     pub format: KafkaFormat,
     /// The source slot is confirmed only past events Kafka acknowledged.
     pub required: bool,
+    /// After each source transaction's events, an event saying how many there were (`commit`).
+    pub transactions: bool,
     /// Passed to librdkafka as they are (may hold credentials: never printed).
     pub properties: BTreeMap<String, String>,
     /// `required = false`: undelivered events wait in `<spool_path>.<direction>.bin`.
@@ -210,6 +213,7 @@ impl fmt::Debug for KafkaConfig {
             .field("topic", &self.topic)
             .field("format", &self.format)
             .field("required", &self.required)
+            .field("transactions", &self.transactions)
             .field("properties", &self.properties.keys().collect::<Vec<_>>())
             .finish()
     }
@@ -674,6 +678,7 @@ impl Config {
                 topic: k.topic.unwrap_or_else(|| "tandem.events".into()),
                 format: k.format.unwrap_or(KafkaFormat::Protobuf),
                 required: k.required.unwrap_or(true),
+                transactions: k.transactions.unwrap_or(false),
                 properties: k.properties,
                 spool_path: k.spool_path.unwrap_or_else(|| "tandem-kafka-spool".into()),
                 spool_max_bytes: k.spool_max_bytes.unwrap_or(1 << 30),
@@ -701,6 +706,7 @@ fn check_keys(t: &toml::Table) -> Result<(), ConfigError> {
         "topic",
         "format",
         "required",
+        "transactions",
         "properties",
         "spool_path",
         "spool_max_bytes",

@@ -15,6 +15,7 @@ use crate::db;
 use crate::event::Change;
 use crate::lsn::Lsn;
 use crate::side::Side;
+use crate::sink::kafka::TxnEnd;
 use crate::source::assemble::{Assembler, Item, Names, DDL_PREFIX};
 use crate::source::pgoutput::{Begin, Message};
 use crate::source::stream::{check_no_gap, SourceStream, StreamEvent, StreamMode};
@@ -1560,7 +1561,21 @@ async fn stream_loop(
                 Some(Item::Change(ev) | Item::Ddl(ev)) if leaving => {
                     applier.publish_left_out(ev).await?;
                 }
-                Some(Item::Commit { end_lsn, .. }) if leaving => {
+                Some(Item::Commit {
+                    end_lsn,
+                    commit_lsn,
+                    changes,
+                    xid,
+                    commit_ts,
+                    ..
+                }) if leaving => {
+                    applier.end_transaction(TxnEnd {
+                        source,
+                        commit_lsn,
+                        commit_ts,
+                        xid,
+                        changes,
+                    })?;
                     leaving = false;
                     through = through.max(end_lsn);
                     // The groups before it commit first: the checkpoint passes it in order.
@@ -1606,11 +1621,31 @@ async fn stream_loop(
                                 .increment(1);
                         }
                         None => {
-                            tracing::warn!(%source, "{source} transaction {} carries a `{DDL_PREFIX}` message (schema change {id}) that `tandem ddl` did not write: that row of {source}'s tandem.ddl is not this transaction's; not run on {}", ev.xid, source.other())
+                            tracing::warn!(%source, "{source} transaction {} carries a `{DDL_PREFIX}` message (schema change {id}) that `tandem ddl` did not write: that row of {source}'s tandem.ddl is not this transaction's; not run on {}", ev.xid, source.other());
+                            // On the audit stream as left out, so that the transaction's events
+                            // still carry every ordinal its end counts.
+                            applier.publish_left_out(ev).await?;
                         }
                     }
                 }
-                Some(Item::Commit { end_lsn, .. }) => {
+                Some(Item::Commit {
+                    end_lsn,
+                    commit_lsn,
+                    changes,
+                    xid,
+                    commit_ts,
+                    ..
+                }) => {
+                    // Its events went out (or, already applied, were sent again for Kafka).
+                    if !skipping || applier.kafka_required() {
+                        applier.end_transaction(TxnEnd {
+                            source,
+                            commit_lsn,
+                            commit_ts,
+                            xid,
+                            changes,
+                        })?;
+                    }
                     through = through.max(end_lsn);
                     if skipping {
                         skipping = false;

@@ -960,6 +960,134 @@ async fn a_streamed_transaction_is_applied_live_and_published_once_after_its_com
     assert!(mine.iter().all(|m| m["outcome"] == "applied"));
 }
 
+/// `[kafka] transactions = true`: after each source transaction's events comes one more, op
+/// `commit`, saying how many there were, so a consumer knows when it has a transaction whole:
+/// for small transactions, for one streamed while in progress (published from its copy), and
+/// for the echoes, whose transactions end the same way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn with_transactions_each_source_transaction_ends_with_an_event_counting_its_events() {
+    let (_cluster, brokers) = mock_kafka(3);
+    let (d, m) = Fixture::databases(
+        "kafka_txn",
+        "CREATE TABLE jobs (id bigint PRIMARY KEY, note text, n int);",
+    )
+    .await;
+    let text = config("kafka_txn", &brokers) + "transactions = true\n";
+    let fx = Fixture::with_config("kafka_txn", d, m, text).await;
+    stream_from_a_few_hundred_rows(&fx.d).await;
+    let run = fx.start().await;
+    fx.d.batch_execute(
+        "BEGIN; INSERT INTO jobs VALUES (1, 'a', 0), (2, 'b', 0); UPDATE jobs SET n = 1 WHERE id = 1; COMMIT; \
+         INSERT INTO jobs SELECT g, 'big', 0 FROM generate_series(10, 1509) g",
+    )
+    .await
+    .unwrap();
+    fx.m.batch_execute(
+        "BEGIN; INSERT INTO jobs VALUES (5001, 'm', 0); DELETE FROM jobs WHERE id = 5001; COMMIT",
+    )
+    .await
+    .unwrap();
+    fx.wait_equal("jobs", 60).await;
+    assert!(streamed_txns(&fx.d, "kafka_txn_d").await >= 1);
+    wait_for(
+        30,
+        "desktop's echo of mobile's transaction ended",
+        || async {
+            consume_all(&brokers)
+                .await
+                .iter()
+                .any(|m| m["site"] == "D" && m["op"] == "commit" && m["changes"] == 2)
+        },
+    )
+    .await;
+    run.stop().await;
+
+    let msgs = consume_all(&brokers).await;
+    // The ordinals of each transaction's events, and its end(s) by id.
+    let mut events: BTreeMap<(String, String), BTreeSet<String>> = BTreeMap::new();
+    let mut ends: BTreeMap<(String, String), BTreeSet<(String, u64)>> = BTreeMap::new();
+    for m in &msgs {
+        let txn = (m["site"].to_string(), m["commit_lsn"].to_string());
+        if m["op"] == "commit" {
+            assert_eq!(
+                (&m["schema"], &m["table"], &m["_key"]),
+                (
+                    &serde_json::json!("tandem"),
+                    &serde_json::json!("transaction"),
+                    &serde_json::json!("tandem.transaction:[]")
+                ),
+                "{m}"
+            );
+            ends.entry(txn)
+                .or_default()
+                .insert((m["id"].to_string(), m["changes"].as_u64().unwrap()));
+        } else {
+            events
+                .entry(txn)
+                .or_default()
+                .insert(m["ordinal"].to_string());
+        }
+    }
+    // Every end counts its transaction's changes: its events carry ordinals 0 up to that.
+    for (txn, e) in &ends {
+        let ordinals = events.get(txn).cloned().unwrap_or_default();
+        let n = e.first().unwrap().1;
+        let want: BTreeSet<String> = (0..n).map(|o| o.to_string()).collect();
+        assert_eq!(ordinals, want, "{txn:?}: the events its end counts");
+        assert_eq!(
+            e.len(),
+            1,
+            "{txn:?}: one end (by id, sent again or not): {e:?}"
+        );
+    }
+    // Each site's own transactions all ended: desktop's 3-change one, its streamed 1,500, and
+    // mobile's 2.
+    let own = |site: &str| -> Vec<u64> {
+        let mut counts: Vec<u64> = msgs
+            .iter()
+            .filter(|m| m["op"] == "commit" && m["site"] == site)
+            .filter(|m| {
+                // Not an echo's end: that transaction's events are echoes.
+                let txn = (m["site"].to_string(), m["commit_lsn"].to_string());
+                msgs.iter().any(|e| {
+                    (e["site"].to_string(), e["commit_lsn"].to_string()) == txn
+                        && e["op"] != "commit"
+                        && e["outcome"] != "skipped_echo"
+                })
+            })
+            .map(|m| m["changes"].as_u64().unwrap())
+            .collect();
+        counts.sort();
+        counts.dedup();
+        counts
+    };
+    assert_eq!(own("D"), vec![3, 1500]);
+    assert_eq!(own("M"), vec![2]);
+
+    // Operators see it; replay takes no end for a change.
+    let config = fx.config_path.to_str().unwrap();
+    let (code, out, err) =
+        common::run_tandem(&["--config", config, "audit", "tail", "--site", "M"], &[]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains(" M commit   xid "), "{out}");
+    assert!(out.contains(": 2 event(s) id=M:"), "{out}");
+    let (code, out, err) = common::run_tandem(
+        &[
+            "--config",
+            config,
+            "replay",
+            "--from-kafka",
+            "--to",
+            "mobile",
+            "--dry-run",
+        ],
+        &[],
+    );
+    assert_eq!(code, 0, "{err}");
+    // Mobile's own 2 and desktop's 1,503 applied there, none of the ends.
+    assert!(out.contains("1505 would be applied"), "{out}");
+}
+
 /// A streamed transaction applied while Kafka was away: after the restart (behind the target's
 /// checkpoint, at what Kafka acknowledged) the source streams it again. It must not be applied
 /// a second time, live or otherwise, and its events must reach Kafka.

@@ -159,6 +159,9 @@ pub struct Applier {
     copied: CopiedTables,
     /// Kafka audit stream, when configured.
     publisher: Option<crate::sink::kafka::Publisher>,
+    /// Source transactions whose end event (`[kafka] transactions`) waits for their changes
+    /// still in the planner: published once it is empty, so that it comes after them.
+    ends: Vec<crate::sink::kafka::TxnEnd>,
     /// Apply every configured table whatever its direction (repair writes where it is told to).
     pub ignore_direction: bool,
     /// Run the `[conflicts]` rules (off for repair: the operator chose whose rows win).
@@ -285,6 +288,7 @@ impl Applier {
             last_commit_ts: 0,
             copied: CopiedTables::new(),
             publisher: None,
+            ends: Vec::new(),
             ignore_direction: false,
             detect_conflicts: true,
             stats: ApplyStats::default(),
@@ -797,6 +801,32 @@ impl Applier {
                 for ev in evs {
                     self.publish(ev, outcome).await?;
                 }
+            }
+        }
+        self.publish_ends()
+    }
+
+    /// Kafka (`[kafka] transactions`): every change of source transaction `end` was applied or
+    /// published; its end event follows them once the planner holds none of them.
+    pub fn end_transaction(&mut self, end: crate::sink::kafka::TxnEnd) -> Result<()> {
+        if self
+            .publisher
+            .as_ref()
+            .is_some_and(|p| p.ends_transactions())
+        {
+            self.ends.push(end);
+            self.publish_ends()?;
+        }
+        Ok(())
+    }
+
+    fn publish_ends(&mut self) -> Result<()> {
+        if self.ends.is_empty() || !self.planner.is_empty() {
+            return Ok(());
+        }
+        if let Some(p) = &mut self.publisher {
+            for end in self.ends.drain(..) {
+                p.end(end)?;
             }
         }
         Ok(())
@@ -1703,6 +1733,7 @@ impl Applier {
         if let Some(p) = &mut self.publisher {
             p.discard();
         }
+        self.ends.clear();
         Ok(())
     }
 

@@ -52,6 +52,12 @@ pub fn line(d: &Decoded) -> String {
             d.commit_ts, d.site, d.op, d.ddl, d.outcome, d.id
         );
     }
+    if d.op == "commit" {
+        return format!(
+            "{} {} {:<8} xid {}: {} event(s) id={}",
+            d.commit_ts, d.site, d.op, d.xid, d.changes, d.id
+        );
+    }
     let key: Vec<String> = d
         .key
         .iter()
@@ -201,7 +207,9 @@ pub async fn replay(
         report.read += 1;
         let landed = d.site == to.tag().to_string()
             || matches!(d.outcome.as_str(), "applied" | "applied_remote" | "merged");
-        if d.outcome == "skipped_echo" || !landed || !filter.keeps(&d) {
+        // A transaction's end (`[kafka] transactions`) says how many events it had: nothing to
+        // apply.
+        if d.outcome == "skipped_echo" || !landed || !filter.keeps(&d) || d.op == "commit" {
             continue;
         }
         if d.op == "ddl" {

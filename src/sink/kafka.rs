@@ -177,15 +177,7 @@ impl Encoder {
         format: KafkaFormat,
     ) -> Encoded<'_> {
         use std::fmt::Write as _;
-        if self.txn != Some((ev.source, ev.commit_lsn, ev.xid)) {
-            self.txn = Some((ev.source, ev.commit_lsn, ev.xid));
-            for s in [&mut self.site, &mut self.commit_lsn, &mut self.xid] {
-                s.clear();
-            }
-            self.site.push(ev.source.tag());
-            write!(self.commit_lsn, "{}", ev.commit_lsn).expect("writing to a String");
-            write!(self.xid, "{}", ev.xid).expect("writing to a String");
-        }
+        self.texts(ev.source, ev.commit_lsn, ev.xid);
         self.id.clear();
         write!(self.id, "{}:{}:{}", self.site, self.commit_lsn, ev.ordinal)
             .expect("writing to a String");
@@ -245,11 +237,16 @@ impl Encoder {
             op: ev.change.op(),
             commit_lsn: &self.commit_lsn,
             outcome,
+            commit_ts: ev.commit_ts,
+            xid: ev.xid,
+            ordinal: ev.ordinal,
+            ddl: ddl_text(ev),
+            changes: None,
         };
         self.payload.clear();
         match format {
-            KafkaFormat::Json => json_payload(ev, &part, &head, &mut self.payload),
-            KafkaFormat::Protobuf => proto_payload(ev, &part, &head, &mut self.payload),
+            KafkaFormat::Json => json_payload(&part, &head, &mut self.payload),
+            KafkaFormat::Protobuf => proto_payload(&part, &head, &mut self.payload),
         }
         Encoded {
             id: &self.id,
@@ -261,6 +258,93 @@ impl Encoder {
         }
     }
 }
+
+impl Encoder {
+    /// The texts of transaction `(source, commit_lsn, xid)`, made when it changes.
+    fn texts(&mut self, source: Side, commit_lsn: Lsn, xid: u32) {
+        use std::fmt::Write as _;
+        if self.txn != Some((source, commit_lsn, xid)) {
+            self.txn = Some((source, commit_lsn, xid));
+            for s in [&mut self.site, &mut self.commit_lsn, &mut self.xid] {
+                s.clear();
+            }
+            self.site.push(source.tag());
+            write!(self.commit_lsn, "{commit_lsn}").expect("writing to a String");
+            write!(self.xid, "{xid}").expect("writing to a String");
+        }
+    }
+
+    /// The event that closes a source transaction's events (`[kafka] transactions`): op
+    /// `commit`, table `tandem.transaction`, id `<site>:<commit_lsn>:commit`, and how many events
+    /// the transaction had in `changes`, so a consumer knows when it has them all.
+    pub fn encode_end(&mut self, end: &TxnEnd, format: KafkaFormat) -> Encoded<'_> {
+        use std::fmt::Write as _;
+        self.texts(end.source, end.commit_lsn, end.xid);
+        self.id.clear();
+        write!(self.id, "{}:{}:commit", self.site, self.commit_lsn).expect("writing to a String");
+        self.key.clear();
+        self.key.extend_from_slice(b"tandem.transaction:[]");
+        let part = Part {
+            table: &TXN_TABLE,
+            key: None,
+            before: None,
+            after: None,
+        };
+        let head = Head {
+            id: &self.id,
+            site: &self.site,
+            op: "commit",
+            commit_lsn: &self.commit_lsn,
+            outcome: "",
+            commit_ts: end.commit_ts,
+            xid: end.xid,
+            ordinal: 0,
+            ddl: "",
+            changes: Some(end.changes),
+        };
+        self.payload.clear();
+        match format {
+            KafkaFormat::Json => json_payload(&part, &head, &mut self.payload),
+            KafkaFormat::Protobuf => proto_payload(&part, &head, &mut self.payload),
+        }
+        Encoded {
+            id: &self.id,
+            key: &self.key,
+            payload: &self.payload,
+            site: &self.site,
+            commit_lsn: &self.commit_lsn,
+            xid: &self.xid,
+        }
+    }
+}
+
+/// One message to send: message `.1` of a change, or a transaction's end.
+#[derive(Clone, Copy)]
+enum Msg<'a> {
+    Change(&'a Event, usize, &'a str),
+    End(&'a TxnEnd),
+}
+
+/// A source transaction whose events went out: the end event to send after them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TxnEnd {
+    pub source: Side,
+    pub commit_lsn: Lsn,
+    pub commit_ts: i64,
+    pub xid: u32,
+    /// How many changes it had: its events carry ordinals `0..changes` (a truncate of several
+    /// tables is one change, with one event per table).
+    pub changes: u32,
+}
+
+/// What a transaction's end event names as its table.
+static TXN_TABLE: std::sync::LazyLock<Arc<SourceTable>> = std::sync::LazyLock::new(|| {
+    Arc::new(SourceTable {
+        oid: 0,
+        name: TableName::new("tandem", "transaction"),
+        columns: Vec::new(),
+    })
+});
 
 /// What a schema change's event names as its table: where it is recorded (`tandem.ddl`).
 static DDL_TABLE: std::sync::LazyLock<Arc<SourceTable>> = std::sync::LazyLock::new(|| {
@@ -318,9 +402,16 @@ struct Head<'a> {
     op: &'a str,
     commit_lsn: &'a str,
     outcome: &'a str,
+    commit_ts: i64,
+    xid: u32,
+    ordinal: u32,
+    /// A schema change's statement; empty otherwise.
+    ddl: &'a str,
+    /// A transaction's end (`op` `commit`): how many events it had.
+    changes: Option<u32>,
 }
 
-fn json_payload(ev: &Event, part: &Part, head: &Head, buf: &mut Vec<u8>) {
+fn json_payload(part: &Part, head: &Head, buf: &mut Vec<u8>) {
     let obj = |cols: &mut dyn Iterator<Item = (&str, Option<Cow<str>>)>| {
         serde_json::Value::Object(
             cols.map(|(c, v)| (c.to_string(), serde_json::json!(v)))
@@ -338,14 +429,18 @@ fn json_payload(ev: &Event, part: &Part, head: &Head, buf: &mut Vec<u8>) {
         "after": part.after.map(|row| obj(&mut part.columns(Some(row), false))),
         "unchanged_toast": part.unchanged_toast().collect::<Vec<_>>(),
         "commit_lsn": head.commit_lsn,
-        "commit_ts": rfc3339(ev.commit_ts),
-        "xid": ev.xid,
-        "ordinal": ev.ordinal,
+        "commit_ts": rfc3339(head.commit_ts),
+        "xid": head.xid,
+        "ordinal": head.ordinal,
         "outcome": head.outcome,
     });
-    // Row events keep their shape; a schema change's carries its statement.
-    if let Change::Ddl { sql, .. } = &ev.change {
-        v["ddl"] = serde_json::json!(sql);
+    // Row events keep their shape; a schema change's carries its statement, a transaction's end
+    // its number of events.
+    if head.op == "ddl" {
+        v["ddl"] = serde_json::json!(head.ddl);
+    }
+    if let Some(n) = head.changes {
+        v["changes"] = serde_json::json!(n);
     }
     serde_json::to_writer(buf, &v).expect("JSON values serialise");
 }
@@ -354,7 +449,7 @@ fn json_payload(ev: &Event, part: &Part, head: &Head, buf: &mut Vec<u8>) {
 /// write for the same message, except that map entries come in column order. Building a
 /// `proto::Event` first costs a map and two string copies per column, and was the largest part
 /// of Kafka's cost per change.
-fn proto_payload(ev: &Event, part: &Part, head: &Head, buf: &mut Vec<u8>) {
+fn proto_payload(part: &Part, head: &Head, buf: &mut Vec<u8>) {
     use prost::encoding::{encoded_len_varint, WireType};
     type Cols<'a> = (&'a str, Option<Cow<'a, str>>);
     fn len_delimited(len: usize) -> usize {
@@ -368,7 +463,7 @@ fn proto_payload(ev: &Event, part: &Part, head: &Head, buf: &mut Vec<u8>) {
         }
         buf.push(v as u8);
     }
-    // Field numbers here are below 16: the key is one byte.
+    // A field's key: one byte for the numbers below 16, two for `changes` (16).
     fn key(tag: u32, wire: WireType, buf: &mut Vec<u8>) {
         varint(u64::from(tag << 3 | wire as u32), buf);
     }
@@ -451,11 +546,12 @@ fn proto_payload(ev: &Event, part: &Part, head: &Head, buf: &mut Vec<u8>) {
     }
     put_nonempty(10, head.commit_lsn, buf);
     // int64: two's complement as a varint.
-    put_uint(11, (ev.commit_ts + PG_EPOCH_UNIX_MICROS) as u64, buf);
-    put_uint(12, u64::from(ev.xid), buf);
-    put_uint(13, u64::from(ev.ordinal), buf);
+    put_uint(11, (head.commit_ts + PG_EPOCH_UNIX_MICROS) as u64, buf);
+    put_uint(12, u64::from(head.xid), buf);
+    put_uint(13, u64::from(head.ordinal), buf);
     put_nonempty(14, head.outcome, buf);
-    put_nonempty(15, ddl_text(ev), buf);
+    put_nonempty(15, head.ddl, buf);
+    put_uint(16, u64::from(head.changes.unwrap_or(0)), buf);
 }
 
 /// `(column, text value or NULL)` of a row image, in column-name order.
@@ -481,6 +577,8 @@ pub struct Decoded {
     pub outcome: String,
     /// A schema change's statement (op `ddl`); empty for a row change.
     pub ddl: String,
+    /// A transaction's end (op `commit`): how many events it had; 0 otherwise.
+    pub changes: u32,
 }
 
 /// Decode a message payload: JSON (starts with `{`) or protobuf. Bad bytes are an error, never a
@@ -535,6 +633,7 @@ pub fn decode(payload: &[u8]) -> Result<Decoded> {
             ordinal: v["ordinal"].as_u64().unwrap_or(0) as u32,
             outcome: s("outcome")?,
             ddl: v["ddl"].as_str().unwrap_or_default().to_string(),
+            changes: v["changes"].as_u64().unwrap_or(0) as u32,
         });
     }
     let p = proto::Event::decode(payload).context("an event that is neither JSON nor protobuf")?;
@@ -566,6 +665,7 @@ pub fn decode(payload: &[u8]) -> Result<Decoded> {
         ordinal: p.ordinal,
         outcome: p.outcome,
         ddl: p.ddl,
+        changes: p.changes,
     })
 }
 
@@ -751,42 +851,60 @@ impl Producer {
     /// Send the messages of one change (waiting while too many are unacknowledged).
     async fn publish(&mut self, ev: &Event, outcome: &str) -> Result<()> {
         for i in 0..message_count(ev) {
-            loop {
-                // Taken out while its message is borrowed, so that `try_send` may borrow `self`.
-                let mut enc = std::mem::take(&mut self.encoder);
-                let m = enc.encode(ev, i, outcome, self.format);
-                let headers = OwnedHeaders::new_with_capacity(3)
-                    .insert(Header {
-                        key: "site",
-                        value: Some(m.site),
-                    })
-                    .insert(Header {
-                        key: "commit_lsn",
-                        value: Some(m.commit_lsn),
-                    })
-                    .insert(Header {
-                        key: "xid",
-                        value: Some(m.xid),
-                    });
-                let sent = self
-                    .try_send(m.key, m.payload, headers)
-                    .map_err(|e| match e {
-                        KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull) => None,
-                        e => Some(anyhow!("[kafka]: producing {}: {e}", m.id)),
-                    });
-                self.encoder = enc;
-                match sent {
-                    Ok(()) => break,
-                    // librdkafka's queue is full: wait for acknowledgements, then encode again.
-                    Err(None) => self.wait_one().await?,
-                    Err(Some(e)) => return Err(e),
-                }
-            }
+            self.send_message(Msg::Change(ev, i, outcome)).await?;
         }
+        self.wait_for_room().await
+    }
+
+    /// Send a source transaction's end event (after its events).
+    async fn publish_end(&mut self, end: &TxnEnd) -> Result<()> {
+        self.send_message(Msg::End(end)).await?;
+        self.wait_for_room().await
+    }
+
+    async fn wait_for_room(&mut self) -> Result<()> {
         while self.unsettled.len() > MAX_IN_FLIGHT {
             self.wait_one().await?;
         }
         Ok(())
+    }
+
+    /// Hand one message to librdkafka, waiting for acknowledgements while its queue is full.
+    async fn send_message(&mut self, msg: Msg<'_>) -> Result<()> {
+        loop {
+            // Taken out while its message is borrowed, so that `try_send` may borrow `self`.
+            let mut enc = std::mem::take(&mut self.encoder);
+            let m = match msg {
+                Msg::Change(ev, i, outcome) => enc.encode(ev, i, outcome, self.format),
+                Msg::End(end) => enc.encode_end(end, self.format),
+            };
+            let headers = OwnedHeaders::new_with_capacity(3)
+                .insert(Header {
+                    key: "site",
+                    value: Some(m.site),
+                })
+                .insert(Header {
+                    key: "commit_lsn",
+                    value: Some(m.commit_lsn),
+                })
+                .insert(Header {
+                    key: "xid",
+                    value: Some(m.xid),
+                });
+            let sent = self
+                .try_send(m.key, m.payload, headers)
+                .map_err(|e| match e {
+                    KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull) => None,
+                    e => Some(anyhow!("[kafka]: producing {}: {e}", m.id)),
+                });
+            self.encoder = enc;
+            match sent {
+                Ok(()) => return Ok(()),
+                // librdkafka's queue is full: wait for acknowledgements, then encode again.
+                Err(None) => self.wait_one().await?,
+                Err(Some(e)) => return Err(e),
+            }
+        }
     }
 
     fn barrier(&mut self, lsn: Lsn) {
@@ -969,8 +1087,11 @@ enum Held {
     /// Changes with their outcomes, and how many queue permits they hold.
     Publish(Vec<(Event, &'static str)>, usize),
     /// A committed transaction of this source read back from disk, with what became of its
-    /// changes. It holds no queue room: it is a file, read as it is published.
-    PublishCopy(Replay, Side, Names, Outcome),
+    /// changes. It holds no queue room: it is a file, read as it is published. With `.4`
+    /// (`[kafka] transactions`), its end event follows.
+    PublishCopy(Replay, Side, Names, Outcome, bool),
+    /// A source transaction's end event, after its events (`[kafka] transactions`).
+    End(TxnEnd),
 }
 
 /// Queue room a change takes: its values' size in KiB, at least 1.
@@ -1020,6 +1141,8 @@ pub struct Publisher {
     /// Changes handed over since the last release, which the task holds.
     unreleased: bool,
     pub required: bool,
+    /// `[kafka] transactions`: each source transaction's events are followed by its end.
+    transactions: bool,
 }
 
 impl Publisher {
@@ -1042,6 +1165,7 @@ impl Publisher {
             task,
             unreleased: false,
             required: cfg.required,
+            transactions: cfg.transactions,
         })
     }
 
@@ -1117,8 +1241,28 @@ impl Publisher {
         self.hand_over_unpaid();
         self.unreleased = true;
         self.send(Command::Hold(Held::PublishCopy(
-            copy, source, names, outcome,
+            copy,
+            source,
+            names,
+            outcome,
+            self.transactions,
         )))
+    }
+
+    /// `[kafka] transactions`.
+    pub fn ends_transactions(&self) -> bool {
+        self.transactions
+    }
+
+    /// A source transaction's events were all published: its end event follows them
+    /// (`[kafka] transactions`), held and released with them.
+    pub fn end(&mut self, end: TxnEnd) -> Result<()> {
+        if !self.transactions {
+            return Ok(());
+        }
+        self.hand_over_unpaid();
+        self.unreleased = true;
+        self.send(Command::Hold(Held::End(end)))
     }
 
     /// Everything published so far belongs to source commits up to `lsn`, and is released.
@@ -1283,16 +1427,36 @@ async fn send_now(p: &mut Producer, h: Held, room: &tokio::sync::Semaphore) -> R
             }
             room.add_permits(permits);
         }
-        Held::PublishCopy(mut copy, source, names, outcome) => {
+        Held::PublishCopy(mut copy, source, names, outcome, ends) => {
             p.clock = Instant::now();
             let mut asm = Assembler::new(source).with_names(names);
             while let Some(msg) = copy.next_message()? {
                 match asm.push(msg)? {
                     Some(Item::Change(ev)) => p.publish(&ev, outcome(&ev)).await?,
                     Some(Item::Echo(ev)) => p.publish(&ev, "skipped_echo").await?,
+                    Some(Item::Commit {
+                        commit_lsn,
+                        changes,
+                        xid,
+                        commit_ts,
+                        ..
+                    }) if ends => {
+                        let end = TxnEnd {
+                            source,
+                            commit_lsn,
+                            commit_ts,
+                            xid,
+                            changes,
+                        };
+                        p.publish_end(&end).await?;
+                    }
                     _ => {}
                 }
             }
+        }
+        Held::End(end) => {
+            p.clock = Instant::now();
+            p.publish_end(&end).await?;
         }
     }
     Ok(())
@@ -1564,6 +1728,7 @@ mod tests {
             ordinal: ev.ordinal,
             outcome: outcome.into(),
             ddl: ddl_text(ev).into(),
+            changes: 0,
         }
         .encode_to_vec()
     }
@@ -1673,6 +1838,7 @@ mod tests {
             topic: "audit".into(),
             format: KafkaFormat::Protobuf,
             required: true,
+            transactions: false,
             properties: Default::default(),
             spool_path: String::new(),
             spool_max_bytes: 0,
@@ -1722,6 +1888,147 @@ mod tests {
         assert_eq!(j.unchanged_toast, vec!["big".to_string()]);
         assert!(decode(b"{\"id\": 1}").is_err());
         assert!(decode(&[0xff, 0x00, 0x13]).is_err());
+    }
+
+    #[test]
+    fn a_transaction_end_is_an_event_of_its_own_with_its_number_of_events() {
+        let end = TxnEnd {
+            source: Side::Desktop,
+            commit_lsn: Lsn(0x1_0000_0020),
+            commit_ts: 1 << 40,
+            xid: 77,
+            changes: 300,
+        };
+        let mut enc = Encoder::default();
+        for format in [KafkaFormat::Json, KafkaFormat::Protobuf] {
+            let m = enc.encode_end(&end, format);
+            assert_eq!(m.key, b"tandem.transaction:[]");
+            assert_eq!((m.site, m.commit_lsn, m.xid), ("D", "1/20", "77"));
+            let d = decode(m.payload).unwrap();
+            assert_eq!(
+                (d.op.as_str(), d.schema.as_str(), d.table.as_str()),
+                ("commit", "tandem", "transaction")
+            );
+            assert_eq!(
+                (d.id.as_str(), d.changes, d.xid),
+                ("D:1/20:commit", 300, 77)
+            );
+            assert_eq!(d.commit_lsn, end.commit_lsn);
+            assert_eq!(d.commit_ts, rfc3339(1 << 40));
+            assert!(d.key.is_empty() && d.before.is_none() && d.after.is_none());
+        }
+        // As prost writes it (field 16 takes a two-byte key).
+        let ours = enc.encode_end(&end, KafkaFormat::Protobuf).payload.to_vec();
+        let theirs = proto::Event {
+            id: "D:1/20:commit".into(),
+            site: "D".into(),
+            op: "commit".into(),
+            schema: "tandem".into(),
+            table: "transaction".into(),
+            commit_lsn: "1/20".into(),
+            commit_ts_micros: (1 << 40) + PG_EPOCH_UNIX_MICROS,
+            xid: 77,
+            changes: 300,
+            ..Default::default()
+        }
+        .encode_to_vec();
+        assert_eq!(ours, theirs);
+        // A row's JSON has no `changes` field, and decodes with 0.
+        let row = ev(Change::Insert {
+            table: table(),
+            new: vec![t("1"), t("a"), Value::Null],
+        });
+        let json = &records(&row, "applied", KafkaFormat::Json)[0].payload;
+        assert!(!String::from_utf8_lossy(json).contains("\"changes\""));
+        assert_eq!(decode(json).unwrap().changes, 0);
+    }
+
+    /// With `transactions`, each source transaction's end event follows its events, held and
+    /// released with them: one whose target transaction rolled back is not sent, and comes again
+    /// with its events.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_transaction_end_is_held_and_released_with_its_events() {
+        use rdkafka::consumer::{BaseConsumer, Consumer};
+        use rdkafka::mocking::MockCluster;
+        use rdkafka::producer::DefaultProducerContext;
+        use rdkafka::Message as _;
+        let cluster = MockCluster::<DefaultProducerContext>::new(1).unwrap();
+        cluster.create_topic("audit", 1, 1).unwrap();
+        let cfg = KafkaConfig {
+            brokers: cluster.bootstrap_servers(),
+            topic: "audit".into(),
+            format: KafkaFormat::Json,
+            required: true,
+            transactions: true,
+            properties: Default::default(),
+            spool_path: String::new(),
+            spool_max_bytes: 0,
+        };
+        let mut p = Publisher::new(&cfg, Lsn(10), "M>D").unwrap();
+        let at = |lsn: u64, ordinal: u32| Event {
+            commit_lsn: Lsn(lsn),
+            ordinal,
+            ..ev(Change::Insert {
+                table: table(),
+                new: vec![t(&ordinal.to_string()), t("x"), Value::Null],
+            })
+        };
+        let end = |lsn: u64, changes: u32| TxnEnd {
+            source: Side::Mobile,
+            commit_lsn: Lsn(lsn),
+            commit_ts: 0,
+            xid: 9,
+            changes,
+        };
+        for o in 0..3 {
+            p.publish(at(100, o), "applied").await.unwrap();
+        }
+        p.end(end(100, 3)).unwrap();
+        p.release();
+        // Rolled back on the target: neither its events nor its end go out.
+        for o in 0..2 {
+            p.publish(at(200, o), "applied").await.unwrap();
+        }
+        p.end(end(200, 2)).unwrap();
+        p.discard();
+        // It comes again from the slot.
+        for o in 0..2 {
+            p.publish(at(200, o), "applied").await.unwrap();
+        }
+        p.end(end(200, 2)).unwrap();
+        p.barrier(Lsn(300));
+        assert_eq!(p.drain(Duration::from_secs(30)).await.unwrap(), Lsn(300));
+
+        let c: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", cluster.bootstrap_servers())
+            .set("group.id", "ends")
+            .set("auto.offset.reset", "earliest")
+            .create()
+            .unwrap();
+        c.subscribe(&["audit"]).unwrap();
+        let mut got = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline && got.len() < 7 {
+            if let Some(Ok(m)) = c.poll(Duration::from_millis(100)) {
+                let d = decode(m.payload().unwrap()).unwrap();
+                got.push(match d.op.as_str() {
+                    "commit" => format!("end {} {}", d.commit_lsn, d.changes),
+                    op => format!("{op} {} {}", d.commit_lsn, d.ordinal),
+                });
+            }
+        }
+        // Nothing more: the rolled-back attempt sent nothing.
+        assert!(c.poll(Duration::from_millis(500)).is_none());
+        let want = [
+            "insert 0/64 0",
+            "insert 0/64 1",
+            "insert 0/64 2",
+            "end 0/64 3",
+            "insert 0/C8 0",
+            "insert 0/C8 1",
+            "end 0/C8 2",
+        ];
+        assert_eq!(got, want);
     }
 
     #[test]

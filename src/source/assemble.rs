@@ -37,11 +37,14 @@ pub enum Item {
     /// A change of a transaction tandem itself wrote: never applied back, only reported (Kafka).
     Echo(Event),
     /// End of a transaction. `echo` when tandem itself wrote it (its changes were withheld).
+    /// `changes`: how many it had, ordinals `0..changes`.
     Commit {
         commit_lsn: Lsn,
         end_lsn: Lsn,
         echo: bool,
         changes: u32,
+        xid: u32,
+        commit_ts: i64,
     },
 }
 
@@ -165,6 +168,8 @@ impl Assembler {
                     end_lsn: c.end_lsn,
                     echo: t.echo,
                     changes: t.ordinal,
+                    xid: t.begin.xid,
+                    commit_ts: t.begin.commit_ts,
                 }));
             }
             Message::Origin { name, .. } => {
@@ -375,7 +380,9 @@ mod tests {
                 commit_lsn: Lsn(100),
                 end_lsn: Lsn(108),
                 echo: false,
-                changes: 3
+                changes: 3,
+                xid: 9,
+                commit_ts: 1,
             })
         );
         assert!(!a.in_transaction());
