@@ -1643,7 +1643,8 @@ async fn a_table_tandem_ddl_creates_that_the_patterns_take_in_flows_both_ways_at
     )
     .await;
     let run = fx.start().await;
-    let cfg = fx.config_path.to_str().unwrap();
+    let cfg_path = fx.config_path.to_str().unwrap().to_string();
+    let cfg = cfg_path.as_str();
     let ddl = |on: &str, sql: &str| run_tandem(&["--config", cfg, "ddl", "--on", on, sql], &[]);
     let published = |c: &'static str| {
         format!(
@@ -1767,7 +1768,6 @@ async fn a_table_tandem_ddl_creates_that_the_patterns_take_in_flows_both_ways_at
         ..fx
     };
     let run = seeded_by_mobile.start().await;
-    run.stop().await;
     // A copy from mobile would have recorded itself on desktop.
     assert_eq!(
         Fixture::count(
@@ -1777,6 +1777,44 @@ async fn a_table_tandem_ddl_creates_that_the_patterns_take_in_flows_both_ways_at
         .await,
         0
     );
+
+    // Dropped with `tandem ddl`, it is no longer synchronised: made again by hand on each side,
+    // with rows of their own, and published by setup, the next start copies it like any table
+    // never synchronised (fails while the record of its first life stays).
+    let (code, _, err) = ddl("desktop", "DROP TABLE notes");
+    assert_eq!(code, 0, "{err}");
+    wait_count(
+        30,
+        &seeded_by_mobile.m,
+        "SELECT count(*) FROM pg_tables WHERE schemaname = 'public' AND tablename = 'notes'",
+        0,
+    )
+    .await;
+    run.stop().await;
+    seeded_by_mobile
+        .d
+        .batch_execute(
+            "CREATE TABLE notes (id bigint PRIMARY KEY, body text); INSERT INTO notes VALUES (10, 'd')",
+        )
+        .await
+        .unwrap();
+    seeded_by_mobile
+        .m
+        .batch_execute(
+            "CREATE TABLE notes (id bigint PRIMARY KEY, body text); INSERT INTO notes VALUES (11, 'm')",
+        )
+        .await
+        .unwrap();
+    tandem::ops::setup::setup(seeded_by_mobile.cfg.clone())
+        .await
+        .unwrap();
+    let run = seeded_by_mobile.start().await;
+    seeded_by_mobile.wait_equal("notes", 30).await;
+    assert_eq!(
+        Fixture::count(&seeded_by_mobile.d, "SELECT count(*) FROM notes").await,
+        2
+    );
+    run.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -669,7 +669,7 @@ impl Applier {
                     .query_one("SELECT current_user::text", &[])
                     .await?
                     .get(0);
-                let tables_before = crate::ops::ddl::table_oids(&*self.client).await?;
+                let tables_before = crate::ops::ddl::before(&self.cfg, &*self.client).await?;
                 // Unqualified names as the source's session read them, for this statement only.
                 self.client
                     .execute("SELECT set_config('search_path', $1, true)", &[search_path])
@@ -701,8 +701,9 @@ impl Applier {
                             .await?;
                     }
                 }
-                // A table it made that the config takes in flows from here too, at once.
-                let created = crate::ops::ddl::publish_created(
+                // A table it made that the config takes in flows from here too, at once; one it
+                // dropped is no longer recorded as synchronised.
+                let created = crate::ops::ddl::after_statement(
                     &self.cfg,
                     &*self.client,
                     self.source.other(),

@@ -66,7 +66,7 @@ pub async fn ddl(cfg: &Config, on: Side, sql: &str) -> Result<String> {
         &[&DDL_PREFIX, &id.to_string()],
     )
     .await?;
-    let before = table_oids(&tx).await?;
+    let before = before(cfg, &tx).await?;
     // Not its text in the error: a statement may carry a password (`ALTER ROLE …`).
     tx.batch_execute(sql).await.with_context(|| {
         format!("{on}: the statement failed; nothing was changed on either side")
@@ -87,7 +87,7 @@ pub async fn ddl(cfg: &Config, on: Side, sql: &str) -> Result<String> {
              transaction on each side"
         );
     }
-    let created = publish_created(cfg, &tx, on, &before, false)
+    let created = after_statement(cfg, &tx, on, &before, false)
         .await
         .map_err(|e| {
             e.context("the schema change was rolled back; nothing was changed on either side")
@@ -137,9 +137,28 @@ pub async fn issued(site: &Site, xid: u32, id: i64) -> Result<Option<Change>> {
 #[error("{0}")]
 pub struct Unpublishable(pub String);
 
-/// The tables (and partitioned tables) there are, by OID: taken before a schema change, what is
-/// not among them after it was created by it.
-pub(crate) async fn table_oids(c: &impl GenericClient) -> Result<HashSet<u32>> {
+/// The tables as a schema change found them: every table's OID (what is not among them after it
+/// was created by it), and the configured ones by OID (those gone after it were dropped by it).
+pub(crate) struct Before {
+    oids: HashSet<u32>,
+    configured: Vec<(u32, TableName)>,
+}
+
+/// Read [`Before`], in the schema change's transaction before its statement.
+pub(crate) async fn before(cfg: &Config, c: &impl GenericClient) -> Result<Before> {
+    let mut configured = Vec::new();
+    for t in crate::catalog::expand(c, &cfg.tables).await? {
+        if let Some(oid) = oid_of(c, &t).await? {
+            configured.push((oid, t));
+        }
+    }
+    Ok(Before {
+        oids: table_oids(c).await?,
+        configured,
+    })
+}
+
+async fn table_oids(c: &impl GenericClient) -> Result<HashSet<u32>> {
     let oids: Vec<u32> = c
         .query_one(
             "SELECT coalesce(array_agg(oid), '{}') FROM pg_class WHERE relkind IN ('r', 'p')",
@@ -150,26 +169,46 @@ pub(crate) async fn table_oids(c: &impl GenericClient) -> Result<HashSet<u32>> {
     Ok(oids.into_iter().collect())
 }
 
-/// After a schema change on `side`, in its transaction: each table it created that the config's
-/// patterns (`public.*`) take in is put in `side`'s publication when it flows from `side`, as
-/// `setup` would have put it, and, `by_run` on the other side, recorded as synchronised (it starts
-/// the same on both sides, made by the same statement), so that it flows at once, without
-/// `setup`, a restart or an initial snapshot. What it lacks for that (a key, old rows its conflict policy compares, the version
-/// column) is an error, before anything is committed. One line per table, saying what was done.
-pub(crate) async fn publish_created(
+async fn oid_of(c: &impl GenericClient, t: &TableName) -> Result<Option<u32>> {
+    Ok(c.query_one("SELECT to_regclass($1)::oid", &[&t.quoted()])
+        .await?
+        .get(0))
+}
+
+/// After a schema change on `side`, in its transaction:
+/// - each table it created that the config's patterns (`public.*`) take in is put in `side`'s
+///   publication when it flows from `side`, as `setup` would have put it, and, `by_run` on the
+///   other side, recorded as synchronised (it starts the same on both sides, made by the same
+///   statement), so that it flows at once, without `setup`, a restart or an initial snapshot.
+///   What it lacks for that (a key, old rows its conflict policy compares, the version column)
+///   is an error, before anything is committed;
+/// - each configured table it dropped is no longer recorded as synchronised here: one made again
+///   later otherwise than with `tandem ddl` is copied by the next initial snapshot.
+///
+/// One line per table created, saying what was done.
+pub(crate) async fn after_statement(
     cfg: &Config,
     c: &impl GenericClient,
     side: Side,
-    before: &HashSet<u32>,
+    before: &Before,
     by_run: bool,
 ) -> Result<Vec<String>> {
+    let now = table_oids(c).await?;
+    for (oid, t) in &before.configured {
+        if !now.contains(oid) {
+            c.execute(
+                "DELETE FROM tandem.snapshots WHERE table_name = $1",
+                &[&t.to_string()],
+            )
+            .await?;
+        }
+    }
     let mut lines = Vec::new();
     for t in crate::catalog::expand(c, &cfg.tables).await? {
-        let oid: Option<u32> = c
-            .query_one("SELECT to_regclass($1)::oid", &[&t.quoted()])
+        if oid_of(c, &t)
             .await?
-            .get(0);
-        if oid.is_none_or(|o| before.contains(&o)) {
+            .is_none_or(|o| before.oids.contains(&o))
+        {
             continue;
         }
         let publication = &cfg.site(side).publication;
