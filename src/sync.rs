@@ -932,6 +932,26 @@ impl Learned {
     }
 }
 
+/// The Kafka end event of the transaction `commit` ends (`[kafka] transactions`).
+fn txn_end(source: Side, commit: &Item) -> TxnEnd {
+    match *commit {
+        Item::Commit {
+            commit_lsn,
+            changes,
+            xid,
+            commit_ts,
+            ..
+        } => TxnEnd {
+            source,
+            commit_lsn,
+            commit_ts,
+            xid,
+            changes,
+        },
+        _ => unreachable!("txn_end of a commit only"),
+    }
+}
+
 async fn direction_once(
     cfg: &Arc<Config>,
     source: Side,
@@ -1561,21 +1581,8 @@ async fn stream_loop(
                 Some(Item::Change(ev) | Item::Ddl(ev)) if leaving => {
                     applier.publish_left_out(ev).await?;
                 }
-                Some(Item::Commit {
-                    end_lsn,
-                    commit_lsn,
-                    changes,
-                    xid,
-                    commit_ts,
-                    ..
-                }) if leaving => {
-                    applier.end_transaction(TxnEnd {
-                        source,
-                        commit_lsn,
-                        commit_ts,
-                        xid,
-                        changes,
-                    })?;
+                Some(commit @ Item::Commit { end_lsn, .. }) if leaving => {
+                    applier.end_transaction(txn_end(source, &commit))?;
                     leaving = false;
                     through = through.max(end_lsn);
                     // The groups before it commit first: the checkpoint passes it in order.
@@ -1628,23 +1635,10 @@ async fn stream_loop(
                         }
                     }
                 }
-                Some(Item::Commit {
-                    end_lsn,
-                    commit_lsn,
-                    changes,
-                    xid,
-                    commit_ts,
-                    ..
-                }) => {
+                Some(commit @ Item::Commit { end_lsn, .. }) => {
                     // Its events went out (or, already applied, were sent again for Kafka).
                     if !skipping || applier.kafka_required() {
-                        applier.end_transaction(TxnEnd {
-                            source,
-                            commit_lsn,
-                            commit_ts,
-                            xid,
-                            changes,
-                        })?;
+                        applier.end_transaction(txn_end(source, &commit))?;
                     }
                     through = through.max(end_lsn);
                     if skipping {

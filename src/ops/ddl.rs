@@ -146,16 +146,30 @@ pub(crate) struct Before {
 
 /// Read [`Before`], in the schema change's transaction before its statement.
 pub(crate) async fn before(cfg: &Config, c: &impl GenericClient) -> Result<Before> {
-    let mut configured = Vec::new();
-    for t in crate::catalog::expand(c, &cfg.tables).await? {
-        if let Some(oid) = oid_of(c, &t).await? {
-            configured.push((oid, t));
-        }
-    }
     Ok(Before {
         oids: table_oids(c).await?,
-        configured,
+        configured: configured(cfg, c).await?,
     })
+}
+
+/// The configured tables there are, with their OIDs (in one query, however many).
+async fn configured(cfg: &Config, c: &impl GenericClient) -> Result<Vec<(u32, TableName)>> {
+    let tables = crate::catalog::expand(c, &cfg.tables).await?;
+    let quoted: Vec<String> = tables.iter().map(TableName::quoted).collect();
+    let oids: Vec<Option<u32>> = c
+        .query(
+            "SELECT to_regclass(t)::oid FROM unnest($1::text[]) WITH ORDINALITY u(t, i) ORDER BY i",
+            &[&quoted],
+        )
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    Ok(oids
+        .into_iter()
+        .zip(tables)
+        .filter_map(|(oid, t)| Some((oid?, t)))
+        .collect())
 }
 
 async fn table_oids(c: &impl GenericClient) -> Result<HashSet<u32>> {
@@ -167,12 +181,6 @@ async fn table_oids(c: &impl GenericClient) -> Result<HashSet<u32>> {
         .await?
         .get(0);
     Ok(oids.into_iter().collect())
-}
-
-async fn oid_of(c: &impl GenericClient, t: &TableName) -> Result<Option<u32>> {
-    Ok(c.query_one("SELECT to_regclass($1)::oid", &[&t.quoted()])
-        .await?
-        .get(0))
 }
 
 /// After a schema change on `side`, in its transaction:
@@ -204,11 +212,8 @@ pub(crate) async fn after_statement(
         }
     }
     let mut lines = Vec::new();
-    for t in crate::catalog::expand(c, &cfg.tables).await? {
-        if oid_of(c, &t)
-            .await?
-            .is_none_or(|o| before.oids.contains(&o))
-        {
+    for (oid, t) in configured(cfg, c).await? {
+        if before.oids.contains(&oid) {
             continue;
         }
         let publication = &cfg.site(side).publication;
@@ -218,7 +223,16 @@ pub(crate) async fn after_statement(
         if let Some(problem) = check_created(cfg, c, side, &t).await? {
             return Err(Unpublishable(problem).into());
         }
-        if direction.flows_from(side) {
+        // The statement may have added it itself.
+        let listed: bool = c
+            .query_one(
+                "SELECT EXISTS (SELECT 1 FROM pg_publication_rel pr JOIN pg_publication p \
+                 ON p.oid = pr.prpubid WHERE p.pubname = $1 AND pr.prrelid = $2)",
+                &[publication, &oid],
+            )
+            .await?
+            .get(0);
+        if direction.flows_from(side) && !listed {
             let entry = crate::ops::setup::publication_entry(cfg, &t, side);
             c.batch_execute(&format!(
                 "ALTER PUBLICATION {} ADD TABLE {entry}",
@@ -336,17 +350,7 @@ async fn check_created(
     if tc.policy == Policy::LastWriteWins {
         let v = tc.version_column.clone().unwrap_or_default();
         if !tt.columns.iter().any(|col| col.name == v) {
-            let commit_ts: bool = c
-                .query_one(
-                    "SELECT current_setting('track_commit_timestamp') = 'on' \
-                     AND has_function_privilege('pg_replication_origin_session_setup(text)', 'EXECUTE') \
-                     AND has_function_privilege('pg_replication_origin_xact_setup(pg_lsn, timestamptz)', 'EXECUTE') \
-                     AND has_function_privilege('pg_replication_origin_create(text)', 'EXECUTE')",
-                    &[],
-                )
-                .await?
-                .get(0);
-            if !commit_ts {
+            if !crate::ops::setup::commit_timestamps_usable(c).await? {
                 return Ok(Some(format!(
                     "{side}: {t} has no column `{v}`, which last_write_wins compares: add it to \
                      the statement (a timestamp or number every change increases), or give the \

@@ -630,6 +630,21 @@ async fn check_keyless(
     Ok(())
 }
 
+/// last_write_wins may compare commit timestamps on this side instead of a version column: it
+/// tracks them, and the role may apply under a replication origin (which carries the source's
+/// commit time onto the target).
+pub(crate) async fn commit_timestamps_usable(c: &impl GenericClient) -> Result<bool> {
+    Ok(c.query_one(
+        "SELECT current_setting('track_commit_timestamp') = 'on' \
+         AND has_function_privilege('pg_replication_origin_session_setup(text)', 'EXECUTE') \
+         AND has_function_privilege('pg_replication_origin_xact_setup(pg_lsn, timestamptz)', 'EXECUTE') \
+         AND has_function_privilege('pg_replication_origin_create(text)', 'EXECUTE')",
+        &[],
+    )
+    .await?
+    .get(0))
+}
+
 /// Conflict rules that need something of the tables: a version column, old rows; key
 /// sequences that collide when both sides insert; and tables without a key ([`check_keyless`]).
 async fn check_conflicts(
@@ -708,16 +723,7 @@ async fn check_conflicts(
                 // replication origin (which carries the source's commit time onto the target).
                 let mut ok = true;
                 for c in [d, m] {
-                    let r = c
-                        .query_one(
-                            "SELECT current_setting('track_commit_timestamp') = 'on', \
-                             has_function_privilege('pg_replication_origin_session_setup(text)', 'EXECUTE') \
-                             AND has_function_privilege('pg_replication_origin_xact_setup(pg_lsn, timestamptz)', 'EXECUTE') \
-                             AND has_function_privilege('pg_replication_origin_create(text)', 'EXECUTE')",
-                            &[],
-                        )
-                        .await?;
-                    ok &= r.get::<_, bool>(0) && r.get::<_, bool>(1);
+                    ok &= commit_timestamps_usable(c).await?;
                 }
                 if ok {
                     plan.notes.push(format!(

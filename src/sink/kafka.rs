@@ -243,11 +243,12 @@ impl Encoder {
             ddl: ddl_text(ev),
             changes: None,
         };
-        self.payload.clear();
-        match format {
-            KafkaFormat::Json => json_payload(&part, &head, &mut self.payload),
-            KafkaFormat::Protobuf => proto_payload(&part, &head, &mut self.payload),
-        }
+        write_payload(format, &part, &head, &mut self.payload);
+        self.encoded()
+    }
+
+    /// The message last written.
+    fn encoded(&self) -> Encoded<'_> {
         Encoded {
             id: &self.id,
             key: &self.key,
@@ -257,9 +258,7 @@ impl Encoder {
             xid: &self.xid,
         }
     }
-}
 
-impl Encoder {
     /// The texts of transaction `(source, commit_lsn, xid)`, made when it changes.
     fn texts(&mut self, source: Side, commit_lsn: Lsn, xid: u32) {
         use std::fmt::Write as _;
@@ -302,19 +301,8 @@ impl Encoder {
             ddl: "",
             changes: Some(end.changes),
         };
-        self.payload.clear();
-        match format {
-            KafkaFormat::Json => json_payload(&part, &head, &mut self.payload),
-            KafkaFormat::Protobuf => proto_payload(&part, &head, &mut self.payload),
-        }
-        Encoded {
-            id: &self.id,
-            key: &self.key,
-            payload: &self.payload,
-            site: &self.site,
-            commit_lsn: &self.commit_lsn,
-            xid: &self.xid,
-        }
+        write_payload(format, &part, &head, &mut self.payload);
+        self.encoded()
     }
 }
 
@@ -409,6 +397,14 @@ struct Head<'a> {
     ddl: &'a str,
     /// A transaction's end (`op` `commit`): how many events it had.
     changes: Option<u32>,
+}
+
+fn write_payload(format: KafkaFormat, part: &Part, head: &Head, buf: &mut Vec<u8>) {
+    buf.clear();
+    match format {
+        KafkaFormat::Json => json_payload(part, head, buf),
+        KafkaFormat::Protobuf => proto_payload(part, head, buf),
+    }
 }
 
 fn json_payload(part: &Part, head: &Head, buf: &mut Vec<u8>) {
@@ -1827,22 +1823,31 @@ mod tests {
         assert_eq!(decode(json).unwrap().ddl, "");
     }
 
+    /// `[kafka]` for topic `audit` of a mock cluster, Kafka required.
+    fn mock_config(
+        cluster: &rdkafka::mocking::MockCluster<'_, rdkafka::producer::DefaultProducerContext>,
+        format: KafkaFormat,
+        transactions: bool,
+    ) -> KafkaConfig {
+        KafkaConfig {
+            brokers: cluster.bootstrap_servers(),
+            topic: "audit".into(),
+            format,
+            required: true,
+            transactions,
+            properties: Default::default(),
+            spool_path: String::new(),
+            spool_max_bytes: 0,
+        }
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_drain_that_times_out_keeps_its_barrier_behind_the_unacknowledged_message() {
         use rdkafka::mocking::MockCluster;
         use rdkafka::producer::DefaultProducerContext;
         let cluster = MockCluster::<DefaultProducerContext>::new(1).unwrap();
         cluster.create_topic("audit", 1, 1).unwrap();
-        let cfg = KafkaConfig {
-            brokers: cluster.bootstrap_servers(),
-            topic: "audit".into(),
-            format: KafkaFormat::Protobuf,
-            required: true,
-            transactions: false,
-            properties: Default::default(),
-            spool_path: String::new(),
-            spool_max_bytes: 0,
-        };
+        let cfg = mock_config(&cluster, KafkaFormat::Protobuf, false);
         let mut p = Producer::new(&cfg, Lsn(10), "D>M").unwrap();
         // The broker answers every produce request with a retriable error, as while it is away.
         // (Not `broker_down`: librdkafka's mock then closes and binds its port again, and aborts
@@ -1954,16 +1959,7 @@ mod tests {
         use rdkafka::Message as _;
         let cluster = MockCluster::<DefaultProducerContext>::new(1).unwrap();
         cluster.create_topic("audit", 1, 1).unwrap();
-        let cfg = KafkaConfig {
-            brokers: cluster.bootstrap_servers(),
-            topic: "audit".into(),
-            format: KafkaFormat::Json,
-            required: true,
-            transactions: true,
-            properties: Default::default(),
-            spool_path: String::new(),
-            spool_max_bytes: 0,
-        };
+        let cfg = mock_config(&cluster, KafkaFormat::Json, true);
         let mut p = Publisher::new(&cfg, Lsn(10), "M>D").unwrap();
         let at = |lsn: u64, ordinal: u32| Event {
             commit_lsn: Lsn(lsn),
