@@ -1280,6 +1280,35 @@ fn savepoint_name(subxid: u32) -> String {
     format!("tandem_sub_{subxid}")
 }
 
+/// A table run knows by another name than the stream now gives it (renamed on the source, see
+/// [`Assembler::with_names`]) goes by the stream's name once the target lacks the one run knew:
+/// a `tandem ddl` schema change renamed it on both sides. Read at its relation message, which
+/// comes again after a rename, before its next change.
+async fn forget_renamed(
+    applier: &mut Applier,
+    asm: &mut Assembler,
+    live: &mut LiveState,
+    oid: u32,
+    namespace: &str,
+    name: &str,
+) -> Result<()> {
+    let Some(known) = live.names.get(&oid) else {
+        return Ok(());
+    };
+    if (known.schema.as_str(), known.name.as_str()) == (namespace, name)
+        || applier.target_has(known).await?
+    {
+        return Ok(());
+    }
+    tracing::info!(source = %applier.source(), was = %known, now = %TableName::new(namespace, name), "a table renamed on both sides goes by its new name");
+    let mut names = (*live.names).clone();
+    names.remove(&oid);
+    live.names = Arc::new(names);
+    asm.set_names(live.names.clone());
+    applier.set_names(live.names.clone());
+    Ok(())
+}
+
 /// Apply the stream until `stop`; then finish cleanly at a transaction boundary.
 async fn stream_loop(
     applier: &mut Applier,
@@ -1542,124 +1571,131 @@ async fn stream_loop(
                 }
                 careful.in_live = false;
             }
-            StreamEvent::Message(msg) => match asm.push(msg)? {
-                None => {}
-                Some(Item::Begin {
-                    commit_lsn,
-                    xid,
-                    commit_ts,
-                }) => {
-                    // Already applied before a restart: the checkpoint is the end of a commit
-                    // record, so any commit that starts before it is at or below it.
-                    skipping = commit_lsn < checkpoint;
-                    if !skipping && commit_lsn <= careful.until {
-                        // A failure from here on must be this transaction's: nothing before it
-                        // may still be on its way.
-                        commit_group_now!();
-                    }
-                    if !skipping {
-                        careful.reached = careful.reached.max(commit_lsn);
-                        leaving = careful.skip == Some(commit_lsn);
-                        if careful.skip.is_some_and(|s| s < commit_lsn) {
-                            tracing::warn!(%source, "`tandem skip` asked to leave out the transaction committing at {}, but none commits there; the request is withdrawn", careful.skip.unwrap_or_default());
-                            careful.skip = None;
-                            applier.settle_all().await?;
-                            applier
-                                .client()
-                                .batch_execute(&checkpoint::clear_skip_sql(source))
-                                .await?;
-                        }
-                        careful.current =
-                            (commit_lsn <= careful.until && !leaving).then_some(TxnInfo {
-                                xid,
-                                commit_lsn,
-                                commit_ts,
-                            });
-                    }
+            StreamEvent::Message(msg) => {
+                if let Message::Relation(r) = &msg {
+                    forget_renamed(applier, &mut asm, live, r.id, &r.namespace, &r.name).await?;
                 }
-                // A schema change is left out, or published again, like any change.
-                Some(Item::Change(ev) | Item::Ddl(ev)) if leaving => {
-                    applier.publish_left_out(ev).await?;
-                }
-                Some(commit @ Item::Commit { end_lsn, .. }) if leaving => {
-                    applier.end_transaction(txn_end(source, &commit))?;
-                    leaving = false;
-                    through = through.max(end_lsn);
-                    // The groups before it commit first: the checkpoint passes it in order.
-                    commit_group_now!();
-                    applier.record_left_out(end_lsn).await?;
-                    applier.barrier(end_lsn).await?;
-                    take_committed!();
-                    tracing::warn!(%source, commit = %careful.skip.unwrap_or_default(), "left out a {source} transaction, as `tandem skip` asked: none of its changes is applied to {}", source.other());
-                    metrics::counter!("tandem_transactions_left_out_total", "direction" => source.direction_from())
-                        .increment(1);
-                    careful.skip = None;
-                }
-                Some(Item::Change(ev) | Item::Ddl(ev)) if skipping && applier.kafka_required() => {
-                    applier.publish_again(ev).await?;
-                }
-                Some(Item::Change(_) | Item::Ddl(_)) if skipping => {}
-                Some(Item::Echo(ev)) if !skipping || applier.kafka_required() => {
-                    applier.publish_echo(ev).await?;
-                }
-                Some(Item::Echo(_)) => {}
-                Some(Item::Change(ev)) => {
-                    applier.apply(&ev).await?;
-                    if applier.in_txn() && group_opened.is_none() {
-                        group_opened = Some(Instant::now());
-                    }
-                    group_changes += 1;
-                }
-                Some(Item::Ddl(mut ev)) => {
-                    let Change::Ddl { id, .. } = ev.change else {
-                        bail!("{source}: a schema change that is none");
-                    };
-                    match crate::ops::ddl::issued(live.cfg.site(source), ev.xid, id).await? {
-                        Some(change) => {
-                            ev.change = change;
-                            // Not its text: a statement may carry a password (`ALTER ROLE …`).
-                            tracing::info!(%source, id, "running {source}'s schema change {id} on {}", source.other());
-                            applier.apply(&ev).await?;
-                            if applier.in_txn() && group_opened.is_none() {
-                                group_opened = Some(Instant::now());
-                            }
-                            group_changes += 1;
-                            metrics::counter!("tandem_ddl_total", "direction" => source.direction_from())
-                                .increment(1);
-                        }
-                        None => {
-                            tracing::warn!(%source, "{source} transaction {} carries a `{DDL_PREFIX}` message (schema change {id}) that `tandem ddl` did not write: that row of {source}'s tandem.ddl is not this transaction's; not run on {}", ev.xid, source.other());
-                            // On the audit stream as left out, so that the transaction's events
-                            // still carry every ordinal its end counts.
-                            applier.publish_left_out(ev).await?;
-                        }
-                    }
-                }
-                Some(commit @ Item::Commit { end_lsn, .. }) => {
-                    // Its events went out (or, already applied, were sent again for Kafka).
-                    if !skipping || applier.kafka_required() {
-                        applier.end_transaction(txn_end(source, &commit))?;
-                    }
-                    through = through.max(end_lsn);
-                    if skipping {
-                        skipping = false;
-                        applier.barrier(end_lsn).await?;
-                    } else if applier.in_txn() {
-                        group_end = Some(end_lsn);
-                        applier.count_transaction();
-                        if careful.current.is_some() {
+                match asm.push(msg)? {
+                    None => {}
+                    Some(Item::Begin {
+                        commit_lsn,
+                        xid,
+                        commit_ts,
+                    }) => {
+                        // Already applied before a restart: the checkpoint is the end of a commit
+                        // record, so any commit that starts before it is at or below it.
+                        skipping = commit_lsn < checkpoint;
+                        if !skipping && commit_lsn <= careful.until {
+                            // A failure from here on must be this transaction's: nothing before it
+                            // may still be on its way.
                             commit_group_now!();
-                        } else if group_changes >= GROUP_MAX_CHANGES {
-                            commit_group!();
                         }
-                    } else {
-                        safe = safe.max(end_lsn);
-                        applier.barrier(through).await?;
+                        if !skipping {
+                            careful.reached = careful.reached.max(commit_lsn);
+                            leaving = careful.skip == Some(commit_lsn);
+                            if careful.skip.is_some_and(|s| s < commit_lsn) {
+                                tracing::warn!(%source, "`tandem skip` asked to leave out the transaction committing at {}, but none commits there; the request is withdrawn", careful.skip.unwrap_or_default());
+                                careful.skip = None;
+                                applier.settle_all().await?;
+                                applier
+                                    .client()
+                                    .batch_execute(&checkpoint::clear_skip_sql(source))
+                                    .await?;
+                            }
+                            careful.current =
+                                (commit_lsn <= careful.until && !leaving).then_some(TxnInfo {
+                                    xid,
+                                    commit_lsn,
+                                    commit_ts,
+                                });
+                        }
                     }
-                    // Committed (or with nothing to commit): later failures are not its.
-                    careful.current = None;
+                    // A schema change is left out, or published again, like any change.
+                    Some(Item::Change(ev) | Item::Ddl(ev)) if leaving => {
+                        applier.publish_left_out(ev).await?;
+                    }
+                    Some(commit @ Item::Commit { end_lsn, .. }) if leaving => {
+                        applier.end_transaction(txn_end(source, &commit))?;
+                        leaving = false;
+                        through = through.max(end_lsn);
+                        // The groups before it commit first: the checkpoint passes it in order.
+                        commit_group_now!();
+                        applier.record_left_out(end_lsn).await?;
+                        applier.barrier(end_lsn).await?;
+                        take_committed!();
+                        tracing::warn!(%source, commit = %careful.skip.unwrap_or_default(), "left out a {source} transaction, as `tandem skip` asked: none of its changes is applied to {}", source.other());
+                        metrics::counter!("tandem_transactions_left_out_total", "direction" => source.direction_from())
+                        .increment(1);
+                        careful.skip = None;
+                    }
+                    Some(Item::Change(ev) | Item::Ddl(ev))
+                        if skipping && applier.kafka_required() =>
+                    {
+                        applier.publish_again(ev).await?;
+                    }
+                    Some(Item::Change(_) | Item::Ddl(_)) if skipping => {}
+                    Some(Item::Echo(ev)) if !skipping || applier.kafka_required() => {
+                        applier.publish_echo(ev).await?;
+                    }
+                    Some(Item::Echo(_)) => {}
+                    Some(Item::Change(ev)) => {
+                        applier.apply(&ev).await?;
+                        if applier.in_txn() && group_opened.is_none() {
+                            group_opened = Some(Instant::now());
+                        }
+                        group_changes += 1;
+                    }
+                    Some(Item::Ddl(mut ev)) => {
+                        let Change::Ddl { id, .. } = ev.change else {
+                            bail!("{source}: a schema change that is none");
+                        };
+                        match crate::ops::ddl::issued(live.cfg.site(source), ev.xid, id).await? {
+                            Some(change) => {
+                                ev.change = change;
+                                // Not its text: a statement may carry a password (`ALTER ROLE …`).
+                                tracing::info!(%source, id, "running {source}'s schema change {id} on {}", source.other());
+                                applier.apply(&ev).await?;
+                                if applier.in_txn() && group_opened.is_none() {
+                                    group_opened = Some(Instant::now());
+                                }
+                                group_changes += 1;
+                                metrics::counter!("tandem_ddl_total", "direction" => source.direction_from())
+                                .increment(1);
+                            }
+                            None => {
+                                tracing::warn!(%source, "{source} transaction {} carries a `{DDL_PREFIX}` message (schema change {id}) that `tandem ddl` did not write: that row of {source}'s tandem.ddl is not this transaction's; not run on {}", ev.xid, source.other());
+                                // On the audit stream as left out, so that the transaction's events
+                                // still carry every ordinal its end counts.
+                                applier.publish_left_out(ev).await?;
+                            }
+                        }
+                    }
+                    Some(commit @ Item::Commit { end_lsn, .. }) => {
+                        // Its events went out (or, already applied, were sent again for Kafka).
+                        if !skipping || applier.kafka_required() {
+                            applier.end_transaction(txn_end(source, &commit))?;
+                        }
+                        through = through.max(end_lsn);
+                        if skipping {
+                            skipping = false;
+                            applier.barrier(end_lsn).await?;
+                        } else if applier.in_txn() {
+                            group_end = Some(end_lsn);
+                            applier.count_transaction();
+                            if careful.current.is_some() {
+                                commit_group_now!();
+                            } else if group_changes >= GROUP_MAX_CHANGES {
+                                commit_group!();
+                            }
+                        } else {
+                            safe = safe.max(end_lsn);
+                            applier.barrier(through).await?;
+                        }
+                        // Committed (or with nothing to commit): later failures are not its.
+                        careful.current = None;
+                    }
                 }
-            },
+            }
         }
         // Against the last commit sent too: one on its way usually covers most of `safe`.
         if !applier.in_txn() && safe.0 >= checkpoint.max(committing).0 + IDLE_RECORD_BYTES {

@@ -1697,6 +1697,24 @@ async fn a_table_tandem_ddl_creates_that_the_patterns_take_in_flows_both_ways_at
     .await;
     fx.wait_equal("notes", 30).await;
 
+    // Renamed on both sides with `tandem ddl`, a table run knew from its start by its old name
+    // goes on flowing, both ways, under the new one.
+    let (code, _, err) = ddl("desktop", "ALTER TABLE items RENAME TO things");
+    assert_eq!(code, 0, "{err}");
+    fx.d.batch_execute("INSERT INTO things VALUES (1, 'renamed')")
+        .await
+        .unwrap();
+    wait_for(30, "desktop's row in mobile's renamed table", || async {
+        fx.m.query_one("SELECT count(*) FROM things WHERE v = 'renamed'", &[])
+            .await
+            .is_ok_and(|r| r.get::<_, i64>(0) == 1)
+    })
+    .await;
+    fx.m.batch_execute("INSERT INTO things VALUES (2, 'back')")
+        .await
+        .unwrap();
+    wait_count(30, &fx.d, "SELECT count(*) FROM things WHERE id = 2", 1).await;
+
     // One setup would refuse (no key, no REPLICA IDENTITY FULL) is refused whole, on the side
     // named first: nothing made there, nothing to run on the other.
     let (code, _, err) = ddl("mobile", "CREATE TABLE loose (v text)");

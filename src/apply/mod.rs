@@ -1104,6 +1104,18 @@ impl Applier {
         self.names = names;
     }
 
+    /// The target has table `t` now (inside the open group: after its schema changes).
+    pub async fn target_has(&mut self, t: &TableName) -> Result<bool> {
+        Ok(self
+            .pipeline
+            .alongside(
+                self.client
+                    .query_one("SELECT to_regclass($1) IS NOT NULL", &[&t.quoted()]),
+            )
+            .await?
+            .get(0))
+    }
+
     pub fn kafka_required(&self) -> bool {
         self.publisher.as_ref().is_some_and(|p| p.required)
     }

@@ -103,6 +103,11 @@ impl Assembler {
         self
     }
 
+    /// [`Assembler::with_names`] from here on (relations sent after this).
+    pub fn set_names(&mut self, names: Names) {
+        self.names = names;
+    }
+
     /// The relations `other` learned (a streamed transaction's, assembled apart) become known
     /// here: once a streamed transaction commits, pgoutput counts its Relation messages as sent
     /// for every later transaction.
