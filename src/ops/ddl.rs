@@ -190,8 +190,9 @@ async fn table_oids(c: &impl GenericClient) -> Result<HashSet<u32>> {
 ///   statement), so that it flows at once, without `setup`, a restart or an initial snapshot.
 ///   What it lacks for that (a key, old rows its conflict policy compares, the version column)
 ///   is an error, before anything is committed;
-/// - each configured table it dropped is no longer recorded as synchronised here: one made again
-///   later otherwise than with `tandem ddl` is copied by the next initial snapshot.
+/// - each configured table it dropped is no longer recorded as synchronised here (one made again
+///   later otherwise than with `tandem ddl` is copied by the next initial snapshot), and one it
+///   renamed is recorded under its new name (not copied again).
 ///
 /// One line per table created, saying what was done.
 pub(crate) async fn after_statement(
@@ -201,18 +202,29 @@ pub(crate) async fn after_statement(
     before: &Before,
     by_run: bool,
 ) -> Result<Vec<String>> {
-    let now = table_oids(c).await?;
-    for (oid, t) in &before.configured {
-        if !now.contains(oid) {
-            c.execute(
-                "DELETE FROM tandem.snapshots WHERE table_name = $1",
-                &[&t.to_string()],
-            )
-            .await?;
+    // The record of a table's initial snapshot goes with the table: under its new name when
+    // the statement renamed it, away when it dropped it (or renamed it out of the config).
+    let now = configured(cfg, c).await?;
+    let forget = "DELETE FROM tandem.snapshots WHERE table_name = $1";
+    for (oid, was) in &before.configured {
+        match now.iter().find(|(o, _)| o == oid) {
+            Some((_, name)) if name == was => {}
+            Some((_, name)) => {
+                // A record under the new name is an earlier table's of that name.
+                c.execute(forget, &[&name.to_string()]).await?;
+                c.execute(
+                    "UPDATE tandem.snapshots SET table_name = $2 WHERE table_name = $1",
+                    &[&was.to_string(), &name.to_string()],
+                )
+                .await?;
+            }
+            None => {
+                c.execute(forget, &[&was.to_string()]).await?;
+            }
         }
     }
     let mut lines = Vec::new();
-    for (oid, t) in configured(cfg, c).await? {
+    for (oid, t) in now {
         if before.oids.contains(&oid) {
             continue;
         }
