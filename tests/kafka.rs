@@ -1070,7 +1070,7 @@ async fn with_transactions_each_source_transaction_ends_with_an_event_counting_i
         common::run_tandem(&["--config", config, "audit", "tail", "--site", "M"], &[]);
     assert_eq!(code, 0, "{err}");
     assert!(out.contains(" M commit   xid "), "{out}");
-    assert!(out.contains(": 2 event(s) id=M:"), "{out}");
+    assert!(out.contains(": 2 change(s) id=M:"), "{out}");
     let (code, out, err) = common::run_tandem(
         &[
             "--config",

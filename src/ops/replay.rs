@@ -54,7 +54,7 @@ pub fn line(d: &Decoded) -> String {
     }
     if d.op == "commit" {
         return format!(
-            "{} {} {:<8} xid {}: {} event(s) id={}",
+            "{} {} {:<8} xid {}: {} change(s) id={}",
             d.commit_ts, d.site, d.op, d.xid, d.changes, d.id
         );
     }
