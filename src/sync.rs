@@ -932,26 +932,6 @@ impl Learned {
     }
 }
 
-/// The Kafka end event of the transaction `commit` ends (`[kafka] transactions`).
-fn txn_end(source: Side, commit: &Item) -> TxnEnd {
-    match *commit {
-        Item::Commit {
-            commit_lsn,
-            changes,
-            xid,
-            commit_ts,
-            ..
-        } => TxnEnd {
-            source,
-            commit_lsn,
-            commit_ts,
-            xid,
-            changes,
-        },
-        _ => unreachable!("txn_end of a commit only"),
-    }
-}
-
 async fn direction_once(
     cfg: &Arc<Config>,
     source: Side,
@@ -1615,7 +1595,9 @@ async fn stream_loop(
                         applier.publish_left_out(ev).await?;
                     }
                     Some(commit @ Item::Commit { end_lsn, .. }) if leaving => {
-                        applier.end_transaction(txn_end(source, &commit))?;
+                        if let Some(end) = TxnEnd::of(source, &commit) {
+                            applier.end_transaction(end)?;
+                        }
                         leaving = false;
                         through = through.max(end_lsn);
                         // The groups before it commit first: the checkpoint passes it in order.
@@ -1673,7 +1655,9 @@ async fn stream_loop(
                     Some(commit @ Item::Commit { end_lsn, .. }) => {
                         // Its events went out (or, already applied, were sent again for Kafka).
                         if !skipping || applier.kafka_required() {
-                            applier.end_transaction(txn_end(source, &commit))?;
+                            if let Some(end) = TxnEnd::of(source, &commit) {
+                                applier.end_transaction(end)?;
+                            }
                         }
                         through = through.max(end_lsn);
                         if skipping {

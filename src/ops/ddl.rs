@@ -309,8 +309,6 @@ async fn check_created(
         return Ok(None);
     };
     let identity_full = crate::ops::setup::not_identity_full(c, t).await?.is_empty();
-    let names =
-        |idx: &[usize]| -> Vec<&str> { idx.iter().map(|&i| tt.columns[i].name.as_str()).collect() };
     if tt.key.is_empty() {
         if cfg.columns_of(t).is_some() {
             return Ok(Some(format!(
@@ -336,10 +334,7 @@ async fn check_created(
         )));
     }
     if let Some(listed) = cfg.columns_of(t) {
-        let unlisted: Vec<&str> = names(&tt.key)
-            .into_iter()
-            .filter(|k| !listed.iter().any(|n| n == k))
-            .collect();
+        let unlisted = crate::ops::setup::unlisted_key(&tt, listed);
         if !unlisted.is_empty() {
             return Ok(Some(format!(
                 "{side}: [replication.columns] of {t} must list its key column(s) {}: without \

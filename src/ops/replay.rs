@@ -207,7 +207,7 @@ pub async fn replay(
         report.read += 1;
         let landed = d.site == to.tag().to_string()
             || matches!(d.outcome.as_str(), "applied" | "applied_remote" | "merged");
-        // A transaction's end (`[kafka] transactions`) says how many events it had: nothing to
+        // A transaction's end (`[kafka] transactions`) says how many changes it had: nothing to
         // apply.
         if d.outcome == "skipped_echo" || !landed || !filter.keeps(&d) || d.op == "commit" {
             continue;

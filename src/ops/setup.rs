@@ -311,12 +311,7 @@ async fn check_tables(
             }
             // PostgreSQL 15 refuses the source's own UPDATE and DELETE on a table whose column
             // list leaves out part of the replica identity: check before that can happen.
-            let unlisted: Vec<&str> = dt
-                .key
-                .iter()
-                .map(|&k| dt.columns[k].name.as_str())
-                .filter(|k| !listed.iter().any(|n| n == k))
-                .collect();
+            let unlisted = unlisted_key(&dt, listed);
             if !unlisted.is_empty() {
                 problems.push(format!(
                     "table {t}: [replication.columns] must list its key column(s) {}: without them \
@@ -440,6 +435,15 @@ async fn check_tables(
         }
     }
     Ok(tables)
+}
+
+/// The key columns of `t` a column list leaves out.
+pub(crate) fn unlisted_key<'a>(t: &'a TargetTable, listed: &[String]) -> Vec<&'a str> {
+    t.key
+        .iter()
+        .map(|&k| t.columns[k].name.as_str())
+        .filter(|k| !listed.iter().any(|n| n == k))
+        .collect()
 }
 
 /// Row filter `cond` on `t` as PostgreSQL takes it, from a publication created in a transaction

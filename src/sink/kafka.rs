@@ -274,8 +274,9 @@ impl Encoder {
     }
 
     /// The event that closes a source transaction's events (`[kafka] transactions`): op
-    /// `commit`, table `tandem.transaction`, id `<site>:<commit_lsn>:commit`, and how many events
-    /// the transaction had in `changes`, so a consumer knows when it has them all.
+    /// `commit`, table `tandem.transaction`, id `<site>:<commit_lsn>:commit`, and how many changes
+    /// the transaction had in `changes` (its events' ordinals), so a consumer knows when it has
+    /// them all.
     pub fn encode_end(&mut self, end: &TxnEnd, format: KafkaFormat) -> Encoded<'_> {
         use std::fmt::Write as _;
         self.texts(end.source, end.commit_lsn, end.xid);
@@ -325,23 +326,44 @@ pub struct TxnEnd {
     pub changes: u32,
 }
 
-/// What a transaction's end event names as its table.
-static TXN_TABLE: std::sync::LazyLock<Arc<SourceTable>> = std::sync::LazyLock::new(|| {
+impl TxnEnd {
+    /// The end of the transaction `item` closes, when it is a commit.
+    pub fn of(source: Side, item: &Item) -> Option<TxnEnd> {
+        match *item {
+            Item::Commit {
+                commit_lsn,
+                changes,
+                xid,
+                commit_ts,
+                ..
+            } => Some(TxnEnd {
+                source,
+                commit_lsn,
+                commit_ts,
+                xid,
+                changes,
+            }),
+            _ => None,
+        }
+    }
+}
+
+/// A table of tandem's own that an event without a row names.
+fn tandem_table(name: &str) -> Arc<SourceTable> {
     Arc::new(SourceTable {
         oid: 0,
-        name: TableName::new("tandem", "transaction"),
+        name: TableName::new("tandem", name),
         columns: Vec::new(),
     })
-});
+}
+
+/// What a transaction's end event names as its table.
+static TXN_TABLE: std::sync::LazyLock<Arc<SourceTable>> =
+    std::sync::LazyLock::new(|| tandem_table("transaction"));
 
 /// What a schema change's event names as its table: where it is recorded (`tandem.ddl`).
-static DDL_TABLE: std::sync::LazyLock<Arc<SourceTable>> = std::sync::LazyLock::new(|| {
-    Arc::new(SourceTable {
-        oid: 0,
-        name: TableName::new("tandem", "ddl"),
-        columns: Vec::new(),
-    })
-});
+static DDL_TABLE: std::sync::LazyLock<Arc<SourceTable>> =
+    std::sync::LazyLock::new(|| tandem_table("ddl"));
 
 /// The statement of a schema change's event; empty for a row change.
 fn ddl_text(ev: &Event) -> &str {
@@ -395,7 +417,7 @@ struct Head<'a> {
     ordinal: u32,
     /// A schema change's statement; empty otherwise.
     ddl: &'a str,
-    /// A transaction's end (`op` `commit`): how many events it had.
+    /// A transaction's end (`op` `commit`): how many changes it had.
     changes: Option<u32>,
 }
 
@@ -431,7 +453,7 @@ fn json_payload(part: &Part, head: &Head, buf: &mut Vec<u8>) {
         "outcome": head.outcome,
     });
     // Row events keep their shape; a schema change's carries its statement, a transaction's end
-    // its number of events.
+    // its number of changes.
     if head.op == "ddl" {
         v["ddl"] = serde_json::json!(head.ddl);
     }
@@ -573,7 +595,7 @@ pub struct Decoded {
     pub outcome: String,
     /// A schema change's statement (op `ddl`); empty for a row change.
     pub ddl: String,
-    /// A transaction's end (op `commit`): how many events it had; 0 otherwise.
+    /// A transaction's end (op `commit`): how many changes it had; 0 otherwise.
     pub changes: u32,
 }
 
@@ -1234,15 +1256,20 @@ impl Publisher {
         names: Names,
         outcome: Outcome,
     ) -> Result<()> {
-        self.hand_over_unpaid();
-        self.unreleased = true;
-        self.send(Command::Hold(Held::PublishCopy(
+        self.hold(Held::PublishCopy(
             copy,
             source,
             names,
             outcome,
             self.transactions,
-        )))
+        ))
+    }
+
+    /// Queue `h` behind what is buffered, held until a release.
+    fn hold(&mut self, h: Held) -> Result<()> {
+        self.hand_over_unpaid();
+        self.unreleased = true;
+        self.send(Command::Hold(h))
     }
 
     /// `[kafka] transactions`.
@@ -1256,9 +1283,7 @@ impl Publisher {
         if !self.transactions {
             return Ok(());
         }
-        self.hand_over_unpaid();
-        self.unreleased = true;
-        self.send(Command::Hold(Held::End(end)))
+        self.hold(Held::End(end))
     }
 
     /// Everything published so far belongs to source commits up to `lsn`, and is released.
@@ -1430,21 +1455,10 @@ async fn send_now(p: &mut Producer, h: Held, room: &tokio::sync::Semaphore) -> R
                 match asm.push(msg)? {
                     Some(Item::Change(ev)) => p.publish(&ev, outcome(&ev)).await?,
                     Some(Item::Echo(ev)) => p.publish(&ev, "skipped_echo").await?,
-                    Some(Item::Commit {
-                        commit_lsn,
-                        changes,
-                        xid,
-                        commit_ts,
-                        ..
-                    }) if ends => {
-                        let end = TxnEnd {
-                            source,
-                            commit_lsn,
-                            commit_ts,
-                            xid,
-                            changes,
-                        };
-                        p.publish_end(&end).await?;
+                    Some(item) if ends => {
+                        if let Some(end) = TxnEnd::of(source, &item) {
+                            p.publish_end(&end).await?;
+                        }
                     }
                     _ => {}
                 }
