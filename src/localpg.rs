@@ -424,6 +424,34 @@ impl LocalCluster {
         format!("postgresql://postgres@127.0.0.1:{}/{db}", self.port)
     }
 
+    /// CPU time so far of this server's processes: the postmaster, its live children, and its
+    /// children that ended (which the kernel adds to the postmaster's own children's time once
+    /// it reaps them). `None` when they cannot be read (not Linux, no pid file).
+    pub fn cpu_seconds(&self) -> Option<f64> {
+        let pid_file = std::fs::read_to_string(self.dir.join("data/postmaster.pid")).ok()?;
+        let postmaster: u32 = pid_file.lines().next()?.trim().parse().ok()?;
+        let mut total = 0.0;
+        for entry in std::fs::read_dir("/proc").ok()?.flatten() {
+            let Some(pid) = entry
+                .file_name()
+                .to_str()
+                .and_then(|n| n.parse::<u32>().ok())
+            else {
+                continue;
+            };
+            // A process may end between the listing and the read.
+            let Some(t) = proc_times(pid) else {
+                continue;
+            };
+            if pid == postmaster {
+                total += t.own + t.children;
+            } else if t.ppid == postmaster {
+                total += t.own;
+            }
+        }
+        Some(total)
+    }
+
     /// Stop immediately (SIGQUIT) and remove the files.
     pub fn stop(&mut self) {
         if self.child.is_some() {
@@ -436,5 +464,55 @@ impl LocalCluster {
 impl Drop for LocalCluster {
     fn drop(&mut self) {
         self.stop();
+    }
+}
+
+/// A process's CPU seconds from `/proc/<pid>/stat`: its own, and its reaped children's.
+pub struct ProcTimes {
+    pub ppid: u32,
+    pub own: f64,
+    pub children: f64,
+}
+
+pub fn proc_times(pid: u32) -> Option<ProcTimes> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    proc_times_of(&stat)
+}
+
+fn proc_times_of(stat: &str) -> Option<ProcTimes> {
+    // The fields after the command name, which is in parentheses and may hold spaces: state,
+    // ppid, …, utime, stime, cutime, cstime are the 1st, 2nd, 12th to 15th of them.
+    let f: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let num = |i: usize| f.get(i)?.parse::<f64>().ok();
+    // SAFETY: sysconf only reads a constant.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    Some(ProcTimes {
+        ppid: f.get(1)?.parse().ok()?,
+        own: (num(11)? + num(12)?) / ticks,
+        children: (num(13)? + num(14)?) / ticks,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn proc_stat_fields_are_read_after_the_command_name() {
+        let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+        // A command name may hold spaces and parentheses; only the last `)` ends it.
+        let t = proc_times_of(
+            "4242 (postgres: a) b) S 77 4242 4242 0 -1 4194560 10 0 0 0 300 100 50 25 20 0 1",
+        )
+        .unwrap();
+        assert_eq!(t.ppid, 77);
+        assert_eq!(t.own, 400.0 / ticks);
+        assert_eq!(t.children, 75.0 / ticks);
+        assert!(proc_times_of("4242 (truncated) S 77").is_none());
+        // This process: its parent is the one that started it.
+        assert_eq!(
+            proc_times(std::process::id()).unwrap().ppid,
+            std::os::unix::process::parent_id()
+        );
     }
 }

@@ -155,6 +155,12 @@ pub struct Measurement {
     /// (the busier one for W3): near 1, the walsender decoding and sending the backlog is what
     /// the drain waits on, whatever the contender does. `None` when it could not be read.
     pub walsender_busy: Option<f64>,
+    /// CPU time of both servers' processes over the drain, per row change: decoding and
+    /// sending on the source, applying on the target (native's and pglogical's apply workers
+    /// run there, tandem's sessions too), WAL writing, checkpoints. With `cpu_us_per_change`,
+    /// all a contender costs: on a machine with fewer cores than busy processes, what rows/s
+    /// is made of. `None` when it could not be read.
+    pub servers_us_per_change: Option<f64>,
 }
 
 #[derive(Debug, Serialize)]
@@ -833,6 +839,8 @@ async fn measure(
     let rows = (w == Workload::W5).then_some(changes as i64 + 1);
     let t = Instant::now();
     let cpu = process_cpu_seconds();
+    let servers = || Some(dc.cpu_seconds()? + mc.cpu_seconds()?);
+    let servers_before = servers();
     pair.resume().await?;
     let mut times = (0.0f64, 0.0f64);
     let mut walsender: Option<f64> = None;
@@ -869,6 +877,7 @@ async fn measure(
         }
     }
     let cpu = process_cpu_seconds() - cpu;
+    let servers = servers().zip(servers_before).map(|(a, b)| a - b);
     // A failed run's own error says more than "stopped before it drained".
     pair.finish().await?;
     result?;
@@ -883,6 +892,7 @@ async fn measure(
         rows_per_s: changes as f64 / seconds,
         cpu_us_per_change: who.is_tandem().then(|| cpu * 1e6 / changes as f64),
         walsender_busy: walsender,
+        servers_us_per_change: servers.map(|s| s * 1e6 / changes as f64),
     })
 }
 
@@ -1021,15 +1031,7 @@ async fn walsender_cpu_seconds(source: &Client, slot: &str) -> Option<f64> {
         .await
         .ok()?
         .get::<_, Option<i32>>(0)?;
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // Fields after the command name, which is in parentheses and may hold spaces: utime and
-    // stime are the 12th and 13th of them.
-    let mut rest = stat.rsplit_once(')')?.1.split_whitespace();
-    let utime: f64 = rest.nth(11)?.parse().ok()?;
-    let stime: f64 = rest.next()?.parse().ok()?;
-    // SAFETY: sysconf only reads a constant.
-    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-    Some((utime + stime) / ticks)
+    crate::localpg::proc_times(pid as u32).map(|t| t.own)
 }
 
 /// User and system CPU time of this process so far, all threads.
@@ -1232,7 +1234,7 @@ fn columns(cells: &[String], widths: &[usize]) -> String {
 
 pub fn render(r: &Report) -> String {
     let mut out = format!(
-        "{:<4} {:<16} {:>10} {:>9} {:>9} {:>12} {:>14} {:>10}\n",
+        "{:<4} {:<16} {:>10} {:>9} {:>9} {:>12} {:>14} {:>14} {:>10}\n",
         "work",
         "contender",
         "changes",
@@ -1240,19 +1242,21 @@ pub fn render(r: &Report) -> String {
         "drained",
         "rows/s",
         "tandem µs/row",
+        "servers µs/row",
         "walsender"
     );
+    let us = |v: Option<f64>| v.map_or("-".into(), |c| format!("{c:.2}"));
     for m in &r.measurements {
         out.push_str(&format!(
-            "{:<4} {:<16} {:>10} {:>8.2}s {:>8.2}s {:>12.0} {:>14} {:>10}\n",
+            "{:<4} {:<16} {:>10} {:>8.2}s {:>8.2}s {:>12.0} {:>14} {:>14} {:>10}\n",
             format!("{:?}", m.workload),
             m.contender.name(),
             m.changes,
             m.applied_seconds,
             m.seconds,
             m.rows_per_s,
-            m.cpu_us_per_change
-                .map_or("-".into(), |c| format!("{c:.2}")),
+            us(m.cpu_us_per_change),
+            us(m.servers_us_per_change),
             m.walsender_busy
                 .map_or("-".into(), |b| format!("{:.0}%", b * 100.0))
         ));
@@ -1376,6 +1380,7 @@ mod tests {
             rows_per_s,
             cpu_us_per_change: None,
             walsender_busy: None,
+            servers_us_per_change: None,
         }
     }
 
