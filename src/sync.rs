@@ -609,6 +609,14 @@ pub struct LiveDdl {
     pub xid: u32,
 }
 
+/// A statement named a target table that is no longer there by that name (`42P01`): renamed with
+/// `tandem ddl` while rows of the other side under its old name were on their way. The direction
+/// starts over once from that checkpoint with its tables read again, where the old name leads to
+/// the table by its new one (`tandem.renamed`); a table that is gone is then a refusal as before.
+#[derive(Debug, thiserror::Error)]
+#[error("{0:#}")]
+pub struct StaleTable(anyhow::Error);
+
 /// One source transaction the target refused (a constraint, trigger or type the source does not
 /// have), found by applying one source transaction per target commit. Nothing of it is applied,
 /// everything before it is; the operator fixes the target or leaves it out with `tandem skip`.
@@ -783,6 +791,9 @@ async fn direction(
                 metrics::counter!("tandem_conflict_races_total", "direction" => source.direction_from())
                     .increment(1);
             }
+            Err(e) if e.is::<StaleTable>() && !*stop.borrow() => {
+                tracing::info!(%source, "{e:#}; starting over from the checkpoint with {}'s tables read again", source.other());
+            }
             Err(e) if e.is::<LiveDdl>() && !*stop.borrow() => {
                 let d = e.downcast::<LiveDdl>().expect("checked");
                 tracing::info!(%source, "{d}; starting over from the checkpoint, spooling it until its commit");
@@ -904,6 +915,8 @@ struct Learned {
     /// renamed on the source while `run` runs keeps going to its target table (see
     /// [`Assembler::with_names`]), across reconnects too.
     names: std::collections::HashMap<u32, TableName>,
+    /// The checkpoint a [`StaleTable`] last started over from.
+    stale_table: Option<Lsn>,
 }
 
 impl Learned {
@@ -1031,7 +1044,15 @@ async fn direction_once(
         careful,
     )
     .await;
+    let at = status.from(source).checkpoint();
     let result = match (result, live.txn.as_ref(), careful.current.take()) {
+        (Err(e), _, _)
+            if db::caused_by(&e, &tokio_postgres::error::SqlState::UNDEFINED_TABLE)
+                && learned.stale_table != Some(at) =>
+        {
+            learned.stale_table = Some(at);
+            Err(StaleTable(e).into())
+        }
         (Err(e), Some(t), _) if lock_timed_out(&e) => Err(LiveBlocked { xid: t.xid }.into()),
         (Err(e), _, Some(t)) if refused_by_target(&e) && !transient(&e) => Err(Rejected {
             from: source,

@@ -4,8 +4,8 @@
 mod common;
 
 use common::{
-    audit_sql, clusters, random_history, run_tandem, scrape, stream_from_a_few_hundred_rows,
-    streamed_txns, wait_count, wait_for, Fixture, Running,
+    audit_sql, clusters, connect, random_history, run_tandem, scrape,
+    stream_from_a_few_hundred_rows, streamed_txns, wait_count, wait_for, Fixture, Running,
 };
 use tokio_postgres::Client;
 
@@ -1698,9 +1698,39 @@ async fn a_table_tandem_ddl_creates_that_the_patterns_take_in_flows_both_ways_at
     fx.wait_equal("notes", 30).await;
 
     // Renamed on both sides with `tandem ddl`, a table run knew from its start by its old name
-    // goes on flowing, both ways, under the new one.
+    // goes on flowing, both ways, under the new one. Rows mobile writes under the old name before
+    // the rename reaches it arrive at desktop after desktop's rename: they go to the table by its
+    // new name (before: refused, the name gone, and run stopped). Mobile's application holds the
+    // rename back there with a transaction open on items until its row is in.
+    fx.m.batch_execute("INSERT INTO items VALUES (10, 'before')")
+        .await
+        .unwrap();
+    wait_count(30, &fx.d, "SELECT count(*) FROM items WHERE id = 10", 1).await;
+    let app = connect(&clusters().mobile.url("ddlnew")).await;
+    app.batch_execute("BEGIN; INSERT INTO items VALUES (11, 'on its way')")
+        .await
+        .unwrap();
     let (code, _, err) = ddl("desktop", "ALTER TABLE items RENAME TO things");
     assert_eq!(code, 0, "{err}");
+    wait_count(
+        30,
+        &fx.m,
+        "SELECT count(*) FROM pg_locks WHERE relation = 'items'::regclass AND NOT granted",
+        1,
+    )
+    .await;
+    app.batch_execute("COMMIT").await.unwrap();
+    wait_count(30, &fx.d, "SELECT count(*) FROM things WHERE id = 11", 1).await;
+    for c in [&fx.d, &fx.m] {
+        wait_count(
+            30,
+            c,
+            "SELECT count(*) FROM tandem.renamed WHERE old_name = 'public.items' \
+             AND new_name = 'public.things'",
+            1,
+        )
+        .await;
+    }
     fx.d.batch_execute("INSERT INTO things VALUES (1, 'renamed')")
         .await
         .unwrap();

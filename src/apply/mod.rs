@@ -378,8 +378,36 @@ impl Applier {
         if let Some(t) = self.tables.get(name) {
             return Ok(t.clone());
         }
-        let t = self.pipeline.alongside(catalog::table(&*self.client, name));
-        let t = t.await?.ok_or_else(|| {
+        let mut t = self
+            .pipeline
+            .alongside(catalog::table(&*self.client, name))
+            .await?;
+        if t.is_none() {
+            // Renamed here with `tandem ddl`: the source's rows written under the old name
+            // before the rename reached the source go to the table under its name now.
+            let now = self
+                .pipeline
+                .alongside(self.client.query_opt(
+                    "SELECT n.nspname::text, c.relname::text FROM tandem.renamed r \
+                     JOIN pg_class c ON c.oid = r.table_oid \
+                     JOIN pg_namespace n ON n.oid = c.relnamespace WHERE r.old_name = $1",
+                    &[&name.to_string()],
+                ))
+                .await
+                .context("reading tandem.renamed")?
+                .map(|r| TableName::new(r.get::<_, String>(0), r.get::<_, String>(1)));
+            if let Some(now) = now {
+                t = self
+                    .pipeline
+                    .alongside(catalog::table(&*self.client, &now))
+                    .await?;
+                if t.is_some() {
+                    tracing::info!(source = %self.source, was = %name, %now,
+                        "rows of a table renamed here with `tandem ddl` go to it under its new name");
+                }
+            }
+        }
+        let t = t.ok_or_else(|| {
             anyhow!(
                 "{}: table {name} does not exist; create it there (same columns and key) and rerun `tandem setup`",
                 self.source.other()
@@ -416,10 +444,10 @@ impl Applier {
             .alongside(self.client.query_one(
                 "SELECT EXISTS (SELECT 1 FROM pg_trigger WHERE tgrelid = $1::text::regclass \
                  AND NOT tgisinternal AND tgenabled::text = ANY($2))",
-                &[&src.name.quoted(), &modes],
+                &[&b.target.name.quoted(), &modes],
             ))
             .await
-            .with_context(|| format!("reading the triggers of {}", src.name))?
+            .with_context(|| format!("reading the triggers of {}", b.target.name))?
             .get(0);
         // `Binding::new` already left a keyless table's rows uncollapsed.
         b.collapse &= !fires;
@@ -728,11 +756,13 @@ impl Applier {
                 cascade,
                 restart_identity,
             } => {
-                let names: Vec<String> = tables
-                    .iter()
-                    .filter(|t| self.flows(&t.name) && !copy_holds(&self.copied, &t.name, ev))
-                    .map(|t| t.name.quoted())
-                    .collect();
+                let mut names: Vec<String> = Vec::new();
+                for t in tables {
+                    if self.flows(&t.name) && !copy_holds(&self.copied, &t.name, ev) {
+                        // By the target's name for it (renamed there, see `target_table`).
+                        names.push(self.target_table(&t.name).await?.name.quoted());
+                    }
+                }
                 self.ensure_txn(ev.commit_lsn).await?;
                 self.run_ready(true).await?;
                 // A truncate supersedes whatever waits behind a paused conflict of that table.
