@@ -1642,6 +1642,7 @@ async fn a_table_tandem_ddl_creates_that_the_patterns_take_in_flows_both_ways_at
         "tables = [\"public.*\"]",
     )
     .await;
+    stream_from_a_few_hundred_rows(&fx.m).await;
     let run = fx.start().await;
     let cfg_path = fx.config_path.to_str().unwrap().to_string();
     let cfg = cfg_path.as_str();
@@ -1706,8 +1707,21 @@ async fn a_table_tandem_ddl_creates_that_the_patterns_take_in_flows_both_ways_at
         .await
         .unwrap();
     wait_count(30, &fx.d, "SELECT count(*) FROM items WHERE id = 10", 1).await;
-    let app = connect(&clusters().mobile.url("ddlnew")).await;
-    app.batch_execute("BEGIN; INSERT INTO items VALUES (11, 'on its way')")
+    let streamed_before = streamed_txns(&fx.m, "ddlnew_m").await;
+    // Two of mobile's transactions hold it back: a one-row one, which reaches desktop whole and
+    // meets the main session bound to items before the rename, and one streamed while in
+    // progress (mobile decodes in 64 kB), applied on desktop by a session of its own. Each writes
+    // a row first, so both hold items before the rename queues for it; the streamed one writes
+    // the rest only after desktop's rename (before, its first rows could reach desktop's items
+    // and hold desktop's rename back in turn).
+    let small = connect(&clusters().mobile.url("ddlnew")).await;
+    let large = connect(&clusters().mobile.url("ddlnew")).await;
+    small
+        .batch_execute("BEGIN; INSERT INTO items VALUES (11, 'on its way')")
+        .await
+        .unwrap();
+    large
+        .batch_execute("BEGIN; INSERT INTO items VALUES (12, 'on its way')")
         .await
         .unwrap();
     let (code, _, err) = ddl("desktop", "ALTER TABLE items RENAME TO things");
@@ -1719,8 +1733,26 @@ async fn a_table_tandem_ddl_creates_that_the_patterns_take_in_flows_both_ways_at
         1,
     )
     .await;
-    app.batch_execute("COMMIT").await.unwrap();
-    wait_count(30, &fx.d, "SELECT count(*) FROM things WHERE id = 11", 1).await;
+    // Its lock on items already held: not queued behind the rename.
+    large
+        .batch_execute("INSERT INTO items SELECT g, 'on its way' FROM generate_series(13, 510) g")
+        .await
+        .unwrap();
+    small.batch_execute("COMMIT").await.unwrap();
+    large.batch_execute("COMMIT").await.unwrap();
+    wait_count(
+        30,
+        &fx.d,
+        "SELECT count(*) FROM things WHERE v = 'on its way'",
+        500,
+    )
+    .await;
+    wait_for(
+        10,
+        "mobile's slot to count the streamed transaction",
+        || async { streamed_txns(&fx.m, "ddlnew_m").await > streamed_before },
+    )
+    .await;
     for c in [&fx.d, &fx.m] {
         wait_count(
             30,
