@@ -1466,13 +1466,7 @@ async fn stream_loop(
                 // source: commit them first, so the live session never waits on their rows.
                 commit_group_now!();
                 if first {
-                    if live.session.is_none() {
-                        let mut a =
-                            Applier::connect_for_run(live.cfg.clone(), source, false).await?;
-                        live.cancellers.add(a.canceller()?);
-                        a.write_plainly(live.upsert_tables.clone());
-                        live.session = Some(a);
-                    }
+                    // The session itself opens at the transaction's first message (below).
                     if let Some(a) = live.session.as_mut() {
                         a.set_copied(applier.copied().clone());
                     }
@@ -1494,9 +1488,21 @@ async fn stream_loop(
             }
             StreamEvent::Live(Live::Stop) => {}
             StreamEvent::Live(Live::Message { sub, msg }) => {
-                let (Some(t), Some(a)) = (live.txn.as_mut(), live.session.as_mut()) else {
+                let Some(t) = live.txn.as_mut() else {
                     bail!("{source}: a streamed change outside its transaction");
                 };
+                // Opened at the first message, not at the stream's start: the walsender streams
+                // transactions that carry nothing for this database too (another database's
+                // catalog changes past the decoding memory, such as a migration), and those
+                // need no session on the target.
+                if live.session.is_none() {
+                    let mut a = Applier::connect_for_run(live.cfg.clone(), source, false).await?;
+                    live.cancellers.add(a.canceller()?);
+                    a.write_plainly(live.upsert_tables.clone());
+                    a.set_copied(applier.copied().clone());
+                    live.session = Some(a);
+                }
+                let a = live.session.as_mut().expect("opened above");
                 if sub != t.xid && !t.subxacts.contains(&sub) {
                     a.savepoint(&savepoint_name(sub)).await?;
                     t.subxacts.push(sub);
@@ -1512,21 +1518,26 @@ async fn stream_loop(
                 }
             }
             StreamEvent::Live(Live::Abort { xid, subxid }) => {
-                let (Some(t), Some(a)) = (live.txn.as_mut(), live.session.as_mut()) else {
+                let Some(t) = live.txn.as_mut() else {
                     bail!("{source}: abort of streamed transaction {xid} that is not open");
                 };
                 if subxid == xid {
-                    a.rollback().await?;
+                    if let Some(a) = live.session.as_mut() {
+                        a.rollback().await?;
+                    }
                     live.txn = None;
                     careful.in_live = false;
                     live_lock_timeout(applier, false).await?;
                 } else if let Some(i) = t.subxacts.iter().position(|s| *s == subxid) {
-                    a.rollback_to(&savepoint_name(subxid)).await?;
+                    // A savepoint exists only where a message of it came, so a session too.
+                    if let Some(a) = live.session.as_mut() {
+                        a.rollback_to(&savepoint_name(subxid)).await?;
+                    }
                     t.subxacts.truncate(i);
                 }
             }
             StreamEvent::Live(Live::Commit { xid, commit, copy }) => {
-                let (Some(t), Some(a)) = (live.txn.take(), live.session.as_mut()) else {
+                let Some(t) = live.txn.take() else {
                     bail!("{source}: commit of streamed transaction {xid} that is not open");
                 };
                 asm.learn_relations(t.asm);
@@ -1539,12 +1550,11 @@ async fn stream_loop(
                 // In commit order: whole transactions received before this commit go first.
                 commit_group_now!();
                 let applied_before = commit.commit_lsn < checkpoint;
-                if !a.in_txn() || applied_before {
-                    // Nothing it changed flows here (or tandem's own), or it was applied before
-                    // a restart.
-                    a.rollback().await?;
-                    safe = safe.max(commit.end_lsn);
-                } else {
+                let session = live
+                    .session
+                    .as_mut()
+                    .filter(|a| a.in_txn() && !applied_before);
+                if let Some(a) = session {
                     a.set_commit_ts(commit.commit_ts);
                     // The commit carries the origin like every other (one session may hold it).
                     let lend = applier.origin;
@@ -1561,6 +1571,13 @@ async fn stream_loop(
                     applier.stats.changes += std::mem::take(&mut a.stats.changes);
                     applier.count_transaction();
                     checkpointed!(commit.end_lsn);
+                } else {
+                    // Nothing it changed flows here (or tandem's own), or it was applied before
+                    // a restart.
+                    if let Some(a) = live.session.as_mut() {
+                        a.rollback().await?;
+                    }
+                    safe = safe.max(commit.end_lsn);
                 }
                 // Kafka, as for a whole transaction: its events now that they have a commit (a
                 // transaction applied before a restart only when Kafka may lack it).

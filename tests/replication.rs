@@ -1301,7 +1301,7 @@ async fn sslmode_verify_full_checks_the_servers_certificate_on_sql_and_replicati
         2,
         "{system}"
     );
-    let path = std::env::temp_dir().join(format!("tandem-verify-system-{}", std::process::id()));
+    let path = common::scratch().join("tandem-verify-system");
     let both = path.with_extension("crt");
     std::fs::write(&path, system).unwrap();
     std::fs::write(
@@ -1436,8 +1436,7 @@ async fn a_client_certificate_logs_in_on_sql_and_replication_connections() {
         let text = Fixture::config_text("clientcert", r#"tables = ["public.jobs"]"#)
             .replace(&p.desktop.url("clientcert"), &desktop)
             .replace(&p.mobile.url("clientcert"), &m_url);
-        let path =
-            std::env::temp_dir().join(format!("tandem-clientcert-{}.toml", std::process::id()));
+        let path = common::scratch().join("tandem-clientcert.toml");
         std::fs::write(&path, text).unwrap();
         let out = run_tandem(&["--config", path.to_str().unwrap(), "status"], &[]);
         let _ = std::fs::remove_file(&path);
@@ -3243,10 +3242,7 @@ async fn a_partitioned_table_without_a_key_gets_whole_old_rows_from_setup_and_ke
     let (d, m) = Fixture::databases("keyless_parted", schema).await;
     let text = Fixture::config_text("keyless_parted", "tables = [\"public.readings\"]")
         + "[conflicts]\npolicy = \"desktop_wins\"\n";
-    let config = std::env::temp_dir().join(format!(
-        "tandem-test-keyless_parted-{}.toml",
-        std::process::id()
-    ));
+    let config = common::scratch().join("tandem-test-keyless_parted-setup.toml");
     std::fs::write(&config, &text).unwrap();
     let cfg = config.to_str().unwrap();
     let (code, _, err) = run_tandem(&["--config", cfg, "setup"], &[]);
@@ -3864,4 +3860,61 @@ async fn an_apply_session_cut_off_inside_its_transaction_is_ended_and_nothing_is
     assert!(!run.is_finished());
     run.stop().await;
     fx.wait_equal("jobs", 10).await;
+}
+
+/// The walsender streams transactions with nothing for this database too: past the decoding
+/// memory, another database's catalog changes (a migration making many tables) are streamed as
+/// an empty transaction. tandem opens no session on the target for one (before: a session at its
+/// stream's start, and one CI run found it there), and rows after it arrive.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_streamed_transaction_with_nothing_for_this_database_opens_no_session() {
+    let fx = Fixture::new(
+        "foreign_stream",
+        "CREATE TABLE items (id int PRIMARY KEY, v text);",
+        "tables = [\"public.items\"]",
+    )
+    .await;
+    stream_from_a_few_hundred_rows(&fx.d).await;
+    let run = fx.start().await;
+    fx.d.batch_execute("INSERT INTO items VALUES (1, 'before')")
+        .await
+        .unwrap();
+    wait_count(30, &fx.m, "SELECT count(*) FROM items", 1).await;
+    let before = streamed_txns(&fx.d, "foreign_stream_d").await;
+    let admin = connect(&clusters().desktop.url("postgres")).await;
+    for sql in [
+        "DROP DATABASE IF EXISTS foreign_stream_other WITH (FORCE)",
+        "CREATE DATABASE foreign_stream_other",
+    ] {
+        admin.batch_execute(sql).await.unwrap();
+    }
+    let other = connect(&clusters().desktop.url("foreign_stream_other")).await;
+    other
+        .batch_execute(
+            "DO $$ BEGIN FOR i IN 1..200 LOOP \
+             EXECUTE format('CREATE TABLE t%s (id int PRIMARY KEY, v text)', i); END LOOP; END $$",
+        )
+        .await
+        .unwrap();
+    wait_for(
+        30,
+        "desktop's slot to stream the other database's transaction",
+        || async { streamed_txns(&fx.d, "foreign_stream_d").await > before },
+    )
+    .await;
+    fx.d.batch_execute("INSERT INTO items VALUES (2, 'after')")
+        .await
+        .unwrap();
+    wait_count(30, &fx.m, "SELECT count(*) FROM items", 2).await;
+    assert_eq!(
+        Fixture::count(
+            &fx.m,
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
+             AND application_name LIKE 'tandem apply % streamed %'"
+        )
+        .await,
+        0
+    );
+    assert!(!run.is_finished());
+    run.stop().await;
 }
