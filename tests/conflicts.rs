@@ -495,7 +495,7 @@ async fn setup_checks_what_policies_need_and_fixes_identity_and_sequences_when_a
     drop((d, m));
     let text = Fixture::config_text("cf_setup", "tables = [\"public.items\", \"public.seqs\"]")
         + "[conflicts]\npolicy = \"last_write_wins\"\n[conflicts.tables.\"public.items\"]\npolicy = \"desktop_wins\"\n";
-    let path = std::env::temp_dir().join(format!("tandem-cf-setup-{}.toml", std::process::id()));
+    let path = common::scratch().join("tandem-cf-setup.toml");
     std::fs::write(&path, &text).unwrap();
     let config = path.to_str().unwrap();
 

@@ -9,8 +9,7 @@ use common::{clusters, connect, leftovers, run_tandem, Fixture};
 use tandem::localpg::LocalCluster;
 
 fn write_config(name: &str, text: &str) -> String {
-    let path =
-        std::env::temp_dir().join(format!("tandem-setup-{name}-{}.toml", std::process::id()));
+    let path = common::scratch().join(format!("tandem-setup-{name}.toml"));
     std::fs::write(&path, text).unwrap();
     path.to_str().unwrap().to_string()
 }

@@ -150,7 +150,7 @@ async fn verify_exits_2_on_error() {
         &format!(":{port}/"),
         1,
     );
-    let path = std::env::temp_dir().join(format!("tandem-verify-err-{}.toml", std::process::id()));
+    let path = common::scratch().join("tandem-verify-err.toml");
     std::fs::write(&path, text).unwrap();
     let (code, _, err) = run_tandem(&["--config", path.to_str().unwrap(), "verify"], &[]);
     assert_eq!(code, 2, "{err}");

@@ -35,6 +35,28 @@ fn logs() {
     });
 }
 
+/// A directory of this test binary's own for the files its tests write (configs, spools), removed
+/// once the binary's process is gone, however it ended, as the clusters are.
+pub fn scratch() -> &'static PathBuf {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir = std::env::temp_dir().join(format!("tandem-tests-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let _ = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "while kill -0 {} 2>/dev/null; do sleep 1; done; rm -rf '{}'",
+                std::process::id(),
+                dir.display()
+            ))
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn();
+        dir
+    })
+}
+
 /// The binary's shared clusters, started on first use.
 pub fn clusters() -> &'static Pair {
     logs();
@@ -164,8 +186,7 @@ impl Fixture {
 
     /// A fixture over existing databases with a given config text; runs `setup`.
     pub async fn with_config(name: &str, d: Client, m: Client, text: String) -> Fixture {
-        let config_path =
-            std::env::temp_dir().join(format!("tandem-test-{name}-{}.toml", std::process::id()));
+        let config_path = scratch().join(format!("tandem-test-{name}.toml"));
         std::fs::write(&config_path, &text).unwrap();
         let cfg = Arc::new(Config::parse(&text, |_| None).unwrap());
         setup::setup(cfg.clone())
