@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use common::{
     audit_sql, mock_kafka, slot_confirmed, stream_from_a_few_hundred_rows, streamed_txns,
-    wait_count, wait_for, Fixture, TOPIC,
+    wait_count, wait_for, Fixture, STREAMED_SESSIONS, TOPIC,
 };
 use rdkafka::mocking::MockCluster;
 use rdkafka::producer::DefaultProducerContext;
@@ -934,15 +934,7 @@ async fn a_streamed_transaction_is_applied_live_and_published_once_after_its_com
     fx.wait_equal("jobs", 60).await;
     assert!(streamed_txns(&fx.d, "kafka_streamed_d").await >= 1);
     // It was applied while in progress, by the second apply session.
-    assert_eq!(
-        Fixture::count(
-            &fx.m,
-            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
-             AND application_name LIKE 'tandem apply % streamed %'"
-        )
-        .await,
-        1
-    );
+    assert_eq!(Fixture::count(&fx.m, STREAMED_SESSIONS).await, 1);
     run.stop().await;
     let msgs = consume_all(&brokers).await;
     let mine: Vec<_> = msgs
@@ -1109,9 +1101,7 @@ async fn a_streamed_transaction_applied_while_kafka_was_away_is_published_after_
     stream_from_a_few_hundred_rows(&fx.d).await;
     // Counts the changes mobile's `jobs` takes, rolled-back attempts excluded.
     fx.m.batch_execute(&audit_sql("jobs")).await.unwrap();
-    let streamed_sessions =
-        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
-                             AND application_name LIKE 'tandem apply % streamed %'";
+    let streamed_sessions = STREAMED_SESSIONS;
     let run = fx.start().await;
     kafka_away(&cluster);
     fx.d.batch_execute(

@@ -6,6 +6,7 @@ mod common;
 use common::{
     audit_sql, clusters, connect, random_history, run_tandem, scrape,
     stream_from_a_few_hundred_rows, streamed_txns, wait_count, wait_for, Fixture, Running,
+    STREAMED_SESSIONS,
 };
 use tokio_postgres::Client;
 
@@ -2523,14 +2524,7 @@ async fn large_transactions_stream_in_progress_and_apply_whole_at_commit() {
         "a, b and the aborted one were streamed: {streamed}"
     );
     // a went to the second apply session while in progress (b, interleaved, was spooled).
-    assert_eq!(
-        Fixture::count(
-            m,
-            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND application_name LIKE 'tandem apply % streamed %'"
-        )
-        .await,
-        1
-    );
+    assert_eq!(Fixture::count(m, STREAMED_SESSIONS).await, 1);
 
     // Stopped while a streamed transaction is open: the server streams it again from its start
     // after the restart, and it applies once.
@@ -3906,15 +3900,7 @@ async fn a_streamed_transaction_with_nothing_for_this_database_opens_no_session(
         .await
         .unwrap();
     wait_count(30, &fx.m, "SELECT count(*) FROM items", 2).await;
-    assert_eq!(
-        Fixture::count(
-            &fx.m,
-            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
-             AND application_name LIKE 'tandem apply % streamed %'"
-        )
-        .await,
-        0
-    );
+    assert_eq!(Fixture::count(&fx.m, STREAMED_SESSIONS).await, 0);
     assert!(!run.is_finished());
     run.stop().await;
 }

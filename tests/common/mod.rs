@@ -57,6 +57,11 @@ pub fn scratch() -> &'static PathBuf {
     })
 }
 
+/// tandem's apply sessions for streamed transactions on this database (a connection's count).
+pub const STREAMED_SESSIONS: &str =
+    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
+     AND application_name LIKE 'tandem apply % streamed %'";
+
 /// The binary's shared clusters, started on first use.
 pub fn clusters() -> &'static Pair {
     logs();
