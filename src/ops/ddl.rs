@@ -222,19 +222,26 @@ pub(crate) async fn after_statement(
                 c.execute(forget, &[&was.to_string()]).await?;
             }
         }
-        // Renamed, in the config or out of it: the other side's rows still under the old name
-        // until the rename reaches it go to the table by its OID (`Applier::target_table`).
-        c.execute(
-            "INSERT INTO tandem.renamed (old_name, new_name, table_oid) \
-             SELECT $1, format('%s.%s', n.nspname, c.relname), c.oid FROM pg_class c \
-             JOIN pg_namespace n ON n.oid = c.relnamespace \
-             WHERE c.oid = $2 AND (n.nspname, c.relname) <> ($3, $4) \
-             ON CONFLICT (old_name) DO UPDATE SET new_name = EXCLUDED.new_name, \
-             table_oid = EXCLUDED.table_oid, renamed_at = now()",
-            &[&was.to_string(), oid, &was.schema, &was.name],
-        )
-        .await?;
     }
+    // Renamed, in the config or out of it: the other side's rows still under the old name until
+    // the rename reaches it go to the table by its OID (`Applier::target_table`). One statement
+    // for all of them, however many tables the config takes in.
+    let (oids, olds): (Vec<u32>, Vec<String>) = before
+        .configured
+        .iter()
+        .map(|(oid, was)| (*oid, was.to_string()))
+        .unzip();
+    c.execute(
+        "INSERT INTO tandem.renamed (old_name, new_name, table_oid) \
+         SELECT u.was, format('%s.%s', n.nspname, c.relname), c.oid \
+         FROM unnest($1::oid[], $2::text[]) AS u(oid, was) JOIN pg_class c ON c.oid = u.oid \
+         JOIN pg_namespace n ON n.oid = c.relnamespace \
+         WHERE format('%s.%s', n.nspname, c.relname) <> u.was \
+         ON CONFLICT (old_name) DO UPDATE SET new_name = EXCLUDED.new_name, \
+         table_oid = EXCLUDED.table_oid, renamed_at = now()",
+        &[&oids, &olds],
+    )
+    .await?;
     let mut lines = Vec::new();
     for (oid, t) in now {
         if before.oids.contains(&oid) {
