@@ -445,8 +445,14 @@ async fn an_empty_target_is_copied_into_directly_and_a_colliding_write_falls_bac
     assert_eq!(counts(&r, "public.jobs"), (50_000, 0, 0, 0));
 }
 
+/// Rows mobile's application changes while the merge runs, held by a transaction the merge's
+/// UPDATE waits for: the merge, reading mobile as it was before that transaction, meets the
+/// change and is made again over the same copy with a later read. Both rows take desktop's
+/// version, and mobile's stream leaves the transaction out. Before (the merge read at one moment
+/// and wrote under READ COMMITTED), the UPDATE gave row 1 desktop's version once the application
+/// committed, while the stream sent the application's version to desktop: the sides differed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_row_the_target_commits_during_the_merge_is_merged_into_not_an_error() {
+async fn rows_the_target_changes_during_the_merge_end_the_same_on_both_sides() {
     let (d, m) = Fixture::databases("snap_merge_race", SCHEMA).await;
     d.batch_execute("INSERT INTO jobs (id, title) SELECT g, 'd' FROM generate_series(1, 20000) g")
         .await
@@ -463,19 +469,34 @@ async fn a_row_the_target_commits_during_the_merge_is_merged_into_not_an_error()
     )
     .await;
     let app = common::connect(&common::clusters().mobile.url("snap_merge_race")).await;
-    app.batch_execute("BEGIN; INSERT INTO jobs (id, title) VALUES (15000, 'mobile app')")
-        .await
-        .unwrap();
-    // The merge's insert of the missing rows waits on the application's uncommitted row.
-    let (stdout, stderr) =
-        snapshot_meeting(&fx, app, "INSERT INTO \"public\".\"jobs\"%NOT EXISTS%").await;
+    app.batch_execute(
+        "BEGIN; UPDATE jobs SET title = 'mobile app' WHERE id = 1; \
+         INSERT INTO jobs (id, title) VALUES (15000, 'mobile app')",
+    )
+    .await
+    .unwrap();
+    // The merge's UPDATE waits on the application's row 1.
+    let (stdout, stderr) = snapshot_meeting(&fx, app, "UPDATE \"public\".\"jobs\"%").await;
+    assert!(stderr.contains("merging again"), "{stderr}");
     // Rows 1 and 15000 took the seed's version; the other 19,998 were inserted once.
     assert!(
         stdout.contains("public.jobs: copied 20000 rows from desktop: 19998 inserted, 2 updated"),
         "{stdout}\n{stderr}"
     );
+    let run = fx.start().await;
+    fx.m.execute("INSERT INTO jobs (id, title) VALUES (30000, 'after')", &[])
+        .await
+        .unwrap();
+    wait_count(30, &fx.d, "SELECT count(*) FROM jobs WHERE id = 30000", 1).await;
+    run.stop().await;
+    let changed = "SELECT string_agg(id || ' ' || title, ', ' ORDER BY id) FROM jobs \
+                   WHERE id IN (1, 15000)";
+    for c in [&fx.d, &fx.m] {
+        let rows: String = c.query_one(changed, &[]).await.unwrap().get(0);
+        assert_eq!(rows, "1 d, 15000 d");
+    }
     let r = verify::verify(&fx.cfg, None).await.unwrap();
-    assert_eq!(counts(&r, "public.jobs"), (20_000, 0, 0, 0));
+    assert_eq!(counts(&r, "public.jobs"), (20_001, 0, 0, 0));
 }
 
 /// `tandem snapshot --seed desktop` while `app` holds an uncommitted row on mobile: once the

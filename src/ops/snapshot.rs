@@ -405,6 +405,31 @@ async fn release_origins(held: &[&Client]) {
     }
 }
 
+/// tandem's marker, first in a transaction: that side's own stream leaves the transaction out.
+async fn marker(c: &Client, what: &str) -> Result<()> {
+    c.execute(
+        "SELECT pg_logical_emit_message(true, $1, $2)",
+        &[&MARKER_PREFIX, &what],
+    )
+    .await?;
+    Ok(())
+}
+
+/// How many times the merge is tried again after meeting a row the target's application
+/// changed after the merge's read.
+const MERGE_ATTEMPTS: u32 = 20;
+
+/// Did the merge meet a row changed after its read (see [`copy_table_via`])?
+fn merge_again(e: &tokio_postgres::Error) -> bool {
+    [
+        SqlState::T_R_SERIALIZATION_FAILURE,
+        SqlState::T_R_DEADLOCK_DETECTED,
+        SqlState::UNIQUE_VIOLATION,
+    ]
+    .iter()
+    .any(|c| e.code() == Some(c))
+}
+
 /// Snapshot one table from `seed` into the other side: straight into the table when it is
 /// empty, else through a staging table and a merge (and after a direct copy that collided).
 async fn copy_table(
@@ -495,52 +520,50 @@ async fn copy_table_via(
             }
         }
     }
-    x.batch_execute("BEGIN").await?;
     let result = async {
-        x.execute(
-            "SELECT pg_logical_emit_message(true, $1, $2)",
-            &[&MARKER_PREFIX, &format!("snapshot {} {t}", seed.tag())],
-        )
-        .await?;
         // A row filter: the seed's rows that flow, and nothing of the target's outside it.
         let seed_rows = cfg
             .filter(t, seed)
             .map_or(String::new(), |f| format!(" WHERE ({f})"));
         let copy_out = format!("COPY (SELECT {list} FROM {table}{seed_rows}) TO STDOUT");
-        // The target's transactions this statement sees are all of the table it holds: the
-        // target→seed stream leaves their changes of it out (the copy replaces them).
-        let empty = if direct {
+        if direct {
+            x.batch_execute("BEGIN").await?;
+            marker(x, &format!("snapshot {} {t}", seed.tag())).await?;
+            // The target's transactions this statement sees are all of the table it holds: the
+            // target→seed stream leaves their changes of it out (the copy replaces them).
             let r = x
                 .query_one(
                     &format!("SELECT NOT EXISTS (SELECT 1 FROM {table}), {READ_COLUMNS}"),
                     &[],
                 )
                 .await?;
-            r.get::<_, bool>(0).then(|| Read::from_row(&r, 1))
-        } else {
-            None
-        };
-        if let Some(back) = empty {
-            // Rows the target's application inserts meanwhile go to the seed through the
-            // target's own stream; one with a key the seed has too fails the COPY (unique
-            // violation), and the table is done again through the staging table.
-            let read = begin_read(s).await?;
-            let copy_in = format!("COPY {table} ({list}) FROM STDIN");
-            outcome.copied = pipe(s, &copy_out, x, &copy_in, t, estimate as u64)
-                .await
-                .map_err(|e| match db::caused_by(&e, &SqlState::UNIQUE_VIOLATION) {
-                    true => e.context(DirectCollided),
-                    false => e,
-                })?;
-            s.batch_execute("COMMIT").await?;
-            outcome.inserted = outcome.copied;
-            mark(x, t, seed, mode, "done", Some(outcome.copied as i64), Some(&read), Some(&back))
-                .await?;
-            x.batch_execute("COMMIT").await?;
-            return anyhow::Ok(());
+            if r.get::<_, bool>(0) {
+                let back = Read::from_row(&r, 1);
+                // Rows the target's application inserts meanwhile go to the seed through the
+                // target's own stream; one with a key the seed has too fails the COPY (unique
+                // violation), and the table is done again through the staging table.
+                let read = begin_read(s).await?;
+                let copy_in = format!("COPY {table} ({list}) FROM STDIN");
+                outcome.copied = pipe(s, &copy_out, x, &copy_in, t, estimate as u64)
+                    .await
+                    .map_err(|e| match db::caused_by(&e, &SqlState::UNIQUE_VIOLATION) {
+                        true => e.context(DirectCollided),
+                        false => e,
+                    })?;
+                s.batch_execute("COMMIT").await?;
+                outcome.inserted = outcome.copied;
+                mark(x, t, seed, mode, "done", Some(outcome.copied as i64), Some(&read), Some(&back))
+                    .await?;
+                x.batch_execute("COMMIT").await?;
+                return anyhow::Ok(());
+            }
+            x.batch_execute("ROLLBACK").await?;
         }
+        // The staging table outlives its transaction: the merge below may be tried more than
+        // once over the same copy, each time in a transaction of its own.
         x.batch_execute(&format!(
-            "CREATE TEMP TABLE tandem_stage ON COMMIT DROP AS SELECT {list} FROM {table} WITH NO DATA"
+            "DROP TABLE IF EXISTS pg_temp.tandem_stage; \
+             CREATE TEMP TABLE tandem_stage AS SELECT {list} FROM {table} WITH NO DATA"
         ))
         .await?;
         let read = begin_read(s).await?;
@@ -642,46 +665,80 @@ async fn copy_table_via(
                 beyond("pg_temp.tandem_stage", "s", "", &table, "t", false)
             ),
         };
-        // What the merge reads of the target from here on (the update and insert just after, the
-        // copy back) is taken as what this statement sees: the target→seed stream leaves this
-        // table's changes it saw out. A target transaction committing in the moment before the
-        // UPDATE is still sent to the seed; if the UPDATE gave its row the seed's version, the
-        // sides differ on that row (the race any merge that does not lock the table has). One
-        // committing before the copy back reads a row only the target has goes to the seed twice
-        // (copied, then sent: an upsert of the same values).
-        let back = read_position(x).await?;
-        let mut collisions = 0;
-        loop {
-            if let Some(update) = &update {
-                outcome.updated += x.execute(update, &[]).await?;
+        let delete = (mode == Mode::Mirror).then(|| match keyless {
+            false => format!(
+                "DELETE FROM {table} t WHERE {}NOT EXISTS (SELECT 1 FROM pg_temp.tandem_stage s WHERE {})",
+                cfg.filter(t, seed).map_or(String::new(), |f| format!("({f}) AND ")),
+                key_match(&meta, "s", "t")
+            ),
+            // The target's rows beyond as many as the seed has, by partition and address.
+            true => format!(
+                "DELETE FROM {table} t USING ({}) x WHERE t.tableoid = x.rel AND t.ctid = x.tid",
+                beyond(
+                    &table,
+                    "t",
+                    &cfg.filter(t, seed).map_or(String::new(), |f| format!(" WHERE ({f})")),
+                    "pg_temp.tandem_stage",
+                    "s",
+                    true,
+                )
+            ),
+        });
+        // The merge reads the target in a REPEATABLE READ transaction of its own, so its UPDATE,
+        // INSERT and DELETE see exactly what its recorded read saw, and the target→seed stream
+        // leaves out the table's changes by the transactions that read saw. A row the target's
+        // application changed after that read (committed meanwhile, or held by an open
+        // transaction the merge waited for) fails the statement that meets it (could not
+        // serialize, or a unique violation), and the merge is tried again over the same copy with
+        // a later read. Under READ COMMITTED it went through instead: the UPDATE gave such a row
+        // the seed's version while the stream, the change not being in the read, sent the
+        // application's version to the seed, and the sides differed on that row.
+        let mut attempts = 0;
+        let back = loop {
+            x.batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ").await?;
+            let back = read_position(x).await?;
+            marker(x, &format!("snapshot {} {t}", seed.tag())).await?;
+            let merged = async {
+                let updated = match &update {
+                    Some(update) => x.execute(update, &[]).await?,
+                    None => 0,
+                };
+                let inserted = x.execute(&insert_missing, &[]).await?;
+                let deleted = match &delete {
+                    Some(delete) => x.execute(delete, &[]).await?,
+                    None => 0,
+                };
+                Ok::<_, tokio_postgres::Error>((updated, inserted, deleted))
             }
-            x.batch_execute("SAVEPOINT tandem_merge_insert").await?;
-            match x.execute(&insert_missing, &[]).await {
-                Ok(n) => {
-                    outcome.inserted = n;
-                    break;
+            .await;
+            match merged {
+                Ok((updated, inserted, deleted)) => {
+                    (outcome.updated, outcome.inserted, outcome.deleted) =
+                        (updated, inserted, deleted);
+                    break back;
                 }
-                // The target's application committed one of those keys meanwhile: back to
-                // before the insert, and again; the update now merges that row too.
-                Err(e) if e.code() == Some(&SqlState::UNIQUE_VIOLATION) && collisions < 10 => {
-                    collisions += 1;
+                Err(e) if merge_again(&e) && attempts < MERGE_ATTEMPTS => {
+                    attempts += 1;
                     tracing::info!(table = %t, "{e}; merging again");
-                    x.batch_execute("ROLLBACK TO SAVEPOINT tandem_merge_insert")
-                        .await?;
+                    x.batch_execute("ROLLBACK").await?;
+                }
+                Err(e) if merge_again(&e) => {
+                    return Err(anyhow::Error::new(e).context(format!(
+                        "the application on {} changed rows of {t} during each of {} merges; \
+                         run the snapshot again when it writes less to {t}",
+                        seed.other(),
+                        MERGE_ATTEMPTS + 1
+                    )))
                 }
                 Err(e) => return Err(e.into()),
             }
-        }
+        };
         // Merge of a two-way table: the target's own rows go to the seed as well (marked, so the
         // seed's stream does not send them back), before the target commits; a rerun after a
         // failure repeats this harmlessly (DO NOTHING).
         if mode == Mode::Merge && cfg.direction(t) == Direction::Both {
             s.batch_execute("BEGIN").await?;
-            s.execute(
-                "SELECT pg_logical_emit_message(true, $1, $2)",
-                &[&MARKER_PREFIX, &format!("snapshot back {} {t}", seed.other().tag())],
-            )
-            .await?;
+            marker(s, &format!("snapshot back {} {t}", seed.other().tag())).await?;
             s.batch_execute(&format!(
                 "CREATE TEMP TABLE tandem_back ON COMMIT DROP AS SELECT {list} FROM {table} WITH NO DATA"
             ))
@@ -704,31 +761,9 @@ async fn copy_table_via(
                 .await?;
             s.batch_execute("COMMIT").await?;
         }
-        if mode == Mode::Mirror {
-            let delete = match keyless {
-                false => format!(
-                    "DELETE FROM {table} t WHERE {}NOT EXISTS (SELECT 1 FROM pg_temp.tandem_stage s WHERE {})",
-                    cfg.filter(t, seed).map_or(String::new(), |f| format!("({f}) AND ")),
-                    key_match(&meta, "s", "t")
-                ),
-                // The target's rows beyond as many as the seed has, by partition and address.
-                true => format!(
-                    "DELETE FROM {table} t USING ({}) x WHERE t.tableoid = x.rel AND t.ctid = x.tid",
-                    beyond(
-                        &table,
-                        "t",
-                        &cfg.filter(t, seed).map_or(String::new(), |f| format!(" WHERE ({f})")),
-                        "pg_temp.tandem_stage",
-                        "s",
-                        true,
-                    )
-                ),
-            };
-            outcome.deleted = x.execute(&delete, &[]).await?;
-        }
         mark(x, t, seed, mode, "done", Some(outcome.copied as i64), Some(&read), Some(&back))
             .await?;
-        x.batch_execute("COMMIT").await?;
+        x.batch_execute("DROP TABLE pg_temp.tandem_stage; COMMIT").await?;
         anyhow::Ok(())
     }
     .await;
