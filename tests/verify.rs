@@ -197,6 +197,68 @@ async fn divergence_behind_tandems_back_is_found_and_repaired_while_running() {
     );
 }
 
+/// The source changes a row again while repair writes the version it read of it: the stream
+/// applies the new version after the repair, not before it (where the repair would set it back
+/// and the sides would differ). Mobile's trigger holds the repair's write for 3 s; desktop's
+/// change comes meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_change_the_source_makes_while_repair_writes_arrives_after_it() {
+    let fx = Fixture::new("repair_race", SCHEMA, TABLES).await;
+    let run = fx.start().await;
+    fx.d.execute("INSERT INTO jobs VALUES (1, 'd1', 0)", &[])
+        .await
+        .unwrap();
+    fx.wait_equal("jobs", 30).await;
+    fx.m.batch_execute(
+        "BEGIN; SELECT pg_logical_emit_message(true, 'tandem', 'manual');
+         UPDATE jobs SET title = 'drift' WHERE id = 1; COMMIT;
+         CREATE FUNCTION slow() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN IF NEW.title = 'd1' THEN PERFORM pg_sleep(3); END IF; RETURN NEW; END $$;
+         CREATE TRIGGER slow BEFORE INSERT OR UPDATE ON jobs FOR EACH ROW EXECUTE FUNCTION slow();
+         ALTER TABLE jobs ENABLE ALWAYS TRIGGER slow;",
+    )
+    .await
+    .unwrap();
+    // Once the repair's write sleeps, desktop changes the row again.
+    let change = async {
+        wait_count(
+            30,
+            &fx.m,
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
+             AND wait_event = 'PgSleep'",
+            1,
+        )
+        .await;
+        fx.d.execute("UPDATE jobs SET title = 'd2' WHERE id = 1", &[])
+            .await
+            .unwrap();
+    };
+    let (done, ()) = tokio::join!(
+        repair::repair(fx.cfg.clone(), Side::Desktop, None, false),
+        change
+    );
+    let done = done.unwrap();
+    assert_eq!(
+        done.iter()
+            .find(|t| t.table == "public.jobs")
+            .map(|t| (t.upserted, t.deleted)),
+        Some((1, 0))
+    );
+    fx.d.execute("INSERT INTO jobs VALUES (2, 'after', 0)", &[])
+        .await
+        .unwrap();
+    wait_count(30, &fx.m, "SELECT count(*) FROM jobs WHERE id = 2", 1).await;
+    run.stop().await;
+    for c in [&fx.d, &fx.m] {
+        let title: String = c
+            .query_one("SELECT title FROM jobs WHERE id = 1", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(title, "d2");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn rows_changed_in_flight_are_rechecked_not_reported() {
     let fx = Fixture::new("in_flight", SCHEMA, TABLES).await;

@@ -1733,6 +1733,24 @@ impl Applier {
         Ok(())
     }
 
+    /// Lock `table` on the target against other writers until this transaction commits, in a
+    /// transaction opened for changes that do not come from the stream (repair). Taken before
+    /// the source's rows are read, it keeps the stream from applying a later change of the
+    /// table between that read and this transaction's writes, which would then set it back.
+    pub async fn lock_table(&mut self, table: &TableName) -> Result<()> {
+        self.ensure_txn(Lsn::ZERO).await?;
+        self.run_ready(true).await?;
+        self.settle_all().await?;
+        self.client
+            .batch_execute(&format!(
+                "LOCK TABLE {} IN SHARE ROW EXCLUSIVE MODE",
+                table.quoted()
+            ))
+            .await
+            .with_context(|| format!("locking {table} on {}", self.source.other()))?;
+        Ok(())
+    }
+
     /// Commit what was applied without moving the checkpoint: for changes that do not come from
     /// the stream (repair), which still carry the marker and so never travel back.
     pub async fn commit_outside_stream(&mut self) -> Result<()> {

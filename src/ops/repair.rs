@@ -163,6 +163,15 @@ pub async fn repair(
             let Some(a) = applier.as_mut() else {
                 return Ok(());
             };
+            if upserts.is_empty() && only_target.is_empty() {
+                return Ok(());
+            }
+            // The table stays locked on the target from before the source's rows are read until
+            // they are written: a change the stream applied in between (the source's next
+            // version of a row) would be set back to the version read, while the source kept
+            // the next one. Locked, the stream applies it after the repair commits. Writers on
+            // the target, the application's included, wait meanwhile.
+            a.lock_table(&s.name).await?;
             // Without a primary key a key is a whole row, one per missing copy: nothing to fetch.
             let rows = match s.meta.key.is_empty() {
                 false => fetch(src, &s, &table, &upserts).await?,
