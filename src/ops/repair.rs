@@ -46,17 +46,20 @@ fn source_table(s: &Shape, oid: u32) -> Arc<SourceTable> {
     })
 }
 
-/// The source's current rows for `keys`, as tuples in `table`'s column order.
+/// The source's current rows for `keys`, as tuples in `table`'s column order, each with the key
+/// values it was found by (as given).
 async fn fetch(
     c: &Client,
     s: &Shape,
     table: &SourceTable,
     keys: &[Key],
-) -> Result<Vec<Vec<Value>>> {
+) -> Result<Vec<(Vec<Option<String>>, Vec<Value>)>> {
+    let n = table.columns.len();
     let cols: Vec<String> = table
         .columns
         .iter()
         .map(|c| format!("t.{}::text", quote_ident(&c.name)))
+        .chain((1..=s.key_cols.len()).map(|i| format!("u.v{i}")))
         .collect();
     let sql = format!(
         "SELECT {} FROM {} t {}",
@@ -71,12 +74,14 @@ async fn fetch(
         .await?
         .iter()
         .map(|r| {
-            (0..table.columns.len())
+            let key = (n..n + s.key_cols.len()).map(|i| r.get(i)).collect();
+            let row = (0..n)
                 .map(|i| match r.get::<_, Option<String>>(i) {
                     Some(v) => Value::Text(v.into()),
                     None => Value::Null,
                 })
-                .collect()
+                .collect();
+            (key, row)
         })
         .collect())
 }
@@ -172,10 +177,27 @@ pub async fn repair(
             // the next one. Locked, the stream applies it after the repair commits. Writers on
             // the target, the application's included, wait meanwhile.
             a.lock_table(&s.name).await?;
-            // Without a primary key a key is a whole row, one per missing copy: nothing to fetch.
-            let rows = match s.meta.key.is_empty() {
-                false => fetch(src, &s, &table, &upserts).await?,
-                true => upserts.iter().map(|k| key_tuple(&s, &table, k)).collect(),
+            // With a key, each key of the round gets the source's state once the table is
+            // locked: its row, or its absence (a row verify saw on one side only may have come
+            // or gone since, and the stream may have brought that here already). Without a
+            // primary key a key is a whole row, one per missing copy: nothing to fetch.
+            let (rows, gone): (Vec<Vec<Value>>, Vec<&Key>) = match s.meta.key.is_empty() {
+                false => {
+                    let asked: Vec<Key> = upserts.iter().chain(only_target).cloned().collect();
+                    let found = fetch(src, &s, &table, &asked).await?;
+                    let present: std::collections::HashSet<&Vec<Option<String>>> =
+                        found.iter().map(|(k, _)| k).collect();
+                    let gone = upserts
+                        .iter()
+                        .chain(only_target)
+                        .filter(|k| !present.contains(&k.values))
+                        .collect();
+                    (found.into_iter().map(|(_, row)| row).collect(), gone)
+                }
+                true => (
+                    upserts.iter().map(|k| key_tuple(&s, &table, k)).collect(),
+                    only_target.iter().collect(),
+                ),
             };
             let mut event = |change: Change| {
                 ordinal += 1;
@@ -196,7 +218,7 @@ pub async fn repair(
                 .await?;
                 done.upserted += 1;
             }
-            for k in only_target {
+            for k in gone {
                 let old = OldTuple {
                     // Without a primary key, the whole row: one copy of it goes.
                     full: s.meta.key.is_empty(),
