@@ -2631,6 +2631,42 @@ async fn a_whole_transaction_blocked_by_the_live_one_makes_it_spooled_instead() 
 
 /// `tandem run --metrics-addr` counts streamed transactions by how they were applied: the first
 /// live, one streamed while it was open spooled.
+/// tandem's own large transaction on mobile (desktop's 3,000 rows, applied there in one target
+/// transaction) is streamed by mobile's walsender while decoded. With conflict rules and
+/// `stream_in_progress = true` tandem spools it until its commit: without its rows (without
+/// Kafka nothing reads an echo's changes), but with its relation message, which pgoutput does not
+/// send again once the streamed transaction that sent it committed. Mobile's next row of that
+/// table reaches desktop (it fails when the relation is dropped with the rows).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_large_echo_spooled_without_its_rows_keeps_its_relation_for_the_next_change() {
+    let fx = Fixture::new(
+        "echo_spool",
+        JOBS,
+        &format!(
+            "{JOBS_TABLES}\nstream_in_progress = true\n[conflicts]\npolicy = \"apply_remote\""
+        ),
+    )
+    .await;
+    stream_from_a_few_hundred_rows(&fx.m).await;
+    let run = fx.start().await;
+    fx.d.batch_execute(
+        "INSERT INTO jobs (id, title) SELECT g, 'd' FROM generate_series(1, 3000) g",
+    )
+    .await
+    .unwrap();
+    wait_count(60, &fx.m, "SELECT count(*) FROM jobs", 3000).await;
+    wait_for(30, "mobile's walsender streamed the echo", || async {
+        streamed_txns(&fx.m, "echo_spool_m").await >= 1
+    })
+    .await;
+    fx.m.execute("INSERT INTO jobs (id, title) VALUES (5000, 'mobile')", &[])
+        .await
+        .unwrap();
+    wait_count(30, &fx.d, "SELECT count(*) FROM jobs WHERE id = 5000", 1).await;
+    fx.wait_equal("jobs", 30).await;
+    run.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn streamed_transactions_are_counted_in_prometheus_metrics() {
     let fx = Fixture::new("streamed_metrics", JOBS, JOBS_TABLES).await;

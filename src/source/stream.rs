@@ -242,6 +242,8 @@ impl SourceStream {
             stream,
             streamed: Streamed::new(mode.live, mode.spool_only.clone())
                 .keep_copy(mode.keep_copy)
+                // With Kafka (which keeps a copy) an echo's changes are published.
+                .drop_echoes(!mode.keep_copy)
                 .live_from(mode.live_from),
             direction: site.side.direction_from(),
             system_id: system.system_id,

@@ -23,6 +23,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use bytes::{Bytes, BytesMut};
 
 use crate::lsn::Lsn;
+use crate::source::assemble::MARKER_PREFIX;
 use crate::source::pgoutput::{self, Begin, Commit, Message};
 
 /// Where spool files go: the system temp dir (unlinked at once, so only their open handles hold
@@ -36,6 +37,9 @@ static NEXT_FILE: AtomicU64 = AtomicU64::new(0);
 struct Spool {
     file: BufWriter<File>,
     len: u64,
+    /// A transaction tandem wrote (its marker first), spooled without its changes (see
+    /// [`Streamed::drop_echoes`]).
+    echo: bool,
     /// Each subtransaction's first change: `(subxid, offset)`, in order of appearance.
     subxacts: Vec<(u32, u64)>,
 }
@@ -78,6 +82,8 @@ pub struct Streamed {
     live_from: Lsn,
     /// Transactions to spool even when live would be allowed (a live attempt was blocked).
     spool_only: HashSet<u32>,
+    /// Spool tandem's own transactions without their changes (see [`Streamed::drop_echoes`]).
+    drop_echoes: bool,
 }
 
 /// What became of a message received outside a block.
@@ -157,6 +163,18 @@ impl Streamed {
     }
 
     /// Keep a spooled copy of each live transaction, handed out with its [`Live::Commit`].
+    /// Spool a transaction tandem itself wrote (its marker first: an echo, left out once
+    /// replayed) without its changes: only its marker and the relation and type messages,
+    /// which later transactions rely on (pgoutput does not send a relation again after a
+    /// streamed transaction that sent it committed). For a large apply on this side, such as an
+    /// initial snapshot's copy or a big transaction from the other side, the spool then holds a
+    /// few messages instead of every row. Not when something reads an echo's changes (Kafka
+    /// publishes them as `skipped_echo`).
+    pub fn drop_echoes(mut self, on: bool) -> Streamed {
+        self.drop_echoes = on;
+        self
+    }
+
     pub fn keep_copy(mut self, on: bool) -> Streamed {
         self.keep_copy = on;
         self
@@ -297,9 +315,23 @@ impl Streamed {
             }));
         }
         let spool = self.open.get_mut(&xid).expect("the block's spool is open");
+        if self.drop_echoes && spool.len == 0 && is_marker(data) {
+            spool.echo = true;
+        }
+        if spool.echo && data.first().is_some_and(|t| b"IUDT".contains(t)) {
+            return Ok(None);
+        }
         spool.add(xid, data)?;
         Ok(None)
     }
+}
+
+/// Is this streamed message tandem's marker (see [`crate::source::assemble::MARKER_PREFIX`])?
+fn is_marker(data: &Bytes) -> bool {
+    matches!(
+        pgoutput::decode_in(data, true),
+        Ok((_, Message::Message(m))) if m.transactional && m.prefix == MARKER_PREFIX
+    )
 }
 
 impl Spool {
@@ -319,6 +351,7 @@ impl Spool {
         Ok(Spool {
             file: BufWriter::with_capacity(64 * 1024, file),
             len: 0,
+            echo: false,
             subxacts: Vec::new(),
         })
     }
@@ -391,6 +424,74 @@ mod tests {
         Message::Insert {
             rel: 7,
             new: vec![Value::Text(Bytes::copy_from_slice(id.as_bytes()))],
+        }
+    }
+
+    fn logical(prefix: &str) -> Message {
+        Message::Message(pgoutput::LogicalMessage {
+            transactional: true,
+            lsn: Lsn(1),
+            prefix: prefix.into(),
+            content: Bytes::from_static(b"D 0/1"),
+        })
+    }
+
+    fn relation() -> Message {
+        Message::Relation(pgoutput::Relation {
+            id: 7,
+            namespace: "public".into(),
+            name: "t".into(),
+            replica_identity: b'd',
+            columns: vec![pgoutput::RelColumn {
+                key: true,
+                name: "id".into(),
+                type_oid: 25,
+                type_modifier: -1,
+            }],
+        })
+    }
+
+    /// Message kinds by their tag, for comparing what a replay gave.
+    fn tags(ms: &[Message]) -> String {
+        ms.iter().map(|m| encode::message(m)[0] as char).collect()
+    }
+
+    #[test]
+    fn an_echo_is_spooled_without_its_changes_unless_they_are_wanted() {
+        use crate::source::assemble::{DDL_PREFIX, MARKER_PREFIX};
+        for drop in [true, false] {
+            let mut s = Streamed::new(false, HashSet::new()).drop_echoes(drop);
+            // tandem's own: its marker first, then a relation and rows, over two blocks with a
+            // subtransaction.
+            block(
+                &mut s,
+                5,
+                true,
+                &[
+                    (5, logical(MARKER_PREFIX)),
+                    (5, relation()),
+                    (5, insert("a")),
+                ],
+            );
+            block(&mut s, 5, false, &[(51, insert("b"))]);
+            // Not tandem's: a row first (a marker later does not make it one), or another
+            // prefix first.
+            block(
+                &mut s,
+                6,
+                true,
+                &[(6, insert("c")), (6, logical(MARKER_PREFIX))],
+            );
+            block(
+                &mut s,
+                8,
+                true,
+                &[(8, logical(DDL_PREFIX)), (8, insert("d"))],
+            );
+            let echo = commit(&mut s, 5, 100);
+            assert_eq!(tags(&echo), if drop { "BMRC" } else { "BMRIIC" });
+            assert_eq!(tags(&commit(&mut s, 6, 200)), "BIMC");
+            assert_eq!(tags(&commit(&mut s, 8, 300)), "BMIC");
         }
     }
 
