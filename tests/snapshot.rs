@@ -499,6 +499,36 @@ async fn rows_the_target_changes_during_the_merge_end_the_same_on_both_sides() {
     assert_eq!(counts(&r, "public.jobs"), (20_001, 0, 0, 0));
 }
 
+/// A seed's row that collides with one of the target's on another unique constraint is no change
+/// made during the merge: the snapshot stops at the second merge with PostgreSQL's error naming
+/// the constraint, mobile unchanged (not after 21 merges, blaming the application).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_collision_on_another_unique_constraint_stops_the_merge_with_its_own_error() {
+    let schema = "CREATE TABLE jobs (id bigint PRIMARY KEY, title text, n int NOT NULL DEFAULT 0, \
+                  CONSTRAINT jobs_title_key UNIQUE (title));";
+    let (d, m) = Fixture::databases("snap_unique", schema).await;
+    d.batch_execute("INSERT INTO jobs (id, title) VALUES (1, 'same'), (3, 'd')")
+        .await
+        .unwrap();
+    m.batch_execute("INSERT INTO jobs (id, title) VALUES (2, 'same')")
+        .await
+        .unwrap();
+    let fx = Fixture::with_config(
+        "snap_unique",
+        d,
+        m,
+        Fixture::config_text("snap_unique", r#"tables = ["public.jobs"]"#),
+    )
+    .await;
+    let config = fx.config_path.to_str().unwrap();
+    let (code, _, err) = run_tandem(&["--config", config, "snapshot", "--seed", "desktop"], &[]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("jobs_title_key"), "{err}");
+    assert!(!err.contains("merges"), "{err}");
+    assert_eq!(err.matches("merging again").count(), 1, "{err}");
+    assert_eq!(Fixture::rows(&fx.m, "jobs").await, ["(2,same,0)"]);
+}
+
 /// `tandem snapshot --seed desktop` while `app` holds an uncommitted row on mobile: once the
 /// snapshot's statement like `query` waits on it, `app` commits. Returns stdout and stderr of the
 /// snapshot, which must have succeeded.

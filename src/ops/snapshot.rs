@@ -694,6 +694,7 @@ async fn copy_table_via(
         // the seed's version while the stream, the change not being in the read, sent the
         // application's version to the seed, and the sides differed on that row.
         let mut attempts = 0;
+        let mut last_unique = None;
         let back = loop {
             x.batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ").await?;
             let back = read_position(x).await?;
@@ -717,20 +718,30 @@ async fn copy_table_via(
                         (updated, inserted, deleted);
                     break back;
                 }
-                Err(e) if merge_again(&e) && attempts < MERGE_ATTEMPTS => {
+                Err(e) => {
+                    // The same unique violation again, at a later read, is no change made
+                    // meanwhile: a seed's row collides with one of the target's on another
+                    // unique constraint. Its own error says so.
+                    let unique = e
+                        .as_db_error()
+                        .filter(|d| d.code() == &SqlState::UNIQUE_VIOLATION)
+                        .map(|d| (d.constraint().map(str::to_string), d.detail().map(str::to_string)));
+                    if !merge_again(&e) || (unique.is_some() && unique == last_unique) {
+                        return Err(e.into());
+                    }
+                    if attempts == MERGE_ATTEMPTS {
+                        return Err(anyhow::Error::new(e).context(format!(
+                            "the application on {} changed rows of {t} during each of {} merges; \
+                             run the snapshot again when it writes less to {t}",
+                            seed.other(),
+                            MERGE_ATTEMPTS + 1
+                        )));
+                    }
                     attempts += 1;
+                    last_unique = unique;
                     tracing::info!(table = %t, "{e}; merging again");
                     x.batch_execute("ROLLBACK").await?;
                 }
-                Err(e) if merge_again(&e) => {
-                    return Err(anyhow::Error::new(e).context(format!(
-                        "the application on {} changed rows of {t} during each of {} merges; \
-                         run the snapshot again when it writes less to {t}",
-                        seed.other(),
-                        MERGE_ATTEMPTS + 1
-                    )))
-                }
-                Err(e) => return Err(e.into()),
             }
         };
         // Merge of a two-way table: the target's own rows go to the seed as well (marked, so the
