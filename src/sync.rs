@@ -1491,10 +1491,19 @@ async fn stream_loop(
                 let Some(t) = live.txn.as_mut() else {
                     bail!("{source}: a streamed change outside its transaction");
                 };
-                // Opened at the first message, not at the stream's start: the walsender streams
-                // transactions that carry nothing for this database too (another database's
-                // catalog changes past the decoding memory, such as a migration), and those
-                // need no session on the target.
+                let ev = match t.asm.push(msg)? {
+                    Some(Item::Change(ev)) => ev,
+                    Some(Item::Echo(_)) | None => continue,
+                    // Its row in tandem.ddl is only visible once the transaction commits.
+                    Some(Item::Ddl(_)) => return Err(LiveDdl { xid: t.xid }.into()),
+                    Some(other) => {
+                        bail!("{source}: {other:?} inside streamed transaction {}", t.xid)
+                    }
+                };
+                // Opened at the first change, not at the stream's start: the walsender streams
+                // transactions with nothing to apply too (another database's catalog changes
+                // past the decoding memory, such as a migration; tandem's own large writes on
+                // this side, whose marker comes first), and those need no session on the target.
                 if live.session.is_none() {
                     let mut a = Applier::connect_for_run(live.cfg.clone(), source, false).await?;
                     live.cancellers.add(a.canceller()?);
@@ -1503,19 +1512,12 @@ async fn stream_loop(
                     live.session = Some(a);
                 }
                 let a = live.session.as_mut().expect("opened above");
+                // Where a subtransaction's changes start: before its first one.
                 if sub != t.xid && !t.subxacts.contains(&sub) {
                     a.savepoint(&savepoint_name(sub)).await?;
                     t.subxacts.push(sub);
                 }
-                match t.asm.push(msg)? {
-                    Some(Item::Change(ev)) => a.apply(&ev).await?,
-                    Some(Item::Echo(_)) | None => {}
-                    // Its row in tandem.ddl is only visible once the transaction commits.
-                    Some(Item::Ddl(_)) => return Err(LiveDdl { xid: t.xid }.into()),
-                    Some(other) => {
-                        bail!("{source}: {other:?} inside streamed transaction {}", t.xid)
-                    }
-                }
+                a.apply(&ev).await?;
             }
             StreamEvent::Live(Live::Abort { xid, subxid }) => {
                 let Some(t) = live.txn.as_mut() else {

@@ -2631,6 +2631,33 @@ async fn a_whole_transaction_blocked_by_the_live_one_makes_it_spooled_instead() 
 
 /// `tandem run --metrics-addr` counts streamed transactions by how they were applied: the first
 /// live, one streamed while it was open spooled.
+/// tandem's own large transaction on mobile (desktop's 3,000 rows, applied there while in
+/// progress), streamed back by mobile's walsender, opens no apply session on desktop: it has
+/// nothing to apply, its marker coming first (before: a session opened at its first message).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_large_echo_streamed_back_opens_no_session() {
+    let fx = Fixture::new("echo_live", JOBS, JOBS_TABLES).await;
+    stream_from_a_few_hundred_rows(&fx.d).await;
+    stream_from_a_few_hundred_rows(&fx.m).await;
+    let run = fx.start().await;
+    fx.d.batch_execute(
+        "INSERT INTO jobs (id, title) SELECT g, 'd' FROM generate_series(1, 3000) g",
+    )
+    .await
+    .unwrap();
+    wait_count(60, &fx.m, "SELECT count(*) FROM jobs", 3000).await;
+    wait_for(30, "mobile's walsender streamed the echo", || async {
+        streamed_txns(&fx.m, "echo_live_m").await >= 1
+    })
+    .await;
+    fx.m.execute("INSERT INTO jobs (id, title) VALUES (5000, 'mobile')", &[])
+        .await
+        .unwrap();
+    wait_count(30, &fx.d, "SELECT count(*) FROM jobs WHERE id = 5000", 1).await;
+    assert_eq!(Fixture::count(&fx.d, STREAMED_SESSIONS).await, 0);
+    run.stop().await;
+}
+
 /// tandem's own large transaction on mobile (desktop's 3,000 rows, applied there in one target
 /// transaction) is streamed by mobile's walsender while decoded. With conflict rules and
 /// `stream_in_progress = true` tandem spools it until its commit: without its rows (without
