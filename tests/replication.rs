@@ -2629,8 +2629,25 @@ async fn a_whole_transaction_blocked_by_the_live_one_makes_it_spooled_instead() 
     run.stop().await;
 }
 
-/// `tandem run --metrics-addr` counts streamed transactions by how they were applied: the first
-/// live, one streamed while it was open spooled.
+/// Desktop's 3,000 rows in one transaction reach mobile, mobile's walsender (slot `slot`) streams
+/// tandem's write of them back, and mobile's next row of the table then reaches desktop.
+async fn echo_and_back(fx: &Fixture, slot: &str) {
+    fx.d.batch_execute(
+        "INSERT INTO jobs (id, title) SELECT g, 'd' FROM generate_series(1, 3000) g",
+    )
+    .await
+    .unwrap();
+    wait_count(60, &fx.m, "SELECT count(*) FROM jobs", 3000).await;
+    wait_for(30, "mobile's walsender streamed the echo", || async {
+        streamed_txns(&fx.m, slot).await >= 1
+    })
+    .await;
+    fx.m.execute("INSERT INTO jobs (id, title) VALUES (5000, 'mobile')", &[])
+        .await
+        .unwrap();
+    wait_count(30, &fx.d, "SELECT count(*) FROM jobs WHERE id = 5000", 1).await;
+}
+
 /// tandem's own large transaction on mobile (desktop's 3,000 rows, applied there while in
 /// progress), streamed back by mobile's walsender, opens no apply session on desktop: it has
 /// nothing to apply, its marker coming first (before: a session opened at its first message).
@@ -2640,20 +2657,7 @@ async fn a_large_echo_streamed_back_opens_no_session() {
     stream_from_a_few_hundred_rows(&fx.d).await;
     stream_from_a_few_hundred_rows(&fx.m).await;
     let run = fx.start().await;
-    fx.d.batch_execute(
-        "INSERT INTO jobs (id, title) SELECT g, 'd' FROM generate_series(1, 3000) g",
-    )
-    .await
-    .unwrap();
-    wait_count(60, &fx.m, "SELECT count(*) FROM jobs", 3000).await;
-    wait_for(30, "mobile's walsender streamed the echo", || async {
-        streamed_txns(&fx.m, "echo_live_m").await >= 1
-    })
-    .await;
-    fx.m.execute("INSERT INTO jobs (id, title) VALUES (5000, 'mobile')", &[])
-        .await
-        .unwrap();
-    wait_count(30, &fx.d, "SELECT count(*) FROM jobs WHERE id = 5000", 1).await;
+    echo_and_back(&fx, "echo_live_m").await;
     assert_eq!(Fixture::count(&fx.d, STREAMED_SESSIONS).await, 0);
     run.stop().await;
 }
@@ -2676,24 +2680,13 @@ async fn a_large_echo_spooled_without_its_rows_keeps_its_relation_for_the_next_c
     .await;
     stream_from_a_few_hundred_rows(&fx.m).await;
     let run = fx.start().await;
-    fx.d.batch_execute(
-        "INSERT INTO jobs (id, title) SELECT g, 'd' FROM generate_series(1, 3000) g",
-    )
-    .await
-    .unwrap();
-    wait_count(60, &fx.m, "SELECT count(*) FROM jobs", 3000).await;
-    wait_for(30, "mobile's walsender streamed the echo", || async {
-        streamed_txns(&fx.m, "echo_spool_m").await >= 1
-    })
-    .await;
-    fx.m.execute("INSERT INTO jobs (id, title) VALUES (5000, 'mobile')", &[])
-        .await
-        .unwrap();
-    wait_count(30, &fx.d, "SELECT count(*) FROM jobs WHERE id = 5000", 1).await;
+    echo_and_back(&fx, "echo_spool_m").await;
     fx.wait_equal("jobs", 30).await;
     run.stop().await;
 }
 
+/// `tandem run --metrics-addr` counts streamed transactions by how they were applied: the first
+/// live, one streamed while it was open spooled.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn streamed_transactions_are_counted_in_prometheus_metrics() {
     let fx = Fixture::new("streamed_metrics", JOBS, JOBS_TABLES).await;
