@@ -52,7 +52,7 @@ async fn fetch(
     c: &Client,
     s: &Shape,
     table: &SourceTable,
-    keys: &[Key],
+    keys: &[&Key],
 ) -> Result<Vec<(Vec<Option<String>>, Vec<Value>)>> {
     let n = table.columns.len();
     let cols: Vec<String> = table
@@ -67,8 +67,7 @@ async fn fetch(
         s.name.quoted(),
         s.key_join()
     );
-    let keys: Vec<&Key> = keys.iter().collect();
-    let key_cols = s.key_params(&keys);
+    let key_cols = s.key_params(keys);
     let p: Vec<&(dyn ToSql + Sync)> = key_cols.iter().map(|c| c as &(dyn ToSql + Sync)).collect();
     Ok(c.query(&sql, &p)
         .await?
@@ -183,13 +182,12 @@ pub async fn repair(
             // primary key a key is a whole row, one per missing copy: nothing to fetch.
             let (rows, gone): (Vec<Vec<Value>>, Vec<&Key>) = match s.meta.key.is_empty() {
                 false => {
-                    let asked: Vec<Key> = upserts.iter().chain(only_target).cloned().collect();
+                    let asked: Vec<&Key> = upserts.iter().chain(only_target).collect();
                     let found = fetch(src, &s, &table, &asked).await?;
                     let present: std::collections::HashSet<&Vec<Option<String>>> =
                         found.iter().map(|(k, _)| k).collect();
-                    let gone = upserts
-                        .iter()
-                        .chain(only_target)
+                    let gone = asked
+                        .into_iter()
                         .filter(|k| !present.contains(&k.values))
                         .collect();
                     (found.into_iter().map(|(_, row)| row).collect(), gone)

@@ -10,11 +10,16 @@ use crate::config::TableName;
 use crate::event::{Change, Event, SourceTable};
 use crate::lsn::Lsn;
 use crate::side::Side;
-use crate::source::pgoutput::{Begin, Message};
+use crate::source::pgoutput::{Begin, LogicalMessage, Message};
 
 /// Prefix of the transactional logical message tandem writes first in every transaction it
 /// applies; a transaction that carries it came from tandem and must not travel back.
 pub const MARKER_PREFIX: &str = "tandem";
+
+/// Is `m` tandem's marker ([`MARKER_PREFIX`], transactional)?
+pub fn is_marker(m: &LogicalMessage) -> bool {
+    m.transactional && m.prefix == MARKER_PREFIX
+}
 /// Prefix of the transactional logical message `tandem ddl` writes with a schema change (content:
 /// the id of its row in that side's `tandem.ddl`), to be run on the other side at that point.
 pub const DDL_PREFIX: &str = "tandem-ddl";
@@ -189,7 +194,7 @@ impl Assembler {
                 let Some(t) = self.txn.as_mut().filter(|_| m.transactional) else {
                     return Ok(None);
                 };
-                if m.prefix == MARKER_PREFIX {
+                if is_marker(&m) {
                     t.echo = true;
                     return Ok(None);
                 }

@@ -23,7 +23,6 @@ use anyhow::{anyhow, bail, Context, Result};
 use bytes::{Bytes, BytesMut};
 
 use crate::lsn::Lsn;
-use crate::source::assemble::MARKER_PREFIX;
 use crate::source::pgoutput::{self, Begin, Commit, Message};
 
 /// Where spool files go: the system temp dir (unlinked at once, so only their open handles hold
@@ -162,7 +161,6 @@ impl Streamed {
         self
     }
 
-    /// Keep a spooled copy of each live transaction, handed out with its [`Live::Commit`].
     /// Spool a transaction tandem itself wrote (its marker first: an echo, left out once
     /// replayed) without its changes: only its marker and the relation and type messages,
     /// which later transactions rely on (pgoutput does not send a relation again after a
@@ -175,6 +173,7 @@ impl Streamed {
         self
     }
 
+    /// Keep a spooled copy of each live transaction, handed out with its [`Live::Commit`].
     pub fn keep_copy(mut self, on: bool) -> Streamed {
         self.keep_copy = on;
         self
@@ -326,11 +325,11 @@ impl Streamed {
     }
 }
 
-/// Is this streamed message tandem's marker (see [`crate::source::assemble::MARKER_PREFIX`])?
+/// Is this streamed message tandem's marker?
 fn is_marker(data: &Bytes) -> bool {
     matches!(
         pgoutput::decode_in(data, true),
-        Ok((_, Message::Message(m))) if m.transactional && m.prefix == MARKER_PREFIX
+        Ok((_, Message::Message(m))) if crate::source::assemble::is_marker(&m)
     )
 }
 
