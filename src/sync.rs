@@ -142,49 +142,78 @@ pub async fn run(
         })
     };
     let mut first_err = None;
-    // Before any stream starts, so each direction's checkpoint stays put during the copy; with
-    // the lock kept meanwhile (a server restart during a long copy takes it along).
-    let snapshotted = if cfg.initial_snapshot {
-        initial_snapshot(&cfg, &stop_rx, &status)
-            .await
-            .unwrap_or_else(|e| {
-                first_err = Some(e);
-                false
-            })
-    } else {
-        true
-    };
-    let watch = tokio::spawn(watch_sources(cfg.clone()));
-    let mut tasks = Vec::new();
-    let sides: &[Side] = if snapshotted { &Side::BOTH } else { &[] };
-    for &side in sides {
-        let (cfg, rx, st, stop_tx) = (
-            cfg.clone(),
-            stop_rx.clone(),
-            status.clone(),
-            stop_tx.clone(),
-        );
-        tasks.push(tokio::spawn(async move {
-            let r = direction(cfg, side, rx, st).await;
-            if r.is_err() {
-                // One direction failing stops the other cleanly: better both stopped and
-                // checkpointed than one side silently drifting.
-                let _ = stop_tx.send(true);
+    // Tables published since `run` started (and never synchronised): both directions stop at a
+    // checkpoint, those tables are copied as at the start, and streaming starts again.
+    let mut added: Option<Vec<TableName>> = None;
+    loop {
+        // Before any stream starts, so each direction's checkpoint stays put during the copy;
+        // with the lock kept meanwhile (a server restart during a long copy takes it along).
+        let snapshotted = if cfg.initial_snapshot {
+            initial_snapshot(&cfg, &stop_rx, &status, added.as_deref())
+                .await
+                .unwrap_or_else(|e| {
+                    first_err = Some(e);
+                    false
+                })
+        } else {
+            true
+        };
+        if !snapshotted {
+            break;
+        }
+        let (round_tx, round_rx) = watch::channel(false);
+        let (added_tx, mut added_rx) = tokio::sync::mpsc::channel(1);
+        let watch = tokio::spawn(watch_sources(cfg.clone(), added_tx));
+        let mut tasks = Vec::new();
+        for side in Side::BOTH {
+            let (cfg, rx, st, stop_tx) = (
+                cfg.clone(),
+                round_rx.clone(),
+                status.clone(),
+                stop_tx.clone(),
+            );
+            tasks.push(tokio::spawn(async move {
+                let r = direction(cfg, side, rx, st).await;
+                if r.is_err() {
+                    // One direction failing stops the other cleanly: better both stopped and
+                    // checkpointed than one side silently drifting.
+                    let _ = stop_tx.send(true);
+                }
+                r
+            }));
+        }
+        let mut stop = stop_rx.clone();
+        added = tokio::select! {
+            _ = stop.wait_for(|s| *s) => None,
+            Some(tables) = added_rx.recv() => Some(tables),
+        };
+        watch.abort();
+        let _ = round_tx.send(true);
+        for t in tasks {
+            let r = t
+                .await
+                .map_err(|e| anyhow!("replication task panicked: {e}"))
+                .and_then(|r| r);
+            if let Err(e) = r {
+                first_err.get_or_insert(e);
             }
-            r
-        }));
-    }
-    for t in tasks {
-        let r = t
-            .await
-            .map_err(|e| anyhow!("replication task panicked: {e}"))
-            .and_then(|r| r);
-        if let Err(e) = r {
-            first_err.get_or_insert(e);
+        }
+        match &added {
+            Some(tables) if first_err.is_none() && !*stop_rx.borrow() => {
+                let names = tables
+                    .iter()
+                    .map(|t| t.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ");
+                tracing::info!(
+                    "{names}: published since `run` started and never synchronised; both \
+                     directions stopped to copy it as at the start, then stream again"
+                );
+            }
+            _ => break,
         }
     }
     forward.abort();
-    watch.abort();
     // Held until here, past every direction's last checkpoint; then let go.
     let _ = stop_tx.send(true);
     match keeper.await {
@@ -241,12 +270,13 @@ async fn initial_snapshot(
     cfg: &Config,
     stop: &watch::Receiver<bool>,
     status: &Status,
+    only: Option<&[TableName]>,
 ) -> Result<bool> {
     let why = Reason {
         log: "initial snapshot interrupted (tables copied already are kept): ",
         health: "initial snapshot interrupted: ",
     };
-    let copy = || crate::ops::snapshot::initial(cfg);
+    let copy = || crate::ops::snapshot::initial(cfg, only);
     Ok(keep_trying(stop, status, why, transient, copy)
         .await?
         .is_some())
@@ -493,7 +523,12 @@ const PUBLICATION_CHECK: Duration = Duration::from_secs(10);
 /// - under `max_slot_wal_keep_size` (Supabase sets one), the WAL the server may still add before
 ///   it invalidates the slot, `tandem_slot_safe_wal_bytes{direction}`, and a warning once the
 ///   slot is past it (`unreserved`): what an operator alerts on before a resynchronisation.
-async fn watch_sources(cfg: Arc<Config>) {
+///
+/// And, with `initial_snapshot` on, a table that `setup` published since (on both sides, as its
+/// direction needs) and that was never synchronised goes to `added`, and the watch ends: its rows
+/// from before must be copied as at the start (the streams send only its changes from now on), so
+/// `run` stops both directions and snapshots it.
+async fn watch_sources(cfg: Arc<Config>, added: tokio::sync::mpsc::Sender<Vec<TableName>>) {
     let mut clients: [Option<tokio_postgres::Client>; 2] = [None, None];
     let mut told: Vec<TableName> = Vec::new();
     let mut unreserved = [false; 2];
@@ -545,13 +580,74 @@ async fn watch_sources(cfg: Arc<Config>) {
                 if !told.contains(&t) {
                     tracing::warn!(%source, table = %t,
                         "{t} matches [replication] tables but is not in publication {}: its changes \
-                         are not sent; run `tandem setup` to add it (then restart `run`)",
+                         are not sent; run `tandem setup` to add it, and `run` takes it in without a restart",
                         cfg.site(source).publication);
                     told.push(t);
                 }
             }
         }
+        if let [Some(d), Some(m)] = &clients {
+            if cfg.initial_snapshot {
+                match published_since(&cfg, d, m).await {
+                    Ok(tables) if !tables.is_empty() => {
+                        let _ = added.send(tables).await;
+                        return;
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        tracing::debug!("looking for tables published since the start: {e:#}")
+                    }
+                }
+            }
+        }
     }
+}
+
+/// The configured tables an initial snapshot has yet to copy that both sides have and that are
+/// in the publication of each side they flow from: published by `setup` since `run` started.
+/// Looked up in that order, so that a table a `tandem ddl` schema change made is seen with the
+/// record that it needs no copy (written with it on the side `run` made it on).
+async fn published_since(
+    cfg: &Config,
+    d: &tokio_postgres::Client,
+    m: &tokio_postgres::Client,
+) -> Result<Vec<TableName>> {
+    let on = |side: Side| match side {
+        Side::Desktop => d,
+        Side::Mobile => m,
+    };
+    let mut ready = Vec::new();
+    let mut published_on = Vec::new();
+    for side in Side::BOTH {
+        published_on.push(published(on(side), &cfg.site(side).publication).await?);
+    }
+    let tables = crate::catalog::expand(d, &cfg.tables).await?;
+    let quoted: Vec<String> = tables.iter().map(|t| t.quoted()).collect();
+    let on_mobile: Vec<bool> = m
+        .query(
+            "SELECT to_regclass(t) IS NOT NULL FROM unnest($1::text[]) WITH ORDINALITY AS u(t, i) \
+             ORDER BY i",
+            &[&quoted],
+        )
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    for (t, on_mobile) in tables.into_iter().zip(on_mobile) {
+        let sent = Side::BOTH
+            .into_iter()
+            .zip(&published_on)
+            .all(|(side, p)| !cfg.direction(&t).flows_from(side) || p.contains(&t));
+        if on_mobile && sent {
+            ready.push(t);
+        }
+    }
+    Ok(crate::ops::snapshot::unsynchronised(cfg, d, m)
+        .await?
+        .into_iter()
+        .map(|(t, _)| t)
+        .filter(|t| ready.contains(t))
+        .collect())
 }
 
 /// The configured tables that flow from `source` and are not in its publication.

@@ -2041,6 +2041,72 @@ async fn a_table_created_after_setup_stops_run_until_setup_publishes_it() {
     child.wait().unwrap();
 }
 
+/// A table `setup` publishes while `run` runs is copied as at the start, without a restart: the
+/// streams send only its changes from then on, not the rows each side had before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_table_setup_publishes_while_run_runs_gets_its_initial_snapshot() {
+    let fx = Fixture::new(
+        "published_later",
+        "CREATE TABLE jobs (id int PRIMARY KEY, title text);",
+        r#"tables = ["public.*"]"#,
+    )
+    .await;
+    let run = fx.start().await;
+    for c in [&fx.d, &fx.m] {
+        c.batch_execute("CREATE TABLE late (id int PRIMARY KEY, v text)")
+            .await
+            .unwrap();
+    }
+    fx.d.batch_execute("INSERT INTO late VALUES (1, 'desktop before'), (5, 'desktop')")
+        .await
+        .unwrap();
+    fx.m.batch_execute("INSERT INTO late VALUES (4, 'mobile before'), (5, 'mobile')")
+        .await
+        .unwrap();
+    let config = fx.config_path.to_str().unwrap();
+    let (code, out, err) = run_tandem(&["--config", config, "setup"], &[]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    fx.d.batch_execute("INSERT INTO late VALUES (2, 'desktop after')")
+        .await
+        .unwrap();
+    fx.m.batch_execute("INSERT INTO late VALUES (3, 'mobile after')")
+        .await
+        .unwrap();
+    // Each side's rows from before reach the other; the key both had takes the seed's row.
+    wait_for(
+        60,
+        "late's rows from before setup on both sides",
+        || async {
+            Fixture::count(&fx.m, "SELECT count(*) FROM late").await == 5
+                && Fixture::count(&fx.d, "SELECT count(*) FROM late").await == 5
+        },
+    )
+    .await;
+    fx.wait_equal("late", 30).await;
+    assert_eq!(
+        Fixture::rows(&fx.m, "late").await,
+        [
+            "(1,\"desktop before\")",
+            "(2,\"desktop after\")",
+            "(3,\"mobile after\")",
+            "(4,\"mobile before\")",
+            "(5,desktop)"
+        ]
+    );
+    assert!(!run.is_finished(), "run stopped");
+    // Both directions stream again.
+    fx.d.batch_execute("INSERT INTO jobs VALUES (1, 'desktop'); INSERT INTO late VALUES (6, 'd')")
+        .await
+        .unwrap();
+    fx.m.batch_execute("INSERT INTO jobs VALUES (2, 'mobile')")
+        .await
+        .unwrap();
+    wait_count(30, &fx.m, "SELECT count(*) FROM late WHERE id = 6", 1).await;
+    fx.wait_equal("jobs", 30).await;
+    assert_eq!(Fixture::count(&fx.d, "SELECT count(*) FROM jobs").await, 2);
+    run.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_partitioned_table_replicates_as_one_table_whatever_each_side_partitions_it_by() {
     // Desktop partitions by day, mobile by a hash of the id: rows travel as rows of `meas`.

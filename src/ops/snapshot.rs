@@ -102,20 +102,9 @@ async fn state(c: &Client, t: &TableName) -> Result<Option<String>> {
 /// Record on `here` that `t`, which a `tandem ddl` schema change created on both sides, is
 /// synchronised: the same on both from its start, with nothing for an initial snapshot to copy.
 /// Written by `run` as it makes the table `here`, with `here` as its seed, which no copy writes (a
-/// copy's row is on its target, naming the other side), so [`created`] tells the two apart.
+/// copy's row is on its target, naming the other side), so [`unsynchronised`] tells the two apart.
 pub(crate) async fn mark_created(c: &impl GenericClient, t: &TableName, here: Side) -> Result<()> {
     mark(c, t, here, Mode::Merge, "done", Some(0), None, None).await
-}
-
-/// `run` made `t` on `here` from the other side's schema change, streaming both ever since
-/// ([`mark_created`]).
-async fn created(c: &Client, t: &TableName, here: Side) -> Result<bool> {
-    Ok(c.query_opt(
-        "SELECT 1 FROM tandem.snapshots WHERE table_name = $1 AND seed = $2 AND state = 'done'",
-        &[&t.to_string(), &here.tag().to_string()],
-    )
-    .await?
-    .is_some())
 }
 
 /// Record `t`'s snapshot state; when done, with `rows` copied as `seed_read` saw the seed, and
@@ -263,36 +252,80 @@ pub async fn snapshot(
     Ok(out)
 }
 
-/// `run`'s start: snapshot (merge) every table that was never synchronised, from its seed.
-pub async fn initial(cfg: &Config) -> Result<Vec<Outcome>> {
+/// `run`'s start: snapshot (merge) every table that was never synchronised, from its seed; with
+/// `only`, those of them it names (tables published since `run` started).
+pub async fn initial(cfg: &Config, only: Option<&[TableName]>) -> Result<Vec<Outcome>> {
     let sides = connect(cfg).await?;
     // A stop drops this future mid-copy: the copy's statements are cancelled with it.
     let cancel = db::CancelOnDrop::new(vec![
         db::Canceller::new(&cfg.desktop, &sides.d)?,
         db::Canceller::new(&cfg.mobile, &sides.m)?,
     ]);
-    let r = initial_tables(cfg, &sides).await;
+    let r = initial_tables(cfg, &sides, only).await;
     cancel.disarm();
     r
 }
 
-async fn initial_tables(cfg: &Config, sides: &Sides) -> Result<Vec<Outcome>> {
+async fn initial_tables(
+    cfg: &Config,
+    sides: &Sides,
+    only: Option<&[TableName]>,
+) -> Result<Vec<Outcome>> {
     let mut out = Vec::new();
-    for t in catalog::expand(&sides.d, &cfg.tables).await? {
+    for (t, seed) in unsynchronised(cfg, &sides.d, &sides.m).await? {
+        if only.is_none_or(|only| only.contains(&t)) {
+            out.push(copy_table(cfg, sides, &t, seed, Mode::Merge).await?);
+        }
+    }
+    Ok(out)
+}
+
+/// The configured tables (as desktop has them) that `run`'s initial snapshot copies, with their
+/// seeds: never synchronised (no `done` record on the target), not made by a `tandem ddl` schema
+/// change (a `done` record on the side `run` made it on, naming that side as the seed), and not
+/// `snapshot_seed = "none"`.
+pub(crate) async fn unsynchronised(
+    cfg: &Config,
+    d: &Client,
+    m: &Client,
+) -> Result<Vec<(TableName, Side)>> {
+    // Each side's `done` records, as (table, seed).
+    let mut done = Vec::new();
+    for c in [d, m] {
+        let rows = c
+            .query(
+                "SELECT table_name, seed FROM tandem.snapshots WHERE state = 'done'",
+                &[],
+            )
+            .await
+            .context("reading tandem.snapshots (run `tandem setup` to create it)")?;
+        done.push(
+            rows.iter()
+                .map(|r| (r.get::<_, String>(0), r.get::<_, String>(1)))
+                .collect::<std::collections::HashMap<_, _>>(),
+        );
+    }
+    let seed_on = |side: Side, t: &str| {
+        done[match side {
+            Side::Desktop => 0,
+            Side::Mobile => 1,
+        }]
+        .get(t)
+        .cloned()
+    };
+    let mut out = Vec::new();
+    for t in catalog::expand(d, &cfg.tables).await? {
         let Some(seed) = cfg.seed_for(&t) else {
             continue;
         };
-        if state(sides.get(seed.other()), &t).await?.as_deref() == Some("done") {
-            continue;
+        let name = t.to_string();
+        let copied = seed_on(seed.other(), &name).is_some();
+        let made = Side::BOTH
+            .into_iter()
+            .any(|side| seed_on(side, &name) == Some(side.tag().to_string()));
+        if !copied && !made {
+            out.push((t, seed));
         }
-        let mut made = false;
-        for side in Side::BOTH {
-            made |= created(sides.get(side), &t, side).await?;
-        }
-        if made {
-            continue;
-        }
-        out.push(copy_table(cfg, sides, &t, seed, Mode::Merge).await?);
     }
     Ok(out)
 }
