@@ -116,3 +116,88 @@ pub async fn expand(c: &impl GenericClient, patterns: &[TableName]) -> Result<Ve
     }
     Ok(out)
 }
+
+/// The foreign keys between tables on `c`, as (referencing, referenced); a table referencing
+/// itself is left out. A partitioned table's keys count once, as its own, not its partitions'.
+pub async fn references(c: &impl GenericClient) -> Result<Vec<(TableName, TableName)>> {
+    let rows = c
+        .query(
+            "SELECT rn.nspname::text, r.relname::text, fn.nspname::text, f.relname::text \
+             FROM pg_constraint k \
+             JOIN pg_class r ON r.oid = k.conrelid JOIN pg_namespace rn ON rn.oid = r.relnamespace \
+             JOIN pg_class f ON f.oid = k.confrelid JOIN pg_namespace fn ON fn.oid = f.relnamespace \
+             WHERE k.contype = 'f' AND k.conparentid = 0 AND k.conrelid <> k.confrelid",
+            &[],
+        )
+        .await
+        .context("reading the foreign keys")?;
+    Ok(rows
+        .iter()
+        .map(|r| {
+            (
+                TableName::new(r.get::<_, String>(0), r.get::<_, String>(1)),
+                TableName::new(r.get::<_, String>(2), r.get::<_, String>(3)),
+            )
+        })
+        .collect())
+}
+
+/// `tables`, each after the ones it references (`refs`, as [`references`] gives them), so that
+/// rows copied one table at a time find the rows they reference already there; otherwise in the
+/// order given. Tables that reference each other round a cycle keep the order given.
+pub fn referenced_first(tables: Vec<TableName>, refs: &[(TableName, TableName)]) -> Vec<TableName> {
+    let mut left = tables;
+    let mut out = Vec::with_capacity(left.len());
+    while !left.is_empty() {
+        // The first table whose referenced tables (among those left) are all placed. Round a
+        // cycle none is: then the first one that a table left references, a table of the cycle
+        // rather than one that only references into it.
+        let waits = |t: &TableName| {
+            refs.iter()
+                .any(|(from, to)| from == t && to != t && left.contains(to))
+        };
+        let referenced = |t: &TableName| {
+            refs.iter()
+                .any(|(from, to)| to == t && from != t && left.contains(from))
+        };
+        let next = left
+            .iter()
+            .position(|t| !waits(t))
+            .or_else(|| left.iter().position(referenced))
+            .unwrap_or(0);
+        out.push(left.remove(next));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn t(name: &str) -> TableName {
+        TableName::new("public", name)
+    }
+
+    #[test]
+    fn referenced_tables_come_first_and_the_rest_keeps_its_order() {
+        let refs = [
+            (t("child"), t("parent")),
+            (t("grandchild"), t("child")),
+            (t("child"), t("other")),
+            (t("audit"), t("unconfigured")),
+        ];
+        let tables = ["audit", "child", "grandchild", "other", "parent", "plain"].map(t);
+        assert_eq!(
+            referenced_first(tables.to_vec(), &refs),
+            ["audit", "other", "parent", "child", "grandchild", "plain"].map(t)
+        );
+        // Without references, the order given.
+        assert_eq!(referenced_first(tables.to_vec(), &[]), tables);
+        // Round a cycle, a table of the cycle goes first, not the one that references into it.
+        let refs = [(t("a"), t("b")), (t("b"), t("a")), (t("c"), t("a"))];
+        assert_eq!(
+            referenced_first(["c", "a", "b"].map(t).to_vec(), &refs),
+            ["a", "c", "b"].map(t)
+        );
+    }
+}

@@ -95,6 +95,35 @@ async fn merge_gives_both_sides_the_union_and_mirror_an_exact_copy() {
     );
 }
 
+/// Each table is copied after the tables it references: `child` comes before `parent` in the
+/// configured order, and its rows on each side reference that side's `parent` rows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_table_is_copied_after_the_tables_its_foreign_keys_reference() {
+    let fx = Fixture::new(
+        "fk_order",
+        "CREATE TABLE parent (id int PRIMARY KEY, v text);
+         CREATE TABLE child (id int PRIMARY KEY, parent_id int NOT NULL REFERENCES parent (id));",
+        r#"tables = ["public.*"]"#,
+    )
+    .await;
+    fx.d.batch_execute("INSERT INTO parent VALUES (1, 'd'); INSERT INTO child VALUES (10, 1)")
+        .await
+        .unwrap();
+    fx.m.batch_execute("INSERT INTO parent VALUES (2, 'm'); INSERT INTO child VALUES (20, 2)")
+        .await
+        .unwrap();
+    let run = fx.start().await;
+    for t in ["parent", "child"] {
+        fx.wait_equal(t, 30).await;
+    }
+    assert_eq!(
+        Fixture::rows(&fx.m, "child").await,
+        ["(10,1)", "(20,2)"],
+        "the union on both sides"
+    );
+    run.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn without_a_key_merge_counts_equal_rows_and_mirror_copies_them_exactly() {
     // No key: the merge gives each side as many copies of a row as the side with more has; the

@@ -138,6 +138,40 @@ async fn verify_counts_exactly_and_repair_makes_the_target_equal_without_echo() 
     );
 }
 
+/// repair writes each table after the tables it references: `child` comes before `parent` in
+/// the configured order, and the child row desktop has references a parent row mobile lacks.
+/// Mobile connects as a plain role, as on a managed cloud database: it may not set
+/// `session_replication_role`, so the foreign key is checked as tandem writes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn repair_writes_a_table_after_the_tables_it_references() {
+    let (d, m) = Fixture::databases(
+        "repair_fk",
+        "DO $$ BEGIN CREATE ROLE tandem_fk LOGIN REPLICATION PASSWORD 'fk-pw'; \
+         EXCEPTION WHEN duplicate_object OR unique_violation THEN NULL; END $$;
+         GRANT CREATE ON DATABASE repair_fk TO tandem_fk;
+         CREATE TABLE parent (id int PRIMARY KEY, v text);
+         CREATE TABLE child (id int PRIMARY KEY, parent_id int NOT NULL REFERENCES parent (id));
+         ALTER TABLE parent OWNER TO tandem_fk;
+         ALTER TABLE child OWNER TO tandem_fk;",
+    )
+    .await;
+    let text = Fixture::config_text("repair_fk", r#"tables = ["public.child", "public.parent"]"#);
+    let at = text.find("[mobile]").unwrap();
+    let text = format!(
+        "{}{}",
+        &text[..at],
+        text[at..].replacen("postgresql://postgres@", "postgresql://tandem_fk:fk-pw@", 1)
+    );
+    let fx = Fixture::with_config("repair_fk", d, m, text).await;
+    // Written while tandem does not run: mobile lacks both rows.
+    fx.d.batch_execute("INSERT INTO parent VALUES (1, 'd'); INSERT INTO child VALUES (10, 1)")
+        .await
+        .unwrap();
+    common::repair_from_desktop(fx.config_path.to_str().unwrap());
+    assert_eq!(Fixture::rows(&fx.m, "parent").await, ["(1,d)"]);
+    assert_eq!(Fixture::rows(&fx.m, "child").await, ["(10,1)"]);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn verify_exits_2_on_error() {
     let port = std::net::TcpListener::bind("127.0.0.1:0")

@@ -137,11 +137,15 @@ pub async fn repair(
         .unwrap_or(0);
     let mut ordinal = 0u32;
     let mut out = Vec::new();
-    for (i, s) in verify::shapes(&cfg, &d, &m, only)
-        .await?
-        .into_iter()
-        .enumerate()
-    {
+    // Each table after the ones it references, so that a row repaired in finds the row it
+    // references repaired in already (as the initial snapshot copies them).
+    let mut shapes = verify::shapes(&cfg, &d, &m, only).await?;
+    let mut refs = crate::catalog::references(&d).await?;
+    refs.extend(crate::catalog::references(&m).await?);
+    let order =
+        crate::catalog::referenced_first(shapes.iter().map(|s| s.name.clone()).collect(), &refs);
+    shapes.sort_by_key(|s| order.iter().position(|t| *t == s.name));
+    for (i, s) in shapes.into_iter().enumerate() {
         let table = source_table(&s, i as u32 + 1);
         let mut done = Repaired {
             table: s.name.to_string(),

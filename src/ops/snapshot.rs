@@ -210,6 +210,7 @@ pub async fn snapshot(
     require_stopped(&cfg, &sides).await?;
     let target = sides.get(seed.other());
     let mut tables = catalog::expand(sides.get(seed), &cfg.tables).await?;
+    tables = copy_order(tables, &sides.d, &sides.m).await?;
     if let Some(t) = only {
         if !tables.contains(t) {
             bail!("table {t} is not among the configured tables");
@@ -314,7 +315,7 @@ pub(crate) async fn unsynchronised(
         .cloned()
     };
     let mut out = Vec::new();
-    for t in catalog::expand(d, &cfg.tables).await? {
+    for t in copy_order(catalog::expand(d, &cfg.tables).await?, d, m).await? {
         let Some(seed) = cfg.seed_for(&t) else {
             continue;
         };
@@ -328,6 +329,16 @@ pub(crate) async fn unsynchronised(
         }
     }
     Ok(out)
+}
+
+/// `tables` in the order they are copied: each after the tables it references on either side,
+/// so that its copy (into the target) and its copy back (into the seed) find the rows its foreign
+/// keys reference already there. Copied in the configured order, a table sorted before the one it
+/// references failed its copy on its first row that referenced one the target lacked.
+async fn copy_order(tables: Vec<TableName>, d: &Client, m: &Client) -> Result<Vec<TableName>> {
+    let mut refs = catalog::references(d).await?;
+    refs.extend(catalog::references(m).await?);
+    Ok(catalog::referenced_first(tables, &refs))
 }
 
 fn progress(t: &TableName, estimate: u64) -> Option<ProgressBar> {
