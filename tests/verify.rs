@@ -138,9 +138,10 @@ async fn verify_counts_exactly_and_repair_makes_the_target_equal_without_echo() 
     );
 }
 
-/// repair writes each table after the tables it references: `child` comes before `parent` in
-/// the configured order, and the child row desktop has references a parent row mobile lacks.
-/// Mobile connects as a plain role, as on a managed cloud database: it may not set
+/// repair writes each table after the tables it references, and deletes in the reverse order:
+/// `child` comes before `parent` in the configured order; the child row desktop has references a
+/// parent row mobile lacks, and the child row only mobile has references a parent row only
+/// mobile has. Mobile connects as a plain role, as on a managed cloud database: it may not set
 /// `session_replication_role`, so the foreign key is checked as tandem writes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn repair_writes_a_table_after_the_tables_it_references() {
@@ -163,8 +164,11 @@ async fn repair_writes_a_table_after_the_tables_it_references() {
         text[at..].replacen("postgresql://postgres@", "postgresql://tandem_fk:fk-pw@", 1)
     );
     let fx = Fixture::with_config("repair_fk", d, m, text).await;
-    // Written while tandem does not run: mobile lacks both rows.
+    // Written while tandem does not run: mobile lacks desktop's rows, and desktop mobile's.
     fx.d.batch_execute("INSERT INTO parent VALUES (1, 'd'); INSERT INTO child VALUES (10, 1)")
+        .await
+        .unwrap();
+    fx.m.batch_execute("INSERT INTO parent VALUES (2, 'm'); INSERT INTO child VALUES (20, 2)")
         .await
         .unwrap();
     common::repair_from_desktop(fx.config_path.to_str().unwrap());

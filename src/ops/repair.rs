@@ -136,7 +136,6 @@ pub async fn repair(
         .map(|d| d.as_micros() as i64 - 946_684_800_000_000)
         .unwrap_or(0);
     let mut ordinal = 0u32;
-    let mut out = Vec::new();
     // Each table after the ones it references, so that a row repaired in finds the row it
     // references repaired in already (as the initial snapshot copies them).
     let mut shapes = verify::shapes(&cfg, &d, &m, only).await?;
@@ -145,99 +144,130 @@ pub async fn repair(
     let order =
         crate::catalog::referenced_first(shapes.iter().map(|s| s.name.clone()).collect(), &refs);
     shapes.sort_by_key(|s| order.iter().position(|t| *t == s.name));
-    for (i, s) in shapes.into_iter().enumerate() {
-        let table = source_table(&s, i as u32 + 1);
-        let mut done = Repaired {
+    let mut out: Vec<Repaired> = shapes
+        .iter()
+        .map(|s| Repaired {
             table: s.name.to_string(),
             ..Default::default()
-        };
-        verify::compare(&cfg, &d, &m, &s, async |diff| {
-            let (only_src, only_target) = match source {
-                Side::Desktop => (&diff.only_desktop, &diff.only_mobile),
-                Side::Mobile => (&diff.only_mobile, &diff.only_desktop),
-            };
-            let upserts: Vec<Key> = only_src.iter().chain(&diff.differs).cloned().collect();
-            if dry_run {
-                for k in &upserts {
-                    println!("would upsert {} {} on {}", s.name, k.json, source.other());
-                }
-                for k in only_target {
-                    println!("would delete {} {} on {}", s.name, k.json, source.other());
-                }
-                done.upserted += upserts.len() as u64;
-                done.deleted += only_target.len() as u64;
-                return Ok(());
-            }
-            let Some(a) = applier.as_mut() else {
-                return Ok(());
-            };
-            if upserts.is_empty() && only_target.is_empty() {
-                return Ok(());
-            }
-            // The table stays locked on the target from before the source's rows are read until
-            // they are written: a change the stream applied in between (the source's next
-            // version of a row) would be set back to the version read, while the source kept
-            // the next one. Locked, the stream applies it after the repair commits. Writers on
-            // the target, the application's included, wait meanwhile.
-            a.lock_table(&s.name).await?;
-            // With a key, each key of the round gets the source's state once the table is
-            // locked: its row, or its absence (a row verify saw on one side only may have come
-            // or gone since, and the stream may have brought that here already). Without a
-            // primary key a key is a whole row, one per missing copy: nothing to fetch.
-            let (rows, gone): (Vec<Vec<Value>>, Vec<&Key>) = match s.meta.key.is_empty() {
-                false => {
-                    let asked: Vec<&Key> = upserts.iter().chain(only_target).collect();
-                    let found = fetch(src, &s, &table, &asked).await?;
-                    let present: std::collections::HashSet<&Vec<Option<String>>> =
-                        found.iter().map(|(k, _)| k).collect();
-                    let gone = asked
-                        .into_iter()
-                        .filter(|k| !present.contains(&k.values))
-                        .collect();
-                    (found.into_iter().map(|(_, row)| row).collect(), gone)
-                }
-                true => (
-                    upserts.iter().map(|k| key_tuple(&s, &table, k)).collect(),
-                    only_target.iter().collect(),
-                ),
-            };
-            let mut event = |change: Change| {
-                ordinal += 1;
-                Event {
-                    source,
-                    commit_lsn: at,
-                    commit_ts: now_us,
-                    xid: 0,
-                    ordinal,
-                    change,
-                }
-            };
-            for new in rows {
-                a.apply(&event(Change::Insert {
-                    table: table.clone(),
-                    new,
-                }))
-                .await?;
-                done.upserted += 1;
-            }
-            for k in gone {
-                let old = OldTuple {
-                    // Without a primary key, the whole row: one copy of it goes.
-                    full: s.meta.key.is_empty(),
-                    tuple: key_tuple(&s, &table, k),
-                };
-                a.apply(&event(Change::Delete {
-                    table: table.clone(),
-                    old,
-                }))
-                .await?;
-                done.deleted += 1;
-            }
-            a.commit_outside_stream().await
         })
-        .await?;
+        .collect();
+    // Rows the target lacks or has otherwise are written first, in that order; rows only the
+    // target has are deleted in a second pass, in the reverse order, so that a row goes before
+    // the rows it references (a second comparison, of the tables that had such rows). A dry
+    // run writes nothing: one pass says both.
+    let mut deletes_left = vec![false; shapes.len()];
+    for deleting in [false, true] {
+        let tables: Vec<usize> = match deleting {
+            false if dry_run => continue,
+            false => (0..shapes.len()).collect(),
+            true if dry_run => (0..shapes.len()).collect(),
+            true => (0..shapes.len())
+                .rev()
+                .filter(|&i| deletes_left[i])
+                .collect(),
+        };
+        for i in tables {
+            let s = &shapes[i];
+            let table = source_table(s, i as u32 + 1);
+            let done = &mut out[i];
+            let left = &mut deletes_left[i];
+            verify::compare(&cfg, &d, &m, s, async |diff| {
+                let (only_src, only_target) = match source {
+                    Side::Desktop => (&diff.only_desktop, &diff.only_mobile),
+                    Side::Mobile => (&diff.only_mobile, &diff.only_desktop),
+                };
+                let none = Vec::new();
+                let only_target = match deleting {
+                    true => only_target,
+                    false => {
+                        *left |= !only_target.is_empty();
+                        &none
+                    }
+                };
+                let upserts: Vec<Key> = only_src.iter().chain(&diff.differs).cloned().collect();
+                if dry_run {
+                    for k in &upserts {
+                        println!("would upsert {} {} on {}", s.name, k.json, source.other());
+                    }
+                    for k in only_target {
+                        println!("would delete {} {} on {}", s.name, k.json, source.other());
+                    }
+                    done.upserted += upserts.len() as u64;
+                    done.deleted += only_target.len() as u64;
+                    return Ok(());
+                }
+                let Some(a) = applier.as_mut() else {
+                    return Ok(());
+                };
+                if upserts.is_empty() && only_target.is_empty() {
+                    return Ok(());
+                }
+                // The table stays locked on the target from before the source's rows are read until
+                // they are written: a change the stream applied in between (the source's next
+                // version of a row) would be set back to the version read, while the source kept
+                // the next one. Locked, the stream applies it after the repair commits. Writers on
+                // the target, the application's included, wait meanwhile.
+                a.lock_table(&s.name).await?;
+                // With a key, each key of the round gets the source's state once the table is
+                // locked: its row, or its absence (a row verify saw on one side only may have come
+                // or gone since, and the stream may have brought that here already). Without a
+                // primary key a key is a whole row, one per missing copy: nothing to fetch.
+                let (rows, gone): (Vec<Vec<Value>>, Vec<&Key>) = match s.meta.key.is_empty() {
+                    false => {
+                        let asked: Vec<&Key> = upserts.iter().chain(only_target).collect();
+                        let found = fetch(src, s, &table, &asked).await?;
+                        let present: std::collections::HashSet<&Vec<Option<String>>> =
+                            found.iter().map(|(k, _)| k).collect();
+                        let gone = asked
+                            .into_iter()
+                            .filter(|k| !present.contains(&k.values))
+                            .collect();
+                        (found.into_iter().map(|(_, row)| row).collect(), gone)
+                    }
+                    true => (
+                        upserts.iter().map(|k| key_tuple(s, &table, k)).collect(),
+                        only_target.iter().collect(),
+                    ),
+                };
+                let mut event = |change: Change| {
+                    ordinal += 1;
+                    Event {
+                        source,
+                        commit_lsn: at,
+                        commit_ts: now_us,
+                        xid: 0,
+                        ordinal,
+                        change,
+                    }
+                };
+                for new in rows {
+                    a.apply(&event(Change::Insert {
+                        table: table.clone(),
+                        new,
+                    }))
+                    .await?;
+                    done.upserted += 1;
+                }
+                for k in gone {
+                    let old = OldTuple {
+                        // Without a primary key, the whole row: one copy of it goes.
+                        full: s.meta.key.is_empty(),
+                        tuple: key_tuple(s, &table, k),
+                    };
+                    a.apply(&event(Change::Delete {
+                        table: table.clone(),
+                        old,
+                    }))
+                    .await?;
+                    done.deleted += 1;
+                }
+                a.commit_outside_stream().await
+            })
+            .await?;
+        }
+    }
+    for done in &out {
         tracing::info!(table = %done.table, upserted = done.upserted, deleted = done.deleted, target = %source.other(), dry_run, "repair");
-        out.push(done);
     }
     if let Some(a) = applier.as_mut() {
         a.drain_kafka().await?;
