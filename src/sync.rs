@@ -207,7 +207,7 @@ pub async fn run(
                     .join(", ");
                 tracing::info!(
                     "{names}: published since `run` started and never synchronised; both \
-                     directions stopped to copy it as at the start, then stream again"
+                     directions stopped for its initial snapshot, then stream again"
                 );
             }
             _ => break,

@@ -99,19 +99,8 @@ async fn merge_gives_both_sides_the_union_and_mirror_an_exact_copy() {
 /// configured order, and its rows on each side reference that side's `parent` rows.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_table_is_copied_after_the_tables_its_foreign_keys_reference() {
-    let fx = Fixture::new(
-        "fk_order",
-        "CREATE TABLE parent (id int PRIMARY KEY, v text);
-         CREATE TABLE child (id int PRIMARY KEY, parent_id int NOT NULL REFERENCES parent (id));",
-        r#"tables = ["public.*"]"#,
-    )
-    .await;
-    fx.d.batch_execute("INSERT INTO parent VALUES (1, 'd'); INSERT INTO child VALUES (10, 1)")
-        .await
-        .unwrap();
-    fx.m.batch_execute("INSERT INTO parent VALUES (2, 'm'); INSERT INTO child VALUES (20, 2)")
-        .await
-        .unwrap();
+    let fx = Fixture::new("fk_order", common::PARENT_CHILD, r#"tables = ["public.*"]"#).await;
+    common::parent_and_child_on_each_side(&fx.d, &fx.m).await;
     let run = fx.start().await;
     for t in ["parent", "child"] {
         fx.wait_equal(t, 30).await;

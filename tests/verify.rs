@@ -147,13 +147,15 @@ async fn verify_counts_exactly_and_repair_makes_the_target_equal_without_echo() 
 async fn repair_writes_a_table_after_the_tables_it_references() {
     let (d, m) = Fixture::databases(
         "repair_fk",
-        "DO $$ BEGIN CREATE ROLE tandem_fk LOGIN REPLICATION PASSWORD 'fk-pw'; \
-         EXCEPTION WHEN duplicate_object OR unique_violation THEN NULL; END $$;
-         GRANT CREATE ON DATABASE repair_fk TO tandem_fk;
-         CREATE TABLE parent (id int PRIMARY KEY, v text);
-         CREATE TABLE child (id int PRIMARY KEY, parent_id int NOT NULL REFERENCES parent (id));
-         ALTER TABLE parent OWNER TO tandem_fk;
-         ALTER TABLE child OWNER TO tandem_fk;",
+        &format!(
+            "DO $$ BEGIN CREATE ROLE tandem_fk LOGIN REPLICATION PASSWORD 'fk-pw'; \
+             EXCEPTION WHEN duplicate_object OR unique_violation THEN NULL; END $$;
+             GRANT CREATE ON DATABASE repair_fk TO tandem_fk;
+             {}
+             ALTER TABLE parent OWNER TO tandem_fk;
+             ALTER TABLE child OWNER TO tandem_fk;",
+            common::PARENT_CHILD
+        ),
     )
     .await;
     let text = Fixture::config_text("repair_fk", r#"tables = ["public.child", "public.parent"]"#);
@@ -165,12 +167,7 @@ async fn repair_writes_a_table_after_the_tables_it_references() {
     );
     let fx = Fixture::with_config("repair_fk", d, m, text).await;
     // Written while tandem does not run: mobile lacks desktop's rows, and desktop mobile's.
-    fx.d.batch_execute("INSERT INTO parent VALUES (1, 'd'); INSERT INTO child VALUES (10, 1)")
-        .await
-        .unwrap();
-    fx.m.batch_execute("INSERT INTO parent VALUES (2, 'm'); INSERT INTO child VALUES (20, 2)")
-        .await
-        .unwrap();
+    common::parent_and_child_on_each_side(&fx.d, &fx.m).await;
     common::repair_from_desktop(fx.config_path.to_str().unwrap());
     assert_eq!(Fixture::rows(&fx.m, "parent").await, ["(1,d)"]);
     assert_eq!(Fixture::rows(&fx.m, "child").await, ["(10,1)"]);

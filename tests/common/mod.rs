@@ -827,3 +827,18 @@ pub async fn fail_first_apply_commit(c: &Client, table: &str, after: f64) {
     .await
     .unwrap();
 }
+
+/// `parent`, and `child`, whose rows reference it: configured before it in name order.
+pub const PARENT_CHILD: &str = "CREATE TABLE parent (id int PRIMARY KEY, v text);
+     CREATE TABLE child (id int PRIMARY KEY, parent_id int NOT NULL REFERENCES parent (id));";
+
+/// A parent row and a child row referencing it on each side: desktop's 1 and 10, mobile's 2 and
+/// 20.
+pub async fn parent_and_child_on_each_side(d: &Client, m: &Client) {
+    d.batch_execute("INSERT INTO parent VALUES (1, 'd'); INSERT INTO child VALUES (10, 1)")
+        .await
+        .unwrap();
+    m.batch_execute("INSERT INTO parent VALUES (2, 'm'); INSERT INTO child VALUES (20, 2)")
+        .await
+        .unwrap();
+}
