@@ -142,6 +142,17 @@ pub async fn references(c: &impl GenericClient) -> Result<Vec<(TableName, TableN
         .collect())
 }
 
+/// `tables` in [`referenced_first`] order by the foreign keys of both sides.
+pub async fn reference_order(
+    tables: Vec<TableName>,
+    d: &impl GenericClient,
+    m: &impl GenericClient,
+) -> Result<Vec<TableName>> {
+    let mut refs = references(d).await?;
+    refs.extend(references(m).await?);
+    Ok(referenced_first(tables, &refs))
+}
+
 /// `tables`, each after the ones it references (`refs`, as [`references`] gives them), so that
 /// rows copied one table at a time find the rows they reference already there; otherwise in the
 /// order given. Tables that reference each other round a cycle keep the order given.

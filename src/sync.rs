@@ -534,6 +534,8 @@ async fn watch_sources(cfg: Arc<Config>, added: tokio::sync::mpsc::Sender<Vec<Ta
     let mut unreserved = [false; 2];
     loop {
         tokio::time::sleep(PUBLICATION_CHECK).await;
+        // Each source's publication as this round read it.
+        let mut published_on: [Option<Vec<TableName>>; 2] = [None, None];
         for (i, source) in Side::BOTH.into_iter().enumerate() {
             if clients[i].as_ref().is_none_or(|c| c.is_closed()) {
                 clients[i] = db::connect(cfg.site(source), "tandem check").await.ok();
@@ -567,7 +569,11 @@ async fn watch_sources(cfg: Arc<Config>, added: tokio::sync::mpsc::Sender<Vec<Ta
                 }
                 unreserved[i] = past;
             }
-            let missing = match unpublished(&cfg, c, source).await {
+            let missing = async {
+                let p = published_on[i].insert(published(c, &site.publication).await?);
+                not_in(&cfg, c, source, p).await
+            };
+            let missing = match missing.await {
                 Ok(m) => m,
                 Err(e) => {
                     tracing::debug!(%source, "checking the publication: {e:#}");
@@ -586,9 +592,9 @@ async fn watch_sources(cfg: Arc<Config>, added: tokio::sync::mpsc::Sender<Vec<Ta
                 }
             }
         }
-        if let [Some(d), Some(m)] = &clients {
+        if let ([Some(d), Some(m)], [Some(pd), Some(pm)]) = (&clients, &published_on) {
             if cfg.initial_snapshot {
-                match published_since(&cfg, d, m).await {
+                match published_since(&cfg, d, m, [pd, pm]).await {
                     Ok(tables) if !tables.is_empty() => {
                         let _ = added.send(tables).await;
                         return;
@@ -604,23 +610,17 @@ async fn watch_sources(cfg: Arc<Config>, added: tokio::sync::mpsc::Sender<Vec<Ta
 }
 
 /// The configured tables an initial snapshot has yet to copy that both sides have and that are
-/// in the publication of each side they flow from: published by `setup` since `run` started.
-/// Looked up in that order, so that a table a `tandem ddl` schema change made is seen with the
-/// record that it needs no copy (written with it on the side `run` made it on).
+/// in the publication of each side they flow from (`published_on`, desktop's then mobile's):
+/// published by `setup` since `run` started. Looked up in that order (the publications read
+/// first), so that a table a `tandem ddl` schema change made is seen with the record that it
+/// needs no copy (written with it on the side `run` made it on).
 async fn published_since(
     cfg: &Config,
     d: &tokio_postgres::Client,
     m: &tokio_postgres::Client,
+    published_on: [&Vec<TableName>; 2],
 ) -> Result<Vec<TableName>> {
-    let on = |side: Side| match side {
-        Side::Desktop => d,
-        Side::Mobile => m,
-    };
     let mut ready = Vec::new();
-    let mut published_on = Vec::new();
-    for side in Side::BOTH {
-        published_on.push(published(on(side), &cfg.site(side).publication).await?);
-    }
     let tables = crate::catalog::expand(d, &cfg.tables).await?;
     let quoted: Vec<String> = tables.iter().map(|t| t.quoted()).collect();
     let on_mobile: Vec<bool> = m
@@ -636,7 +636,7 @@ async fn published_since(
     for (t, on_mobile) in tables.into_iter().zip(on_mobile) {
         let sent = Side::BOTH
             .into_iter()
-            .zip(&published_on)
+            .zip(published_on)
             .all(|(side, p)| !cfg.direction(&t).flows_from(side) || p.contains(&t));
         if on_mobile && sent {
             ready.push(t);

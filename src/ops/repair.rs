@@ -139,10 +139,8 @@ pub async fn repair(
     // Each table after the ones it references, so that a row repaired in finds the row it
     // references repaired in already (as the initial snapshot copies them).
     let mut shapes = verify::shapes(&cfg, &d, &m, only).await?;
-    let mut refs = crate::catalog::references(&d).await?;
-    refs.extend(crate::catalog::references(&m).await?);
-    let order =
-        crate::catalog::referenced_first(shapes.iter().map(|s| s.name.clone()).collect(), &refs);
+    let names = shapes.iter().map(|s| s.name.clone()).collect();
+    let order = crate::catalog::reference_order(names, &d, &m).await?;
     shapes.sort_by_key(|s| order.iter().position(|t| *t == s.name));
     let mut out: Vec<Repaired> = shapes
         .iter()

@@ -210,7 +210,7 @@ pub async fn snapshot(
     require_stopped(&cfg, &sides).await?;
     let target = sides.get(seed.other());
     let mut tables = catalog::expand(sides.get(seed), &cfg.tables).await?;
-    tables = copy_order(tables, &sides.d, &sides.m).await?;
+    tables = copy_order(tables, &sides).await?;
     if let Some(t) = only {
         if !tables.contains(t) {
             bail!("table {t} is not among the configured tables");
@@ -272,11 +272,16 @@ async fn initial_tables(
     sides: &Sides,
     only: Option<&[TableName]>,
 ) -> Result<Vec<Outcome>> {
+    let mut pending: Vec<(TableName, Side)> = unsynchronised(cfg, &sides.d, &sides.m)
+        .await?
+        .into_iter()
+        .filter(|(t, _)| only.is_none_or(|only| only.contains(t)))
+        .collect();
+    let order = copy_order(pending.iter().map(|(t, _)| t.clone()).collect(), sides).await?;
+    pending.sort_by_key(|(t, _)| order.iter().position(|o| o == t));
     let mut out = Vec::new();
-    for (t, seed) in unsynchronised(cfg, &sides.d, &sides.m).await? {
-        if only.is_none_or(|only| only.contains(&t)) {
-            out.push(copy_table(cfg, sides, &t, seed, Mode::Merge).await?);
-        }
+    for (t, seed) in pending {
+        out.push(copy_table(cfg, sides, &t, seed, Mode::Merge).await?);
     }
     Ok(out)
 }
@@ -315,7 +320,7 @@ pub(crate) async fn unsynchronised(
         .cloned()
     };
     let mut out = Vec::new();
-    for t in copy_order(catalog::expand(d, &cfg.tables).await?, d, m).await? {
+    for t in catalog::expand(d, &cfg.tables).await? {
         let Some(seed) = cfg.seed_for(&t) else {
             continue;
         };
@@ -335,10 +340,8 @@ pub(crate) async fn unsynchronised(
 /// so that its copy (into the target) and its copy back (into the seed) find the rows its foreign
 /// keys reference already there. Copied in the configured order, a table sorted before the one it
 /// references failed its copy on its first row that referenced one the target lacked.
-async fn copy_order(tables: Vec<TableName>, d: &Client, m: &Client) -> Result<Vec<TableName>> {
-    let mut refs = catalog::references(d).await?;
-    refs.extend(catalog::references(m).await?);
-    Ok(catalog::referenced_first(tables, &refs))
+async fn copy_order(tables: Vec<TableName>, sides: &Sides) -> Result<Vec<TableName>> {
+    catalog::reference_order(tables, &sides.d, &sides.m).await
 }
 
 fn progress(t: &TableName, estimate: u64) -> Option<ProgressBar> {
