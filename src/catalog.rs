@@ -117,6 +117,42 @@ pub async fn expand(c: &impl GenericClient, patterns: &[TableName]) -> Result<Ve
     Ok(out)
 }
 
+/// Of `tables`, those whose row-level security applies to this session's role, as a problem
+/// naming them and the fix; `None` when it applies to none. Its policies would hide rows from the
+/// snapshot's and verify's reads (a copy without them, "in sync" over what the role sees) and
+/// refuse rows replication writes: the sides would differ unsaid. PostgreSQL's own apply worker
+/// refuses such a table too.
+pub async fn row_security(
+    c: &impl GenericClient,
+    side: crate::side::Side,
+    tables: &[TableName],
+) -> Result<Option<String>> {
+    let quoted: Vec<String> = tables.iter().map(TableName::quoted).collect();
+    let rows = c
+        .query(
+            "SELECT current_user::text, o::int4 FROM unnest($1::text[]) WITH ORDINALITY AS u(t, o) \
+             WHERE to_regclass(t) IS NOT NULL AND row_security_active(t) ORDER BY o",
+            &[&quoted],
+        )
+        .await
+        .context("reading the tables' row-level security")?;
+    let Some(first) = rows.first() else {
+        return Ok(None);
+    };
+    let role: String = first.get(0);
+    let hidden: Vec<String> = rows
+        .iter()
+        .map(|r| tables[r.get::<_, i32>(1) as usize - 1].to_string())
+        .collect();
+    Ok(Some(format!(
+        "{side}: row-level security applies to role {role} on {}: its policies would hide rows \
+         from tandem's reads and refuse rows it writes, and the sides would differ unnoticed; \
+         connect as a role that bypasses it (`ALTER ROLE {role} BYPASSRLS`), or as the owner of \
+         the table without FORCE ROW LEVEL SECURITY",
+        hidden.join(", ")
+    )))
+}
+
 /// The foreign keys between tables on `c`, as (referencing, referenced); a table referencing
 /// itself is left out. A partitioned table's keys count once, as its own, not its partitions'.
 pub async fn references(c: &impl GenericClient) -> Result<Vec<(TableName, TableName)>> {

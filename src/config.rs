@@ -41,19 +41,48 @@ impl fmt::Display for TableName {
     }
 }
 
+/// One part of a configured table name and what follows it: written as it is (taken exactly, no
+/// case folding), or double-quoted as in SQL (`"Sales"`, `"Order Items"`, `""` for a quote), so a
+/// name copied from SQL means the same table rather than one with quotes in its name.
+fn name_part(s: &str) -> Result<(String, &str), &'static str> {
+    let Some(quoted) = s.strip_prefix('"') else {
+        let end = s.find('.').unwrap_or(s.len());
+        return Ok((s[..end].to_string(), &s[end..]));
+    };
+    let mut part = String::new();
+    let mut rest = quoted;
+    loop {
+        let Some(at) = rest.find('"') else {
+            return Err("a double quote is not closed");
+        };
+        part.push_str(&rest[..at]);
+        rest = &rest[at + 1..];
+        match rest.strip_prefix('"') {
+            Some(after) => {
+                part.push('"');
+                rest = after;
+            }
+            None if rest.is_empty() || rest.starts_with('.') => return Ok((part, rest)),
+            None => return Err("a quoted name must end at a dot or at the end"),
+        }
+    }
+}
+
 impl FromStr for TableName {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s.split_once('.') {
-            Some((schema, name))
-                if !schema.is_empty() && !name.is_empty() && !name.contains('.') =>
-            {
-                Ok(TableName::new(schema, name))
-            }
-            _ => Err(format!(
-                "table `{s}` must be schema-qualified, like \"public.{s}\" (or \"public.*\")"
-            )),
+        let qualified = || {
+            format!("table `{s}` must be schema-qualified, like \"public.{s}\" (or \"public.*\")")
+        };
+        let (schema, rest) = name_part(s).map_err(|e| format!("table `{s}`: {e}"))?;
+        let Some(rest) = rest.strip_prefix('.') else {
+            return Err(qualified());
+        };
+        let (name, rest) = name_part(rest).map_err(|e| format!("table `{s}`: {e}"))?;
+        if schema.is_empty() || name.is_empty() || !rest.is_empty() {
+            return Err(qualified());
         }
+        Ok(TableName::new(schema, name))
     }
 }
 
@@ -1074,6 +1103,27 @@ mod tests {
         ] {
             assert!(e.contains(want), "{want} in {e}");
         }
+    }
+
+    #[test]
+    fn table_names_are_taken_as_written_or_unquoted_as_in_sql() {
+        let t = |s: &str| s.parse::<TableName>();
+        assert_eq!(t("Sales.Orders"), Ok(TableName::new("Sales", "Orders")));
+        assert_eq!(t("\"Sales\".*"), Ok(TableName::new("Sales", "*")));
+        assert_eq!(
+            t("\"my.app\".\"Order \"\"Items\"\"\""),
+            Ok(TableName::new("my.app", "Order \"Items\""))
+        );
+        assert_eq!(t("public.\"t\""), Ok(TableName::new("public", "t")));
+        for bad in [
+            "jobs", "a.b.c", "\"a.b\"", ".t", "s.", "\"s.t", "\"s\"x.t", "s.\"\"",
+        ] {
+            assert!(t(bad).is_err(), "{bad}");
+        }
+        assert!(t("\"s.t").unwrap_err().contains("not closed"));
+        // A quoted name round-trips through its SQL form.
+        let odd = TableName::new("my.app", "Order \"Items\"");
+        assert_eq!(odd.quoted().parse::<TableName>(), Ok(odd));
     }
 
     #[test]

@@ -344,6 +344,10 @@ async fn preflight(cfg: &Config) -> Result<()> {
         check_published(cfg, &src, source).await?;
         check_publication_matches(cfg, &src, source).await?;
         check_old_rows(cfg, &src, source).await?;
+        let tables = crate::catalog::expand(&src, &cfg.tables).await?;
+        if let Some(problem) = crate::catalog::row_security(&src, source, &tables).await? {
+            bail!(problem);
+        }
     }
     Ok(())
 }

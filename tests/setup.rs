@@ -226,6 +226,150 @@ async fn table_problems_name_side_table_and_fix() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pattern_over_a_schema_a_side_lacks_is_refused_and_quoted_names_are_taken_as_in_sql() {
+    let schema = "CREATE TABLE jobs (id bigint PRIMARY KEY, title text);
+         CREATE SCHEMA \"Sales\";
+         CREATE TABLE \"Sales\".\"Order Items\" (id int PRIMARY KEY);
+         CREATE SCHEMA later;";
+    let (d, _m) = Fixture::databases("patterns", schema).await;
+    d.batch_execute("CREATE SCHEMA desk_only").await.unwrap();
+    let text = Fixture::config_text(
+        "patterns",
+        r#"tables = ["public.jobs", "sales.*", "nowhere.*", "desk_only.*"]"#,
+    );
+    let (code, _, err) = run_tandem(
+        &["--config", &write_config("patterns", &text), "setup"],
+        &[],
+    );
+    assert_eq!(code, 1, "{err}");
+    for side in ["desktop", "mobile"] {
+        for want in [
+            format!(
+                "{side}: [replication] tables pattern sales.* takes in nothing: there is no schema \
+                 sales, but there is Sales: names are case-sensitive here, so write \"Sales.*\" in \
+                 the config"
+            ),
+            format!(
+                "{side}: [replication] tables pattern nowhere.* takes in nothing: there is no \
+                 schema nowhere; create it, or correct or remove the pattern"
+            ),
+        ] {
+            assert!(err.contains(&want), "missing {want:?} in:\n{err}");
+        }
+    }
+    assert!(
+        err.contains("mobile: [replication] tables pattern desk_only.* takes in nothing: there is no schema desk_only"),
+        "{err}"
+    );
+    assert!(
+        !err.contains("desktop: [replication] tables pattern desk_only"),
+        "{err}"
+    );
+    assert_nothing_left("patterns").await;
+
+    // SQL's quoted form names the table it names in SQL; a pattern over a schema both sides have,
+    // with no table yet, is only a warning.
+    let text = Fixture::config_text(
+        "patterns",
+        r#"tables = ["public.jobs", "\"Sales\".*", "later.*"]"#,
+    );
+    let (code, out, err) = run_tandem(
+        &["--config", &write_config("patterns", &text), "setup"],
+        &[],
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("warning: [replication] tables pattern later.* matches no table yet"),
+        "{out}"
+    );
+    let published: Vec<String> = d
+        .query(
+            "SELECT schemaname || '.' || tablename FROM pg_publication_tables \
+             WHERE pubname = 'patterns_d' ORDER BY 1",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(published, ["Sales.Order Items", "public.jobs"]);
+    let (code, _, err) = run_tandem(
+        &["--config", &write_config("patterns", &text), "teardown"],
+        &[],
+    );
+    assert_eq!(code, 0, "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn row_level_security_that_applies_to_tandems_role_is_refused_before_it_hides_rows() {
+    let (d, m) = Fixture::databases(
+        "rls",
+        "DO $$ BEGIN CREATE ROLE tandem_rls LOGIN REPLICATION PASSWORD 'rls-pw'; \
+         EXCEPTION WHEN duplicate_object OR unique_violation THEN NULL; END $$;
+         GRANT CREATE ON DATABASE rls TO tandem_rls;
+         CREATE TABLE notes (id int PRIMARY KEY, owner text);
+         ALTER TABLE notes OWNER TO tandem_rls;
+         ALTER TABLE notes ENABLE ROW LEVEL SECURITY;
+         CREATE POLICY alice ON notes USING (owner = 'alice');",
+    )
+    .await;
+    m.batch_execute("INSERT INTO notes VALUES (1, 'alice'), (2, 'bob')")
+        .await
+        .unwrap();
+    let text = Fixture::config_text("rls", r#"tables = ["public.notes"]"#);
+    let at = text.find("[mobile]").unwrap();
+    let text = format!(
+        "{}{}",
+        &text[..at],
+        text[at..].replacen(
+            "postgresql://postgres@",
+            "postgresql://tandem_rls:rls-pw@",
+            1
+        )
+    );
+    let path = write_config("rls", &text);
+    // The owner is not subject to its table's policies unless they are forced on it.
+    let fx = Fixture::with_config("rls", d, m, text).await;
+    fx.m.batch_execute("ALTER TABLE notes FORCE ROW LEVEL SECURITY")
+        .await
+        .unwrap();
+    let want = "mobile: row-level security applies to role tandem_rls on public.notes: its \
+                policies would hide rows from tandem's reads and refuse rows it writes, and the \
+                sides would differ unnoticed; connect as a role that bypasses it (`ALTER ROLE \
+                tandem_rls BYPASSRLS`), or as the owner of the table without FORCE ROW LEVEL \
+                SECURITY";
+    // Before: the snapshot copied only alice's row to desktop, and verify found the sides equal.
+    let e = tokio::time::timeout(
+        std::time::Duration::from_secs(60),
+        fx.start_nowait().outcome(),
+    )
+    .await
+    .expect("run stops on its own")
+    .expect_err("run refuses");
+    assert!(format!("{e:#}").contains(want), "{e:#}");
+    assert_eq!(Fixture::rows(&fx.d, "notes").await, Vec::<String>::new());
+    let (code, _, err) = run_tandem(&["--config", &path, "verify"], &[]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains(want), "{err}");
+    for args in [
+        &["snapshot", "--seed", "mobile"][..],
+        &["repair", "--source", "mobile"],
+    ] {
+        let (code, _, err) = run_tandem(&[&["--config", &path][..], args].concat(), &[]);
+        assert_eq!(code, 1, "{args:?}: {err}");
+        assert!(err.contains(want), "{args:?}: {err}");
+    }
+    assert_eq!(Fixture::rows(&fx.d, "notes").await, Vec::<String>::new());
+    let (code, _, err) = run_tandem(&["--config", &path, "teardown"], &[]);
+    assert_eq!(code, 0, "{err}");
+    let (code, _, err) = run_tandem(&["--config", &path, "setup"], &[]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains(want), "{err}");
+    assert_nothing_left("rls").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unknown_config_key_names_the_nearest_valid_one() {
     let text = Fixture::config_text("cfgkey", r#"tabels = ["public.jobs"]"#);
     let (code, _, err) = run_tandem(&["--config", &write_config("cfgkey", &text), "setup"], &[]);

@@ -241,6 +241,46 @@ async fn check_tables(
             "the table patterns in [replication] tables match no table on either side".into(),
         );
     }
+    for (side, c) in [(Side::Desktop, d), (Side::Mobile, m)] {
+        problems.extend(catalog::row_security(c, side, &tables).await?);
+    }
+    for p in cfg.tables.iter().filter(|p| p.is_wildcard()) {
+        if tables.iter().any(|t| t.schema == p.schema) {
+            continue;
+        }
+        // A pattern over a schema a side lacks takes in nothing, then or later: most likely a
+        // misspelt or mis-cased name, which would otherwise leave its tables out unsaid.
+        let before = problems.len();
+        for (side, c) in [(Side::Desktop, d), (Side::Mobile, m)] {
+            let near = c
+                .query(
+                    "SELECT nspname::text, nspname = $1 FROM pg_namespace \
+                     WHERE lower(nspname) = lower($1) ORDER BY 2 DESC, 1 LIMIT 1",
+                    &[&p.schema],
+                )
+                .await?;
+            match near.first().map(|r| (r.get::<_, String>(0), r.get::<_, bool>(1))) {
+                Some((_, true)) => {}
+                Some((near, false)) => problems.push(format!(
+                    "{side}: [replication] tables pattern {p} takes in nothing: there is no schema \
+                     {0}, but there is {near}: names are case-sensitive here, so write \"{near}.*\" \
+                     in the config",
+                    p.schema
+                )),
+                None => problems.push(format!(
+                    "{side}: [replication] tables pattern {p} takes in nothing: there is no schema \
+                     {0}; create it, or correct or remove the pattern",
+                    p.schema
+                )),
+            }
+        }
+        if problems.len() == before {
+            warnings.push(format!(
+                "[replication] tables pattern {p} matches no table yet; a table created there \
+                 later flows once `tandem setup` publishes it"
+            ));
+        }
+    }
     for t in &tables {
         let dt = catalog::table(d, t).await?;
         let mt = catalog::table(m, t).await?;

@@ -217,6 +217,11 @@ pub async fn snapshot(
         }
         tables = vec![t.clone()];
     }
+    for side in Side::BOTH {
+        if let Some(problem) = catalog::row_security(sides.get(side), side, &tables).await? {
+            bail!(problem);
+        }
+    }
     let pending: Vec<String> = target
         .query(
             "SELECT table_name FROM tandem.snapshots WHERE state = 'pending' ORDER BY 1",

@@ -9,7 +9,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, Result};
+use anyhow::{anyhow, bail, Result};
 use serde::Serialize;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::Client;
@@ -275,6 +275,11 @@ pub async fn shapes(
             ));
         }
         names = vec![t.clone()];
+    }
+    for (side, c) in [(Side::Desktop, d), (Side::Mobile, m)] {
+        if let Some(problem) = catalog::row_security(c, side, &names).await? {
+            bail!(problem);
+        }
     }
     // Hashes are of the bytes each server stores: alike only in one encoding.
     let mut utf8 = true;
