@@ -184,9 +184,33 @@ pub async fn reference_order(
     d: &impl GenericClient,
     m: &impl GenericClient,
 ) -> Result<Vec<TableName>> {
+    Ok(referenced_first(tables, &references_on_both(d, m).await?))
+}
+
+async fn references_on_both(
+    d: &impl GenericClient,
+    m: &impl GenericClient,
+) -> Result<Vec<(TableName, TableName)>> {
     let mut refs = references(d).await?;
     refs.extend(references(m).await?);
-    Ok(referenced_first(tables, &refs))
+    Ok(refs)
+}
+
+/// Those of `tables` that another of them references, by the foreign keys of either side.
+pub async fn referenced_within(
+    tables: &[TableName],
+    d: &impl GenericClient,
+    m: &impl GenericClient,
+) -> Result<Vec<TableName>> {
+    let refs = references_on_both(d, m).await?;
+    Ok(tables
+        .iter()
+        .filter(|t| {
+            refs.iter()
+                .any(|(from, to)| to == *t && tables.contains(from))
+        })
+        .cloned()
+        .collect())
 }
 
 /// `tables`, each after the ones it references (`refs`, as [`references`] gives them), so that

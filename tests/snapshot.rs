@@ -113,6 +113,52 @@ async fn a_table_is_copied_after_the_tables_its_foreign_keys_reference() {
     run.stop().await;
 }
 
+/// A mirror deletes the target's rows the seed lacks after the rows that reference them: mobile's
+/// own parent row 2 is referenced by its own child row 20 and by child row 10, which desktop
+/// has too, pointing at its parent row 1, which mobile lacks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_mirror_deletes_a_row_after_the_rows_that_reference_it() {
+    let fx = Fixture::new(
+        "mirror_fk",
+        common::PARENT_CHILD,
+        r#"tables = ["public.*"]"#,
+    )
+    .await;
+    common::parent_and_child_on_each_side(&fx.d, &fx.m).await;
+    fx.m.batch_execute("INSERT INTO child VALUES (10, 2)")
+        .await
+        .unwrap();
+    let (code, out, err) = run_tandem(
+        &[
+            "--config",
+            fx.config_path.to_str().unwrap(),
+            "snapshot",
+            "--seed",
+            "desktop",
+            "--mirror",
+        ],
+        &[],
+    );
+    // Before: `update or delete on table "parent" violates foreign key constraint`.
+    assert_eq!(code, 0, "{err}");
+    for t in ["parent", "child"] {
+        assert_eq!(
+            Fixture::rows(&fx.m, t).await,
+            Fixture::rows(&fx.d, t).await,
+            "{t}"
+        );
+    }
+    assert_eq!(Fixture::rows(&fx.m, "child").await, ["(10,1)"]);
+    assert!(
+        out.contains(
+            "public.child: copied 1 rows from desktop: 0 inserted, 1 updated, 1 deleted on mobile"
+        ) && out.contains(
+            "public.parent: copied 1 rows from desktop: 0 inserted, 0 updated, 1 deleted on mobile"
+        ),
+        "{out}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn without_a_key_merge_counts_equal_rows_and_mirror_copies_them_exactly() {
     // No key: the merge gives each side as many copies of a row as the side with more has; the

@@ -44,6 +44,9 @@ pub enum Mode {
     Merge,
     /// The target becomes an exact copy: target-only rows are deleted.
     Mirror,
+    /// Missing rows inserted and differing rows updated; nothing deleted, copied back or
+    /// recorded: a mirror's first pass, over the tables others reference (see [`snapshot`]).
+    Fill,
 }
 
 impl Mode {
@@ -51,6 +54,7 @@ impl Mode {
         match self {
             Mode::Merge => "merge",
             Mode::Mirror => "mirror",
+            Mode::Fill => "fill",
         }
     }
 }
@@ -244,6 +248,20 @@ pub async fn snapshot(
         }
     }
     let mut out = Vec::new();
+    if mode == Mode::Mirror {
+        // A mirror deletes the target's rows the seed lacks. Table by table in reference order,
+        // such a row another table's row still references stopped it (a foreign-key error). So
+        // first the tables others reference get the seed's rows (nothing deleted), then each
+        // table is mirrored after the tables that reference it: those no longer point at the rows
+        // it deletes, and the rows it gives them to point at are already there.
+        let referenced = catalog::referenced_within(&tables, &sides.d, &sides.m).await?;
+        for t in tables.iter().filter(|t| referenced.contains(t)) {
+            if !(resuming && state(target, t).await?.as_deref() == Some("done")) {
+                copy_table(&cfg, &sides, t, seed, Mode::Fill).await?;
+            }
+        }
+        tables.reverse();
+    }
     for t in &tables {
         if resuming && state(target, t).await?.as_deref() == Some("done") {
             out.push(Outcome {
@@ -604,8 +622,10 @@ async fn copy_table_via(
                     })?;
                 s.batch_execute("COMMIT").await?;
                 outcome.inserted = outcome.copied;
-                mark(x, t, seed, mode, "done", Some(outcome.copied as i64), Some(&read), Some(&back))
-                    .await?;
+                if mode != Mode::Fill {
+                    mark(x, t, seed, mode, "done", Some(outcome.copied as i64), Some(&read), Some(&back))
+                        .await?;
+                }
                 x.batch_execute("COMMIT").await?;
                 return anyhow::Ok(());
             }
@@ -824,8 +844,10 @@ async fn copy_table_via(
                 .await?;
             s.batch_execute("COMMIT").await?;
         }
-        mark(x, t, seed, mode, "done", Some(outcome.copied as i64), Some(&read), Some(&back))
-            .await?;
+        if mode != Mode::Fill {
+            mark(x, t, seed, mode, "done", Some(outcome.copied as i64), Some(&read), Some(&back))
+                .await?;
+        }
         x.batch_execute("DROP TABLE pg_temp.tandem_stage; COMMIT").await?;
         anyhow::Ok(())
     }
