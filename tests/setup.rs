@@ -305,28 +305,22 @@ async fn a_pattern_over_a_schema_a_side_lacks_is_refused_and_quoted_names_are_ta
 async fn row_level_security_that_applies_to_tandems_role_is_refused_before_it_hides_rows() {
     let (d, m) = Fixture::databases(
         "rls",
-        "DO $$ BEGIN CREATE ROLE tandem_rls LOGIN REPLICATION PASSWORD 'rls-pw'; \
-         EXCEPTION WHEN duplicate_object OR unique_violation THEN NULL; END $$;
-         GRANT CREATE ON DATABASE rls TO tandem_rls;
-         CREATE TABLE notes (id int PRIMARY KEY, owner text);
-         ALTER TABLE notes OWNER TO tandem_rls;
-         ALTER TABLE notes ENABLE ROW LEVEL SECURITY;
-         CREATE POLICY alice ON notes USING (owner = 'alice');",
+        &format!(
+            "CREATE TABLE notes (id int PRIMARY KEY, owner text);
+             ALTER TABLE notes ENABLE ROW LEVEL SECURITY;
+             CREATE POLICY alice ON notes USING (owner = 'alice');
+             {}",
+            common::plain_role("tandem_rls", "rls", &["notes"])
+        ),
     )
     .await;
     m.batch_execute("INSERT INTO notes VALUES (1, 'alice'), (2, 'bob')")
         .await
         .unwrap();
-    let text = Fixture::config_text("rls", r#"tables = ["public.notes"]"#);
-    let at = text.find("[mobile]").unwrap();
-    let text = format!(
-        "{}{}",
-        &text[..at],
-        text[at..].replacen(
-            "postgresql://postgres@",
-            "postgresql://tandem_rls:rls-pw@",
-            1
-        )
+    let text = common::connect_as(
+        &Fixture::config_text("rls", r#"tables = ["public.notes"]"#),
+        "tandem_rls",
+        &["mobile"],
     );
     let path = write_config("rls", &text);
     // The owner is not subject to its table's policies unless they are forced on it.

@@ -95,11 +95,32 @@ async fn merge_gives_both_sides_the_union_and_mirror_an_exact_copy() {
     );
 }
 
+/// `parent` and `child` under `"public.*"` (child first), both sides connecting as a plain role:
+/// a superuser's snapshot writes as `session_replication_role = replica`, which checks no
+/// foreign key.
+async fn parent_child_as_plain_role(db: &str) -> Fixture {
+    let (d, m) = Fixture::databases(
+        db,
+        &format!(
+            "{}{}",
+            common::PARENT_CHILD,
+            common::plain_role("tandem_plain", db, &["parent", "child"])
+        ),
+    )
+    .await;
+    let text = common::connect_as(
+        &Fixture::config_text(db, r#"tables = ["public.*"]"#),
+        "tandem_plain",
+        &["desktop", "mobile"],
+    );
+    Fixture::with_config(db, d, m, text).await
+}
+
 /// Each table is copied after the tables it references: `child` comes before `parent` in the
 /// configured order, and its rows on each side reference that side's `parent` rows.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_table_is_copied_after_the_tables_its_foreign_keys_reference() {
-    let fx = Fixture::new("fk_order", common::PARENT_CHILD, r#"tables = ["public.*"]"#).await;
+    let fx = parent_child_as_plain_role("fk_order").await;
     common::parent_and_child_on_each_side(&fx.d, &fx.m).await;
     let run = fx.start().await;
     for t in ["parent", "child"] {
@@ -118,12 +139,7 @@ async fn a_table_is_copied_after_the_tables_its_foreign_keys_reference() {
 /// has too, pointing at its parent row 1, which mobile lacks.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_mirror_deletes_a_row_after_the_rows_that_reference_it() {
-    let fx = Fixture::new(
-        "mirror_fk",
-        common::PARENT_CHILD,
-        r#"tables = ["public.*"]"#,
-    )
-    .await;
+    let fx = parent_child_as_plain_role("mirror_fk").await;
     common::parent_and_child_on_each_side(&fx.d, &fx.m).await;
     fx.m.batch_execute("INSERT INTO child VALUES (10, 2)")
         .await
@@ -157,6 +173,39 @@ async fn a_mirror_deletes_a_row_after_the_rows_that_reference_it() {
         ),
         "{out}"
     );
+}
+
+/// The target's user triggers do not fire for the rows a copy writes, as for streamed rows (the
+/// role may set `session_replication_role`): each side stamps `at` on its own writes only, and
+/// the copy carries the seed's stamps across, both ways.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_copy_keeps_the_seeds_values_where_a_trigger_of_the_target_would_stamp_its_own() {
+    let schema = "CREATE TABLE notes (id int PRIMARY KEY, v text, at timestamptz);
+         CREATE FUNCTION stamp() RETURNS trigger LANGUAGE plpgsql AS
+           $$ BEGIN NEW.at := clock_timestamp(); RETURN NEW; END $$;
+         CREATE TRIGGER stamp BEFORE INSERT OR UPDATE ON notes FOR EACH ROW EXECUTE FUNCTION stamp();";
+    let fx = Fixture::new("copy_trigger", schema, r#"tables = ["public.notes"]"#).await;
+    fx.d.batch_execute("INSERT INTO notes (id, v) VALUES (1, 'd'), (2, 'd')")
+        .await
+        .unwrap();
+    fx.m.batch_execute("INSERT INTO notes (id, v) VALUES (2, 'm'), (3, 'm')")
+        .await
+        .unwrap();
+    let d_before = Fixture::rows(&fx.d, "notes").await;
+    let m_before = Fixture::rows(&fx.m, "notes").await;
+    let run = fx.start().await;
+    fx.d.batch_execute("INSERT INTO notes (id, v) VALUES (4, 'd')")
+        .await
+        .unwrap();
+    // Before: every copied row had the target's stamp of the copy's time, and never matched.
+    fx.wait_equal("notes", 30).await;
+    let after = Fixture::rows(&fx.d, "notes").await;
+    assert_eq!(after.len(), 4, "{after:?}");
+    // Desktop's rows 1 and 2 (the seed's version of 2) and mobile's 3, with the stamps they had.
+    for row in [&d_before[0], &d_before[1], &m_before[1]] {
+        assert!(after.contains(row), "{row} not in {after:?}");
+    }
+    run.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

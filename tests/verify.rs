@@ -148,22 +148,16 @@ async fn repair_writes_a_table_after_the_tables_it_references() {
     let (d, m) = Fixture::databases(
         "repair_fk",
         &format!(
-            "DO $$ BEGIN CREATE ROLE tandem_fk LOGIN REPLICATION PASSWORD 'fk-pw'; \
-             EXCEPTION WHEN duplicate_object OR unique_violation THEN NULL; END $$;
-             GRANT CREATE ON DATABASE repair_fk TO tandem_fk;
-             {}
-             ALTER TABLE parent OWNER TO tandem_fk;
-             ALTER TABLE child OWNER TO tandem_fk;",
-            common::PARENT_CHILD
+            "{}{}",
+            common::PARENT_CHILD,
+            common::plain_role("tandem_fk", "repair_fk", &["parent", "child"])
         ),
     )
     .await;
-    let text = Fixture::config_text("repair_fk", r#"tables = ["public.child", "public.parent"]"#);
-    let at = text.find("[mobile]").unwrap();
-    let text = format!(
-        "{}{}",
-        &text[..at],
-        text[at..].replacen("postgresql://postgres@", "postgresql://tandem_fk:fk-pw@", 1)
+    let text = common::connect_as(
+        &Fixture::config_text("repair_fk", r#"tables = ["public.child", "public.parent"]"#),
+        "tandem_fk",
+        &["mobile"],
     );
     let fx = Fixture::with_config("repair_fk", d, m, text).await;
     // Written while tandem does not run: mobile lacks desktop's rows, and desktop mobile's.

@@ -87,10 +87,20 @@ impl Sides {
 }
 
 async fn connect(cfg: &Config) -> Result<Sides> {
-    Ok(Sides {
+    let sides = Sides {
         d: db::connect(&cfg.desktop, "tandem snapshot").await?,
         m: db::connect(&cfg.mobile, "tandem snapshot").await?,
-    })
+    };
+    // The rows a copy writes are replicated rows, like those the apply sessions write: where
+    // the role may, the target's user triggers do not fire for them either, as in native's
+    // table sync. Before, a trigger stamping `updated_at` fired for every copied row while it
+    // fires for no streamed one, and the sides differed from the start.
+    for c in [&sides.d, &sides.m] {
+        let _ = c
+            .batch_execute("SET session_replication_role = replica")
+            .await;
+    }
+    Ok(sides)
 }
 
 async fn state(c: &Client, t: &TableName) -> Result<Option<String>> {

@@ -842,3 +842,38 @@ pub async fn parent_and_child_on_each_side(d: &Client, m: &Client) {
         .await
         .unwrap();
 }
+
+/// SQL making `role` a login role with REPLICATION (its password is its name) that may create
+/// tandem's schema in `db` and owns `tables` (to publish them): not a superuser, as on Supabase,
+/// so foreign keys are checked and triggers fire for the rows tandem writes.
+pub fn plain_role(role: &str, db: &str, tables: &[&str]) -> String {
+    let owned: String = tables
+        .iter()
+        .map(|t| format!("ALTER TABLE {t} OWNER TO {role};\n"))
+        .collect();
+    format!(
+        "DO $$ BEGIN CREATE ROLE {role} LOGIN REPLICATION PASSWORD '{role}'; \
+         EXCEPTION WHEN duplicate_object OR unique_violation THEN NULL; END $$;
+         GRANT CREATE ON DATABASE {db} TO {role};
+         {owned}"
+    )
+}
+
+/// `text` (a [`Fixture::config_text`]) with the URLs of `sides` (`"desktop"`, `"mobile"`)
+/// connecting as `role` of [`plain_role`].
+pub fn connect_as(text: &str, role: &str, sides: &[&str]) -> String {
+    let (desktop, mobile) = text.split_at(text.find("[mobile]").unwrap());
+    let as_role = |part: &str, side: &str| match sides.contains(&side) {
+        true => part.replacen(
+            "postgresql://postgres@",
+            &format!("postgresql://{role}:{role}@"),
+            1,
+        ),
+        false => part.to_string(),
+    };
+    format!(
+        "{}{}",
+        as_role(desktop, "desktop"),
+        as_role(mobile, "mobile")
+    )
+}
