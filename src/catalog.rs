@@ -88,6 +88,7 @@ pub async fn table(c: &impl GenericClient, name: &TableName) -> Result<Option<Ta
         columns,
         key,
         unique,
+        former: vec![],
     }))
 }
 

@@ -709,10 +709,11 @@ pub struct LiveDdl {
     pub xid: u32,
 }
 
-/// A statement named a target table that is no longer there by that name (`42P01`): renamed with
-/// `tandem ddl` while rows of the other side under its old name were on their way. The direction
-/// starts over once from that checkpoint with its tables read again, where the old name leads to
-/// the table by its new one (`tandem.renamed`); a table that is gone is then a refusal as before.
+/// A statement named a target table or column that is no longer there by that name (`42P01`,
+/// `42703`): renamed with `tandem ddl` while rows of the other side under its old name were on
+/// their way. The direction starts over once from that checkpoint with its tables read again,
+/// where the old name leads to the table or column by its new one (`tandem.renamed`,
+/// `tandem.renamed_columns`); one that is gone is then a refusal as before.
 #[derive(Debug, thiserror::Error)]
 #[error("{0:#}")]
 pub struct StaleTable(anyhow::Error);
@@ -1147,7 +1148,8 @@ async fn direction_once(
     let at = status.from(source).checkpoint();
     let result = match (result, live.txn.as_ref(), careful.current.take()) {
         (Err(e), _, _)
-            if db::caused_by(&e, &tokio_postgres::error::SqlState::UNDEFINED_TABLE)
+            if (db::caused_by(&e, &tokio_postgres::error::SqlState::UNDEFINED_TABLE)
+                || db::caused_by(&e, &tokio_postgres::error::SqlState::UNDEFINED_COLUMN))
                 && learned.stale_table != Some(at) =>
         {
             learned.stale_table = Some(at);

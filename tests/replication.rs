@@ -1634,6 +1634,111 @@ async fn tandem_ddl_makes_a_schema_change_on_the_other_side_at_its_point_in_the_
     run.stop().await;
 }
 
+/// A column renamed and one dropped with `tandem ddl` on desktop while mobile's application has
+/// transactions writing both under their old names, which hold the change back on mobile: they
+/// reach desktop after the change there, their values for the renamed column land in it under
+/// the new name and the dropped column's are left out (before: refused, "column `v` exists on
+/// the source side but not on the target", and `run` stopped). One is a one-row transaction
+/// meeting desktop's session bound to the columns before the change, the other one streamed
+/// while in progress.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_column_renamed_or_dropped_with_tandem_ddl_takes_the_other_sides_rows_on_their_way() {
+    let fx = Fixture::new(
+        "ddlcol",
+        "CREATE TABLE items (id int PRIMARY KEY, v text, w text);",
+        r#"tables = ["public.items"]"#,
+    )
+    .await;
+    stream_from_a_few_hundred_rows(&fx.m).await;
+    let run = fx.start().await;
+    // Desktop's apply session knows items by its columns before the change.
+    fx.m.batch_execute("INSERT INTO items VALUES (1, 'first', 'first')")
+        .await
+        .unwrap();
+    wait_count(30, &fx.d, "SELECT count(*) FROM items WHERE id = 1", 1).await;
+    let streamed_before = streamed_txns(&fx.m, "ddlcol_m").await;
+    let held = connect(&clusters().mobile.url("ddlcol")).await;
+    let large = connect(&clusters().mobile.url("ddlcol")).await;
+    held.batch_execute("BEGIN; UPDATE items SET v = 'held', w = 'held' WHERE id = 1")
+        .await
+        .unwrap();
+    large
+        .batch_execute("BEGIN; INSERT INTO items VALUES (10, 'large', 'large')")
+        .await
+        .unwrap();
+    let (code, _, err) = run_tandem(
+        &[
+            "--config",
+            fx.config_path.to_str().unwrap(),
+            "ddl",
+            "--on",
+            "desktop",
+            "ALTER TABLE items RENAME COLUMN v TO body; ALTER TABLE items DROP COLUMN w",
+        ],
+        &[],
+    );
+    assert_eq!(code, 0, "{err}");
+    wait_count(
+        30,
+        &fx.m,
+        "SELECT count(*) FROM pg_locks WHERE relation = 'items'::regclass AND NOT granted",
+        1,
+    )
+    .await;
+    // Its lock on items already held: not queued behind the change.
+    large
+        .batch_execute(
+            "INSERT INTO items SELECT g, 'large', 'large' FROM generate_series(11, 509) g",
+        )
+        .await
+        .unwrap();
+    held.batch_execute("COMMIT").await.unwrap();
+    large.batch_execute("COMMIT").await.unwrap();
+    wait_count(
+        30,
+        &fx.d,
+        "SELECT count(*) FROM items WHERE body = 'held'",
+        1,
+    )
+    .await;
+    wait_count(
+        30,
+        &fx.d,
+        "SELECT count(*) FROM items WHERE body = 'large'",
+        500,
+    )
+    .await;
+    wait_for(
+        10,
+        "mobile's slot to count the streamed transaction",
+        || async { streamed_txns(&fx.m, "ddlcol_m").await > streamed_before },
+    )
+    .await;
+    // The change then runs on mobile, and rows flow both ways under the new names.
+    fx.m.batch_execute("INSERT INTO items (id, body) VALUES (2, 'after')")
+        .await
+        .unwrap();
+    fx.d.batch_execute("INSERT INTO items (id, body) VALUES (3, 'after')")
+        .await
+        .unwrap();
+    fx.wait_equal("items", 30).await;
+    assert_eq!(
+        Fixture::count(&fx.d, "SELECT count(*) FROM items WHERE body = 'after'").await,
+        2
+    );
+    for c in [&fx.d, &fx.m] {
+        assert_eq!(
+            Fixture::count(
+                c,
+                "SELECT count(*) FROM tandem.renamed_columns WHERE old_name IN ('v', 'w')"
+            )
+            .await,
+            2
+        );
+    }
+    run.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_table_tandem_ddl_creates_that_the_patterns_take_in_flows_both_ways_at_once() {
     let fx = Fixture::new(

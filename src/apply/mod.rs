@@ -407,12 +407,30 @@ impl Applier {
                 }
             }
         }
-        let t = t.ok_or_else(|| {
+        let mut t = t.ok_or_else(|| {
             anyhow!(
                 "{}: table {name} does not exist; create it there (same columns and key) and rerun `tandem setup`",
                 self.source.other()
             )
         })?;
+        // Columns renamed or dropped here with `tandem ddl`: the source's rows written before
+        // the change reached it still name them so.
+        let former = self
+            .pipeline
+            .alongside(self.client.query(
+                "SELECT r.old_name, CASE WHEN NOT a.attisdropped THEN a.attname::text END \
+                 FROM tandem.renamed_columns r JOIN pg_attribute a \
+                 ON a.attrelid = r.table_oid AND a.attnum = r.attnum \
+                 WHERE r.table_oid = $1::text::regclass",
+                &[&t.name.quoted()],
+            ))
+            .await
+            .context("reading tandem.renamed_columns")?;
+        for r in former {
+            let now: Option<String> = r.get(1);
+            let at = now.and_then(|now| t.columns.iter().position(|c| c.name == now));
+            t.former.push((r.get(0), at));
+        }
         let t = Arc::new(t);
         self.tables.insert(name.clone(), t.clone());
         Ok(t)

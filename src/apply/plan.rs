@@ -31,6 +31,10 @@ pub struct TargetTable {
     pub key: Vec<usize>,
     /// Other unique constraints (indexes into `columns`, sorted): rows may collide on these.
     pub unique: Vec<Vec<usize>>,
+    /// Names columns had before a `tandem ddl` schema change here renamed them (`Some`: the
+    /// column under its name now) or dropped them (`None`): the other side's rows written before
+    /// the change reached it still name them so.
+    pub former: Vec<(String, Option<usize>)>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -89,9 +93,24 @@ impl Binding {
     pub fn new(source: &SourceTable, target: Arc<TargetTable>) -> Result<Binding, BindError> {
         let mut to_target = Vec::with_capacity(source.columns.len());
         for c in &source.columns {
-            match target.columns.iter().position(|t| t.name == c.name) {
-                Some(i) if target.columns[i].generated => to_target.push(None),
-                Some(i) => to_target.push(Some(i)),
+            let now = || {
+                target
+                    .former
+                    .iter()
+                    .find(|(was, _)| *was == c.name)
+                    .map(|f| f.1)
+            };
+            match target
+                .columns
+                .iter()
+                .position(|t| t.name == c.name)
+                .map(Some)
+                .or_else(now)
+            {
+                Some(Some(i)) if target.columns[i].generated => to_target.push(None),
+                Some(Some(i)) => to_target.push(Some(i)),
+                // Dropped here: its value goes nowhere.
+                Some(None) => to_target.push(None),
                 None => {
                     return Err(BindError::MissingColumn {
                         table: target.name.clone(),
@@ -696,6 +715,37 @@ mod tests {
                 .starts_with("column `zz` of public.t exists on the source side"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn a_column_renamed_or_dropped_here_is_bound_by_its_former_name() {
+        let source = |names: &[&str]| SourceTable {
+            oid: 1,
+            name: TableName::new("public", "t"),
+            columns: names
+                .iter()
+                .map(|n| RelColumn {
+                    key: *n == "id",
+                    name: n.to_string(),
+                    type_oid: 25,
+                    type_modifier: -1,
+                })
+                .collect(),
+        };
+        let mut target = (*binding().target).clone();
+        // `a` was `old_a`, `gone` was dropped, and a column named `a` before (since dropped)
+        // does not take `a` from the column named so now.
+        target.former = vec![
+            ("old_a".into(), Some(1)),
+            ("gone".into(), None),
+            ("a".into(), None),
+        ];
+        let target = Arc::new(target);
+        let b = Binding::new(&source(&["id", "old_a", "gone"]), target.clone()).unwrap();
+        assert_eq!(b.to_target, vec![Some(2), Some(1), None]);
+        assert_eq!(b.bound, vec![2, 1]);
+        let b = Binding::new(&source(&["id", "a"]), target).unwrap();
+        assert_eq!(b.to_target, vec![Some(2), Some(1)]);
     }
 
     #[test]

@@ -462,6 +462,7 @@ mod tests {
             ],
             key: vec![0],
             unique: vec![],
+            former: vec![],
         }
     }
 

@@ -138,17 +138,35 @@ pub async fn issued(site: &Site, xid: u32, id: i64) -> Result<Option<Change>> {
 pub struct Unpublishable(pub String);
 
 /// The tables as a schema change found them: every table's OID (what is not among them after it
-/// was created by it), and the configured ones by OID (those gone after it were dropped by it).
+/// was created by it), the configured ones by OID (those gone after it were dropped by it), and
+/// those ones' columns by number (`(table OID, attnum, name)`: renamed or dropped by it, after).
 pub(crate) struct Before {
     oids: HashSet<u32>,
     configured: Vec<(u32, TableName)>,
+    columns: (Vec<u32>, Vec<i16>, Vec<String>),
 }
 
 /// Read [`Before`], in the schema change's transaction before its statement.
 pub(crate) async fn before(cfg: &Config, c: &impl GenericClient) -> Result<Before> {
+    let configured = configured(cfg, c).await?;
+    let oids: Vec<u32> = configured.iter().map(|(oid, _)| *oid).collect();
+    let mut columns = (Vec::new(), Vec::new(), Vec::new());
+    for r in c
+        .query(
+            "SELECT attrelid, attnum, attname::text FROM pg_attribute \
+             WHERE attrelid = ANY ($1::oid[]) AND attnum > 0 AND NOT attisdropped",
+            &[&oids],
+        )
+        .await?
+    {
+        columns.0.push(r.get(0));
+        columns.1.push(r.get(1));
+        columns.2.push(r.get(2));
+    }
     Ok(Before {
         oids: table_oids(c).await?,
-        configured: configured(cfg, c).await?,
+        configured,
+        columns,
     })
 }
 
@@ -240,6 +258,18 @@ pub(crate) async fn after_statement(
          ON CONFLICT (old_name) DO UPDATE SET new_name = EXCLUDED.new_name, \
          table_oid = EXCLUDED.table_oid, renamed_at = now()",
         &[&oids, &olds],
+    )
+    .await?;
+    // Likewise the other side's rows naming a column the statement renamed or dropped: they go
+    // to the column under its name now, or leave the value out (`Applier::target_table`).
+    let (tables, numbers, names) = &before.columns;
+    c.execute(
+        "INSERT INTO tandem.renamed_columns (table_oid, old_name, attnum) \
+         SELECT u.rel, u.was, u.num FROM unnest($1::oid[], $2::int2[], $3::text[]) AS u(rel, num, was) \
+         JOIN pg_attribute a ON a.attrelid = u.rel AND a.attnum = u.num \
+         WHERE a.attisdropped OR a.attname::text <> u.was \
+         ON CONFLICT (table_oid, old_name) DO UPDATE SET attnum = EXCLUDED.attnum, changed_at = now()",
+        &[tables, numbers, names],
     )
     .await?;
     let mut lines = Vec::new();

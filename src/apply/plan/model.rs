@@ -42,6 +42,7 @@ pub fn binding() -> Arc<Binding> {
         columns: vec![col("g", true), col("a", false), col("id", false)],
         key: vec![2],
         unique: vec![],
+        former: vec![],
     };
     Arc::new(Binding::new(&src, Arc::new(target)).expect("the model's binding"))
 }
@@ -239,6 +240,7 @@ pub fn keyless_binding() -> Arc<Binding> {
         columns: vec![col("b"), col("a")],
         key: vec![],
         unique: vec![],
+        former: vec![],
     };
     Arc::new(Binding::new(&src, Arc::new(target)).expect("the keyless model's binding"))
 }
