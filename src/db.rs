@@ -259,6 +259,29 @@ pub fn describe_connect_error(e: &tokio_postgres::Error, url: &str) -> String {
     format!("cannot reach {at} ({msg}); check the host and port, and that the server is running")
 }
 
+/// Do `a` and `b` reach the same database, whatever the URLs say (`localhost` and `127.0.0.1`, a
+/// name and its address)? `a` holds an advisory lock on a random key that `b` then finds taken:
+/// locks are per database, so a copy of the cluster (same system identifier and OIDs) is told
+/// apart too, and no privilege is needed.
+pub async fn same_database(a: &Client, b: &Client) -> Result<bool> {
+    let key: i64 = a
+        .query_one(
+            "SELECT k FROM (SELECT (random() * 9e18)::int8 AS k) r WHERE pg_try_advisory_lock(k)",
+            &[],
+        )
+        .await?
+        .get(0);
+    let free: bool = b
+        .query_one("SELECT pg_try_advisory_lock($1)", &[&key])
+        .await?
+        .get(0);
+    if free {
+        b.execute("SELECT pg_advisory_unlock($1)", &[&key]).await?;
+    }
+    a.execute("SELECT pg_advisory_unlock($1)", &[&key]).await?;
+    Ok(!free)
+}
+
 /// Did a PostgreSQL error with SQLSTATE `state` cause `e` (anywhere in its chain)?
 pub fn caused_by(e: &anyhow::Error, state: &tokio_postgres::error::SqlState) -> bool {
     e.chain().any(|c| {

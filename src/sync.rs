@@ -248,6 +248,14 @@ async fn start(
         })
     };
     let attempt = || async {
+        // Before the lock: on one database, the side taken second would wait for the first.
+        let (d, m) = (
+            db::connect(&cfg.desktop, "tandem check").await?,
+            db::connect(&cfg.mobile, "tandem check").await?,
+        );
+        if let Some(problem) = crate::ops::setup::same_database(cfg, &d, &m).await? {
+            bail!(problem);
+        }
         let lease = crate::lease::acquire(cfg, &mut shutdown.clone(), &status.waiting).await?;
         if lease.is_some() {
             preflight(cfg).await?;

@@ -363,6 +363,40 @@ async fn row_level_security_that_applies_to_tandems_role_is_refused_before_it_hi
     assert_nothing_left("rls").await;
 }
 
+/// Both URLs reaching one database, by two names for its host, is refused by `setup` and by
+/// `run` (a config changed after `setup`), naming both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_database_on_both_sides_is_refused() {
+    let (d, m) = Fixture::databases("samedb", T).await;
+    let desktop = clusters().desktop.url("samedb");
+    let same = desktop.replacen("127.0.0.1", "localhost", 1);
+    let text = Fixture::config_text("samedb", r#"tables = ["public.jobs"]"#);
+    let want = |url: &str| {
+        format!(
+            "desktop (postgres@127.0.0.1:{0}/samedb) and mobile (postgres@{url}:{0}/samedb) are \
+             the same database; point one of the URLs at the other side's database",
+            clusters().desktop.port
+        )
+    };
+    let pointed = text.replacen(&clusters().mobile.url("samedb"), &same, 1);
+    assert!(pointed.contains(&same), "{pointed}");
+    let (code, _, err) = run_tandem(
+        &["--config", &write_config("samedb", &pointed), "setup"],
+        &[],
+    );
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains(&want("localhost")), "{err}");
+    assert_nothing_left("samedb").await;
+    // Set up as two databases, then the config's mobile URL copied from desktop's line.
+    let _fx = Fixture::with_config("samedb", d, m, text.clone()).await;
+    let pointed = text.replacen(&clusters().mobile.url("samedb"), &desktop, 1);
+    // Before: it waited for itself, taken for another `run` of these databases.
+    let (code, _, err) =
+        common::run_tandem_within(60, &["--config", &write_config("samedb", &pointed), "run"]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains(&want("127.0.0.1")), "{err}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unknown_config_key_names_the_nearest_valid_one() {
     let text = Fixture::config_text("cfgkey", r#"tabels = ["public.jobs"]"#);

@@ -916,6 +916,9 @@ pub async fn validate_with(cfg: &Config, opts: Options) -> Result<(Client, Clien
         notes: Vec::new(),
     };
     if let (Some(d), Some(m)) = (&d, &m) {
+        if let Some(problem) = same_database(cfg, d, m).await? {
+            return Err(Problems(vec![problem]).into());
+        }
         plan.tables = check_tables(cfg, d, m, &mut problems, &mut plan.warnings).await?;
         let tables = plan.tables.clone();
         check_conflicts(cfg, opts, d, m, &tables, &mut plan, &mut problems).await?;
@@ -925,6 +928,21 @@ pub async fn validate_with(cfg: &Config, opts: Options) -> Result<(Client, Clien
         (Some(d), Some(m)) if problems.is_empty() => Ok((d, m, plan)),
         _ => Err(Problems(problems).into()),
     }
+}
+
+/// Both URLs reaching one database (`localhost` and `127.0.0.1`, a copied line) would sync it
+/// with itself, both checkpoints in one control schema: refused before anything else is said of
+/// it (by `setup`, and by `run`, whose config may have changed since: its lock would wait for
+/// itself).
+pub async fn same_database(cfg: &Config, d: &Client, m: &Client) -> Result<Option<String>> {
+    Ok(db::same_database(d, m).await?.then(|| {
+        format!(
+            "desktop ({}) and mobile ({}) are the same database; point one of the URLs at the \
+             other side's database",
+            crate::config::redact_url(&cfg.desktop.url),
+            crate::config::redact_url(&cfg.mobile.url)
+        )
+    }))
 }
 
 /// The control schema on `target` (named `side`) has every migration this tandem knows: a newer

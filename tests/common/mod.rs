@@ -389,6 +389,36 @@ pub fn run_tandem(args: &[&str], envs: &[(&str, &str)]) -> (i32, String, String)
     )
 }
 
+/// [`run_tandem`] for a command that must end by itself: killed, and the test failed, if it is
+/// still running after `secs`.
+pub fn run_tandem_within(secs: u64, args: &[&str]) -> (i32, String, String) {
+    use std::process::Stdio;
+    let mut child = std::process::Command::new(tandem_bin())
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run tandem");
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            child.kill().unwrap();
+            let out = child.wait_with_output().unwrap();
+            panic!(
+                "tandem {args:?} still running after {secs} s:\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 /// Names of tandem-looking slots and publications on `c` whose name starts with `prefix`.
 pub async fn leftovers(c: &Client, prefix: &str) -> Vec<String> {
     c.query(
