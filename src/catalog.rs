@@ -93,6 +93,8 @@ pub async fn table(c: &impl GenericClient, name: &TableName) -> Result<Option<Ta
 }
 
 /// Expand `schema.*` patterns into the ordinary tables of that schema; plain names pass through.
+/// A pattern leaves unlogged tables out, as a publication `FOR TABLES IN SCHEMA` does: their
+/// changes are not logged, so there is nothing to replicate (`setup` warns of them).
 pub async fn expand(c: &impl GenericClient, patterns: &[TableName]) -> Result<Vec<TableName>> {
     let mut out: Vec<TableName> = Vec::new();
     for p in patterns {
@@ -101,6 +103,7 @@ pub async fn expand(c: &impl GenericClient, patterns: &[TableName]) -> Result<Ve
                 .query(
                     "SELECT c.relname::text FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
                      WHERE n.nspname = $1 AND c.relkind IN ('r', 'p') AND NOT c.relispartition \
+                     AND c.relpersistence = 'p' \
                      ORDER BY 1",
                     &[&p.schema],
                 )

@@ -397,6 +397,56 @@ async fn the_same_database_on_both_sides_is_refused() {
     assert!(err.contains(&want("127.0.0.1")), "{err}");
 }
 
+/// An unlogged table writes no WAL: a pattern leaves it out with a warning (before: setup
+/// failed creating the publication, with PostgreSQL's "cannot add relation"), and one named in
+/// the config is refused with the fix.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unlogged_table_is_left_out_by_a_pattern_and_refused_by_name() {
+    let (d, _m) = Fixture::databases(
+        "unlogged",
+        "CREATE TABLE jobs (id bigint PRIMARY KEY, title text);
+         CREATE UNLOGGED TABLE cache (id int PRIMARY KEY);",
+    )
+    .await;
+    let text = Fixture::config_text("unlogged", r#"tables = ["public.*"]"#);
+    let path = write_config("unlogged", &text);
+    let (code, out, err) = run_tandem(&["--config", &path, "setup"], &[]);
+    assert_eq!(code, 0, "{err}");
+    for side in ["desktop", "mobile"] {
+        let want = format!(
+            "warning: {side}: table public.cache is UNLOGGED, so the pattern public.* leaves it \
+             out (its changes are not written to the WAL); `ALTER TABLE \"public\".\"cache\" SET \
+             LOGGED` and `tandem setup` to sync it"
+        );
+        assert!(out.contains(&want), "missing {want:?} in:\n{out}");
+    }
+    assert_eq!(
+        Fixture::count(
+            &d,
+            "SELECT count(*) FROM pg_publication_tables WHERE pubname = 'unlogged_d'"
+        )
+        .await,
+        1
+    );
+    let (code, _, err) = run_tandem(&["--config", &path, "teardown"], &[]);
+    assert_eq!(code, 0, "{err}");
+    let text = Fixture::config_text("unlogged", r#"tables = ["public.jobs", "public.cache"]"#);
+    let (code, _, err) = run_tandem(
+        &["--config", &write_config("unlogged", &text), "setup"],
+        &[],
+    );
+    assert_eq!(code, 1, "{err}");
+    for side in ["desktop", "mobile"] {
+        let want = format!(
+            "{side}: table public.cache is UNLOGGED, so its changes are not written to the WAL and \
+             logical replication cannot send them; run `ALTER TABLE \"public\".\"cache\" SET \
+             LOGGED`, or remove it from [replication] tables"
+        );
+        assert!(err.contains(&want), "missing {want:?} in:\n{err}");
+    }
+    assert_nothing_left("unlogged").await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unknown_config_key_names_the_nearest_valid_one() {
     let text = Fixture::config_text("cfgkey", r#"tabels = ["public.jobs"]"#);

@@ -226,6 +226,56 @@ pub(crate) async fn replica_identity(
     Ok(row.map(|r| r.get(0)))
 }
 
+/// Unlogged tables write no WAL, so logical replication has nothing of them to send: one named in
+/// the config that flows from `side` is refused (CREATE PUBLICATION would refuse it), and one a
+/// pattern leaves out ([`catalog::expand`]) is pointed out.
+async fn check_unlogged(
+    cfg: &Config,
+    c: &Client,
+    side: Side,
+    tables: &[TableName],
+    problems: &mut Vec<String>,
+    warnings: &mut Vec<String>,
+) -> Result<()> {
+    let schemas: Vec<&str> = cfg
+        .tables
+        .iter()
+        .filter(|p| p.is_wildcard())
+        .map(|p| p.schema.as_str())
+        .collect();
+    let rows = c
+        .query(
+            "SELECT n.nspname::text, c.relname::text FROM pg_class c \
+             JOIN pg_namespace n ON n.oid = c.relnamespace \
+             WHERE c.relpersistence = 'u' AND c.relkind IN ('r', 'p') AND NOT c.relispartition \
+             ORDER BY 1, 2",
+            &[],
+        )
+        .await?;
+    for r in rows {
+        let t = TableName::new(r.get::<_, String>(0), r.get::<_, String>(1));
+        if tables.contains(&t) {
+            if cfg.direction(&t).flows_from(side) {
+                problems.push(format!(
+                    "{side}: table {t} is UNLOGGED, so its changes are not written to the WAL \
+                     and logical replication cannot send them; run `ALTER TABLE {} SET LOGGED`, \
+                     or remove it from [replication] tables",
+                    t.quoted()
+                ));
+            }
+        } else if schemas.contains(&t.schema.as_str()) {
+            warnings.push(format!(
+                "{side}: table {t} is UNLOGGED, so the pattern {}.* leaves it out (its changes \
+                 are not written to the WAL); `ALTER TABLE {} SET LOGGED` and `tandem setup` \
+                 to sync it",
+                t.schema,
+                t.quoted()
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Compare the configured tables on both sides.
 async fn check_tables(
     cfg: &Config,
@@ -247,6 +297,7 @@ async fn check_tables(
     }
     for (side, c) in [(Side::Desktop, d), (Side::Mobile, m)] {
         problems.extend(catalog::row_security(c, side, &tables).await?);
+        check_unlogged(cfg, c, side, &tables, problems, warnings).await?;
     }
     for p in cfg.tables.iter().filter(|p| p.is_wildcard()) {
         if tables.iter().any(|t| t.schema == p.schema) {
