@@ -96,6 +96,12 @@ pub struct LocalRace {
     pub rows: usize,
 }
 
+/// The target table was dropped there with `tandem ddl`: the source's changes of it written
+/// before the drop reached the source are left out, not refused for a table that is gone.
+#[derive(Debug, thiserror::Error)]
+#[error("{0} was dropped here with `tandem ddl`: its changes written before the drop reached the source are left out")]
+struct DroppedHere(TableName);
+
 /// Changes of table `t` from `source` are applied: it is listed, and flows that way.
 fn flows(cfg: &Config, source: Side, ignore_direction: bool, t: &TableName) -> bool {
     cfg.lists(t) && (ignore_direction || cfg.direction(t).flows_from(source))
@@ -140,6 +146,9 @@ pub struct Applier {
     source: Side,
     tables: HashMap<TableName, Arc<TargetTable>>,
     bindings: HashMap<u32, (Arc<SourceTable>, Arc<Binding>)>,
+    /// Source relations (by OID) of tables `tandem ddl` dropped here: their changes written
+    /// before the drop reached the source are left out.
+    dropped: std::collections::HashSet<u32>,
     statements: HashMap<(TableName, Op, sql::Existing, Vec<usize>), Option<Statement>>,
     /// Large fresh and existing batches are written with plain INSERTs and UPDATEs (the stream),
     /// except for these tables.
@@ -280,6 +289,7 @@ impl Applier {
             source,
             tables: HashMap::new(),
             bindings: HashMap::new(),
+            dropped: Default::default(),
             statements: HashMap::new(),
             lookups: HashMap::new(),
             in_txn: false,
@@ -407,6 +417,19 @@ impl Applier {
                 }
             }
         }
+        if t.is_none() {
+            let dropped = self
+                .pipeline
+                .alongside(self.client.query_opt(
+                    "SELECT 1 FROM tandem.dropped WHERE table_name = $1",
+                    &[&name.to_string()],
+                ))
+                .await
+                .context("reading tandem.dropped")?;
+            if dropped.is_some() {
+                return Err(DroppedHere(name.clone()).into());
+            }
+        }
         let mut t = t.ok_or_else(|| {
             anyhow!(
                 "{}: table {name} does not exist; create it there (same columns and key) and rerun `tandem setup`",
@@ -476,12 +499,24 @@ impl Applier {
 
     /// Where a row change of `table` goes (a table that flows here, see [`applies`]), with the
     /// target transaction open.
+    /// `None`: the table was dropped here with `tandem ddl`, and the change is left out (its
+    /// transaction still joins the group, so the checkpoint passes it).
     async fn row_target(
         &mut self,
         table: &Arc<SourceTable>,
         commit_lsn: Lsn,
-    ) -> Result<Arc<Binding>> {
-        let b = self.binding(table).await?;
+    ) -> Result<Option<Arc<Binding>>> {
+        let b = match self.dropped.contains(&table.oid) {
+            true => None,
+            false => match self.binding(table).await {
+                Err(e) if e.is::<DroppedHere>() => {
+                    tracing::info!(source = %self.source, table = %table.name, "{e}");
+                    self.dropped.insert(table.oid);
+                    None
+                }
+                b => Some(b?),
+            },
+        };
         self.ensure_txn(commit_lsn).await?;
         Ok(b)
     }
@@ -672,17 +707,23 @@ impl Applier {
         }
         match &ev.change {
             Change::Insert { table, new } => {
-                let b = self.row_target(table, ev.commit_lsn).await?;
+                let Some(b) = self.row_target(table, ev.commit_lsn).await? else {
+                    return self.publish(ev.clone(), "skipped").await;
+                };
                 self.planner.set_event(ev);
                 self.planner.insert(&b, new)?;
             }
             Change::Update { table, old, new } => {
-                let b = self.row_target(table, ev.commit_lsn).await?;
+                let Some(b) = self.row_target(table, ev.commit_lsn).await? else {
+                    return self.publish(ev.clone(), "skipped").await;
+                };
                 self.planner.set_event(ev);
                 self.planner.update(&b, old.as_ref(), new)?;
             }
             Change::Delete { table, old } => {
-                let b = self.row_target(table, ev.commit_lsn).await?;
+                let Some(b) = self.row_target(table, ev.commit_lsn).await? else {
+                    return self.publish(ev.clone(), "skipped").await;
+                };
                 self.planner.set_event(ev);
                 self.planner.delete(&b, old)?;
             }

@@ -238,6 +238,14 @@ pub(crate) async fn after_statement(
             }
             None => {
                 c.execute(forget, &[&was.to_string()]).await?;
+                // The other side's changes of it still on their way are left out here
+                // (`Applier::target_table`), not refused for a table that is gone.
+                c.execute(
+                    "INSERT INTO tandem.dropped (table_name) VALUES ($1) \
+                     ON CONFLICT (table_name) DO UPDATE SET dropped_at = now()",
+                    &[&was.to_string()],
+                )
+                .await?;
             }
         }
     }

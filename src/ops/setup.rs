@@ -50,10 +50,7 @@ pub const MIGRATIONS: &[(i32, &str)] = &[
     (7, include_str!("../../migrations/0007_refusals.sql")),
     (8, include_str!("../../migrations/0008_ddl.sql")),
     (9, include_str!("../../migrations/0009_renamed.sql")),
-    (
-        10,
-        include_str!("../../migrations/0010_renamed_columns.sql"),
-    ),
+    (10, include_str!("../../migrations/0010_changed_by_ddl.sql")),
 ];
 
 /// Tables as both sides have them, after validation.
