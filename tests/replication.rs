@@ -1634,6 +1634,31 @@ async fn tandem_ddl_makes_a_schema_change_on_the_other_side_at_its_point_in_the_
     run.stop().await;
 }
 
+/// Run `sql` on desktop with `tandem ddl` and wait until `run` running it on mobile waits for
+/// a lock on `items`, which a transaction of mobile's application holds: that transaction's
+/// changes reach desktop after the schema change there.
+async fn ddl_held_back_on_mobile(fx: &Fixture, sql: &str) {
+    let (code, _, err) = run_tandem(
+        &[
+            "--config",
+            fx.config_path.to_str().unwrap(),
+            "ddl",
+            "--on",
+            "desktop",
+            sql,
+        ],
+        &[],
+    );
+    assert_eq!(code, 0, "{err}");
+    wait_count(
+        30,
+        &fx.m,
+        "SELECT count(*) FROM pg_locks WHERE relation = 'items'::regclass AND NOT granted",
+        1,
+    )
+    .await;
+}
+
 /// A column renamed and one dropped with `tandem ddl` on desktop while mobile's application has
 /// transactions writing both under their old names, which hold the change back on mobile: they
 /// reach desktop after the change there, their values for the renamed column land in it under
@@ -1666,23 +1691,9 @@ async fn a_column_renamed_or_dropped_with_tandem_ddl_takes_the_other_sides_rows_
         .batch_execute("BEGIN; INSERT INTO items VALUES (10, 'large', 'large')")
         .await
         .unwrap();
-    let (code, _, err) = run_tandem(
-        &[
-            "--config",
-            fx.config_path.to_str().unwrap(),
-            "ddl",
-            "--on",
-            "desktop",
-            "ALTER TABLE items RENAME COLUMN v TO body; ALTER TABLE items DROP COLUMN w",
-        ],
-        &[],
-    );
-    assert_eq!(code, 0, "{err}");
-    wait_count(
-        30,
-        &fx.m,
-        "SELECT count(*) FROM pg_locks WHERE relation = 'items'::regclass AND NOT granted",
-        1,
+    ddl_held_back_on_mobile(
+        &fx,
+        "ALTER TABLE items RENAME COLUMN v TO body; ALTER TABLE items DROP COLUMN w",
     )
     .await;
     // Its lock on items already held: not queued behind the change.
@@ -1760,25 +1771,7 @@ async fn a_table_dropped_with_tandem_ddl_leaves_out_the_other_sides_rows_on_thei
     held.batch_execute("BEGIN; INSERT INTO items VALUES (2, 'held'); INSERT INTO notes VALUES (2)")
         .await
         .unwrap();
-    let (code, _, err) = run_tandem(
-        &[
-            "--config",
-            fx.config_path.to_str().unwrap(),
-            "ddl",
-            "--on",
-            "desktop",
-            "DROP TABLE items",
-        ],
-        &[],
-    );
-    assert_eq!(code, 0, "{err}");
-    wait_count(
-        30,
-        &fx.m,
-        "SELECT count(*) FROM pg_locks WHERE relation = 'items'::regclass AND NOT granted",
-        1,
-    )
-    .await;
+    ddl_held_back_on_mobile(&fx, "DROP TABLE items").await;
     held.batch_execute("COMMIT").await.unwrap();
     wait_count(30, &fx.d, "SELECT count(*) FROM notes WHERE id = 2", 1).await;
     wait_count(
@@ -1889,15 +1882,7 @@ async fn a_table_tandem_ddl_creates_that_the_patterns_take_in_flows_both_ways_at
         .batch_execute("BEGIN; INSERT INTO items VALUES (12, 'on its way')")
         .await
         .unwrap();
-    let (code, _, err) = ddl("desktop", "ALTER TABLE items RENAME TO things");
-    assert_eq!(code, 0, "{err}");
-    wait_count(
-        30,
-        &fx.m,
-        "SELECT count(*) FROM pg_locks WHERE relation = 'items'::regclass AND NOT granted",
-        1,
-    )
-    .await;
+    ddl_held_back_on_mobile(&fx, "ALTER TABLE items RENAME TO things").await;
     // Its lock on items already held: not queued behind the rename.
     large
         .batch_execute("INSERT INTO items SELECT g, 'on its way' FROM generate_series(13, 510) g")

@@ -499,6 +499,7 @@ impl Applier {
 
     /// Where a row change of `table` goes (a table that flows here, see [`applies`]), with the
     /// target transaction open.
+    ///
     /// `None`: the table was dropped here with `tandem ddl`, and the change is left out (its
     /// transaction still joins the group, so the checkpoint passes it).
     async fn row_target(

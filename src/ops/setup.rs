@@ -273,35 +273,21 @@ async fn check_unlogged(
     Ok(())
 }
 
-/// Compare the configured tables on both sides.
-async fn check_tables(
+/// Each `schema.*` pattern that takes in none of `tables`: a problem on a side that lacks the
+/// schema (most likely a misspelt or mis-cased name, which would otherwise leave its tables out
+/// unsaid, then or later), else a warning.
+async fn check_patterns(
     cfg: &Config,
     d: &Client,
     m: &Client,
+    tables: &[TableName],
     problems: &mut Vec<String>,
     warnings: &mut Vec<String>,
-) -> Result<Vec<TableName>> {
-    let mut tables = catalog::expand(d, &cfg.tables).await?;
-    for t in catalog::expand(m, &cfg.tables).await? {
-        if !tables.contains(&t) {
-            tables.push(t);
-        }
-    }
-    if tables.is_empty() {
-        problems.push(
-            "the table patterns in [replication] tables match no table on either side".into(),
-        );
-    }
-    for (side, c) in [(Side::Desktop, d), (Side::Mobile, m)] {
-        problems.extend(catalog::row_security(c, side, &tables).await?);
-        check_unlogged(cfg, c, side, &tables, problems, warnings).await?;
-    }
+) -> Result<()> {
     for p in cfg.tables.iter().filter(|p| p.is_wildcard()) {
         if tables.iter().any(|t| t.schema == p.schema) {
             continue;
         }
-        // A pattern over a schema a side lacks takes in nothing, then or later: most likely a
-        // misspelt or mis-cased name, which would otherwise leave its tables out unsaid.
         let before = problems.len();
         for (side, c) in [(Side::Desktop, d), (Side::Mobile, m)] {
             let near = c
@@ -333,6 +319,33 @@ async fn check_tables(
             ));
         }
     }
+    Ok(())
+}
+
+/// Compare the configured tables on both sides.
+async fn check_tables(
+    cfg: &Config,
+    d: &Client,
+    m: &Client,
+    problems: &mut Vec<String>,
+    warnings: &mut Vec<String>,
+) -> Result<Vec<TableName>> {
+    let mut tables = catalog::expand(d, &cfg.tables).await?;
+    for t in catalog::expand(m, &cfg.tables).await? {
+        if !tables.contains(&t) {
+            tables.push(t);
+        }
+    }
+    if tables.is_empty() {
+        problems.push(
+            "the table patterns in [replication] tables match no table on either side".into(),
+        );
+    }
+    for (side, c) in [(Side::Desktop, d), (Side::Mobile, m)] {
+        problems.extend(catalog::row_security(c, side, &tables).await?);
+        check_unlogged(cfg, c, side, &tables, problems, warnings).await?;
+    }
+    check_patterns(cfg, d, m, &tables, problems, warnings).await?;
     for t in &tables {
         let dt = catalog::table(d, t).await?;
         let mt = catalog::table(m, t).await?;
