@@ -139,7 +139,17 @@ async fn try_both(cfg: &Config) -> Result<Result<Lease, (Side, String)>> {
     for side in Side::BOTH {
         match try_side(cfg, side).await? {
             Ok(c) => held.push((side, c)),
-            Err(who) => return Ok(Err((side, who.line))),
+            Err(who) => {
+                // Held by a session of this process: maybe the one that took the first side's,
+                // both URLs reaching one database. Waiting would be waiting for ourselves.
+                if let (true, Some((_, first))) = (who.ours, held.first()) {
+                    let c = db::connect(cfg.site(side), "tandem check").await?;
+                    if let Some(problem) = crate::ops::setup::same_database(cfg, first, &c).await? {
+                        bail!(problem);
+                    }
+                }
+                return Ok(Err((side, who.line)));
+            }
         }
     }
     Ok(Ok(Lease { held }))

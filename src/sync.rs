@@ -248,14 +248,6 @@ async fn start(
         })
     };
     let attempt = || async {
-        // Before the lock: on one database, the side taken second would wait for the first.
-        let (d, m) = (
-            db::connect(&cfg.desktop, "tandem check").await?,
-            db::connect(&cfg.mobile, "tandem check").await?,
-        );
-        if let Some(problem) = crate::ops::setup::same_database(cfg, &d, &m).await? {
-            bail!(problem);
-        }
         let lease = crate::lease::acquire(cfg, &mut shutdown.clone(), &status.waiting).await?;
         if lease.is_some() {
             preflight(cfg).await?;
@@ -351,8 +343,8 @@ async fn preflight(cfg: &Config) -> Result<()> {
         check_no_gap(&src, site, cp.lsn).await?;
         check_published(cfg, &src, source).await?;
         check_publication_matches(cfg, &src, source).await?;
-        check_old_rows(cfg, &src, source).await?;
         let tables = crate::catalog::expand(&src, &cfg.tables).await?;
+        check_old_rows(cfg, &src, source, &tables).await?;
         if let Some(problem) = crate::catalog::row_security(&src, source, &tables).await? {
             bail!(problem);
         }
@@ -439,26 +431,31 @@ async fn check_publication_matches(
 /// (its rows are found by their old values), logs them. `setup` sees to it, but a partition
 /// created since logs its changes as its own identity says: without old rows those changes
 /// would be taken as conflicts, or as none, wrongly, or could not be applied at all.
-async fn check_old_rows(cfg: &Config, src: &tokio_postgres::Client, source: Side) -> Result<()> {
-    for t in crate::catalog::expand(src, &cfg.tables).await? {
-        if !cfg.direction(&t).flows_from(source) {
+async fn check_old_rows(
+    cfg: &Config,
+    src: &tokio_postgres::Client,
+    source: Side,
+    tables: &[TableName],
+) -> Result<()> {
+    for t in tables {
+        if !cfg.direction(t).flows_from(source) {
             continue;
         }
         // Conflict rules do not apply to a table without a key: that reason comes first.
-        let why = if crate::catalog::table(src, &t)
+        let why = if crate::catalog::table(src, t)
             .await?
             .is_some_and(|tt| tt.key.is_empty())
         {
             " has no primary key, so tandem finds its rows by their values, and needs"
         } else if cfg
-            .conflicts_for(&t)
+            .conflicts_for(t)
             .is_some_and(|tc| tc.policy.needs_old_row())
         {
             "'s conflict policy needs"
         } else {
             continue;
         };
-        let partial = crate::ops::setup::not_identity_full(src, &t).await?;
+        let partial = crate::ops::setup::not_identity_full(src, t).await?;
         if !partial.is_empty() {
             bail!(
                 "{source}: {t}{why} the old row of every change, but {} \

@@ -675,9 +675,8 @@ fn key_of(b: &Binding, tuple: &Tuple, op: &'static str) -> Result<Key, PlanError
 mod tests {
     use super::*;
     use crate::fuzz::seeded;
-    use crate::source::pgoutput::RelColumn;
 
-    use super::model::binding;
+    use super::model::{binding, source};
 
     fn t(s: &str) -> Value {
         Value::Text(Bytes::copy_from_slice(s.as_bytes()))
@@ -698,18 +697,7 @@ mod tests {
 
     #[test]
     fn binding_names_a_missing_column() {
-        let mut src = SourceTable {
-            oid: 1,
-            name: TableName::new("public", "t"),
-            columns: vec![],
-        };
-        src.columns.push(RelColumn {
-            key: true,
-            name: "zz".into(),
-            type_oid: 25,
-            type_modifier: -1,
-        });
-        let e = Binding::new(&src, binding().target.clone()).unwrap_err();
+        let e = Binding::new(&source(&["zz"]), binding().target.clone()).unwrap_err();
         assert!(
             e.to_string()
                 .starts_with("column `zz` of public.t exists on the source side"),
@@ -719,19 +707,6 @@ mod tests {
 
     #[test]
     fn a_column_renamed_or_dropped_here_is_bound_by_its_former_name() {
-        let source = |names: &[&str]| SourceTable {
-            oid: 1,
-            name: TableName::new("public", "t"),
-            columns: names
-                .iter()
-                .map(|n| RelColumn {
-                    key: *n == "id",
-                    name: n.to_string(),
-                    type_oid: 25,
-                    type_modifier: -1,
-                })
-                .collect(),
-        };
         let mut target = (*binding().target).clone();
         // `a` was `old_a`, `gone` was dropped, and a column named `a` before (since dropped)
         // does not take `a` from the column named so now.

@@ -993,8 +993,8 @@ pub async fn validate_with(cfg: &Config, opts: Options) -> Result<(Client, Clien
 
 /// Both URLs reaching one database (`localhost` and `127.0.0.1`, a copied line) would sync it
 /// with itself, both checkpoints in one control schema: refused before anything else is said of
-/// it (by `setup`, and by `run`, whose config may have changed since: its lock would wait for
-/// itself).
+/// it (by `setup`, and by `run`'s lock, taken on one database twice, whose config may have changed
+/// since: it waited for itself).
 pub async fn same_database(cfg: &Config, d: &Client, m: &Client) -> Result<Option<String>> {
     Ok(db::same_database(d, m).await?.then(|| {
         format!(

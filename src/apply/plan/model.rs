@@ -13,13 +13,12 @@ use crate::config::TableName;
 use crate::event::SourceTable;
 use crate::source::pgoutput::{OldTuple, RelColumn, Value};
 
-/// Source columns `id` (the key), `a`, `g`; the target has them as `g` (generated there, so
-/// never written), `a`, `id`.
-pub fn binding() -> Arc<Binding> {
-    let src = SourceTable {
+/// Source table `public.t` with text columns `names`, `id` the key.
+pub fn source(names: &[&str]) -> SourceTable {
+    SourceTable {
         oid: 1,
         name: TableName::new("public", "t"),
-        columns: ["id", "a", "g"]
+        columns: names
             .iter()
             .map(|n| RelColumn {
                 key: *n == "id",
@@ -28,7 +27,13 @@ pub fn binding() -> Arc<Binding> {
                 type_modifier: -1,
             })
             .collect(),
-    };
+    }
+}
+
+/// Source columns `id` (the key), `a`, `g`; the target has them as `g` (generated there, so
+/// never written), `a`, `id`.
+pub fn binding() -> Arc<Binding> {
+    let src = source(&["id", "a", "g"]);
     let col = |n: &str, generated| TargetColumn {
         name: n.into(),
         type_sql: "text".into(),
