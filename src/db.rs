@@ -291,6 +291,22 @@ pub fn caused_by(e: &anyhow::Error, state: &tokio_postgres::error::SqlState) -> 
     })
 }
 
+/// tokio-postgres prepares each statement under a name of its session's own (`s12`); tandem
+/// prepares nothing by SQL. A pooler in transaction mode (PgBouncer, Supavisor's port 6543)
+/// runs each transaction on whichever server connection is free, where the name is unknown
+/// (26000) or another client's (42P05), and PostgreSQL's message names neither the pooler nor
+/// the fix: this does.
+pub fn pooler_hint(e: &anyhow::Error) -> Option<&'static str> {
+    use tokio_postgres::error::SqlState;
+    let prepared = caused_by(e, &SqlState::INVALID_SQL_STATEMENT_NAME)
+        || caused_by(e, &SqlState::DUPLICATE_PSTATEMENT);
+    prepared.then_some(
+        "This looks like a connection pooler in transaction mode (PgBouncer, Supavisor) between \
+         tandem and the database, which cannot keep tandem's sessions: give the database's own \
+         address (on Supabase, the direct connection on port 5432, not the pooler's)",
+    )
+}
+
 /// Is this a lost connection or a passing condition (worth reconnecting) rather than a refusal?
 pub fn is_transient(e: &tokio_postgres::Error) -> bool {
     match e.as_db_error() {

@@ -11,6 +11,8 @@ use tokio::sync::watch;
 use tandem::config::Config;
 use tandem::config::TableName;
 use tandem::ops::{bench, demo, repair, setup, snapshot, teardown, verify};
+use tandem::side::Side;
+use tandem::source::stream::refuse_poolers;
 use tandem::sync;
 
 /// jemalloc, standing in for `malloc` itself (unprefixed), so librdkafka's C allocations use it
@@ -264,6 +266,8 @@ fn main() -> ExitCode {
         Err(e) => {
             if let Some(p) = e.downcast_ref::<setup::Problems>() {
                 eprint!("error: {p}");
+            } else if let Some(hint) = tandem::db::pooler_hint(&e) {
+                eprintln!("error: {e:#}. {hint}");
             } else {
                 eprintln!("error: {e:#}");
             }
@@ -312,6 +316,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         } => {
             let cfg = Arc::new(Config::load(&cli.config)?);
             tandem::lease::refuse_while_running(&cfg, "snapshot").await?;
+            refuse_poolers(&cfg, &Side::BOTH).await?;
             let mode = if mirror {
                 snapshot::Mode::Mirror
             } else {
@@ -372,6 +377,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             dry_run,
         } => {
             let cfg = Arc::new(Config::load(&cli.config)?);
+            if !dry_run {
+                refuse_poolers(&cfg, &[to]).await?;
+            }
             let filter = tandem::ops::replay::Filter {
                 site,
                 table,
@@ -427,6 +435,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Resolve { table, take } => {
             let cfg = Arc::new(Config::load(&cli.config)?);
+            refuse_poolers(&cfg, &Side::BOTH).await?;
             for line in tandem::ops::resolve::resolve(cfg, &table, take).await? {
                 println!("{line}");
             }
@@ -467,6 +476,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             dry_run,
         } => {
             let cfg = Arc::new(Config::load(&cli.config)?);
+            if !dry_run {
+                refuse_poolers(&cfg, &[source.other()]).await?;
+            }
             let (up, del) = if dry_run {
                 ("would upsert", "would delete")
             } else {

@@ -248,6 +248,7 @@ async fn start(
         })
     };
     let attempt = || async {
+        crate::source::stream::refuse_poolers(cfg, &Side::BOTH).await?;
         let lease = crate::lease::acquire(cfg, &mut shutdown.clone(), &status.waiting).await?;
         if lease.is_some() {
             preflight(cfg).await?;

@@ -4176,3 +4176,59 @@ async fn a_streamed_transaction_with_nothing_for_this_database_opens_no_session(
     assert!(!run.is_finished());
     run.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_connection_pooler_in_front_of_a_side_is_refused_before_anything_is_written() {
+    let (d, m) = Fixture::databases("pooled", JOBS).await;
+    d.batch_execute("INSERT INTO jobs (id, title) VALUES (1, 'desktop row')")
+        .await
+        .unwrap();
+    let p = clusters();
+    let proxy = common::Proxy::start(p.mobile.port).await;
+    let text = proxy.route(
+        &Fixture::config_text("pooled", "tables = [\"public.jobs\"]"),
+        "pooled",
+    );
+    let fx = Fixture::with_config("pooled", d, m, text).await;
+    // Mobile's URL now reaches a pooler (a URL copied from a dashboard): SQL passes, replication
+    // connections are refused. Before, `run` took its lock and copied desktop's row through it
+    // (and with it set the replication origin on the pooler's server connection, where the
+    // application's writes would have run under it), and failed only when it streamed mobile.
+    proxy.pool(true);
+    let config = fx.config_path.to_str().unwrap();
+    for command in [
+        &["run"][..],
+        &["snapshot", "--seed", "desktop"],
+        &["repair", "--source", "desktop"],
+        &["resolve", "--table", "public.jobs", "--take", "desktop"],
+    ] {
+        let args = [&["--config", config][..], command].concat();
+        let (code, _, err) = common::run_tandem_within(60, &args);
+        assert_eq!(code, 1, "{command:?}: {err}");
+        assert!(
+            err.contains("unsupported startup parameter: replication")
+                && err.contains("This looks like a connection pooler"),
+            "{command:?}: {err}"
+        );
+        assert_eq!(
+            Fixture::count(&fx.m, "SELECT count(*) FROM jobs").await,
+            0,
+            "{command:?} wrote through the pooler"
+        );
+    }
+    // A pooler in transaction mode shows itself to SQL by a prepared statement another session
+    // has, or lacks: that error is explained too.
+    let e = anyhow::Error::from(fx.m.execute("DEALLOCATE s1", &[]).await.unwrap_err())
+        .context("mobile: reading tandem.snapshots");
+    assert!(
+        tandem::db::pooler_hint(&e).is_some_and(|h| h.contains("transaction mode")),
+        "{e:#}"
+    );
+    let e = anyhow::Error::from(fx.m.execute("SELECT 1/0", &[]).await.unwrap_err());
+    assert!(tandem::db::pooler_hint(&e).is_none(), "{e:#}");
+    // Without the pooler, the same config replicates.
+    proxy.pool(false);
+    let run = fx.start().await;
+    fx.wait_equal("jobs", 30).await;
+    run.stop().await;
+}

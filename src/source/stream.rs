@@ -5,12 +5,13 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 
-use crate::config::{redact_url, Site};
+use crate::config::{redact_url, Config, Site};
 use crate::lsn::Lsn;
+use crate::side::Side;
 use crate::source::pgoutput::{self, Message};
 use crate::source::streamed::{Live, Streamed, Taken};
 use crate::source::walsender::{
-    StartOptions, SystemId, WalConfig, WalConnection, WalFrame, WalStream,
+    StartOptions, SystemId, WalConfig, WalConnection, WalError, WalFrame, WalStream,
 };
 
 /// Startup options pinned on the walsender so text values render one way whatever the server's
@@ -88,6 +89,28 @@ pub async fn connect(site: &Site, app: String) -> Result<(WalConnection, SystemI
         )
     })?;
     Ok((conn, system))
+}
+
+/// Refuses a connection pooler in front of any of `sides` (PgBouncer, Supavisor: a URL copied
+/// from a dashboard), before a command writes anything. tandem's sessions keep state that a
+/// pooler hands on to its next client: `run`'s lock, prepared statements, and the replication
+/// origin (which `DISCARD ALL` leaves set), under which the application's own writes would be
+/// taken for tandem's and never replicated. One in transaction mode let `run` take its lock and
+/// then failed it with `prepared statement "s2043" does not exist`, leaving the lock and the
+/// origin on the pooler's server connection. No pooler carries a replication connection, so
+/// trying one tells; any other failure of it is left to the steps after it.
+pub async fn refuse_poolers(cfg: &Config, sides: &[Side]) -> Result<()> {
+    for &side in sides {
+        if let Err(e) = connect(cfg.site(side), "tandem check".into()).await {
+            if e.chain().any(|c| {
+                c.downcast_ref::<WalError>()
+                    .is_some_and(WalError::is_pooler)
+            }) {
+                return Err(e);
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The slot is still held by another session after a while: one tandem may not end (another

@@ -471,17 +471,27 @@ async fn tls(cfg: &WalConfig, host: &str, s: tokio::net::TcpStream) -> Result<St
 /// point instead.
 fn pooler_hint(e: WalError) -> WalError {
     match e {
-        WalError::Server { text, code } if text.contains("unsupported startup parameter") => {
-            WalError::Server {
-                text: format!(
-                    "{text} This looks like a connection pooler (PgBouncer, Supavisor), which \
+        WalError::Server { text, code } if is_pooler_refusal(&text) => WalError::Server {
+            text: format!(
+                "{text} This looks like a connection pooler (PgBouncer, Supavisor), which \
                      cannot carry replication: give the database's own address (on Supabase, \
                      the direct connection on port 5432, not the pooler's)"
-                ),
-                code,
-            }
-        }
+            ),
+            code,
+        },
         e => e,
+    }
+}
+
+fn is_pooler_refusal(text: &str) -> bool {
+    text.contains("unsupported startup parameter")
+}
+
+impl WalError {
+    /// A connection pooler's refusal of the `replication` startup parameter: the URL reaches a
+    /// pooler, not the server.
+    pub fn is_pooler(&self) -> bool {
+        matches!(self, WalError::Server { text, .. } if is_pooler_refusal(text))
     }
 }
 

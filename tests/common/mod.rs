@@ -239,22 +239,49 @@ impl Fixture {
     }
 
     /// `tandem run` of this fixture's config as a child process serving `/metrics` on a free
-    /// port (`scrape` it).
+    /// port (`scrape` it), returned once it listens there. The port is free when picked, but
+    /// anything on the machine may take it before tandem binds it (an outgoing connection's
+    /// local port comes from the same range): a `run` that could not listen is started again on
+    /// another port. Before, the test waited out its deadline on a `run` long gone.
     pub fn run_with_metrics(&self) -> (Reaped, u16) {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let child = std::process::Command::new(tandem_bin())
-            .args(["--config", self.config_path.to_str().unwrap(), "run"])
-            .arg("--metrics-addr")
-            .arg(format!("127.0.0.1:{port}"))
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
-        (Reaped(child), port)
+        let log = self.config_path.with_extension("metrics.log");
+        for _ in 0..5 {
+            let port = std::net::TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port();
+            let mut child = Reaped(
+                std::process::Command::new(tandem_bin())
+                    .args(["--config", self.config_path.to_str().unwrap(), "run"])
+                    .arg("--metrics-addr")
+                    .arg(format!("127.0.0.1:{port}"))
+                    .stdout(std::process::Stdio::null())
+                    .stderr(std::fs::File::create(&log).unwrap())
+                    .spawn()
+                    .unwrap(),
+            );
+            let deadline = Instant::now() + Duration::from_secs(30);
+            loop {
+                if let Some(status) = child.try_wait().unwrap() {
+                    let err = std::fs::read_to_string(&log).unwrap_or_default();
+                    assert!(
+                        err.contains("cannot listen there"),
+                        "tandem run exited ({status}) before serving /metrics: {err}"
+                    );
+                    break;
+                }
+                if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                    return (child, port);
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "tandem run not serving /metrics after 30 s"
+                );
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        panic!("tandem run could not listen on any of 5 free ports");
     }
 
     /// Rows of `table` on `c` as text, ordered, for exact comparison across sides.
@@ -612,6 +639,8 @@ pub struct Proxy {
     cut: watch::Sender<u64>,
     /// Set: the server's bytes reach clients a few at a time (see [`Proxy::trickle`]).
     trickling: Arc<std::sync::atomic::AtomicBool>,
+    /// Set: replication connections are refused as a pooler refuses them (see [`Proxy::pool`]).
+    pooling: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Proxy {
@@ -624,8 +653,15 @@ impl Proxy {
         let gen = silenced.clone();
         let trickling = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let trickle = trickling.clone();
+        let pooling = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let pooler = pooling.clone();
         tokio::spawn(async move {
-            while let Ok((client, _)) = listener.accept().await {
+            while let Ok((mut client, _)) = listener.accept().await {
+                if pooler.load(Ordering::Relaxed) && asks_replication(&client).await {
+                    use tokio::io::AsyncWriteExt;
+                    let _ = client.write_all(&POOLER_REFUSAL).await;
+                    continue;
+                }
                 let Ok(server) = tokio::net::TcpStream::connect(("127.0.0.1", upstream)).await
                 else {
                     continue;
@@ -701,7 +737,14 @@ impl Proxy {
             silenced,
             cut,
             trickling,
+            pooling,
         }
+    }
+
+    /// From now on the proxy plays a connection pooler (PgBouncer, Supavisor), or stops: SQL
+    /// connections pass, and a replication connection gets PgBouncer's refusal.
+    pub fn pool(&self, on: bool) {
+        self.pooling.store(on, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// `name`'s config text with the URL of the cluster this proxy forwards to through it,
@@ -741,6 +784,24 @@ impl Proxy {
         self.cut.send_modify(|c| *c += 1);
     }
 }
+
+/// Does the startup packet waiting on `client` ask for replication? Peeked, so it still passes.
+async fn asks_replication(client: &tokio::net::TcpStream) -> bool {
+    let mut buf = vec![0u8; 1024];
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let n = client.peek(&mut buf).await.unwrap_or(0);
+        let whole = n >= 4 && n >= u32::from_be_bytes(buf[..4].try_into().unwrap()) as usize;
+        if whole || n == 0 || Instant::now() > deadline {
+            return buf[..n].windows(12).any(|w| w == b"replication\0");
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// PgBouncer's answer to a startup packet with `replication` in it: an ErrorResponse.
+const POOLER_REFUSAL: [u8; 71] =
+    *b"E\0\0\0\x46SFATAL\0VFATAL\0C08P01\0Munsupported startup parameter: replication\0\0";
 
 /// The schema of [`tandem_waits_on_an_application`]'s fixtures.
 pub const ROWS_A: &str = "CREATE TABLE a (id int PRIMARY KEY, v text);";
