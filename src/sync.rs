@@ -338,8 +338,9 @@ async fn preflight(cfg: &Config) -> Result<()> {
     for source in Side::BOTH {
         let site = cfg.site(source);
         let target = db::connect(cfg.site(source.other()), "tandem check").await?;
-        let cp = checkpoint::require(&target, source).await?;
+        // First: a control schema this role may not use is named as such, with the fix.
         crate::ops::setup::require_migrated(&target, source.other()).await?;
+        let cp = checkpoint::require(&target, source).await?;
         let src = db::connect(site, "tandem check").await?;
         check_no_gap(&src, site, cp.lsn).await?;
         check_published(cfg, &src, source).await?;

@@ -152,12 +152,14 @@ async fn server_settings_and_role_problems_are_all_reported_at_once() {
     );
     assert_eq!(code, 1, "{err}");
     for want in [
-        "setup found 5 problem(s); nothing was created",
+        "setup found 6 problem(s); nothing was created",
         "desktop: database encoding is SQL_ASCII, which says nothing of what its text bytes mean",
         "desktop: wal_level is `replica`; run `ALTER SYSTEM SET wal_level = logical`",
         "desktop: max_replication_slots is 0 and all 0 are in use; raise it",
         "desktop: max_wal_senders is 0 and 0 are in use; raise it",
         "mobile: role tandem_norepl lacks the REPLICATION attribute; run `ALTER ROLE \"tandem_norepl\" REPLICATION`",
+        "mobile: role tandem_norepl may not create the control schema and the publication in \
+         database settings; run `GRANT CREATE ON DATABASE \"settings\" TO \"tandem_norepl\"`",
     ] {
         assert!(err.contains(want), "missing {want:?} in:\n{err}");
     }
@@ -1107,4 +1109,91 @@ async fn an_apply_session_an_earlier_run_left_inside_a_transaction_is_ended() {
         "the leftover session was ended"
     );
     run.stop().await;
+}
+
+/// A control schema an earlier `setup` made as another role (a superuser, before the config moved
+/// to a plain role), and a role that may not create it, are refused naming the side, the owner
+/// and the fix; the fix given works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_control_schema_another_role_owns_is_refused_with_the_fix() {
+    let (d, m) = Fixture::databases(
+        "ctlowner",
+        &format!(
+            "{T}\n{}",
+            common::plain_role("tandem_owner", "ctlowner", &["jobs"])
+        ),
+    )
+    .await;
+    let text = Fixture::config_text("ctlowner", r#"tables = ["public.jobs"]"#);
+    // Set up as postgres: the control schema is postgres's on both sides.
+    let fx = Fixture::with_config("ctlowner", d, m, text.clone()).await;
+    let path = write_config(
+        "ctlowner-plain",
+        &common::connect_as(&text, "tandem_owner", &["mobile"]),
+    );
+    let want = "mobile: tandem's control schema `tandem` and publication ctlowner_m there belong \
+                to postgres, not to role tandem_owner (an earlier `tandem setup` ran as postgres)";
+    // Before: `permission denied for schema tandem`, naming neither side nor fix. `run` changes
+    // no publication.
+    let run_want = "mobile: tandem's control schema `tandem` there belongs to postgres, not to \
+                    role tandem_owner";
+    for (command, want) in [("setup", want), ("run", run_want)] {
+        let (code, _, err) = common::run_tandem_within(60, &["--config", &path, command]);
+        assert_eq!(code, 1, "{command}: {err}");
+        assert!(err.contains(want), "{command}: {err}");
+    }
+    let (_, _, err) = run_tandem(&["--config", &path, "setup"], &[]);
+    let fix = err
+        .split("give them to tandem_owner: `")
+        .nth(1)
+        .and_then(|r| r.split('`').next())
+        .unwrap_or_else(|| panic!("no fix in: {err}"));
+    assert!(
+        fix.contains("ALTER TABLE tandem.checkpoints OWNER TO tandem_owner"),
+        "{fix}"
+    );
+    fx.m.batch_execute(fix).await.unwrap();
+    // setup (as the plain role on mobile) passes now, and run replicates.
+    let plain = Fixture::with_config(
+        "ctlowner",
+        connect(&clusters().desktop.url("ctlowner")).await,
+        connect(&clusters().mobile.url("ctlowner")).await,
+        common::connect_as(&text, "tandem_owner", &["mobile"]),
+    )
+    .await;
+    let run = plain.start().await;
+    fx.d.batch_execute("INSERT INTO jobs (id, title) VALUES (1, 'a')")
+        .await
+        .unwrap();
+    fx.wait_equal("jobs", 30).await;
+    run.stop().await;
+
+    // A role without CREATE on a database tandem's schema is not in yet.
+    let (d, m) = Fixture::databases("ctlcreate", T).await;
+    m.batch_execute(
+        "DO $$ BEGIN CREATE ROLE tandem_nocreate LOGIN REPLICATION PASSWORD 'tandem_nocreate'; \
+         EXCEPTION WHEN duplicate_object OR unique_violation THEN NULL; END $$; \
+         ALTER TABLE jobs OWNER TO tandem_nocreate",
+    )
+    .await
+    .unwrap();
+    drop((d, m));
+    let path = write_config(
+        "ctlcreate",
+        &common::connect_as(
+            &Fixture::config_text("ctlcreate", r#"tables = ["public.jobs"]"#),
+            "tandem_nocreate",
+            &["mobile"],
+        ),
+    );
+    let (code, _, err) = run_tandem(&["--config", &path, "setup"], &[]);
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains(
+            "mobile: role tandem_nocreate may not create the control schema and the publication \
+             in database ctlcreate; run `GRANT CREATE ON DATABASE \"ctlcreate\" TO \"tandem_nocreate\"`"
+        ),
+        "{err}"
+    );
+    assert_nothing_left("ctlcreate").await;
 }

@@ -143,7 +143,77 @@ async fn check_server(c: &Client, site: &Site, problems: &mut Vec<String>) -> Re
              TEMPLATE template0`, then pg_dump and restore)"
         ));
     }
+    if let Some(problem) = control_schema_access(c, side, Some(&site.publication)).await? {
+        problems.push(problem);
+    }
     Ok(())
+}
+
+/// What keeps this role from tandem's control schema on `site`, if anything. tandem writes its
+/// checkpoints there and `setup`'s migrations change its tables, so they must be the role's.
+/// One an earlier `setup` made as another role (a superuser, say, before the config moved to a
+/// plain one) failed with only `permission denied for schema tandem`, naming neither side nor
+/// fix; a role without CREATE on the database, likewise, with `permission denied for database`
+/// (checked with `publication`, the side's, which `setup` creates with the schema).
+async fn control_schema_access(
+    c: &Client,
+    side: Side,
+    publication: Option<&str>,
+) -> Result<Option<String>> {
+    let r = c
+        .query_one(
+            "WITH o AS ( \
+                 SELECT nspowner AS owner, 0 AS k, \
+                        format('ALTER SCHEMA tandem OWNER TO %I', current_user) AS fix \
+                 FROM pg_namespace WHERE nspname = 'tandem' \
+                 UNION ALL \
+                 SELECT c.relowner, 1, \
+                        format('ALTER TABLE tandem.%I OWNER TO %I', c.relname, current_user) \
+                 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+                 WHERE n.nspname = 'tandem' AND c.relkind IN ('r', 'p') \
+                 UNION ALL \
+                 SELECT pubowner, 2, format('ALTER PUBLICATION %I OWNER TO %I', pubname, \
+                        current_user) \
+                 FROM pg_publication WHERE pubname = $1), \
+             theirs AS (SELECT * FROM o WHERE NOT pg_has_role(owner, 'MEMBER')) \
+             SELECT current_user::text, current_database()::text, \
+                    has_database_privilege(current_database(), 'CREATE'), \
+                    EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = 'tandem') \
+                      AND EXISTS (SELECT 1 FROM pg_publication WHERE pubname = $1), \
+                    (SELECT string_agg(DISTINCT pg_get_userbyid(owner), ', ') FROM theirs), \
+                    (SELECT string_agg(fix, '; ' ORDER BY k, fix) FROM theirs), \
+                    (SELECT string_agg(DISTINCT CASE WHEN k < 2 \
+                       THEN 'control schema `tandem`' ELSE format('publication %s', $1) END, \
+                       ' and ') FROM theirs)",
+            &[&publication],
+        )
+        .await?;
+    let (role, db, may_create, made): (String, String, bool, bool) =
+        (r.get(0), r.get(1), r.get(2), r.get(3));
+    let (owners, fix, what): (Option<String>, Option<String>, Option<String>) =
+        (r.get(4), r.get(5), r.get(6));
+    if let (Some(owners), Some(fix), Some(what)) = (owners, fix, what) {
+        return Ok(Some(format!(
+            "{side}: tandem's {what} there {belong} to {owners}, not to role {role} (an earlier \
+             `tandem setup` ran as {owners}); tandem writes its checkpoints in the schema and \
+             `setup` changes its tables and the publication. As {owners} or a superuser, give \
+             them to {role}: `{fix}`; or connect as {owners}",
+            belong = if what.contains(" and ") {
+                "belong"
+            } else {
+                "belongs"
+            }
+        )));
+    }
+    if publication.is_some() && !may_create && !made {
+        return Ok(Some(format!(
+            "{side}: role {role} may not create the control schema and the publication in \
+             database {db}; run `GRANT CREATE ON DATABASE {} TO {}` as an admin",
+            quote_ident(&db),
+            quote_ident(&role)
+        )));
+    }
+    Ok(None)
 }
 
 /// Two different column types tandem takes: ones whose values are written alike as text, so
@@ -1010,6 +1080,9 @@ pub async fn same_database(cfg: &Config, d: &Client, m: &Client) -> Result<Optio
 /// tandem started against an older schema would otherwise fail on its first query of a new
 /// table or column, far from the cause.
 pub async fn require_migrated(target: &Client, side: Side) -> Result<()> {
+    if let Some(problem) = control_schema_access(target, side, None).await? {
+        anyhow::bail!(problem);
+    }
     let latest = MIGRATIONS.last().map_or(0, |m| m.0);
     let have: Option<i32> = target
         .query_one("SELECT max(version) FROM tandem.schema_migrations", &[])
