@@ -71,16 +71,28 @@ fn name_part(s: &str) -> Result<(String, &str), &'static str> {
 impl FromStr for TableName {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let qualified = || {
-            format!("table `{s}` must be schema-qualified, like \"public.{s}\" (or \"public.*\")")
+        let qualified = || match s {
+            "*" => format!("table `{s}` must be schema-qualified, like \"public.*\""),
+            _ => format!(
+                "table `{s}` must be schema-qualified, like \"public.{s}\" (or \"public.*\")"
+            ),
         };
         let (schema, rest) = name_part(s).map_err(|e| format!("table `{s}`: {e}"))?;
-        let Some(rest) = rest.strip_prefix('.') else {
+        let Some(after) = rest.strip_prefix('.') else {
             return Err(qualified());
         };
-        let (name, rest) = name_part(rest).map_err(|e| format!("table `{s}`: {e}"))?;
+        let (name, rest) = name_part(after).map_err(|e| format!("table `{s}`: {e}"))?;
         if schema.is_empty() || name.is_empty() || !rest.is_empty() {
             return Err(qualified());
+        }
+        // A `*` written unquoted anywhere but as the whole table part would be taken as part of
+        // a name no table has (`*.*` as a schema named `*`, `public.job*`), matching nothing.
+        let starred = |part: &str, written: &str| part.contains('*') && !written.starts_with('"');
+        if starred(&schema, s) || (starred(&name, after) && name != "*") {
+            return Err(format!(
+                "table `{s}`: `*` stands only for all the tables of one schema, as in \
+                 \"public.*\"; list each schema so, and name other tables in full"
+            ));
         }
         Ok(TableName::new(schema, name))
     }
@@ -516,7 +528,8 @@ impl Config {
                 Err(e) => problems.push(format!("[replication] tables: {e}")),
             }
         }
-        if tables.is_empty() {
+        // Entries that were all refused above say enough.
+        if repl.tables.is_empty() {
             problems.push(
                 "[replication] tables is empty; list the tables to sync, e.g. tables = [\"public.jobs\"]".into(),
             );
@@ -1116,10 +1129,25 @@ mod tests {
         );
         assert_eq!(t("public.\"t\""), Ok(TableName::new("public", "t")));
         for bad in [
-            "jobs", "a.b.c", "\"a.b\"", ".t", "s.", "\"s.t", "\"s\"x.t", "s.\"\"",
+            "jobs",
+            "a.b.c",
+            "\"a.b\"",
+            ".t",
+            "s.",
+            "\"s.t",
+            "\"s\"x.t",
+            "s.\"\"",
+            "*.*",
+            "*.t",
+            "public.job*",
+            "public.**",
         ] {
             assert!(t(bad).is_err(), "{bad}");
         }
+        assert!(t("*.*")
+            .unwrap_err()
+            .contains("`*` stands only for all the tables of one"));
+        assert_eq!(t("\"*\".\"a*\""), Ok(TableName::new("*", "a*")));
         assert!(t("\"s.t").unwrap_err().contains("not closed"));
         // A quoted name round-trips through its SQL form.
         let odd = TableName::new("my.app", "Order \"Items\"");

@@ -186,6 +186,35 @@ async fn verify_exits_2_on_error() {
     assert!(err.contains("desktop: cannot reach"), "{err}");
 }
 
+/// Patterns that match no table (the config changed since `setup`, a schema misspelt) leave
+/// nothing to compare: an error, not "in sync". Before, verify printed nothing and exited 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn verify_and_repair_over_no_table_are_an_error_not_in_sync() {
+    let fx = Fixture::new(
+        "verify_none",
+        "CREATE TABLE jobs (id int PRIMARY KEY);",
+        r#"tables = ["public.jobs"]"#,
+    )
+    .await;
+    let text = std::fs::read_to_string(&fx.config_path)
+        .unwrap()
+        .replace(r#"tables = ["public.jobs"]"#, r#"tables = ["pubic.*"]"#);
+    let path = common::scratch().join("tandem-verify-none.toml");
+    std::fs::write(&path, text).unwrap();
+    let want = "desktop: [replication] tables (pubic.*) match no table; nothing to compare";
+    for (args, exit) in [
+        (&["verify"][..], 2),
+        (&["repair", "--source", "desktop"], 1),
+    ] {
+        let (code, out, err) = run_tandem(
+            &[&["--config", path.to_str().unwrap()][..], args].concat(),
+            &[],
+        );
+        assert_eq!(code, exit, "{args:?}: {out}{err}");
+        assert!(err.contains(want), "{args:?}: {err}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn divergence_behind_tandems_back_is_found_and_repaired_while_running() {
     let fx = Fixture::new("behind_back", SCHEMA, TABLES).await;

@@ -263,6 +263,18 @@ pub async fn shapes(
     only: Option<&TableName>,
 ) -> Result<Vec<Shape>> {
     let mut names = catalog::expand(d, &cfg.tables).await?;
+    // Nothing compared is not "in sync": before, verify printed nothing and exited 0.
+    if names.is_empty() {
+        bail!(
+            "desktop: [replication] tables ({}) match no table; nothing to compare. Correct the \
+             patterns, or create the tables (and run `tandem setup`)",
+            cfg.tables
+                .iter()
+                .map(|t| t.to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
     if let Some(t) = only {
         if !names.contains(t) {
             return Err(anyhow!(
