@@ -1197,3 +1197,37 @@ async fn a_control_schema_another_role_owns_is_refused_with_the_fix() {
     );
     assert_nothing_left("ctlcreate").await;
 }
+
+/// A second config pairing desktop's database with another mobile database is refused: the
+/// control schema there serves the first pair. Before, its `setup` deleted the first pair's
+/// checkpoint as a slot's leftover and wrote its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_pair_sharing_a_database_is_refused_and_the_first_keeps_its_checkpoint() {
+    let fx = Fixture::new("pairone", T, r#"tables = ["public.jobs"]"#).await;
+    let checkpoint = || async { Fixture::rows(&fx.d, "tandem.checkpoints").await.join("\n") };
+    let before = checkpoint().await;
+    assert!(before.contains("pairone_m"), "{before}");
+    drop(Fixture::databases("pairtwo", T).await);
+    let p = clusters();
+    let text = Fixture::config_text("pairtwo", r#"tables = ["public.jobs"]"#)
+        .replace(&p.desktop.url("pairtwo"), &p.desktop.url("pairone"));
+    let (code, _, err) = run_tandem(&["--config", &write_config("pairtwo", &text), "setup"], &[]);
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains(
+            "desktop: tandem's control schema there already serves another pair of databases: \
+             its checkpoint for mobile's changes is for slot pairone_m of mobile's database \
+             pairone, not for slot pairtwo_m of database pairtwo in this config"
+        ) && err.contains("`SELECT pg_drop_replication_slot('pairone_m')`"),
+        "{err}"
+    );
+    assert_eq!(checkpoint().await, before);
+    assert_nothing_left("pairtwo").await;
+    // The first pair replicates as before.
+    let run = fx.start().await;
+    fx.m.batch_execute("INSERT INTO jobs VALUES (1, 'from mobile')")
+        .await
+        .unwrap();
+    fx.wait_equal("jobs", 30).await;
+    run.stop().await;
+}

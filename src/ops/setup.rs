@@ -1050,6 +1050,7 @@ pub async fn validate_with(cfg: &Config, opts: Options) -> Result<(Client, Clien
         if let Some(problem) = same_database(cfg, d, m).await? {
             return Err(Problems(vec![problem]).into());
         }
+        check_pairing(cfg, d, m, &mut problems).await?;
         plan.tables = check_tables(cfg, d, m, &mut problems, &mut plan.warnings).await?;
         let tables = plan.tables.clone();
         check_conflicts(cfg, opts, d, m, &tables, &mut plan, &mut problems).await?;
@@ -1059,6 +1060,63 @@ pub async fn validate_with(cfg: &Config, opts: Options) -> Result<(Client, Clien
         (Some(d), Some(m)) if problems.is_empty() => Ok((d, m, plan)),
         _ => Err(Problems(problems).into()),
     }
+}
+
+/// A control schema serves one pair of databases: its checkpoints are per direction, and its
+/// lock and echo marker per database. A second config pairing one of these databases with a
+/// third (an office database shared by two field databases, a copied config) took over the
+/// first pair's checkpoint: `setup` deleted it as a slot's leftover and wrote its own, the first
+/// `run` then streamed from the wrong position (or stopped, told to run `setup` again, which
+/// took it back). Refused while the checkpoint's slot still lives, in another database of the
+/// source's cluster. (One on another cluster cannot be told from a source moved to a new
+/// server, which `setup` warns of as before.)
+async fn check_pairing(
+    cfg: &Config,
+    d: &Client,
+    m: &Client,
+    problems: &mut Vec<String>,
+) -> Result<()> {
+    for (source, src, tgt) in [(Side::Desktop, d, m), (Side::Mobile, m, d)] {
+        let site = cfg.site(source);
+        let made: bool = tgt
+            .query_one("SELECT to_regclass('tandem.checkpoints') IS NOT NULL", &[])
+            .await?
+            .get(0);
+        if !made {
+            continue;
+        }
+        let Some(cp) = checkpoint::load(tgt, source).await? else {
+            continue;
+        };
+        if cp.slot_name == site.slot {
+            continue;
+        }
+        let other = src
+            .query_opt(
+                "SELECT database::text, current_database()::text FROM pg_replication_slots \
+                 WHERE slot_name = $1 AND database IS DISTINCT FROM current_database()",
+                &[&cp.slot_name],
+            )
+            .await?;
+        if let Some(r) = other {
+            let (theirs, ours): (Option<String>, String) = (r.get(0), r.get(1));
+            let theirs = theirs.unwrap_or_else(|| "another database".into());
+            problems.push(format!(
+                "{target}: tandem's control schema there already serves another pair of \
+                 databases: its checkpoint for {source}'s changes is for slot {slot} of {source}'s \
+                 database {theirs}, not for slot {ours_slot} of database {ours} in this config. \
+                 One control schema serves one pair (its checkpoints, lock and echo marker are \
+                 the pair's): sync {ours} with a database of its own; or, if the pair of {theirs} \
+                 is gone, drop its slot on {source} (`SELECT pg_drop_replication_slot({lit})`) and \
+                 run `tandem setup` again",
+                target = source.other(),
+                slot = cp.slot_name,
+                ours_slot = site.slot,
+                lit = crate::config::quote_literal(&cp.slot_name),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Both URLs reaching one database (`localhost` and `127.0.0.1`, a copied line) would sync it
