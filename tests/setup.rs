@@ -1231,3 +1231,62 @@ async fn a_second_pair_sharing_a_database_is_refused_and_the_first_keeps_its_che
     fx.wait_equal("jobs", 30).await;
     run.stop().await;
 }
+
+/// A slot renamed in the config is renamed on the server: copied at its position, the checkpoint
+/// moved with it, the old one dropped. Before, `setup` made a new slot at the current position,
+/// dropped the checkpoint (what mobile wrote since was never sent) and left the old slot holding
+/// mobile's WAL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slot_renamed_in_the_config_is_renamed_on_the_server_and_nothing_is_lost() {
+    let fx = Fixture::new("slotrename", T, r#"tables = ["public.jobs"]"#).await;
+    let run = fx.start().await;
+    fx.m.batch_execute("INSERT INTO jobs VALUES (1, 'streamed')")
+        .await
+        .unwrap();
+    fx.wait_equal("jobs", 30).await;
+    run.stop().await;
+    // Written while run is stopped: only the slot has it.
+    fx.m.batch_execute("INSERT INTO jobs VALUES (2, 'while stopped')")
+        .await
+        .unwrap();
+    let text = std::fs::read_to_string(&fx.config_path)
+        .unwrap()
+        .replace("slot = \"slotrename_m\"", "slot = \"slotrename_m2\"");
+    let path = write_config("slotrename-2", &text);
+    let (code, out, err) = run_tandem(&["--config", &path, "setup"], &[]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(
+        out.contains("mobile: renamed replication slot slotrename_m to slotrename_m2"),
+        "{out}"
+    );
+    assert!(!out.contains("WARNING"), "{out}");
+    let slots: Vec<String> =
+        fx.m.query(
+            "SELECT slot_name::text FROM pg_replication_slots WHERE slot_name LIKE 'slotrename%' \
+             ORDER BY 1",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(slots, ["slotrename_m2"], "mobile's slots");
+    let renamed = Fixture::with_config(
+        "slotrename",
+        connect(&clusters().desktop.url("slotrename")).await,
+        connect(&clusters().mobile.url("slotrename")).await,
+        text,
+    )
+    .await;
+    let run = renamed.start().await;
+    renamed.wait_equal("jobs", 30).await;
+    assert_eq!(
+        Fixture::count(&renamed.d, "SELECT count(*) FROM jobs").await,
+        2
+    );
+    run.stop().await;
+    let (code, _, err) = run_tandem(&["--config", &path, "teardown"], &[]);
+    assert_eq!(code, 0, "{err}");
+    assert_nothing_left("slotrename").await;
+}

@@ -197,6 +197,16 @@ pub fn clear_skip_sql(source: Side) -> String {
     )
 }
 
+/// The checkpoint now belongs to the slot named `slot` (setup renaming a slot).
+pub async fn move_to_slot(c: &impl GenericClient, source: Side, slot: &str) -> Result<()> {
+    c.execute(
+        "UPDATE tandem.checkpoints SET slot_name = $2 WHERE direction = $1",
+        &[&source.direction_from(), &slot],
+    )
+    .await?;
+    Ok(())
+}
+
 pub async fn delete(c: &impl GenericClient, source: Side) -> Result<()> {
     c.execute(
         "DELETE FROM tandem.checkpoints WHERE direction = $1",

@@ -1050,7 +1050,10 @@ pub async fn validate_with(cfg: &Config, opts: Options) -> Result<(Client, Clien
         if let Some(problem) = same_database(cfg, d, m).await? {
             return Err(Problems(vec![problem]).into());
         }
-        check_pairing(cfg, d, m, &mut problems).await?;
+        // Reads the control schemas, which the role may not (a problem already found).
+        if problems.is_empty() {
+            check_pairing(cfg, d, m, &mut problems).await?;
+        }
         plan.tables = check_tables(cfg, d, m, &mut problems, &mut plan.warnings).await?;
         let tables = plan.tables.clone();
         check_conflicts(cfg, opts, d, m, &tables, &mut plan, &mut problems).await?;
@@ -1265,6 +1268,74 @@ async fn sync_publication(
     Ok(false)
 }
 
+/// A config naming another slot for `site` than the one its checkpoint (on `target`) belongs to,
+/// while that one still lives in this database: the slot is renamed. PostgreSQL has no rename, so
+/// it is copied under the new name at its position, the checkpoint moves to the copy, and the old
+/// one is dropped; nothing between the checkpoint and now is lost, and no slot is left behind.
+/// Before, `setup` made a new slot at the current position, deleted the checkpoint (losing what
+/// the source wrote since it, with a warning blaming a missing slot) and left the old slot keeping
+/// the source's WAL for ever. Each step may be done again after a crash: a copy already made is
+/// taken.
+async fn rename_slot(src: &Client, target: &Client, site: &Site) -> Result<Option<String>> {
+    let side = site.side;
+    let made: bool = target
+        .query_one("SELECT to_regclass('tandem.checkpoints') IS NOT NULL", &[])
+        .await?
+        .get(0);
+    let Some(cp) = (if made {
+        checkpoint::load(target, side).await?
+    } else {
+        None
+    }) else {
+        return Ok(None);
+    };
+    if cp.slot_name == site.slot {
+        return Ok(None);
+    }
+    let old = src
+        .query_opt(
+            "SELECT active_pid FROM pg_replication_slots WHERE slot_name = $1 \
+             AND database = current_database() AND plugin = 'pgoutput'",
+            &[&cp.slot_name],
+        )
+        .await?;
+    let Some(old) = old else {
+        return Ok(None);
+    };
+    if let Some(pid) = old.get::<_, Option<i32>>(0) {
+        anyhow::bail!(
+            "{side}: renaming slot {} to {}: server process {pid} is streaming it (a `tandem \
+             run` with the old config?); stop it and run `tandem setup` again",
+            cp.slot_name,
+            site.slot
+        );
+    }
+    let copied = src
+        .query_opt(
+            "SELECT 1 FROM pg_replication_slots WHERE slot_name = $1",
+            &[&site.slot],
+        )
+        .await?
+        .is_some();
+    if !copied {
+        src.execute(
+            "SELECT pg_copy_logical_replication_slot($1, $2)",
+            &[&cp.slot_name, &site.slot],
+        )
+        .await
+        .with_context(|| format!("{side}: copying slot {} to {}", cp.slot_name, site.slot))?;
+    }
+    checkpoint::move_to_slot(target, side, &site.slot).await?;
+    src.execute("SELECT pg_drop_replication_slot($1)", &[&cp.slot_name])
+        .await
+        .with_context(|| format!("{side}: dropping slot {} once renamed", cp.slot_name))?;
+    Ok(Some(format!(
+        "{side}: renamed replication slot {} to {} (copied at its position; the checkpoint \
+         moved with it)",
+        cp.slot_name, site.slot
+    )))
+}
+
 /// The slot's position, creating the slot when missing. `(lsn, created)`.
 async fn ensure_slot(c: &Client, site: &Site) -> Result<(Lsn, bool)> {
     let row = c
@@ -1382,6 +1453,9 @@ async fn create_replication(
                 site.publication,
                 from_here.len()
             ));
+        }
+        if let Some(line) = rename_slot(c, target, site).await? {
+            report.push(line);
         }
         let (lsn, new_slot) = ensure_slot(c, site).await?;
         if new_slot {
