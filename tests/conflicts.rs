@@ -430,15 +430,11 @@ fn resolve_items(config: &str, take: &str) -> (i32, String, String) {
 }
 
 async fn resolutions(c: &Client) -> Vec<String> {
-    c.query(
+    common::strings(
+        c,
         "SELECT kind || ' ' || resolution FROM tandem.conflicts ORDER BY kind",
-        &[],
     )
     .await
-    .unwrap()
-    .iter()
-    .map(|r| r.get(0))
-    .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

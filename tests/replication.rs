@@ -3342,13 +3342,7 @@ async fn names_that_need_quoting_work_everywhere() {
         ]
     );
     for c in [&fx.d, &fx.m] {
-        let names: Vec<String> = c
-            .query(r#"SELECT "Name" FROM "Customer" ORDER BY "Name""#, &[])
-            .await
-            .unwrap()
-            .iter()
-            .map(|r| r.get(0))
-            .collect();
+        let names = common::strings(c, r#"SELECT "Name" FROM "Customer" ORDER BY "Name""#).await;
         assert_eq!(names, ["Ann", "Bo"]);
     }
     let drift = r#"UPDATE "Sales Dept"."Order Items" SET "select" = 'drift' WHERE "Item ID" = 3"#;
@@ -3546,16 +3540,11 @@ async fn a_partitioned_table_without_a_key_gets_whole_old_rows_from_setup_and_ke
     wait_count(30, &fx.d, "SELECT count(*) FROM readings WHERE v = 6", 1).await;
     run.stop().await;
     for c in [&fx.d, &fx.m] {
-        let r: Vec<String> = c
-            .query(
-                "SELECT tableoid::regclass::text || ' ' || r::text FROM readings r ORDER BY 1",
-                &[],
-            )
-            .await
-            .unwrap()
-            .iter()
-            .map(|r| r.get(0))
-            .collect();
+        let r = common::strings(
+            c,
+            "SELECT tableoid::regclass::text || ' ' || r::text FROM readings r ORDER BY 1",
+        )
+        .await;
         assert_eq!(
             r,
             [

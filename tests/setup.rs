@@ -284,17 +284,12 @@ async fn a_pattern_over_a_schema_a_side_lacks_is_refused_and_quoted_names_are_ta
         out.contains("warning: [replication] tables pattern later.* matches no table yet"),
         "{out}"
     );
-    let published: Vec<String> = d
-        .query(
-            "SELECT schemaname || '.' || tablename FROM pg_publication_tables \
-             WHERE pubname = 'patterns_d' ORDER BY 1",
-            &[],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let published = common::strings(
+        &d,
+        "SELECT schemaname || '.' || tablename FROM pg_publication_tables \
+         WHERE pubname = 'patterns_d' ORDER BY 1",
+    )
+    .await;
     assert_eq!(published, ["Sales.Order Items", "public.jobs"]);
     let (code, _, err) = run_tandem(
         &["--config", &write_config("patterns", &text), "teardown"],
@@ -1260,17 +1255,12 @@ async fn a_slot_renamed_in_the_config_is_renamed_on_the_server_and_nothing_is_lo
         "{out}"
     );
     assert!(!out.contains("WARNING"), "{out}");
-    let slots: Vec<String> =
-        fx.m.query(
-            "SELECT slot_name::text FROM pg_replication_slots WHERE slot_name LIKE 'slotrename%' \
-             ORDER BY 1",
-            &[],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let slots = common::strings(
+        &fx.m,
+        "SELECT slot_name::text FROM pg_replication_slots WHERE slot_name LIKE 'slotrename%' \
+         ORDER BY 1",
+    )
+    .await;
     assert_eq!(slots, ["slotrename_m2"], "mobile's slots");
     let renamed = Fixture::with_config(
         "slotrename",

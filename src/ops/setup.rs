@@ -1081,14 +1081,7 @@ async fn check_pairing(
 ) -> Result<()> {
     for (source, src, tgt) in [(Side::Desktop, d, m), (Side::Mobile, m, d)] {
         let site = cfg.site(source);
-        let made: bool = tgt
-            .query_one("SELECT to_regclass('tandem.checkpoints') IS NOT NULL", &[])
-            .await?
-            .get(0);
-        if !made {
-            continue;
-        }
-        let Some(cp) = checkpoint::load(tgt, source).await? else {
+        let Some(cp) = checkpoint_if_made(tgt, source).await? else {
             continue;
         };
         if cp.slot_name == site.slot {
@@ -1120,6 +1113,18 @@ async fn check_pairing(
         }
     }
     Ok(())
+}
+
+/// The checkpoint of `source`'s changes on `target`, if the control schema is there yet.
+async fn checkpoint_if_made(target: &Client, source: Side) -> Result<Option<Checkpoint>> {
+    let made: bool = target
+        .query_one("SELECT to_regclass('tandem.checkpoints') IS NOT NULL", &[])
+        .await?
+        .get(0);
+    if !made {
+        return Ok(None);
+    }
+    checkpoint::load(target, source).await
 }
 
 /// Both URLs reaching one database (`localhost` and `127.0.0.1`, a copied line) would sync it
@@ -1278,15 +1283,7 @@ async fn sync_publication(
 /// taken.
 async fn rename_slot(src: &Client, target: &Client, site: &Site) -> Result<Option<String>> {
     let side = site.side;
-    let made: bool = target
-        .query_one("SELECT to_regclass('tandem.checkpoints') IS NOT NULL", &[])
-        .await?
-        .get(0);
-    let Some(cp) = (if made {
-        checkpoint::load(target, side).await?
-    } else {
-        None
-    }) else {
+    let Some(cp) = checkpoint_if_made(target, side).await? else {
         return Ok(None);
     };
     if cp.slot_name == site.slot {

@@ -345,6 +345,16 @@ impl Fixture {
     }
 }
 
+/// The first column of each row `sql` returns on `c`, as text.
+pub async fn strings(c: &Client, sql: &str) -> Vec<String> {
+    c.query(sql, &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+}
+
 /// The `confirmed_flush_lsn` of `slot` on `c`.
 pub async fn slot_confirmed(c: &Client, slot: &str) -> u64 {
     let s: String = c
