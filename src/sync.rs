@@ -477,8 +477,26 @@ async fn check_old_rows(
 async fn check_published(cfg: &Config, src: &tokio_postgres::Client, source: Side) -> Result<()> {
     let published = published(src, &cfg.site(source).publication).await?;
     let missing = not_in(cfg, src, source, &published).await?;
+    // The publication follows a table by its OID: one renamed while tandem was stopped is
+    // still in it, under a name the config does not have.
+    let extra: Vec<String> = published
+        .iter()
+        .filter(|t| !cfg.lists(t))
+        .map(|t| t.to_string())
+        .collect();
     if missing.is_empty() {
-        return Ok(());
+        if extra.is_empty() {
+            return Ok(());
+        }
+        // As a column list or filter that differs: before, their changes were streamed and
+        // dropped without a word, and naming them again later brought no copy of them.
+        bail!(
+            "{source}: publication {} holds {}, which [replication] tables does not name (taken \
+             out of the config since `tandem setup`?), so their changes would be left out \
+             unsaid; run `tandem setup` to take them out of the publication, or name them again",
+            cfg.site(source).publication,
+            extra.join(", ")
+        );
     }
     let mut gone = Vec::new();
     for t in &missing {
@@ -490,13 +508,6 @@ async fn check_published(cfg: &Config, src: &tokio_postgres::Client, source: Sid
             gone.push(t.to_string());
         }
     }
-    // The publication follows a table by its OID: one renamed while tandem was stopped is
-    // still in it, under a name the config does not have.
-    let extra: Vec<String> = published
-        .iter()
-        .filter(|t| !cfg.lists(t))
-        .map(|t| t.to_string())
-        .collect();
     if !gone.is_empty() && !extra.is_empty() {
         bail!(
             "{source}: {} named in [replication] tables no longer {} on {source}, and \

@@ -4221,3 +4221,46 @@ async fn a_connection_pooler_in_front_of_a_side_is_refused_before_anything_is_wr
     fx.wait_equal("jobs", 30).await;
     run.stop().await;
 }
+
+/// A table taken out of `[replication] tables` without running `setup` again is still in the
+/// publications: `run` refuses to start, as for a column list or filter that differs, and after
+/// `setup` it runs without it. Before, its changes were streamed and dropped without a word.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_table_taken_out_of_the_config_stops_run_until_setup_takes_it_out() {
+    let fx = Fixture::new(
+        "shrunk",
+        "CREATE TABLE a (id int PRIMARY KEY); CREATE TABLE b (id int PRIMARY KEY);",
+        r#"tables = ["public.a", "public.b"]"#,
+    )
+    .await;
+    let text = std::fs::read_to_string(&fx.config_path).unwrap().replace(
+        r#"tables = ["public.a", "public.b"]"#,
+        r#"tables = ["public.a"]"#,
+    );
+    let path = common::scratch().join("tandem-test-shrunk-a.toml");
+    std::fs::write(&path, &text).unwrap();
+    let (code, _, err) =
+        common::run_tandem_within(60, &["--config", path.to_str().unwrap(), "run"]);
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains(
+            "desktop: publication shrunk_d holds public.b, which [replication] tables does not \
+             name (taken out of the config since `tandem setup`?)"
+        ),
+        "{err}"
+    );
+    let (d, m) = (
+        connect(&clusters().desktop.url("shrunk")).await,
+        connect(&clusters().mobile.url("shrunk")).await,
+    );
+    let only_a = Fixture::with_config("shrunk", d, m, text).await;
+    let run = only_a.start().await;
+    only_a
+        .d
+        .batch_execute("INSERT INTO a VALUES (1); INSERT INTO b VALUES (1)")
+        .await
+        .unwrap();
+    only_a.wait_equal("a", 30).await;
+    assert_eq!(Fixture::count(&only_a.m, "SELECT count(*) FROM b").await, 0);
+    run.stop().await;
+}
