@@ -33,6 +33,15 @@ impl TableName {
     pub fn is_wildcard(&self) -> bool {
         self.name == "*"
     }
+
+    /// Names for a message: `public.a, public.b`.
+    pub fn list(names: &[TableName]) -> String {
+        names
+            .iter()
+            .map(|t| t.to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
 }
 
 impl fmt::Display for TableName {

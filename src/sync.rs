@@ -200,11 +200,7 @@ pub async fn run(
         }
         match &added {
             Some(tables) if first_err.is_none() && !*stop_rx.borrow() => {
-                let names = tables
-                    .iter()
-                    .map(|t| t.to_string())
-                    .collect::<Vec<_>>()
-                    .join(", ");
+                let names = TableName::list(tables);
                 tracing::info!(
                     "{names}: published since `run` started and never synchronised; both \
                      directions stopped for its initial snapshot, then stream again"
@@ -526,11 +522,7 @@ async fn check_published(cfg: &Config, src: &tokio_postgres::Client, source: Sid
         "{source}: {} match [replication] tables but are not in publication {} (created \
          after `tandem setup`?), so their changes would not be sent; run `tandem setup` to \
          add them, then `tandem run` again",
-        missing
-            .iter()
-            .map(|t| t.to_string())
-            .collect::<Vec<_>>()
-            .join(", "),
+        TableName::list(&missing),
         cfg.site(source).publication
     );
 }

@@ -268,22 +268,14 @@ pub async fn shapes(
         bail!(
             "desktop: [replication] tables ({}) match no table; nothing to compare. Correct the \
              patterns, or create the tables (and run `tandem setup`)",
-            cfg.tables
-                .iter()
-                .map(|t| t.to_string())
-                .collect::<Vec<_>>()
-                .join(", ")
+            TableName::list(&cfg.tables)
         );
     }
     if let Some(t) = only {
         if !names.contains(t) {
             return Err(anyhow!(
                 "table {t} is not among the configured tables ({})",
-                names
-                    .iter()
-                    .map(|n| n.to_string())
-                    .collect::<Vec<_>>()
-                    .join(", ")
+                TableName::list(&names)
             ));
         }
         names = vec![t.clone()];

@@ -474,8 +474,8 @@ fn pooler_hint(e: WalError) -> WalError {
         WalError::Server { text, code } if is_pooler_refusal(&text) => WalError::Server {
             text: format!(
                 "{text} This looks like a connection pooler (PgBouncer, Supavisor), which \
-                     cannot carry replication: give the database's own address (on Supabase, \
-                     the direct connection on port 5432, not the pooler's)"
+                 cannot carry replication: give the database's own address (on Supabase, the \
+                 direct connection on port 5432, not the pooler's)"
             ),
             code,
         },
