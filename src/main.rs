@@ -61,6 +61,10 @@ enum Command {
         /// Make key sequences of two-way tables disjoint: `odd-even` (desktop odd, mobile even).
         #[arg(long, value_parser = ["odd-even"])]
         sequences: Option<String>,
+        /// SIDE's database moved to another server (a new cluster): take over the checkpoint
+        /// taken against the one it replaced, which setup otherwise refuses as another pair's.
+        #[arg(long, value_name = "SIDE", value_parser = verify::parse_side)]
+        replaced: Option<tandem::side::Side>,
     },
     /// Replicate both directions until SIGINT or SIGTERM.
     Run {
@@ -506,11 +510,13 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Setup {
             replica_identity_full,
             sequences,
+            replaced,
         } => {
             let cfg = Arc::new(Config::load(&cli.config)?);
             let opts = setup::Options {
                 replica_identity_full,
                 sequences_odd_even: sequences.is_some(),
+                replaced,
             };
             for line in setup::setup_with(cfg, opts).await? {
                 println!("{line}");

@@ -1122,9 +1122,13 @@ async fn direction_once(
     if !cp.source_system_id.is_empty() && cp.source_system_id != stream.system_id {
         bail!(
             "{source}: this is database system {}, but the checkpoint was taken against system {}: \
-             the {source} database was replaced. Run `tandem teardown` and `tandem setup` to start over",
+             the {source} database was replaced (or this config pairs {other} with another \
+             {source} database than the checkpoint's). If {source} moved to this server, run \
+             `tandem setup --replaced {source}`; else point the config at the {source} database \
+             of that system",
             stream.system_id,
-            cp.source_system_id
+            cp.source_system_id,
+            other = source.other(),
         );
     }
     check_no_gap(&source_sql, site, cp.lsn).await?;

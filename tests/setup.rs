@@ -1227,6 +1227,95 @@ async fn a_second_pair_sharing_a_database_is_refused_and_the_first_keeps_its_che
     run.stop().await;
 }
 
+/// Hub and spoke across servers: a second config pairs desktop's database with a mobile database
+/// on another server, under the same slot names. The checkpoint there is the first pair's, taken
+/// against another database system; before, `setup` took it over with a warning about a missing
+/// slot, and the first pair's `run` then stopped. Refused, unless the operator says mobile moved
+/// (`--replaced mobile`), and `run` of the pair left behind names that way out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_checkpoint_of_another_database_system_is_kept_unless_the_source_was_replaced() {
+    let fx = Fixture::new("hub", T, r#"tables = ["public.jobs"]"#).await;
+    let run = fx.start().await;
+    fx.m.batch_execute("INSERT INTO jobs VALUES (1, 'from the first mobile')")
+        .await
+        .unwrap();
+    fx.wait_equal("jobs", 30).await;
+    run.stop().await;
+    let checkpoint = || async {
+        common::strings(
+            &fx.d,
+            "SELECT source_system_id || ' ' || slot_name || ' ' || lsn::text \
+             FROM tandem.checkpoints WHERE direction = 'M>D'",
+        )
+        .await
+    };
+    let before = checkpoint().await;
+    // The second mobile: a database on desktop's server, another database system than mobile's.
+    let (spoke, _) = Fixture::databases("spoke", T).await;
+    let p = clusters();
+    let text = std::fs::read_to_string(&fx.config_path)
+        .unwrap()
+        .replace(&p.mobile.url("hub"), &p.desktop.url("spoke"));
+    let cfg2 = write_config("spoke", &text);
+    let (code, out, err) = run_tandem(&["--config", &cfg2, "setup"], &[]);
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(
+        err.contains(
+            "desktop: tandem's control schema there holds the checkpoint of mobile's \
+             changes from slot hub_m of database system "
+        ) && err.contains("`tandem setup --replaced mobile`"),
+        "{err}"
+    );
+    assert_eq!(checkpoint().await, before);
+    let slots = common::strings(
+        &fx.d,
+        "SELECT slot_name::text FROM pg_replication_slots WHERE slot_name LIKE 'hub%' ORDER BY 1",
+    )
+    .await;
+    assert_eq!(slots, ["hub_d"], "desktop server's slots");
+    let made = common::strings(
+        &spoke,
+        "SELECT (to_regclass('tandem.checkpoints') IS NOT NULL)::text",
+    )
+    .await;
+    assert_eq!(made, ["false"], "spoke's control schema");
+    // Told that mobile moved there, setup takes the checkpoint over, and says what that loses.
+    let (code, out, err) = run_tandem(&["--config", &cfg2, "setup", "--replaced", "mobile"], &[]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.contains("WARNING mobile: mobile is now database system ")
+            && out.contains("`tandem repair --source mobile`"),
+        "{out}"
+    );
+    let after = checkpoint().await;
+    assert_ne!(after, before);
+    assert!(after[0].contains(" hub_m "), "{after:?}");
+    // The first config's run now meets a checkpoint of another system, and names the way out
+    // (before the moved pair's run: it moves the slot on desktop the two configs share).
+    let cfg1 = fx.config_path.to_str().unwrap();
+    let (code, out, err) = common::run_tandem_within(60, &["--config", cfg1, "run"]);
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(
+        err.contains("mobile: this is database system ")
+            && err.contains("`tandem setup --replaced mobile`"),
+        "{err}"
+    );
+    let moved =
+        Fixture::with_config("spoke", connect(&p.desktop.url("hub")).await, spoke, text).await;
+    let run = moved.start().await;
+    moved
+        .m
+        .batch_execute("INSERT INTO jobs VALUES (2, 'from the moved mobile')")
+        .await
+        .unwrap();
+    common::wait_count(30, &moved.d, "SELECT count(*) FROM jobs WHERE id = 2", 1).await;
+    run.stop().await;
+    for cfg in [&cfg2[..], cfg1] {
+        let (code, _, err) = run_tandem(&["--config", cfg, "teardown"], &[]);
+        assert_eq!(code, 0, "{err}");
+    }
+}
+
 /// A slot renamed in the config is renamed on the server: copied at its position, the checkpoint
 /// moved with it, the old one dropped. Before, `setup` made a new slot at the current position,
 /// dropped the checkpoint (what mobile wrote since was never sent) and left the old slot holding

@@ -74,6 +74,9 @@ pub struct Options {
     pub replica_identity_full: bool,
     /// Make key sequences of two-way tables disjoint: desktop odd, mobile even.
     pub sequences_odd_even: bool,
+    /// This side's database now lives on another server (a dump restored into a new cluster):
+    /// take over the checkpoint of the one it replaced, which `setup` refuses otherwise.
+    pub replaced: Option<Side>,
 }
 
 async fn connect_checked(site: &Site, problems: &mut Vec<String>) -> Option<Client> {
@@ -1052,7 +1055,7 @@ pub async fn validate_with(cfg: &Config, opts: Options) -> Result<(Client, Clien
         }
         // Reads the control schemas, which the role may not (a problem already found).
         if problems.is_empty() {
-            check_pairing(cfg, d, m, &mut problems).await?;
+            check_pairing(cfg, opts, d, m, &mut problems).await?;
         }
         plan.tables = check_tables(cfg, d, m, &mut problems, &mut plan.warnings).await?;
         let tables = plan.tables.clone();
@@ -1071,10 +1074,12 @@ pub async fn validate_with(cfg: &Config, opts: Options) -> Result<(Client, Clien
 /// first pair's checkpoint: `setup` deleted it as a slot's leftover and wrote its own, the first
 /// `run` then streamed from the wrong position (or stopped, told to run `setup` again, which
 /// took it back). Refused while the checkpoint's slot still lives, in another database of the
-/// source's cluster. (One on another cluster cannot be told from a source moved to a new
-/// server, which `setup` warns of as before.)
+/// source's cluster; and while it was taken against another database system (the second pair's
+/// source on another server, under the same slot name), unless the operator says the source was
+/// moved there (`--replaced`): only they can tell that from a second pair.
 async fn check_pairing(
     cfg: &Config,
+    opts: Options,
     d: &Client,
     m: &Client,
     problems: &mut Vec<String>,
@@ -1084,6 +1089,25 @@ async fn check_pairing(
         let Some(cp) = checkpoint_if_made(tgt, source).await? else {
             continue;
         };
+        if !cp.source_system_id.is_empty() && opts.replaced != Some(source) {
+            let (system_id, _) = identify(site).await?;
+            if system_id != cp.source_system_id {
+                problems.push(format!(
+                    "{target}: tandem's control schema there holds the checkpoint of {source}'s \
+                     changes from slot {slot} of database system {theirs}, but this config's \
+                     {source} is database system {system_id}: another server. One control \
+                     schema serves one pair of databases (its checkpoints, lock and echo marker \
+                     are the pair's): if that pair still runs, sync this {source} with a \
+                     {target} database of its own; if {source}'s database was moved to this \
+                     server and the old one is gone, run `tandem setup --replaced {source}`, \
+                     which starts {source}'s changes afresh from here",
+                    target = source.other(),
+                    slot = cp.slot_name,
+                    theirs = cp.source_system_id,
+                ));
+                continue;
+            }
+        }
         if cp.slot_name == site.slot {
             continue;
         }
@@ -1469,22 +1493,42 @@ async fn create_replication(
             slot_name: site.slot.clone(),
             lsn,
         };
-        if new_slot {
+        let old = checkpoint::load(target, side).await?;
+        // Another database system's checkpoint is here only with `--replaced` (checked above).
+        let replaced = old.as_ref().is_some_and(|o| {
+            !o.source_system_id.is_empty() && o.source_system_id != cp.source_system_id
+        });
+        if new_slot || replaced {
             // A new slot starts a new history: any older checkpoint belonged to another slot.
             // One that was there means tandem streamed this side before, and what it wrote
             // between that checkpoint and the new slot will never be streamed.
-            if let Some(old) = checkpoint::load(target, side).await? {
+            if let Some(old) = old {
+                let what = if replaced {
+                    format!(
+                        "{side} is now database system {}, but {other} held tandem's checkpoint \
+                         {at} for the changes of system {}",
+                        cp.source_system_id,
+                        old.source_system_id,
+                        other = side.other(),
+                        at = old.lsn,
+                    )
+                } else {
+                    format!(
+                        "slot {slot} was created again, but {other} held tandem's checkpoint \
+                         {at} for {side}'s changes",
+                        slot = site.slot,
+                        other = side.other(),
+                        at = old.lsn,
+                    )
+                };
                 report.push(format!(
-                    "WARNING {side}: slot {slot} was created again, but {other} held tandem's \
-                     checkpoint {at} for {side}'s changes: what {side} changed after it (while \
-                     the slot was missing, after a teardown, or on a failover) was never \
-                     streamed to {other} and will not be. Once `tandem run` streams, bring \
+                    "WARNING {side}: {what}: what {side} changed after it (while the slot was \
+                     missing, after a teardown, on a failover, or on the server it replaced) was \
+                     never streamed to {other} and will not be. Once `tandem run` streams, bring \
                      {other} up to date: `tandem verify`, then `tandem repair --source {side}` \
                      (or `tandem snapshot --seed {side}` while run is stopped, which merges and \
                      so does not carry deletes over)",
-                    slot = site.slot,
                     other = side.other(),
-                    at = old.lsn,
                 ));
             }
             checkpoint::delete(target, side).await?;
