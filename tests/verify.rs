@@ -460,3 +460,53 @@ async fn a_table_without_a_key_is_compared_copy_by_copy_and_repaired_while_runni
         2
     );
 }
+
+/// A table without a key is known by all its columns, and a function takes at most 100
+/// arguments: past 50 columns, verify failed with `cannot pass more than 100 arguments to a
+/// function`, naming no table (found by hand).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_table_without_a_key_of_sixty_columns_is_verified_and_repaired() {
+    let cols: Vec<String> = (0..60).map(|i| format!("c{i} int")).collect();
+    let schema = format!(
+        "CREATE TABLE wide ({}); ALTER TABLE wide REPLICA IDENTITY FULL;",
+        cols.join(", ")
+    );
+    let fx = Fixture::new("verify_wide", &schema, r#"tables = ["public.wide"]"#).await;
+    let run = fx.start().await;
+    fx.d.batch_execute("INSERT INTO wide (c0, c59) SELECT g, g FROM generate_series(1, 3) g")
+        .await
+        .unwrap();
+    fx.wait_equal("wide", 30).await;
+    fx.m.batch_execute(
+        "BEGIN; SELECT pg_logical_emit_message(true, 'tandem', 'manual');
+         DELETE FROM wide WHERE c0 = 1; INSERT INTO wide (c1, c58) VALUES (7, 8); COMMIT;",
+    )
+    .await
+    .unwrap();
+    let r = verify::verify(&fx.cfg, None).await.unwrap();
+    let w = table(&r, "public.wide");
+    assert_eq!(
+        (w.in_sync, w.only_desktop, w.only_mobile, w.differs),
+        (2, 1, 1, 0),
+        "{w:?}"
+    );
+    let only_mobile = &w.samples.only_mobile[0];
+    assert_eq!(
+        (&only_mobile["c1"], &only_mobile["c58"], &only_mobile["c59"]),
+        (
+            &serde_json::json!(7),
+            &serde_json::json!(8),
+            &serde_json::Value::Null
+        ),
+        "{w:?}"
+    );
+    let done = repair::repair(fx.cfg.clone(), Side::Desktop, None, false)
+        .await
+        .unwrap();
+    assert_eq!((done[0].upserted, done[0].deleted), (1, 1));
+    run.stop().await;
+    assert_eq!(
+        Fixture::rows(&fx.d, "wide").await,
+        Fixture::rows(&fx.m, "wide").await
+    );
+}

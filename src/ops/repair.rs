@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use tokio_postgres::types::ToSql;
 use tokio_postgres::Client;
 
@@ -261,7 +261,8 @@ pub async fn repair(
                 }
                 a.commit_outside_stream().await
             })
-            .await?;
+            .await
+            .with_context(|| format!("repairing {}", s.name))?;
         }
     }
     for done in &out {
