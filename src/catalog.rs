@@ -83,13 +83,32 @@ pub async fn table(c: &impl GenericClient, name: &TableName) -> Result<Option<Ta
             }
         }
     }
+    let inherited = inherited(c, name).await?;
     Ok(Some(TargetTable {
         name: name.clone(),
         columns,
         key,
         unique,
         former: vec![],
+        inherited,
     }))
+}
+
+/// Do other tables inherit from `name` (`INHERITS`; partitions are not counted)? Its own rows are
+/// then `ONLY` it: a query of it reads theirs too, an `UPDATE` or `DELETE` writes theirs, while
+/// logical decoding sends each table's changes under its own name (native's table sync, too,
+/// copies each table of such a tree by itself). Before, a repair or snapshot of the parent wrote
+/// a child's rows into the parent a second time, and verify counted them under both.
+pub async fn inherited(c: &impl GenericClient, name: &TableName) -> Result<bool> {
+    Ok(c
+        .query_one(
+            "SELECT c.relkind = 'r' AND EXISTS (SELECT 1 FROM pg_inherits i WHERE i.inhparent = c.oid) \
+             FROM pg_class c WHERE c.oid = $1::text::regclass",
+            &[&name.quoted()],
+        )
+        .await
+        .with_context(|| format!("reading whether tables inherit from {name}"))?
+        .get(0))
 }
 
 /// Expand `schema.*` patterns into the ordinary tables of that schema; plain names pass through.

@@ -30,6 +30,15 @@ impl TableName {
         format!("{}.{}", quote_ident(&self.schema), quote_ident(&self.name))
     }
 
+    /// In a `FROM`, `UPDATE` or `DELETE`: the table's own rows, `ONLY` it when other tables
+    /// inherit from it (see [`crate::catalog::inherited`]).
+    pub fn rows(&self, inherited: bool) -> String {
+        match inherited {
+            true => format!("ONLY {}", self.quoted()),
+            false => self.quoted(),
+        }
+    }
+
     pub fn is_wildcard(&self) -> bool {
         self.name == "*"
     }

@@ -820,7 +820,9 @@ impl Applier {
                 for t in tables {
                     if self.flows(&t.name) && !copy_holds(&self.copied, &t.name, ev) {
                         // By the target's name for it (renamed there, see `target_table`).
-                        names.push(self.target_table(&t.name).await?.name.quoted());
+                        // `ONLY` an inheritance parent: the source sends each table it truncated
+                        // (a `TRUNCATE ONLY` there leaves the children out of the message).
+                        names.push(self.target_table(&t.name).await?.rows());
                     }
                 }
                 self.ensure_txn(ev.commit_lsn).await?;

@@ -35,6 +35,17 @@ pub struct TargetTable {
     /// column under its name now) or dropped them (`None`): the other side's rows written before
     /// the change reached it still name them so.
     pub former: Vec<(String, Option<usize>)>,
+    /// An ordinary table others inherit from (`INHERITS`, not partitions): a query of it reads
+    /// their rows too, and an `UPDATE` or `DELETE` writes them, so its own rows are `ONLY` it.
+    pub inherited: bool,
+}
+
+impl TargetTable {
+    /// The table's own rows in a `FROM`, `UPDATE` or `DELETE`: `ONLY` it when others inherit from
+    /// it (native logical replication, too, copies and applies each table of a tree by itself).
+    pub fn rows(&self) -> String {
+        self.name.rows(self.inherited)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -54,6 +54,7 @@ pub fn statement(t: &TargetTable, op: Op, cols: &[usize], existing: Existing) ->
             .collect()
     };
     let table = t.name.quoted();
+    let rows = t.rows();
     // A table without a key: the row to change is one equal, column by column, to the values
     // from `from_pos` on, found by its physical address (and partition). The target's text forms
     // are compared, NULLs alike, so a type without an equality operator (json, point) matches
@@ -79,7 +80,7 @@ pub fn statement(t: &TargetTable, op: Op, cols: &[usize], existing: Existing) ->
             })
             .collect();
         format!(
-            "CROSS JOIN LATERAL (SELECT x.tableoid AS rel, x.ctid AS tid FROM {table} AS x \
+            "CROSS JOIN LATERAL (SELECT x.tableoid AS rel, x.ctid AS tid FROM {rows} AS x \
              WHERE {} LIMIT 1) f WHERE t.tableoid = f.rel AND t.ctid = f.tid",
             if same.is_empty() {
                 "true".to_string()
@@ -125,18 +126,15 @@ pub fn statement(t: &TargetTable, op: Op, cols: &[usize], existing: Existing) ->
                 return None;
             }
             format!(
-                "UPDATE {table} AS t SET {} FROM {from} WHERE {}",
+                "UPDATE {rows} AS t SET {} FROM {from} WHERE {}",
                 sets.join(", "),
                 key_match()
             )
         }
         Op::Delete if t.key.is_empty() => {
-            format!("DELETE FROM {table} AS t USING {from} {}", one_equal(0))
+            format!("DELETE FROM {rows} AS t USING {from} {}", one_equal(0))
         }
-        Op::Delete => format!(
-            "DELETE FROM {table} AS t USING {from} WHERE {}",
-            key_match()
-        ),
+        Op::Delete => format!("DELETE FROM {rows} AS t USING {from} WHERE {}", key_match()),
         Op::Replace => {
             // The new image's columns, then the old row's: the same columns (`Planner::replace`).
             let n = cols.len() / 2;
@@ -145,7 +143,7 @@ pub fn statement(t: &TargetTable, op: Op, cols: &[usize], existing: Existing) ->
                 return None;
             }
             format!(
-                "UPDATE {table} AS t SET {} FROM {from} {}",
+                "UPDATE {rows} AS t SET {} FROM {from} {}",
                 sets.join(", "),
                 one_equal(n)
             )
@@ -173,9 +171,9 @@ pub fn statement(t: &TargetTable, op: Op, cols: &[usize], existing: Existing) ->
             // UPDATE's FROM, so it runs before the moved row's key meets the unique index; the
             // row it deleted is then dead to the index check.
             format!(
-                "WITH gone AS (DELETE FROM {table} AS t USING {from} WHERE {} \
-                 AND EXISTS (SELECT 1 FROM {table} AS x WHERE {}) RETURNING 1) \
-                 UPDATE {table} AS t SET {} FROM {from}, (SELECT count(*) FROM gone) AS g WHERE {}",
+                "WITH gone AS (DELETE FROM {rows} AS t USING {from} WHERE {} \
+                 AND EXISTS (SELECT 1 FROM {rows} AS x WHERE {}) RETURNING 1) \
+                 UPDATE {rows} AS t SET {} FROM {from}, (SELECT count(*) FROM gone) AS g WHERE {}",
                 key_match(),
                 old_key("x"),
                 sets.join(", "),
@@ -355,7 +353,7 @@ pub fn lookup(
         joins.push_str(&format!(
             " LEFT JOIN LATERAL (SELECT true AS present, t AS r{version_field}, t.xmin AS xmin FROM {} AS t \
              WHERE {} AND ({}) IS DISTINCT FROM ({}) LIMIT 1 FOR UPDATE) y{j} ON true",
-            t.name.quoted(),
+            t.rows(),
             same.join(" AND "),
             key_cols.join(", "),
             key_vals.join(", ")
@@ -433,7 +431,7 @@ pub fn lookup(
         params.join(", "),
         aliases.join(", "),
         x_cols.join(", "),
-        t.name.quoted(),
+        t.rows(),
         key_match.join(" AND ")
     )
 }
@@ -463,6 +461,7 @@ mod tests {
             key: vec![0],
             unique: vec![],
             former: vec![],
+            inherited: false,
         }
     }
 

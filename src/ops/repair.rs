@@ -50,6 +50,7 @@ fn source_table(s: &Shape, oid: u32) -> Arc<SourceTable> {
 /// values it was found by (as given).
 async fn fetch(
     c: &Client,
+    side: Side,
     s: &Shape,
     table: &SourceTable,
     keys: &[&Key],
@@ -64,7 +65,7 @@ async fn fetch(
     let sql = format!(
         "SELECT {} FROM {} t {}",
         cols.join(", "),
-        s.name.quoted(),
+        s.from(side),
         s.key_join()
     );
     let key_cols = s.key_params(keys);
@@ -213,7 +214,7 @@ pub async fn repair(
                 let (rows, gone): (Vec<Vec<Value>>, Vec<&Key>) = match s.meta.key.is_empty() {
                     false => {
                         let asked: Vec<&Key> = upserts.iter().chain(only_target).collect();
-                        let found = fetch(src, s, &table, &asked).await?;
+                        let found = fetch(src, source, s, &table, &asked).await?;
                         let present: std::collections::HashSet<&Vec<Option<String>>> =
                             found.iter().map(|(k, _)| k).collect();
                         let gone = asked

@@ -1236,7 +1236,9 @@ pub(crate) fn publication_entry(cfg: &Config, t: &TableName, side: Side) -> Stri
     let rows = cfg
         .filter(t, side)
         .map_or(String::new(), |f| format!(" WHERE ({f})"));
-    format!("{}{cols}{rows}", t.quoted())
+    // `ONLY`: a table others inherit from is published alone (without, its children's changes
+    // came under names the config may not hold, and `run` refused them for ever).
+    format!("ONLY {}{cols}{rows}", t.quoted())
 }
 
 async fn sync_publication(

@@ -569,6 +569,10 @@ async fn copy_table_via(
         ""
     };
     let table = t.quoted();
+    // Reads, updates and deletes of a table others inherit from take its own rows (`ONLY`), on
+    // each side as it has them; `COPY … FROM` and `INSERT` write only the table named anyway.
+    let rows = meta.rows();
+    let seed_from = t.rows(catalog::inherited(s, t).await?);
     let estimate: i64 = s
         .query_one(
             "SELECT greatest(reltuples, 0)::int8 FROM pg_class WHERE oid = $1::text::regclass",
@@ -605,7 +609,7 @@ async fn copy_table_via(
         let seed_rows = cfg
             .filter(t, seed)
             .map_or(String::new(), |f| format!(" WHERE ({f})"));
-        let copy_out = format!("COPY (SELECT {list} FROM {table}{seed_rows}) TO STDOUT");
+        let copy_out = format!("COPY (SELECT {list} FROM {seed_from}{seed_rows}) TO STDOUT");
         if direct {
             x.batch_execute("BEGIN").await?;
             marker(x, &format!("snapshot {} {t}", seed.tag())).await?;
@@ -613,7 +617,7 @@ async fn copy_table_via(
             // target→seed stream leaves their changes of it out (the copy replaces them).
             let r = x
                 .query_one(
-                    &format!("SELECT NOT EXISTS (SELECT 1 FROM {table}), {READ_COLUMNS}"),
+                    &format!("SELECT NOT EXISTS (SELECT 1 FROM {rows}), {READ_COLUMNS}"),
                     &[],
                 )
                 .await?;
@@ -691,11 +695,11 @@ async fn copy_table_via(
         };
         let target_only = match keyless {
             false => format!(
-                "SELECT {list} FROM {table} t WHERE {back_rows}NOT EXISTS (SELECT 1 FROM pg_temp.tandem_stage s WHERE {})",
+                "SELECT {list} FROM {rows} t WHERE {back_rows}NOT EXISTS (SELECT 1 FROM pg_temp.tandem_stage s WHERE {})",
                 key_match(&meta, "s", "t")
             ),
             true => beyond(
-                &table,
+                &rows,
                 "t",
                 &cfg.filter(t, seed.other()).map_or(String::new(), |f| format!(" WHERE ({f})")),
                 "pg_temp.tandem_stage",
@@ -728,7 +732,7 @@ async fn copy_table_via(
                 .map(|c| format!("{0} = s.{0}", quote_ident(c)))
                 .collect();
             format!(
-                "UPDATE {table} AS t SET {} FROM pg_temp.tandem_stage s WHERE {} AND {}",
+                "UPDATE {rows} AS t SET {} FROM pg_temp.tandem_stage s WHERE {} AND {}",
                 sets.join(", "),
                 key_match(&meta, "t", "s"),
                 differs("t", "s")
@@ -737,27 +741,27 @@ async fn copy_table_via(
         let insert_missing = match keyless {
             false => format!(
                 "INSERT INTO {table} AS t ({list}){overriding} SELECT {} FROM pg_temp.tandem_stage s \
-                 WHERE NOT EXISTS (SELECT 1 FROM {table} t WHERE {})",
+                 WHERE NOT EXISTS (SELECT 1 FROM {rows} t WHERE {})",
                 qualify("s"),
                 key_match(&meta, "t", "s")
             ),
             // As many of each row as the seed has.
             true => format!(
                 "INSERT INTO {table} ({list}){overriding} {}",
-                beyond("pg_temp.tandem_stage", "s", "", &table, "t", false)
+                beyond("pg_temp.tandem_stage", "s", "", &rows, "t", false)
             ),
         };
         let delete = (mode == Mode::Mirror).then(|| match keyless {
             false => format!(
-                "DELETE FROM {table} t WHERE {}NOT EXISTS (SELECT 1 FROM pg_temp.tandem_stage s WHERE {})",
+                "DELETE FROM {rows} t WHERE {}NOT EXISTS (SELECT 1 FROM pg_temp.tandem_stage s WHERE {})",
                 cfg.filter(t, seed).map_or(String::new(), |f| format!("({f}) AND ")),
                 key_match(&meta, "s", "t")
             ),
             // The target's rows beyond as many as the seed has, by partition and address.
             true => format!(
-                "DELETE FROM {table} t USING ({}) x WHERE t.tableoid = x.rel AND t.ctid = x.tid",
+                "DELETE FROM {rows} t USING ({}) x WHERE t.tableoid = x.rel AND t.ctid = x.tid",
                 beyond(
-                    &table,
+                    &rows,
                     "t",
                     &cfg.filter(t, seed).map_or(String::new(), |f| format!(" WHERE ({f})")),
                     "pg_temp.tandem_stage",

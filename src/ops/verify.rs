@@ -96,6 +96,9 @@ pub struct Shape {
     pub compared_columns: Vec<String>,
     /// With row filters, the condition of the rows compared (both sides hold those alike).
     rows: Option<String>,
+    /// The table's own rows on desktop and on mobile ([`TargetTable::rows`]: `ONLY` it where
+    /// other tables inherit from it, which either side may have).
+    from: [String; 2],
 }
 
 impl Shape {
@@ -165,9 +168,15 @@ impl Shape {
             row_hash: format!("md5({})", utf8(format!("ROW({})::text", cols.join(", ")))),
             compared_columns,
             rows,
+            from: [d.rows(), m.rows()],
             name,
             meta: d,
         })
+    }
+
+    /// The table's own rows on `side`, for a `FROM`.
+    pub(crate) fn from(&self, side: Side) -> &str {
+        &self.from[(side == Side::Mobile) as usize]
     }
 
     /// `WHERE` and `AND` forms of [`Shape::rows`] (empty without filters).
@@ -328,13 +337,13 @@ fn json_object(pairs: Vec<String>) -> String {
 
 type Buckets = BTreeMap<i32, (i64, String)>;
 
-async fn bucket_sums(c: &Client, s: &Shape, n: i64) -> Result<Buckets> {
+async fn bucket_sums(c: &Client, side: Side, s: &Shape, n: i64) -> Result<Buckets> {
     let sql = format!(
         "SELECT {b}::int4, count(*), sum(('x' || left({h}, 16))::bit(64)::bigint::numeric)::text \
          FROM {t} t{w} GROUP BY 1",
         b = s.bucket(n),
         h = s.row_hash,
-        t = s.name.quoted(),
+        t = s.from(side),
         w = s.rows_where()
     );
     Ok(c.query(&sql, &[])
@@ -350,7 +359,7 @@ async fn bucket_sums(c: &Client, s: &Shape, n: i64) -> Result<Buckets> {
 /// side). Written once into a temp table indexed by bucket, each round reads only its rows.
 const STAGED: &str = "pg_temp.tandem_verify_rows";
 
-async fn stage_rows(c: &Client, s: &Shape, n: i64, buckets: &[i32]) -> Result<()> {
+async fn stage_rows(c: &Client, side: Side, s: &Shape, n: i64, buckets: &[i32]) -> Result<()> {
     c.batch_execute(&format!(
         "DROP TABLE IF EXISTS {STAGED}; \
          CREATE TEMP TABLE tandem_verify_rows (bucket int4, k text, kv text[], kj text, h text)"
@@ -359,7 +368,7 @@ async fn stage_rows(c: &Client, s: &Shape, n: i64, buckets: &[i32]) -> Result<()
     let sql = format!(
         "INSERT INTO {STAGED} SELECT {b}, {r} FROM {t} t WHERE {b} = ANY($1){a}",
         r = s.compared(),
-        t = s.name.quoted(),
+        t = s.from(side),
         b = s.bucket(n),
         a = s.rows_and()
     );
@@ -375,6 +384,7 @@ async fn stage_rows(c: &Client, s: &Shape, n: i64, buckets: &[i32]) -> Result<()
 /// `staged`, from [`stage_rows`]'s copy.
 async fn rows_in(
     c: &Client,
+    side: Side,
     s: &Shape,
     n: i64,
     buckets: &[i32],
@@ -385,7 +395,7 @@ async fn rows_in(
         false => format!(
             "SELECT {r} FROM {t} t WHERE {b} = ANY($1){a}",
             r = s.compared(),
-            t = s.name.quoted(),
+            t = s.from(side),
             b = s.bucket(n),
             a = s.rows_and()
         ),
@@ -413,13 +423,14 @@ fn collect_rows(rows: Vec<tokio_postgres::Row>) -> HashMap<String, (Key, String)
 /// Rows of `c` with the given keys.
 async fn rows_with_keys(
     c: &Client,
+    side: Side,
     s: &Shape,
     keys: &[Key],
 ) -> Result<HashMap<String, (Key, String)>> {
     let sql = format!(
         "SELECT {r} FROM {t} t {join}{w}",
         r = s.compared(),
-        t = s.name.quoted(),
+        t = s.from(side),
         join = s.key_join(),
         w = s.rows_where()
     );
@@ -504,7 +515,7 @@ where
         .query_one(
             &format!(
                 "SELECT count(*) FROM {} t{}",
-                s.name.quoted(),
+                s.from(Side::Desktop),
                 s.rows_where()
             ),
             &[],
@@ -512,7 +523,10 @@ where
         .await?
         .get(0);
     let n = ((rows / ROWS_PER_BUCKET).clamp(1, 65_536) as u64).next_power_of_two() as i64;
-    let (bd, bm) = tokio::try_join!(bucket_sums(d, s, n), bucket_sums(m, s, n))?;
+    let (bd, bm) = tokio::try_join!(
+        bucket_sums(d, Side::Desktop, s, n),
+        bucket_sums(m, Side::Mobile, s, n)
+    )?;
     let mut differing: Vec<i32> = bd
         .keys()
         .chain(bm.keys())
@@ -529,14 +543,14 @@ where
     let staged = differing.len() > BUCKETS_PER_FETCH;
     if staged {
         tokio::try_join!(
-            stage_rows(d, s, n, &differing),
-            stage_rows(m, s, n, &differing)
+            stage_rows(d, Side::Desktop, s, n, &differing),
+            stage_rows(m, Side::Mobile, s, n, &differing)
         )?;
     }
     for chunk in differing.chunks(BUCKETS_PER_FETCH) {
         let (rd, rm) = tokio::try_join!(
-            rows_in(d, s, n, chunk, staged),
-            rows_in(m, s, n, chunk, staged)
+            rows_in(d, Side::Desktop, s, n, chunk, staged),
+            rows_in(m, Side::Mobile, s, n, chunk, staged)
         )?;
         let mut found = diff(rd, rm);
         // In flight while replicating: look again once the streams have passed this moment.
@@ -556,8 +570,10 @@ where
                 .cloned()
                 .collect();
             report.rechecked += keys.len() as u64;
-            let (rd, rm) =
-                tokio::try_join!(rows_with_keys(d, s, &keys), rows_with_keys(m, s, &keys))?;
+            let (rd, rm) = tokio::try_join!(
+                rows_with_keys(d, Side::Desktop, s, &keys),
+                rows_with_keys(m, Side::Mobile, s, &keys)
+            )?;
             found = diff(rd, rm);
             rounds += 1;
         }

@@ -48,6 +48,7 @@ pub fn binding() -> Arc<Binding> {
         key: vec![2],
         unique: vec![],
         former: vec![],
+        inherited: false,
     };
     Arc::new(Binding::new(&src, Arc::new(target)).expect("the model's binding"))
 }
@@ -246,6 +247,7 @@ pub fn keyless_binding() -> Arc<Binding> {
         key: vec![],
         unique: vec![],
         former: vec![],
+        inherited: false,
     };
     Arc::new(Binding::new(&src, Arc::new(target)).expect("the keyless model's binding"))
 }
