@@ -6,7 +6,9 @@ use tokio_postgres::GenericClient;
 use crate::apply::plan::{TargetColumn, TargetTable};
 use crate::config::TableName;
 
-/// Columns and key of `name`, or `None` when there is no such table.
+/// Columns and key of `name`, or `None` when there is no such table. A `DEFERRABLE` primary key
+/// is no key: PostgreSQL takes it neither as the replica identity (a published table without
+/// another then refuses its application's updates and deletes) nor as an `ON CONFLICT` arbiter.
 pub async fn table(c: &impl GenericClient, name: &TableName) -> Result<Option<TargetTable>> {
     let rows = c
         .query(
@@ -24,7 +26,7 @@ pub async fn table(c: &impl GenericClient, name: &TableName) -> Result<Option<Ta
              JOIN pg_namespace n ON n.oid = c.relnamespace \
              JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped \
              LEFT JOIN LATERAL (SELECT i.indkey FROM pg_index i WHERE i.indrelid = c.oid \
-                                AND (i.indisprimary OR i.indisreplident) \
+                                AND (i.indisprimary OR i.indisreplident) AND i.indimmediate \
                                 ORDER BY i.indisprimary DESC LIMIT 1) k ON true \
              WHERE n.nspname = $1 AND c.relname = $2 AND c.relkind IN ('r', 'p') \
              ORDER BY a.attnum",

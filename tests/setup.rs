@@ -227,6 +227,87 @@ async fn table_problems_name_side_table_and_fix() {
     assert_nothing_left("tables").await;
 }
 
+/// A `DEFERRABLE` primary key is no replica identity to PostgreSQL: before, `setup` took it for a
+/// key and published the table, and the office application's next `UPDATE` failed on desktop
+/// ("does not have a replica identity and publishes updates"). Refused with the fix, which then
+/// works; and a replica identity index on its columns is refused too, since `ON CONFLICT` by them
+/// meets the deferrable constraint and refuses it (found by hand).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deferrable_primary_key_is_refused_before_it_breaks_the_applications_updates() {
+    let schema = "CREATE TABLE orders (id int PRIMARY KEY DEFERRABLE INITIALLY DEFERRED, v text);";
+    let (d, m) = Fixture::databases("defpk", schema).await;
+    d.batch_execute("INSERT INTO orders VALUES (1, 'a')")
+        .await
+        .unwrap();
+    let text = Fixture::config_text("defpk", r#"tables = ["public.orders"]"#);
+    let cfg = write_config("defpk", &text);
+    let (code, out, err) = run_tandem(&["--config", &cfg, "setup"], &[]);
+    assert_eq!(code, 1, "{out}{err}");
+    for side in ["desktop", "mobile"] {
+        assert!(
+            err.contains(&format!(
+                "{side}: table public.orders has a DEFERRABLE primary key, which PostgreSQL takes \
+                 neither as the replica identity"
+            )) && err.contains("run `tandem setup --replica-identity-full`"),
+            "{err}"
+        );
+    }
+    assert_nothing_left("defpk").await;
+    // The application still updates its rows.
+    d.batch_execute("UPDATE orders SET v = 'b' WHERE id = 1")
+        .await
+        .unwrap();
+    for c in [&d, &m] {
+        c.batch_execute(
+            "CREATE UNIQUE INDEX orders_id ON orders (id);
+             ALTER TABLE orders REPLICA IDENTITY USING INDEX orders_id;",
+        )
+        .await
+        .unwrap();
+    }
+    let (code, out, err) = run_tandem(&["--config", &cfg, "setup"], &[]);
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(
+        err.contains(
+            "desktop: table public.orders's key (id) is also a DEFERRABLE unique constraint's, \
+             which PostgreSQL's ON CONFLICT refuses as an arbiter"
+        ),
+        "{err}"
+    );
+    assert_nothing_left("defpk").await;
+    // The first refusal's fix: rows found by all their values.
+    for c in [&d, &m] {
+        c.batch_execute("ALTER TABLE orders REPLICA IDENTITY DEFAULT; DROP INDEX orders_id")
+            .await
+            .unwrap();
+    }
+    let (code, out, err) = run_tandem(&["--config", &cfg, "setup", "--replica-identity-full"], &[]);
+    assert_eq!(code, 0, "{out}{err}");
+    d.batch_execute("UPDATE orders SET v = 'a' WHERE id = 1")
+        .await
+        .unwrap();
+    let fx = Fixture::with_config("defpk", d, m, text).await;
+    let run = fx.start().await;
+    fx.d.batch_execute(
+        "UPDATE orders SET v = 'c' WHERE id = 1; INSERT INTO orders VALUES (2, 'd')",
+    )
+    .await
+    .unwrap();
+    fx.m.batch_execute(
+        "INSERT INTO orders VALUES (3, 'm'); UPDATE orders SET v = 'n' WHERE id = 3",
+    )
+    .await
+    .unwrap();
+    fx.wait_equal("orders", 30).await;
+    assert_eq!(
+        Fixture::rows(&fx.m, "orders").await,
+        ["(1,c)", "(2,d)", "(3,n)"]
+    );
+    run.stop().await;
+    let (code, out, err) = run_tandem(&["--config", &cfg, "verify"], &[]);
+    assert_eq!(code, 0, "{out}{err}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pattern_over_a_schema_a_side_lacks_is_refused_and_quoted_names_are_taken_as_in_sql() {
     let schema = "CREATE TABLE jobs (id bigint PRIMARY KEY, title text);

@@ -452,6 +452,17 @@ async fn check_tables(
             continue;
         };
         for (side, tt, c) in [(Side::Desktop, &dt, d), (Side::Mobile, &mt, m)] {
+            if !tt.key.is_empty() && deferrable_over_key(c, t).await? {
+                problems.push(format!(
+                    "{side}: table {t}'s key ({}) is also a DEFERRABLE unique constraint's, \
+                     which PostgreSQL's ON CONFLICT refuses as an arbiter, so no row could be \
+                     upserted by it; make that constraint NOT DEFERRABLE, or run `ALTER TABLE {} \
+                     REPLICA IDENTITY FULL` on both sides (tandem then finds rows by all their \
+                     values)",
+                    describe_columns(tt),
+                    t.quoted()
+                ));
+            }
             // A table without a key is checked by `check_keyless`.
             if !tt.key.is_empty() && replica_identity(c, t).await?.as_deref() == Some("n") {
                 problems.push(format!(
@@ -617,6 +628,25 @@ async fn check_tables(
 }
 
 /// The key columns of `t` a column list leaves out.
+/// Is the key tandem upserts `t` by (its primary key or replica identity index, not deferrable)
+/// also a deferrable unique constraint's (a `DEFERRABLE` primary key beside a replica identity
+/// index on its columns)? `ON CONFLICT` infers every unique index on those columns, and refuses a
+/// deferrable one.
+async fn deferrable_over_key(c: &Client, t: &TableName) -> Result<bool> {
+    Ok(c.query_one(
+        "WITH k AS (SELECT (SELECT array_agg(a ORDER BY a) FROM unnest(i.indkey) a) AS cols \
+                        FROM pg_index i WHERE i.indrelid = $1::text::regclass AND i.indimmediate \
+                        AND (i.indisprimary OR i.indisreplident) \
+                        ORDER BY i.indisprimary DESC LIMIT 1) \
+             SELECT EXISTS (SELECT 1 FROM pg_index i, k WHERE i.indrelid = $1::text::regclass \
+                            AND i.indisunique AND NOT i.indimmediate \
+                            AND (SELECT array_agg(a ORDER BY a) FROM unnest(i.indkey) a) = k.cols)",
+        &[&t.quoted()],
+    )
+    .await?
+    .get(0))
+}
+
 pub(crate) fn unlisted_key<'a>(t: &'a TargetTable, listed: &[String]) -> Vec<&'a str> {
     t.key
         .iter()
@@ -794,13 +824,39 @@ async fn check_keyless(
     plan: &mut Plan,
     problems: &mut Vec<String>,
 ) -> Result<()> {
+    let mut deferrable = Vec::new();
+    for (side, c) in [(Side::Desktop, d), (Side::Mobile, m)] {
+        let r = c
+            .query_one(
+                "SELECT EXISTS (SELECT 1 FROM pg_index WHERE indrelid = $1::text::regclass \
+                 AND indisprimary AND NOT indimmediate)",
+                &[&t.quoted()],
+            )
+            .await?;
+        if r.get(0) {
+            deferrable.push(side);
+        }
+    }
     require_identity_full(cfg, opts, (d, m), t, plan, problems, |side, relations| {
-        format!(
-            "{side}: table {t} has no primary key (or replica identity index), so tandem finds \
-             its rows by all their values, which needs REPLICA IDENTITY FULL on the side it \
-             flows from; run `tandem setup --replica-identity-full` or `ALTER TABLE … \
-             REPLICA IDENTITY FULL` on {relations}, or add a primary key"
-        )
+        match deferrable.contains(&side) {
+            // Before, taken as a key: the source's application could no longer update or
+            // delete its rows once setup published it.
+            true => format!(
+                "{side}: table {t} has a DEFERRABLE primary key, which PostgreSQL takes \
+                 neither as the replica identity (once published, updates and deletes of the \
+                 table would fail on {side}: 'does not have a replica identity') nor as a key \
+                 to upsert by (ON CONFLICT refuses deferrable constraints); run `tandem setup \
+                 --replica-identity-full` (or `ALTER TABLE … REPLICA IDENTITY FULL` on \
+                 {relations}), and tandem finds its rows by all their values, or make the \
+                 primary key NOT DEFERRABLE"
+            ),
+            false => format!(
+                "{side}: table {t} has no primary key (or replica identity index), so tandem \
+                 finds its rows by all their values, which needs REPLICA IDENTITY FULL on the \
+                 side it flows from; run `tandem setup --replica-identity-full` or `ALTER TABLE \
+                 … REPLICA IDENTITY FULL` on {relations}, or add a primary key"
+            ),
+        }
     })
     .await?;
     if cfg.conflicts_for(t).is_some() {
