@@ -177,7 +177,9 @@ async fn table_problems_name_side_table_and_fix() {
          CREATE TABLE pk_differs (a int, b int, PRIMARY KEY (a));
          CREATE TABLE type_differs (id int PRIMARY KEY, amount numeric(10,2), extra text);
          CREATE TABLE Customers (id int PRIMARY KEY);
-         CREATE TABLE lines (id int PRIMARY KEY, qty int, price int, total int GENERATED ALWAYS AS (qty * price) STORED);",
+         CREATE TABLE lines (id int PRIMARY KEY, qty int, price int, total int GENERATED ALWAYS AS (qty * price) STORED);
+         CREATE VIEW a_view AS SELECT 1 AS id; CREATE SEQUENCE a_seq;
+         CREATE MATERIALIZED VIEW a_matview AS SELECT 1 AS id;",
     )
     .await
     .unwrap();
@@ -188,13 +190,14 @@ async fn table_problems_name_side_table_and_fix() {
          CREATE TABLE pk_differs (a int, b int, PRIMARY KEY (a, b));
          CREATE TABLE type_differs (id int PRIMARY KEY, amount real);
          CREATE TABLE Customers (id int PRIMARY KEY);
-         CREATE TABLE lines (id int PRIMARY KEY, qty int, price int, total int);",
+         CREATE TABLE lines (id int PRIMARY KEY, qty int, price int, total int);
+         CREATE VIEW a_view AS SELECT 1 AS id; CREATE SEQUENCE a_seq;",
     )
     .await
     .unwrap();
     let text = Fixture::config_text(
         "tables",
-        r#"tables = ["public.only_desktop", "public.no_pk", "public.no_pk_listed", "public.pk_one_side", "public.pk_differs", "public.type_differs", "public.Customers", "public.lines"]
+        r#"tables = ["public.only_desktop", "public.no_pk", "public.no_pk_listed", "public.pk_one_side", "public.pk_differs", "public.type_differs", "public.Customers", "public.lines", "public.a_view", "public.a_seq", "public.a_matview"]
 [replication.columns]
 "public.no_pk_listed" = ["id"]"#,
     );
@@ -221,6 +224,14 @@ async fn table_problems_name_side_table_and_fix() {
         "mobile: table public.Customers does not exist; there is public.customers",
         "table public.lines: column `total` is generated on desktop but not on mobile, and \
          logical replication does not send generated columns, so mobile's would stay empty",
+        // Not tables (before: "does not exist; create it on both sides").
+        "desktop: public.a_view is a view: its rows are its tables' rows, which replicate when \
+         the config names those tables; take it out of [replication] tables",
+        "mobile: public.a_view is a view",
+        "mobile: public.a_seq is a sequence: logical replication does not carry sequences",
+        "desktop: public.a_matview is a materialized view: logical replication does not carry \
+         it; name the tables it reads, and refresh it on each side",
+        "mobile: table public.a_matview does not exist",
     ] {
         assert!(err.contains(want), "missing {want:?} in:\n{err}");
     }

@@ -424,6 +424,40 @@ async fn check_tables(
         let mt = catalog::table(m, t).await?;
         for (side, this, other, c) in [(Side::Desktop, &dt, &mt, d), (Side::Mobile, &mt, &dt, m)] {
             if this.is_none() {
+                // Not a table: what it is, and what to name instead (before: "does not exist;
+                // create it on both sides", for a view the application reads).
+                let kind = c
+                    .query_opt(
+                        "SELECT c.relkind::text FROM pg_class c JOIN pg_namespace n \
+                         ON n.oid = c.relnamespace WHERE n.nspname = $1 AND c.relname = $2",
+                        &[&t.schema, &t.name],
+                    )
+                    .await?
+                    .map(|r| r.get::<_, String>(0));
+                let what = match kind.as_deref() {
+                    Some("v") => Some(
+                        "a view: its rows are its tables' rows, which replicate when the config \
+                         names those tables",
+                    ),
+                    Some("m") => Some(
+                        "a materialized view: logical replication does not carry it; name the \
+                         tables it reads, and refresh it on each side",
+                    ),
+                    Some("S") => Some(
+                        "a sequence: logical replication does not carry sequences (`tandem setup \
+                         --sequences odd-even` keeps two sides' keys apart)",
+                    ),
+                    Some("f") => Some(
+                        "a foreign table: its rows live on another server; replicate them there",
+                    ),
+                    _ => None,
+                };
+                if let Some(what) = what {
+                    problems.push(format!(
+                        "{side}: {t} is {what}; take it out of [replication] tables"
+                    ));
+                    continue;
+                }
                 // Unquoted names fold to lower case in SQL, but the config's are taken as written.
                 let folded = c
                     .query_opt(
