@@ -66,7 +66,7 @@ async fn fetch(
         "SELECT {} FROM {} t {}",
         cols.join(", "),
         s.from(side),
-        s.key_join()
+        s.key_join(side)
     );
     let key_cols = s.key_params(keys);
     let p: Vec<&(dyn ToSql + Sync)> = key_cols.iter().map(|c| c as &(dyn ToSql + Sync)).collect();

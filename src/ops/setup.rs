@@ -250,6 +250,24 @@ fn same_values(desktop: &str, mobile: &str) -> Option<Option<Side>> {
     })
 }
 
+/// A type as `format_type` writes it, without the schema it qualifies it by when that schema is
+/// not on the session's search path: an extension's type (`citext`, `hstore`) is the same type
+/// whether the extension went into `public` (an office server) or into `extensions` (Supabase).
+/// Before, `setup` refused `citext` against `extensions.citext` as different types. Built-in
+/// types are never qualified, and an unquoted name holds no dot.
+fn unqualified(ty: &str) -> &str {
+    let mut quoted = false;
+    for (i, ch) in ty.char_indices() {
+        match ch {
+            '"' => quoted = !quoted,
+            '.' if !quoted => return &ty[i + 1..],
+            '(' | '[' | ' ' if !quoted => return ty,
+            _ => {}
+        }
+    }
+    ty
+}
+
 fn describe_columns(t: &TargetTable) -> String {
     if t.key.is_empty() {
         return "none".into();
@@ -562,7 +580,7 @@ async fn check_tables(
             let b = mt.columns.iter().find(|c| c.name == n);
             match (a, b) {
                 (Some(a), Some(b)) => {
-                    if a.type_sql != b.type_sql {
+                    if unqualified(&a.type_sql) != unqualified(&b.type_sql) {
                         match same_values(&a.type_sql, &b.type_sql) {
                             None => problems.push(format!(
                                 "table {t}: column `{n}` is {} on desktop but {} on mobile; make \
@@ -1638,6 +1656,23 @@ async fn create_replication(
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_type_is_compared_without_the_schema_it_is_qualified_by() {
+        use super::unqualified;
+        for (ty, want) in [
+            ("citext", "citext"),
+            ("extensions.citext", "citext"),
+            ("extensions.citext[]", "citext[]"),
+            ("\"My Ext\".\"Odd.Type\"", "\"Odd.Type\""),
+            ("\"Odd.Type\"[]", "\"Odd.Type\"[]"),
+            ("numeric(10,2)", "numeric(10,2)"),
+            ("timestamp(3) with time zone", "timestamp(3) with time zone"),
+            ("character varying(20)[]", "character varying(20)[]"),
+        ] {
+            assert_eq!(unqualified(ty), want, "{ty}");
+        }
+    }
+
     #[test]
     fn integer_and_varchar_text_types_pair_up_and_the_narrower_side_is_named() {
         use super::same_values;

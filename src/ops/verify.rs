@@ -99,6 +99,10 @@ pub struct Shape {
     /// The table's own rows on desktop and on mobile ([`TargetTable::rows`]: `ONLY` it where
     /// other tables inherit from it, which either side may have).
     from: [String; 2],
+    /// The key columns' types on desktop and on mobile, as each writes them: an extension's type
+    /// is qualified by its schema where that is not on the search path, which may be one side
+    /// only (`extensions.citext` on Supabase, `citext` on an office server).
+    key_types: [Vec<String>; 2],
 }
 
 impl Shape {
@@ -169,6 +173,18 @@ impl Shape {
             compared_columns,
             rows,
             from: [d.rows(), m.rows()],
+            key_types: [&d, m].map(|side| {
+                d.key
+                    .iter()
+                    .map(|&k| {
+                        let name = &d.columns[k].name;
+                        side.columns
+                            .iter()
+                            .find(|c| &c.name == name)
+                            .map_or_else(|| d.columns[k].type_sql.clone(), |c| c.type_sql.clone())
+                    })
+                    .collect()
+            }),
             name,
             meta: d,
         })
@@ -216,7 +232,7 @@ impl Shape {
     /// a primary key: every row equal to one given, as the arrays of their text forms (`=` on
     /// arrays takes NULL elements as equal, and hashes: with a column-by-column `IS NOT
     /// DISTINCT FROM`, the server compared every row with every key, 80,000 × 413 per round).
-    pub(crate) fn key_join(&self) -> String {
+    pub(crate) fn key_join(&self, side: Side) -> String {
         let keys = &self.key_cols;
         let params: Vec<String> = (1..=keys.len()).map(|i| format!("${i}::text[]")).collect();
         let aliases: Vec<String> = (1..=keys.len()).map(|i| format!("v{i}")).collect();
@@ -229,7 +245,7 @@ impl Shape {
                         "t.{} = u.v{}::{}",
                         quote_ident(&self.meta.columns[k].name),
                         i + 1,
-                        self.meta.columns[k].type_sql
+                        self.key_types[(side == Side::Mobile) as usize][i]
                     )
                 })
                 .collect::<Vec<_>>()
@@ -431,7 +447,7 @@ async fn rows_with_keys(
         "SELECT {r} FROM {t} t {join}{w}",
         r = s.compared(),
         t = s.from(side),
-        join = s.key_join(),
+        join = s.key_join(side),
         w = s.rows_where()
     );
     // Copies of one row are one key here: the join finds them all, and numbers them again.
