@@ -14,7 +14,7 @@ use crate::config::{redact_url, Site};
 /// blocks. tandem sets the lock timeout it wants itself, where it wants one.
 pub const SESSION_SETTINGS: &str =
     "SET datestyle = 'ISO, MDY'; SET intervalstyle = 'postgres'; SET extra_float_digits = 3; \
-     SET bytea_output = 'hex'; SET statement_timeout = 0; SET lock_timeout = 0; \
+     SET bytea_output = 'hex'; SET lc_monetary = 'C'; SET statement_timeout = 0; SET lock_timeout = 0; \
      SET idle_in_transaction_session_timeout = 0";
 
 /// Connect to `site` with `application_name` set, spawning the connection task.

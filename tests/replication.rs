@@ -3644,6 +3644,69 @@ async fn timeouts_set_on_the_database_do_not_cut_tandems_sessions_short() {
     assert_eq!(code, 0, "{out}{err}");
 }
 
+/// `money` renders in the server's `lc_monetary`: an office server set up in German writes
+/// `1.234,56 €`, which a server in English refuses (or takes for another amount). Before, the
+/// initial snapshot failed with `invalid input syntax for type money`, and so did every change,
+/// and verify found every row different; tandem's sessions and streams now render it in the C
+/// locale (`scripts/ensure-locale` makes the German locale; found by hand).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn money_crosses_between_servers_of_different_monetary_locales() {
+    let (d, m) = Fixture::databases(
+        "money",
+        "CREATE TABLE pay (id int PRIMARY KEY, amount money);",
+    )
+    .await;
+    d.batch_execute(
+        "ALTER DATABASE money SET lc_monetary = 'de_DE.UTF-8';
+         INSERT INTO pay VALUES (1, 1234.56), (2, -7.5)",
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e} (scripts/ensure-locale makes de_DE.UTF-8)"));
+    let fresh = common::connect(&clusters().desktop.url("money")).await;
+    assert_eq!(
+        common::strings(&fresh, "SELECT amount::text FROM pay WHERE id = 1").await,
+        ["1.234,56 €"],
+        "desktop renders money in German"
+    );
+    let fx = Fixture::with_config(
+        "money",
+        fresh,
+        m,
+        Fixture::config_text("money", r#"tables = ["public.pay"]"#),
+    )
+    .await;
+    let run = fx.start().await;
+    fx.d.batch_execute(
+        "INSERT INTO pay VALUES (3, 99999.99); UPDATE pay SET amount = 0.01 WHERE id = 2",
+    )
+    .await
+    .unwrap();
+    fx.m.batch_execute("INSERT INTO pay VALUES (4, 1000000)")
+        .await
+        .unwrap();
+    wait_count(30, &fx.d, "SELECT count(*) FROM pay WHERE id = 4", 1).await;
+    wait_count(
+        30,
+        &fx.m,
+        "SELECT count(*) FROM pay WHERE amount = 0.01::money",
+        1,
+    )
+    .await;
+    let amounts = "SELECT string_agg(id || '=' || amount::numeric, ' ' ORDER BY id) FROM pay";
+    for c in [&fx.d, &fx.m] {
+        assert_eq!(
+            common::strings(c, amounts).await,
+            ["1=1234.56 2=0.01 3=99999.99 4=1000000.00"]
+        );
+    }
+    run.stop().await;
+    let (code, out, err) = run_tandem(
+        &["--config", fx.config_path.to_str().unwrap(), "verify"],
+        &[],
+    );
+    assert_eq!(code, 0, "{out}{err}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_latin1_desktop_and_a_utf8_mobile_exchange_accented_text() {
     // Office servers installed with a Western locale often have LATIN1 or WIN1252 databases; the

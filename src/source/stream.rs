@@ -15,10 +15,12 @@ use crate::source::walsender::{
 };
 
 /// Startup options pinned on the walsender so text values render one way whatever the server's
-/// defaults: ISO dates, `postgres` intervals, shortest-exact floats, hex bytea. The apply session
-/// parses with the same settings (`db::SESSION_SETTINGS`).
-const STREAM_OPTIONS: &str =
-    "-c datestyle=ISO,MDY -c intervalstyle=postgres -c extra_float_digits=3 -c bytea_output=hex";
+/// defaults: ISO dates, `postgres` intervals, shortest-exact floats, hex bytea, and `money` in
+/// the C locale (an office server set up in German writes `1.234,56 €`, which a server in
+/// English refuses, or takes for another amount). The apply session parses with the same
+/// settings (`db::SESSION_SETTINGS`).
+const STREAM_OPTIONS: &str = "-c datestyle=ISO,MDY -c intervalstyle=postgres \
+     -c extra_float_digits=3 -c bytea_output=hex -c lc_monetary=C";
 
 /// The most memory the source's walsender decodes a transaction into before streaming it
 /// (`logical_decoding_work_mem`, PostgreSQL's default 64 MB). The walsender decodes a block and
