@@ -679,7 +679,6 @@ async fn check_tables(
     Ok(tables)
 }
 
-/// The key columns of `t` a column list leaves out.
 /// Is the key tandem upserts `t` by (its primary key or replica identity index, not deferrable)
 /// also a deferrable unique constraint's (a `DEFERRABLE` primary key beside a replica identity
 /// index on its columns)? `ON CONFLICT` infers every unique index on those columns, and refuses a
@@ -699,6 +698,7 @@ async fn deferrable_over_key(c: &Client, t: &TableName) -> Result<bool> {
     .get(0))
 }
 
+/// The key columns of `t` a column list leaves out.
 pub(crate) fn unlisted_key<'a>(t: &'a TargetTable, listed: &[String]) -> Vec<&'a str> {
     t.key
         .iter()

@@ -96,13 +96,11 @@ pub struct Shape {
     pub compared_columns: Vec<String>,
     /// With row filters, the condition of the rows compared (both sides hold those alike).
     rows: Option<String>,
-    /// The table's own rows on desktop and on mobile ([`TargetTable::rows`]: `ONLY` it where
-    /// other tables inherit from it, which either side may have).
-    from: [String; 2],
-    /// The key columns' types on desktop and on mobile, as each writes them: an extension's type
-    /// is qualified by its schema where that is not on the search path, which may be one side
-    /// only (`extensions.citext` on Supabase, `citext` on an office server).
-    key_types: [Vec<String>; 2],
+    /// Mobile's catalog entry of the table (`meta` is desktop's). What each side reads by its
+    /// own: its rows (`ONLY` it where other tables inherit from it) and its key columns' types
+    /// (an extension's type is qualified by its schema where that is not on the search path,
+    /// `extensions.citext` on Supabase, `citext` on an office server).
+    mobile: TargetTable,
 }
 
 impl Shape {
@@ -111,7 +109,7 @@ impl Shape {
     fn new(
         name: TableName,
         d: TargetTable,
-        m: &TargetTable,
+        m: TargetTable,
         flows: impl Fn(&str) -> bool,
         rows: Option<String>,
         convert: bool,
@@ -172,27 +170,23 @@ impl Shape {
             row_hash: format!("md5({})", utf8(format!("ROW({})::text", cols.join(", ")))),
             compared_columns,
             rows,
-            from: [d.rows(), m.rows()],
-            key_types: [&d, m].map(|side| {
-                d.key
-                    .iter()
-                    .map(|&k| {
-                        let name = &d.columns[k].name;
-                        side.columns
-                            .iter()
-                            .find(|c| &c.name == name)
-                            .map_or_else(|| d.columns[k].type_sql.clone(), |c| c.type_sql.clone())
-                    })
-                    .collect()
-            }),
             name,
             meta: d,
+            mobile: m,
         })
     }
 
+    /// `side`'s catalog entry of the table.
+    fn meta_of(&self, side: Side) -> &TargetTable {
+        match side {
+            Side::Desktop => &self.meta,
+            Side::Mobile => &self.mobile,
+        }
+    }
+
     /// The table's own rows on `side`, for a `FROM`.
-    pub(crate) fn from(&self, side: Side) -> &str {
-        &self.from[(side == Side::Mobile) as usize]
+    pub(crate) fn from(&self, side: Side) -> String {
+        self.meta_of(side).rows()
     }
 
     /// `WHERE` and `AND` forms of [`Shape::rows`] (empty without filters).
@@ -241,12 +235,15 @@ impl Shape {
                 .iter()
                 .enumerate()
                 .map(|(i, &k)| {
-                    format!(
-                        "t.{} = u.v{}::{}",
-                        quote_ident(&self.meta.columns[k].name),
-                        i + 1,
-                        self.key_types[(side == Side::Mobile) as usize][i]
-                    )
+                    let name = &self.meta.columns[k].name;
+                    // The type as this side writes it (setup made sure both have the column).
+                    let ty = self
+                        .meta_of(side)
+                        .columns
+                        .iter()
+                        .find(|c| &c.name == name)
+                        .unwrap_or(&self.meta.columns[k]);
+                    format!("t.{} = u.v{}::{}", quote_ident(name), i + 1, ty.type_sql)
                 })
                 .collect::<Vec<_>>()
                 .join(" AND "),
@@ -329,7 +326,7 @@ pub async fn shapes(
         out.push(Shape::new(
             n.clone(),
             dt,
-            &mt,
+            mt,
             flows,
             cfg.compared_rows(&n),
             !utf8,
