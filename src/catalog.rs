@@ -12,7 +12,7 @@ use crate::config::TableName;
 pub async fn table(c: &impl GenericClient, name: &TableName) -> Result<Option<TargetTable>> {
     let rows = c
         .query(
-            "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod), a.attgenerated <> '', \
+            &format!("SELECT a.attname::text, format_type(a.atttypid, a.atttypmod), a.attgenerated <> '', \
                     a.attidentity = 'a', coalesce((SELECT o FROM unnest(k.indkey) WITH ORDINALITY AS u(att, o) \
                                    WHERE u.att = a.attnum), 0)::int4, a.attnum::int4, \
                     EXISTS (SELECT 1 FROM pg_opclass oc JOIN pg_am am ON am.oid = oc.opcmethod \
@@ -21,7 +21,8 @@ pub async fn table(c: &impl GenericClient, name: &TableName) -> Result<Option<Ta
                             THEN ty.typbasetype ELSE ty.oid END), \
                     EXISTS (SELECT 1 FROM pg_index i JOIN pg_class ic ON ic.oid = i.indexrelid \
                             JOIN pg_am am ON am.oid = ic.relam WHERE i.indrelid = c.oid \
-                            AND am.amname = 'btree' AND i.indpred IS NULL AND i.indkey[0] = a.attnum) \
+                            AND am.amname = 'btree' AND i.indpred IS NULL AND i.indkey[0] = a.attnum), \
+                    c.oid, {INHERITED} \
              FROM pg_class c \
              JOIN pg_namespace n ON n.oid = c.relnamespace \
              JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped \
@@ -29,7 +30,7 @@ pub async fn table(c: &impl GenericClient, name: &TableName) -> Result<Option<Ta
                                 AND (i.indisprimary OR i.indisreplident) AND i.indimmediate \
                                 ORDER BY i.indisprimary DESC LIMIT 1) k ON true \
              WHERE n.nspname = $1 AND c.relname = $2 AND c.relkind IN ('r', 'p') \
-             ORDER BY a.attnum",
+             ORDER BY a.attnum"),
             &[&name.schema, &name.name],
         )
         .await
@@ -59,15 +60,18 @@ pub async fn table(c: &impl GenericClient, name: &TableName) -> Result<Option<Ta
     key.sort();
     let key: Vec<usize> = key.into_iter().map(|(_, i)| i).collect();
     let attnums: Vec<i32> = rows.iter().map(|r| r.get(5)).collect();
+    // By the OID this read found, not the name again: a table dropped meanwhile (`tandem ddl` on
+    // the other side's stream) then has no indexes, where a `regclass` cast of its name failed.
+    let (oid, inherited): (u32, bool) = (rows[0].get(8), rows[0].get(9));
     // Other unique constraints on plain columns (no expression, no predicate, not deferrable):
     // where an incoming row may collide with a different row.
     let mut unique = Vec::new();
     for r in c
         .query(
-            "SELECT i.indkey::int2[] FROM pg_index i WHERE i.indrelid = $1::text::regclass \
+            "SELECT i.indkey::int2[] FROM pg_index i WHERE i.indrelid = $1 \
              AND i.indisunique AND i.indimmediate AND i.indpred IS NULL AND i.indexprs IS NULL \
              ORDER BY i.indexrelid",
-            &[&name.quoted()],
+            &[&oid],
         )
         .await?
     {
@@ -85,7 +89,6 @@ pub async fn table(c: &impl GenericClient, name: &TableName) -> Result<Option<Ta
             }
         }
     }
-    let inherited = inherited(c, name).await?;
     Ok(Some(TargetTable {
         name: name.clone(),
         columns,
@@ -96,21 +99,23 @@ pub async fn table(c: &impl GenericClient, name: &TableName) -> Result<Option<Ta
     }))
 }
 
+/// [`inherited`] of `pg_class c`.
+const INHERITED: &str =
+    "(c.relkind = 'r' AND EXISTS (SELECT 1 FROM pg_inherits i WHERE i.inhparent = c.oid))";
+
 /// Do other tables inherit from `name` (`INHERITS`; partitions are not counted)? Its own rows are
 /// then `ONLY` it: a query of it reads theirs too, an `UPDATE` or `DELETE` writes theirs, while
 /// logical decoding sends each table's changes under its own name (native's table sync, too,
 /// copies each table of such a tree by itself). Before, a repair or snapshot of the parent wrote
 /// a child's rows into the parent a second time, and verify counted them under both.
 pub async fn inherited(c: &impl GenericClient, name: &TableName) -> Result<bool> {
-    Ok(c
-        .query_one(
-            "SELECT c.relkind = 'r' AND EXISTS (SELECT 1 FROM pg_inherits i WHERE i.inhparent = c.oid) \
-             FROM pg_class c WHERE c.oid = $1::text::regclass",
-            &[&name.quoted()],
-        )
-        .await
-        .with_context(|| format!("reading whether tables inherit from {name}"))?
-        .get(0))
+    Ok(c.query_one(
+        &format!("SELECT {INHERITED} FROM pg_class c WHERE c.oid = $1::text::regclass"),
+        &[&name.quoted()],
+    )
+    .await
+    .with_context(|| format!("reading whether tables inherit from {name}"))?
+    .get(0))
 }
 
 /// Expand `schema.*` patterns into the ordinary tables of that schema; plain names pass through.

@@ -475,10 +475,10 @@ async fn check_published(cfg: &Config, src: &tokio_postgres::Client, source: Sid
     let missing = not_in(cfg, src, source, &published).await?;
     // The publication follows a table by its OID: one renamed while tandem was stopped is
     // still in it, under a name the config does not have.
-    let extra: Vec<String> = published
+    let extra: Vec<TableName> = published
         .iter()
         .filter(|t| !cfg.lists(t))
-        .map(|t| t.to_string())
+        .cloned()
         .collect();
     if missing.is_empty() {
         if extra.is_empty() {
@@ -491,7 +491,7 @@ async fn check_published(cfg: &Config, src: &tokio_postgres::Client, source: Sid
              out of the config since `tandem setup`?), so their changes would be left out \
              unsaid; run `tandem setup` to take them out of the publication, or name them again",
             cfg.site(source).publication,
-            extra.join(", ")
+            TableName::list(&extra)
         );
     }
     let mut gone = Vec::new();
@@ -514,7 +514,7 @@ async fn check_published(cfg: &Config, src: &tokio_postgres::Client, source: Sid
             gone.join(", "),
             if gone.len() == 1 { "exists" } else { "exist" },
             cfg.site(source).publication,
-            extra.join(", "),
+            TableName::list(&extra),
             source.other()
         );
     }

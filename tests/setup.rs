@@ -1320,7 +1320,7 @@ async fn a_second_pair_sharing_a_database_is_refused_and_the_first_keeps_its_che
 }
 
 /// Hub and spoke across servers: a second config pairs desktop's database with a mobile database
-/// on another server, under the same slot names. The checkpoint there is the first pair's, taken
+/// on another server, under the first pair's mobile slot name. The checkpoint there is the first pair's, taken
 /// against another database system; before, `setup` took it over with a warning about a missing
 /// slot, and the first pair's `run` then stopped. Refused, unless the operator says mobile moved
 /// (`--replaced mobile`), and `run` of the pair left behind names that way out.
