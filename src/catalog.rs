@@ -183,6 +183,92 @@ pub async fn row_security(
     )))
 }
 
+/// Whether this session's role may set `session_replication_role` (superuser, or PostgreSQL
+/// 15's `GRANT SET ON PARAMETER`): probed, not derived. tandem's writing sessions set it where
+/// they may, as PostgreSQL's own apply worker does.
+pub async fn may_replica(c: &tokio_postgres::Client) -> Result<bool> {
+    let may = c
+        .batch_execute("BEGIN; SET LOCAL session_replication_role = replica; ROLLBACK")
+        .await
+        .is_ok();
+    if !may {
+        // The refused SET left the transaction open, aborted.
+        c.batch_execute("ROLLBACK").await?;
+    }
+    Ok(may)
+}
+
+/// The rules on `tables` that break tandem's writes there, as problems naming the fix. Rules
+/// rewrite a statement before it runs (PostgreSQL's own apply worker bypasses them), and
+/// PostgreSQL refuses `INSERT … ON CONFLICT`, which tandem applies rows with, on a table with an
+/// UPDATE rule (even a disabled one) or an INSERT rule that fires, and a data-modifying `WITH`
+/// (a key change) on one with a DELETE rule that fires: `run` stopped at the table's first row.
+/// An INSERT or DELETE rule fires for tandem's writes as a trigger does: not when `replica` (the
+/// session may set `session_replication_role`) unless `ENABLE REPLICA` or `ALWAYS`.
+pub async fn rules(
+    c: &impl GenericClient,
+    side: crate::side::Side,
+    tables: &[TableName],
+    replica: bool,
+) -> Result<Vec<String>> {
+    let quoted: Vec<String> = tables.iter().map(TableName::quoted).collect();
+    let rows = c
+        .query(
+            "SELECT o::int4, r.rulename::text, r.ev_type::text, r.ev_enabled::text \
+             FROM unnest($1::text[]) WITH ORDINALITY AS u(t, o) \
+             JOIN pg_rewrite r ON r.ev_class = to_regclass(u.t) \
+             WHERE r.ev_type IN ('2', '3', '4') ORDER BY o, r.rulename",
+            &[&quoted],
+        )
+        .await
+        .context("reading the tables' rules")?;
+    let mut problems = Vec::new();
+    for r in rows {
+        let t = &tables[r.get::<_, i32>(0) as usize - 1];
+        let (name, event, enabled): (String, String, String) = (r.get(1), r.get(2), r.get(3));
+        let fires = match enabled.as_str() {
+            "A" => true,
+            "R" => replica,
+            "O" => !replica,
+            _ => false,
+        };
+        let rule = format!("{side}: rule {name} on {t}");
+        let fix = "replace it with a trigger or drop it";
+        problems.push(match event.as_str() {
+            "2" => format!(
+                "{rule} is an UPDATE rule, and PostgreSQL refuses INSERT … ON CONFLICT, which \
+                 tandem applies rows with, on a table with one (even disabled); {fix}"
+            ),
+            _ if !fires => continue,
+            "3" => format!(
+                "{rule} is an INSERT rule that fires for tandem's writes, and PostgreSQL refuses \
+                 INSERT … ON CONFLICT, which tandem applies rows with, on a table with one; {fix}{}",
+                replica_fix(replica)
+            ),
+            _ => format!(
+                "{rule} is a DELETE rule that fires for tandem's writes: it rewrites the deletes \
+                 tandem applies, and PostgreSQL refuses the statement tandem changes a key with \
+                 on a table with one; {fix}{}",
+                replica_fix(replica)
+            ),
+        });
+    }
+    Ok(problems)
+}
+
+/// The other way out of a rule that fires for tandem's writes only because its role may not
+/// set `session_replication_role`.
+fn replica_fix(replica: bool) -> &'static str {
+    match replica {
+        true => "",
+        false => {
+            ", or let tandem's role set session_replication_role (as a superuser, `GRANT SET ON \
+             PARAMETER session_replication_role TO` the role), under which an ordinary rule does \
+             not fire for replicated rows, as in PostgreSQL's own replication"
+        }
+    }
+}
+
 /// The foreign keys between tables on `c`, as (referencing, referenced); a table referencing
 /// itself is left out. A partitioned table's keys count once, as its own, not its partitions'.
 pub async fn references(c: &impl GenericClient) -> Result<Vec<(TableName, TableName)>> {

@@ -464,6 +464,15 @@ impl Config {
             .unwrap_or_default()
     }
 
+    /// Of `tables`, those whose changes arrive on `side`.
+    pub fn arriving(&self, side: Side, tables: &[TableName]) -> Vec<TableName> {
+        tables
+            .iter()
+            .filter(|t| self.direction(t).flows_from(side.other()))
+            .cloned()
+            .collect()
+    }
+
     /// Load from a file, then let `TANDEM_DESKTOP_URL` / `TANDEM_MOBILE_URL` override the URLs.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|e| ConfigError(format!(

@@ -346,6 +346,13 @@ async fn preflight(cfg: &Config) -> Result<()> {
         if let Some(problem) = crate::catalog::row_security(&src, source, &tables).await? {
             bail!(problem);
         }
+        // A rule made on the target since `setup` would stop `run` at the table's first row.
+        let replica = crate::catalog::may_replica(&target).await?;
+        let arriving = cfg.arriving(source.other(), &tables);
+        let rules = crate::catalog::rules(&target, source.other(), &arriving, replica).await?;
+        if !rules.is_empty() {
+            bail!(rules.join("\n"));
+        }
     }
     Ok(())
 }

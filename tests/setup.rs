@@ -452,6 +452,99 @@ async fn row_level_security_that_applies_to_tandems_role_is_refused_before_it_hi
     assert_nothing_left("rls").await;
 }
 
+/// Rules (`CREATE RULE`) on a table tandem writes: PostgreSQL refuses `INSERT … ON CONFLICT` on
+/// a table with an UPDATE rule or an INSERT rule that fires, so `run` stopped at the table's
+/// first row. Refused by `setup`, `run` and `snapshot`, naming the rule and the fix; a rule that
+/// does not fire for tandem's writes (an ordinary one, under `session_replication_role =
+/// replica`) is left alone, and does not fire for replicated rows, as in native replication.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rules_that_would_refuse_tandems_writes_are_named_before_they_stop_run() {
+    let (d, m) = Fixture::databases(
+        "rules",
+        &format!(
+            "CREATE TABLE items (id int PRIMARY KEY, qty int);
+             CREATE TABLE stock (id int PRIMARY KEY, qty int);
+             CREATE TABLE items_log (op text, id int);
+             CREATE RULE items_ins AS ON INSERT TO items
+                 DO ALSO INSERT INTO items_log VALUES ('I', NEW.id);
+             {}",
+            common::plain_role("tandem_rules", "rules", &["items", "stock", "items_log"])
+        ),
+    )
+    .await;
+    m.batch_execute(
+        "CREATE RULE stock_upd AS ON UPDATE TO stock DO ALSO INSERT INTO items_log VALUES ('U', NEW.id);
+         ALTER TABLE stock DISABLE RULE stock_upd;
+         CREATE RULE keep AS ON DELETE TO items DO INSTEAD NOTHING;",
+    )
+    .await
+    .unwrap();
+    // Desktop as a superuser (its INSERT rule does not fire for tandem's writes), mobile as a
+    // role that may not set session_replication_role (its INSERT rule would).
+    let text = common::connect_as(
+        &Fixture::config_text("rules", r#"tables = ["public.items", "public.stock"]"#),
+        "tandem_rules",
+        &["mobile"],
+    );
+    let path = write_config("rules", &text);
+    let (code, out, err) = run_tandem(&["--config", &path, "setup"], &[]);
+    assert_eq!(code, 1, "{out}{err}");
+    let update_rule = "mobile: rule stock_upd on public.stock is an UPDATE rule, and PostgreSQL \
+                       refuses INSERT … ON CONFLICT, which tandem applies rows with, on a table \
+                       with one (even disabled); replace it with a trigger or drop it";
+    assert!(err.contains(update_rule), "{err}");
+    for want in [
+        "mobile: rule items_ins on public.items is an INSERT rule that fires for tandem's writes",
+        "mobile: rule keep on public.items is a DELETE rule that fires for tandem's writes",
+        "`GRANT SET ON PARAMETER session_replication_role TO` the role",
+    ] {
+        assert!(err.contains(want), "{want}: {err}");
+    }
+    assert!(!err.contains("desktop: rule"), "{err}");
+    assert_nothing_left("rules").await;
+
+    m.batch_execute(
+        "DROP RULE stock_upd ON stock; DROP RULE keep ON items; DROP RULE items_ins ON items",
+    )
+    .await
+    .unwrap();
+    let fx = Fixture::with_config("rules", d, m, text).await;
+    let run = fx.start().await;
+    fx.m.batch_execute("INSERT INTO items VALUES (1, 5); INSERT INTO stock VALUES (1, 7)")
+        .await
+        .unwrap();
+    common::wait_count(30, &fx.d, "SELECT count(*) FROM stock", 1).await;
+    fx.d.batch_execute("INSERT INTO items VALUES (2, 6); UPDATE stock SET qty = 8 WHERE id = 1")
+        .await
+        .unwrap();
+    fx.wait_equal("items", 30).await;
+    fx.wait_equal("stock", 30).await;
+    assert_eq!(Fixture::rows(&fx.m, "items").await, ["(1,5)", "(2,6)"]);
+    assert_eq!(Fixture::rows(&fx.d, "stock").await, ["(1,8)"]);
+    // Desktop's rule fired for its application's row, not for the one tandem applied.
+    assert_eq!(Fixture::rows(&fx.d, "items_log").await, ["(I,2)"]);
+    run.stop().await;
+
+    // A rule made on desktop since, which fires under session_replication_role = replica too.
+    fx.d.batch_execute("ALTER TABLE items ENABLE ALWAYS RULE items_ins")
+        .await
+        .unwrap();
+    let always = "desktop: rule items_ins on public.items is an INSERT rule that fires for \
+                  tandem's writes, and PostgreSQL refuses INSERT … ON CONFLICT, which tandem \
+                  applies rows with, on a table with one; replace it with a trigger or drop it";
+    let e = tokio::time::timeout(
+        std::time::Duration::from_secs(60),
+        fx.start_nowait().outcome(),
+    )
+    .await
+    .expect("run stops on its own")
+    .expect_err("run refuses");
+    assert!(format!("{e:#}").ends_with(always), "{e:#}");
+    let (code, _, err) = run_tandem(&["--config", &path, "snapshot", "--seed", "mobile"], &[]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains(always), "{err}");
+}
+
 /// Both URLs reaching one database, by two names for its host, is refused by `setup` and by
 /// `run` (a config changed after `setup`), naming both.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -435,6 +435,9 @@ async fn check_tables(
     for (side, c) in [(Side::Desktop, d), (Side::Mobile, m)] {
         problems.extend(catalog::row_security(c, side, &tables).await?);
         check_unlogged(cfg, c, side, &tables, problems, warnings).await?;
+        let arriving = cfg.arriving(side, &tables);
+        let replica = catalog::may_replica(c).await?;
+        problems.extend(catalog::rules(c, side, &arriving, replica).await?);
     }
     check_patterns(cfg, d, m, &tables, problems, warnings).await?;
     for t in &tables {
@@ -779,22 +782,11 @@ async fn check_triggers(
     plan: &mut Plan,
 ) -> Result<()> {
     for (side, c) in [(Side::Desktop, d), (Side::Mobile, m)] {
-        // Probed, not derived: superuser, or (PostgreSQL 15) `GRANT SET ON PARAMETER`.
-        let may = c
-            .batch_execute("BEGIN; SET LOCAL session_replication_role = replica; ROLLBACK")
-            .await
-            .is_ok();
-        if may {
+        if catalog::may_replica(c).await? {
             continue;
         }
-        // The refused SET left the transaction open, aborted.
-        c.batch_execute("ROLLBACK").await?;
         let role: String = c.query_one("SELECT current_user::text", &[]).await?.get(0);
-        for t in tables {
-            // Only where changes arrive.
-            if !cfg.direction(t).flows_from(side.other()) {
-                continue;
-            }
+        for t in &cfg.arriving(side, tables) {
             // A partitioned table's rows land in its partitions, whose own triggers fire too.
             // One defined on the partitioned table is cloned to each partition (`tgparentid`):
             // named once, where it was defined.

@@ -232,8 +232,14 @@ pub async fn snapshot(
         tables = vec![t.clone()];
     }
     for side in Side::BOTH {
-        if let Some(problem) = catalog::row_security(sides.get(side), side, &tables).await? {
+        let c = sides.get(side);
+        if let Some(problem) = catalog::row_security(c, side, &tables).await? {
             bail!(problem);
+        }
+        let replica = catalog::may_replica(c).await?;
+        let rules = catalog::rules(c, side, &cfg.arriving(side, &tables), replica).await?;
+        if !rules.is_empty() {
+            bail!(rules.join("\n"));
         }
     }
     let pending: Vec<String> = target
