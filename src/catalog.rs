@@ -269,6 +269,106 @@ fn replica_fix(replica: bool) -> &'static str {
     }
 }
 
+/// The type under a column's type `ty_oid` once domains and arrays are taken off (an array of a
+/// domain of an enum: the enum), as `base.oid` and `base.typtype`: FROM-clause SQL over
+/// `pg_type`s `t1` to `base`.
+const UNDERLYING: &str = "JOIN pg_type t1 ON t1.oid = {ty} \
+     JOIN pg_type t2 ON t2.oid = CASE WHEN t1.typtype = 'd' THEN t1.typbasetype ELSE t1.oid END \
+     JOIN pg_type t3 ON t3.oid = CASE WHEN t2.typelem <> 0 AND t2.typlen = -1 THEN t2.typelem \
+                                      ELSE t2.oid END \
+     JOIN pg_type base ON base.oid = CASE WHEN t3.typtype = 'd' THEN t3.typbasetype ELSE t3.oid END";
+
+/// The enum type of each enum column of `t` (an array or domain of an enum too), as
+/// `format_type` writes it, and its labels in order, by column name.
+pub async fn enum_labels(
+    c: &impl GenericClient,
+    t: &TableName,
+) -> Result<std::collections::BTreeMap<String, (String, Vec<String>)>> {
+    let sql = format!(
+        "SELECT a.attname::text, format_type(base.oid, NULL), \
+                array(SELECT e.enumlabel::text FROM pg_enum e WHERE e.enumtypid = base.oid \
+                      ORDER BY e.enumsortorder) \
+         FROM pg_attribute a {} \
+         WHERE a.attrelid = to_regclass($1) AND a.attnum > 0 AND NOT a.attisdropped \
+           AND base.typtype = 'e'",
+        UNDERLYING.replace("{ty}", "a.atttypid")
+    );
+    let rows = c
+        .query(&sql, &[&t.quoted()])
+        .await
+        .with_context(|| format!("reading the enum labels of {t}"))?;
+    Ok(rows
+        .iter()
+        .map(|r| (r.get(0), (r.get(1), r.get(2))))
+        .collect())
+}
+
+/// A composite type as `format_type` names it, with its attributes (name, type) in order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Composite {
+    pub name: String,
+    pub attributes: Vec<(String, String)>,
+}
+
+/// Each column of `t` of a composite type (an array or domain of one too), by name: the type,
+/// then the composite types its attributes hold in turn. A composite value crosses as text, its
+/// fields by position.
+pub async fn composites(
+    c: &impl GenericClient,
+    t: &TableName,
+) -> Result<std::collections::BTreeMap<String, Vec<Composite>>> {
+    let under = |ty: &str| UNDERLYING.replace("{ty}", ty);
+    let cols = c
+        .query(
+            &format!(
+                "SELECT a.attname::text, base.oid FROM pg_attribute a {} \
+                 WHERE a.attrelid = to_regclass($1) AND a.attnum > 0 AND NOT a.attisdropped \
+                   AND base.typtype = 'c'",
+                under("a.atttypid")
+            ),
+            &[&t.quoted()],
+        )
+        .await
+        .with_context(|| format!("reading the composite types of {t}"))?;
+    let attrs_sql = format!(
+        "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod), \
+                CASE WHEN base.typtype = 'c' THEN base.oid END, format_type($1::oid, NULL) \
+         FROM pg_type ty JOIN pg_attribute a ON a.attrelid = ty.typrelid \
+              AND a.attnum > 0 AND NOT a.attisdropped {} \
+         WHERE ty.oid = $1::oid ORDER BY a.attnum",
+        under("a.atttypid")
+    );
+    let mut out = std::collections::BTreeMap::new();
+    for r in cols {
+        let (col, oid): (String, u32) = (r.get(0), r.get(1));
+        // Each composite type under this column once (the bound is for safety: PostgreSQL
+        // refuses a type that holds itself).
+        let (mut todo, mut seen, mut types) = (vec![oid], Vec::new(), Vec::new());
+        while let Some(ty) = todo.pop() {
+            if seen.contains(&ty) || seen.len() > 32 {
+                continue;
+            }
+            seen.push(ty);
+            let rows = c.query(&attrs_sql, &[&ty]).await?;
+            let name = match rows.first() {
+                Some(r) => r.get(3),
+                None => c
+                    .query_one("SELECT format_type($1::oid, NULL)", &[&ty])
+                    .await?
+                    .get(0),
+            };
+            let held: Vec<u32> = rows.iter().filter_map(|r| r.get(2)).collect();
+            todo.extend(held.into_iter().rev());
+            types.push(Composite {
+                name,
+                attributes: rows.iter().map(|r| (r.get(0), r.get(1))).collect(),
+            });
+        }
+        out.insert(col, types);
+    }
+    Ok(out)
+}
+
 /// The foreign keys between tables on `c`, as (referencing, referenced); a table referencing
 /// itself is left out. A partitioned table's keys count once, as its own, not its partitions'.
 pub async fn references(c: &impl GenericClient) -> Result<Vec<(TableName, TableName)>> {

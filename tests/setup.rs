@@ -1124,13 +1124,18 @@ async fn a_slot_gone_missing_is_never_papered_over_by_setup() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn integer_and_text_columns_of_different_widths_replicate_with_a_warning() {
-    let schema = "CREATE TABLE parts (id int PRIMARY KEY, name varchar(10), n int)";
+    let schema = "CREATE TYPE mood AS ENUM ('sad', 'ok'); CREATE TYPE pt AS (x int, y int);
+                  CREATE TABLE parts (id int PRIMARY KEY, name varchar(10), n int, m mood, ms mood[], p pt)";
     let (d, m) = Fixture::databases("widths", schema).await;
     m.batch_execute(
-        "ALTER TABLE parts ALTER id TYPE bigint, ALTER name TYPE text, ALTER n TYPE bigint",
+        "ALTER TABLE parts ALTER id TYPE bigint, ALTER name TYPE text, ALTER n TYPE bigint;
+         ALTER TYPE mood ADD VALUE 'meh'",
     )
     .await
     .unwrap();
+    d.batch_execute("ALTER TYPE mood ADD VALUE 'happy'; ALTER TYPE mood ADD VALUE 'glad'")
+        .await
+        .unwrap();
     let text = Fixture::config_text("widths", r#"tables = ["public.parts"]"#);
     let fx = Fixture::with_config("widths", d, m, text).await;
     let cfg = fx.config_path.to_str().unwrap();
@@ -1150,14 +1155,34 @@ async fn integer_and_text_columns_of_different_widths_replicate_with_a_warning()
             "{out}"
         );
     }
+    // An enum lacking labels the other side's has, each way and for an array of it too.
+    for want in [
+        "warning: table public.parts: column `m`'s enum type has 'happy', 'glad' on desktop but \
+         not on mobile: a row from desktop holding one is refused by mobile and stops `run` \
+         naming its transaction; add them on mobile (`ALTER TYPE mood ADD VALUE 'happy'; ALTER \
+         TYPE mood ADD VALUE 'glad'`)",
+        "warning: table public.parts: column `m`'s enum type has 'meh' on mobile but not on desktop",
+        "warning: table public.parts: column `ms`'s enum type has 'happy', 'glad' on desktop",
+    ] {
+        assert!(out.contains(want), "{want}: {out}");
+    }
     // Other pairs are still refused, and so is a column generated on one side only, whatever
     // its types.
-    fx.m.batch_execute("ALTER TABLE parts ADD COLUMN at timestamptz, ADD COLUMN twice bigint")
-        .await
-        .unwrap();
+    // A composite type of one name with its attributes in another order (a value crosses by
+    // position: before, mobile's city held desktop's street, and verify found them equal), here
+    // in an array, held by another composite.
+    fx.m.batch_execute(
+        "ALTER TABLE parts ADD COLUMN at timestamptz, ADD COLUMN twice bigint;
+         CREATE TYPE addr AS (city text, street text); CREATE TYPE site AS (a addr[], p pt);
+         ALTER TABLE parts ADD COLUMN s site",
+    )
+    .await
+    .unwrap();
     fx.d.batch_execute(
         "ALTER TABLE parts ADD COLUMN at timestamp, \
-         ADD COLUMN twice int GENERATED ALWAYS AS (n * 2) STORED",
+         ADD COLUMN twice int GENERATED ALWAYS AS (n * 2) STORED;
+         CREATE TYPE addr AS (street text, city text); CREATE TYPE site AS (a addr[], p pt);
+         ALTER TABLE parts ADD COLUMN s site",
     )
     .await
     .unwrap();
@@ -1171,18 +1196,28 @@ async fn integer_and_text_columns_of_different_widths_replicate_with_a_warning()
         err.contains("column `twice` is generated on desktop but not on mobile"),
         "{err}"
     );
-    fx.m.batch_execute("ALTER TABLE parts DROP COLUMN at, DROP COLUMN twice")
-        .await
-        .unwrap();
-    fx.d.batch_execute("ALTER TABLE parts DROP COLUMN at, DROP COLUMN twice")
-        .await
-        .unwrap();
+    assert!(
+        err.contains(
+            "table public.parts: column `s`'s composite type is site (a addr[], p pt), holding \
+             addr (street text, city text), holding pt (x integer, y integer) on desktop but site \
+             (a addr[], p pt), holding addr (city text, street text), holding pt (x integer, y \
+             integer) on mobile, and a composite value crosses field by field in order; make the \
+             types' attributes the same, in the same order"
+        ),
+        "{err}"
+    );
+    assert!(!err.contains("column `p`"), "{err}");
+    for c in [&fx.m, &fx.d] {
+        c.batch_execute("ALTER TABLE parts DROP COLUMN at, DROP COLUMN twice, DROP COLUMN s")
+            .await
+            .unwrap();
+    }
 
     let run = fx.start().await;
-    fx.d.batch_execute("INSERT INTO parts VALUES (1, 'bolt', 5)")
+    fx.d.batch_execute("INSERT INTO parts VALUES (1, 'bolt', 5, 'ok', '{sad,ok}', '(1,2)')")
         .await
         .unwrap();
-    fx.m.batch_execute("INSERT INTO parts VALUES (2, 'nut', 7)")
+    fx.m.batch_execute("INSERT INTO parts VALUES (2, 'nut', 7, 'sad')")
         .await
         .unwrap();
     common::wait_count(30, &fx.m, "SELECT count(*) FROM parts", 2).await;

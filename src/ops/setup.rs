@@ -314,6 +314,94 @@ pub(crate) async fn replica_identity(
     Ok(row.map(|r| r.get(0)))
 }
 
+/// User types are compared by name with the other columns; here, what the name hides.
+/// - A composite type whose attributes differ: a value crosses as text, its fields by position,
+///   so the same name with its attributes in another order put each value into the other's
+///   field, and verify (comparing the text) found the sides equal. Refused.
+/// - An enum whose type lacks, on one side, labels the other side's has: a row from that side
+///   holding one is refused and stops `run` naming its transaction. Warned about as for a
+///   narrower integer or varchar (the application may never write them), naming the labels and
+///   the `ALTER TYPE` that adds them.
+async fn check_user_types(
+    cfg: &Config,
+    d: &Client,
+    m: &Client,
+    t: &TableName,
+    problems: &mut Vec<String>,
+    warnings: &mut Vec<String>,
+) -> Result<()> {
+    // Without the schema each side may qualify a type by (see `unqualified`).
+    let shape = |types: &[catalog::Composite]| {
+        types
+            .iter()
+            .map(|c| {
+                let attrs: Vec<String> = c
+                    .attributes
+                    .iter()
+                    .map(|(n, ty)| format!("{n} {}", unqualified(ty)))
+                    .collect();
+                format!("{} ({})", unqualified(&c.name), attrs.join(", "))
+            })
+            .collect::<Vec<_>>()
+            .join(", holding ")
+    };
+    let (dc, mc) = (
+        catalog::composites(d, t).await?,
+        catalog::composites(m, t).await?,
+    );
+    for (col, d_types) in &dc {
+        let Some(m_types) = mc.get(col) else {
+            continue;
+        };
+        let (ds, ms) = (shape(d_types), shape(m_types));
+        if ds != ms && cfg.column_flows(t, col) {
+            problems.push(format!(
+                "table {t}: column `{col}`'s composite type is {ds} on desktop but {ms} on \
+                 mobile, and a composite value crosses field by field in order; make the \
+                 types' attributes the same, in the same order"
+            ));
+        }
+    }
+    let (dl, ml) = (
+        catalog::enum_labels(d, t).await?,
+        catalog::enum_labels(m, t).await?,
+    );
+    for (col, (d_type, d_labels)) in &dl {
+        let Some((m_type, m_labels)) = ml.get(col) else {
+            continue; // Not an enum on mobile: the types are compared with the other columns.
+        };
+        if !cfg.column_flows(t, col) {
+            continue;
+        }
+        for (from, has, (to_type, lacks)) in [
+            (Side::Desktop, d_labels, (m_type, m_labels)),
+            (Side::Mobile, m_labels, (d_type, d_labels)),
+        ] {
+            let missing: Vec<String> = has
+                .iter()
+                .filter(|l| !lacks.contains(l))
+                .map(|l| crate::config::quote_literal(l))
+                .collect();
+            if missing.is_empty() || !cfg.direction(t).flows_from(from) {
+                continue;
+            }
+            let adds: Vec<String> = missing
+                .iter()
+                .map(|l| format!("ALTER TYPE {to_type} ADD VALUE {l}"))
+                .collect();
+            warnings.push(format!(
+                "table {t}: column `{col}`'s enum type has {} on {from} but not on {to}: a row \
+                 from {from} holding one is refused by {to} and stops `run` naming its \
+                 transaction; add them on {to} (`{}`)",
+                missing.join(", "),
+                adds.join("; "),
+                to = from.other()
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Unlogged tables write no WAL, so logical replication has nothing of them to send: one named in
 /// the config that flows from `side` is refused (CREATE PUBLICATION would refuse it), and one a
 /// pattern leaves out ([`catalog::expand`]) is pointed out.
@@ -570,6 +658,7 @@ async fn check_tables(
                 problems.extend(check_filter(c, side, t, cond).await?);
             }
         }
+        check_user_types(cfg, d, m, t, problems, warnings).await?;
         // Only the columns that flow must match; the others are each side's own.
         let names: BTreeSet<&str> = dt
             .columns
