@@ -22,7 +22,7 @@ pub async fn table(c: &impl GenericClient, name: &TableName) -> Result<Option<Ta
                     EXISTS (SELECT 1 FROM pg_index i JOIN pg_class ic ON ic.oid = i.indexrelid \
                             JOIN pg_am am ON am.oid = ic.relam WHERE i.indrelid = c.oid \
                             AND am.amname = 'btree' AND i.indpred IS NULL AND i.indkey[0] = a.attnum), \
-                    c.oid, {INHERITED} \
+                    c.oid, {INHERITED}, format_type(a.atttypid, -1) \
              FROM pg_class c \
              JOIN pg_namespace n ON n.oid = c.relnamespace \
              JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped \
@@ -50,6 +50,7 @@ pub async fn table(c: &impl GenericClient, name: &TableName) -> Result<Option<Ta
             TargetColumn {
                 name: r.get(0),
                 type_sql: r.get(1),
+                cast_sql: r.get(10),
                 generated: r.get(2),
                 identity_always: r.get(3),
                 equality: r.get(6),

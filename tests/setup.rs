@@ -1239,7 +1239,7 @@ async fn integer_and_text_columns_of_different_widths_replicate_with_a_warning()
         &[],
     );
     assert_eq!(code, 0, "{out}{err}");
-    let run = fx.start().await;
+    let mut run = fx.start().await;
     fx.m.batch_execute("INSERT INTO parts VALUES (4, 'pin', 9)")
         .await
         .unwrap();
@@ -1247,6 +1247,32 @@ async fn integer_and_text_columns_of_different_widths_replicate_with_a_warning()
     assert_eq!(
         Fixture::count(&fx.d, "SELECT count(*) FROM parts WHERE id = 3").await,
         0
+    );
+    // So is a text desktop's varchar(10) cannot hold, whether inserted or updated to; before,
+    // desktop took its first ten characters unsaid.
+    for (id, sql) in [
+        (5, "INSERT INTO parts VALUES (5, 'hex-socket-bolt', 1)"),
+        (4, "UPDATE parts SET name = 'taper-pin-long' WHERE id = 4"),
+    ] {
+        fx.m.batch_execute(sql).await.unwrap();
+        let (e, lsn) = common::rejected(run).await;
+        assert!(
+            e.contains("value too long for type character varying(10)"),
+            "{e}"
+        );
+        let (code, out, err) = run_tandem(
+            &["--config", cfg, "skip", "--from", "mobile", "--lsn", &lsn],
+            &[],
+        );
+        assert_eq!(code, 0, "{out}{err}");
+        run = fx.start().await;
+        // Neither the row nor the update, cut short or whole.
+        let cut = format!("SELECT count(*) FROM parts WHERE id = {id} AND name LIKE '%-%'");
+        assert_eq!(Fixture::count(&fx.d, &cut).await, 0);
+    }
+    assert_eq!(
+        Fixture::rows(&fx.d, "parts").await.last().unwrap(),
+        "(4,pin,9,,,)"
     );
     run.stop().await;
 }

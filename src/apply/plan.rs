@@ -51,8 +51,14 @@ impl TargetTable {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TargetColumn {
     pub name: String,
-    /// `format_type()` of the column: what a text value is cast to.
+    /// `format_type()` of the column, with its modifier (`character varying(10)`).
     pub type_sql: String,
+    /// The type without its modifier (`character varying`, `bpchar`): what a text value is cast
+    /// to. Written into the column, it then meets the modifier as an assignment, which refuses a
+    /// value too long where an explicit cast to `varchar(10)`, `char(3)` or `bit(4)` cuts it
+    /// short: before, mobile's 10-character text landed in desktop's `varchar(5)` as its first
+    /// five, unsaid, and verify's re-check cast the keys the same way.
+    pub cast_sql: String,
     /// `GENERATED ALWAYS AS (…) STORED`: computed by the target, never written.
     pub generated: bool,
     /// `GENERATED ALWAYS AS IDENTITY`: written with `OVERRIDING SYSTEM VALUE`, never updated.

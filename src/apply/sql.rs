@@ -29,7 +29,7 @@ pub fn statement(t: &TargetTable, op: Op, cols: &[usize], existing: Existing) ->
         .collect();
     let aliases: Vec<String> = (1..=cols.len()).map(|i| format!("v{i}")).collect();
     let from = format!("unnest({}) AS u({})", params.join(", "), aliases.join(", "));
-    let cast = |pos: usize| format!("u.v{}::{}", pos + 1, t.columns[cols[pos]].type_sql);
+    let cast = |pos: usize| format!("u.v{}::{}", pos + 1, t.columns[cols[pos]].cast_sql);
     let col = |c: usize| quote_ident(&t.columns[c].name);
     let key_match = || {
         t.key
@@ -238,7 +238,7 @@ pub fn lookup(
     details: bool,
 ) -> String {
     let col = |c: usize| quote_ident(&t.columns[c].name);
-    let ty = |c: usize| &t.columns[c].type_sql;
+    let ty = |c: usize| &t.columns[c].cast_sql;
     let n = cols.len();
     let m = old_cols.len();
     let mut params: Vec<String> = (1..=n + m).map(|i| format!("${i}::text[]")).collect();
@@ -446,6 +446,7 @@ mod tests {
         let c = |n: &str, ty: &str, ia| TargetColumn {
             name: n.into(),
             type_sql: ty.into(),
+            cast_sql: ty.into(),
             generated: false,
             identity_always: ia,
             equality: true,
@@ -523,6 +524,7 @@ mod tests {
         t.columns.push(TargetColumn {
             name: "doc".into(),
             type_sql: "json".into(),
+            cast_sql: "json".into(),
             generated: false,
             identity_always: false,
             equality: false,

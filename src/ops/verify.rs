@@ -243,7 +243,7 @@ impl Shape {
                         .iter()
                         .find(|c| &c.name == name)
                         .unwrap_or(&self.meta.columns[k]);
-                    format!("t.{} = u.v{}::{}", quote_ident(name), i + 1, ty.type_sql)
+                    format!("t.{} = u.v{}::{}", quote_ident(name), i + 1, ty.cast_sql)
                 })
                 .collect::<Vec<_>>()
                 .join(" AND "),

@@ -37,6 +37,7 @@ pub fn binding() -> Arc<Binding> {
     let col = |n: &str, generated| TargetColumn {
         name: n.into(),
         type_sql: "text".into(),
+        cast_sql: "text".into(),
         generated,
         identity_always: false,
         equality: true,
@@ -236,6 +237,7 @@ pub fn keyless_binding() -> Arc<Binding> {
     let col = |n: &str| TargetColumn {
         name: n.into(),
         type_sql: "text".into(),
+        cast_sql: "text".into(),
         generated: false,
         identity_always: false,
         equality: true,
