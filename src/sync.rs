@@ -1463,6 +1463,16 @@ async fn stream_loop(
     let mut committing = start;
     let mut group_opened: Option<Instant> = None;
     let mut group_changes = 0u64;
+    // A `tandem ddl` schema change runs in a target transaction of its own source transaction
+    // only: the group before it commits first, and the group it opens commits at its end. In one
+    // shared with other transactions it was refused, and refused again at every restart: after
+    // rows whose deferred triggers are pending (a deferred foreign key, where the role may not
+    // set `session_replication_role`), an `ALTER TABLE` of their table is ("pending trigger
+    // events"); and what some statements make cannot be used in the transaction that made it
+    // (an enum label `ALTER TYPE … ADD VALUE` added: "unsafe use of new value").
+    let mut ddl_in_group = false;
+    // `group_changes` when the source's current transaction began: whether it has applied any.
+    let mut changes_at_begin = 0u64;
     // The source sent everything it had since the group opened.
     let mut source_idle = false;
     // When to make the target flush commits the WAL writer has not flushed yet.
@@ -1733,6 +1743,7 @@ async fn stream_loop(
                             // may still be on its way.
                             commit_group_now!();
                         }
+                        changes_at_begin = group_changes;
                         if !skipping {
                             careful.reached = careful.reached.max(commit_lsn);
                             leaving = careful.skip == Some(commit_lsn);
@@ -1799,11 +1810,17 @@ async fn stream_loop(
                                 ev.change = change;
                                 // Not its text: a statement may carry a password (`ALTER ROLE …`).
                                 tracing::info!(%source, id, "running {source}'s schema change {id} on {}", source.other());
+                                // Its message comes first in its transaction (`tandem ddl`):
+                                // the group holds only whole transactions before it.
+                                if group_end.is_some() && group_changes == changes_at_begin {
+                                    commit_group!();
+                                }
                                 applier.apply(&ev).await?;
                                 if applier.in_txn() && group_opened.is_none() {
                                     group_opened = Some(Instant::now());
                                 }
                                 group_changes += 1;
+                                ddl_in_group = true;
                                 metrics::counter!("tandem_ddl_total", "direction" => source.direction_from())
                                 .increment(1);
                             }
@@ -1829,9 +1846,10 @@ async fn stream_loop(
                         } else if applier.in_txn() {
                             group_end = Some(end_lsn);
                             applier.count_transaction();
+                            let ddl = std::mem::take(&mut ddl_in_group);
                             if careful.current.is_some() {
                                 commit_group_now!();
-                            } else if group_changes >= GROUP_MAX_CHANGES {
+                            } else if group_changes >= GROUP_MAX_CHANGES || ddl {
                                 commit_group!();
                             }
                         } else {
