@@ -1467,9 +1467,10 @@ async fn stream_loop(
     // only: the group before it commits first, and the group it opens commits at its end. In one
     // shared with other transactions it was refused, and refused again at every restart: after
     // rows whose deferred triggers are pending (a deferred foreign key, where the role may not
-    // set `session_replication_role`), an `ALTER TABLE` of their table is ("pending trigger
-    // events"); and what some statements make cannot be used in the transaction that made it
-    // (an enum label `ALTER TYPE … ADD VALUE` added: "unsafe use of new value").
+    // set `session_replication_role`), an `ALTER TABLE` or `TRUNCATE` of their table is
+    // ("pending trigger events"); and what some statements make cannot be used in the
+    // transaction that made it (an enum label `ALTER TYPE … ADD VALUE` added: "unsafe use of new
+    // value").
     let mut ddl_in_group = false;
     // `group_changes` when the source's current transaction began: whether it has applied any.
     let mut changes_at_begin = 0u64;
@@ -1512,6 +1513,16 @@ async fn stream_loop(
             group_changes = 0;
             source_idle = false;
             take_committed!();
+        }};
+    }
+
+    // Before the first change of the source's current transaction: close the group, if it
+    // holds earlier transactions, so that this one starts a target transaction of its own.
+    macro_rules! own_group {
+        () => {{
+            if group_end.is_some() && group_changes == changes_at_begin {
+                commit_group!();
+            }
         }};
     }
 
@@ -1795,6 +1806,12 @@ async fn stream_loop(
                     }
                     Some(Item::Echo(_)) => {}
                     Some(Item::Change(ev)) => {
+                        // As for a schema change (see `ddl_in_group`): PostgreSQL refuses a
+                        // TRUNCATE of a table whose rows' deferred triggers are pending, which
+                        // the transactions before it in the group may have left.
+                        if matches!(ev.change, Change::Truncate { .. }) {
+                            own_group!();
+                        }
                         applier.apply(&ev).await?;
                         if applier.in_txn() && group_opened.is_none() {
                             group_opened = Some(Instant::now());
@@ -1810,11 +1827,8 @@ async fn stream_loop(
                                 ev.change = change;
                                 // Not its text: a statement may carry a password (`ALTER ROLE …`).
                                 tracing::info!(%source, id, "running {source}'s schema change {id} on {}", source.other());
-                                // Its message comes first in its transaction (`tandem ddl`):
-                                // the group holds only whole transactions before it.
-                                if group_end.is_some() && group_changes == changes_at_begin {
-                                    commit_group!();
-                                }
+                                // Its message comes first in its transaction (`tandem ddl`).
+                                own_group!();
                                 applier.apply(&ev).await?;
                                 if applier.in_txn() && group_opened.is_none() {
                                     group_opened = Some(Instant::now());

@@ -1484,10 +1484,11 @@ async fn a_client_certificate_logs_in_on_sql_and_replication_connections() {
 }
 
 /// A `tandem ddl` schema change behind other transactions and ahead of more, all waiting to be
-/// applied: it runs in a target transaction of its own. Before, it shared one with them and was
-/// refused, and refused again at every restart: an `ALTER TABLE` after rows whose deferred
-/// foreign key check is pending (mobile's role may not skip it), "pending trigger events"; rows
-/// using an enum label added just before, "unsafe use of new value".
+/// applied: it runs in a target transaction of its own, and a `TRUNCATE` starts one. Before,
+/// they shared one with the others and were refused, and refused again at every restart: an
+/// `ALTER TABLE` or `TRUNCATE` after rows whose deferred foreign key check is pending (mobile's
+/// role may not skip it), "pending trigger events"; rows using an enum label added just before,
+/// "unsafe use of new value".
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_schema_change_waiting_among_other_transactions_is_applied_with_them() {
     let role = "tandem_ddl_group";
@@ -1525,12 +1526,16 @@ async fn a_schema_change_waiting_among_other_transactions_is_applied_with_them()
         let (code, _, err) = ddl("desktop", sql);
         assert_eq!(code, 0, "{err}");
     }
-    fx.d.batch_execute(
-        "INSERT INTO moods VALUES (1, 'glad'); INSERT INTO moods VALUES (2, 'sad');
-         UPDATE moods SET m = 'glad' WHERE id = 2; INSERT INTO child VALUES (2, 1, 'n');",
-    )
-    .await
-    .unwrap();
+    // One transaction each; a TRUNCATE after a row with a check pending too.
+    for sql in [
+        "INSERT INTO moods VALUES (1, 'glad'); INSERT INTO moods VALUES (2, 'sad')",
+        "UPDATE moods SET m = 'glad' WHERE id = 2",
+        "INSERT INTO child VALUES (3, 1, 'x')",
+        "TRUNCATE child",
+        "INSERT INTO child VALUES (2, 1, 'n')",
+    ] {
+        fx.d.batch_execute(sql).await.unwrap();
+    }
     let run = fx.start().await;
     // As text: the label is not on mobile until the schema change arrives.
     wait_count(
@@ -1540,8 +1545,8 @@ async fn a_schema_change_waiting_among_other_transactions_is_applied_with_them()
         2,
     )
     .await;
-    fx.wait_equal("child", 30).await;
-    assert_eq!(Fixture::rows(&fx.m, "child").await, ["(1,1,)", "(2,1,n)"]);
+    wait_count(30, &fx.m, "SELECT count(*) FROM child WHERE note = 'n'", 1).await;
+    assert_eq!(Fixture::rows(&fx.m, "child").await, ["(2,1,n)"]);
     // And while run runs, the other way.
     let (code, _, err) = ddl("mobile", "ALTER TYPE mood ADD VALUE 'calm'");
     assert_eq!(code, 0, "{err}");

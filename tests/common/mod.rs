@@ -68,8 +68,9 @@ pub fn clusters() -> &'static Pair {
     static PAIR: OnceLock<Pair> = OnceLock::new();
     PAIR.get_or_init(|| {
         let (d, m) = std::thread::scope(|s| {
-            // Commit timestamps on, for last_write_wins without a version column.
-            let conf = "track_commit_timestamp = on";
+            // Commit timestamps on, for last_write_wins without a version column. Every test
+            // keeps its slots to the end: more than the 64 a throwaway cluster has.
+            let conf = "track_commit_timestamp = on\nmax_replication_slots = 256";
             let d = s.spawn(|| {
                 LocalCluster::start_with("test-desktop", conf).expect("start desktop cluster")
             });
