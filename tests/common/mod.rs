@@ -215,6 +215,16 @@ impl Fixture {
         Running { tx, task, status }
     }
 
+    /// Start `tandem run` in this process and wait for it to stop on its own with an error
+    /// (a check at its start, a read-only target): the error's text, with its causes.
+    pub async fn refused(&self) -> String {
+        let e = tokio::time::timeout(Duration::from_secs(60), self.start_nowait().outcome())
+            .await
+            .expect("run stops on its own")
+            .expect_err("run refuses");
+        format!("{e:#}")
+    }
+
     /// Run `tandem run` in this process until the returned handle is stopped. Returns once both
     /// directions stream (after the initial snapshot), so a test's writes go through the streams.
     pub async fn start(&self) -> Running {
