@@ -233,6 +233,8 @@ pub async fn rules(
             "O" => !replica,
             _ => false,
         };
+        // Only an ordinary rule stops firing under `session_replication_role = replica`.
+        let helps = enabled == "O" && !replica;
         let rule = format!("{side}: rule {name} on {t}");
         let fix = "replace it with a trigger or drop it";
         problems.push(match event.as_str() {
@@ -244,13 +246,13 @@ pub async fn rules(
             "3" => format!(
                 "{rule} is an INSERT rule that fires for tandem's writes, and PostgreSQL refuses \
                  INSERT … ON CONFLICT, which tandem applies rows with, on a table with one; {fix}{}",
-                replica_fix(replica)
+                replica_fix(helps)
             ),
             _ => format!(
                 "{rule} is a DELETE rule that fires for tandem's writes: it rewrites the deletes \
                  tandem applies, and PostgreSQL refuses the statement tandem changes a key with \
                  on a table with one; {fix}{}",
-                replica_fix(replica)
+                replica_fix(helps)
             ),
         });
     }
@@ -258,11 +260,11 @@ pub async fn rules(
 }
 
 /// The other way out of a rule that fires for tandem's writes only because its role may not
-/// set `session_replication_role`.
-fn replica_fix(replica: bool) -> &'static str {
-    match replica {
-        true => "",
-        false => {
+/// set `session_replication_role` (`helps`).
+fn replica_fix(helps: bool) -> &'static str {
+    match helps {
+        false => "",
+        true => {
             ", or let tandem's role set session_replication_role (as a superuser, `GRANT SET ON \
              PARAMETER session_replication_role TO` the role), under which an ordinary rule does \
              not fire for replicated rows, as in PostgreSQL's own replication"

@@ -469,7 +469,8 @@ async fn rules_that_would_refuse_tandems_writes_are_named_before_they_stop_run()
     m.batch_execute(
         "CREATE RULE stock_upd AS ON UPDATE TO stock DO ALSO INSERT INTO items_log VALUES ('U', NEW.id);
          ALTER TABLE stock DISABLE RULE stock_upd;
-         CREATE RULE keep AS ON DELETE TO items DO INSTEAD NOTHING;",
+         CREATE RULE keep AS ON DELETE TO items DO INSTEAD NOTHING;
+         ALTER TABLE items ENABLE ALWAYS RULE items_ins;",
     )
     .await
     .unwrap();
@@ -487,10 +488,18 @@ async fn rules_that_would_refuse_tandems_writes_are_named_before_they_stop_run()
                        refuses INSERT … ON CONFLICT, which tandem applies rows with, on a table \
                        with one (even disabled); replace it with a trigger or drop it";
     assert!(err.contains(update_rule), "{err}");
+    // An ordinary rule would not fire if the role could set session_replication_role; one
+    // that fires ALWAYS would.
     for want in [
-        "mobile: rule items_ins on public.items is an INSERT rule that fires for tandem's writes",
-        "mobile: rule keep on public.items is a DELETE rule that fires for tandem's writes",
-        "`GRANT SET ON PARAMETER session_replication_role TO` the role",
+        "mobile: rule items_ins on public.items is an INSERT rule that fires for tandem's writes, \
+         and PostgreSQL refuses INSERT … ON CONFLICT, which tandem applies rows with, on a table \
+         with one; replace it with a trigger or drop it\n",
+        "mobile: rule keep on public.items is a DELETE rule that fires for tandem's writes: it \
+         rewrites the deletes tandem applies, and PostgreSQL refuses the statement tandem changes \
+         a key with on a table with one; replace it with a trigger or drop it, or let tandem's \
+         role set session_replication_role (as a superuser, `GRANT SET ON PARAMETER \
+         session_replication_role TO` the role), under which an ordinary rule does not fire for \
+         replicated rows",
     ] {
         assert!(err.contains(want), "{want}: {err}");
     }
