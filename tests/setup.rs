@@ -526,7 +526,25 @@ async fn rules_that_would_refuse_tandems_writes_are_named_before_they_stop_run()
     assert_eq!(Fixture::rows(&fx.d, "stock").await, ["(1,8)"]);
     // Desktop's rule fired for its application's row, not for the one tandem applied.
     assert_eq!(Fixture::rows(&fx.d, "items_log").await, ["(I,2)"]);
-    run.stop().await;
+    // One made while run runs stops it at the table's next row, naming the way out.
+    fx.m.batch_execute("CREATE RULE late AS ON UPDATE TO stock DO ALSO NOTHING")
+        .await
+        .unwrap();
+    fx.d.batch_execute("INSERT INTO stock VALUES (2, 1)")
+        .await
+        .unwrap();
+    let e = tokio::time::timeout(std::time::Duration::from_secs(60), run.outcome())
+        .await
+        .expect("run stops")
+        .expect_err("run stops on the rule");
+    assert!(
+        format!("{e:#}").contains(
+            "Upsert rows to mobile.public.stock: a rule on the table stands in the way of \
+             tandem's writes; replace it with a trigger or drop it (`tandem setup` names it)"
+        ),
+        "{e:#}"
+    );
+    fx.m.batch_execute("DROP RULE late ON stock").await.unwrap();
 
     // A rule made on desktop since, which fires under session_replication_role = replica too.
     fx.d.batch_execute("ALTER TABLE items ENABLE ALWAYS RULE items_ins")

@@ -654,14 +654,15 @@ impl Applier {
             }
             r => r,
         };
-        let n = r.with_context(|| {
-            format!(
+        let n = r.map_err(|e| {
+            let doing = format!(
                 "applying {} {:?} rows to {}.{}",
                 what.rows,
                 what.op,
                 self.source.other(),
                 what.table
-            )
+            );
+            with_rule_hint(e, doing)
         })?;
         if what.at_key == sql::Existing::Keep && (n as usize) < what.rows {
             return Err(LocalRace {
@@ -1242,8 +1243,10 @@ impl Applier {
                         self.pipeline
                             .alongside(self.client.prepare(&text))
                             .await
-                            .with_context(|| {
-                                format!("preparing the {op:?} statement for {}", target.name)
+                            .map_err(|e| {
+                                let what =
+                                    format!("preparing the {op:?} statement for {}", target.name);
+                                with_rule_hint(e, what)
                             })?,
                     ),
                     None => None,
@@ -2052,4 +2055,20 @@ fn text_arrays<'a>(
 /// the two clocks disagree.
 fn seconds_since_pg_micros(ts: i64) -> f64 {
     (crate::event::pg_now_micros() - ts).max(0) as f64 / 1e6
+}
+
+/// `e` in the context of `doing`; where a rule on the table refused tandem's statement (one made
+/// since `run` checked at its start: see [`catalog::rules`]), with the way out.
+fn with_rule_hint(e: tokio_postgres::Error, doing: String) -> anyhow::Error {
+    let rule = e.as_db_error().is_some_and(|d| {
+        d.code() == &tokio_postgres::error::SqlState::FEATURE_NOT_SUPPORTED
+            && d.message().contains(" rules")
+    });
+    anyhow::Error::new(e).context(match rule {
+        true => format!(
+            "{doing}: a rule on the table stands in the way of tandem's writes; replace it with \
+             a trigger or drop it (`tandem setup` names it)"
+        ),
+        false => doing,
+    })
 }
