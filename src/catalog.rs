@@ -204,14 +204,14 @@ pub async fn may_replica(c: &tokio_postgres::Client) -> Result<bool> {
 /// PostgreSQL refuses `INSERT … ON CONFLICT`, which tandem applies rows with, on a table with an
 /// UPDATE rule (even a disabled one) or an INSERT rule that fires, and a data-modifying `WITH`
 /// (a key change) on one with a DELETE rule that fires: `run` stopped at the table's first row.
-/// An INSERT or DELETE rule fires for tandem's writes as a trigger does: not when `replica` (the
-/// session may set `session_replication_role`) unless `ENABLE REPLICA` or `ALWAYS`.
+/// An INSERT or DELETE rule fires for tandem's writes as a trigger does: not when the role may
+/// set `session_replication_role` ([`may_replica`]) unless `ENABLE REPLICA` or `ALWAYS`.
 pub async fn rules(
-    c: &impl GenericClient,
+    c: &tokio_postgres::Client,
     side: crate::side::Side,
     tables: &[TableName],
-    replica: bool,
 ) -> Result<Vec<String>> {
+    let replica = may_replica(c).await?;
     let quoted: Vec<String> = tables.iter().map(TableName::quoted).collect();
     let rows = c
         .query(

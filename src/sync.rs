@@ -347,9 +347,8 @@ async fn preflight(cfg: &Config) -> Result<()> {
             bail!(problem);
         }
         // A rule made on the target since `setup` would stop `run` at the table's first row.
-        let replica = crate::catalog::may_replica(&target).await?;
         let arriving = cfg.arriving(source.other(), &tables);
-        let rules = crate::catalog::rules(&target, source.other(), &arriving, replica).await?;
+        let rules = crate::catalog::rules(&target, source.other(), &arriving).await?;
         if !rules.is_empty() {
             bail!(rules.join("\n"));
         }

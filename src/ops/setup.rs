@@ -524,8 +524,7 @@ async fn check_tables(
         problems.extend(catalog::row_security(c, side, &tables).await?);
         check_unlogged(cfg, c, side, &tables, problems, warnings).await?;
         let arriving = cfg.arriving(side, &tables);
-        let replica = catalog::may_replica(c).await?;
-        problems.extend(catalog::rules(c, side, &arriving, replica).await?);
+        problems.extend(catalog::rules(c, side, &arriving).await?);
     }
     check_patterns(cfg, d, m, &tables, problems, warnings).await?;
     for t in &tables {

@@ -236,8 +236,7 @@ pub async fn snapshot(
         if let Some(problem) = catalog::row_security(c, side, &tables).await? {
             bail!(problem);
         }
-        let replica = catalog::may_replica(c).await?;
-        let rules = catalog::rules(c, side, &cfg.arriving(side, &tables), replica).await?;
+        let rules = catalog::rules(c, side, &cfg.arriving(side, &tables)).await?;
         if !rules.is_empty() {
             bail!(rules.join("\n"));
         }
