@@ -691,6 +691,48 @@ async fn a_row_the_target_rejects_stops_replication_naming_the_constraint() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_refused_row_followed_by_a_table_not_written_before_is_named_at_the_commit() {
+    // An office's room bookings may not overlap (an exclusion constraint). Mobile holds a
+    // booking of its own; desktop books the same hour and, in the same transaction, writes a
+    // table tandem had not written yet. The booking is sent ahead, then the note's statement is
+    // prepared at the group's commit: that is refused as "current transaction is aborted", and
+    // was the error `run` stopped with, naming neither the booking nor a transaction to skip.
+    let fx = Fixture::new(
+        "refused_then_prepare",
+        "CREATE TABLE booking (id int PRIMARY KEY, during tstzrange, \
+           EXCLUDE USING gist (during WITH &&)); \
+         CREATE TABLE notes (id int PRIMARY KEY, v text);",
+        "tables = [\"public.booking\", \"public.notes\"]\n[replication.direction]\n\
+         \"public.booking\" = \"desktop_to_mobile\"\n\"public.notes\" = \"desktop_to_mobile\"",
+    )
+    .await;
+    fx.start().await.stop().await;
+    fx.m.batch_execute(
+        "INSERT INTO booking VALUES (1, '[2026-01-01 10:00+00,2026-01-01 11:00+00)')",
+    )
+    .await
+    .unwrap();
+    fx.d.batch_execute(
+        "BEGIN; \
+         INSERT INTO booking VALUES (2, '[2026-01-01 10:30+00,2026-01-01 11:30+00)'); \
+         INSERT INTO notes VALUES (1, 'room booked'); COMMIT",
+    )
+    .await
+    .unwrap();
+    let (e, _) = common::rejected(fx.start_nowait()).await;
+    assert!(
+        e.contains("was rejected by mobile") && e.contains("booking_during_excl"),
+        "{e}"
+    );
+    assert!(!e.contains("current transaction is aborted"), "{e}");
+    assert_eq!(
+        Fixture::count(&fx.m, "SELECT count(*) FROM notes").await,
+        0,
+        "nothing of the transaction is applied"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn on_refusal_retry_stalls_only_that_direction_until_the_target_is_fixed_or_it_is_skipped() {
     // As native's apply worker retries: `run` stays up, the other direction flows, `/health`
     // says what is refused, and fixing the target or `tandem skip` lets the direction go on

@@ -1762,6 +1762,13 @@ impl Applier {
     /// statements in order, and after a failure refuses everything up to a rollback; a group
     /// opened behind a commit that fails is refused too (see [`Applier::begin_sql`]).
     pub async fn commit_ahead(&mut self, lsn: Lsn) -> Result<()> {
+        match self.send_group_commit(lsn).await {
+            Ok(()) => Ok(()),
+            Err(e) => Err(self.explain(e).await),
+        }
+    }
+
+    async fn send_group_commit(&mut self, lsn: Lsn) -> Result<()> {
         if !self.in_txn {
             return self.record(lsn).await;
         }
@@ -1928,7 +1935,9 @@ impl Applier {
     /// the target transaction if nothing did yet, so the savepoint always exists.
     pub async fn savepoint(&mut self, name: &str) -> Result<()> {
         self.ensure_txn(Lsn::ZERO).await?;
-        self.run_ready(true).await?;
+        if let Err(e) = self.run_ready(true).await {
+            return Err(self.explain(e).await);
+        }
         self.settle_all().await?;
         self.client
             .batch_execute(&format!("SAVEPOINT {name}"))
