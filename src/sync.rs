@@ -934,7 +934,7 @@ async fn direction(
                 if retry_whole {
                     tracing::warn!(%source, "{e:#}; starting over from the checkpoint with large transactions applied at their commit, to find the one {} refuses", source.other());
                 } else {
-                    tracing::warn!(%source, "{e:#}; starting over from the checkpoint, one source transaction per commit up to {}, to find the one {} refuses", careful.reached, source.other());
+                    tracing::warn!(%source, "{e:#}; starting over from the checkpoint, one source transaction per commit and one change per statement up to {}: as the source made them, or to find the one {} refuses", careful.reached, source.other());
                 }
                 careful.until = careful.until.max(careful.reached);
             }
@@ -1772,6 +1772,10 @@ async fn stream_loop(
                                     commit_lsn,
                                     commit_ts,
                                 });
+                            // Row by row too: the group may have been refused only for its
+                            // batching (see `Planner::set_singly`); this way a transaction is
+                            // refused only when native's apply would refuse it.
+                            applier.apply_singly(careful.current.is_some());
                         }
                     }
                     // A schema change is left out, or published again, like any change.

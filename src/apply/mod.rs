@@ -1209,6 +1209,11 @@ impl Applier {
             .get(0))
     }
 
+    /// Each change its own statement (see [`Planner::set_singly`]), or batched again.
+    pub fn apply_singly(&mut self, on: bool) {
+        self.planner.set_singly(on);
+    }
+
     pub fn kafka_required(&self) -> bool {
         self.publisher.as_ref().is_some_and(|p| p.required)
     }

@@ -317,6 +317,8 @@ pub struct Planner {
     pub carry: bool,
     /// The change being planned, until a row takes it.
     event: Option<crate::event::Event>,
+    /// Each change its own statement, in source order, as native's apply worker does.
+    singly: bool,
 }
 
 type Key = Vec<Option<Bytes>>;
@@ -342,7 +344,18 @@ impl Planner {
             at: (Lsn::ZERO, 0),
             carry: false,
             event: None,
+            singly: false,
         }
+    }
+
+    /// Plan each change as a statement of its own from now on (`true`), or batch again. A
+    /// constraint over several rows (a UNIQUE column other than the key, an exclusion
+    /// constraint) is checked row by row as a statement writes: a source transaction that
+    /// swaps two rows' values through a third passes only in its own order, which a batch's
+    /// merged rows (and an `UPDATE … FROM`'s join) do not keep.
+    pub fn set_singly(&mut self, singly: bool) {
+        self.flush();
+        self.singly = singly;
     }
 
     /// Close the open batch, if any.
@@ -637,6 +650,8 @@ impl Planner {
         if batch.rows.len() >= self.max_rows || self.bytes >= self.max_bytes {
             batch.large = batch.txn.is_some();
             self.flush();
+        } else if self.singly {
+            self.flush();
         }
         Ok(())
     }
@@ -764,6 +779,36 @@ mod tests {
             (Op::Delete, vec![vec![b("2")]])
         );
         assert_eq!(r[2].rows, vec![vec![b("2"), b("w")]]);
+    }
+
+    #[test]
+    fn singly_each_change_is_a_statement_of_its_own_in_source_order_until_batching_again() {
+        // A swap of two rows' unique values through a third: row 1 to -1, row 2 to 1, row 1 to 2.
+        let bd = binding();
+        let mut p = Planner::new(100, 1 << 20);
+        p.set_singly(true);
+        for (k, v) in [("1", "-1"), ("2", "1"), ("1", "2")] {
+            p.update(&bd, None, &row(k, t(v))).unwrap();
+        }
+        let r = p.take_ready();
+        let rows: Vec<_> = r.iter().map(|b| b.rows.clone()).collect();
+        assert_eq!(
+            rows,
+            [
+                vec![vec![b("1"), b("-1")]],
+                vec![vec![b("2"), b("1")]],
+                vec![vec![b("1"), b("2")]]
+            ]
+        );
+        assert!(r.iter().all(|b| b.existing && !b.large));
+        p.set_singly(false);
+        for (k, v) in [("1", "-1"), ("2", "1"), ("1", "2")] {
+            p.update(&bd, None, &row(k, t(v))).unwrap();
+        }
+        p.flush();
+        let r = p.take_ready();
+        assert_eq!(r.len(), 1, "batched, the key's latest image");
+        assert_eq!(r[0].rows, vec![vec![b("1"), b("2")], vec![b("2"), b("1")]]);
     }
 
     #[test]
