@@ -11,11 +11,15 @@ use crate::config::{redact_url, Site};
 /// stream renders them (see `source::stream`). And no timeouts, as pg_dump sets: a database- or
 /// role-wide timeout meant for the application would cut short a copy, a large batch, a wait on
 /// an application's row lock, or a streamed transaction's session idling between the source's
-/// blocks. tandem sets the lock timeout it wants itself, where it wants one.
+/// blocks; an idle-session timeout would end `run`'s lock session and its apply sessions at every
+/// quiet spell (a reconnect each time, and the lock let go meanwhile). tandem sets the lock
+/// timeout it wants itself, where it wants one. `idle_session_timeout` is PostgreSQL 14's, so it
+/// is set only where it exists.
 pub const SESSION_SETTINGS: &str =
     "SET datestyle = 'ISO, MDY'; SET intervalstyle = 'postgres'; SET extra_float_digits = 3; \
      SET bytea_output = 'hex'; SET lc_monetary = 'C'; SET statement_timeout = 0; SET lock_timeout = 0; \
-     SET idle_in_transaction_session_timeout = 0";
+     SET idle_in_transaction_session_timeout = 0; \
+     SELECT set_config(name, '0', false) FROM pg_settings WHERE name = 'idle_session_timeout'";
 
 /// Connect to `site` with `application_name` set, spawning the connection task.
 pub async fn connect(site: &Site, app: &str) -> Result<Client> {

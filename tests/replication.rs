@@ -3758,7 +3758,9 @@ async fn a_partitioned_table_without_a_key_gets_whole_old_rows_from_setup_and_ke
 async fn timeouts_set_on_the_database_do_not_cut_tandems_sessions_short() {
     // Hosted databases often carry a database- or role-wide statement, lock and idle timeout
     // meant for the application. tandem's copy, batches and a streamed transaction's session
-    // (idle in transaction between the source's blocks) need longer.
+    // (idle in transaction between the source's blocks) need longer, and `run`'s lock session
+    // and its apply sessions idle whenever the source is quiet (before: an idle-session timeout
+    // ended them at every quiet spell, and `run` reconnected each time).
     let (d, m) = Fixture::databases("timeouts", JOBS).await;
     d.batch_execute("INSERT INTO jobs SELECT g, 'old' FROM generate_series(1, 200000) g")
         .await
@@ -3767,8 +3769,10 @@ async fn timeouts_set_on_the_database_do_not_cut_tandems_sessions_short() {
         c.batch_execute(
             "DO $$ BEGIN EXECUTE format('ALTER DATABASE %I SET statement_timeout = ''50ms''; \
              ALTER DATABASE %I SET idle_in_transaction_session_timeout = ''300ms''; \
+             ALTER DATABASE %I SET idle_session_timeout = ''300ms''; \
              ALTER DATABASE %I SET lock_timeout = ''50ms''', \
-             current_database(), current_database(), current_database()); END $$",
+             current_database(), current_database(), current_database(), current_database()); \
+             END $$",
         )
         .await
         .unwrap();
