@@ -729,11 +729,14 @@ async fn write_status(
     let mut out = BytesMut::new();
     let mut pinged = false;
     loop {
-        let stopping = tokio::select! {
-            _ = tick.tick() => false,
-            _ = reply.notified() => false,
-            _ = advanced.notified() => false,
-            _ = stop.notified() => true,
+        // The server asks for a reply (a keepalive at half its `wal_sender_timeout`) and ends
+        // the connection when none comes by the whole: answered at once, as the native
+        // walreceiver does, not at the next heartbeat (a 3 s timeout ended every stream).
+        let (stopping, asked) = tokio::select! {
+            _ = tick.tick() => (false, false),
+            _ = reply.notified() => (false, true),
+            _ = advanced.notified() => (false, false),
+            _ = stop.notified() => (true, false),
         };
         let lsn = confirmed.load(Ordering::Relaxed);
         // A source with nothing to send and everything confirmed sends nothing, so a quiet
@@ -746,7 +749,7 @@ async fn write_status(
                 false
             }
         };
-        if stopping || ping || lsn != sent || sent_at.elapsed() >= STATUS_HEARTBEAT {
+        if stopping || asked || ping || lsn != sent || sent_at.elapsed() >= STATUS_HEARTBEAT {
             status_update(lsn, ping, &mut out);
             sent = lsn;
             sent_at = tokio::time::Instant::now();
