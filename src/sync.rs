@@ -717,6 +717,19 @@ pub struct LiveBlocked {
     pub xid: u32,
 }
 
+/// A transaction applied on its own was refused, batched: the direction starts over and applies
+/// it change by change, in the source's order, as native's apply worker does. A constraint over
+/// several rows (a UNIQUE column other than the key, an exclusion constraint) is checked row by
+/// row as a statement writes, so a transaction swapping two rows' values through a third passes
+/// only in its own order, which a batch's merged rows do not keep.
+#[derive(Debug, thiserror::Error)]
+#[error("{cause}; starting over from the checkpoint, {from} transaction {xid} change by change")]
+pub struct Unbatched {
+    from: Side,
+    xid: u32,
+    cause: String,
+}
+
 /// A streamed transaction carries a `tandem ddl` schema change: the direction starts over and
 /// spools that transaction until its commit, when its row in the source's `tandem.ddl` can be read.
 #[derive(Debug, thiserror::Error)]
@@ -785,6 +798,10 @@ struct Careful {
     whole: bool,
     /// A transaction is being applied while in progress (until its commit is through).
     in_live: bool,
+    /// The commit LSN of a transaction refused on its own, batched: applied again change by
+    /// change (see [`Planner::set_singly`](crate::apply::plan::Planner::set_singly)) before it
+    /// counts as refused.
+    singly: Option<Lsn>,
 }
 
 /// The main session gives up on a lock after this while a streamed transaction is applied live.
@@ -911,6 +928,9 @@ async fn direction(
             Err(e) if e.is::<StaleTable>() && !*stop.borrow() => {
                 tracing::info!(%source, "{e:#}; starting over from the checkpoint with {}'s tables read again", source.other());
             }
+            Err(e) if e.is::<Unbatched>() && !*stop.borrow() => {
+                tracing::info!(%source, "{e:#}");
+            }
             Err(e) if e.is::<LiveDdl>() && !*stop.borrow() => {
                 let d = e.downcast::<LiveDdl>().expect("checked");
                 tracing::info!(%source, "{d}; starting over from the checkpoint, spooling it until its commit");
@@ -934,7 +954,7 @@ async fn direction(
                 if retry_whole {
                     tracing::warn!(%source, "{e:#}; starting over from the checkpoint with large transactions applied at their commit, to find the one {} refuses", source.other());
                 } else {
-                    tracing::warn!(%source, "{e:#}; starting over from the checkpoint, one source transaction per commit and one change per statement up to {}: as the source made them, or to find the one {} refuses", careful.reached, source.other());
+                    tracing::warn!(%source, "{e:#}; starting over from the checkpoint, one source transaction per commit up to {}, to find the one {} refuses", careful.reached, source.other());
                 }
                 careful.until = careful.until.max(careful.reached);
             }
@@ -1176,6 +1196,17 @@ async fn direction_once(
             Err(StaleTable(e).into())
         }
         (Err(e), Some(t), _) if lock_timed_out(&e) => Err(LiveBlocked { xid: t.xid }.into()),
+        (Err(e), _, Some(t))
+            if refused_by_target(&e) && !transient(&e) && careful.singly != Some(t.commit_lsn) =>
+        {
+            careful.singly = Some(t.commit_lsn);
+            Err(Unbatched {
+                from: source,
+                xid: t.xid,
+                cause: format!("{e:#}"),
+            }
+            .into())
+        }
         (Err(e), _, Some(t)) if refused_by_target(&e) && !transient(&e) => Err(Rejected {
             from: source,
             to: source.other(),
@@ -1772,10 +1803,9 @@ async fn stream_loop(
                                     commit_lsn,
                                     commit_ts,
                                 });
-                            // Row by row too: the group may have been refused only for its
-                            // batching (see `Planner::set_singly`); this way a transaction is
-                            // refused only when native's apply would refuse it.
-                            applier.apply_singly(careful.current.is_some());
+                            applier.apply_singly(
+                                careful.current.is_some() && careful.singly == Some(commit_lsn),
+                            );
                         }
                     }
                     // A schema change is left out, or published again, like any change.

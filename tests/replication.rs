@@ -1437,6 +1437,58 @@ async fn the_urls_options_reach_the_walsender_and_tandems_own_settings_still_hol
     );
 }
 
+/// The walsender asks for a reply at half its `wal_sender_timeout` and ends the connection when
+/// none comes by the whole. tandem answered only at its 5 s heartbeat, so a 2 s timeout (set
+/// here in the URLs' options) ended both streams every few seconds, reconnected each time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_short_wal_sender_timeout_is_answered_in_time_and_the_stream_stays() {
+    let (d, m) = Fixture::databases(
+        "sender_timeout",
+        "CREATE TABLE jobs (id int PRIMARY KEY, v text);",
+    )
+    .await;
+    // Both URLs.
+    let text = Fixture::config_text("sender_timeout", r#"tables = ["public.jobs"]"#).replace(
+        "/sender_timeout\"",
+        "/sender_timeout?options=-c%20wal_sender_timeout%3D2s\"",
+    );
+    assert_eq!(text.matches("wal_sender_timeout").count(), 2, "{text}");
+    let fx = Fixture::with_config("sender_timeout", d, m, text).await;
+    let run = fx.start().await;
+    let holder = |slot: &'static str| {
+        format!("SELECT coalesce(active_pid, 0)::bigint FROM pg_replication_slots WHERE slot_name = '{slot}'")
+    };
+    let (hd, hm) = (holder("sender_timeout_d"), holder("sender_timeout_m"));
+    wait_for(30, "both slots streamed", || async {
+        Fixture::count(&fx.d, &hd).await != 0 && Fixture::count(&fx.m, &hm).await != 0
+    })
+    .await;
+    let before = (
+        Fixture::count(&fx.d, &hd).await,
+        Fixture::count(&fx.m, &hm).await,
+    );
+    // Idle for three times the timeout: a stream unanswered would have been ended and opened
+    // again by another walsender.
+    tokio::time::sleep(std::time::Duration::from_secs(6)).await;
+    fx.d.batch_execute("INSERT INTO jobs VALUES (1, 'd')")
+        .await
+        .unwrap();
+    fx.m.batch_execute("INSERT INTO jobs VALUES (2, 'm')")
+        .await
+        .unwrap();
+    wait_count(30, &fx.d, "SELECT count(*) FROM jobs", 2).await;
+    wait_count(30, &fx.m, "SELECT count(*) FROM jobs", 2).await;
+    assert_eq!(
+        (
+            Fixture::count(&fx.d, &hd).await,
+            Fixture::count(&fx.m, &hm).await
+        ),
+        before,
+        "the same walsenders stream both slots"
+    );
+    run.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_client_certificate_logs_in_on_sql_and_replication_connections() {
     use tandem::localpg::CERT_ROLE;
