@@ -12,13 +12,15 @@ use crate::config::{redact_url, Site};
 /// role-wide timeout meant for the application would cut short a copy, a large batch, a wait on
 /// an application's row lock, or a streamed transaction's session idling between the source's
 /// blocks; an idle-session timeout would end `run`'s lock session and its apply sessions at every
-/// quiet spell (a reconnect each time, and the lock let go meanwhile). tandem sets the lock
+/// quiet spell (a reconnect each time, and the lock let go meanwhile). A stricter default
+/// isolation made tandem's writes fail on every row an application changed since they began
+/// (`could not serialize access`); a snapshot asks for its own level. tandem sets the lock
 /// timeout it wants itself, where it wants one. `idle_session_timeout` is PostgreSQL 14's, so it
 /// is set only where it exists.
 pub const SESSION_SETTINGS: &str =
     "SET datestyle = 'ISO, MDY'; SET intervalstyle = 'postgres'; SET extra_float_digits = 3; \
      SET bytea_output = 'hex'; SET lc_monetary = 'C'; SET statement_timeout = 0; SET lock_timeout = 0; \
-     SET idle_in_transaction_session_timeout = 0; \
+     SET idle_in_transaction_session_timeout = 0; SET default_transaction_isolation = 'read committed'; \
      SELECT set_config(name, '0', false) FROM pg_settings WHERE name = 'idle_session_timeout'";
 
 /// Connect to `site` with `application_name` set, spawning the connection task.
@@ -292,6 +294,16 @@ pub fn caused_by(e: &anyhow::Error, state: &tokio_postgres::error::SqlState) -> 
         c.downcast_ref::<tokio_postgres::Error>()
             .and_then(|p| p.code())
             .is_some_and(|c| c == state)
+    })
+}
+
+/// The server rolled the transaction back (SQLSTATE class 40: a deadlock, a serialization
+/// failure): transient, but no connection was lost.
+pub fn transaction_rollback(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<tokio_postgres::Error>()
+            .and_then(|p| p.code())
+            .is_some_and(|c| c.code().starts_with("40"))
     })
 }
 

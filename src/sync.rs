@@ -968,6 +968,10 @@ async fn direction(
                     tracing::warn!(%source, "{e:#}; next try in {backoff:?}");
                     metrics::counter!("tandem_slot_held_total", "direction" => source.direction_from())
                         .increment(1);
+                } else if db::transaction_rollback(&e) {
+                    // The connection is fine: the target ended the transaction (a deadlock with
+                    // an application's, a serialization failure) and it is simply tried again.
+                    tracing::warn!(%source, "the target rolled back tandem's transaction ({e:#}); starting over from the checkpoint in {backoff:?}");
                 } else {
                     tracing::warn!(%source, "connection lost ({e:#}); reconnecting in {backoff:?}");
                     metrics::counter!("tandem_reconnects_total", "direction" => source.direction_from())

@@ -573,6 +573,54 @@ async fn a_deadlock_with_an_application_on_the_target_is_retried_not_a_refusal()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_stricter_default_isolation_on_the_target_does_not_fail_writes_to_rows_an_application_changed(
+) {
+    // A database set to `repeatable read` for its application: tandem's write of a row an
+    // application changed (and committed) while tandem waited for it failed with "could not
+    // serialize access", and the direction started over. tandem's sessions read committed, as
+    // PostgreSQL's default, and the write goes through the first time.
+    let fx = Fixture::new(
+        "isolation",
+        "CREATE TABLE b (id int PRIMARY KEY, v text);",
+        "tables = [\"public.b\"]\n[replication.direction]\n\"public.b\" = \"desktop_to_mobile\"",
+    )
+    .await;
+    fx.m.batch_execute(
+        "DO $$ BEGIN EXECUTE format('ALTER DATABASE %I SET default_transaction_isolation = \
+         ''repeatable read''', current_database()); END $$",
+    )
+    .await
+    .unwrap();
+    let run = fx.start().await;
+    fx.d.batch_execute("INSERT INTO b VALUES (1, 'd0')")
+        .await
+        .unwrap();
+    wait_count(30, &fx.m, "SELECT count(*) FROM b", 1).await;
+    let app = common::connect(&clusters().mobile.url("isolation")).await;
+    app.batch_execute("BEGIN; UPDATE b SET v = 'app' WHERE id = 1")
+        .await
+        .unwrap();
+    fx.d.batch_execute("UPDATE b SET v = 'd1' WHERE id = 1")
+        .await
+        .unwrap();
+    wait_count(30, &fx.m, &common::apply_lock_waits("isolation"), 1).await;
+    app.batch_execute("COMMIT").await.unwrap();
+    wait_for(30, "desktop's update applied", || async {
+        Fixture::rows(&fx.m, "b").await == ["(1,d1)"]
+    })
+    .await;
+    assert_eq!(
+        run.status
+            .from_desktop
+            .starts
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1,
+        "the direction did not start over"
+    );
+    run.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_stop_while_the_target_waits_on_an_application_lock_cancels_the_wait() {
     // A stop (Ctrl-C, a deploy) must not wait for the application, and must not leave tandem's
     // session behind on the server, waiting with the rows it already locked.
