@@ -354,8 +354,11 @@ impl Planner {
     /// swaps two rows' values through a third passes only in its own order, which a batch's
     /// merged rows (and an `UPDATE … FROM`'s join) do not keep.
     pub fn set_singly(&mut self, singly: bool) {
-        self.flush();
-        self.singly = singly;
+        // Asked at every transaction: a batch stays open across them unless the mode changes.
+        if singly != self.singly {
+            self.flush();
+            self.singly = singly;
+        }
     }
 
     /// Close the open batch, if any.
@@ -801,8 +804,10 @@ mod tests {
             ]
         );
         assert!(r.iter().all(|b| b.existing && !b.large));
-        p.set_singly(false);
         for (k, v) in [("1", "-1"), ("2", "1"), ("1", "2")] {
+            // Asked at each source transaction's begin, as the stream does: batching across
+            // them is kept (a flush here halved W1's rows/s).
+            p.set_singly(false);
             p.update(&bd, None, &row(k, t(v))).unwrap();
         }
         p.flush();
