@@ -1044,6 +1044,75 @@ async fn unique_collisions_on_another_key_converge_under_last_write_wins() {
     }
 }
 
+/// An application moves values of a UNIQUE column between rows: a swap through a temporary
+/// value on each side, and a chain (row 3 gives its email up, row 4 takes it) on desktop. The
+/// conflict lookup compares each incoming row with the target as it was before the batch, so
+/// each row of the swap, and row 4 of the chain, seemed to collide with a row the batch itself
+/// rewrites, and `last_write_wins` deleted the "losers": rows 1, 2, 3, 5 and 6 were gone. None
+/// is a conflict: nothing is logged, and both sides end with every row. Nor is a row the same
+/// source transaction changed before, in the same target transaction.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn rows_moving_values_of_another_unique_key_among_them_are_no_collision() {
+    let fx = fixture(
+        "cf_swap",
+        "CREATE TABLE users (id int PRIMARY KEY, email text UNIQUE NOT NULL, version int NOT NULL);
+         INSERT INTO users SELECT g, chr(96 + g) || '@', 1 FROM generate_series(1, 6) g;
+         ALTER TABLE users OWNER TO tandem_cf;",
+        "[conflicts]\npolicy = \"last_write_wins\"\nversion_column = \"version\"",
+    )
+    .await;
+    let text = std::fs::read_to_string(&fx.config_path).unwrap().replace(
+        "tables = [\"public.items\"]",
+        "tables = [\"public.users\", \"public.items\"]",
+    );
+    let fx = Fixture::with_config("cf_swap", fx.d, fx.m, text).await;
+    let run = fx.start().await;
+    let swap = |a: i32, b: i32| {
+        format!(
+            "BEGIN; UPDATE users SET email = 'tmp', version = 2 WHERE id = {a}; \
+             UPDATE users SET email = chr(96 + {a}) || '@', version = 2 WHERE id = {b}; \
+             UPDATE users SET email = chr(96 + {b}) || '@' WHERE id = {a}; COMMIT;"
+        )
+    };
+    fx.d.batch_execute(&format!(
+        "{} BEGIN; UPDATE users SET email = 'z@', version = 2 WHERE id = 3; \
+         UPDATE users SET email = 'c@', version = 2 WHERE id = 4; COMMIT;",
+        swap(1, 2)
+    ))
+    .await
+    .unwrap();
+    fx.m.batch_execute(&swap(5, 6)).await.unwrap();
+    let want = [
+        "(1,b@,2)", "(2,a@,2)", "(3,z@,2)", "(4,c@,2)", "(5,f@,2)", "(6,e@,2)",
+    ];
+    wait_for(30, "every row on both sides", || async {
+        Fixture::rows(&fx.d, "users").await == want && Fixture::rows(&fx.m, "users").await == want
+    })
+    .await;
+    // One transaction changes a row twice with one version (as `updated_at = now()` does), a
+    // row of another table between, so two batches: the second met the first's row, written in
+    // the same target transaction, and lost the tie to it (desktop has priority).
+    fx.m.batch_execute(
+        "BEGIN; UPDATE users SET email = 'y@', version = 3 WHERE id = 4; \
+         UPDATE items SET v = 'between', version = 2 WHERE id = 1; \
+         UPDATE users SET email = 'w@', version = 3 WHERE id = 4; COMMIT",
+    )
+    .await
+    .unwrap();
+    wait_for(30, "the transaction's last change on desktop", || async {
+        Fixture::rows(&fx.d, "items").await == Fixture::rows(&fx.m, "items").await
+            && Fixture::rows(&fx.d, "users").await == Fixture::rows(&fx.m, "users").await
+    })
+    .await;
+    assert!(Fixture::rows(&fx.d, "users")
+        .await
+        .contains(&"(4,w@,3)".to_string()));
+    run.stop().await;
+    for c in [&fx.d, &fx.m] {
+        assert_eq!(resolutions(c).await, Vec::<String>::new(), "no conflict");
+    }
+}
+
 /// `tandem resolve` writes the changes held behind a pause through the same lookup: a local
 /// insert racing it there fails the command with nothing written and the table still paused, and
 /// the command run again decides that row as the conflict it is.

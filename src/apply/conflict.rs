@@ -170,6 +170,9 @@ pub struct Observed {
     /// The target's version compared with the incoming one (NULL counts as oldest); `None`
     /// when there is no version to compare.
     pub version: Option<std::cmp::Ordering>,
+    /// The target row was written by the target transaction applying this change: by an
+    /// earlier change of the same source, in its order, so no conflict.
+    pub ours: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -212,6 +215,7 @@ pub fn decide_collision(
         same_as_incoming: false,
         same_as_old: Some(false),
         version,
+        ours: false,
     };
     let converge = matches!(
         rule.policy,
@@ -237,6 +241,17 @@ pub fn decide(
     seen: Observed,
 ) -> (Action, Option<(Kind, Resolution)>) {
     use std::cmp::Ordering::*;
+    if seen.found && seen.ours {
+        // A source transaction changing a row twice (`updated_at = now()` both times: equal
+        // versions), split into two batches; or two of one group. Compared as the other side's
+        // row, the earlier change won a tie against the later one, and the later was lost.
+        let action = if seen.same_as_incoming && op != SourceOp::Delete {
+            Action::Skip
+        } else {
+            Action::Apply
+        };
+        return (action, None);
+    }
     let policy = rule.policy;
     let source_wins = policy.winner().map(|w| w == source);
     // Resolve a conflict on an existing row.
@@ -359,6 +374,7 @@ mod tests {
             same_as_incoming: same_in,
             same_as_old: same_old,
             version: v,
+            ours: false,
         }
     }
     const MISSING: Observed = Observed {
@@ -366,7 +382,54 @@ mod tests {
         same_as_incoming: false,
         same_as_old: None,
         version: None,
+        ours: false,
     };
+
+    #[test]
+    fn a_row_the_applying_transaction_wrote_is_never_a_conflict() {
+        use std::cmp::Ordering::*;
+        for policy in [
+            Policy::LastWriteWins,
+            Policy::DesktopWins,
+            Policy::KeepLocal,
+            Policy::Error,
+        ] {
+            for op in [SourceOp::Insert, SourceOp::Update, SourceOp::Delete] {
+                for (old, v) in [
+                    (None, Some(Equal)),
+                    (Some(false), Some(Greater)),
+                    (None, None),
+                ] {
+                    let seen = Observed {
+                        ours: true,
+                        ..found(false, old, v)
+                    };
+                    assert_eq!(decide(rule(policy), M, op, seen), (Action::Apply, None));
+                }
+                let same = Observed {
+                    ours: true,
+                    ..found(true, None, Some(Equal))
+                };
+                let want = if op == SourceOp::Delete {
+                    Action::Apply
+                } else {
+                    Action::Skip
+                };
+                assert_eq!(decide(rule(policy), M, op, same), (want, None));
+            }
+        }
+        // Not ours: the tie goes to the priority side, desktop, against mobile's change.
+        assert_eq!(
+            decide(
+                rule(Policy::LastWriteWins),
+                M,
+                SourceOp::Update,
+                found(false, None, Some(Equal))
+            )
+            .0,
+            Action::Skip
+        );
+    }
 
     #[test]
     fn no_conflict_when_the_target_holds_the_old_row() {

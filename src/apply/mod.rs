@@ -2038,6 +2038,7 @@ fn observed(r: &tokio_postgres::Row, meta: &plan::RowMeta) -> Observed {
             meta.old.as_ref().map(|_| false)
         },
         version: r.get::<_, Option<i32>>(3).map(|v| v.cmp(&0)),
+        ours: found && r.get::<_, bool>(11),
     }
 }
 

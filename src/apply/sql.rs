@@ -337,6 +337,33 @@ pub fn lookup(
         .iter()
         .map(|(c, v)| format!("{v}::{}", ty(*c)))
         .collect();
+    // A row the batch itself rewrites is no collision: the lookup sees the target before the
+    // batch, and a batch of a swap (row 1 takes row 2's value, row 2 row 1's) found each row
+    // colliding with the other, and a policy's resolution deleted both. A collision left with
+    // the batch's write is refused there, and that transaction is applied change by change.
+    let batch_keys = {
+        let (arrays, pairs): (Vec<String>, Vec<(String, String)>) = t
+            .key
+            .iter()
+            .enumerate()
+            .filter_map(|(i, &k)| {
+                let p = cols.iter().position(|&c| c == k)?;
+                Some((
+                    format!("${}::text[]", p + 1),
+                    (format!("t.{}", col(k)), format!("b.k{i}::{}", ty(k))),
+                ))
+            })
+            .unzip();
+        let names: Vec<String> = (0..arrays.len()).map(|i| format!("k{i}")).collect();
+        let (ts, bs): (Vec<String>, Vec<String>) = pairs.into_iter().unzip();
+        format!(
+            "NOT EXISTS (SELECT 1 FROM unnest({}) AS b({}) WHERE ({}) = ({}))",
+            arrays.join(", "),
+            names.join(", "),
+            ts.join(", "),
+            bs.join(", ")
+        )
+    };
     let mut joins = String::new();
     let (mut c_json, mut c_key, mut c_version) = (Vec::new(), Vec::new(), Vec::new());
     for (j, u) in collisions.iter().enumerate() {
@@ -352,7 +379,7 @@ pub fn lookup(
             .unwrap_or_default();
         joins.push_str(&format!(
             " LEFT JOIN LATERAL (SELECT true AS present, t AS r{version_field}, t.xmin AS xmin FROM {} AS t \
-             WHERE {} AND ({}) IS DISTINCT FROM ({}) LIMIT 1 FOR UPDATE) y{j} ON true",
+             WHERE {} AND ({}) IS DISTINCT FROM ({}) AND {batch_keys} LIMIT 1 FOR UPDATE) y{j} ON true",
             t.rows(),
             same.join(" AND "),
             key_cols.join(", "),
@@ -422,7 +449,8 @@ pub fn lookup(
     format!(
         "SELECT x.present IS NOT NULL, coalesce(x.present AND {}, false), \
          CASE WHEN x.present AND u.has_old THEN {} END, ({version_cmp})::int4, \
-         {detail_cols}, {collision_cols} \
+         {detail_cols}, {collision_cols}, \
+         coalesce(x.xmin = pg_current_xact_id_if_assigned()::xid, false) \
          FROM unnest({}) WITH ORDINALITY AS u({}) \
          LEFT JOIN LATERAL (SELECT true AS present, {}, t.xmin AS xmin FROM {} AS t WHERE {} FOR UPDATE) x ON true{joins} \
          ORDER BY u.ord",
@@ -587,7 +615,8 @@ mod tests {
              (CASE WHEN x.present THEN CASE WHEN x.f2 IS NULL AND u.v2::numeric(10,2) IS NULL THEN 0 \
              WHEN x.f2 IS NULL THEN -1 WHEN u.v2::numeric(10,2) IS NULL THEN 1 WHEN x.f2 < u.v2::numeric(10,2) THEN -1 \
              WHEN x.f2 > u.v2::numeric(10,2) THEN 1 ELSE 0 END END::int4)::int4, \
-             NULL::text, NULL::text[], NULL::text, NULL::text, NULL::text, NULL::text[], NULL::int4 \
+             NULL::text, NULL::text[], NULL::text, NULL::text, NULL::text, NULL::text[], NULL::int4, \
+             coalesce(x.xmin = pg_current_xact_id_if_assigned()::xid, false) \
              FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::bool[]) WITH ORDINALITY \
              AS u(v1, v2, o1, o2, o3, has_old, ord) \
              LEFT JOIN LATERAL (SELECT true AS present, t.\"id\" AS f0, t.\"note\" AS f1, t.\"n\" AS f2, t.xmin AS xmin \

@@ -43,6 +43,7 @@ fn apply(rule: Rule, source: Side, full: bool, row: Row, c: &Sent) -> Result<Row
             (Some((_, have)), Some((_, comes))) => Some(have.cmp(&comes)),
             _ => None,
         },
+        ours: false,
     };
     match decide(rule, source, c.op, seen).0 {
         Action::Apply => Ok(c.new),
