@@ -290,21 +290,21 @@ pub async fn same_database(a: &Client, b: &Client) -> Result<bool> {
 
 /// Did a PostgreSQL error with SQLSTATE `state` cause `e` (anywhere in its chain)?
 pub fn caused_by(e: &anyhow::Error, state: &tokio_postgres::error::SqlState) -> bool {
-    e.chain().any(|c| {
+    codes(e).any(|c| c == state)
+}
+
+/// The SQLSTATEs of the server errors in `e`'s chain.
+fn codes(e: &anyhow::Error) -> impl Iterator<Item = &tokio_postgres::error::SqlState> {
+    e.chain().filter_map(|c| {
         c.downcast_ref::<tokio_postgres::Error>()
             .and_then(|p| p.code())
-            .is_some_and(|c| c == state)
     })
 }
 
 /// The server rolled the transaction back (SQLSTATE class 40: a deadlock, a serialization
 /// failure): transient, but no connection was lost.
 pub fn transaction_rollback(e: &anyhow::Error) -> bool {
-    e.chain().any(|c| {
-        c.downcast_ref::<tokio_postgres::Error>()
-            .and_then(|p| p.code())
-            .is_some_and(|c| c.code().starts_with("40"))
-    })
+    codes(e).any(|c| c.code().starts_with("40"))
 }
 
 /// tokio-postgres prepares each statement under a name of its session's own (`s12`); tandem

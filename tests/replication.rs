@@ -581,8 +581,8 @@ async fn a_stricter_default_isolation_on_the_target_does_not_fail_writes_to_rows
     // PostgreSQL's default, and the write goes through the first time.
     let fx = Fixture::new(
         "isolation",
-        "CREATE TABLE b (id int PRIMARY KEY, v text);",
-        "tables = [\"public.b\"]\n[replication.direction]\n\"public.b\" = \"desktop_to_mobile\"",
+        common::ROWS_A,
+        "tables = [\"public.a\"]\n[replication.direction]\n\"public.a\" = \"desktop_to_mobile\"",
     )
     .await;
     fx.m.batch_execute(
@@ -592,21 +592,10 @@ async fn a_stricter_default_isolation_on_the_target_does_not_fail_writes_to_rows
     .await
     .unwrap();
     let run = fx.start().await;
-    fx.d.batch_execute("INSERT INTO b VALUES (1, 'd0')")
-        .await
-        .unwrap();
-    wait_count(30, &fx.m, "SELECT count(*) FROM b", 1).await;
-    let app = common::connect(&clusters().mobile.url("isolation")).await;
-    app.batch_execute("BEGIN; UPDATE b SET v = 'app' WHERE id = 1")
-        .await
-        .unwrap();
-    fx.d.batch_execute("UPDATE b SET v = 'd1' WHERE id = 1")
-        .await
-        .unwrap();
-    wait_count(30, &fx.m, &common::apply_lock_waits("isolation"), 1).await;
+    let (app, _) = common::tandem_waits_on_an_application(&fx).await;
     app.batch_execute("COMMIT").await.unwrap();
     wait_for(30, "desktop's update applied", || async {
-        Fixture::rows(&fx.m, "b").await == ["(1,d1)"]
+        Fixture::rows(&fx.m, "a").await == ["(1,d1)", "(2,d1)"]
     })
     .await;
     assert_eq!(
