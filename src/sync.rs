@@ -1807,9 +1807,7 @@ async fn stream_loop(
                                     commit_lsn,
                                     commit_ts,
                                 });
-                            applier.apply_singly(
-                                careful.current.is_some() && careful.singly == Some(commit_lsn),
-                            );
+                            applier.apply_singly(careful.singly == Some(commit_lsn));
                         }
                     }
                     // A schema change is left out, or published again, like any change.

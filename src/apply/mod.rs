@@ -865,8 +865,18 @@ impl Applier {
         self.run_ready(false).await
     }
 
-    /// Run the planner's finished batches (all of them, with `flush`).
+    /// Run the planner's finished batches (all of them, with `flush`). Each waits on round trips
+    /// of its own (a statement prepared, a conflict lookup) behind the statements sent ahead, so
+    /// its failure may be the echo of one of theirs: reported as the one that failed first, for
+    /// every caller (a change, a group's commit, a savepoint, a repair's commit).
     async fn run_ready(&mut self, flush: bool) -> Result<()> {
+        match self.run_batches(flush).await {
+            Ok(()) => Ok(()),
+            Err(e) => Err(self.explain(e).await),
+        }
+    }
+
+    async fn run_batches(&mut self, flush: bool) -> Result<()> {
         if flush {
             self.planner.flush();
         }
@@ -1767,13 +1777,6 @@ impl Applier {
     /// statements in order, and after a failure refuses everything up to a rollback; a group
     /// opened behind a commit that fails is refused too (see [`Applier::begin_sql`]).
     pub async fn commit_ahead(&mut self, lsn: Lsn) -> Result<()> {
-        match self.send_group_commit(lsn).await {
-            Ok(()) => Ok(()),
-            Err(e) => Err(self.explain(e).await),
-        }
-    }
-
-    async fn send_group_commit(&mut self, lsn: Lsn) -> Result<()> {
         if !self.in_txn {
             return self.record(lsn).await;
         }
@@ -1940,9 +1943,7 @@ impl Applier {
     /// the target transaction if nothing did yet, so the savepoint always exists.
     pub async fn savepoint(&mut self, name: &str) -> Result<()> {
         self.ensure_txn(Lsn::ZERO).await?;
-        if let Err(e) = self.run_ready(true).await {
-            return Err(self.explain(e).await);
-        }
+        self.run_ready(true).await?;
         self.settle_all().await?;
         self.client
             .batch_execute(&format!("SAVEPOINT {name}"))
