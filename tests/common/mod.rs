@@ -218,11 +218,7 @@ impl Fixture {
     /// Start `tandem run` in this process and wait for it to stop on its own with an error
     /// (a check at its start, a read-only target): the error's text, with its causes.
     pub async fn refused(&self) -> String {
-        let e = tokio::time::timeout(Duration::from_secs(60), self.start_nowait().outcome())
-            .await
-            .expect("run stops on its own")
-            .expect_err("run refuses");
-        format!("{e:#}")
+        self.start_nowait().failure().await
     }
 
     /// Run `tandem run` in this process until the returned handle is stopped. Returns once both
@@ -398,6 +394,15 @@ impl Running {
     /// Wait for `run` to end on its own and return how it ended.
     pub async fn outcome(self) -> anyhow::Result<()> {
         self.task.await.unwrap()
+    }
+
+    /// Wait (up to 60 s) for `run` to stop on its own with an error, and return its text.
+    pub async fn failure(self) -> String {
+        let e = tokio::time::timeout(Duration::from_secs(60), self.outcome())
+            .await
+            .expect("run stops on its own")
+            .expect_err("run stops with an error");
+        format!("{e:#}")
     }
 
     pub fn is_finished(&self) -> bool {
@@ -613,11 +618,7 @@ pub async fn streamed_txns(c: &Client, slot: &str) -> i64 {
 /// Wait for `run` to stop on a source transaction the target refused: its error text and the
 /// commit LSN of the `tandem skip` command it ends with.
 pub async fn rejected(run: Running) -> (String, String) {
-    let e = tokio::time::timeout(Duration::from_secs(60), run.outcome())
-        .await
-        .expect("replication stops")
-        .expect_err("the target refuses a transaction");
-    let e = format!("{e:#}");
+    let e = run.failure().await;
     let lsn = skip_lsn(&e).unwrap_or_else(|| panic!("no skip command in: {e}"));
     (e, lsn)
 }
