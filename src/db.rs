@@ -288,6 +288,18 @@ pub async fn same_database(a: &Client, b: &Client) -> Result<bool> {
     Ok(!free)
 }
 
+/// What the server said (its message, and its detail where it has one), for a log line:
+/// tokio-postgres's own `Display` of a server error is only "db error".
+pub fn said(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(d) => match d.detail() {
+            Some(detail) => format!("{} ({detail})", d.message()),
+            None => d.message().to_string(),
+        },
+        None => e.to_string(),
+    }
+}
+
 /// Did a PostgreSQL error with SQLSTATE `state` cause `e` (anywhere in its chain)?
 pub fn caused_by(e: &anyhow::Error, state: &tokio_postgres::error::SqlState) -> bool {
     codes(e).any(|c| c == state)

@@ -638,8 +638,109 @@ async fn a_collision_on_another_unique_constraint_stops_the_merge_with_its_own_e
     assert_eq!(code, 1, "{err}");
     assert!(err.contains("jobs_title_key"), "{err}");
     assert!(!err.contains("merges"), "{err}");
-    assert_eq!(err.matches("merging again").count(), 1, "{err}");
+    // Once again as it was, once with rows rewritten (nothing differs here), then the hint.
+    assert_eq!(err.matches("; merging again").count(), 2, "{err}");
+    assert!(
+        err.contains("a merge keeps the rows only mobile has: change or delete that row on mobile, or snapshot with --mirror"),
+        "{err}"
+    );
     assert_eq!(Fixture::rows(&fx.m, "jobs").await, ["(2,same,0)"]);
+}
+
+/// Rows exchanging values of a unique constraint that is not their key (a list reordered, two
+/// users' emails swapped), and a value the target's own row holds: no order of UPDATEs passes
+/// PostgreSQL's row-by-row check. A merge and a mirror get them through, deleted and written
+/// again in one statement: rows referencing them (NO ACTION) stay, and the target's own column
+/// keeps its values. A key that would cascade the delete stops it, with the fix.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn rows_exchanging_unique_values_are_snapshotted_in_one_statement() {
+    let schema = "CREATE TABLE lists (id int PRIMARY KEY, list int NOT NULL, pos int NOT NULL, \
+                  UNIQUE (list, pos)); \
+                  CREATE TABLE users (id int PRIMARY KEY, email text NOT NULL UNIQUE, name text); \
+                  CREATE TABLE orders (id int PRIMARY KEY, user_id int NOT NULL REFERENCES users); \
+                  CREATE TABLE tags (id int PRIMARY KEY, name text NOT NULL UNIQUE); \
+                  CREATE TABLE post_tags (id int PRIMARY KEY, \
+                    tag_id int NOT NULL REFERENCES tags ON DELETE CASCADE);";
+    let (d, m) = Fixture::databases("snap_swap", schema).await;
+    d.batch_execute(
+        "INSERT INTO lists VALUES (1, 1, 1), (2, 1, 2), (3, 1, 3); \
+         INSERT INTO users VALUES (1, 'a@x', 'A'), (2, 'b@x', 'B'), (3, 'c@x', 'C'); \
+         INSERT INTO orders VALUES (1, 1), (2, 2); \
+         INSERT INTO tags VALUES (1, 'red'), (2, 'blue'); INSERT INTO post_tags VALUES (1, 1);",
+    )
+    .await
+    .unwrap();
+    // Mobile's rows: the list in another order, the emails swapped, c@x held by a user of
+    // its own, the tags' names swapped; and a column of its own.
+    m.batch_execute(
+        "ALTER TABLE users ADD COLUMN seen int; \
+         INSERT INTO lists VALUES (1, 1, 3), (2, 1, 1), (3, 1, 2); \
+         INSERT INTO users VALUES (1, 'b@x', 'A', 7), (2, 'a@x', 'B', 8), (4, 'c@x', 'D', 9); \
+         INSERT INTO orders VALUES (1, 1), (2, 2); \
+         INSERT INTO tags VALUES (1, 'blue'), (2, 'red'); INSERT INTO post_tags VALUES (1, 1);",
+    )
+    .await
+    .unwrap();
+    let fx = Fixture::with_config(
+        "snap_swap",
+        d,
+        m,
+        Fixture::config_text(
+            "snap_swap",
+            "tables = [\"public.*\"]\n[replication.columns]\n\"public.users\" = [\"id\", \"email\", \"name\"]",
+        ),
+    )
+    .await;
+    let config = fx.config_path.to_str().unwrap();
+    let snapshot = |more: &[&str]| {
+        let mut args = vec!["--config", config, "snapshot", "--seed", "desktop"];
+        args.extend(more);
+        run_tandem(&args, &[])
+    };
+    let (code, _, err) = snapshot(&["--table", "public.lists"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("written again in one statement"), "{err}");
+    assert_eq!(
+        Fixture::rows(&fx.m, "lists").await,
+        Fixture::rows(&fx.d, "lists").await
+    );
+
+    let (code, _, err) = snapshot(&["--table", "public.tags"]);
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("which would set off post_tags_tag_id_fkey of post_tags (ON DELETE CASCADE); change the rows on mobile so that none holds a value desktop gives another"),
+        "{err}"
+    );
+    assert_eq!(Fixture::rows(&fx.m, "post_tags").await, ["(1,1)"]);
+    assert_eq!(Fixture::rows(&fx.m, "tags").await, ["(1,blue)", "(2,red)"]);
+
+    // A merge keeps mobile's user 4, so desktop's user 3 cannot have c@x.
+    let (code, _, err) = snapshot(&["--table", "public.users"]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("Key (email)=(c@x) already exists"), "{err}");
+    assert!(err.contains("or snapshot with --mirror"), "{err}");
+    let before = ["(1,b@x,A,7)", "(2,a@x,B,8)", "(4,c@x,D,9)"];
+    assert_eq!(Fixture::rows(&fx.m, "users").await, before);
+
+    fx.m.batch_execute("DROP TABLE post_tags; DROP TABLE tags")
+        .await
+        .unwrap();
+    fx.d.batch_execute("DROP TABLE post_tags; DROP TABLE tags")
+        .await
+        .unwrap();
+    // Every table: users first gets desktop's rows with nothing of its own deleted (orders
+    // reference it), but for user 4, which holds c@x; then each table is mirrored.
+    let (code, _, err) = snapshot(&["--mirror"]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(
+        Fixture::rows(&fx.m, "users").await,
+        ["(1,a@x,A,7)", "(2,b@x,B,8)", "(3,c@x,C,)"]
+    );
+    assert_eq!(Fixture::rows(&fx.m, "orders").await, ["(1,1)", "(2,2)"]);
+    let r = verify::verify(&fx.cfg, None).await.unwrap();
+    assert_eq!(counts(&r, "public.users"), (3, 0, 0, 0));
+    assert_eq!(counts(&r, "public.orders"), (2, 0, 0, 0));
+    assert_eq!(counts(&r, "public.lists"), (3, 0, 0, 0));
 }
 
 /// `tandem snapshot --seed desktop` while `app` holds an uncommitted row on mobile: once the

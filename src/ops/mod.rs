@@ -6,6 +6,7 @@ pub mod demo;
 pub mod repair;
 pub mod replay;
 pub mod resolve;
+pub mod rewrite;
 pub mod setup;
 pub mod skip;
 pub mod snapshot;

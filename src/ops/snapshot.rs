@@ -34,6 +34,7 @@ use crate::apply::{origin_name, take_origin};
 use crate::catalog;
 use crate::config::{quote_ident, Config, Direction, TableName};
 use crate::db;
+use crate::ops::rewrite;
 use crate::side::Side;
 use crate::source::assemble::MARKER_PREFIX;
 
@@ -784,6 +785,24 @@ async fn copy_table_via(
         // a later read. Under READ COMMITTED it went through instead: the UPDATE gave such a row
         // the seed's version while the stream, the change not being in the read, sent the
         // application's version to the seed, and the sides differed on that row.
+        //
+        // Rows exchanging values of another unique constraint (or taking one a row the target
+        // alone has holds) fail the UPDATE or INSERT the same way at every read: the merge is then
+        // tried once more with those rows rewritten (see [`rewrite`]). A mirror (and its first
+        // pass) deletes the target's own rows in that statement too, or those holding a value.
+        let its_own = format!(
+            "{}NOT EXISTS (SELECT 1 FROM pg_temp.tandem_stage s WHERE {})",
+            cfg.filter(t, seed).map_or(String::new(), |f| format!("({f}) AND ")),
+            key_match(&meta, "s", "t")
+        );
+        let also = match mode {
+            Mode::Merge => None,
+            Mode::Mirror => Some(its_own),
+            Mode::Fill => rewrite::holds_a_value_of(&meta, "pg_temp.tandem_stage", &cols)
+                .map(|holds| format!("{its_own} AND ({holds})")),
+        };
+        let rewritten = rewrite::statement(&meta, "pg_temp.tandem_stage", &cols, also.as_deref());
+        let mut rewriting = false;
         let mut attempts = 0;
         let mut last_unique = None;
         let back = loop {
@@ -791,6 +810,12 @@ async fn copy_table_via(
             let back = read_position(x).await?;
             marker(x, &format!("snapshot {} {t}", seed.tag())).await?;
             let merged = async {
+                if rewriting {
+                    let r = x.query_one(&rewritten, &[]).await?;
+                    let (gone, again) = (r.get::<_, i64>(0) as u64, r.get::<_, i64>(1) as u64);
+                    let inserted = x.execute(&insert_missing, &[]).await?;
+                    return Ok((again, inserted, gone - again));
+                }
                 let updated = match &update {
                     Some(update) => x.execute(update, &[]).await?,
                     None => 0,
@@ -817,7 +842,52 @@ async fn copy_table_via(
                         .as_db_error()
                         .filter(|d| d.code() == &SqlState::UNIQUE_VIOLATION)
                         .map(|d| (d.constraint().map(str::to_string), d.detail().map(str::to_string)));
-                    if !merge_again(&e) || (unique.is_some() && unique == last_unique) {
+                    let again = unique.is_some() && unique == last_unique;
+                    if again && !rewriting && !keyless {
+                        x.batch_execute("ROLLBACK").await?;
+                        let blocked = rewrite::blocked_by(x, t).await?;
+                        if !blocked.is_empty() {
+                            return Err(anyhow::Error::new(e).context(format!(
+                                "{target} holds the value in another row of {t}. Rows \
+                                 exchanging values of a unique constraint are deleted and \
+                                 written again in one statement, which would set off {}; \
+                                 change the rows on {target} so that none holds a value {seed} \
+                                 gives another, then snapshot again",
+                                blocked.join(", "),
+                                target = seed.other(),
+                            )));
+                        }
+                        tracing::warn!(
+                            table = %t, error = db::said(&e),
+                            "the seed's rows take values of a unique constraint that other rows \
+                             hold on the target, so merging again with the rows that differ deleted \
+                             and written again in one statement (their DELETE and INSERT triggers \
+                             fire, not UPDATE ones)"
+                        );
+                        rewriting = true;
+                        last_unique = None;
+                        continue;
+                    }
+                    if again {
+                        let hint = match mode {
+                            Mode::Merge => format!(
+                                "a merge keeps the rows only {target} has: change or delete \
+                                 that row on {target}, or snapshot with --mirror, which deletes \
+                                 them",
+                                target = seed.other()
+                            ),
+                            _ => format!(
+                                "{seed}'s rows themselves break that constraint on {}: does \
+                                 {seed} lack it?",
+                                seed.other()
+                            ),
+                        };
+                        return Err(anyhow::Error::new(e).context(format!(
+                            "{} holds the value in a row {seed} does not give it; {hint}",
+                            seed.other()
+                        )));
+                    }
+                    if !merge_again(&e) {
                         return Err(e.into());
                     }
                     if attempts == MERGE_ATTEMPTS {
@@ -830,7 +900,7 @@ async fn copy_table_via(
                     }
                     attempts += 1;
                     last_unique = unique;
-                    tracing::info!(table = %t, "{e}; merging again");
+                    tracing::info!(table = %t, "{}; merging again", db::said(&e));
                     x.batch_execute("ROLLBACK").await?;
                 }
             }
