@@ -167,6 +167,84 @@ async fn repair_writes_a_table_after_the_tables_it_references() {
     assert_eq!(Fixture::rows(&fx.m, "child").await, ["(10,1)"]);
 }
 
+/// Rows exchanging values of a unique constraint that is not their key (two users' emails
+/// swapped), a value a row only the target has holds (c@x), and a chain (user 6 takes x@x from
+/// user 5, who takes q@x; user 6's y@x is held by mobile's own user 7): no order of row writes
+/// passes PostgreSQL's row-by-row check. repair rewrites the rows holding the values in one
+/// statement, deleting those desktop lacks: orders referencing users (NO ACTION) stay, and
+/// mobile's own column keeps its values. A foreign key that would cascade the delete stops it,
+/// with the fix.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn repair_rewrites_rows_exchanging_unique_values() {
+    let schema = "CREATE TABLE users (id int PRIMARY KEY, email text NOT NULL UNIQUE, name text); \
+                  CREATE TABLE orders (id int PRIMARY KEY, user_id int NOT NULL REFERENCES users); \
+                  CREATE TABLE tags (id int PRIMARY KEY, name text NOT NULL UNIQUE); \
+                  CREATE TABLE post_tags (id int PRIMARY KEY, \
+                    tag_id int NOT NULL REFERENCES tags ON DELETE CASCADE);";
+    let (d, m) = Fixture::databases("repair_swap", schema).await;
+    m.batch_execute("ALTER TABLE users ADD COLUMN seen int")
+        .await
+        .unwrap();
+    let text = Fixture::config_text(
+        "repair_swap",
+        "tables = [\"public.*\"]\n[replication.columns]\n\"public.users\" = [\"id\", \"email\", \"name\"]",
+    );
+    let fx = Fixture::with_config("repair_swap", d, m, text).await;
+    // Written while tandem does not run.
+    fx.d.batch_execute(
+        "INSERT INTO users VALUES (1, 'a@x', 'A'), (2, 'b@x', 'B'), (3, 'c@x', 'C'), \
+           (5, 'q@x', 'E'), (6, 'x@x', 'F'); \
+         INSERT INTO orders VALUES (1, 1), (2, 2); \
+         INSERT INTO tags VALUES (1, 'red'), (2, 'blue'); INSERT INTO post_tags VALUES (1, 1);",
+    )
+    .await
+    .unwrap();
+    fx.m.batch_execute(
+        "INSERT INTO users VALUES (1, 'b@x', 'A', 7), (2, 'a@x', 'B', 8), (4, 'c@x', 'D', 9), \
+           (5, 'x@x', 'E', 1), (6, 'y@x', 'F', 2), (7, 'q@x', 'G', 3); \
+         INSERT INTO orders VALUES (1, 1), (2, 2); \
+         INSERT INTO tags VALUES (1, 'blue'), (2, 'red'); INSERT INTO post_tags VALUES (1, 1);",
+    )
+    .await
+    .unwrap();
+    let config = fx.config_path.to_str().unwrap();
+    let repair = |table: &str| {
+        run_tandem(
+            &[
+                "--config", config, "repair", "--source", "desktop", "--table", table,
+            ],
+            &[],
+        )
+    };
+    let (code, _, err) = repair("public.tags");
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("that would set off post_tags_tag_id_fkey of post_tags (ON DELETE CASCADE); change the rows on mobile so that none holds a value desktop gives another"),
+        "{err}"
+    );
+    assert_eq!(Fixture::rows(&fx.m, "tags").await, ["(1,blue)", "(2,red)"]);
+    assert_eq!(Fixture::rows(&fx.m, "post_tags").await, ["(1,1)"]);
+
+    let (code, _, err) = repair("public.users");
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("written again in one statement"), "{err}");
+    assert_eq!(
+        Fixture::rows(&fx.m, "users").await,
+        [
+            "(1,a@x,A,7)",
+            "(2,b@x,B,8)",
+            "(3,c@x,C,)",
+            "(5,q@x,E,1)",
+            "(6,x@x,F,2)"
+        ]
+    );
+    assert_eq!(Fixture::rows(&fx.m, "orders").await, ["(1,1)", "(2,2)"]);
+    let r = verify::verify(&fx.cfg, None).await.unwrap();
+    for t in ["public.users", "public.orders"] {
+        assert!(table(&r, t).is_in_sync(), "{}", verify::render(&r));
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn verify_exits_2_on_error() {
     let port = std::net::TcpListener::bind("127.0.0.1:0")

@@ -177,7 +177,7 @@ impl Shape {
     }
 
     /// `side`'s catalog entry of the table.
-    fn meta_of(&self, side: Side) -> &TargetTable {
+    pub(crate) fn meta_of(&self, side: Side) -> &TargetTable {
         match side {
             Side::Desktop => &self.meta,
             Side::Mobile => &self.mobile,
@@ -200,6 +200,11 @@ impl Shape {
         self.rows
             .as_ref()
             .map_or(String::new(), |r| format!(" AND {r}"))
+    }
+
+    /// A row's key as [`Key`] holds it, of rows aliased `t`: its values as text, and its JSON.
+    pub(crate) fn key_of_t(&self) -> String {
+        format!("{}, {}", self.key_values, self.key_json)
     }
 
     /// What a row is compared by, as [`collect_rows`] reads it: key text, key values, key JSON,
