@@ -16,11 +16,12 @@ use crate::config::{redact_url, Site};
 /// isolation made tandem's writes fail on every row an application changed since they began
 /// (`could not serialize access`); a snapshot asks for its own level. tandem sets the lock
 /// timeout it wants itself, where it wants one. `idle_session_timeout` is PostgreSQL 14's, so it
-/// is set only where it exists.
+/// is set only where it exists. xml is taken as content, as pg_dump takes it: a database set to
+/// `xmloption = document` refused the other side's content (text around an element).
 pub const SESSION_SETTINGS: &str =
     "SET datestyle = 'ISO, MDY'; SET intervalstyle = 'postgres'; SET extra_float_digits = 3; \
-     SET bytea_output = 'hex'; SET lc_monetary = 'C'; SET statement_timeout = 0; SET lock_timeout = 0; \
-     SET idle_in_transaction_session_timeout = 0; SET default_transaction_isolation = 'read committed'; \
+     SET bytea_output = 'hex'; SET lc_monetary = 'C'; SET xmloption = content; \
+     SET statement_timeout = 0; SET lock_timeout = 0; SET idle_in_transaction_session_timeout = 0; SET default_transaction_isolation = 'read committed'; \
      SELECT set_config(name, '0', false) FROM pg_settings WHERE name = 'idle_session_timeout'";
 
 /// Connect to `site` with `application_name` set, spawning the connection task.

@@ -610,6 +610,52 @@ async fn a_stricter_default_isolation_on_the_target_does_not_fail_writes_to_rows
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn xml_content_reaches_a_target_whose_database_takes_xml_as_documents() {
+    // `xmloption = document` set on mobile's database for its application: desktop's xml
+    // content (text around an element, as `xmloption = content` takes it, the default) was
+    // refused as "invalid XML document", for the initial snapshot's copy and the stream alike.
+    // tandem's sessions take xml as content, as pg_dump's do (a document is content too).
+    let (d, m) = Fixture::databases(
+        "xml_doc",
+        "CREATE TABLE docs (id int PRIMARY KEY, body xml);",
+    )
+    .await;
+    m.batch_execute(
+        "DO $$ BEGIN EXECUTE format('ALTER DATABASE %I SET xmloption = document', \
+         current_database()); END $$",
+    )
+    .await
+    .unwrap();
+    d.batch_execute("INSERT INTO docs VALUES (1, 'copied <b>bold</b>')")
+        .await
+        .unwrap();
+    let fx = Fixture::with_config(
+        "xml_doc",
+        d,
+        m,
+        Fixture::config_text("xml_doc", "tables = [\"public.docs\"]"),
+    )
+    .await;
+    let run = fx.start().await;
+    fx.d.batch_execute("INSERT INTO docs VALUES (2, 'streamed <i>it</i>'), (3, '<doc/>')")
+        .await
+        .unwrap();
+    wait_for(30, "desktop's xml on mobile", || async {
+        Fixture::rows(&fx.m, "docs").await.len() == 3
+    })
+    .await;
+    assert_eq!(
+        Fixture::rows(&fx.m, "docs").await,
+        [
+            "(1,\"copied <b>bold</b>\")",
+            "(2,\"streamed <i>it</i>\")",
+            "(3,<doc/>)"
+        ]
+    );
+    run.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_stop_while_the_target_waits_on_an_application_lock_cancels_the_wait() {
     // A stop (Ctrl-C, a deploy) must not wait for the application, and must not leave tandem's
     // session behind on the server, waiting with the rows it already locked.
