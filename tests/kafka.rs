@@ -222,6 +222,79 @@ async fn every_change_of_both_sites_is_on_the_topic_once() {
     }
 }
 
+/// Two users' emails swapped through a temporary value, replayed into a database as it was
+/// before the swap (restored from a backup): merged into their latest versions, the replay's
+/// batch gave user 1 user 2's email while user 2 still held it, a unique violation at every
+/// try. The replay applies the part that failed again change by change, in the topic's order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_swap_of_unique_values_replays_over_the_rows_from_before_it() {
+    let (_cluster, brokers) = mock_kafka(1);
+    let (d, m) = Fixture::databases(
+        "kafka_swap",
+        "CREATE TABLE users (id int PRIMARY KEY, email text NOT NULL UNIQUE);",
+    )
+    .await;
+    let text = Fixture::config_text("kafka_swap", "tables = [\"public.users\"]")
+        + &format!("[kafka]\nbrokers = \"{brokers}\"\nformat = \"json\"\nrequired = true\n");
+    let fx = Fixture::with_config("kafka_swap", d, m, text).await;
+    let run = fx.start().await;
+    fx.d.batch_execute("INSERT INTO users VALUES (1, 'a@x'), (2, 'b@x'), (3, 'c@x')")
+        .await
+        .unwrap();
+    fx.d.batch_execute(
+        "BEGIN; UPDATE users SET email = 'tmp' WHERE id = 1; \
+         UPDATE users SET email = 'a@x' WHERE id = 2; \
+         UPDATE users SET email = 'b@x' WHERE id = 1; COMMIT",
+    )
+    .await
+    .unwrap();
+    fx.wait_equal("users", 30).await;
+    wait_for(30, "desktop's six changes on the topic", || async {
+        consume_all(&brokers)
+            .await
+            .iter()
+            .filter(|m| m["site"] == "D")
+            .count()
+            == 6
+    })
+    .await;
+    run.stop().await;
+    // On the topic in desktop's order, though one batch held both rows' changes (each row's
+    // together).
+    let swap: Vec<String> = consume_all(&brokers)
+        .await
+        .iter()
+        .filter(|m| m["site"] == "D" && m["op"] == "update")
+        .map(|m| format!("{}={}", m["key"]["id"], m["after"]["email"]))
+        .collect();
+    assert_eq!(swap, [r#""1"="tmp""#, r#""2"="a@x""#, r#""1"="b@x""#]);
+    // Mobile as a backup from before the swap has it.
+    fx.m.batch_execute(
+        "UPDATE users SET email = 'tmp' WHERE id = 1; UPDATE users SET email = 'b@x' WHERE id = 2; \
+         UPDATE users SET email = 'a@x' WHERE id = 1",
+    )
+    .await
+    .unwrap();
+    let config = fx.config_path.to_str().unwrap();
+    let (code, out, err) = common::run_tandem(
+        &[
+            "--config",
+            config,
+            "replay",
+            "--from-kafka",
+            "--to",
+            "mobile",
+        ],
+        &[],
+    );
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(out.contains("6 applied"), "{out}");
+    assert_eq!(
+        Fixture::rows(&fx.m, "users").await,
+        ["(1,b@x)", "(2,a@x)", "(3,c@x)"]
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_table_without_a_key_is_on_the_topic_by_its_values_and_not_replayed() {
     let (_cluster, brokers) = mock_kafka(1);

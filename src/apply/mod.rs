@@ -901,10 +901,17 @@ impl Applier {
                 }
                 outcomes
             };
-            for (evs, outcome) in events.into_iter().zip(outcomes) {
-                for ev in evs {
-                    self.publish(ev, outcome).await?;
-                }
+            // In the source's order: a batch holds each row's changes together, and a topic of
+            // one partition is then read in each site's order (`replay` applies it so; rows
+            // swapping unique values collide in any other).
+            let mut published: Vec<(Event, &str)> = events
+                .into_iter()
+                .zip(outcomes)
+                .flat_map(|(evs, outcome)| evs.into_iter().map(move |ev| (ev, outcome)))
+                .collect();
+            published.sort_by_key(|(ev, _)| (ev.commit_lsn, ev.ordinal));
+            for (ev, outcome) in published {
+                self.publish(ev, outcome).await?;
             }
         }
         self.publish_ends()

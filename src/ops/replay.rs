@@ -202,6 +202,7 @@ pub async fn replay(
     a.detect_conflicts = false;
     let mut tables: HashMap<TableName, Arc<SourceTable>> = HashMap::new();
     let mut report = ReplayReport::default();
+    let mut chunk = Chunk::default();
     while let Some(d) = rx.recv().await {
         let d = d?;
         report.read += 1;
@@ -301,21 +302,96 @@ pub async fn replay(
             },
             other => bail!("event {}: unknown op `{other}`", d.id),
         };
-        a.apply(&Event {
+        let ev = Event {
             source: to.other(),
             commit_lsn: d.commit_lsn,
             commit_ts: 0,
             xid: d.xid,
             ordinal: d.ordinal,
             change,
-        })
-        .await
-        .with_context(|| format!("replaying event {}", d.id))?;
+        };
+        let applied = a.apply(&ev).await;
+        chunk.add(ev);
+        match applied {
+            Err(e) if collided(&e) => chunk.again(&mut a).await?,
+            r => r.with_context(|| format!("replaying event {}", d.id))?,
+        }
         report.applied += 1;
-        if report.applied % 5000 == 0 {
-            a.commit_outside_stream().await?;
+        if chunk.full() {
+            chunk.commit(&mut a).await?;
         }
     }
-    a.commit_outside_stream().await?;
+    chunk.commit(&mut a).await?;
     Ok(report)
+}
+
+/// The events applied since the last commit, kept until it: rows exchanging values of a unique
+/// constraint (a swap through a temporary value), merged into their latest versions in one
+/// batch, collide where the database has the rows from before (restored from a backup), and
+/// are applied again change by change, in the topic's order. Committed every 5,000 events or
+/// 16 MiB of values, so memory stays bounded.
+#[derive(Default)]
+struct Chunk {
+    events: Vec<Event>,
+    bytes: usize,
+}
+
+impl Chunk {
+    fn add(&mut self, ev: Event) {
+        let values = match &ev.change {
+            Change::Insert { new, .. } | Change::Update { new, .. } => &new[..],
+            Change::Delete { old, .. } => &old.tuple[..],
+            Change::Truncate { .. } | Change::Ddl { .. } => &[],
+        };
+        self.bytes += values
+            .iter()
+            .map(|v| match v {
+                Value::Text(b) | Value::Binary(b) => b.len(),
+                Value::Null | Value::UnchangedToast => 0,
+            })
+            .sum::<usize>();
+        self.events.push(ev);
+    }
+
+    fn full(&self) -> bool {
+        self.events.len() >= 5000 || self.bytes >= 16 << 20
+    }
+
+    async fn commit(&mut self, a: &mut Applier) -> Result<()> {
+        match a.commit_outside_stream().await {
+            Err(e) if collided(&e) => self.again(a).await,
+            r => r,
+        }?;
+        *self = Chunk::default();
+        Ok(())
+    }
+
+    /// Roll back, apply the chunk change by change, and commit.
+    async fn again(&mut self, a: &mut Applier) -> Result<()> {
+        a.rollback().await?;
+        a.apply_singly(true);
+        let mut r = Ok(());
+        for ev in &self.events {
+            r = a.apply(ev).await;
+            if r.is_err() {
+                break;
+            }
+        }
+        if r.is_ok() {
+            r = a.commit_outside_stream().await;
+        }
+        a.apply_singly(false);
+        r.context(
+            "applied again change by change in the topic's order, the events since the last \
+             commit still collide (a topic of more than one partition keeps each row's changes in \
+             order, not those of different rows: rows that exchanged values of a unique \
+             constraint are then replayed out of order)",
+        )?;
+        *self = Chunk::default();
+        Ok(())
+    }
+}
+
+fn collided(e: &anyhow::Error) -> bool {
+    crate::db::caused_by(e, &tokio_postgres::error::SqlState::UNIQUE_VIOLATION)
 }
