@@ -46,6 +46,18 @@ impl TargetTable {
     pub fn rows(&self) -> String {
         self.name.rows(self.inherited)
     }
+
+    /// `a.k1 = b.k1 AND …` over the key columns: rows of two aliases with the same key.
+    pub fn key_match(&self, a: &str, b: &str) -> String {
+        self.key
+            .iter()
+            .map(|&k| {
+                let c = crate::config::quote_ident(&self.columns[k].name);
+                format!("{a}.{c} = {b}.{c}")
+            })
+            .collect::<Vec<_>>()
+            .join(" AND ")
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

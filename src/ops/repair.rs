@@ -266,12 +266,6 @@ impl Round<'_> {
                 .collect()
         };
         let (row_types, key_types) = (columns(&written), columns(&keys));
-        let key_match = |a: &str, b: &str| {
-            keys.iter()
-                .map(|k| format!("{a}.{k} = {b}.{k}"))
-                .collect::<Vec<_>>()
-                .join(" AND ")
-        };
         let c = a.client();
         let mut new_rows: Vec<Vec<Value>> = rows.clone();
         let mut new_gone: Vec<Vec<Option<String>>> =
@@ -300,8 +294,8 @@ impl Round<'_> {
                          WHERE {}) AND ({holds})",
                         s.key_of_t(),
                         meta.rows(),
-                        key_match("s", "t"),
-                        key_match("s", "t"),
+                        meta.key_match("s", "t"),
+                        meta.key_match("s", "t"),
                     ),
                     &[],
                 )
@@ -328,7 +322,7 @@ impl Round<'_> {
             &written,
             Some(&format!(
                 "EXISTS (SELECT 1 FROM pg_temp.tandem_repair_gone s WHERE {})",
-                key_match("s", "t")
+                meta.key_match("s", "t")
             )),
         );
         c.batch_execute(&rewritten).await?;

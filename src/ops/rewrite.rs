@@ -34,16 +34,6 @@ pub fn statement(
             .collect::<Vec<_>>()
             .join(", ")
     };
-    let key_match = |a: &str, b: &str| {
-        meta.key
-            .iter()
-            .map(|&k| {
-                let c = quote_ident(&meta.columns[k].name);
-                format!("{a}.{c} = {b}.{c}")
-            })
-            .collect::<Vec<_>>()
-            .join(" AND ")
-    };
     let kept: Vec<String> = meta
         .columns
         .iter()
@@ -70,11 +60,11 @@ pub fn statement(
          back AS (INSERT INTO {table} ({into}){overriding} SELECT {values} FROM {stage} s \
          JOIN gone g ON {km_gs} WHERE (SELECT count(*) FROM gone) >= 0 RETURNING 1) \
          SELECT (SELECT count(*) FROM gone), (SELECT count(*) FROM back)",
-        km_st = key_match("s", "t"),
+        km_st = meta.key_match("s", "t"),
         ts = qualify("t", written),
         ss = qualify("s", written),
         into = into.join(", "),
-        km_gs = key_match("g", "s"),
+        km_gs = meta.key_match("g", "s"),
     )
 }
 
@@ -119,19 +109,7 @@ pub async fn blocked_by(c: &impl GenericClient, table: &TableName) -> Result<Vec
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::apply::plan::TargetColumn;
-
-    fn column(name: &str, generated: bool) -> TargetColumn {
-        TargetColumn {
-            name: name.into(),
-            type_sql: "text".into(),
-            cast_sql: "text".into(),
-            generated,
-            identity_always: false,
-            equality: true,
-            indexed: false,
-        }
-    }
+    use crate::apply::plan::model::text_column as column;
 
     fn users() -> TargetTable {
         TargetTable {

@@ -29,7 +29,6 @@ use indicatif::{ProgressBar, ProgressStyle};
 use tokio_postgres::error::SqlState;
 use tokio_postgres::{Client, GenericClient};
 
-use crate::apply::plan::TargetTable;
 use crate::apply::{origin_name, take_origin};
 use crate::catalog;
 use crate::config::{quote_ident, Config, Direction, TableName};
@@ -462,17 +461,6 @@ async fn pipe(
     Ok(rows)
 }
 
-fn key_match(meta: &TargetTable, a: &str, b: &str) -> String {
-    meta.key
-        .iter()
-        .map(|&k| {
-            let c = quote_ident(&meta.columns[k].name);
-            format!("{a}.{c} = {b}.{c}")
-        })
-        .collect::<Vec<_>>()
-        .join(" AND ")
-}
-
 /// A direct copy into an empty target table met a row the target's application wrote meanwhile.
 #[derive(Debug, thiserror::Error)]
 #[error("a row written on the target during the direct copy collided with a copied one")]
@@ -702,7 +690,7 @@ async fn copy_table_via(
         let target_only = match keyless {
             false => format!(
                 "SELECT {list} FROM {rows} t WHERE {back_rows}NOT EXISTS (SELECT 1 FROM pg_temp.tandem_stage s WHERE {})",
-                key_match(&meta, "s", "t")
+                meta.key_match("s", "t")
             ),
             true => beyond(
                 &rows,
@@ -740,7 +728,7 @@ async fn copy_table_via(
             format!(
                 "UPDATE {rows} AS t SET {} FROM pg_temp.tandem_stage s WHERE {} AND {}",
                 sets.join(", "),
-                key_match(&meta, "t", "s"),
+                meta.key_match("t", "s"),
                 differs("t", "s")
             )
         });
@@ -749,7 +737,7 @@ async fn copy_table_via(
                 "INSERT INTO {table} AS t ({list}){overriding} SELECT {} FROM pg_temp.tandem_stage s \
                  WHERE NOT EXISTS (SELECT 1 FROM {rows} t WHERE {})",
                 qualify("s"),
-                key_match(&meta, "t", "s")
+                meta.key_match("t", "s")
             ),
             // As many of each row as the seed has.
             true => format!(
@@ -761,7 +749,7 @@ async fn copy_table_via(
             false => format!(
                 "DELETE FROM {rows} t WHERE {}NOT EXISTS (SELECT 1 FROM pg_temp.tandem_stage s WHERE {})",
                 cfg.filter(t, seed).map_or(String::new(), |f| format!("({f}) AND ")),
-                key_match(&meta, "s", "t")
+                meta.key_match("s", "t")
             ),
             // The target's rows beyond as many as the seed has, by partition and address.
             true => format!(
@@ -793,7 +781,7 @@ async fn copy_table_via(
         let its_own = format!(
             "{}NOT EXISTS (SELECT 1 FROM pg_temp.tandem_stage s WHERE {})",
             cfg.filter(t, seed).map_or(String::new(), |f| format!("({f}) AND ")),
-            key_match(&meta, "s", "t")
+            meta.key_match("s", "t")
         );
         let also = match mode {
             Mode::Merge => None,

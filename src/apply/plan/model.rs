@@ -30,19 +30,24 @@ pub fn source(names: &[&str]) -> SourceTable {
     }
 }
 
-/// Source columns `id` (the key), `a`, `g`; the target has them as `g` (generated there, so
-/// never written), `a`, `id`.
-pub fn binding() -> Arc<Binding> {
-    let src = source(&["id", "a", "g"]);
-    let col = |n: &str, generated| TargetColumn {
-        name: n.into(),
+/// A `text` column of a target table (`generated`: computed there).
+pub fn text_column(name: &str, generated: bool) -> TargetColumn {
+    TargetColumn {
+        name: name.into(),
         type_sql: "text".into(),
         cast_sql: "text".into(),
         generated,
         identity_always: false,
         equality: true,
         indexed: false,
-    };
+    }
+}
+
+/// Source columns `id` (the key), `a`, `g`; the target has them as `g` (generated there, so
+/// never written), `a`, `id`.
+pub fn binding() -> Arc<Binding> {
+    let src = source(&["id", "a", "g"]);
+    let col = text_column;
     let target = TargetTable {
         name: TableName::new("public", "t"),
         columns: vec![col("g", true), col("a", false), col("id", false)],
