@@ -641,7 +641,7 @@ async fn a_collision_on_another_unique_constraint_stops_the_merge_with_its_own_e
     // Once again as it was, once with rows rewritten (nothing differs here), then the hint.
     assert_eq!(err.matches("; merging again").count(), 2, "{err}");
     assert!(
-        err.contains("a merge keeps the rows only mobile has: change or delete that row on mobile, or snapshot with --mirror"),
+        err.contains("a row only mobile has holds a value one of desktop's rows takes, and a merge keeps such rows: change or delete it on mobile, or make mobile an exact copy of desktop with `tandem snapshot --seed desktop --mirror`"),
         "{err}"
     );
     assert_eq!(Fixture::rows(&fx.m, "jobs").await, ["(2,same,0)"]);
@@ -718,7 +718,10 @@ async fn rows_exchanging_unique_values_are_snapshotted_in_one_statement() {
     let (code, _, err) = snapshot(&["--table", "public.users"]);
     assert_eq!(code, 1, "{err}");
     assert!(err.contains("Key (email)=(c@x) already exists"), "{err}");
-    assert!(err.contains("or snapshot with --mirror"), "{err}");
+    assert!(
+        err.contains("`tandem snapshot --seed desktop --mirror`"),
+        "{err}"
+    );
     let before = ["(1,b@x,A,7)", "(2,a@x,B,8)", "(4,c@x,D,9)"];
     assert_eq!(Fixture::rows(&fx.m, "users").await, before);
 

@@ -825,13 +825,15 @@ async fn copy_table_via(
                 Err(e) => {
                     // The same unique violation again, at a later read, is no change made
                     // meanwhile: a seed's row collides with one of the target's on another
-                    // unique constraint. Its own error says so.
+                    // unique constraint. Once rows are rewritten, its own error says so.
                     let unique = e
                         .as_db_error()
                         .filter(|d| d.code() == &SqlState::UNIQUE_VIOLATION)
                         .map(|d| (d.constraint().map(str::to_string), d.detail().map(str::to_string)));
                     let again = unique.is_some() && unique == last_unique;
-                    if again && !rewriting && !keyless {
+                    // A second unique violation in a row, the same or not (which row a statement
+                    // meets first may vary): the rows that differ are rewritten.
+                    if unique.is_some() && last_unique.is_some() && !rewriting && !keyless {
                         x.batch_execute("ROLLBACK").await?;
                         let blocked = rewrite::blocked_by(x, t).await?;
                         if !blocked.is_empty() {
@@ -857,23 +859,21 @@ async fn copy_table_via(
                         continue;
                     }
                     if again {
+                        let target = seed.other();
                         let hint = match mode {
                             Mode::Merge => format!(
-                                "a merge keeps the rows only {target} has: change or delete \
-                                 that row on {target}, or snapshot with --mirror, which deletes \
-                                 them",
-                                target = seed.other()
+                                "a row only {target} has holds a value one of {seed}'s rows \
+                                 takes, and a merge keeps such rows: change or delete it on \
+                                 {target}, or make {target} an exact copy of {seed} with \
+                                 `tandem snapshot --seed {seed} --mirror` (it deletes the rows \
+                                 only {target} has)"
                             ),
                             _ => format!(
-                                "{seed}'s rows themselves break that constraint on {}: does \
-                                 {seed} lack it?",
-                                seed.other()
+                                "{seed}'s rows themselves break a unique constraint {target} \
+                                 has: does {seed} lack it?"
                             ),
                         };
-                        return Err(anyhow::Error::new(e).context(format!(
-                            "{} holds the value in a row {seed} does not give it; {hint}",
-                            seed.other()
-                        )));
+                        return Err(anyhow::Error::new(e).context(hint));
                     }
                     if !merge_again(&e) {
                         return Err(e.into());
