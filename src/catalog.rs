@@ -22,7 +22,11 @@ pub async fn table(c: &impl GenericClient, name: &TableName) -> Result<Option<Ta
                     EXISTS (SELECT 1 FROM pg_index i JOIN pg_class ic ON ic.oid = i.indexrelid \
                             JOIN pg_am am ON am.oid = ic.relam WHERE i.indrelid = c.oid \
                             AND am.amname = 'btree' AND i.indpred IS NULL AND i.indkey[0] = a.attnum), \
-                    c.oid, {INHERITED}, format_type(a.atttypid, -1) \
+                    c.oid, {INHERITED}, format_type(a.atttypid, -1), \
+                    coalesce((SELECT NOT co.collisdeterministic FROM pg_collation co \
+                              WHERE co.oid = a.attcollation), false) \
+                    OR EXISTS (SELECT 1 FROM pg_type ty LEFT JOIN pg_type b ON b.oid = ty.typbasetype \
+                               WHERE ty.oid = a.atttypid AND 'citext' IN (ty.typname, b.typname)) \
              FROM pg_class c \
              JOIN pg_namespace n ON n.oid = c.relnamespace \
              JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped \
@@ -55,6 +59,7 @@ pub async fn table(c: &impl GenericClient, name: &TableName) -> Result<Option<Ta
                 identity_always: r.get(3),
                 equality: r.get(6),
                 indexed: r.get(7),
+                respelled: r.get(11),
             }
         })
         .collect();

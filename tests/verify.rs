@@ -245,6 +245,63 @@ async fn repair_rewrites_rows_exchanging_unique_values() {
     }
 }
 
+/// Keys whose equal values may be spelled otherwise (`citext`, a case-insensitive collation):
+/// `Pear@x` on desktop and `PEAR@X` on mobile are one row. The initial snapshot's merge and
+/// repair's upsert give mobile desktop's spelling; before, they kept mobile's (an upsert sets no
+/// key column), verify found each spelling on its side only, and repair changed nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_key_spelled_otherwise_takes_the_sources_spelling() {
+    let schema = "CREATE EXTENSION IF NOT EXISTS citext; \
+                  CREATE TABLE profiles (email citext PRIMARY KEY, name text); \
+                  CREATE COLLATION ci (provider = icu, locale = 'und-u-ks-level2', \
+                    deterministic = false); \
+                  CREATE TABLE tags (name text COLLATE ci PRIMARY KEY, n int);";
+    let (d, m) = Fixture::databases("respell", schema).await;
+    d.batch_execute(
+        "INSERT INTO profiles VALUES ('Pear@x', 'p'); INSERT INTO tags VALUES ('Red', 1)",
+    )
+    .await
+    .unwrap();
+    m.batch_execute(
+        "INSERT INTO profiles VALUES ('PEAR@X', 'p'); INSERT INTO tags VALUES ('RED', 1)",
+    )
+    .await
+    .unwrap();
+    let fx = Fixture::with_config(
+        "respell",
+        d,
+        m,
+        Fixture::config_text("respell", r#"tables = ["public.*"]"#),
+    )
+    .await;
+    let run = fx.start().await;
+    run.stop().await;
+    assert_eq!(Fixture::rows(&fx.m, "profiles").await, ["(Pear@x,p)"]);
+    assert_eq!(Fixture::rows(&fx.m, "tags").await, ["(Red,1)"]);
+    let r = verify::verify(&fx.cfg, None).await.unwrap();
+    for t in ["public.profiles", "public.tags"] {
+        assert!(table(&r, t).is_in_sync(), "{}", verify::render(&r));
+    }
+    // Respelled on desktop while tandem does not run.
+    fx.d.batch_execute("UPDATE profiles SET email = 'pear@x'; UPDATE tags SET name = 'red'")
+        .await
+        .unwrap();
+    let r = verify::verify(&fx.cfg, None).await.unwrap();
+    assert_eq!(
+        table(&r, "public.tags").only_mobile,
+        1,
+        "{}",
+        verify::render(&r)
+    );
+    common::repair_from_desktop(fx.config_path.to_str().unwrap());
+    assert_eq!(Fixture::rows(&fx.m, "profiles").await, ["(pear@x,p)"]);
+    assert_eq!(Fixture::rows(&fx.m, "tags").await, ["(red,1)"]);
+    let r = verify::verify(&fx.cfg, None).await.unwrap();
+    for t in ["public.profiles", "public.tags"] {
+        assert!(table(&r, t).is_in_sync(), "{}", verify::render(&r));
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn verify_exits_2_on_error() {
     let port = std::net::TcpListener::bind("127.0.0.1:0")

@@ -79,6 +79,11 @@ pub struct TargetColumn {
     pub equality: bool,
     /// The column leads a btree index (no predicate): a lookup by it can use the index.
     pub indexed: bool,
+    /// Values equal by the column's `=` may be written otherwise (`citext`, a nondeterministic
+    /// collation: `Pear` and `PEAR`). A key column of this kind is set by an upsert too, so the
+    /// row takes the source's spelling; an upsert keeps the target's key otherwise, and verify,
+    /// which compares keys as text, then finds each side's spelling on that side only.
+    pub respelled: bool,
 }
 
 /// How a source relation's columns land in a target table.

@@ -197,10 +197,12 @@ pub fn param_type(type_sql: &str) -> &'static str {
     }
 }
 
-/// Target column `c` is one an UPDATE (or an upsert's `DO UPDATE`) sets: not part of the key,
-/// and not an identity column `GENERATED ALWAYS`.
+/// Target column `c` is one an UPDATE (or an upsert's `DO UPDATE`) sets: not part of the key
+/// (unless its equal values may be spelled otherwise, see
+/// [`crate::apply::plan::TargetColumn::respelled`]), and not
+/// an identity column `GENERATED ALWAYS`.
 pub fn settable(t: &TargetTable, c: usize) -> bool {
-    !t.key.contains(&c) && !t.columns[c].identity_always
+    (!t.key.contains(&c) || t.columns[c].respelled) && !t.columns[c].identity_always
 }
 
 /// What last_write_wins compares.
@@ -479,6 +481,7 @@ mod tests {
             identity_always: ia,
             equality: true,
             indexed: n == "note",
+            respelled: false,
         };
         TargetTable {
             name: TableName::new("public", "Jobs"),
@@ -514,6 +517,27 @@ mod tests {
         assert_eq!(
             text(Existing::Keep),
             format!("{insert} ON CONFLICT (\"id\") DO NOTHING")
+        );
+    }
+
+    #[test]
+    fn a_key_whose_equal_values_may_be_spelled_otherwise_is_set_too() {
+        let mut t = table();
+        t.columns[0].identity_always = false;
+        t.columns[0].respelled = true;
+        let upsert = statement(&t, Op::Upsert, &[0, 1], Existing::Replace).unwrap();
+        assert!(
+            upsert.ends_with(
+                "ON CONFLICT (\"id\") DO UPDATE SET \"id\" = EXCLUDED.\"id\", \"note\" = EXCLUDED.\"note\""
+            ),
+            "{upsert}"
+        );
+        let update = statement(&t, Op::Update, &[0, 1], Existing::Replace).unwrap();
+        assert!(
+            update.starts_with(
+                "UPDATE \"public\".\"Jobs\" AS t SET \"id\" = u.v1::bigint, \"note\" ="
+            ),
+            "{update}"
         );
     }
 
@@ -557,6 +581,7 @@ mod tests {
             identity_always: false,
             equality: false,
             indexed: true,
+            respelled: false,
         });
         assert_eq!(
             statement(&t, Op::Upsert, &[1, 3], Existing::Replace).unwrap(),

@@ -711,7 +711,7 @@ async fn copy_table_via(
             .filter(|(i, c)| {
                 !c.generated
                     && !c.identity_always
-                    && !meta.key.contains(i)
+                    && (!meta.key.contains(i) || c.respelled)
                     && cfg.column_flows(t, &c.name)
             })
             .map(|(_, c)| c.name.as_str())

@@ -40,6 +40,7 @@ pub fn text_column(name: &str, generated: bool) -> TargetColumn {
         identity_always: false,
         equality: true,
         indexed: false,
+        respelled: false,
     }
 }
 
@@ -247,6 +248,7 @@ pub fn keyless_binding() -> Arc<Binding> {
         identity_always: false,
         equality: true,
         indexed: false,
+        respelled: false,
     };
     let target = TargetTable {
         name: TableName::new("public", "k"),
