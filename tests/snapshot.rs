@@ -746,6 +746,58 @@ async fn rows_exchanging_unique_values_are_snapshotted_in_one_statement() {
     assert_eq!(counts(&r, "public.lists"), (3, 0, 0, 0));
 }
 
+/// A mirror's first pass, over tables others reference, frees a value a row only mobile has
+/// holds by deleting that row; where foreign keys are checked (a plain role), rows of mobile's
+/// that still reference it (the mirror deletes them later) stop it: it says which and what to do,
+/// mobile unchanged, and once they are gone the mirror goes through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_mirror_names_a_row_holding_a_value_that_rows_still_reference() {
+    let db = "snap_held_ref";
+    let schema = format!(
+        "CREATE TABLE users (id int PRIMARY KEY, email text NOT NULL UNIQUE); \
+         CREATE TABLE orders (id int PRIMARY KEY, user_id int NOT NULL REFERENCES users); {}",
+        common::plain_role("tandem_plain", db, &["users", "orders"])
+    );
+    let (d, m) = Fixture::databases(db, &schema).await;
+    d.batch_execute("INSERT INTO users VALUES (3, 'c@x'); INSERT INTO orders VALUES (3, 3)")
+        .await
+        .unwrap();
+    m.batch_execute("INSERT INTO users VALUES (4, 'c@x'); INSERT INTO orders VALUES (4, 4)")
+        .await
+        .unwrap();
+    let text = common::connect_as(
+        &Fixture::config_text(db, r#"tables = ["public.*"]"#),
+        "tandem_plain",
+        &["desktop", "mobile"],
+    );
+    let fx = Fixture::with_config(db, d, m, text).await;
+    let config = fx.config_path.to_str().unwrap();
+    let mirror = || {
+        run_tandem(
+            &[
+                "--config", config, "snapshot", "--seed", "desktop", "--mirror",
+            ],
+            &[],
+        )
+    };
+    let (code, _, err) = mirror();
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("a row only mobile has holds a value one of desktop's rows takes, and rows of mobile's still reference it"),
+        "{err}"
+    );
+    assert!(
+        err.contains("Key (id)=(4) is still referenced from table \"orders\""),
+        "{err}"
+    );
+    assert_eq!(Fixture::rows(&fx.m, "users").await, ["(4,c@x)"]);
+    fx.m.batch_execute("DELETE FROM orders").await.unwrap();
+    let (code, _, err) = mirror();
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(Fixture::rows(&fx.m, "users").await, ["(3,c@x)"]);
+    assert_eq!(Fixture::rows(&fx.m, "orders").await, ["(3,3)"]);
+}
+
 /// `tandem snapshot --seed desktop` while `app` holds an uncommitted row on mobile: once the
 /// snapshot's statement like `query` waits on it, `app` commits. Returns stdout and stderr of the
 /// snapshot, which must have succeeded.

@@ -875,6 +875,17 @@ async fn copy_table_via(
                         };
                         return Err(anyhow::Error::new(e).context(hint));
                     }
+                    let referenced = e.code() == Some(&SqlState::FOREIGN_KEY_VIOLATION);
+                    if rewriting && mode == Mode::Fill && referenced {
+                        // A mirror deletes rows referencing this table's after this pass.
+                        let target = seed.other();
+                        return Err(anyhow::Error::new(e).context(format!(
+                            "a row only {target} has holds a value one of {seed}'s rows takes, \
+                             and rows of {target}'s still reference it (the mirror deletes or \
+                             repoints them after this table's pass): delete that row, or the rows \
+                             referencing it, on {target} first, then snapshot again"
+                        )));
+                    }
                     if !merge_again(&e) {
                         return Err(e.into());
                     }
