@@ -654,14 +654,23 @@ async fn a_collision_on_another_unique_constraint_stops_the_merge_with_its_own_e
 /// keeps its values. A key that would cascade the delete stops it, with the fix.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn rows_exchanging_unique_values_are_snapshotted_in_one_statement() {
-    let schema = "CREATE TABLE lists (id int PRIMARY KEY, list int NOT NULL, pos int NOT NULL, \
-                  UNIQUE (list, pos)); \
-                  CREATE TABLE users (id int PRIMARY KEY, email text NOT NULL UNIQUE, name text); \
-                  CREATE TABLE orders (id int PRIMARY KEY, user_id int NOT NULL REFERENCES users); \
-                  CREATE TABLE tags (id int PRIMARY KEY, name text NOT NULL UNIQUE); \
-                  CREATE TABLE post_tags (id int PRIMARY KEY, \
-                    tag_id int NOT NULL REFERENCES tags ON DELETE CASCADE);";
-    let (d, m) = Fixture::databases("snap_swap", schema).await;
+    // Mobile as a plain role: foreign keys are checked as the snapshot writes (a superuser's
+    // copy checks none).
+    let schema = format!(
+        "CREATE TABLE lists (id int PRIMARY KEY, list int NOT NULL, pos int NOT NULL, \
+         UNIQUE (list, pos)); \
+         CREATE TABLE users (id int PRIMARY KEY, email text NOT NULL UNIQUE, name text); \
+         CREATE TABLE orders (id int PRIMARY KEY, user_id int NOT NULL REFERENCES users); \
+         CREATE TABLE tags (id int PRIMARY KEY, name text NOT NULL UNIQUE); \
+         CREATE TABLE post_tags (id int PRIMARY KEY, \
+           tag_id int NOT NULL REFERENCES tags ON DELETE CASCADE); {}",
+        common::plain_role(
+            "tandem_snap_swap",
+            "snap_swap",
+            &["lists", "users", "orders", "tags", "post_tags"]
+        )
+    );
+    let (d, m) = Fixture::databases("snap_swap", &schema).await;
     d.batch_execute(
         "INSERT INTO lists VALUES (1, 1, 1), (2, 1, 2), (3, 1, 3); \
          INSERT INTO users VALUES (1, 'a@x', 'A'), (2, 'b@x', 'B'), (3, 'c@x', 'C'); \
@@ -685,9 +694,13 @@ async fn rows_exchanging_unique_values_are_snapshotted_in_one_statement() {
         "snap_swap",
         d,
         m,
-        Fixture::config_text(
-            "snap_swap",
-            "tables = [\"public.*\"]\n[replication.columns]\n\"public.users\" = [\"id\", \"email\", \"name\"]",
+        common::connect_as(
+            &Fixture::config_text(
+                "snap_swap",
+                "tables = [\"public.*\"]\n[replication.columns]\n\"public.users\" = [\"id\", \"email\", \"name\"]",
+            ),
+            "tandem_snap_swap",
+            &["mobile"],
         ),
     )
     .await;
