@@ -708,11 +708,8 @@ async fn copy_table_via(
             .columns
             .iter()
             .enumerate()
-            .filter(|(i, c)| {
-                !c.generated
-                    && !c.identity_always
-                    && (!meta.key.contains(i) || c.respelled)
-                    && cfg.column_flows(t, &c.name)
+            .filter(|&(i, c)| {
+                !c.generated && crate::apply::sql::settable(&meta, i) && cfg.column_flows(t, &c.name)
             })
             .map(|(_, c)| c.name.as_str())
             .collect();
