@@ -176,32 +176,7 @@ async fn repair_writes_a_table_after_the_tables_it_references() {
 /// with the fix.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn repair_rewrites_rows_exchanging_unique_values() {
-    // Mobile as a plain role, as on a managed cloud database: foreign keys are checked as
-    // tandem writes (a superuser's writes check none).
-    let schema = format!(
-        "CREATE TABLE users (id int PRIMARY KEY, email text NOT NULL UNIQUE, name text); \
-         CREATE TABLE orders (id int PRIMARY KEY, user_id int NOT NULL REFERENCES users); \
-         CREATE TABLE tags (id int PRIMARY KEY, name text NOT NULL UNIQUE); \
-         CREATE TABLE post_tags (id int PRIMARY KEY, \
-           tag_id int NOT NULL REFERENCES tags ON DELETE CASCADE); {}",
-        common::plain_role(
-            "tandem_swap",
-            "repair_swap",
-            &["users", "orders", "tags", "post_tags"]
-        )
-    );
-    let (d, m) = Fixture::databases("repair_swap", &schema).await;
-    m.batch_execute("ALTER TABLE users ADD COLUMN seen int")
-        .await
-        .unwrap();
-    let text = common::connect_as(
-        &Fixture::config_text(
-            "repair_swap",
-            "tables = [\"public.*\"]\n[replication.columns]\n\"public.users\" = [\"id\", \"email\", \"name\"]",
-        ),
-        "tandem_swap",
-        &["mobile"],
-    );
+    let (d, m, text) = common::unique_swap_databases("repair_swap", "tandem_swap", "", &[]).await;
     let fx = Fixture::with_config("repair_swap", d, m, text).await;
     // Written while tandem does not run.
     fx.d.batch_execute(

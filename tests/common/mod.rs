@@ -945,6 +945,43 @@ pub async fn fail_first_apply_commit(c: &Client, table: &str, after: f64) {
 pub const PARENT_CHILD: &str = "CREATE TABLE parent (id int PRIMARY KEY, v text);
      CREATE TABLE child (id int PRIMARY KEY, parent_id int NOT NULL REFERENCES parent (id));";
 
+/// Rows exchanging unique values, for snapshot and repair: `users` (`email` UNIQUE) with
+/// `orders` referencing them (`NO ACTION`), `tags` (`name` UNIQUE) with `post_tags` referencing
+/// them `ON DELETE CASCADE`, after the tables of `more` (named in `more_tables`). Mobile's `users`
+/// has a column of its own (`seen`), and the config writes to mobile as the plain role `role`, so
+/// foreign keys are checked as tandem writes (a superuser's writes check none), and `users` by
+/// the columns both sides have. Returns the databases, before `setup`, and the config text.
+pub async fn unique_swap_databases(
+    db: &str,
+    role: &str,
+    more: &str,
+    more_tables: &[&str],
+) -> (Client, Client, String) {
+    let mut tables = more_tables.to_vec();
+    tables.extend(["users", "orders", "tags", "post_tags"]);
+    let schema = format!(
+        "{more} CREATE TABLE users (id int PRIMARY KEY, email text NOT NULL UNIQUE, name text); \
+         CREATE TABLE orders (id int PRIMARY KEY, user_id int NOT NULL REFERENCES users); \
+         CREATE TABLE tags (id int PRIMARY KEY, name text NOT NULL UNIQUE); \
+         CREATE TABLE post_tags (id int PRIMARY KEY, \
+           tag_id int NOT NULL REFERENCES tags ON DELETE CASCADE); {}",
+        plain_role(role, db, &tables)
+    );
+    let (d, m) = Fixture::databases(db, &schema).await;
+    m.batch_execute("ALTER TABLE users ADD COLUMN seen int")
+        .await
+        .unwrap();
+    let text = connect_as(
+        &Fixture::config_text(
+            db,
+            "tables = [\"public.*\"]\n[replication.columns]\n\"public.users\" = [\"id\", \"email\", \"name\"]",
+        ),
+        role,
+        &["mobile"],
+    );
+    (d, m, text)
+}
+
 /// A parent row and a child row referencing it on each side: desktop's 1 and 10, mobile's 2 and
 /// 20.
 pub async fn parent_and_child_on_each_side(d: &Client, m: &Client) {
