@@ -71,6 +71,22 @@ async fn consume_all(brokers: &str) -> Vec<serde_json::Value> {
     }
 }
 
+/// `tandem replay --from-kafka --to mobile` with `more` arguments, which must exit 0: its stdout.
+fn replay_into_mobile(config: &str, more: &[&str]) -> String {
+    let mut args = vec![
+        "--config",
+        config,
+        "replay",
+        "--from-kafka",
+        "--to",
+        "mobile",
+    ];
+    args.extend(more);
+    let (code, out, err) = common::run_tandem(&args, &[]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    out
+}
+
 /// 40 inserts, 10 updates, 5 deletes, one transaction each; returns the change count.
 async fn workload(c: &Client, base: i64) -> usize {
     for i in 1..=40i64 {
@@ -189,34 +205,11 @@ async fn every_change_of_both_sites_is_on_the_topic_once() {
     );
     let want = Fixture::rows(&fx.d, "jobs").await;
     fx.m.batch_execute("DELETE FROM jobs").await.unwrap();
-    let (code, out, err) = common::run_tandem(
-        &[
-            "--config",
-            config,
-            "replay",
-            "--from-kafka",
-            "--to",
-            "mobile",
-            "--dry-run",
-        ],
-        &[],
-    );
-    assert_eq!(code, 0, "{err}");
+    let out = replay_into_mobile(config, &["--dry-run"]);
     assert!(out.contains("110 would be applied"), "{out}");
     assert_eq!(Fixture::count(&fx.m, "SELECT count(*) FROM jobs").await, 0);
     for _ in 0..2 {
-        let (code, out, err) = common::run_tandem(
-            &[
-                "--config",
-                config,
-                "replay",
-                "--from-kafka",
-                "--to",
-                "mobile",
-            ],
-            &[],
-        );
-        assert_eq!(code, 0, "{out}\n{err}");
+        let out = replay_into_mobile(config, &[]);
         assert!(out.contains("110 applied"), "{out}");
         assert_eq!(Fixture::rows(&fx.m, "jobs").await, want);
     }
@@ -276,18 +269,7 @@ async fn a_swap_of_unique_values_replays_over_the_rows_from_before_it() {
     .await
     .unwrap();
     let config = fx.config_path.to_str().unwrap();
-    let (code, out, err) = common::run_tandem(
-        &[
-            "--config",
-            config,
-            "replay",
-            "--from-kafka",
-            "--to",
-            "mobile",
-        ],
-        &[],
-    );
-    assert_eq!(code, 0, "{out}\n{err}");
+    let out = replay_into_mobile(config, &[]);
     assert!(out.contains("6 applied"), "{out}");
     assert_eq!(
         Fixture::rows(&fx.m, "users").await,
@@ -680,11 +662,7 @@ async fn a_schema_change_is_published_with_its_statement_and_not_replayed() {
     };
     assert!(lsn(ddl) < lsn(insert), "{ddl} {insert}");
     assert_eq!(insert["after"]["due"], "2026-12-24");
-    let (code, out, err) = common::run_tandem(
-        &["--config", cfg, "replay", "--from-kafka", "--to", "mobile"],
-        &[],
-    );
-    assert_eq!(code, 0, "{out}\n{err}");
+    let out = replay_into_mobile(cfg, &[]);
     assert!(
         out.contains(&format!(
             "not replayed: schema change {} ({sql})",
@@ -1139,19 +1117,7 @@ async fn with_transactions_each_source_transaction_ends_with_an_event_counting_i
     assert_eq!(code, 0, "{err}");
     assert!(out.contains(" M commit   xid "), "{out}");
     assert!(out.contains(": 2 change(s) id=M:"), "{out}");
-    let (code, out, err) = common::run_tandem(
-        &[
-            "--config",
-            config,
-            "replay",
-            "--from-kafka",
-            "--to",
-            "mobile",
-            "--dry-run",
-        ],
-        &[],
-    );
-    assert_eq!(code, 0, "{err}");
+    let out = replay_into_mobile(config, &["--dry-run"]);
     // Mobile's own 2 and desktop's 1,503 applied there, none of the ends.
     assert!(out.contains("1505 would be applied"), "{out}");
 }
