@@ -431,8 +431,9 @@ async fn check_publication_matches(
     Ok(())
 }
 
-/// Every relation of a table whose conflict policy compares old rows, or that has no primary key
-/// (its rows are found by their old values), logs them. `setup` sees to it, but a partition
+/// Every relation of a table logs the old row's key at least (not an identity index without
+/// it), and the whole old row where its conflict policy compares old rows, or where it has no
+/// primary key (its rows are found by their old values). `setup` sees to it, but a partition
 /// created since logs its changes as its own identity says: without old rows those changes
 /// would be taken as conflicts, or as none, wrongly, or could not be applied at all.
 async fn check_old_rows(
@@ -445,11 +446,18 @@ async fn check_old_rows(
         if !cfg.direction(t).flows_from(source) {
             continue;
         }
+        let tt = crate::catalog::table(src, t).await?;
+        // An identity index made since `setup` (or an ALTER it let through before it checked).
+        if let Some(tt) = &tt {
+            let short = crate::ops::setup::identity_short_of_key(src, t, tt).await?;
+            if !short.is_empty() {
+                bail!(crate::ops::setup::identity_short_problem(
+                    source, t, tt, &short
+                ));
+            }
+        }
         // Conflict rules do not apply to a table without a key: that reason comes first.
-        let why = if crate::catalog::table(src, t)
-            .await?
-            .is_some_and(|tt| tt.key.is_empty())
-        {
+        let why = if tt.is_some_and(|tt| tt.key.is_empty()) {
             " has no primary key, so tandem finds its rows by their values, and needs"
         } else if cfg
             .conflicts_for(t)
@@ -753,10 +761,8 @@ pub struct StaleTable(anyhow::Error);
 #[derive(Debug, thiserror::Error)]
 #[error(
     "{from} transaction {xid} (committed {committed} at {commit_lsn}) was rejected by {to}: \
-     {cause}\nFix it on {to} (the row, constraint or trigger above) {}; or leave that one \
-     transaction out of {to} (as `ALTER SUBSCRIPTION … SKIP` does): `tandem skip --from {from} \
-     --lsn {commit_lsn}`",
-    if *.retry { "and `run` applies it at its next try" } else { "and start `tandem run` again" }
+     {cause}\n{}",
+    rejected_fix(*.from, *.to, *.commit_lsn, *.retry, *.logged)
 )]
 pub struct Rejected {
     pub from: Side,
@@ -768,6 +774,28 @@ pub struct Rejected {
     pub cause: String,
     /// `on_refusal = "retry"`: `run` goes on and tries the transaction again.
     pub retry: bool,
+    /// The source logged it without what the target needs (its key): no fix on the target helps.
+    pub logged: bool,
+}
+
+/// What the operator can do about a [`Rejected`] transaction.
+fn rejected_fix(from: Side, to: Side, lsn: Lsn, retry: bool, logged: bool) -> String {
+    let skip = format!(
+        "leave that one transaction out of {to} (as `ALTER SUBSCRIPTION … SKIP` does): \
+         `tandem skip --from {from} --lsn {lsn}`"
+    );
+    if logged {
+        return format!(
+            "No change on {to} makes it apply as {from} logged it: {skip}, and each later one \
+             logged so, then `tandem repair --source {from}` brings {to}'s rows in line"
+        );
+    }
+    let next = if retry {
+        "and `run` applies it at its next try"
+    } else {
+        "and start `tandem run` again"
+    };
+    format!("Fix it on {to} (the row, constraint or trigger above) {next}; or {skip}")
 }
 
 /// A source transaction being applied on its own (see [`Careful`]).
@@ -1219,6 +1247,12 @@ async fn direction_once(
             committed: crate::sink::kafka::rfc3339(t.commit_ts),
             cause: format!("{e:#}"),
             retry: cfg.on_refusal == OnRefusal::Retry,
+            logged: e.chain().any(|c| {
+                matches!(
+                    c.downcast_ref::<BindError>(),
+                    Some(BindError::IdentityWithoutKey { .. })
+                )
+            }),
         }
         .into()),
         (Err(e), _, None) if careful.in_live && !careful.whole && !transient(&e) => {

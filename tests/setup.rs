@@ -1620,3 +1620,101 @@ async fn a_slot_renamed_in_the_config_is_renamed_on_the_server_and_nothing_is_lo
     assert_eq!(code, 0, "{err}");
     assert_nothing_left("slotrename").await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_identity_index_without_the_key_is_refused_and_changes_logged_under_it_named() {
+    // `REPLICA IDENTITY USING INDEX` on a unique column beside the primary key: PostgreSQL logs
+    // an update's or delete's old row with that index's columns alone, and none at all for an
+    // update of the key alone. Before, such an update arrived as a new row (the old one left
+    // beside it on the other side) and the next delete stopped `run` with "key column `id` is
+    // NULL or missing".
+    let (d, m) = Fixture::databases(
+        "identidx",
+        "CREATE TABLE acct (id int PRIMARY KEY, email text NOT NULL UNIQUE, n int);
+         INSERT INTO acct VALUES (1, 'a@x', 0), (2, 'b@x', 0);
+         CREATE TABLE visits (id int, region text NOT NULL, email text NOT NULL,
+                              PRIMARY KEY (id, region), UNIQUE (email, region))
+             PARTITION BY LIST (region);
+         CREATE TABLE visits_eu PARTITION OF visits FOR VALUES IN ('eu');",
+    )
+    .await;
+    let using_index = "ALTER TABLE acct REPLICA IDENTITY USING INDEX acct_email_key";
+    d.batch_execute(using_index).await.unwrap();
+    m.batch_execute(
+        "ALTER TABLE visits_eu REPLICA IDENTITY USING INDEX visits_eu_email_region_key",
+    )
+    .await
+    .unwrap();
+    let text = Fixture::config_text("identidx", r#"tables = ["public.*"]"#);
+    let path = write_config("identidx", &text);
+    let (code, _, err) = run_tandem(&["--config", &path, "setup"], &[]);
+    assert_eq!(code, 1, "{err}");
+    for want in [
+        "desktop: table public.acct's replica identity is an index that leaves out its key \
+         (id): acct_email_key of public.acct; its updates and deletes would reach the other \
+         side without the key, and an update of the key alone as a new row beside the old one. \
+         Run `ALTER TABLE … REPLICA IDENTITY DEFAULT` (or FULL) on desktop for public.acct",
+        "mobile: table public.visits's replica identity is an index that leaves out its key \
+         (id, region): visits_eu_email_region_key of public.visits_eu;",
+    ] {
+        assert!(err.contains(want), "{want}\n\nnot in:\n{err}");
+    }
+    assert_nothing_left("identidx").await;
+
+    d.batch_execute("ALTER TABLE acct REPLICA IDENTITY DEFAULT")
+        .await
+        .unwrap();
+    m.batch_execute("ALTER TABLE visits_eu REPLICA IDENTITY DEFAULT")
+        .await
+        .unwrap();
+    let fx = Fixture::with_config("identidx", d, m, text).await;
+    // Made while tandem was stopped: `run` refuses at its start.
+    fx.d.batch_execute(using_index).await.unwrap();
+    let e = fx.refused().await;
+    assert!(
+        e.contains("desktop: table public.acct's replica identity is an index that leaves out"),
+        "{e}"
+    );
+    // Made while it runs: the first change logged so is named, nothing of it applied, with
+    // what to do (no fix on mobile helps: the WAL has it without the key).
+    fx.d.batch_execute("ALTER TABLE acct REPLICA IDENTITY DEFAULT")
+        .await
+        .unwrap();
+    let run = fx.start().await;
+    fx.d.batch_execute(using_index).await.unwrap();
+    fx.d.batch_execute("UPDATE acct SET id = 10 WHERE id = 1")
+        .await
+        .unwrap();
+    let (e, lsn) = common::rejected(run).await;
+    for want in [
+        "the source's replica identity of public.acct (email) leaves out key column `id`",
+        "No change on mobile makes it apply as desktop logged it: leave that one transaction \
+         out of mobile",
+        "then `tandem repair --source desktop` brings mobile's rows in line",
+    ] {
+        assert!(e.contains(want), "{want}\n\nnot in:\n{e}");
+    }
+    assert_eq!(
+        Fixture::rows(&fx.m, "acct").await,
+        ["(1,a@x,0)", "(2,b@x,0)"]
+    );
+    // As it says: fixed on desktop, left out, repaired; later changes go by the key again.
+    fx.d.batch_execute("ALTER TABLE acct REPLICA IDENTITY DEFAULT")
+        .await
+        .unwrap();
+    let cfg = fx.config_path.to_str().unwrap();
+    for args in [
+        &["--config", cfg, "skip", "--from", "desktop", "--lsn", &lsn][..],
+        &["--config", cfg, "repair", "--source", "desktop"],
+    ] {
+        let (code, _, err) = run_tandem(args, &[]);
+        assert_eq!(code, 0, "{args:?}: {err}");
+    }
+    let run = fx.start().await;
+    fx.d.batch_execute("UPDATE acct SET id = 20 WHERE id = 10; DELETE FROM acct WHERE id = 2")
+        .await
+        .unwrap();
+    fx.wait_equal("acct", 30).await;
+    run.stop().await;
+    assert_eq!(Fixture::rows(&fx.m, "acct").await, ["(20,a@x,0)"]);
+}

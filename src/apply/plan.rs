@@ -115,6 +115,18 @@ pub enum BindError {
          both sides need the same primary key"
     )]
     MissingKey { table: TableName, column: String },
+    #[error(
+        "the source's replica identity of {table} ({identity}) leaves out key column `{column}`: \
+         its updates and deletes come without the key (an update of the key alone as a new row); \
+         run `ALTER TABLE {quoted} REPLICA IDENTITY DEFAULT` (or FULL) on the source (changes \
+         logged before that still lack it)"
+    )]
+    IdentityWithoutKey {
+        table: TableName,
+        quoted: String,
+        identity: String,
+        column: String,
+    },
 }
 
 impl Binding {
@@ -153,7 +165,7 @@ impl Binding {
                 }
             }
         }
-        let key_source = target
+        let key_source: Vec<usize> = target
             .key
             .iter()
             .map(|&k| {
@@ -166,6 +178,25 @@ impl Binding {
                     })
             })
             .collect::<Result<_, _>>()?;
+        // An identity index without the key (`REPLICA IDENTITY USING INDEX`, made since setup):
+        // old rows would carry its columns alone. No column marked: inserts only can come.
+        let identity: Vec<&str> = source
+            .columns
+            .iter()
+            .filter(|c| c.key)
+            .map(|c| c.name.as_str())
+            .collect();
+        if let Some(&s) = key_source
+            .iter()
+            .find(|&&s| !identity.is_empty() && !source.columns[s].key)
+        {
+            return Err(BindError::IdentityWithoutKey {
+                table: target.name.clone(),
+                quoted: source.name.quoted(),
+                identity: identity.join(", "),
+                column: source.columns[s].name.clone(),
+            });
+        }
         let bound = to_target.iter().flatten().copied().collect();
         // Without a key, equal rows are one key: never collapsed into one (see `Planner::push`).
         let collapse = !target.key.is_empty();
@@ -755,6 +786,33 @@ mod tests {
                 .starts_with("column `zz` of public.t exists on the source side"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn an_identity_without_the_key_is_refused_and_one_with_it_bound() {
+        let mut src = source(&["id", "a", "g"]);
+        // `REPLICA IDENTITY USING INDEX` on `a` alone: an old row would have no `id`.
+        src.columns[0].key = false;
+        src.columns[1].key = true;
+        let e = Binding::new(&src, binding().target.clone()).unwrap_err();
+        assert_eq!(
+            e,
+            BindError::IdentityWithoutKey {
+                table: TableName::new("public", "t"),
+                quoted: "\"public\".\"t\"".into(),
+                identity: "a".into(),
+                column: "id".into(),
+            }
+        );
+        assert!(e.to_string().contains("REPLICA IDENTITY DEFAULT"), "{e}");
+        // Over the key (an index on both), or every column (FULL): the old row has the key.
+        src.columns[0].key = true;
+        assert!(Binding::new(&src, binding().target.clone()).is_ok());
+        // None marked (no identity): only inserts can be sent.
+        for c in &mut src.columns {
+            c.key = false;
+        }
+        assert!(Binding::new(&src, binding().target.clone()).is_ok());
     }
 
     #[test]

@@ -390,6 +390,12 @@ async fn check_created(
              replicated; leave that out of the statement"
         )));
     }
+    let short = crate::ops::setup::identity_short_of_key(c, t, &tt).await?;
+    if !short.is_empty() {
+        return Ok(Some(crate::ops::setup::identity_short_problem(
+            side, t, &tt, &short,
+        )));
+    }
     if let Some(listed) = cfg.columns_of(t) {
         let unlisted = crate::ops::setup::unlisted_key(&tt, listed);
         if !unlisted.is_empty() {

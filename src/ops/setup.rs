@@ -314,6 +314,63 @@ pub(crate) async fn replica_identity(
     Ok(row.map(|r| r.get(0)))
 }
 
+/// The relations of `t` (itself, or each partition of its tree) whose replica identity is an
+/// index leaving out a column of `tt`'s key, each with that index. Their updates and deletes are
+/// logged with the index's columns alone, so the other side could not tell which row one
+/// changes, and an update of the key alone (the index's columns unchanged) came as a new row,
+/// the old one left in place.
+pub(crate) async fn identity_short_of_key(
+    c: &impl GenericClient,
+    t: &TableName,
+    tt: &TargetTable,
+) -> Result<Vec<(String, String)>> {
+    if tt.key.is_empty() {
+        return Ok(Vec::new());
+    }
+    let key: Vec<&str> = tt
+        .key
+        .iter()
+        .map(|&k| tt.columns[k].name.as_str())
+        .collect();
+    Ok(c.query(
+        "SELECT format('%I.%I', n.nspname, c.relname), ic.relname::text \
+         FROM (SELECT $1::text::regclass AS r, 0 AS level UNION ALL \
+               SELECT relid, level FROM pg_partition_tree($1::text::regclass) WHERE level > 0) x \
+         JOIN pg_class c ON c.oid = x.r JOIN pg_namespace n ON n.oid = c.relnamespace \
+         JOIN pg_index i ON i.indrelid = c.oid AND i.indisreplident \
+         JOIN pg_class ic ON ic.oid = i.indexrelid \
+         WHERE c.relreplident = 'i' AND NOT (SELECT coalesce(array_agg(a.attname::text), '{}') \
+               FROM pg_attribute a WHERE a.attrelid = c.oid AND a.attnum = ANY (i.indkey::int2[])) \
+               @> $2::text[] \
+         ORDER BY x.level, 1",
+        &[&t.quoted(), &key],
+    )
+    .await?
+    .iter()
+    .map(|r| (r.get(0), r.get(1)))
+    .collect())
+}
+
+/// What `setup`, `run` and `tandem ddl` say of what [`identity_short_of_key`] found.
+pub(crate) fn identity_short_problem(
+    side: Side,
+    t: &TableName,
+    tt: &TargetTable,
+    short: &[(String, String)],
+) -> String {
+    let indexes: Vec<String> = short.iter().map(|(r, i)| format!("{i} of {r}")).collect();
+    let relations: Vec<&str> = short.iter().map(|(r, _)| r.as_str()).collect();
+    format!(
+        "{side}: table {t}'s replica identity is an index that leaves out its key ({}): {}; its \
+         updates and deletes would reach the other side without the key, and an update of the \
+         key alone as a new row beside the old one. Run `ALTER TABLE … REPLICA IDENTITY \
+         DEFAULT` (or FULL) on {side} for {}",
+        describe_columns(tt),
+        indexes.join(", "),
+        relations.join(", ")
+    )
+}
+
 /// User types are compared by name with the other columns; here, what the name hides.
 /// - A composite type whose attributes differ: a value crosses as text, its fields by position,
 ///   so the same name with its attributes in another order put each value into the other's
@@ -604,6 +661,10 @@ async fn check_tables(
                     describe_columns(tt),
                     t.quoted()
                 ));
+            }
+            let short = identity_short_of_key(c, t, tt).await?;
+            if !short.is_empty() {
+                problems.push(identity_short_problem(side, t, tt, &short));
             }
             // A table without a key is checked by `check_keyless`.
             if !tt.key.is_empty() && replica_identity(c, t).await?.as_deref() == Some("n") {
