@@ -1668,6 +1668,36 @@ async fn a_replica_identity_index_without_the_key_is_refused_and_changes_logged_
         .await
         .unwrap();
     let fx = Fixture::with_config("identidx", d, m, text).await;
+    // Through `tandem ddl`: refused, nothing changed (before, `run` met the next change).
+    let (code, _, err) = run_tandem(
+        &[
+            "--config",
+            &path,
+            "ddl",
+            "--on",
+            "desktop",
+            &format!("{using_index}; ALTER TABLE acct ADD COLUMN note text"),
+        ],
+        &[],
+    );
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains(
+            "nothing was changed on either side: desktop: table public.acct's replica \
+                      identity is an index that leaves out its key (id)"
+        ),
+        "{err}"
+    );
+    assert_eq!(
+        common::strings(
+            &fx.d,
+            "SELECT relreplident::text FROM pg_class WHERE oid = 'acct'::regclass \
+             UNION ALL SELECT count(*)::text FROM pg_attribute \
+             WHERE attrelid = 'acct'::regclass AND attname = 'note'"
+        )
+        .await,
+        ["d", "0"]
+    );
     // Made while tandem was stopped: `run` refuses at its start.
     fx.d.batch_execute(using_index).await.unwrap();
     let e = fx.refused().await;

@@ -9,7 +9,7 @@
 //! on the other side inside the group that applies them, before any change after it (those the
 //! statement itself made included).
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
 use anyhow::{bail, Context, Result};
 use tokio_postgres::{Client, GenericClient};
@@ -131,8 +131,9 @@ pub async fn issued(site: &Site, xid: u32, id: i64) -> Result<Option<Change>> {
     }))
 }
 
-/// A table a schema change created that the config takes in, but could not flow as it is (no key,
-/// no old rows its conflict policy needs, …): on the other side, a refusal of that transaction.
+/// A table a schema change created (or whose replica identity it changed) that the config takes
+/// in, but could not flow as it is (no key, no old rows its conflict policy needs, …): on the
+/// other side, a refusal of that transaction.
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
 pub struct Unpublishable(pub String);
@@ -144,6 +145,8 @@ pub(crate) struct Before {
     oids: HashSet<u32>,
     configured: Vec<(u32, TableName)>,
     columns: (Vec<u32>, Vec<i16>, Vec<String>),
+    /// Those ones' replica identities (see [`identities`]): one it changed is checked after it.
+    identities: HashMap<u32, String>,
 }
 
 /// Read [`Before`], in the schema change's transaction before its statement.
@@ -165,9 +168,30 @@ pub(crate) async fn before(cfg: &Config, c: &impl GenericClient) -> Result<Befor
     }
     Ok(Before {
         oids: table_oids(c).await?,
+        identities: identities(c, &oids).await?,
         configured,
         columns,
     })
+}
+
+/// For each of `oids`, its replica identity and its partitions' (`relreplident` and the index's
+/// OID), in one string: what an `ALTER TABLE … REPLICA IDENTITY` changes.
+async fn identities(c: &impl GenericClient, oids: &[u32]) -> Result<HashMap<u32, String>> {
+    Ok(c.query(
+        "SELECT u.oid, string_agg(c.relreplident::text || coalesce(i.indexrelid::text, ''), ',' \
+                                  ORDER BY c.oid) \
+         FROM unnest($1::oid[]) u(oid) \
+         CROSS JOIN LATERAL (SELECT u.oid AS r UNION ALL \
+                             SELECT relid FROM pg_partition_tree(u.oid::regclass) WHERE level > 0) x \
+         JOIN pg_class c ON c.oid = x.r \
+         LEFT JOIN pg_index i ON i.indrelid = c.oid AND i.indisreplident \
+         GROUP BY u.oid",
+        &[&oids],
+    )
+    .await?
+    .iter()
+    .map(|r| (r.get(0), r.get(1)))
+    .collect())
 }
 
 /// The configured tables there are, with their OIDs (in one query, however many).
@@ -280,6 +304,25 @@ pub(crate) async fn after_statement(
         &[tables, numbers, names],
     )
     .await?;
+    // A table whose replica identity it changed: what `setup` would refuse of it now (`NOTHING`,
+    // an index without the key, not `FULL` where old rows are needed) is refused here, before
+    // `run` meets the table's next change logged so, which no fix could apply then.
+    let kept: Vec<u32> = now
+        .iter()
+        .map(|(oid, _)| *oid)
+        .filter(|oid| before.identities.contains_key(oid))
+        .collect();
+    for (oid, identity) in identities(c, &kept).await? {
+        if before.identities.get(&oid) == Some(&identity) {
+            continue;
+        }
+        let Some((_, t)) = now.iter().find(|(o, _)| *o == oid) else {
+            continue;
+        };
+        if let Some(problem) = check_created(cfg, c, side, t).await? {
+            return Err(Unpublishable(problem).into());
+        }
+    }
     let mut lines = Vec::new();
     for (oid, t) in now {
         if before.oids.contains(&oid) {
