@@ -189,6 +189,41 @@ pub async fn row_security(
     )))
 }
 
+/// Columns of `tables` that may hold large objects' OIDs (of type `oid`, or a domain over it such
+/// as the `lo` extension's), as warnings: logical decoding writes no large object, so the other
+/// side would get the number and never the object (or find another object under it). pg_dump
+/// copies them; native logical replication and pglogical do not either.
+pub async fn large_object_columns(
+    c: &impl GenericClient,
+    tables: &[TableName],
+) -> Result<Vec<String>> {
+    let quoted: Vec<String> = tables.iter().map(TableName::quoted).collect();
+    let rows = c
+        .query(
+            "SELECT u.o::int4, a.attname::text, format_type(a.atttypid, a.atttypmod) \
+             FROM unnest($1::text[]) WITH ORDINALITY AS u(t, o) \
+             JOIN pg_attribute a ON a.attrelid = to_regclass(u.t) AND a.attnum > 0 AND NOT a.attisdropped \
+             JOIN pg_type ty ON ty.oid = a.atttypid \
+             WHERE 'oid'::regtype IN (ty.oid, ty.typbasetype) ORDER BY u.o, a.attnum",
+            &[&quoted],
+        )
+        .await
+        .context("reading the tables' columns of type oid")?;
+    Ok(rows
+        .iter()
+        .map(|r| {
+            let t = &tables[r.get::<_, i32>(0) as usize - 1];
+            let (column, ty): (String, String) = (r.get(1), r.get(2));
+            format!(
+                "column {column} of {t} is of type {ty}: if it holds large objects \
+                 (`lo_import`, `lo_from_bytea`), their contents do not replicate (logical \
+                 decoding writes none), only the numbers naming them, which name nothing on the \
+                 other side (or another object there); keep such contents in a `bytea` column"
+            )
+        })
+        .collect())
+}
+
 /// Whether this session's role may set `session_replication_role` (superuser, or PostgreSQL
 /// 15's `GRANT SET ON PARAMETER`): probed, not derived. tandem's writing sessions set it where
 /// they may, as PostgreSQL's own apply worker does.

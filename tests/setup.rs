@@ -1748,3 +1748,44 @@ async fn a_replica_identity_index_without_the_key_is_refused_and_changes_logged_
     run.stop().await;
     assert_eq!(Fixture::rows(&fx.m, "acct").await, ["(20,a@x,0)"]);
 }
+
+/// Logical decoding writes no large object: a column that may name one (`oid`, or a domain over
+/// it as the `lo` extension's type is) is pointed out once per table, whichever way it flows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn columns_that_may_name_large_objects_are_pointed_out_once() {
+    let (_d, _m) = Fixture::databases(
+        "lobs",
+        "CREATE DOMAIN blob_ref AS oid;
+         CREATE TABLE docs (id int PRIMARY KEY, body oid, scan blob_ref, note text);
+         CREATE TABLE inbox (id int PRIMARY KEY, photo oid);
+         CREATE TABLE plain (id int PRIMARY KEY, note text);",
+    )
+    .await;
+    let text = Fixture::config_text(
+        "lobs",
+        "tables = [\"public.*\"]\n[replication.direction]\n\"public.inbox\" = \"mobile_to_desktop\"",
+    );
+    let (code, out, err) = run_tandem(&["--config", &write_config("lobs", &text), "setup"], &[]);
+    assert_eq!(code, 0, "{err}");
+    let lines: Vec<&str> = out
+        .lines()
+        .filter(|l| l.contains("large objects"))
+        .collect();
+    let said = |column: &str, table: &str, ty: &str| {
+        format!(
+            "warning: column {column} of public.{table} is of type {ty}: if it holds large \
+             objects (`lo_import`, `lo_from_bytea`), their contents do not replicate (logical \
+             decoding writes none), only the numbers naming them, which name nothing on the \
+             other side (or another object there); keep such contents in a `bytea` column"
+        )
+    };
+    assert_eq!(
+        lines,
+        [
+            said("body", "docs", "oid"),
+            said("scan", "docs", "blob_ref"),
+            said("photo", "inbox", "oid"),
+        ],
+        "{out}"
+    );
+}

@@ -580,6 +580,16 @@ async fn check_tables(
     for (side, c) in [(Side::Desktop, d), (Side::Mobile, m)] {
         problems.extend(catalog::row_security(c, side, &tables).await?);
         check_unlogged(cfg, c, side, &tables, problems, warnings).await?;
+        // Said once of a table: by desktop where it flows from there.
+        let leaving: Vec<TableName> = tables
+            .iter()
+            .filter(|t| {
+                let flows = cfg.direction(t);
+                flows.flows_from(side) && (side == Side::Desktop || !flows.flows_from(side.other()))
+            })
+            .cloned()
+            .collect();
+        warnings.extend(catalog::large_object_columns(c, &leaving).await?);
         let arriving = cfg.arriving(side, &tables);
         problems.extend(catalog::rules(c, side, &arriving).await?);
     }
