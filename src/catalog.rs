@@ -26,7 +26,9 @@ pub async fn table(c: &impl GenericClient, name: &TableName) -> Result<Option<Ta
                     coalesce((SELECT NOT co.collisdeterministic FROM pg_collation co \
                               WHERE co.oid = a.attcollation), false) \
                     OR EXISTS (SELECT 1 FROM pg_type ty LEFT JOIN pg_type b ON b.oid = ty.typbasetype \
-                               WHERE ty.oid = a.atttypid AND 'citext' IN (ty.typname, b.typname)) \
+                               WHERE ty.oid = a.atttypid AND ('citext' IN (ty.typname, b.typname) \
+                               OR coalesce(b.oid, ty.oid) IN ('numeric'::regtype, 'float4'::regtype, \
+                                                             'float8'::regtype, 'interval'::regtype))) \
              FROM pg_class c \
              JOIN pg_namespace n ON n.oid = c.relnamespace \
              JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped \

@@ -233,8 +233,9 @@ async fn repair_rewrites_rows_exchanging_unique_values() {
     }
 }
 
-/// Keys whose equal values may be spelled otherwise (`citext`, a case-insensitive collation):
-/// `Pear@x` on desktop and `PEAR@X` on mobile are one row. The initial snapshot's merge and
+/// Keys whose equal values may be spelled otherwise (`citext`, a case-insensitive collation,
+/// `numeric`'s scale, `interval`'s units): `Pear@x` on desktop and `PEAR@X` on mobile are one row,
+/// as are `1.0` and `1.00`. The initial snapshot's merge and
 /// repair's upsert give mobile desktop's spelling; before, they kept mobile's (an upsert sets no
 /// key column), verify found each spelling on its side only, and repair changed nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -243,15 +244,19 @@ async fn a_key_spelled_otherwise_takes_the_sources_spelling() {
                   CREATE TABLE profiles (email citext PRIMARY KEY, name text); \
                   CREATE COLLATION ci (provider = icu, locale = 'und-u-ks-level2', \
                     deterministic = false); \
-                  CREATE TABLE tags (name text COLLATE ci PRIMARY KEY, n int);";
+                  CREATE TABLE tags (name text COLLATE ci PRIMARY KEY, n int); \
+                  CREATE TABLE prices (code numeric PRIMARY KEY, n int); \
+                  CREATE TABLE spans (span interval PRIMARY KEY, n int);";
     let (d, m) = Fixture::databases("respell", schema).await;
     d.batch_execute(
-        "INSERT INTO profiles VALUES ('Pear@x', 'p'); INSERT INTO tags VALUES ('Red', 1)",
+        "INSERT INTO profiles VALUES ('Pear@x', 'p'); INSERT INTO tags VALUES ('Red', 1); \
+         INSERT INTO prices VALUES (1.0, 1); INSERT INTO spans VALUES ('1 day', 1)",
     )
     .await
     .unwrap();
     m.batch_execute(
-        "INSERT INTO profiles VALUES ('PEAR@X', 'p'); INSERT INTO tags VALUES ('RED', 1)",
+        "INSERT INTO profiles VALUES ('PEAR@X', 'p'); INSERT INTO tags VALUES ('RED', 1); \
+         INSERT INTO prices VALUES (1.00, 1); INSERT INTO spans VALUES ('24 hours', 1)",
     )
     .await
     .unwrap();
@@ -266,14 +271,24 @@ async fn a_key_spelled_otherwise_takes_the_sources_spelling() {
     run.stop().await;
     assert_eq!(Fixture::rows(&fx.m, "profiles").await, ["(Pear@x,p)"]);
     assert_eq!(Fixture::rows(&fx.m, "tags").await, ["(Red,1)"]);
+    assert_eq!(Fixture::rows(&fx.m, "prices").await, ["(1.0,1)"]);
+    assert_eq!(Fixture::rows(&fx.m, "spans").await, ["(\"1 day\",1)"]);
     let r = verify::verify(&fx.cfg, None).await.unwrap();
-    for t in ["public.profiles", "public.tags"] {
+    for t in [
+        "public.profiles",
+        "public.tags",
+        "public.prices",
+        "public.spans",
+    ] {
         assert!(table(&r, t).is_in_sync(), "{}", verify::render(&r));
     }
     // Respelled on desktop while tandem does not run.
-    fx.d.batch_execute("UPDATE profiles SET email = 'pear@x'; UPDATE tags SET name = 'red'")
-        .await
-        .unwrap();
+    fx.d.batch_execute(
+        "UPDATE profiles SET email = 'pear@x'; UPDATE tags SET name = 'red'; \
+         UPDATE prices SET code = 1.000; UPDATE spans SET span = '86400 seconds'",
+    )
+    .await
+    .unwrap();
     let r = verify::verify(&fx.cfg, None).await.unwrap();
     assert_eq!(
         table(&r, "public.tags").only_mobile,
@@ -284,8 +299,15 @@ async fn a_key_spelled_otherwise_takes_the_sources_spelling() {
     common::repair_from_desktop(fx.config_path.to_str().unwrap());
     assert_eq!(Fixture::rows(&fx.m, "profiles").await, ["(pear@x,p)"]);
     assert_eq!(Fixture::rows(&fx.m, "tags").await, ["(red,1)"]);
+    assert_eq!(Fixture::rows(&fx.m, "prices").await, ["(1.000,1)"]);
+    assert_eq!(Fixture::rows(&fx.m, "spans").await, ["(24:00:00,1)"]);
     let r = verify::verify(&fx.cfg, None).await.unwrap();
-    for t in ["public.profiles", "public.tags"] {
+    for t in [
+        "public.profiles",
+        "public.tags",
+        "public.prices",
+        "public.spans",
+    ] {
         assert!(table(&r, t).is_in_sync(), "{}", verify::render(&r));
     }
 }

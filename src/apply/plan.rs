@@ -80,7 +80,8 @@ pub struct TargetColumn {
     /// The column leads a btree index (no predicate): a lookup by it can use the index.
     pub indexed: bool,
     /// Values equal by the column's `=` may be written otherwise (`citext`, a nondeterministic
-    /// collation: `Pear` and `PEAR`). A key column of this kind is set by an upsert too, so the
+    /// collation: `Pear` and `PEAR`; `numeric`'s `1.0` and `1.00`, a float's `0` and `-0`,
+    /// `interval`'s `1 day` and `24:00:00`). A key column of this kind is set by an upsert too, so the
     /// row takes the source's spelling; an upsert keeps the target's key otherwise, and verify,
     /// which compares keys as text, then finds each side's spelling on that side only.
     pub respelled: bool,
