@@ -246,10 +246,22 @@ pub fn describe_connect_error(e: &tokio_postgres::Error, url: &str) -> String {
                  in the url",
                 db.message()
             ),
-            "28P01" | "28000" => format!(
-                "authentication failed for {at}: {}; check the user and password in the url",
-                db.message()
-            ),
+            "28P01" | "28000" => match crate::tls::parse_url(url)
+                .ok()
+                .and_then(|u| u.password_from)
+            {
+                Some(from) => format!(
+                    "authentication failed for {at}: {}; the password is from line {} of {}: \
+                     check it there, or give one in the url",
+                    db.message(),
+                    from.line,
+                    from.file.display()
+                ),
+                None => format!(
+                    "authentication failed for {at}: {}; check the user and password in the url",
+                    db.message()
+                ),
+            },
             "3D000" => format!("{at}: {}; create the database or fix the url", db.message()),
             _ => format!("cannot connect to {at}: {}", db.message()),
         };
@@ -262,6 +274,14 @@ pub fn describe_connect_error(e: &tokio_postgres::Error, url: &str) -> String {
     while let Some(s) = src {
         msg = format!("{msg}: {s}");
         src = s.source();
+    }
+    // tokio-postgres's words for a server asking for a password the config lacks.
+    if msg.ends_with("password missing") {
+        return format!(
+            "{at} asks for a password and none is given: put it in the url \
+             (postgresql://user:password@host/db) or in the password file (~/.pgpass, or the \
+             file PGPASSFILE names), as for psql"
+        );
     }
     format!("cannot reach {at} ({msg}); check the host and port, and that the server is running")
 }

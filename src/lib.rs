@@ -17,6 +17,7 @@ pub mod localpg;
 pub mod lsn;
 pub mod metrics;
 pub mod ops;
+pub mod pgpass;
 pub mod sched;
 pub mod side;
 pub mod sink;

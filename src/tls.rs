@@ -30,6 +30,8 @@ use tokio_postgres_rustls::MakeRustlsConnect;
 pub struct Url {
     pub pg: tokio_postgres::Config,
     pub tls: Tls,
+    /// The password file's line the password came from (the URL had none).
+    pub password_from: Option<crate::pgpass::Source>,
 }
 
 /// How the server's certificate is checked (when TLS is used at all: see `pg.get_ssl_mode()`),
@@ -62,12 +64,37 @@ pub enum Roots {
     System,
 }
 
-/// Read `url` (a `postgresql://` URL or `key=value` words).
+/// Read `url` (a `postgresql://` URL or `key=value` words), with libpq's defaults from the
+/// environment: the operating system's user where it names none (so the SQL and replication
+/// connections are one role's), and the password file's password where it has none.
 pub fn parse_url(url: &str) -> Result<Url, String> {
     let home_root = std::env::var_os("HOME")
         .map(|h| PathBuf::from(h).join(".postgresql/root.crt"))
         .filter(|p| p.is_file());
-    parse_with(url, home_root)
+    let mut u = parse_with(url, home_root)?;
+    if u.pg.get_user().is_none() {
+        if let Some(name) = crate::pgpass::os_user() {
+            u.pg.user(name);
+        }
+    }
+    if u.pg.get_password().is_none() {
+        let host = match u.pg.get_hosts().first() {
+            Some(tokio_postgres::config::Host::Tcp(h)) => h.as_str(),
+            _ => "localhost",
+        };
+        let user = u.pg.get_user().unwrap_or_default().to_string();
+        let target = crate::pgpass::Target {
+            host,
+            port: u.pg.get_ports().first().copied().unwrap_or(5432),
+            database: u.pg.get_dbname().unwrap_or(&user),
+            user: &user,
+        };
+        if let Some((password, from)) = crate::pgpass::lookup(&target) {
+            u.pg.password(password);
+            u.password_from = Some(from);
+        }
+    }
+    Ok(u)
 }
 
 /// [`parse_url`], with libpq's default root certificate (when it exists) given.
@@ -148,6 +175,7 @@ fn parse_with(url: &str, default_root: Option<PathBuf>) -> Result<Url, String> {
             roots,
             client,
         },
+        password_from: None,
     })
 }
 

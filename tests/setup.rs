@@ -1789,3 +1789,101 @@ async fn columns_that_may_name_large_objects_are_pointed_out_once() {
         "{out}"
     );
 }
+
+/// A URL without a password takes it from libpq's password file (`PGPASSFILE`, or `~/.pgpass`),
+/// for the SQL and the replication connections alike, as psql and native subscriptions do.
+/// Before, tandem read no such file: "cannot reach … (invalid configuration: password
+/// missing); check the host and port, and that the server is running".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_url_without_a_password_takes_the_password_files() {
+    use std::os::unix::fs::PermissionsExt;
+    let (d, m) = Fixture::databases(
+        "pgpass",
+        &format!(
+            "{T}{}",
+            common::plain_role("tandem_pgpass", "pgpass", &["jobs"])
+        ),
+    )
+    .await;
+    let port = clusters().mobile.port;
+    let text = Fixture::config_text("pgpass", r#"tables = ["public.jobs"]"#).replacen(
+        &format!("postgresql://postgres@127.0.0.1:{port}/"),
+        &format!("postgresql://tandem_pgpass@127.0.0.1:{port}/"),
+        1,
+    );
+    let path = write_config("pgpass", &text);
+    let file = common::scratch().join("tandem-pgpass");
+    let file_s = file.to_str().unwrap().to_string();
+    let setup = |mode: Option<u32>, contents: &str| {
+        std::fs::write(&file, contents).unwrap();
+        std::fs::set_permissions(
+            &file,
+            std::fs::Permissions::from_mode(mode.unwrap_or(0o600)),
+        )
+        .unwrap();
+        run_tandem(&["--config", &path, "setup"], &[("PGPASSFILE", &file_s)])
+    };
+    let (code, _, err) = setup(None, "# nothing for it\n");
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains(&format!(
+            "mobile: tandem_pgpass@127.0.0.1:{port}/pgpass asks for a password and none is \
+             given: put it in the url (postgresql://user:password@host/db) or in the password \
+             file (~/.pgpass, or the file PGPASSFILE names)"
+        )),
+        "{err}"
+    );
+    let right = format!("# mobile\n127.0.0.1:{port}:pgpass:tandem_pgpass:tandem_pgpass\n");
+    // Readable by others: ignored, as libpq ignores it, and said.
+    let (code, out, err) = setup(Some(0o644), &right);
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        format!("{out}{err}").contains(&format!(
+            "password file {file_s} is readable by group or others, so it is ignored (as libpq \
+             ignores it); run `chmod 0600 {file_s}`"
+        )),
+        "{out}{err}"
+    );
+    let (code, _, err) = setup(
+        None,
+        &format!("# mobile\n127.0.0.1:{port}:pgpass:tandem_pgpass:wr0ng\n{right}"),
+    );
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains(&format!(
+            "authentication failed for tandem_pgpass@127.0.0.1:{port}/pgpass: password \
+             authentication failed for user \"tandem_pgpass\"; the password is from line 2 of \
+             {file_s}: check it there"
+        )) && !err.contains("wr0ng"),
+        "{err}"
+    );
+    // Another database's line first, then wildcards and an escaped colon in another's.
+    let (code, _, err) = setup(
+        None,
+        &format!(
+            "127.0.0.1:{port}:other:tandem_pgpass:nope\n\
+             h\\:x:*:*:*:nope\n\
+             *:{port}:*:tandem_pgpass:tandem_pgpass\n"
+        ),
+    );
+    assert_eq!(code, 0, "{err}");
+    // `run` streams through a replication connection that took it too.
+    let mut child = std::process::Command::new(common::tandem_bin())
+        .args(["--config", &path, "run"])
+        .env("PGPASSFILE", &file_s)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    m.batch_execute("INSERT INTO jobs VALUES (1, 'from mobile')")
+        .await
+        .unwrap();
+    d.batch_execute("INSERT INTO jobs VALUES (2, 'from desktop')")
+        .await
+        .unwrap();
+    common::wait_count(60, &d, "SELECT count(*) FROM jobs", 2).await;
+    common::wait_count(60, &m, "SELECT count(*) FROM jobs", 2).await;
+    assert!(common::sigterm_and_wait(&mut child).success());
+    let (code, _, err) = run_tandem(&["--config", &path, "teardown"], &[("PGPASSFILE", &file_s)]);
+    assert_eq!(code, 0, "{err}");
+}

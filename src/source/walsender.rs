@@ -134,7 +134,7 @@ fn targets(pg: &tokio_postgres::Config) -> Vec<Target> {
 
 impl WalConfig {
     pub fn from_url(url: &str) -> Result<WalConfig, String> {
-        let crate::tls::Url { pg, tls } = crate::tls::parse_url(url)?;
+        let crate::tls::Url { pg, tls, .. } = crate::tls::parse_url(url)?;
         let user = pg.get_user().unwrap_or("postgres").to_string();
         Ok(WalConfig {
             targets: targets(&pg),
@@ -267,7 +267,12 @@ impl WalConnection {
     async fn authenticate(&mut self, cfg: &WalConfig) -> Result<(), WalError> {
         let password = || {
             cfg.password.as_deref().ok_or_else(|| {
-                WalError::Protocol("the server asks for a password and the URL has none".into())
+                WalError::Protocol(
+                    "the server asks for a password and none is given: put it in the URL \
+                     (postgresql://user:password@host/db) or in the password file (~/.pgpass, or \
+                     the file PGPASSFILE names)"
+                        .into(),
+                )
             })
         };
         let mut out = BytesMut::new();
