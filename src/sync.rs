@@ -1247,12 +1247,9 @@ async fn direction_once(
             committed: crate::sink::kafka::rfc3339(t.commit_ts),
             cause: format!("{e:#}"),
             retry: cfg.on_refusal == OnRefusal::Retry,
-            logged: e.chain().any(|c| {
-                matches!(
-                    c.downcast_ref::<BindError>(),
-                    Some(BindError::IdentityWithoutKey { .. })
-                )
-            }),
+            logged: e
+                .chain()
+                .any(|c| c.downcast_ref::<BindError>().is_some_and(BindError::logged)),
         }
         .into()),
         (Err(e), _, None) if careful.in_live && !careful.whole && !transient(&e) => {

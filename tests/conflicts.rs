@@ -1321,3 +1321,38 @@ async fn a_change_made_during_the_initial_snapshot_is_not_lost_to_last_write_win
     .await;
     run.stop().await;
 }
+
+/// `REPLICA IDENTITY FULL` dropped on mobile while `run` runs, under a policy that decides by
+/// old rows: mobile's next change of the table stops `run`, nothing of it applied, naming the
+/// fix and the `tandem skip` and `repair` that get past it. Before, it applied as no conflict
+/// whatever desktop had meanwhile (`conflict::decide` does not guess), so a concurrent change
+/// of the row would leave each side with the other's version, unsaid.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn old_rows_a_policy_decides_by_stopping_midway_stop_run_at_the_first_change_without_them() {
+    let fx = fixture(
+        "cf_noold",
+        "ALTER TABLE items REPLICA IDENTITY FULL;",
+        "[conflicts]\npolicy = \"desktop_wins\"",
+    )
+    .await;
+    let run = fx.start().await;
+    fx.m.batch_execute(
+        "ALTER TABLE items REPLICA IDENTITY DEFAULT; UPDATE items SET v = 'm' WHERE id = 1",
+    )
+    .await
+    .unwrap();
+    let (e, _) = common::rejected(run).await;
+    for want in [
+        "was rejected by desktop: public.items's conflict policy desktop_wins decides by the \
+         source's old row, but the source logs its changes without it (its replica identity is \
+         no longer FULL)",
+        "run `ALTER TABLE \"public\".\"items\" REPLICA IDENTITY FULL` on the source",
+        "No change on desktop makes it apply as mobile logged it",
+    ] {
+        assert!(e.contains(want), "{want}\n\nnot in:\n{e}");
+    }
+    assert_eq!(
+        Fixture::count(&fx.d, "SELECT count(*) FROM items WHERE v <> 'base'").await,
+        0
+    );
+}

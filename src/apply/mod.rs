@@ -26,7 +26,7 @@ use crate::side::Side;
 use crate::source::assemble::{MARKER_PREFIX, ORIGIN_PREFIX};
 use conflict::{Action, Observed, Rule};
 use copied::{Copied, CopiedTables};
-use plan::{Batch, Binding, Op, Planner, TargetTable};
+use plan::{Batch, BindError, Binding, Op, Planner, TargetTable};
 
 /// Most bytes of values in one statement. Binds only for wide rows (small ones meet `batch_rows`
 /// first), where a statement is encoded again by the client and up to `PIPELINE_DEPTH` are out:
@@ -473,6 +473,18 @@ impl Applier {
         // Without a key there is no telling which row a change meets (setup warns).
         b.detect =
             self.detect_conflicts && !b.keyless() && self.cfg.conflicts_for(&src.name).is_some();
+        // `REPLICA IDENTITY FULL` dropped on the source since `run` checked it: without old rows
+        // such a policy applies every change as none (`conflict::decide`), and the sides part.
+        if let Some(tc) = self.cfg.conflicts_for(&src.name) {
+            if b.detect && tc.policy.needs_old_row() && !src.columns.iter().all(|c| c.key) {
+                return Err(BindError::NoOldRows {
+                    table: src.name.clone(),
+                    quoted: src.name.quoted(),
+                    policy: tc.policy.as_str(),
+                }
+                .into());
+            }
+        }
         // A trigger that fires in this session sees each row change: then every change is
         // applied as such, not collapsed into the key's latest image.
         let modes: &[&str] = if self.replica_role {

@@ -128,6 +128,28 @@ pub enum BindError {
         identity: String,
         column: String,
     },
+    #[error(
+        "{table}'s conflict policy {policy} decides by the source's old row, but the source logs \
+         its changes without it (its replica identity is no longer FULL), so a change made there \
+         could not be told from one meeting a concurrent change here; run `ALTER TABLE {quoted} \
+         REPLICA IDENTITY FULL` on the source (changes logged before that still lack it)"
+    )]
+    NoOldRows {
+        table: TableName,
+        quoted: String,
+        policy: &'static str,
+    },
+}
+
+impl BindError {
+    /// The source logged the change without what the target needs: no fix on the target
+    /// helps, only leaving the changes logged so out (and repairing).
+    pub fn logged(&self) -> bool {
+        matches!(
+            self,
+            BindError::IdentityWithoutKey { .. } | BindError::NoOldRows { .. }
+        )
+    }
 }
 
 impl Binding {
