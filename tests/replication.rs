@@ -4646,3 +4646,88 @@ async fn a_table_taken_out_of_the_config_stops_run_until_setup_takes_it_out() {
     assert_eq!(Fixture::count(&only_a.m, "SELECT count(*) FROM b").await, 0);
     run.stop().await;
 }
+
+/// A primary key change of a row other rows reference (`ON UPDATE CASCADE`), on a target that
+/// checks foreign keys (a plain role, as on Supabase): made in place, as on the source and as
+/// native's apply worker makes it. Before, tandem deleted the row and inserted it under its new
+/// key: the delete set off the referencing rows' `ON DELETE CASCADE`, which deleted rows the
+/// source kept (a grandchild the source never touched was gone for good; found by hand), and
+/// where the referencing rows restricted deletes, the change was refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_key_change_of_a_referenced_row_is_made_in_place_not_by_a_delete() {
+    let role = "tandem_cascade";
+    let (d, m) = Fixture::databases(
+        "cascade",
+        &format!(
+            "CREATE TABLE parent (id int PRIMARY KEY, n text);
+             CREATE TABLE child (id int PRIMARY KEY,
+                 pid int REFERENCES parent ON UPDATE CASCADE ON DELETE CASCADE, n text);
+             CREATE TABLE grand (id int PRIMARY KEY, cid int REFERENCES child ON DELETE CASCADE);
+             CREATE TABLE kept (id int PRIMARY KEY, pid int REFERENCES parent ON UPDATE CASCADE);
+             {}",
+            common::plain_role(role, "cascade", &["parent", "child", "grand", "kept"])
+        ),
+    )
+    .await;
+    let text = common::connect_as(
+        &Fixture::config_text("cascade", "tables = [\"public.*\"]"),
+        role,
+        &["mobile"],
+    );
+    let fx = Fixture::with_config("cascade", d, m, text).await;
+    let run = fx.start().await;
+    fx.d.batch_execute(
+        "INSERT INTO parent VALUES (1, 'p'), (2, 'q'), (5, 'five');
+         INSERT INTO child VALUES (1, 1, 'c'), (2, 1, 'c2'), (3, 2, 'c3');
+         INSERT INTO grand VALUES (1, 1), (2, 2), (3, 3);
+         INSERT INTO kept VALUES (1, 2)",
+    )
+    .await
+    .unwrap();
+    fx.wait_equal("grand", 30).await;
+    fx.wait_equal("kept", 30).await;
+    // A key change, then two parents exchanging keys through a third in one transaction, and
+    // a child's own key change from mobile.
+    fx.d.batch_execute("UPDATE parent SET id = 10 WHERE id = 1")
+        .await
+        .unwrap();
+    fx.d.batch_execute(
+        "BEGIN; UPDATE parent SET id = 20 WHERE id = 2; UPDATE parent SET id = 2 WHERE id = 10;
+         UPDATE parent SET id = 10 WHERE id = 20; COMMIT",
+    )
+    .await
+    .unwrap();
+    fx.m.batch_execute("DELETE FROM grand WHERE id = 3; UPDATE child SET id = 30 WHERE id = 3")
+        .await
+        .unwrap();
+    for t in ["parent", "child", "grand", "kept"] {
+        fx.wait_equal(t, 30).await;
+    }
+    run.stop().await;
+    // Where the target lacks the old key's row, the new one is written whole.
+    fx.m.batch_execute("DELETE FROM parent WHERE id = 5")
+        .await
+        .unwrap();
+    fx.d.batch_execute("UPDATE parent SET id = 50, n = 'fifty' WHERE id = 5")
+        .await
+        .unwrap();
+    let run = fx.start().await;
+    fx.wait_equal("parent", 30).await;
+    run.stop().await;
+    assert_eq!(
+        Fixture::rows(&fx.m, "parent").await,
+        ["(10,q)", "(2,p)", "(50,fifty)"]
+    );
+    assert_eq!(
+        Fixture::rows(&fx.m, "child").await,
+        ["(1,2,c)", "(2,2,c2)", "(30,10,c3)"]
+    );
+    assert_eq!(Fixture::rows(&fx.m, "grand").await, ["(1,1)", "(2,2)"]);
+    assert_eq!(Fixture::rows(&fx.m, "kept").await, ["(1,10)"]);
+    let r = tandem::ops::verify::verify(&fx.cfg, None).await.unwrap();
+    assert!(
+        r.tables.iter().all(|t| t.is_in_sync()),
+        "{}",
+        tandem::ops::verify::render(&r)
+    );
+}

@@ -901,7 +901,7 @@ impl Applier {
                 // Behind a paused conflict: wait in order.
                 self.hold(&batch, 0).await?;
                 vec!["paused"; batch.rows.len()]
-            } else if batch.op == Op::Rekey {
+            } else if matches!(batch.op, Op::Rekey | Op::Move) {
                 // Not decided by the table's rule: the conflict lookups find rows by the new
                 // key. Applied as the source did it, rather than lose the row.
                 self.execute(&batch).await?;
@@ -1753,7 +1753,7 @@ impl Applier {
             if paused_again || self.is_paused(table).await? {
                 paused_again = true;
                 self.hold(&batch, 0).await?;
-            } else if batch.op == Op::Rekey {
+            } else if matches!(batch.op, Op::Rekey | Op::Move) {
                 self.execute(&batch).await?;
             } else {
                 let (batches, outcomes) = self.resolve(&batch).await?;

@@ -38,9 +38,19 @@ pub struct TargetTable {
     /// An ordinary table others inherit from (`INHERITS`, not partitions): a query of it reads
     /// their rows too, and an `UPDATE` or `DELETE` writes them, so its own rows are `ONLY` it.
     pub inherited: bool,
+    /// A foreign key here references it: a key change is made in place ([`Op::Move`]), since a
+    /// delete would set off the referencing rows' `ON DELETE` actions.
+    pub referenced: bool,
 }
 
 impl TargetTable {
+    /// A key change is made in place ([`Op::Move`]): foreign keys reference the table here, and
+    /// no key column is an identity `GENERATED ALWAYS`, which an `UPDATE` may set only to its
+    /// default (such a key changes by a delete and an insert, as before).
+    pub fn moves_keys(&self) -> bool {
+        self.referenced && self.key.iter().all(|&k| !self.columns[k].identity_always)
+    }
+
     /// The table's own rows in a `FROM`, `UPDATE` or `DELETE`: `ONLY` it when others inherit from
     /// it (native logical replication, too, copies and applies each table of a tree by itself).
     pub fn rows(&self) -> String {
@@ -247,6 +257,12 @@ pub enum Op {
     /// has unchanged-TOAST columns, which the target holds only in the old key's row. `cols` is
     /// the new image's columns followed by the key's again, for the old key's values.
     Rekey,
+    /// A key change with the whole new image, of a table foreign keys reference on the target:
+    /// the old key's row takes the new key and values in place, as on the source and as
+    /// native's apply worker does (a delete and an insert would set off the referencing rows'
+    /// `ON DELETE` actions: a cascade deleted rows the source kept). Where the target lacks the
+    /// old key's row, the new image is upserted. `cols` as for [`Op::Rekey`].
+    Move,
     /// A table without a key: update one row equal to the old row (the source's `REPLICA
     /// IDENTITY FULL` image) to the new image. `cols` is the new image's columns followed by
     /// the old row's.
@@ -260,14 +276,22 @@ impl Op {
             Op::Update => "update",
             Op::Delete => "delete",
             Op::Rekey => "rekey",
+            Op::Move => "move",
             Op::Replace => "replace",
         }
     }
 
     pub fn parse(s: &str) -> Option<Op> {
-        [Op::Upsert, Op::Update, Op::Delete, Op::Rekey, Op::Replace]
-            .into_iter()
-            .find(|o| o.as_str() == s)
+        [
+            Op::Upsert,
+            Op::Update,
+            Op::Delete,
+            Op::Rekey,
+            Op::Move,
+            Op::Replace,
+        ]
+        .into_iter()
+        .find(|o| o.as_str() == s)
     }
 }
 
@@ -539,7 +563,11 @@ impl Planner {
             if old_key != new_key && partial {
                 // The unchanged values are only in the old key's row on the target: a delete and
                 // an update of the new key (which has no row) would lose the row.
-                return self.rekey(b, old, old_key, new);
+                return self.rekey(b, old, old_key, new, Op::Rekey);
+            }
+            if old_key != new_key && b.target.moves_keys() {
+                // Rows referencing it must not see a delete (`ON DELETE CASCADE`).
+                return self.rekey(b, old, old_key, new, Op::Move);
             }
             if old_key != new_key {
                 // Key change: the old row goes first, so the new key lands as a fresh row.
@@ -584,15 +612,16 @@ impl Planner {
         self.push_delete(b, key, meta)
     }
 
-    /// A key change with unchanged-TOAST columns, as one statement of its own: the old key's row
-    /// takes the new key and the sent values in place, as on the source. Alone in its batch, so
-    /// a chain of key changes never meets itself inside one statement.
+    /// A key change made in place ([`Op::Rekey`], [`Op::Move`]), as one statement of its own: the
+    /// old key's row takes the new key and the sent values, as on the source. Alone in its
+    /// batch, so a chain of key changes never meets itself inside one statement.
     fn rekey(
         &mut self,
         b: &Arc<Binding>,
         old: &OldTuple,
         old_key: Key,
         new: &Tuple,
+        op: Op,
     ) -> Result<(), PlanError> {
         let key = key_of(b, new, "update")?;
         let (mut cols, mut vals) = image(b, new)?;
@@ -600,7 +629,7 @@ impl Planner {
         vals.extend(old_key);
         let meta = self.meta(b, SourceOp::Update, Some(old));
         self.flush();
-        self.push(b, Op::Rekey, (cols, vals), key, meta, Before::Unknown)?;
+        self.push(b, op, (cols, vals), key, meta, Before::Unknown)?;
         self.flush();
         Ok(())
     }

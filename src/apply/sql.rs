@@ -89,37 +89,76 @@ pub fn statement(t: &TargetTable, op: Op, cols: &[usize], existing: Existing) ->
             }
         )
     };
-    Some(match op {
-        Op::Upsert => {
-            let names: Vec<String> = cols.iter().map(|&c| col(c)).collect();
-            let values: Vec<String> = (0..cols.len()).map(cast).collect();
-            let overriding = if cols.iter().any(|&c| t.columns[c].identity_always) {
-                " OVERRIDING SYSTEM VALUE"
-            } else {
-                ""
-            };
-            let sets: Vec<String> = cols
-                .iter()
-                .filter(|&&c| settable(t, c))
-                .map(|&c| format!("{0} = EXCLUDED.{0}", col(c)))
-                .collect();
-            let conflict = if sets.is_empty() || existing == Existing::Keep {
-                "DO NOTHING".to_string()
-            } else {
-                format!("DO UPDATE SET {}", sets.join(", "))
-            };
-            let keys: Vec<String> = t.key.iter().map(|&k| col(k)).collect();
-            let insert = format!(
-                "INSERT INTO {table} AS t ({}){overriding} SELECT {} FROM {from}",
-                names.join(", "),
-                values.join(", "),
-            );
-            if existing == Existing::Fail || t.key.is_empty() {
-                insert
-            } else {
-                format!("{insert} ON CONFLICT ({}) {conflict}", keys.join(", "))
-            }
+    // An upsert of the first `n` columns' values, of the rows `only` lets through.
+    let upsert = |n: usize, only: &str| {
+        let names: Vec<String> = cols[..n].iter().map(|&c| col(c)).collect();
+        let values: Vec<String> = (0..n).map(cast).collect();
+        let overriding = if cols[..n].iter().any(|&c| t.columns[c].identity_always) {
+            " OVERRIDING SYSTEM VALUE"
+        } else {
+            ""
+        };
+        let sets: Vec<String> = cols[..n]
+            .iter()
+            .filter(|&&c| settable(t, c))
+            .map(|&c| format!("{0} = EXCLUDED.{0}", col(c)))
+            .collect();
+        let conflict = if sets.is_empty() || existing == Existing::Keep {
+            "DO NOTHING".to_string()
+        } else {
+            format!("DO UPDATE SET {}", sets.join(", "))
+        };
+        let keys: Vec<String> = t.key.iter().map(|&k| col(k)).collect();
+        let insert = format!(
+            "INSERT INTO {table} AS t ({}){overriding} SELECT {} FROM {from}{only}",
+            names.join(", "),
+            values.join(", "),
+        );
+        if existing == Existing::Fail || t.key.is_empty() {
+            insert
+        } else {
+            format!("{insert} ON CONFLICT ({}) {conflict}", keys.join(", "))
         }
+    };
+    // A key change in place (`Rekey`, `Move`): the new image's columns, then the old key's values.
+    let n_new = cols.len().saturating_sub(t.key.len());
+    let old_key = |alias: &str| {
+        t.key
+            .iter()
+            .enumerate()
+            .map(|(j, &k)| format!("{alias}.{} = {}", col(k), cast(n_new + j)))
+            .collect::<Vec<_>>()
+            .join(" AND ")
+    };
+    // A row the target holds at the new key (its own, or one the source since deleted there)
+    // goes first, as long as the old key's row is there to take its place: the source moved the
+    // row, with the values it did not send. The DELETE is drawn into the UPDATE's FROM, so it
+    // runs before the moved row's key meets the unique index; the row it deleted is then dead
+    // to the index check.
+    // (The `gone` query, the `UPDATE` after it.)
+    let move_in_place = || {
+        let sets: Vec<String> = cols[..n_new]
+            .iter()
+            .enumerate()
+            .filter(|(_, &c)| t.key.contains(&c) || settable(t, c))
+            .map(|(pos, &c)| format!("{} = {}", col(c), cast(pos)))
+            .collect();
+        (
+            format!(
+                "gone AS (DELETE FROM {rows} AS t USING {from} WHERE {} \
+                 AND EXISTS (SELECT 1 FROM {rows} AS x WHERE {}) RETURNING 1)",
+                key_match(),
+                old_key("x"),
+            ),
+            format!(
+                "UPDATE {rows} AS t SET {} FROM {from}, (SELECT count(*) FROM gone) AS g WHERE {}",
+                sets.join(", "),
+                old_key("t"),
+            ),
+        )
+    };
+    Some(match op {
+        Op::Upsert => upsert(cols.len(), ""),
         Op::Update => {
             let sets = sets(cols.len());
             if sets.is_empty() {
@@ -149,35 +188,16 @@ pub fn statement(t: &TargetTable, op: Op, cols: &[usize], existing: Existing) ->
             )
         }
         Op::Rekey => {
-            // The new image's columns, then the old key's values.
-            let n = cols.len() - t.key.len();
-            let sets: Vec<String> = cols[..n]
-                .iter()
-                .enumerate()
-                .filter(|(_, &c)| t.key.contains(&c) || settable(t, c))
-                .map(|(pos, &c)| format!("{} = {}", col(c), cast(pos)))
-                .collect();
-            let old_key = |alias: &str| {
-                t.key
-                    .iter()
-                    .enumerate()
-                    .map(|(j, &k)| format!("{alias}.{} = {}", col(k), cast(n + j)))
-                    .collect::<Vec<_>>()
-                    .join(" AND ")
-            };
-            // A row the target holds at the new key (its own, or one the source since deleted
-            // there) goes first, as long as the old key's row is there to take its place: the
-            // source moved the row, with the values it did not send. The DELETE is drawn into the
-            // UPDATE's FROM, so it runs before the moved row's key meets the unique index; the
-            // row it deleted is then dead to the index check.
+            let (gone, update) = move_in_place();
+            format!("WITH {gone} {update}")
+        }
+        // The target may lack the old key's row: the whole new image is upserted then. The
+        // insert reads `moved`, so the move is made (or found to match nothing) first.
+        Op::Move => {
+            let (gone, update) = move_in_place();
             format!(
-                "WITH gone AS (DELETE FROM {rows} AS t USING {from} WHERE {} \
-                 AND EXISTS (SELECT 1 FROM {rows} AS x WHERE {}) RETURNING 1) \
-                 UPDATE {rows} AS t SET {} FROM {from}, (SELECT count(*) FROM gone) AS g WHERE {}",
-                key_match(),
-                old_key("x"),
-                sets.join(", "),
-                old_key("t"),
+                "WITH {gone}, moved AS ({update} RETURNING 1) {}",
+                upsert(n_new, " WHERE NOT EXISTS (SELECT 1 FROM moved)")
             )
         }
     })
@@ -494,6 +514,7 @@ mod tests {
             unique: vec![],
             former: vec![],
             inherited: false,
+            referenced: false,
         }
     }
 
@@ -564,6 +585,25 @@ mod tests {
              WHERE x.\"id\" = u.v3::bigint) RETURNING 1) UPDATE \"public\".\"Jobs\" AS t SET \"id\" = u.v1::bigint, \
              \"n\" = u.v2::numeric(10,2) FROM unnest($1::int8[], $2::text[], $3::int8[]) AS u(v1, v2, v3), \
              (SELECT count(*) FROM gone) AS g WHERE t.\"id\" = u.v3::bigint"
+        );
+    }
+
+    #[test]
+    fn a_key_change_of_a_referenced_row_moves_it_or_upserts_the_new_image() {
+        // (An identity column `GENERATED ALWAYS` can be updated only to its default: such a
+        // key is not moved, see `Planner::update`.)
+        let mut t = table();
+        t.columns[0].identity_always = false;
+        assert_eq!(
+            statement(&t, Op::Move, &[0, 2, 0], Existing::Replace).unwrap(),
+            "WITH gone AS (DELETE FROM \"public\".\"Jobs\" AS t USING unnest($1::int8[], $2::text[], $3::int8[]) \
+             AS u(v1, v2, v3) WHERE t.\"id\" = u.v1::bigint AND EXISTS (SELECT 1 FROM \"public\".\"Jobs\" AS x \
+             WHERE x.\"id\" = u.v3::bigint) RETURNING 1), moved AS (UPDATE \"public\".\"Jobs\" AS t SET \
+             \"id\" = u.v1::bigint, \"n\" = u.v2::numeric(10,2) FROM unnest($1::int8[], $2::text[], $3::int8[]) \
+             AS u(v1, v2, v3), (SELECT count(*) FROM gone) AS g WHERE t.\"id\" = u.v3::bigint RETURNING 1) \
+             INSERT INTO \"public\".\"Jobs\" AS t (\"id\", \"n\") SELECT u.v1::bigint, u.v2::numeric(10,2) \
+             FROM unnest($1::int8[], $2::text[], $3::int8[]) AS u(v1, v2, v3) \
+             WHERE NOT EXISTS (SELECT 1 FROM moved) ON CONFLICT (\"id\") DO UPDATE SET \"n\" = EXCLUDED.\"n\""
         );
     }
 

@@ -124,6 +124,7 @@ mod tests {
             unique: vec![vec![1], vec![1, 2]],
             former: vec![],
             inherited: false,
+            referenced: false,
         }
     }
 

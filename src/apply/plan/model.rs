@@ -56,6 +56,7 @@ pub fn binding() -> Arc<Binding> {
         unique: vec![],
         former: vec![],
         inherited: false,
+        referenced: false,
     };
     Arc::new(Binding::new(&src, Arc::new(target)).expect("the model's binding"))
 }
@@ -66,15 +67,21 @@ fn text(s: &str) -> Value {
 
 /// One history of `steps` changes on 8 keys, each choice made by `choose(n)` (a number below
 /// `n`): inserts, updates, updates leaving the value unchanged (TOAST), deletes and key changes,
-/// values sometimes NULL, old rows key-only or whole, conflict detection on or off, batches of
-/// 1–6 rows. `Ok` with how many batches were marked as updating existing rows only; `Err` says
+/// values sometimes NULL, old rows key-only or whole, conflict detection on or off, the table
+/// referenced by a foreign key or not (key changes made in place), batches of 1–6 rows. `Ok` with how many batches were marked as updating existing rows only; `Err` says
 /// what went wrong.
 pub fn check(mut choose: impl FnMut(u64) -> u64, steps: usize) -> Result<usize, String> {
     type Table = BTreeMap<Bytes, Option<Bytes>>;
-    // With conflict detection on or off (an unchanged value is then taken from a whole old row).
+    // With conflict detection on or off (an unchanged value is then taken from a whole old row),
+    // and the table referenced by a foreign key on the target or not (key changes in place).
+    let base = binding();
     let bd = Arc::new(Binding {
         detect: choose(2) == 0,
-        ..(*binding()).clone()
+        target: Arc::new(TargetTable {
+            referenced: choose(2) == 0,
+            ..(*base.target).clone()
+        }),
+        ..(*base).clone()
     });
     let mut truth: Table = BTreeMap::new();
     let mut p = Planner::new(1 + choose(6) as usize, 1 << 20);
@@ -213,6 +220,16 @@ pub fn check(mut choose: impl FnMut(u64) -> u64, steps: usize) -> Result<usize, 
                         got.insert(key, v);
                     }
                 }
+                Op::Move => {
+                    // Moved or, without the old key's row, upserted: the new image either way.
+                    let from = row
+                        .last()
+                        .cloned()
+                        .flatten()
+                        .ok_or_else(|| format!("a key change without its old key: {b:?}"))?;
+                    got.remove(&from);
+                    got.insert(key, row[1].clone());
+                }
             }
         }
     }
@@ -257,6 +274,7 @@ pub fn keyless_binding() -> Arc<Binding> {
         unique: vec![],
         former: vec![],
         inherited: false,
+        referenced: false,
     };
     Arc::new(Binding::new(&src, Arc::new(target)).expect("the keyless model's binding"))
 }
