@@ -210,25 +210,23 @@ pub fn check(mut choose: impl FnMut(u64) -> u64, steps: usize) -> Result<usize, 
                     got.remove(&key);
                 }
                 Op::Replace => return Err(format!("a keyed table's batch replaces: {b:?}")),
-                Op::Rekey => {
+                Op::Rekey | Op::Move => {
                     let from = row
                         .last()
                         .cloned()
                         .flatten()
                         .ok_or_else(|| format!("a key change without its old key: {b:?}"))?;
-                    if let Some(v) = got.remove(&from) {
-                        got.insert(key, v);
+                    match (got.remove(&from), b.op) {
+                        // A move, or without the old key's row an upsert: the new image.
+                        (_, Op::Move) => {
+                            got.insert(key, row[1].clone());
+                        }
+                        // The old row moves with its unchanged value; without it, nothing.
+                        (Some(v), _) => {
+                            got.insert(key, v);
+                        }
+                        (None, _) => {}
                     }
-                }
-                Op::Move => {
-                    // Moved or, without the old key's row, upserted: the new image either way.
-                    let from = row
-                        .last()
-                        .cloned()
-                        .flatten()
-                        .ok_or_else(|| format!("a key change without its old key: {b:?}"))?;
-                    got.remove(&from);
-                    got.insert(key, row[1].clone());
                 }
             }
         }
