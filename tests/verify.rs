@@ -728,3 +728,44 @@ async fn an_extensions_types_in_another_schema_on_each_side_replicate_and_verify
         Fixture::rows(&fx.m, "people").await
     );
 }
+
+/// Keys in verify's samples are the rows' own values: a `numeric` key of 30 digits, and one
+/// spelled `1.000` on one side and `1.0` on the other. Before, they went through a 64-bit
+/// float: `1.2345678901234567e+19` and `1.0` for both spellings, keys no row had.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn verify_shows_numeric_keys_as_the_rows_have_them() {
+    let (d, m) = Fixture::databases(
+        "exact_keys",
+        "CREATE TABLE prices (code numeric PRIMARY KEY, n int);",
+    )
+    .await;
+    let fx = Fixture::with_config(
+        "exact_keys",
+        d,
+        m,
+        Fixture::config_text("exact_keys", r#"tables = ["public.prices"]"#),
+    )
+    .await;
+    fx.d.batch_execute("INSERT INTO prices VALUES (12345678901234567890.123456789, 1), (1.000, 1)")
+        .await
+        .unwrap();
+    fx.m.batch_execute("INSERT INTO prices VALUES (1.0, 2)")
+        .await
+        .unwrap();
+    let config = fx.config_path.to_str().unwrap();
+    let (code, out, err) = run_tandem(&["--config", config, "verify"], &[]);
+    assert_eq!(code, 1, "{err}");
+    for want in [
+        "{\"code\":1.000}",
+        "{\"code\":12345678901234567890.123456789}",
+        "only mobile: {\"code\":1.0}",
+    ] {
+        assert!(out.contains(want), "{want}\n\nnot in:\n{out}");
+    }
+    let (code, out, err) = run_tandem(&["--config", config, "verify", "--json"], &[]);
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        out.contains("\"code\": 12345678901234567890.123456789"),
+        "{out}"
+    );
+}
