@@ -4736,3 +4736,59 @@ async fn a_key_change_of_a_referenced_row_is_made_in_place_not_by_a_delete() {
         tandem::ops::verify::render(&r)
     );
 }
+
+/// A foreign key mobile's application adds while `run` runs (not through `tandem ddl`): a key
+/// change of the table it now references, read by `run` before, is still made in place. Before,
+/// `run` decided by what it had read of the table (referenced or not) when it first wrote it:
+/// the key change came as a delete, whose cascade took the grandchild rows with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_key_change_is_made_in_place_whenever_the_foreign_key_was_added() {
+    let role = "tandem_cascade_late";
+    let schema = |late_fk: &str| {
+        format!(
+            "CREATE TABLE parent (id int PRIMARY KEY, n text);
+             CREATE TABLE child (id int PRIMARY KEY, pid int {late_fk}, n text);
+             CREATE TABLE grand (id int PRIMARY KEY, cid int REFERENCES child ON DELETE CASCADE);
+             {}",
+            common::plain_role(role, "cascade_late", &["parent", "child", "grand"])
+        )
+    };
+    let (d, m) = Fixture::databases(
+        "cascade_late",
+        &schema("REFERENCES parent ON UPDATE CASCADE ON DELETE CASCADE"),
+    )
+    .await;
+    // Mobile starts without the key from child to parent.
+    m.batch_execute("ALTER TABLE child DROP CONSTRAINT child_pid_fkey")
+        .await
+        .unwrap();
+    let text = common::connect_as(
+        &Fixture::config_text("cascade_late", "tables = [\"public.*\"]"),
+        role,
+        &["mobile"],
+    );
+    let fx = Fixture::with_config("cascade_late", d, m, text).await;
+    let run = fx.start().await;
+    fx.d.batch_execute(
+        "INSERT INTO parent VALUES (1, 'p'); INSERT INTO child VALUES (1, 1, 'c');
+         INSERT INTO grand VALUES (1, 1)",
+    )
+    .await
+    .unwrap();
+    fx.wait_equal("grand", 30).await;
+    fx.m.batch_execute(
+        "ALTER TABLE child ADD FOREIGN KEY (pid) REFERENCES parent \
+         ON UPDATE CASCADE ON DELETE CASCADE",
+    )
+    .await
+    .unwrap();
+    fx.d.batch_execute("UPDATE parent SET id = 10 WHERE id = 1")
+        .await
+        .unwrap();
+    for t in ["parent", "child", "grand"] {
+        fx.wait_equal(t, 30).await;
+    }
+    run.stop().await;
+    assert_eq!(Fixture::rows(&fx.m, "grand").await, ["(1,1)"]);
+    assert_eq!(Fixture::rows(&fx.m, "child").await, ["(1,10,c)"]);
+}

@@ -44,13 +44,6 @@ pub struct TargetTable {
 }
 
 impl TargetTable {
-    /// A key change is made in place ([`Op::Move`]): foreign keys reference the table here, and
-    /// no key column is an identity `GENERATED ALWAYS`, which an `UPDATE` may set only to its
-    /// default (such a key changes by a delete and an insert, as before).
-    pub fn moves_keys(&self) -> bool {
-        self.referenced && self.key.iter().all(|&k| !self.columns[k].identity_always)
-    }
-
     /// The table's own rows in a `FROM`, `UPDATE` or `DELETE`: `ONLY` it when others inherit from
     /// it (native logical replication, too, copies and applies each table of a tree by itself).
     pub fn rows(&self) -> String {
@@ -163,6 +156,17 @@ impl BindError {
 }
 
 impl Binding {
+    /// A key change is made in place ([`Op::Move`]), as on the source and as native's apply
+    /// worker makes it: always without conflict rules (a target trigger sees an update, and a
+    /// foreign key referencing the table, whenever it was added, sees no delete), and under them
+    /// where foreign keys reference the table (elsewhere the rules decide the old key's delete
+    /// and the new key's insert, each as a change of its own). Not for a key that is an
+    /// identity `GENERATED ALWAYS`, which an `UPDATE` may set only to its default.
+    pub fn moves_keys(&self) -> bool {
+        let t = &self.target;
+        (t.referenced || !self.detect) && t.key.iter().all(|&k| !t.columns[k].identity_always)
+    }
+
     /// The target table has no key (nor replica identity index): a row is found by all its
     /// values, as native logical replication does under `REPLICA IDENTITY FULL`.
     pub fn keyless(&self) -> bool {
@@ -565,7 +569,7 @@ impl Planner {
                 // an update of the new key (which has no row) would lose the row.
                 return self.rekey(b, old, old_key, new, Op::Rekey);
             }
-            if old_key != new_key && b.target.moves_keys() {
+            if old_key != new_key && b.moves_keys() {
                 // Rows referencing it must not see a delete (`ON DELETE CASCADE`).
                 return self.rekey(b, old, old_key, new, Op::Move);
             }
@@ -1022,13 +1026,26 @@ mod tests {
     }
 
     #[test]
-    fn key_change_deletes_the_old_key_first() {
-        let bd = binding();
-        let mut p = Planner::new(100, 1 << 20);
+    fn key_change_moves_the_row_or_under_conflict_rules_deletes_the_old_key_first() {
         let old = OldTuple {
             full: false,
             tuple: vec![t("1"), Value::Null, Value::Null],
         };
+        // In place, as on the source: the new image, then the old key.
+        let mut p = Planner::new(100, 1 << 20);
+        p.update(&binding(), Some(&old), &row("2", t("x"))).unwrap();
+        p.flush();
+        let r = p.take_ready();
+        assert_eq!(
+            r.iter().map(|b| (b.op, b.rows.clone())).collect::<Vec<_>>(),
+            [(Op::Move, vec![vec![b("2"), b("x"), b("1")]])]
+        );
+        // Under conflict rules (a table nothing references), each part is decided as a change.
+        let bd = Arc::new(Binding {
+            detect: true,
+            ..(*binding()).clone()
+        });
+        let mut p = Planner::new(100, 1 << 20);
         p.update(&bd, Some(&old), &row("2", t("x"))).unwrap();
         p.flush();
         let r = p.take_ready();
@@ -1182,11 +1199,18 @@ mod tests {
         p.update(&bd, None, &row("1", t("d"))).unwrap();
         p.insert(&bd, &row("4", t("a"))).unwrap();
         assert_eq!(kinds(&mut p), vec![(Op::Upsert, false, false)]);
-        // A key change lands as a new row.
+        // A key change moves the row in place: neither.
         let old = OldTuple {
             full: false,
             tuple: vec![t("1"), Value::Null, Value::Null],
         };
+        p.update(&bd, Some(&old), &row("5", t("e"))).unwrap();
+        assert_eq!(kinds(&mut p), vec![(Op::Move, false, false)]);
+        // Under conflict rules it lands as a new row.
+        let bd = Arc::new(Binding {
+            detect: true,
+            ..(*binding()).clone()
+        });
         p.update(&bd, Some(&old), &row("5", t("e"))).unwrap();
         assert_eq!(
             kinds(&mut p),
