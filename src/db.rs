@@ -28,6 +28,7 @@ pub const SESSION_SETTINGS: &str =
 pub async fn connect(site: &Site, app: &str) -> Result<Client> {
     let url = parse(site)?;
     let tls = connector(site, &url)?;
+    let password_from = url.password_from;
     let mut cfg = url.pg;
     cfg.application_name(app);
     network_defaults(&mut cfg);
@@ -40,7 +41,10 @@ pub async fn connect(site: &Site, app: &str) -> Result<Client> {
         Some(tls) => cfg.connect(tls).await.map(|(c, conn)| drive(side, c, conn)),
     };
     let client = connected.map_err(|error| ConnectError {
-        message: format!("{side}: {}", describe_connect_error(&error, &site.url)),
+        message: format!(
+            "{side}: {}",
+            describe_connect_error(&error, &site.url, password_from.as_ref())
+        ),
         error,
     })?;
     client.batch_execute(SESSION_SETTINGS).await?;
@@ -235,8 +239,13 @@ where
     client
 }
 
-/// One line saying what failed and what to do, without the password.
-pub fn describe_connect_error(e: &tokio_postgres::Error, url: &str) -> String {
+/// One line saying what failed and what to do, without the password. `password_from`: the
+/// password file's line the password came from, if it did.
+pub fn describe_connect_error(
+    e: &tokio_postgres::Error,
+    url: &str,
+    password_from: Option<&crate::pgpass::Source>,
+) -> String {
     let at = redact_url(url);
     if let Some(db) = e.as_db_error() {
         return match db.code().code() {
@@ -246,10 +255,7 @@ pub fn describe_connect_error(e: &tokio_postgres::Error, url: &str) -> String {
                  in the url",
                 db.message()
             ),
-            "28P01" | "28000" => match crate::tls::parse_url(url)
-                .ok()
-                .and_then(|u| u.password_from)
-            {
+            "28P01" | "28000" => match password_from {
                 Some(from) => format!(
                     "authentication failed for {at}: {}; the password is from line {} of {}: \
                      check it there, or give one in the url",

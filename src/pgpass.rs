@@ -44,28 +44,48 @@ pub fn find(contents: &str, to: &Target) -> Option<(String, usize)> {
         let matches = fields
             .iter()
             .zip(wanted)
-            .all(|(field, value)| field == "*" || field == value);
-        matches.then(|| (fields[4].clone(), i + 1))
+            .all(|(field, value)| field.any || field.text == value);
+        matches.then(|| (fields[4].text.clone(), i + 1))
     })
 }
 
-/// `line` split at each `:` not escaped by a backslash, escapes removed. A field that is `\*`
-/// stays a literal `*`: compared as text, it matches only `*` (libpq's wildcard is the bare one).
-fn fields(line: &str) -> Vec<String> {
-    let mut out = vec![String::new()];
+/// A field of a line, its escapes removed; `any`: it is the bare `*` (an escaped one, `\*`, is
+/// the character itself).
+struct Field {
+    text: String,
+    any: bool,
+}
+
+/// `line` split at each `:` not escaped by a backslash.
+fn fields(line: &str) -> Vec<Field> {
+    let mut out = Vec::new();
+    // The field so far, and whether it had an escape.
+    let (mut text, mut escaped) = (String::new(), false);
     let mut chars = line.chars();
     while let Some(c) = chars.next() {
         match c {
-            '\\' => match chars.next() {
-                Some('*') => out.last_mut().unwrap().push_str("\\*"),
-                Some(e) => out.last_mut().unwrap().push(e),
-                None => out.last_mut().unwrap().push('\\'),
-            },
-            ':' => out.push(String::new()),
-            c => out.last_mut().unwrap().push(c),
+            '\\' => {
+                escaped = true;
+                text.push(chars.next().unwrap_or('\\'));
+            }
+            ':' => out.push(Field::new(
+                std::mem::take(&mut text),
+                std::mem::take(&mut escaped),
+            )),
+            c => text.push(c),
         }
     }
+    out.push(Field::new(text, escaped));
     out
+}
+
+impl Field {
+    fn new(text: String, escaped: bool) -> Field {
+        Field {
+            any: !escaped && text == "*",
+            text,
+        }
+    }
 }
 
 /// The password file libpq would read: `PGPASSFILE`, or `~/.pgpass`.
