@@ -38,12 +38,21 @@ pub struct TargetTable {
     /// An ordinary table others inherit from (`INHERITS`, not partitions): a query of it reads
     /// their rows too, and an `UPDATE` or `DELETE` writes them, so its own rows are `ONLY` it.
     pub inherited: bool,
-    /// A foreign key here references it: a key change is made in place ([`Op::Move`]), since a
-    /// delete would set off the referencing rows' `ON DELETE` actions.
+    /// A foreign key here references it: a key change is made in place ([`Op::Move`]) under
+    /// conflict rules too, since a delete would set off the referencing rows' `ON DELETE`
+    /// actions (see [`Binding::moves_keys`]).
     pub referenced: bool,
 }
 
 impl TargetTable {
+    /// The key columns' names, in key order.
+    pub fn key_names(&self) -> Vec<&str> {
+        self.key
+            .iter()
+            .map(|&k| self.columns[k].name.as_str())
+            .collect()
+    }
+
     /// The table's own rows in a `FROM`, `UPDATE` or `DELETE`: `ONLY` it when others inherit from
     /// it (native logical replication, too, copies and applies each table of a tree by itself).
     pub fn rows(&self) -> String {
@@ -261,11 +270,11 @@ pub enum Op {
     /// has unchanged-TOAST columns, which the target holds only in the old key's row. `cols` is
     /// the new image's columns followed by the key's again, for the old key's values.
     Rekey,
-    /// A key change with the whole new image, of a table foreign keys reference on the target:
-    /// the old key's row takes the new key and values in place, as on the source and as
-    /// native's apply worker does (a delete and an insert would set off the referencing rows'
-    /// `ON DELETE` actions: a cascade deleted rows the source kept). Where the target lacks the
-    /// old key's row, the new image is upserted. `cols` as for [`Op::Rekey`].
+    /// A key change with the whole new image (where [`Binding::moves_keys`]): the old key's row
+    /// takes the new key and values in place, as on the source and as native's apply worker
+    /// does (a delete and an insert would set off the referencing rows' `ON DELETE` actions: a
+    /// cascade deleted rows the source kept). Where the target lacks the old key's row, the new
+    /// image is upserted. `cols` as for [`Op::Rekey`].
     Move,
     /// A table without a key: update one row equal to the old row (the source's `REPLICA
     /// IDENTITY FULL` image) to the new image. `cols` is the new image's columns followed by
@@ -570,7 +579,8 @@ impl Planner {
                 return self.rekey(b, old, old_key, new, Op::Rekey);
             }
             if old_key != new_key && b.moves_keys() {
-                // Rows referencing it must not see a delete (`ON DELETE CASCADE`).
+                // Rows referencing it must not see a delete (`ON DELETE CASCADE`), and a
+                // trigger sees the update the source made.
                 return self.rekey(b, old, old_key, new, Op::Move);
             }
             if old_key != new_key {

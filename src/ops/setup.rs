@@ -272,11 +272,7 @@ fn describe_columns(t: &TargetTable) -> String {
     if t.key.is_empty() {
         return "none".into();
     }
-    t.key
-        .iter()
-        .map(|&k| t.columns[k].name.as_str())
-        .collect::<Vec<_>>()
-        .join(", ")
+    t.key_names().join(", ")
 }
 
 /// The relations of `t` whose changes are logged without their old row: `t` itself, or for a
@@ -327,11 +323,7 @@ pub(crate) async fn identity_short_of_key(
     if tt.key.is_empty() {
         return Ok(Vec::new());
     }
-    let key: Vec<&str> = tt
-        .key
-        .iter()
-        .map(|&k| tt.columns[k].name.as_str())
-        .collect();
+    let key = tt.key_names();
     Ok(c.query(
         "SELECT format('%I.%I', n.nspname, c.relname), ic.relname::text \
          FROM (SELECT $1::text::regclass AS r, 0 AS level UNION ALL \
@@ -862,9 +854,8 @@ async fn deferrable_over_key(c: &Client, t: &TableName) -> Result<bool> {
 
 /// The key columns of `t` a column list leaves out.
 pub(crate) fn unlisted_key<'a>(t: &'a TargetTable, listed: &[String]) -> Vec<&'a str> {
-    t.key
-        .iter()
-        .map(|&k| t.columns[k].name.as_str())
+    t.key_names()
+        .into_iter()
         .filter(|k| !listed.iter().any(|n| n == k))
         .collect()
 }
