@@ -267,6 +267,16 @@ async fn a_key_spelled_otherwise_takes_the_sources_spelling() {
         Fixture::config_text("respell", r#"tables = ["public.*"]"#),
     )
     .await;
+    let all_in_sync = |r: &verify::Report| {
+        for t in [
+            "public.profiles",
+            "public.tags",
+            "public.prices",
+            "public.spans",
+        ] {
+            assert!(table(r, t).is_in_sync(), "{}", verify::render(r));
+        }
+    };
     let run = fx.start().await;
     run.stop().await;
     assert_eq!(Fixture::rows(&fx.m, "profiles").await, ["(Pear@x,p)"]);
@@ -274,14 +284,7 @@ async fn a_key_spelled_otherwise_takes_the_sources_spelling() {
     assert_eq!(Fixture::rows(&fx.m, "prices").await, ["(1.0,1)"]);
     assert_eq!(Fixture::rows(&fx.m, "spans").await, ["(\"1 day\",1)"]);
     let r = verify::verify(&fx.cfg, None).await.unwrap();
-    for t in [
-        "public.profiles",
-        "public.tags",
-        "public.prices",
-        "public.spans",
-    ] {
-        assert!(table(&r, t).is_in_sync(), "{}", verify::render(&r));
-    }
+    all_in_sync(&r);
     // Respelled on desktop while tandem does not run.
     fx.d.batch_execute(
         "UPDATE profiles SET email = 'pear@x'; UPDATE tags SET name = 'red'; \
@@ -302,14 +305,7 @@ async fn a_key_spelled_otherwise_takes_the_sources_spelling() {
     assert_eq!(Fixture::rows(&fx.m, "prices").await, ["(1.000,1)"]);
     assert_eq!(Fixture::rows(&fx.m, "spans").await, ["(24:00:00,1)"]);
     let r = verify::verify(&fx.cfg, None).await.unwrap();
-    for t in [
-        "public.profiles",
-        "public.tags",
-        "public.prices",
-        "public.spans",
-    ] {
-        assert!(table(&r, t).is_in_sync(), "{}", verify::render(&r));
-    }
+    all_in_sync(&r);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
