@@ -4737,6 +4737,64 @@ async fn a_key_change_of_a_referenced_row_is_made_in_place_not_by_a_delete() {
     );
 }
 
+/// A key change that only respells a referenced key (`citext`'s `Foo` to `FOO`, numeric `1.0` to
+/// `1.00`): the new key is equal to the old by `=`. Before, the statement making the key change in
+/// place first deleted the row it found at the new key, which was the row itself, so the
+/// referencing rows' `ON DELETE CASCADE` took the grandchildren the source kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_key_respelled_in_place_keeps_the_rows_that_reference_it() {
+    let role = "tandem_respell";
+    let (d, m) = Fixture::databases(
+        "respell_move",
+        &format!(
+            "CREATE EXTENSION IF NOT EXISTS citext;
+             CREATE TABLE parent (id citext PRIMARY KEY, n text);
+             CREATE TABLE child (id int PRIMARY KEY,
+                 pid citext REFERENCES parent ON UPDATE CASCADE ON DELETE CASCADE);
+             CREATE TABLE grand (id int PRIMARY KEY, cid int REFERENCES child ON DELETE CASCADE);
+             CREATE TABLE amount (id numeric PRIMARY KEY, n text);
+             CREATE TABLE line (id int PRIMARY KEY,
+                 aid numeric REFERENCES amount ON UPDATE CASCADE ON DELETE CASCADE);
+             {}",
+            common::plain_role(
+                role,
+                "respell_move",
+                &["parent", "child", "grand", "amount", "line"]
+            )
+        ),
+    )
+    .await;
+    let text = common::connect_as(
+        &Fixture::config_text("respell_move", "tables = [\"public.*\"]"),
+        role,
+        &["mobile"],
+    );
+    let fx = Fixture::with_config("respell_move", d, m, text).await;
+    let run = fx.start().await;
+    fx.d.batch_execute(
+        "INSERT INTO parent VALUES ('Foo', 'p'), ('Bar', 'q');
+         INSERT INTO child VALUES (1, 'Foo'), (2, 'Bar');
+         INSERT INTO grand VALUES (1, 1), (2, 2);
+         INSERT INTO amount VALUES (1.0, 'a'); INSERT INTO line VALUES (1, 1.0)",
+    )
+    .await
+    .unwrap();
+    for t in ["grand", "line"] {
+        fx.wait_equal(t, 30).await;
+    }
+    fx.d.batch_execute("UPDATE parent SET id = upper(id); UPDATE amount SET id = 1.00")
+        .await
+        .unwrap();
+    for t in ["parent", "child", "grand", "amount", "line"] {
+        fx.wait_equal(t, 30).await;
+    }
+    run.stop().await;
+    assert_eq!(Fixture::rows(&fx.m, "parent").await, ["(BAR,q)", "(FOO,p)"]);
+    assert_eq!(Fixture::rows(&fx.m, "child").await, ["(1,FOO)", "(2,BAR)"]);
+    assert_eq!(Fixture::rows(&fx.m, "grand").await, ["(1,1)", "(2,2)"]);
+    assert_eq!(Fixture::rows(&fx.m, "line").await, ["(1,1.00)"]);
+}
+
 /// A foreign key mobile's application adds while `run` runs (not through `tandem ddl`): a key
 /// change of the table it now references, read by `run` before, is still made in place. Before,
 /// `run` decided by what it had read of the table (referenced or not) when it first wrote it:

@@ -134,7 +134,9 @@ pub fn statement(t: &TargetTable, op: Op, cols: &[usize], existing: Existing) ->
     // goes first, as long as the old key's row is there to take its place: the source moved the
     // row, with the values it did not send. The DELETE is drawn into the UPDATE's FROM, so it
     // runs before the moved row's key meets the unique index; the row it deleted is then dead
-    // to the index check.
+    // to the index check. Not the old key's row itself: a change of a key's spelling alone
+    // (`citext`'s `Foo` to `foo`, numeric `1.0` to `1.00`) has its new key equal to the old by
+    // `=`, and deleting that row set off the `ON DELETE CASCADE` of the rows referencing it.
     // (The `gone` query, the `UPDATE` after it.)
     let move_in_place = || {
         let sets: Vec<String> = cols[..n_new]
@@ -145,9 +147,10 @@ pub fn statement(t: &TargetTable, op: Op, cols: &[usize], existing: Existing) ->
             .collect();
         (
             format!(
-                "gone AS (DELETE FROM {rows} AS t USING {from} WHERE {} \
+                "gone AS (DELETE FROM {rows} AS t USING {from} WHERE {} AND NOT ({}) \
                  AND EXISTS (SELECT 1 FROM {rows} AS x WHERE {}) RETURNING 1)",
                 key_match(),
+                old_key("t"),
                 old_key("x"),
             ),
             format!(
@@ -581,7 +584,7 @@ mod tests {
         assert_eq!(
             statement(&table(), Op::Rekey, &[0, 2, 0], Existing::Replace).unwrap(),
             "WITH gone AS (DELETE FROM \"public\".\"Jobs\" AS t USING unnest($1::int8[], $2::text[], $3::int8[]) \
-             AS u(v1, v2, v3) WHERE t.\"id\" = u.v1::bigint AND EXISTS (SELECT 1 FROM \"public\".\"Jobs\" AS x \
+             AS u(v1, v2, v3) WHERE t.\"id\" = u.v1::bigint AND NOT (t.\"id\" = u.v3::bigint) AND EXISTS (SELECT 1 FROM \"public\".\"Jobs\" AS x \
              WHERE x.\"id\" = u.v3::bigint) RETURNING 1) UPDATE \"public\".\"Jobs\" AS t SET \"id\" = u.v1::bigint, \
              \"n\" = u.v2::numeric(10,2) FROM unnest($1::int8[], $2::text[], $3::int8[]) AS u(v1, v2, v3), \
              (SELECT count(*) FROM gone) AS g WHERE t.\"id\" = u.v3::bigint"
@@ -597,7 +600,7 @@ mod tests {
         assert_eq!(
             statement(&t, Op::Move, &[0, 2, 0], Existing::Replace).unwrap(),
             "WITH gone AS (DELETE FROM \"public\".\"Jobs\" AS t USING unnest($1::int8[], $2::text[], $3::int8[]) \
-             AS u(v1, v2, v3) WHERE t.\"id\" = u.v1::bigint AND EXISTS (SELECT 1 FROM \"public\".\"Jobs\" AS x \
+             AS u(v1, v2, v3) WHERE t.\"id\" = u.v1::bigint AND NOT (t.\"id\" = u.v3::bigint) AND EXISTS (SELECT 1 FROM \"public\".\"Jobs\" AS x \
              WHERE x.\"id\" = u.v3::bigint) RETURNING 1), moved AS (UPDATE \"public\".\"Jobs\" AS t SET \
              \"id\" = u.v1::bigint, \"n\" = u.v2::numeric(10,2) FROM unnest($1::int8[], $2::text[], $3::int8[]) \
              AS u(v1, v2, v3), (SELECT count(*) FROM gone) AS g WHERE t.\"id\" = u.v3::bigint RETURNING 1) \
