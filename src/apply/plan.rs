@@ -8,7 +8,7 @@
 //! on it has another shape and so starts a new batch. Executing the batches in order therefore
 //! gives the same final rows as applying the changes one by one.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -418,6 +418,8 @@ pub struct Planner {
     bytes: usize,
     /// Keys in the open batch, with their row's index.
     keys: HashMap<Vec<Option<Bytes>>, usize>,
+    /// The old keys of the open batch's key changes ([`Op::Move`], [`Op::Rekey`]).
+    old_keys: HashSet<Key>,
     ready: Vec<Batch>,
     /// The change being planned: its transaction's commit LSN and time.
     at: (Lsn, i64),
@@ -448,6 +450,7 @@ impl Planner {
             current: None,
             bytes: 0,
             keys: HashMap::new(),
+            old_keys: HashSet::new(),
             ready: Vec::new(),
             at: (Lsn::ZERO, 0),
             carry: false,
@@ -475,6 +478,7 @@ impl Planner {
             self.ready.push(b);
         }
         self.keys.clear();
+        self.old_keys.clear();
         self.bytes = 0;
     }
 
@@ -626,9 +630,14 @@ impl Planner {
         self.push_delete(b, key, meta)
     }
 
-    /// A key change made in place ([`Op::Rekey`], [`Op::Move`]), as one statement of its own: the
-    /// old key's row takes the new key and the sent values, as on the source. Alone in its
-    /// batch, so a chain of key changes never meets itself inside one statement.
+    /// A key change made in place ([`Op::Rekey`], [`Op::Move`]): the old key's row takes the new
+    /// key and the sent values, as on the source. Key changes share a statement while their keys
+    /// do not meet: a key one of them leaves or takes that another leaves or takes starts a new
+    /// batch, since a statement checks the key's unique index row by row, in an order of its own
+    /// (`1→2` and `2→3` together would collide at 2), and its delete of a row at a new key would
+    /// take a row another moves. Keys equal by `=` though spelled otherwise (`citext`,
+    /// `numeric`) are not told apart by their bytes here: such a table's key changes go one
+    /// statement each.
     fn rekey(
         &mut self,
         b: &Arc<Binding>,
@@ -640,11 +649,22 @@ impl Planner {
         let key = key_of(b, new, "update")?;
         let (mut cols, mut vals) = image(b, new)?;
         cols.extend(b.target.key.iter().copied());
-        vals.extend(old_key);
+        vals.extend(old_key.iter().cloned());
         let meta = self.meta(b, SourceOp::Update, Some(old));
-        self.flush();
+        let shared = !b.target.key.iter().any(|&k| b.target.columns[k].respelled);
+        let meets = |p: &Planner, k: &Key| p.keys.contains_key(k) || p.old_keys.contains(k);
+        if !shared || meets(self, &key) || meets(self, &old_key) {
+            self.flush();
+        }
         self.push(b, op, (cols, vals), key, meta, Before::Unknown)?;
-        self.flush();
+        match (shared, &self.current) {
+            // The row is the open batch's last (a full batch was closed).
+            (true, Some(_)) => {
+                self.old_keys.insert(old_key);
+            }
+            (true, None) => {}
+            (false, _) => self.flush(),
+        }
         Ok(())
     }
 
@@ -1184,6 +1204,52 @@ mod tests {
                 .to_string()
                 .contains("public.k has no primary key, so tandem finds its rows by all their values, but the source sent a delete without the old row; run `ALTER TABLE \"public\".\"k\" REPLICA IDENTITY FULL`"),
         );
+    }
+
+    #[test]
+    fn key_changes_share_a_statement_until_their_keys_meet() {
+        let bd = binding();
+        let change = |p: &mut Planner, bd: &Arc<Binding>, from: &str, to: &str| {
+            let old = OldTuple {
+                full: false,
+                tuple: vec![t(from), Value::Null, Value::Null],
+            };
+            p.update(bd, Some(&old), &row(to, t("v"))).unwrap();
+        };
+        let sizes = |p: &mut Planner| {
+            p.flush();
+            p.take_ready()
+                .iter()
+                .map(|b| (b.op, b.rows.len()))
+                .collect::<Vec<_>>()
+        };
+        let mut p = Planner::new(100, 1 << 20);
+        // A renumbering: no key taken that another left.
+        for (from, to) in [("1", "11"), ("2", "12"), ("3", "13")] {
+            change(&mut p, &bd, from, to);
+        }
+        assert_eq!(sizes(&mut p), vec![(Op::Move, 3)]);
+        // A key the batch's changes left (11) taken, then one they took (23) left: each starts
+        // a batch.
+        change(&mut p, &bd, "11", "21");
+        change(&mut p, &bd, "12", "11");
+        change(&mut p, &bd, "13", "23");
+        change(&mut p, &bd, "21", "1");
+        change(&mut p, &bd, "23", "3");
+        assert_eq!(
+            sizes(&mut p),
+            vec![(Op::Move, 1), (Op::Move, 3), (Op::Move, 1)]
+        );
+        // Keys equal by `=` though spelled otherwise cannot be told apart by their bytes.
+        let mut target = (*bd.target).clone();
+        target.columns[target.key[0]].respelled = true;
+        let bd = Arc::new(Binding {
+            target: Arc::new(target),
+            ..(*bd).clone()
+        });
+        change(&mut p, &bd, "1", "11");
+        change(&mut p, &bd, "2", "12");
+        assert_eq!(sizes(&mut p), vec![(Op::Move, 1), (Op::Move, 1)]);
     }
 
     #[test]

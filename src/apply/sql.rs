@@ -28,7 +28,16 @@ pub fn statement(t: &TargetTable, op: Op, cols: &[usize], existing: Existing) ->
         .map(|(i, &c)| format!("${}::{}", i + 1, param_type(&t.columns[c].type_sql)))
         .collect();
     let aliases: Vec<String> = (1..=cols.len()).map(|i| format!("v{i}")).collect();
-    let from = format!("unnest({}) AS u({})", params.join(", "), aliases.join(", "));
+    // A key change in place numbers its rows, to upsert the ones whose old key's row the target
+    // lacks (see `Op::Move` below).
+    let from = match op {
+        Op::Move => format!(
+            "unnest({}) WITH ORDINALITY AS u({}, ord)",
+            params.join(", "),
+            aliases.join(", ")
+        ),
+        _ => format!("unnest({}) AS u({})", params.join(", "), aliases.join(", ")),
+    };
     let cast = |pos: usize| format!("u.v{}::{}", pos + 1, t.columns[cols[pos]].cast_sql);
     let col = |c: usize| quote_ident(&t.columns[c].name);
     let key_match = || {
@@ -194,13 +203,16 @@ pub fn statement(t: &TargetTable, op: Op, cols: &[usize], existing: Existing) ->
             let (gone, update) = move_in_place();
             format!("WITH {gone} {update}")
         }
-        // The target may lack the old key's row: the whole new image is upserted then. The
-        // insert reads `moved`, so the move is made (or found to match nothing) first.
+        // The target may lack an old key's row: that row's whole new image is upserted then.
+        // The insert reads `moved`, so the moves are made (or found to match nothing) first.
         Op::Move => {
             let (gone, update) = move_in_place();
             format!(
-                "WITH {gone}, moved AS ({update} RETURNING 1) {}",
-                upsert(n_new, " WHERE NOT EXISTS (SELECT 1 FROM moved)")
+                "WITH {gone}, moved AS ({update} RETURNING u.ord) {}",
+                upsert(
+                    n_new,
+                    " WHERE NOT EXISTS (SELECT 1 FROM moved AS m WHERE m.ord = u.ord)"
+                )
             )
         }
     })
@@ -600,13 +612,13 @@ mod tests {
         assert_eq!(
             statement(&t, Op::Move, &[0, 2, 0], Existing::Replace).unwrap(),
             "WITH gone AS (DELETE FROM \"public\".\"Jobs\" AS t USING unnest($1::int8[], $2::text[], $3::int8[]) \
-             AS u(v1, v2, v3) WHERE t.\"id\" = u.v1::bigint AND NOT (t.\"id\" = u.v3::bigint) AND EXISTS (SELECT 1 FROM \"public\".\"Jobs\" AS x \
+             WITH ORDINALITY AS u(v1, v2, v3, ord) WHERE t.\"id\" = u.v1::bigint AND NOT (t.\"id\" = u.v3::bigint) AND EXISTS (SELECT 1 FROM \"public\".\"Jobs\" AS x \
              WHERE x.\"id\" = u.v3::bigint) RETURNING 1), moved AS (UPDATE \"public\".\"Jobs\" AS t SET \
              \"id\" = u.v1::bigint, \"n\" = u.v2::numeric(10,2) FROM unnest($1::int8[], $2::text[], $3::int8[]) \
-             AS u(v1, v2, v3), (SELECT count(*) FROM gone) AS g WHERE t.\"id\" = u.v3::bigint RETURNING 1) \
+             WITH ORDINALITY AS u(v1, v2, v3, ord), (SELECT count(*) FROM gone) AS g WHERE t.\"id\" = u.v3::bigint RETURNING u.ord) \
              INSERT INTO \"public\".\"Jobs\" AS t (\"id\", \"n\") SELECT u.v1::bigint, u.v2::numeric(10,2) \
-             FROM unnest($1::int8[], $2::text[], $3::int8[]) AS u(v1, v2, v3) \
-             WHERE NOT EXISTS (SELECT 1 FROM moved) ON CONFLICT (\"id\") DO UPDATE SET \"n\" = EXCLUDED.\"n\""
+             FROM unnest($1::int8[], $2::text[], $3::int8[]) WITH ORDINALITY AS u(v1, v2, v3, ord) \
+             WHERE NOT EXISTS (SELECT 1 FROM moved AS m WHERE m.ord = u.ord) ON CONFLICT (\"id\") DO UPDATE SET \"n\" = EXCLUDED.\"n\""
         );
     }
 

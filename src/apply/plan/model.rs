@@ -216,6 +216,10 @@ pub fn check(mut choose: impl FnMut(u64) -> u64, steps: usize) -> Result<usize, 
                         .cloned()
                         .flatten()
                         .ok_or_else(|| format!("a key change without its old key: {b:?}"))?;
+                    // One statement checks the unique key row by row, in its own order.
+                    if !keys.insert(from.clone()) {
+                        return Err(format!("key changes in one statement meet: {b:?}"));
+                    }
                     match (got.remove(&from), b.op) {
                         // A move, or without the old key's row an upsert: the new image.
                         (_, Op::Move) => {
