@@ -29,7 +29,8 @@ pub async fn table(c: &impl GenericClient, name: &TableName) -> Result<Option<Ta
                                WHERE ty.oid = a.atttypid AND ('citext' IN (ty.typname, b.typname) \
                                OR coalesce(b.oid, ty.oid) IN ('numeric'::regtype, 'float4'::regtype, \
                                                              'float8'::regtype, 'interval'::regtype))), \
-                    EXISTS (SELECT 1 FROM pg_constraint f WHERE f.contype = 'f' AND f.confrelid = c.oid) \
+                    EXISTS (SELECT 1 FROM pg_constraint f WHERE f.contype = 'f' AND f.confrelid = c.oid), \
+                    c.relkind = 'p' \
              FROM pg_class c \
              JOIN pg_namespace n ON n.oid = c.relnamespace \
              JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped \
@@ -73,6 +74,7 @@ pub async fn table(c: &impl GenericClient, name: &TableName) -> Result<Option<Ta
     // the other side's stream) then has no indexes, where a `regclass` cast of its name failed.
     let (oid, inherited): (u32, bool) = (rows[0].get(8), rows[0].get(9));
     let referenced: bool = rows[0].get(12);
+    let partitioned: bool = rows[0].get(13);
     // Other unique constraints on plain columns (no expression, no predicate, not deferrable):
     // where an incoming row may collide with a different row.
     let mut unique = Vec::new();
@@ -107,6 +109,7 @@ pub async fn table(c: &impl GenericClient, name: &TableName) -> Result<Option<Ta
         former: vec![],
         inherited,
         referenced,
+        partitioned,
     }))
 }
 

@@ -4795,6 +4795,73 @@ async fn a_key_respelled_in_place_keeps_the_rows_that_reference_it() {
     assert_eq!(Fixture::rows(&fx.m, "line").await, ["(1,1.00)"]);
 }
 
+/// An `UPDATE` that moves a row of a partitioned table to another partition, which PostgreSQL
+/// logs as a delete and an insert. Before, tandem applied them so: on a target that fires foreign
+/// keys, the delete's `ON DELETE CASCADE` took the rows below the moved row, which the source kept
+/// (there the update cascaded).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_row_moved_to_another_partition_keeps_the_rows_that_reference_it() {
+    let role = "tandem_partition_move";
+    let (d, m) = Fixture::databases(
+        "partition_move",
+        &format!(
+            "CREATE TABLE ord (region text, id int, n text, PRIMARY KEY (region, id))
+                 PARTITION BY LIST (region);
+             CREATE TABLE ord_n PARTITION OF ord FOR VALUES IN ('n');
+             CREATE TABLE ord_s PARTITION OF ord FOR VALUES IN ('s');
+             CREATE TABLE line (id int PRIMARY KEY, region text, oid int,
+                 FOREIGN KEY (region, oid) REFERENCES ord ON UPDATE CASCADE ON DELETE CASCADE);
+             CREATE TABLE note (id int PRIMARY KEY, lid int REFERENCES line ON DELETE CASCADE);
+             {}",
+            common::plain_role(
+                role,
+                "partition_move",
+                &["ord", "ord_n", "ord_s", "line", "note"]
+            )
+        ),
+    )
+    .await;
+    let text = common::connect_as(
+        &Fixture::config_text("partition_move", "tables = [\"public.*\"]"),
+        role,
+        &["mobile"],
+    );
+    let fx = Fixture::with_config("partition_move", d, m, text).await;
+    let run = fx.start().await;
+    fx.d.batch_execute(
+        "INSERT INTO ord VALUES ('n', 1, 'a'), ('n', 2, 'b'), ('n', 3, 'c'), ('n', 4, 'd');
+         INSERT INTO line SELECT i, 'n', i FROM generate_series(1, 4) i;
+         INSERT INTO note SELECT i, i FROM generate_series(1, 4) i",
+    )
+    .await
+    .unwrap();
+    fx.wait_equal("note", 30).await;
+    // One row, then two in one statement; and a row deleted with its lines, then one inserted.
+    fx.d.batch_execute(
+        "UPDATE ord SET region = 's' WHERE id = 1;
+         UPDATE ord SET region = 's', n = n || '!' WHERE id IN (2, 3);
+         BEGIN; DELETE FROM ord WHERE id = 4; INSERT INTO ord VALUES ('s', 5, 'e'); COMMIT",
+    )
+    .await
+    .unwrap();
+    for t in ["ord", "line", "note"] {
+        fx.wait_equal(t, 30).await;
+    }
+    run.stop().await;
+    assert_eq!(
+        Fixture::rows(&fx.m, "ord").await,
+        ["(s,1,a)", "(s,2,b!)", "(s,3,c!)", "(s,5,e)"]
+    );
+    assert_eq!(
+        Fixture::rows(&fx.m, "line").await,
+        ["(1,s,1)", "(2,s,2)", "(3,s,3)"]
+    );
+    assert_eq!(
+        Fixture::rows(&fx.m, "note").await,
+        ["(1,1)", "(2,2)", "(3,3)"]
+    );
+}
+
 /// A foreign key mobile's application adds while `run` runs (not through `tandem ddl`): a key
 /// change of the table it now references, read by `run` before, is still made in place. Before,
 /// `run` decided by what it had read of the table (referenced or not) when it first wrote it:

@@ -42,6 +42,9 @@ pub struct TargetTable {
     /// conflict rules too, since a delete would set off the referencing rows' `ON DELETE`
     /// actions (see [`Binding::moves_keys`]).
     pub referenced: bool,
+    /// A partitioned table: an `UPDATE` that moves a row to another partition is logged as a
+    /// delete and an insert (see [`Planner::insert`]).
+    pub partitioned: bool,
 }
 
 impl TargetTable {
@@ -429,6 +432,25 @@ pub struct Planner {
     event: Option<crate::event::Event>,
     /// Each change its own statement, in source order, as native's apply worker does.
     singly: bool,
+    /// The change being planned: its transaction's xid (with `at`, which transaction it is).
+    xid: u32,
+    /// A delete of a partitioned table, held back until the next change: when that is an
+    /// insert into the table in the same transaction, the two were the source's `UPDATE` moving
+    /// a row to another partition (logged so), and are made as one key change in place.
+    held: Option<Held>,
+    /// The events of a held delete that became a key change, carried with its row.
+    carried: Vec<crate::event::Event>,
+}
+
+/// A delete [`Planner::delete`] holds back (see `Planner::held`).
+struct Held {
+    binding: Arc<Binding>,
+    at: (Lsn, i64),
+    xid: u32,
+    key: Key,
+    old: OldTuple,
+    meta: Option<RowMeta>,
+    event: Option<crate::event::Event>,
 }
 
 type Key = Vec<Option<Bytes>>;
@@ -456,6 +478,9 @@ impl Planner {
             carry: false,
             event: None,
             singly: false,
+            xid: 0,
+            held: None,
+            carried: Vec::new(),
         }
     }
 
@@ -474,6 +499,7 @@ impl Planner {
 
     /// Close the open batch, if any.
     pub fn flush(&mut self) {
+        self.release();
         if let Some(b) = self.current.take() {
             self.ready.push(b);
         }
@@ -488,7 +514,7 @@ impl Planner {
     }
 
     pub fn is_empty(&self) -> bool {
-        self.current.is_none() && self.ready.is_empty()
+        self.current.is_none() && self.ready.is_empty() && self.held.is_none()
     }
 
     /// The source transaction of the changes that follow (recorded when conflicts are detected).
@@ -499,6 +525,7 @@ impl Planner {
     /// The change that follows, carried with its (first) row when [`Planner::carry`] is on.
     pub fn set_event(&mut self, ev: &crate::event::Event) {
         self.set_position(ev.commit_lsn, ev.commit_ts);
+        self.xid = ev.xid;
         if self.carry {
             self.event = Some(ev.clone());
         }
@@ -530,6 +557,18 @@ impl Planner {
     }
 
     pub fn insert(&mut self, b: &Arc<Binding>, new: &Tuple) -> Result<(), PlanError> {
+        // The delete right before it, of the same partitioned table in the same transaction,
+        // with another key: the source's `UPDATE` moved the row to another partition, which
+        // PostgreSQL logs as a delete and an insert. Made in place, as the source made it: a
+        // delete would set off the referencing rows' `ON DELETE CASCADE` (they were kept there).
+        if let Some(h) = self.held.take() {
+            let same = Arc::ptr_eq(&h.binding, b) && h.at.0 == self.at.0 && h.xid == self.xid;
+            if same && key_of(b, new, "insert")? != h.key {
+                self.carried = h.event.into_iter().collect();
+                return self.rekey(b, &h.old, h.key, new, Op::Move);
+            }
+            self.held = Some(h);
+        }
         let meta = self.meta(b, SourceOp::Insert, None);
         self.row(b, Op::Upsert, new, "insert", meta, Before::Absent)
     }
@@ -627,7 +666,39 @@ impl Planner {
         }
         let key = key_of(b, &old.tuple, "delete")?;
         let meta = self.meta(b, SourceOp::Delete, Some(old));
+        if b.target.partitioned && b.moves_keys() {
+            self.release();
+            self.held = Some(Held {
+                binding: b.clone(),
+                at: self.at,
+                xid: self.xid,
+                key,
+                old: old.clone(),
+                meta,
+                event: self.event.take(),
+            });
+            return Ok(());
+        }
         self.push_delete(b, key, meta)
+    }
+
+    /// Plan the held delete, if any, as the delete it is.
+    fn release(&mut self) {
+        if let Some(h) = self.held.take() {
+            let at = std::mem::replace(&mut self.at, h.at);
+            let event = std::mem::replace(&mut self.event, h.event);
+            let image = (h.binding.target.key.clone(), h.key.clone());
+            self.add(
+                &h.binding,
+                Op::Delete,
+                image,
+                h.key,
+                h.meta,
+                Before::Unknown,
+            );
+            self.at = at;
+            self.event = event;
+        }
     }
 
     /// A key change made in place ([`Op::Rekey`], [`Op::Move`]): the old key's row takes the new
@@ -712,8 +783,23 @@ impl Planner {
         self.push(b, op, image, key, meta, before)
     }
 
-    /// Add a row: `image` is the target columns written and their values.
+    /// Add a row: `image` is the target columns written and their values. A held delete goes
+    /// first.
     fn push(
+        &mut self,
+        b: &Arc<Binding>,
+        op: Op,
+        image: (Vec<usize>, Key),
+        key: Key,
+        meta: Option<RowMeta>,
+        before: Before,
+    ) -> Result<(), PlanError> {
+        self.release();
+        self.add(b, op, image, key, meta, before);
+        Ok(())
+    }
+
+    fn add(
         &mut self,
         b: &Arc<Binding>,
         op: Op,
@@ -721,7 +807,7 @@ impl Planner {
         key: Key,
         meta: Option<RowMeta>,
         before: Before,
-    ) -> Result<(), PlanError> {
+    ) {
         let same_shape = self
             .current
             .as_ref()
@@ -749,8 +835,9 @@ impl Planner {
                 .sum::<usize>();
             batch.rows[i] = vals;
             batch.joined_by_txn(self.at.0);
-            if let (Some(evs), Some(ev)) = (batch.events.get_mut(i), self.event.take()) {
-                evs.push(ev);
+            if let Some(evs) = batch.events.get_mut(i) {
+                evs.append(&mut self.carried);
+                evs.extend(self.event.take());
             }
             if let (Some(m), Some(new)) = (batch.meta.get_mut(i), meta) {
                 // The row's first change keeps its kind and old row (what the target should
@@ -758,7 +845,7 @@ impl Planner {
                 m.commit_lsn = new.commit_lsn;
                 m.commit_ts = new.commit_ts;
             }
-            return Ok(());
+            return;
         }
         let size: usize = vals
             .iter()
@@ -778,7 +865,9 @@ impl Planner {
         batch.rows.push(vals);
         batch.meta.extend(meta);
         if self.carry {
-            batch.events.push(self.event.take().into_iter().collect());
+            let mut events = std::mem::take(&mut self.carried);
+            events.extend(self.event.take());
+            batch.events.push(events);
         }
         self.bytes += size;
         if tracked {
@@ -790,7 +879,6 @@ impl Planner {
         } else if self.singly {
             self.flush();
         }
-        Ok(())
     }
 }
 
@@ -1204,6 +1292,96 @@ mod tests {
                 .to_string()
                 .contains("public.k has no primary key, so tandem finds its rows by all their values, but the source sent a delete without the old row; run `ALTER TABLE \"public\".\"k\" REPLICA IDENTITY FULL`"),
         );
+    }
+
+    #[test]
+    fn a_partitioned_tables_delete_and_insert_right_after_it_are_one_key_change() {
+        let base = binding();
+        let bd = Arc::new(Binding {
+            target: Arc::new(TargetTable {
+                partitioned: true,
+                ..(*base.target).clone()
+            }),
+            ..(*base).clone()
+        });
+        let src = source(&["id", "a", "g"]);
+        use crate::event::Change;
+        let event = |xid: u32, commit: u64, change: Change| crate::event::Event {
+            source: crate::side::Side::Desktop,
+            commit_lsn: Lsn(commit),
+            commit_ts: 0,
+            xid,
+            ordinal: 0,
+            change,
+        };
+        let old = |id: &str| OldTuple {
+            full: false,
+            tuple: vec![t(id), Value::Null, Value::Null],
+        };
+        let mut p = Planner::new(100, 1 << 20);
+        p.carry = true;
+        let delete = |p: &mut Planner, xid: u32, id: &str| {
+            let o = old(id);
+            p.set_event(&event(
+                xid,
+                100 + xid as u64,
+                Change::Delete {
+                    table: Arc::new(src.clone()),
+                    old: o.clone(),
+                },
+            ));
+            p.delete(&bd, &o).unwrap();
+        };
+        let insert = |p: &mut Planner, xid: u32, id: &str| {
+            let new = row(id, t("x"));
+            p.set_event(&event(
+                xid,
+                100 + xid as u64,
+                Change::Insert {
+                    table: Arc::new(src.clone()),
+                    new: new.clone(),
+                },
+            ));
+            p.insert(&bd, &new).unwrap();
+        };
+        let shapes = |p: &mut Planner| {
+            p.flush();
+            p.take_ready()
+                .iter()
+                .map(|b| (b.op, b.rows.len(), b.events.iter().map(Vec::len).collect()))
+                .collect::<Vec<(Op, usize, Vec<usize>)>>()
+        };
+        // Moved to another partition (key 1 to 2): in place, both events with the row.
+        delete(&mut p, 1, "1");
+        insert(&mut p, 1, "2");
+        delete(&mut p, 1, "3");
+        insert(&mut p, 1, "4");
+        assert_eq!(shapes(&mut p), vec![(Op::Move, 2, vec![2, 2])]);
+        // The same key again (a delete and an insert of it), another transaction, a delete
+        // last: as they are.
+        delete(&mut p, 2, "1");
+        insert(&mut p, 2, "1");
+        delete(&mut p, 3, "2");
+        insert(&mut p, 4, "5");
+        delete(&mut p, 5, "6");
+        assert_eq!(
+            shapes(&mut p),
+            vec![
+                (Op::Delete, 1, vec![1]),
+                (Op::Upsert, 1, vec![1]),
+                (Op::Delete, 1, vec![1]),
+                (Op::Upsert, 1, vec![1]),
+                (Op::Delete, 1, vec![1]),
+            ]
+        );
+        assert!(p.is_empty());
+        // Not partitioned: a delete and an insert.
+        let mut q = Planner::new(100, 1 << 20);
+        q.delete(&base, &old("1")).unwrap();
+        q.insert(&base, &row("2", t("x"))).unwrap();
+        q.flush();
+        let ops: Vec<Op> = q.take_ready().iter().map(|b| b.op).collect();
+        assert_eq!(ops, vec![Op::Delete, Op::Upsert]);
     }
 
     #[test]

@@ -530,6 +530,7 @@ mod tests {
             former: vec![],
             inherited: false,
             referenced: false,
+            partitioned: false,
         }
     }
 

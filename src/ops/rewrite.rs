@@ -125,6 +125,7 @@ mod tests {
             former: vec![],
             inherited: false,
             referenced: false,
+            partitioned: false,
         }
     }
 

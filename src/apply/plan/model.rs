@@ -57,6 +57,7 @@ pub fn binding() -> Arc<Binding> {
         former: vec![],
         inherited: false,
         referenced: false,
+        partitioned: false,
     };
     Arc::new(Binding::new(&src, Arc::new(target)).expect("the model's binding"))
 }
@@ -68,17 +69,20 @@ fn text(s: &str) -> Value {
 /// One history of `steps` changes on 8 keys, each choice made by `choose(n)` (a number below
 /// `n`): inserts, updates, updates leaving the value unchanged (TOAST), deletes and key changes,
 /// values sometimes NULL, old rows key-only or whole, conflict detection on or off, the table
-/// referenced by a foreign key or not (key changes made in place), batches of 1–6 rows. `Ok` with how many batches were marked as updating existing rows only; `Err` says
+/// referenced by a foreign key or not (key changes made in place) and partitioned or not (a delete
+/// and the insert right after it made in place), batches of 1–6 rows. `Ok` with how many batches were marked as updating existing rows only; `Err` says
 /// what went wrong.
 pub fn check(mut choose: impl FnMut(u64) -> u64, steps: usize) -> Result<usize, String> {
     type Table = BTreeMap<Bytes, Option<Bytes>>;
     // With conflict detection on or off (an unchanged value is then taken from a whole old row),
-    // and the table referenced by a foreign key on the target or not (key changes in place).
+    // the table referenced by a foreign key on the target or not (key changes in place), and
+    // partitioned or not.
     let base = binding();
     let bd = Arc::new(Binding {
         detect: choose(2) == 0,
         target: Arc::new(TargetTable {
             referenced: choose(2) == 0,
+            partitioned: choose(2) == 0,
             ..(*base.target).clone()
         }),
         ..(*base).clone()
@@ -277,6 +281,7 @@ pub fn keyless_binding() -> Arc<Binding> {
         former: vec![],
         inherited: false,
         referenced: false,
+        partitioned: false,
     };
     Arc::new(Binding::new(&src, Arc::new(target)).expect("the keyless model's binding"))
 }
