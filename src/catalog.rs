@@ -30,7 +30,9 @@ pub async fn table(c: &impl GenericClient, name: &TableName) -> Result<Option<Ta
                                OR coalesce(b.oid, ty.oid) IN ('numeric'::regtype, 'float4'::regtype, \
                                                              'float8'::regtype, 'interval'::regtype))), \
                     EXISTS (SELECT 1 FROM pg_constraint f WHERE f.contype = 'f' AND f.confrelid = c.oid), \
-                    c.relkind = 'p' \
+                    c.relkind = 'p', \
+                    EXISTS (SELECT 1 FROM pg_constraint f WHERE f.contype = 'f' AND f.confrelid = c.oid \
+                            AND f.conrelid = c.oid AND f.confupdtype IN ('c', 'n', 'd')) \
              FROM pg_class c \
              JOIN pg_namespace n ON n.oid = c.relnamespace \
              JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped \
@@ -75,6 +77,7 @@ pub async fn table(c: &impl GenericClient, name: &TableName) -> Result<Option<Ta
     let (oid, inherited): (u32, bool) = (rows[0].get(8), rows[0].get(9));
     let referenced: bool = rows[0].get(12);
     let partitioned: bool = rows[0].get(13);
+    let tree: bool = rows[0].get(14);
     // Other unique constraints on plain columns (no expression, no predicate, not deferrable):
     // where an incoming row may collide with a different row.
     let mut unique = Vec::new();
@@ -110,6 +113,7 @@ pub async fn table(c: &impl GenericClient, name: &TableName) -> Result<Option<Ta
         inherited,
         referenced,
         partitioned,
+        tree,
     }))
 }
 

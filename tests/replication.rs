@@ -4795,6 +4795,72 @@ async fn a_key_respelled_in_place_keeps_the_rows_that_reference_it() {
     assert_eq!(Fixture::rows(&fx.m, "line").await, ["(1,1.00)"]);
 }
 
+/// A tree (a table referencing itself `ON UPDATE CASCADE`) renumbered in one source statement,
+/// on a target that fires foreign keys: the source logs each row before its cascade moved the
+/// row's parent reference, so a row names its parent's old key. Within one of tandem's statements
+/// the target's cascade runs after every row, as on the source; a statement of more rows than
+/// `batch_rows` is split, and the later part is refused. `run` stops saying how to get it through,
+/// which then works. Before (each key change a statement of its own), every such renumbering was
+/// refused, with no hint.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_tree_renumbered_in_one_statement_needs_it_in_one_of_tandems() {
+    let role = "tandem_tree";
+    let (d, m) = Fixture::databases(
+        "tree_moves",
+        &format!(
+            "CREATE TABLE tree (id int PRIMARY KEY,
+                 parent_id int REFERENCES tree ON UPDATE CASCADE ON DELETE CASCADE, n text);
+             {}",
+            common::plain_role(role, "tree_moves", &["tree"])
+        ),
+    )
+    .await;
+    let text = |batch_rows: usize| {
+        common::connect_as(
+            &Fixture::config_text(
+                "tree_moves",
+                &format!("tables = [\"public.*\"]\nbatch_rows = {batch_rows}"),
+            ),
+            role,
+            &["mobile"],
+        )
+    };
+    let fx = Fixture::with_config("tree_moves", d, m, text(100)).await;
+    let run = fx.start().await;
+    // A small tree first: its renumbering fits one statement.
+    fx.d.batch_execute(
+        "INSERT INTO tree SELECT i, nullif(i / 2, 0), 'n' FROM generate_series(1, 80) i;
+         UPDATE tree SET id = id + 1000",
+    )
+    .await
+    .unwrap();
+    fx.wait_equal("tree", 30).await;
+    fx.d.batch_execute(
+        "INSERT INTO tree SELECT i, nullif(i / 2, 0), 'n' FROM generate_series(1, 300) i;
+         UPDATE tree SET id = id + 10000 WHERE id < 1000",
+    )
+    .await
+    .unwrap();
+    let e = run.failure().await;
+    assert!(
+        e.contains("tree_parent_id_fkey")
+            && e.contains("raise [replication] batch_rows above that statement's row count"),
+        "{e}"
+    );
+    let fx = Fixture {
+        cfg: std::sync::Arc::new(tandem::config::Config::parse(&text(1000), |_| None).unwrap()),
+        ..fx
+    };
+    let run = fx.start().await;
+    fx.wait_equal("tree", 30).await;
+    run.stop().await;
+    let ids =
+        fx.m.query_one("SELECT count(*), min(id) FROM tree WHERE id > 10000", &[])
+            .await
+            .unwrap();
+    assert_eq!((ids.get::<_, i64>(0), ids.get::<_, i32>(1)), (300, 10001));
+}
+
 /// An `UPDATE` that moves a row of a partitioned table to another partition, which PostgreSQL
 /// logs as a delete and an insert. Before, tandem applied them so: on a target that fires foreign
 /// keys, the delete's `ON DELETE CASCADE` took the rows below the moved row, which the source kept

@@ -65,6 +65,8 @@ struct SentBatch {
     existing: bool,
     rows: usize,
     table: TableName,
+    /// Key changes of a table referencing itself with an `ON UPDATE` action.
+    tree_moves: bool,
 }
 
 /// A plain statement found the target disagreeing with the source about a table (a local write
@@ -667,13 +669,32 @@ impl Applier {
             r => r,
         };
         let n = r.map_err(|e| {
-            let doing = format!(
+            let mut doing = format!(
                 "applying {} {:?} rows to {}.{}",
                 what.rows,
                 what.op,
                 self.source.other(),
                 what.table
             );
+            // A tree renumbered in one source statement: each row was logged before the
+            // source's cascade moved its parent reference, and the target's cascade of an
+            // earlier statement of tandem's has moved it already. In one statement, the
+            // cascade runs after every row, as on the source.
+            let stale_parent = e.as_db_error().is_some_and(|d| {
+                d.code() == &tokio_postgres::error::SqlState::FOREIGN_KEY_VIOLATION
+                    && d.table() == Some(what.table.name.as_str())
+                    && d.schema() == Some(what.table.schema.as_str())
+            });
+            if what.tree_moves && stale_parent {
+                doing.push_str(&format!(
+                    " (key changes of a table that references itself: a source statement that \
+                     changed more keys than one of tandem's statements holds logged rows naming \
+                     their parents' old keys, which {}'s own cascade had changed; raise \
+                     [replication] batch_rows above that statement's row count and start `tandem \
+                     run` again, or let tandem's role set session_replication_role)",
+                    self.source.other()
+                ));
+            }
             with_rule_hint(e, doing)
         })?;
         if what.at_key == sql::Existing::Keep && (n as usize) < what.rows {
@@ -1297,6 +1318,7 @@ impl Applier {
             existing,
             rows: batch.rows.len(),
             table: target.name.clone(),
+            tree_moves: target.tree && matches!(op, Op::Move | Op::Rekey),
         };
         let done = pipeline::execute(&self.client, &stmt, params);
         self.send(done, Ahead::Batch(what), true).await

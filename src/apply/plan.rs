@@ -45,6 +45,10 @@ pub struct TargetTable {
     /// A partitioned table: an `UPDATE` that moves a row to another partition is logged as a
     /// delete and an insert (see [`Planner::insert`]).
     pub partitioned: bool,
+    /// A foreign key of the table references the table itself with an `ON UPDATE` action (a
+    /// tree): a key change's row may name its parent by a key the target's cascade has already
+    /// changed (see the README's "Key changes").
+    pub tree: bool,
 }
 
 impl TargetTable {

@@ -531,6 +531,7 @@ mod tests {
             inherited: false,
             referenced: false,
             partitioned: false,
+            tree: false,
         }
     }
 

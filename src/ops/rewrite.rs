@@ -126,6 +126,7 @@ mod tests {
             inherited: false,
             referenced: false,
             partitioned: false,
+            tree: false,
         }
     }
 

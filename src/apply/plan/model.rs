@@ -58,6 +58,7 @@ pub fn binding() -> Arc<Binding> {
         inherited: false,
         referenced: false,
         partitioned: false,
+        tree: false,
     };
     Arc::new(Binding::new(&src, Arc::new(target)).expect("the model's binding"))
 }
@@ -282,6 +283,7 @@ pub fn keyless_binding() -> Arc<Binding> {
         inherited: false,
         referenced: false,
         partitioned: false,
+        tree: false,
     };
     Arc::new(Binding::new(&src, Arc::new(target)).expect("the keyless model's binding"))
 }
