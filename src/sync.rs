@@ -1137,6 +1137,7 @@ async fn direction_once(
     }
     let source_sql = db::connect(site, "tandem check").await?;
     applier.load_copied(&source_sql, cp.lsn).await?;
+    applier.load_source_partitioned(&source_sql).await?;
     let mut start = cp.lsn;
     if let Some(k) = &cfg.kafka {
         // Kafka may lag the target: with `required`, the slot was confirmed only to what Kafka
@@ -1718,6 +1719,7 @@ async fn stream_loop(
                     live.cancellers.add(a.canceller()?);
                     a.write_plainly(live.upsert_tables.clone());
                     a.set_copied(applier.copied().clone());
+                    a.set_source_partitioned(applier.source_partitioned());
                     live.session = Some(a);
                 }
                 let a = live.session.as_mut().expect("opened above");

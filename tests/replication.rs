@@ -4864,7 +4864,7 @@ async fn a_tree_renumbered_in_one_statement_needs_it_in_one_of_tandems() {
 /// An `UPDATE` that moves a row of a partitioned table to another partition, which PostgreSQL
 /// logs as a delete and an insert. Before, tandem applied them so: on a target that fires foreign
 /// keys, the delete's `ON DELETE CASCADE` took the rows below the moved row, which the source kept
-/// (there the update cascaded).
+/// (there the update cascaded). Also where only the source partitions the table.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_row_moved_to_another_partition_keeps_the_rows_that_reference_it() {
     let role = "tandem_partition_move";
@@ -4878,15 +4878,35 @@ async fn a_row_moved_to_another_partition_keeps_the_rows_that_reference_it() {
              CREATE TABLE line (id int PRIMARY KEY, region text, oid int,
                  FOREIGN KEY (region, oid) REFERENCES ord ON UPDATE CASCADE ON DELETE CASCADE);
              CREATE TABLE note (id int PRIMARY KEY, lid int REFERENCES line ON DELETE CASCADE);
+             CREATE TABLE job (region text, id int, PRIMARY KEY (region, id))
+                 PARTITION BY LIST (region);
+             CREATE TABLE job_n PARTITION OF job FOR VALUES IN ('n');
+             CREATE TABLE job_s PARTITION OF job FOR VALUES IN ('s');
+             CREATE TABLE step (id int PRIMARY KEY, region text, jid int,
+                 FOREIGN KEY (region, jid) REFERENCES job ON UPDATE CASCADE ON DELETE CASCADE);
+             CREATE TABLE memo (id int PRIMARY KEY, sid int REFERENCES step ON DELETE CASCADE);
              {}",
             common::plain_role(
                 role,
                 "partition_move",
-                &["ord", "ord_n", "ord_s", "line", "note"]
+                &[
+                    "ord", "ord_n", "ord_s", "line", "note", "job", "job_n", "job_s", "step",
+                    "memo"
+                ]
             )
         ),
     )
     .await;
+    // `job` is partitioned on desktop only.
+    m.batch_execute(&format!(
+        "ALTER TABLE step DROP CONSTRAINT step_region_jid_fkey; DROP TABLE job;
+         CREATE TABLE job (region text, id int, PRIMARY KEY (region, id));
+         ALTER TABLE job OWNER TO {role};
+         ALTER TABLE step ADD FOREIGN KEY (region, jid) REFERENCES job
+             ON UPDATE CASCADE ON DELETE CASCADE"
+    ))
+    .await
+    .unwrap();
     let text = common::connect_as(
         &Fixture::config_text("partition_move", "tables = [\"public.*\"]"),
         role,
@@ -4897,20 +4917,24 @@ async fn a_row_moved_to_another_partition_keeps_the_rows_that_reference_it() {
     fx.d.batch_execute(
         "INSERT INTO ord VALUES ('n', 1, 'a'), ('n', 2, 'b'), ('n', 3, 'c'), ('n', 4, 'd');
          INSERT INTO line SELECT i, 'n', i FROM generate_series(1, 4) i;
-         INSERT INTO note SELECT i, i FROM generate_series(1, 4) i",
+         INSERT INTO note SELECT i, i FROM generate_series(1, 4) i;
+         INSERT INTO job VALUES ('n', 1); INSERT INTO step VALUES (1, 'n', 1);
+         INSERT INTO memo VALUES (1, 1)",
     )
     .await
     .unwrap();
     fx.wait_equal("note", 30).await;
+    fx.wait_equal("memo", 30).await;
     // One row, then two in one statement; and a row deleted with its lines, then one inserted.
     fx.d.batch_execute(
         "UPDATE ord SET region = 's' WHERE id = 1;
          UPDATE ord SET region = 's', n = n || '!' WHERE id IN (2, 3);
-         BEGIN; DELETE FROM ord WHERE id = 4; INSERT INTO ord VALUES ('s', 5, 'e'); COMMIT",
+         BEGIN; DELETE FROM ord WHERE id = 4; INSERT INTO ord VALUES ('s', 5, 'e'); COMMIT;
+         UPDATE job SET region = 's'",
     )
     .await
     .unwrap();
-    for t in ["ord", "line", "note"] {
+    for t in ["ord", "line", "note", "job", "step", "memo"] {
         fx.wait_equal(t, 30).await;
     }
     run.stop().await;
@@ -4926,6 +4950,8 @@ async fn a_row_moved_to_another_partition_keeps_the_rows_that_reference_it() {
         Fixture::rows(&fx.m, "note").await,
         ["(1,1)", "(2,2)", "(3,3)"]
     );
+    assert_eq!(Fixture::rows(&fx.m, "step").await, ["(1,s,1)"]);
+    assert_eq!(Fixture::rows(&fx.m, "memo").await, ["(1,1)"]);
 }
 
 /// A foreign key mobile's application adds while `run` runs (not through `tandem ddl`): a key

@@ -155,6 +155,8 @@ pub struct Applier {
     /// Large fresh and existing batches are written with plain INSERTs and UPDATEs (the stream),
     /// except for these tables.
     plain_writes: Option<std::collections::HashSet<TableName>>,
+    /// The source's partitioned tables (see [`Applier::load_source_partitioned`]).
+    source_partitioned: Arc<std::collections::HashSet<TableName>>,
     /// See [`Applier::set_names`].
     names: crate::source::assemble::Names,
     lookups: HashMap<(TableName, Op, Vec<usize>, bool), Statement>,
@@ -285,6 +287,7 @@ impl Applier {
             pipeline: Pipeline::new(PIPELINE_DEPTH),
             committed: None,
             plain_writes: None,
+            source_partitioned: Default::default(),
             names: Default::default(),
             planner: Planner::new(cfg.batch_rows, BATCH_BYTES),
             cfg,
@@ -472,6 +475,7 @@ impl Applier {
         let target = self.target_table(&src.name).await?;
         // The direction is named by the caller's context (sync: "desktop → mobile").
         let mut b = Binding::new(src, target)?;
+        b.partitioned |= self.source_partitioned.contains(&src.name);
         // Without a key there is no telling which row a change meets (setup warns).
         b.detect =
             self.detect_conflicts && !b.keyless() && self.cfg.conflicts_for(&src.name).is_some();
@@ -1024,6 +1028,35 @@ impl Applier {
         }
         self.copied = copied;
         Ok(())
+    }
+
+    /// Read which tables the source partitions: a row it moves to another partition arrives as
+    /// a delete and an insert, which the planner makes one key change where the target table
+    /// is not partitioned too (each side may partition a table its own way).
+    pub async fn load_source_partitioned(&mut self, source: &Client) -> Result<()> {
+        let rows = source
+            .query(
+                "SELECT n.nspname, c.relname FROM pg_class c \
+                 JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.relkind = 'p'",
+                &[],
+            )
+            .await
+            .with_context(|| format!("reading {}'s partitioned tables", self.source))?;
+        self.source_partitioned = Arc::new(
+            rows.iter()
+                .map(|r| TableName::new(r.get::<_, &str>(0), r.get::<_, &str>(1)))
+                .collect(),
+        );
+        Ok(())
+    }
+
+    /// The source's partitioned tables as the direction's main session read them.
+    pub fn source_partitioned(&self) -> Arc<std::collections::HashSet<TableName>> {
+        self.source_partitioned.clone()
+    }
+
+    pub fn set_source_partitioned(&mut self, tables: Arc<std::collections::HashSet<TableName>>) {
+        self.source_partitioned = tables;
     }
 
     pub fn copied(&self) -> &CopiedTables {
@@ -1747,6 +1780,7 @@ impl Applier {
             let source_op =
                 conflict::SourceOp::parse(r.get(2)).ok_or_else(|| anyhow!("bad held op"))?;
             let binding = Arc::new(Binding {
+                partitioned: target.partitioned,
                 target: target.clone(),
                 to_target: Vec::new(),
                 key_source: Vec::new(),

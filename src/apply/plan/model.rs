@@ -83,9 +83,9 @@ pub fn check(mut choose: impl FnMut(u64) -> u64, steps: usize) -> Result<usize, 
         detect: choose(2) == 0,
         target: Arc::new(TargetTable {
             referenced: choose(2) == 0,
-            partitioned: choose(2) == 0,
             ..(*base.target).clone()
         }),
+        partitioned: choose(2) == 0,
         ..(*base).clone()
     });
     let mut truth: Table = BTreeMap::new();
