@@ -43,7 +43,7 @@ pub struct TargetTable {
     /// actions (see [`Binding::moves_keys`]).
     pub referenced: bool,
     /// A partitioned table: an `UPDATE` that moves a row to another partition is logged as a
-    /// delete and an insert (see [`Planner::insert`]).
+    /// delete and an insert (see [`Binding::partitioned`]).
     pub partitioned: bool,
     /// A foreign key of the table references the table itself with an `ON UPDATE` action (a
     /// tree): a key change's row may name its parent by a key the target's cascade has already
@@ -638,7 +638,7 @@ impl Planner {
                 // Key change: the old row goes first, so the new key lands as a fresh row.
                 key_changed = true;
                 let meta = self.meta(b, SourceOp::Delete, Some(old));
-                self.push_delete(b, old_key, meta)?;
+                self.push_delete(b, old_key, meta);
             }
         }
         let op = match (key_changed, partial) {
@@ -670,7 +670,8 @@ impl Planner {
             // same row, so it starts a new batch (`collapse` is off).
             let image = image(b, &old.tuple)?;
             let key = image.1.clone();
-            return self.push(b, Op::Delete, image, key, None, Before::Unknown);
+            self.push(b, Op::Delete, image, key, None, Before::Unknown);
+            return Ok(());
         }
         let key = key_of(b, &old.tuple, "delete")?;
         let meta = self.meta(b, SourceOp::Delete, Some(old));
@@ -687,7 +688,8 @@ impl Planner {
             });
             return Ok(());
         }
-        self.push_delete(b, key, meta)
+        self.push_delete(b, key, meta);
+        Ok(())
     }
 
     /// Plan the held delete, if any, as the delete it is.
@@ -695,15 +697,8 @@ impl Planner {
         if let Some(h) = self.held.take() {
             let at = std::mem::replace(&mut self.at, h.at);
             let event = std::mem::replace(&mut self.event, h.event);
-            let image = (h.binding.target.key.clone(), h.key.clone());
-            self.add(
-                &h.binding,
-                Op::Delete,
-                image,
-                h.key,
-                h.meta,
-                Before::Unknown,
-            );
+            // (Its `push` finds nothing held: taken above.)
+            self.push_delete(&h.binding, h.key, h.meta);
             self.at = at;
             self.event = event;
         }
@@ -735,7 +730,7 @@ impl Planner {
         if !shared || meets(self, &key) || meets(self, &old_key) {
             self.flush();
         }
-        self.push(b, op, (cols, vals), key, meta, Before::Unknown)?;
+        self.push(b, op, (cols, vals), key, meta, Before::Unknown);
         match (shared, &self.current) {
             // The row is the open batch's last (a full batch was closed).
             (true, Some(_)) => {
@@ -762,19 +757,14 @@ impl Planner {
         vals.extend(old_vals);
         let key = vals.clone();
         self.flush();
-        self.push(b, Op::Replace, (cols, vals), key, None, Before::Unknown)?;
+        self.push(b, Op::Replace, (cols, vals), key, None, Before::Unknown);
         self.flush();
         Ok(())
     }
 
-    fn push_delete(
-        &mut self,
-        b: &Arc<Binding>,
-        key: Key,
-        meta: Option<RowMeta>,
-    ) -> Result<(), PlanError> {
+    fn push_delete(&mut self, b: &Arc<Binding>, key: Key, meta: Option<RowMeta>) {
         let image = (b.target.key.clone(), key.clone());
-        self.push(b, Op::Delete, image, key, meta, Before::Unknown)
+        self.push(b, Op::Delete, image, key, meta, Before::Unknown);
     }
 
     fn row(
@@ -788,7 +778,8 @@ impl Planner {
     ) -> Result<(), PlanError> {
         let key = key_of(b, tuple, what)?;
         let image = image(b, tuple)?;
-        self.push(b, op, image, key, meta, before)
+        self.push(b, op, image, key, meta, before);
+        Ok(())
     }
 
     /// Add a row: `image` is the target columns written and their values. A held delete goes
@@ -801,10 +792,9 @@ impl Planner {
         key: Key,
         meta: Option<RowMeta>,
         before: Before,
-    ) -> Result<(), PlanError> {
+    ) {
         self.release();
         self.add(b, op, image, key, meta, before);
-        Ok(())
     }
 
     fn add(
